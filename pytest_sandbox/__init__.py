@@ -1,0 +1,10 @@
+"""pytest-sandbox: run pytest tests and their fixtures in rootless Linux containers."""
+
+from __future__ import annotations
+
+from .errors import SandboxError, SandboxUnavailable, SetupError
+from .fixtures import SandboxInfo
+from .spec import SandboxSpec
+
+__version__ = "0.1.0"
+__all__ = ["SandboxError", "SandboxInfo", "SandboxSpec", "SandboxUnavailable", "SetupError", "__version__"]

@@ -1,0 +1,174 @@
+"""Thin ctypes bindings for the Linux syscalls Python 3.10 does not expose.
+
+Every wrapper raises ``OSError`` with the errno and a short description of the
+call, so a failed setup step says which syscall refused and why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+import socket
+import struct
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_MOVE = 8192
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+
+MNT_DETACH = 2
+
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+FSOPEN_CLOEXEC = 1
+FSMOUNT_CLOEXEC = 1
+FSCONFIG_SET_FLAG = 0
+FSCONFIG_SET_STRING = 1
+FSCONFIG_CMD_CREATE = 6
+
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
+
+PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+PR_SET_CHILD_SUBREAPER = 36
+
+_NR = {
+    "x86_64": {"pivot_root": 155, "open_tree": 428, "move_mount": 429, "fsopen": 430,
+               "fsconfig": 431, "fsmount": 432, "mount_setattr": 442},
+    "aarch64": {"pivot_root": 41, "open_tree": 428, "move_mount": 429, "fsopen": 430,
+                "fsconfig": 431, "fsmount": 432, "mount_setattr": 442},
+}
+_nr = _NR.get(platform.machine(), _NR["x86_64"])
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+def _b(path: str | None) -> bytes | None:
+    return None if path is None else os.fsencode(path)
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(ctypes.c_int(flags)), f"unshare({flags:#x})")
+
+
+def setns(fd: int, nstype: int) -> None:
+    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), f"setns({nstype:#x})")
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int = 0,
+          data: str | None = None) -> None:
+    rc = _libc.mount(_b(source), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data))
+    _check(rc, f"mount {fstype or source} on {target}")
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    _check(_libc.umount2(_b(target), ctypes.c_int(flags)), f"umount {target}")
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    _check(_syscall(_nr["pivot_root"], _b(new_root), _b(put_old)), f"pivot_root {new_root}")
+
+
+def open_tree(path: str, flags: int, dirfd: int = AT_FDCWD) -> int:
+    rc = _syscall(_nr["open_tree"], ctypes.c_int(dirfd), _b(path), ctypes.c_uint(flags))
+    return _check(rc, f"open_tree {path}")
+
+
+def move_mount(from_fd: int, to_path: str, to_dirfd: int = AT_FDCWD) -> None:
+    rc = _syscall(_nr["move_mount"], ctypes.c_int(from_fd), b"", ctypes.c_int(to_dirfd),
+                  _b(to_path), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH))
+    _check(rc, f"move_mount to {to_path}")
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def mount_setattr(fd: int, attr_set: int, recursive: bool = True) -> None:
+    attr = _MountAttr(attr_set, 0, 0, 0)
+    flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
+    rc = _syscall(_nr["mount_setattr"], ctypes.c_int(fd), b"", ctypes.c_uint(flags),
+                  ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
+    _check(rc, "mount_setattr")
+
+
+def fsopen(fstype: str) -> int:
+    return _check(_syscall(_nr["fsopen"], _b(fstype), ctypes.c_uint(FSOPEN_CLOEXEC)),
+                  f"fsopen {fstype}")
+
+
+def fsconfig(fd: int, key: str, value: str | None = None) -> None:
+    if value is None:
+        rc = _syscall(_nr["fsconfig"], ctypes.c_int(fd), ctypes.c_uint(FSCONFIG_SET_FLAG),
+                      _b(key), None, ctypes.c_int(0))
+    else:
+        rc = _syscall(_nr["fsconfig"], ctypes.c_int(fd), ctypes.c_uint(FSCONFIG_SET_STRING),
+                      _b(key), _b(value), ctypes.c_int(0))
+    _check(rc, f"fsconfig {key}={value}")
+
+
+def fsmount(fs_fd: int, attr_flags: int = 0) -> int:
+    """Create the superblock configured on ``fs_fd`` and return a detached mount fd."""
+    rc = _syscall(_nr["fsconfig"], ctypes.c_int(fs_fd), ctypes.c_uint(FSCONFIG_CMD_CREATE),
+                  None, None, ctypes.c_int(0))
+    _check(rc, "fsconfig create")
+    return _check(_syscall(_nr["fsmount"], ctypes.c_int(fs_fd), ctypes.c_uint(FSMOUNT_CLOEXEC),
+                           ctypes.c_uint(attr_flags)), "fsmount")
+
+
+def prctl(option: int, arg: int = 0) -> None:
+    _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), ctypes.c_ulong(0),
+                       ctypes.c_ulong(0), ctypes.c_ulong(0)), f"prctl({option})")
+
+
+def set_process_name(name: str) -> None:
+    """Name shown by ps/top, so a sandbox is recognisable on the host."""
+    _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+
+
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+
+
+def loopback_up() -> None:
+    """Bring ``lo`` up with one ioctl: opening a netlink socket costs far more per test."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        import fcntl
+
+        req = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(sock, _SIOCGIFFLAGS, req))[1]
+        fcntl.ioctl(sock, _SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | _IFF_UP))

@@ -1,0 +1,166 @@
+"""What this host supports, measured once per process, and the doctor's advice."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import shutil
+
+from . import _linux, userns
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _userns_blocker() -> tuple[str, str]:
+    """The most likely reason user namespaces are refused, and how to fix it."""
+    if _read("/proc/sys/user/max_user_namespaces") == "0":
+        return ("user.max_user_namespaces is 0",
+                "sudo sysctl -w user.max_user_namespaces=15000")
+    if _read("/proc/sys/kernel/unprivileged_userns_clone") == "0":
+        return ("kernel.unprivileged_userns_clone is 0",
+                "sudo sysctl -w kernel.unprivileged_userns_clone=1")
+    if _read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1":
+        return ("AppArmor restricts unprivileged user namespaces (Ubuntu 23.10+)",
+                "sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0")
+    status = _read("/proc/self/status") or ""
+    if "\nSeccomp:\t2" in status:
+        return ("a seccomp filter (this looks like a container) blocks unshare(CLONE_NEWUSER)",
+                "run the container with --security-opt seccomp=unconfined, or use a VM/CI runner")
+    return ("unshare(CLONE_NEWUSER) was refused", "check the kernel's user namespace support")
+
+
+def _try_in_child(steps: list[str]) -> dict[str, str]:
+    """Run the setup steps in a throwaway child; map of step -> error ('' if it worked)."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        results: list[str] = []
+        try:
+            for step in steps:
+                try:
+                    _STEPS[step]()
+                    results.append(f"{step}=")
+                except OSError as exc:
+                    results.append(f"{step}={exc.strerror or exc}")
+                    break
+            os.write(write_fd, "\n".join(results).encode())
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as f:
+        lines = f.read().splitlines()
+    os.waitpid(pid, 0)
+    return dict(line.split("=", 1) for line in lines if "=" in line)
+
+
+def _overlay_step() -> None:
+    fs = _linux.fsopen("tmpfs")
+    scratch = _linux.fsmount(fs)
+    base = f"/proc/self/fd/{scratch}"
+    for name in ("lower", "upper", "work"):
+        os.mkdir(f"{base}/{name}")
+    ofs = _linux.fsopen("overlay")
+    _linux.fsconfig(ofs, "lowerdir", f"{base}/lower")
+    _linux.fsconfig(ofs, "upperdir", f"{base}/upper")
+    _linux.fsconfig(ofs, "workdir", f"{base}/work")
+    _linux.fsconfig(ofs, "userxattr")
+    _linux.fsmount(ofs)
+
+
+_STEPS = {
+    "userns": userns.enter_user_namespace,
+    "mountns": lambda: _linux.unshare(_linux.CLONE_NEWNS),
+    "host_view": lambda: _linux.mount_setattr(
+        _linux.open_tree("/", _linux.OPEN_TREE_CLONE | _linux.AT_RECURSIVE), _linux.MOUNT_ATTR_RDONLY),
+    "overlay": _overlay_step,
+    "netns": lambda: _linux.unshare(_linux.CLONE_NEWNET),
+    "pidns": lambda: _linux.unshare(_linux.CLONE_NEWPID),
+}
+
+
+def cgroup_mode() -> str:
+    if _read("/sys/fs/cgroup/cgroup.controllers") is not None:
+        return "v2"
+    if os.path.isdir("/sys/fs/cgroup/unified"):
+        return "hybrid (v1 controllers, v2 unified hierarchy without controllers)"
+    if os.path.isdir("/sys/fs/cgroup/memory"):
+        return "v1"
+    return "none"
+
+
+@functools.lru_cache(maxsize=1)
+def checks() -> tuple[Check, ...]:
+    results = _try_in_child(list(_STEPS))
+    out: list[Check] = []
+    err = results.get("userns")
+    if err is None or err:
+        reason, fix = _userns_blocker()
+        out.append(Check("userns", False, f"{reason} ({err or 'not tried'})", fix))
+    else:
+        out.append(Check("userns", True, "unprivileged user namespaces work"))
+    labels = {"mountns": "mount namespace", "host_view": "read-only host view (open_tree + mount_setattr)",
+              "overlay": "overlayfs with userxattr", "netns": "network namespace", "pidns": "pid namespace"}
+    for step, label in labels.items():
+        step_err = results.get(step)
+        if step_err is None:
+            out.append(Check(step, False, f"{label}: not tried (an earlier step failed)"))
+        elif step_err:
+            fix = "needs Linux >= 5.12" if step in ("host_view", "overlay") else ""
+            out.append(Check(step, False, f"{label}: {step_err}", fix))
+        else:
+            out.append(Check(step, True, label))
+    out.append(Check("cgroup", True, f"cgroup {cgroup_mode()}"))
+    newuidmap = shutil.which("newuidmap")
+    out.append(Check("newuidmap", bool(newuidmap),
+                     f"newuidmap at {newuidmap}" if newuidmap else "newuidmap not installed (single-id maps only)",
+                     "" if newuidmap else "apt-get install uidmap (optional)"))
+    return tuple(out)
+
+
+REQUIRED = ("userns", "mountns", "host_view", "overlay", "netns", "pidns")
+
+
+def unavailable_reason() -> str | None:
+    """None when sandboxes can be built here, else the doctor's one-line reason and fix."""
+    for check in checks():
+        if check.name in REQUIRED and not check.ok:
+            fix = f"; fix: {check.fix}" if check.fix else ""
+            return f"{check.detail}{fix} (see `pytest-sandbox doctor`)"
+    return None
+
+
+def header_line() -> str:
+    parts = []
+    for check in checks():
+        if check.name in ("userns", "overlay", "netns"):
+            parts.append(f"{check.name} {'ok' if check.ok else 'MISSING'}")
+    mode = next(c.detail for c in checks() if c.name == "cgroup")
+    parts.append(mode.split(" (")[0])
+    reason = unavailable_reason()
+    status = "available" if reason is None else f"UNAVAILABLE: {reason}"
+    return f"sandbox: {status} [{', '.join(parts)}]"
+
+
+def doctor_text() -> str:
+    lines = [f"{'ok' if c.ok else 'NO':>3}  {c.name:<10} {c.detail}" + (f"\n     fix: {c.fix}" if c.fix and not c.ok else "")
+             for c in checks()]
+    reason = unavailable_reason()
+    lines.append("")
+    lines.append("sandboxes: available" if reason is None else f"sandboxes: UNAVAILABLE: {reason}")
+    return "\n".join(lines)

@@ -1,0 +1,158 @@
+"""The sandbox's mount tree.
+
+Built in two stages so the expensive part happens once per session:
+
+* ``enter_host_view`` (zygote, once): a private mount namespace whose root is a
+  recursive read-only clone of the host ``/`` (``lowerdir=/`` is refused in a
+  user namespace, and a plain bind would keep host mounts writable).
+* ``build`` (each sandbox, after ``unshare(CLONE_NEWNS)``): fresh tmpfs on the
+  scratch places, overlays with a tmpfs upper over the writable places, a
+  minimal ``/dev`` and a ``/proc`` of the sandbox's pid namespace.
+
+Anything the test process needs that lives under a place that gets a fresh tmpfs
+(a venv under /tmp, a pytester rootdir, the cwd) is cloned out of the host view
+first and put back on top of the new tmpfs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable
+
+from . import _linux
+from .errors import SetupError
+
+FRESH_PLACES = ("/tmp", "/var/tmp", "/run")
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+_TMPFS_FLAGS = _linux.MS_NOSUID | _linux.MS_NODEV
+
+
+def enter_host_view() -> None:
+    """Make the root of this (new) mount namespace a read-only view of the host."""
+    _linux.unshare(_linux.CLONE_NEWNS)
+    _linux.mount(None, "/", None, _linux.MS_REC | _linux.MS_PRIVATE)
+    host = _linux.open_tree("/", _linux.OPEN_TREE_CLONE | _linux.OPEN_TREE_CLOEXEC | _linux.AT_RECURSIVE)
+    _linux.mount_setattr(host, _linux.MOUNT_ATTR_RDONLY | _linux.MOUNT_ATTR_NOSUID)
+    # A staging tmpfs only this namespace sees gives pivot_root a place to start from.
+    _linux.mount("sandbox-stage", "/tmp", "tmpfs", _TMPFS_FLAGS, "mode=0700")
+    os.mkdir("/tmp/root")
+    _linux.move_mount(host, "/tmp/root")
+    os.close(host)
+    os.chdir("/tmp/root")
+    _linux.pivot_root(".", ".")
+    _linux.umount2(".", _linux.MNT_DETACH)
+    os.chdir("/")
+
+
+def _is_under(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+def _real(path: str) -> str:
+    return os.path.realpath(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class RootPlan:
+    """What one sandbox mounts, computed once per spec in the zygote."""
+
+    overlays: tuple[str, ...]  # writable places: overlay with an ephemeral upper, shallowest first
+    visible: tuple[str, ...]   # host paths re-exposed read-only on top of a fresh tmpfs
+    fresh: tuple[str, ...]     # places that get an empty tmpfs
+
+
+def make_plan(writable: Iterable[str], needed: Iterable[str]) -> RootPlan:
+    """Decide the mounts: ``writable`` become overlays, ``needed`` must stay visible."""
+    fresh = tuple(p for p in FRESH_PLACES if os.path.isdir(p) and not os.path.islink(p))
+    overlays = sorted({_real(p) for p in writable if os.path.isdir(p) and _real(p) != "/"},
+                      key=lambda p: (p.count("/"), p))
+    visible: set[str] = set()
+    for path in needed:
+        if not os.path.exists(path):
+            continue
+        real = _real(path)
+        if any(_is_under(real, f) for f in fresh) and not any(_is_under(real, o) for o in overlays):
+            visible.add(real)
+    # A visible path inside another visible path comes along with its parent.
+    kept = tuple(sorted(p for p in visible if not any(p != q and _is_under(p, q) for q in visible)))
+    return RootPlan(overlays=tuple(overlays), visible=kept, fresh=fresh)
+
+
+def _makedirs(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise SetupError("rootfs", f"cannot create mount point {path}: {exc.strerror}") from None
+
+
+def _attach(fd: int, target: str, is_dir: bool = True) -> None:
+    if is_dir:
+        _makedirs(target)
+    elif not os.path.exists(target):
+        _makedirs(os.path.dirname(target))
+        open(target, "a").close()
+    _linux.move_mount(fd, target)
+    os.close(fd)
+
+
+def _detached_tmpfs() -> int:
+    fs = _linux.fsopen("tmpfs")
+    try:
+        _linux.fsconfig(fs, "mode", "0700")
+        return _linux.fsmount(fs, _linux.MOUNT_ATTR_NOSUID | _linux.MOUNT_ATTR_NODEV)
+    finally:
+        os.close(fs)
+
+
+def _detached_overlay(lower: str, scratch: str, index: int) -> int:
+    upper, work = f"{scratch}/{index}/upper", f"{scratch}/{index}/work"
+    os.makedirs(upper)
+    os.mkdir(work)
+    fs = _linux.fsopen("overlay")
+    try:
+        _linux.fsconfig(fs, "lowerdir", lower)
+        _linux.fsconfig(fs, "upperdir", upper)
+        _linux.fsconfig(fs, "workdir", work)
+        _linux.fsconfig(fs, "userxattr")
+        return _linux.fsmount(fs)
+    finally:
+        os.close(fs)
+
+
+def _build_dev(device_fds: dict[str, int]) -> None:
+    _linux.mount("sandbox-dev", "/dev", "tmpfs", _linux.MS_NOSUID, "mode=0755,size=64k")
+    for name, fd in device_fds.items():
+        _attach(fd, f"/dev/{name}", is_dir=False)
+    os.mkdir("/dev/pts")
+    _linux.mount("devpts", "/dev/pts", "devpts", _linux.MS_NOSUID | _linux.MS_NOEXEC,
+                 "newinstance,ptmxmode=0666,mode=0620")
+    os.symlink("pts/ptmx", "/dev/ptmx")
+    os.mkdir("/dev/shm")
+    _linux.mount("sandbox-shm", "/dev/shm", "tmpfs", _TMPFS_FLAGS, "mode=1777")
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"/dev/{name}")
+
+
+def build(plan: RootPlan) -> None:
+    """Mount the per-sandbox tree in the current (fresh) mount and pid namespace."""
+    clone = _linux.OPEN_TREE_CLONE | _linux.OPEN_TREE_CLOEXEC | _linux.AT_RECURSIVE
+    # 1. Everything that refers to host paths is prepared detached, before any cover.
+    scratch_fd = _detached_tmpfs()
+    scratch = f"/proc/self/fd/{scratch_fd}"
+    overlay_fds = [(target, _detached_overlay(target, scratch, i)) for i, target in enumerate(plan.overlays)]
+    visible_fds = [(path, os.path.isdir(path), _linux.open_tree(path, clone)) for path in plan.visible]
+    device_fds = {name: _linux.open_tree(f"/dev/{name}", clone) for name in DEVICES
+                  if os.path.exists(f"/dev/{name}")}
+    # 2. Cover the scratch places.
+    for place in plan.fresh:
+        _linux.mount("sandbox-tmp", place, "tmpfs", _TMPFS_FLAGS, "mode=0755" if place == "/run" else "mode=1777")
+    _build_dev(device_fds)
+    # 3. Put writable and needed host paths back on top.
+    for target, fd in overlay_fds:
+        _attach(fd, target)
+    for path, is_dir, fd in visible_fds:
+        _attach(fd, path, is_dir)
+    os.close(scratch_fd)
+    _linux.mount("proc", "/proc", "proc", _linux.MS_NOSUID | _linux.MS_NODEV | _linux.MS_NOEXEC)

@@ -1,0 +1,184 @@
+"""pytest's side of a sandbox: start the zygote, ask it for sandboxes, turn what comes back into reports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from . import sync, zygote
+from .errors import SandboxError
+from .spec import SandboxSpec
+
+
+class Zygote:
+    """Handle on the session's zygote process (see zygote.py)."""
+
+    def __init__(self, items: dict[str, pytest.Item], stash_key: Any, paths: zygote.SessionPaths,
+                 epoch: int) -> None:
+        self.epoch = epoch
+        self.nodeids = frozenset(items)
+        self.crash_fd = os.memfd_create("sandbox-faulthandler", os.MFD_CLOEXEC)
+        os.set_inheritable(self.crash_fd, True)
+        self.control, theirs = sync.socketpair()
+        parent = os.getpid()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # "fork() in a multi-threaded process"
+            self.pid = os.fork()
+        if self.pid == 0:
+            self.control.close()
+            zygote.zygote_main(theirs, items, stash_key, paths, self.crash_fd, parent)
+        theirs.close()
+        message, _ = sync.recv(self.control)
+        if message is None or message.get("op") != "ready":
+            error = (message or {}).get("error", "the zygote exited during setup")
+            self.close()
+            raise SandboxError(f"cannot start sandboxes: {error}")
+
+    def start(self, nodeid: str) -> socket.socket:
+        """Ask for a sandbox running ``nodeid``; returns the socket its messages arrive on."""
+        ours, theirs = sync.socketpair()
+        try:
+            sync.send(self.control, {"op": "run", "nodeid": nodeid}, fds=(theirs.fileno(),))
+        finally:
+            theirs.close()
+        return ours
+
+    def read_crash_output(self) -> str:
+        size = os.fstat(self.crash_fd).st_size
+        return os.pread(self.crash_fd, min(size, 256 * 1024), 0).decode(errors="replace")
+
+    def reset_crash_output(self) -> None:
+        os.ftruncate(self.crash_fd, 0)
+        os.lseek(self.crash_fd, 0, os.SEEK_SET)
+
+    def alive(self) -> bool:
+        try:
+            pid, _ = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        return pid == 0
+
+    def close(self) -> None:
+        """Stop the zygote and wait until it and every sandbox are gone."""
+        try:
+            sync.send(self.control, {"op": "exit"})
+        except OSError:
+            pass
+        self.control.close()
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+        os.close(self.crash_fd)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+class Outcome:
+    """What one sandbox sent back."""
+
+    def __init__(self) -> None:
+        self.whens: set[str] = set()
+        self.setup_passed = False
+        self.exit: dict[str, Any] | None = None
+        self.setup_error: dict[str, Any] | None = None
+        self.stop: dict[str, Any] | None = None
+
+    def crash_text(self) -> str:
+        if self.setup_error:
+            return f"sandbox setup failed in phase {self.setup_error['phase']!r}: {self.setup_error['message']}"
+        if self.exit is None:
+            return "sandbox crashed: its init process vanished without reporting the test's status"
+        if "signal" in self.exit:
+            name = _signal_name(self.exit["signal"])
+            if name == "SIGKILL":
+                return "sandbox crashed: killed by SIGKILL"
+            return f"sandbox crashed: {name}"
+        return f"sandbox crashed: the test process exited with status {self.exit.get('code')}"
+
+
+def run_in_sandbox(item: pytest.Item, zyg: Zygote) -> Iterator[pytest.TestReport]:
+    """Run the item's whole runtest protocol in a new sandbox, yielding reports as they arrive."""
+    config = item.config
+    zyg.reset_crash_output()
+    outcome = Outcome()
+    sock = zyg.start(item.nodeid)
+    try:
+        while True:
+            message, _ = sync.recv(sock)
+            if message is None:
+                break
+            kind = message["type"]
+            if kind == "report":
+                report = config.hook.pytest_report_from_serializable(config=config, data=message["data"])
+                outcome.whens.add(report.when)
+                if report.when == "setup" and report.passed:
+                    outcome.setup_passed = True
+                yield report
+            elif kind == "done":
+                pass
+            elif kind == "error":
+                outcome.setup_error = message
+            elif kind in ("exit-requested", "interrupted"):
+                outcome.stop = message
+            elif kind == "exit":
+                outcome.exit = message
+                break
+    finally:
+        sock.close()
+    if outcome.stop:
+        if outcome.stop["type"] == "interrupted":
+            raise KeyboardInterrupt
+        pytest.exit(outcome.stop["reason"], outcome.stop["returncode"])
+    if "teardown" not in outcome.whens:  # skipped/xfailed tests have no call report; all have teardown
+        yield from _crash_reports(item, outcome, zyg.read_crash_output())
+
+
+def _crash_reports(item: pytest.Item, outcome: Outcome, crash_output: str) -> Iterator[pytest.TestReport]:
+    """Fill in the phases a dead sandbox never reported: the crash where it happened, then teardown."""
+    if "setup" not in outcome.whens:
+        when = "setup"
+    elif "call" not in outcome.whens and outcome.setup_passed:
+        when = "call"
+    else:
+        when = "teardown"
+    text = outcome.crash_text()
+    if crash_output.strip():
+        text += "\n\n" + crash_output.rstrip()
+    report = pytest.TestReport.from_item_and_call(item, pytest.CallInfo.from_call(lambda: None, when))
+    report.outcome = "failed"
+    report.longrepr = text
+    yield report
+    if when != "teardown" and "teardown" not in outcome.whens:
+        yield pytest.TestReport.from_item_and_call(item, pytest.CallInfo.from_call(lambda: None, "teardown"))
+
+
+def session_paths(config: pytest.Config, basetemp: str | None) -> zygote.SessionPaths:
+    """Which host paths sandboxes must keep writable or visible for this pytest process."""
+    cwd = os.getcwd()
+    writable = [str(config.rootpath), cwd]
+    home = os.environ.get("HOME")
+    if home and os.path.isabs(home) and os.path.isdir(home):
+        writable.append(home)
+    if basetemp:
+        writable.append(basetemp)
+    needed = [sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable)),
+              str(config.invocation_params.dir), *[p for p in sys.path if p]]
+    if config.inipath:
+        needed.append(str(config.inipath.parent))
+    return zygote.SessionPaths(cwd=cwd, writable=tuple(writable), needed=tuple(needed))
+
+
+__all__ = ["SandboxSpec", "Zygote", "run_in_sandbox", "session_paths"]

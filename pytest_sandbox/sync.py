@@ -1,0 +1,60 @@
+"""Messages between pytest, the session zygote and each sandbox.
+
+All channels are ``SOCK_SEQPACKET`` socketpairs: message boundaries survive, and
+stray bytes a test writes to an inherited fd cannot corrupt the stream. Each
+message is one pickled dict of plain data (tuples survive, unlike JSON); large ones are split into chunks whose first byte
+says whether more follow (``+``) or this is the last (``.``).
+
+::
+
+    pytest (parent)                 zygote (pid 1, session)          sandbox init (pid 1)    test
+      | --- run {nodeid} + [sock] ---> |                                   |                    |
+      |                                | -- fork (new pid ns) ------------> |                    |
+      |                                                                     | build root, fork ->|
+      | <------------------------------------------ report {data} ----------------------------- |
+      | <------------------------------------------ done -------------------------------------- |
+      | <------------------------- exit {code|signal} ----------------------|
+      | --- exit --------------------->|   (session end: kill and reap everything)
+"""
+
+from __future__ import annotations
+
+import array
+import pickle
+import socket
+from typing import Any
+
+CHUNK = 60 * 1024
+MORE, LAST = b"+", b"."
+
+
+def socketpair() -> tuple[socket.socket, socket.socket]:
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+def send(sock: socket.socket, message: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    chunks = [data[i:i + CHUNK] for i in range(0, len(data), CHUNK)] or [b""]
+    for index, chunk in enumerate(chunks):
+        marker = LAST if index == len(chunks) - 1 else MORE
+        if index == 0 and fds:
+            sock.sendmsg([marker + chunk], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        else:
+            sock.sendall(marker + chunk)
+
+
+def recv(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
+    """The next message and the fds that came with it; (None, []) at end of stream."""
+    parts: list[bytes] = []
+    fds: list[int] = []
+    while True:
+        data, ancdata, _flags, _addr = sock.recvmsg(CHUNK + 1, socket.CMSG_SPACE(16 * 4))
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % 4
+                fds.extend(array.array("i", payload[:usable]))
+        if not data:
+            return None, fds
+        parts.append(data[1:])
+        if data[:1] == LAST:
+            return pickle.loads(b"".join(parts)), fds  # noqa: S301 - our own processes
