@@ -1,7 +1,9 @@
 """Inside one sandbox: the init (pid 1) and the test process.
 
-Runs in a process forked by the zygote, already pid 1 of a fresh pid
-namespace. Never imports plugin.py: everything it needs comes as arguments.
+The zygote forks a sandbox *ahead of time*: the init builds the namespaces and
+mount tree and forks the test process, and both wait until pytest asks for a
+test. The fork and mount costs are then paid while the previous test runs, not
+on the critical path. Never imports plugin.py: everything comes as arguments.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from . import _linux, rootfs, sync, userns
 from .errors import SetupError
 from .spec import SandboxSpec
 
-
 ACTIVE_SPEC: SandboxSpec | None = None  # set in the test process of a sandbox
+_channel: socket.socket | None = None   # the test process's line to pytest, while a test runs
 
 
 def _exit(code: int = 0) -> None:
@@ -31,12 +33,6 @@ def _exit(code: int = 0) -> None:
         except Exception:
             pass
     os._exit(code)
-
-
-def _report_setup_error(sock: socket.socket, phase: str, exc: BaseException) -> None:
-    message = exc.message if isinstance(exc, SetupError) else str(exc)
-    phase = exc.phase if isinstance(exc, SetupError) else phase
-    sync.send(sock, {"type": "error", "phase": phase, "message": message})
 
 
 def enter_namespaces(spec: SandboxSpec, plan: rootfs.RootPlan) -> None:
@@ -51,21 +47,35 @@ def enter_namespaces(spec: SandboxSpec, plan: rootfs.RootPlan) -> None:
         _linux.loopback_up()
 
 
-def sandbox_init(sock: socket.socket, item: pytest.Item, spec: SandboxSpec, plan: rootfs.RootPlan,
-                 cwd: str, crash_fd: int) -> None:
-    """pid 1 of the sandbox: build it, start the test, reap everything, report how the test ended."""
-    phase = "namespaces"
+def sandbox_init(zygote: socket.socket, items: dict[str, pytest.Item], spec: SandboxSpec,
+                 plan: rootfs.RootPlan, cwd: str, crash_fd: int) -> None:
+    """pid 1 of a sandbox: build it, fork the test process, then wait for a test to run."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the test gets ^C; init just reaps
+    _linux.set_process_name("sandbox-init")
+    error: dict[str, Any] | None = None
+    test_pid = 0
     try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the test gets ^C; init just reaps
-        _linux.set_process_name("sandbox-init")
         enter_namespaces(spec, plan)
-        phase = "fork"
+        to_test, test_end = sync.socketpair()
         test_pid = os.fork()
+        if test_pid == 0:
+            zygote.close()
+            to_test.close()
+            test_process(test_end, items, spec, cwd, crash_fd)
+        test_end.close()
     except BaseException as exc:  # noqa: BLE001 - any failure becomes a setup error report
-        _report_setup_error(sock, phase, exc)
-        _exit(0)
-    if test_pid == 0:
-        run_test(sock, item, spec, cwd, crash_fd)
+        phase = exc.phase if isinstance(exc, SetupError) else "namespaces"
+        error = {"type": "error", "phase": phase, "message": exc.message if isinstance(exc, SetupError) else str(exc)}
+    request, fds = sync.recv(zygote)
+    zygote.close()
+    if request is None:  # the zygote cancelled this sandbox
+        os._exit(0)
+    to_pytest = socket.socket(fileno=fds[0])
+    if error is not None:
+        sync.send(to_pytest, error)
+        os._exit(0)
+    sync.send(to_test, request, fds=(to_pytest.fileno(),))
+    to_test.close()
     status = _reap_until(test_pid)
     message: dict[str, Any] = {"type": "exit"}
     if os.WIFSIGNALED(status):
@@ -73,7 +83,7 @@ def sandbox_init(sock: socket.socket, item: pytest.Item, spec: SandboxSpec, plan
     else:
         message["code"] = os.waitstatus_to_exitcode(status)
     try:
-        sync.send(sock, message)
+        sync.send(to_pytest, message)
     finally:
         os._exit(0)  # init leaving tears down the whole pid namespace
 
@@ -91,54 +101,67 @@ def _reap_until(pid: int) -> int:
             return status
 
 
-class _ReportStreamer:
-    """Sends each report to pytest as soon as it exists, so a later crash loses nothing."""
+class ReportStreamer:
+    """Registered once in the zygote: sends each report to pytest as soon as it exists.
 
-    def __init__(self, sock: socket.socket, config: pytest.Config, spec: SandboxSpec) -> None:
-        self.sock = sock
+    Streaming means a crash later in the protocol loses nothing already reported.
+    Outside a sandbox's test process it does nothing.
+    """
+
+    def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.spec = spec
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
-        item.ihook.pytest_sandbox_setup(item=item, spec=self.spec)
+        if ACTIVE_SPEC is not None:
+            item.ihook.pytest_sandbox_setup(item=item, spec=ACTIVE_SPEC)
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
         report = yield
+        if _channel is None:
+            return report
         data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
         try:
-            sync.send(self.sock, {"type": "report", "data": data})
+            sync.send(_channel, {"type": "report", "data": data})
         except (pickle.PicklingError, TypeError, AttributeError):
             # user_properties may hold objects that cannot cross processes; keep their repr
             data["user_properties"] = [(name, repr(value)) for name, value in data.get("user_properties", ())]
-            sync.send(self.sock, {"type": "report", "data": data})
+            sync.send(_channel, {"type": "report", "data": data})
         return report
 
 
-def run_test(sock: socket.socket, item: pytest.Item, spec: SandboxSpec, cwd: str, crash_fd: int) -> None:
-    """The test process: pytest's own runtest protocol, reports streamed to the parent."""
+def test_process(init: socket.socket, items: dict[str, pytest.Item], spec: SandboxSpec, cwd: str,
+                 crash_fd: int) -> None:
+    """The test process: get ready, wait for a test, run pytest's own runtest protocol on it."""
+    global ACTIVE_SPEC, _channel
     from _pytest.runner import runtestprotocol
 
+    setup_error = ""
     try:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
         _linux.set_process_name("sandbox-test")
         os.chdir(cwd)
         os.environ.update(spec.env)
         if os.geteuid() != 0:
             userns.drop_capabilities()
         faulthandler.enable(file=crash_fd, all_threads=True)
-        global ACTIVE_SPEC
-        ACTIVE_SPEC = spec
-        item.config.pluginmanager.register(_ReportStreamer(sock, item.config, spec), "sandbox-report-streamer")
     except BaseException as exc:  # noqa: BLE001
-        _report_setup_error(sock, "test-process", exc)
+        setup_error = f"{type(exc).__name__}: {exc}"
+    request, fds = sync.recv(init)
+    if request is None:
+        os._exit(0)
+    _channel = socket.socket(fileno=fds[0])
+    init.close()
+    if setup_error:
+        sync.send(_channel, {"type": "error", "phase": "test-process", "message": setup_error})
         _exit(0)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    ACTIVE_SPEC = spec
     try:
-        runtestprotocol(item, log=False, nextitem=None)
-        sync.send(sock, {"type": "done"})
+        runtestprotocol(items[request["nodeid"]], log=False, nextitem=None)
+        sync.send(_channel, {"type": "done"})
     except pytest.exit.Exception as exc:
-        sync.send(sock, {"type": "exit-requested", "reason": exc.msg, "returncode": exc.returncode})
+        sync.send(_channel, {"type": "exit-requested", "reason": exc.msg, "returncode": exc.returncode})
     except KeyboardInterrupt:
-        sync.send(sock, {"type": "interrupted"})
+        sync.send(_channel, {"type": "interrupted"})
     _exit(0)

@@ -23,6 +23,7 @@ class Zygote:
     def __init__(self, items: dict[str, pytest.Item], stash_key: Any, paths: zygote.SessionPaths,
                  epoch: int) -> None:
         self.epoch = epoch
+        self.previous: socket.socket | None = None  # a finished sandbox whose exit is not yet collected
         self.nodeids = frozenset(items)
         self.crash_fd = os.memfd_create("sandbox-faulthandler", os.MFD_CLOEXEC)
         os.set_inheritable(self.crash_fd, True)
@@ -43,12 +44,27 @@ class Zygote:
 
     def start(self, nodeid: str) -> socket.socket:
         """Ask for a sandbox running ``nodeid``; returns the socket its messages arrive on."""
+        self.finish_previous()
         ours, theirs = sync.socketpair()
         try:
             sync.send(self.control, {"op": "run", "nodeid": nodeid}, fds=(theirs.fileno(),))
         finally:
             theirs.close()
         return ours
+
+    def finish_previous(self) -> None:
+        """Wait until the last sandbox's test process is reaped and its init is leaving.
+
+        Deferred from the end of that test so the exits overlap with pytest's own reporting.
+        """
+        sock, self.previous = self.previous, None
+        if sock is None:
+            return
+        with sock:
+            while True:
+                message, _ = sync.recv(sock)
+                if message is None or message.get("type") == "exit":
+                    return
 
     def read_crash_output(self) -> str:
         size = os.fstat(self.crash_fd).st_size
@@ -67,6 +83,10 @@ class Zygote:
 
     def close(self) -> None:
         """Stop the zygote and wait until it and every sandbox are gone."""
+        try:
+            self.finish_previous()
+        except OSError:
+            pass
         try:
             sync.send(self.control, {"op": "exit"})
         except OSError:
@@ -115,6 +135,7 @@ def run_in_sandbox(item: pytest.Item, zyg: Zygote) -> Iterator[pytest.TestReport
     zyg.reset_crash_output()
     outcome = Outcome()
     sock = zyg.start(item.nodeid)
+    finished = False
     try:
         while True:
             message, _ = sync.recv(sock)
@@ -128,7 +149,8 @@ def run_in_sandbox(item: pytest.Item, zyg: Zygote) -> Iterator[pytest.TestReport
                     outcome.setup_passed = True
                 yield report
             elif kind == "done":
-                pass
+                finished = True
+                break
             elif kind == "error":
                 outcome.setup_error = message
             elif kind in ("exit-requested", "interrupted"):
@@ -137,7 +159,10 @@ def run_in_sandbox(item: pytest.Item, zyg: Zygote) -> Iterator[pytest.TestReport
                 outcome.exit = message
                 break
     finally:
-        sock.close()
+        if finished:
+            zyg.previous = sock
+        else:
+            sock.close()
     if outcome.stop:
         if outcome.stop["type"] == "interrupted":
             raise KeyboardInterrupt

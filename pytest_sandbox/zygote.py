@@ -76,52 +76,95 @@ def zygote_main(control: socket.socket, items: dict[str, pytest.Item], stash_key
             continue
 
 
+class _Prepared:
+    """A sandbox built ahead of time, waiting for a test."""
+
+    def __init__(self, pid: int, sock: socket.socket, spec: SandboxSpec) -> None:
+        self.pid, self.sock, self.spec = pid, sock, spec
+
+
+class _Factory:
+    def __init__(self, control: socket.socket, items: dict[str, pytest.Item], paths: SessionPaths,
+                 crash_fd: int) -> None:
+        self.control = control
+        self.items = items
+        self.paths = paths
+        self.crash_fd = crash_fd
+        self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        self.plans: dict[SandboxSpec, rootfs.RootPlan] = {}
+        self.sandboxes: set[int] = set()
+
+    def prepare(self, spec: SandboxSpec) -> _Prepared:
+        """Fork a new sandbox for ``spec`` in a pid namespace of its own; it builds itself in parallel."""
+        plan = self.plans.get(spec)
+        if plan is None:
+            plan = self.plans[spec] = rootfs.make_plan(self.paths.writable + spec.writable, self.paths.needed)
+        ours, theirs = sync.socketpair()
+        _linux.unshare(_linux.CLONE_NEWPID)
+        pid = os.fork()
+        if pid == 0:
+            self.control.close()
+            ours.close()
+            child.sandbox_init(theirs, self.items, spec, plan, self.paths.cwd, self.crash_fd)
+        _linux.setns(self.own_pidns, _linux.CLONE_NEWPID)  # the next fork gets a pid namespace of its own
+        theirs.close()
+        self.sandboxes.add(pid)
+        return _Prepared(pid, ours, spec)
+
+    def cancel(self, prepared: _Prepared) -> None:
+        prepared.sock.close()  # its init sees end of stream and exits, taking the namespace along
+
+    def reap(self, block: bool) -> None:
+        while self.sandboxes:
+            try:
+                pid, _ = os.waitpid(-1, 0 if block else os.WNOHANG)
+            except ChildProcessError:
+                self.sandboxes.clear()
+                return
+            if pid == 0:
+                return
+            self.sandboxes.discard(pid)
+
+    def kill_all(self) -> None:
+        for pid in self.sandboxes:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.reap(block=True)
+
+
 def _serve(control: socket.socket, items: dict[str, pytest.Item], stash_key: Any,
            paths: SessionPaths, crash_fd: int) -> None:
-    own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-    plans: dict[SandboxSpec, rootfs.RootPlan] = {}
-    sandboxes: set[int] = set()
+    factory = _Factory(control, items, paths, crash_fd)
+    config = next(iter(items.values())).config
+    config.pluginmanager.register(child.ReportStreamer(config), "sandbox-report-streamer")
+    ready: _Prepared | None = None
     sync.send(control, {"op": "ready"})
     while True:
         message, fds = sync.recv(control)
-        _reap(sandboxes, block=False)
+        factory.reap(block=False)
         if message is None or message.get("op") != "run":
             break
-        sock = socket.socket(fileno=fds[0])
-        item = items[message["nodeid"]]
-        spec: SandboxSpec = item.stash[stash_key]
-        plan = plans.get(spec)
-        if plan is None:
-            plan = plans[spec] = rootfs.make_plan(paths.writable + spec.writable, paths.needed)
+        to_pytest = socket.socket(fileno=fds[0])
+        spec: SandboxSpec = items[message["nodeid"]].stash[stash_key]
+        if ready is not None and ready.spec != spec:
+            factory.cancel(ready)
+            ready = None
         try:
-            _linux.unshare(_linux.CLONE_NEWPID)
-            pid = os.fork()
+            if ready is None:
+                ready = factory.prepare(spec)
+            sync.send(ready.sock, {"nodeid": message["nodeid"]}, fds=(to_pytest.fileno(),))
         except OSError as exc:
-            sync.send(sock, {"type": "error", "phase": "fork", "message": str(exc)})
-            sock.close()
-            _linux.setns(own_pidns, _linux.CLONE_NEWPID)
-            continue
-        if pid == 0:
-            control.close()
-            child.sandbox_init(sock, item, spec, plan, paths.cwd, crash_fd)
-        _linux.setns(own_pidns, _linux.CLONE_NEWPID)  # the next fork gets a pid namespace of its own
-        sock.close()
-        sandboxes.add(pid)
-    for pid in sandboxes:
+            sync.send(to_pytest, {"type": "error", "phase": "fork", "message": str(exc)})
+        finally:
+            to_pytest.close()
+            if ready is not None:
+                ready.sock.close()
+            ready = None
+        # Build the next one now, while this test runs.
         try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    _reap(sandboxes, block=True)
-
-
-def _reap(pids: set[int], block: bool) -> None:
-    while pids:
-        try:
-            pid, _ = os.waitpid(-1, 0 if block else os.WNOHANG)
-        except ChildProcessError:
-            pids.clear()
-            return
-        if pid == 0:
-            return
-        pids.discard(pid)
+            ready = factory.prepare(spec)
+        except OSError:
+            ready = None
+    factory.kill_all()
