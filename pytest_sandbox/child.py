@@ -47,25 +47,27 @@ def enter_namespaces(spec: SandboxSpec, plan: rootfs.RootPlan) -> None:
         _linux.loopback_up()
 
 
-def sandbox_init(zygote: socket.socket, items: dict[str, pytest.Item], spec: SandboxSpec,
-                 plan: rootfs.RootPlan, cwd: str, crash_fd: int) -> None:
-    """pid 1 of a sandbox: build it, fork the test process, then wait for a test to run."""
+def sandbox_init(zygote: socket.socket, test_end: socket.socket, items: dict[str, pytest.Item],
+                 spec: SandboxSpec, plan: rootfs.RootPlan, cwd: str, crash_fd: int) -> None:
+    """pid 1 of a sandbox: build it, fork the test process, then reap until the test is over.
+
+    The zygote sends the test request straight to the test process over ``test_end``
+    and a copy of pytest's socket here, for the exit status.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the test gets ^C; init just reaps
     _linux.set_process_name("sandbox-init")
     error: dict[str, Any] | None = None
     test_pid = 0
     try:
         enter_namespaces(spec, plan)
-        to_test, test_end = sync.socketpair()
         test_pid = os.fork()
         if test_pid == 0:
             zygote.close()
-            to_test.close()
             test_process(test_end, items, spec, cwd, crash_fd)
-        test_end.close()
     except BaseException as exc:  # noqa: BLE001 - any failure becomes a setup error report
         phase = exc.phase if isinstance(exc, SetupError) else "namespaces"
         error = {"type": "error", "phase": phase, "message": exc.message if isinstance(exc, SetupError) else str(exc)}
+    test_end.close()
     request, fds = sync.recv(zygote)
     zygote.close()
     if request is None:  # the zygote cancelled this sandbox
@@ -74,8 +76,6 @@ def sandbox_init(zygote: socket.socket, items: dict[str, pytest.Item], spec: San
     if error is not None:
         sync.send(to_pytest, error)
         os._exit(0)
-    sync.send(to_test, request, fds=(to_pytest.fileno(),))
-    to_test.close()
     status = _reap_until(test_pid)
     message: dict[str, Any] = {"type": "exit"}
     if os.WIFSIGNALED(status):
@@ -131,7 +131,7 @@ class ReportStreamer:
         return report
 
 
-def test_process(init: socket.socket, items: dict[str, pytest.Item], spec: SandboxSpec, cwd: str,
+def test_process(zygote: socket.socket, items: dict[str, pytest.Item], spec: SandboxSpec, cwd: str,
                  crash_fd: int) -> None:
     """The test process: get ready, wait for a test, run pytest's own runtest protocol on it."""
     global ACTIVE_SPEC, _channel
@@ -147,11 +147,11 @@ def test_process(init: socket.socket, items: dict[str, pytest.Item], spec: Sandb
         faulthandler.enable(file=crash_fd, all_threads=True)
     except BaseException as exc:  # noqa: BLE001
         setup_error = f"{type(exc).__name__}: {exc}"
-    request, fds = sync.recv(init)
+    request, fds = sync.recv(zygote)
     if request is None:
         os._exit(0)
     _channel = socket.socket(fileno=fds[0])
-    init.close()
+    zygote.close()
     if setup_error:
         sync.send(_channel, {"type": "error", "phase": "test-process", "message": setup_error})
         _exit(0)

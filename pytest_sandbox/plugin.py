@@ -129,6 +129,8 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     spec = item.stash.get(SPEC_KEY, None)
     if spec is None or state.mode == "off":
         state.parent_epoch += 1  # pytest runs this item here, changing fixture state
+        if state.zygote is not None:
+            state.zygote.collect_exits(block=True)  # nothing of a sandbox may overlap a host test
         return None
     ihook = item.ihook
     ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)

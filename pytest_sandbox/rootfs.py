@@ -5,9 +5,10 @@ Built in two stages so the expensive part happens once per session:
 * ``enter_host_view`` (zygote, once): a private mount namespace whose root is a
   recursive read-only clone of the host ``/`` (``lowerdir=/`` is refused in a
   user namespace, and a plain bind would keep host mounts writable).
+  It also gets a read-only minimal ``/dev`` (``build_dev_template``).
 * ``build`` (each sandbox, after ``unshare(CLONE_NEWNS)``): fresh tmpfs on the
-  scratch places, overlays with a tmpfs upper over the writable places, a
-  minimal ``/dev`` and a ``/proc`` of the sandbox's pid namespace.
+  scratch places, overlays with a tmpfs upper over the writable places, its own
+  devpts and /dev/shm, and a ``/proc`` of the sandbox's pid namespace.
 
 Anything the test process needs that lives under a place that gets a fresh tmpfs
 (a venv under /tmp, a pytester rootdir, the cwd) is cloned out of the host view
@@ -120,19 +121,31 @@ def _detached_overlay(lower: str, scratch: str, index: int) -> int:
         os.close(fs)
 
 
-def _build_dev(device_fds: dict[str, int]) -> None:
-    _linux.mount("sandbox-dev", "/dev", "tmpfs", _linux.MS_NOSUID, "mode=0755,size=64k")
-    for name, fd in device_fds.items():
+def build_dev_template() -> None:
+    """A minimal /dev for the session: host device nodes bound onto a tmpfs, then made read-only.
+
+    Done once in the zygote; each sandbox only adds its own devpts and /dev/shm
+    (``mknod`` is refused in a user namespace, so nodes are bind mounts of the host's).
+    """
+    clone = _linux.OPEN_TREE_CLONE | _linux.OPEN_TREE_CLOEXEC
+    nodes = {name: _linux.open_tree(f"/dev/{name}", clone) for name in DEVICES if os.path.exists(f"/dev/{name}")}
+    _linux.mount("sandbox-dev", "/dev", "tmpfs", _linux.MS_NOSUID | _linux.MS_NOEXEC, "mode=0755,size=64k")
+    for name, fd in nodes.items():
         _attach(fd, f"/dev/{name}", is_dir=False)
     os.mkdir("/dev/pts")
-    _linux.mount("devpts", "/dev/pts", "devpts", _linux.MS_NOSUID | _linux.MS_NOEXEC,
-                 "newinstance,ptmxmode=0666,mode=0620")
-    os.symlink("pts/ptmx", "/dev/ptmx")
     os.mkdir("/dev/shm")
-    _linux.mount("sandbox-shm", "/dev/shm", "tmpfs", _TMPFS_FLAGS, "mode=1777")
+    os.symlink("pts/ptmx", "/dev/ptmx")
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                          ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
         os.symlink(target, f"/dev/{name}")
+    _linux.mount(None, "/dev", None, _linux.MS_REMOUNT | _linux.MS_BIND | _linux.MS_RDONLY | _linux.MS_NOSUID
+                 | _linux.MS_NOEXEC)
+
+
+def _fresh_dev_mounts() -> None:
+    _linux.mount("devpts", "/dev/pts", "devpts", _linux.MS_NOSUID | _linux.MS_NOEXEC,
+                 "newinstance,ptmxmode=0666,mode=0620")
+    _linux.mount("sandbox-shm", "/dev/shm", "tmpfs", _TMPFS_FLAGS, "mode=1777")
 
 
 def build(plan: RootPlan) -> None:
@@ -143,12 +156,10 @@ def build(plan: RootPlan) -> None:
     scratch = f"/proc/self/fd/{scratch_fd}"
     overlay_fds = [(target, _detached_overlay(target, scratch, i)) for i, target in enumerate(plan.overlays)]
     visible_fds = [(path, os.path.isdir(path), _linux.open_tree(path, clone)) for path in plan.visible]
-    device_fds = {name: _linux.open_tree(f"/dev/{name}", clone) for name in DEVICES
-                  if os.path.exists(f"/dev/{name}")}
     # 2. Cover the scratch places.
     for place in plan.fresh:
         _linux.mount("sandbox-tmp", place, "tmpfs", _TMPFS_FLAGS, "mode=0755" if place == "/run" else "mode=1777")
-    _build_dev(device_fds)
+    _fresh_dev_mounts()
     # 3. Put writable and needed host paths back on top.
     for target, fd in overlay_fds:
         _attach(fd, target)

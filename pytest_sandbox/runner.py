@@ -23,7 +23,7 @@ class Zygote:
     def __init__(self, items: dict[str, pytest.Item], stash_key: Any, paths: zygote.SessionPaths,
                  epoch: int) -> None:
         self.epoch = epoch
-        self.previous: socket.socket | None = None  # a finished sandbox whose exit is not yet collected
+        self.finishing: list[socket.socket] = []  # finished sandboxes whose exit is not yet collected
         self.nodeids = frozenset(items)
         self.crash_fd = os.memfd_create("sandbox-faulthandler", os.MFD_CLOEXEC)
         os.set_inheritable(self.crash_fd, True)
@@ -44,7 +44,7 @@ class Zygote:
 
     def start(self, nodeid: str) -> socket.socket:
         """Ask for a sandbox running ``nodeid``; returns the socket its messages arrive on."""
-        self.finish_previous()
+        self.collect_exits(block=False)
         ours, theirs = sync.socketpair()
         try:
             sync.send(self.control, {"op": "run", "nodeid": nodeid}, fds=(theirs.fileno(),))
@@ -52,19 +52,25 @@ class Zygote:
             theirs.close()
         return ours
 
-    def finish_previous(self) -> None:
-        """Wait until the last sandbox's test process is reaped and its init is leaving.
+    def collect_exits(self, block: bool) -> None:
+        """Collect the exit messages of finished sandboxes.
 
-        Deferred from the end of that test so the exits overlap with pytest's own reporting.
+        A finished test's process and init leave while pytest reports and the next
+        sandbox runs; ``block=True`` waits until all have left, which is done before
+        pytest runs anything on the host and at the end of the session.
         """
-        sock, self.previous = self.previous, None
-        if sock is None:
-            return
-        with sock:
+        still = []
+        for sock in self.finishing:
             while True:
-                message, _ = sync.recv(sock)
+                try:
+                    message, _ = sync.recv(sock, block=block)
+                except BlockingIOError:
+                    still.append(sock)
+                    break
                 if message is None or message.get("type") == "exit":
-                    return
+                    sock.close()
+                    break
+        self.finishing = still
 
     def read_crash_output(self) -> str:
         size = os.fstat(self.crash_fd).st_size
@@ -84,7 +90,7 @@ class Zygote:
     def close(self) -> None:
         """Stop the zygote and wait until it and every sandbox are gone."""
         try:
-            self.finish_previous()
+            self.collect_exits(block=True)
         except OSError:
             pass
         try:
@@ -160,7 +166,7 @@ def run_in_sandbox(item: pytest.Item, zyg: Zygote) -> Iterator[pytest.TestReport
                 break
     finally:
         if finished:
-            zyg.previous = sock
+            zyg.finishing.append(sock)
         else:
             sock.close()
     if outcome.stop:

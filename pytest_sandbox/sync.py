@@ -43,12 +43,17 @@ def send(sock: socket.socket, message: dict[str, Any], fds: tuple[int, ...] = ()
             sock.sendall(marker + chunk)
 
 
-def recv(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
-    """The next message and the fds that came with it; (None, []) at end of stream."""
+def recv(sock: socket.socket, block: bool = True) -> tuple[dict[str, Any] | None, list[int]]:
+    """The next message and the fds that came with it; (None, []) at end of stream.
+
+    With ``block=False`` raises BlockingIOError when no message has arrived yet.
+    """
     parts: list[bytes] = []
     fds: list[int] = []
+    flags = 0 if block else socket.MSG_DONTWAIT
     while True:
-        data, ancdata, _flags, _addr = sock.recvmsg(CHUNK + 1, socket.CMSG_SPACE(16 * 4))
+        data, ancdata, _flags, _addr = sock.recvmsg(CHUNK + 1, socket.CMSG_SPACE(16 * 4), flags)
+        flags = 0  # the rest of a chunked message is already on its way
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 usable = len(payload) - len(payload) % 4

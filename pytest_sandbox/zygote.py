@@ -15,6 +15,7 @@ Process tree::
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import signal
 import socket
@@ -51,6 +52,7 @@ def zygote_main(control: socket.socket, items: dict[str, pytest.Item], stash_key
         _linux.set_process_name("sandbox-zygote")
         userns.enter_user_namespace()
         rootfs.enter_host_view()
+        rootfs.build_dev_template()
         _linux.unshare(_linux.CLONE_NEWPID)
         pid = os.fork()
     except BaseException as exc:  # noqa: BLE001
@@ -79,8 +81,21 @@ def zygote_main(control: socket.socket, items: dict[str, pytest.Item], stash_key
 class _Prepared:
     """A sandbox built ahead of time, waiting for a test."""
 
-    def __init__(self, pid: int, sock: socket.socket, spec: SandboxSpec) -> None:
-        self.pid, self.sock, self.spec = pid, sock, spec
+    def __init__(self, pid: int, init: socket.socket, test: socket.socket, spec: SandboxSpec) -> None:
+        self.pid, self.init, self.test, self.spec = pid, init, test, spec
+
+    def start(self, nodeid: str, to_pytest: socket.socket) -> None:
+        """Hand the test to the waiting test process first (it is on the critical path), then to init."""
+        try:
+            sync.send(self.test, {"nodeid": nodeid}, fds=(to_pytest.fileno(),))
+        except OSError:
+            pass  # no test process: init has a setup error to report
+        sync.send(self.init, {"nodeid": nodeid}, fds=(to_pytest.fileno(),))
+
+    def close(self) -> None:
+        """Closing both ends cancels a sandbox that never ran: its processes see end of stream and exit."""
+        self.test.close()
+        self.init.close()
 
 
 class _Factory:
@@ -99,20 +114,20 @@ class _Factory:
         plan = self.plans.get(spec)
         if plan is None:
             plan = self.plans[spec] = rootfs.make_plan(self.paths.writable + spec.writable, self.paths.needed)
-        ours, theirs = sync.socketpair()
+        init, init_end = sync.socketpair()
+        test, test_end = sync.socketpair()
         _linux.unshare(_linux.CLONE_NEWPID)
         pid = os.fork()
         if pid == 0:
             self.control.close()
-            ours.close()
-            child.sandbox_init(theirs, self.items, spec, plan, self.paths.cwd, self.crash_fd)
+            init.close()
+            test.close()
+            child.sandbox_init(init_end, test_end, self.items, spec, plan, self.paths.cwd, self.crash_fd)
         _linux.setns(self.own_pidns, _linux.CLONE_NEWPID)  # the next fork gets a pid namespace of its own
-        theirs.close()
+        init_end.close()
+        test_end.close()
         self.sandboxes.add(pid)
-        return _Prepared(pid, ours, spec)
-
-    def cancel(self, prepared: _Prepared) -> None:
-        prepared.sock.close()  # its init sees end of stream and exits, taking the namespace along
+        return _Prepared(pid, init, test, spec)
 
     def reap(self, block: bool) -> None:
         while self.sandboxes:
@@ -136,6 +151,7 @@ class _Factory:
 
 def _serve(control: socket.socket, items: dict[str, pytest.Item], stash_key: Any,
            paths: SessionPaths, crash_fd: int) -> None:
+    gc.freeze()  # keep the garbage collector from touching (and so copying) the zygote's pages in every fork
     factory = _Factory(control, items, paths, crash_fd)
     config = next(iter(items.values())).config
     config.pluginmanager.register(child.ReportStreamer(config), "sandbox-report-streamer")
@@ -149,18 +165,18 @@ def _serve(control: socket.socket, items: dict[str, pytest.Item], stash_key: Any
         to_pytest = socket.socket(fileno=fds[0])
         spec: SandboxSpec = items[message["nodeid"]].stash[stash_key]
         if ready is not None and ready.spec != spec:
-            factory.cancel(ready)
+            ready.close()
             ready = None
         try:
             if ready is None:
                 ready = factory.prepare(spec)
-            sync.send(ready.sock, {"nodeid": message["nodeid"]}, fds=(to_pytest.fileno(),))
+            ready.start(message["nodeid"], to_pytest)
         except OSError as exc:
             sync.send(to_pytest, {"type": "error", "phase": "fork", "message": str(exc)})
         finally:
             to_pytest.close()
             if ready is not None:
-                ready.sock.close()
+                ready.close()
             ready = None
         # Build the next one now, while this test runs.
         try:
