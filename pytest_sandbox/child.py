@@ -1,9 +1,9 @@
-"""Inside one sandbox: the init (pid 1) and the test process.
+"""Inside one sandbox: the test process.
 
-The zygote forks a sandbox *ahead of time*: the init builds the namespaces and
-mount tree and forks the test process, and both wait until pytest asks for a
-test. The fork and mount costs are then paid while the previous test runs, not
-on the critical path. Never imports plugin.py: everything comes as arguments.
+The zygote starts a sandbox *ahead of time*: pid 1 (init.py) and this process,
+which builds its namespaces and mount tree and then waits until pytest asks for
+a test. The fork and mount costs are paid while the previous test runs, not on
+the critical path. Never imports plugin.py: everything comes as arguments.
 """
 
 from __future__ import annotations
@@ -47,60 +47,6 @@ def enter_namespaces(spec: SandboxSpec, plan: rootfs.RootPlan) -> None:
         _linux.loopback_up()
 
 
-def sandbox_init(zygote: socket.socket, test_end: socket.socket, items: dict[str, pytest.Item],
-                 spec: SandboxSpec, plan: rootfs.RootPlan, cwd: str, crash_fd: int) -> None:
-    """pid 1 of a sandbox: build it, fork the test process, then reap until the test is over.
-
-    The zygote sends the test request straight to the test process over ``test_end``
-    and a copy of pytest's socket here, for the exit status.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the test gets ^C; init just reaps
-    _linux.set_process_name("sandbox-init")
-    error: dict[str, Any] | None = None
-    test_pid = 0
-    try:
-        enter_namespaces(spec, plan)
-        test_pid = os.fork()
-        if test_pid == 0:
-            zygote.close()
-            test_process(test_end, items, spec, cwd, crash_fd)
-    except BaseException as exc:  # noqa: BLE001 - any failure becomes a setup error report
-        phase = exc.phase if isinstance(exc, SetupError) else "namespaces"
-        error = {"type": "error", "phase": phase, "message": exc.message if isinstance(exc, SetupError) else str(exc)}
-    test_end.close()
-    request, fds = sync.recv(zygote)
-    zygote.close()
-    if request is None:  # the zygote cancelled this sandbox
-        os._exit(0)
-    to_pytest = socket.socket(fileno=fds[0])
-    if error is not None:
-        sync.send(to_pytest, error)
-        os._exit(0)
-    status = _reap_until(test_pid)
-    message: dict[str, Any] = {"type": "exit"}
-    if os.WIFSIGNALED(status):
-        message["signal"] = os.WTERMSIG(status)
-    else:
-        message["code"] = os.waitstatus_to_exitcode(status)
-    try:
-        sync.send(to_pytest, message)
-    finally:
-        os._exit(0)  # init leaving tears down the whole pid namespace
-
-
-def _reap_until(pid: int) -> int:
-    """Reap every child (orphans land here too) until ``pid`` has ended; return its status."""
-    while True:
-        try:
-            reaped, status = os.waitpid(-1, 0)
-        except ChildProcessError:
-            return 0
-        except InterruptedError:
-            continue
-        if reaped == pid:
-            return status
-
-
 class ReportStreamer:
     """Registered once in the zygote: sends each report to pytest as soon as it exists.
 
@@ -131,29 +77,33 @@ class ReportStreamer:
         return report
 
 
-def test_process(zygote: socket.socket, items: dict[str, pytest.Item], spec: SandboxSpec, cwd: str,
-                 crash_fd: int) -> None:
-    """The test process: get ready, wait for a test, run pytest's own runtest protocol on it."""
+def test_process(zygote: socket.socket, items: dict[str, pytest.Item], spec: SandboxSpec,
+                 plan: rootfs.RootPlan, cwd: str, crash_fd: int) -> None:
+    """Build the sandbox, wait for a test, run pytest's own runtest protocol on it; never returns."""
     global ACTIVE_SPEC, _channel
     from _pytest.runner import runtestprotocol
 
-    setup_error = ""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # until a test runs, ^C is pytest's business
+    error: dict[str, Any] | None = None
     try:
         _linux.set_process_name("sandbox-test")
+        enter_namespaces(spec, plan)
         os.chdir(cwd)
         os.environ.update(spec.env)
         if os.geteuid() != 0:
             userns.drop_capabilities()
         faulthandler.enable(file=crash_fd, all_threads=True)
-    except BaseException as exc:  # noqa: BLE001
-        setup_error = f"{type(exc).__name__}: {exc}"
+    except BaseException as exc:  # noqa: BLE001 - any failure becomes a setup error report
+        phase = exc.phase if isinstance(exc, SetupError) else "namespaces"
+        message = exc.message if isinstance(exc, SetupError) else f"{type(exc).__name__}: {exc}"
+        error = {"type": "error", "phase": phase, "message": message}
     request, fds = sync.recv(zygote)
-    if request is None:
+    zygote.close()
+    if request is None:  # cancelled before it ran
         os._exit(0)
     _channel = socket.socket(fileno=fds[0])
-    zygote.close()
-    if setup_error:
-        sync.send(_channel, {"type": "error", "phase": "test-process", "message": setup_error})
+    if error is not None:
+        sync.send(_channel, error)
         _exit(0)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     ACTIVE_SPEC = spec

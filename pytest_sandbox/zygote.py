@@ -8,14 +8,20 @@ the expensive setup happens once. If pytest dies, the zygote gets SIGKILL
 
 Process tree::
 
-    pytest ── zygote-parent (holds the user ns, waits) ── zygote (pid 1) ─┬─ init (pid 1) ── test
-                                                                          └─ init (pid 1) ── test
+    pytest ── zygote-parent (holds the user ns, waits) ── zygote (pid 1) ─┬─ init (pid 1 of sandbox A)
+                                                                          ├─ test (pid 2 of sandbox A)
+                                                                          ├─ init (pid 1 of sandbox B)
+                                                                          └─ test (pid 2 of sandbox B)
+
+The zygote is the test process's parent: it sees it exit (pidfd), sends pytest
+the exit status and kills that sandbox's pid 1, which ends every process left.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
+import select
 import os
 import signal
 import socket
@@ -23,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from . import _linux, child, rootfs, sync, userns
+from . import _linux, child, init, rootfs, sync, userns
 from .spec import SandboxSpec
 
 
@@ -78,24 +84,25 @@ def zygote_main(control: socket.socket, items: dict[str, pytest.Item], stash_key
             continue
 
 
-class _Prepared:
-    """A sandbox built ahead of time, waiting for a test."""
+class _Sandbox:
+    """One sandbox: its pid 1 and its test process, both children of the zygote."""
 
-    def __init__(self, pid: int, init: socket.socket, test: socket.socket, spec: SandboxSpec) -> None:
-        self.pid, self.init, self.test, self.spec = pid, init, test, spec
+    def __init__(self, spec: SandboxSpec, init_pid: int, test_pid: int, test: socket.socket) -> None:
+        self.spec, self.init_pid, self.test_pid, self.test = spec, init_pid, test_pid, test
+        self.pidfd = os.pidfd_open(test_pid)
+        self.to_pytest: socket.socket | None = None
 
     def start(self, nodeid: str, to_pytest: socket.socket) -> None:
-        """Hand the test to the waiting test process first (it is on the critical path), then to init."""
-        try:
-            sync.send(self.test, {"nodeid": nodeid}, fds=(to_pytest.fileno(),))
-        except OSError:
-            pass  # no test process: init has a setup error to report
-        sync.send(self.init, {"nodeid": nodeid}, fds=(to_pytest.fileno(),))
-
-    def close(self) -> None:
-        """Closing both ends cancels a sandbox that never ran: its processes see end of stream and exit."""
+        self.to_pytest = to_pytest
+        sync.send(self.test, {"nodeid": nodeid}, fds=(to_pytest.fileno(),))
         self.test.close()
-        self.init.close()
+
+    def kill(self) -> None:
+        """SIGKILL to pid 1 from outside its namespace ends every process in it."""
+        try:
+            os.kill(self.init_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 class _Factory:
@@ -106,47 +113,75 @@ class _Factory:
         self.paths = paths
         self.crash_fd = crash_fd
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        self.init_argv, self.init_fd = init.command()
         self.plans: dict[SandboxSpec, rootfs.RootPlan] = {}
-        self.sandboxes: set[int] = set()
+        self.running: dict[int, _Sandbox] = {}  # by pidfd of the test process
+        self.inits: set[int] = set()            # pid 1s not yet reaped
 
-    def prepare(self, spec: SandboxSpec) -> _Prepared:
-        """Fork a new sandbox for ``spec`` in a pid namespace of its own; it builds itself in parallel."""
+    def prepare(self, spec: SandboxSpec) -> _Sandbox:
+        """Start pid 1 in a new pid namespace and fork the test process into it; it builds itself."""
         plan = self.plans.get(spec)
         if plan is None:
             plan = self.plans[spec] = rootfs.make_plan(self.paths.writable + spec.writable, self.paths.needed)
-        init, init_end = sync.socketpair()
         test, test_end = sync.socketpair()
         _linux.unshare(_linux.CLONE_NEWPID)
-        pid = os.fork()
-        if pid == 0:
-            self.control.close()
-            init.close()
-            test.close()
-            child.sandbox_init(init_end, test_end, self.items, spec, plan, self.paths.cwd, self.crash_fd)
-        _linux.setns(self.own_pidns, _linux.CLONE_NEWPID)  # the next fork gets a pid namespace of its own
-        init_end.close()
+        try:
+            init_pid = os.posix_spawn(self.init_argv[0], self.init_argv, {})
+            self.inits.add(init_pid)
+            test_pid = os.fork()
+            if test_pid == 0:
+                self.control.close()
+                test.close()
+                child.test_process(test_end, self.items, spec, plan, self.paths.cwd, self.crash_fd)
+        finally:
+            _linux.setns(self.own_pidns, _linux.CLONE_NEWPID)  # the next sandbox gets a namespace of its own
         test_end.close()
-        self.sandboxes.add(pid)
-        return _Prepared(pid, init, test, spec)
+        return _Sandbox(spec, init_pid, test_pid, test)
 
-    def reap(self, block: bool) -> None:
-        while self.sandboxes:
+    def finished(self, sandbox: _Sandbox) -> None:
+        """The test process has ended: report how, then end its namespace."""
+        _, status = os.waitpid(sandbox.test_pid, 0)
+        os.close(sandbox.pidfd)
+        sandbox.kill()
+        message: dict[str, Any] = {"type": "exit"}
+        if os.WIFSIGNALED(status):
+            message["signal"] = os.WTERMSIG(status)
+        else:
+            message["code"] = os.waitstatus_to_exitcode(status)
+        if sandbox.to_pytest is not None:
             try:
-                pid, _ = os.waitpid(-1, 0 if block else os.WNOHANG)
-            except ChildProcessError:
-                self.sandboxes.clear()
-                return
-            if pid == 0:
-                return
-            self.sandboxes.discard(pid)
+                sync.send(sandbox.to_pytest, message)
+            except OSError:
+                pass
+            sandbox.to_pytest.close()
 
-    def kill_all(self) -> None:
-        for pid in self.sandboxes:
+    def cancel(self, sandbox: _Sandbox) -> None:
+        sandbox.kill()
+        sandbox.test.close()
+        os.waitpid(sandbox.test_pid, 0)
+        os.close(sandbox.pidfd)
+
+    def reap_inits(self, block: bool) -> None:
+        for pid in list(self.inits):
+            try:
+                done, _ = os.waitpid(pid, 0 if block else os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self.inits.discard(pid)
+
+    def shutdown(self, ready: _Sandbox | None) -> None:
+        if ready is not None:
+            self.cancel(ready)
+        for sandbox in list(self.running.values()):
+            sandbox.kill()
+            self.finished(sandbox)
+        for pid in self.inits:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        self.reap(block=True)
+        self.reap_inits(block=True)
 
 
 def _serve(control: socket.socket, items: dict[str, pytest.Item], stash_key: Any,
@@ -155,32 +190,35 @@ def _serve(control: socket.socket, items: dict[str, pytest.Item], stash_key: Any
     factory = _Factory(control, items, paths, crash_fd)
     config = next(iter(items.values())).config
     config.pluginmanager.register(child.ReportStreamer(config), "sandbox-report-streamer")
-    ready: _Prepared | None = None
+    ready: _Sandbox | None = None
     sync.send(control, {"op": "ready"})
     while True:
+        readable, _, _ = select.select([control, *factory.running], [], [])
+        for fd in readable:
+            if fd in factory.running:
+                factory.finished(factory.running.pop(fd))
+        factory.reap_inits(block=False)
+        if control not in readable:
+            continue
         message, fds = sync.recv(control)
-        factory.reap(block=False)
         if message is None or message.get("op") != "run":
             break
         to_pytest = socket.socket(fileno=fds[0])
         spec: SandboxSpec = items[message["nodeid"]].stash[stash_key]
         if ready is not None and ready.spec != spec:
-            ready.close()
+            factory.cancel(ready)
             ready = None
         try:
             if ready is None:
                 ready = factory.prepare(spec)
+            factory.running[ready.pidfd] = ready
             ready.start(message["nodeid"], to_pytest)
         except OSError as exc:
             sync.send(to_pytest, {"type": "error", "phase": "fork", "message": str(exc)})
-        finally:
             to_pytest.close()
-            if ready is not None:
-                ready.close()
-            ready = None
-        # Build the next one now, while this test runs.
+        ready = None
         try:
-            ready = factory.prepare(spec)
+            ready = factory.prepare(spec)  # the next one builds while this test runs
         except OSError:
             ready = None
-    factory.kill_all()
+    factory.shutdown(ready)
