@@ -14,6 +14,7 @@ import pickle
 import signal
 import socket
 import sys
+import warnings
 from typing import Any
 
 import pytest
@@ -76,12 +77,24 @@ class ReportStreamer:
             sync.send(_channel, {"type": "report", "data": data})
         return report
 
+    @pytest.hookimpl
+    def pytest_warning_recorded(self, warning_message: warnings.WarningMessage, when: str, nodeid: str) -> None:
+        if _channel is None:
+            return
+        category = warning_message.category
+        sync.send(_channel, {
+            "type": "warning", "message": str(warning_message.message), "when": when,
+            "category": (category.__module__, category.__qualname__),
+            "filename": warning_message.filename, "lineno": warning_message.lineno,
+        })
+
 
 def test_process(zygote: socket.socket, items: dict[str, pytest.Item], spec: SandboxSpec,
                  plan: rootfs.RootPlan, cwd: str, crash_fd: int) -> None:
     """Build the sandbox, wait for a test, run pytest's own runtest protocol on it; never returns."""
     global ACTIVE_SPEC, _channel
     from _pytest.runner import runtestprotocol
+    from _pytest.warnings import catch_warnings_for_item
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # until a test runs, ^C is pytest's business
     error: dict[str, Any] | None = None
@@ -107,8 +120,11 @@ def test_process(zygote: socket.socket, items: dict[str, pytest.Item], spec: San
         _exit(0)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     ACTIVE_SPEC = spec
+    item = items[request["nodeid"]]
     try:
-        runtestprotocol(items[request["nodeid"]], log=False, nextitem=None)
+        # What pytest's warnings plugin does around each test; recorded warnings go to pytest.
+        with catch_warnings_for_item(item.config, ihook=item.ihook, when="runtest", item=item):
+            runtestprotocol(item, log=False, nextitem=None)
         sync.send(_channel, {"type": "done"})
     except pytest.exit.Exception as exc:
         sync.send(_channel, {"type": "exit-requested", "reason": exc.msg, "returncode": exc.returncode})

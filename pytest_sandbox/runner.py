@@ -154,6 +154,8 @@ def run_in_sandbox(item: pytest.Item, zyg: Zygote) -> Iterator[pytest.TestReport
                 if report.when == "setup" and report.passed:
                     outcome.setup_passed = True
                 yield report
+            elif kind == "warning":
+                _record_warning(item, message)
             elif kind == "done":
                 finished = True
                 break
@@ -177,6 +179,31 @@ def run_in_sandbox(item: pytest.Item, zyg: Zygote) -> Iterator[pytest.TestReport
         yield from _crash_reports(item, outcome, zyg.read_crash_output())
 
 
+def _warning_category(module: str, qualname: str) -> type[Warning]:
+    found: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    return found if isinstance(found, type) and issubclass(found, Warning) else UserWarning
+
+
+def _record_warning(item: pytest.Item, message: dict[str, Any]) -> None:
+    """Show a warning the sandboxed test raised in pytest's warnings summary."""
+    category = _warning_category(*message["category"])
+    warning = warnings.WarningMessage(category(message["message"]), category, message["filename"], message["lineno"])
+    item.ihook.pytest_warning_recorded.call_historic(
+        kwargs={"warning_message": warning, "when": message["when"], "nodeid": item.nodeid, "location": None})
+
+
+def _trim_crash_output(text: str) -> str:
+    """The faulthandler dump down to the test's own frames (the rest is pytest and sandbox plumbing)."""
+    kept = []
+    for line in text.splitlines():
+        if "pytest_sandbox/child.py" in line:
+            break
+        kept.append(line)
+    return "\n".join(kept).rstrip()
+
+
 def _crash_reports(item: pytest.Item, outcome: Outcome, crash_output: str) -> Iterator[pytest.TestReport]:
     """Fill in the phases a dead sandbox never reported: the crash where it happened, then teardown."""
     if "setup" not in outcome.whens:
@@ -187,7 +214,7 @@ def _crash_reports(item: pytest.Item, outcome: Outcome, crash_output: str) -> It
         when = "teardown"
     text = outcome.crash_text()
     if crash_output.strip():
-        text += "\n\n" + crash_output.rstrip()
+        text += "\n\n" + _trim_crash_output(crash_output)
     report = pytest.TestReport.from_item_and_call(item, pytest.CallInfo.from_call(lambda: None, when))
     report.outcome = "failed"
     report.longrepr = text
