@@ -159,9 +159,16 @@ def _run(item: pytest.Item, spec: SandboxSpec, state: SessionState) -> Iterator[
         yield from _skip_or_fail(item, error, state.unavailable == "skip")
         return
     reports = []
-    for report in runner.run_in_sandbox(item, zyg):
-        reports.append(report)
-        yield report
+    try:
+        for report in runner.run_in_sandbox(item, zyg):
+            reports.append(report)
+            yield report
+    except SandboxError as exc:
+        error = str(exc)
+    if error:  # the zygote died before this sandbox started: report it, start afresh next time
+        state.zygote = None
+        yield from _skip_or_fail(item, error, skip=False)
+        return
     item.ihook.pytest_sandbox_finish(item=item, spec=spec, reports=reports)
 
 

@@ -48,6 +48,9 @@ class Zygote:
         ours, theirs = sync.socketpair()
         try:
             sync.send(self.control, {"op": "run", "nodeid": nodeid}, fds=(theirs.fileno(),))
+        except OSError as exc:
+            ours.close()
+            raise SandboxError(f"the sandbox zygote of this session died unexpectedly ({exc})") from None
         finally:
             theirs.close()
         return ours

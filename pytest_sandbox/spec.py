@@ -70,6 +70,8 @@ def _check_writable(value: object, where: str) -> tuple[str, ...]:
 
 
 def _check_env(value: object, where: str) -> tuple[tuple[str, str], ...]:
+    if isinstance(value, tuple) and all(isinstance(pair, tuple) and len(pair) == 2 for pair in value):
+        value = dict(value)  # already normalized (SandboxSpec.env)
     if not isinstance(value, Mapping):
         raise _bad(where, "env", value, "expected a mapping of NAME to string value")
     items = []

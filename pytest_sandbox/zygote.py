@@ -89,8 +89,10 @@ class _Sandbox:
 
     def __init__(self, spec: SandboxSpec, init_pid: int, test_pid: int, test: socket.socket) -> None:
         self.spec, self.init_pid, self.test_pid, self.test = spec, init_pid, test_pid, test
-        self.pidfd = os.pidfd_open(test_pid)
+        self.test_pidfd = os.pidfd_open(test_pid)
+        self.init_pidfd = os.pidfd_open(init_pid)
         self.to_pytest: socket.socket | None = None
+        self.exit: dict[str, Any] = {"type": "exit"}
 
     def start(self, nodeid: str, to_pytest: socket.socket) -> None:
         self.to_pytest = to_pytest
@@ -116,7 +118,7 @@ class _Factory:
         self.init_argv, self.init_fd = init.command()
         self.plans: dict[SandboxSpec, rootfs.RootPlan] = {}
         self.running: dict[int, _Sandbox] = {}  # by pidfd of the test process
-        self.inits: set[int] = set()            # pid 1s not yet reaped
+        self.ending: dict[int, _Sandbox] = {}   # test over, pid 1 tearing the namespace down; by its pidfd
 
     def prepare(self, spec: SandboxSpec) -> _Sandbox:
         """Start pid 1 in a new pid namespace and fork the test process into it; it builds itself."""
@@ -127,7 +129,6 @@ class _Factory:
         _linux.unshare(_linux.CLONE_NEWPID)
         try:
             init_pid = os.posix_spawn(self.init_argv[0], self.init_argv, {})
-            self.inits.add(init_pid)
             test_pid = os.fork()
             if test_pid == 0:
                 self.control.close()
@@ -138,50 +139,44 @@ class _Factory:
         test_end.close()
         return _Sandbox(spec, init_pid, test_pid, test)
 
-    def finished(self, sandbox: _Sandbox) -> None:
-        """The test process has ended: report how, then end its namespace."""
+    def test_ended(self, sandbox: _Sandbox) -> None:
+        """The test process has ended: note how, and end its namespace (pid 1 goes last)."""
         _, status = os.waitpid(sandbox.test_pid, 0)
-        os.close(sandbox.pidfd)
-        sandbox.kill()
-        message: dict[str, Any] = {"type": "exit"}
+        os.close(sandbox.test_pidfd)
         if os.WIFSIGNALED(status):
-            message["signal"] = os.WTERMSIG(status)
+            sandbox.exit["signal"] = os.WTERMSIG(status)
         else:
-            message["code"] = os.waitstatus_to_exitcode(status)
+            sandbox.exit["code"] = os.waitstatus_to_exitcode(status)
+        sandbox.kill()
+        self.ending[sandbox.init_pidfd] = sandbox
+
+    def namespace_ended(self, sandbox: _Sandbox) -> None:
+        """pid 1 is reapable only once every process of its namespace is gone: now tell pytest."""
+        os.waitpid(sandbox.init_pid, 0)
+        os.close(sandbox.init_pidfd)
         if sandbox.to_pytest is not None:
             try:
-                sync.send(sandbox.to_pytest, message)
+                sync.send(sandbox.to_pytest, sandbox.exit)
             except OSError:
                 pass
             sandbox.to_pytest.close()
 
     def cancel(self, sandbox: _Sandbox) -> None:
+        """Drop a sandbox that never ran a test."""
         sandbox.kill()
         sandbox.test.close()
         os.waitpid(sandbox.test_pid, 0)
-        os.close(sandbox.pidfd)
-
-    def reap_inits(self, block: bool) -> None:
-        for pid in list(self.inits):
-            try:
-                done, _ = os.waitpid(pid, 0 if block else os.WNOHANG)
-            except ChildProcessError:
-                done = pid
-            if done:
-                self.inits.discard(pid)
+        os.close(sandbox.test_pidfd)
+        self.ending[sandbox.init_pidfd] = sandbox
 
     def shutdown(self, ready: _Sandbox | None) -> None:
         if ready is not None:
             self.cancel(ready)
         for sandbox in list(self.running.values()):
             sandbox.kill()
-            self.finished(sandbox)
-        for pid in self.inits:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.reap_inits(block=True)
+            self.test_ended(sandbox)
+        for sandbox in list(self.ending.values()):
+            self.namespace_ended(sandbox)
 
 
 def _serve(control: socket.socket, items: dict[str, pytest.Item], stash_key: Any,
@@ -193,11 +188,12 @@ def _serve(control: socket.socket, items: dict[str, pytest.Item], stash_key: Any
     ready: _Sandbox | None = None
     sync.send(control, {"op": "ready"})
     while True:
-        readable, _, _ = select.select([control, *factory.running], [], [])
+        readable, _, _ = select.select([control, *factory.running, *factory.ending], [], [])
         for fd in readable:
             if fd in factory.running:
-                factory.finished(factory.running.pop(fd))
-        factory.reap_inits(block=False)
+                factory.test_ended(factory.running.pop(fd))
+            elif fd in factory.ending:
+                factory.namespace_ended(factory.ending.pop(fd))
         if control not in readable:
             continue
         message, fds = sync.recv(control)
@@ -211,7 +207,7 @@ def _serve(control: socket.socket, items: dict[str, pytest.Item], stash_key: Any
         try:
             if ready is None:
                 ready = factory.prepare(spec)
-            factory.running[ready.pidfd] = ready
+            factory.running[ready.test_pidfd] = ready
             ready.start(message["nodeid"], to_pytest)
         except OSError as exc:
             sync.send(to_pytest, {"type": "error", "phase": "fork", "message": str(exc)})

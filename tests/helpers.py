@@ -1,0 +1,33 @@
+"""Shared helpers for the tests."""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def processes_with(token: str) -> list[int]:
+    """Host pids whose command line or environment carries ``token``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        for name in ("cmdline", "environ"):
+            try:
+                with open(f"/proc/{entry}/{name}", "rb") as f:
+                    if token.encode() in f.read():
+                        found.append(int(entry))
+                        break
+            except OSError:
+                pass
+    return found
+
+
+def wait_gone(token: str, timeout: float = 5.0) -> list[int]:
+    """Pids still carrying the token after up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [pid for pid in processes_with(token) if pid != os.getpid()]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
