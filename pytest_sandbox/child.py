@@ -100,6 +100,7 @@ def test_process(zygote: socket.socket, items: dict[str, pytest.Item], spec: San
     error: dict[str, Any] | None = None
     try:
         _linux.set_process_name("sandbox-test")
+        os.setsid()  # out of pytest's process group: killpg(0) in a test must not reach the host
         enter_namespaces(spec, plan)
         os.chdir(cwd)
         os.environ.update(spec.env)

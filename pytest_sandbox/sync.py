@@ -2,8 +2,9 @@
 
 All channels are ``SOCK_SEQPACKET`` socketpairs: message boundaries survive, and
 stray bytes a test writes to an inherited fd cannot corrupt the stream. Each
-message is one pickled dict of plain data (tuples survive, unlike JSON); large ones are split into chunks whose first byte
-says whether more follow (``+``) or this is the last (``.``).
+message is one pickled dict of plain data (tuples survive, unlike JSON); large ones are split into chunks whose 4-byte header
+says whether more follow or this is the last. Anything else on the socket
+(a test writing to a stray fd) is dropped.
 
 ::
 
@@ -25,7 +26,8 @@ import socket
 from typing import Any
 
 CHUNK = 60 * 1024
-MORE, LAST = b"+", b"."
+MORE, LAST = b"\0sb+", b"\0sb."  # a test scribbling on an inherited fd cannot forge these by accident
+HEADER = len(MORE)
 
 
 def socketpair() -> tuple[socket.socket, socket.socket]:
@@ -52,7 +54,7 @@ def recv(sock: socket.socket, block: bool = True) -> tuple[dict[str, Any] | None
     fds: list[int] = []
     flags = 0 if block else socket.MSG_DONTWAIT
     while True:
-        data, ancdata, _flags, _addr = sock.recvmsg(CHUNK + 1, socket.CMSG_SPACE(16 * 4), flags)
+        data, ancdata, _flags, _addr = sock.recvmsg(CHUNK + HEADER, socket.CMSG_SPACE(16 * 4), flags)
         flags = 0  # the rest of a chunked message is already on its way
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -60,6 +62,13 @@ def recv(sock: socket.socket, block: bool = True) -> tuple[dict[str, Any] | None
                 fds.extend(array.array("i", payload[:usable]))
         if not data:
             return None, fds
-        parts.append(data[1:])
-        if data[:1] == LAST:
-            return pickle.loads(b"".join(parts)), fds  # noqa: S301 - our own processes
+        header = data[:HEADER]
+        if header not in (MORE, LAST):
+            parts.clear()  # junk, not ours
+            continue
+        parts.append(data[HEADER:])
+        if header == LAST:
+            try:
+                return pickle.loads(b"".join(parts)), fds  # noqa: S301 - our own processes
+            except Exception:  # noqa: BLE001 - forged or truncated: drop it like other junk
+                parts.clear()

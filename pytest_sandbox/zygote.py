@@ -128,7 +128,7 @@ class _Factory:
         test, test_end = sync.socketpair()
         _linux.unshare(_linux.CLONE_NEWPID)
         try:
-            init_pid = os.posix_spawn(self.init_argv[0], self.init_argv, {})
+            init_pid = os.posix_spawn(self.init_argv[0], self.init_argv, {}, setsid=True)
             test_pid = os.fork()
             if test_pid == 0:
                 self.control.close()

@@ -1,0 +1,56 @@
+"""The pytest-sandbox command and the doctor."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pytest_sandbox import probe
+
+
+def test_doctor_reports_this_host() -> None:
+    result = subprocess.run([sys.executable, "-m", "pytest_sandbox", "doctor"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("userns", "overlay", "netns", "pidns", "cgroup", "newuidmap"):
+        assert name in result.stdout
+    assert "sandboxes: available" in result.stdout
+
+
+def test_console_script_installed() -> None:
+    script = os.path.join(os.path.dirname(sys.executable), "pytest-sandbox")
+    result = subprocess.run([script, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "doctor" in result.stdout
+
+
+def test_blocker_explanations(monkeypatch: pytest.MonkeyPatch) -> None:
+    values = {"/proc/sys/user/max_user_namespaces": "0"}
+    monkeypatch.setattr(probe, "_read", lambda path: values.get(path))
+    reason, fix = probe._userns_blocker()
+    assert "max_user_namespaces is 0" in reason and "sysctl" in fix
+    values.clear()
+    values["/proc/sys/kernel/apparmor_restrict_unprivileged_userns"] = "1"
+    reason, fix = probe._userns_blocker()
+    assert "AppArmor" in reason and "apparmor_restrict_unprivileged_userns=0" in fix
+
+
+def test_unavailable_fails_or_skips_with_the_reason(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest("""
+        from pytest_sandbox import probe
+        probe.unavailable_reason = lambda: "user.max_user_namespaces is 0; fix: sudo sysctl -w x=1"
+    """)
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.container
+        def test_boxed():
+            pass
+    """)
+    failed = pytester.runpytest_subprocess()
+    failed.assert_outcomes(errors=1)
+    failed.stdout.fnmatch_lines(["*sandbox unavailable: user.max_user_namespaces is 0*"])
+    skipped = pytester.runpytest_subprocess("--sandbox-unavailable=skip", "-rs")
+    skipped.assert_outcomes(skipped=1)
+    skipped.stdout.fnmatch_lines(["*sandbox unavailable: user.max_user_namespaces is 0*"])

@@ -1,0 +1,164 @@
+"""Hostile tests: sandboxes that crash, kill, hang or outlive pytest leave nothing behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers import processes_with, wait_gone
+
+
+def test_pytest_killed_takes_its_sandboxes_along(pytester: pytest.Pytester, token: str) -> None:
+    pytester.makepyfile(f"""
+        import subprocess, sys, time, pytest
+
+        @pytest.mark.container
+        def test_hangs():
+            code = "import os, time\\nif os.fork(): os._exit(0)\\ntime.sleep(1000)"
+            subprocess.run([sys.executable, "-c", code, {token!r}])
+            print("RUNNING", flush=True)
+            time.sleep(1000)
+    """)
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-s", "-p", "no:cacheprovider"], cwd=pytester.path,
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "SANDBOX_TEST_TOKEN": token})
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 30
+    for line in proc.stdout:
+        if "RUNNING" in line or time.monotonic() > deadline:
+            break
+    assert len(processes_with(token)) >= 3  # pytest, zygote(s), the test and its daemon
+    proc.kill()
+    proc.wait()
+    assert wait_gone(token) == []
+
+
+def test_killpg_in_a_sandbox_cannot_reach_pytest(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import os, signal, pytest
+
+        @pytest.mark.container
+        def test_kill_my_group():
+            os.killpg(0, signal.SIGKILL)
+
+        @pytest.mark.container
+        def test_kill_everything_visible():
+            os.kill(-1, signal.SIGKILL)
+            os.kill(os.getppid(), signal.SIGKILL)
+
+        def test_pytest_still_alive():
+            pass
+    """)
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=1, failed=2)
+    result.stdout.fnmatch_lines(["*killed by SIGKILL*"])
+
+
+def test_closed_fds_and_garbage_output(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import os, pytest
+
+        @pytest.mark.container
+        def test_scribbles():
+            for fd in range(3, 64):
+                try:
+                    os.write(fd, b"garbage")
+                except OSError:
+                    pass
+            os.closerange(3, 1024)
+            assert False, "closed every fd"
+
+        @pytest.mark.container
+        def test_next():
+            pass
+    """)
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*sandbox crashed*"])
+
+
+def test_keyboard_interrupt_ends_everything(pytester: pytest.Pytester, token: str) -> None:
+    pytester.makepyfile(f"""
+        import subprocess, sys, time, pytest
+
+        @pytest.mark.container
+        def test_waits():
+            subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1000)", {token!r}])
+            print("RUNNING", flush=True)
+            time.sleep(1000)
+    """)
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-s", "-p", "no:cacheprovider"], cwd=pytester.path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "RUNNING" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=30)[0]
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, output
+    assert "KeyboardInterrupt" in output
+    assert wait_gone(token) == []
+
+
+def test_fork_storm_is_cleaned_up(pytester: pytest.Pytester, token: str) -> None:
+    pytester.makepyfile(f"""
+        import os, subprocess, sys, pytest
+
+        @pytest.mark.container
+        def test_many_children():
+            for _ in range(30):
+                subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1000)", {token!r}],
+                                 start_new_session=True)
+    """)
+    pytester.runpytest_subprocess().assert_outcomes(passed=1)
+    assert wait_gone(token, timeout=1) == []
+
+
+def test_session_end_leaves_no_process(pytester: pytest.Pytester, token: str) -> None:
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.container
+        def test_a():
+            pass
+    """)
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=1)
+    del result
+    me = os.getpid()
+    children = [p for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == me]
+    assert [p for p in children if "sandbox" in _comm(int(p))] == []
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return -1
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def test_host_mounts_untouched(pytester: pytest.Pytester) -> None:
+    with open("/proc/self/mountinfo") as f:
+        before = f.read()
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.container(writable=["/var/tmp"])
+        def test_a(tmp_path):
+            (tmp_path / "x").write_text("x")
+    """)
+    pytester.runpytest_subprocess().assert_outcomes(passed=1)
+    with open("/proc/self/mountinfo") as f:
+        assert f.read() == before

@@ -1,0 +1,65 @@
+"""The native pid 1: it must match its source and really reap orphans."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pytest_sandbox import init
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("gcc") is None,
+                    reason="host has no x86_64 gcc to assemble init_x86_64.S")
+def test_embedded_binary_matches_source() -> None:
+    source = os.path.join(os.path.dirname(init.__file__), "init_x86_64.S")
+    assert init.build_native(source) == init.embedded(), "run `python -m pytest_sandbox.init` to refresh"
+
+
+def _zombies_of(pid: int) -> list[str]:
+    states = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                states.append(fields[0])
+    return states
+
+
+def test_init_reaps_orphans() -> None:
+    """Run the init as a subreaper-free parent of short-lived children; none may stay a zombie."""
+    argv, fd = init.command()
+    # A tiny launcher: exec the init after forking three children that exit at once.
+    launcher = (
+        "import os, sys\n"
+        "for _ in range(3):\n"
+        "    if os.fork() == 0:\n"
+        "        os._exit(0)\n"
+        "os.execv(sys.argv[1], sys.argv[1:])\n"
+    )
+    pass_fds = (fd,) if fd is not None else ()
+    proc = subprocess.Popen([sys.executable, "-c", launcher, *argv], pass_fds=pass_fds)
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            states = _zombies_of(proc.pid)
+            if states and "Z" not in states:
+                break
+            if not states:
+                break
+        assert "Z" not in _zombies_of(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+        if fd is not None:
+            os.close(fd)

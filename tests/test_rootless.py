@@ -1,0 +1,50 @@
+"""The rootless path for real: run by the unprivileged CI lane (deselected as root, where it would prove nothing)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytestmark = pytest.mark.rootless
+
+
+def test_not_root() -> None:
+    assert os.getuid() != 0 and os.geteuid() != 0
+
+
+def test_sandbox_as_plain_user(pytester: pytest.Pytester) -> None:
+    uid = os.getuid()
+    pytester.makepyfile(f"""
+        import os, errno, pytest
+
+        @pytest.mark.container
+        def test_identity_and_permissions(tmp_path):
+            assert os.getuid() == {uid} != 0
+            assert os.getpid() == 2
+            ro = tmp_path / "ro.txt"
+            ro.write_text("x")
+            ro.chmod(0o444)
+            # no capabilities inside: a read-only file stays read-only, as outside
+            with pytest.raises(PermissionError):
+                open(ro, "w")
+            with pytest.raises(OSError) as info:
+                os.chown(ro, 0, 0)
+            assert info.value.errno in (errno.EPERM, errno.EINVAL)
+            with open("/proc/self/status") as f:
+                caps = dict(line.split(":\\t") for line in f.read().splitlines() if line.startswith("Cap"))
+            assert int(caps["CapEff"], 16) == 0
+    """)
+    pytester.runpytest_subprocess().assert_outcomes(passed=1)
+
+
+def test_root_only_paths_stay_closed(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.container
+        def test_shadow():
+            with pytest.raises(PermissionError):
+                open("/etc/shadow").read()
+    """)
+    pytester.runpytest_subprocess().assert_outcomes(passed=1)
