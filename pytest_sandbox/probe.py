@@ -70,9 +70,8 @@ def _try_in_child(steps: list[str]) -> dict[str, str]:
 
 
 def _overlay_step() -> None:
-    fs = _linux.fsopen("tmpfs")
-    scratch = _linux.fsmount(fs)
-    base = f"/proc/self/fd/{scratch}"
+    base = "/tmp"  # in the probe's own mount namespace
+    _linux.mount("probe", base, "tmpfs", 0, "mode=0700")
     for name in ("lower", "upper", "work"):
         os.mkdir(f"{base}/{name}")
     ofs = _linux.fsopen("overlay")

@@ -25,6 +25,7 @@ from . import _linux
 from .errors import SetupError
 
 FRESH_PLACES = ("/tmp", "/var/tmp", "/run")
+SCRATCH = "/dev/shm"  # in the /dev template; never a lower, covered by the sandbox's own /dev/shm
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 _TMPFS_FLAGS = _linux.MS_NOSUID | _linux.MS_NODEV
 
@@ -97,15 +98,6 @@ def _attach(fd: int, target: str, is_dir: bool = True) -> None:
     os.close(fd)
 
 
-def _detached_tmpfs() -> int:
-    fs = _linux.fsopen("tmpfs")
-    try:
-        _linux.fsconfig(fs, "mode", "0700")
-        return _linux.fsmount(fs, _linux.MOUNT_ATTR_NOSUID | _linux.MOUNT_ATTR_NODEV)
-    finally:
-        os.close(fs)
-
-
 def _detached_overlay(lower: str, scratch: str, index: int) -> int:
     upper, work = f"{scratch}/{index}/upper", f"{scratch}/{index}/work"
     os.makedirs(upper)
@@ -151,9 +143,11 @@ def _fresh_dev_mounts() -> None:
 def build(plan: RootPlan) -> None:
     """Mount the per-sandbox tree in the current (fresh) mount and pid namespace."""
     clone = _linux.OPEN_TREE_CLONE | _linux.OPEN_TREE_CLOEXEC | _linux.AT_RECURSIVE
-    # 1. Everything that refers to host paths is prepared detached, before any cover.
-    scratch_fd = _detached_tmpfs()
-    scratch = f"/proc/self/fd/{scratch_fd}"
+    # 1. Everything that refers to host paths is prepared detached, before any cover. Overlay
+    #    uppers live on a scratch tmpfs that must be attached in this namespace (Linux < 6.6
+    #    refuses a detached upper); /dev/shm is covered by the sandbox's own tmpfs later.
+    scratch = SCRATCH
+    _linux.mount("sandbox-upper", scratch, "tmpfs", _TMPFS_FLAGS, "mode=0700")
     overlay_fds = [(target, _detached_overlay(target, scratch, i)) for i, target in enumerate(plan.overlays)]
     visible_fds = [(path, os.path.isdir(path), _linux.open_tree(path, clone)) for path in plan.visible]
     # 2. Cover the scratch places.
@@ -165,5 +159,4 @@ def build(plan: RootPlan) -> None:
         _attach(fd, target)
     for path, is_dir, fd in visible_fds:
         _attach(fd, path, is_dir)
-    os.close(scratch_fd)
     _linux.mount("proc", "/proc", "proc", _linux.MS_NOSUID | _linux.MS_NODEV | _linux.MS_NOEXEC)

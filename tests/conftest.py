@@ -13,6 +13,7 @@ from pytest_sandbox import probe
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "rootless: needs a non-root user (the unprivileged CI lane runs these)")
+    config.addinivalue_line("markers", "guest: also run in the cgroup v2 guest lane (slow emulated VM: keep it few)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

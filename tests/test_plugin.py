@@ -93,6 +93,7 @@ def test_marked_tests_only_by_default(pytester: pytest.Pytester) -> None:
     pytester.runpytest_subprocess().assert_outcomes(passed=2)
 
 
+@pytest.mark.guest
 def test_writes_vanish(pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory,
                        monkeypatch: pytest.MonkeyPatch) -> None:
     home = tmp_path_factory.mktemp("home")
@@ -117,6 +118,29 @@ def test_writes_vanish(pytester: pytest.Pytester, tmp_path_factory: pytest.TempP
     result.assert_outcomes(passed=2)
     assert not (pytester.path / "in_rootdir.txt").exists()
     assert list(home.iterdir()) == []
+
+
+@pytest.mark.guest
+def test_delete_rename_in_overlay(pytester: pytest.Pytester) -> None:
+    (pytester.path / "data").mkdir()
+    (pytester.path / "data" / "keep.txt").write_text("k")
+    (pytester.path / "gone.txt").write_text("g")
+    pytester.makepyfile("""
+        import os, shutil, pytest
+
+        @pytest.mark.container
+        def test_change_tree():
+            os.remove("gone.txt")
+            assert not os.path.exists("gone.txt")
+            os.rename("data", "moved")
+            assert open("moved/keep.txt").read() == "k"
+            shutil.rmtree("moved")
+            os.mkdir("data")
+            assert os.listdir("data") == []
+    """)
+    pytester.runpytest_subprocess().assert_outcomes(passed=1)
+    assert (pytester.path / "gone.txt").read_text() == "g"
+    assert (pytester.path / "data" / "keep.txt").read_text() == "k"
 
 
 def test_host_view_is_read_only(pytester: pytest.Pytester) -> None:
@@ -177,6 +201,7 @@ def test_host_loopback_unreachable_by_default(pytester: pytest.Pytester, host_se
     pytester.runpytest_subprocess().assert_outcomes(passed=3)
 
 
+@pytest.mark.guest
 def test_pid_namespace(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(f"""
         import os, pytest
@@ -191,6 +216,7 @@ def test_pid_namespace(pytester: pytest.Pytester) -> None:
     pytester.runpytest_subprocess().assert_outcomes(passed=1)
 
 
+@pytest.mark.guest
 def test_background_process_gone_after_test(pytester: pytest.Pytester, no_leftovers: str,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     token = no_leftovers
@@ -256,6 +282,7 @@ def test_ini_defaults(pytester: pytest.Pytester) -> None:
     pytester.runpytest_subprocess().assert_outcomes(passed=1)
 
 
+@pytest.mark.guest
 def test_segfault_reported_and_session_continues(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("""
         import ctypes, pytest
