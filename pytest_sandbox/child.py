@@ -107,7 +107,7 @@ def test_process(zygote: socket.socket, items: dict[str, pytest.Item], spec: San
         if os.geteuid() != 0:
             userns.drop_capabilities()
         faulthandler.enable(file=crash_fd, all_threads=True)
-    except BaseException as exc:  # noqa: BLE001 - any failure becomes a setup error report
+    except BaseException as exc:
         phase = exc.phase if isinstance(exc, SetupError) else "namespaces"
         message = exc.message if isinstance(exc, SetupError) else f"{type(exc).__name__}: {exc}"
         error = {"type": "error", "phase": phase, "message": message}

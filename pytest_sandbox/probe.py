@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import os
 import shutil
+from collections.abc import Callable
 
 from . import _linux, userns
 
@@ -82,7 +83,7 @@ def _overlay_step() -> None:
     _linux.fsmount(ofs)
 
 
-_STEPS = {
+_STEPS: dict[str, Callable[[], None]] = {
     "userns": userns.enter_user_namespace,
     "mountns": lambda: _linux.unshare(_linux.CLONE_NEWNS),
     "host_view": lambda: _linux.mount_setattr(
@@ -157,8 +158,11 @@ def header_line() -> str:
 
 
 def doctor_text() -> str:
-    lines = [f"{'ok' if c.ok else 'NO':>3}  {c.name:<10} {c.detail}" + (f"\n     fix: {c.fix}" if c.fix and not c.ok else "")
-             for c in checks()]
+    lines = []
+    for check in checks():
+        lines.append(f"{'ok' if check.ok else 'NO':>3}  {check.name:<10} {check.detail}")
+        if check.fix and not check.ok:
+            lines.append(f"     fix: {check.fix}")
     reason = unavailable_reason()
     lines.append("")
     lines.append("sandboxes: available" if reason is None else f"sandboxes: UNAVAILABLE: {reason}")

@@ -8,7 +8,7 @@ import socket
 import sys
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -209,6 +209,7 @@ def _trim_crash_output(text: str) -> str:
 
 def _crash_reports(item: pytest.Item, outcome: Outcome, crash_output: str) -> Iterator[pytest.TestReport]:
     """Fill in the phases a dead sandbox never reported: the crash where it happened, then teardown."""
+    when: Literal["setup", "call", "teardown"]
     if "setup" not in outcome.whens:
         when = "setup"
     elif "call" not in outcome.whens and outcome.setup_passed:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import pytest
@@ -84,7 +84,7 @@ def _check_env(value: object, where: str) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(items))
 
 
-_CHECKS = {
+_CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "hostname": _check_hostname,
     "network": _check_network,
     "writable": _check_writable,
@@ -98,7 +98,8 @@ def validate(values: Mapping[str, Any], where: str) -> SandboxSpec:
         raise pytest.UsageError(
             f"{where}: unknown sandbox option(s) {', '.join(unknown)}; allowed: {', '.join(FIELDS)}"
         )
-    return SandboxSpec(**{key: _CHECKS[key](val, where) for key, val in values.items()})
+    checked: dict[str, Any] = {key: _CHECKS[key](val, where) for key, val in values.items()}
+    return SandboxSpec(**checked)
 
 
 def defaults_from_config(config: pytest.Config) -> dict[str, Any]:

@@ -1,21 +1,22 @@
 """Messages between pytest, the session zygote and each sandbox.
 
-All channels are ``SOCK_SEQPACKET`` socketpairs: message boundaries survive, and
-stray bytes a test writes to an inherited fd cannot corrupt the stream. Each
-message is one pickled dict of plain data (tuples survive, unlike JSON); large ones are split into chunks whose 4-byte header
-says whether more follow or this is the last. Anything else on the socket
-(a test writing to a stray fd) is dropped.
+All channels are ``SOCK_SEQPACKET`` socketpairs, so message boundaries survive.
+Each message is one pickled dict of plain data (tuples survive, unlike JSON);
+large ones are split into chunks whose 4-byte header says whether more follow.
+Anything else on a socket (a test writing to an inherited fd) is dropped.
 
 ::
 
-    pytest (parent)                 zygote (pid 1, session)          sandbox init (pid 1)    test
-      | --- run {nodeid} + [sock] ---> |                                   |                    |
-      |                                | -- fork (new pid ns) ------------> |                    |
-      |                                                                     | build root, fork ->|
-      | <------------------------------------------ report {data} ----------------------------- |
-      | <------------------------------------------ done -------------------------------------- |
-      | <------------------------- exit {code|signal} ----------------------|
-      | --- exit --------------------->|   (session end: kill and reap everything)
+    pytest                         zygote (pid 1 of the session)           test process (pid 2 of a sandbox)
+      |                              |-- spawn init, fork test (ahead) -->  |  builds namespaces + mounts, waits
+      |-- run {nodeid} + [sock] ---->|                                      |
+      |                              |-- {nodeid} + [sock] ---------------->|  runs the protocol
+      |<-------------------------------------------------- report {data} ---|  (setup, call, teardown)
+      |<-------------------------------------------------- warning {...} ---|
+      |<-------------------------------------------------- done ------------|  exits
+      |                              |  test exited: SIGKILL its init; once
+      |<-- exit {code|signal} -------|  init is reaped the namespace is empty
+      |-- exit --------------------->|  (end of session: kill and reap everything)
 """
 
 from __future__ import annotations
@@ -69,6 +70,6 @@ def recv(sock: socket.socket, block: bool = True) -> tuple[dict[str, Any] | None
         parts.append(data[HEADER:])
         if header == LAST:
             try:
-                return pickle.loads(b"".join(parts)), fds  # noqa: S301 - our own processes
-            except Exception:  # noqa: BLE001 - forged or truncated: drop it like other junk
+                return pickle.loads(b"".join(parts)), fds
+            except Exception:
                 parts.clear()

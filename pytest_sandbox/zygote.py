@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import select
 import os
+import select
 import signal
 import socket
 from typing import Any
@@ -61,14 +61,14 @@ def zygote_main(control: socket.socket, items: dict[str, pytest.Item], stash_key
         rootfs.build_dev_template()
         _linux.unshare(_linux.CLONE_NEWPID)
         pid = os.fork()
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:
         sync.send(control, {"op": "failed", "error": f"{type(exc).__name__}: {exc}"})
         os._exit(1)
     if pid == 0:
         try:
             _die_with_parent(0)
             _serve(control, items, stash_key, paths, crash_fd)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             try:
                 sync.send(control, {"op": "failed", "error": f"zygote: {type(exc).__name__}: {exc}"})
             except OSError:
@@ -188,13 +188,14 @@ def _serve(control: socket.socket, items: dict[str, pytest.Item], stash_key: Any
     ready: _Sandbox | None = None
     sync.send(control, {"op": "ready"})
     while True:
-        readable, _, _ = select.select([control, *factory.running, *factory.ending], [], [])
+        watched: list[int] = [control.fileno(), *factory.running, *factory.ending]
+        readable, _, _ = select.select(watched, [], [])
         for fd in readable:
             if fd in factory.running:
                 factory.test_ended(factory.running.pop(fd))
             elif fd in factory.ending:
                 factory.namespace_ended(factory.ending.pop(fd))
-        if control not in readable:
+        if control.fileno() not in readable:
             continue
         message, fds = sync.recv(control)
         if message is None or message.get("op") != "run":

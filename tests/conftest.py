@@ -5,7 +5,6 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-
 from helpers import processes_with
 
 from pytest_sandbox import probe

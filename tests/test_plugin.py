@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import textwrap
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
