@@ -59,7 +59,8 @@ def _try_in_child(steps: list[str]) -> dict[str, str]:
                     results.append(f"{step}=")
                 except OSError as exc:
                     results.append(f"{step}={exc.strerror or exc}")
-                    break
+                    if step not in OPTIONAL:
+                        break
             os.write(write_fd, "\n".join(results).encode())
         finally:
             os._exit(0)
@@ -83,12 +84,17 @@ def _overlay_step() -> None:
     _linux.fsmount(ofs)
 
 
+def _tmpfs_xattr_step() -> None:
+    os.setxattr("/tmp/upper", "user.sandbox-probe", b"1")  # the probe's tmpfs from the overlay step
+
+
 _STEPS: dict[str, Callable[[], None]] = {
     "userns": userns.enter_user_namespace,
     "mountns": lambda: _linux.unshare(_linux.CLONE_NEWNS),
     "host_view": lambda: _linux.mount_setattr(
         _linux.open_tree("/", _linux.OPEN_TREE_CLONE | _linux.AT_RECURSIVE), _linux.MOUNT_ATTR_RDONLY),
     "overlay": _overlay_step,
+    "tmpfs_xattr": _tmpfs_xattr_step,
     "netns": lambda: _linux.unshare(_linux.CLONE_NEWNET),
     "pidns": lambda: _linux.unshare(_linux.CLONE_NEWPID),
 }
@@ -115,11 +121,16 @@ def checks() -> tuple[Check, ...]:
     else:
         out.append(Check("userns", True, "unprivileged user namespaces work"))
     labels = {"mountns": "mount namespace", "host_view": "read-only host view (open_tree + mount_setattr)",
-              "overlay": "overlayfs with userxattr", "netns": "network namespace", "pidns": "pid namespace"}
+              "overlay": "overlayfs with userxattr",
+              "tmpfs_xattr": "user xattrs on tmpfs: host directories can be deleted in writable overlays",
+              "netns": "network namespace", "pidns": "pid namespace"}
     for step, label in labels.items():
         step_err = results.get(step)
         if step_err is None:
             out.append(Check(step, False, f"{label}: not tried (an earlier step failed)"))
+        elif step_err and step == "tmpfs_xattr":
+            out.append(Check(step, False, f"{label}: {step_err} (optional)", "needs Linux >= 6.6"))
+            continue
         elif step_err:
             fix = "needs Linux >= 5.12" if step in ("host_view", "overlay") else ""
             out.append(Check(step, False, f"{label}: {step_err}", fix))
@@ -133,7 +144,13 @@ def checks() -> tuple[Check, ...]:
     return tuple(out)
 
 
+OPTIONAL = ("tmpfs_xattr",)
 REQUIRED = ("userns", "mountns", "host_view", "overlay", "netns", "pidns")
+
+
+def has(name: str) -> bool:
+    """Whether the optional capability ``name`` (a doctor check) works here."""
+    return any(check.name == name and check.ok for check in checks())
 
 
 def unavailable_reason() -> str | None:
@@ -160,9 +177,9 @@ def header_line() -> str:
 def doctor_text() -> str:
     lines = []
     for check in checks():
-        lines.append(f"{'ok' if check.ok else 'NO':>3}  {check.name:<10} {check.detail}")
+        lines.append(f"{'ok' if check.ok else 'NO':>3}  {check.name:<12} {check.detail}")
         if check.fix and not check.ok:
-            lines.append(f"     fix: {check.fix}")
+            lines.append(f"      fix: {check.fix}")
     reason = unavailable_reason()
     lines.append("")
     lines.append("sandboxes: available" if reason is None else f"sandboxes: UNAVAILABLE: {reason}")

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from pytest_sandbox import probe
+
 OUTCOMES_SUITE = """
     import pytest
 
@@ -136,15 +138,31 @@ def test_delete_rename_in_overlay(pytester: pytest.Pytester) -> None:
             with pytest.raises(OSError) as info:
                 os.rename("data", "moved")
             assert info.value.errno == 18
+            os.rename("data/keep.txt", "data/renamed.txt")
+            assert open("data/renamed.txt").read() == "k"
+            os.remove("data/renamed.txt")
+            assert os.listdir("data") == []
+    """)
+    pytester.runpytest_subprocess().assert_outcomes(passed=1)
+    assert (pytester.path / "gone.txt").read_text() == "g"
+    assert (pytester.path / "data" / "keep.txt").read_text() == "k"
+
+
+@pytest.mark.skipif(not probe.has("tmpfs_xattr"), reason="host lacks user xattrs on tmpfs (Linux < 6.6)")
+def test_delete_host_directory_in_overlay(pytester: pytest.Pytester) -> None:
+    (pytester.path / "data").mkdir()
+    (pytester.path / "data" / "keep.txt").write_text("k")
+    pytester.makepyfile("""
+        import os, shutil, pytest
+
+        @pytest.mark.container
+        def test_remove_and_recreate():
             shutil.move("data", "moved")
-            assert open("moved/keep.txt").read() == "k"
-            os.rename("moved/keep.txt", "moved/renamed.txt")
             shutil.rmtree("moved")
             os.mkdir("data")
             assert os.listdir("data") == []
     """)
     pytester.runpytest_subprocess().assert_outcomes(passed=1)
-    assert (pytester.path / "gone.txt").read_text() == "g"
     assert (pytester.path / "data" / "keep.txt").read_text() == "k"
 
 
