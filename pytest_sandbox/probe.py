@@ -100,6 +100,30 @@ _STEPS: dict[str, Callable[[], None]] = {
 }
 
 
+def _own_cgroups() -> dict[str, str]:
+    """controller (or "" for the v2 hierarchy) -> this process's cgroup path."""
+    paths: dict[str, str] = {}
+    for line in (_read("/proc/self/cgroup") or "").splitlines():
+        _, controllers, path = line.split(":", 2)
+        for name in controllers.split(",") if controllers else [""]:
+            paths[name] = path
+    return paths
+
+
+def cgroup_delegation() -> str:
+    """Which controllers this user may manage (create child cgroups and move processes into them)."""
+    own = _own_cgroups()
+    if cgroup_mode() == "v2":
+        base = f"/sys/fs/cgroup{own.get('', '/')}"
+        if os.access(base, os.W_OK) and os.access(f"{base}/cgroup.procs", os.W_OK):
+            enabled = (_read(f"{base}/cgroup.controllers") or "").split()
+            return f"delegated ({' '.join(enabled) or 'no controllers'})"
+        return "not delegated"
+    writable = [name for name in ("memory", "cpu", "pids", "blkio")
+                if os.access(f"/sys/fs/cgroup/{name}{own.get(name, '/')}", os.W_OK)]
+    return f"writable: {' '.join(writable)}" if writable else "not delegated"
+
+
 def cgroup_mode() -> str:
     if _read("/sys/fs/cgroup/cgroup.controllers") is not None:
         return "v2"
@@ -136,7 +160,7 @@ def checks() -> tuple[Check, ...]:
             out.append(Check(step, False, f"{label}: {step_err}", fix))
         else:
             out.append(Check(step, True, label))
-    out.append(Check("cgroup", True, f"cgroup {cgroup_mode()}"))
+    out.append(Check("cgroup", True, f"cgroup {cgroup_mode()}, {cgroup_delegation()}"))
     newuidmap = shutil.which("newuidmap")
     out.append(Check("newuidmap", bool(newuidmap),
                      f"newuidmap at {newuidmap}" if newuidmap else "newuidmap not installed (single-id maps only)",
@@ -168,7 +192,7 @@ def header_line() -> str:
         if check.name in ("userns", "overlay", "netns"):
             parts.append(f"{check.name} {'ok' if check.ok else 'MISSING'}")
     mode = next(c.detail for c in checks() if c.name == "cgroup")
-    parts.append(mode.split(" (")[0])
+    parts.append(mode.split(" (")[0].split(",")[0] + ", " + cgroup_delegation())
     reason = unavailable_reason()
     status = "available" if reason is None else f"UNAVAILABLE: {reason}"
     return f"sandbox: {status} [{', '.join(parts)}]"
