@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from . import _linux, rootfs, sync, userns
+from . import _linux, cgroups, rootfs, sync, userns
 from .errors import SetupError
 from .spec import SandboxSpec
 
@@ -90,13 +90,20 @@ class ReportStreamer:
 
 
 def test_process(zygote: socket.socket, items: dict[str, pytest.Item], spec: SandboxSpec,
-                 plan: rootfs.RootPlan, cwd: str, crash_fd: int) -> None:
-    """Build the sandbox, wait for a test, run pytest's own runtest protocol on it; never returns."""
+                 plan: rootfs.RootPlan, cwd: str, crash_fd: int, wait_for_cgroup: bool,
+                 backend: cgroups.Backend) -> None:
+    """Build the sandbox, wait for a test, run pytest's own runtest protocol on it; never returns.
+
+    With ``wait_for_cgroup`` nothing happens until the zygote has moved this process
+    into the sandbox's cgroup, so every byte and cycle is accounted there.
+    """
     global ACTIVE_SPEC, _channel
     from _pytest.runner import runtestprotocol
     from _pytest.warnings import catch_warnings_for_item
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # until a test runs, ^C is pytest's business
+    if wait_for_cgroup and sync.recv(zygote)[0] is None:
+        os._exit(0)
     error: dict[str, Any] | None = None
     try:
         _linux.set_process_name("sandbox-test")
@@ -107,6 +114,7 @@ def test_process(zygote: socket.socket, items: dict[str, pytest.Item], spec: San
         if os.geteuid() != 0:
             userns.drop_capabilities()
         faulthandler.enable(file=crash_fd, all_threads=True)
+        backend.in_test_process(spec)
     except BaseException as exc:
         phase = exc.phase if isinstance(exc, SetupError) else "namespaces"
         message = exc.message if isinstance(exc, SetupError) else f"{type(exc).__name__}: {exc}"
@@ -124,8 +132,11 @@ def test_process(zygote: socket.socket, items: dict[str, pytest.Item], spec: San
     item = items[request["nodeid"]]
     try:
         # What pytest's warnings plugin does around each test; recorded warnings go to pytest.
+        if spec.timeout is not None:  # dump every thread's stack, then exit: pytest reports the timeout
+            faulthandler.dump_traceback_later(spec.timeout, exit=True, file=crash_fd)
         with catch_warnings_for_item(item.config, ihook=item.ihook, when="runtest", item=item):
             runtestprotocol(item, log=False, nextitem=None)
+        faulthandler.cancel_dump_traceback_later()
         sync.send(_channel, {"type": "done"})
     except pytest.exit.Exception as exc:
         sync.send(_channel, {"type": "exit-requested", "reason": exc.msg, "returncode": exc.returncode})

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from . import hookspecs, probe, runner
+from . import cgroups, hookspecs, probe, runner, summary, zygote
 from .errors import SandboxError
-from .spec import MARKER, SandboxSpec, defaults_from_config, spec_for_item
+from .spec import MARKER, SandboxSpec, defaults_from_config, parse_stress, spec_for_item
 
 SPEC_KEY = pytest.StashKey[SandboxSpec]()
 STATE_KEY = pytest.StashKey["SessionState"]()
 MODES = ("marked", "all", "off")
 UNAVAILABLE = ("fail", "skip")
+LIMIT_POLICIES = ("warn", "strict")
+REPEAT_PARAM = "sandbox_run"
 
 
 @dataclasses.dataclass
@@ -23,10 +26,22 @@ class SessionState:
     mode: str
     unavailable: str
     defaults: dict[str, Any]
+    backend: cgroups.Backend
+    limit_policy: str
+    stress: dict[str, Any]
+    repeat: int
+    durations: int | None
     zygote: runner.Zygote | None = None
+    cgroup_session: cgroups.Session | None = None
     # Bumped whenever the pytest process itself sets up or tears down fixtures; a zygote
     # forked before that has stale fixture state and is replaced.
     parent_epoch: int = 0
+    records: summary.Records = dataclasses.field(default_factory=summary.Records)
+
+    @property
+    def accounting(self) -> bool:
+        """Measure every sandbox (a cgroup each), not only those with limits."""
+        return self.durations is not None or self.repeat > 1
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -49,6 +64,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("sandbox_writable", "extra host directories sandboxes may write to (ephemerally)",
                   type="linelist", default=[])
     parser.addini("sandbox_env", "NAME=VALUE lines set in every sandbox", type="linelist", default=[])
+    for field, what in (("memory", "memory limit, e.g. 512M"), ("cpus", "CPU limit in CPUs, e.g. 0.5"),
+                        ("pids", "most processes and threads"), ("timeout", "seconds for each test")):
+        group.addoption(f"--sandbox-{field}", dest=f"sandbox_{field}", metavar="VALUE", default=None,
+                        help=f"default {what} of every sandbox")
+        parser.addini(f"sandbox_{field}", f"default {what} of every sandbox", default="")
+    group.addoption("--sandbox-cgroup", dest="sandbox_cgroup", metavar="PATH", default=None,
+                    help="cgroup (path below /sys/fs/cgroup, per hierarchy on v1) to create sandbox cgroups in")
+    parser.addini("sandbox_cgroup", "default for --sandbox-cgroup", default="")
+    group.addoption("--sandbox-cgroup-backend", dest="sandbox_cgroup_backend", metavar="KIND", default=None,
+                    help="how limits are enforced: auto (default), v2, v1 or rlimit")
+    parser.addini("sandbox_cgroup_backend", "default for --sandbox-cgroup-backend", default="auto")
+    group.addoption("--sandbox-limits", dest="sandbox_limits", metavar="POLICY", default=None,
+                    help="a limit this host cannot enforce: warn (default) or strict (an error)")
+    parser.addini("sandbox_limits", "default for --sandbox-limits: warn or strict", default="warn")
+    group.addoption("--sandbox-durations", dest="sandbox_durations", metavar="N", type=int, default=None,
+                    help="show the N sandboxed tests that used the most memory and CPU (0: all)")
+    group.addoption("--sandbox-repeat", dest="sandbox_repeat", metavar="N", type=int, default=1,
+                    help="run each selected test N times, each in a fresh sandbox, and tabulate failures")
+    group.addoption("--sandbox-stress", dest="sandbox_stress", metavar="LIMITS", default=None,
+                    help="limits that override all others, e.g. cpus=0.2,memory=128M (to shake out flaky tests)")
 
 
 def _choice(config: pytest.Config, option: str, ini: str, allowed: tuple[str, ...]) -> str:
@@ -65,28 +100,59 @@ def _choice(config: pytest.Config, option: str, ini: str, allowed: tuple[str, ..
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        f"{MARKER}(hostname=, network=, writable=, env=): run this test and its fixtures in a rootless "
-        "sandbox (pytest-sandbox)",
+        f"{MARKER}(hostname=, network=, writable=, env=, memory=, cpus=, pids=, io=, timeout=): run this "
+        "test and its fixtures in a rootless sandbox (pytest-sandbox)",
     )
+    mode = _choice(config, "sandbox_mode", "sandbox", MODES)
+    kind = _choice(config, "sandbox_cgroup_backend", "sandbox_cgroup_backend", cgroups.BACKENDS)
+    override = config.getoption("sandbox_cgroup") or config.getini("sandbox_cgroup") or None
+    repeat = config.getoption("sandbox_repeat")
+    if repeat < 1:
+        raise pytest.UsageError(f"--sandbox-repeat: invalid value {repeat}; expected a number of runs, at least 1")
+    durations = config.getoption("sandbox_durations")
+    if durations is not None and durations < 0:
+        raise pytest.UsageError(f"--sandbox-durations: invalid value {durations}; expected 0 (all) or more")
+    try:
+        backend = cgroups.choose(kind, override, str(config.rootpath)) if mode != "off" else cgroups.Rlimits("off")
+    except cgroups.CgroupUnavailable as exc:
+        raise pytest.UsageError(f"--sandbox-cgroup-backend={kind}: not usable here: {exc}") from None
     config.stash[STATE_KEY] = SessionState(
-        mode=_choice(config, "sandbox_mode", "sandbox", MODES),
+        mode=mode,
         unavailable=_choice(config, "sandbox_unavailable", "sandbox_unavailable", UNAVAILABLE),
         defaults=defaults_from_config(config),
+        backend=backend,
+        limit_policy=_choice(config, "sandbox_limits", "sandbox_limits", LIMIT_POLICIES),
+        stress=parse_stress(config.getoption("sandbox_stress")),
+        repeat=repeat,
+        durations=durations,
     )
+    if durations is not None or repeat > 1:
+        config.pluginmanager.register(_Recorder(config.stash[STATE_KEY].records), "sandbox-recorder")
 
 
-def pytest_report_header(config: pytest.Config) -> str | None:
-    if config.stash[STATE_KEY].mode == "off":
-        return "sandbox: off"
-    return probe.header_line()
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    state = config.stash[STATE_KEY]
+    if state.mode == "off":
+        return ["sandbox: off"]
+    return [probe.header_line(), f"sandbox limits: {state.backend.describe()}"]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """--sandbox-repeat=N: N copies of each test, told apart by a run-k-of-N id."""
+    runs = metafunc.config.stash[STATE_KEY].repeat
+    if runs > 1:
+        metafunc.fixturenames.append(REPEAT_PARAM)
+        metafunc.parametrize(REPEAT_PARAM, range(1, runs + 1), ids=[f"run{k}-of-{runs}" for k in range(1, runs + 1)])
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     """Build and validate every item's spec now, so bad input stops the run before any test."""
     state = config.stash[STATE_KEY]
+    unenforced: dict[str, list[str]] = {}
     for item in items:
-        spec = spec_for_item(item, state.defaults, sandbox_all=state.mode == "all")
+        sandbox_all = state.mode == "all" or state.repeat > 1 or bool(state.stress)
+        spec = spec_for_item(item, state.defaults, sandbox_all=sandbox_all, overrides=state.stress)
         if spec is None:
             continue
         changed = item.ihook.pytest_sandbox_spec(item=item, spec=spec)
@@ -95,6 +161,20 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
                 raise pytest.UsageError(f"{item.nodeid}: pytest_sandbox_spec returned {changed!r}, not a SandboxSpec")
             spec = changed
         item.stash[SPEC_KEY] = spec
+        for limit in spec.limits:
+            if limit not in state.backend.enforced:
+                unenforced.setdefault(limit, []).append(item.nodeid)
+    if unenforced and state.mode != "off":
+        _unenforceable(state, unenforced)
+
+
+def _unenforceable(state: SessionState, unenforced: dict[str, list[str]]) -> None:
+    """A limit this host cannot enforce: an error with sandbox_limits=strict, else one warning."""
+    parts = [f"{limit} (e.g. {nodeids[0]})" for limit, nodeids in sorted(unenforced.items())]
+    message = f"{state.backend.describe()} cannot enforce {', '.join(parts)}"
+    if state.limit_policy == "strict":
+        raise pytest.UsageError(f"{message}; sandbox_limits=strict makes this an error")
+    warnings.warn(pytest.PytestWarning(f"pytest-sandbox: {message}; these limits are ignored"), stacklevel=1)
 
 
 def _skip_or_fail(item: pytest.Item, reason: str, skip: bool) -> list[pytest.TestReport]:
@@ -119,7 +199,13 @@ def _zygote(item: pytest.Item, state: SessionState) -> runner.Zygote:
         basetemp = str(factory.getbasetemp()) if factory is not None else None
         items = {i.nodeid: i for i in session.items} | {item.nodeid: item}
         paths = runner.session_paths(item.config, basetemp)
-        zyg = state.zygote = runner.Zygote(items, SPEC_KEY, paths, state.parent_epoch)
+        if state.cgroup_session is None and isinstance(state.backend, cgroups._CgroupBackend):
+            try:
+                state.cgroup_session = state.backend.open_session()
+            except OSError as exc:
+                raise SandboxError(f"cannot create the session cgroup: {exc}") from None
+        zyg = state.zygote = runner.Zygote(items, SPEC_KEY, paths, state.parent_epoch,
+                                           zygote.Limits(state.backend, state.cgroup_session, state.accounting))
     return zyg
 
 
@@ -160,7 +246,7 @@ def _run(item: pytest.Item, spec: SandboxSpec, state: SessionState) -> Iterator[
         return
     reports = []
     try:
-        for report in runner.run_in_sandbox(item, zyg):
+        for report in runner.run_in_sandbox(item, zyg, spec):
             reports.append(report)
             yield report
     except SandboxError as exc:
@@ -189,9 +275,34 @@ def _teardown_parent_fixtures(item: pytest.Item, nextitem: pytest.Item | None, s
         item.ihook.pytest_runtest_logreport(report=pytest.TestReport.from_item_and_call(item, call))
 
 
+class _Recorder:
+    """Collects outcomes and usage from every report (also on the xdist controller)."""
+
+    def __init__(self, records: summary.Records) -> None:
+        self.records = records
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.records.add(report)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    state = config.stash.get(STATE_KEY, None)
+    if state is None:
+        return
+    if state.durations is not None:
+        summary.write_durations(terminalreporter, state.records, state.durations)
+    if state.repeat > 1:
+        summary.write_repeats(terminalreporter, state.records, state.repeat)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     state = config.stash.get(STATE_KEY, None)
-    if state is not None and state.zygote is not None:
+    if state is None:
+        return
+    if state.zygote is not None:
         state.zygote.close()
         state.zygote = None
+    if state.cgroup_session is not None:
+        state.cgroup_session.close()
+        state.cgroup_session = None
 from .fixtures import sandbox  # noqa: E402,F401  (registered through the plugin module)

@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -21,8 +22,9 @@ class Zygote:
     """Handle on the session's zygote process (see zygote.py)."""
 
     def __init__(self, items: dict[str, pytest.Item], stash_key: Any, paths: zygote.SessionPaths,
-                 epoch: int) -> None:
+                 epoch: int, limits: zygote.Limits) -> None:
         self.epoch = epoch
+        self.limits = limits
         self.finishing: list[socket.socket] = []  # finished sandboxes whose exit is not yet collected
         self.nodeids = frozenset(items)
         self.crash_fd = os.memfd_create("sandbox-faulthandler", os.MFD_CLOEXEC)
@@ -34,7 +36,7 @@ class Zygote:
             self.pid = os.fork()
         if self.pid == 0:
             self.control.close()
-            zygote.zygote_main(theirs, items, stash_key, paths, self.crash_fd, parent)
+            zygote.zygote_main(theirs, items, stash_key, paths, self.crash_fd, parent, limits)
         theirs.close()
         message, _ = sync.recv(self.control)
         if message is None or message.get("op") != "ready":
@@ -54,6 +56,13 @@ class Zygote:
         finally:
             theirs.close()
         return ours
+
+    def kill(self, nodeid: str) -> None:
+        """End the sandbox running ``nodeid`` now (its exit message follows as usual)."""
+        try:
+            sync.send(self.control, {"op": "kill", "nodeid": nodeid})
+        except OSError:
+            pass
 
     def collect_exits(self, block: bool) -> None:
         """Collect the exit messages of finished sandboxes.
@@ -115,39 +124,89 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
+GRACE = 5.0  # seconds past a timeout before pytest kills a sandbox whose own watchdog did not fire
+
+
+def _mib(value: float) -> str:
+    return f"{value / 2**20:.1f} MiB"
+
+
 class Outcome:
     """What one sandbox sent back."""
 
-    def __init__(self) -> None:
+    def __init__(self, spec: SandboxSpec) -> None:
+        self.spec = spec
         self.whens: set[str] = set()
         self.setup_passed = False
         self.exit: dict[str, Any] | None = None
         self.setup_error: dict[str, Any] | None = None
         self.stop: dict[str, Any] | None = None
+        self.killed_after_timeout = False
 
-    def crash_text(self) -> str:
+    @property
+    def usage(self) -> dict[str, Any]:
+        """Measured by the sandbox's cgroup, else from the test process's rusage."""
+        exit = self.exit or {}
+        return dict(exit.get("usage") or exit.get("rusage") or {})
+
+    def crash_text(self, crash_output: str) -> str:
         if self.setup_error:
             return f"sandbox setup failed in phase {self.setup_error['phase']!r}: {self.setup_error['message']}"
+        if self.killed_after_timeout or crash_output.startswith("Timeout ("):
+            return f"timeout after {self.spec.timeout:g} s: the whole sandbox was killed"
         if self.exit is None:
             return "sandbox crashed: its init process vanished without reporting the test's status"
+        usage = self.usage
         if "signal" in self.exit:
             name = _signal_name(self.exit["signal"])
+            if name == "SIGKILL" and usage.get("oom_kills"):
+                peak = f", peak {_mib(usage['memory_peak'])}" if usage.get("memory_peak") else ""
+                return f"killed by the OOM killer: memory limit {_mib(self.spec.memory or 0)}{peak}"
             if name == "SIGKILL":
                 return "sandbox crashed: killed by SIGKILL"
             return f"sandbox crashed: {name}"
         return f"sandbox crashed: the test process exited with status {self.exit.get('code')}"
 
+    def limit_notes(self) -> str:
+        """Limits the sandbox ran into, for the report of a failed test."""
+        usage, notes = self.usage, []
+        if usage.get("oom_kills"):
+            notes.append(f"the OOM killer ended {usage['oom_kills']} process(es) at the memory limit "
+                         f"{_mib(self.spec.memory or 0)}")
+        if usage.get("pids_limit_hits"):
+            notes.append(f"the pids limit {self.spec.pids} refused {usage['pids_limit_hits']} fork(s)")
+        return "\n".join(notes)
 
-def run_in_sandbox(item: pytest.Item, zyg: Zygote) -> Iterator[pytest.TestReport]:
-    """Run the item's whole runtest protocol in a new sandbox, yielding reports as they arrive."""
+
+def _properties(usage: dict[str, Any]) -> list[tuple[str, object]]:
+    return [(f"sandbox_{name}", value) for name, value in usage.items() if value is not None]
+
+
+def run_in_sandbox(item: pytest.Item, zyg: Zygote, spec: SandboxSpec) -> Iterator[pytest.TestReport]:
+    """Run the item's whole runtest protocol in a new sandbox, yielding reports as they arrive.
+
+    With limits or accounting the reports wait for the sandbox's end, so they can
+    carry what it used and the limits it hit.
+    """
     config = item.config
     zyg.reset_crash_output()
-    outcome = Outcome()
+    outcome = Outcome(spec)
+    hold = bool(spec.limits) or zyg.limits.accounting
+    held: list[pytest.TestReport] = []
     sock = zyg.start(item.nodeid)
+    deadline = time.monotonic() + spec.timeout + GRACE if spec.timeout is not None else None
     finished = False
     try:
         while True:
-            message, _ = sync.recv(sock)
+            if deadline is not None:
+                sock.settimeout(max(0.0, deadline - time.monotonic()))
+            try:
+                message, _ = sync.recv(sock)
+            except TimeoutError:
+                zyg.kill(item.nodeid)
+                outcome.killed_after_timeout, deadline = True, None
+                sock.settimeout(None)
+                continue
             if message is None:
                 break
             kind = message["type"]
@@ -156,10 +215,13 @@ def run_in_sandbox(item: pytest.Item, zyg: Zygote) -> Iterator[pytest.TestReport
                 outcome.whens.add(report.when)
                 if report.when == "setup" and report.passed:
                     outcome.setup_passed = True
-                yield report
+                if hold:
+                    held.append(report)
+                else:
+                    yield report
             elif kind == "warning":
                 _record_warning(item, message)
-            elif kind == "done":
+            elif kind == "done" and not hold:
                 finished = True
                 break
             elif kind == "error":
@@ -179,7 +241,14 @@ def run_in_sandbox(item: pytest.Item, zyg: Zygote) -> Iterator[pytest.TestReport
             raise KeyboardInterrupt
         pytest.exit(outcome.stop["reason"], outcome.stop["returncode"])
     if "teardown" not in outcome.whens:  # skipped/xfailed tests have no call report; all have teardown
-        yield from _crash_reports(item, outcome, zyg.read_crash_output())
+        held.extend(_crash_reports(item, outcome, zyg.read_crash_output()))
+    if held:
+        notes = outcome.limit_notes()
+        for report in held:
+            if notes and report.failed:
+                report.sections.append(("sandbox limits", notes))
+        held[-1].user_properties = [*held[-1].user_properties, *_properties(outcome.usage)]
+    yield from held
 
 
 def _warning_category(module: str, qualname: str) -> type[Warning]:
@@ -216,7 +285,7 @@ def _crash_reports(item: pytest.Item, outcome: Outcome, crash_output: str) -> It
         when = "call"
     else:
         when = "teardown"
-    text = outcome.crash_text()
+    text = outcome.crash_text(crash_output)
     if crash_output.strip():
         text += "\n\n" + _trim_crash_output(crash_output)
     report = pytest.TestReport.from_item_and_call(item, pytest.CallInfo.from_call(lambda: None, when))

@@ -29,6 +29,17 @@ class SandboxSpec:
     network: str = "none"
     writable: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
+    memory: int | None = None        # bytes
+    cpus: float | None = None        # share of one CPU's time: 0.5 = half a core
+    pids: int | None = None          # most processes and threads at once
+    io: tuple[tuple[str, int], ...] = ()  # (read_bps|write_bps|read_iops|write_iops, value)
+    timeout: float | None = None     # seconds for the whole runtest protocol
+
+    @property
+    def limits(self) -> tuple[str, ...]:
+        """Names of the resource limits this spec sets."""
+        names = [name for name in ("memory", "cpus", "pids", "timeout") if getattr(self, name) is not None]
+        return tuple(names + (["io"] if self.io else []))
 
     def replace(self, **changes: Any) -> SandboxSpec:
         """A copy with some fields changed and validated again (for ``pytest_sandbox_spec`` hooks)."""
@@ -84,12 +95,93 @@ def _check_env(value: object, where: str) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(items))
 
 
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+IO_KEYS = ("read_bps", "write_bps", "read_iops", "write_iops")
+
+
+def parse_size(value: object) -> int | None:
+    """'256M', '1.5G', '512KiB', 1048576 -> bytes; None if it is not a size."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    match = _SIZE_RE.match(value) if isinstance(value, str) else None
+    if not match:
+        return None
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def _check_memory(value: object, where: str) -> int:
+    size = parse_size(value)
+    if size is None or size < 1024 * 1024:
+        raise _bad(where, "memory", value, "expected a size of at least 1M, like '256M', '1G' or a number of bytes")
+    return size
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _check_cpus(value: object, where: str) -> float:
+    number = _number(value)
+    if number is None or not number > 0 or number > 1024:
+        raise _bad(where, "cpus", value, "expected a number of CPUs greater than 0, like 0.5 or 2")
+    return number
+
+
+def _check_pids(value: object, where: str) -> int:
+    number = _number(value)
+    if number is None or number != int(number) or number < 1:
+        raise _bad(where, "pids", value, "expected a whole number of processes, at least 1")
+    return int(number)
+
+
+def _check_timeout(value: object, where: str) -> float:
+    number = _number(value)
+    if number is None or not number > 0:
+        raise _bad(where, "timeout", value, "expected a number of seconds greater than 0")
+    return number
+
+
+def _check_io(value: object, where: str) -> tuple[tuple[str, int], ...]:
+    if isinstance(value, tuple) and all(isinstance(pair, tuple) and len(pair) == 2 for pair in value):
+        value = dict(value)  # already normalized (SandboxSpec.io)
+    if not isinstance(value, Mapping):
+        raise _bad(where, "io", value, f"expected a mapping with keys {', '.join(IO_KEYS)}")
+    items = []
+    for key, raw in value.items():
+        if key not in IO_KEYS:
+            raise _bad(where, "io", key, f"unknown io key; allowed: {', '.join(IO_KEYS)}")
+        amount = parse_size(raw) if key.endswith("bps") else _number(raw)
+        if amount is None or amount < 1 or amount != int(amount):
+            kind = "a size like '10M'" if key.endswith("bps") else "a whole number of operations per second"
+            raise _bad(where, "io", {key: raw}, f"expected {kind}, at least 1")
+        items.append((key, int(amount)))
+    return tuple(sorted(items))
+
+
 _CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "hostname": _check_hostname,
     "network": _check_network,
     "writable": _check_writable,
     "env": _check_env,
+    "memory": _check_memory,
+    "cpus": _check_cpus,
+    "pids": _check_pids,
+    "io": _check_io,
+    "timeout": _check_timeout,
 }
+LIMIT_FIELDS = ("memory", "cpus", "pids", "timeout")  # also settable by option, ini and --sandbox-stress
 
 
 def validate(values: Mapping[str, Any], where: str) -> SandboxSpec:
@@ -124,7 +216,30 @@ def defaults_from_config(config: pytest.Config) -> dict[str, Any]:
                 raise _bad("ini sandbox_env", "env", line, "each line must be NAME=VALUE")
             env[name.strip()] = val
         values["env"] = _check_env(env, "ini sandbox_env")
+    for field in LIMIT_FIELDS:
+        cli = config.getoption(f"sandbox_{field}")
+        ini = config.getini(f"sandbox_{field}")
+        if cli is not None:
+            values[field] = _CHECKS[field](cli, f"--sandbox-{field}")
+        elif ini:
+            values[field] = _CHECKS[field](ini, f"ini sandbox_{field}")
     validate(values, "ini")
+    return values
+
+
+def parse_stress(text: str | None) -> dict[str, Any]:
+    """``--sandbox-stress=cpus=0.2,memory=128M``: limits that override every other source."""
+    if not text:
+        return {}
+    values: dict[str, Any] = {}
+    for part in text.split(","):
+        name, sep, raw = part.partition("=")
+        name = name.strip()
+        if not sep or name not in LIMIT_FIELDS:
+            raise pytest.UsageError(
+                f"--sandbox-stress: invalid {part!r}; expected NAME=VALUE with NAME one of {', '.join(LIMIT_FIELDS)}"
+            )
+        values[name] = _CHECKS[name](raw.strip(), "--sandbox-stress")
     return values
 
 
@@ -143,8 +258,9 @@ def marker_values(item: pytest.Item) -> dict[str, Any] | None:
     return merged
 
 
-def spec_for_item(item: pytest.Item, defaults: Mapping[str, Any], sandbox_all: bool) -> SandboxSpec | None:
-    """The item's spec, or None when it runs unsandboxed."""
+def spec_for_item(item: pytest.Item, defaults: Mapping[str, Any], sandbox_all: bool,
+                  overrides: Mapping[str, Any] | None = None) -> SandboxSpec | None:
+    """The item's spec, or None when it runs unsandboxed. ``overrides`` beat the markers (stress runs)."""
     marked = marker_values(item)
     if marked is None and not sandbox_all:
         return None
@@ -157,4 +273,5 @@ def spec_for_item(item: pytest.Item, defaults: Mapping[str, Any], sandbox_all: b
                 f"{where}: unknown keyword(s) {', '.join(unknown)}; allowed: {', '.join(FIELDS)}"
             )
         values.update({key: _CHECKS[key](val, where) for key, val in marked.items()})
+    values.update(overrides or {})
     return validate(values, item.nodeid)

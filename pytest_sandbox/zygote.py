@@ -3,8 +3,9 @@
 One process per pytest process that already sits in the user namespace, with a
 private mount namespace whose root is the read-only host view, as pid 1 of its
 own pid namespace. Each sandbox is one fork of it into a new pid namespace, so
-the expensive setup happens once. If pytest dies, the zygote gets SIGKILL
-(parent-death signal) and, being pid 1, takes every sandbox with it.
+the expensive setup happens once. If pytest dies, the zygote-parent gets
+SIGTERM (parent-death signal), kills the zygote, which being pid 1 takes every
+sandbox with it, and removes the session's cgroups.
 
 Process tree::
 
@@ -29,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from . import _linux, child, init, rootfs, sync, userns
+from . import _linux, cgroups, child, init, rootfs, sync, userns
 from .spec import SandboxSpec
 
 
@@ -42,18 +43,31 @@ class SessionPaths:
     needed: tuple[str, ...]    # must stay visible: interpreter, sys.path, ...
 
 
-def _die_with_parent(parent: int) -> None:
-    """SIGKILL when the parent goes; ``parent`` is its pid as this process sees it (0: outside our pid ns)."""
-    _linux.prctl(_linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+@dataclasses.dataclass
+class Limits:
+    """How limits are enforced in this session; ``accounting`` measures sandboxes without limits too."""
+
+    backend: cgroups.Backend
+    session: cgroups.Session | None
+    accounting: bool
+
+    def wants_group(self, spec: SandboxSpec) -> bool:
+        return self.session is not None and (self.accounting or bool(set(spec.limits) - {"timeout"}))
+
+
+def _die_with_parent(parent: int, sig: int = signal.SIGKILL) -> None:
+    """``sig`` when the parent goes; ``parent`` is its pid as this process sees it (0: outside our pid ns)."""
+    _linux.prctl(_linux.PR_SET_PDEATHSIG, sig)
     if os.getppid() != parent:
         os._exit(1)  # the parent died before the signal was armed
 
 
 def zygote_main(control: socket.socket, items: dict[str, pytest.Item], stash_key: Any,
-                paths: SessionPaths, crash_fd: int, pytest_pid: int) -> None:
+                paths: SessionPaths, crash_fd: int, pytest_pid: int, limits: Limits) -> None:
     """Entry point of the forked zygote-parent; never returns."""
     try:
-        _die_with_parent(pytest_pid)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _die_with_parent(pytest_pid, signal.SIGTERM)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         _linux.set_process_name("sandbox-zygote")
         userns.enter_user_namespace()
@@ -66,8 +80,9 @@ def zygote_main(control: socket.socket, items: dict[str, pytest.Item], stash_key
         os._exit(1)
     if pid == 0:
         try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             _die_with_parent(0)
-            _serve(control, items, stash_key, paths, crash_fd)
+            _serve(control, items, stash_key, paths, crash_fd, limits)
         except BaseException as exc:
             try:
                 sync.send(control, {"op": "failed", "error": f"zygote: {type(exc).__name__}: {exc}"})
@@ -76,6 +91,18 @@ def zygote_main(control: socket.socket, items: dict[str, pytest.Item], stash_key
         finally:
             os._exit(0)
     control.close()
+
+    def pytest_died(signum: int, frame: object) -> None:
+        """pytest is gone: end every sandbox, then remove the cgroups it made."""
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        if limits.session is not None:
+            limits.session.close()
+        os._exit(1)
+
+    signal.signal(signal.SIGTERM, pytest_died)
+    if os.getppid() != pytest_pid:
+        pytest_died(signal.SIGTERM, None)
     while True:
         try:
             _, status = os.waitpid(pid, 0)
@@ -87,14 +114,17 @@ def zygote_main(control: socket.socket, items: dict[str, pytest.Item], stash_key
 class _Sandbox:
     """One sandbox: its pid 1 and its test process, both children of the zygote."""
 
-    def __init__(self, spec: SandboxSpec, init_pid: int, test_pid: int, test: socket.socket) -> None:
-        self.spec, self.init_pid, self.test_pid, self.test = spec, init_pid, test_pid, test
+    def __init__(self, spec: SandboxSpec, init_pid: int, test_pid: int, test: socket.socket,
+                 group: cgroups.Group | None) -> None:
+        self.spec, self.init_pid, self.test_pid, self.test, self.group = spec, init_pid, test_pid, test, group
         self.test_pidfd = os.pidfd_open(test_pid)
         self.init_pidfd = os.pidfd_open(init_pid)
         self.to_pytest: socket.socket | None = None
+        self.nodeid = ""
         self.exit: dict[str, Any] = {"type": "exit"}
 
     def start(self, nodeid: str, to_pytest: socket.socket) -> None:
+        self.nodeid = nodeid
         self.to_pytest = to_pytest
         sync.send(self.test, {"nodeid": nodeid}, fds=(to_pytest.fileno(),))
         self.test.close()
@@ -109,11 +139,12 @@ class _Sandbox:
 
 class _Factory:
     def __init__(self, control: socket.socket, items: dict[str, pytest.Item], paths: SessionPaths,
-                 crash_fd: int) -> None:
+                 crash_fd: int, limits: Limits) -> None:
         self.control = control
         self.items = items
         self.paths = paths
         self.crash_fd = crash_fd
+        self.limits = limits
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.init_argv, self.init_fd = init.command()
         self.plans: dict[SandboxSpec, rootfs.RootPlan] = {}
@@ -121,10 +152,15 @@ class _Factory:
         self.ending: dict[int, _Sandbox] = {}   # test over, pid 1 tearing the namespace down; by its pidfd
 
     def prepare(self, spec: SandboxSpec) -> _Sandbox:
-        """Start pid 1 in a new pid namespace and fork the test process into it; it builds itself."""
+        """Start pid 1 in a new pid namespace and fork the test process into it; it builds itself.
+
+        With a cgroup, both are moved into it before the test process may go on.
+        """
         plan = self.plans.get(spec)
         if plan is None:
             plan = self.plans[spec] = rootfs.make_plan(self.paths.writable + spec.writable, self.paths.needed)
+        session = self.limits.session
+        group = session.create(spec) if session is not None and self.limits.wants_group(spec) else None
         test, test_end = sync.socketpair()
         _linux.unshare(_linux.CLONE_NEWPID)
         try:
@@ -133,20 +169,32 @@ class _Factory:
             if test_pid == 0:
                 self.control.close()
                 test.close()
-                child.test_process(test_end, self.items, spec, plan, self.paths.cwd, self.crash_fd)
+                child.test_process(test_end, self.items, spec, plan, self.paths.cwd, self.crash_fd,
+                                   wait_for_cgroup=group is not None, backend=self.limits.backend)
         finally:
             _linux.setns(self.own_pidns, _linux.CLONE_NEWPID)  # the next sandbox gets a namespace of its own
         test_end.close()
-        return _Sandbox(spec, init_pid, test_pid, test)
+        sandbox = _Sandbox(spec, init_pid, test_pid, test, group)
+        if group is not None:
+            try:
+                group.attach(init_pid)
+                group.attach(test_pid)
+                sync.send(test, {"op": "attached"})
+            except OSError:
+                self.cancel(sandbox)
+                raise
+        return sandbox
 
     def test_ended(self, sandbox: _Sandbox) -> None:
         """The test process has ended: note how, and end its namespace (pid 1 goes last)."""
-        _, status = os.waitpid(sandbox.test_pid, 0)
+        _, status, rusage = os.wait4(sandbox.test_pid, 0)
         os.close(sandbox.test_pidfd)
         if os.WIFSIGNALED(status):
             sandbox.exit["signal"] = os.WTERMSIG(status)
         else:
             sandbox.exit["code"] = os.waitstatus_to_exitcode(status)
+        sandbox.exit["rusage"] = cgroups.Usage(memory_peak=rusage.ru_maxrss * 1024, cpu_user=rusage.ru_utime,
+                                               cpu_system=rusage.ru_stime).as_dict()
         sandbox.kill()
         self.ending[sandbox.init_pidfd] = sandbox
 
@@ -154,6 +202,9 @@ class _Factory:
         """pid 1 is reapable only once every process of its namespace is gone: now tell pytest."""
         os.waitpid(sandbox.init_pid, 0)
         os.close(sandbox.init_pidfd)
+        if sandbox.group is not None:
+            sandbox.exit["usage"] = sandbox.group.usage().as_dict()
+            sandbox.group.remove()
         if sandbox.to_pytest is not None:
             try:
                 sync.send(sandbox.to_pytest, sandbox.exit)
@@ -169,6 +220,12 @@ class _Factory:
         os.close(sandbox.test_pidfd)
         self.ending[sandbox.init_pidfd] = sandbox
 
+    def kill(self, nodeid: str) -> None:
+        """pytest gave up on a test (timeout): end its sandbox now."""
+        for sandbox in self.running.values():
+            if sandbox.nodeid == nodeid:
+                sandbox.kill()
+
     def shutdown(self, ready: _Sandbox | None) -> None:
         if ready is not None:
             self.cancel(ready)
@@ -180,9 +237,9 @@ class _Factory:
 
 
 def _serve(control: socket.socket, items: dict[str, pytest.Item], stash_key: Any,
-           paths: SessionPaths, crash_fd: int) -> None:
+           paths: SessionPaths, crash_fd: int, limits: Limits) -> None:
     gc.freeze()  # keep the garbage collector from touching (and so copying) the zygote's pages in every fork
-    factory = _Factory(control, items, paths, crash_fd)
+    factory = _Factory(control, items, paths, crash_fd, limits)
     config = next(iter(items.values())).config
     config.pluginmanager.register(child.ReportStreamer(config), "sandbox-report-streamer")
     ready: _Sandbox | None = None
@@ -198,6 +255,9 @@ def _serve(control: socket.socket, items: dict[str, pytest.Item], stash_key: Any
         if control.fileno() not in readable:
             continue
         message, fds = sync.recv(control)
+        if message is not None and message.get("op") == "kill":
+            factory.kill(message["nodeid"])
+            continue
         if message is None or message.get("op") != "run":
             break
         to_pytest = socket.socket(fileno=fds[0])
@@ -211,7 +271,8 @@ def _serve(control: socket.socket, items: dict[str, pytest.Item], stash_key: Any
             factory.running[ready.test_pidfd] = ready
             ready.start(message["nodeid"], to_pytest)
         except OSError as exc:
-            sync.send(to_pytest, {"type": "error", "phase": "fork", "message": str(exc)})
+            sync.send(to_pytest, {"type": "error", "phase": "cgroup" if "cgroup" in str(exc) else "fork",
+                                  "message": str(exc)})
             to_pytest.close()
         ready = None
         try:

@@ -1,0 +1,479 @@
+"""Resource limits: one interface, three backends chosen by probing.
+
+* ``CgroupV2``: a delegated cgroup v2 subtree (a systemd ``Delegate=yes`` scope, a
+  path given by ``--sandbox-cgroup``, or the root cgroup for root).
+* ``CgroupV1``: the v1 hierarchies (memory, cpu, cpuacct, pids, blkio), as root or in
+  a subtree chowned to the user (the directory, ``cgroup.procs`` and ``tasks``).
+* ``Rlimits``: where no cgroup is writable: memory as RLIMIT_AS, the timeout;
+  cpus, pids and io cannot be enforced this way.
+
+pytest opens a session cgroup (``pytest-sandbox-<pid>``) and keeps directory fds to
+it; the zygote, whose mount namespace only has a read-only /sys, creates one child
+per sandbox through those fds (``sb-<n>``), attaches the sandbox's pid 1 and test
+process before the test runs, reads the usage after it and removes the child.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .spec import SandboxSpec
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+SESSION_PREFIX = "pytest-sandbox-"
+V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "blkio")
+V2_CONTROLLERS = ("memory", "cpu", "pids", "io")
+CFS_PERIOD_US = 100_000
+
+
+class CgroupUnavailable(Exception):
+    """This backend cannot be used here; the message says why."""
+
+
+@dataclasses.dataclass
+class Usage:
+    """What one sandbox used; None where the backend cannot tell."""
+
+    memory_peak: int | None = None
+    oom_kills: int = 0
+    cpu_user: float | None = None
+    cpu_system: float | None = None
+    cpu_throttled: float | None = None
+    pids_peak: int | None = None
+    pids_limit_hits: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _read(dirfd: int, name: str) -> str | None:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dirfd)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 65536).decode()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _write(dirfd: int, name: str, value: str) -> None:
+    fd = os.open(name, os.O_WRONLY | os.O_CLOEXEC, dir_fd=dirfd)
+    try:
+        os.write(fd, value.encode())
+    except OSError as exc:
+        raise OSError(exc.errno, f"writing {value.strip()!r} to {name}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _keyed(text: str | None) -> dict[str, int]:
+    """'key value' lines (memory.events, cpu.stat, ...) as a dict."""
+    values: dict[str, int] = {}
+    for line in (text or "").splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+            values[parts[0]] = int(parts[1])
+    return values
+
+
+def _int(text: str | None) -> int | None:
+    text = (text or "").strip()
+    return int(text) if text.isdigit() else None
+
+
+def _rmdir(dirfd: int, name: str) -> None:
+    """Remove a cgroup directory; its last processes may take a moment to leave."""
+    for _ in range(200):
+        try:
+            os.rmdir(name, dir_fd=dirfd)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.005)
+
+
+def block_device(path: str) -> str | None:
+    """'MAJ:MIN' of the disk holding ``path`` (the whole disk for a partition), None if not on a disk."""
+    dev = os.stat(path).st_dev
+    major, minor = os.major(dev), os.minor(dev)
+    sys_dir = f"/sys/dev/block/{major}:{minor}"
+    if major == 0 or not os.path.exists(sys_dir):
+        return None
+    if os.path.exists(f"{sys_dir}/partition"):
+        with open(os.path.join(os.path.realpath(sys_dir), "..", "dev")) as f:
+            return f.read().strip()
+    return f"{major}:{minor}"
+
+
+class Group:
+    """One sandbox's cgroup (a directory per hierarchy)."""
+
+    def __init__(self, session: Session, name: str) -> None:
+        self.session = session
+        self.name = name
+
+    def attach(self, pid: int) -> None:
+        for fd in self.session.dirs.values():
+            _write(fd, f"{self.name}/cgroup.procs", str(pid))
+
+    def usage(self) -> Usage:
+        return self.session.backend.usage(self)
+
+    def remove(self) -> None:
+        for fd in self.session.dirs.values():
+            _rmdir(fd, self.name)
+
+
+class Session:
+    """The session cgroup: directory fds that keep working inside the zygote's namespaces."""
+
+    def __init__(self, backend: Backend, dirs: dict[str, int], parents: dict[str, int], name: str) -> None:
+        self.backend = backend
+        self.dirs = dirs          # hierarchy -> fd of the session cgroup
+        self.parents = parents    # hierarchy -> fd of its parent, to remove it at the end
+        self.name = name
+        self.count = 0
+
+    def create(self, spec: SandboxSpec) -> Group:
+        self.count += 1
+        group = Group(self, f"sb-{self.count}")
+        try:
+            for fd in self.dirs.values():
+                os.mkdir(group.name, dir_fd=fd)
+            self.backend.apply(group, spec)
+        except OSError:
+            group.remove()
+            raise
+        return group
+
+    def close(self) -> None:
+        """Remove the session cgroup (every sandbox's group is gone by now) and let go of the fds."""
+        for hierarchy, fd in self.dirs.items():
+            for entry in os.listdir(fd):
+                if entry.startswith("sb-"):
+                    _rmdir(fd, entry)
+            os.close(fd)
+            _rmdir(self.parents[hierarchy], self.name)
+            os.close(self.parents[hierarchy])
+        self.dirs.clear()
+
+
+def _remove_stale_sessions(parent_fd: int) -> None:
+    """Session cgroups of pytest processes that died without cleaning up (kill -9)."""
+    for entry in os.listdir(parent_fd):
+        pid = entry[len(SESSION_PREFIX):].split("-")[0]
+        if entry.startswith(SESSION_PREFIX) and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            try:
+                child_fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY, dir_fd=parent_fd)
+            except OSError:
+                continue
+            for sub in os.listdir(child_fd):
+                if sub.startswith("sb-"):
+                    _rmdir(child_fd, sub)
+            os.close(child_fd)
+            _rmdir(parent_fd, entry)
+
+
+class Backend:
+    """The interface: what it enforces, how to open a session, how to limit and measure a group."""
+
+    name = "none"
+    enforced: frozenset[str] = frozenset()
+    where = ""
+
+    def describe(self) -> str:
+        limits = ", ".join(sorted(self.enforced)) or "nothing"
+        return f"{self.name}{f' at {self.where}' if self.where else ''} (enforces {limits})"
+
+    def open_session(self) -> Session | None:
+        return None
+
+    def apply(self, group: Group, spec: SandboxSpec) -> None:
+        raise NotImplementedError
+
+    def usage(self, group: Group) -> Usage:
+        return Usage()
+
+    def in_test_process(self, spec: SandboxSpec) -> None:
+        """Limits the test process sets on itself (rlimits) before running the test."""
+
+
+class _CgroupBackend(Backend):
+    def __init__(self, bases: dict[str, str], device: str | None) -> None:
+        self.bases = bases      # hierarchy -> directory that will hold the session cgroup
+        self.device = device    # MAJ:MIN for io limits
+        self.where = next(iter(bases.values())) if len(bases) == 1 else CGROUP_ROOT
+
+    def open_session(self) -> Session:
+        name = f"{SESSION_PREFIX}{os.getpid()}"
+        dirs: dict[str, int] = {}
+        parents: dict[str, int] = {}
+        try:
+            for hierarchy, base in self.bases.items():
+                parent = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                parents[hierarchy] = parent
+                _remove_stale_sessions(parent)
+                os.mkdir(name, dir_fd=parent)
+                dirs[hierarchy] = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=parent)
+            session = Session(self, dirs, parents, name)
+            self.prepare_session(session)
+        except OSError:
+            for hierarchy, fd in dirs.items():
+                os.close(fd)
+                _rmdir(parents[hierarchy], name)
+            for fd in parents.values():
+                os.close(fd)
+            raise
+        for fd in (*dirs.values(), *parents.values()):
+            os.set_inheritable(fd, True)
+        return session
+
+    def prepare_session(self, session: Session) -> None:
+        """Hook for v2: enable controllers for the sandboxes' groups."""
+
+
+class CgroupV1(_CgroupBackend):
+    name = "cgroup v1"
+
+    def __init__(self, bases: dict[str, str], device: str | None) -> None:
+        super().__init__(bases, device)
+        enforced = {"timeout"}
+        enforced |= {"memory"} if "memory" in bases else set()
+        enforced |= {"cpus"} if "cpu" in bases else set()
+        enforced |= {"pids"} if "pids" in bases else set()
+        enforced |= {"io"} if "blkio" in bases and device else set()
+        self.enforced = frozenset(enforced)
+
+    def apply(self, group: Group, spec: SandboxSpec) -> None:
+        dirs, name = group.session.dirs, group.name
+        if spec.memory is not None and "memory" in dirs:
+            _write(dirs["memory"], f"{name}/memory.limit_in_bytes", str(spec.memory))
+            try:  # no swapping around the limit, where swap accounting exists
+                _write(dirs["memory"], f"{name}/memory.memsw.limit_in_bytes", str(spec.memory))
+            except OSError:
+                pass
+        if spec.cpus is not None and "cpu" in dirs:
+            _write(dirs["cpu"], f"{name}/cpu.cfs_period_us", str(CFS_PERIOD_US))
+            _write(dirs["cpu"], f"{name}/cpu.cfs_quota_us", str(max(1000, int(spec.cpus * CFS_PERIOD_US))))
+        if spec.pids is not None and "pids" in dirs:
+            _write(dirs["pids"], f"{name}/pids.max", str(spec.pids))
+        if spec.io and "blkio" in dirs and self.device:
+            for key, value in spec.io:  # read_bps -> blkio.throttle.read_bps_device, ...
+                _write(dirs["blkio"], f"{name}/blkio.throttle.{key}_device", f"{self.device} {value}")
+
+    def usage(self, group: Group) -> Usage:
+        dirs, name = group.session.dirs, group.name
+        usage = Usage()
+        if "memory" in dirs:
+            usage.memory_peak = _int(_read(dirs["memory"], f"{name}/memory.max_usage_in_bytes"))
+            usage.oom_kills = _keyed(_read(dirs["memory"], f"{name}/memory.oom_control")).get("oom_kill", 0)
+        if "cpuacct" in dirs:
+            ticks = os.sysconf("SC_CLK_TCK")
+            stat = _keyed(_read(dirs["cpuacct"], f"{name}/cpuacct.stat"))
+            if stat:
+                usage.cpu_user, usage.cpu_system = stat.get("user", 0) / ticks, stat.get("system", 0) / ticks
+        if "cpu" in dirs:
+            throttled = _keyed(_read(dirs["cpu"], f"{name}/cpu.stat")).get("throttled_time")
+            usage.cpu_throttled = throttled / 1e9 if throttled is not None else None
+        if "pids" in dirs:
+            usage.pids_peak = _int(_read(dirs["pids"], f"{name}/pids.peak"))
+            usage.pids_limit_hits = _keyed(_read(dirs["pids"], f"{name}/pids.events")).get("max", 0)
+        return usage
+
+
+class CgroupV2(_CgroupBackend):
+    name = "cgroup v2"
+
+    def __init__(self, base: str, controllers: set[str], device: str | None) -> None:
+        super().__init__({"": base}, device)
+        self.controllers = controllers
+        enforced = {"timeout"}
+        enforced |= {"memory"} if "memory" in controllers else set()
+        enforced |= {"cpus"} if "cpu" in controllers else set()
+        enforced |= {"pids"} if "pids" in controllers else set()
+        enforced |= {"io"} if "io" in controllers and device else set()
+        self.enforced = frozenset(enforced)
+
+    def prepare_session(self, session: Session) -> None:
+        wanted = " ".join(f"+{c}" for c in sorted(self.controllers))
+        if wanted:
+            _write(session.dirs[""], "cgroup.subtree_control", wanted)
+
+    def apply(self, group: Group, spec: SandboxSpec) -> None:
+        fd, name = group.session.dirs[""], group.name
+        if spec.memory is not None and "memory" in self.controllers:
+            _write(fd, f"{name}/memory.max", str(spec.memory))
+            try:
+                _write(fd, f"{name}/memory.swap.max", "0")
+            except OSError:
+                pass
+        if spec.cpus is not None and "cpu" in self.controllers:
+            _write(fd, f"{name}/cpu.max", f"{max(1000, int(spec.cpus * CFS_PERIOD_US))} {CFS_PERIOD_US}")
+        if spec.pids is not None and "pids" in self.controllers:
+            _write(fd, f"{name}/pids.max", str(spec.pids))
+        if spec.io and "io" in self.controllers and self.device:
+            keys = {"read_bps": "rbps", "write_bps": "wbps", "read_iops": "riops", "write_iops": "wiops"}
+            _write(fd, f"{name}/io.max", " ".join([self.device] + [f"{keys[k]}={v}" for k, v in spec.io]))
+
+    def usage(self, group: Group) -> Usage:
+        fd, name = group.session.dirs[""], group.name
+        usage = Usage()
+        usage.memory_peak = _int(_read(fd, f"{name}/memory.peak"))
+        usage.oom_kills = _keyed(_read(fd, f"{name}/memory.events")).get("oom_kill", 0)
+        cpu = _keyed(_read(fd, f"{name}/cpu.stat"))
+        if "user_usec" in cpu:
+            usage.cpu_user, usage.cpu_system = cpu["user_usec"] / 1e6, cpu.get("system_usec", 0) / 1e6
+        if "throttled_usec" in cpu:
+            usage.cpu_throttled = cpu["throttled_usec"] / 1e6
+        usage.pids_peak = _int(_read(fd, f"{name}/pids.peak"))
+        usage.pids_limit_hits = _keyed(_read(fd, f"{name}/pids.events")).get("max", 0)
+        return usage
+
+    def kill(self, group: Group) -> None:
+        _write(group.session.dirs[""], f"{group.name}/cgroup.kill", "1")
+
+
+class Rlimits(Backend):
+    """No writable cgroup: what the test process can limit on itself."""
+
+    name = "rlimits"
+    enforced = frozenset({"memory", "timeout"})
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def describe(self) -> str:
+        return f"rlimits (enforces memory as address space, timeout; {self.reason})"
+
+    def in_test_process(self, spec: SandboxSpec) -> None:
+        """RLIMIT_AS counts address space, and the forked test starts with pytest's: allow that plus the limit."""
+        if spec.memory is not None:
+            with open("/proc/self/statm") as f:
+                current = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            resource.setrlimit(resource.RLIMIT_AS, (current + spec.memory, current + spec.memory))
+
+
+# -- choosing a backend -------------------------------------------------------------------------
+
+
+def _own_paths() -> dict[str, str]:
+    paths: dict[str, str] = {}
+    with open("/proc/self/cgroup") as f:
+        for line in f.read().splitlines():
+            _, controllers, path = line.split(":", 2)
+            for name in controllers.split(",") if controllers else [""]:
+                paths[name] = path
+    return paths
+
+
+def _v1_mounts() -> dict[str, str]:
+    """v1 controller -> its hierarchy's mount point."""
+    mounts: dict[str, str] = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[sep + 1] != "cgroup":
+                continue
+            options = set(fields[sep + 3].split(","))
+            for controller in V1_CONTROLLERS:
+                if controller in options:
+                    mounts.setdefault(controller, fields[4])
+    return mounts
+
+
+def _writable_dir(path: str) -> bool:
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK) and os.access(
+        os.path.join(path, "cgroup.procs"), os.W_OK)
+
+
+def _v1(override: str | None, device: str | None) -> CgroupV1:
+    mounts = _v1_mounts()
+    own = _own_paths()
+    bases: dict[str, str] = {}
+    for controller, mount in mounts.items():
+        if controller == "cpuacct" and mounts.get("cpu") == mount:
+            continue  # co-mounted with cpu: one directory serves both
+        path = os.path.normpath(f"{mount}/{override if override else own.get(controller, '/')}")
+        if _writable_dir(path):
+            bases[controller] = path
+    if not bases.keys() & {"memory", "cpu", "pids"}:
+        where = f"under {override}" if override else "in this process's own cgroups"
+        raise CgroupUnavailable(f"no writable cgroup v1 memory, cpu or pids hierarchy {where}")
+    return CgroupV1(bases, device)
+
+
+def _move_self_into_leaf(base: str) -> None:
+    """cgroup v2 forbids processes in a cgroup whose children get controllers: move pytest down a level."""
+    with open(f"{base}/cgroup.procs") as f:
+        procs = [int(p) for p in f.read().split()]
+    if procs == [] or procs == [os.getpid()] or set(procs) <= {os.getpid()}:
+        if procs:
+            leaf = f"{base}/{SESSION_PREFIX}{os.getpid()}-pytest"
+            os.makedirs(leaf, exist_ok=True)
+            with open(f"{leaf}/cgroup.procs", "w") as f:
+                f.write(str(os.getpid()))
+        return
+    others = [p for p in procs if p != os.getpid()]
+    raise CgroupUnavailable(
+        f"{base} also holds processes other than pytest ({len(others)}), so controllers cannot be enabled for "
+        "its children; run pytest in a scope of its own: systemd-run --user --scope -p Delegate=yes pytest ..."
+    )
+
+
+def _v2(override: str | None, device: str | None) -> CgroupV2:
+    if override:
+        base = os.path.normpath(f"{CGROUP_ROOT}/{override}")
+    elif os.geteuid() == 0:
+        base = CGROUP_ROOT  # root makes its own top-level cgroup beside the system's
+    else:
+        base = os.path.normpath(f"{CGROUP_ROOT}/{_own_paths().get('', '/')}")
+    if not _writable_dir(base):
+        raise CgroupUnavailable(f"{base} is not delegated to this user (needs write access to it and its "
+                                "cgroup.procs: systemd-run --user --scope -p Delegate=yes, or --sandbox-cgroup)")
+    with open(f"{base}/cgroup.controllers") as f:
+        available = set(f.read().split()) & set(V2_CONTROLLERS)
+    with open(f"{base}/cgroup.subtree_control") as f:
+        enabled = set(f.read().split())
+    missing = available - enabled
+    if missing and base != CGROUP_ROOT:
+        _move_self_into_leaf(base)
+        try:
+            with open(f"{base}/cgroup.subtree_control", "w") as f:
+                f.write(" ".join(f"+{c}" for c in sorted(missing)))
+            enabled |= missing
+        except OSError as exc:
+            raise CgroupUnavailable(f"cannot enable {' '.join(sorted(missing))} in {base}: {exc.strerror}") from None
+    controllers = available & enabled
+    if not controllers & {"memory", "cpu", "pids"}:
+        raise CgroupUnavailable(f"no memory, cpu or pids controller enabled in {base}/cgroup.subtree_control")
+    return CgroupV2(base, controllers, device)
+
+
+BACKENDS = ("auto", "v2", "v1", "rlimit")
+
+
+def choose(kind: str, override: str | None, rootdir: str) -> Backend:
+    """The backend to use: ``kind`` is one of BACKENDS; failures of a forced kind raise CgroupUnavailable."""
+    device = block_device(rootdir)
+    v2_host = os.path.exists(f"{CGROUP_ROOT}/cgroup.controllers")
+    reasons = []
+    attempts: dict[str, list[Callable[[str | None, str | None], Backend]]] = {
+        "v2": [_v2], "v1": [_v1], "rlimit": [], "auto": [_v2] if v2_host else [_v1]}
+    for attempt in attempts[kind]:
+        try:
+            return attempt(override, device)
+        except (CgroupUnavailable, OSError) as exc:
+            if kind != "auto":
+                raise CgroupUnavailable(str(exc)) from None
+            reasons.append(str(exc))
+    return Rlimits("; ".join(reasons) or "rlimits chosen")
