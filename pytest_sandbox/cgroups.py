@@ -430,20 +430,42 @@ def _move_self_into_leaf(base: str) -> None:
     )
 
 
+def _enabled(path: str) -> set[str]:
+    try:
+        with open(f"{path}/cgroup.subtree_control") as f:
+            return set(f.read().split()) & set(V2_CONTROLLERS)
+    except OSError:
+        return set()
+
+
+def _ready_ancestor(own: str) -> str | None:
+    """The nearest writable cgroup at or above ``own`` that already hands controllers to its children.
+
+    That is where a pytest started by another sandboxed pytest (pytester) finds the
+    session cgroups of its parent: its own cgroup is the parent's leaf and busy.
+    """
+    path = own
+    while path.startswith(CGROUP_ROOT) and path != CGROUP_ROOT:
+        if _writable_dir(path) and _enabled(path) & {"memory", "cpu", "pids"}:
+            return path
+        path = os.path.dirname(path)
+    return None
+
+
 def _v2(override: str | None, device: str | None) -> CgroupV2:
     if override:
         base = os.path.normpath(f"{CGROUP_ROOT}/{override}")
     elif os.geteuid() == 0:
         base = CGROUP_ROOT  # root makes its own top-level cgroup beside the system's
     else:
-        base = os.path.normpath(f"{CGROUP_ROOT}/{_own_paths().get('', '/')}")
+        own = os.path.normpath(f"{CGROUP_ROOT}/{_own_paths().get('', '/')}")
+        base = _ready_ancestor(own) or own
     if not _writable_dir(base):
         raise CgroupUnavailable(f"{base} is not delegated to this user (needs write access to it and its "
                                 "cgroup.procs: systemd-run --user --scope -p Delegate=yes, or --sandbox-cgroup)")
     with open(f"{base}/cgroup.controllers") as f:
         available = set(f.read().split()) & set(V2_CONTROLLERS)
-    with open(f"{base}/cgroup.subtree_control") as f:
-        enabled = set(f.read().split())
+    enabled = _enabled(base)
     missing = available - enabled
     if missing and base != CGROUP_ROOT:
         _move_self_into_leaf(base)

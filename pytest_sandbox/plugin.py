@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -105,7 +106,8 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     mode = _choice(config, "sandbox_mode", "sandbox", MODES)
     kind = _choice(config, "sandbox_cgroup_backend", "sandbox_cgroup_backend", cgroups.BACKENDS)
-    override = config.getoption("sandbox_cgroup") or config.getini("sandbox_cgroup") or None
+    override = (config.getoption("sandbox_cgroup") or os.environ.get("PYTEST_SANDBOX_CGROUP")
+                or config.getini("sandbox_cgroup") or None)
     repeat = config.getoption("sandbox_repeat")
     if repeat < 1:
         raise pytest.UsageError(f"--sandbox-repeat: invalid value {repeat}; expected a number of runs, at least 1")
