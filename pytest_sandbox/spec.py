@@ -190,7 +190,7 @@ def validate(values: Mapping[str, Any], where: str) -> SandboxSpec:
         raise pytest.UsageError(
             f"{where}: unknown sandbox option(s) {', '.join(unknown)}; allowed: {', '.join(FIELDS)}"
         )
-    checked: dict[str, Any] = {key: _CHECKS[key](val, where) for key, val in values.items()}
+    checked: dict[str, Any] = {key: _CHECKS[key](val, where) for key, val in values.items() if val is not None}
     return SandboxSpec(**checked)
 
 

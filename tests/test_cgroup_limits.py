@@ -59,21 +59,23 @@ def test_memory_limit_oom_is_reported(pytester: pytest.Pytester) -> None:
 
 def test_pids_limit_stops_a_fork_loop(pytester: pytest.Pytester, token: str) -> None:
     pytester.makepyfile(f"""
-        import subprocess, pytest
+        import subprocess, sys, pytest
+
+        SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)", {token!r}]
 
         @pytest.mark.container(pids=16)
         def test_fork_loop():
             started = 0
             with pytest.raises(BlockingIOError):
                 for _ in range(100):
-                    subprocess.Popen(["sh", "-c", "sleep 600", {token!r}])
+                    subprocess.Popen(SLEEPER)
                     started += 1
             assert started < 16
 
         @pytest.mark.container(pids=16)
         def test_fork_loop_fails():
             for _ in range(100):
-                subprocess.Popen(["sh", "-c", "sleep 600", {token!r}])
+                subprocess.Popen(SLEEPER)
     """)
     result = pytester.runpytest_subprocess()
     result.assert_outcomes(passed=1, failed=1)
