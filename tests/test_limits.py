@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from pytest_sandbox import cgroups
@@ -154,5 +156,5 @@ def test_accounting_in_junitxml_and_durations(pytester: pytest.Pytester) -> None
 def test_header_names_the_backend(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_x(): pass")
     result = pytester.runpytest_subprocess()
-    backend = cgroups.choose("auto", None, str(pytester.path))
+    backend = cgroups.choose("auto", os.environ.get("PYTEST_SANDBOX_CGROUP"), str(pytester.path))
     result.stdout.fnmatch_lines([f"sandbox limits: {backend.name}*"])
