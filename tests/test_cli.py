@@ -17,6 +17,7 @@ def test_doctor_reports_this_host() -> None:
     for name in ("userns", "overlay", "netns", "pidns", "cgroup", "newuidmap"):
         assert name in result.stdout
     assert "sandboxes: available" in result.stdout
+    assert "limits: " in result.stdout and "enforces" in result.stdout
 
 
 def test_console_script_installed() -> None:
