@@ -130,11 +130,13 @@ class _Sandbox:
         self.test.close()
 
     def kill(self) -> None:
-        """SIGKILL to pid 1 from outside its namespace ends every process in it."""
+        """SIGKILL to pid 1 from outside its namespace ends every process in it (and so does cgroup.kill)."""
         try:
             os.kill(self.init_pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        if self.group is not None:
+            self.group.kill()
 
 
 class _Factory:
