@@ -65,11 +65,11 @@ class Zygote:
             pass
 
     def collect_exits(self, block: bool) -> None:
-        """Collect the exit messages of finished sandboxes.
+        """Collect the "gone" messages of finished sandboxes: every process of theirs has ended.
 
-        A finished test's process and init leave while pytest reports and the next
-        sandbox runs; ``block=True`` waits until all have left, which is done before
-        pytest runs anything on the host and at the end of the session.
+        A finished sandbox's processes leave while pytest reports and the next sandbox
+        runs; ``block=True`` waits until all have left, which is done before pytest
+        runs anything on the host and at the end of the session.
         """
         still = []
         for sock in self.finishing:
@@ -79,7 +79,7 @@ class Zygote:
                 except BlockingIOError:
                     still.append(sock)
                     break
-                if message is None or message.get("type") == "exit":
+                if message is None or message.get("type") == "gone":
                     sock.close()
                     break
         self.finishing = still
@@ -230,6 +230,7 @@ def run_in_sandbox(item: pytest.Item, zyg: Zygote, spec: SandboxSpec) -> Iterato
                 outcome.stop = message
             elif kind == "exit":
                 outcome.exit = message
+                finished = True
                 break
     finally:
         if finished:

@@ -14,8 +14,8 @@ Anything else on a socket (a test writing to an inherited fd) is dropped.
       |<-------------------------------------------------- report {data} ---|  (setup, call, teardown)
       |<-------------------------------------------------- warning {...} ---|
       |<-------------------------------------------------- done ------------|  exits
-      |                              |  test exited: SIGKILL its init; once
-      |<-- exit {code|signal} -------|  init is reaped the namespace is empty
+      |<-- exit {code|signal, usage}-|  test exited: SIGKILL its init
+      |<-- gone ---------------------|  init reaped: the namespace is empty
       |-- exit --------------------->|  (end of session: kill and reap everything)
 """
 

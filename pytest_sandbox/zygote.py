@@ -188,31 +188,43 @@ class _Factory:
         return sandbox
 
     def test_ended(self, sandbox: _Sandbox) -> None:
-        """The test process has ended: note how, and end its namespace (pid 1 goes last)."""
+        """The test process has ended: end its namespace and tell pytest how the test ended.
+
+        pytest hears "exit" now and "gone" once pid 1 is reaped, which happens only when
+        every process of the namespace is gone; it waits for that before host work.
+        """
         _, status, rusage = os.wait4(sandbox.test_pid, 0)
         os.close(sandbox.test_pidfd)
-        if os.WIFSIGNALED(status):
-            sandbox.exit["signal"] = os.WTERMSIG(status)
-        else:
-            sandbox.exit["code"] = os.waitstatus_to_exitcode(status)
-        sandbox.exit["rusage"] = cgroups.Usage(memory_peak=rusage.ru_maxrss * 1024, cpu_user=rusage.ru_utime,
-                                               cpu_system=rusage.ru_stime).as_dict()
         sandbox.kill()
+        message = sandbox.exit
+        if os.WIFSIGNALED(status):
+            message["signal"] = os.WTERMSIG(status)
+        else:
+            message["code"] = os.waitstatus_to_exitcode(status)
+        message["rusage"] = cgroups.Usage(memory_peak=rusage.ru_maxrss * 1024, cpu_user=rusage.ru_utime,
+                                          cpu_system=rusage.ru_stime).as_dict()
+        if sandbox.group is not None:
+            message["usage"] = sandbox.group.usage().as_dict()
+        self._tell(sandbox, message)
         self.ending[sandbox.init_pidfd] = sandbox
 
     def namespace_ended(self, sandbox: _Sandbox) -> None:
-        """pid 1 is reapable only once every process of its namespace is gone: now tell pytest."""
+        """pid 1 is reapable only once every process of its namespace is gone."""
         os.waitpid(sandbox.init_pid, 0)
         os.close(sandbox.init_pidfd)
         if sandbox.group is not None:
-            sandbox.exit["usage"] = sandbox.group.usage().as_dict()
             sandbox.group.remove()
+        self._tell(sandbox, {"type": "gone"})
+        if sandbox.to_pytest is not None:
+            sandbox.to_pytest.close()
+
+    @staticmethod
+    def _tell(sandbox: _Sandbox, message: dict[str, Any]) -> None:
         if sandbox.to_pytest is not None:
             try:
-                sync.send(sandbox.to_pytest, sandbox.exit)
+                sync.send(sandbox.to_pytest, message)
             except OSError:
                 pass
-            sandbox.to_pytest.close()
 
     def cancel(self, sandbox: _Sandbox) -> None:
         """Drop a sandbox that never ran a test."""
