@@ -37,7 +37,9 @@ def write_id_maps(pid: str, uid: int, gid: int) -> None:
         except OSError:
             pass  # root of a container without the full range: fall back to one id
     _write(f"/proc/{pid}/setgroups", "deny")
-    if not open(f"/proc/{pid}/uid_map").read():
+    with open(f"/proc/{pid}/uid_map") as f:
+        uid_map_written = bool(f.read())
+    if not uid_map_written:
         _write(f"/proc/{pid}/uid_map", f"{uid} {uid} 1\n")
     _write(f"/proc/{pid}/gid_map", f"{gid} {gid} 1\n")
 

@@ -91,7 +91,8 @@ def test_marked_tests_only_by_default(pytester: pytest.Pytester) -> None:
         def test_host():
             assert os.getpid() > 10
     """)
-    pytester.runpytest_subprocess().assert_outcomes(passed=2)
+    # -W error: the plugin itself must not leak a warning (unclosed file, socket) into a test
+    pytester.runpytest_subprocess("-W", "error").assert_outcomes(passed=2)
 
 
 @pytest.mark.guest
