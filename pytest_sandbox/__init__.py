@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .errors import SandboxError, SandboxUnavailable, SetupError
+from .errors import SandboxError, SetupError
 from .fixtures import SandboxInfo
 from .spec import SandboxSpec
 
 __version__ = "0.1.0"
-__all__ = ["SandboxError", "SandboxInfo", "SandboxSpec", "SandboxUnavailable", "SetupError", "__version__"]
+__all__ = ["SandboxError", "SandboxInfo", "SandboxSpec", "SetupError", "__version__"]

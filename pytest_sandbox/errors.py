@@ -14,7 +14,3 @@ class SetupError(SandboxError):
         super().__init__(f"sandbox setup failed in phase {phase!r}: {message}")
         self.phase = phase
         self.message = message
-
-
-class SandboxUnavailable(SandboxError):
-    """This host cannot create sandboxes at all (the doctor's reason is the message)."""
