@@ -214,7 +214,7 @@ class Backend:
         """Limits the test process sets on itself (rlimits) before running the test."""
 
 
-class _CgroupBackend(Backend):
+class CgroupBackend(Backend):
     def __init__(self, bases: dict[str, str], device: str | None) -> None:
         self.bases = bases      # hierarchy -> directory that will hold the session cgroup
         self.device = device    # MAJ:MIN for io limits
@@ -248,7 +248,7 @@ class _CgroupBackend(Backend):
         """Hook for v2: enable controllers for the sandboxes' groups."""
 
 
-class CgroupV1(_CgroupBackend):
+class CgroupV1(CgroupBackend):
     name = "cgroup v1"
 
     def __init__(self, bases: dict[str, str], device: str | None) -> None:
@@ -297,7 +297,7 @@ class CgroupV1(_CgroupBackend):
         return usage
 
 
-class CgroupV2(_CgroupBackend):
+class CgroupV2(CgroupBackend):
     name = "cgroup v2"
 
     def __init__(self, base: str, controllers: set[str], device: str | None) -> None:

@@ -201,7 +201,7 @@ def _zygote(item: pytest.Item, state: SessionState) -> runner.Zygote:
         basetemp = str(factory.getbasetemp()) if factory is not None else None
         items = {i.nodeid: i for i in session.items} | {item.nodeid: item}
         paths = runner.session_paths(item.config, basetemp)
-        if state.cgroup_session is None and isinstance(state.backend, cgroups._CgroupBackend):
+        if state.cgroup_session is None and isinstance(state.backend, cgroups.CgroupBackend):
             try:
                 state.cgroup_session = state.backend.open_session()
             except OSError as exc:
@@ -254,6 +254,7 @@ def _run(item: pytest.Item, spec: SandboxSpec, state: SessionState) -> Iterator[
     except SandboxError as exc:
         error = str(exc)
     if error:  # the zygote died before this sandbox started: report it, start afresh next time
+        zyg.close()
         state.zygote = None
         yield from _skip_or_fail(item, error, skip=False)
         return
