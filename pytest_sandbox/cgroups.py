@@ -16,6 +16,7 @@ process before the test runs, reads the usage after it and removes the child.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import resource
 import time
@@ -62,6 +63,11 @@ def _read(dirfd: int, name: str) -> str | None:
         return None
     finally:
         os.close(fd)
+
+
+def _write_path(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
 
 
 def _write(dirfd: int, name: str, value: str) -> None:
@@ -300,15 +306,27 @@ class CgroupV1(CgroupBackend):
 class CgroupV2(CgroupBackend):
     name = "cgroup v2"
 
-    def __init__(self, base: str, controllers: set[str], device: str | None) -> None:
+    def __init__(self, base: str, controllers: set[str], device: str | None, to_enable: set[str]) -> None:
         super().__init__({"": base}, device)
         self.controllers = controllers
+        self.to_enable = to_enable  # enabled in the base when the first session opens, not before
         enforced = {"timeout"}
         enforced |= {"memory"} if "memory" in controllers else set()
         enforced |= {"cpus"} if "cpu" in controllers else set()
         enforced |= {"pids"} if "pids" in controllers else set()
         enforced |= {"io"} if "io" in controllers and device else set()
         self.enforced = frozenset(enforced)
+
+    def open_session(self) -> Session:
+        if self.to_enable:
+            base = self.bases[""]
+            try:
+                _move_self_into_leaf(base)
+            except CgroupUnavailable as exc:
+                raise OSError(errno.EBUSY, str(exc)) from None
+            _write_path(f"{base}/cgroup.subtree_control", " ".join(f"+{c}" for c in sorted(self.to_enable)))
+            self.to_enable = set()  # (idempotent: xdist workers may all do this)
+        return super().open_session()
 
     def prepare_session(self, session: Session) -> None:
         wanted = " ".join(f"+{c}" for c in sorted(self.controllers))
@@ -422,22 +440,42 @@ def _v1(override: str | None, device: str | None) -> CgroupV1:
     return CgroupV1(bases, device)
 
 
+def _uid_of(pid: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
 def _move_self_into_leaf(base: str) -> None:
-    """cgroup v2 forbids processes in a cgroup whose children get controllers: move pytest down a level."""
-    with open(f"{base}/cgroup.procs") as f:
-        procs = [int(p) for p in f.read().split()]
-    if procs == [] or procs == [os.getpid()] or set(procs) <= {os.getpid()}:
-        if procs:
-            leaf = f"{base}/{SESSION_PREFIX}{os.getpid()}-pytest"
-            os.makedirs(leaf, exist_ok=True)
-            with open(f"{leaf}/cgroup.procs", "w") as f:
-                f.write(str(os.getpid()))
-        return
-    others = [p for p in procs if p != os.getpid()]
-    raise CgroupUnavailable(
-        f"{base} also holds processes other than pytest ({len(others)}), so controllers cannot be enabled for "
-        "its children; run pytest in a scope of its own: systemd-run --user --scope -p Delegate=yes pytest ..."
-    )
+    """cgroup v2 forbids processes in a cgroup whose children get controllers: move them down a level.
+
+    The delegated cgroup holds pytest, maybe its xdist workers and the shell that
+    started them, all this user's: they move into one leaf together. A process of
+    another user means the cgroup is not ours to rearrange.
+    """
+    leaf = f"{base}/{SESSION_PREFIX}{os.getpid()}-pytest"
+    for _ in range(20):
+        with open(f"{base}/cgroup.procs") as f:
+            procs = f.read().split()
+        if not procs:
+            return
+        strangers = [p for p in procs if _uid_of(p) not in (None, os.getuid())]
+        if strangers:
+            raise CgroupUnavailable(
+                f"{base} holds processes of other users, so controllers cannot be enabled for its children; "
+                "run pytest in a scope of its own: systemd-run --user --scope -p Delegate=yes pytest ...")
+        os.makedirs(leaf, exist_ok=True)
+        for pid in procs:
+            try:
+                _write_path(f"{leaf}/cgroup.procs", pid)
+            except OSError:
+                pass  # exited meanwhile
+    raise CgroupUnavailable(f"processes keep appearing in {base}; cannot empty it to enable controllers")
 
 
 def _enabled(path: str) -> set[str]:
@@ -476,19 +514,13 @@ def _v2(override: str | None, device: str | None) -> CgroupV2:
     with open(f"{base}/cgroup.controllers") as f:
         available = set(f.read().split()) & set(V2_CONTROLLERS)
     enabled = _enabled(base)
-    missing = available - enabled
-    if missing and base != CGROUP_ROOT:
-        _move_self_into_leaf(base)
-        try:
-            with open(f"{base}/cgroup.subtree_control", "w") as f:
-                f.write(" ".join(f"+{c}" for c in sorted(missing)))
-            enabled |= missing
-        except OSError as exc:
-            raise CgroupUnavailable(f"cannot enable {' '.join(sorted(missing))} in {base}: {exc.strerror}") from None
-    controllers = available & enabled
+    # What the base does not hand down yet is enabled when limits are first needed (moving pytest into a
+    # leaf first); a root cgroup that is not ours is never changed.
+    to_enable = available - enabled if base != CGROUP_ROOT else set()
+    controllers = enabled | to_enable
     if not controllers & {"memory", "cpu", "pids"}:
         raise CgroupUnavailable(f"no memory, cpu or pids controller enabled in {base}/cgroup.subtree_control")
-    return CgroupV2(base, controllers, device)
+    return CgroupV2(base, controllers, device, to_enable)
 
 
 BACKENDS = ("auto", "v2", "v1", "rlimit")

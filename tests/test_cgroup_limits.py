@@ -187,3 +187,24 @@ def test_io_limit_throttles_direct_reads(pytester: pytest.Pytester) -> None:
             assert rate < 3 * 2**20
     """)
     pytester.runpytest_subprocess("-s").assert_outcomes(passed=1)
+
+
+def test_limits_under_xdist(pytester: pytest.Pytester) -> None:
+    pytest.importorskip("xdist")
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.parametrize("n", range(6))
+        @pytest.mark.container(memory="64M", pids=32)
+        def test_small(n):
+            bytearray(8 * 1024 * 1024)
+
+        @pytest.mark.container(memory="64M")
+        def test_hog():
+            data = bytearray(200 * 1024 * 1024)
+            for i in range(0, len(data), 4096):
+                data[i] = 1
+    """)
+    result = pytester.runpytest_subprocess("-n", "2")
+    result.assert_outcomes(passed=6, failed=1)
+    result.stdout.fnmatch_lines(["*killed by the OOM killer: memory limit 64.0 MiB*"])
