@@ -20,7 +20,7 @@ import errno
 import os
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .spec import SandboxSpec
@@ -220,6 +220,17 @@ class Backend:
         """Limits the test process sets on itself (rlimits) before running the test."""
 
 
+_LIMIT_OF_CONTROLLER = {"memory": "memory", "cpu": "cpus", "pids": "pids", "io": "io", "blkio": "io"}
+
+
+def _enforced(controllers: Iterable[str], device: str | None) -> frozenset[str]:
+    """The limits a set of controllers (v1 hierarchies or v2 controllers) can enforce; io needs a disk."""
+    limits = {_LIMIT_OF_CONTROLLER[c] for c in controllers if c in _LIMIT_OF_CONTROLLER}
+    if device is None:
+        limits.discard("io")
+    return frozenset(limits | {"timeout"})
+
+
 class CgroupBackend(Backend):
     def __init__(self, bases: dict[str, str], device: str | None) -> None:
         self.bases = bases      # hierarchy -> directory that will hold the session cgroup
@@ -259,12 +270,7 @@ class CgroupV1(CgroupBackend):
 
     def __init__(self, bases: dict[str, str], device: str | None) -> None:
         super().__init__(bases, device)
-        enforced = {"timeout"}
-        enforced |= {"memory"} if "memory" in bases else set()
-        enforced |= {"cpus"} if "cpu" in bases else set()
-        enforced |= {"pids"} if "pids" in bases else set()
-        enforced |= {"io"} if "blkio" in bases and device else set()
-        self.enforced = frozenset(enforced)
+        self.enforced = _enforced(bases, device)
 
     def apply(self, group: Group, spec: SandboxSpec) -> None:
         dirs, name = group.session.dirs, group.name
@@ -310,12 +316,7 @@ class CgroupV2(CgroupBackend):
         super().__init__({"": base}, device)
         self.controllers = controllers
         self.to_enable = to_enable  # enabled in the base when the first session opens, not before
-        enforced = {"timeout"}
-        enforced |= {"memory"} if "memory" in controllers else set()
-        enforced |= {"cpus"} if "cpu" in controllers else set()
-        enforced |= {"pids"} if "pids" in controllers else set()
-        enforced |= {"io"} if "io" in controllers and device else set()
-        self.enforced = frozenset(enforced)
+        self.enforced = _enforced(controllers, device)
 
     def open_session(self) -> Session:
         if self.to_enable:
@@ -393,7 +394,8 @@ class Rlimits(Backend):
 # -- choosing a backend -------------------------------------------------------------------------
 
 
-def _own_paths() -> dict[str, str]:
+def own_cgroup_paths() -> dict[str, str]:
+    """controller (or \"\" for the v2 hierarchy) -> this process's cgroup path."""
     paths: dict[str, str] = {}
     with open("/proc/self/cgroup") as f:
         for line in f.read().splitlines():
@@ -426,7 +428,7 @@ def _writable_dir(path: str) -> bool:
 
 def _v1(override: str | None, device: str | None) -> CgroupV1:
     mounts = _v1_mounts()
-    own = _own_paths()
+    own = own_cgroup_paths()
     bases: dict[str, str] = {}
     for controller, mount in mounts.items():
         if controller == "cpuacct" and mounts.get("cpu") == mount:
@@ -506,7 +508,7 @@ def _v2(override: str | None, device: str | None) -> CgroupV2:
     elif os.geteuid() == 0:
         base = CGROUP_ROOT  # root makes its own top-level cgroup beside the system's
     else:
-        own = os.path.normpath(f"{CGROUP_ROOT}/{_own_paths().get('', '/')}")
+        own = os.path.normpath(f"{CGROUP_ROOT}/{own_cgroup_paths().get('', '/')}")
         base = _ready_ancestor(own) or own
     if not _writable_dir(base):
         raise CgroupUnavailable(f"{base} is not delegated to this user (needs write access to it and its "

@@ -8,7 +8,7 @@ import os
 import shutil
 from collections.abc import Callable
 
-from . import _linux, userns
+from . import _linux, cgroups, userns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,19 +100,9 @@ _STEPS: dict[str, Callable[[], None]] = {
 }
 
 
-def _own_cgroups() -> dict[str, str]:
-    """controller (or "" for the v2 hierarchy) -> this process's cgroup path."""
-    paths: dict[str, str] = {}
-    for line in (_read("/proc/self/cgroup") or "").splitlines():
-        _, controllers, path = line.split(":", 2)
-        for name in controllers.split(",") if controllers else [""]:
-            paths[name] = path
-    return paths
-
-
 def cgroup_delegation() -> str:
     """Which controllers this user may manage (create child cgroups and move processes into them)."""
-    own = _own_cgroups()
+    own = cgroups.own_cgroup_paths()
     if cgroup_mode() == "v2":
         base = f"/sys/fs/cgroup{own.get('', '/')}"
         if os.access(base, os.W_OK) and os.access(f"{base}/cgroup.procs", os.W_OK):
@@ -128,7 +118,7 @@ def cgroup_mode() -> str:
     if _read("/sys/fs/cgroup/cgroup.controllers") is not None:
         return "v2"
     if os.path.isdir("/sys/fs/cgroup/unified"):
-        return "hybrid (v1 controllers, v2 unified hierarchy without controllers)"
+        return "hybrid"  # v1 controllers, a v2 hierarchy without controllers
     if os.path.isdir("/sys/fs/cgroup/memory"):
         return "v1"
     return "none"
@@ -191,8 +181,7 @@ def header_line() -> str:
     for check in checks():
         if check.name in ("userns", "overlay", "netns"):
             parts.append(f"{check.name} {'ok' if check.ok else 'MISSING'}")
-    mode = next(c.detail for c in checks() if c.name == "cgroup")
-    parts.append(mode.split(" (")[0].split(",")[0] + ", " + cgroup_delegation())
+    parts.append(next(c.detail for c in checks() if c.name == "cgroup"))
     reason = unavailable_reason()
     status = "available" if reason is None else f"UNAVAILABLE: {reason}"
     return f"sandbox: {status} [{', '.join(parts)}]"

@@ -80,9 +80,15 @@ def _check_writable(value: object, where: str) -> tuple[str, ...]:
     return tuple(sorted(set(paths)))
 
 
-def _check_env(value: object, where: str) -> tuple[tuple[str, str], ...]:
+def _as_mapping(value: object) -> object:
+    """A normalized tuple of pairs (SandboxSpec.env, .io) back as a mapping; anything else unchanged."""
     if isinstance(value, tuple) and all(isinstance(pair, tuple) and len(pair) == 2 for pair in value):
-        value = dict(value)  # already normalized (SandboxSpec.env)
+        return dict(value)
+    return value
+
+
+def _check_env(value: object, where: str) -> tuple[tuple[str, str], ...]:
+    value = _as_mapping(value)
     if not isinstance(value, Mapping):
         raise _bad(where, "env", value, "expected a mapping of NAME to string value")
     items = []
@@ -154,8 +160,7 @@ def _check_timeout(value: object, where: str) -> float:
 
 
 def _check_io(value: object, where: str) -> tuple[tuple[str, int], ...]:
-    if isinstance(value, tuple) and all(isinstance(pair, tuple) and len(pair) == 2 for pair in value):
-        value = dict(value)  # already normalized (SandboxSpec.io)
+    value = _as_mapping(value)
     if not isinstance(value, Mapping):
         raise _bad(where, "io", value, f"expected a mapping with keys {', '.join(IO_KEYS)}")
     items = []

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 
 def processes_with(token: str) -> list[int]:
@@ -31,3 +34,16 @@ def wait_gone(token: str, timeout: float = 5.0) -> list[int]:
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.05)
+
+
+def start_pytest_until_running(path: Path, token: str | None = None) -> subprocess.Popen[str]:
+    """Start ``pytest -s`` in ``path`` and return once its test printed RUNNING (at most 30 s)."""
+    env = {**os.environ, "SANDBOX_TEST_TOKEN": token} if token else None
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-s", "-p", "no:cacheprovider"], cwd=path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 30
+    for line in proc.stdout:
+        if "RUNNING" in line or time.monotonic() > deadline:
+            break
+    return proc

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from helpers import wait_gone
+from helpers import start_pytest_until_running, wait_gone
 
 from pytest_sandbox import cgroups
 
@@ -119,9 +119,6 @@ def test_children_gone_and_cgroups_removed(pytester: pytest.Pytester, token: str
 
 
 def test_pytest_killed_removes_its_cgroups(pytester: pytest.Pytester, token: str) -> None:
-    import subprocess
-    import sys
-
     pytester.makepyfile("""
         import time, pytest
 
@@ -130,12 +127,7 @@ def test_pytest_killed_removes_its_cgroups(pytester: pytest.Pytester, token: str
             print("RUNNING", flush=True)
             time.sleep(600)
     """)
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-s", "-p", "no:cacheprovider"], cwd=pytester.path,
-                            stdout=subprocess.PIPE, text=True, env={**os.environ, "SANDBOX_TEST_TOKEN": token})
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if "RUNNING" in line:
-            break
+    proc = start_pytest_until_running(pytester.path, token)
     session = f"{cgroups.SESSION_PREFIX}{proc.pid}"
     assert any(session in path for path, _, _ in os.walk(cgroups.CGROUP_ROOT) if path.count("/") < 8)
     proc.kill()

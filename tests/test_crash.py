@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
-from helpers import processes_with, wait_gone
+from helpers import processes_with, start_pytest_until_running, wait_gone
 
 
 def test_pytest_killed_takes_its_sandboxes_along(pytester: pytest.Pytester, token: str) -> None:
@@ -23,13 +20,7 @@ def test_pytest_killed_takes_its_sandboxes_along(pytester: pytest.Pytester, toke
             print("RUNNING", flush=True)
             time.sleep(1000)
     """)
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-s", "-p", "no:cacheprovider"], cwd=pytester.path,
-                            stdout=subprocess.PIPE, text=True, env={**os.environ, "SANDBOX_TEST_TOKEN": token})
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 30
-    for line in proc.stdout:
-        if "RUNNING" in line or time.monotonic() > deadline:
-            break
+    proc = start_pytest_until_running(pytester.path, token)
     assert len(processes_with(token)) >= 3  # pytest, zygote(s), the test and its daemon
     proc.kill()
     proc.wait()
@@ -90,12 +81,7 @@ def test_keyboard_interrupt_ends_everything(pytester: pytest.Pytester, token: st
             print("RUNNING", flush=True)
             time.sleep(1000)
     """)
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-s", "-p", "no:cacheprovider"], cwd=pytester.path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if "RUNNING" in line:
-            break
+    proc = start_pytest_until_running(pytester.path)
     proc.send_signal(signal.SIGINT)
     output = proc.communicate(timeout=30)[0]
     assert proc.returncode == pytest.ExitCode.INTERRUPTED, output
