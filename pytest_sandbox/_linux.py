@@ -117,8 +117,8 @@ class _MountAttr(ctypes.Structure):
                 ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
 
 
-def mount_setattr(fd: int, attr_set: int, recursive: bool = True) -> None:
-    attr = _MountAttr(attr_set, 0, 0, 0)
+def mount_setattr(fd: int, attr_set: int, recursive: bool = True, attr_clr: int = 0) -> None:
+    attr = _MountAttr(attr_set, attr_clr, 0, 0)
     flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
     rc = _syscall(_nr["mount_setattr"], ctypes.c_int(fd), b"", ctypes.c_uint(flags),
                   ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))

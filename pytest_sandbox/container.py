@@ -1,0 +1,303 @@
+"""Commands inside an image: the overlay root and the process that runs in it.
+
+Used three ways: ``RUN`` steps of a build (the overlay's upper dir becomes the new
+layer), ``sandbox.run()``/``spawn()`` in a test marked with ``image=`` (the image
+root is mounted once per test, every command sees the same read/write layer), and
+``pytest-sandbox shell``.
+
+A command gets its own user (unless root), mount, pid, uts and ipc namespaces, and
+a network namespace unless ``network="host"``; the image root is pivoted to, with a
+fresh /proc, a minimal /dev and a read-only /sys. The caller's uid is the image's
+user (root by default) inside.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from . import _linux
+from .errors import SandboxError, SetupError
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
+_LEGACY_OPTIONS_MAX = 4095
+
+
+class ContainerError(SandboxError):
+    """A command could not be started in an image."""
+
+
+# -- the overlay root -----------------------------------------------------------------------
+
+def _lowerdir_plus_supported(fs: int, first: str) -> bool:
+    try:
+        _linux.fsconfig(fs, "lowerdir+", first)
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOPARAM if hasattr(errno, "ENOPARAM") else 519):
+            return False
+        raise
+
+
+def overlay_mount(lowers_top_first: Sequence[str], upper: str, work: str, target: str) -> None:
+    """Mount overlay(lowers, upper) on ``target``.
+
+    ``lowerdir+`` (Linux 6.8+) takes one layer per call, so any number fits; older
+    kernels get the legacy option string, with each layer named by a short
+    ``/proc/self/fd`` path to stay under the 4095-byte limit.
+    """
+    fs = _linux.fsopen("overlay")
+    try:
+        if _lowerdir_plus_supported(fs, lowers_top_first[0]):
+            for lower in lowers_top_first[1:]:
+                _linux.fsconfig(fs, "lowerdir+", lower)
+            _linux.fsconfig(fs, "upperdir", upper)
+            _linux.fsconfig(fs, "workdir", work)
+            _linux.fsconfig(fs, "userxattr")
+            mnt = _linux.fsmount(fs)
+            try:
+                _linux.move_mount(mnt, target)
+            finally:
+                os.close(mnt)
+            return
+    finally:
+        os.close(fs)
+    fds = [os.open(p, os.O_PATH | os.O_DIRECTORY) for p in lowers_top_first]
+    try:
+        lowerdir = ":".join(f"/proc/self/fd/{fd}" for fd in fds)
+        options = f"lowerdir={lowerdir},upperdir={upper},workdir={work},userxattr"
+        if len(options) > _LEGACY_OPTIONS_MAX:
+            raise ContainerError(f"the image has {len(fds)} layers: more than this kernel's overlay option string "
+                                 "holds (Linux 6.8+ has no such limit)")
+        _linux.mount("overlay", target, "overlay", 0, options)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+# -- the process ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """How one command runs in an image root."""
+
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    workdir: str = "/"
+    user: str = ""
+    hostname: str = "sandbox"
+    network: str = "none"
+
+
+def _passwd_lookup(root: str, user: str) -> tuple[int, int, str]:
+    """uid, gid and home of ``user`` (a name or number, optionally ':group') in the image."""
+    name, _, group = user.partition(":")
+    uid = gid = -1
+    home = "/"
+    try:
+        with open(os.path.join(root, "etc/passwd")) as f:
+            for line in f:
+                fields = line.rstrip("\n").split(":")
+                if len(fields) >= 6 and (fields[0] == name or fields[2] == name):
+                    uid, gid, home = int(fields[2]), int(fields[3]), fields[5]
+                    break
+    except (OSError, ValueError):
+        pass
+    if uid < 0:
+        if not name.isdigit():
+            raise ContainerError(f"user {name!r} is not in the image's /etc/passwd")
+        uid, gid = int(name), int(name)
+    if group:
+        if group.isdigit():
+            gid = int(group)
+        else:
+            try:
+                with open(os.path.join(root, "etc/group")) as f:
+                    matches = [int(line.split(":")[2]) for line in f if line.split(":")[0] == group]
+            except (OSError, ValueError, IndexError):
+                matches = []
+            if not matches:
+                raise ContainerError(f"group {group!r} is not in the image's /etc/group")
+            gid = matches[0]
+    return uid, gid, home
+
+
+def resolve_user(root: str, user: str) -> tuple[int, int, str]:
+    if not user or user in ("root", "0", "0:0"):
+        return 0, 0, "/root"
+    return _passwd_lookup(root, user)
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _populate_dev(dev: str) -> None:
+    """A minimal /dev: host nodes bound onto a tmpfs (mknod is refused in a user namespace)."""
+    _linux.mount("sandbox-dev", dev, "tmpfs", _linux.MS_NOSUID | _linux.MS_NOEXEC, "mode=0755,size=64k")
+    for node in DEV_NODES:
+        if os.path.exists(f"/dev/{node}"):
+            open(f"{dev}/{node}", "w").close()
+            _linux.mount(f"/dev/{node}", f"{dev}/{node}", None, _linux.MS_BIND)
+    for sub in ("pts", "shm"):
+        os.mkdir(f"{dev}/{sub}")
+    _linux.mount("devpts", f"{dev}/pts", "devpts", _linux.MS_NOSUID | _linux.MS_NOEXEC,
+                 "newinstance,ptmxmode=0666,mode=0620")
+    _linux.mount("shm", f"{dev}/shm", "tmpfs", _linux.MS_NOSUID | _linux.MS_NODEV, "mode=1777")
+    os.symlink("pts/ptmx", f"{dev}/ptmx")
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"{dev}/{name}")
+
+
+def _ensure_dir(path: str) -> bool:
+    if os.path.isdir(path) and not os.path.islink(path):
+        return True
+    if os.path.lexists(path):
+        return False
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    return True
+
+
+def _enter_root(root: str, run: RunSpec, uid: int, gid: int, privileged: bool) -> None:
+    """In the new namespaces, as pid 1: mount the pseudo filesystems, pivot, become the user."""
+    _linux.prctl(_linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if _ensure_dir(f"{root}/proc"):
+        _linux.mount("proc", f"{root}/proc", "proc", _linux.MS_NOSUID | _linux.MS_NODEV | _linux.MS_NOEXEC)
+    if _ensure_dir(f"{root}/dev"):
+        _populate_dev(f"{root}/dev")
+    if os.path.isdir("/sys") and _ensure_dir(f"{root}/sys"):
+        sys_fd = _linux.open_tree("/sys", _linux.OPEN_TREE_CLONE | _linux.OPEN_TREE_CLOEXEC | _linux.AT_RECURSIVE)
+        _linux.mount_setattr(sys_fd, _linux.MOUNT_ATTR_RDONLY | _linux.MOUNT_ATTR_NOSUID | _linux.MOUNT_ATTR_NODEV
+                             | _linux.MOUNT_ATTR_NOEXEC)
+        _linux.move_mount(sys_fd, f"{root}/sys")
+        os.close(sys_fd)
+    os.chdir(root)
+    _linux.pivot_root(".", ".")
+    _linux.umount2(".", _linux.MNT_DETACH)
+    os.chdir("/")
+    socket.sethostname(run.hostname)
+    if run.network == "none":
+        _linux.loopback_up()
+    if privileged and (uid, gid) != (0, 0):
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+    try:
+        os.chdir(run.workdir or "/")
+    except OSError as exc:
+        raise ContainerError(f"working directory {run.workdir}: {exc.strerror}") from None
+
+
+def _close_all_but(keep: set[int]) -> None:
+    for fd in sorted(int(n) for n in os.listdir("/proc/self/fd")):
+        if fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class _Launch:
+    """The preexec step of Popen: namespaces, ids, root; then a fork so the command is pid 1.
+
+    The first process stays outside the new pid namespace as a waiter with every fd
+    closed (so pipes see EOF when the command's do); it exits with the command's
+    status. Killing it kills the namespace (PDEATHSIG on pid 1).
+    """
+
+    def __init__(self, prepare_root: Callable[[], str], run: RunSpec, uid: int, gid: int, error_w: int) -> None:
+        self.prepare_root = prepare_root
+        self.run = run
+        self.uid, self.gid = uid, gid
+        self.error_w = error_w
+        self.outer_uid, self.outer_gid = os.geteuid(), os.getegid()
+
+    def __call__(self) -> None:
+        try:
+            os.set_inheritable(self.error_w, False)  # EOF at exec tells the caller the command started
+            self._setup()
+        except BaseException as exc:
+            message = str(exc) if isinstance(exc, (ContainerError, SetupError)) else f"{type(exc).__name__}: {exc}"
+            with contextlib.suppress(OSError):
+                os.write(self.error_w, message.encode()[:4000])
+            os._exit(127)
+
+    def _setup(self) -> None:
+        privileged = self.outer_uid == 0
+        flags = _linux.CLONE_NEWNS | _linux.CLONE_NEWUTS | _linux.CLONE_NEWIPC
+        if not privileged:
+            flags |= _linux.CLONE_NEWUSER
+        if self.run.network == "none":
+            flags |= _linux.CLONE_NEWNET
+        _linux.unshare(flags)
+        if not privileged:  # one id: the caller is the image's user inside
+            _write("/proc/self/setgroups", "deny")
+            _write("/proc/self/uid_map", f"{self.uid} {self.outer_uid} 1\n")
+            _write("/proc/self/gid_map", f"{self.gid} {self.outer_gid} 1\n")
+        _linux.mount(None, "/", None, _linux.MS_REC | _linux.MS_PRIVATE)
+        root = self.prepare_root()
+        _linux.unshare(_linux.CLONE_NEWPID)
+        pid = os.fork()
+        if pid != 0:
+            _close_all_but(set())
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(signum, lambda *_: os.kill(pid, signal.SIGKILL))
+            while True:
+                try:
+                    _, status = os.waitpid(pid, 0)
+                    break
+                except InterruptedError:
+                    continue
+            os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+        _enter_root(root, self.run, self.uid, self.gid, privileged)
+
+
+def spawn(prepare_root: Callable[[], str], run: RunSpec, uid: int = 0, gid: int = 0,
+          **popen_kwargs: Any) -> subprocess.Popen[Any]:
+    """Start ``run.argv`` in the root ``prepare_root`` returns (called in the new mount namespace).
+
+    Returns once the command has been exec'd, or raises ContainerError saying why it was not.
+    """
+    error_r, error_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        try:
+            proc = subprocess.Popen(list(run.argv), env=dict(run.env),
+                                    preexec_fn=_Launch(prepare_root, run, uid, gid, error_w),
+                                    pass_fds=(error_w,), **popen_kwargs)
+        except FileNotFoundError:
+            raise ContainerError(f"{run.argv[0]!r}: no such command in the image "
+                                 f"(PATH={run.env.get('PATH', '')})") from None
+        except PermissionError:
+            raise ContainerError(f"{run.argv[0]!r}: permission denied in the image") from None
+        except subprocess.SubprocessError as exc:
+            raise ContainerError(f"cannot start {run.argv[0]!r}: {exc}") from None
+        finally:
+            os.close(error_w)
+        chunks = []
+        while chunk := os.read(error_r, 4096):
+            chunks.append(chunk)
+    finally:
+        os.close(error_r)
+    if chunks:
+        proc.wait()
+        raise ContainerError(b"".join(chunks).decode(errors="replace"))
+    return proc
+
+
+def image_env(config_env: Sequence[str], extra: Mapping[str, str], home: str, hostname: str) -> dict[str, str]:
+    """The environment a command starts with: PATH/HOME defaults, the image's ENV, then ``extra``."""
+    env = {"PATH": DEFAULT_PATH, "HOME": home, "HOSTNAME": hostname}
+    for item in config_env:
+        key, sep, value = item.partition("=")
+        if sep:
+            env[key] = value
+    env.update(extra)
+    return env

@@ -1,0 +1,322 @@
+"""The local image store: unpacked layers keyed by ChainID, image records, build cache.
+
+Layout under the store root (``$XDG_CACHE_HOME/pytest-sandbox`` by default)::
+
+    layers/<chain-id>/diff/       the layer, overlay-native (0:0 whiteouts, user.overlay.opaque)
+    layers/<chain-id>/layer.json  diff id, parent, size
+    images/<name>.json            ordered layer chain + image config
+    cache/<step-key>.json         build cache: step -> resulting chain id and config
+    containers/<id>/              read/write layers kept by ``--sandbox-keep``
+    tmp/<pid>-<random>/           staging; renamed into place, so nothing is ever half-published
+    store.lock                    held while anything is published or removed
+
+Concurrent pytest sessions and xdist workers take ``store.lock`` (a filelock) around
+publishing, so a layer is built once and readers never see a partial one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import filelock
+
+from ..errors import SandboxError
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}(:[A-Za-z0-9_.-]{1,128})?$")
+NAME_RULE = "lower-case letters, digits, '.', '_', '-', optionally ':tag'"
+EMPTY_CONFIG: dict[str, Any] = {"Env": [], "WorkingDir": "", "User": "", "Cmd": None, "Entrypoint": None,
+                                "Labels": {}, "ExposedPorts": {}}
+
+
+class StoreError(SandboxError):
+    """The store refused an operation (unknown image, bad name, corrupt entry)."""
+
+
+def default_root() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pytest-sandbox")
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def chain_id(parent: str | None, diff_id: str) -> str:
+    """OCI ChainID: the diff id for the first layer, else sha256(parent + " " + diff id)."""
+    if parent is None:
+        return diff_id
+    return "sha256:" + sha256_hex(f"{parent} {diff_id}".encode())
+
+
+def check_name(name: str, where: str = "image name") -> str:
+    if not NAME_RE.match(name):
+        raise StoreError(f"{where} {name!r} is not valid: use {NAME_RULE}")
+    return name
+
+
+def remove_tree(path: str) -> None:
+    """rmtree that also removes read-only directories a layer or overlay work dir may hold."""
+    def fix(func: Any, target: str, _exc: Any) -> None:
+        parent = os.path.dirname(target)
+        for p in (parent, target):
+            with contextlib.suppress(OSError):
+                if stat.S_ISDIR(os.lstat(p).st_mode):
+                    os.chmod(p, 0o700)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target, onerror=fix)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(target)
+
+    if os.path.lexists(path):
+        shutil.rmtree(path, onerror=fix)
+
+
+def _write_json_atomic(path: str, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def tree_size(path: str) -> int:
+    total = 0
+    for root, dirs, files in os.walk(path):
+        for name in files + dirs:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class Image:
+    """An image record: the layer chain (lowest first) and the config a container starts with."""
+
+    name: str
+    layers: tuple[str, ...]          # chain ids, lowest first
+    diff_ids: tuple[str, ...]
+    config: dict[str, Any]
+    source: str
+    created: float
+    build_key: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "layers": list(self.layers), "diff_ids": list(self.diff_ids),
+                "config": self.config, "source": self.source, "created": self.created,
+                "build_key": self.build_key}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Image:
+        config = dict(EMPTY_CONFIG)
+        config.update(data.get("config") or {})
+        return cls(name=data["name"], layers=tuple(data["layers"]), diff_ids=tuple(data["diff_ids"]),
+                   config=config, source=data.get("source", ""), created=data.get("created", 0.0),
+                   build_key=data.get("build_key"))
+
+    @property
+    def top(self) -> str | None:
+        return self.layers[-1] if self.layers else None
+
+
+class Store:
+    """One store root. Cheap to create; directories are made on first use."""
+
+    def __init__(self, root: str | None = None) -> None:
+        self.root = os.path.abspath(root or default_root())
+        self.layers_dir = os.path.join(self.root, "layers")
+        self.images_dir = os.path.join(self.root, "images")
+        self.cache_dir = os.path.join(self.root, "cache")
+        self.containers_dir = os.path.join(self.root, "containers")
+        self.tmp_dir = os.path.join(self.root, "tmp")
+        self._ready = False
+
+    # -- setup ---------------------------------------------------------------------------
+    def ensure(self) -> Store:
+        if self._ready:
+            return self
+        try:
+            for d in (self.root, self.layers_dir, self.images_dir, self.cache_dir, self.containers_dir,
+                      self.tmp_dir):
+                os.makedirs(d, mode=0o755, exist_ok=True)
+            os.chmod(self.tmp_dir, 0o700)
+        except OSError as exc:
+            raise StoreError(f"cannot create the image store at {self.root}: {exc.strerror} "
+                             "(set --sandbox-store, the sandbox_store ini key or PYTEST_SANDBOX_STORE)") from None
+        self._ready = True
+        self._remove_stale_staging()
+        return self
+
+    @contextlib.contextmanager
+    def locked(self, timeout: float = -1) -> Iterator[None]:
+        """Exclusive store lock: publishing, removing and pruning happen under it."""
+        self.ensure()
+        with filelock.FileLock(os.path.join(self.root, "store.lock"), timeout=timeout):
+            yield
+
+    def _remove_stale_staging(self) -> None:
+        """Staging dirs of dead processes (a build killed with -9) are debris: drop them."""
+        for entry in os.listdir(self.tmp_dir):
+            pid_text = entry.split("-", 1)[0]
+            if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+                remove_tree(os.path.join(self.tmp_dir, entry))
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[str]:
+        """A private directory on the store's filesystem, removed afterwards whatever happens."""
+        self.ensure()
+        path = tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=self.tmp_dir)
+        try:
+            yield path
+        finally:
+            remove_tree(path)
+
+    # -- layers --------------------------------------------------------------------------
+    def layer_path(self, chain: str) -> str:
+        return os.path.join(self.layers_dir, chain.split(":", 1)[-1])
+
+    def diff_path(self, chain: str) -> str:
+        return os.path.join(self.layer_path(chain), "diff")
+
+    def has_layer(self, chain: str) -> bool:
+        return os.path.isfile(os.path.join(self.layer_path(chain), "layer.json"))
+
+    def layer_info(self, chain: str) -> dict[str, Any]:
+        return dict(_read_json(os.path.join(self.layer_path(chain), "layer.json")))
+
+    def publish_layer(self, staged_diff: str, chain: str, diff_id: str, parent: str | None,
+                      extra: dict[str, Any] | None = None) -> str:
+        """Move a finished diff dir into the store under ``chain`` (caller holds the lock)."""
+        if self.has_layer(chain):
+            return chain  # someone else published the same content first
+        holder = tempfile.mkdtemp(prefix=f"{os.getpid()}-layer-", dir=self.tmp_dir)
+        os.rename(staged_diff, os.path.join(holder, "diff"))
+        os.chmod(holder, 0o755)
+        info = {"chain_id": chain, "diff_id": diff_id, "parent": parent, "created": time.time(),
+                "size": tree_size(os.path.join(holder, "diff"))}
+        info.update(extra or {})
+        _write_json_atomic(os.path.join(holder, "layer.json"), info)
+        final = self.layer_path(chain)
+        if os.path.lexists(final):  # a leftover without layer.json: never published, replace it
+            remove_tree(final)
+        os.rename(holder, final)
+        return chain
+
+    def all_layers(self) -> list[str]:
+        self.ensure()
+        out = []
+        for entry in os.listdir(self.layers_dir):
+            if os.path.isfile(os.path.join(self.layers_dir, entry, "layer.json")):
+                out.append("sha256:" + entry)
+        return out
+
+    # -- images --------------------------------------------------------------------------
+    def _image_file(self, name: str) -> str:
+        return os.path.join(self.images_dir, check_name(name) + ".json")
+
+    def get(self, name: str) -> Image | None:
+        path = self._image_file(name)
+        try:
+            image = Image.from_json(_read_json(path))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError) as exc:
+            raise StoreError(f"image record {path} is unreadable: {exc}") from None
+        missing = [c for c in image.layers if not self.has_layer(c)]
+        if missing:
+            return None  # a layer was removed behind its back: treat as absent, rebuild/re-import
+        return image
+
+    def require(self, name: str) -> Image:
+        image = self.get(name)
+        if image is None:
+            known = ", ".join(i.name for i in self.images()) or "none"
+            raise StoreError(f"no image {name!r} in the store {self.root} (images there: {known})")
+        return image
+
+    def put(self, image: Image) -> None:
+        """Record an image (caller holds the lock; its layers are already published)."""
+        self.ensure()
+        for chain in image.layers:
+            if not self.has_layer(chain):
+                raise StoreError(f"image {image.name}: layer {chain} is not in the store")
+        _write_json_atomic(self._image_file(image.name), image.to_json())
+
+    def images(self) -> list[Image]:
+        self.ensure()
+        out = []
+        for entry in sorted(os.listdir(self.images_dir)):
+            if entry.endswith(".json") and not entry.startswith("."):
+                with contextlib.suppress(StoreError):
+                    image = self.get(entry[:-5])
+                    if image is not None:
+                        out.append(image)
+        return out
+
+    def remove_image(self, name: str) -> None:
+        with self.locked():
+            path = self._image_file(name)
+            if not os.path.exists(path):
+                raise StoreError(f"no image {name!r} in the store {self.root}")
+            os.unlink(path)
+
+    # -- build cache ---------------------------------------------------------------------
+    def cache_get(self, key: str) -> dict[str, Any] | None:
+        try:
+            entry = dict(_read_json(os.path.join(self.cache_dir, key + ".json")))
+        except (OSError, ValueError):
+            return None
+        if any(not self.has_layer(c) for c in entry.get("layers", [])):
+            return None
+        return entry
+
+    def cache_put(self, key: str, entry: dict[str, Any]) -> None:
+        _write_json_atomic(os.path.join(self.cache_dir, key + ".json"), entry)
+
+    # -- housekeeping --------------------------------------------------------------------
+    def prune(self) -> tuple[list[str], int]:
+        """Remove layers no image uses, cache entries pointing at them, and stale staging."""
+        with self.locked():
+            used = {c for image in self.images() for c in image.layers}
+            removed, freed = [], 0
+            for chain in self.all_layers():
+                if chain not in used:
+                    path = self.layer_path(chain)
+                    freed += tree_size(path)
+                    remove_tree(path)
+                    removed.append(chain)
+            for entry in os.listdir(self.layers_dir):  # debris without layer.json
+                path = os.path.join(self.layers_dir, entry)
+                if not os.path.isfile(os.path.join(path, "layer.json")):
+                    remove_tree(path)
+            for entry in os.listdir(self.cache_dir):
+                if entry.endswith(".json") and self.cache_get(entry[:-5]) is None:
+                    os.unlink(os.path.join(self.cache_dir, entry))
+            self._remove_stale_staging()
+            return removed, freed

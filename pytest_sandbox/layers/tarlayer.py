@@ -1,0 +1,292 @@
+"""OCI layer tars <-> overlay-native directories.
+
+In a layer directory a deleted path is a 0:0 character device (creating one needs no
+privilege since Linux 5.8) and an opaque directory carries ``user.overlay.opaque=y``:
+the forms overlayfs reads with the ``userxattr`` option. Without root every file
+belongs to the caller; the owner recorded in the tar is kept in
+``user.pytest-sandbox.owner`` so an export gives it back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import os
+import stat
+import tarfile
+from collections.abc import Iterator
+from typing import IO, Any
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+OPAQUE_XATTR = "user.overlay.opaque"
+OWNER_XATTR = "user.pytest-sandbox.owner"
+
+
+class LayerError(Exception):
+    """A layer tar is malformed or unsafe."""
+
+
+@dataclasses.dataclass
+class ApplyResult:
+    entries: int = 0
+    whiteouts: int = 0
+    opaque: int = 0
+    skipped_devices: list[str] = dataclasses.field(default_factory=list)
+
+
+def clean_name(name: str) -> str:
+    """A member name relative to the layer root, or LayerError for escapes."""
+    parts = []
+    for part in name.replace("\\", "/").split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            raise LayerError(f"entry {name!r} leaves the layer ('..')")
+        parts.append(part)
+    return "/".join(parts)
+
+
+def is_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def make_whiteout(path: str) -> None:
+    os.mknod(path, stat.S_IFCHR | 0o600, 0)
+
+
+def _setxattr(path: str, name: str, value: bytes) -> None:
+    with contextlib.suppress(OSError):
+        os.setxattr(path, name, value, follow_symlinks=False)
+
+
+def _remove(path: str) -> None:
+    from .store import remove_tree
+
+    st = os.lstat(path)
+    if stat.S_ISDIR(st.st_mode):
+        remove_tree(path)
+    else:
+        os.unlink(path)
+
+
+class _Applier:
+    def __init__(self, dest: str, as_root: bool) -> None:
+        self.dest = os.path.realpath(dest)
+        self.as_root = as_root
+        self.result = ApplyResult()
+        self.dir_meta: dict[str, tarfile.TarInfo] = {}
+
+    def _parent(self, rel: str) -> str:
+        """The real directory an entry goes in, created if missing, never through a symlink."""
+        parent = os.path.dirname(rel)
+        path = os.path.join(self.dest, parent) if parent else self.dest
+        if parent:
+            os.makedirs(path, mode=0o755, exist_ok=True)
+            if not os.path.realpath(path).startswith(self.dest + "/"):
+                raise LayerError(f"entry {rel!r} goes through a symlink out of the layer")
+        return path
+
+    def _owner(self, path: str, info: tarfile.TarInfo) -> None:
+        if self.as_root:
+            with contextlib.suppress(OSError):
+                os.lchown(path, info.uid, info.gid)
+        elif (info.uid, info.gid) != (0, 0) and not info.issym():
+            _setxattr(path, OWNER_XATTR, f"{info.uid}:{info.gid}".encode())
+
+    def apply(self, info: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
+        rel = clean_name(info.name)
+        self.result.entries += 1
+        if not rel:
+            return
+        base = os.path.basename(rel)
+        parent = self._parent(rel)
+        if base == OPAQUE_MARKER:
+            _setxattr(parent, OPAQUE_XATTR, b"y")
+            self.result.opaque += 1
+            return
+        if base.startswith(WHITEOUT_PREFIX):
+            target = os.path.join(parent, base[len(WHITEOUT_PREFIX):])
+            if os.path.lexists(target):
+                _remove(target)
+            make_whiteout(target)
+            self.result.whiteouts += 1
+            return
+        path = os.path.join(parent, base)
+        if os.path.lexists(path) and not (info.isdir() and os.path.isdir(path) and not os.path.islink(path)):
+            _remove(path)
+        if info.isdir():
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            self.dir_meta[path] = info
+            self._owner(path, info)
+            return
+        if info.isreg():
+            src = tar.extractfile(info)
+            assert src is not None
+            with open(path, "wb") as out:
+                while chunk := src.read(1 << 20):
+                    out.write(chunk)
+        elif info.issym():
+            os.symlink(info.linkname, path)
+        elif info.islnk():
+            target = os.path.join(self.dest, clean_name(info.linkname))
+            if not os.path.realpath(target).startswith(self.dest + "/"):
+                raise LayerError(f"hard link {rel!r} points out of the layer")
+            try:
+                os.link(target, path)
+            except FileNotFoundError:
+                raise LayerError(f"hard link {rel!r} -> {info.linkname!r}: target not in this layer") from None
+            return
+        elif info.isfifo():
+            os.mkfifo(path)
+        elif info.ischr() or info.isblk():
+            kind = stat.S_IFCHR if info.ischr() else stat.S_IFBLK
+            try:
+                os.mknod(path, kind | (info.mode & 0o7777), os.makedev(info.devmajor, info.devminor))
+            except PermissionError:
+                self.result.skipped_devices.append("/" + rel)
+                return
+        else:
+            raise LayerError(f"entry {rel!r} has an unsupported tar type {info.type!r}")
+        self._owner(path, info)
+        if not info.issym():
+            os.chmod(path, info.mode & 0o7777)
+        with contextlib.suppress(OSError):
+            os.utime(path, (info.mtime, info.mtime), follow_symlinks=False)
+
+    def finish(self) -> None:
+        # Directory modes last (a read-only dir would refuse its children), deepest first.
+        for path in sorted(self.dir_meta, key=lambda p: -p.count("/")):
+            info = self.dir_meta[path]
+            os.chmod(path, info.mode & 0o7777)
+            with contextlib.suppress(OSError):
+                os.utime(path, (info.mtime, info.mtime))
+
+
+def apply_tar(stream: IO[bytes], dest: str, as_root: bool | None = None) -> ApplyResult:
+    """Unpack one (uncompressed) layer tar stream into the empty directory ``dest``."""
+    applier = _Applier(dest, os.geteuid() == 0 if as_root is None else as_root)
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for info in tar:
+                applier.apply(info, tar)
+    except tarfile.TarError as exc:
+        raise LayerError(f"not a valid tar stream: {exc}") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise
+        raise LayerError(f"cannot unpack: {exc}") from None
+    applier.finish()
+    return applier.result
+
+
+# -- directory -> tar ------------------------------------------------------------------------
+
+def _walk_sub(root: str, rel: str) -> Iterator[tuple[str, str]]:
+    for name in sorted(os.listdir(os.path.join(root, rel))):
+        child_rel = f"{rel}/{name}"
+        child_abs = os.path.join(root, child_rel)
+        yield child_rel, child_abs
+        if stat.S_ISDIR(os.lstat(child_abs).st_mode):
+            yield from _walk_sub(root, child_rel)
+
+
+def _recorded_owner(path: str, st: os.stat_result) -> tuple[int, int]:
+    try:
+        text = os.getxattr(path, OWNER_XATTR, follow_symlinks=False).decode()
+        uid, gid = text.split(":")
+        return int(uid), int(gid)
+    except (OSError, ValueError):
+        pass
+    if os.geteuid() != 0:
+        return 0, 0  # unprivileged store: the caller stands for the image's root
+    return st.st_uid, st.st_gid
+
+
+def write_tar(root: str, out: IO[bytes]) -> None:
+    """Write the layer directory ``root`` as an OCI layer tar (whiteouts back to ``.wh.`` files)."""
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        hardlinks: dict[tuple[int, int], str] = {}
+        for rel, path in _walk_sub_root(root):
+            st = os.lstat(path)
+            if is_whiteout(st):
+                head, base = os.path.split(rel)
+                info = tarfile.TarInfo(os.path.join(head, WHITEOUT_PREFIX + base))
+                info.mtime = int(st.st_mtime)
+                tar.addfile(info)
+                continue
+            info = tarfile.TarInfo(rel)
+            info.uid, info.gid = _recorded_owner(path, st)
+            info.uname = info.gname = ""
+            info.mode = stat.S_IMODE(st.st_mode)
+            info.mtime = int(st.st_mtime)
+            if stat.S_ISDIR(st.st_mode):
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+                with contextlib.suppress(OSError):
+                    if os.getxattr(path, OPAQUE_XATTR) == b"y":
+                        marker = tarfile.TarInfo(f"{rel}/{OPAQUE_MARKER}")
+                        marker.mtime = info.mtime
+                        tar.addfile(marker)
+            elif stat.S_ISLNK(st.st_mode):
+                info.type = tarfile.SYMTYPE
+                info.linkname = os.readlink(path)
+                tar.addfile(info)
+            elif stat.S_ISREG(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                if st.st_nlink > 1 and key in hardlinks:
+                    info.type = tarfile.LNKTYPE
+                    info.linkname = hardlinks[key]
+                    tar.addfile(info)
+                    continue
+                hardlinks[key] = rel
+                info.size = st.st_size
+                with open(path, "rb") as f:
+                    tar.addfile(info, f)
+            elif stat.S_ISFIFO(st.st_mode):
+                info.type = tarfile.FIFOTYPE
+                tar.addfile(info)
+            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                info.type = tarfile.CHRTYPE if stat.S_ISCHR(st.st_mode) else tarfile.BLKTYPE
+                info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+                tar.addfile(info)
+
+
+def _walk_sub_root(root: str) -> Iterator[tuple[str, str]]:
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        yield name, path
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            yield from _walk_sub(root, name)
+
+
+class HashingWriter:
+    """A write-only sink that hashes (and optionally forwards) what goes through it."""
+
+    def __init__(self, target: IO[bytes] | None = None) -> None:
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self.target = target
+
+    def write(self, data: Any) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        if self.target is not None:
+            self.target.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self.sha.hexdigest()
+
+
+def diff_id_of(root: str) -> str:
+    """The diff id a directory would have as an uncompressed layer tar."""
+    sink = HashingWriter()
+    write_tar(root, sink)  # type: ignore[arg-type]
+    return sink.digest
