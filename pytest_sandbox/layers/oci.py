@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from . import tarlayer
-from .store import Image, Store, StoreError, chain_id, check_name
+from .store import EMPTY_CONFIG, Image, Store, StoreError, chain_id, check_name
 
 TRANSPORTS = ("oci:", "oci-archive:", "docker-archive:")
 MT_INDEX = ("application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json")
@@ -327,34 +327,44 @@ def _unpack_layer(store: Store, source: _Source, layer: _LayerRef, diff_id: str,
     return chain
 
 
-def import_image(store: Store, ref: str, name: str | None = None, progress: Progress | None = None) -> Image:
-    """Import an image reference into the store under ``name`` (default: the archive's tag)."""
+def import_layers(store: Store, ref: str, progress: Progress | None = None
+                  ) -> tuple[list[str], list[str], dict[str, Any], str | None]:
+    """Unpack an image reference's layers into the store (caller holds the store lock).
+
+    Returns the chain ids, diff ids, the image config and the name the archive suggests.
+    """
     say = progress or (lambda _msg: None)
     transport, path, tag = split_reference(ref)
     where = f"{transport}:{path}"
     source = _Source(transport, path)
     try:
         config, layers, hint = _read_source(source, tag)
-        image_name = check_name(name or _default_name(hint, path))
         diff_ids = list((config.get("rootfs") or {}).get("diff_ids") or [])
         if len(diff_ids) != len(layers):
             raise ImportError_(f"{where}: {len(layers)} layers but {len(diff_ids)} diff ids in the config")
         chains: list[str] = []
-        with store.locked():
-            for i, (layer, diff_id) in enumerate(zip(layers, diff_ids)):
-                parent = chains[-1] if chains else None
-                cached = store.has_layer(chain_id(parent, diff_id))
-                chains.append(_unpack_layer(store, source, layer, diff_id, parent, where))
-                say(f"layer {i + 1}/{len(layers)} {diff_id[:19]} {'cached' if cached else 'unpacked'}")
-            image_config = {k: v for k, v in (config.get("config") or {}).items() if k in CONFIG_KEYS}
-            image = Image(name=image_name, layers=tuple(chains), diff_ids=tuple(diff_ids),
-                          config=Image.from_json({"name": image_name, "layers": [], "diff_ids": [],
-                                                  "config": image_config}).config,
-                          source=ref, created=time.time())
-            store.put(image)
-        return image
+        for i, (layer, diff_id) in enumerate(zip(layers, diff_ids, strict=True)):
+            parent = chains[-1] if chains else None
+            cached = store.has_layer(chain_id(parent, diff_id))
+            chains.append(_unpack_layer(store, source, layer, diff_id, parent, where))
+            say(f"layer {i + 1}/{len(layers)} {diff_id[:19]} {'cached' if cached else 'unpacked'}")
+        image_config = dict(EMPTY_CONFIG)
+        image_config.update({k: v for k, v in (config.get("config") or {}).items() if k in CONFIG_KEYS and v})
+        return chains, diff_ids, image_config, _default_name(hint, path)
     finally:
         source.close()
+
+
+def import_image(store: Store, ref: str, name: str | None = None, progress: Progress | None = None) -> Image:
+    """Import an image reference into the store under ``name`` (default: the archive's tag)."""
+    if name is not None:
+        check_name(name)
+    with store.locked():
+        chains, diff_ids, config, suggested = import_layers(store, ref, progress)
+        image = Image(name=check_name(name or suggested or "imported"), layers=tuple(chains),
+                      diff_ids=tuple(diff_ids), config=config, source=ref, created=time.time())
+        store.put(image)
+    return image
 
 
 # -- export ----------------------------------------------------------------------------------
@@ -435,7 +445,8 @@ def export_image(store: Store, name: str, target: str, progress: Progress | None
             sink.add_file(sink_name, local)
             os.unlink(local)
             say(f"layer {i + 1}/{len(image.layers)} {diff_ids[-1][:19]} written")
-        config = {"architecture": _ARCH, "os": "linux", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(image.created)),
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(image.created))
+        config = {"architecture": _ARCH, "os": "linux", "created": created,
                   "config": {k: v for k, v in image.config.items() if v not in (None, "", [], {})},
                   "rootfs": {"type": "layers", "diff_ids": diff_ids}}
         config_bytes = _json_bytes(config)

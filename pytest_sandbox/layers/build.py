@@ -1,0 +1,543 @@
+"""Build ``images/<name>.Containerfile`` into store layers, with a Docker-style step cache.
+
+A step's cache key is its parent step's key plus the instruction text (plus the
+content hash of what ``COPY`` reads, plus the ARG values a ``RUN`` sees), so editing
+one line rebuilds from that line on. ``RUN`` executes in a sandbox on the image so
+far; the overlay's upper directory becomes the new layer. The whole build holds the
+store lock: concurrent sessions and xdist workers build an image once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fnmatch
+import glob
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import stat
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .. import container
+from . import containerfile, oci, tarlayer
+from .containerfile import ContainerfileError, Instruction
+from .store import EMPTY_CONFIG, Image, Store, StoreError, chain_id, check_name
+
+Progress = Callable[[str], None]
+SUFFIX = ".Containerfile"
+IGNORE_FILE = ".containerignore"
+_MOUNTPOINTS = ("proc", "dev", "sys")
+
+
+class BuildError(StoreError):
+    """A build step failed; the message names the file, line and what went wrong."""
+
+
+def _key(*parts: str) -> str:
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def definition_path(images_dir: str, name: str) -> str:
+    return os.path.join(images_dir, name.replace(":", "_") + SUFFIX)
+
+
+def definitions(images_dir: str) -> list[str]:
+    """Names of the images defined in ``images_dir``."""
+    if not os.path.isdir(images_dir):
+        return []
+    return sorted(e[: -len(SUFFIX)] for e in os.listdir(images_dir) if e.endswith(SUFFIX))
+
+
+@dataclasses.dataclass
+class _State:
+    key: str
+    layers: list[str]
+    diff_ids: list[str]
+    config: dict[str, Any]
+
+    def entry(self) -> dict[str, Any]:
+        return {"layers": self.layers, "diff_ids": self.diff_ids, "config": self.config}
+
+
+class _Ignore:
+    """``.containerignore``: gitignore-like patterns, ``!`` re-includes, last match wins."""
+
+    def __init__(self, context: str) -> None:
+        self.rules: list[tuple[bool, str]] = []
+        path = os.path.join(context, IGNORE_FILE)
+        if os.path.isfile(path):
+            with open(path) as f:
+                for raw in f:
+                    line = raw.strip()
+                    if not line or line.startswith("#"):
+                        continue
+                    negate = line.startswith("!")
+                    pattern = line[1:] if negate else line
+                    self.rules.append((negate, pattern.strip("/").removeprefix("./")))
+
+    def ignored(self, rel: str) -> bool:
+        result = False
+        for negate, pattern in self.rules:
+            if self._match(rel, pattern):
+                result = not negate
+        return result
+
+    @staticmethod
+    def _match(rel: str, pattern: str) -> bool:
+        parts = rel.split("/")
+        # a pattern matches the path itself or any of its parent directories
+        for i in range(1, len(parts) + 1):
+            prefix = "/".join(parts[:i])
+            if fnmatch.fnmatchcase(prefix, pattern) or fnmatch.fnmatchcase(prefix, pattern.replace("**/", "")):
+                return True
+            if pattern.startswith("**/") and fnmatch.fnmatchcase(parts[i - 1], pattern[3:]):
+                return True
+        return False
+
+
+class Builder:
+    """Builds images defined in one directory into one store."""
+
+    def __init__(self, store: Store, images_dir: str, progress: Progress | None = None,
+                 build_args: Mapping[str, str] | None = None, quiet_cached: bool = False) -> None:
+        self.store = store
+        self.images_dir = os.path.abspath(images_dir)
+        self.say = progress or (lambda _msg: None)
+        self.build_args = dict(build_args or {})
+        self.quiet_cached = quiet_cached
+        self._building: list[str] = []
+        self._done: dict[str, Image] = {}
+
+    # -- entry points --------------------------------------------------------------------
+    def build(self, name: str) -> Image:
+        check_name(name)
+        with self.store.locked():
+            return self._build(name)
+
+    def ensure(self, name: str) -> Image:
+        """The image, built if it has a definition here, or as the store has it."""
+        with self.store.locked():
+            if os.path.isfile(definition_path(self.images_dir, name)):
+                return self._build(name)
+            return self.store.require(name)
+
+    def check(self, name: str) -> None:
+        """Parse a definition (and its bases) without building: errors before anything runs."""
+        path = definition_path(self.images_dir, name)
+        if not os.path.isfile(path):
+            if self.store.get(name) is None:
+                raise StoreError(f"no image {name!r}: neither {path} nor an image of that name in the store "
+                                 f"{self.store.root}")
+            return
+        with open(path) as f:
+            instructions = containerfile.parse(f.read(), path)
+        base = instructions[[i.keyword for i in instructions].index("FROM")].args.split()[0]
+        if base not in ("scratch",) and not oci.is_reference(base) and base != name:
+            self.check(base)
+
+    # -- one image -----------------------------------------------------------------------
+    def _build(self, name: str) -> Image:
+        if name in self._done:
+            return self._done[name]
+        path = definition_path(self.images_dir, name)
+        if name in self._building:
+            raise BuildError(f"{path}: FROM cycle: {' -> '.join([*self._building, name])}")
+        if not os.path.isfile(path):
+            raise StoreError(f"no image definition {path}")
+        self._building.append(name)
+        try:
+            with open(path) as f:
+                instructions = containerfile.parse(f.read(), path)
+            started = time.monotonic()
+            self.say(f"building image {name} from {os.path.relpath(path)}")
+            state, args = self._from(instructions, path)
+            total = len(instructions)
+            for number, ins in enumerate(instructions, 1):
+                if ins.keyword == "FROM":
+                    continue
+                state, args = self._step(ins, state, args, path, f"{name} step {number}/{total}")
+            image = Image(name=name, layers=tuple(state.layers), diff_ids=tuple(state.diff_ids),
+                          config=state.config, source=os.path.relpath(path), created=time.time(),
+                          build_key=state.key)
+            existing = self.store.get(name)
+            if existing is None or existing.build_key != state.key:
+                self.store.put(image)
+            else:
+                image = existing
+            self.say(f"image {name}: {len(image.layers)} layers, ready in {time.monotonic() - started:.2f}s")
+            self._done[name] = image
+            return image
+        finally:
+            self._building.pop()
+
+    def _from(self, instructions: list[Instruction], path: str) -> tuple[_State, dict[str, str]]:
+        args: dict[str, str] = {}
+        for ins in instructions:
+            if ins.keyword == "FROM":
+                break
+            args.update(self._arg_values(ins, path, args))
+        ins = next(i for i in instructions if i.keyword == "FROM")
+        base = containerfile.substitute(ins.args.split()[0], args)
+        if base == "scratch":
+            return _State(_key("FROM scratch"), [], [], dict(EMPTY_CONFIG)), {}
+        if oci.is_reference(base):
+            transport, ref_path, tag = oci.split_reference(base.replace(":", ":" + os.path.dirname(path) + "/", 1)
+                                                           if not base.split(":", 1)[1].startswith("/") else base)
+            digest = _file_digest(ref_path)
+            key = _key("FROM", transport, digest, tag or "")
+            cached = self.store.cache_get(key)
+            if cached is None:
+                ref = f"{transport}:{ref_path}" + (f":{tag}" if tag else "")
+                try:
+                    chains, diff_ids, config, _ = oci.import_layers(self.store, ref, self.say)
+                except StoreError as exc:
+                    raise BuildError(f"{path}:{ins.line}: FROM {base}: {exc}") from None
+                cached = {"layers": chains, "diff_ids": diff_ids, "config": config}
+                self.store.cache_put(key, cached)
+            else:
+                self._cached(f"FROM {base}")
+            return _State(key, list(cached["layers"]), list(cached["diff_ids"]), dict(cached["config"])), {}
+        if os.path.isfile(definition_path(self.images_dir, base)):
+            image = self._build(base)
+        else:
+            found = self.store.get(base)
+            if found is None:
+                raise BuildError(f"{path}:{ins.line}: FROM {base}: no {definition_path(self.images_dir, base)} "
+                                 f"and no image {base!r} in the store (use scratch, an image of "
+                                 f"{os.path.relpath(self.images_dir)}/, or oci:/oci-archive:/docker-archive:)")
+            image = found
+        key = _key("FROM", json.dumps([list(image.layers), image.config], sort_keys=True))
+        return _State(key, list(image.layers), list(image.diff_ids), dict(image.config)), {}
+
+    def _cached(self, what: str) -> None:
+        if not self.quiet_cached:
+            self.say(f"  cached  {what}")
+
+    def _arg_values(self, ins: Instruction, path: str, current: Mapping[str, str]) -> dict[str, str]:
+        out = {}
+        for word in shlex.split(ins.args):
+            key, sep, default = word.partition("=")
+            out[key] = self.build_args.get(key, containerfile.substitute(default, current) if sep else "")
+        return out
+
+    def _step(self, ins: Instruction, state: _State, args: dict[str, str], path: str,
+              label: str) -> tuple[_State, dict[str, str]]:
+        env = dict(e.partition("=")[::2] for e in state.config.get("Env") or [])
+        variables = {**args, **env}
+        config = json.loads(json.dumps(state.config))
+        kw = ins.keyword
+        if kw == "ARG":
+            args = {**args, **self._arg_values(ins, path, variables)}
+            return _State(_key(state.key, ins.text, json.dumps(args, sort_keys=True)), state.layers, state.diff_ids,
+                          config), args
+        if kw in ("ENV", "LABEL", "WORKDIR", "USER", "CMD", "ENTRYPOINT", "EXPOSE"):
+            text = containerfile.substitute(ins.args, variables) if ins.json_form is None else ins.args
+            key = _key(state.key, ins.keyword, text)
+            if kw == "ENV":
+                for k, v in containerfile.pairs(dataclasses.replace(ins, args=text), path):
+                    env[k] = v
+                config["Env"] = [f"{k}={v}" for k, v in env.items()]
+            elif kw == "LABEL":
+                config["Labels"] = {**(config.get("Labels") or {}),
+                                    **dict(containerfile.pairs(dataclasses.replace(ins, args=text), path))}
+            elif kw == "USER":
+                config["User"] = text
+            elif kw in ("CMD", "ENTRYPOINT"):
+                form = list(ins.json_form) if ins.json_form is not None else (["/bin/sh", "-c", text] if text else None)
+                config["Cmd" if kw == "CMD" else "Entrypoint"] = form
+            elif kw == "EXPOSE":
+                config["ExposedPorts"] = {**(config.get("ExposedPorts") or {}),
+                                          **{(p if "/" in p else p + "/tcp"): {} for p in text.split()}}
+            elif kw == "WORKDIR":
+                workdir = os.path.normpath(os.path.join(config.get("WorkingDir") or "/", text))
+                config["WorkingDir"] = workdir
+                return self._layer_step(ins, label, _State(key, state.layers, state.diff_ids, config),
+                                        lambda diff: self._workdir_layer(state, workdir, diff))
+            if self.store.cache_get(key) is not None:
+                self._cached(f"{label}: {ins.keyword} {text[:60]}")
+            else:
+                self.say(f"  {label}: {ins.keyword} {text[:60]}")
+                self.store.cache_put(key, {"layers": state.layers, "diff_ids": state.diff_ids, "config": config})
+            return _State(key, state.layers, state.diff_ids, config), args
+        if kw == "COPY":
+            sources, dest, digest = self._copy_plan(ins, variables, path)
+            key = _key(state.key, ins.text, digest)
+            return self._layer_step(ins, label, _State(key, state.layers, state.diff_ids, config),
+                                    lambda diff: self._copy_into(ins, sources, dest, state.layers, config, diff)), args
+        if kw == "RUN":
+            key = _key(state.key, ins.text, json.dumps(args, sort_keys=True))
+            return self._layer_step(ins, label, _State(key, state.layers, state.diff_ids, config),
+                                    lambda diff: self._run(ins, state, args, path, diff)), args
+        raise ContainerfileError(path, ins.line, f"unsupported instruction {kw}")  # parse() stops these first
+
+    def _layer_step(self, ins: Instruction, label: str, target: _State,
+                    make: Callable[[str], bool]) -> _State:
+        """Reuse the cached result of ``target.key`` or make a new layer on top of ``target.layers``."""
+        cached = self.store.cache_get(target.key)
+        if cached is not None:
+            self._cached(f"{label}: {ins.keyword} {ins.args[:60]}")
+            return _State(target.key, list(cached["layers"]), list(cached["diff_ids"]), dict(cached["config"]))
+        self.say(f"  {label}: {ins.keyword} {ins.args[:60]}")
+        started = time.monotonic()
+        with self.store.staging() as stage:
+            diff = os.path.join(stage, "diff")
+            os.mkdir(diff)
+            layers, diff_ids = list(target.layers), list(target.diff_ids)
+            if make(diff) and os.listdir(diff):
+                diff_id = tarlayer.diff_id_of(diff)
+                parent = layers[-1] if layers else None
+                chain = chain_id(parent, diff_id)
+                self.store.publish_layer(diff, chain, diff_id, parent, {"created_by": ins.text})
+                layers.append(chain)
+                diff_ids.append(diff_id)
+        result = _State(target.key, layers, diff_ids, target.config)
+        self.store.cache_put(target.key, result.entry())
+        self.say(f"    done in {time.monotonic() - started:.2f}s")
+        return result
+
+    # -- WORKDIR -------------------------------------------------------------------------
+    def _workdir_layer(self, state: _State, workdir: str, diff: str) -> bool:
+        if _exists_in(self.store, state.layers, workdir):
+            return False
+        os.makedirs(os.path.join(diff, workdir.lstrip("/")), mode=0o755)
+        return True
+
+    # -- COPY ----------------------------------------------------------------------------
+    def _copy_plan(self, ins: Instruction, variables: Mapping[str, str], path: str
+                   ) -> tuple[list[tuple[str, str]], str, str]:
+        """(absolute source, name) pairs, the destination and a hash of everything read."""
+        words = list(ins.json_form) if ins.json_form is not None else shlex.split(ins.args)
+        words = [containerfile.substitute(w, variables) for w in words]
+        *patterns, dest = words
+        from_host = ins.flag("from") == "host"
+        context = os.path.dirname(os.path.abspath(path))
+        ignore = _Ignore(context)
+        sources: list[tuple[str, str]] = []
+        for pattern in patterns:
+            if from_host:
+                if not os.path.isabs(pattern):
+                    raise ContainerfileError(path, ins.line, f"COPY --from=host {pattern!r}: use an absolute host path")
+                matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+            else:
+                rel = os.path.normpath(pattern.lstrip("/"))
+                if rel == ".." or rel.startswith("../"):
+                    raise ContainerfileError(path, ins.line, f"COPY {pattern!r} leaves the build context {context}")
+                full = os.path.join(context, rel)
+                matches = sorted(glob.glob(full)) if glob.has_magic(rel) else [full]
+                matches = [m for m in matches if not ignore.ignored(os.path.relpath(m, context))]
+            existing = [m for m in matches if os.path.lexists(m)]
+            if not existing:
+                where = "on this host" if from_host else f"in the build context {context}"
+                raise ContainerfileError(path, ins.line, f"COPY {pattern!r}: no such file {where}")
+            sources.extend((m, os.path.basename(m.rstrip("/"))) for m in existing)
+        digest = hashlib.sha256()
+        digest.update(json.dumps([dest, sorted(ins.flags)]).encode())
+        for source, _name in sources:
+            for rel, full in _walk_source(source, None if from_host else (context, ignore)):
+                st = os.lstat(full)
+                digest.update(f"{rel}\0{stat.S_IMODE(st.st_mode)}\0{stat.S_IFMT(st.st_mode)}\0".encode())
+                if stat.S_ISLNK(st.st_mode):
+                    digest.update(os.readlink(full).encode())
+                elif stat.S_ISREG(st.st_mode):
+                    digest.update(_file_digest(full).encode())
+        return sources, dest, digest.hexdigest()
+
+    def _copy_into(self, ins: Instruction, sources: list[tuple[str, str]], dest: str, layers: list[str],
+                   config: Mapping[str, Any], diff: str) -> bool:
+        workdir = config.get("WorkingDir") or "/"
+        dest_abs = os.path.normpath(os.path.join(workdir, dest))
+        into_dir = dest.endswith("/") or len(sources) > 1 or any(os.path.isdir(s) for s, _ in sources) \
+            or _is_dir_in(self.store, layers, dest_abs)
+        context = self.images_dir
+        ignore = None if ins.flag("from") == "host" else _Ignore(context)
+        for source, name in sources:
+            if os.path.isdir(source) and not os.path.islink(source):
+                target = os.path.join(diff, dest_abs.lstrip("/"))
+                os.makedirs(target, mode=0o755, exist_ok=True)
+                for rel, full in _walk_source(source, None if ignore is None else (context, ignore)):
+                    _copy_entry(full, os.path.join(target, rel))
+            else:
+                target = os.path.join(diff, dest_abs.lstrip("/"), name) if into_dir else \
+                    os.path.join(diff, dest_abs.lstrip("/"))
+                os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+                _copy_entry(source, target)
+        _apply_copy_flags(diff, dest_abs, ins)
+        return True
+
+    # -- RUN -----------------------------------------------------------------------------
+    def _run(self, ins: Instruction, state: _State, args: Mapping[str, str], path: str, diff: str) -> bool:
+        stage = os.path.dirname(diff)
+        work, merged, empty = (os.path.join(stage, d) for d in ("work", "merged", "empty"))
+        for d in (work, merged, empty):
+            os.mkdir(d)
+        lowers = [self.store.diff_path(c) for c in reversed(state.layers)] or [empty]
+        argv = tuple(ins.json_form) if ins.json_form is not None else ("/bin/sh", "-c", ins.args)
+        config = state.config
+        env_list = [f"{k}={v}" for k, v in args.items()] + list(config.get("Env") or [])
+        network = "host" if ins.flag("network") == "host" else "none"
+
+        def prepare() -> str:
+            container.overlay_mount(lowers, diff, work, merged)
+            return merged
+
+        uid, gid, home = self._user(state, config.get("User") or "")
+        run = container.RunSpec(argv=argv, env=container.image_env(env_list, {}, home, "build"),
+                                workdir=config.get("WorkingDir") or "/", user=config.get("User") or "",
+                                hostname="build", network=network)
+        try:
+            proc = container.spawn(prepare, run, uid, gid, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT)
+        except container.ContainerError as exc:
+            raise BuildError(f"{path}:{ins.line}: RUN cannot start: {exc}") from None
+        assert proc.stdout is not None
+        tail: list[str] = []
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            self.say(f"    | {line}")
+            tail = (tail + [line])[-20:]
+        code = proc.wait()
+        if code != 0:
+            output = "\n".join(tail)
+            raise BuildError(f"{path}:{ins.line}: RUN {ins.args[:80]} failed with exit status {code}"
+                             + (f"; last output:\n{output}" if output else ""))
+        for name in _MOUNTPOINTS:  # made only to mount on; not part of what RUN produced
+            target = os.path.join(diff, name)
+            with contextlib.suppress(OSError):
+                if not _exists_in(self.store, state.layers, "/" + name):
+                    os.rmdir(target)
+        _strip_overlay_xattrs(diff)
+        return True
+
+    def _user(self, state: _State, user: str) -> tuple[int, int, str]:
+        if not user or user in ("root", "0", "0:0"):
+            return 0, 0, "/root"
+        with self.store.staging() as stage:
+            etc = os.path.join(stage, "etc")
+            os.mkdir(etc)
+            for name in ("passwd", "group"):
+                found = _find_in(self.store, state.layers, f"/etc/{name}")
+                if found:
+                    shutil.copyfile(found, os.path.join(etc, name))
+            try:
+                return container.resolve_user(stage, user)
+            except container.ContainerError as exc:
+                raise BuildError(str(exc)) from None
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+def _file_digest(path: str) -> str:
+    sha = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                sha.update(chunk)
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc.strerror}") from None
+    return sha.hexdigest()
+
+
+def _walk_source(source: str, ignore: tuple[str, _Ignore] | None) -> list[tuple[str, str]]:
+    """(path relative to ``source``, absolute path) of a COPY source; a file is itself."""
+    if not os.path.isdir(source) or os.path.islink(source):
+        return [("", source)]
+    out = []
+    for root, dirs, files in os.walk(source):
+        dirs.sort()
+        for name in sorted(dirs) + sorted(files):
+            full = os.path.join(root, name)
+            if ignore is not None and ignore[1].ignored(os.path.relpath(full, ignore[0])):
+                if name in dirs:
+                    dirs.remove(name)
+                continue
+            out.append((os.path.relpath(full, source), full))
+    return out
+
+
+def _copy_entry(source: str, target: str) -> None:
+    st = os.lstat(source)
+    if stat.S_ISDIR(st.st_mode):
+        os.makedirs(target, exist_ok=True)
+        os.chmod(target, stat.S_IMODE(st.st_mode) | 0o700)
+    elif stat.S_ISLNK(st.st_mode):
+        os.symlink(os.readlink(source), target)
+    elif stat.S_ISREG(st.st_mode):
+        shutil.copyfile(source, target)
+        os.chmod(target, stat.S_IMODE(st.st_mode))
+    else:
+        return  # sockets, devices: not copied
+    with contextlib.suppress(OSError):
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def _apply_copy_flags(diff: str, dest_abs: str, ins: Instruction) -> None:
+    chown, chmod = ins.flag("chown"), ins.flag("chmod")
+    if chown is None and chmod is None:
+        return
+    uid = gid = None
+    if chown is not None:
+        user, _, group = chown.partition(":")
+        if not user.isdigit() or (group and not group.isdigit()):
+            raise BuildError(f"COPY --chown={chown}: use numeric UID[:GID]")
+        uid, gid = int(user), int(group or user)
+    top = os.path.join(diff, dest_abs.lstrip("/"))
+    for root, dirs, files in os.walk(top):
+        for full in [root] + [os.path.join(root, n) for n in dirs + files]:
+            if chmod is not None and not os.path.islink(full):
+                os.chmod(full, int(chmod, 8))
+            if uid is not None:
+                if os.geteuid() == 0:
+                    os.lchown(full, uid, gid if gid is not None else uid)
+                elif not os.path.islink(full):
+                    os.setxattr(full, tarlayer.OWNER_XATTR, f"{uid}:{gid}".encode(), follow_symlinks=False)
+    if os.path.isfile(top) or os.path.islink(top):
+        if chmod is not None and not os.path.islink(top):
+            os.chmod(top, int(chmod, 8))
+
+
+def _find_in(store: Store, layers: list[str], path: str) -> str | None:
+    """The topmost layer's copy of ``path``, or None if absent or deleted (whiteouts honoured)."""
+    rel = path.strip("/")
+    for chain in reversed(layers):
+        diff = store.diff_path(chain)
+        parts = rel.split("/")
+        for i in range(1, len(parts)):  # a whiteout or opaque dir on the way hides lower layers
+            prefix = os.path.join(diff, *parts[:i])
+            if os.path.lexists(prefix) and tarlayer.is_whiteout(os.lstat(prefix)):
+                return None
+        full = os.path.join(diff, rel)
+        if os.path.lexists(full):
+            return None if tarlayer.is_whiteout(os.lstat(full)) else full
+        for i in range(1, len(parts)):
+            prefix = os.path.join(diff, *parts[:i])
+            with contextlib.suppress(OSError):
+                if os.getxattr(prefix, tarlayer.OPAQUE_XATTR) == b"y":
+                    return None
+    return None
+
+
+def _exists_in(store: Store, layers: list[str], path: str) -> bool:
+    return path.strip("/") == "" or _find_in(store, layers, path) is not None
+
+
+def _is_dir_in(store: Store, layers: list[str], path: str) -> bool:
+    found = _find_in(store, layers, path)
+    return found is not None and os.path.isdir(found)
+
+
+def _strip_overlay_xattrs(diff: str) -> None:
+    """Keep only the opaque marker of overlay's bookkeeping in a finished upper dir."""
+    for root, dirs, files in os.walk(diff):
+        for full in [root] + [os.path.join(root, n) for n in dirs + files]:
+            if os.path.islink(full):
+                continue
+            with contextlib.suppress(OSError):
+                for attr in os.listxattr(full):
+                    if attr.startswith("user.overlay.") and attr != tarlayer.OPAQUE_XATTR:
+                        os.removexattr(full, attr)
