@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from .errors import SandboxError, SetupError
-from .fixtures import SandboxInfo
+from .fixtures import Sandbox
 from .spec import SandboxSpec
 
 __version__ = "0.1.0"
-__all__ = ["SandboxError", "SandboxInfo", "SandboxSpec", "SetupError", "__version__"]
+__all__ = ["Sandbox", "SandboxError", "SandboxSpec", "SetupError", "__version__"]

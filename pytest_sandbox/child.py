@@ -24,6 +24,7 @@ from .errors import SetupError
 from .spec import SandboxSpec
 
 ACTIVE_SPEC: SandboxSpec | None = None  # set in the test process of a sandbox
+ACTIVE_PLAN: rootfs.RootPlan | None = None
 _channel: socket.socket | None = None   # the test process's line to pytest, while a test runs
 
 
@@ -97,7 +98,7 @@ def test_process(zygote: socket.socket, items: dict[str, pytest.Item], spec: San
     With ``wait_for_cgroup`` nothing happens until the zygote has moved this process
     into the sandbox's cgroup, so every byte and cycle is accounted there.
     """
-    global ACTIVE_SPEC, _channel
+    global ACTIVE_SPEC, ACTIVE_PLAN, _channel
     from _pytest.runner import runtestprotocol
     from _pytest.warnings import catch_warnings_for_item
 
@@ -128,7 +129,7 @@ def test_process(zygote: socket.socket, items: dict[str, pytest.Item], spec: San
         sync.send(_channel, error)
         _exit(0)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    ACTIVE_SPEC = spec
+    ACTIVE_SPEC, ACTIVE_PLAN = spec, plan
     item = items[request["nodeid"]]
     try:
         # What pytest's warnings plugin does around each test; recorded warnings go to pytest.

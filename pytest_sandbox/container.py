@@ -182,8 +182,15 @@ def _enter_root(root: str, run: RunSpec, uid: int, gid: int, privileged: bool) -
         _linux.move_mount(sys_fd, f"{root}/sys")
         os.close(sys_fd)
     os.chdir(root)
-    _linux.pivot_root(".", ".")
-    _linux.umount2(".", _linux.MNT_DETACH)
+    try:
+        _linux.pivot_root(".", ".")
+        _linux.umount2(".", _linux.MNT_DETACH)
+    except OSError as exc:
+        # Inside a sandbox without root the mounts inherited from it are locked and pivot_root
+        # refuses them; chroot keeps the command in the image (what lies under is the sandbox).
+        if exc.errno != errno.EINVAL:
+            raise
+        os.chroot(".")
     os.chdir("/")
     socket.sethostname(run.hostname)
     if run.network == "none":
@@ -196,13 +203,6 @@ def _enter_root(root: str, run: RunSpec, uid: int, gid: int, privileged: bool) -
         os.chdir(run.workdir or "/")
     except OSError as exc:
         raise ContainerError(f"working directory {run.workdir}: {exc.strerror}") from None
-
-
-def _close_all_but(keep: set[int]) -> None:
-    for fd in sorted(int(n) for n in os.listdir("/proc/self/fd")):
-        if fd not in keep:
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
 
 class _Launch:
@@ -247,7 +247,8 @@ class _Launch:
         _linux.unshare(_linux.CLONE_NEWPID)
         pid = os.fork()
         if pid != 0:
-            _close_all_but(set())
+            # Not via /proc: pid 1 is about to pivot this shared mount namespace away from it.
+            os.closerange(0, 0x7FFFFFFF)
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(signum, lambda *_: os.kill(pid, signal.SIGKILL))
             while True:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import warnings
 from collections.abc import Iterator
@@ -10,8 +11,10 @@ from typing import Any
 
 import pytest
 
-from . import cgroups, hookspecs, probe, runner, summary, zygote
+from . import cgroups, hookspecs, probe, rootfs, runner, summary, zygote
 from .errors import SandboxError
+from .layers import build
+from .layers.store import Store
 from .spec import MARKER, SandboxSpec, defaults_from_config, parse_stress, spec_for_item
 
 SPEC_KEY = pytest.StashKey[SandboxSpec]()
@@ -38,6 +41,10 @@ class SessionState:
     # forked before that has stale fixture state and is replaced.
     parent_epoch: int = 0
     records: summary.Records = dataclasses.field(default_factory=summary.Records)
+    store: Store | None = None
+    images_dir: str = ""
+    images: dict[str, rootfs.ImageMount] = dataclasses.field(default_factory=dict)
+    image_errors: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def accounting(self) -> bool:
@@ -79,6 +86,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--sandbox-limits", dest="sandbox_limits", metavar="POLICY", default=None,
                     help="a limit this host cannot enforce: warn (default) or strict (an error)")
     parser.addini("sandbox_limits", "default for --sandbox-limits: warn or strict", default="warn")
+    group.addoption("--sandbox-store", dest="sandbox_store", metavar="DIR", default=None,
+                    help="image and layer store (default: $PYTEST_SANDBOX_STORE, ini sandbox_store, "
+                         "$XDG_CACHE_HOME/pytest-sandbox)")
+    parser.addini("sandbox_store", "directory of the image and layer store", default="")
+    parser.addini("sandbox_images", "directory of *.Containerfile image definitions, relative to rootdir",
+                  default="images")
     group.addoption("--sandbox-durations", dest="sandbox_durations", metavar="N", type=int, default=None,
                     help="show the N sandboxed tests that used the most memory and CPU (0: all)")
     group.addoption("--sandbox-repeat", dest="sandbox_repeat", metavar="N", type=int, default=1,
@@ -101,7 +114,7 @@ def _choice(config: pytest.Config, option: str, ini: str, allowed: tuple[str, ..
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        f"{MARKER}(hostname=, network=, writable=, env=, memory=, cpus=, pids=, io=, timeout=): run this "
+        f"{MARKER}(image=, hostname=, network=, writable=, env=, memory=, cpus=, pids=, io=, timeout=): run this "
         "test and its fixtures in a rootless sandbox (pytest-sandbox)",
     )
     mode = _choice(config, "sandbox_mode", "sandbox", MODES)
@@ -127,9 +140,20 @@ def pytest_configure(config: pytest.Config) -> None:
         stress=parse_stress(config.getoption("sandbox_stress")),
         repeat=repeat,
         durations=durations,
+        store=Store(config.getoption("sandbox_store") or os.environ.get("PYTEST_SANDBOX_STORE")
+                    or _ini_path(config, "sandbox_store") or None),
+        images_dir=_ini_path(config, "sandbox_images") or str(config.rootpath / "images"),
     )
     if durations is not None or repeat > 1:
         config.pluginmanager.register(_Recorder(config.stash[STATE_KEY].records), "sandbox-recorder")
+
+
+def _ini_path(config: pytest.Config, name: str) -> str:
+    value = str(config.getini(name) or "")
+    if not value:
+        return ""
+    base = config.inipath.parent if config.inipath else config.rootpath
+    return str(base / os.path.expanduser(value))
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -152,6 +176,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     """Build and validate every item's spec now, so bad input stops the run before any test."""
     state = config.stash[STATE_KEY]
     unenforced: dict[str, list[str]] = {}
+    images_needed: dict[str, str] = {}
     for item in items:
         sandbox_all = state.mode == "all" or state.repeat > 1 or bool(state.stress)
         spec = spec_for_item(item, state.defaults, sandbox_all=sandbox_all, overrides=state.stress)
@@ -163,11 +188,55 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
                 raise pytest.UsageError(f"{item.nodeid}: pytest_sandbox_spec returned {changed!r}, not a SandboxSpec")
             spec = changed
         item.stash[SPEC_KEY] = spec
+        if spec.image is not None and state.mode != "off":
+            images_needed.setdefault(spec.image, item.nodeid)
         for limit in spec.limits:
             if limit not in state.backend.enforced:
                 unenforced.setdefault(limit, []).append(item.nodeid)
     if unenforced and state.mode != "off":
         _unenforceable(state, unenforced)
+    assert state.store is not None
+    checker = build.Builder(state.store, state.images_dir)
+    for name, nodeid in images_needed.items():
+        try:
+            checker.check(name)
+        except SandboxError as exc:
+            raise pytest.UsageError(f"{nodeid}: image={name!r}: {exc}") from None
+    state.images = {name: rootfs.ImageMount(name, (), "{}") for name in images_needed}  # built at runtestloop
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session: pytest.Session) -> None:
+    """Build (or find cached) every image the selected tests use, before the first test runs."""
+    state = session.config.stash[STATE_KEY]
+    if not state.images or session.config.option.collectonly:
+        return
+    assert state.store is not None
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+
+    def progress(line: str) -> None:
+        if reporter is not None:
+            reporter.write_line(f"sandbox image: {line}")
+
+    builder = build.Builder(state.store, state.images_dir, progress, quiet_cached=True)
+    for name in sorted(state.images):
+        try:
+            image = builder.ensure(name)
+        except SandboxError as exc:  # its tests fail with this; the others run
+            state.image_errors[name] = f"image {name!r} cannot be built: {exc}"
+            progress(state.image_errors[name])
+            continue
+        lowers = tuple(state.store.diff_path(c) for c in reversed(image.layers))
+        if not lowers:
+            lowers = (_empty_layer(state.store),)
+        state.images[name] = rootfs.ImageMount(name, lowers, json.dumps(image.config, sort_keys=True))
+
+
+def _empty_layer(store: Store) -> str:
+    """The lower dir of an image without layers (FROM scratch with only config steps)."""
+    path = os.path.join(store.ensure().root, "empty")
+    os.makedirs(path, exist_ok=True)
+    return path
 
 
 def _unenforceable(state: SessionState, unenforced: dict[str, list[str]]) -> None:
@@ -200,7 +269,7 @@ def _zygote(item: pytest.Item, state: SessionState) -> runner.Zygote:
         factory = getattr(item.config, "_tmp_path_factory", None)
         basetemp = str(factory.getbasetemp()) if factory is not None else None
         items = {i.nodeid: i for i in session.items} | {item.nodeid: item}
-        paths = runner.session_paths(item.config, basetemp)
+        paths = dataclasses.replace(runner.session_paths(item.config, basetemp), images=dict(state.images))
         if state.cgroup_session is None and isinstance(state.backend, cgroups.CgroupBackend):
             try:
                 state.cgroup_session = state.backend.open_session()
@@ -235,6 +304,9 @@ def _run(item: pytest.Item, spec: SandboxSpec, state: SessionState) -> Iterator[
     reason = probe.unavailable_reason()
     if reason is not None:
         yield from _skip_or_fail(item, f"sandbox unavailable: {reason}", state.unavailable == "skip")
+        return
+    if spec.image is not None and spec.image in state.image_errors:
+        yield from _skip_or_fail(item, state.image_errors[spec.image], skip=False)
         return
     item.ihook.pytest_sandbox_start(item=item, spec=spec)
     try:

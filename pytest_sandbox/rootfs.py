@@ -56,15 +56,26 @@ def _real(path: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class ImageMount:
+    """An image as a sandbox mounts it: its layer dirs (top first) and its config."""
+
+    name: str
+    lowers: tuple[str, ...]
+    config_json: str  # JSON text, so the plan stays hashable
+
+
+@dataclasses.dataclass(frozen=True)
 class RootPlan:
     """What one sandbox mounts, computed once per spec in the zygote."""
 
     overlays: tuple[str, ...]  # writable places: overlay with an ephemeral upper, shallowest first
     visible: tuple[str, ...]   # host paths re-exposed read-only on top of a fresh tmpfs
     fresh: tuple[str, ...]     # places that get an empty tmpfs
+    image: ImageMount | None = None
+    image_root: str = ""       # where the image's root is mounted in the test's view
 
 
-def make_plan(writable: Iterable[str], needed: Iterable[str]) -> RootPlan:
+def make_plan(writable: Iterable[str], needed: Iterable[str], image: ImageMount | None = None) -> RootPlan:
     """Decide the mounts: ``writable`` become overlays, ``needed`` must stay visible."""
     fresh = tuple(p for p in FRESH_PLACES if os.path.isdir(p) and not os.path.islink(p))
     overlays = sorted({_real(p) for p in writable if os.path.isdir(p) and _real(p) != "/"},
@@ -78,7 +89,10 @@ def make_plan(writable: Iterable[str], needed: Iterable[str]) -> RootPlan:
             visible.add(real)
     # A visible path inside another visible path comes along with its parent.
     kept = tuple(sorted(p for p in visible if not any(p != q and _is_under(p, q) for q in visible)))
-    return RootPlan(overlays=tuple(overlays), visible=kept, fresh=fresh)
+    image_root = ""
+    if image is not None:
+        image_root = "/run/pytest-sandbox/image" if "/run" in fresh else "/tmp/pytest-sandbox/image"
+    return RootPlan(overlays=tuple(overlays), visible=kept, fresh=fresh, image=image, image_root=image_root)
 
 
 def _makedirs(path: str) -> None:
@@ -111,6 +125,20 @@ def _detached_overlay(lower: str, scratch: str, index: int) -> int:
         return _linux.fsmount(fs)
     finally:
         os.close(fs)
+
+
+def _image_root(image: ImageMount, scratch: str) -> int:
+    """The image's overlay with an ephemeral upper, as a detached mount to attach later."""
+    from .container import overlay_mount
+
+    upper, work, root = (f"{scratch}/image/{d}" for d in ("upper", "work", "root"))
+    for d in (upper, work, root):
+        os.makedirs(d)
+    try:
+        overlay_mount(image.lowers, upper, work, root)
+    except OSError as exc:
+        raise SetupError("image", f"cannot mount image {image.name}: {exc}") from None
+    return _linux.open_tree(root, _linux.OPEN_TREE_CLONE | _linux.OPEN_TREE_CLOEXEC)
 
 
 def build_dev_template() -> None:
@@ -150,6 +178,7 @@ def build(plan: RootPlan) -> None:
     _linux.mount("sandbox-upper", scratch, "tmpfs", _TMPFS_FLAGS, "mode=0700")
     overlay_fds = [(target, _detached_overlay(target, scratch, i)) for i, target in enumerate(plan.overlays)]
     visible_fds = [(path, os.path.isdir(path), _linux.open_tree(path, clone)) for path in plan.visible]
+    image_fd = _image_root(plan.image, scratch) if plan.image is not None else None
     # 2. Cover the scratch places.
     for place in plan.fresh:
         _linux.mount("sandbox-tmp", place, "tmpfs", _TMPFS_FLAGS, "mode=0755" if place == "/run" else "mode=1777")
@@ -159,4 +188,6 @@ def build(plan: RootPlan) -> None:
         _attach(fd, target)
     for path, is_dir, fd in visible_fds:
         _attach(fd, path, is_dir)
+    if image_fd is not None:
+        _attach(image_fd, plan.image_root)
     _linux.mount("proc", "/proc", "proc", _linux.MS_NOSUID | _linux.MS_NODEV | _linux.MS_NOEXEC)

@@ -34,6 +34,7 @@ class SandboxSpec:
     pids: int | None = None          # most processes and threads at once
     io: tuple[tuple[str, int], ...] = ()  # (read_bps|write_bps|read_iops|write_iops, value)
     timeout: float | None = None     # seconds for the whole runtest protocol
+    image: str | None = None         # an image of images/ or of the store: sandbox.run() runs in it
 
     @property
     def limits(self) -> tuple[str, ...]:
@@ -175,7 +176,16 @@ def _check_io(value: object, where: str) -> tuple[tuple[str, int], ...]:
     return tuple(sorted(items))
 
 
+def _check_image(value: object, where: str) -> str:
+    from .layers.store import NAME_RE, NAME_RULE
+
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise _bad(where, "image", value, f"expected an image name: {NAME_RULE}")
+    return value
+
+
 _CHECKS: dict[str, Callable[[Any, str], Any]] = {
+    "image": _check_image,
     "hostname": _check_hostname,
     "network": _check_network,
     "writable": _check_writable,

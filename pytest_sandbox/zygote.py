@@ -41,6 +41,7 @@ class SessionPaths:
     cwd: str
     writable: tuple[str, ...]  # overlays with ephemeral writes: rootdir, cwd, $HOME, basetemp
     needed: tuple[str, ...]    # must stay visible: interpreter, sys.path, ...
+    images: dict[str, rootfs.ImageMount] = dataclasses.field(default_factory=dict)  # built before tests run
 
 
 @dataclasses.dataclass
@@ -160,7 +161,8 @@ class _Factory:
         """
         plan = self.plans.get(spec)
         if plan is None:
-            plan = self.plans[spec] = rootfs.make_plan(self.paths.writable + spec.writable, self.paths.needed)
+            image = self.paths.images.get(spec.image) if spec.image else None
+            plan = self.plans[spec] = rootfs.make_plan(self.paths.writable + spec.writable, self.paths.needed, image)
         session = self.limits.session
         group = session.create(spec) if session is not None and self.limits.wants_group(spec) else None
         test, test_end = sync.socketpair()

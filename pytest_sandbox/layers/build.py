@@ -108,11 +108,26 @@ class Builder:
                  build_args: Mapping[str, str] | None = None, quiet_cached: bool = False) -> None:
         self.store = store
         self.images_dir = os.path.abspath(images_dir)
-        self.say = progress or (lambda _msg: None)
+        self._progress = progress or (lambda _msg: None)
+        self._pending: list[str] = []  # headers held back while every step is cached (quiet mode)
+        self._said = 0
         self.build_args = dict(build_args or {})
         self.quiet_cached = quiet_cached
         self._building: list[str] = []
         self._done: dict[str, Image] = {}
+
+    def say(self, message: str) -> None:
+        self._said += 1
+        for line in self._pending:
+            self._progress(line)
+        self._pending.clear()
+        self._progress(message)
+
+    def _header(self, message: str) -> None:
+        if self.quiet_cached:
+            self._pending.append(message)
+        else:
+            self._progress(message)
 
     # -- entry points --------------------------------------------------------------------
     def build(self, name: str) -> Image:
@@ -155,7 +170,8 @@ class Builder:
             with open(path) as f:
                 instructions = containerfile.parse(f.read(), path)
             started = time.monotonic()
-            self.say(f"building image {name} from {os.path.relpath(path)}")
+            self._header(f"building image {name} from {os.path.relpath(path)}")
+            said_before = self._said
             state, args = self._from(instructions, path)
             total = len(instructions)
             for number, ins in enumerate(instructions, 1):
@@ -170,7 +186,11 @@ class Builder:
                 self.store.put(image)
             else:
                 image = existing
-            self.say(f"image {name}: {len(image.layers)} layers, ready in {time.monotonic() - started:.2f}s")
+            ready = f"image {name}: {len(image.layers)} layers, ready in {time.monotonic() - started:.2f}s"
+            if self.quiet_cached and self._said == said_before:
+                self._pending.pop()  # everything was cached: not a word
+            else:
+                self.say(ready)
             self._done[name] = image
             return image
         finally:
@@ -258,7 +278,7 @@ class Builder:
                 workdir = os.path.normpath(os.path.join(config.get("WorkingDir") or "/", text))
                 config["WorkingDir"] = workdir
                 return self._layer_step(ins, label, _State(key, state.layers, state.diff_ids, config),
-                                        lambda diff: self._workdir_layer(state, workdir, diff))
+                                        lambda diff: self._workdir_layer(state, workdir, diff)), args
             if self.store.cache_get(key) is not None:
                 self._cached(f"{label}: {ins.keyword} {text[:60]}")
             else:
