@@ -37,13 +37,13 @@ def _exit(code: int = 0) -> None:
     os._exit(code)
 
 
-def enter_namespaces(spec: SandboxSpec, plan: rootfs.RootPlan) -> None:
+def enter_namespaces(spec: SandboxSpec, plan: rootfs.RootPlan, keep: tuple[str, str] | None = None) -> None:
     """The per-test namespaces and mount tree; the user and pid namespaces come from the zygote."""
     flags = _linux.CLONE_NEWNS | _linux.CLONE_NEWUTS | _linux.CLONE_NEWIPC | _linux.CLONE_NEWCGROUP
     if spec.network == "none":
         flags |= _linux.CLONE_NEWNET
     _linux.unshare(flags)
-    rootfs.build(plan)
+    rootfs.build(plan, keep)
     socket.sethostname(spec.hostname)
     if spec.network == "none":
         _linux.loopback_up()
@@ -91,7 +91,7 @@ class ReportStreamer:
 
 
 def test_process(zygote: socket.socket, items: dict[str, pytest.Item], spec: SandboxSpec,
-                 plan: rootfs.RootPlan, cwd: str, crash_fd: int, wait_for_cgroup: bool,
+                 plan: rootfs.RootPlan, cwd: str, crash_fd: int, keep: tuple[str, str] | None, wait_for_cgroup: bool,
                  backend: cgroups.Backend) -> None:
     """Build the sandbox, wait for a test, run pytest's own runtest protocol on it; never returns.
 
@@ -109,7 +109,7 @@ def test_process(zygote: socket.socket, items: dict[str, pytest.Item], spec: San
     try:
         _linux.set_process_name("sandbox-test")
         os.setsid()  # out of pytest's process group: killpg(0) in a test must not reach the host
-        enter_namespaces(spec, plan)
+        enter_namespaces(spec, plan, keep)
         os.chdir(cwd)
         os.environ.update(spec.env)
         if os.geteuid() != 0:
@@ -129,6 +129,8 @@ def test_process(zygote: socket.socket, items: dict[str, pytest.Item], spec: San
         sync.send(_channel, error)
         _exit(0)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    if keep is not None:  # pytest keeps this read/write layer if the test fails
+        sync.send(_channel, {"type": "container", "id": keep[1]})
     ACTIVE_SPEC, ACTIVE_PLAN = spec, plan
     item = items[request["nodeid"]]
     try:

@@ -1,30 +1,286 @@
-"""The ``pytest-sandbox`` command."""
+"""The ``pytest-sandbox`` command: doctor, images, containers kept by failed tests."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
+import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
 
-from . import cgroups, probe
+from . import cgroups, container, probe
+from .errors import SandboxError
+from .layers import build, oci, tarlayer
+from .layers.store import Image, Store, chain_id, check_name
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pytest-sandbox", description="rootless sandboxes for pytest")
-    commands = parser.add_subparsers(dest="command", required=True)
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _ago(ts: float) -> str:
+    seconds = max(0, time.time() - ts)
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= length:
+            return f"{int(seconds // length)}{unit} ago"
+    return f"{int(seconds)}s ago"
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    print(probe.doctor_text())
+    try:
+        backend = cgroups.choose("auto", args.cgroup or None, os.getcwd()).describe()
+    except cgroups.CgroupUnavailable as exc:
+        backend = f"unavailable: {exc}"
+    print(f"limits: {backend}")
+    print(f"image store: {Store(args.store).root}")
+    return 0 if probe.unavailable_reason() is None else 1
+
+
+def _images(args: argparse.Namespace, store: Store) -> int:
+    say = print if not args.quiet else (lambda _m: None)
+    if args.images_command == "build":
+        builder = build.Builder(store, args.dir, say, dict(a.split("=", 1) for a in args.build_arg))
+        names = args.names or build.definitions(args.dir)
+        if not names:
+            print(f"no *.Containerfile in {args.dir}", file=sys.stderr)
+            return 1
+        for name in names:
+            builder.build(name)
+        return 0
+    if args.images_command == "ls":
+        images = store.images()
+        print(f"{'NAME':24} {'LAYERS':>6} {'SIZE':>10} {'CREATED':>10}  SOURCE")
+        for image in images:
+            size = sum(store.layer_info(c).get("size", 0) for c in image.layers)
+            print(f"{image.name:24} {len(image.layers):>6} {_size(size):>10} {_ago(image.created):>10}  {image.source}")
+        return 0
+    if args.images_command == "inspect":
+        image = store.require(args.name)
+        data: dict[str, Any] = image.to_json()
+        data["layers"] = [{"chain_id": c, **{k: v for k, v in store.layer_info(c).items() if k != "chain_id"},
+                           "path": store.diff_path(c)} for c in image.layers]
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return 0
+    if args.images_command == "rm":
+        for name in args.names:
+            store.remove_image(name)
+            say(f"removed {name} (its layers go with the next prune)")
+        return 0
+    if args.images_command == "prune":
+        removed, freed = store.prune()
+        say(f"removed {len(removed)} unused layers, {_size(freed)} freed")
+        return 0
+    if args.images_command == "import":
+        image = oci.import_image(store, args.ref, args.name, say)
+        say(f"imported {image.name}: {len(image.layers)} layers")
+        return 0
+    if args.images_command == "export":
+        where = oci.export_image(store, args.name, args.target, say)
+        say(f"exported {args.name} to {where}")
+        return 0
+    return 2
+
+
+def _wait_interactive(proc: subprocess.Popen[Any]) -> int:
+    """^C belongs to the command in the container, not to us."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _run_in(store: Store, layers: Sequence[str], config: dict[str, Any], upper: str, work: str, merged: str,
+            argv: Sequence[str], hostname: str) -> int:
+    lowers = [store.diff_path(c) for c in reversed(layers)]
+    if not lowers:
+        lowers = [os.path.join(os.path.dirname(merged), "empty")]
+        os.makedirs(lowers[0], exist_ok=True)
+
+    def prepare() -> str:
+        container.overlay_mount(lowers, upper, work, merged)
+        return merged
+
+    user = config.get("User") or ""
+    with tempfile.TemporaryDirectory() as etc_dir:
+        for name in ("passwd", "group"):
+            found = build._find_in(store, list(layers), f"/etc/{name}")
+            if found:
+                os.makedirs(os.path.join(etc_dir, "etc"), exist_ok=True)
+                with open(found) as src, open(os.path.join(etc_dir, "etc", name), "w") as dst:
+                    dst.write(src.read())
+        uid, gid, home = container.resolve_user(etc_dir, user)
+    run = container.RunSpec(argv=tuple(argv), env=container.image_env(config.get("Env") or [], {}, home, hostname),
+                            workdir=config.get("WorkingDir") or "/", user=user, hostname=hostname, network="none")
+    return _wait_interactive(container.spawn(prepare, run, uid, gid))
+
+
+def _default_command(config: dict[str, Any]) -> list[str]:
+    command = list(config.get("Entrypoint") or []) + list(config.get("Cmd") or [])
+    return command or ["/bin/sh"]
+
+
+def _shell(args: argparse.Namespace, store: Store) -> int:
+    """A shell in a kept container (its files as the failed test left them) or a throwaway one of an image."""
+    image = store.get(args.target) if _is_image_name(args.target) else None
+    kept = None
+    if image is None:
+        try:
+            kept = store.container(args.target)
+        except SandboxError:
+            raise SandboxError(f"{args.target!r} is neither a kept container (pytest-sandbox containers) "
+                               f"nor an image (pytest-sandbox images ls)") from None
+    argv = args.command or ["/bin/sh"]
+    with store.staging() as stage:
+        merged = os.path.join(stage, "merged")
+        os.mkdir(merged)
+        if kept is not None:
+            upper, work = os.path.join(kept["path"], "upper"), os.path.join(kept["path"], "work")
+            return _run_in(store, kept["layers"], kept["config"], upper, work, merged, argv, kept.get("hostname")
+                           or "sandbox")
+        assert image is not None
+        upper, work = os.path.join(stage, "upper"), os.path.join(stage, "work")
+        os.mkdir(upper)
+        os.mkdir(work)
+        return _run_in(store, image.layers, image.config, upper, work, merged, argv, "sandbox")
+
+
+def _is_image_name(text: str) -> bool:
+    try:
+        check_name(text)
+        return True
+    except SandboxError:
+        return False
+
+
+def _run(args: argparse.Namespace, store: Store) -> int:
+    image = store.get(args.image) if _is_image_name(args.image) else None
+    if image is None:
+        image = build.Builder(store, args.dir, print if not args.quiet else None, quiet_cached=True).ensure(args.image)
+    with store.staging() as stage:
+        upper, work, merged = (os.path.join(stage, d) for d in ("upper", "work", "merged"))
+        for path in (upper, work, merged):
+            os.mkdir(path)
+        return _run_in(store, image.layers, image.config, upper, work, merged,
+                       args.command or _default_command(image.config), "sandbox")
+
+
+def _commit(args: argparse.Namespace, store: Store) -> int:
+    kept = store.container(args.id)
+    check_name(args.name)
+    upper = os.path.join(kept["path"], "upper")
+    layers = list(kept["layers"])
+    with store.locked(), store.staging() as stage:
+        tidy = os.path.join(stage, "upper")
+        with open(os.path.join(stage, "layer.tar"), "w+b") as tar:
+            sink = tarlayer.HashingWriter(tar)
+            tarlayer.write_tar(upper, sink)
+            tar.seek(0)
+            diff = os.path.join(stage, "diff")
+            os.mkdir(diff)
+            tarlayer.apply_tar(tar, diff)
+        os.rename(diff, tidy)
+        build.tidy_upper(store, layers, tidy)
+        diff_ids = [store.layer_info(c)["diff_id"] for c in layers]
+        if os.listdir(tidy):
+            diff_id = tarlayer.diff_id_of(tidy)
+            chain = chain_id(layers[-1] if layers else None, diff_id)
+            store.publish_layer(tidy, chain, diff_id, layers[-1] if layers else None,
+                                {"created_by": f"commit of {args.id} ({kept['nodeid']})"})
+            layers.append(chain)
+            diff_ids.append(diff_id)
+        store.put(Image(name=args.name, layers=tuple(layers), diff_ids=tuple(diff_ids), config=kept["config"],
+                        source=f"commit {args.id} of {kept['nodeid']}", created=time.time()))
+    print(f"committed {args.id} as image {args.name} ({len(layers)} layers)")
+    return 0
+
+
+def _containers(args: argparse.Namespace, store: Store) -> int:
+    if args.containers_command == "rm":
+        for cid in args.ids:
+            store.remove_container(cid)
+        return 0
+    if args.containers_command == "prune":
+        kept = store.containers()
+        for meta in kept:
+            store.remove_container(meta["id"])
+        print(f"removed {len(kept)} kept containers")
+        return 0
+    print(f"{'ID':14} {'IMAGE':16} {'CREATED':>10}  TEST")
+    for meta in store.containers():
+        print(f"{meta['id']:14} {meta['image']:16} {_ago(meta.get('created', 0)):>10}  {meta['nodeid']}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="pytest-sandbox", description="rootless sandboxes for pytest")
+    top.add_argument("--store", metavar="DIR", default=os.environ.get("PYTEST_SANDBOX_STORE"),
+                     help="image store (default: $PYTEST_SANDBOX_STORE or $XDG_CACHE_HOME/pytest-sandbox)")
+    top.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    commands = top.add_subparsers(dest="verb", required=True)
     doctor = commands.add_parser("doctor", help="what this host supports, what is missing and how to fix it")
     doctor.add_argument("--cgroup", metavar="PATH", default=os.environ.get("PYTEST_SANDBOX_CGROUP"),
                         help="the cgroup pytest would be given with --sandbox-cgroup")
-    args = parser.parse_args(argv)
-    if args.command == "doctor":
-        print(probe.doctor_text())
-        try:
-            backend = cgroups.choose("auto", args.cgroup or None, os.getcwd()).describe()
-        except cgroups.CgroupUnavailable as exc:
-            backend = f"unavailable: {exc}"
-        print(f"limits: {backend}")
-        return 0 if probe.unavailable_reason() is None else 1
-    return 2
+    images = commands.add_parser("images", help="build, list, inspect, remove, import and export images")
+    sub = images.add_subparsers(dest="images_command", required=True)
+    p = sub.add_parser("build", help="build images/NAME.Containerfile (all of them without NAME)")
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("--dir", default="images", help="directory of *.Containerfile (default: ./images)")
+    p.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE", help="value for an ARG")
+    sub.add_parser("ls", help="list images")
+    p = sub.add_parser("inspect", help="layers and config of an image, as JSON")
+    p.add_argument("name")
+    p = sub.add_parser("rm", help="remove images (layers stay until prune)")
+    p.add_argument("names", nargs="+", metavar="NAME")
+    sub.add_parser("prune", help="remove layers no image uses")
+    p = sub.add_parser("import", help="import oci:DIR, oci-archive:FILE or docker-archive:FILE ([:TAG])")
+    p.add_argument("ref")
+    p.add_argument("name", nargs="?")
+    p = sub.add_parser("export", help="write an image as an OCI archive (or oci:DIR / docker-archive:FILE)")
+    p.add_argument("name")
+    p.add_argument("target")
+    p = commands.add_parser("run", help="run a command in a throwaway container of an image")
+    p.add_argument("image")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    p.add_argument("--dir", default="images", help="directory of *.Containerfile (default: ./images)")
+    p = commands.add_parser("shell", help="a shell in a kept container (ID) or a throwaway one of an image")
+    p.add_argument("target", metavar="ID|IMAGE")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    p = commands.add_parser("commit", help="make a kept container's files a new image")
+    p.add_argument("id")
+    p.add_argument("name")
+    p = commands.add_parser("containers", help="list (default), rm or prune the containers kept by failed tests")
+    sub = p.add_subparsers(dest="containers_command")
+    sub.add_parser("ls")
+    q = sub.add_parser("rm")
+    q.add_argument("ids", nargs="+", metavar="ID")
+    sub.add_parser("prune")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.verb == "doctor":
+        return _doctor(args)
+    store = Store(args.store)
+    handlers = {"images": _images, "shell": _shell, "run": _run, "commit": _commit, "containers": _containers}
+    try:
+        return handlers[args.verb](args, store)
+    except SandboxError as exc:
+        print(f"pytest-sandbox {args.verb}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 from . import cgroups, hookspecs, probe, rootfs, runner, summary, zygote
 from .errors import SandboxError
 from .layers import build
-from .layers.store import Store
+from .layers.store import Store, remove_tree
 from .spec import MARKER, SandboxSpec, defaults_from_config, parse_stress, spec_for_item
 
 SPEC_KEY = pytest.StashKey[SandboxSpec]()
@@ -22,6 +23,7 @@ STATE_KEY = pytest.StashKey["SessionState"]()
 MODES = ("marked", "all", "off")
 UNAVAILABLE = ("fail", "skip")
 LIMIT_POLICIES = ("warn", "strict")
+KEEP = ("none", "failed")
 REPEAT_PARAM = "sandbox_run"
 
 
@@ -45,6 +47,9 @@ class SessionState:
     images_dir: str = ""
     images: dict[str, rootfs.ImageMount] = dataclasses.field(default_factory=dict)
     image_errors: dict[str, str] = dataclasses.field(default_factory=dict)
+    keep: str = "none"
+    keep_dir: str = ""  # this session's dir of image tests' read/write layers (--sandbox-keep)
+    containers: dict[str, str] = dataclasses.field(default_factory=dict)  # nodeid -> container id
 
     @property
     def accounting(self) -> bool:
@@ -90,6 +95,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="image and layer store (default: $PYTEST_SANDBOX_STORE, ini sandbox_store, "
                          "$XDG_CACHE_HOME/pytest-sandbox)")
     parser.addini("sandbox_store", "directory of the image and layer store", default="")
+    group.addoption("--sandbox-keep", dest="sandbox_keep", metavar="WHICH", default=None,
+                    help="keep the read/write layer of failed image tests: failed or none (default)")
+    parser.addini("sandbox_keep", "default for --sandbox-keep: failed or none", default="none")
     parser.addini("sandbox_images", "directory of *.Containerfile image definitions, relative to rootdir",
                   default="images")
     group.addoption("--sandbox-durations", dest="sandbox_durations", metavar="N", type=int, default=None,
@@ -143,6 +151,7 @@ def pytest_configure(config: pytest.Config) -> None:
         store=Store(config.getoption("sandbox_store") or os.environ.get("PYTEST_SANDBOX_STORE")
                     or _ini_path(config, "sandbox_store") or None),
         images_dir=_ini_path(config, "sandbox_images") or str(config.rootpath / "images"),
+        keep=_choice(config, "sandbox_keep", "sandbox_keep", KEEP),
     )
     if durations is not None or repeat > 1:
         config.pluginmanager.register(_Recorder(config.stash[STATE_KEY].records), "sandbox-recorder")
@@ -269,7 +278,11 @@ def _zygote(item: pytest.Item, state: SessionState) -> runner.Zygote:
         factory = getattr(item.config, "_tmp_path_factory", None)
         basetemp = str(factory.getbasetemp()) if factory is not None else None
         items = {i.nodeid: i for i in session.items} | {item.nodeid: item}
-        paths = dataclasses.replace(runner.session_paths(item.config, basetemp), images=dict(state.images))
+        if state.keep != "none" and state.images and not state.keep_dir:
+            assert state.store is not None
+            state.keep_dir = state.store.session_containers(os.getpid())
+        paths = dataclasses.replace(runner.session_paths(item.config, basetemp), images=dict(state.images),
+                                    keep_dir=state.keep_dir)
         if state.cgroup_session is None and isinstance(state.backend, cgroups.CgroupBackend):
             try:
                 state.cgroup_session = state.backend.open_session()
@@ -320,17 +333,33 @@ def _run(item: pytest.Item, spec: SandboxSpec, state: SessionState) -> Iterator[
         return
     reports = []
     try:
-        for report in runner.run_in_sandbox(item, zyg, spec):
+        for report in runner.run_in_sandbox(item, zyg, spec, state.containers):
             reports.append(report)
             yield report
     except SandboxError as exc:
         error = str(exc)
+    cid = state.containers.pop(item.nodeid, None)
+    if cid is not None and any(r.failed for r in reports):
+        _keep_container(state, item, spec, cid)
     if error:  # the zygote died before this sandbox started: report it, start afresh next time
         zyg.close()
         state.zygote = None
         yield from _skip_or_fail(item, error, skip=False)
         return
     item.ihook.pytest_sandbox_finish(item=item, spec=spec, reports=reports)
+
+
+def _keep_container(state: SessionState, item: pytest.Item, spec: SandboxSpec, cid: str) -> None:
+    assert state.store is not None and spec.image is not None
+    image = state.images[spec.image]
+    chains = ["sha256:" + os.path.basename(os.path.dirname(p)) for p in reversed(image.lowers)
+              if os.path.basename(p) == "diff"]
+    meta = {"id": cid, "nodeid": item.nodeid, "image": spec.image, "layers": chains,
+            "config": json.loads(image.config_json), "hostname": spec.hostname, "created": time.time()}
+    try:
+        state.store.keep_container(state.keep_dir, cid, meta)
+    except OSError as exc:
+        warnings.warn(pytest.PytestWarning(f"pytest-sandbox: cannot keep {item.nodeid}'s layer: {exc}"), stacklevel=1)
 
 
 def _teardown_parent_fixtures(item: pytest.Item, nextitem: pytest.Item | None, state: SessionState) -> None:
@@ -380,4 +409,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if state.cgroup_session is not None:
         state.cgroup_session.close()
         state.cgroup_session = None
+    if state.keep_dir:  # the layers of tests that passed
+        remove_tree(state.keep_dir)
+        state.keep_dir = ""
 from .fixtures import sandbox  # noqa: E402,F401  (registered through the plugin module)

@@ -30,10 +30,15 @@ DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 _TMPFS_FLAGS = _linux.MS_NOSUID | _linux.MS_NODEV
 
 
-def enter_host_view() -> None:
-    """Make the root of this (new) mount namespace a read-only view of the host."""
+def enter_host_view(keep_writable: str = "") -> None:
+    """Make the root of this (new) mount namespace a read-only view of the host.
+
+    ``keep_writable`` (one host directory) stays writable: kept read/write layers go there.
+    """
     _linux.unshare(_linux.CLONE_NEWNS)
     _linux.mount(None, "/", None, _linux.MS_REC | _linux.MS_PRIVATE)
+    writable = _linux.open_tree(keep_writable, _linux.OPEN_TREE_CLONE | _linux.OPEN_TREE_CLOEXEC) \
+        if keep_writable else None
     host = _linux.open_tree("/", _linux.OPEN_TREE_CLONE | _linux.OPEN_TREE_CLOEXEC | _linux.AT_RECURSIVE)
     _linux.mount_setattr(host, _linux.MOUNT_ATTR_RDONLY | _linux.MOUNT_ATTR_NOSUID)
     # A staging tmpfs only this namespace sees gives pivot_root a place to start from.
@@ -45,6 +50,9 @@ def enter_host_view() -> None:
     _linux.pivot_root(".", ".")
     _linux.umount2(".", _linux.MNT_DETACH)
     os.chdir("/")
+    if writable is not None:
+        _linux.move_mount(writable, keep_writable)
+        os.close(writable)
 
 
 def _is_under(path: str, parent: str) -> bool:
@@ -127,11 +135,16 @@ def _detached_overlay(lower: str, scratch: str, index: int) -> int:
         os.close(fs)
 
 
-def _image_root(image: ImageMount, scratch: str) -> int:
-    """The image's overlay with an ephemeral upper, as a detached mount to attach later."""
+def _image_root(image: ImageMount, scratch: str, keep: tuple[str, str] | None) -> int:
+    """The image's overlay as a detached mount to attach later.
+
+    Its upper dir is on the scratch tmpfs, or with ``keep`` (dir, id) in the store's
+    containers dir, where pytest keeps it if the test fails.
+    """
     from .container import overlay_mount
 
-    upper, work, root = (f"{scratch}/image/{d}" for d in ("upper", "work", "root"))
+    layer_dir = f"{keep[0]}/{keep[1]}" if keep is not None else f"{scratch}/image"
+    upper, work, root = f"{layer_dir}/upper", f"{layer_dir}/work", f"{scratch}/image-root"
     for d in (upper, work, root):
         os.makedirs(d)
     try:
@@ -168,7 +181,7 @@ def _fresh_dev_mounts() -> None:
     _linux.mount("sandbox-shm", "/dev/shm", "tmpfs", _TMPFS_FLAGS, "mode=1777")
 
 
-def build(plan: RootPlan) -> None:
+def build(plan: RootPlan, keep: tuple[str, str] | None = None) -> None:
     """Mount the per-sandbox tree in the current (fresh) mount and pid namespace."""
     clone = _linux.OPEN_TREE_CLONE | _linux.OPEN_TREE_CLOEXEC | _linux.AT_RECURSIVE
     # 1. Everything that refers to host paths is prepared detached, before any cover. Overlay
@@ -178,7 +191,7 @@ def build(plan: RootPlan) -> None:
     _linux.mount("sandbox-upper", scratch, "tmpfs", _TMPFS_FLAGS, "mode=0700")
     overlay_fds = [(target, _detached_overlay(target, scratch, i)) for i, target in enumerate(plan.overlays)]
     visible_fds = [(path, os.path.isdir(path), _linux.open_tree(path, clone)) for path in plan.visible]
-    image_fd = _image_root(plan.image, scratch) if plan.image is not None else None
+    image_fd = _image_root(plan.image, scratch, keep) if plan.image is not None else None
     # 2. Cover the scratch places.
     for place in plan.fresh:
         _linux.mount("sandbox-tmp", place, "tmpfs", _TMPFS_FLAGS, "mode=0755" if place == "/run" else "mode=1777")

@@ -182,8 +182,12 @@ def _properties(usage: dict[str, Any]) -> list[tuple[str, object]]:
     return [(f"sandbox_{name}", value) for name, value in usage.items() if value is not None]
 
 
-def run_in_sandbox(item: pytest.Item, zyg: Zygote, spec: SandboxSpec) -> Iterator[pytest.TestReport]:
+def run_in_sandbox(item: pytest.Item, zyg: Zygote, spec: SandboxSpec,
+                   containers: dict[str, str] | None = None) -> Iterator[pytest.TestReport]:
     """Run the item's whole runtest protocol in a new sandbox, yielding reports as they arrive.
+
+    A sandbox whose read/write layer may be kept (``--sandbox-keep``) names it first;
+    its id goes into ``containers`` and into the sections of failed reports.
 
     With limits or accounting the reports wait for the sandbox's end, so they can
     carry what it used and the limits it hit.
@@ -210,8 +214,15 @@ def run_in_sandbox(item: pytest.Item, zyg: Zygote, spec: SandboxSpec) -> Iterato
             if message is None:
                 break
             kind = message["type"]
-            if kind == "report":
+            if kind == "container" and containers is not None:
+                containers[item.nodeid] = message["id"]
+            elif kind == "report":
                 report = config.hook.pytest_report_from_serializable(config=config, data=message["data"])
+                if report.failed and containers and item.nodeid in containers:
+                    kept = containers[item.nodeid]
+                    report.sections.append(("sandbox", f"read/write layer kept as {kept}: "
+                                                       f"pytest-sandbox shell {kept}  |  pytest-sandbox commit "
+                                                       f"{kept} NAME"))
                 outcome.whens.add(report.when)
                 if report.when == "setup" and report.passed:
                     outcome.setup_passed = True

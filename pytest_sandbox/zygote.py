@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
+import secrets
 import select
 import signal
 import socket
@@ -42,6 +43,7 @@ class SessionPaths:
     writable: tuple[str, ...]  # overlays with ephemeral writes: rootdir, cwd, $HOME, basetemp
     needed: tuple[str, ...]    # must stay visible: interpreter, sys.path, ...
     images: dict[str, rootfs.ImageMount] = dataclasses.field(default_factory=dict)  # built before tests run
+    keep_dir: str = ""  # --sandbox-keep: image tests' read/write layers go here instead of a tmpfs
 
 
 @dataclasses.dataclass
@@ -72,7 +74,7 @@ def zygote_main(control: socket.socket, items: dict[str, pytest.Item], stash_key
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         _linux.set_process_name("sandbox-zygote")
         userns.enter_user_namespace()
-        rootfs.enter_host_view()
+        rootfs.enter_host_view(paths.keep_dir)
         rootfs.build_dev_template()
         _linux.unshare(_linux.CLONE_NEWPID)
         pid = os.fork()
@@ -173,7 +175,8 @@ class _Factory:
             if test_pid == 0:
                 self.control.close()
                 test.close()
-                child.test_process(test_end, self.items, spec, plan, self.paths.cwd, self.crash_fd,
+                keep = (self.paths.keep_dir, secrets.token_hex(6)) if self.paths.keep_dir and plan.image else None
+                child.test_process(test_end, self.items, spec, plan, self.paths.cwd, self.crash_fd, keep,
                                    wait_for_cgroup=group is not None, backend=self.limits.backend)
         finally:
             _linux.setns(self.own_pidns, _linux.CLONE_NEWPID)  # the next sandbox gets a namespace of its own

@@ -420,18 +420,13 @@ class Builder:
         for raw in proc.stdout:
             line = raw.decode(errors="replace").rstrip("\n")
             self.say(f"    | {line}")
-            tail = (tail + [line])[-20:]
+            tail = [*tail, line][-20:]
         code = proc.wait()
         if code != 0:
             output = "\n".join(tail)
             raise BuildError(f"{path}:{ins.line}: RUN {ins.args[:80]} failed with exit status {code}"
                              + (f"; last output:\n{output}" if output else ""))
-        for name in _MOUNTPOINTS:  # made only to mount on; not part of what RUN produced
-            target = os.path.join(diff, name)
-            with contextlib.suppress(OSError):
-                if not _exists_in(self.store, state.layers, "/" + name):
-                    os.rmdir(target)
-        _strip_overlay_xattrs(diff)
+        tidy_upper(self.store, state.layers, diff)
         return True
 
     def _user(self, state: _State, user: str) -> tuple[int, int, str]:
@@ -549,6 +544,16 @@ def _exists_in(store: Store, layers: list[str], path: str) -> bool:
 def _is_dir_in(store: Store, layers: list[str], path: str) -> bool:
     found = _find_in(store, layers, path)
     return found is not None and os.path.isdir(found)
+
+
+def tidy_upper(store: Store, layers: list[str], diff: str) -> None:
+    """Make an overlay upper dir a layer: drop the empty mount points made for /proc, /dev, /sys
+    (when the image had none) and overlay's own bookkeeping xattrs."""
+    for name in _MOUNTPOINTS:
+        with contextlib.suppress(OSError):
+            if not _exists_in(store, layers, "/" + name):
+                os.rmdir(os.path.join(diff, name))
+    _strip_overlay_xattrs(diff)
 
 
 def _strip_overlay_xattrs(diff: str) -> None:

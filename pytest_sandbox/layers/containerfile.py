@@ -16,7 +16,8 @@ from ..errors import SandboxError
 
 SUPPORTED = ("FROM", "RUN", "COPY", "ENV", "WORKDIR", "USER", "LABEL", "ARG", "CMD", "ENTRYPOINT", "EXPOSE")
 _FLAGS = {"COPY": ("from", "chown", "chmod"), "RUN": ("network",)}
-_VAR = re.compile(r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?::(?P<op>[-+])(?P<word>[^}]*))?\}|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))")
+_VAR = re.compile(r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?::(?P<op>[-+])(?P<word>[^}]*))?\}"
+                  r"|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))")
 
 
 class ContainerfileError(SandboxError):
@@ -116,7 +117,8 @@ def parse(text: str, path: str) -> list[Instruction]:
         keyword = keyword.upper()
         args = args.strip()
         if keyword not in SUPPORTED:
-            raise ContainerfileError(path, line, f"unsupported instruction {keyword!r}; supported: {', '.join(SUPPORTED)}")
+            raise ContainerfileError(path, line,
+                                     f"unsupported instruction {keyword!r}; supported: {', '.join(SUPPORTED)}")
         if keyword == "FROM":
             args = re.sub(r"\s+#.*$", "", args)
         flags, args = _split_flags(path, line, keyword, args)

@@ -147,9 +147,9 @@ def _zstd_reader(source: IO[bytes]) -> IO[bytes]:
         return io.BufferedReader(_ZstdPipe(source))
 
 
-def _decompressed(raw: IO[bytes]) -> IO[bytes]:
+def _decompressed(raw: io.RawIOBase) -> IO[bytes]:
     """Pick the decompressor from the stream's magic bytes (media types lie more often)."""
-    buffered = io.BufferedReader(raw, 1 << 16)  # type: ignore[arg-type]
+    buffered = io.BufferedReader(raw, 1 << 16)
     magic = buffered.peek(4)[:4]
     if magic[:2] == b"\x1f\x8b":
         return gzip.GzipFile(fileobj=buffered)  # type: ignore[return-value]
@@ -222,7 +222,7 @@ class _Source:
 
 def _platform_ok(descriptor: dict[str, Any]) -> bool:
     plat = descriptor.get("platform") or {}
-    return plat.get("os", "linux") == "linux" and plat.get("architecture", _ARCH) == _ARCH
+    return bool(plat.get("os", "linux") == "linux" and plat.get("architecture", _ARCH) == _ARCH)
 
 
 def _pick(descriptors: list[dict[str, Any]], tag: str | None, where: str) -> dict[str, Any]:
@@ -430,14 +430,14 @@ def export_image(store: Store, name: str, target: str, progress: Progress | None
                 gzipped = tarlayer.HashingWriter(f)
                 if transport == "docker-archive":
                     plain = tarlayer.HashingWriter(f)
-                    tarlayer.write_tar(store.diff_path(chain), plain)  # type: ignore[arg-type]
+                    tarlayer.write_tar(store.diff_path(chain), plain)
                     diff_ids.append(plain.digest)
                     docker_layers.append(f"{plain.digest.split(':')[1]}/layer.tar")
                     sink_name = docker_layers[-1]
                 else:
-                    with gzip.GzipFile(fileobj=gzipped, mode="wb", mtime=0) as gz:  # type: ignore[arg-type]
-                        plain = tarlayer.HashingWriter(gz)  # type: ignore[arg-type]
-                        tarlayer.write_tar(store.diff_path(chain), plain)  # type: ignore[arg-type]
+                    with gzip.GzipFile(fileobj=gzipped, mode="wb", mtime=0) as gz:
+                        plain = tarlayer.HashingWriter(gz)
+                        tarlayer.write_tar(store.diff_path(chain), plain)
                     diff_ids.append(plain.digest)
                     layer_descriptors.append({"mediaType": MT_LAYER_GZIP, "digest": gzipped.digest,
                                               "size": gzipped.size})

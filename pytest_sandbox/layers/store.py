@@ -186,6 +186,45 @@ class Store:
             pid_text = entry.split("-", 1)[0]
             if pid_text.isdigit() and not _pid_alive(int(pid_text)):
                 remove_tree(os.path.join(self.tmp_dir, entry))
+        for entry in os.listdir(self.containers_dir):
+            pid_text = entry.removeprefix(".session-")
+            if entry.startswith(".session-") and pid_text.isdigit() and not _pid_alive(int(pid_text)):
+                remove_tree(os.path.join(self.containers_dir, entry))
+
+    # -- kept containers (--sandbox-keep) ----------------------------------------------------
+    def session_containers(self, pid: int) -> str:
+        """Where one pytest session's image tests put their read/write layers; removed at its end."""
+        path = os.path.join(self.ensure().containers_dir, f".session-{pid}")
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def keep_container(self, session_dir: str, cid: str, meta: dict[str, Any]) -> None:
+        """A failed test's read/write layer becomes a kept container ``cid``."""
+        os.rename(os.path.join(session_dir, cid), os.path.join(self.containers_dir, cid))
+        _write_json_atomic(os.path.join(self.containers_dir, cid, "meta.json"), meta)
+
+    def container(self, cid: str) -> dict[str, Any]:
+        if not re.fullmatch(r"[0-9a-f]{4,32}", cid):
+            raise StoreError(f"{cid!r} is not a container id (see pytest-sandbox containers)")
+        path = os.path.join(self.containers_dir, cid, "meta.json")
+        try:
+            meta = dict(_read_json(path))
+        except OSError:
+            raise StoreError(f"no kept container {cid!r} in {self.containers_dir}") from None
+        meta["path"] = os.path.dirname(path)
+        return meta
+
+    def containers(self) -> list[dict[str, Any]]:
+        self.ensure()
+        out = []
+        for entry in sorted(os.listdir(self.containers_dir)):
+            if not entry.startswith("."):
+                with contextlib.suppress(StoreError):
+                    out.append(self.container(entry))
+        return out
+
+    def remove_container(self, cid: str) -> None:
+        remove_tree(self.container(cid)["path"])
 
     @contextlib.contextmanager
     def staging(self) -> Iterator[str]:
