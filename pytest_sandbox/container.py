@@ -219,6 +219,7 @@ class _Launch:
         self.uid, self.gid = uid, gid
         self.error_w = error_w
         self.outer_uid, self.outer_gid = os.geteuid(), os.getegid()
+        self.parent_pid = os.getpid()
 
     def __call__(self) -> None:
         try:
@@ -231,6 +232,9 @@ class _Launch:
             os._exit(127)
 
     def _setup(self) -> None:
+        _linux.prctl(_linux.PR_SET_PDEATHSIG, signal.SIGKILL)  # the caller killed -9: the command goes too
+        if os.getppid() != self.parent_pid:
+            os._exit(137)
         privileged = self.outer_uid == 0
         flags = _linux.CLONE_NEWNS | _linux.CLONE_NEWUTS | _linux.CLONE_NEWIPC
         if not privileged:

@@ -288,7 +288,12 @@ def _read_source(source: _Source, tag: str | None) -> tuple[dict[str, Any], list
 
 
 def _default_name(hint: str | None, path: str) -> str:
-    candidate = hint or os.path.basename(path.rstrip("/"))
+    base = os.path.basename(path.rstrip("/"))
+    for suffix in (".tar.gz", ".tgz", ".tar", ".oci"):
+        base = base.removesuffix(suffix)
+    if hint and ":" not in hint and "/" not in hint:  # an OCI ref name is often only a tag
+        hint = f"{base}:{hint}"
+    candidate = hint or base
     candidate = candidate.rsplit("/", 1)[-1].lower()
     for suffix in (".tar.gz", ".tgz", ".tar", ".oci"):
         if candidate.endswith(suffix):
@@ -377,14 +382,25 @@ class _Sink:
             os.makedirs(os.path.join(path, "blobs", "sha256"), exist_ok=True)
         else:
             self.tar = tarfile.open(path, "w", format=tarfile.PAX_FORMAT)
+            for directory in ("blobs", "blobs/sha256"):
+                info = self._info(directory)
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                self.tar.addfile(info)
+
+    @staticmethod
+    def _info(name: str) -> tarfile.TarInfo:
+        """Entries owned by whoever writes the archive, as tar does (readers without root chown to it)."""
+        info = tarfile.TarInfo(name)
+        info.uid, info.gid, info.mtime, info.mode = os.getuid(), os.getgid(), int(time.time()), 0o644
+        return info
 
     def add_bytes(self, name: str, data: bytes) -> None:
         if self.tar is None:
             with open(os.path.join(self.path, name), "wb") as f:
                 f.write(data)
             return
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
+        info = self._info(name)
+        info.size = len(data)
         self.tar.addfile(info, io.BytesIO(data))
 
     def add_file(self, name: str, local: str) -> None:
@@ -392,10 +408,8 @@ class _Sink:
             os.makedirs(os.path.dirname(os.path.join(self.path, name)), exist_ok=True)
             shutil.copyfile(local, os.path.join(self.path, name))
             return
-        info = self.tar.gettarinfo(local, arcname=name)
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        info.mode = 0o644
+        info = self._info(name)
+        info.size = os.path.getsize(local)
         with open(local, "rb") as f:
             self.tar.addfile(info, f)
 

@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -74,13 +75,20 @@ def remove_tree(path: str) -> None:
                 if stat.S_ISDIR(os.lstat(p).st_mode):
                     os.chmod(p, 0o700)
         if os.path.isdir(target) and not os.path.islink(target):
-            shutil.rmtree(target, onerror=fix)
+            _rmtree(target, fix)
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(target)
 
     if os.path.lexists(path):
-        shutil.rmtree(path, onerror=fix)
+        _rmtree(path, fix)
+
+
+def _rmtree(path: str, handler: Any) -> None:
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=handler)
+    else:  # onerror is deprecated from 3.12 on: a warning there would fail suites run with -W error
+        shutil.rmtree(path, onerror=handler)
 
 
 def _write_json_atomic(path: str, data: Any) -> None:
