@@ -12,7 +12,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from images import EXPECTED, GONE, SKOPEO, UMOCI, skopeo_copy, umoci_image
+from oci_inputs import EXPECTED, GONE, SKOPEO, UMOCI, skopeo_copy, umoci_image
 
 from pytest_sandbox.layers import oci, tarlayer
 from pytest_sandbox.layers.store import Store, StoreError
