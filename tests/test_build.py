@@ -1,0 +1,253 @@
+"""Containerfile builds: parsing errors, the step cache, RUN in a sandbox, concurrent and killed builders."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from oci_inputs import BUSYBOX, PROJECT_IMAGES
+
+from pytest_sandbox.layers import build, containerfile
+from pytest_sandbox.layers.store import Store, StoreError
+
+pytestmark = pytest.mark.skipif(BUSYBOX is None, reason="host lacks a static busybox (apt install busybox-static)")
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(PROJECT_IMAGES / "busybox.Containerfile", images)
+    return tmp_path
+
+
+def write(project: Path, name: str, text: str) -> Path:
+    path = project / "images" / f"{name}.Containerfile"
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+def cli(project: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pytest_sandbox", "--store", str(project / "store"), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=project)
+
+
+def built(project: Path, name: str, lines: list[str] | None = None) -> tuple[Store, build.Builder]:
+    store = Store(str(project / "store"))
+    builder = build.Builder(store, str(project / "images"), (lines if lines is not None else []).append)
+    builder.build(name)
+    return store, builder
+
+
+def run(project: Path, image: str, script: str) -> str:
+    result = cli(project, "run", image, "sh", "-c", script)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+TOOLS = """
+    FROM busybox
+    ARG GREETING=hi
+    COPY fixtures/ /srv/fixtures/
+    COPY --chmod=0755 fixtures/tool.sh /usr/local/bin/tool
+    RUN mkdir -p /var/lib/app && echo ready > /var/lib/app/state && echo "$GREETING" > /var/lib/app/greeting
+    RUN rm -rf /home && mkdir /home && echo fresh > /home/marker
+    ENV APP_MODE=test PATH=/usr/local/bin:/bin
+    WORKDIR /srv/work
+    LABEL org.example.team="qa" purpose=tests
+    EXPOSE 8080 53/udp
+    USER nobody
+    CMD ["sh", "-c", "echo default"]
+"""
+
+
+@pytest.fixture
+def tools(project: Path) -> Path:
+    fixtures = project / "images" / "fixtures"
+    (fixtures / "sub").mkdir(parents=True)
+    (fixtures / "data.txt").write_text("payload\n")
+    (fixtures / "sub" / "nested.txt").write_text("nested\n")
+    (fixtures / "tool.sh").write_text("#!/bin/sh\necho tool ran\n")
+    (fixtures / "secret.key").write_text("do not copy\n")
+    (fixtures / "cache").mkdir()
+    (fixtures / "cache" / "big.bin").write_text("x")
+    (project / "images" / ".containerignore").write_text("# not part of images\nfixtures/*.key\nfixtures/cache\n")
+    write(project, "tools", TOOLS)
+    return project
+
+
+def test_build_produces_the_image(tools: Path) -> None:
+    store, _ = built(tools, "tools")
+    image = store.require("tools")
+    assert image.config["Env"] == ["PATH=/usr/local/bin:/bin", "APP_MODE=test"]
+    assert image.config["WorkingDir"] == "/srv/work"
+    assert image.config["User"] == "nobody"
+    assert image.config["Labels"] == {"org.example.team": "qa", "purpose": "tests"}
+    assert image.config["ExposedPorts"] == {"8080/tcp": {}, "53/udp": {}}
+    assert image.config["Cmd"] == ["sh", "-c", "echo default"]
+    script = ("cat /var/lib/app/state /var/lib/app/greeting /srv/fixtures/data.txt /srv/fixtures/sub/nested.txt; "
+              "ls -a /srv/fixtures | tr '\\n' ' '; echo; pwd; id -u; tool; stat -c %a /usr/local/bin/tool; "
+              "cat /home/marker; echo $APP_MODE")
+    assert run(tools, "tools", script) == (
+        "ready\nhi\npayload\nnested\n. .. data.txt sub tool.sh \n/srv/work\n65534\ntool ran\n755\nfresh\ntest\n")
+    assert run(tools, "tools", "") == ""  # an explicit empty script, not the default command
+    assert cli(tools, "run", "tools").stdout == "default\n"
+
+
+def test_second_build_is_all_cached_and_an_edit_rebuilds_from_there(tools: Path) -> None:
+    first: list[str] = []
+    built(tools, "tools", first)
+    assert sum("done in" in line for line in first) >= 5
+    again: list[str] = []
+    store, _ = built(tools, "tools", again)
+    steps = [line for line in again if "step" in line]
+    assert steps and all("cached" in line for line in steps), again
+    assert not any("done in" in line for line in again)
+    before = store.require("tools").layers
+    # edit the second RUN: the steps before it stay cached, it and later steps run again
+    write(tools, "tools", TOOLS.replace("echo fresh", "echo edited"))
+    edited: list[str] = []
+    built(tools, "tools", edited)
+    ran = [line for line in edited if "step" in line and "cached" not in line]
+    assert ran[0].split(": ", 1)[1].startswith("RUN rm -rf /home"), edited
+    assert all("cached" in line for line in edited if "COPY" in line or "mkdir -p /var/lib/app" in line)
+    after = store.require("tools").layers
+    # busybox's 3 layers, 2 COPY, the first RUN stay; the edited RUN and WORKDIR's layer on top are new
+    assert len(after) == len(before) == 8
+    assert after[:6] == before[:6] and after[6] != before[6]
+    assert run(tools, "tools", "cat /home/marker") == "edited\n"
+
+
+def test_copy_sources_are_part_of_the_key_and_ignored_files_are_not(tools: Path) -> None:
+    built(tools, "tools")
+    (tools / "images/fixtures/secret.key").write_text("changed, but ignored\n")
+    (tools / "images/fixtures/cache/big.bin").write_text("also ignored")
+    lines: list[str] = []
+    built(tools, "tools", lines)
+    assert not any("done in" in line for line in lines)
+    (tools / "images/fixtures/data.txt").write_text("new payload\n")
+    lines = []
+    built(tools, "tools", lines)
+    assert any("COPY fixtures/ /srv/fixtures/" in line and "cached" not in line for line in lines)
+    assert run(tools, "tools", "cat /srv/fixtures/data.txt") == "new payload\n"
+
+
+def test_build_arg_changes_the_run_step(tools: Path) -> None:
+    result = cli(tools, "images", "build", "tools", "--build-arg", "GREETING=hello")
+    assert result.returncode == 0, result.stderr
+    assert run(tools, "tools", "cat /var/lib/app/greeting") == "hello\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("FROM busybox\nHEALTHCHECK CMD true\n", r"bad\.Containerfile:2: unsupported instruction 'HEALTHCHECK'"),
+    ("FROM busybox\nFROM busybox\n", r":2: multi-stage builds"),
+    ("RUN true\n", r":1: the first instruction must be FROM"),
+    ("FROM busybox\nCOPY --from=builder /a /b\n", r":2: COPY --from= takes only 'host'"),
+    ("FROM busybox\nRUN --mount=type=cache true\n", r":2: RUN: unsupported flag '--mount=type=cache'"),
+    ("FROM busybox\nEXPOSE http\n", r":2: EXPOSE 'http'"),
+    ("FROM busybox\nENV\n", r":2: ENV needs an argument"),
+    ("# only a comment\n", r":1: empty Containerfile"),
+])
+def test_bad_containerfiles_name_file_and_line(project: Path, text: str, message: str) -> None:
+    path = project / "images" / "bad.Containerfile"
+    path.write_text(text)
+    with pytest.raises(containerfile.ContainerfileError, match=message):
+        containerfile.parse(text, str(path))
+    result = cli(project, "images", "build", "bad")
+    assert result.returncode == 1 and "bad.Containerfile" in result.stderr
+    assert Store(str(project / "store")).get("bad") is None
+
+
+def test_missing_base_and_missing_copy_source(project: Path) -> None:
+    write(project, "orphan", "FROM nowhere\n")
+    result = cli(project, "images", "build", "orphan")
+    assert result.returncode == 1
+    assert "orphan.Containerfile:1: FROM nowhere: no" in result.stderr and "scratch" in result.stderr
+    write(project, "nocopy", "FROM busybox\nCOPY missing.txt /x\n")
+    result = cli(project, "images", "build", "nocopy")
+    assert result.returncode == 1 and "nocopy.Containerfile:2: COPY 'missing.txt': no such file" in result.stderr
+
+
+def test_failed_run_names_the_line_and_publishes_nothing(project: Path) -> None:
+    store, _ = built(project, "busybox")
+    layers_before = sorted(os.listdir(store.layers_dir))
+    write(project, "broken", """
+        FROM busybox
+        RUN echo about to fail >&2; mkdir /made-it
+        RUN ls /no/such/dir
+    """)
+    result = cli(project, "images", "build", "broken")
+    assert result.returncode == 1
+    assert "broken.Containerfile:3: RUN ls /no/such/dir failed with exit status 1" in result.stderr
+    assert "No such file or directory" in result.stderr  # the command's own output is in the error
+    assert store.get("broken") is None
+    new_layers = set(os.listdir(store.layers_dir)) - set(layers_before)
+    assert len(new_layers) == 1  # the step that worked is cached; the failed one left nothing
+    assert os.listdir(store.tmp_dir) == []
+
+
+def test_from_an_oci_archive_beside_the_containerfile(project: Path) -> None:
+    built(project, "busybox")
+    assert cli(project, "images", "export", "busybox", str(project / "images" / "bb.tar")).returncode == 0
+    write(project, "derived", "FROM oci-archive:bb.tar\nRUN echo derived > /etc/derived\n")
+    assert cli(project, "images", "build", "derived").returncode == 0
+    assert run(project, "derived", "cat /etc/derived; echo $PATH") == "derived\n/bin\n"
+
+
+def test_two_concurrent_builders_build_once(project: Path) -> None:
+    write(project, "slow", "FROM busybox\nRUN sleep 1 && echo built > /built\n")
+    procs = [subprocess.Popen([sys.executable, "-m", "pytest_sandbox", "--store", str(project / "store"),
+                               "images", "build", "slow"], cwd=project, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    ran = [out.count("RUN sleep 1") - out.count("cached  slow") for out in outputs]
+    assert sorted(o.count("done in") > 0 for o in outputs) == [False, True], outputs
+    assert sum(1 for out in outputs if "cached  slow step 2/2" in out) == 1, ran
+    assert run(project, "slow", "cat /built") == "built\n"
+
+
+def test_kill_9_during_a_build_leaves_the_store_consistent(project: Path, token: str) -> None:
+    built(project, "busybox")
+    write(project, "killed", f"FROM busybox\nRUN echo {token} > /started; sleep 60; echo done > /x\n")
+    proc = subprocess.Popen([sys.executable, "-m", "pytest_sandbox", "--store", str(project / "store"),
+                             "images", "build", "killed"], cwd=project, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    store = Store(str(project / "store"))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(
+            (Path(store.tmp_dir) / d / "diff" / "started").exists() for d in os.listdir(store.tmp_dir)):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    from helpers import wait_gone
+
+    assert wait_gone(token) == []  # the RUN's processes died with the builder
+    assert store.get("killed") is None
+    # the next builder removes the dead one's staging dir and gets the lock at once
+    write(project, "killed", "FROM busybox\nRUN echo done > /x\n")
+    result = cli(project, "images", "build", "killed", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert os.listdir(store.tmp_dir) == []
+    assert run(project, "killed", "cat /x") == "done\n"
+    for entry in os.listdir(store.layers_dir):
+        assert os.path.isfile(os.path.join(store.layers_dir, entry, "layer.json"))
+
+
+def test_images_build_all_and_ls(tools: Path) -> None:
+    result = cli(tools, "images", "build")
+    assert result.returncode == 0, result.stderr
+    listing = cli(tools, "images", "ls").stdout
+    assert "busybox" in listing and "tools" in listing
+
+
+def test_unknown_image_for_the_builder(project: Path) -> None:
+    with pytest.raises(StoreError, match="no image 'ghost'"):
+        build.Builder(Store(str(project / "store")), str(project / "images")).check("ghost")
