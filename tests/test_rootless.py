@@ -48,3 +48,37 @@ def test_root_only_paths_stay_closed(pytester: pytest.Pytester) -> None:
                 open("/etc/shadow").read()
     """)
     pytester.runpytest_subprocess().assert_outcomes(passed=1)
+
+
+def test_image_commands_as_plain_user(pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without root the caller is the image's root (or its USER) inside, and owns every file outside."""
+    import shutil
+
+    from oci_inputs import BUSYBOX, PROJECT_IMAGES
+
+    if BUSYBOX is None:
+        pytest.skip("host lacks a static busybox (apt install busybox-static)")
+    store = tmp_path_factory.mktemp("store")
+    monkeypatch.setenv("PYTEST_SANDBOX_STORE", str(store))
+    (pytester.path / "images").mkdir()
+    shutil.copy(PROJECT_IMAGES / "busybox.Containerfile", pytester.path / "images")
+    (pytester.path / "images" / "asnobody.Containerfile").write_text(
+        "FROM busybox\nRUN mkdir /data && chown 65534:65534 /data || true\nUSER nobody\n")
+    uid = os.getuid()
+    pytester.makepyfile(f"""
+        import os, pytest
+
+        @pytest.mark.container(image="busybox")
+        def test_root_inside(sandbox):
+            assert os.getuid() == {uid}
+            assert sandbox.run("id -u; echo made > /made").stdout == "0\\n"
+            assert os.stat(sandbox.path("/made")).st_uid == {uid}
+            assert sandbox.run("chown 1234 /made").returncode != 0  # only one id is mapped
+
+        @pytest.mark.container(image="asnobody")
+        def test_image_user(sandbox):
+            assert sandbox.run("id -u").stdout == "65534\\n"
+            assert sandbox.run("id -u", user="root").stdout == "0\\n"
+    """)
+    pytester.runpytest_subprocess("--sandbox-keep=failed").assert_outcomes(passed=2)
