@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from pytest_sandbox import SandboxInfo
+from pytest_sandbox import Sandbox
 
 MARKER_FILE = pathlib.Path("sandbox-wrote-this.txt")
 TMP_FILE = pathlib.Path("/tmp/pytest-sandbox-example.txt")
@@ -77,7 +77,7 @@ def test_no_daemon_left_on_the_host() -> None:
 
 
 @pytest.mark.container(hostname="build-box", env={"APP_MODE": "test"})
-def test_options(sandbox: SandboxInfo) -> None:
+def test_options(sandbox: Sandbox) -> None:
     assert socket.gethostname() == "build-box"
     assert os.environ["APP_MODE"] == "test"
     assert sandbox.active and sandbox.spec.hostname == "build-box"

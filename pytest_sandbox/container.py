@@ -29,6 +29,7 @@ from .errors import SandboxError, SetupError
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 _LEGACY_OPTIONS_MAX = 4095
+LEGACY_ENV = "PYTEST_SANDBOX_OVERLAY_LEGACY"  # set: use the option string even where lowerdir+ exists
 
 
 class ContainerError(SandboxError):
@@ -56,7 +57,7 @@ def overlay_mount(lowers_top_first: Sequence[str], upper: str, work: str, target
     """
     fs = _linux.fsopen("overlay")
     try:
-        if _lowerdir_plus_supported(fs, lowers_top_first[0]):
+        if not os.environ.get(LEGACY_ENV) and _lowerdir_plus_supported(fs, lowers_top_first[0]):
             for lower in lowers_top_first[1:]:
                 _linux.fsconfig(fs, "lowerdir+", lower)
             _linux.fsconfig(fs, "upperdir", upper)

@@ -251,3 +251,22 @@ def test_images_build_all_and_ls(tools: Path) -> None:
 def test_unknown_image_for_the_builder(project: Path) -> None:
     with pytest.raises(StoreError, match="no image 'ghost'"):
         build.Builder(Store(str(project / "store")), str(project / "images")).check("ghost")
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["lowerdir+", "legacy-options"])
+def test_an_image_of_150_layers(project: Path, legacy: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsconfig(lowerdir+) where the kernel has it; the 4095-byte option string (short fd paths) elsewhere."""
+    context = project / "images" / "many"
+    context.mkdir()
+    lines = ["FROM busybox"]
+    for n in range(147):
+        (context / f"f{n}").write_text(f"{n}\n")
+        lines.append(f"COPY many/f{n} /layers/f{n}")
+    lines.append("RUN rm /layers/f0")
+    write(project, "many", "\n".join(lines) + "\n")
+    if legacy:
+        monkeypatch.setenv("PYTEST_SANDBOX_OVERLAY_LEGACY", "1")
+    result = cli(project, "images", "build", "-q", "many")
+    assert result.returncode == 0, result.stderr
+    assert len(Store(str(project / "store")).require("many").layers) == 151
+    assert run(project, "many", "ls /layers | wc -l; cat /layers/f1 /layers/f146") == "146\n1\n146\n"
