@@ -348,9 +348,10 @@ class Store:
 
     # -- housekeeping --------------------------------------------------------------------
     def prune(self) -> tuple[list[str], int]:
-        """Remove layers no image uses, cache entries pointing at them, and stale staging."""
+        """Remove layers no image or kept container uses, cache entries pointing at them, and stale staging."""
         with self.locked():
             used = {c for image in self.images() for c in image.layers}
+            used |= {c for kept in self.containers() for c in kept.get("layers", [])}  # shell/commit need them
             removed, freed = [], 0
             for chain in self.all_layers():
                 if chain not in used:
