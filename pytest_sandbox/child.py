@@ -111,6 +111,8 @@ def test_process(zygote: socket.socket, items: dict[str, pytest.Item], spec: San
         os.setsid()  # out of pytest's process group: killpg(0) in a test must not reach the host
         enter_namespaces(spec, plan, keep)
         os.chdir(cwd)
+        if plan.image is not None and plan.image.host_based:  # the test runs in the image: its ENV applies
+            os.environ.update(rootfs.image_env(plan.image))
         os.environ.update(spec.env)
         if os.geteuid() != 0:
             userns.drop_capabilities()

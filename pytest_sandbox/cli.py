@@ -100,21 +100,29 @@ def _wait_interactive(proc: subprocess.Popen[Any]) -> int:
         signal.signal(signal.SIGINT, previous)
 
 
-def _run_in(store: Store, layers: Sequence[str], config: dict[str, Any], upper: str, work: str, merged: str,
-            argv: Sequence[str], hostname: str) -> int:
+def _run_in(store: Store, layers: Sequence[str], config: dict[str, Any], layer_dir: str, merged: str,
+            argv: Sequence[str], hostname: str, host_based: bool) -> int:
+    """Run ``argv`` on the image's layers with ``layer_dir`` holding the read/write layer.
+
+    ``layer_dir`` has ``upper``/``work``, or for a FROM host image ``<dir>/upper``/``<dir>/work``
+    per top-level directory.
+    """
     lowers = [store.diff_path(c) for c in reversed(layers)]
-    if not lowers:
+    unprivileged = os.geteuid() != 0
+    if not lowers and not host_based:
         lowers = [os.path.join(os.path.dirname(merged), "empty")]
         os.makedirs(lowers[0], exist_ok=True)
 
     def prepare() -> str:
-        container.overlay_mount(lowers, upper, work, merged)
+        if host_based:
+            return container.host_based_root(lowers, layer_dir, merged, store.root, unprivileged)
+        container.overlay_mount(lowers, os.path.join(layer_dir, "upper"), os.path.join(layer_dir, "work"), merged)
         return merged
 
     user = config.get("User") or ""
     with tempfile.TemporaryDirectory() as etc_dir:
         for name in ("passwd", "group"):
-            found = build._find_in(store, list(layers), f"/etc/{name}")
+            found = build._find_in(store, list(layers), f"/etc/{name}", host_based)
             if found:
                 os.makedirs(os.path.join(etc_dir, "etc"), exist_ok=True)
                 with open(found) as src, open(os.path.join(etc_dir, "etc", name), "w") as dst:
@@ -145,14 +153,18 @@ def _shell(args: argparse.Namespace, store: Store) -> int:
         merged = os.path.join(stage, "merged")
         os.mkdir(merged)
         if kept is not None:
-            upper, work = os.path.join(kept["path"], "upper"), os.path.join(kept["path"], "work")
-            return _run_in(store, kept["layers"], kept["config"], upper, work, merged, argv, kept.get("hostname")
-                           or "sandbox")
+            return _run_in(store, kept["layers"], kept["config"], kept["path"], merged, argv,
+                           kept.get("hostname") or "sandbox", kept.get("base") == "host")
         assert image is not None
-        upper, work = os.path.join(stage, "upper"), os.path.join(stage, "work")
-        os.mkdir(upper)
-        os.mkdir(work)
-        return _run_in(store, image.layers, image.config, upper, work, merged, argv, "sandbox")
+        return _run_in(store, image.layers, image.config, _fresh_layer_dir(stage), merged, argv, "sandbox",
+                       image.base == "host")
+
+
+def _fresh_layer_dir(stage: str) -> str:
+    layer_dir = os.path.join(stage, "layer")
+    for sub in ("upper", "work"):
+        os.makedirs(os.path.join(layer_dir, sub))
+    return layer_dir
 
 
 def _is_image_name(text: str) -> bool:
@@ -168,29 +180,34 @@ def _run(args: argparse.Namespace, store: Store) -> int:
     if image is None:
         image = build.Builder(store, args.dir, print if not args.quiet else None, quiet_cached=True).ensure(args.image)
     with store.staging() as stage:
-        upper, work, merged = (os.path.join(stage, d) for d in ("upper", "work", "merged"))
-        for path in (upper, work, merged):
-            os.mkdir(path)
-        return _run_in(store, image.layers, image.config, upper, work, merged,
-                       args.command or _default_command(image.config), "sandbox")
+        merged = os.path.join(stage, "merged")
+        os.mkdir(merged)
+        return _run_in(store, image.layers, image.config, _fresh_layer_dir(stage), merged,
+                       args.command or _default_command(image.config), "sandbox", image.base == "host")
 
 
 def _commit(args: argparse.Namespace, store: Store) -> int:
     kept = store.container(args.id)
     check_name(args.name)
-    upper = os.path.join(kept["path"], "upper")
+    host_based = kept.get("base") == "host"
+    # (upper dir, where it goes in the new layer): one, or one per top-level directory (FROM host)
+    uppers = [(os.path.join(kept["path"], "upper"), "")] if not host_based else [
+        (os.path.join(kept["path"], name, "upper"), name) for name in sorted(os.listdir(kept["path"]))
+        if os.path.isdir(os.path.join(kept["path"], name, "upper"))]
     layers = list(kept["layers"])
     with store.locked(), store.staging() as stage:
         tidy = os.path.join(stage, "upper")
-        with open(os.path.join(stage, "layer.tar"), "w+b") as tar:
-            sink = tarlayer.HashingWriter(tar)
-            tarlayer.write_tar(upper, sink)
-            tar.seek(0)
-            diff = os.path.join(stage, "diff")
-            os.mkdir(diff)
-            tarlayer.apply_tar(tar, diff)
-        os.rename(diff, tidy)
-        build.tidy_upper(store, layers, tidy)
+        os.mkdir(tidy)
+        for upper, name in uppers:  # a copy through tar: whiteouts, opaque dirs and owners carried over
+            with open(os.path.join(stage, "layer.tar"), "w+b") as tar:
+                tarlayer.write_tar(upper, tar)
+                tar.seek(0)
+                target = os.path.join(tidy, name) if name else tidy
+                os.makedirs(target, exist_ok=True)
+                tarlayer.apply_tar(tar, target)
+            if name and not os.listdir(os.path.join(tidy, name)):
+                os.rmdir(os.path.join(tidy, name))
+        build.tidy_upper(store, layers, tidy, host_based)
         diff_ids = [store.layer_info(c)["diff_id"] for c in layers]
         if os.listdir(tidy):
             diff_id = tarlayer.diff_id_of(tidy)
@@ -200,7 +217,8 @@ def _commit(args: argparse.Namespace, store: Store) -> int:
             layers.append(chain)
             diff_ids.append(diff_id)
         store.put(Image(name=args.name, layers=tuple(layers), diff_ids=tuple(diff_ids), config=kept["config"],
-                        source=f"commit {args.id} of {kept['nodeid']}", created=time.time()))
+                        source=f"commit {args.id} of {kept['nodeid']}", created=time.time(),
+                        base="host" if host_based else ""))
     print(f"committed {args.id} as image {args.name} ({len(layers)} layers)")
     return 0
 

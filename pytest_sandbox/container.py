@@ -38,14 +38,32 @@ class ContainerError(SandboxError):
 
 # -- the overlay root -----------------------------------------------------------------------
 
-def _lowerdir_plus_supported(fs: int, first: str) -> bool:
+def _mount_with_lowerdir_plus(lowers_top_first: Sequence[str], upper: str, work: str, target: str) -> bool:
+    """The new mount API with one ``lowerdir+`` per layer; False where the kernel lacks it.
+
+    Before Linux 6.5 overlayfs takes fsconfig keys as a legacy option string and only
+    refuses ``lowerdir+`` when the superblock is created, so that is where it is judged.
+    """
+    fs = _linux.fsopen("overlay")
     try:
-        _linux.fsconfig(fs, "lowerdir+", first)
-        return True
-    except OSError as exc:
-        if exc.errno in (errno.EINVAL, errno.ENOPARAM if hasattr(errno, "ENOPARAM") else 519):
-            return False
-        raise
+        try:
+            for lower in lowers_top_first:
+                _linux.fsconfig(fs, "lowerdir+", lower)
+            _linux.fsconfig(fs, "upperdir", upper)
+            _linux.fsconfig(fs, "workdir", work)
+            _linux.fsconfig(fs, "userxattr")
+            mnt = _linux.fsmount(fs)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                return False
+            raise
+    finally:
+        os.close(fs)
+    try:
+        _linux.move_mount(mnt, target)
+    finally:
+        os.close(mnt)
+    return True
 
 
 def overlay_mount(lowers_top_first: Sequence[str], upper: str, work: str, target: str) -> None:
@@ -55,22 +73,8 @@ def overlay_mount(lowers_top_first: Sequence[str], upper: str, work: str, target
     kernels get the legacy option string, with each layer named by a short
     ``/proc/self/fd`` path to stay under the 4095-byte limit.
     """
-    fs = _linux.fsopen("overlay")
-    try:
-        if not os.environ.get(LEGACY_ENV) and _lowerdir_plus_supported(fs, lowers_top_first[0]):
-            for lower in lowers_top_first[1:]:
-                _linux.fsconfig(fs, "lowerdir+", lower)
-            _linux.fsconfig(fs, "upperdir", upper)
-            _linux.fsconfig(fs, "workdir", work)
-            _linux.fsconfig(fs, "userxattr")
-            mnt = _linux.fsmount(fs)
-            try:
-                _linux.move_mount(mnt, target)
-            finally:
-                os.close(mnt)
-            return
-    finally:
-        os.close(fs)
+    if not os.environ.get(LEGACY_ENV) and _mount_with_lowerdir_plus(lowers_top_first, upper, work, target):
+        return
     fds = [os.open(p, os.O_PATH | os.O_DIRECTORY) for p in lowers_top_first]
     try:
         lowerdir = ":".join(f"/proc/self/fd/{fd}" for fd in fds)
@@ -82,6 +86,55 @@ def overlay_mount(lowers_top_first: Sequence[str], upper: str, work: str, target
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def host_based_root(lowers_top_first: Sequence[str], layer_dir: str, merged: str, keep_out: str,
+                    unprivileged: bool) -> str:
+    """Mount a FROM host image's root on ``merged``: the host read-only, each top-level directory
+    an overlay of the image's layers over the host's, with uppers in ``layer_dir/<dir>/upper``.
+
+    ``keep_out`` (the image store) must not be under an overlaid directory: overlayfs refuses
+    layers inside other layers, so the top-level directory holding it stays read-only. So do
+    directories with mounts below them when ``unprivileged`` (the caller's uid outside).
+    """
+    from .rootfs import NOT_OVERLAID, mounts_under, subpath_lowers
+
+    clone = _linux.OPEN_TREE_CLONE | _linux.OPEN_TREE_CLOEXEC | _linux.AT_RECURSIVE
+    host = _linux.open_tree("/", clone)
+    _linux.mount_setattr(host, _linux.MOUNT_ATTR_RDONLY | _linux.MOUNT_ATTR_NOSUID)
+    _linux.move_mount(host, merged)
+    os.close(host)
+    store_top = "/" + os.path.realpath(keep_out).strip("/").split("/")[0]
+    for name in sorted(os.listdir("/")):
+        path = f"/{name}"
+        if name in NOT_OVERLAID or path == store_top or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        if unprivileged and mounts_under(path):
+            continue  # locked mounts below: overlayfs refuses it without root; stays read-only
+        lowers, host_shows = subpath_lowers(lowers_top_first, path)
+        if host_shows:
+            lowers.append(path)
+        if not lowers:
+            lowers = [f"{layer_dir}/.empty"]
+            os.makedirs(lowers[0], exist_ok=True)
+        os.makedirs(f"{layer_dir}/{name}/upper", exist_ok=True)  # exists for a kept container
+        os.makedirs(f"{layer_dir}/{name}/work", exist_ok=True)
+        overlay_mount(lowers, f"{layer_dir}/{name}/upper", f"{layer_dir}/{name}/work", merged + path)
+    for place in ("/tmp", "/var/tmp", "/run"):
+        if os.path.isdir(merged + place) and not os.path.islink(merged + place):
+            _linux.mount("sandbox-tmp", merged + place, "tmpfs", _linux.MS_NOSUID | _linux.MS_NODEV,
+                         "mode=0755" if place == "/run" else "mode=1777")
+    return merged
+
+
+def gather_host_based_upper(layer_dir: str, diff: str) -> None:
+    """Move the per-directory uppers of ``host_based_root`` into one layer dir (``diff/<dir>/...``)."""
+    for name in sorted(os.listdir(layer_dir)):
+        upper = os.path.join(layer_dir, name, "upper")
+        if name.startswith(".") or not os.path.isdir(upper):
+            continue
+        if os.listdir(upper):
+            os.rename(upper, os.path.join(diff, name))
 
 
 # -- the process ----------------------------------------------------------------------------

@@ -29,6 +29,7 @@ class Sandbox:
         self.image: str | None = image.name if image is not None else None
         self.root: str | None = image_root or None
         self.config: dict[str, Any] = json.loads(image.config_json) if image is not None else {}
+        self.host_based = bool(image is not None and image.host_based)
 
     def path(self, inside: str) -> str:
         """Where a path of the image's filesystem is, seen from the test."""
@@ -51,7 +52,13 @@ class Sandbox:
         if not args:
             raise ValueError("sandbox.run: empty command")
         user_text = self.config.get("User") or "" if user is None else user
-        uid, gid, home = container.resolve_user(root, user_text)
+        if self.host_based:
+            if user is not None:
+                raise SandboxError("sandbox.run(user=...) is not available in a FROM host image: commands run "
+                                   "as the test's own user there")
+            uid, gid, home = os.getuid(), os.getgid(), os.environ.get("HOME", "/")
+        else:
+            uid, gid, home = container.resolve_user(root, user_text)
         full_env = container.image_env(self.config.get("Env") or [], {**dict(self.spec.env), **(env or {})},
                                        home, self.spec.hostname)
         run = container.RunSpec(argv=args, env=full_env, workdir=workdir or self.config.get("WorkingDir") or "/",
@@ -63,6 +70,8 @@ class Sandbox:
         """Start a command in the image (a ``subprocess.Popen``); it shares the test's network."""
         run, uid, gid = self._run_spec(argv, env, workdir, user)
         root = self._require_root()
+        if self.host_based:  # the test already runs in this image: a plain child process
+            return subprocess.Popen(list(run.argv), env=dict(run.env), cwd=run.workdir, **popen_kwargs)
         return container.spawn(lambda: root, run, uid, gid, **popen_kwargs)
 
     def run(self, argv: Sequence[str] | str, *, input: str | bytes | None = None, check: bool = False,

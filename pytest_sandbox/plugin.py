@@ -236,9 +236,10 @@ def pytest_runtestloop(session: pytest.Session) -> None:
             progress(state.image_errors[name])
             continue
         lowers = tuple(state.store.diff_path(c) for c in reversed(image.layers))
-        if not lowers:
+        if not lowers and image.base != "host":
             lowers = (_empty_layer(state.store),)
-        state.images[name] = rootfs.ImageMount(name, lowers, json.dumps(image.config, sort_keys=True))
+        state.images[name] = rootfs.ImageMount(name, lowers, json.dumps(image.config, sort_keys=True),
+                                               host_based=image.base == "host")
 
 
 def _empty_layer(store: Store) -> str:
@@ -355,7 +356,8 @@ def _keep_container(state: SessionState, item: pytest.Item, spec: SandboxSpec, c
     chains = ["sha256:" + os.path.basename(os.path.dirname(p)) for p in reversed(image.lowers)
               if os.path.basename(p) == "diff"]
     meta = {"id": cid, "nodeid": item.nodeid, "image": spec.image, "layers": chains,
-            "config": json.loads(image.config_json), "hostname": spec.hostname, "created": time.time()}
+            "config": json.loads(image.config_json), "hostname": spec.hostname, "created": time.time(),
+            "base": "host" if image.host_based else ""}
     try:
         state.store.keep_container(state.keep_dir, cid, meta)
     except OSError as exc:

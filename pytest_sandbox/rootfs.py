@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 from collections.abc import Iterable
 
 from . import _linux
@@ -65,11 +66,97 @@ def _real(path: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ImageMount:
-    """An image as a sandbox mounts it: its layer dirs (top first) and its config."""
+    """An image as a sandbox mounts it: its layer dirs (top first) and its config.
+
+    A ``host_based`` image (``FROM host``) has the sandbox's view of the host as its
+    lowest layer: its layers go over the host's top-level directories and the test
+    itself runs in it.
+    """
 
     name: str
     lowers: tuple[str, ...]
     config_json: str  # JSON text, so the plan stays hashable
+    host_based: bool = False
+
+
+def image_env(image: ImageMount) -> dict[str, str]:
+    """The image's ENV as a mapping."""
+    import json
+
+    env = {}
+    for item in json.loads(image.config_json).get("Env") or []:
+        key, sep, value = item.partition("=")
+        if sep:
+            env[key] = value
+    return env
+
+
+WHITEOUT_XATTR = "user.overlay.opaque"
+# Top-level host directories a FROM host image never overlays: pseudo filesystems and scratch places.
+NOT_OVERLAID = ("proc", "sys", "dev", "tmp", "run", "lost+found")
+
+
+def _is_whiteout(path: str) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def subpath_lowers(layers_top_first: Iterable[str], path: str) -> tuple[list[str], bool]:
+    """Lower dirs for an overlay on ``path`` alone: each layer's copy of it, top first.
+
+    Whiteouts and opaque directories on the way end the search; the flag says whether
+    the host's own ``path`` still shows through underneath.
+    """
+    parts = [p for p in path.strip("/").split("/") if p]
+    found: list[str] = []
+    for layer in layers_top_first:
+        hidden = False
+        for depth in range(1, len(parts) + 1):
+            here = os.path.join(layer, *parts[:depth])
+            if _is_whiteout(here):
+                return found, False
+            if not os.path.isdir(here) or os.path.islink(here):
+                if os.path.lexists(here):
+                    return found, False  # replaced by a file or link: nothing below shows
+                break
+            try:
+                opaque = os.getxattr(here, WHITEOUT_XATTR) == b"y"
+            except OSError:
+                opaque = False
+            if depth == len(parts):
+                found.append(here)
+            if opaque:
+                hidden = True
+        if hidden:
+            return found, False
+    return found, True
+
+
+def mounts_under(path: str) -> list[str]:
+    """Mount points strictly below ``path`` in this mount namespace.
+
+    Without root such mounts are locked and overlayfs refuses a lower dir holding them
+    (it would reveal what they cover): /etc of a container with bind-mounted /etc/hosts.
+    """
+    prefix = path.rstrip("/") + "/"
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            target = line.split()[4].replace("\\040", " ")
+            if target.startswith(prefix):
+                found.append(target)
+    return found
+
+
+def image_top_dirs(layers_top_first: Iterable[str]) -> list[str]:
+    """The top-level directories a FROM host image's layers change, as absolute paths."""
+    names: set[str] = set()
+    for layer in layers_top_first:
+        names.update(os.listdir(layer))
+    return sorted(f"/{n}" for n in names if n not in NOT_OVERLAID)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +185,11 @@ def make_plan(writable: Iterable[str], needed: Iterable[str], image: ImageMount 
     # A visible path inside another visible path comes along with its parent.
     kept = tuple(sorted(p for p in visible if not any(p != q and _is_under(p, q) for q in visible)))
     image_root = ""
-    if image is not None:
+    if image is not None and image.host_based:
+        image_root = "/"
+        overlays = sorted(set(overlays) | {d for d in image_top_dirs(image.lowers) if os.path.isdir(d)},
+                          key=lambda p: (p.count("/"), p))
+    elif image is not None:
         image_root = "/run/pytest-sandbox/image" if "/run" in fresh else "/tmp/pytest-sandbox/image"
     return RootPlan(overlays=tuple(overlays), visible=kept, fresh=fresh, image=image, image_root=image_root)
 
@@ -120,19 +211,52 @@ def _attach(fd: int, target: str, is_dir: bool = True) -> None:
     os.close(fd)
 
 
-def _detached_overlay(lower: str, scratch: str, index: int) -> int:
-    upper, work = f"{scratch}/{index}/upper", f"{scratch}/{index}/work"
+def _detached_overlay(lowers: list[str], scratch: str, index: int, layer_dir: str | None = None) -> int:
+    """overlay(lowers, upper) as a detached mount; upper and work in ``layer_dir`` (default: scratch)."""
+    layer_dir = layer_dir or f"{scratch}/{index}"
+    upper, work = f"{layer_dir}/upper", f"{layer_dir}/work"
     os.makedirs(upper)
-    os.mkdir(work)
+    os.makedirs(work)
+    if len(lowers) > 1:  # several layers: container.overlay_mount knows both kernel interfaces
+        from .container import overlay_mount
+
+        target = f"{scratch}/{index}/root"
+        os.makedirs(target)
+        overlay_mount(lowers, upper, work, target)
+        return _linux.open_tree(target, _linux.OPEN_TREE_CLONE | _linux.OPEN_TREE_CLOEXEC)
     fs = _linux.fsopen("overlay")
     try:
-        _linux.fsconfig(fs, "lowerdir", lower)
+        _linux.fsconfig(fs, "lowerdir", lowers[0])
         _linux.fsconfig(fs, "upperdir", upper)
         _linux.fsconfig(fs, "workdir", work)
         _linux.fsconfig(fs, "userxattr")
         return _linux.fsmount(fs)
     finally:
         os.close(fs)
+
+
+def _overlay_for(target: str, index: int, plan: RootPlan, scratch: str, keep: tuple[str, str] | None) -> int:
+    """One writable place; with a FROM host image, the image's layers come between it and the host.
+
+    With ``keep``, the image's top-level directories keep their upper dirs in the store
+    (``<id>/<dir>/upper``), where pytest keeps them if the test fails.
+    """
+    image = plan.image
+    if image is None or not image.host_based:
+        return _detached_overlay([target], scratch, index)
+    lowers, host_shows = subpath_lowers(image.lowers, target)
+    if host_shows:
+        if os.geteuid() != 0 and mounts_under(target):
+            raise SetupError("image", f"image {image.name} changes {target}, which holds other mounts on this host "
+                             f"({', '.join(mounts_under(target)[:3])}): without root overlayfs cannot stack on it")
+        lowers.append(target)
+    if not lowers:  # deleted by the image: an empty directory stands for it
+        lowers = [f"{scratch}/{index}/empty"]
+        os.makedirs(lowers[0])
+    layer_dir = None
+    if keep is not None and target.count("/") == 1 and target in image_top_dirs(image.lowers):
+        layer_dir = f"{keep[0]}/{keep[1]}{target}"
+    return _detached_overlay(lowers, scratch, index, layer_dir)
 
 
 def _image_root(image: ImageMount, scratch: str, keep: tuple[str, str] | None) -> int:
@@ -189,10 +313,15 @@ def build(plan: RootPlan, keep: tuple[str, str] | None = None) -> None:
     #    refuses a detached upper); /dev/shm is covered by the sandbox's own tmpfs later.
     scratch = SCRATCH
     _linux.mount("sandbox-upper", scratch, "tmpfs", _TMPFS_FLAGS, "mode=0700")
-    overlay_fds = [(target, _detached_overlay(target, scratch, i)) for i, target in enumerate(plan.overlays)]
+    overlay_fds = [(target, _overlay_for(target, i, plan, scratch, keep)) for i, target in enumerate(plan.overlays)]
     visible_fds = [(path, os.path.isdir(path), _linux.open_tree(path, clone)) for path in plan.visible]
-    image_fd = _image_root(plan.image, scratch, keep) if plan.image is not None else None
-    # 2. Cover the scratch places.
+    image_fd = None
+    if plan.image is not None and not plan.image.host_based:
+        image_fd = _image_root(plan.image, scratch, keep)
+    # 2. Cover the scratch places; an overlay holding one (an image's /var holds /var/tmp) goes first.
+    for target, fd in [(t, f) for t, f in overlay_fds if any(_is_under(p, t) and p != t for p in plan.fresh)]:
+        _attach(fd, target)
+        overlay_fds.remove((target, fd))
     for place in plan.fresh:
         _linux.mount("sandbox-tmp", place, "tmpfs", _TMPFS_FLAGS, "mode=0755" if place == "/run" else "mode=1777")
     _fresh_dev_mounts()

@@ -242,3 +242,75 @@ def test_xdist_workers_build_an_image_once(project: pytest.Pytester) -> None:
     project.runpytest_subprocess("-n", "2").assert_outcomes(passed=4)
     layers = os.listdir(store_of(project) / "layers")
     assert len(layers) == 4  # busybox 3 + slow 1: a second RUN (new mtimes) would be a fifth
+
+
+HOST_BASED = """
+FROM host
+RUN mkdir -p /opt/extra && printf 'VALUE = 42\\n' > /opt/extra/extramod.py && rm -rf /opt/extra/gone
+COPY payload.txt /srv/payload.txt
+ENV PYTHONPATH=/opt/extra MODE=img
+"""
+
+
+@pytest.mark.guest
+def test_from_host_image_runs_the_test_inside(project: pytest.Pytester) -> None:
+    (project.path / "images" / "hosty.Containerfile").write_text(HOST_BASED)
+    (project.path / "images" / "payload.txt").write_text("payload\n")
+    project.makepyfile("""
+        import os, sys, pytest
+
+        @pytest.mark.container(image="hosty")
+        def test_inside(sandbox):
+            assert sandbox.root == "/"
+            assert os.environ["MODE"] == "img"
+            sys.path.insert(0, "/opt/extra")
+            import extramod
+            assert extramod.VALUE == 42
+            assert open("/srv/payload.txt").read() == "payload\\n"
+            out = sandbox.run([sys.executable, "-c", "import extramod, os; print(extramod.VALUE, os.environ['MODE'])"])
+            assert out.stdout == "42 img\\n", out.stderr
+            with open("/opt/extra/written", "w") as f:
+                f.write("by the test")
+
+        @pytest.mark.container(image="hosty")
+        def test_fresh_layer(sandbox):
+            assert not os.path.exists("/opt/extra/written")
+
+        def test_host_untouched():
+            assert not os.path.exists("/opt/extra") and not os.path.exists("/srv/payload.txt")
+    """)
+    project.runpytest_subprocess().assert_outcomes(passed=3)
+    run = cli(project, "run", "hosty", "sh", "-c", "cat /srv/payload.txt; echo $MODE")
+    assert run.stdout == "payload\nimg\n", run.stderr
+    export = cli(project, "images", "export", "hosty", str(project.path / "x.tar"))
+    assert export.returncode == 1 and "built FROM host" in export.stderr
+
+
+def test_from_host_keep_shell_commit(project: pytest.Pytester) -> None:
+    (project.path / "images" / "hosty.Containerfile").write_text(HOST_BASED)
+    (project.path / "images" / "payload.txt").write_text("payload\n")
+    project.makepyfile("""
+        import os, pytest
+
+        @pytest.mark.container(image="hosty")
+        def test_breaks(sandbox):
+            os.remove("/opt/extra/extramod.py")
+            with open("/srv/evidence", "w") as f:
+                f.write("evidence\\n")
+            assert False
+    """)
+    project.runpytest_subprocess("--sandbox-keep=failed").assert_outcomes(failed=1)
+    cid = cli(project, "containers").stdout.splitlines()[1].split()[0]
+    shell = cli(project, "shell", cid, "sh", "-c", "cat /srv/evidence; ls /opt/extra; echo end")
+    assert shell.stdout == "evidence\nend\n", shell.stderr
+    assert cli(project, "commit", cid, "hosty-after").returncode == 0
+    again = cli(project, "run", "hosty-after", "sh", "-c", "cat /srv/evidence /srv/payload.txt; ls /opt/extra")
+    assert again.stdout == "evidence\npayload\n", again.stderr
+
+
+def test_from_host_cannot_change_new_top_level_dirs(project: pytest.Pytester) -> None:
+    (project.path / "images" / "newtop.Containerfile").write_text("FROM host\nCOPY payload.txt /newtop/x\n")
+    (project.path / "images" / "payload.txt").write_text("payload\n")
+    result = cli(project, "images", "build", "newtop")
+    assert result.returncode == 1
+    assert "can only change directories under the host's existing top-level directories, not /newtop" in result.stderr

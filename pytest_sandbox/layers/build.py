@@ -60,9 +60,15 @@ class _State:
     layers: list[str]
     diff_ids: list[str]
     config: dict[str, Any]
+    base: str = ""
 
     def entry(self) -> dict[str, Any]:
-        return {"layers": self.layers, "diff_ids": self.diff_ids, "config": self.config}
+        return {"layers": self.layers, "diff_ids": self.diff_ids, "config": self.config, "base": self.base}
+
+    def derived(self, key: str, layers: list[str] | None = None, diff_ids: list[str] | None = None,
+                config: dict[str, Any] | None = None) -> _State:
+        return _State(key, self.layers if layers is None else layers, self.diff_ids if diff_ids is None else diff_ids,
+                      self.config if config is None else config, self.base)
 
 
 class _Ignore:
@@ -153,7 +159,7 @@ class Builder:
         with open(path) as f:
             instructions = containerfile.parse(f.read(), path)
         base = instructions[[i.keyword for i in instructions].index("FROM")].args.split()[0]
-        if base not in ("scratch",) and not oci.is_reference(base) and base != name:
+        if base not in ("scratch", "host") and not oci.is_reference(base) and base != name:
             self.check(base)
 
     # -- one image -----------------------------------------------------------------------
@@ -180,7 +186,7 @@ class Builder:
                 state, args = self._step(ins, state, args, path, f"{name} step {number}/{total}")
             image = Image(name=name, layers=tuple(state.layers), diff_ids=tuple(state.diff_ids),
                           config=state.config, source=os.path.relpath(path), created=time.time(),
-                          build_key=state.key)
+                          build_key=state.key, base=state.base)
             existing = self.store.get(name)
             if existing is None or existing.build_key != state.key:
                 self.store.put(image)
@@ -206,6 +212,8 @@ class Builder:
         base = containerfile.substitute(ins.args.split()[0], args)
         if base == "scratch":
             return _State(_key("FROM scratch"), [], [], dict(EMPTY_CONFIG)), {}
+        if base == "host":  # the sandbox's view of this machine, live: host changes do not rebuild
+            return _State(_key("FROM host"), [], [], dict(EMPTY_CONFIG), "host"), {}
         if oci.is_reference(base):
             transport, ref_path, tag = oci.split_reference(base.replace(":", ":" + os.path.dirname(path) + "/", 1)
                                                            if not base.split(":", 1)[1].startswith("/") else base)
@@ -232,8 +240,8 @@ class Builder:
                                  f"and no image {base!r} in the store (use scratch, an image of "
                                  f"{os.path.relpath(self.images_dir)}/, or oci:/oci-archive:/docker-archive:)")
             image = found
-        key = _key("FROM", json.dumps([list(image.layers), image.config], sort_keys=True))
-        return _State(key, list(image.layers), list(image.diff_ids), dict(image.config)), {}
+        key = _key("FROM", json.dumps([list(image.layers), image.config, image.base], sort_keys=True))
+        return _State(key, list(image.layers), list(image.diff_ids), dict(image.config), image.base), {}
 
     def _cached(self, what: str) -> None:
         if not self.quiet_cached:
@@ -254,8 +262,7 @@ class Builder:
         kw = ins.keyword
         if kw == "ARG":
             args = {**args, **self._arg_values(ins, path, variables)}
-            return _State(_key(state.key, ins.text, json.dumps(args, sort_keys=True)), state.layers, state.diff_ids,
-                          config), args
+            return state.derived(_key(state.key, ins.text, json.dumps(args, sort_keys=True)), config=config), args
         if kw in ("ENV", "LABEL", "WORKDIR", "USER", "CMD", "ENTRYPOINT", "EXPOSE"):
             text = containerfile.substitute(ins.args, variables) if ins.json_form is None else ins.args
             key = _key(state.key, ins.keyword, text)
@@ -277,22 +284,22 @@ class Builder:
             elif kw == "WORKDIR":
                 workdir = os.path.normpath(os.path.join(config.get("WorkingDir") or "/", text))
                 config["WorkingDir"] = workdir
-                return self._layer_step(ins, label, _State(key, state.layers, state.diff_ids, config),
+                return self._layer_step(ins, label, state.derived(key, config=config),
                                         lambda diff: self._workdir_layer(state, workdir, diff)), args
             if self.store.cache_get(key) is not None:
                 self._cached(f"{label}: {ins.keyword} {text[:60]}")
             else:
                 self.say(f"  {label}: {ins.keyword} {text[:60]}")
                 self.store.cache_put(key, {"layers": state.layers, "diff_ids": state.diff_ids, "config": config})
-            return _State(key, state.layers, state.diff_ids, config), args
+            return state.derived(key, config=config), args
         if kw == "COPY":
             sources, dest, digest = self._copy_plan(ins, variables, path)
             key = _key(state.key, ins.text, digest)
-            return self._layer_step(ins, label, _State(key, state.layers, state.diff_ids, config),
-                                    lambda diff: self._copy_into(ins, sources, dest, state.layers, config, diff)), args
+            return self._layer_step(ins, label, state.derived(key, config=config),
+                                    lambda diff: self._copy_into(ins, sources, dest, state, config, diff)), args
         if kw == "RUN":
             key = _key(state.key, ins.text, json.dumps(args, sort_keys=True))
-            return self._layer_step(ins, label, _State(key, state.layers, state.diff_ids, config),
+            return self._layer_step(ins, label, state.derived(key, config=config),
                                     lambda diff: self._run(ins, state, args, path, diff)), args
         raise ContainerfileError(path, ins.line, f"unsupported instruction {kw}")  # parse() stops these first
 
@@ -302,7 +309,7 @@ class Builder:
         cached = self.store.cache_get(target.key)
         if cached is not None:
             self._cached(f"{label}: {ins.keyword} {ins.args[:60]}")
-            return _State(target.key, list(cached["layers"]), list(cached["diff_ids"]), dict(cached["config"]))
+            return target.derived(target.key, list(cached["layers"]), list(cached["diff_ids"]), dict(cached["config"]))
         self.say(f"  {label}: {ins.keyword} {ins.args[:60]}")
         started = time.monotonic()
         with self.store.staging() as stage:
@@ -310,20 +317,35 @@ class Builder:
             os.mkdir(diff)
             layers, diff_ids = list(target.layers), list(target.diff_ids)
             if make(diff) and os.listdir(diff):
+                if target.base == "host":
+                    self._check_host_layer(ins, diff)
                 diff_id = tarlayer.diff_id_of(diff)
                 parent = layers[-1] if layers else None
                 chain = chain_id(parent, diff_id)
                 self.store.publish_layer(diff, chain, diff_id, parent, {"created_by": ins.text})
                 layers.append(chain)
                 diff_ids.append(diff_id)
-        result = _State(target.key, layers, diff_ids, target.config)
+        result = target.derived(target.key, layers, diff_ids)
         self.store.cache_put(target.key, result.entry())
         self.say(f"    done in {time.monotonic() - started:.2f}s")
         return result
 
+    def _check_host_layer(self, ins: Instruction, diff: str) -> None:
+        """A FROM host layer can only change existing top-level directories (each is one overlay)."""
+        store_top = os.path.realpath(self.store.root).strip("/").split("/")[0]
+        for name in os.listdir(diff):
+            if name == store_top:
+                raise BuildError(f"{ins.keyword} {ins.args[:60]}: a FROM host image cannot change /{name}, which "
+                                 f"holds the image store {self.store.root} (move the store with --store / "
+                                 "PYTEST_SANDBOX_STORE)")
+            if not os.path.isdir("/" + name) or os.path.islink("/" + name) or not os.path.isdir(
+                    os.path.join(diff, name)):
+                raise BuildError(f"{ins.keyword} {ins.args[:60]}: a FROM host image can only change directories "
+                                 f"under the host's existing top-level directories, not /{name}")
+
     # -- WORKDIR -------------------------------------------------------------------------
     def _workdir_layer(self, state: _State, workdir: str, diff: str) -> bool:
-        if _exists_in(self.store, state.layers, workdir):
+        if _exists_in(self.store, state.layers, workdir, state.base == "host"):
             return False
         os.makedirs(os.path.join(diff, workdir.lstrip("/")), mode=0o755)
         return True
@@ -368,12 +390,12 @@ class Builder:
                     digest.update(_file_digest(full).encode())
         return sources, dest, digest.hexdigest()
 
-    def _copy_into(self, ins: Instruction, sources: list[tuple[str, str]], dest: str, layers: list[str],
+    def _copy_into(self, ins: Instruction, sources: list[tuple[str, str]], dest: str, state: _State,
                    config: Mapping[str, Any], diff: str) -> bool:
         workdir = config.get("WorkingDir") or "/"
         dest_abs = os.path.normpath(os.path.join(workdir, dest))
         into_dir = dest.endswith("/") or len(sources) > 1 or any(os.path.isdir(s) for s, _ in sources) \
-            or _is_dir_in(self.store, layers, dest_abs)
+            or _is_dir_in(self.store, state.layers, dest_abs, state.base == "host")
         context = self.images_dir
         ignore = None if ins.flag("from") == "host" else _Ignore(context)
         for source, name in sources:
@@ -396,14 +418,19 @@ class Builder:
         work, merged, empty = (os.path.join(stage, d) for d in ("work", "merged", "empty"))
         for d in (work, merged, empty):
             os.mkdir(d)
-        lowers = [self.store.diff_path(c) for c in reversed(state.layers)] or [empty]
+        layers_top_first = [self.store.diff_path(c) for c in reversed(state.layers)]
         argv = tuple(ins.json_form) if ins.json_form is not None else ("/bin/sh", "-c", ins.args)
         config = state.config
         env_list = [f"{k}={v}" for k, v in args.items()] + list(config.get("Env") or [])
         network = "host" if ins.flag("network") == "host" else "none"
+        host_uppers = os.path.join(stage, "host")
+        unprivileged = os.geteuid() != 0
 
         def prepare() -> str:
-            container.overlay_mount(lowers, diff, work, merged)
+            if state.base == "host":
+                return container.host_based_root(layers_top_first, host_uppers, merged, self.store.root,
+                                                 unprivileged)
+            container.overlay_mount(layers_top_first or [empty], diff, work, merged)
             return merged
 
         uid, gid, home = self._user(state, config.get("User") or "")
@@ -426,7 +453,9 @@ class Builder:
             output = "\n".join(tail)
             raise BuildError(f"{path}:{ins.line}: RUN {ins.args[:80]} failed with exit status {code}"
                              + (f"; last output:\n{output}" if output else ""))
-        tidy_upper(self.store, state.layers, diff)
+        if state.base == "host":
+            container.gather_host_based_upper(host_uppers, diff)
+        tidy_upper(self.store, state.layers, diff, state.base == "host")
         return True
 
     def _user(self, state: _State, user: str) -> tuple[int, int, str]:
@@ -436,7 +465,7 @@ class Builder:
             etc = os.path.join(stage, "etc")
             os.mkdir(etc)
             for name in ("passwd", "group"):
-                found = _find_in(self.store, state.layers, f"/etc/{name}")
+                found = _find_in(self.store, state.layers, f"/etc/{name}", state.base == "host")
                 if found:
                     shutil.copyfile(found, os.path.join(etc, name))
             try:
@@ -516,8 +545,21 @@ def _apply_copy_flags(diff: str, dest_abs: str, ins: Instruction) -> None:
             os.chmod(top, int(chmod, 8))
 
 
-def _find_in(store: Store, layers: list[str], path: str) -> str | None:
-    """The topmost layer's copy of ``path``, or None if absent or deleted (whiteouts honoured)."""
+def _find_in(store: Store, layers: list[str], path: str, host: bool = False) -> str | None:
+    """The topmost layer's copy of ``path`` (the host's with ``host``), or None if absent or deleted."""
+    found = _find_in_layers(store, layers, path)
+    if found is None and host and os.path.lexists(path) and not _hidden_by_layers(store, layers, path):
+        return path
+    return found
+
+
+def _hidden_by_layers(store: Store, layers: list[str], path: str) -> bool:
+    from ..rootfs import subpath_lowers
+
+    return not subpath_lowers([store.diff_path(c) for c in reversed(layers)], os.path.dirname(path) or "/")[1]
+
+
+def _find_in_layers(store: Store, layers: list[str], path: str) -> str | None:
     rel = path.strip("/")
     for chain in reversed(layers):
         diff = store.diff_path(chain)
@@ -537,21 +579,21 @@ def _find_in(store: Store, layers: list[str], path: str) -> str | None:
     return None
 
 
-def _exists_in(store: Store, layers: list[str], path: str) -> bool:
-    return path.strip("/") == "" or _find_in(store, layers, path) is not None
+def _exists_in(store: Store, layers: list[str], path: str, host: bool = False) -> bool:
+    return path.strip("/") == "" or _find_in(store, layers, path, host) is not None
 
 
-def _is_dir_in(store: Store, layers: list[str], path: str) -> bool:
-    found = _find_in(store, layers, path)
+def _is_dir_in(store: Store, layers: list[str], path: str, host: bool = False) -> bool:
+    found = _find_in(store, layers, path, host)
     return found is not None and os.path.isdir(found)
 
 
-def tidy_upper(store: Store, layers: list[str], diff: str) -> None:
+def tidy_upper(store: Store, layers: list[str], diff: str, host: bool = False) -> None:
     """Make an overlay upper dir a layer: drop the empty mount points made for /proc, /dev, /sys
     (when the image had none) and overlay's own bookkeeping xattrs."""
     for name in _MOUNTPOINTS:
         with contextlib.suppress(OSError):
-            if not _exists_in(store, layers, "/" + name):
+            if not _exists_in(store, layers, "/" + name, host):
                 os.rmdir(os.path.join(diff, name))
     _strip_overlay_xattrs(diff)
 

@@ -426,6 +426,9 @@ def export_image(store: Store, name: str, target: str, progress: Progress | None
     """Write an image as ``oci-archive:`` (default for a plain path), ``oci:`` or ``docker-archive:``."""
     say = progress or (lambda _msg: None)
     image = store.require(name)
+    if image.base == "host":
+        raise StoreError(f"image {name} is built FROM host: its base is this machine, not a layer, so it cannot "
+                         "be exported")
     if is_reference(target):
         transport, path, _tag = split_reference(target)
     else:

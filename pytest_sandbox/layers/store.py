@@ -134,11 +134,12 @@ class Image:
     source: str
     created: float
     build_key: str | None = None
+    base: str = ""                   # "host": the sandbox's view of the host is the lowest layer
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "layers": list(self.layers), "diff_ids": list(self.diff_ids),
                 "config": self.config, "source": self.source, "created": self.created,
-                "build_key": self.build_key}
+                "build_key": self.build_key, "base": self.base}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Image:
@@ -146,7 +147,7 @@ class Image:
         config.update(data.get("config") or {})
         return cls(name=data["name"], layers=tuple(data["layers"]), diff_ids=tuple(data["diff_ids"]),
                    config=config, source=data.get("source", ""), created=data.get("created", 0.0),
-                   build_key=data.get("build_key"))
+                   build_key=data.get("build_key"), base=data.get("base", ""))
 
     @property
     def top(self) -> str | None:
