@@ -7,7 +7,7 @@ Layout under the store root (``$XDG_CACHE_HOME/pytest-sandbox`` by default)::
     images/<name>.json            ordered layer chain + image config
     cache/<step-key>.json         build cache: step -> resulting chain id and config
     containers/<id>/              read/write layers kept by ``--sandbox-keep``
-    tmp/<pid>-<random>/           staging; renamed into place, so nothing is ever half-published
+    tmp/<pid>-<random>/           staging (flock-held .owner); renamed into place: nothing is half-published
     store.lock                    held while anything is published or removed
 
 Concurrent pytest sessions and xdist workers take ``store.lock`` (a filelock) around
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -104,13 +105,36 @@ def _read_json(path: str) -> Any:
         return json.load(f)
 
 
-def _pid_alive(pid: int) -> bool:
+OWNER_FILE = ".owner"
+_STALE_WITHOUT_OWNER = 3600.0  # a dir whose creator died before it could lock it
+
+
+def _hold(path: str) -> int:
+    """Mark ``path`` as in use for as long as this process (or a child it forks) lives.
+
+    An flock, not a pid: pids mean nothing across the pid namespaces sandboxes make.
+    """
+    fd = os.open(os.path.join(path, OWNER_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _abandoned(path: str) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fd = os.open(os.path.join(path, OWNER_FILE), os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        try:
+            return time.time() - os.lstat(path).st_mtime > _STALE_WITHOUT_OWNER
+        except OSError:
+            return False
+    except OSError:
         return False
-    except PermissionError:
-        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
     return True
 
 
@@ -190,14 +214,12 @@ class Store:
             yield
 
     def _remove_stale_staging(self) -> None:
-        """Staging dirs of dead processes (a build killed with -9) are debris: drop them."""
+        """Staging dirs nobody holds any more (a build killed with -9, a killed session) are debris."""
         for entry in os.listdir(self.tmp_dir):
-            pid_text = entry.split("-", 1)[0]
-            if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            if _abandoned(os.path.join(self.tmp_dir, entry)):
                 remove_tree(os.path.join(self.tmp_dir, entry))
         for entry in os.listdir(self.containers_dir):
-            pid_text = entry.removeprefix(".session-")
-            if entry.startswith(".session-") and pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            if entry.startswith(".session-") and _abandoned(os.path.join(self.containers_dir, entry)):
                 remove_tree(os.path.join(self.containers_dir, entry))
 
     # -- kept containers (--sandbox-keep) ----------------------------------------------------
@@ -205,6 +227,7 @@ class Store:
         """Where one pytest session's image tests put their read/write layers; removed at its end."""
         path = os.path.join(self.ensure().containers_dir, f".session-{pid}")
         os.makedirs(path, exist_ok=True)
+        _hold(path)  # held by pytest and the zygote it forks, until both are gone
         return path
 
     def keep_container(self, session_dir: str, cid: str, meta: dict[str, Any]) -> None:
@@ -240,10 +263,12 @@ class Store:
         """A private directory on the store's filesystem, removed afterwards whatever happens."""
         self.ensure()
         path = tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=self.tmp_dir)
+        owner = _hold(path)
         try:
             yield path
         finally:
             remove_tree(path)
+            os.close(owner)
 
     # -- layers --------------------------------------------------------------------------
     def layer_path(self, chain: str) -> str:
