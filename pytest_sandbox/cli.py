@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,8 +43,56 @@ def _doctor(args: argparse.Namespace) -> int:
     except cgroups.CgroupUnavailable as exc:
         backend = f"unavailable: {exc}"
     print(f"limits: {backend}")
-    print(f"image store: {Store(args.store).root}")
+    print("\nimages:")
+    for ok, name, detail in _image_checks(Store(args.store)):
+        print(f"{'ok' if ok else 'NO':>3}  {name:<12} {detail}")
     return 0 if probe.unavailable_reason() is None else 1
+
+
+def _is_static_elf(path: str) -> bool:
+    """True for an ELF executable without a program interpreter (PT_INTERP), i.e. statically linked."""
+    import struct
+
+    with open(path, "rb") as f:
+        header = f.read(64)
+        if header[:4] != b"\x7fELF" or header[4] != 2:
+            return False
+        phoff, = struct.unpack_from("<Q", header, 32)
+        phentsize, phnum = struct.unpack_from("<HH", header, 54)
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+    return all(struct.unpack_from("<I", table, i * phentsize)[0] != 3 for i in range(phnum))
+
+
+def _image_checks(store: Store) -> list[tuple[bool, str, str]]:
+    checks = []
+    images = store.images() if os.path.isdir(store.root) else []
+    layers = store.all_layers() if os.path.isdir(store.root) else []
+    size = sum(store.layer_info(c).get("size", 0) for c in layers)
+    checks.append((True, "store", f"{store.root} ({len(images)} images, {len(layers)} layers, {_size(size)})"))
+    release = tuple(int(p) for p in os.uname().release.split("-")[0].split(".")[:2] if p.isdigit())
+    if release >= (6, 8):
+        checks.append((True, "lowerdir+", "overlayfs takes one layer per call (Linux 6.8+): no layer limit"))
+    else:
+        checks.append((False, "lowerdir+", "Linux < 6.8: layers go into the 4095-byte option string, about 200 "
+                                           "layers per image at most"))
+    busybox = next((p for p in ("/bin/busybox", "/usr/bin/busybox") if os.path.exists(p)), None)
+    if busybox and _is_static_elf(busybox):
+        checks.append((True, "busybox", f"{busybox} is static: images/busybox.Containerfile builds"))
+    else:
+        what = f"{busybox} is dynamically linked" if busybox else "no busybox"
+        checks.append((False, "busybox", f"{what}; fix: apt-get install busybox-static (for the shipped image)"))
+    zstd = "Python's compression.zstd" if sys.version_info >= (3, 14) else None
+    if zstd is None:
+        try:
+            import zstandard  # type: ignore[import-not-found]  # noqa: F401
+
+            zstd = "the zstandard module"
+        except ImportError:
+            zstd = "the zstd program" if shutil.which("zstd") else None
+    checks.append((zstd is not None, "zstd", f"zstd-compressed layers import with {zstd}" if zstd else
+                   "no zstd decompressor; fix: apt-get install zstd (or pip install zstandard)"))
+    return checks
 
 
 def _images(args: argparse.Namespace, store: Store) -> int:

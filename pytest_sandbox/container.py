@@ -149,6 +149,7 @@ class RunSpec:
     user: str = ""
     hostname: str = "sandbox"
     network: str = "none"
+    share_dev: bool = False  # inside a sandbox: its minimal /dev is bound in whole (one mount, not ten)
 
 
 def _passwd_lookup(root: str, user: str) -> tuple[int, int, str]:
@@ -228,7 +229,12 @@ def _enter_root(root: str, run: RunSpec, uid: int, gid: int, privileged: bool) -
     if _ensure_dir(f"{root}/proc"):
         _linux.mount("proc", f"{root}/proc", "proc", _linux.MS_NOSUID | _linux.MS_NODEV | _linux.MS_NOEXEC)
     if _ensure_dir(f"{root}/dev"):
-        _populate_dev(f"{root}/dev")
+        if run.share_dev:
+            dev = _linux.open_tree("/dev", _linux.OPEN_TREE_CLONE | _linux.OPEN_TREE_CLOEXEC | _linux.AT_RECURSIVE)
+            _linux.move_mount(dev, f"{root}/dev")
+            os.close(dev)
+        else:
+            _populate_dev(f"{root}/dev")
     if os.path.isdir("/sys") and _ensure_dir(f"{root}/sys"):
         sys_fd = _linux.open_tree("/sys", _linux.OPEN_TREE_CLONE | _linux.OPEN_TREE_CLOEXEC | _linux.AT_RECURSIVE)
         _linux.mount_setattr(sys_fd, _linux.MOUNT_ATTR_RDONLY | _linux.MOUNT_ATTR_NOSUID | _linux.MOUNT_ATTR_NODEV

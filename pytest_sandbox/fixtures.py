@@ -62,7 +62,7 @@ class Sandbox:
         full_env = container.image_env(self.config.get("Env") or [], {**dict(self.spec.env), **(env or {})},
                                        home, self.spec.hostname)
         run = container.RunSpec(argv=args, env=full_env, workdir=workdir or self.config.get("WorkingDir") or "/",
-                                user=user_text, hostname=self.spec.hostname, network="inherit")
+                                user=user_text, hostname=self.spec.hostname, network="inherit", share_dev=True)
         return run, uid, gid
 
     def spawn(self, argv: Sequence[str] | str, *, env: Mapping[str, str] | None = None, workdir: str | None = None,

@@ -55,3 +55,14 @@ def test_unavailable_fails_or_skips_with_the_reason(pytester: pytest.Pytester) -
     skipped = pytester.runpytest_subprocess("--sandbox-unavailable=skip", "-rs")
     skipped.assert_outcomes(skipped=1)
     skipped.stdout.fnmatch_lines(["*sandbox unavailable: user.max_user_namespaces is 0*"])
+
+
+def test_doctor_reports_images(tmp_path: os.PathLike[str]) -> None:
+    result = subprocess.run([sys.executable, "-m", "pytest_sandbox", "--store", str(tmp_path), "doctor"],
+                            capture_output=True, text=True)
+    lines = result.stdout.split("\nimages:\n", 1)[1].splitlines()
+    assert lines[0].split()[:3] == ["ok", "store", str(tmp_path)] and "(0 images, 0 layers" in lines[0]
+    names = [line.split()[1] for line in lines]
+    assert names == ["store", "lowerdir+", "busybox", "zstd"]
+    kernel = tuple(int(p) for p in os.uname().release.split("-")[0].split(".")[:2])
+    assert lines[1].startswith(" ok" if kernel >= (6, 8) else " NO")
