@@ -98,7 +98,8 @@ def _image_checks(store: Store) -> list[tuple[bool, str, str]]:
 def _images(args: argparse.Namespace, store: Store) -> int:
     say = print if not args.quiet else (lambda _m: None)
     if args.images_command == "build":
-        builder = build.Builder(store, args.dir, say, dict(a.split("=", 1) for a in args.build_arg))
+        builder = build.Builder(store, args.dir, say, dict(a.split("=", 1) for a in args.build_arg),
+                                no_cache=args.no_cache)
         names = args.names or build.definitions(args.dir)
         if not names:
             print(f"no *.Containerfile in {args.dir}", file=sys.stderr)
@@ -310,6 +311,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", metavar="NAME")
     p.add_argument("--dir", default="images", help="directory of *.Containerfile (default: ./images)")
     p.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE", help="value for an ARG")
+    p.add_argument("--no-cache", action="store_true", help="run every step again (e.g. after the host changed "
+                   "under a FROM host image)")
     add(sub, "ls", "list images")
     p = add(sub, "inspect", "layers and config of an image, as JSON")
     p.add_argument("name")

@@ -218,8 +218,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 def pytest_runtestloop(session: pytest.Session) -> None:
     """Build (or find cached) every image the selected tests use, before the first test runs."""
     state = session.config.stash[STATE_KEY]
-    if not state.images or session.config.option.collectonly:
-        return
+    if not state.images or session.config.option.collectonly or session.testsfailed:
+        return  # nothing to build, or pytest stops for collection errors before any test
     assert state.store is not None
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
 

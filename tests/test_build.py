@@ -270,3 +270,14 @@ def test_an_image_of_150_layers(project: Path, legacy: bool, monkeypatch: pytest
     assert result.returncode == 0, result.stderr
     assert len(Store(str(project / "store")).require("many").layers) == 151
     assert run(project, "many", "ls /layers | wc -l; cat /layers/f1 /layers/f146") == "146\n1\n146\n"
+
+
+def test_no_cache_runs_every_step_again(project: Path) -> None:
+    write(project, "stamp", "FROM busybox\nRUN cat /proc/sys/kernel/random/uuid > /stamp\n")
+    assert cli(project, "images", "build", "stamp").returncode == 0
+    first = run(project, "stamp", "cat /stamp")
+    cached = cli(project, "images", "build", "stamp")
+    assert "done in" not in cached.stdout and run(project, "stamp", "cat /stamp") == first
+    again = cli(project, "images", "build", "--no-cache", "stamp")
+    assert again.returncode == 0 and "cached" not in again.stdout
+    assert run(project, "stamp", "cat /stamp") != first

@@ -111,7 +111,8 @@ class Builder:
     """Builds images defined in one directory into one store."""
 
     def __init__(self, store: Store, images_dir: str, progress: Progress | None = None,
-                 build_args: Mapping[str, str] | None = None, quiet_cached: bool = False) -> None:
+                 build_args: Mapping[str, str] | None = None, quiet_cached: bool = False,
+                 no_cache: bool = False) -> None:
         self.store = store
         self.images_dir = os.path.abspath(images_dir)
         self._progress = progress or (lambda _msg: None)
@@ -119,6 +120,7 @@ class Builder:
         self._said = 0
         self.build_args = dict(build_args or {})
         self.quiet_cached = quiet_cached
+        self.no_cache = no_cache  # every step runs again (a FROM host base changed, say)
         self._building: list[str] = []
         self._done: dict[str, Image] = {}
 
@@ -219,7 +221,7 @@ class Builder:
                                                            if not base.split(":", 1)[1].startswith("/") else base)
             digest = _file_digest(ref_path)
             key = _key("FROM", transport, digest, tag or "")
-            cached = self.store.cache_get(key)
+            cached = self._cache_get(key)
             if cached is None:
                 ref = f"{transport}:{ref_path}" + (f":{tag}" if tag else "")
                 try:
@@ -242,6 +244,9 @@ class Builder:
             image = found
         key = _key("FROM", json.dumps([list(image.layers), image.config, image.base], sort_keys=True))
         return _State(key, list(image.layers), list(image.diff_ids), dict(image.config), image.base), {}
+
+    def _cache_get(self, key: str) -> dict[str, Any] | None:
+        return None if self.no_cache else self.store.cache_get(key)
 
     def _cached(self, what: str) -> None:
         if not self.quiet_cached:
@@ -286,7 +291,7 @@ class Builder:
                 config["WorkingDir"] = workdir
                 return self._layer_step(ins, label, state.derived(key, config=config),
                                         lambda diff: self._workdir_layer(state, workdir, diff)), args
-            if self.store.cache_get(key) is not None:
+            if self._cache_get(key) is not None:
                 self._cached(f"{label}: {ins.keyword} {text[:60]}")
             else:
                 self.say(f"  {label}: {ins.keyword} {text[:60]}")
@@ -306,7 +311,7 @@ class Builder:
     def _layer_step(self, ins: Instruction, label: str, target: _State,
                     make: Callable[[str], bool]) -> _State:
         """Reuse the cached result of ``target.key`` or make a new layer on top of ``target.layers``."""
-        cached = self.store.cache_get(target.key)
+        cached = self._cache_get(target.key)
         if cached is not None:
             self._cached(f"{label}: {ins.keyword} {ins.args[:60]}")
             return target.derived(target.key, list(cached["layers"]), list(cached["diff_ids"]), dict(cached["config"]))
