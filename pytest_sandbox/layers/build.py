@@ -190,7 +190,8 @@ class Builder:
                           config=state.config, source=os.path.relpath(path), created=time.time(),
                           build_key=state.key, base=state.base)
             existing = self.store.get(name)
-            if existing is None or existing.build_key != state.key or self.no_cache:
+            if existing is None or (existing.build_key, existing.layers, existing.config, existing.base) != (
+                    image.build_key, image.layers, image.config, image.base):
                 self.store.put(image)
             else:
                 image = existing
