@@ -17,21 +17,12 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
+
+from _timing import time_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _time(cmd: list[str], cwd: str, env: dict[str, str]) -> float:
-    start = time.perf_counter()
-    result = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    elapsed = time.perf_counter() - start
-    if result.returncode != 0:
-        sys.exit(f"benchmark command failed: {' '.join(cmd)}\n{result.stdout[-3000:]}")
-    return elapsed
 
 
 def main() -> None:
@@ -47,14 +38,15 @@ def main() -> None:
         cold, warm, run_one, imp_cold, imp_warm = [], [], [], [], []
         for k in range(args.runs):
             env["PYTEST_SANDBOX_STORE"] = os.path.join(work, f"store{k}")
-            cold.append(_time([*cli, "images", "build", "-q", "tools"], project, env))
-            warm.append(_time([*cli, "images", "build", "-q", "tools"], project, env))
-            run_one.append(_time([*cli, "run", "busybox", "true"], project, env))
+            cold.append(time_command([*cli, "images", "build", "-q", "tools"], project, env))
+            warm.append(time_command([*cli, "images", "build", "-q", "tools"], project, env))
+            run_one.append(time_command([*cli, "run", "busybox", "true"], project, env))
             archive = os.path.join(work, f"busybox{k}.tar")
-            _time([*cli, "images", "export", "-q", "busybox", archive], project, env)
+            time_command([*cli, "images", "export", "-q", "busybox", archive], project, env)
             env["PYTEST_SANDBOX_STORE"] = os.path.join(work, f"import{k}")
-            imp_cold.append(_time([*cli, "images", "import", "-q", f"oci-archive:{archive}", "bb"], project, env))
-            imp_warm.append(_time([*cli, "images", "import", "-q", f"oci-archive:{archive}", "bb2"], project, env))
+            importing = [*cli, "images", "import", "-q", f"oci-archive:{archive}"]
+            imp_cold.append(time_command([*importing, "bb"], project, env))
+            imp_warm.append(time_command([*importing, "bb2"], project, env))
         med = statistics.median
         print(f"build tools, cold:          {med(cold) * 1000:8.1f} ms  (fresh store, busybox underneath)")
         print(f"build tools, all cached:    {med(warm) * 1000:8.1f} ms")
@@ -77,7 +69,7 @@ def main() -> None:
         for _ in range(args.runs):
             for name in suites:
                 path = f"test_{name.replace(' + ', '_')}.py"
-                times[name].append(_time([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path],
+                times[name].append(time_command([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path],
                                          project, env))
         per_test = {name: med(t) / n * 1000 for name, t in times.items()}
         print(f"per test, container:        {per_test['container']:8.2f} ms  ({n} tests, session included)")

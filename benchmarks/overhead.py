@@ -16,8 +16,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import venv
+
+from _timing import time_command
 
 
 def _forked_venv(path: str) -> str:
@@ -26,15 +27,6 @@ def _forked_venv(path: str) -> str:
         venv.create(path, with_pip=True)
         subprocess.run([python, "-m", "pip", "install", "-q", "pytest<9.2", "pytest-forked"], check=True)
     return python
-
-
-def _time(cmd: list[str], cwd: str) -> float:
-    start = time.perf_counter()
-    result = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    elapsed = time.perf_counter() - start
-    if result.returncode != 0:
-        sys.exit(f"benchmark command failed: {' '.join(cmd)}\n{result.stdout[-3000:]}")
-    return elapsed
 
 
 def main() -> None:
@@ -60,7 +52,7 @@ def main() -> None:
         times: dict[str, list[float]] = {name: [] for name in configs}
         for _ in range(args.runs):  # interleaved, so drift in machine load hits every configuration alike
             for name, cmd in configs.items():
-                times[name].append(_time(cmd, suite))
+                times[name].append(time_command(cmd, suite))
     median = {name: statistics.median(values) for name, values in times.items()}
     sandbox_ms = (median["sandbox"] - median["plain"]) / args.tests * 1000
     forked_ms = (median["forked"] - median["plain (forked venv)"]) / args.tests * 1000

@@ -252,10 +252,14 @@ ENV PYTHONPATH=/opt/extra MODE=img
 """
 
 
-@pytest.mark.guest
-def test_from_host_image_runs_the_test_inside(project: pytest.Pytester) -> None:
+def add_host_based_image(project: pytest.Pytester) -> None:
     (project.path / "images" / "hosty.Containerfile").write_text(HOST_BASED)
     (project.path / "images" / "payload.txt").write_text("payload\n")
+
+
+@pytest.mark.guest
+def test_from_host_image_runs_the_test_inside(project: pytest.Pytester) -> None:
+    add_host_based_image(project)
     project.makepyfile("""
         import os, sys, pytest
 
@@ -287,8 +291,7 @@ def test_from_host_image_runs_the_test_inside(project: pytest.Pytester) -> None:
 
 
 def test_from_host_keep_shell_commit(project: pytest.Pytester) -> None:
-    (project.path / "images" / "hosty.Containerfile").write_text(HOST_BASED)
-    (project.path / "images" / "payload.txt").write_text("payload\n")
+    add_host_based_image(project)
     project.makepyfile("""
         import os, pytest
 
