@@ -1,7 +1,7 @@
 """Tests that run commands in images: run `pytest examples -v` and read along.
 
-`images/busybox.Containerfile` is a tiny image made from the host's static busybox;
-`images/tools.Containerfile` builds on it. Both are built before the first test
+`busybox` is a tiny image shipped with pytest-sandbox, made from the host's static
+busybox; `images/tools.Containerfile` builds on it. Both are built before the first test
 that needs them (watch the "sandbox image:" lines the first time) and cached in
 ~/.cache/pytest-sandbox afterwards. Each test gets the image with a read/write
 layer of its own that is thrown away when the test ends.

@@ -78,7 +78,7 @@ def _image_checks(store: Store) -> list[tuple[bool, str, str]]:
                                            "layers per image at most"))
     busybox = next((p for p in ("/bin/busybox", "/usr/bin/busybox") if os.path.exists(p)), None)
     if busybox and _is_static_elf(busybox):
-        checks.append((True, "busybox", f"{busybox} is static: images/busybox.Containerfile builds"))
+        checks.append((True, "busybox", f"{busybox} is static: the shipped busybox image builds"))
     else:
         what = f"{busybox} is dynamically linked" if busybox else "no busybox"
         checks.append((False, "busybox", f"{what}; fix: apt-get install busybox-static (for the shipped image)"))

@@ -12,7 +12,6 @@ from pathlib import Path
 UMOCI = shutil.which("umoci")
 SKOPEO = shutil.which("skopeo")
 BUSYBOX = next((p for p in ("/bin/busybox", "/usr/bin/busybox") if os.path.exists(p)), None)
-PROJECT_IMAGES = Path(__file__).resolve().parent.parent / "images"
 
 
 def _run(*argv: str, cwd: Path | None = None) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from oci_inputs import BUSYBOX, PROJECT_IMAGES
+from oci_inputs import BUSYBOX
 
 from pytest_sandbox.layers import build, containerfile
 from pytest_sandbox.layers.store import Store, StoreError
@@ -24,7 +23,6 @@ pytestmark = pytest.mark.skipif(BUSYBOX is None, reason="host lacks a static bus
 def project(tmp_path: Path) -> Path:
     images = tmp_path / "images"
     images.mkdir()
-    shutil.copy(PROJECT_IMAGES / "busybox.Containerfile", images)
     return tmp_path
 
 
@@ -281,3 +279,34 @@ def test_no_cache_runs_every_step_again(project: Path) -> None:
     again = cli(project, "images", "build", "--no-cache", "stamp")
     assert again.returncode == 0 and "cached" not in again.stdout
     assert run(project, "stamp", "cat /stamp") != first
+
+
+def test_builtin_busybox_and_what_overrides_it(project: Path, tmp_path: Path) -> None:
+    """FROM busybox works in any project (shipped with pytest-sandbox); a project's own definition or an
+    image imported under that name comes first."""
+    assert build.builtin_definitions() == ["busybox"]
+    write(project, "uses", "FROM busybox\nRUN echo built-in > /which\n")
+    assert cli(project, "images", "build", "uses").returncode == 0
+    assert run(project, "uses", "cat /which; ls /bin/sh") == "built-in\n/bin/sh\n"
+    assert Store(str(project / "store")).require("busybox").source.endswith("busybox.Containerfile")
+    # an image imported as "busybox" is what FROM busybox means from then on
+    assert cli(project, "images", "export", "uses", str(tmp_path / "uses.tar")).returncode == 0
+    assert cli(project, "images", "import", f"oci-archive:{tmp_path / 'uses.tar'}", "busybox").returncode == 0
+    write(project, "uses2", "FROM busybox\nRUN cat /which\n")
+    result = cli(project, "images", "build", "uses2")
+    assert result.returncode == 0 and "| built-in" in result.stdout
+    # and a project's own busybox.Containerfile beats both
+    write(project, "busybox", "FROM scratch\nCOPY --from=host /bin/busybox /bin/busybox\n"
+                              "RUN [\"/bin/busybox\", \"mkdir\", \"/own\"]\n")
+    write(project, "uses3", "FROM busybox\nRUN [\"/bin/busybox\", \"ls\", \"-d\", \"/own\"]\n")
+    assert cli(project, "images", "build", "uses3").returncode == 0
+
+
+def test_images_build_from_any_directory(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    result = subprocess.run([sys.executable, "-m", "pytest_sandbox", "--store", str(store), "images", "build",
+                             "busybox"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    empty = subprocess.run([sys.executable, "-m", "pytest_sandbox", "--store", str(store), "images", "build"],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert empty.returncode == 1 and "no *.Containerfile in images" in empty.stderr

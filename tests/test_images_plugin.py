@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from helpers import wait_gone
-from oci_inputs import BUSYBOX, PROJECT_IMAGES
+from oci_inputs import BUSYBOX
 
 pytestmark = pytest.mark.skipif(BUSYBOX is None, reason="host lacks a static busybox (apt install busybox-static)")
 
@@ -29,7 +28,6 @@ def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path
     """A pytester dir with images/ (busybox and the README's tools) and its own image store."""
     images = pytester.path / "images"
     (images / "fixtures").mkdir(parents=True)
-    shutil.copy(PROJECT_IMAGES / "busybox.Containerfile", images)
     (images / "tools.Containerfile").write_text(TOOLS)
     (images / "fixtures" / "greeting").write_text("hello\n")
     store = tmp_path_factory.mktemp("store")  # outside the test tree, where collection would walk into it

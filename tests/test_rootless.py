@@ -53,16 +53,14 @@ def test_root_only_paths_stay_closed(pytester: pytest.Pytester) -> None:
 def test_image_commands_as_plain_user(pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Without root the caller is the image's root (or its USER) inside, and owns every file outside."""
-    import shutil
 
-    from oci_inputs import BUSYBOX, PROJECT_IMAGES
+    from oci_inputs import BUSYBOX
 
     if BUSYBOX is None:
         pytest.skip("host lacks a static busybox (apt install busybox-static)")
     store = tmp_path_factory.mktemp("store")
     monkeypatch.setenv("PYTEST_SANDBOX_STORE", str(store))
     (pytester.path / "images").mkdir()
-    shutil.copy(PROJECT_IMAGES / "busybox.Containerfile", pytester.path / "images")
     (pytester.path / "images" / "asnobody.Containerfile").write_text(
         "FROM busybox\nRUN mkdir /data && chown 65534:65534 /data || true\nUSER nobody\n")
     uid = os.getuid()

@@ -43,6 +43,9 @@ def _key(*parts: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
+BUILTIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "images")
+
+
 def definition_path(images_dir: str, name: str) -> str:
     return os.path.join(images_dir, name.replace(":", "_") + SUFFIX)
 
@@ -52,6 +55,11 @@ def definitions(images_dir: str) -> list[str]:
     if not os.path.isdir(images_dir):
         return []
     return sorted(e[: -len(SUFFIX)] for e in os.listdir(images_dir) if e.endswith(SUFFIX))
+
+
+def builtin_definitions() -> list[str]:
+    """Names of the images that come with pytest-sandbox (``FROM busybox`` works in any project)."""
+    return definitions(BUILTIN_DIR)
 
 
 @dataclasses.dataclass
@@ -137,6 +145,21 @@ class Builder:
         else:
             self._progress(message)
 
+    def _definition(self, name: str) -> str | None:
+        """The Containerfile behind ``name``: the project's images/ first, then the store (an image
+        imported or committed under that name), then the images shipped with pytest-sandbox."""
+        own = definition_path(self.images_dir, name)
+        if os.path.isfile(own):
+            return own
+        builtin = definition_path(BUILTIN_DIR, name)
+        if not os.path.isfile(builtin):
+            return None
+        stored = self.store.get(name)
+        if stored is not None and os.path.abspath(stored.source) != builtin and not stored.source.endswith(
+                os.path.relpath(builtin)):
+            return None
+        return builtin
+
     # -- entry points --------------------------------------------------------------------
     def build(self, name: str) -> Image:
         check_name(name)
@@ -146,17 +169,17 @@ class Builder:
     def ensure(self, name: str) -> Image:
         """The image, built if it has a definition here, or as the store has it."""
         with self.store.locked():
-            if os.path.isfile(definition_path(self.images_dir, name)):
+            if self._definition(name) is not None:
                 return self._build(name)
             return self.store.require(name)
 
     def check(self, name: str) -> None:
         """Parse a definition (and its bases) without building: errors before anything runs."""
-        path = definition_path(self.images_dir, name)
-        if not os.path.isfile(path):
+        path = self._definition(name)
+        if path is None:
             if self.store.get(name) is None:
-                raise StoreError(f"no image {name!r}: neither {path} nor an image of that name in the store "
-                                 f"{self.store.root}")
+                raise StoreError(f"no image {name!r}: neither {definition_path(self.images_dir, name)} nor an "
+                                 f"image of that name in the store {self.store.root}")
             return
         with open(path) as f:
             instructions = containerfile.parse(f.read(), path)
@@ -168,11 +191,11 @@ class Builder:
     def _build(self, name: str) -> Image:
         if name in self._done:
             return self._done[name]
-        path = definition_path(self.images_dir, name)
+        path = self._definition(name)
+        if path is None:
+            raise StoreError(f"no image definition {definition_path(self.images_dir, name)}")
         if name in self._building:
             raise BuildError(f"{path}: FROM cycle: {' -> '.join([*self._building, name])}")
-        if not os.path.isfile(path):
-            raise StoreError(f"no image definition {path}")
         self._building.append(name)
         try:
             with open(path) as f:
@@ -234,7 +257,7 @@ class Builder:
             else:
                 self._cached(f"FROM {base}")
             return _State(key, list(cached["layers"]), list(cached["diff_ids"]), dict(cached["config"])), {}
-        if os.path.isfile(definition_path(self.images_dir, base)):
+        if self._definition(base) is not None:
             image = self._build(base)
         else:
             found = self.store.get(base)
@@ -302,7 +325,7 @@ class Builder:
             sources, dest, digest = self._copy_plan(ins, variables, path)
             key = _key(state.key, ins.text, digest)
             return self._layer_step(ins, label, state.derived(key, config=config),
-                                    lambda diff: self._copy_into(ins, sources, dest, state, config, diff)), args
+                                    lambda diff: self._copy_into(ins, sources, dest, state, config, diff, path)), args
         if kw == "RUN":
             key = _key(state.key, ins.text, json.dumps(args, sort_keys=True))
             return self._layer_step(ins, label, state.derived(key, config=config),
@@ -397,12 +420,12 @@ class Builder:
         return sources, dest, digest.hexdigest()
 
     def _copy_into(self, ins: Instruction, sources: list[tuple[str, str]], dest: str, state: _State,
-                   config: Mapping[str, Any], diff: str) -> bool:
+                   config: Mapping[str, Any], diff: str, path: str) -> bool:
         workdir = config.get("WorkingDir") or "/"
         dest_abs = os.path.normpath(os.path.join(workdir, dest))
         into_dir = dest.endswith("/") or len(sources) > 1 or any(os.path.isdir(s) for s, _ in sources) \
             or _is_dir_in(self.store, state.layers, dest_abs, state.base == "host")
-        context = self.images_dir
+        context = os.path.dirname(os.path.abspath(path))
         ignore = None if ins.flag("from") == "host" else _Ignore(context)
         for source, name in sources:
             if os.path.isdir(source) and not os.path.islink(source):
