@@ -112,7 +112,10 @@ def _images(args: argparse.Namespace, store: Store) -> int:
         print(f"{'NAME':24} {'LAYERS':>6} {'SIZE':>10} {'CREATED':>10}  SOURCE")
         for image in images:
             size = sum(store.layer_info(c).get("size", 0) for c in image.layers)
-            print(f"{image.name:24} {len(image.layers):>6} {_size(size):>10} {_ago(image.created):>10}  {image.source}")
+            source = image.source
+            if os.path.isabs(source) and source.startswith(os.getcwd() + os.sep):
+                source = os.path.relpath(source)
+            print(f"{image.name:24} {len(image.layers):>6} {_size(size):>10} {_ago(image.created):>10}  {source}")
         return 0
     if args.images_command == "inspect":
         image = store.require(args.name)

@@ -155,9 +155,8 @@ class Builder:
         if not os.path.isfile(builtin):
             return None
         stored = self.store.get(name)
-        if stored is not None and os.path.abspath(stored.source) != builtin and not stored.source.endswith(
-                os.path.relpath(builtin)):
-            return None
+        if stored is not None and stored.source != builtin:
+            return None  # imported or committed under this name by the user
         return builtin
 
     # -- entry points --------------------------------------------------------------------
@@ -210,7 +209,7 @@ class Builder:
                     continue
                 state, args = self._step(ins, state, args, path, f"{name} step {number}/{total}")
             image = Image(name=name, layers=tuple(state.layers), diff_ids=tuple(state.diff_ids),
-                          config=state.config, source=os.path.relpath(path), created=time.time(),
+                          config=state.config, source=os.path.abspath(path), created=time.time(),
                           build_key=state.key, base=state.base)
             existing = self.store.get(name)
             if existing is None or (existing.build_key, existing.layers, existing.config, existing.base) != (
