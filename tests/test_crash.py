@@ -148,3 +148,43 @@ def test_host_mounts_untouched(pytester: pytest.Pytester) -> None:
     pytester.runpytest_subprocess().assert_outcomes(passed=1)
     with open("/proc/self/mountinfo") as f:
         assert f.read() == before
+
+
+def test_pytest_killed_in_an_image_test_leaves_nothing(pytester: pytest.Pytester, token: str,
+                                                        tmp_path_factory: pytest.TempPathFactory,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """kill -9 of pytest mid-test: the image's commands die, and the next session removes the layers
+    the dead one kept for --sandbox-keep (nothing else of it was ever on disk)."""
+    from oci_inputs import BUSYBOX
+
+    if BUSYBOX is None:
+        pytest.skip("host lacks a static busybox (apt install busybox-static)")
+    store = tmp_path_factory.mktemp("store")
+    monkeypatch.setenv("PYTEST_SANDBOX_STORE", str(store))
+    pytester.makeini("[pytest]\nsandbox_keep = failed\n")
+    pytester.makepyfile(f"""
+        import time, pytest
+
+        @pytest.mark.container(image="busybox")
+        def test_hangs(sandbox):
+            sandbox.run("echo layer > /in-the-layer", check=True)
+            sandbox.spawn(["sh", "-c", "sleep 1000 # {token}"])
+            print("RUNNING", flush=True)
+            time.sleep(1000)
+    """)
+    proc = start_pytest_until_running(pytester.path, token)
+    sessions = [e for e in os.listdir(store / "containers") if e.startswith(".session-")]
+    assert len(sessions) == 1
+    proc.kill()
+    proc.wait()
+    assert wait_gone(token) == []
+    assert os.listdir(store / "tmp") == []
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.container(image="busybox")
+        def test_next(sandbox):
+            assert sandbox.run("echo ok").stdout == "ok\\n"
+    """)
+    pytester.runpytest_subprocess().assert_outcomes(passed=1)
+    assert os.listdir(store / "containers") == []
