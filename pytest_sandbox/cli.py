@@ -134,7 +134,7 @@ def _images(args: argparse.Namespace, store: Store) -> int:
         say(f"removed {len(removed)} unused layers, {_size(freed)} freed")
         return 0
     if args.images_command == "import":
-        image = oci.import_image(store, args.ref, args.name, say)
+        image = oci.import_image(store, oci.guess_reference(args.ref), args.name, say)
         say(f"imported {image.name}: {len(image.layers)} layers")
         return 0
     if args.images_command == "export":
@@ -322,7 +322,8 @@ def parser() -> argparse.ArgumentParser:
     p = add(sub, "rm", "remove images (layers stay until prune)")
     p.add_argument("names", nargs="+", metavar="NAME")
     add(sub, "prune", "remove layers no image uses")
-    p = add(sub, "import", "import oci:DIR, oci-archive:FILE or docker-archive:FILE ([:TAG])")
+    p = add(sub, "import", "import FILE or DIR (kind detected), or oci:DIR, oci-archive:FILE, docker-archive:FILE "
+                           "([:TAG])")
     p.add_argument("ref")
     p.add_argument("name", nargs="?")
     p = add(sub, "export", "write an image as an OCI archive (or oci:DIR / docker-archive:FILE)")

@@ -197,3 +197,20 @@ def test_unsafe_layer_entries_are_refused(tmp_path: Path) -> None:
     with pytest.raises(tarlayer.LayerError, match="symlink"):
         tarlayer.apply_tar(_layer([link, through]), str(tmp_path / "b"))
     assert not (tmp_path / "a").exists() or not os.listdir(tmp_path / "a")
+
+
+@needs_umoci
+@needs_skopeo
+def test_import_guesses_the_kind_of_a_plain_path(layout: Path, tmp_path: Path) -> None:
+    skopeo_copy(f"oci:{layout}:test", f"docker-archive:{tmp_path / 'saved.tar'}:app:v2")
+    skopeo_copy(f"oci:{layout}:test", f"oci-archive:{tmp_path / 'oci.tar'}:v3")
+    store = Store(str(tmp_path / "store"))
+    for path, name in ((tmp_path / "saved.tar", "app:v2"), (tmp_path / "oci.tar", "oci:v3"), (layout, None)):
+        result = cli(store, "images", "import", str(path), *([] if name else ["from-dir"]))
+        assert result.returncode == 0, result.stderr
+        assert f"imported {name or 'from-dir'}:" in result.stdout
+    bad = cli(store, "images", "import", str(tmp_path / "nothing-here"))
+    assert bad.returncode == 1 and "no such file or directory" in bad.stderr
+    (tmp_path / "other.tar").write_bytes(b"")
+    empty = cli(store, "images", "import", str(tmp_path / "other.tar"))
+    assert empty.returncode == 1 and "not a readable tar archive" in empty.stderr

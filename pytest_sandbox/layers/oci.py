@@ -45,6 +45,29 @@ def is_reference(text: str) -> bool:
     return text.startswith(TRANSPORTS)
 
 
+def guess_reference(path: str) -> str:
+    """A plain path as a reference: a layout directory is ``oci:``, a tar with ``manifest.json``
+    (``docker save``) is ``docker-archive:``, one with ``index.json`` is ``oci-archive:``."""
+    if is_reference(path):
+        return path
+    full = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(full):
+        return f"oci:{full}"
+    if not os.path.isfile(full):
+        raise ImportError_(f"{path}: no such file or directory (or use oci:DIR, oci-archive:FILE, "
+                           "docker-archive:FILE, each with an optional :TAG)")
+    try:
+        with tarfile.open(full, "r:*") as tar:
+            names = {tarlayer.clean_name(m.name) for m in tar.getmembers()}
+    except (tarfile.TarError, OSError, EOFError, tarlayer.LayerError) as exc:
+        raise ImportError_(f"{path}: not a readable tar archive: {exc}") from None
+    if "manifest.json" in names:
+        return f"docker-archive:{full}"
+    if "index.json" in names:
+        return f"oci-archive:{full}"
+    raise ImportError_(f"{path}: neither an OCI archive (index.json) nor a docker archive (manifest.json)")
+
+
 def split_reference(ref: str) -> tuple[str, str, str | None]:
     """``transport:path[:tag]`` -> (transport, path, tag); a path may itself hold ':' only before a tag."""
     for transport in TRANSPORTS:
