@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import cgroups, container, probe
+from . import _linux, cgroups, container, probe
 from .errors import SandboxError
 from .layers import build, oci, tarlayer
 from .layers.store import Image, Store, chain_id, check_name
@@ -154,7 +154,7 @@ def _wait_interactive(proc: subprocess.Popen[Any]) -> int:
 
 
 def _run_in(store: Store, layers: Sequence[str], config: dict[str, Any], layer_dir: str, merged: str,
-            argv: Sequence[str], hostname: str, host_based: bool) -> int:
+            argv: Sequence[str], hostname: str, host_based: bool, throwaway: bool = True) -> int:
     """Run ``argv`` on the image's layers with ``layer_dir`` holding the read/write layer.
 
     ``layer_dir`` has ``upper``/``work``, or for a FROM host image ``<dir>/upper``/``<dir>/work``
@@ -165,8 +165,15 @@ def _run_in(store: Store, layers: Sequence[str], config: dict[str, Any], layer_d
     if not lowers and not host_based:
         lowers = [os.path.join(os.path.dirname(merged), "empty")]
         os.makedirs(lowers[0], exist_ok=True)
+    # overlayfs refuses an upper dir on overlayfs (a store in a container's root): a throwaway
+    # layer then lives on a tmpfs of the command's own
+    on_tmpfs = throwaway and store.filesystem() == "overlay"
 
     def prepare() -> str:
+        if on_tmpfs:
+            _linux.mount("run-upper", layer_dir, "tmpfs", _linux.MS_NOSUID | _linux.MS_NODEV, "mode=0755")
+            for sub in ("upper", "work"):
+                os.mkdir(os.path.join(layer_dir, sub))
         if host_based:
             return container.host_based_root(lowers, layer_dir, merged, store.root, unprivileged)
         container.overlay_mount(lowers, os.path.join(layer_dir, "upper"), os.path.join(layer_dir, "work"), merged)
@@ -207,7 +214,7 @@ def _shell(args: argparse.Namespace, store: Store) -> int:
         os.mkdir(merged)
         if kept is not None:
             return _run_in(store, kept["layers"], kept["config"], kept["path"], merged, argv,
-                           kept.get("hostname") or "sandbox", kept.get("base") == "host")
+                           kept.get("hostname") or "sandbox", kept.get("base") == "host", throwaway=False)
         assert image is not None
         return _run_in(store, image.layers, image.config, _fresh_layer_dir(stage), merged, argv, "sandbox",
                        image.base == "host")

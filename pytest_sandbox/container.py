@@ -273,8 +273,10 @@ class _Launch:
     status. Killing it kills the namespace (PDEATHSIG on pid 1).
     """
 
-    def __init__(self, prepare_root: Callable[[], str], run: RunSpec, uid: int, gid: int, error_w: int) -> None:
+    def __init__(self, prepare_root: Callable[[], str], run: RunSpec, uid: int, gid: int, error_w: int,
+                 after: Callable[[], None] | None = None) -> None:
         self.prepare_root = prepare_root
+        self.after = after  # run by the waiter once the command is gone, in the mounts prepare_root made
         self.run = run
         self.uid, self.gid = uid, gid
         self.error_w = error_w
@@ -321,12 +323,23 @@ class _Launch:
                     break
                 except InterruptedError:
                     continue
-            os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+            code = os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+            if self.after is not None:
+                try:
+                    self.after()
+                except BaseException:  # the hook reports its own failures
+                    code = AFTER_FAILED
+            os._exit(code)
+        if self.after is not None:  # keep the waiter's view of the mounts: pivot in a namespace of our own
+            _linux.unshare(_linux.CLONE_NEWNS)
         _enter_root(root, self.run, self.uid, self.gid, privileged)
 
 
+AFTER_FAILED = 125  # exit status of a spawn whose ``after`` hook raised
+
+
 def spawn(prepare_root: Callable[[], str], run: RunSpec, uid: int = 0, gid: int = 0,
-          **popen_kwargs: Any) -> subprocess.Popen[Any]:
+          after: Callable[[], None] | None = None, **popen_kwargs: Any) -> subprocess.Popen[Any]:
     """Start ``run.argv`` in the root ``prepare_root`` returns (called in the new mount namespace).
 
     Returns once the command has been exec'd, or raises ContainerError saying why it was not.
@@ -335,7 +348,7 @@ def spawn(prepare_root: Callable[[], str], run: RunSpec, uid: int = 0, gid: int 
     try:
         try:
             proc = subprocess.Popen(list(run.argv), env=dict(run.env),
-                                    preexec_fn=_Launch(prepare_root, run, uid, gid, error_w),
+                                    preexec_fn=_Launch(prepare_root, run, uid, gid, error_w, after),
                                     pass_fds=(error_w,), **popen_kwargs)
         except FileNotFoundError:
             raise ContainerError(f"{run.argv[0]!r}: no such command in the image "

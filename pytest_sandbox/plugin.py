@@ -281,7 +281,13 @@ def _zygote(item: pytest.Item, state: SessionState) -> runner.Zygote:
         items = {i.nodeid: i for i in session.items} | {item.nodeid: item}
         if state.keep != "none" and state.images and not state.keep_dir:
             assert state.store is not None
-            state.keep_dir = state.store.session_containers(os.getpid())
+            if state.store.filesystem() == "overlay":
+                state.keep = "none"
+                warnings.warn(pytest.PytestWarning(
+                    f"pytest-sandbox: --sandbox-keep ignored: the image store {state.store.root} is on overlayfs, "
+                    "which cannot hold a read/write layer (put it elsewhere with --sandbox-store)"), stacklevel=1)
+            else:
+                state.keep_dir = state.store.session_containers(os.getpid())
         paths = dataclasses.replace(runner.session_paths(item.config, basetemp), images=dict(state.images),
                                     keep_dir=state.keep_dir)
         if state.cgroup_session is None and isinstance(state.backend, cgroups.CgroupBackend):

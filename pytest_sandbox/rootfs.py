@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import stat
 from collections.abc import Iterable
 
 from . import _linux
@@ -97,11 +96,12 @@ NOT_OVERLAID = ("proc", "sys", "dev", "tmp", "run", "lost+found")
 
 
 def _is_whiteout(path: str) -> bool:
+    from .layers.tarlayer import is_whiteout
+
     try:
-        st = os.lstat(path)
+        return is_whiteout(path)
     except OSError:
         return False
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
 def subpath_lowers(layers_top_first: Iterable[str], path: str) -> tuple[list[str], bool]:

@@ -310,3 +310,41 @@ def test_images_build_from_any_directory(tmp_path: Path) -> None:
     empty = subprocess.run([sys.executable, "-m", "pytest_sandbox", "--store", str(store), "images", "build"],
                            capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert empty.returncode == 1 and "no *.Containerfile in images" in empty.stderr
+
+
+OVERLAY_STORE_SCRIPT = """
+import os, sys
+from pytest_sandbox import _linux, userns
+from pytest_sandbox.layers import build
+from pytest_sandbox.layers.store import Store
+
+work, images = sys.argv[1], sys.argv[2]
+userns.enter_user_namespace()
+_linux.unshare(_linux.CLONE_NEWNS)
+_linux.mount(None, "/", None, _linux.MS_REC | _linux.MS_PRIVATE)
+for d in ("lower", "upper", "work", "merged"):
+    os.makedirs(f"{work}/{d}", exist_ok=True)
+_linux.mount("overlay", f"{work}/merged", "overlay", 0,
+             f"lowerdir={work}/lower,upperdir={work}/upper,workdir={work}/work,userxattr")
+store = Store(f"{work}/merged/store")
+assert store.filesystem() == "overlay", store.filesystem()
+lines = []
+image = build.Builder(store, images, lines.append).build("onoverlay")
+print("\\n".join(lines))
+diff = store.diff_path(image.layers[-1])
+print("LAYER", sorted(os.listdir(diff)), open(f"{diff}/made/file").read().strip())
+sys.stdout.flush()
+from pytest_sandbox import cli
+sys.exit(cli.main(["--store", store.root, "run", "onoverlay", "sh", "-c",
+                   "test -e /root && echo root-still-there; cat /made/file; ls /bin/sh"]))
+"""
+
+
+def test_run_with_the_store_on_overlayfs(project: Path) -> None:
+    """A store inside a container's overlayfs root: RUN's upper goes to a tmpfs and is copied out."""
+    write(project, "onoverlay", "FROM busybox\nRUN mkdir /made && echo on-tmpfs > /made/file && rm -r /root\n")
+    result = subprocess.run([sys.executable, "-c", OVERLAY_STORE_SCRIPT, str(project / "ovl"),
+                             str(project / "images")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "LAYER ['made', 'root'] on-tmpfs" in result.stdout
+    assert result.stdout.endswith("on-tmpfs\n/bin/sh\n")  # the deletion holds: an xattr whiteout on 6.8+

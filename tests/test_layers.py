@@ -63,7 +63,7 @@ def test_umoci_layout_imports_file_by_file(layout: Path, tmp_path: Path) -> None
     assert_expected_view(store, "umoci-test")
     # the deletions and the opaque directory are in overlay-native form in the store
     deleted = store.diff_path(image.layers[1]) + "/data/sub"
-    assert tarlayer.is_whiteout(os.lstat(deleted))
+    assert tarlayer.is_whiteout(deleted)
     assert os.getxattr(store.diff_path(image.layers[2]) + "/data/opq", tarlayer.OPAQUE_XATTR) == b"y"
 
 

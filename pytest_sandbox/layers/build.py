@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .. import container
+from .. import _linux, container
 from . import containerfile, oci, tarlayer
 from .containerfile import ContainerfileError, Instruction
 from .store import EMPTY_CONFIG, Image, Store, StoreError, chain_id, check_name
@@ -444,30 +444,59 @@ class Builder:
     def _run(self, ins: Instruction, state: _State, args: Mapping[str, str], path: str, diff: str) -> bool:
         stage = os.path.dirname(diff)
         work, merged, empty = (os.path.join(stage, d) for d in ("work", "merged", "empty"))
-        for d in (work, merged, empty):
+        for d in (merged, empty):
             os.mkdir(d)
         layers_top_first = [self.store.diff_path(c) for c in reversed(state.layers)]
         argv = tuple(ins.json_form) if ins.json_form is not None else ("/bin/sh", "-c", ins.args)
         config = state.config
         env_list = [f"{k}={v}" for k, v in args.items()] + list(config.get("Env") or [])
         network = "host" if ins.flag("network") == "host" else "none"
-        host_uppers = os.path.join(stage, "host")
         unprivileged = os.geteuid() != 0
+        # overlayfs refuses an upper dir on overlayfs (a store inside a container's root): there the
+        # upper is a tmpfs of the RUN's own, copied into the layer once the command is done.
+        on_tmpfs = self.store.filesystem() == "overlay"
+        scratch = os.path.join(stage, "scratch")
+        base = scratch if on_tmpfs else stage
+        host_uppers = os.path.join(base, "host")
+        upper = os.path.join(scratch, "upper") if on_tmpfs else diff
+        work = os.path.join(base, "work")
+        copy_error = os.path.join(stage, "copy-error")
+        if not on_tmpfs:
+            os.mkdir(work)
 
         def prepare() -> str:
+            if on_tmpfs:
+                os.mkdir(scratch)
+                _linux.mount("build-upper", scratch, "tmpfs", _linux.MS_NOSUID | _linux.MS_NODEV, "mode=0755")
+                os.mkdir(upper)
+                os.mkdir(work)
             if state.base == "host":
                 return container.host_based_root(layers_top_first, host_uppers, merged, self.store.root,
                                                  unprivileged)
-            container.overlay_mount(layers_top_first or [empty], diff, work, merged)
+            container.overlay_mount(layers_top_first or [empty], upper, work, merged)
             return merged
+
+        def copy_out() -> None:  # in the waiter, whose mounts still hold the tmpfs upper
+            try:
+                if state.base == "host":
+                    for name in os.listdir(host_uppers):
+                        if not name.startswith(".") and os.listdir(os.path.join(host_uppers, name, "upper")):
+                            os.mkdir(os.path.join(diff, name))
+                            tarlayer.copy_tree(os.path.join(host_uppers, name, "upper"), os.path.join(diff, name))
+                else:
+                    tarlayer.copy_tree(upper, diff)
+            except BaseException as exc:
+                with open(copy_error, "w") as f:
+                    f.write(f"{type(exc).__name__}: {exc}")
+                raise
 
         uid, gid, home = self._user(state, config.get("User") or "")
         run = container.RunSpec(argv=argv, env=container.image_env(env_list, {}, home, "build"),
                                 workdir=config.get("WorkingDir") or "/", user=config.get("User") or "",
                                 hostname="build", network=network)
         try:
-            proc = container.spawn(prepare, run, uid, gid, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT)
+            proc = container.spawn(prepare, run, uid, gid, copy_out if on_tmpfs else None, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         except container.ContainerError as exc:
             raise BuildError(f"{path}:{ins.line}: RUN cannot start: {exc}") from None
         assert proc.stdout is not None
@@ -477,11 +506,14 @@ class Builder:
             self.say(f"    | {line}")
             tail = [*tail, line][-20:]
         code = proc.wait()
+        if os.path.exists(copy_error):
+            with open(copy_error) as f:
+                raise BuildError(f"{path}:{ins.line}: RUN's changes could not be copied into the store: {f.read()}")
         if code != 0:
             output = "\n".join(tail)
             raise BuildError(f"{path}:{ins.line}: RUN {ins.args[:80]} failed with exit status {code}"
                              + (f"; last output:\n{output}" if output else ""))
-        if state.base == "host":
+        if state.base == "host" and not on_tmpfs:
             container.gather_host_based_upper(host_uppers, diff)
         tidy_upper(self.store, state.layers, diff, state.base == "host")
         return True
@@ -594,11 +626,11 @@ def _find_in_layers(store: Store, layers: list[str], path: str) -> str | None:
         parts = rel.split("/")
         for i in range(1, len(parts)):  # a whiteout or opaque dir on the way hides lower layers
             prefix = os.path.join(diff, *parts[:i])
-            if os.path.lexists(prefix) and tarlayer.is_whiteout(os.lstat(prefix)):
+            if os.path.lexists(prefix) and tarlayer.is_whiteout(prefix):
                 return None
         full = os.path.join(diff, rel)
         if os.path.lexists(full):
-            return None if tarlayer.is_whiteout(os.lstat(full)) else full
+            return None if tarlayer.is_whiteout(full) else full
         for i in range(1, len(parts)):
             prefix = os.path.join(diff, *parts[:i])
             with contextlib.suppress(OSError):

@@ -222,6 +222,20 @@ class Store:
             if entry.startswith(".session-") and _abandoned(os.path.join(self.containers_dir, entry)):
                 remove_tree(os.path.join(self.containers_dir, entry))
 
+    def filesystem(self) -> str:
+        """The type of the filesystem holding the store (from mountinfo: the deepest mount above it)."""
+        path = os.path.realpath(self.ensure().root)
+        best, fstype = "", ""
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                target = fields[4].replace("\\040", " ")
+                sep = fields.index("-")
+                inside = path == target or path.startswith(target.rstrip("/") + "/")
+                if inside and len(target) >= len(best):
+                    best, fstype = target, fields[sep + 1]
+        return fstype
+
     # -- kept containers (--sandbox-keep) ----------------------------------------------------
     def session_containers(self, pid: int) -> str:
         """Where one pytest session's image tests put their read/write layers; removed at its end."""

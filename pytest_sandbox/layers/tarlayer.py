@@ -49,12 +49,49 @@ def clean_name(name: str) -> str:
     return "/".join(parts)
 
 
-def is_whiteout(st: os.stat_result) -> bool:
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+XWHITEOUT_XATTR = "user.overlay.whiteout"
+
+
+def is_whiteout(path: str, st: os.stat_result | None = None) -> bool:
+    """A 0:0 character device, or an xattr whiteout (an empty file marked ``user.overlay.whiteout``)."""
+    st = st or os.lstat(path)
+    if stat.S_ISCHR(st.st_mode):
+        return st.st_rdev == 0
+    if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+        try:
+            os.getxattr(path, XWHITEOUT_XATTR, follow_symlinks=False)
+            return True
+        except OSError:
+            return False
+    return False
+
+
+def xattr_whiteouts_supported() -> bool:
+    """Linux 6.8+ reads whiteouts from xattrs when a layer's filesystem refuses 0:0 devices."""
+    parts = os.uname().release.split("-")[0].split(".")
+    return tuple(int(p) for p in parts[:2] if p.isdigit()) >= (6, 8)
 
 
 def make_whiteout(path: str) -> None:
-    os.mknod(path, stat.S_IFCHR | 0o600, 0)
+    """Record a deletion. Where mknod of 0:0 is refused (a store on overlayfs, as in a container's
+    root), use the xattr form: an empty file marked ``user.overlay.whiteout`` in a directory whose
+    ``user.overlay.opaque`` is ``x`` ("holds xattr whiteouts", unless it is opaque already)."""
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o600, 0)
+        return
+    except PermissionError:
+        if not xattr_whiteouts_supported():
+            raise LayerError("this store's filesystem refuses whiteout devices (overlayfs?) and Linux < 6.8 has "
+                             "no xattr whiteouts: put the store on another filesystem (--sandbox-store)") from None
+    open(path, "wb").close()
+    os.setxattr(path, XWHITEOUT_XATTR, b"y", follow_symlinks=False)
+    parent = os.path.dirname(path)
+    try:
+        current = os.getxattr(parent, OPAQUE_XATTR)
+    except OSError:
+        current = b""
+    if current != b"y":
+        os.setxattr(parent, OPAQUE_XATTR, b"x")
 
 
 def _setxattr(path: str, name: str, value: bytes) -> None:
@@ -104,7 +141,11 @@ class _Applier:
         base = os.path.basename(rel)
         parent = self._parent(rel)
         if base == OPAQUE_MARKER:
-            _setxattr(parent, OPAQUE_XATTR, b"y")
+            try:
+                os.setxattr(parent, OPAQUE_XATTR, b"y")
+            except OSError as exc:
+                raise LayerError(f"cannot mark /{os.path.dirname(rel)} opaque: the store's filesystem keeps no "
+                                 f"user xattrs ({exc.strerror}); put the store elsewhere (--sandbox-store)") from None
             self.result.opaque += 1
             return
         if base.startswith(WHITEOUT_PREFIX):
@@ -211,7 +252,7 @@ def write_tar(root: str, out: Any) -> None:
         hardlinks: dict[tuple[int, int], str] = {}
         for rel, path in _walk_sub_root(root):
             st = os.lstat(path)
-            if is_whiteout(st):
+            if is_whiteout(path, st):
                 head, base = os.path.split(rel)
                 info = tarfile.TarInfo(os.path.join(head, WHITEOUT_PREFIX + base))
                 info.mtime = int(st.st_mtime)
@@ -290,3 +331,13 @@ def diff_id_of(root: str) -> str:
     sink = HashingWriter()
     write_tar(root, sink)
     return sink.digest
+
+
+def copy_tree(source: str, dest: str) -> None:
+    """Copy a layer-shaped tree (whiteouts, opaque dirs, owners) into the existing dir ``dest``."""
+    import tempfile
+
+    with tempfile.TemporaryFile(dir=dest) as spool:
+        write_tar(source, spool)
+        spool.seek(0)
+        apply_tar(spool, dest)
