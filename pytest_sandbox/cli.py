@@ -70,6 +70,11 @@ def _image_checks(store: Store) -> list[tuple[bool, str, str]]:
     layers = store.all_layers() if os.path.isdir(store.root) else []
     size = sum(store.layer_info(c).get("size", 0) for c in layers)
     checks.append((True, "store", f"{store.root} ({len(images)} images, {len(layers)} layers, {_size(size)})"))
+    if os.path.isdir(store.root) and store.filesystem() == "overlay":
+        from .layers.tarlayer import xattr_whiteouts_supported
+
+        checks.append((xattr_whiteouts_supported(), "store_fs", "the store is on overlayfs: RUN works on a tmpfs, "
+                       "--sandbox-keep is off, deletions need Linux 6.8+; fix: --sandbox-store on a real filesystem"))
     release = tuple(int(p) for p in os.uname().release.split("-")[0].split(".")[:2] if p.isdigit())
     if release >= (6, 8):
         checks.append((True, "lowerdir+", "overlayfs takes one layer per call (Linux 6.8+): no layer limit"))
