@@ -234,6 +234,7 @@ def pytest_runtestloop(session: pytest.Session) -> None:
         except SandboxError as exc:  # its tests fail with this; the others run
             state.image_errors[name] = f"image {name!r} cannot be built: {exc}"
             progress(state.image_errors[name])
+            del state.images[name]
             continue
         lowers = tuple(state.store.diff_path(c) for c in reversed(image.layers))
         if not lowers and image.base != "host":
