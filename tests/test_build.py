@@ -285,7 +285,7 @@ def test_no_cache_runs_every_step_again(project: Path) -> None:
 def test_builtin_busybox_and_what_overrides_it(project: Path, tmp_path: Path) -> None:
     """FROM busybox works in any project (shipped with pytest-sandbox); a project's own definition or an
     image imported under that name comes first."""
-    assert build.builtin_definitions() == ["busybox"]
+    assert build.builtin_definitions() == ["busybox", "hosttools"]
     write(project, "uses", "FROM busybox\nRUN echo built-in > /which\n")
     assert cli(project, "images", "build", "uses").returncode == 0
     assert run(project, "uses", "cat /which; ls /bin/sh") == "built-in\n/bin/sh\n"
@@ -355,3 +355,22 @@ def test_run_with_the_store_on_overlayfs(project: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "LAYER ['made', 'root'] on-tmpfs" in result.stdout
     assert result.stdout.endswith("on-tmpfs\n/bin/sh\n")  # the deletion holds: an xattr whiteout on 6.8+
+
+
+def test_busybox_on_a_host_without_busybox(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh host has no busybox: the name then stands for the host's own sh and coreutils."""
+    monkeypatch.setattr(build, "host_busybox", lambda: None)
+    lines: list[str] = []
+    store, _ = built(project, "busybox", lines)
+    assert store.require("busybox").source.endswith("hosttools.Containerfile")
+    out = run(project, "busybox", "echo hi | cat; id -u; ls /bin/sh /bin/cat; test -e /bin/busybox || echo none")
+    assert out == "hi\n0\n/bin/cat\n/bin/sh\nnone\n"
+
+
+def test_copy_libs_brings_what_a_host_program_loads(project: Path) -> None:
+    write(project, "justsh", "FROM scratch\nCOPY --from=host --libs /bin/sh /usr/bin/env /bin/\nCMD [\"/bin/sh\"]\n")
+    assert cli(project, "images", "build", "justsh").returncode == 0
+    assert run(project, "justsh", "echo from $0; env -i A=1 env") == "from sh\nA=1\n"
+    write(project, "badlibs", "FROM scratch\nCOPY --libs dir/ /x/\n")
+    result = cli(project, "images", "build", "badlibs")
+    assert result.returncode == 1 and "COPY --libs goes with --from=host" in result.stderr

@@ -57,6 +57,11 @@ def definitions(images_dir: str) -> list[str]:
     return sorted(e[: -len(SUFFIX)] for e in os.listdir(images_dir) if e.endswith(SUFFIX))
 
 
+def host_busybox() -> str | None:
+    """The host's busybox binary (static or not), if it has one."""
+    return next((p for p in ("/bin/busybox", "/usr/bin/busybox") if os.path.isfile(p)), None)
+
+
 def builtin_definitions() -> list[str]:
     """Names of the images that come with pytest-sandbox (``FROM busybox`` works in any project)."""
     return definitions(BUILTIN_DIR)
@@ -152,6 +157,8 @@ class Builder:
         if os.path.isfile(own):
             return own
         builtin = definition_path(BUILTIN_DIR, name)
+        if name == "busybox" and host_busybox() is None:  # a fresh host: its own sh and coreutils instead
+            builtin = definition_path(BUILTIN_DIR, "hosttools")
         if not os.path.isfile(builtin):
             return None
         stored = self.store.get(name)
@@ -321,10 +328,11 @@ class Builder:
                 self.store.cache_put(key, {"layers": state.layers, "diff_ids": state.diff_ids, "config": config})
             return state.derived(key, config=config), args
         if kw == "COPY":
-            sources, dest, digest = self._copy_plan(ins, variables, path)
+            sources, dest, digest, libs = self._copy_plan(ins, variables, path)
             key = _key(state.key, ins.text, digest)
             return self._layer_step(ins, label, state.derived(key, config=config),
-                                    lambda diff: self._copy_into(ins, sources, dest, state, config, diff, path)), args
+                                    lambda diff: self._copy_into(ins, sources, dest, state, config, diff, path,
+                                                                 libs)), args
         if kw == "RUN":
             key = _key(state.key, ins.text, json.dumps(args, sort_keys=True))
             return self._layer_step(ins, label, state.derived(key, config=config),
@@ -380,8 +388,9 @@ class Builder:
 
     # -- COPY ----------------------------------------------------------------------------
     def _copy_plan(self, ins: Instruction, variables: Mapping[str, str], path: str
-                   ) -> tuple[list[tuple[str, str]], str, str]:
-        """(absolute source, name) pairs, the destination and a hash of everything read."""
+                   ) -> tuple[list[tuple[str, str]], str, str, list[tuple[str, str]]]:
+        """(absolute source, name) pairs, the destination, a hash of everything read, and with
+        ``--libs`` the (host file, path in the image) of each shared library the sources load."""
         words = list(ins.json_form) if ins.json_form is not None else shlex.split(ins.args)
         words = [containerfile.substitute(w, variables) for w in words]
         *patterns, dest = words
@@ -406,8 +415,19 @@ class Builder:
                 where = "on this host" if from_host else f"in the build context {context}"
                 raise ContainerfileError(path, ins.line, f"COPY {pattern!r}: no such file {where}")
             sources.extend((m, os.path.basename(m.rstrip("/"))) for m in existing)
+        libs: list[tuple[str, str]] = []
+        if ins.flag("libs") is not None:  # programs by content (/bin/sh -> dash), plus what they load
+            sources = [(os.path.realpath(m), name) for m, name in sources]
+            seen: set[str] = set()
+            for source, _name in sources:
+                for lib in _shared_libraries(source):
+                    if lib not in seen:
+                        seen.add(lib)
+                        libs.append((os.path.realpath(lib), lib))
         digest = hashlib.sha256()
-        digest.update(json.dumps([dest, sorted(ins.flags)]).encode())
+        digest.update(json.dumps([dest, sorted(ins.flags), [image_path for _, image_path in libs]]).encode())
+        for host_file, _ in libs:
+            digest.update(_file_digest(host_file).encode())
         for source, _name in sources:
             for rel, full in _walk_source(source, None if from_host else (context, ignore)):
                 st = os.lstat(full)
@@ -416,10 +436,14 @@ class Builder:
                     digest.update(os.readlink(full).encode())
                 elif stat.S_ISREG(st.st_mode):
                     digest.update(_file_digest(full).encode())
-        return sources, dest, digest.hexdigest()
+        return sources, dest, digest.hexdigest(), libs
 
     def _copy_into(self, ins: Instruction, sources: list[tuple[str, str]], dest: str, state: _State,
-                   config: Mapping[str, Any], diff: str, path: str) -> bool:
+                   config: Mapping[str, Any], diff: str, path: str, libs: list[tuple[str, str]]) -> bool:
+        for host_file, image_path in libs:
+            target = os.path.join(diff, image_path.lstrip("/"))
+            os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+            _copy_entry(host_file, target)
         workdir = config.get("WorkingDir") or "/"
         dest_abs = os.path.normpath(os.path.join(workdir, dest))
         into_dir = dest.endswith("/") or len(sources) > 1 or any(os.path.isdir(s) for s, _ in sources) \
@@ -545,6 +569,27 @@ def _file_digest(path: str) -> str:
     except OSError as exc:
         raise StoreError(f"cannot read {path}: {exc.strerror}") from None
     return sha.hexdigest()
+
+
+def _shared_libraries(program: str) -> list[str]:
+    """The shared libraries (and loader) ``program`` loads, as ``ldd`` names them; [] if static or not ELF."""
+    with open(program, "rb") as f:
+        if f.read(4) != b"\x7fELF":
+            return []
+    ldd = shutil.which("ldd")
+    if ldd is None:
+        raise BuildError(f"COPY --libs {program}: no ldd on this host to find its libraries (Debian: libc-bin)")
+    result = subprocess.run([ldd, program], capture_output=True, text=True)
+    found = []
+    for line in result.stdout.splitlines():
+        parts = line.split()
+        if "=>" in parts:
+            target = parts[parts.index("=>") + 1]
+            if target.startswith("/"):
+                found.append(target)
+        elif parts and parts[0].startswith("/"):
+            found.append(parts[0])  # the loader
+    return found
 
 
 def _walk_source(source: str, ignore: tuple[str, _Ignore] | None) -> list[tuple[str, str]]:

@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from ..errors import SandboxError
 
 SUPPORTED = ("FROM", "RUN", "COPY", "ENV", "WORKDIR", "USER", "LABEL", "ARG", "CMD", "ENTRYPOINT", "EXPOSE")
-_FLAGS = {"COPY": ("from", "chown", "chmod"), "RUN": ("network",)}
+_FLAGS = {"COPY": ("from", "chown", "chmod", "libs"), "RUN": ("network",)}
+_SWITCHES = ("libs",)  # flags without a value
 _VAR = re.compile(r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?::(?P<op>[-+])(?P<word>[^}]*))?\}"
                   r"|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))")
 
@@ -90,6 +91,8 @@ def _split_flags(path: str, line: int, keyword: str, args: str) -> tuple[tuple[t
         word, _, rest = args.partition(" ")
         name, sep, value = word[2:].partition("=")
         allowed = _FLAGS.get(keyword, ())
+        if name in _SWITCHES and name in allowed and not sep:
+            sep, value = "=", "true"
         if name not in allowed or not sep:
             hint = ", ".join(f"--{a}=..." for a in allowed) or "none"
             raise ContainerfileError(path, line, f"{keyword}: unsupported flag {word!r} (allowed: {hint})")
@@ -151,6 +154,9 @@ def _check(ins: Instruction, path: str) -> None:
         if ins.flag("from") not in (None, "host"):
             raise ContainerfileError(path, ins.line, "COPY --from= takes only 'host' (multi-stage builds are not "
                                      "supported)")
+        if ins.flag("libs") is not None and ins.flag("from") != "host":
+            raise ContainerfileError(path, ins.line, "COPY --libs goes with --from=host (host programs and the "
+                                     "shared libraries they load)")
         mode = ins.flag("chmod")
         if mode is not None and not re.fullmatch(r"[0-7]{3,4}", mode):
             raise ContainerfileError(path, ins.line, f"COPY --chmod={mode!r}: use an octal mode such as 0755")
