@@ -66,3 +66,19 @@ def test_doctor_reports_images(tmp_path: os.PathLike[str]) -> None:
     assert names == ["store", "lowerdir+", "busybox", "zstd"]
     kernel = tuple(int(p) for p in os.uname().release.split("-")[0].split(".")[:2])
     assert lines[1].startswith(" ok" if kernel >= (6, 8) else " NO")
+
+
+def test_store_without_a_home_directory(tmp_path: os.PathLike[str]) -> None:
+    """A CI user without a home directory still gets a store of its own, in /var/tmp."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XDG_CACHE_HOME", "PYTEST_SANDBOX_STORE")}
+    env["HOME"] = os.path.join(str(tmp_path), "missing", "home")
+    os.chmod(tmp_path, 0o500)  # the home directory cannot be created
+    try:
+        result = subprocess.run([sys.executable, "-m", "pytest_sandbox", "doctor"], capture_output=True, text=True,
+                                env=env)
+    finally:
+        os.chmod(tmp_path, 0o700)
+    if os.geteuid() == 0:  # root writes anywhere: the home-based store is made
+        assert f"{env['HOME']}/.cache/pytest-sandbox" in result.stdout
+    else:
+        assert f"/var/tmp/pytest-sandbox-{os.getuid()} (" in result.stdout

@@ -46,8 +46,26 @@ class StoreError(SandboxError):
 
 
 def default_root() -> str:
+    """``$XDG_CACHE_HOME/pytest-sandbox`` (``~/.cache/...``); where that cannot be made (a CI user
+    without a home directory), ``/var/tmp/pytest-sandbox-<uid>``, if it is this user's own."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "pytest-sandbox")
+    preferred = os.path.join(base, "pytest-sandbox")
+    try:
+        os.makedirs(preferred, mode=0o755, exist_ok=True)
+        return preferred
+    except OSError:
+        pass
+    fallback = f"/var/tmp/pytest-sandbox-{os.getuid()}"
+    try:
+        os.mkdir(fallback, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return preferred  # neither works: Store.ensure() reports the preferred one
+    st = os.lstat(fallback)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        return preferred  # someone else's: never use it
+    return fallback
 
 
 def sha256_hex(data: bytes) -> str:
