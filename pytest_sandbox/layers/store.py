@@ -45,27 +45,25 @@ class StoreError(SandboxError):
     """The store refused an operation (unknown image, bad name, corrupt entry)."""
 
 
+def _creatable(path: str) -> bool:
+    """Whether ``path`` exists as a directory or could be made: nothing is created to find out."""
+    while not os.path.lexists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return False
+        path = parent
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+
+
 def default_root() -> str:
     """``$XDG_CACHE_HOME/pytest-sandbox`` (``~/.cache/...``); where that cannot be made (a CI user
-    without a home directory), ``/var/tmp/pytest-sandbox-<uid>``, if it is this user's own."""
+    without a home directory), ``/var/tmp/pytest-sandbox-<uid>`` (checked to be this user's own
+    when the store is first used)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     preferred = os.path.join(base, "pytest-sandbox")
-    try:
-        os.makedirs(preferred, mode=0o755, exist_ok=True)
+    if _creatable(preferred):
         return preferred
-    except OSError:
-        pass
-    fallback = f"/var/tmp/pytest-sandbox-{os.getuid()}"
-    try:
-        os.mkdir(fallback, 0o700)
-    except FileExistsError:
-        pass
-    except OSError:
-        return preferred  # neither works: Store.ensure() reports the preferred one
-    st = os.lstat(fallback)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-        return preferred  # someone else's: never use it
-    return fallback
+    return f"/var/tmp/pytest-sandbox-{os.getuid()}"
 
 
 def sha256_hex(data: bytes) -> str:
@@ -217,6 +215,11 @@ class Store:
                       self.tmp_dir):
                 os.makedirs(d, mode=0o755, exist_ok=True)
             os.chmod(self.tmp_dir, 0o700)
+            shared = self.root.startswith("/var/tmp/")
+            st = os.lstat(self.root) if shared else os.stat(self.root)
+            if shared and (not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid()):  # never another's there
+                raise StoreError(f"the image store {self.root} belongs to uid {st.st_uid}, not to you "
+                                 "(set --sandbox-store, the sandbox_store ini key or PYTEST_SANDBOX_STORE)")
         except OSError as exc:
             raise StoreError(f"cannot create the image store at {self.root}: {exc.strerror} "
                              "(set --sandbox-store, the sandbox_store ini key or PYTEST_SANDBOX_STORE)") from None
