@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -374,3 +375,18 @@ def test_copy_libs_brings_what_a_host_program_loads(project: Path) -> None:
     write(project, "badlibs", "FROM scratch\nCOPY --libs dir/ /x/\n")
     result = cli(project, "images", "build", "badlibs")
     assert result.returncode == 1 and "COPY --libs goes with --from=host" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("skopeo") is None, reason="host lacks skopeo (Debian: apt install skopeo)")
+@pytest.mark.parametrize("kind", ["oci", "docker-archive", "oci-archive"])
+def test_export_kinds_are_read_by_skopeo_and_by_us(project: Path, kind: str) -> None:
+    built(project, "busybox")
+    target = project / ("exported" if kind == "oci" else "exported.tar")
+    result = cli(project, "images", "export", "busybox", f"{kind}:{target}")
+    assert result.returncode == 0, result.stderr
+    inspect = subprocess.run(["skopeo", "--insecure-policy", "inspect", "--raw" if kind == "oci" else "--config",
+                              f"{kind}:{target}"], capture_output=True, text=True, timeout=60)
+    assert inspect.returncode == 0, inspect.stderr
+    again = cli(project, "images", "import", str(target), "reimported")
+    assert again.returncode == 0, again.stderr
+    assert run(project, "reimported", "echo $PATH; ls /bin/sh") == "/bin\n/bin/sh\n"
