@@ -390,3 +390,14 @@ def test_export_kinds_are_read_by_skopeo_and_by_us(project: Path, kind: str) -> 
     again = cli(project, "images", "import", str(target), "reimported")
     assert again.returncode == 0, again.stderr
     assert run(project, "reimported", "echo $PATH; ls /bin/sh") == "/bin\n/bin/sh\n"
+
+
+def test_shell_in_a_throwaway_container_of_an_image(project: Path) -> None:
+    built(project, "busybox")
+    first = subprocess.run([sys.executable, "-m", "pytest_sandbox", "--store", str(project / "store"), "shell",
+                            "busybox"], input="echo made > /made; cat /made; hostname\n", capture_output=True,
+                           text=True, timeout=60, cwd=project)
+    assert first.stdout == "made\nsandbox\n", first.stderr
+    assert run(project, "busybox", "test -e /made || echo gone") == "gone\n"  # thrown away
+    missing = cli(project, "shell", "nothing-like-this")
+    assert missing.returncode == 1 and "neither a kept container" in missing.stderr
