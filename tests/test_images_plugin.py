@@ -208,8 +208,14 @@ def test_keep_failed_then_shell_and_commit(project: pytest.Pytester) -> None:
             assert sandbox.run("cat /srv/evidence; ls /var/lib/app; pwd").stdout == "evidence\\n/srv\\n"
     """)
     project.runpytest_subprocess().assert_outcomes(passed=1)
-    assert cli(project, "containers", "rm", cid).returncode == 0
+    # prune spares what a kept container stands on, even when no image names it any more
+    for name in ("tools", "busybox", "after-failure"):
+        assert cli(project, "images", "rm", name).returncode == 0
+    assert cli(project, "images", "prune").returncode == 0
+    assert cli(project, "shell", cid, "sh", "-c", "cat /srv/evidence").stdout == "evidence\n"
+    assert cli(project, "containers", "prune").stdout == "removed 1 kept containers\n"
     assert os.listdir(store) == []
+    assert "removed 5 unused layers" in cli(project, "images", "prune").stdout
 
 
 def test_without_keep_nothing_is_left_on_disk(project: pytest.Pytester) -> None:
