@@ -79,6 +79,12 @@ def _b(path: str | None) -> bytes | None:
     return None if path is None else os.fsencode(path)
 
 
+def kernel_at_least(major: int, minor: int) -> bool:
+    """Whether the running kernel's release (``6.8.0-...``) is at least ``major.minor``."""
+    parts = os.uname().release.split("-")[0].split(".")
+    return tuple(int(p) for p in parts[:2] if p.isdigit()) >= (major, minor)
+
+
 def unshare(flags: int) -> None:
     _check(_libc.unshare(ctypes.c_int(flags)), f"unshare({flags:#x})")
 

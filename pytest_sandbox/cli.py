@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -75,26 +74,18 @@ def _image_checks(store: Store) -> list[tuple[bool, str, str]]:
 
         checks.append((xattr_whiteouts_supported(), "store_fs", "the store is on overlayfs: RUN works on a tmpfs, "
                        "--sandbox-keep is off, deletions need Linux 6.8+; fix: --sandbox-store on a real filesystem"))
-    release = tuple(int(p) for p in os.uname().release.split("-")[0].split(".")[:2] if p.isdigit())
-    if release >= (6, 8):
+    if _linux.kernel_at_least(6, 8):
         checks.append((True, "lowerdir+", "overlayfs takes one layer per call (Linux 6.8+): no layer limit"))
     else:
         checks.append((False, "lowerdir+", "Linux < 6.8: layers go into the 4095-byte option string, about 200 "
                                            "layers per image at most"))
-    busybox = next((p for p in ("/bin/busybox", "/usr/bin/busybox") if os.path.exists(p)), None)
+    busybox = build.host_busybox()
     if busybox and _is_static_elf(busybox):
         checks.append((True, "busybox", f"{busybox} is static: the shipped busybox image builds"))
     else:
         what = f"{busybox} is dynamically linked" if busybox else "no busybox"
         checks.append((False, "busybox", f"{what}; fix: apt-get install busybox-static (for the shipped image)"))
-    zstd = "Python's compression.zstd" if sys.version_info >= (3, 14) else None
-    if zstd is None:
-        try:
-            import zstandard  # type: ignore[import-not-found]  # noqa: F401
-
-            zstd = "the zstandard module"
-        except ImportError:
-            zstd = "the zstd program" if shutil.which("zstd") else None
+    zstd = oci.zstd_decompressor()
     checks.append((zstd is not None, "zstd", f"zstd-compressed layers import with {zstd}" if zstd else
                    "no zstd decompressor; fix: apt-get install zstd (or pip install zstandard)"))
     return checks

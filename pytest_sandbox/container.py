@@ -370,12 +370,16 @@ def spawn(prepare_root: Callable[[], str], run: RunSpec, uid: int = 0, gid: int 
     return proc
 
 
-def image_env(config_env: Sequence[str], extra: Mapping[str, str], home: str, hostname: str) -> dict[str, str]:
-    """The environment a command starts with: PATH/HOME defaults, the image's ENV, then ``extra``."""
-    env = {"PATH": DEFAULT_PATH, "HOME": home, "HOSTNAME": hostname}
+def env_mapping(config_env: Sequence[str]) -> dict[str, str]:
+    """An image config's ``Env`` (``KEY=VALUE`` items) as a mapping."""
+    env = {}
     for item in config_env:
         key, sep, value = item.partition("=")
         if sep:
             env[key] = value
-    env.update(extra)
     return env
+
+
+def image_env(config_env: Sequence[str], extra: Mapping[str, str], home: str, hostname: str) -> dict[str, str]:
+    """The environment a command starts with: PATH/HOME defaults, the image's ENV, then ``extra``."""
+    return {"PATH": DEFAULT_PATH, "HOME": home, "HOSTNAME": hostname, **env_mapping(config_env), **extra}

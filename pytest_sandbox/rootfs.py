@@ -82,12 +82,9 @@ def image_env(image: ImageMount) -> dict[str, str]:
     """The image's ENV as a mapping."""
     import json
 
-    env = {}
-    for item in json.loads(image.config_json).get("Env") or []:
-        key, sep, value = item.partition("=")
-        if sep:
-            env[key] = value
-    return env
+    from .container import env_mapping
+
+    return env_mapping(json.loads(image.config_json).get("Env") or [])
 
 
 WHITEOUT_XATTR = "user.overlay.opaque"

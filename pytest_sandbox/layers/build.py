@@ -291,7 +291,7 @@ class Builder:
 
     def _step(self, ins: Instruction, state: _State, args: dict[str, str], path: str,
               label: str) -> tuple[_State, dict[str, str]]:
-        env = dict(e.partition("=")[::2] for e in state.config.get("Env") or [])
+        env = container.env_mapping(state.config.get("Env") or [])
         variables = {**args, **env}
         config = json.loads(json.dumps(state.config))
         kw = ins.keyword

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -153,6 +154,17 @@ class _ZstdPipe(io.RawIOBase):
         super().close()
         if code != 0 or self.error is not None:
             raise ImportError_(f"zstd decompression failed (exit {code}{'; ' + str(self.error) if self.error else ''})")
+
+
+def zstd_decompressor() -> str | None:
+    """What decompresses zstd layers here, in the order ``_zstd_reader`` tries them; None if nothing."""
+    for module, name in (("compression.zstd", "Python's compression.zstd"), ("zstandard", "the zstandard module")):
+        try:
+            importlib.import_module(module)
+            return name
+        except ImportError:
+            pass
+    return "the zstd program" if shutil.which("zstd") else None
 
 
 def _zstd_reader(source: IO[bytes]) -> IO[bytes]:

@@ -68,8 +68,9 @@ def is_whiteout(path: str, st: os.stat_result | None = None) -> bool:
 
 def xattr_whiteouts_supported() -> bool:
     """Linux 6.8+ reads whiteouts from xattrs when a layer's filesystem refuses 0:0 devices."""
-    parts = os.uname().release.split("-")[0].split(".")
-    return tuple(int(p) for p in parts[:2] if p.isdigit()) >= (6, 8)
+    from .. import _linux
+
+    return _linux.kernel_at_least(6, 8)
 
 
 def make_whiteout(path: str) -> None:
