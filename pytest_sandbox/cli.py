@@ -16,7 +16,7 @@ from typing import Any
 from . import _linux, cgroups, container, probe
 from .errors import SandboxError
 from .layers import build, oci, tarlayer
-from .layers.store import Image, Store, chain_id, check_name
+from .layers.store import Image, Store, check_name
 
 
 def _size(n: float) -> str:
@@ -246,30 +246,21 @@ def _commit(args: argparse.Namespace, store: Store) -> int:
     kept = store.container(args.id)
     check_name(args.name)
     host_based = kept.get("base") == "host"
-    # (upper dir, where it goes in the new layer): one, or one per top-level directory (FROM host)
-    uppers = [(os.path.join(kept["path"], "upper"), "")] if not host_based else [
-        (os.path.join(kept["path"], name, "upper"), name) for name in sorted(os.listdir(kept["path"]))
-        if os.path.isdir(os.path.join(kept["path"], name, "upper"))]
+    # (where it goes in the new layer, upper dir): one, or one per top-level directory (FROM host)
+    uppers = container.host_based_uppers(kept["path"]) if host_based else [("", os.path.join(kept["path"], "upper"))]
     layers = list(kept["layers"])
     with store.locked(), store.staging() as stage:
         tidy = os.path.join(stage, "upper")
         os.mkdir(tidy)
-        for upper, name in uppers:  # a copy through tar: whiteouts, opaque dirs and owners carried over
-            with open(os.path.join(stage, "layer.tar"), "w+b") as tar:
-                tarlayer.write_tar(upper, tar)
-                tar.seek(0)
-                target = os.path.join(tidy, name) if name else tidy
-                os.makedirs(target, exist_ok=True)
-                tarlayer.apply_tar(tar, target)
-            if name and not os.listdir(os.path.join(tidy, name)):
-                os.rmdir(os.path.join(tidy, name))
+        for name, upper in uppers:  # a copy through tar: whiteouts, opaque dirs and owners carried over
+            target = os.path.join(tidy, name) if name else tidy
+            os.makedirs(target, exist_ok=True)
+            tarlayer.copy_tree(upper, target)
         build.tidy_upper(store, layers, tidy, host_based)
         diff_ids = [store.layer_info(c)["diff_id"] for c in layers]
         if os.listdir(tidy):
-            diff_id = tarlayer.diff_id_of(tidy)
-            chain = chain_id(layers[-1] if layers else None, diff_id)
-            store.publish_layer(tidy, chain, diff_id, layers[-1] if layers else None,
-                                {"created_by": f"commit of {args.id} ({kept['nodeid']})"})
+            chain, diff_id = store.stack_layer(tidy, layers[-1] if layers else None,
+                                               f"commit of {args.id} ({kept['nodeid']})")
             layers.append(chain)
             diff_ids.append(diff_id)
         store.put(Image(name=args.name, layers=tuple(layers), diff_ids=tuple(diff_ids), config=kept["config"],

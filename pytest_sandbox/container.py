@@ -127,14 +127,14 @@ def host_based_root(lowers_top_first: Sequence[str], layer_dir: str, merged: str
     return merged
 
 
-def gather_host_based_upper(layer_dir: str, diff: str) -> None:
-    """Move the per-directory uppers of ``host_based_root`` into one layer dir (``diff/<dir>/...``)."""
+def host_based_uppers(layer_dir: str) -> list[tuple[str, str]]:
+    """(top-level directory, its upper dir) for each upper of ``host_based_root`` that holds changes."""
+    found = []
     for name in sorted(os.listdir(layer_dir)):
         upper = os.path.join(layer_dir, name, "upper")
-        if name.startswith(".") or not os.path.isdir(upper):
-            continue
-        if os.listdir(upper):
-            os.rename(upper, os.path.join(diff, name))
+        if not name.startswith(".") and os.path.isdir(upper) and os.listdir(upper):
+            found.append((name, upper))
+    return found
 
 
 # -- the process ----------------------------------------------------------------------------

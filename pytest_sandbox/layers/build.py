@@ -27,7 +27,7 @@ from typing import Any
 from .. import _linux, container
 from . import containerfile, oci, tarlayer
 from .containerfile import ContainerfileError, Instruction
-from .store import EMPTY_CONFIG, Image, Store, StoreError, chain_id, check_name
+from .store import EMPTY_CONFIG, Image, Store, StoreError, check_name
 
 Progress = Callable[[str], None]
 SUFFIX = ".Containerfile"
@@ -355,10 +355,7 @@ class Builder:
             if make(diff) and os.listdir(diff):
                 if target.base == "host":
                     self._check_host_layer(ins, diff)
-                diff_id = tarlayer.diff_id_of(diff)
-                parent = layers[-1] if layers else None
-                chain = chain_id(parent, diff_id)
-                self.store.publish_layer(diff, chain, diff_id, parent, {"created_by": ins.text})
+                chain, diff_id = self.store.stack_layer(diff, layers[-1] if layers else None, ins.text)
                 layers.append(chain)
                 diff_ids.append(diff_id)
         result = target.derived(target.key, layers, diff_ids)
@@ -503,10 +500,9 @@ class Builder:
         def copy_out() -> None:  # in the waiter, whose mounts still hold the tmpfs upper
             try:
                 if state.base == "host":
-                    for name in os.listdir(host_uppers):
-                        if not name.startswith(".") and os.listdir(os.path.join(host_uppers, name, "upper")):
-                            os.mkdir(os.path.join(diff, name))
-                            tarlayer.copy_tree(os.path.join(host_uppers, name, "upper"), os.path.join(diff, name))
+                    for name, host_upper in container.host_based_uppers(host_uppers):
+                        os.mkdir(os.path.join(diff, name))
+                        tarlayer.copy_tree(host_upper, os.path.join(diff, name))
                 else:
                     tarlayer.copy_tree(upper, diff)
             except BaseException as exc:
@@ -537,8 +533,9 @@ class Builder:
             output = "\n".join(tail)
             raise BuildError(f"{path}:{ins.line}: RUN {ins.args[:80]} failed with exit status {code}"
                              + (f"; last output:\n{output}" if output else ""))
-        if state.base == "host" and not on_tmpfs:
-            container.gather_host_based_upper(host_uppers, diff)
+        if state.base == "host" and not on_tmpfs:  # one layer: each directory's upper moves in
+            for name, host_upper in container.host_based_uppers(host_uppers):
+                os.rename(host_upper, os.path.join(diff, name))
         tidy_upper(self.store, state.layers, diff, state.base == "host")
         return True
 

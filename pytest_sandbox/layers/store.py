@@ -336,6 +336,15 @@ class Store:
         os.rename(holder, final)
         return chain
 
+    def stack_layer(self, diff: str, parent: str | None, created_by: str) -> tuple[str, str]:
+        """Publish the finished diff dir ``diff`` on top of ``parent``; its (chain id, diff id)."""
+        from .tarlayer import diff_id_of
+
+        diff_id = diff_id_of(diff)
+        chain = chain_id(parent, diff_id)
+        self.publish_layer(diff, chain, diff_id, parent, {"created_by": created_by})
+        return chain, diff_id
+
     def all_layers(self) -> list[str]:
         self.ensure()
         out = []
