@@ -165,6 +165,7 @@ class RootPlan:
     fresh: tuple[str, ...]     # places that get an empty tmpfs
     image: ImageMount | None = None
     image_root: str = ""       # where the image's root is mounted in the test's view
+    image_dirs: tuple[str, ...] = ()  # FROM host: the top-level directories its layers change
 
 
 def make_plan(writable: Iterable[str], needed: Iterable[str], image: ImageMount | None = None) -> RootPlan:
@@ -182,13 +183,14 @@ def make_plan(writable: Iterable[str], needed: Iterable[str], image: ImageMount 
     # A visible path inside another visible path comes along with its parent.
     kept = tuple(sorted(p for p in visible if not any(p != q and _is_under(p, q) for q in visible)))
     image_root = ""
+    image_dirs: tuple[str, ...] = ()
     if image is not None and image.host_based:
-        image_root = "/"
-        overlays = sorted(set(overlays) | {d for d in image_top_dirs(image.lowers) if os.path.isdir(d)},
-                          key=lambda p: (p.count("/"), p))
+        image_root, image_dirs = "/", tuple(d for d in image_top_dirs(image.lowers) if os.path.isdir(d))
+        overlays = sorted(set(overlays) | set(image_dirs), key=lambda p: (p.count("/"), p))
     elif image is not None:
         image_root = "/run/pytest-sandbox/image" if "/run" in fresh else "/tmp/pytest-sandbox/image"
-    return RootPlan(overlays=tuple(overlays), visible=kept, fresh=fresh, image=image, image_root=image_root)
+    return RootPlan(overlays=tuple(overlays), visible=kept, fresh=fresh, image=image, image_root=image_root,
+                    image_dirs=image_dirs)
 
 
 def _makedirs(path: str) -> None:
@@ -251,7 +253,7 @@ def _overlay_for(target: str, index: int, plan: RootPlan, scratch: str, keep: tu
         lowers = [f"{scratch}/{index}/empty"]
         os.makedirs(lowers[0])
     layer_dir = None
-    if keep is not None and target.count("/") == 1 and target in image_top_dirs(image.lowers):
+    if keep is not None and target in plan.image_dirs:
         layer_dir = f"{keep[0]}/{keep[1]}{target}"
     return _detached_overlay(lowers, scratch, index, layer_dir)
 
