@@ -189,10 +189,6 @@ class Image:
                    config=config, source=data.get("source", ""), created=data.get("created", 0.0),
                    build_key=data.get("build_key"), base=data.get("base", ""))
 
-    @property
-    def top(self) -> str | None:
-        return self.layers[-1] if self.layers else None
-
 
 class Store:
     """One store root. Cheap to create; directories are made on first use."""
@@ -228,10 +224,10 @@ class Store:
         return self
 
     @contextlib.contextmanager
-    def locked(self, timeout: float = -1) -> Iterator[None]:
+    def locked(self) -> Iterator[None]:
         """Exclusive store lock: publishing, removing and pruning happen under it."""
         self.ensure()
-        with filelock.FileLock(os.path.join(self.root, "store.lock"), timeout=timeout):
+        with filelock.FileLock(os.path.join(self.root, "store.lock")):
             yield
 
     def _remove_stale_staging(self) -> None:

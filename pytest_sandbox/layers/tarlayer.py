@@ -31,10 +31,7 @@ class LayerError(Exception):
 
 @dataclasses.dataclass
 class ApplyResult:
-    entries: int = 0
-    whiteouts: int = 0
-    opaque: int = 0
-    skipped_devices: list[str] = dataclasses.field(default_factory=list)
+    skipped_devices: list[str] = dataclasses.field(default_factory=list)  # device nodes mknod refused
 
 
 def clean_name(name: str) -> str:
@@ -136,7 +133,6 @@ class _Applier:
 
     def apply(self, info: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
         rel = clean_name(info.name)
-        self.result.entries += 1
         if not rel:
             return
         base = os.path.basename(rel)
@@ -147,14 +143,12 @@ class _Applier:
             except OSError as exc:
                 raise LayerError(f"cannot mark /{os.path.dirname(rel)} opaque: the store's filesystem keeps no "
                                  f"user xattrs ({exc.strerror}); put the store elsewhere (--sandbox-store)") from None
-            self.result.opaque += 1
             return
         if base.startswith(WHITEOUT_PREFIX):
             target = os.path.join(parent, base[len(WHITEOUT_PREFIX):])
             if os.path.lexists(target):
                 _remove(target)
             make_whiteout(target)
-            self.result.whiteouts += 1
             return
         path = os.path.join(parent, base)
         if os.path.lexists(path) and not (info.isdir() and os.path.isdir(path) and not os.path.islink(path)):
@@ -226,13 +220,14 @@ def apply_tar(stream: IO[bytes], dest: str, as_root: bool | None = None) -> Appl
 
 # -- directory -> tar ------------------------------------------------------------------------
 
-def _walk_sub(root: str, rel: str) -> Iterator[tuple[str, str]]:
+def _walk(root: str, rel: str = "") -> Iterator[tuple[str, str]]:
+    """(relative, absolute) paths below ``root/rel``, parents before children, names sorted."""
     for name in sorted(os.listdir(os.path.join(root, rel))):
-        child_rel = f"{rel}/{name}"
+        child_rel = f"{rel}/{name}" if rel else name
         child_abs = os.path.join(root, child_rel)
         yield child_rel, child_abs
         if stat.S_ISDIR(os.lstat(child_abs).st_mode):
-            yield from _walk_sub(root, child_rel)
+            yield from _walk(root, child_rel)
 
 
 def _recorded_owner(path: str, st: os.stat_result) -> tuple[int, int]:
@@ -251,7 +246,7 @@ def write_tar(root: str, out: Any) -> None:
     """Write the layer directory ``root`` as an OCI layer tar (whiteouts back to ``.wh.`` files)."""
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         hardlinks: dict[tuple[int, int], str] = {}
-        for rel, path in _walk_sub_root(root):
+        for rel, path in _walk(root):
             st = os.lstat(path)
             if is_whiteout(path, st):
                 head, base = os.path.split(rel)
@@ -294,14 +289,6 @@ def write_tar(root: str, out: Any) -> None:
                 info.type = tarfile.CHRTYPE if stat.S_ISCHR(st.st_mode) else tarfile.BLKTYPE
                 info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
                 tar.addfile(info)
-
-
-def _walk_sub_root(root: str) -> Iterator[tuple[str, str]]:
-    for name in sorted(os.listdir(root)):
-        path = os.path.join(root, name)
-        yield name, path
-        if stat.S_ISDIR(os.lstat(path).st_mode):
-            yield from _walk_sub(root, name)
 
 
 class HashingWriter:
