@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -176,14 +175,7 @@ def _run_in(store: Store, layers: Sequence[str], config: dict[str, Any], layer_d
         return merged
 
     user = config.get("User") or ""
-    with tempfile.TemporaryDirectory() as etc_dir:
-        for name in ("passwd", "group"):
-            found = build._find_in(store, list(layers), f"/etc/{name}", host_based)
-            if found:
-                os.makedirs(os.path.join(etc_dir, "etc"), exist_ok=True)
-                with open(found) as src, open(os.path.join(etc_dir, "etc", name), "w") as dst:
-                    dst.write(src.read())
-        uid, gid, home = container.resolve_user(etc_dir, user)
+    uid, gid, home = build.image_user(store, layers, user, host_based)
     run = container.RunSpec(argv=tuple(argv), env=container.image_env(config.get("Env") or [], {}, home, hostname),
                             workdir=config.get("WorkingDir") or "/", user=user, hostname=hostname, network="none")
     return _wait_interactive(container.spawn(prepare, run, uid, gid))

@@ -185,8 +185,13 @@ def _passwd_lookup(root: str, user: str) -> tuple[int, int, str]:
     return uid, gid, home
 
 
+def is_root_user(user: str) -> bool:
+    """Whether an image's ``USER`` is root (also when unset), which needs no /etc/passwd."""
+    return not user or user in ("root", "0", "0:0")
+
+
 def resolve_user(root: str, user: str) -> tuple[int, int, str]:
-    if not user or user in ("root", "0", "0:0"):
+    if is_root_user(user):
         return 0, 0, "/root"
     return _passwd_lookup(root, user)
 

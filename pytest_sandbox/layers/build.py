@@ -20,8 +20,9 @@ import shlex
 import shutil
 import stat
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .. import _linux, container
@@ -540,22 +541,26 @@ class Builder:
         return True
 
     def _user(self, state: _State, user: str) -> tuple[int, int, str]:
-        if not user or user in ("root", "0", "0:0"):
-            return 0, 0, "/root"
-        with self.store.staging() as stage:
-            etc = os.path.join(stage, "etc")
-            os.mkdir(etc)
-            for name in ("passwd", "group"):
-                found = _find_in(self.store, state.layers, f"/etc/{name}", state.base == "host")
-                if found:
-                    shutil.copyfile(found, os.path.join(etc, name))
-            try:
-                return container.resolve_user(stage, user)
-            except container.ContainerError as exc:
-                raise BuildError(str(exc)) from None
+        try:
+            return image_user(self.store, state.layers, user, state.base == "host")
+        except container.ContainerError as exc:
+            raise BuildError(str(exc)) from None
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+def image_user(store: Store, layers: Sequence[str], user: str, host: bool) -> tuple[int, int, str]:
+    """uid, gid and home of an image's ``USER``, from the /etc/passwd and /etc/group its layers show."""
+    if container.is_root_user(user):
+        return 0, 0, "/root"
+    with tempfile.TemporaryDirectory() as root:
+        os.mkdir(os.path.join(root, "etc"))
+        for name in ("passwd", "group"):
+            found = _find_in(store, list(layers), f"/etc/{name}", host)
+            if found:
+                shutil.copyfile(found, os.path.join(root, "etc", name))
+        return container.resolve_user(root, user)
+
 
 def _file_digest(path: str) -> str:
     sha = hashlib.sha256()
