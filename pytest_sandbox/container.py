@@ -97,26 +97,21 @@ def host_based_root(lowers_top_first: Sequence[str], layer_dir: str, merged: str
     layers inside other layers, so the top-level directory holding it stays read-only. So do
     directories with mounts below them when ``unprivileged`` (the caller's uid outside).
     """
-    from .rootfs import NOT_OVERLAID, mounts_under, subpath_lowers
+    from .rootfs import NOT_OVERLAID, host_based_lowers, mounts_under, top_level_dir
 
     clone = _linux.OPEN_TREE_CLONE | _linux.OPEN_TREE_CLOEXEC | _linux.AT_RECURSIVE
     host = _linux.open_tree("/", clone)
     _linux.mount_setattr(host, _linux.MOUNT_ATTR_RDONLY | _linux.MOUNT_ATTR_NOSUID)
     _linux.move_mount(host, merged)
     os.close(host)
-    store_top = "/" + os.path.realpath(keep_out).strip("/").split("/")[0]
+    store_top = top_level_dir(keep_out)
     for name in sorted(os.listdir("/")):
         path = f"/{name}"
         if name in NOT_OVERLAID or path == store_top or os.path.islink(path) or not os.path.isdir(path):
             continue
         if unprivileged and mounts_under(path):
             continue  # locked mounts below: overlayfs refuses it without root; stays read-only
-        lowers, host_shows = subpath_lowers(lowers_top_first, path)
-        if host_shows:
-            lowers.append(path)
-        if not lowers:
-            lowers = [f"{layer_dir}/.empty"]
-            os.makedirs(lowers[0], exist_ok=True)
+        lowers = host_based_lowers(lowers_top_first, path, f"{layer_dir}/.empty")
         os.makedirs(f"{layer_dir}/{name}/upper", exist_ok=True)  # exists for a kept container
         os.makedirs(f"{layer_dir}/{name}/work", exist_ok=True)
         overlay_mount(lowers, f"{layer_dir}/{name}/upper", f"{layer_dir}/{name}/work", merged + path)

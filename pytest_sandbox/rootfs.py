@@ -132,6 +132,23 @@ def subpath_lowers(layers_top_first: Iterable[str], path: str) -> tuple[list[str
     return found, True
 
 
+def host_based_lowers(layers_top_first: Iterable[str], path: str, empty_dir: str) -> list[str]:
+    """Lower dirs for a FROM host image's overlay on the host directory ``path``: its layers' copies,
+    then the host's own unless the image hides it; ``empty_dir`` (made here) if the image deleted it."""
+    lowers, host_shows = subpath_lowers(layers_top_first, path)
+    if host_shows:
+        lowers.append(path)
+    if not lowers:
+        os.makedirs(empty_dir, exist_ok=True)
+        lowers = [empty_dir]
+    return lowers
+
+
+def top_level_dir(path: str) -> str:
+    """``/root`` for ``/root/.cache/pytest-sandbox``: the top-level directory a path lies in."""
+    return "/" + os.path.realpath(path).strip("/").split("/")[0]
+
+
 def mounts_under(path: str) -> list[str]:
     """Mount points strictly below ``path`` in this mount namespace.
 
@@ -243,15 +260,10 @@ def _overlay_for(target: str, index: int, plan: RootPlan, scratch: str, keep: tu
     image = plan.image
     if image is None or not image.host_based:
         return _detached_overlay([target], scratch, index)
-    lowers, host_shows = subpath_lowers(image.lowers, target)
-    if host_shows:
-        if os.geteuid() != 0 and mounts_under(target):
-            raise SetupError("image", f"image {image.name} changes {target}, which holds other mounts on this host "
-                             f"({', '.join(mounts_under(target)[:3])}): without root overlayfs cannot stack on it")
-        lowers.append(target)
-    if not lowers:  # deleted by the image: an empty directory stands for it
-        lowers = [f"{scratch}/{index}/empty"]
-        os.makedirs(lowers[0])
+    lowers = host_based_lowers(image.lowers, target, f"{scratch}/{index}/empty")
+    if target in lowers and os.geteuid() != 0 and mounts_under(target):
+        raise SetupError("image", f"image {image.name} changes {target}, which holds other mounts on this host "
+                         f"({', '.join(mounts_under(target)[:3])}): without root overlayfs cannot stack on it")
     layer_dir = None
     if keep is not None and target in plan.image_dirs:
         layer_dir = f"{keep[0]}/{keep[1]}{target}"

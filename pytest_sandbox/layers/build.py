@@ -366,7 +366,9 @@ class Builder:
 
     def _check_host_layer(self, ins: Instruction, diff: str) -> None:
         """A FROM host layer can only change existing top-level directories (each is one overlay)."""
-        store_top = os.path.realpath(self.store.root).strip("/").split("/")[0]
+        from ..rootfs import top_level_dir
+
+        store_top = top_level_dir(self.store.root)[1:]
         for name in os.listdir(diff):
             if name == store_top:
                 raise BuildError(f"{ins.keyword} {ins.args[:60]}: a FROM host image cannot change /{name}, which "
