@@ -157,22 +157,11 @@ def _run_in(store: Store, layers: Sequence[str], config: dict[str, Any], layer_d
     """
     lowers = [store.diff_path(c) for c in reversed(layers)]
     unprivileged = os.geteuid() != 0
-    if not lowers and not host_based:
-        lowers = [os.path.join(os.path.dirname(merged), "empty")]
-        os.makedirs(lowers[0], exist_ok=True)
-    # overlayfs refuses an upper dir on overlayfs (a store in a container's root): a throwaway
-    # layer then lives on a tmpfs of the command's own
     on_tmpfs = throwaway and store.filesystem() == "overlay"
 
     def prepare() -> str:
-        if on_tmpfs:
-            _linux.mount("run-upper", layer_dir, "tmpfs", _linux.MS_NOSUID | _linux.MS_NODEV, "mode=0755")
-            for sub in ("upper", "work"):
-                os.mkdir(os.path.join(layer_dir, sub))
-        if host_based:
-            return container.host_based_root(lowers, layer_dir, merged, store.root, unprivileged)
-        container.overlay_mount(lowers, os.path.join(layer_dir, "upper"), os.path.join(layer_dir, "work"), merged)
-        return merged
+        return container.mount_image_root(lowers, layer_dir, merged, host_based=host_based, store_root=store.root,
+                                          unprivileged=unprivileged, on_tmpfs=on_tmpfs)
 
     user = config.get("User") or ""
     uid, gid, home = build.image_user(store, layers, user, host_based)
@@ -210,8 +199,7 @@ def _shell(args: argparse.Namespace, store: Store) -> int:
 
 def _fresh_layer_dir(stage: str) -> str:
     layer_dir = os.path.join(stage, "layer")
-    for sub in ("upper", "work"):
-        os.makedirs(os.path.join(layer_dir, sub))
+    os.mkdir(layer_dir)
     return layer_dir
 
 
@@ -238,8 +226,7 @@ def _commit(args: argparse.Namespace, store: Store) -> int:
     kept = store.container(args.id)
     check_name(args.name)
     host_based = kept.get("base") == "host"
-    # (where it goes in the new layer, upper dir): one, or one per top-level directory (FROM host)
-    uppers = container.host_based_uppers(kept["path"]) if host_based else [("", os.path.join(kept["path"], "upper"))]
+    uppers = container.layer_uppers(kept["path"], host_based)
     layers = list(kept["layers"])
     with store.locked(), store.staging() as stage:
         tidy = os.path.join(stage, "upper")

@@ -122,6 +122,33 @@ def host_based_root(lowers_top_first: Sequence[str], layer_dir: str, merged: str
     return merged
 
 
+def mount_image_root(lowers_top_first: Sequence[str], layer_dir: str, merged: str, *, host_based: bool,
+                     store_root: str, unprivileged: bool, on_tmpfs: bool) -> str:
+    """In a new mount namespace: an image's root on ``merged`` with its read/write layer in ``layer_dir``
+    (``upper``/``work``; per top-level directory for FROM host), on a tmpfs mounted there with ``on_tmpfs``
+    (overlayfs refuses an upper dir on overlayfs, as in a store inside a container's root)."""
+    if on_tmpfs:
+        _linux.mount("image-upper", layer_dir, "tmpfs", _linux.MS_NOSUID | _linux.MS_NODEV, "mode=0755")
+    if host_based:
+        return host_based_root(lowers_top_first, layer_dir, merged, store_root, unprivileged)
+    upper, work = os.path.join(layer_dir, "upper"), os.path.join(layer_dir, "work")
+    for path in (upper, work):
+        os.makedirs(path, exist_ok=True)  # exists for a kept container
+    if not lowers_top_first:  # an image with no layer yet (FROM scratch)
+        lowers_top_first = [os.path.join(layer_dir, ".empty")]
+        os.makedirs(lowers_top_first[0], exist_ok=True)
+    overlay_mount(lowers_top_first, upper, work, merged)
+    return merged
+
+
+def layer_uppers(layer_dir: str, host_based: bool) -> list[tuple[str, str]]:
+    """(where it goes in a layer, upper dir) for each upper of ``mount_image_root`` that holds changes."""
+    if host_based:
+        return host_based_uppers(layer_dir)
+    upper = os.path.join(layer_dir, "upper")
+    return [("", upper)] if os.listdir(upper) else []
+
+
 def host_based_uppers(layer_dir: str) -> list[tuple[str, str]]:
     """(top-level directory, its upper dir) for each upper of ``host_based_root`` that holds changes."""
     found = []

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .. import _linux, container
+from .. import container
 from . import containerfile, oci, tarlayer
 from .containerfile import ContainerfileError, Instruction
 from .store import EMPTY_CONFIG, Image, Store, StoreError, check_name
@@ -467,47 +467,30 @@ class Builder:
     # -- RUN -----------------------------------------------------------------------------
     def _run(self, ins: Instruction, state: _State, args: Mapping[str, str], path: str, diff: str) -> bool:
         stage = os.path.dirname(diff)
-        work, merged, empty = (os.path.join(stage, d) for d in ("work", "merged", "empty"))
-        for d in (merged, empty):
+        layer_dir, merged = os.path.join(stage, "layer"), os.path.join(stage, "merged")
+        for d in (layer_dir, merged):
             os.mkdir(d)
         layers_top_first = [self.store.diff_path(c) for c in reversed(state.layers)]
         argv = tuple(ins.json_form) if ins.json_form is not None else ("/bin/sh", "-c", ins.args)
         config = state.config
         env_list = [f"{k}={v}" for k, v in args.items()] + list(config.get("Env") or [])
         network = "host" if ins.flag("network") == "host" else "none"
-        unprivileged = os.geteuid() != 0
-        # overlayfs refuses an upper dir on overlayfs (a store inside a container's root): there the
-        # upper is a tmpfs of the RUN's own, copied into the layer once the command is done.
+        host_based, unprivileged = state.base == "host", os.geteuid() != 0
+        # On a store on overlayfs the upper is a tmpfs of the RUN's own, copied into the layer by the
+        # waiter once the command is done; elsewhere the upper dirs are moved in afterwards.
         on_tmpfs = self.store.filesystem() == "overlay"
-        scratch = os.path.join(stage, "scratch")
-        base = scratch if on_tmpfs else stage
-        host_uppers = os.path.join(base, "host")
-        upper = os.path.join(scratch, "upper") if on_tmpfs else diff
-        work = os.path.join(base, "work")
         copy_error = os.path.join(stage, "copy-error")
-        if not on_tmpfs:
-            os.mkdir(work)
 
         def prepare() -> str:
-            if on_tmpfs:
-                os.mkdir(scratch)
-                _linux.mount("build-upper", scratch, "tmpfs", _linux.MS_NOSUID | _linux.MS_NODEV, "mode=0755")
-                os.mkdir(upper)
-                os.mkdir(work)
-            if state.base == "host":
-                return container.host_based_root(layers_top_first, host_uppers, merged, self.store.root,
-                                                 unprivileged)
-            container.overlay_mount(layers_top_first or [empty], upper, work, merged)
-            return merged
+            return container.mount_image_root(layers_top_first, layer_dir, merged, host_based=host_based,
+                                              store_root=self.store.root, unprivileged=unprivileged,
+                                              on_tmpfs=on_tmpfs)
 
         def copy_out() -> None:  # in the waiter, whose mounts still hold the tmpfs upper
             try:
-                if state.base == "host":
-                    for name, host_upper in container.host_based_uppers(host_uppers):
-                        os.mkdir(os.path.join(diff, name))
-                        tarlayer.copy_tree(host_upper, os.path.join(diff, name))
-                else:
-                    tarlayer.copy_tree(upper, diff)
+                for name, upper in container.layer_uppers(layer_dir, host_based):
+                    os.makedirs(os.path.join(diff, name), exist_ok=True)
+                    tarlayer.copy_tree(upper, os.path.join(diff, name))
             except BaseException as exc:
                 with open(copy_error, "w") as f:
                     f.write(f"{type(exc).__name__}: {exc}")
@@ -536,10 +519,12 @@ class Builder:
             output = "\n".join(tail)
             raise BuildError(f"{path}:{ins.line}: RUN {ins.args[:80]} failed with exit status {code}"
                              + (f"; last output:\n{output}" if output else ""))
-        if state.base == "host" and not on_tmpfs:  # one layer: each directory's upper moves in
-            for name, host_upper in container.host_based_uppers(host_uppers):
-                os.rename(host_upper, os.path.join(diff, name))
-        tidy_upper(self.store, state.layers, diff, state.base == "host")
+        if not on_tmpfs:
+            for name, upper in container.layer_uppers(layer_dir, host_based):
+                if not name:
+                    os.rmdir(diff)  # the empty dir _layer_step made: the upper takes its place
+                os.rename(upper, os.path.join(diff, name))
+        tidy_upper(self.store, state.layers, diff, host_based)
         return True
 
     def _user(self, state: _State, user: str) -> tuple[int, int, str]:
