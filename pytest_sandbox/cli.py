@@ -12,10 +12,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import _linux, cgroups, container, probe
+from . import probe
 from .errors import SandboxError
-from .layers import build, oci, tarlayer
+from .layers import build, commands, oci, tarlayer
+from .layers.format import HOST_BASE
 from .layers.store import Image, Store, check_name
+from .linux import rootfs, syscalls
+from .runtime import cgroups
 
 
 def _size(n: float) -> str:
@@ -73,7 +76,7 @@ def _image_checks(store: Store) -> list[tuple[bool, str, str]]:
 
         checks.append((xattr_whiteouts_supported(), "store_fs", "the store is on overlayfs: RUN works on a tmpfs, "
                        "--sandbox-keep is off, deletions need Linux 6.8+; fix: --sandbox-store on a real filesystem"))
-    if _linux.kernel_at_least(6, 8):
+    if syscalls.kernel_at_least(6, 8):
         checks.append((True, "lowerdir+", "overlayfs takes one layer per call (Linux 6.8+): no layer limit"))
     else:
         checks.append((False, "lowerdir+", "Linux < 6.8: layers go into the 4095-byte option string, about 200 "
@@ -160,14 +163,14 @@ def _run_in(store: Store, layers: Sequence[str], config: dict[str, Any], layer_d
     on_tmpfs = throwaway and store.filesystem() == "overlay"
 
     def prepare() -> str:
-        return container.mount_image_root(lowers, layer_dir, merged, host_based=host_based, store_root=store.root,
+        return rootfs.mount_image_root(lowers, layer_dir, merged, host_based=host_based, store_root=store.root,
                                           unprivileged=unprivileged, on_tmpfs=on_tmpfs)
 
     user = config.get("User") or ""
     uid, gid, home = build.image_user(store, layers, user, host_based)
-    run = container.RunSpec(argv=tuple(argv), env=container.image_env(config.get("Env") or [], {}, home, hostname),
-                            workdir=config.get("WorkingDir") or "/", user=user, hostname=hostname, network="none")
-    return _wait_interactive(container.spawn(prepare, run, uid, gid))
+    run = commands.RunSpec(argv=tuple(argv), env=commands.image_env(config.get("Env") or [], {}, home, hostname),
+                            workdir=config.get("WorkingDir") or "/", hostname=hostname, network="none")
+    return _wait_interactive(commands.spawn(prepare, run, uid, gid))
 
 
 def _default_command(config: dict[str, Any]) -> list[str]:
@@ -191,10 +194,10 @@ def _shell(args: argparse.Namespace, store: Store) -> int:
         os.mkdir(merged)
         if kept is not None:
             return _run_in(store, kept["layers"], kept["config"], kept["path"], merged, argv,
-                           kept.get("hostname") or "sandbox", kept.get("base") == "host", throwaway=False)
+                           kept.get("hostname") or "sandbox", kept.get("base") == HOST_BASE, throwaway=False)
         assert image is not None
         return _run_in(store, image.layers, image.config, _fresh_layer_dir(stage), merged, argv, "sandbox",
-                       image.base == "host")
+                       image.host_based)
 
 
 def _fresh_layer_dir(stage: str) -> str:
@@ -219,14 +222,14 @@ def _run(args: argparse.Namespace, store: Store) -> int:
         merged = os.path.join(stage, "merged")
         os.mkdir(merged)
         return _run_in(store, image.layers, image.config, _fresh_layer_dir(stage), merged,
-                       args.command or _default_command(image.config), "sandbox", image.base == "host")
+                       args.command or _default_command(image.config), "sandbox", image.host_based)
 
 
 def _commit(args: argparse.Namespace, store: Store) -> int:
     kept = store.container(args.id)
     check_name(args.name)
-    host_based = kept.get("base") == "host"
-    uppers = container.layer_uppers(kept["path"], host_based)
+    host_based = kept.get("base") == HOST_BASE
+    uppers = rootfs.layer_uppers(kept["path"], host_based)
     layers = list(kept["layers"])
     with store.locked(), store.staging() as stage:
         tidy = os.path.join(stage, "upper")
@@ -238,13 +241,14 @@ def _commit(args: argparse.Namespace, store: Store) -> int:
         build.tidy_upper(store, layers, tidy, host_based)
         diff_ids = [store.layer_info(c)["diff_id"] for c in layers]
         if os.listdir(tidy):
-            chain, diff_id = store.stack_layer(tidy, layers[-1] if layers else None,
-                                               f"commit of {args.id} ({kept['nodeid']})")
+            diff_id = tarlayer.diff_id_of(tidy)
+            chain = store.stack_layer(tidy, diff_id, layers[-1] if layers else None,
+                                      f"commit of {args.id} ({kept['nodeid']})")
             layers.append(chain)
             diff_ids.append(diff_id)
         store.put(Image(name=args.name, layers=tuple(layers), diff_ids=tuple(diff_ids), config=kept["config"],
                         source=f"commit {args.id} of {kept['nodeid']}", created=time.time(),
-                        base="host" if host_based else ""))
+                        base=HOST_BASE if host_based else ""))
     print(f"committed {args.id} as image {args.name} ({len(layers)} layers)")
     return 0
 

@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from . import child, container
 from .errors import SandboxError
+from .layers import commands
+from .runtime import test_process
 from .spec import SandboxSpec
 
 
@@ -45,7 +46,7 @@ class Sandbox:
         return self.root
 
     def _run_spec(self, argv: Sequence[str] | str, env: Mapping[str, str] | None, workdir: str | None,
-                  user: str | None) -> tuple[container.RunSpec, int, int]:
+                  user: str | None) -> tuple[commands.RunSpec, int, int]:
         root = self._require_root()
         assert self.spec is not None
         args = ("/bin/sh", "-c", argv) if isinstance(argv, str) else tuple(argv)
@@ -58,11 +59,11 @@ class Sandbox:
                                    "as the test's own user there")
             uid, gid, home = os.getuid(), os.getgid(), os.environ.get("HOME", "/")
         else:
-            uid, gid, home = container.resolve_user(root, user_text)
-        full_env = container.image_env(self.config.get("Env") or [], {**dict(self.spec.env), **(env or {})},
+            uid, gid, home = commands.resolve_user(root, user_text)
+        full_env = commands.image_env(self.config.get("Env") or [], {**dict(self.spec.env), **(env or {})},
                                        home, self.spec.hostname)
-        run = container.RunSpec(argv=args, env=full_env, workdir=workdir or self.config.get("WorkingDir") or "/",
-                                user=user_text, hostname=self.spec.hostname, network="inherit", share_dev=True)
+        run = commands.RunSpec(argv=args, env=full_env, workdir=workdir or self.config.get("WorkingDir") or "/",
+                               hostname=self.spec.hostname, network="inherit", share_dev=True)
         return run, uid, gid
 
     def spawn(self, argv: Sequence[str] | str, *, env: Mapping[str, str] | None = None, workdir: str | None = None,
@@ -72,7 +73,7 @@ class Sandbox:
         root = self._require_root()
         if self.host_based:  # the test already runs in this image: a plain child process
             return subprocess.Popen(list(run.argv), env=dict(run.env), cwd=run.workdir, **popen_kwargs)
-        return container.spawn(lambda: root, run, uid, gid, **popen_kwargs)
+        return commands.spawn(lambda: root, run, uid, gid, **popen_kwargs)
 
     def run(self, argv: Sequence[str] | str, *, input: str | bytes | None = None, check: bool = False,
             timeout: float | None = None, text: bool = True, env: Mapping[str, str] | None = None,
@@ -96,6 +97,6 @@ class Sandbox:
 @pytest.fixture
 def sandbox() -> Sandbox:
     """The sandbox this test runs in (``sandbox.active`` is False when it runs unsandboxed)."""
-    plan = child.ACTIVE_PLAN
-    return Sandbox(child.ACTIVE_SPEC, plan.image if plan else None, plan.image_root if plan else "")
+    plan = test_process.ACTIVE_PLAN
+    return Sandbox(test_process.ACTIVE_SPEC, plan.image if plan else None, plan.image_root if plan else "")
 

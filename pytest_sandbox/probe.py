@@ -8,7 +8,8 @@ import os
 import shutil
 from collections.abc import Callable
 
-from . import _linux, cgroups, userns
+from .linux import syscalls, userns
+from .runtime import cgroups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,15 +74,15 @@ def _try_in_child(steps: list[str]) -> dict[str, str]:
 
 def _overlay_step() -> None:
     base = "/tmp"  # in the probe's own mount namespace
-    _linux.mount("probe", base, "tmpfs", 0, "mode=0700")
+    syscalls.mount("probe", base, "tmpfs", 0, "mode=0700")
     for name in ("lower", "upper", "work"):
         os.mkdir(f"{base}/{name}")
-    ofs = _linux.fsopen("overlay")
-    _linux.fsconfig(ofs, "lowerdir", f"{base}/lower")
-    _linux.fsconfig(ofs, "upperdir", f"{base}/upper")
-    _linux.fsconfig(ofs, "workdir", f"{base}/work")
-    _linux.fsconfig(ofs, "userxattr")
-    _linux.fsmount(ofs)
+    ofs = syscalls.fsopen("overlay")
+    syscalls.fsconfig(ofs, "lowerdir", f"{base}/lower")
+    syscalls.fsconfig(ofs, "upperdir", f"{base}/upper")
+    syscalls.fsconfig(ofs, "workdir", f"{base}/work")
+    syscalls.fsconfig(ofs, "userxattr")
+    syscalls.fsmount(ofs)
 
 
 def _tmpfs_xattr_step() -> None:
@@ -90,13 +91,13 @@ def _tmpfs_xattr_step() -> None:
 
 _STEPS: dict[str, Callable[[], None]] = {
     "userns": userns.enter_user_namespace,
-    "mountns": lambda: _linux.unshare(_linux.CLONE_NEWNS),
-    "host_view": lambda: _linux.mount_setattr(
-        _linux.open_tree("/", _linux.OPEN_TREE_CLONE | _linux.AT_RECURSIVE), _linux.MOUNT_ATTR_RDONLY),
+    "mountns": lambda: syscalls.unshare(syscalls.CLONE_NEWNS),
+    "host_view": lambda: syscalls.mount_setattr(
+        syscalls.open_tree("/", syscalls.OPEN_TREE_CLONE | syscalls.AT_RECURSIVE), syscalls.MOUNT_ATTR_RDONLY),
     "overlay": _overlay_step,
     "tmpfs_xattr": _tmpfs_xattr_step,
-    "netns": lambda: _linux.unshare(_linux.CLONE_NEWNET),
-    "pidns": lambda: _linux.unshare(_linux.CLONE_NEWPID),
+    "netns": lambda: syscalls.unshare(syscalls.CLONE_NEWNET),
+    "pidns": lambda: syscalls.unshare(syscalls.CLONE_NEWPID),
 }
 
 

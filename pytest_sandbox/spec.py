@@ -1,8 +1,9 @@
 """One frozen, validated description of a test's sandbox.
 
-Values come from three places, in increasing precedence: ini keys, command-line
-options, ``@pytest.mark.container(...)`` keywords (closest marker wins). Every
-error names where the bad value came from and what is allowed.
+The session's defaults come from ``settings`` (command line > environment > ini);
+``@pytest.mark.container(...)`` keywords beat them (closest marker wins) and
+``--sandbox-stress`` beats the markers. Every error names where the bad value came
+from and what is allowed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import pytest
+
+from .layers.format import NAME_RE, NAME_RULE
 
 MARKER = "container"
 NETWORK_MODES = ("none", "host")
@@ -50,33 +53,33 @@ class SandboxSpec:
 FIELDS = tuple(f.name for f in dataclasses.fields(SandboxSpec))
 
 
-def _bad(where: str, field: str, value: object, allowed: str) -> pytest.UsageError:
+def bad_value(where: str, field: str, value: object, allowed: str) -> pytest.UsageError:
     return pytest.UsageError(f"{where}: invalid {field}={value!r}: {allowed}")
 
 
 def _check_hostname(value: object, where: str) -> str:
     if not isinstance(value, str) or len(value) > 64 or not _HOSTNAME_RE.match(value):
-        raise _bad(where, "hostname", value,
+        raise bad_value(where, "hostname", value,
                    "expected a host name of letters, digits, '-' and '.', at most 64 characters")
     return value
 
 
 def _check_network(value: object, where: str) -> str:
     if value not in NETWORK_MODES:
-        raise _bad(where, "network", value, f"allowed: {', '.join(map(repr, NETWORK_MODES))}")
+        raise bad_value(where, "network", value, f"allowed: {', '.join(map(repr, NETWORK_MODES))}")
     return str(value)
 
 
 def _check_writable(value: object, where: str) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, Iterable):
-        raise _bad(where, "writable", value, "expected a list of absolute paths")
+        raise bad_value(where, "writable", value, "expected a list of absolute paths")
     paths = []
     for path in value:
         if not isinstance(path, (str, os.PathLike)) or not os.path.isabs(os.fspath(path)):
-            raise _bad(where, "writable", path, "each entry must be an absolute path")
+            raise bad_value(where, "writable", path, "each entry must be an absolute path")
         normal = os.path.normpath(os.fspath(path))
         if normal == "/":
-            raise _bad(where, "writable", path, "the whole root cannot be made writable")
+            raise bad_value(where, "writable", path, "the whole root cannot be made writable")
         paths.append(normal)
     return tuple(sorted(set(paths)))
 
@@ -91,13 +94,13 @@ def _as_mapping(value: object) -> object:
 def _check_env(value: object, where: str) -> tuple[tuple[str, str], ...]:
     value = _as_mapping(value)
     if not isinstance(value, Mapping):
-        raise _bad(where, "env", value, "expected a mapping of NAME to string value")
+        raise bad_value(where, "env", value, "expected a mapping of NAME to string value")
     items = []
     for name, val in value.items():
         if not isinstance(name, str) or not _ENV_NAME_RE.match(name):
-            raise _bad(where, "env", name, "names are letters, digits and '_', not starting with a digit")
+            raise bad_value(where, "env", name, "names are letters, digits and '_', not starting with a digit")
         if not isinstance(val, str) or "\0" in val:
-            raise _bad(where, "env", {name: val}, "values must be strings without NUL bytes")
+            raise bad_value(where, "env", {name: val}, "values must be strings without NUL bytes")
         items.append((name, val))
     return tuple(sorted(items))
 
@@ -122,7 +125,8 @@ def parse_size(value: object) -> int | None:
 def _check_memory(value: object, where: str) -> int:
     size = parse_size(value)
     if size is None or size < 1024 * 1024:
-        raise _bad(where, "memory", value, "expected a size of at least 1M, like '256M', '1G' or a number of bytes")
+        raise bad_value(where, "memory", value,
+                        "expected a size of at least 1M, like '256M', '1G' or a number of bytes")
     return size
 
 
@@ -142,49 +146,47 @@ def _number(value: object) -> float | None:
 def _check_cpus(value: object, where: str) -> float:
     number = _number(value)
     if number is None or not number > 0 or number > 1024:
-        raise _bad(where, "cpus", value, "expected a number of CPUs greater than 0, like 0.5 or 2")
+        raise bad_value(where, "cpus", value, "expected a number of CPUs greater than 0, like 0.5 or 2")
     return number
 
 
 def _check_pids(value: object, where: str) -> int:
     number = _number(value)
     if number is None or number != int(number) or number < 1:
-        raise _bad(where, "pids", value, "expected a whole number of processes, at least 1")
+        raise bad_value(where, "pids", value, "expected a whole number of processes, at least 1")
     return int(number)
 
 
 def _check_timeout(value: object, where: str) -> float:
     number = _number(value)
     if number is None or not number > 0:
-        raise _bad(where, "timeout", value, "expected a number of seconds greater than 0")
+        raise bad_value(where, "timeout", value, "expected a number of seconds greater than 0")
     return number
 
 
 def _check_io(value: object, where: str) -> tuple[tuple[str, int], ...]:
     value = _as_mapping(value)
     if not isinstance(value, Mapping):
-        raise _bad(where, "io", value, f"expected a mapping with keys {', '.join(IO_KEYS)}")
+        raise bad_value(where, "io", value, f"expected a mapping with keys {', '.join(IO_KEYS)}")
     items = []
     for key, raw in value.items():
         if key not in IO_KEYS:
-            raise _bad(where, "io", key, f"unknown io key; allowed: {', '.join(IO_KEYS)}")
+            raise bad_value(where, "io", key, f"unknown io key; allowed: {', '.join(IO_KEYS)}")
         amount = parse_size(raw) if key.endswith("bps") else _number(raw)
         if amount is None or amount < 1 or amount != int(amount):
             kind = "a size like '10M'" if key.endswith("bps") else "a whole number of operations per second"
-            raise _bad(where, "io", {key: raw}, f"expected {kind}, at least 1")
+            raise bad_value(where, "io", {key: raw}, f"expected {kind}, at least 1")
         items.append((key, int(amount)))
     return tuple(sorted(items))
 
 
 def _check_image(value: object, where: str) -> str:
-    from .layers.store import NAME_RE, NAME_RULE
-
     if not isinstance(value, str) or not NAME_RE.match(value):
-        raise _bad(where, "image", value, f"expected an image name: {NAME_RULE}")
+        raise bad_value(where, "image", value, f"expected an image name: {NAME_RULE}")
     return value
 
 
-_CHECKS: dict[str, Callable[[Any, str], Any]] = {
+CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "image": _check_image,
     "hostname": _check_hostname,
     "network": _check_network,
@@ -205,57 +207,19 @@ def validate(values: Mapping[str, Any], where: str) -> SandboxSpec:
         raise pytest.UsageError(
             f"{where}: unknown sandbox option(s) {', '.join(unknown)}; allowed: {', '.join(FIELDS)}"
         )
-    checked: dict[str, Any] = {key: _CHECKS[key](val, where) for key, val in values.items() if val is not None}
+    checked: dict[str, Any] = {key: CHECKS[key](val, where) for key, val in values.items() if val is not None}
     return SandboxSpec(**checked)
 
 
-def defaults_from_config(config: pytest.Config) -> dict[str, Any]:
-    """Ini keys and command-line options, already checked, as raw field values."""
-    values: dict[str, Any] = {}
-    hostname = config.getini("sandbox_hostname")
-    if hostname:
-        values["hostname"] = _check_hostname(hostname, "ini sandbox_hostname")
-    network = config.getoption("sandbox_network") or config.getini("sandbox_network")
-    if network:
-        where = "--sandbox-network" if config.getoption("sandbox_network") else "ini sandbox_network"
-        values["network"] = _check_network(network, where)
-    writable = config.getini("sandbox_writable")
-    if writable:
-        values["writable"] = _check_writable(writable, "ini sandbox_writable")
-    env_lines = config.getini("sandbox_env")
-    if env_lines:
-        env = {}
-        for line in env_lines:
-            name, sep, val = line.partition("=")
-            if not sep:
-                raise _bad("ini sandbox_env", "env", line, "each line must be NAME=VALUE")
-            env[name.strip()] = val
-        values["env"] = _check_env(env, "ini sandbox_env")
-    for field in LIMIT_FIELDS:
-        cli = config.getoption(f"sandbox_{field}")
-        ini = config.getini(f"sandbox_{field}")
-        if cli is not None:
-            values[field] = _CHECKS[field](cli, f"--sandbox-{field}")
-        elif ini:
-            values[field] = _CHECKS[field](ini, f"ini sandbox_{field}")
-    validate(values, "ini")
-    return values
-
-
-def parse_stress(text: str | None) -> dict[str, Any]:
-    """``--sandbox-stress=cpus=0.2,memory=128M``: limits that override every other source."""
-    if not text:
-        return {}
-    values: dict[str, Any] = {}
-    for part in text.split(","):
-        name, sep, raw = part.partition("=")
-        name = name.strip()
-        if not sep or name not in LIMIT_FIELDS:
-            raise pytest.UsageError(
-                f"--sandbox-stress: invalid {part!r}; expected NAME=VALUE with NAME one of {', '.join(LIMIT_FIELDS)}"
-            )
-        values[name] = _CHECKS[name](raw.strip(), "--sandbox-stress")
-    return values
+def check_env_lines(lines: list[str], where: str) -> tuple[tuple[str, str], ...]:
+    """``NAME=VALUE`` lines (the ``sandbox_env`` ini key) as a checked env."""
+    env = {}
+    for line in lines:
+        name, sep, val = line.partition("=")
+        if not sep:
+            raise bad_value(where, "env", line, "each line must be NAME=VALUE")
+        env[name.strip()] = val
+    return _check_env(env, where)
 
 
 def marker_values(item: pytest.Item) -> dict[str, Any] | None:
@@ -287,6 +251,6 @@ def spec_for_item(item: pytest.Item, defaults: Mapping[str, Any], sandbox_all: b
             raise pytest.UsageError(
                 f"{where}: unknown keyword(s) {', '.join(unknown)}; allowed: {', '.join(FIELDS)}"
             )
-        values.update({key: _CHECKS[key](val, where) for key, val in marked.items()})
+        values.update({key: CHECKS[key](val, where) for key, val in marked.items()})
     values.update(overrides or {})
     return validate(values, item.nodeid)

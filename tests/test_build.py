@@ -316,7 +316,7 @@ def test_images_build_from_any_directory(tmp_path: Path) -> None:
 
 OVERLAY_STORE_SCRIPT = """
 import os, sys
-from pytest_sandbox import _linux, userns
+from pytest_sandbox.linux import syscalls as _linux, userns
 from pytest_sandbox.layers import build
 from pytest_sandbox.layers.store import Store
 

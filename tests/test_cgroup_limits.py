@@ -10,7 +10,7 @@ import os
 import pytest
 from helpers import start_pytest_until_running, wait_gone
 
-from pytest_sandbox import cgroups
+from pytest_sandbox.runtime import cgroups
 
 
 def _backend() -> cgroups.Backend:

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from pytest_sandbox import cgroups
+from pytest_sandbox.runtime import cgroups
 
 
 @pytest.mark.parametrize(("marker", "message"), [

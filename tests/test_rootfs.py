@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pytest_sandbox import rootfs
+from pytest_sandbox.linux import rootfs
 
 
 def test_plan_for_paths_under_tmp(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from pytest_sandbox import sync
+from pytest_sandbox import protocol as sync
 
 
 def test_round_trip_keeps_types() -> None:

@@ -25,10 +25,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .. import container
-from . import containerfile, oci, tarlayer
+from ..linux import overlay, rootfs
+from . import commands, containerfile, format, oci, tarlayer
 from .containerfile import ContainerfileError, Instruction
-from .store import EMPTY_CONFIG, Image, Store, StoreError, check_name
+from .format import EMPTY_CONFIG, HOST_BASE
+from .store import Image, Store, StoreError, check_name
 
 Progress = Callable[[str], None]
 SUFFIX = ".Containerfile"
@@ -75,6 +76,10 @@ class _State:
     diff_ids: list[str]
     config: dict[str, Any]
     base: str = ""
+
+    @property
+    def host_based(self) -> bool:
+        return self.base == HOST_BASE
 
     def entry(self) -> dict[str, Any]:
         return {"layers": self.layers, "diff_ids": self.diff_ids, "config": self.config, "base": self.base}
@@ -191,7 +196,7 @@ class Builder:
         with open(path) as f:
             instructions = containerfile.parse(f.read(), path)
         base = instructions[[i.keyword for i in instructions].index("FROM")].args.split()[0]
-        if base not in ("scratch", "host") and not oci.is_reference(base) and base != name:
+        if base not in ("scratch", HOST_BASE) and not oci.is_reference(base) and base != name:
             self.check(base)
 
     # -- one image -----------------------------------------------------------------------
@@ -245,8 +250,8 @@ class Builder:
         base = containerfile.substitute(ins.args.split()[0], args)
         if base == "scratch":
             return _State(_key("FROM scratch"), [], [], dict(EMPTY_CONFIG)), {}
-        if base == "host":  # the sandbox's view of this machine, live: host changes do not rebuild
-            return _State(_key("FROM host"), [], [], dict(EMPTY_CONFIG), "host"), {}
+        if base == HOST_BASE:  # the sandbox's view of this machine, live: host changes do not rebuild
+            return _State(_key("FROM host"), [], [], dict(EMPTY_CONFIG), HOST_BASE), {}
         if oci.is_reference(base):
             transport, ref_path, tag = oci.split_reference(base.replace(":", ":" + os.path.dirname(path) + "/", 1)
                                                            if not base.split(":", 1)[1].startswith("/") else base)
@@ -292,7 +297,7 @@ class Builder:
 
     def _step(self, ins: Instruction, state: _State, args: dict[str, str], path: str,
               label: str) -> tuple[_State, dict[str, str]]:
-        env = container.env_mapping(state.config.get("Env") or [])
+        env = format.env_mapping(state.config.get("Env") or [])
         variables = {**args, **env}
         config = json.loads(json.dumps(state.config))
         kw = ins.keyword
@@ -354,9 +359,10 @@ class Builder:
             os.mkdir(diff)
             layers, diff_ids = list(target.layers), list(target.diff_ids)
             if make(diff) and os.listdir(diff):
-                if target.base == "host":
+                if target.host_based:
                     self._check_host_layer(ins, diff)
-                chain, diff_id = self.store.stack_layer(diff, layers[-1] if layers else None, ins.text)
+                diff_id = tarlayer.diff_id_of(diff)
+                chain = self.store.stack_layer(diff, diff_id, layers[-1] if layers else None, ins.text)
                 layers.append(chain)
                 diff_ids.append(diff_id)
         result = target.derived(target.key, layers, diff_ids)
@@ -366,9 +372,7 @@ class Builder:
 
     def _check_host_layer(self, ins: Instruction, diff: str) -> None:
         """A FROM host layer can only change existing top-level directories (each is one overlay)."""
-        from ..rootfs import top_level_dir
-
-        store_top = top_level_dir(self.store.root)[1:]
+        store_top = overlay.top_level_dir(self.store.root)[1:]
         for name in os.listdir(diff):
             if name == store_top:
                 raise BuildError(f"{ins.keyword} {ins.args[:60]}: a FROM host image cannot change /{name}, which "
@@ -381,7 +385,7 @@ class Builder:
 
     # -- WORKDIR -------------------------------------------------------------------------
     def _workdir_layer(self, state: _State, workdir: str, diff: str) -> bool:
-        if _exists_in(self.store, state.layers, workdir, state.base == "host"):
+        if _exists_in(self.store, state.layers, workdir, state.host_based):
             return False
         os.makedirs(os.path.join(diff, workdir.lstrip("/")), mode=0o755)
         return True
@@ -447,7 +451,7 @@ class Builder:
         workdir = config.get("WorkingDir") or "/"
         dest_abs = os.path.normpath(os.path.join(workdir, dest))
         into_dir = dest.endswith("/") or len(sources) > 1 or any(os.path.isdir(s) for s, _ in sources) \
-            or _is_dir_in(self.store, state.layers, dest_abs, state.base == "host")
+            or _is_dir_in(self.store, state.layers, dest_abs, state.host_based)
         context = os.path.dirname(os.path.abspath(path))
         ignore = None if ins.flag("from") == "host" else _Ignore(context)
         for source, name in sources:
@@ -475,20 +479,20 @@ class Builder:
         config = state.config
         env_list = [f"{k}={v}" for k, v in args.items()] + list(config.get("Env") or [])
         network = "host" if ins.flag("network") == "host" else "none"
-        host_based, unprivileged = state.base == "host", os.geteuid() != 0
+        host_based, unprivileged = state.host_based, os.geteuid() != 0
         # On a store on overlayfs the upper is a tmpfs of the RUN's own, copied into the layer by the
         # waiter once the command is done; elsewhere the upper dirs are moved in afterwards.
         on_tmpfs = self.store.filesystem() == "overlay"
         copy_error = os.path.join(stage, "copy-error")
 
         def prepare() -> str:
-            return container.mount_image_root(layers_top_first, layer_dir, merged, host_based=host_based,
+            return rootfs.mount_image_root(layers_top_first, layer_dir, merged, host_based=host_based,
                                               store_root=self.store.root, unprivileged=unprivileged,
                                               on_tmpfs=on_tmpfs)
 
         def copy_out() -> None:  # in the waiter, whose mounts still hold the tmpfs upper
             try:
-                for name, upper in container.layer_uppers(layer_dir, host_based):
+                for name, upper in rootfs.layer_uppers(layer_dir, host_based):
                     os.makedirs(os.path.join(diff, name), exist_ok=True)
                     tarlayer.copy_tree(upper, os.path.join(diff, name))
             except BaseException as exc:
@@ -497,13 +501,13 @@ class Builder:
                 raise
 
         uid, gid, home = self._user(state, config.get("User") or "")
-        run = container.RunSpec(argv=argv, env=container.image_env(env_list, {}, home, "build"),
-                                workdir=config.get("WorkingDir") or "/", user=config.get("User") or "",
+        run = commands.RunSpec(argv=argv, env=commands.image_env(env_list, {}, home, "build"),
+                                workdir=config.get("WorkingDir") or "/",
                                 hostname="build", network=network)
         try:
-            proc = container.spawn(prepare, run, uid, gid, copy_out if on_tmpfs else None, stdin=subprocess.DEVNULL,
+            proc = commands.spawn(prepare, run, uid, gid, copy_out if on_tmpfs else None, stdin=subprocess.DEVNULL,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        except container.ContainerError as exc:
+        except commands.ContainerError as exc:
             raise BuildError(f"{path}:{ins.line}: RUN cannot start: {exc}") from None
         assert proc.stdout is not None
         tail: list[str] = []
@@ -520,7 +524,7 @@ class Builder:
             raise BuildError(f"{path}:{ins.line}: RUN {ins.args[:80]} failed with exit status {code}"
                              + (f"; last output:\n{output}" if output else ""))
         if not on_tmpfs:
-            for name, upper in container.layer_uppers(layer_dir, host_based):
+            for name, upper in rootfs.layer_uppers(layer_dir, host_based):
                 if not name:
                     os.rmdir(diff)  # the empty dir _layer_step made: the upper takes its place
                 os.rename(upper, os.path.join(diff, name))
@@ -529,8 +533,8 @@ class Builder:
 
     def _user(self, state: _State, user: str) -> tuple[int, int, str]:
         try:
-            return image_user(self.store, state.layers, user, state.base == "host")
-        except container.ContainerError as exc:
+            return image_user(self.store, state.layers, user, state.host_based)
+        except commands.ContainerError as exc:
             raise BuildError(str(exc)) from None
 
 
@@ -538,7 +542,7 @@ class Builder:
 
 def image_user(store: Store, layers: Sequence[str], user: str, host: bool) -> tuple[int, int, str]:
     """uid, gid and home of an image's ``USER``, from the /etc/passwd and /etc/group its layers show."""
-    if container.is_root_user(user):
+    if commands.is_root_user(user):
         return 0, 0, "/root"
     with tempfile.TemporaryDirectory() as root:
         os.mkdir(os.path.join(root, "etc"))
@@ -546,7 +550,7 @@ def image_user(store: Store, layers: Sequence[str], user: str, host: bool) -> tu
             found = _find_in(store, list(layers), f"/etc/{name}", host)
             if found:
                 shutil.copyfile(found, os.path.join(root, "etc", name))
-        return container.resolve_user(root, user)
+        return commands.resolve_user(root, user)
 
 
 def _file_digest(path: str) -> str:
@@ -633,43 +637,21 @@ def _apply_copy_flags(diff: str, dest_abs: str, ins: Instruction) -> None:
                 if os.geteuid() == 0:
                     os.lchown(full, uid, gid if gid is not None else uid)
                 elif not os.path.islink(full):
-                    os.setxattr(full, tarlayer.OWNER_XATTR, f"{uid}:{gid}".encode(), follow_symlinks=False)
+                    os.setxattr(full, format.OWNER_XATTR, f"{uid}:{gid}".encode(), follow_symlinks=False)
     if os.path.isfile(top) or os.path.islink(top):
         if chmod is not None and not os.path.islink(top):
             os.chmod(top, int(chmod, 8))
 
 
 def _find_in(store: Store, layers: list[str], path: str, host: bool = False) -> str | None:
-    """The topmost layer's copy of ``path`` (the host's with ``host``), or None if absent or deleted."""
-    found = _find_in_layers(store, layers, path)
-    if found is None and host and os.path.lexists(path) and not _hidden_by_layers(store, layers, path):
+    """The copy of ``path`` the image shows (the host's own with ``host``), or None if absent or deleted."""
+    copies, below_shows = format.layer_copies([store.diff_path(c) for c in reversed(layers)], path)
+    if copies:
+        return copies[0]
+    if not path.strip("/"):
+        return store.diff_path(layers[-1]) if layers else ("/" if host else None)
+    if host and below_shows and os.path.lexists(path):
         return path
-    return found
-
-
-def _hidden_by_layers(store: Store, layers: list[str], path: str) -> bool:
-    from ..rootfs import subpath_lowers
-
-    return not subpath_lowers([store.diff_path(c) for c in reversed(layers)], os.path.dirname(path) or "/")[1]
-
-
-def _find_in_layers(store: Store, layers: list[str], path: str) -> str | None:
-    rel = path.strip("/")
-    for chain in reversed(layers):
-        diff = store.diff_path(chain)
-        parts = rel.split("/")
-        for i in range(1, len(parts)):  # a whiteout or opaque dir on the way hides lower layers
-            prefix = os.path.join(diff, *parts[:i])
-            if os.path.lexists(prefix) and tarlayer.is_whiteout(prefix):
-                return None
-        full = os.path.join(diff, rel)
-        if os.path.lexists(full):
-            return None if tarlayer.is_whiteout(full) else full
-        for i in range(1, len(parts)):
-            prefix = os.path.join(diff, *parts[:i])
-            with contextlib.suppress(OSError):
-                if os.getxattr(prefix, tarlayer.OPAQUE_XATTR) == b"y":
-                    return None
     return None
 
 
@@ -700,5 +682,5 @@ def _strip_overlay_xattrs(diff: str) -> None:
                 continue
             with contextlib.suppress(OSError):
                 for attr in os.listxattr(full):
-                    if attr.startswith("user.overlay.") and attr != tarlayer.OPAQUE_XATTR:
+                    if attr.startswith(format.OVERLAY_XATTR_PREFIX) and attr != format.OPAQUE_XATTR:
                         os.removexattr(full, attr)

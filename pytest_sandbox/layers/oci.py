@@ -24,7 +24,8 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from . import tarlayer
-from .store import EMPTY_CONFIG, Image, Store, StoreError, chain_id, check_name
+from .format import EMPTY_CONFIG, chain_id
+from .store import Image, Store, StoreError, check_name
 
 TRANSPORTS = ("oci:", "oci-archive:", "docker-archive:")
 MT_INDEX = ("application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json")
@@ -461,7 +462,7 @@ def export_image(store: Store, name: str, target: str, progress: Progress | None
     """Write an image as ``oci-archive:`` (default for a plain path), ``oci:`` or ``docker-archive:``."""
     say = progress or (lambda _msg: None)
     image = store.require(name)
-    if image.base == "host":
+    if image.host_based:
         raise StoreError(f"image {name} is built FROM host: its base is this machine, not a layer, so it cannot "
                          "be exported")
     if is_reference(target):

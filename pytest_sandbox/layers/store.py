@@ -19,13 +19,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
-import json
 import os
 import re
-import shutil
 import stat
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -34,11 +30,9 @@ from typing import Any
 import filelock
 
 from ..errors import SandboxError
-
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}(:[A-Za-z0-9_.-]{1,128})?$")
-NAME_RULE = "lower-case letters, digits, '.', '_', '-', optionally ':tag'"
-EMPTY_CONFIG: dict[str, Any] = {"Env": [], "WorkingDir": "", "User": "", "Cmd": None, "Entrypoint": None,
-                                "Labels": {}, "ExposedPorts": {}}
+from ..linux.files import read_json, remove_tree, tree_size, write_json_atomic
+from ..linux.mounts import filesystem_of
+from .format import EMPTY_CONFIG, HOST_BASE, NAME_RE, NAME_RULE, chain_id
 
 
 class StoreError(SandboxError):
@@ -66,59 +60,10 @@ def default_root() -> str:
     return f"/var/tmp/pytest-sandbox-{os.getuid()}"
 
 
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def chain_id(parent: str | None, diff_id: str) -> str:
-    """OCI ChainID: the diff id for the first layer, else sha256(parent + " " + diff id)."""
-    if parent is None:
-        return diff_id
-    return "sha256:" + sha256_hex(f"{parent} {diff_id}".encode())
-
-
 def check_name(name: str, where: str = "image name") -> str:
     if not NAME_RE.match(name):
         raise StoreError(f"{where} {name!r} is not valid: use {NAME_RULE}")
     return name
-
-
-def remove_tree(path: str) -> None:
-    """rmtree that also removes read-only directories a layer or overlay work dir may hold."""
-    def fix(func: Any, target: str, _exc: Any) -> None:
-        parent = os.path.dirname(target)
-        for p in (parent, target):
-            with contextlib.suppress(OSError):
-                if stat.S_ISDIR(os.lstat(p).st_mode):
-                    os.chmod(p, 0o700)
-        if os.path.isdir(target) and not os.path.islink(target):
-            _rmtree(target, fix)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(target)
-
-    if os.path.lexists(path):
-        _rmtree(path, fix)
-
-
-def _rmtree(path: str, handler: Any) -> None:
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=handler)
-    else:  # onerror is deprecated from 3.12 on: a warning there would fail suites run with -W error
-        shutil.rmtree(path, onerror=handler)
-
-
-def _write_json_atomic(path: str, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def _read_json(path: str) -> Any:
-    with open(path) as f:
-        return json.load(f)
 
 
 OWNER_FILE = ".owner"
@@ -154,15 +99,6 @@ def _abandoned(path: str) -> bool:
     return True
 
 
-def tree_size(path: str) -> int:
-    total = 0
-    for root, dirs, files in os.walk(path):
-        for name in files + dirs:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512
-    return total
-
-
 @dataclasses.dataclass(frozen=True)
 class Image:
     """An image record: the layer chain (lowest first) and the config a container starts with."""
@@ -174,7 +110,11 @@ class Image:
     source: str
     created: float
     build_key: str | None = None
-    base: str = ""                   # "host": the sandbox's view of the host is the lowest layer
+    base: str = ""                   # HOST_BASE: the sandbox's view of the host is the lowest layer
+
+    @property
+    def host_based(self) -> bool:
+        return self.base == HOST_BASE
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "layers": list(self.layers), "diff_ids": list(self.diff_ids),
@@ -241,17 +181,7 @@ class Store:
 
     def filesystem(self) -> str:
         """The type of the filesystem holding the store (from mountinfo: the deepest mount above it)."""
-        path = os.path.realpath(self.ensure().root)
-        best, fstype = "", ""
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                target = fields[4].replace("\\040", " ")
-                sep = fields.index("-")
-                inside = path == target or path.startswith(target.rstrip("/") + "/")
-                if inside and len(target) >= len(best):
-                    best, fstype = target, fields[sep + 1]
-        return fstype
+        return filesystem_of(self.ensure().root)
 
     # -- kept containers (--sandbox-keep) ----------------------------------------------------
     def session_containers(self, pid: int) -> str:
@@ -261,17 +191,20 @@ class Store:
         _hold(path)  # held by pytest and the zygote it forks, until both are gone
         return path
 
-    def keep_container(self, session_dir: str, cid: str, meta: dict[str, Any]) -> None:
-        """A failed test's read/write layer becomes a kept container ``cid``."""
+    def keep_container(self, session_dir: str, cid: str, image: Image, nodeid: str, hostname: str) -> None:
+        """A failed test's read/write layer (``session_dir/cid``) becomes the kept container ``cid``:
+        what ``shell``, ``commit`` and ``prune`` need is recorded beside it."""
+        meta = {"id": cid, "nodeid": nodeid, "image": image.name, "layers": list(image.layers),
+                "config": image.config, "hostname": hostname, "created": time.time(), "base": image.base}
         os.rename(os.path.join(session_dir, cid), os.path.join(self.containers_dir, cid))
-        _write_json_atomic(os.path.join(self.containers_dir, cid, "meta.json"), meta)
+        write_json_atomic(os.path.join(self.containers_dir, cid, "meta.json"), meta)
 
     def container(self, cid: str) -> dict[str, Any]:
         if not re.fullmatch(r"[0-9a-f]{4,32}", cid):
             raise StoreError(f"{cid!r} is not a container id (see pytest-sandbox containers)")
         path = os.path.join(self.containers_dir, cid, "meta.json")
         try:
-            meta = dict(_read_json(path))
+            meta = dict(read_json(path))
         except OSError:
             raise StoreError(f"no kept container {cid!r} in {self.containers_dir}") from None
         meta["path"] = os.path.dirname(path)
@@ -312,7 +245,7 @@ class Store:
         return os.path.isfile(os.path.join(self.layer_path(chain), "layer.json"))
 
     def layer_info(self, chain: str) -> dict[str, Any]:
-        return dict(_read_json(os.path.join(self.layer_path(chain), "layer.json")))
+        return dict(read_json(os.path.join(self.layer_path(chain), "layer.json")))
 
     def publish_layer(self, staged_diff: str, chain: str, diff_id: str, parent: str | None,
                       extra: dict[str, Any] | None = None) -> str:
@@ -325,21 +258,18 @@ class Store:
         info = {"chain_id": chain, "diff_id": diff_id, "parent": parent, "created": time.time(),
                 "size": tree_size(os.path.join(holder, "diff"))}
         info.update(extra or {})
-        _write_json_atomic(os.path.join(holder, "layer.json"), info)
+        write_json_atomic(os.path.join(holder, "layer.json"), info)
         final = self.layer_path(chain)
         if os.path.lexists(final):  # a leftover without layer.json: never published, replace it
             remove_tree(final)
         os.rename(holder, final)
         return chain
 
-    def stack_layer(self, diff: str, parent: str | None, created_by: str) -> tuple[str, str]:
-        """Publish the finished diff dir ``diff`` on top of ``parent``; its (chain id, diff id)."""
-        from .tarlayer import diff_id_of
-
-        diff_id = diff_id_of(diff)
+    def stack_layer(self, diff: str, diff_id: str, parent: str | None, created_by: str) -> str:
+        """Publish the finished diff dir ``diff`` (whose tar has ``diff_id``) on top of ``parent``; its chain id."""
         chain = chain_id(parent, diff_id)
         self.publish_layer(diff, chain, diff_id, parent, {"created_by": created_by})
-        return chain, diff_id
+        return chain
 
     def all_layers(self) -> list[str]:
         self.ensure()
@@ -356,7 +286,7 @@ class Store:
     def get(self, name: str) -> Image | None:
         path = self._image_file(name)
         try:
-            image = Image.from_json(_read_json(path))
+            image = Image.from_json(read_json(path))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError) as exc:
@@ -379,7 +309,7 @@ class Store:
         for chain in image.layers:
             if not self.has_layer(chain):
                 raise StoreError(f"image {image.name}: layer {chain} is not in the store")
-        _write_json_atomic(self._image_file(image.name), image.to_json())
+        write_json_atomic(self._image_file(image.name), image.to_json())
 
     def images(self) -> list[Image]:
         self.ensure()
@@ -402,7 +332,7 @@ class Store:
     # -- build cache ---------------------------------------------------------------------
     def cache_get(self, key: str) -> dict[str, Any] | None:
         try:
-            entry = dict(_read_json(os.path.join(self.cache_dir, key + ".json")))
+            entry = dict(read_json(os.path.join(self.cache_dir, key + ".json")))
         except (OSError, ValueError):
             return None
         if any(not self.has_layer(c) for c in entry.get("layers", [])):
@@ -410,7 +340,7 @@ class Store:
         return entry
 
     def cache_put(self, key: str, entry: dict[str, Any]) -> None:
-        _write_json_atomic(os.path.join(self.cache_dir, key + ".json"), entry)
+        write_json_atomic(os.path.join(self.cache_dir, key + ".json"), entry)
 
     # -- housekeeping --------------------------------------------------------------------
     def prune(self) -> tuple[list[str], int]:

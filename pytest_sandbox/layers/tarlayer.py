@@ -16,16 +16,17 @@ import hashlib
 import os
 import stat
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from typing import IO, Any
 
-WHITEOUT_PREFIX = ".wh."
-OPAQUE_MARKER = ".wh..wh..opq"
-OPAQUE_XATTR = "user.overlay.opaque"
-OWNER_XATTR = "user.pytest-sandbox.owner"
+from ..errors import SandboxError
+from ..linux import syscalls
+from ..linux.files import remove_tree
+from .format import OPAQUE_MARKER, OPAQUE_XATTR, OWNER_XATTR, WHITEOUT_PREFIX, XWHITEOUT_XATTR, is_whiteout
 
 
-class LayerError(Exception):
+class LayerError(SandboxError):
     """A layer tar is malformed or unsafe."""
 
 
@@ -46,28 +47,9 @@ def clean_name(name: str) -> str:
     return "/".join(parts)
 
 
-XWHITEOUT_XATTR = "user.overlay.whiteout"
-
-
-def is_whiteout(path: str, st: os.stat_result | None = None) -> bool:
-    """A 0:0 character device, or an xattr whiteout (an empty file marked ``user.overlay.whiteout``)."""
-    st = st or os.lstat(path)
-    if stat.S_ISCHR(st.st_mode):
-        return st.st_rdev == 0
-    if stat.S_ISREG(st.st_mode) and st.st_size == 0:
-        try:
-            os.getxattr(path, XWHITEOUT_XATTR, follow_symlinks=False)
-            return True
-        except OSError:
-            return False
-    return False
-
-
 def xattr_whiteouts_supported() -> bool:
     """Linux 6.8+ reads whiteouts from xattrs when a layer's filesystem refuses 0:0 devices."""
-    from .. import _linux
-
-    return _linux.kernel_at_least(6, 8)
+    return syscalls.kernel_at_least(6, 8)
 
 
 def make_whiteout(path: str) -> None:
@@ -98,8 +80,6 @@ def _setxattr(path: str, name: str, value: bytes) -> None:
 
 
 def _remove(path: str) -> None:
-    from .store import remove_tree
-
     st = os.lstat(path)
     if stat.S_ISDIR(st.st_mode):
         remove_tree(path)
@@ -323,8 +303,6 @@ def diff_id_of(root: str) -> str:
 
 def copy_tree(source: str, dest: str) -> None:
     """Copy a layer-shaped tree (whiteouts, opaque dirs, owners) into the existing dir ``dest``."""
-    import tempfile
-
     with tempfile.TemporaryFile(dir=dest) as spool:
         write_tar(source, spool)
         spool.seek(0)

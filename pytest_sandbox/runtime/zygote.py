@@ -31,8 +31,10 @@ from typing import Any
 
 import pytest
 
-from . import _linux, cgroups, child, init, rootfs, sync, userns
-from .spec import SandboxSpec
+from .. import protocol
+from ..linux import process, rootfs, syscalls, userns
+from ..spec import SandboxSpec
+from . import cgroups, init, test_process
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,37 +60,35 @@ class Limits:
         return self.session is not None and (self.accounting or bool(set(spec.limits) - {"timeout"}))
 
 
-def _die_with_parent(parent: int, sig: int = signal.SIGKILL) -> None:
-    """``sig`` when the parent goes; ``parent`` is its pid as this process sees it (0: outside our pid ns)."""
-    _linux.prctl(_linux.PR_SET_PDEATHSIG, sig)
-    if os.getppid() != parent:
-        os._exit(1)  # the parent died before the signal was armed
-
-
 def zygote_main(control: socket.socket, items: dict[str, pytest.Item], stash_key: Any,
                 paths: SessionPaths, crash_fd: int, pytest_pid: int, limits: Limits) -> None:
     """Entry point of the forked zygote-parent; never returns."""
     try:
+        # 1. pytest's death is a SIGTERM we handle (below), not one that kills us before cleanup;
+        #    ^C is pytest's to handle.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        _die_with_parent(pytest_pid, signal.SIGTERM)
+        process.die_with_parent(pytest_pid, signal.SIGTERM)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        _linux.set_process_name("sandbox-zygote")
+        syscalls.set_process_name("sandbox-zygote")
+        # 2. The user namespace: the right to mount and make namespaces, without root.
         userns.enter_user_namespace()
+        # 3. The read-only host view and the /dev template, once for every sandbox of the session.
         rootfs.enter_host_view(paths.keep_dir)
         rootfs.build_dev_template()
-        _linux.unshare(_linux.CLONE_NEWPID)
+        # 4. The zygote proper is pid 1 of a pid namespace: when it dies, every sandbox dies with it.
+        syscalls.unshare(syscalls.CLONE_NEWPID)
         pid = os.fork()
     except BaseException as exc:
-        sync.send(control, {"op": "failed", "error": f"{type(exc).__name__}: {exc}"})
+        protocol.send(control, {"op": "failed", "error": f"{type(exc).__name__}: {exc}"})
         os._exit(1)
     if pid == 0:
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            _die_with_parent(0)
+            process.die_with_parent(0)
             _serve(control, items, stash_key, paths, crash_fd, limits)
         except BaseException as exc:
             try:
-                sync.send(control, {"op": "failed", "error": f"zygote: {type(exc).__name__}: {exc}"})
+                protocol.send(control, {"op": "failed", "error": f"zygote: {type(exc).__name__}: {exc}"})
             except OSError:
                 pass
         finally:
@@ -129,7 +129,7 @@ class _Sandbox:
     def start(self, nodeid: str, to_pytest: socket.socket) -> None:
         self.nodeid = nodeid
         self.to_pytest = to_pytest
-        sync.send(self.test, {"nodeid": nodeid}, fds=(to_pytest.fileno(),))
+        protocol.send(self.test, {"nodeid": nodeid}, fds=(to_pytest.fileno(),))
         self.test.close()
 
     def kill(self) -> None:
@@ -167,26 +167,27 @@ class _Factory:
             plan = self.plans[spec] = rootfs.make_plan(self.paths.writable + spec.writable, self.paths.needed, image)
         session = self.limits.session
         group = session.create(spec) if session is not None and self.limits.wants_group(spec) else None
-        test, test_end = sync.socketpair()
-        _linux.unshare(_linux.CLONE_NEWPID)
+        test, test_end = protocol.socketpair()
+        syscalls.unshare(syscalls.CLONE_NEWPID)
         try:
             init_pid = os.posix_spawn(self.init_argv[0], self.init_argv, {}, setsid=True)
             test_pid = os.fork()
             if test_pid == 0:
                 self.control.close()
                 test.close()
-                keep = (self.paths.keep_dir, secrets.token_hex(6)) if self.paths.keep_dir and plan.image else None
-                child.test_process(test_end, self.items, spec, plan, self.paths.cwd, self.crash_fd, keep,
-                                   wait_for_cgroup=group is not None, backend=self.limits.backend)
+                kept_id = secrets.token_hex(6) if self.paths.keep_dir and plan.image else None
+                layer_dir = f"{self.paths.keep_dir}/{kept_id}" if kept_id else None
+                test_process.test_process(test_end, self.items, spec, plan, self.paths.cwd, self.crash_fd, kept_id,
+                                          layer_dir, wait_for_cgroup=group is not None, backend=self.limits.backend)
         finally:
-            _linux.setns(self.own_pidns, _linux.CLONE_NEWPID)  # the next sandbox gets a namespace of its own
+            syscalls.setns(self.own_pidns, syscalls.CLONE_NEWPID)  # the next sandbox gets a namespace of its own
         test_end.close()
         sandbox = _Sandbox(spec, init_pid, test_pid, test, group)
         if group is not None:
             try:
                 group.attach(init_pid)
                 group.attach(test_pid)
-                sync.send(test, {"op": "attached"})
+                protocol.send(test, {"op": "attached"})
             except OSError:
                 self.cancel(sandbox)
                 raise
@@ -227,7 +228,7 @@ class _Factory:
     def _tell(sandbox: _Sandbox, message: dict[str, Any]) -> None:
         if sandbox.to_pytest is not None:
             try:
-                sync.send(sandbox.to_pytest, message)
+                protocol.send(sandbox.to_pytest, message)
             except OSError:
                 pass
 
@@ -260,9 +261,9 @@ def _serve(control: socket.socket, items: dict[str, pytest.Item], stash_key: Any
     gc.freeze()  # keep the garbage collector from touching (and so copying) the zygote's pages in every fork
     factory = _Factory(control, items, paths, crash_fd, limits)
     config = next(iter(items.values())).config
-    config.pluginmanager.register(child.ReportStreamer(config), "sandbox-report-streamer")
+    config.pluginmanager.register(test_process.ReportStreamer(config), "sandbox-report-streamer")
     ready: _Sandbox | None = None
-    sync.send(control, {"op": "ready"})
+    protocol.send(control, {"op": "ready"})
     while True:
         watched: list[int] = [control.fileno(), *factory.running, *factory.ending]
         readable, _, _ = select.select(watched, [], [])
@@ -273,7 +274,7 @@ def _serve(control: socket.socket, items: dict[str, pytest.Item], stash_key: Any
                 factory.namespace_ended(factory.ending.pop(fd))
         if control.fileno() not in readable:
             continue
-        message, fds = sync.recv(control)
+        message, fds = protocol.recv(control)
         if message is not None and message.get("op") == "kill":
             factory.kill(message["nodeid"])
             continue
@@ -290,7 +291,7 @@ def _serve(control: socket.socket, items: dict[str, pytest.Item], stash_key: Any
             factory.running[ready.test_pidfd] = ready
             ready.start(message["nodeid"], to_pytest)
         except OSError as exc:
-            sync.send(to_pytest, {"type": "error", "phase": "cgroup" if "cgroup" in str(exc) else "fork",
+            protocol.send(to_pytest, {"type": "error", "phase": "cgroup" if "cgroup" in str(exc) else "fork",
                                   "message": str(exc)})
             to_pytest.close()
         ready = None

@@ -19,9 +19,11 @@ from typing import Any
 
 import pytest
 
-from . import _linux, cgroups, rootfs, sync, userns
-from .errors import SetupError
-from .spec import SandboxSpec
+from .. import protocol
+from ..errors import SetupError
+from ..linux import rootfs, syscalls, userns
+from ..spec import SandboxSpec
+from . import cgroups
 
 ACTIVE_SPEC: SandboxSpec | None = None  # set in the test process of a sandbox
 ACTIVE_PLAN: rootfs.RootPlan | None = None
@@ -35,18 +37,6 @@ def _exit(code: int = 0) -> None:
         except Exception:
             pass
     os._exit(code)
-
-
-def enter_namespaces(spec: SandboxSpec, plan: rootfs.RootPlan, keep: tuple[str, str] | None = None) -> None:
-    """The per-test namespaces and mount tree; the user and pid namespaces come from the zygote."""
-    flags = _linux.CLONE_NEWNS | _linux.CLONE_NEWUTS | _linux.CLONE_NEWIPC | _linux.CLONE_NEWCGROUP
-    if spec.network == "none":
-        flags |= _linux.CLONE_NEWNET
-    _linux.unshare(flags)
-    rootfs.build(plan, keep)
-    socket.sethostname(spec.hostname)
-    if spec.network == "none":
-        _linux.loopback_up()
 
 
 class ReportStreamer:
@@ -71,11 +61,11 @@ class ReportStreamer:
             return report
         data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
         try:
-            sync.send(_channel, {"type": "report", "data": data})
+            protocol.send(_channel, {"type": "report", "data": data})
         except (pickle.PicklingError, TypeError, AttributeError):
             # user_properties may hold objects that cannot cross processes; keep their repr
             data["user_properties"] = [(name, repr(value)) for name, value in data.get("user_properties", ())]
-            sync.send(_channel, {"type": "report", "data": data})
+            protocol.send(_channel, {"type": "report", "data": data})
         return report
 
     @pytest.hookimpl
@@ -83,56 +73,78 @@ class ReportStreamer:
         if _channel is None:
             return
         category = warning_message.category
-        sync.send(_channel, {
+        protocol.send(_channel, {
             "type": "warning", "message": str(warning_message.message), "when": when,
             "category": (category.__module__, category.__qualname__),
             "filename": warning_message.filename, "lineno": warning_message.lineno,
         })
 
 
+def _build_sandbox(spec: SandboxSpec, plan: rootfs.RootPlan, cwd: str, layer_dir: str | None, crash_fd: int,
+                   backend: cgroups.Backend) -> None:
+    """The sandbox around this process, step by step; the user and pid namespaces come from the zygote."""
+    # 1. A name on the host's ps, and out of pytest's session: killpg(0) in a test must not reach pytest.
+    syscalls.set_process_name("sandbox-test")
+    os.setsid()
+    # 2. Own mount, uts, ipc and cgroup namespaces; a network namespace unless the test shares the host's.
+    flags = syscalls.CLONE_NEWNS | syscalls.CLONE_NEWUTS | syscalls.CLONE_NEWIPC | syscalls.CLONE_NEWCGROUP
+    if spec.network == "none":
+        flags |= syscalls.CLONE_NEWNET
+    syscalls.unshare(flags)
+    # 3. The mount tree (needs the new mount namespace; /proc last, for the new pid namespace).
+    rootfs.build(plan, layer_dir)
+    # 4. Host name and loopback of the new namespaces.
+    socket.sethostname(spec.hostname)
+    if spec.network == "none":
+        syscalls.loopback_up()
+    # 5. Where the test starts and the environment it sees (a FROM host image's ENV, then the spec's).
+    os.chdir(cwd)
+    if plan.image is not None and plan.image.host_based:
+        os.environ.update(plan.image.env)
+    os.environ.update(spec.env)
+    # 6. Plain user permissions: the namespace's capabilities would let a test write its read-only files.
+    if os.geteuid() != 0:
+        userns.drop_capabilities()
+    # 7. Crash dumps go to pytest's memfd; limits a process sets on itself (rlimits) come last,
+    #    so nothing above runs under them.
+    faulthandler.enable(file=crash_fd, all_threads=True)
+    backend.in_test_process(spec)
+
+
 def test_process(zygote: socket.socket, items: dict[str, pytest.Item], spec: SandboxSpec,
-                 plan: rootfs.RootPlan, cwd: str, crash_fd: int, keep: tuple[str, str] | None, wait_for_cgroup: bool,
-                 backend: cgroups.Backend) -> None:
+                 plan: rootfs.RootPlan, cwd: str, crash_fd: int, kept_id: str | None, layer_dir: str | None,
+                 wait_for_cgroup: bool, backend: cgroups.Backend) -> None:
     """Build the sandbox, wait for a test, run pytest's own runtest protocol on it; never returns.
 
     With ``wait_for_cgroup`` nothing happens until the zygote has moved this process
-    into the sandbox's cgroup, so every byte and cycle is accounted there.
+    into the sandbox's cgroup, so every byte and cycle is accounted there. ``kept_id``
+    names the read/write layer in ``layer_dir`` pytest keeps if the test fails.
     """
     global ACTIVE_SPEC, ACTIVE_PLAN, _channel
     from _pytest.runner import runtestprotocol
     from _pytest.warnings import catch_warnings_for_item
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # until a test runs, ^C is pytest's business
-    if wait_for_cgroup and sync.recv(zygote)[0] is None:
+    if wait_for_cgroup and protocol.recv(zygote)[0] is None:
         os._exit(0)
     error: dict[str, Any] | None = None
     try:
-        _linux.set_process_name("sandbox-test")
-        os.setsid()  # out of pytest's process group: killpg(0) in a test must not reach the host
-        enter_namespaces(spec, plan, keep)
-        os.chdir(cwd)
-        if plan.image is not None and plan.image.host_based:  # the test runs in the image: its ENV applies
-            os.environ.update(rootfs.image_env(plan.image))
-        os.environ.update(spec.env)
-        if os.geteuid() != 0:
-            userns.drop_capabilities()
-        faulthandler.enable(file=crash_fd, all_threads=True)
-        backend.in_test_process(spec)
+        _build_sandbox(spec, plan, cwd, layer_dir, crash_fd, backend)
     except BaseException as exc:
         phase = exc.phase if isinstance(exc, SetupError) else "namespaces"
         message = exc.message if isinstance(exc, SetupError) else f"{type(exc).__name__}: {exc}"
         error = {"type": "error", "phase": phase, "message": message}
-    request, fds = sync.recv(zygote)
+    request, fds = protocol.recv(zygote)
     zygote.close()
     if request is None:  # cancelled before it ran
         os._exit(0)
     _channel = socket.socket(fileno=fds[0])
     if error is not None:
-        sync.send(_channel, error)
+        protocol.send(_channel, error)
         _exit(0)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    if keep is not None:  # pytest keeps this read/write layer if the test fails
-        sync.send(_channel, {"type": "container", "id": keep[1]})
+    if kept_id is not None:  # pytest keeps this read/write layer if the test fails
+        protocol.send(_channel, {"type": "container", "id": kept_id})
     ACTIVE_SPEC, ACTIVE_PLAN = spec, plan
     item = items[request["nodeid"]]
     try:
@@ -142,9 +154,9 @@ def test_process(zygote: socket.socket, items: dict[str, pytest.Item], spec: San
         with catch_warnings_for_item(item.config, ihook=item.ihook, when="runtest", item=item):
             runtestprotocol(item, log=False, nextitem=None)
         faulthandler.cancel_dump_traceback_later()
-        sync.send(_channel, {"type": "done"})
+        protocol.send(_channel, {"type": "done"})
     except pytest.exit.Exception as exc:
-        sync.send(_channel, {"type": "exit-requested", "reason": exc.msg, "returncode": exc.returncode})
+        protocol.send(_channel, {"type": "exit-requested", "reason": exc.msg, "returncode": exc.returncode})
     except KeyboardInterrupt:
-        sync.send(_channel, {"type": "interrupted"})
+        protocol.send(_channel, {"type": "interrupted"})
     _exit(0)

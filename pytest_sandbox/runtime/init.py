@@ -5,7 +5,7 @@ must not linger as a zombie). Forking the ~40 MB pytest process for that job
 would double the cost of each sandbox, so pid 1 is a tiny static program
 (``init_x86_64.S``, 4 KiB) started with ``posix_spawn`` (vfork: no page tables
 copied). Where no native build exists, a Python reaper does the same job more
-slowly. Rebuild the embedded binary with ``python -m pytest_sandbox.init``.
+slowly. Rebuild the embedded binary with ``python -m pytest_sandbox.runtime.init``.
 """
 
 from __future__ import annotations

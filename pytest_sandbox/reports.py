@@ -1,10 +1,9 @@
-"""pytest's side of a sandbox: start the zygote, ask it for sandboxes, turn what comes back into reports."""
+"""Reports of a sandboxed item: relayed as the sandbox sends them, and made up for what a dead one never sent."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 import time
 import warnings
@@ -13,108 +12,9 @@ from typing import Any, Literal
 
 import pytest
 
-from . import sync, zygote
-from .errors import SandboxError
+from . import protocol
+from .runtime.handle import Zygote
 from .spec import SandboxSpec
-
-
-class Zygote:
-    """Handle on the session's zygote process (see zygote.py)."""
-
-    def __init__(self, items: dict[str, pytest.Item], stash_key: Any, paths: zygote.SessionPaths,
-                 epoch: int, limits: zygote.Limits) -> None:
-        self.epoch = epoch
-        self.limits = limits
-        self.finishing: list[socket.socket] = []  # finished sandboxes whose exit is not yet collected
-        self.nodeids = frozenset(items)
-        self.crash_fd = os.memfd_create("sandbox-faulthandler", os.MFD_CLOEXEC)
-        os.set_inheritable(self.crash_fd, True)
-        self.control, theirs = sync.socketpair()
-        parent = os.getpid()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # "fork() in a multi-threaded process"
-            self.pid = os.fork()
-        if self.pid == 0:
-            self.control.close()
-            zygote.zygote_main(theirs, items, stash_key, paths, self.crash_fd, parent, limits)
-        theirs.close()
-        message, _ = sync.recv(self.control)
-        if message is None or message.get("op") != "ready":
-            error = (message or {}).get("error", "the zygote exited during setup")
-            self.close()
-            raise SandboxError(f"cannot start sandboxes: {error}")
-
-    def start(self, nodeid: str) -> socket.socket:
-        """Ask for a sandbox running ``nodeid``; returns the socket its messages arrive on."""
-        self.collect_exits(block=False)
-        ours, theirs = sync.socketpair()
-        try:
-            sync.send(self.control, {"op": "run", "nodeid": nodeid}, fds=(theirs.fileno(),))
-        except OSError as exc:
-            ours.close()
-            raise SandboxError(f"the sandbox zygote of this session died unexpectedly ({exc})") from None
-        finally:
-            theirs.close()
-        return ours
-
-    def kill(self, nodeid: str) -> None:
-        """End the sandbox running ``nodeid`` now (its exit message follows as usual)."""
-        try:
-            sync.send(self.control, {"op": "kill", "nodeid": nodeid})
-        except OSError:
-            pass
-
-    def collect_exits(self, block: bool) -> None:
-        """Collect the "gone" messages of finished sandboxes: every process of theirs has ended.
-
-        A finished sandbox's processes leave while pytest reports and the next sandbox
-        runs; ``block=True`` waits until all have left, which is done before pytest
-        runs anything on the host and at the end of the session.
-        """
-        still = []
-        for sock in self.finishing:
-            while True:
-                try:
-                    message, _ = sync.recv(sock, block=block)
-                except BlockingIOError:
-                    still.append(sock)
-                    break
-                if message is None or message.get("type") == "gone":
-                    sock.close()
-                    break
-        self.finishing = still
-
-    def read_crash_output(self) -> str:
-        size = os.fstat(self.crash_fd).st_size
-        return os.pread(self.crash_fd, min(size, 256 * 1024), 0).decode(errors="replace")
-
-    def reset_crash_output(self) -> None:
-        os.ftruncate(self.crash_fd, 0)
-        os.lseek(self.crash_fd, 0, os.SEEK_SET)
-
-    def alive(self) -> bool:
-        try:
-            pid, _ = os.waitpid(self.pid, os.WNOHANG)
-        except ChildProcessError:
-            return False
-        return pid == 0
-
-    def close(self) -> None:
-        """Stop the zygote and wait until it and every sandbox are gone."""
-        try:
-            self.collect_exits(block=True)
-        except OSError:
-            pass
-        try:
-            sync.send(self.control, {"op": "exit"})
-        except OSError:
-            pass
-        self.control.close()
-        try:
-            os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            pass
-        os.close(self.crash_fd)
 
 
 def _signal_name(number: int) -> str:
@@ -124,6 +24,7 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
+_PLUMBING = os.path.join("pytest_sandbox", "runtime", "test_process.py")  # frames below the test's
 GRACE = 5.0  # seconds past a timeout before pytest kills a sandbox whose own watchdog did not fire
 
 
@@ -205,7 +106,7 @@ def run_in_sandbox(item: pytest.Item, zyg: Zygote, spec: SandboxSpec,
             if deadline is not None:
                 sock.settimeout(max(0.0, deadline - time.monotonic()))
             try:
-                message, _ = sync.recv(sock)
+                message, _ = protocol.recv(sock)
             except TimeoutError:
                 zyg.kill(item.nodeid)
                 outcome.killed_after_timeout, deadline = True, None
@@ -282,7 +183,7 @@ def _trim_crash_output(text: str) -> str:
     """The faulthandler dump down to the test's own frames (the rest is pytest and sandbox plumbing)."""
     kept = []
     for line in text.splitlines():
-        if "pytest_sandbox/child.py" in line:
+        if _PLUMBING in line:
             break
         kept.append(line)
     return "\n".join(kept).rstrip()
@@ -308,20 +209,14 @@ def _crash_reports(item: pytest.Item, outcome: Outcome, crash_output: str) -> It
         yield pytest.TestReport.from_item_and_call(item, pytest.CallInfo.from_call(lambda: None, "teardown"))
 
 
-def session_paths(config: pytest.Config, basetemp: str | None) -> zygote.SessionPaths:
-    """Which host paths sandboxes must keep writable or visible for this pytest process."""
-    cwd = os.getcwd()
-    writable = [str(config.rootpath), cwd]
-    home = os.environ.get("HOME")
-    if home and os.path.isabs(home) and os.path.isdir(home):
-        writable.append(home)
-    if basetemp:
-        writable.append(basetemp)
-    needed = [sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable)),
-              str(config.invocation_params.dir), *[p for p in sys.path if p]]
-    if config.inipath:
-        needed.append(str(config.inipath.parent))
-    return zygote.SessionPaths(cwd=cwd, writable=tuple(writable), needed=tuple(needed))
+def refused(item: pytest.Item, reason: str, skip: bool) -> list[pytest.TestReport]:
+    """Reports of an item no sandbox could run: skipped or failed in setup with ``reason``, then teardown."""
 
+    def refuse() -> None:
+        if skip:
+            pytest.skip(reason)
+        pytest.fail(reason, pytrace=False)
 
-__all__ = ["SandboxSpec", "Zygote", "run_in_sandbox", "session_paths"]
+    setup = pytest.TestReport.from_item_and_call(item, pytest.CallInfo.from_call(refuse, "setup"))
+    teardown = pytest.TestReport.from_item_and_call(item, pytest.CallInfo.from_call(lambda: None, "teardown"))
+    return [setup, teardown]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import os
 import platform
 import socket
@@ -31,10 +32,8 @@ MS_NODEV = 4
 MS_NOEXEC = 8
 MS_REMOUNT = 32
 MS_BIND = 4096
-MS_MOVE = 8192
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
-MS_SLAVE = 1 << 19
 
 MNT_DETACH = 2
 
@@ -57,7 +56,6 @@ MOUNT_ATTR_NOEXEC = 0x8
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
-PR_SET_CHILD_SUBREAPER = 36
 
 _NR = {
     "x86_64": {"pivot_root": 155, "open_tree": 428, "move_mount": 429, "fsopen": 430,
@@ -173,8 +171,6 @@ _IFF_UP = 0x1
 def loopback_up() -> None:
     """Bring ``lo`` up with one ioctl: opening a netlink socket costs far more per test."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        import fcntl
-
         req = struct.pack("16sH14x", b"lo", 0)
         flags = struct.unpack("16sH14x", fcntl.ioctl(sock, _SIOCGIFFLAGS, req))[1]
         fcntl.ioctl(sock, _SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | _IFF_UP))

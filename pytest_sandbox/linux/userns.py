@@ -9,17 +9,11 @@ from __future__ import annotations
 import ctypes
 import os
 
-from . import _linux
+from . import syscalls
+from .files import write_file
 
 _CAP_VERSION_3 = 0x20080522
-
-
 FULL_RANGE = 4294967295
-
-
-def _write(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
 
 
 def write_id_maps(pid: str, uid: int, gid: int) -> None:
@@ -31,23 +25,31 @@ def write_id_maps(pid: str, uid: int, gid: int) -> None:
     """
     if uid == 0:
         try:
-            _write(f"/proc/{pid}/uid_map", f"0 0 {FULL_RANGE}\n")
-            _write(f"/proc/{pid}/gid_map", f"0 0 {FULL_RANGE}\n")
+            write_file(f"/proc/{pid}/uid_map", f"0 0 {FULL_RANGE}\n")
+            write_file(f"/proc/{pid}/gid_map", f"0 0 {FULL_RANGE}\n")
             return
         except OSError:
             pass  # root of a container without the full range: fall back to one id
-    _write(f"/proc/{pid}/setgroups", "deny")
+    map_one_id(pid, (uid, gid), (uid, gid))
+
+
+def map_one_id(pid: str, inside: tuple[int, int], outside: tuple[int, int]) -> None:
+    """Map the single (uid, gid) ``outside`` to ``inside``; ``setgroups`` is denied first, as the kernel requires.
+
+    The uid map may already be written (a failed full-range attempt wrote it): it is written once.
+    """
+    write_file(f"/proc/{pid}/setgroups", "deny")
     with open(f"/proc/{pid}/uid_map") as f:
         uid_map_written = bool(f.read())
     if not uid_map_written:
-        _write(f"/proc/{pid}/uid_map", f"{uid} {uid} 1\n")
-    _write(f"/proc/{pid}/gid_map", f"{gid} {gid} 1\n")
+        write_file(f"/proc/{pid}/uid_map", f"{inside[0]} {outside[0]} 1\n")
+    write_file(f"/proc/{pid}/gid_map", f"{inside[1]} {outside[1]} 1\n")
 
 
 def enter_user_namespace() -> None:
     """unshare a user namespace and map the caller's ids into it (no helper needed)."""
     uid, gid = os.geteuid(), os.getegid()
-    _linux.unshare(_linux.CLONE_NEWUSER)
+    syscalls.unshare(syscalls.CLONE_NEWUSER)
     write_id_maps("self", uid, gid)
 
 
@@ -69,6 +71,6 @@ def drop_capabilities() -> None:
     """
     header = _CapHeader(_CAP_VERSION_3, 0)
     data = (_CapData * 2)()
-    if _linux._libc.capset(ctypes.byref(header), data) != 0:
+    if syscalls._libc.capset(ctypes.byref(header), data) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"capset: {os.strerror(err)}")

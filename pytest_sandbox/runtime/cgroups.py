@@ -23,7 +23,10 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .spec import SandboxSpec
+from ..errors import SandboxError
+from ..linux.files import write_file
+from ..linux.mounts import mount_table
+from ..spec import SandboxSpec
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 SESSION_PREFIX = "pytest-sandbox-"
@@ -32,7 +35,7 @@ V2_CONTROLLERS = ("memory", "cpu", "pids", "io")
 CFS_PERIOD_US = 100_000
 
 
-class CgroupUnavailable(Exception):
+class CgroupUnavailable(SandboxError):
     """This backend cannot be used here; the message says why."""
 
 
@@ -63,11 +66,6 @@ def _read(dirfd: int, name: str) -> str | None:
         return None
     finally:
         os.close(fd)
-
-
-def _write_path(path: str, value: str) -> None:
-    with open(path, "w") as f:
-        f.write(value)
 
 
 def _write(dirfd: int, name: str, value: str) -> None:
@@ -325,7 +323,7 @@ class CgroupV2(CgroupBackend):
                 _move_self_into_leaf(base)
             except CgroupUnavailable as exc:
                 raise OSError(errno.EBUSY, str(exc)) from None
-            _write_path(f"{base}/cgroup.subtree_control", " ".join(f"+{c}" for c in sorted(self.to_enable)))
+            write_file(f"{base}/cgroup.subtree_control", " ".join(f"+{c}" for c in sorted(self.to_enable)))
             self.to_enable = set()  # (idempotent: xdist workers may all do this)
         return super().open_session()
 
@@ -407,18 +405,14 @@ def own_cgroup_paths() -> dict[str, str]:
 
 def _v1_mounts() -> dict[str, str]:
     """v1 controller -> its hierarchy's mount point."""
-    mounts: dict[str, str] = {}
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            if fields[sep + 1] != "cgroup":
-                continue
-            options = set(fields[sep + 3].split(","))
+    found: dict[str, str] = {}
+    for mount in mount_table():
+        if mount.fstype == "cgroup":
+            options = set(mount.options.split(","))
             for controller in V1_CONTROLLERS:
                 if controller in options:
-                    mounts.setdefault(controller, fields[4])
-    return mounts
+                    found.setdefault(controller, mount.target)
+    return found
 
 
 def _writable_dir(path: str) -> bool:
@@ -474,7 +468,7 @@ def _move_self_into_leaf(base: str) -> None:
         os.makedirs(leaf, exist_ok=True)
         for pid in procs:
             try:
-                _write_path(f"{leaf}/cgroup.procs", pid)
+                write_file(f"{leaf}/cgroup.procs", pid)
             except OSError:
                 pass  # exited meanwhile
     raise CgroupUnavailable(f"processes keep appearing in {base}; cannot empty it to enable controllers")

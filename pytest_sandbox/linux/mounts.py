@@ -1,0 +1,120 @@
+"""Mount building blocks: tree clones, the mount table, /dev, tmpfs scratch places.
+
+``mknod`` is refused in a user namespace, so a /dev is host device nodes bound onto
+a small tmpfs. Tree clones are ``open_tree`` fds: detached copies that can be
+prepared first and attached later, after what they came from is covered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+from . import syscalls
+
+SCRATCH_PLACES = ("/tmp", "/var/tmp", "/run")  # a fresh empty tmpfs in every sandbox
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+TMPFS_FLAGS = syscalls.MS_NOSUID | syscalls.MS_NODEV
+
+
+def clone_tree(path: str, recursive: bool = True) -> int:
+    """A detached copy of the mount at ``path`` (with what is mounted below it when ``recursive``)."""
+    flags = syscalls.OPEN_TREE_CLONE | syscalls.OPEN_TREE_CLOEXEC | (syscalls.AT_RECURSIVE if recursive else 0)
+    return syscalls.open_tree(path, flags)
+
+
+def attach(fd: int, target: str, is_dir: bool = True) -> None:
+    """Attach the detached mount ``fd`` at ``target`` (made if missing) and close it."""
+    if is_dir:
+        os.makedirs(target, exist_ok=True)
+    elif not os.path.exists(target):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        open(target, "a").close()
+    syscalls.move_mount(fd, target)
+    os.close(fd)
+
+
+def read_only(fd: int, extra: int = 0) -> None:
+    """Make a detached tree read-only and nosuid, recursively (plus ``extra`` MOUNT_ATTR_* flags)."""
+    syscalls.mount_setattr(fd, syscalls.MOUNT_ATTR_RDONLY | syscalls.MOUNT_ATTR_NOSUID | extra)
+
+
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")  # mountinfo writes space, tab, newline, backslash as \040 ...
+
+
+@dataclasses.dataclass(frozen=True)
+class MountPoint:
+    target: str
+    fstype: str
+    options: str = ""  # the superblock's options (a v1 cgroup hierarchy names its controllers here)
+
+
+def mount_table() -> list[MountPoint]:
+    """This mount namespace's mounts, from ``/proc/self/mountinfo`` (octal escapes decoded)."""
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            target = _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[4])
+            sep = fields.index("-")
+            found.append(MountPoint(target, fields[sep + 1], fields[sep + 3] if len(fields) > sep + 3 else ""))
+    return found
+
+
+def is_under(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+def mounts_under(path: str) -> list[str]:
+    """Mount points strictly below ``path``.
+
+    Without root such mounts are locked and overlayfs refuses a lower dir holding them
+    (it would reveal what they cover): /etc of a container with bind-mounted /etc/hosts.
+    """
+    prefix = path.rstrip("/") + "/"
+    return [m.target for m in mount_table() if m.target.startswith(prefix)]
+
+
+def filesystem_of(path: str) -> str:
+    """The type of the filesystem holding ``path``: that of the deepest mount above it."""
+    path = os.path.realpath(path)
+    best = MountPoint("", "")
+    for mount in mount_table():
+        if is_under(path, mount.target) and len(mount.target) >= len(best.target):
+            best = mount
+    return best.fstype
+
+
+def mount_tmpfs(target: str, mode: str, name: str = "sandbox-tmp", flags: int = TMPFS_FLAGS) -> None:
+    syscalls.mount(name, target, "tmpfs", flags, f"mode={mode}")
+
+
+def mount_scratch_places(root: str = "") -> None:
+    """An empty tmpfs on each scratch place that exists as a directory under ``root``."""
+    for place in SCRATCH_PLACES:
+        path = root + place
+        if os.path.isdir(path) and not os.path.islink(path):
+            mount_tmpfs(path, "0755" if place == "/run" else "1777")
+
+
+def populate_dev(dev: str) -> None:
+    """A minimal /dev on ``dev``: host device nodes bound onto a tmpfs, /dev/fd and std* links,
+    empty pts and shm for ``mount_dev_instances``. ``dev`` may be /dev itself: nodes are cloned first."""
+    nodes = {name: clone_tree(f"/dev/{name}", recursive=False) for name in DEVICES if os.path.exists(f"/dev/{name}")}
+    syscalls.mount("sandbox-dev", dev, "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NOEXEC, "mode=0755,size=64k")
+    for name, fd in nodes.items():
+        attach(fd, f"{dev}/{name}", is_dir=False)
+    os.mkdir(f"{dev}/pts")
+    os.mkdir(f"{dev}/shm")
+    os.symlink("pts/ptmx", f"{dev}/ptmx")
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"{dev}/{name}")
+
+
+def mount_dev_instances(dev: str) -> None:
+    """What each sandbox gets of its own in /dev: a private devpts and /dev/shm."""
+    syscalls.mount("devpts", f"{dev}/pts", "devpts", syscalls.MS_NOSUID | syscalls.MS_NOEXEC,
+                   "newinstance,ptmxmode=0666,mode=0620")
+    mount_tmpfs(f"{dev}/shm", "1777", name="sandbox-shm")

@@ -1,0 +1,294 @@
+"""The root filesystems: a test sandbox's mount tree, and an image's root for commands.
+
+A test sandbox's tree is built in two stages so the expensive part happens once per session:
+
+* ``enter_host_view`` (zygote, once): a private mount namespace whose root is a
+  recursive read-only clone of the host ``/`` (``lowerdir=/`` is refused in a
+  user namespace, and a plain bind would keep host mounts writable), with a
+  read-only minimal ``/dev`` (``build_dev_template``).
+* ``build`` (each sandbox, after ``unshare(CLONE_NEWNS)``): fresh tmpfs on the
+  scratch places, overlays with a tmpfs upper over the writable places, its own
+  devpts and /dev/shm, and a ``/proc`` of the sandbox's pid namespace.
+
+Anything the test process needs that lives under a place that gets a fresh tmpfs
+(a venv under /tmp, a pytester rootdir, the cwd) is cloned out of the host view
+first and put back on top of the new tmpfs.
+
+An image's root (``mount_image_root``, then ``enter_image_root`` as the command's pid 1)
+serves RUN steps, ``sandbox.run()`` and ``pytest-sandbox run``/``shell``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+from collections.abc import Iterable, Sequence
+
+from ..errors import SetupError
+from ..layers.format import env_mapping
+from . import mounts, overlay, syscalls
+from .mounts import SCRATCH_PLACES, clone_tree, is_under
+
+SCRATCH = "/dev/shm"  # in the /dev template; never a lower, covered by the sandbox's own /dev/shm
+IMAGE_ROOT_IN_RUN, IMAGE_ROOT_IN_TMP = "/run/pytest-sandbox/image", "/tmp/pytest-sandbox/image"
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageMount:
+    """An image as a sandbox mounts it: its layer dirs (top first) and its config.
+
+    A ``host_based`` image (``FROM host``) has the sandbox's view of the host as its
+    lowest layer: its layers go over the host's top-level directories and the test
+    itself runs in it.
+    """
+
+    name: str
+    lowers: tuple[str, ...]
+    config_json: str  # JSON text, so the plan stays hashable
+    host_based: bool = False
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The image's ENV as a mapping."""
+        return env_mapping(json.loads(self.config_json).get("Env") or [])
+
+
+# -- the session's host view -----------------------------------------------------------------
+
+def enter_host_view(keep_writable: str = "") -> None:
+    """Make the root of this (new) mount namespace a read-only view of the host.
+
+    ``keep_writable`` (one host directory) stays writable: kept read/write layers go there.
+    """
+    syscalls.unshare(syscalls.CLONE_NEWNS)
+    syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+    writable = clone_tree(keep_writable, recursive=False) if keep_writable else None
+    host = clone_tree("/")
+    mounts.read_only(host)
+    # A staging tmpfs only this namespace sees gives pivot_root a place to start from.
+    mounts.mount_tmpfs("/tmp", "0700", name="sandbox-stage")
+    mounts.attach(host, "/tmp/root")
+    os.chdir("/tmp/root")
+    syscalls.pivot_root(".", ".")
+    syscalls.umount2(".", syscalls.MNT_DETACH)
+    os.chdir("/")
+    if writable is not None:
+        mounts.attach(writable, keep_writable)
+
+
+def build_dev_template() -> None:
+    """A minimal /dev for the session, read-only; each sandbox only adds its own devpts and /dev/shm."""
+    mounts.populate_dev("/dev")
+    syscalls.mount(None, "/dev", None, syscalls.MS_REMOUNT | syscalls.MS_BIND | syscalls.MS_RDONLY
+                   | syscalls.MS_NOSUID | syscalls.MS_NOEXEC)
+
+
+# -- a test sandbox's tree ---------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RootPlan:
+    """What one sandbox mounts, computed once per spec in the zygote."""
+
+    overlays: tuple[str, ...]  # writable places: overlay with an ephemeral upper, shallowest first
+    visible: tuple[str, ...]   # host paths re-exposed read-only on top of a fresh tmpfs
+    fresh: tuple[str, ...]     # places that get an empty tmpfs
+    image: ImageMount | None = None
+    image_root: str = ""       # where the image's root is mounted in the test's view
+    image_dirs: tuple[str, ...] = ()  # FROM host: the top-level directories its layers change
+
+
+def _by_depth(paths: Iterable[str]) -> list[str]:
+    return sorted(set(paths), key=lambda p: (p.count("/"), p))
+
+
+def make_plan(writable: Iterable[str], needed: Iterable[str], image: ImageMount | None = None) -> RootPlan:
+    """Decide the mounts: ``writable`` become overlays, ``needed`` must stay visible."""
+    fresh = tuple(p for p in SCRATCH_PLACES if os.path.isdir(p) and not os.path.islink(p))
+    overlays = _by_depth(os.path.realpath(p) for p in writable if os.path.isdir(p) and os.path.realpath(p) != "/")
+    visible: set[str] = set()
+    for path in needed:
+        if not os.path.exists(path):
+            continue
+        real = os.path.realpath(path)
+        if any(is_under(real, f) for f in fresh) and not any(is_under(real, o) for o in overlays):
+            visible.add(real)
+    # A visible path inside another visible path comes along with its parent.
+    kept = tuple(sorted(p for p in visible if not any(p != q and is_under(p, q) for q in visible)))
+    image_root = ""
+    image_dirs: tuple[str, ...] = ()
+    if image is not None and image.host_based:
+        image_root = "/"
+        image_dirs = tuple(d for d in overlay.image_top_dirs(image.lowers) if os.path.isdir(d))
+        overlays = _by_depth([*overlays, *image_dirs])
+    elif image is not None:
+        image_root = IMAGE_ROOT_IN_RUN if "/run" in fresh else IMAGE_ROOT_IN_TMP
+    return RootPlan(overlays=tuple(overlays), visible=kept, fresh=fresh, image=image, image_root=image_root,
+                    image_dirs=image_dirs)
+
+
+def _writable_place(target: str, index: int, plan: RootPlan, scratch: str, layer_dir: str | None) -> int:
+    """One writable place as a detached overlay; with a FROM host image, its layers come between
+    the place and the host. With ``layer_dir``, the image's directories keep their uppers there
+    (``<layer_dir>/<dir>/upper``), where pytest keeps them if the test fails."""
+    image = plan.image
+    place_dir = f"{scratch}/{index}"
+    lowers = [target]
+    if image is not None and image.host_based:
+        lowers = overlay.host_based_lowers(image.lowers, target, f"{place_dir}/empty")
+        if target in lowers and os.geteuid() != 0 and mounts.mounts_under(target):
+            raise SetupError("image", f"image {image.name} changes {target}, which holds other mounts on this "
+                             f"host ({', '.join(mounts.mounts_under(target)[:3])}): without root overlayfs "
+                             "cannot stack on it")
+        if layer_dir is not None and target in plan.image_dirs:
+            place_dir = f"{layer_dir}{target}"
+    os.makedirs(f"{place_dir}/upper")
+    os.makedirs(f"{place_dir}/work")
+    return overlay.detached_overlay(lowers, f"{place_dir}/upper", f"{place_dir}/work", f"{scratch}/{index}/root")
+
+
+def _detached_image_root(image: ImageMount, scratch: str, layer_dir: str | None) -> int:
+    """The image's overlay as a detached mount; its upper on the scratch tmpfs or in ``layer_dir``."""
+    layer_dir = layer_dir or f"{scratch}/image"
+    os.makedirs(f"{layer_dir}/upper")
+    os.makedirs(f"{layer_dir}/work")
+    try:
+        return overlay.detached_overlay(image.lowers, f"{layer_dir}/upper", f"{layer_dir}/work",
+                                        f"{scratch}/image-root")
+    except OSError as exc:
+        raise SetupError("image", f"cannot mount image {image.name}: {exc}") from None
+
+
+def build(plan: RootPlan, layer_dir: str | None = None) -> None:
+    """Mount one sandbox's tree in the current (fresh) mount namespace.
+
+    ``layer_dir``: where an image test's read/write layer goes (kept if the test fails);
+    without it the layer lives on the scratch tmpfs and dies with the sandbox.
+    """
+    # 1. Everything that refers to host paths is prepared detached, before anything covers it.
+    #    Uppers live on a scratch tmpfs that must be attached in this namespace (Linux < 6.6
+    #    refuses a detached upper); /dev/shm is covered by the sandbox's own tmpfs later.
+    mounts.mount_tmpfs(SCRATCH, "0700", name="sandbox-upper")
+    overlay_fds = [(t, _writable_place(t, i, plan, SCRATCH, layer_dir)) for i, t in enumerate(plan.overlays)]
+    visible_fds = [(path, os.path.isdir(path), clone_tree(path)) for path in plan.visible]
+    image_fd = None
+    if plan.image is not None and not plan.image.host_based:
+        image_fd = _detached_image_root(plan.image, SCRATCH, layer_dir)
+    # 2. Cover the scratch places; an overlay holding one (an image's /var holds /var/tmp) goes first,
+    #    or it would cover the fresh tmpfs.
+    for target, fd in [(t, f) for t, f in overlay_fds if any(is_under(p, t) and p != t for p in plan.fresh)]:
+        mounts.attach(fd, target)
+        overlay_fds.remove((target, fd))
+    mounts.mount_scratch_places()
+    mounts.mount_dev_instances("/dev")
+    # 3. Put writable and needed host paths back on top of the fresh places.
+    for target, fd in overlay_fds:
+        mounts.attach(fd, target)
+    for path, is_dir, fd in visible_fds:
+        mounts.attach(fd, path, is_dir)
+    if image_fd is not None:
+        mounts.attach(image_fd, plan.image_root)
+    # 4. A /proc of the sandbox's own pid namespace, last: nothing above needs the zygote's.
+    syscalls.mount("proc", "/proc", "proc", syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC)
+
+
+# -- an image's root, for commands --------------------------------------------------------------
+
+def host_based_root(lowers_top_first: Sequence[str], layer_dir: str, merged: str, keep_out: str,
+                    unprivileged: bool) -> str:
+    """Mount a FROM host image's root on ``merged``: the host read-only, each top-level directory
+    an overlay of the image's layers over the host's, with uppers in ``layer_dir/<dir>/upper``.
+
+    ``keep_out`` (the image store) must not be under an overlaid directory: overlayfs refuses
+    layers inside other layers, so the top-level directory holding it stays read-only. So do
+    directories with mounts below them when ``unprivileged`` (the caller's uid outside).
+    """
+    host = clone_tree("/")
+    mounts.read_only(host)
+    mounts.attach(host, merged)
+    store_top = overlay.top_level_dir(keep_out)
+    for name in sorted(os.listdir("/")):
+        path = f"/{name}"
+        if name in overlay.NOT_OVERLAID or path == store_top or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        if unprivileged and mounts.mounts_under(path):
+            continue  # locked mounts below: overlayfs refuses it without root; stays read-only
+        lowers = overlay.host_based_lowers(lowers_top_first, path, f"{layer_dir}/.empty")
+        os.makedirs(f"{layer_dir}/{name}/upper", exist_ok=True)  # exists for a kept container
+        os.makedirs(f"{layer_dir}/{name}/work", exist_ok=True)
+        overlay.mount_overlay(lowers, f"{layer_dir}/{name}/upper", f"{layer_dir}/{name}/work", merged + path)
+    mounts.mount_scratch_places(merged)
+    return merged
+
+
+def mount_image_root(lowers_top_first: Sequence[str], layer_dir: str, merged: str, *, host_based: bool,
+                     store_root: str, unprivileged: bool, on_tmpfs: bool) -> str:
+    """In a new mount namespace: an image's root on ``merged`` with its read/write layer in ``layer_dir``
+    (``upper``/``work``; per top-level directory for FROM host), on a tmpfs mounted there with ``on_tmpfs``
+    (overlayfs refuses an upper dir on overlayfs, as in a store inside a container's root)."""
+    if on_tmpfs:
+        mounts.mount_tmpfs(layer_dir, "0755", name="image-upper")
+    if host_based:
+        return host_based_root(lowers_top_first, layer_dir, merged, store_root, unprivileged)
+    upper, work = os.path.join(layer_dir, "upper"), os.path.join(layer_dir, "work")
+    for path in (upper, work):
+        os.makedirs(path, exist_ok=True)  # exists for a kept container
+    if not lowers_top_first:  # an image with no layer yet (FROM scratch)
+        lowers_top_first = [os.path.join(layer_dir, ".empty")]
+        os.makedirs(lowers_top_first[0], exist_ok=True)
+    overlay.mount_overlay(lowers_top_first, upper, work, merged)
+    return merged
+
+
+def layer_uppers(layer_dir: str, host_based: bool) -> list[tuple[str, str]]:
+    """(where it goes in a layer, upper dir) for each upper of ``mount_image_root`` that holds changes."""
+    if not host_based:
+        upper = os.path.join(layer_dir, "upper")
+        return [("", upper)] if os.listdir(upper) else []
+    found = []
+    for name in sorted(os.listdir(layer_dir)):
+        upper = os.path.join(layer_dir, name, "upper")
+        if not name.startswith(".") and os.path.isdir(upper) and os.listdir(upper):
+            found.append((name, upper))
+    return found
+
+
+def _usable_dir(path: str) -> bool:
+    """``path`` is a directory now (made if missing); False where the image has a file there."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        return True
+    if os.path.lexists(path):
+        return False
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    return True
+
+
+def enter_image_root(root: str, share_dev: bool) -> None:
+    """As pid 1 of a command's pid namespace: /proc, /dev and a read-only /sys in ``root``, then pivot.
+
+    ``share_dev``: inside a sandbox, its minimal /dev is bound in whole (one mount, not ten).
+    """
+    if _usable_dir(f"{root}/proc"):
+        syscalls.mount("proc", f"{root}/proc", "proc", syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC)
+    if _usable_dir(f"{root}/dev"):
+        if share_dev:
+            mounts.attach(clone_tree("/dev"), f"{root}/dev")
+        else:
+            mounts.populate_dev(f"{root}/dev")
+            mounts.mount_dev_instances(f"{root}/dev")
+    if os.path.isdir("/sys") and _usable_dir(f"{root}/sys"):
+        sys_fd = clone_tree("/sys")
+        mounts.read_only(sys_fd, syscalls.MOUNT_ATTR_NODEV | syscalls.MOUNT_ATTR_NOEXEC)
+        mounts.attach(sys_fd, f"{root}/sys")
+    os.chdir(root)
+    try:
+        syscalls.pivot_root(".", ".")
+        syscalls.umount2(".", syscalls.MNT_DETACH)
+    except OSError as exc:
+        # Inside a sandbox without root the mounts inherited from it are locked and pivot_root
+        # refuses them; chroot keeps the command in the image (what lies under is the sandbox).
+        if exc.errno != errno.EINVAL:
+            raise
+        os.chroot(".")
+    os.chdir("/")

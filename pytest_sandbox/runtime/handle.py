@@ -1,0 +1,113 @@
+"""pytest's handle on the session's zygote: start it, ask it for sandboxes, collect their exits."""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from typing import Any
+
+import pytest
+
+from .. import protocol
+from ..errors import SandboxError
+from . import zygote
+
+
+class Zygote:
+    """Handle on the session's zygote process (see zygote.py)."""
+
+    def __init__(self, items: dict[str, pytest.Item], stash_key: Any, paths: zygote.SessionPaths,
+                 epoch: int, limits: zygote.Limits) -> None:
+        self.epoch = epoch
+        self.limits = limits
+        self.finishing: list[socket.socket] = []  # finished sandboxes whose exit is not yet collected
+        self.nodeids = frozenset(items)
+        self.crash_fd = os.memfd_create("sandbox-faulthandler", os.MFD_CLOEXEC)
+        os.set_inheritable(self.crash_fd, True)
+        self.control, theirs = protocol.socketpair()
+        parent = os.getpid()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # "fork() in a multi-threaded process"
+            self.pid = os.fork()
+        if self.pid == 0:
+            self.control.close()
+            zygote.zygote_main(theirs, items, stash_key, paths, self.crash_fd, parent, limits)
+        theirs.close()
+        message, _ = protocol.recv(self.control)
+        if message is None or message.get("op") != "ready":
+            error = (message or {}).get("error", "the zygote exited during setup")
+            self.close()
+            raise SandboxError(f"cannot start sandboxes: {error}")
+
+    def start(self, nodeid: str) -> socket.socket:
+        """Ask for a sandbox running ``nodeid``; returns the socket its messages arrive on."""
+        self.collect_exits(block=False)
+        ours, theirs = protocol.socketpair()
+        try:
+            protocol.send(self.control, {"op": "run", "nodeid": nodeid}, fds=(theirs.fileno(),))
+        except OSError as exc:
+            ours.close()
+            raise SandboxError(f"the sandbox zygote of this session died unexpectedly ({exc})") from None
+        finally:
+            theirs.close()
+        return ours
+
+    def kill(self, nodeid: str) -> None:
+        """End the sandbox running ``nodeid`` now (its exit message follows as usual)."""
+        try:
+            protocol.send(self.control, {"op": "kill", "nodeid": nodeid})
+        except OSError:
+            pass
+
+    def collect_exits(self, block: bool) -> None:
+        """Collect the "gone" messages of finished sandboxes: every process of theirs has ended.
+
+        A finished sandbox's processes leave while pytest reports and the next sandbox
+        runs; ``block=True`` waits until all have left, which is done before pytest
+        runs anything on the host and at the end of the session.
+        """
+        still = []
+        for sock in self.finishing:
+            while True:
+                try:
+                    message, _ = protocol.recv(sock, block=block)
+                except BlockingIOError:
+                    still.append(sock)
+                    break
+                if message is None or message.get("type") == "gone":
+                    sock.close()
+                    break
+        self.finishing = still
+
+    def read_crash_output(self) -> str:
+        size = os.fstat(self.crash_fd).st_size
+        return os.pread(self.crash_fd, min(size, 256 * 1024), 0).decode(errors="replace")
+
+    def reset_crash_output(self) -> None:
+        os.ftruncate(self.crash_fd, 0)
+        os.lseek(self.crash_fd, 0, os.SEEK_SET)
+
+    def alive(self) -> bool:
+        try:
+            pid, _ = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        return pid == 0
+
+    def close(self) -> None:
+        """Stop the zygote and wait until it and every sandbox are gone."""
+        try:
+            self.collect_exits(block=True)
+        except OSError:
+            pass
+        try:
+            protocol.send(self.control, {"op": "exit"})
+        except OSError:
+            pass
+        self.control.close()
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+        os.close(self.crash_fd)

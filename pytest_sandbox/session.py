@@ -1,0 +1,206 @@
+"""One pytest process's sandbox session: its settings, its images, its zygote and its kept layers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import warnings
+from typing import Any
+
+import pytest
+
+from . import settings, summary
+from .errors import SandboxError
+from .layers import build
+from .layers.store import Image, Store
+from .linux.files import remove_tree
+from .linux.rootfs import ImageMount
+from .runtime import cgroups
+from .runtime.handle import Zygote
+from .runtime.zygote import Limits, SessionPaths
+from .spec import SandboxSpec
+
+SPEC_KEY = pytest.StashKey[SandboxSpec]()
+
+
+@dataclasses.dataclass
+class SessionState:
+    mode: str
+    unavailable: str
+    defaults: dict[str, Any]
+    backend: cgroups.Backend
+    limit_policy: str
+    stress: dict[str, Any]
+    repeat: int
+    durations: int | None
+    store: Store
+    images_dir: str
+    keep: str
+    zygote: Zygote | None = None
+    cgroup_session: cgroups.Session | None = None
+    # Bumped whenever the pytest process itself sets up or tears down fixtures; a zygote
+    # forked before that has stale fixture state and is replaced.
+    parent_epoch: int = 0
+    records: summary.Records = dataclasses.field(default_factory=summary.Records)
+    images: dict[str, ImageMount] = dataclasses.field(default_factory=dict)
+    image_records: dict[str, Image] = dataclasses.field(default_factory=dict)
+    image_errors: dict[str, str] = dataclasses.field(default_factory=dict)
+    keep_dir: str = ""  # this session's dir of image tests' read/write layers (--sandbox-keep)
+    containers: dict[str, str] = dataclasses.field(default_factory=dict)  # nodeid -> container id
+
+    @property
+    def accounting(self) -> bool:
+        """Measure every sandbox (a cgroup each), not only those with limits."""
+        return self.durations is not None or self.repeat > 1
+
+    @property
+    def sandbox_all(self) -> bool:
+        """Every test is sandboxed: --sandbox=all, and the modes whose point is fresh sandboxes."""
+        return self.mode == "all" or self.repeat > 1 or bool(self.stress)
+
+
+def configure(config: pytest.Config) -> SessionState:
+    """The session's state from its settings; bad values are usage errors before anything runs."""
+    mode = settings.choice(config, "sandbox_mode")
+    kind = settings.choice(config, "sandbox_cgroup_backend")
+    override = settings.raw(config, "sandbox_cgroup")[0] or None
+    try:
+        backend = cgroups.choose(kind, override, str(config.rootpath)) if mode != "off" else cgroups.Rlimits("off")
+    except cgroups.CgroupUnavailable as exc:
+        raise pytest.UsageError(f"--sandbox-cgroup-backend={kind}: not usable here: {exc}") from None
+    store_root = settings.raw(config, "sandbox_store")[0]
+    return SessionState(
+        mode=mode,
+        unavailable=settings.choice(config, "sandbox_unavailable"),
+        defaults=settings.spec_defaults(config),
+        backend=backend,
+        limit_policy=settings.choice(config, "sandbox_limits"),
+        stress=settings.parse_stress(config),
+        repeat=settings.count(config, "sandbox_repeat", 1, "a number of runs, at least 1") or 1,
+        durations=settings.count(config, "sandbox_durations", 0, "0 (all) or more"),
+        store=Store(store_root or None),
+        images_dir=str(settings.raw(config, "sandbox_images")[0]),
+        keep=settings.choice(config, "sandbox_keep"),
+    )
+
+
+# -- images ---------------------------------------------------------------------------------------
+
+def check_images(state: SessionState, needed: dict[str, str]) -> None:
+    """Every image the selected tests name must be buildable or in the store: a usage error otherwise."""
+    checker = build.Builder(state.store, state.images_dir)
+    for name, nodeid in needed.items():
+        try:
+            checker.check(name)
+        except SandboxError as exc:
+            raise pytest.UsageError(f"{nodeid}: image={name!r}: {exc}") from None
+    state.images = {name: ImageMount(name, (), "{}") for name in needed}  # built in prepare_images
+
+
+def prepare_images(state: SessionState, progress: build.Progress) -> None:
+    """Build (or find cached) every image the selected tests use; an image that fails fails its tests."""
+    builder = build.Builder(state.store, state.images_dir, progress, quiet_cached=True)
+    for name in sorted(state.images):
+        try:
+            image = builder.ensure(name)
+        except SandboxError as exc:
+            state.image_errors[name] = f"image {name!r} cannot be built: {exc}"
+            progress(state.image_errors[name])
+            del state.images[name]
+            continue
+        lowers = tuple(state.store.diff_path(c) for c in reversed(image.layers))
+        if not lowers and not image.host_based:
+            lowers = (_empty_layer(state.store),)
+        state.image_records[name] = image
+        state.images[name] = ImageMount(name, lowers, json.dumps(image.config, sort_keys=True),
+                                        host_based=image.host_based)
+
+
+def _empty_layer(store: Store) -> str:
+    """The lower dir of an image without layers (FROM scratch with only config steps)."""
+    path = os.path.join(store.ensure().root, "empty")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+# -- the zygote -----------------------------------------------------------------------------------
+
+def session_paths(config: pytest.Config, basetemp: str | None) -> SessionPaths:
+    """Which host paths sandboxes must keep writable or visible for this pytest process."""
+    cwd = os.getcwd()
+    writable = [str(config.rootpath), cwd]
+    home = os.environ.get("HOME")
+    if home and os.path.isabs(home) and os.path.isdir(home):
+        writable.append(home)
+    if basetemp:
+        writable.append(basetemp)
+    needed = [sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable)),
+              str(config.invocation_params.dir), *[p for p in sys.path if p]]
+    if config.inipath:
+        needed.append(str(config.inipath.parent))
+    return SessionPaths(cwd=cwd, writable=tuple(writable), needed=tuple(needed))
+
+
+def _open_keep_dir(state: SessionState) -> None:
+    """--sandbox-keep: image tests' read/write layers go to the store, where a failed one is kept."""
+    if state.keep == "none" or not state.images or state.keep_dir:
+        return
+    if state.store.filesystem() == "overlay":
+        state.keep = "none"
+        warnings.warn(pytest.PytestWarning(
+            f"pytest-sandbox: --sandbox-keep ignored: the image store {state.store.root} is on overlayfs, "
+            "which cannot hold a read/write layer (put it elsewhere with --sandbox-store)"), stacklevel=1)
+        return
+    state.keep_dir = state.store.session_containers(os.getpid())
+
+
+def zygote_for(item: pytest.Item, state: SessionState) -> Zygote:
+    """The zygote that can run ``item``: the current one, or a new one forked from pytest as it is now."""
+    zyg = state.zygote
+    if zyg is not None and (zyg.epoch != state.parent_epoch or item.nodeid not in zyg.nodeids or not zyg.alive()):
+        zyg.close()
+        zyg = state.zygote = None
+    if zyg is not None:
+        return zyg
+    factory = getattr(item.config, "_tmp_path_factory", None)
+    basetemp = str(factory.getbasetemp()) if factory is not None else None
+    items = {i.nodeid: i for i in item.session.items} | {item.nodeid: item}
+    _open_keep_dir(state)
+    paths = dataclasses.replace(session_paths(item.config, basetemp), images=dict(state.images),
+                                keep_dir=state.keep_dir)
+    if state.cgroup_session is None and isinstance(state.backend, cgroups.CgroupBackend):
+        try:
+            state.cgroup_session = state.backend.open_session()
+        except OSError as exc:
+            raise SandboxError(f"cannot create the session cgroup: {exc}") from None
+    zyg = state.zygote = Zygote(items, SPEC_KEY, paths, state.parent_epoch,
+                                Limits(state.backend, state.cgroup_session, state.accounting))
+    return zyg
+
+
+def drop_zygote(state: SessionState) -> None:
+    """The zygote died: the next sandboxed test starts a new one."""
+    if state.zygote is not None:
+        state.zygote.close()
+        state.zygote = None
+
+
+def keep_container(state: SessionState, item: pytest.Item, spec: SandboxSpec, cid: str) -> None:
+    assert spec.image is not None
+    try:
+        state.store.keep_container(state.keep_dir, cid, state.image_records[spec.image], item.nodeid, spec.hostname)
+    except OSError as exc:
+        warnings.warn(pytest.PytestWarning(f"pytest-sandbox: cannot keep {item.nodeid}'s layer: {exc}"), stacklevel=1)
+
+
+def close(state: SessionState) -> None:
+    """End of the session: every sandbox gone, then the cgroups, then the layers of tests that passed."""
+    drop_zygote(state)
+    if state.cgroup_session is not None:
+        state.cgroup_session.close()
+        state.cgroup_session = None
+    if state.keep_dir:
+        remove_tree(state.keep_dir)
+        state.keep_dir = ""

@@ -1,0 +1,163 @@
+"""Every session setting in one table, resolved one way: command line > environment > ini > default.
+
+The table also registers the options and ini keys, so a setting cannot be added in one
+place and forgotten in another. Per test, a ``container`` marker beats all of these, and
+``--sandbox-stress`` beats the marker (see ``spec.spec_for_item``). Every error names
+where the bad value came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import pytest
+
+from .runtime.cgroups import BACKENDS as CGROUP_BACKENDS
+from .spec import CHECKS, LIMIT_FIELDS, check_env_lines
+
+MODES = ("marked", "all", "off")
+UNAVAILABLE = ("fail", "skip")
+LIMIT_POLICIES = ("warn", "strict")
+KEEP = ("none", "failed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One setting: where it may be given and what it may be."""
+
+    name: str                   # the option's dest, ``sandbox_<name>``
+    help: str
+    option: str | None = None   # command-line flag
+    ini: str | None = None      # ini key
+    env: str | None = None      # environment variable
+    default: Any = None
+    choices: tuple[str, ...] = ()
+    ini_type: str | None = None  # "linelist" for multi-line ini values
+    metavar: str = "VALUE"
+    path: bool = False          # an ini value is relative to the ini file's directory
+    option_type: Any = None
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("sandbox_mode", "marked: sandbox tests marked @pytest.mark.container (default); all: sandbox every test; "
+            "off: run everything unsandboxed", "--sandbox", "sandbox", default="marked", choices=MODES,
+            metavar="MODE"),
+    Setting("sandbox_unavailable", "what sandboxed tests do where this host cannot build sandboxes: fail (default) "
+            "or skip", "--sandbox-unavailable", "sandbox_unavailable", default="fail", choices=UNAVAILABLE,
+            metavar="ACTION"),
+    Setting("sandbox_network", "default network of sandboxes: none (loopback only, default) or host",
+            "--sandbox-network", "sandbox_network", metavar="MODE"),
+    Setting("sandbox_hostname", "host name inside sandboxes", ini="sandbox_hostname"),
+    Setting("sandbox_writable", "extra host directories sandboxes may write to (ephemerally)", ini="sandbox_writable",
+            ini_type="linelist"),
+    Setting("sandbox_env", "NAME=VALUE lines set in every sandbox", ini="sandbox_env", ini_type="linelist"),
+    Setting("sandbox_memory", "default memory limit, e.g. 512M, of every sandbox", "--sandbox-memory",
+            "sandbox_memory"),
+    Setting("sandbox_cpus", "default CPU limit in CPUs, e.g. 0.5, of every sandbox", "--sandbox-cpus",
+            "sandbox_cpus"),
+    Setting("sandbox_pids", "default most processes and threads of every sandbox", "--sandbox-pids", "sandbox_pids"),
+    Setting("sandbox_timeout", "default seconds for each test of every sandbox", "--sandbox-timeout",
+            "sandbox_timeout"),
+    Setting("sandbox_cgroup", "cgroup (path below /sys/fs/cgroup, per hierarchy on v1) to create sandbox cgroups in",
+            "--sandbox-cgroup", "sandbox_cgroup", env="PYTEST_SANDBOX_CGROUP", metavar="PATH"),
+    Setting("sandbox_cgroup_backend", "how limits are enforced: auto (default), v2, v1 or rlimit",
+            "--sandbox-cgroup-backend", "sandbox_cgroup_backend", default="auto", choices=CGROUP_BACKENDS,
+            metavar="KIND"),
+    Setting("sandbox_limits", "a limit this host cannot enforce: warn (default) or strict (an error)",
+            "--sandbox-limits", "sandbox_limits", default="warn", choices=LIMIT_POLICIES, metavar="POLICY"),
+    Setting("sandbox_store", "image and layer store (default: $PYTEST_SANDBOX_STORE, ini sandbox_store, "
+            "$XDG_CACHE_HOME/pytest-sandbox)", "--sandbox-store", "sandbox_store", env="PYTEST_SANDBOX_STORE",
+            metavar="DIR", path=True),
+    Setting("sandbox_keep", "keep the read/write layer of failed image tests: failed or none (default)",
+            "--sandbox-keep", "sandbox_keep", default="none", choices=KEEP, metavar="WHICH"),
+    Setting("sandbox_images", "directory of *.Containerfile image definitions, relative to rootdir",
+            ini="sandbox_images", default="images", path=True),
+    Setting("sandbox_durations", "show the N sandboxed tests that used the most memory and CPU (0: all)",
+            "--sandbox-durations", metavar="N", option_type=int),
+    Setting("sandbox_repeat", "run each selected test N times, each in a fresh sandbox, and tabulate failures",
+            "--sandbox-repeat", default=1, metavar="N", option_type=int),
+    Setting("sandbox_stress", "limits that override all others, e.g. cpus=0.2,memory=128M (to shake out flaky "
+            "tests)", "--sandbox-stress", metavar="LIMITS"),
+)
+BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def register(parser: pytest.Parser) -> None:
+    """Options in one ``sandbox`` group, ini keys beside them."""
+    group = parser.getgroup("sandbox", "run tests in rootless containers (pytest-sandbox)")
+    for s in SETTINGS:
+        if s.option is not None:
+            extra = {"type": s.option_type} if s.option_type is not None else {}
+            default = s.default if s.ini is None else None  # None: not given, so env and ini are asked next
+            group.addoption(s.option, dest=s.name, metavar=s.metavar, default=default, help=s.help, **extra)
+        if s.ini is not None:
+            if s.ini_type == "linelist":
+                parser.addini(s.ini, s.help, type="linelist", default=[])
+            else:
+                parser.addini(s.ini, f"default for {s.option}: {s.help}" if s.option else s.help,
+                              default="" if s.default is None else str(s.default))
+
+
+def raw(config: pytest.Config, name: str) -> tuple[Any, str]:
+    """The value of a setting and where it came from (``--flag``, ``$VAR``, ``ini key``, ``default``)."""
+    s = BY_NAME[name]
+    if s.option is not None:
+        value = config.getoption(name)
+        if value is not None and (s.ini is not None or value != s.default):
+            return value, s.option
+    if s.env is not None and os.environ.get(s.env):
+        return os.environ[s.env], f"${s.env}"
+    if s.ini is not None:
+        value = config.getini(s.ini)
+        if value not in ("", [], None):
+            if s.path:
+                base = config.inipath.parent if config.inipath else config.rootpath
+                value = str(base / os.path.expanduser(str(value)))
+            return value, f"ini {s.ini}"
+    return s.default, "default"
+
+
+def choice(config: pytest.Config, name: str) -> str:
+    value, where = raw(config, name)
+    allowed = BY_NAME[name].choices
+    if value not in allowed:
+        raise pytest.UsageError(f"{where}: invalid value {value!r}; allowed: {', '.join(allowed)}")
+    return str(value)
+
+
+def count(config: pytest.Config, name: str, least: int, what: str) -> int | None:
+    value, where = raw(config, name)
+    if value is not None and value < least:
+        raise pytest.UsageError(f"{where}: invalid value {value}; expected {what}")
+    return None if value is None else int(value)
+
+
+def spec_defaults(config: pytest.Config) -> dict[str, Any]:
+    """The spec fields the session sets for every sandbox, already checked."""
+    values: dict[str, Any] = {}
+    for field in ("hostname", "network", "writable", *LIMIT_FIELDS):
+        value, where = raw(config, f"sandbox_{field}")
+        if value not in (None, "", []):
+            values[field] = CHECKS[field](value, where)
+    lines, where = raw(config, "sandbox_env")
+    if lines:
+        values["env"] = check_env_lines(lines, where)
+    return values
+
+
+def parse_stress(config: pytest.Config) -> dict[str, Any]:
+    """``--sandbox-stress=cpus=0.2,memory=128M``: limits that override every other source."""
+    text, where = raw(config, "sandbox_stress")
+    if not text:
+        return {}
+    values: dict[str, Any] = {}
+    for part in str(text).split(","):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in LIMIT_FIELDS:
+            raise pytest.UsageError(f"{where}: invalid {part!r}; expected NAME=VALUE with NAME one of "
+                                    f"{', '.join(LIMIT_FIELDS)}")
+        values[name] = CHECKS[name](value.strip(), where)
+    return values
