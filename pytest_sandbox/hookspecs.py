@@ -13,8 +13,6 @@ import pytest
 if TYPE_CHECKING:
     from .spec import SandboxSpec
 
-
-
 @pytest.hookspec(firstresult=True)
 def pytest_sandbox_spec(item: pytest.Item, spec: SandboxSpec) -> SandboxSpec | None:
     """Adjust the sandbox of one test before anything runs.
@@ -28,10 +26,16 @@ def pytest_sandbox_spec(item: pytest.Item, spec: SandboxSpec) -> SandboxSpec | N
     """
 
 
+@pytest.hookspec
 def pytest_sandbox_start(item: pytest.Item, spec: SandboxSpec) -> None:
-    """Called in the pytest process right before the item's sandbox is created."""
+    """Called in the pytest process when the item is handed to a sandbox.
+
+    The sandbox may already exist: the zygote builds the next one ahead of time, while
+    the previous test runs. Not called for items that cannot get a sandbox at all.
+    """
 
 
+@pytest.hookspec
 def pytest_sandbox_setup(item: pytest.Item, spec: SandboxSpec) -> None:
     """Called inside the sandbox, in the test process, before the test's setup phase.
 
@@ -41,5 +45,11 @@ def pytest_sandbox_setup(item: pytest.Item, spec: SandboxSpec) -> None:
     """
 
 
+@pytest.hookspec
 def pytest_sandbox_finish(item: pytest.Item, spec: SandboxSpec, reports: list[pytest.TestReport]) -> None:
-    """Called in the pytest process after the sandbox is gone, with every report of the item."""
+    """Called in the pytest process once the test process has reported its last phase (or died),
+    with every report of the item.
+
+    Processes the test left behind may still be ending: pytest waits for the sandbox to be
+    empty only before it next runs anything on the host, and at the end of the session.
+    """

@@ -145,12 +145,7 @@ class _Launch:
             os.closerange(0, 0x7FFFFFFF)
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(signum, lambda *_: os.kill(pid, signal.SIGKILL))
-            while True:
-                try:
-                    _, status = os.waitpid(pid, 0)
-                    break
-                except InterruptedError:
-                    continue
+            _, status = os.waitpid(pid, 0)  # PEP 475: retried after a signal handler
             code = os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
             if self.after is not None:
                 try:

@@ -50,10 +50,13 @@ class MountPoint:
     options: str = ""  # the superblock's options (a v1 cgroup hierarchy names its controllers here)
 
 
-def mount_table() -> list[MountPoint]:
-    """This mount namespace's mounts, from ``/proc/self/mountinfo`` (octal escapes decoded)."""
+def mount_table(path: str = "/proc/self/mountinfo") -> list[MountPoint]:
+    """This mount namespace's mounts, from ``/proc/self/mountinfo`` (octal escapes decoded).
+
+    ``path`` is another file in mountinfo format: tests feed it sample lines.
+    """
     found = []
-    with open("/proc/self/mountinfo") as f:
+    with open(path) as f:
         for line in f:
             fields = line.split()
             target = _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[4])

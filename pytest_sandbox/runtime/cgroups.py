@@ -392,10 +392,13 @@ class Rlimits(Backend):
 # -- choosing a backend -------------------------------------------------------------------------
 
 
-def own_cgroup_paths() -> dict[str, str]:
-    """controller (or \"\" for the v2 hierarchy) -> this process's cgroup path."""
+def own_cgroup_paths(source: str = "/proc/self/cgroup") -> dict[str, str]:
+    """controller (or \"\" for the v2 hierarchy) -> this process's cgroup path.
+
+    ``source`` is another file in /proc/PID/cgroup format: tests feed it sample lines.
+    """
     paths: dict[str, str] = {}
-    with open("/proc/self/cgroup") as f:
+    with open(source) as f:
         for line in f.read().splitlines():
             _, controllers, path = line.split(":", 2)
             for name in controllers.split(",") if controllers else [""]:

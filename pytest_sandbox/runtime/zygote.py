@@ -106,12 +106,8 @@ def zygote_main(control: socket.socket, items: dict[str, pytest.Item], stash_key
     signal.signal(signal.SIGTERM, pytest_died)
     if os.getppid() != pytest_pid:
         pytest_died(signal.SIGTERM, None)
-    while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-            os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
-        except InterruptedError:
-            continue
+    _, status = os.waitpid(pid, 0)  # PEP 475: retried after the signal handler, unless it exits
+    os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
 
 
 class _Sandbox:
