@@ -72,8 +72,9 @@ def _image_checks(store: Store) -> list[tuple[bool, str, str]]:
     size = sum(store.layer_info(c).get("size", 0) for c in layers)
     checks.append((True, "store", f"{store.root} ({len(images)} images, {len(layers)} layers, {_size(size)})"))
     if os.path.isdir(store.root) and store.filesystem() == "overlay":
-        checks.append((tarlayer.xattr_whiteouts_supported(), "store_fs", "the store is on overlayfs: RUN works on a tmpfs, "
-                       "--sandbox-keep is off, deletions need Linux 6.8+; fix: --sandbox-store on a real filesystem"))
+        checks.append((tarlayer.xattr_whiteouts_supported(), "store_fs",
+                       "the store is on overlayfs: RUN works on a tmpfs, --sandbox-keep is off, deletions need "
+                       "Linux 6.8+; fix: --sandbox-store on a real filesystem"))
     if syscalls.kernel_at_least(6, 8):
         checks.append((True, "lowerdir+", "overlayfs takes one layer per call (Linux 6.8+): no layer limit"))
     else:

@@ -1,42 +1,81 @@
-"""Messages between pytest, the session zygote and each sandbox.
+"""Every message between pytest, the session zygote and a test process.
 
-All channels are ``SOCK_SEQPACKET`` socketpairs, so message boundaries survive.
-Each message is one pickled dict of plain data (tuples survive, unlike JSON);
-large ones are split into chunks whose 4-byte header says whether more follow.
-Anything else on a socket (a test writing to an inherited fd) is dropped.
+All channels are ``SOCK_SEQPACKET`` socketpairs, so message boundaries survive. A message
+is one JSON object (never pickle: unpickling is running code, and a test process is not
+trusted); large ones are split into chunks whose 4-byte header says whether more follow,
+and the whole is bounded by ``MAX_MESSAGE``. What a test process sends is checked against
+``FROM_TEST`` on arrival; a kind not listed there is refused, not ignored.
 
-::
+Each sandbox has two channels to pytest: *reports*, which the test process holds (whatever
+its code writes there is untrusted), and *status*, which only the zygote holds, so a test
+cannot forge how it ended::
 
     pytest                         zygote (pid 1 of the session)           test process (pid 2 of a sandbox)
       |                              |-- spawn init, fork test (ahead) -->  |  builds namespaces + mounts, waits
-      |-- run {nodeid} + [sock] ---->|                                      |
-      |                              |-- {nodeid} + [sock] ---------------->|  runs the protocol
-      |<-------------------------------------------------- report {data} ---|  (setup, call, teardown)
-      |<-------------------------------------------------- warning {...} ---|
-      |<-------------------------------------------------- done ------------|  exits
+      |                              |-- attached (after the cgroup move) ->|  (only with a cgroup)
+      |-- run {nodeid} + [status, reports] -->|                             |
+      |                              |-- {nodeid} + [reports] ------------->|  runs the protocol
+      |<=============================================== container {id} ====|  (a keepable layer only)
+      |<=============================================== report {data} =====|  (setup, call, teardown)
+      |<=============================================== warning {...} =====|
+      |<=============================================== done ===============|  exits
       |<-- exit {code|signal, usage}-|  test exited: SIGKILL its init
       |<-- gone ---------------------|  init reaped: the namespace is empty
+      |-- kill {nodeid} ------------>|  (pytest's timeout: end that sandbox now)
       |-- exit --------------------->|  (end of session: kill and reap everything)
+
+    ===  the reports channel (untrusted)      ---  the status and control channels
 """
 
 from __future__ import annotations
 
 import array
-import pickle
+import json
 import socket
 from typing import Any
 
+from .errors import SandboxError
+
 CHUNK = 60 * 1024
-MORE, LAST = b"\0sb+", b"\0sb."  # a test scribbling on an inherited fd cannot forge these by accident
+MAX_MESSAGE = 128 * 2**20  # a report holds captured output; past this the test fails, pytest's memory is safe
+MORE, LAST = b"\0sb+", b"\0sb."
 HEADER = len(MORE)
+MAX_FDS = 4
+
+
+class ProtocolError(SandboxError):
+    """A peer sent something that is not a valid message."""
+
+
+# What a test process may send: kind -> field -> allowed types. Nothing else is accepted.
+FROM_TEST: dict[str, dict[str, tuple[type, ...]]] = {
+    "container": {"id": (str,)},
+    "report": {"data": (dict,)},
+    "warning": {"message": (str,), "when": (str,), "category": (list,), "filename": (str,), "lineno": (int,)},
+    "done": {},
+    "error": {"phase": (str,), "message": (str,)},
+    "exit-requested": {"reason": (str,), "returncode": (int, type(None))},
+    "interrupted": {},
+}
+# What the zygote sends on a sandbox's status channel.
+FROM_ZYGOTE: dict[str, dict[str, tuple[type, ...]]] = {
+    "exit": {},
+    "gone": {},
+    "error": {"phase": (str,), "message": (str,)},
+}
 
 
 def socketpair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
 
+def encode(message: dict[str, Any]) -> bytes:
+    """JSON; a value JSON cannot hold (an object in ``user_properties``) travels as its repr."""
+    return json.dumps(message, default=repr, separators=(",", ":")).encode()
+
+
 def send(sock: socket.socket, message: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    data = encode(message)
     chunks = [data[i:i + CHUNK] for i in range(0, len(data), CHUNK)] or [b""]
     for index, chunk in enumerate(chunks):
         marker = LAST if index == len(chunks) - 1 else MORE
@@ -46,30 +85,79 @@ def send(sock: socket.socket, message: dict[str, Any], fds: tuple[int, ...] = ()
             sock.sendall(marker + chunk)
 
 
+def _take_fds(ancdata: list[tuple[int, int, bytes]], fds: list[int]) -> None:
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % 4
+            fds.extend(array.array("i", payload[:usable]))
+
+
 def recv(sock: socket.socket, block: bool = True) -> tuple[dict[str, Any] | None, list[int]]:
     """The next message and the fds that came with it; (None, []) at end of stream.
 
-    With ``block=False`` raises BlockingIOError when no message has arrived yet.
+    With ``block=False`` raises BlockingIOError when no message has arrived yet. Raises
+    ProtocolError for anything that is not a framed JSON object within ``MAX_MESSAGE``.
     """
     parts: list[bytes] = []
+    size = 0
     fds: list[int] = []
     flags = 0 if block else socket.MSG_DONTWAIT
-    while True:
-        data, ancdata, _flags, _addr = sock.recvmsg(CHUNK + HEADER, socket.CMSG_SPACE(16 * 4), flags)
-        flags = 0  # the rest of a chunked message is already on its way
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                usable = len(payload) - len(payload) % 4
-                fds.extend(array.array("i", payload[:usable]))
-        if not data:
-            return None, fds
-        header = data[:HEADER]
-        if header not in (MORE, LAST):
-            parts.clear()  # junk, not ours
-            continue
-        parts.append(data[HEADER:])
-        if header == LAST:
-            try:
-                return pickle.loads(b"".join(parts)), fds
-            except Exception:
-                parts.clear()
+    try:
+        while True:
+            data, ancdata, _flags, _addr = sock.recvmsg(CHUNK + HEADER, socket.CMSG_SPACE(MAX_FDS * 4), flags)
+            flags = 0  # the rest of a chunked message is already on its way
+            _take_fds(ancdata, fds)
+            if not data:
+                if parts:
+                    raise ProtocolError("the message ended before its last chunk")
+                return None, fds
+            header = data[:HEADER]
+            if header not in (MORE, LAST):
+                raise ProtocolError(f"a datagram without a message header ({data[:16]!r})")
+            size += len(data) - HEADER
+            if size > MAX_MESSAGE:
+                raise ProtocolError(f"a message larger than {MAX_MESSAGE // 2**20} MiB")
+            parts.append(data[HEADER:])
+            if header == LAST:
+                return decode(b"".join(parts)), fds
+    except ProtocolError:
+        for fd in fds:
+            _close(fd)
+        raise
+
+
+def _close(fd: int) -> None:
+    try:
+        socket.close(fd)
+    except OSError:
+        pass
+
+
+def decode(data: bytes) -> dict[str, Any]:
+    try:
+        message = json.loads(data)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"not JSON ({exc})") from None
+    if not isinstance(message, dict):
+        raise ProtocolError(f"not a JSON object but {type(message).__name__}")
+    return message
+
+
+def check(message: dict[str, Any], schema: dict[str, dict[str, tuple[type, ...]]]) -> str:
+    """The message's kind, after checking it has exactly the fields its kind allows."""
+    kind = message.get("type")
+    if not isinstance(kind, str) or kind not in schema:
+        raise ProtocolError(f"unknown message type {kind!r}; expected one of {', '.join(schema)}")
+    fields = schema[kind]
+    for name, allowed in fields.items():
+        if name not in message:
+            raise ProtocolError(f"{kind} message without {name!r}")
+        value = message[name]
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise ProtocolError(f"{kind} message: {name!r} is {type(value).__name__}, "
+                                f"expected {' or '.join(t.__name__ for t in allowed)}")
+    if fields:
+        extra = sorted(set(message) - set(fields) - {"type"})
+        if extra:
+            raise ProtocolError(f"{kind} message with unknown field(s) {', '.join(extra)}")
+    return kind

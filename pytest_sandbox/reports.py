@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import selectors
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -43,6 +45,7 @@ class Outcome:
         self.setup_error: dict[str, Any] | None = None
         self.stop: dict[str, Any] | None = None
         self.killed_after_timeout = False
+        self.malformed: str | None = None  # what was wrong with a message the test process sent
 
     @property
     def usage(self) -> dict[str, Any]:
@@ -51,6 +54,8 @@ class Outcome:
         return dict(exit.get("usage") or exit.get("rusage") or {})
 
     def crash_text(self, crash_output: str) -> str:
+        if self.malformed:
+            return f"sandbox sent a malformed message: {self.malformed}"
         if self.setup_error:
             return f"sandbox setup failed in phase {self.setup_error['phase']!r}: {self.setup_error['message']}"
         if self.killed_after_timeout or crash_output.startswith("Timeout ("):
@@ -83,6 +88,106 @@ def _properties(usage: dict[str, Any]) -> list[tuple[str, object]]:
     return [(f"sandbox_{name}", value) for name, value in usage.items() if value is not None]
 
 
+PHASES = ("setup", "call", "teardown")
+
+
+class _Relay:
+    """Reads one sandbox's two channels and turns what arrives into reports.
+
+    The reports channel is the test process's: every message is checked (``protocol.FROM_TEST``),
+    reports must be this item's, in phase order. The first bad one ends the sandbox and fails
+    the test with what was wrong; the session goes on.
+    """
+
+    def __init__(self, item: pytest.Item, zyg: Zygote, spec: SandboxSpec, containers: dict[str, str] | None) -> None:
+        self.item, self.zyg, self.spec, self.containers = item, zyg, spec, containers
+        self.outcome = Outcome(spec)
+        self.hold = bool(spec.limits) or zyg.limits.accounting  # reports wait for usage and limit notes
+        self.ready: list[pytest.TestReport] = []  # to hand to pytest now
+        self.held: list[pytest.TestReport] = []
+        self.done = False     # the test process said it finished its protocol
+        self.ended = False    # the zygote said how the test process ended
+
+    # -- the reports channel -----------------------------------------------------------------
+    def from_test(self, message: dict[str, Any]) -> None:
+        kind = protocol.check(message, protocol.FROM_TEST)
+        if kind == "report":
+            self._report(message["data"])
+        elif kind == "container":
+            if self.containers is not None:
+                self.containers[self.item.nodeid] = message["id"]
+        elif kind == "warning":
+            _record_warning(self.item, message)
+        elif kind == "done":
+            self.done = True
+        elif kind == "error":
+            self.outcome.setup_error = message
+        else:  # exit-requested, interrupted
+            self.outcome.stop = message
+
+    def _report(self, data: dict[str, Any]) -> None:
+        config = self.item.config
+        try:
+            report = config.hook.pytest_report_from_serializable(config=config, data=data)
+        except Exception as exc:
+            raise protocol.ProtocolError(f"a report pytest cannot read ({type(exc).__name__}: {exc})") from None
+        if not isinstance(report, pytest.TestReport) or report.nodeid != self.item.nodeid:
+            raise protocol.ProtocolError(f"a report for {getattr(report, 'nodeid', report)!r}, "
+                                         f"not for {self.item.nodeid!r}")
+        seen = [w for w in PHASES if w in self.outcome.whens]
+        if report.when not in PHASES or "teardown" in seen or (seen and PHASES.index(report.when) <
+                                                               PHASES.index(seen[-1])):
+            raise protocol.ProtocolError(f"a {report.when!r} report after {', '.join(seen) or 'nothing'}")
+        if isinstance(report.longrepr, list):  # a skip's (path, lineno, reason): JSON made the tuple a list
+            report.longrepr = tuple(report.longrepr)
+        try:  # JSON made the pairs lists
+            report.user_properties = [(str(name), value) for name, value in report.user_properties]
+        except (TypeError, ValueError):
+            raise protocol.ProtocolError("user_properties that are not (name, value) pairs") from None
+        kept = (self.containers or {}).get(self.item.nodeid)
+        if report.failed and kept:
+            report.sections.append(("sandbox", f"read/write layer kept as {kept}: pytest-sandbox shell {kept}  |  "
+                                               f"pytest-sandbox commit {kept} NAME"))
+        self.outcome.whens.add(report.when)
+        if report.when == "setup" and report.passed:
+            self.outcome.setup_passed = True
+        (self.held if self.hold else self.ready).append(report)
+
+    def malformed(self, error: protocol.ProtocolError) -> None:
+        self.outcome.malformed = str(error)
+        self.zyg.kill(self.item.nodeid)
+
+    # -- the status channel ------------------------------------------------------------------
+    def from_zygote(self, message: dict[str, Any]) -> None:
+        kind = protocol.check(message, protocol.FROM_ZYGOTE)
+        if kind == "exit":
+            self.outcome.exit = message
+            self.ended = True
+        elif kind == "error":
+            self.outcome.setup_error = message
+
+    def finished(self) -> bool:
+        return self.ended or (self.done and not self.hold)
+
+
+def _drain(sock: socket.socket, relay: _Relay) -> None:
+    """What the test process sent before it ended: already in the socket, so read without waiting."""
+    while relay.outcome.malformed is None:
+        try:
+            message, _ = protocol.recv(sock, block=False)
+        except BlockingIOError:
+            return
+        except protocol.ProtocolError as exc:
+            relay.malformed(exc)
+            return
+        if message is None:
+            return
+        try:
+            relay.from_test(message)
+        except protocol.ProtocolError as exc:
+            relay.malformed(exc)
+
+
 def run_in_sandbox(item: pytest.Item, zyg: Zygote, spec: SandboxSpec,
                    containers: dict[str, str] | None = None) -> Iterator[pytest.TestReport]:
     """Run the item's whole runtest protocol in a new sandbox, yielding reports as they arrive.
@@ -93,67 +198,42 @@ def run_in_sandbox(item: pytest.Item, zyg: Zygote, spec: SandboxSpec,
     With limits or accounting the reports wait for the sandbox's end, so they can
     carry what it used and the limits it hit.
     """
-    config = item.config
     zyg.reset_crash_output()
-    outcome = Outcome(spec)
-    hold = bool(spec.limits) or zyg.limits.accounting
-    held: list[pytest.TestReport] = []
-    sock = zyg.start(item.nodeid)
+    relay = _Relay(item, zyg, spec, containers)
+    status, reports = zyg.start(item.nodeid)
     deadline = time.monotonic() + spec.timeout + GRACE if spec.timeout is not None else None
-    finished = False
-    try:
-        while True:
-            if deadline is not None:
-                sock.settimeout(max(0.0, deadline - time.monotonic()))
-            try:
-                message, _ = protocol.recv(sock)
-            except TimeoutError:
-                zyg.kill(item.nodeid)
-                outcome.killed_after_timeout, deadline = True, None
-                sock.settimeout(None)
-                continue
-            if message is None:
-                break
-            kind = message["type"]
-            if kind == "container" and containers is not None:
-                containers[item.nodeid] = message["id"]
-            elif kind == "report":
-                report = config.hook.pytest_report_from_serializable(config=config, data=message["data"])
-                if report.failed and containers and item.nodeid in containers:
-                    kept = containers[item.nodeid]
-                    report.sections.append(("sandbox", f"read/write layer kept as {kept}: "
-                                                       f"pytest-sandbox shell {kept}  |  pytest-sandbox commit "
-                                                       f"{kept} NAME"))
-                outcome.whens.add(report.when)
-                if report.when == "setup" and report.passed:
-                    outcome.setup_passed = True
-                if hold:
-                    held.append(report)
-                else:
-                    yield report
-            elif kind == "warning":
-                _record_warning(item, message)
-            elif kind == "done" and not hold:
-                finished = True
-                break
-            elif kind == "error":
-                outcome.setup_error = message
-            elif kind in ("exit-requested", "interrupted"):
-                outcome.stop = message
-            elif kind == "exit":
-                outcome.exit = message
-                finished = True
-                break
-    finally:
-        if finished:
-            zyg.finishing.append(sock)
-        else:
-            sock.close()
-    if outcome.stop:
+    status_open = True
+    with selectors.DefaultSelector() as selector:
+        selector.register(status, selectors.EVENT_READ)
+        selector.register(reports, selectors.EVENT_READ)
+        try:
+            while status_open and not relay.finished():
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                events = selector.select(timeout)
+                if not events:  # the sandbox's own watchdog did not end it: pytest does
+                    zyg.kill(item.nodeid)
+                    relay.outcome.killed_after_timeout, deadline = True, None
+                for key, _ in events:
+                    if key.fileobj is reports:
+                        if _read_reports(reports, relay):
+                            selector.unregister(reports)
+                    else:
+                        status_open = _read_status(status, reports, relay)
+                yield from relay.ready
+                relay.ready.clear()
+        finally:
+            if relay.finished():
+                zyg.finishing.append(status)
+            else:
+                status.close()
+            reports.close()
+    outcome = relay.outcome
+    if outcome.stop and not outcome.malformed:
         if outcome.stop["type"] == "interrupted":
             raise KeyboardInterrupt
         pytest.exit(outcome.stop["reason"], outcome.stop["returncode"])
-    if "teardown" not in outcome.whens:  # skipped/xfailed tests have no call report; all have teardown
+    held = relay.held
+    if "teardown" not in outcome.whens or outcome.malformed:  # skipped/xfailed tests have no call report
         held.extend(_crash_reports(item, outcome, zyg.read_crash_output()))
     if held:
         notes = outcome.limit_notes()
@@ -162,6 +242,33 @@ def run_in_sandbox(item: pytest.Item, zyg: Zygote, spec: SandboxSpec,
                 report.sections.append(("sandbox limits", notes))
         held[-1].user_properties = [*held[-1].user_properties, *_properties(outcome.usage)]
     yield from held
+
+
+def _read_reports(reports: socket.socket, relay: _Relay) -> bool:
+    """One message from the test process; True when nothing more will be read from it."""
+    try:
+        message, _ = protocol.recv(reports)
+        if message is None:
+            return True
+        relay.from_test(message)
+    except protocol.ProtocolError as exc:
+        relay.malformed(exc)
+        return True
+    return relay.outcome.malformed is not None
+
+
+def _read_status(status: socket.socket, reports: socket.socket, relay: _Relay) -> bool:
+    """One message from the zygote; False at the end of the channel."""
+    try:
+        message, _ = protocol.recv(status)
+    except protocol.ProtocolError:
+        message = None
+    if message is None:
+        return False
+    relay.from_zygote(message)
+    if relay.ended:
+        _drain(reports, relay)
+    return True
 
 
 def _warning_category(module: str, qualname: str) -> type[Warning]:

@@ -67,8 +67,8 @@ def test_closed_fds_and_garbage_output(pytester: pytest.Pytester) -> None:
             pass
     """)
     result = pytester.runpytest_subprocess()
-    result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines(["*sandbox crashed*"])
+    result.assert_outcomes(passed=1, failed=1)  # the scribbles fail that test only; the session goes on
+    result.stdout.fnmatch_lines(["*sandbox sent a malformed message: a datagram without a message header*"])
 
 
 def test_keyboard_interrupt_ends_everything(pytester: pytest.Pytester, token: str) -> None:

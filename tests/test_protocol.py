@@ -1,20 +1,23 @@
-"""The message channel: boundaries, large messages, fd passing, end of stream."""
+"""The message channel: JSON only, boundaries, large messages, fd passing, end of stream, schema checks."""
 
 from __future__ import annotations
 
 import os
+import pickle
 
 import pytest
 
 from pytest_sandbox import protocol as sync
+from pytest_sandbox.protocol import FROM_TEST, ProtocolError, check
 
 
-def test_round_trip_keeps_types() -> None:
+def test_round_trip_is_json() -> None:
     a, b = sync.socketpair()
     with a, b:
-        sync.send(a, {"type": "report", "data": {"longrepr": ("file.py", 3, "Skipped: x"), "n": [1, 2]}})
+        sync.send(a, {"type": "report", "data": {"longrepr": ("file.py", 3, "Skipped: x"), "obj": object}})
         message, fds = sync.recv(b)
-    assert message == {"type": "report", "data": {"longrepr": ("file.py", 3, "Skipped: x"), "n": [1, 2]}}
+    # tuples arrive as lists; what JSON cannot hold arrives as its repr, never as an object
+    assert message == {"type": "report", "data": {"longrepr": ["file.py", 3, "Skipped: x"], "obj": repr(object)}}
     assert fds == []
 
 
@@ -63,10 +66,63 @@ def test_stray_bytes_cannot_merge_messages() -> None:
         assert sync.recv(b)[0] == {"n": 2}
 
 
-def test_junk_on_the_socket_is_dropped() -> None:
+class Evil:
+    def __reduce__(self) -> tuple[object, ...]:
+        return (os.system, ("touch /nonexistent-pwned",))
+
+
+@pytest.mark.parametrize("junk", [
+    b"garbage",                                   # no header
+    sync.LAST + b"not json",                      # not JSON
+    sync.LAST + pickle.dumps({"type": "done"}),   # a pickle is not JSON either
+    sync.LAST + pickle.dumps(Evil()),
+    sync.LAST + b"[1, 2]",                        # JSON, but not an object
+])
+def test_anything_but_a_json_object_is_refused(junk: bytes) -> None:
     a, b = sync.socketpair()
     with a, b:
-        a.send(b"garbage")
-        a.send(sync.LAST + b"not a pickle")
+        a.send(junk)
+        with pytest.raises(ProtocolError):
+            sync.recv(b)
         sync.send(a, {"n": 1})
-        assert sync.recv(b)[0] == {"n": 1}
+        assert sync.recv(b)[0] == {"n": 1}  # the channel still works for whoever reads on
+
+
+def test_an_unterminated_message_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sync, "MAX_MESSAGE", 3 * sync.CHUNK)
+    a, b = sync.socketpair()
+    with a, b:
+        for _ in range(4):
+            a.send(sync.MORE + b"x" * sync.CHUNK)
+        with pytest.raises(ProtocolError, match="larger than"):
+            sync.recv(b)
+
+
+def test_a_message_cut_short_is_refused() -> None:
+    a, b = sync.socketpair()
+    a.send(sync.MORE + b'{"type":')
+    a.close()
+    with b, pytest.raises(ProtocolError, match="before its last chunk"):
+        sync.recv(b)
+
+
+@pytest.mark.parametrize(("message", "error"), [
+    ({"type": "shell", "cmd": "id"}, "unknown message type 'shell'"),
+    ({"data": {}}, "unknown message type None"),
+    ({"type": "report"}, "report message without 'data'"),
+    ({"type": "report", "data": []}, "'data' is list, expected dict"),
+    ({"type": "warning", "message": "m", "when": "runtest", "category": ["m", "W"], "filename": "f",
+      "lineno": True}, "'lineno' is bool"),
+    ({"type": "container", "id": "abc", "path": "/etc"}, "unknown field(s) path"),
+])
+def test_schema_refuses_what_a_test_may_not_send(message: dict[str, object], error: str) -> None:
+    with pytest.raises(ProtocolError) as excinfo:
+        check(message, FROM_TEST)
+    assert error in str(excinfo.value)
+
+
+def test_schema_accepts_every_kind_the_test_process_sends() -> None:
+    assert check({"type": "done"}, FROM_TEST) == "done"
+    assert check({"type": "exit-requested", "reason": "r", "returncode": None}, FROM_TEST) == "exit-requested"
+    assert check({"type": "warning", "message": "m", "when": "runtest", "category": ["m", "W"], "filename": "f",
+                  "lineno": 3}, FROM_TEST) == "warning"

@@ -40,18 +40,23 @@ class Zygote:
             self.close()
             raise SandboxError(f"cannot start sandboxes: {error}")
 
-    def start(self, nodeid: str) -> socket.socket:
-        """Ask for a sandbox running ``nodeid``; returns the socket its messages arrive on."""
+    def start(self, nodeid: str) -> tuple[socket.socket, socket.socket]:
+        """Ask for a sandbox running ``nodeid``; returns its status channel (from the zygote) and its
+        reports channel (from the test process)."""
         self.collect_exits(block=False)
-        ours, theirs = protocol.socketpair()
+        status, status_end = protocol.socketpair()
+        reports, reports_end = protocol.socketpair()
         try:
-            protocol.send(self.control, {"op": "run", "nodeid": nodeid}, fds=(theirs.fileno(),))
+            protocol.send(self.control, {"op": "run", "nodeid": nodeid},
+                          fds=(status_end.fileno(), reports_end.fileno()))
         except OSError as exc:
-            ours.close()
+            status.close()
+            reports.close()
             raise SandboxError(f"the sandbox zygote of this session died unexpectedly ({exc})") from None
         finally:
-            theirs.close()
-        return ours
+            status_end.close()
+            reports_end.close()
+        return status, reports
 
     def kill(self, nodeid: str) -> None:
         """End the sandbox running ``nodeid`` now (its exit message follows as usual)."""
@@ -75,6 +80,8 @@ class Zygote:
                 except BlockingIOError:
                     still.append(sock)
                     break
+                except protocol.ProtocolError:
+                    message = None
                 if message is None or message.get("type") == "gone":
                     sock.close()
                     break

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import faulthandler
 import os
-import pickle
 import signal
 import socket
 import sys
@@ -60,12 +59,7 @@ class ReportStreamer:
         if _channel is None:
             return report
         data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
-        try:
-            protocol.send(_channel, {"type": "report", "data": data})
-        except (pickle.PicklingError, TypeError, AttributeError):
-            # user_properties may hold objects that cannot cross processes; keep their repr
-            data["user_properties"] = [(name, repr(value)) for name, value in data.get("user_properties", ())]
-            protocol.send(_channel, {"type": "report", "data": data})
+        protocol.send(_channel, {"type": "report", "data": data})  # objects in user_properties go as their repr
         return report
 
     @pytest.hookimpl

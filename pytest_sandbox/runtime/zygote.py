@@ -122,10 +122,11 @@ class _Sandbox:
         self.nodeid = ""
         self.exit: dict[str, Any] = {"type": "exit"}
 
-    def start(self, nodeid: str, to_pytest: socket.socket) -> None:
+    def start(self, nodeid: str, to_pytest: socket.socket, reports: socket.socket) -> None:
+        """Hand the test its reports channel; the status channel stays here, out of the test's reach."""
         self.nodeid = nodeid
         self.to_pytest = to_pytest
-        protocol.send(self.test, {"nodeid": nodeid}, fds=(to_pytest.fileno(),))
+        protocol.send(self.test, {"nodeid": nodeid}, fds=(reports.fileno(),))
         self.test.close()
 
     def kill(self) -> None:
@@ -276,7 +277,7 @@ def _serve(control: socket.socket, items: dict[str, pytest.Item], stash_key: Any
             continue
         if message is None or message.get("op") != "run":
             break
-        to_pytest = socket.socket(fileno=fds[0])
+        to_pytest, reports = socket.socket(fileno=fds[0]), socket.socket(fileno=fds[1])
         spec: SandboxSpec = items[message["nodeid"]].stash[stash_key]
         if ready is not None and ready.spec != spec:
             factory.cancel(ready)
@@ -285,11 +286,13 @@ def _serve(control: socket.socket, items: dict[str, pytest.Item], stash_key: Any
             if ready is None:
                 ready = factory.prepare(spec)
             factory.running[ready.test_pidfd] = ready
-            ready.start(message["nodeid"], to_pytest)
+            ready.start(message["nodeid"], to_pytest, reports)
         except OSError as exc:
             protocol.send(to_pytest, {"type": "error", "phase": "cgroup" if "cgroup" in str(exc) else "fork",
-                                  "message": str(exc)})
+                                      "message": str(exc)})
             to_pytest.close()
+        finally:
+            reports.close()
         ready = None
         try:
             ready = factory.prepare(spec)  # the next one builds while this test runs
