@@ -89,16 +89,31 @@ def filesystem_of(path: str) -> str:
     return best.fstype
 
 
-def mount_tmpfs(target: str, mode: str, name: str = "sandbox-tmp", flags: int = TMPFS_FLAGS) -> None:
-    syscalls.mount(name, target, "tmpfs", flags, f"mode={mode}")
+def default_scratch_size() -> int:
+    """A quarter of the machine's RAM: each tmpfs a sandbox writes to is bounded, so a test cannot fill
+    host memory through one (plain pytest would have filled the disk)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024 // 4
+    except (OSError, ValueError):
+        pass
+    return 1 << 30
 
 
-def mount_scratch_places(root: str = "") -> None:
-    """An empty tmpfs on each scratch place that exists as a directory under ``root``."""
+def mount_tmpfs(target: str, mode: str, name: str = "sandbox-tmp", flags: int = TMPFS_FLAGS,
+                size: int | None = None) -> None:
+    options = f"mode={mode}" + (f",size={size}" if size else "")
+    syscalls.mount(name, target, "tmpfs", flags, options)
+
+
+def mount_scratch_places(root: str = "", size: int | None = None) -> None:
+    """An empty tmpfs (at most ``size`` bytes) on each scratch place that is a directory under ``root``."""
     for place in SCRATCH_PLACES:
         path = root + place
         if os.path.isdir(path) and not os.path.islink(path):
-            mount_tmpfs(path, "0755" if place == "/run" else "1777")
+            mount_tmpfs(path, "0755" if place == "/run" else "1777", size=size)
 
 
 def populate_dev(dev: str) -> None:
@@ -116,8 +131,8 @@ def populate_dev(dev: str) -> None:
         os.symlink(target, f"{dev}/{name}")
 
 
-def mount_dev_instances(dev: str) -> None:
+def mount_dev_instances(dev: str, shm_size: int | None = None) -> None:
     """What each sandbox gets of its own in /dev: a private devpts and /dev/shm."""
     syscalls.mount("devpts", f"{dev}/pts", "devpts", syscalls.MS_NOSUID | syscalls.MS_NOEXEC,
                    "newinstance,ptmxmode=0666,mode=0620")
-    mount_tmpfs(f"{dev}/shm", "1777", name="sandbox-shm")
+    mount_tmpfs(f"{dev}/shm", "1777", name="sandbox-shm", size=shm_size)

@@ -97,13 +97,15 @@ class RootPlan:
     image: ImageMount | None = None
     image_root: str = ""       # where the image's root is mounted in the test's view
     image_dirs: tuple[str, ...] = ()  # FROM host: the top-level directories its layers change
+    tmpfs_size: int | None = None  # bytes each tmpfs the sandbox writes to may hold (None: the kernel's half of RAM)
 
 
 def _by_depth(paths: Iterable[str]) -> list[str]:
     return sorted(set(paths), key=lambda p: (p.count("/"), p))
 
 
-def make_plan(writable: Iterable[str], needed: Iterable[str], image: ImageMount | None = None) -> RootPlan:
+def make_plan(writable: Iterable[str], needed: Iterable[str], image: ImageMount | None = None,
+              tmpfs_size: int | None = None) -> RootPlan:
     """Decide the mounts: ``writable`` become overlays, ``needed`` must stay visible."""
     fresh = tuple(p for p in SCRATCH_PLACES if os.path.isdir(p) and not os.path.islink(p))
     overlays = _by_depth(os.path.realpath(p) for p in writable if os.path.isdir(p) and os.path.realpath(p) != "/")
@@ -125,7 +127,7 @@ def make_plan(writable: Iterable[str], needed: Iterable[str], image: ImageMount 
     elif image is not None:
         image_root = IMAGE_ROOT_IN_RUN if "/run" in fresh else IMAGE_ROOT_IN_TMP
     return RootPlan(overlays=tuple(overlays), visible=kept, fresh=fresh, image=image, image_root=image_root,
-                    image_dirs=image_dirs)
+                    image_dirs=image_dirs, tmpfs_size=tmpfs_size)
 
 
 def _writable_place(target: str, index: int, plan: RootPlan, scratch: str, layer_dir: str | None) -> int:
@@ -169,7 +171,7 @@ def build(plan: RootPlan, layer_dir: str | None = None) -> None:
     # 1. Everything that refers to host paths is prepared detached, before anything covers it.
     #    Uppers live on a scratch tmpfs that must be attached in this namespace (Linux < 6.6
     #    refuses a detached upper); /dev/shm is covered by the sandbox's own tmpfs later.
-    mounts.mount_tmpfs(SCRATCH, "0700", name="sandbox-upper")
+    mounts.mount_tmpfs(SCRATCH, "0700", name="sandbox-upper", size=plan.tmpfs_size)
     overlay_fds = [(t, _writable_place(t, i, plan, SCRATCH, layer_dir)) for i, t in enumerate(plan.overlays)]
     visible_fds = [(path, os.path.isdir(path), clone_tree(path)) for path in plan.visible]
     image_fd = None
@@ -180,8 +182,8 @@ def build(plan: RootPlan, layer_dir: str | None = None) -> None:
     for target, fd in [(t, f) for t, f in overlay_fds if any(is_under(p, t) and p != t for p in plan.fresh)]:
         mounts.attach(fd, target)
         overlay_fds.remove((target, fd))
-    mounts.mount_scratch_places()
-    mounts.mount_dev_instances("/dev")
+    mounts.mount_scratch_places(size=plan.tmpfs_size)
+    mounts.mount_dev_instances("/dev", shm_size=plan.tmpfs_size)
     # 3. Put writable and needed host paths back on top of the fresh places.
     for target, fd in overlay_fds:
         mounts.attach(fd, target)

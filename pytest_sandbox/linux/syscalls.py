@@ -13,6 +13,7 @@ import os
 import platform
 import socket
 import struct
+from typing import Any
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _syscall = _libc.syscall
@@ -56,6 +57,10 @@ MOUNT_ATTR_NOEXEC = 0x8
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 _NR = {
     "x86_64": {"pivot_root": 155, "open_tree": 428, "move_mount": 429, "fsopen": 430,
@@ -153,9 +158,13 @@ def fsmount(fs_fd: int, attr_flags: int = 0) -> int:
                            ctypes.c_uint(attr_flags)), "fsmount")
 
 
-def prctl(option: int, arg: int = 0) -> None:
-    _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), ctypes.c_ulong(0),
+def prctl(option: int, arg: int = 0, arg3: int = 0) -> None:
+    _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), ctypes.c_ulong(arg3),
                        ctypes.c_ulong(0), ctypes.c_ulong(0)), f"prctl({option})")
+
+
+def capset(header: ctypes.Structure, data: ctypes.Array[Any]) -> None:
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
 
 
 def set_process_name(name: str) -> None:

@@ -69,8 +69,19 @@ def drop_capabilities() -> None:
     test write to its own read-only files (CAP_DAC_OVERRIDE) and break tests that
     check permission errors.
     """
-    header = _CapHeader(_CAP_VERSION_3, 0)
-    data = (_CapData * 2)()
-    if syscalls._libc.capset(ctypes.byref(header), data) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"capset: {os.strerror(err)}")
+    # The bounding set first (dropping needs CAP_SETPCAP, held until the capset below): a nested
+    # user namespace plus execve would otherwise give capabilities back. Then no ambient
+    # capabilities and no_new_privs (no setuid gain), then empty effective/permitted/inheritable.
+    for cap in range(_last_cap() + 1):
+        syscalls.prctl(syscalls.PR_CAPBSET_DROP, cap)
+    syscalls.prctl(syscalls.PR_CAP_AMBIENT, syscalls.PR_CAP_AMBIENT_CLEAR_ALL)
+    syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
+    syscalls.capset(_CapHeader(_CAP_VERSION_3, 0), (_CapData * 2)())
+
+
+def _last_cap() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 40

@@ -11,6 +11,7 @@ slowly. Rebuild the embedded binary with ``python -m pytest_sandbox.runtime.init
 from __future__ import annotations
 
 import base64
+import fcntl
 import os
 import platform
 import subprocess
@@ -44,8 +45,11 @@ def command() -> tuple[list[str], int | None]:
     blob = _NATIVE.get(platform.machine())
     if blob is None:
         return [sys.executable, "-S", "-I", "-c", PYTHON_REAPER], None
-    fd = os.memfd_create("sandbox-init", os.MFD_CLOEXEC)
+    fd = os.memfd_create("sandbox-init", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.write(fd, zlib.decompress(base64.b64decode(blob)))
+    # Sealed: whoever holds the fd (a forked test process, before it lets go of it) cannot change
+    # the program every later sandbox's pid 1 runs.
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
     return [f"/proc/self/fd/{fd}"], fd
 
 

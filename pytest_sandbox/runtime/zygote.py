@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 
 from .. import protocol
-from ..linux import process, rootfs, syscalls, userns
+from ..linux import mounts, process, rootfs, syscalls, userns
 from ..spec import SandboxSpec
 from . import cgroups, init, test_process
 
@@ -129,6 +129,17 @@ class _Sandbox:
         protocol.send(self.test, {"nodeid": nodeid}, fds=(reports.fileno(),))
         self.test.close()
 
+    def close_channels(self) -> None:
+        """In a forked test process: another sandbox's sockets and pidfds are not its business."""
+        for fd in (self.test_pidfd, self.init_pidfd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        for sock in (self.test, self.to_pytest):
+            if sock is not None:
+                sock.close()
+
     def kill(self) -> None:
         """SIGKILL to pid 1 from outside its namespace ends every process in it (and so does cgroup.kill)."""
         try:
@@ -149,9 +160,14 @@ class _Factory:
         self.limits = limits
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.init_argv, self.init_fd = init.command()
+        self.scratch_size = mounts.default_scratch_size()
         self.plans: dict[SandboxSpec, rootfs.RootPlan] = {}
         self.running: dict[int, _Sandbox] = {}  # by pidfd of the test process
         self.ending: dict[int, _Sandbox] = {}   # test over, pid 1 tearing the namespace down; by its pidfd
+
+    def tmpfs_size(self, spec: SandboxSpec) -> int:
+        """Each scratch tmpfs holds at most a quarter of RAM, or the memory limit where that is less."""
+        return min(self.scratch_size, spec.memory) if spec.memory else self.scratch_size
 
     def prepare(self, spec: SandboxSpec) -> _Sandbox:
         """Start pid 1 in a new pid namespace and fork the test process into it; it builds itself.
@@ -161,7 +177,8 @@ class _Factory:
         plan = self.plans.get(spec)
         if plan is None:
             image = self.paths.images.get(spec.image) if spec.image else None
-            plan = self.plans[spec] = rootfs.make_plan(self.paths.writable + spec.writable, self.paths.needed, image)
+            plan = self.plans[spec] = rootfs.make_plan(self.paths.writable + spec.writable, self.paths.needed, image,
+                                                       tmpfs_size=self.tmpfs_size(spec))
         session = self.limits.session
         group = session.create(spec) if session is not None and self.limits.wants_group(spec) else None
         test, test_end = protocol.socketpair()
@@ -189,6 +206,20 @@ class _Factory:
                 self.cancel(sandbox)
                 raise
         return sandbox
+
+    def _close_in_test_process(self) -> None:
+        for sandbox in self.running.values():
+            sandbox.close_channels()
+        for sandbox in self.ending.values():
+            sandbox.close_channels()
+        fds = [self.own_pidns, *([self.init_fd] if self.init_fd is not None else [])]
+        if self.limits.session is not None:
+            fds.extend(self.limits.session.fds())
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def test_ended(self, sandbox: _Sandbox) -> None:
         """The test process has ended: end its namespace and tell pytest how the test ended.
