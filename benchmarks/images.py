@@ -60,7 +60,7 @@ def main() -> None:
             "container": "@pytest.mark.container\ndef test_{i}():\n    pass\n\n",
             "image": "@pytest.mark.container(image='busybox')\ndef test_{i}(sandbox):\n    pass\n\n",
             "image + run": "@pytest.mark.container(image='busybox')\ndef test_{i}(sandbox):\n"
-                           "    assert sandbox.run(['true']).returncode == 0\n\n",
+            "    assert sandbox.run(['true']).returncode == 0\n\n",
         }
         times: dict[str, list[float]] = {name: [] for name in suites}
         for name, body in suites.items():
@@ -69,8 +69,9 @@ def main() -> None:
         for _ in range(args.runs):
             for name in suites:
                 path = f"test_{name.replace(' + ', '_')}.py"
-                times[name].append(time_command([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path],
-                                         project, env))
+                times[name].append(
+                    time_command([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path], project, env)
+                )
         per_test = {name: med(t) / n * 1000 for name, t in times.items()}
         print(f"per test, container:        {per_test['container']:8.2f} ms  ({n} tests, session included)")
         print(f"per test, image=busybox:    {per_test['image']:8.2f} ms")

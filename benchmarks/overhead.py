@@ -44,8 +44,15 @@ def main() -> None:
         configs = {
             "plain": [sys.executable, "-m", "pytest", *base],
             "sandbox": [sys.executable, "-m", "pytest", "--sandbox=all", *base],
-            "sandbox + limits": [sys.executable, "-m", "pytest", "--sandbox=all", "--sandbox-memory=1G",
-                                 "--sandbox-pids=1000", *base],
+            "sandbox + limits": [
+                sys.executable,
+                "-m",
+                "pytest",
+                "--sandbox=all",
+                "--sandbox-memory=1G",
+                "--sandbox-pids=1000",
+                *base,
+            ],
             "plain (forked venv)": [forked_python, "-m", "pytest", *base],
             "forked": [forked_python, "-m", "pytest", "--forked", *base],
         }
@@ -60,8 +67,10 @@ def main() -> None:
     for name, value in median.items():
         print(f"  {name:<22} {value:7.3f} s")
     limits_ms = (median["sandbox + limits"] - median["plain"]) / args.tests * 1000
-    print(f"per-test overhead: sandbox {sandbox_ms:.2f} ms, pytest-forked {forked_ms:.2f} ms, "
-          f"sandbox with memory+pids limits (a cgroup each) {limits_ms:.2f} ms")
+    print(
+        f"per-test overhead: sandbox {sandbox_ms:.2f} ms, pytest-forked {forked_ms:.2f} ms, "
+        f"sandbox with memory+pids limits (a cgroup each) {limits_ms:.2f} ms"
+    )
     print(f"ratio sandbox/forked: {sandbox_ms / forked_ms:.2f} (goal <= 1.00)")
 
 

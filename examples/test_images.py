@@ -26,8 +26,8 @@ def test_in_image(sandbox: Sandbox) -> None:
 @pytest.mark.container(image="tools")
 def test_state_lasts_for_the_test(sandbox: Sandbox) -> None:
     sandbox.run("echo 42 > /var/lib/app/answer", check=True)
-    assert sandbox.run("cat /var/lib/app/answer").stdout == "42\n"      # every command sees it
-    with open(sandbox.path("/var/lib/app/answer")) as f:                 # and so does the test
+    assert sandbox.run("cat /var/lib/app/answer").stdout == "42\n"  # every command sees it
+    with open(sandbox.path("/var/lib/app/answer")) as f:  # and so does the test
         assert f.read() == "42\n"
 
 

@@ -25,14 +25,14 @@ TMP_FILE = pathlib.Path("/tmp/pytest-sandbox-example.txt")
 
 @pytest.mark.container
 def test_writes_are_thrown_away(tmp_path: pathlib.Path) -> None:
-    MARKER_FILE.write_text("only inside the sandbox")     # the project dir is writable...
-    TMP_FILE.write_text("private /tmp")                   # ...and /tmp is a fresh tmpfs
+    MARKER_FILE.write_text("only inside the sandbox")  # the project dir is writable...
+    TMP_FILE.write_text("private /tmp")  # ...and /tmp is a fresh tmpfs
     (tmp_path / "scratch").write_text("tmp_path works as usual")
     assert MARKER_FILE.exists() and TMP_FILE.exists()
 
 
 def test_host_did_not_change() -> None:
-    assert not MARKER_FILE.exists()                       # the overlay's upper layer is gone
+    assert not MARKER_FILE.exists()  # the overlay's upper layer is gone
     assert not TMP_FILE.exists()
 
 
@@ -44,27 +44,28 @@ def test_system_is_read_only() -> None:
 
 @pytest.mark.container
 def test_own_process_tree() -> None:
-    assert os.getpid() == 2                               # pid 1 is the sandbox's reaper
+    assert os.getpid() == 2  # pid 1 is the sandbox's reaper
     visible = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
-    assert visible == [1, 2]                              # no host processes in sight
+    assert visible == [1, 2]  # no host processes in sight
 
 
 @pytest.mark.container
 def test_no_network_but_loopback() -> None:
-    server = socket.create_server(("127.0.0.1", 0))       # loopback is up and private
+    server = socket.create_server(("127.0.0.1", 0))  # loopback is up and private
     with socket.create_connection(server.getsockname()) as client:
         client.sendall(b"ping")
         conn, _ = server.accept()
         assert conn.recv(4) == b"ping"
-    with pytest.raises(OSError):                          # everything else is unreachable
+    with pytest.raises(OSError):  # everything else is unreachable
         socket.create_connection(("192.0.2.1", 80), timeout=1)
 
 
 @pytest.mark.container
 def test_background_processes_die_with_the_test() -> None:
-    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)", "pytest-sandbox-example-daemon"],
-                     start_new_session=True)
-    time.sleep(0.1)                                       # no cleanup needed: the namespace ends with the test
+    subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(3600)", "pytest-sandbox-example-daemon"], start_new_session=True
+    )
+    time.sleep(0.1)  # no cleanup needed: the namespace ends with the test
 
 
 def test_no_daemon_left_on_the_host() -> None:

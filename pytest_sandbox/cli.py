@@ -58,7 +58,7 @@ def _is_static_elf(path: str) -> bool:
         header = f.read(64)
         if header[:4] != b"\x7fELF" or header[4] != 2:
             return False
-        phoff, = struct.unpack_from("<Q", header, 32)
+        (phoff,) = struct.unpack_from("<Q", header, 32)
         phentsize, phnum = struct.unpack_from("<HH", header, 54)
         f.seek(phoff)
         table = f.read(phentsize * phnum)
@@ -72,14 +72,24 @@ def _image_checks(store: Store) -> list[tuple[bool, str, str]]:
     size = sum(store.layer_info(c).get("size", 0) for c in layers)
     checks.append((True, "store", f"{store.root} ({len(images)} images, {len(layers)} layers, {_size(size)})"))
     if os.path.isdir(store.root) and store.filesystem() == "overlay":
-        checks.append((tarlayer.xattr_whiteouts_supported(), "store_fs",
-                       "the store is on overlayfs: RUN works on a tmpfs, --sandbox-keep is off, deletions need "
-                       "Linux 6.8+; fix: --sandbox-store on a real filesystem"))
+        checks.append(
+            (
+                tarlayer.xattr_whiteouts_supported(),
+                "store_fs",
+                "the store is on overlayfs: RUN works on a tmpfs, --sandbox-keep is off, deletions need "
+                "Linux 6.8+; fix: --sandbox-store on a real filesystem",
+            )
+        )
     if syscalls.kernel_at_least(6, 8):
         checks.append((True, "lowerdir+", "overlayfs takes one layer per call (Linux 6.8+): no layer limit"))
     else:
-        checks.append((False, "lowerdir+", "Linux < 6.8: layers go into the 4095-byte option string, about 200 "
-                                           "layers per image at most"))
+        checks.append(
+            (
+                False,
+                "lowerdir+",
+                "Linux < 6.8: layers go into the 4095-byte option string, about 200 layers per image at most",
+            )
+        )
     busybox = build.host_busybox()
     if busybox and _is_static_elf(busybox):
         checks.append((True, "busybox", f"{busybox} is static: the shipped busybox image builds"))
@@ -87,16 +97,24 @@ def _image_checks(store: Store) -> list[tuple[bool, str, str]]:
         what = f"{busybox} is dynamically linked" if busybox else "no busybox"
         checks.append((False, "busybox", f"{what}; fix: apt-get install busybox-static (for the shipped image)"))
     zstd = oci.zstd_decompressor()
-    checks.append((zstd is not None, "zstd", f"zstd-compressed layers import with {zstd}" if zstd else
-                   "no zstd decompressor; fix: apt-get install zstd (or pip install zstandard)"))
+    checks.append(
+        (
+            zstd is not None,
+            "zstd",
+            f"zstd-compressed layers import with {zstd}"
+            if zstd
+            else "no zstd decompressor; fix: apt-get install zstd (or pip install zstandard)",
+        )
+    )
     return checks
 
 
 def _images(args: argparse.Namespace, store: Store) -> int:
     say = print if not args.quiet else (lambda _m: None)
     if args.images_command == "build":
-        builder = build.Builder(store, args.dir, say, dict(a.split("=", 1) for a in args.build_arg),
-                                no_cache=args.no_cache)
+        builder = build.Builder(
+            store, args.dir, say, dict(a.split("=", 1) for a in args.build_arg), no_cache=args.no_cache
+        )
         names = args.names or build.definitions(args.dir)
         if not names:
             print(f"no *.Containerfile in {args.dir}", file=sys.stderr)
@@ -117,8 +135,14 @@ def _images(args: argparse.Namespace, store: Store) -> int:
     if args.images_command == "inspect":
         image = store.require(args.name)
         data: dict[str, Any] = image.to_json()
-        data["layers"] = [{"chain_id": c, **{k: v for k, v in store.layer_info(c).items() if k != "chain_id"},
-                           "path": store.diff_path(c)} for c in image.layers]
+        data["layers"] = [
+            {
+                "chain_id": c,
+                **{k: v for k, v in store.layer_info(c).items() if k != "chain_id"},
+                "path": store.diff_path(c),
+            }
+            for c in image.layers
+        ]
         print(json.dumps(data, indent=2, sort_keys=True))
         return 0
     if args.images_command == "rm":
@@ -150,8 +174,17 @@ def _wait_interactive(proc: subprocess.Popen[Any]) -> int:
         signal.signal(signal.SIGINT, previous)
 
 
-def _run_in(store: Store, layers: Sequence[str], config: dict[str, Any], layer_dir: str, merged: str,
-            argv: Sequence[str], hostname: str, host_based: bool, throwaway: bool = True) -> int:
+def _run_in(
+    store: Store,
+    layers: Sequence[str],
+    config: dict[str, Any],
+    layer_dir: str,
+    merged: str,
+    argv: Sequence[str],
+    hostname: str,
+    host_based: bool,
+    throwaway: bool = True,
+) -> int:
     """Run ``argv`` on the image's layers with ``layer_dir`` holding the read/write layer.
 
     ``layer_dir`` has ``upper``/``work``, or for a FROM host image ``<dir>/upper``/``<dir>/work``
@@ -162,13 +195,25 @@ def _run_in(store: Store, layers: Sequence[str], config: dict[str, Any], layer_d
     on_tmpfs = throwaway and store.filesystem() == "overlay"
 
     def prepare() -> str:
-        return rootfs.mount_image_root(lowers, layer_dir, merged, host_based=host_based, store_root=store.root,
-                                          unprivileged=unprivileged, on_tmpfs=on_tmpfs)
+        return rootfs.mount_image_root(
+            lowers,
+            layer_dir,
+            merged,
+            host_based=host_based,
+            store_root=store.root,
+            unprivileged=unprivileged,
+            on_tmpfs=on_tmpfs,
+        )
 
     user = config.get("User") or ""
     uid, gid, home = build.image_user(store, layers, user, host_based)
-    run = commands.RunSpec(argv=tuple(argv), env=commands.image_env(config.get("Env") or [], {}, home, hostname),
-                            workdir=config.get("WorkingDir") or "/", hostname=hostname, network="none")
+    run = commands.RunSpec(
+        argv=tuple(argv),
+        env=commands.image_env(config.get("Env") or [], {}, home, hostname),
+        workdir=config.get("WorkingDir") or "/",
+        hostname=hostname,
+        network="none",
+    )
     return _wait_interactive(commands.spawn(prepare, run, uid, gid))
 
 
@@ -185,18 +230,30 @@ def _shell(args: argparse.Namespace, store: Store) -> int:
         try:
             kept = store.container(args.target)
         except SandboxError:
-            raise SandboxError(f"{args.target!r} is neither a kept container (pytest-sandbox containers) "
-                               f"nor an image (pytest-sandbox images ls)") from None
+            raise SandboxError(
+                f"{args.target!r} is neither a kept container (pytest-sandbox containers) "
+                f"nor an image (pytest-sandbox images ls)"
+            ) from None
     argv = args.command or ["/bin/sh"]
     with store.staging() as stage:
         merged = os.path.join(stage, "merged")
         os.mkdir(merged)
         if kept is not None:
-            return _run_in(store, kept["layers"], kept["config"], kept["path"], merged, argv,
-                           kept.get("hostname") or "sandbox", kept.get("base") == HOST_BASE, throwaway=False)
+            return _run_in(
+                store,
+                kept["layers"],
+                kept["config"],
+                kept["path"],
+                merged,
+                argv,
+                kept.get("hostname") or "sandbox",
+                kept.get("base") == HOST_BASE,
+                throwaway=False,
+            )
         assert image is not None
-        return _run_in(store, image.layers, image.config, _fresh_layer_dir(stage), merged, argv, "sandbox",
-                       image.host_based)
+        return _run_in(
+            store, image.layers, image.config, _fresh_layer_dir(stage), merged, argv, "sandbox", image.host_based
+        )
 
 
 def _fresh_layer_dir(stage: str) -> str:
@@ -220,8 +277,16 @@ def _run(args: argparse.Namespace, store: Store) -> int:
     with store.staging() as stage:
         merged = os.path.join(stage, "merged")
         os.mkdir(merged)
-        return _run_in(store, image.layers, image.config, _fresh_layer_dir(stage), merged,
-                       args.command or _default_command(image.config), "sandbox", image.host_based)
+        return _run_in(
+            store,
+            image.layers,
+            image.config,
+            _fresh_layer_dir(stage),
+            merged,
+            args.command or _default_command(image.config),
+            "sandbox",
+            image.host_based,
+        )
 
 
 def _commit(args: argparse.Namespace, store: Store) -> int:
@@ -241,13 +306,22 @@ def _commit(args: argparse.Namespace, store: Store) -> int:
         diff_ids = [store.layer_info(c)["diff_id"] for c in layers]
         if os.listdir(tidy):
             diff_id = tarlayer.diff_id_of(tidy)
-            chain = store.stack_layer(tidy, diff_id, layers[-1] if layers else None,
-                                      f"commit of {args.id} ({kept['nodeid']})")
+            chain = store.stack_layer(
+                tidy, diff_id, layers[-1] if layers else None, f"commit of {args.id} ({kept['nodeid']})"
+            )
             layers.append(chain)
             diff_ids.append(diff_id)
-        store.put(Image(name=args.name, layers=tuple(layers), diff_ids=tuple(diff_ids), config=kept["config"],
-                        source=f"commit {args.id} of {kept['nodeid']}", created=time.time(),
-                        base=HOST_BASE if host_based else ""))
+        store.put(
+            Image(
+                name=args.name,
+                layers=tuple(layers),
+                diff_ids=tuple(diff_ids),
+                config=kept["config"],
+                source=f"commit {args.id} of {kept['nodeid']}",
+                created=time.time(),
+                base=HOST_BASE if host_based else "",
+            )
+        )
     print(f"committed {args.id} as image {args.name} ({len(layers)} layers)")
     return 0
 
@@ -271,35 +345,48 @@ def _containers(args: argparse.Namespace, store: Store) -> int:
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="pytest-sandbox", description="rootless sandboxes for pytest")
-    top.add_argument("--store", metavar="DIR", default=os.environ.get("PYTEST_SANDBOX_STORE"),
-                     help="image store (default: $PYTEST_SANDBOX_STORE or $XDG_CACHE_HOME/pytest-sandbox)")
+    top.add_argument(
+        "--store",
+        metavar="DIR",
+        default=os.environ.get("PYTEST_SANDBOX_STORE"),
+        help="image store (default: $PYTEST_SANDBOX_STORE or $XDG_CACHE_HOME/pytest-sandbox)",
+    )
     top.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     quiet = argparse.ArgumentParser(add_help=False)  # -q also after the subcommand
     quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
+
     def add(group: Any, name: str, help: str | None = None) -> argparse.ArgumentParser:
         parser: argparse.ArgumentParser = group.add_parser(name, parents=[quiet], help=help)
         return parser
 
     commands = top.add_subparsers(dest="verb", required=True)
     doctor = add(commands, "doctor", "what this host supports, what is missing and how to fix it")
-    doctor.add_argument("--cgroup", metavar="PATH", default=os.environ.get("PYTEST_SANDBOX_CGROUP"),
-                        help="the cgroup pytest would be given with --sandbox-cgroup")
+    doctor.add_argument(
+        "--cgroup",
+        metavar="PATH",
+        default=os.environ.get("PYTEST_SANDBOX_CGROUP"),
+        help="the cgroup pytest would be given with --sandbox-cgroup",
+    )
     images = add(commands, "images", "build, list, inspect, remove, import and export images")
     sub = images.add_subparsers(dest="images_command", required=True)
     p = add(sub, "build", "build images/NAME.Containerfile (all of them without NAME)")
     p.add_argument("names", nargs="*", metavar="NAME")
     p.add_argument("--dir", default="images", help="directory of *.Containerfile (default: ./images)")
     p.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE", help="value for an ARG")
-    p.add_argument("--no-cache", action="store_true", help="run every step again (e.g. after the host changed "
-                   "under a FROM host image)")
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="run every step again (e.g. after the host changed under a FROM host image)",
+    )
     add(sub, "ls", "list images")
     p = add(sub, "inspect", "layers and config of an image, as JSON")
     p.add_argument("name")
     p = add(sub, "rm", "remove images (layers stay until prune)")
     p.add_argument("names", nargs="+", metavar="NAME")
     add(sub, "prune", "remove layers no image uses")
-    p = add(sub, "import", "import FILE or DIR (kind detected), or oci:DIR, oci-archive:FILE, docker-archive:FILE "
-                           "([:TAG])")
+    p = add(
+        sub, "import", "import FILE or DIR (kind detected), or oci:DIR, oci-archive:FILE, docker-archive:FILE ([:TAG])"
+    )
     p.add_argument("ref")
     p.add_argument("name", nargs="?")
     p = add(sub, "export", "write an image as an OCI archive (or oci:DIR / docker-archive:FILE)")

@@ -39,14 +39,16 @@ class Sandbox:
     def _require_root(self) -> str:
         if self.root is None:
             if self.spec is None:
-                raise SandboxError("this test does not run in a sandbox (is --sandbox=off?); "
-                                   "sandbox.run() needs @pytest.mark.container(image=...)")
-            raise SandboxError("this test has no image: use @pytest.mark.container(image=NAME) "
-                               "to run commands in one")
+                raise SandboxError(
+                    "this test does not run in a sandbox (is --sandbox=off?); "
+                    "sandbox.run() needs @pytest.mark.container(image=...)"
+                )
+            raise SandboxError("this test has no image: use @pytest.mark.container(image=NAME) to run commands in one")
         return self.root
 
-    def _run_spec(self, argv: Sequence[str] | str, env: Mapping[str, str] | None, workdir: str | None,
-                  user: str | None) -> tuple[commands.RunSpec, int, int]:
+    def _run_spec(
+        self, argv: Sequence[str] | str, env: Mapping[str, str] | None, workdir: str | None, user: str | None
+    ) -> tuple[commands.RunSpec, int, int]:
         root = self._require_root()
         assert self.spec is not None
         args = ("/bin/sh", "-c", argv) if isinstance(argv, str) else tuple(argv)
@@ -55,19 +57,35 @@ class Sandbox:
         user_text = self.config.get("User") or "" if user is None else user
         if self.host_based:
             if user is not None:
-                raise SandboxError("sandbox.run(user=...) is not available in a FROM host image: commands run "
-                                   "as the test's own user there")
+                raise SandboxError(
+                    "sandbox.run(user=...) is not available in a FROM host image: commands run "
+                    "as the test's own user there"
+                )
             uid, gid, home = os.getuid(), os.getgid(), os.environ.get("HOME", "/")
         else:
             uid, gid, home = commands.resolve_user(root, user_text)
-        full_env = commands.image_env(self.config.get("Env") or [], {**dict(self.spec.env), **(env or {})},
-                                       home, self.spec.hostname)
-        run = commands.RunSpec(argv=args, env=full_env, workdir=workdir or self.config.get("WorkingDir") or "/",
-                               hostname=self.spec.hostname, network="inherit", share_dev=True)
+        full_env = commands.image_env(
+            self.config.get("Env") or [], {**dict(self.spec.env), **(env or {})}, home, self.spec.hostname
+        )
+        run = commands.RunSpec(
+            argv=args,
+            env=full_env,
+            workdir=workdir or self.config.get("WorkingDir") or "/",
+            hostname=self.spec.hostname,
+            network="inherit",
+            share_dev=True,
+        )
         return run, uid, gid
 
-    def spawn(self, argv: Sequence[str] | str, *, env: Mapping[str, str] | None = None, workdir: str | None = None,
-              user: str | None = None, **popen_kwargs: Any) -> subprocess.Popen[Any]:
+    def spawn(
+        self,
+        argv: Sequence[str] | str,
+        *,
+        env: Mapping[str, str] | None = None,
+        workdir: str | None = None,
+        user: str | None = None,
+        **popen_kwargs: Any,
+    ) -> subprocess.Popen[Any]:
         """Start a command in the image (a ``subprocess.Popen``); it shares the test's network."""
         run, uid, gid = self._run_spec(argv, env, workdir, user)
         root = self._require_root()
@@ -75,13 +93,29 @@ class Sandbox:
             return subprocess.Popen(list(run.argv), env=dict(run.env), cwd=run.workdir, **popen_kwargs)
         return commands.spawn(lambda: root, run, uid, gid, **popen_kwargs)
 
-    def run(self, argv: Sequence[str] | str, *, input: str | bytes | None = None, check: bool = False,
-            timeout: float | None = None, text: bool = True, env: Mapping[str, str] | None = None,
-            workdir: str | None = None, user: str | None = None) -> subprocess.CompletedProcess[Any]:
+    def run(
+        self,
+        argv: Sequence[str] | str,
+        *,
+        input: str | bytes | None = None,
+        check: bool = False,
+        timeout: float | None = None,
+        text: bool = True,
+        env: Mapping[str, str] | None = None,
+        workdir: str | None = None,
+        user: str | None = None,
+    ) -> subprocess.CompletedProcess[Any]:
         """Run a command in the image to completion, capturing stdout and stderr (like ``subprocess.run``)."""
-        proc = self.spawn(argv, env=env, workdir=workdir, user=user, text=text,
-                          stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = self.spawn(
+            argv,
+            env=env,
+            workdir=workdir,
+            user=user,
+            text=text,
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         try:
             stdout, stderr = proc.communicate(input, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -99,4 +133,3 @@ def sandbox() -> Sandbox:
     """The sandbox this test runs in (``sandbox.active`` is False when it runs unsandboxed)."""
     plan = test_process.ACTIVE_PLAN
     return Sandbox(test_process.ACTIVE_SPEC, plan.image if plan else None, plan.image_root if plan else "")
-

@@ -13,6 +13,7 @@ import pytest
 if TYPE_CHECKING:
     from .spec import SandboxSpec
 
+
 @pytest.hookspec(firstresult=True)
 def pytest_sandbox_spec(item: pytest.Item, spec: SandboxSpec) -> SandboxSpec | None:
     """Adjust the sandbox of one test before anything runs.

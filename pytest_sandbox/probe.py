@@ -31,18 +31,20 @@ def _read(path: str) -> str | None:
 def _userns_blocker() -> tuple[str, str]:
     """The most likely reason user namespaces are refused, and how to fix it."""
     if _read("/proc/sys/user/max_user_namespaces") == "0":
-        return ("user.max_user_namespaces is 0",
-                "sudo sysctl -w user.max_user_namespaces=15000")
+        return ("user.max_user_namespaces is 0", "sudo sysctl -w user.max_user_namespaces=15000")
     if _read("/proc/sys/kernel/unprivileged_userns_clone") == "0":
-        return ("kernel.unprivileged_userns_clone is 0",
-                "sudo sysctl -w kernel.unprivileged_userns_clone=1")
+        return ("kernel.unprivileged_userns_clone is 0", "sudo sysctl -w kernel.unprivileged_userns_clone=1")
     if _read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1":
-        return ("AppArmor restricts unprivileged user namespaces (Ubuntu 23.10+)",
-                "sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0")
+        return (
+            "AppArmor restricts unprivileged user namespaces (Ubuntu 23.10+)",
+            "sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0",
+        )
     status = _read("/proc/self/status") or ""
     if "\nSeccomp:\t2" in status:
-        return ("a seccomp filter (this looks like a container) blocks unshare(CLONE_NEWUSER)",
-                "run the container with --security-opt seccomp=unconfined, or use a VM/CI runner")
+        return (
+            "a seccomp filter (this looks like a container) blocks unshare(CLONE_NEWUSER)",
+            "run the container with --security-opt seccomp=unconfined, or use a VM/CI runner",
+        )
     return ("unshare(CLONE_NEWUSER) was refused", "check the kernel's user namespace support")
 
 
@@ -93,7 +95,8 @@ _STEPS: dict[str, Callable[[], None]] = {
     "userns": userns.enter_user_namespace,
     "mountns": lambda: syscalls.unshare(syscalls.CLONE_NEWNS),
     "host_view": lambda: syscalls.mount_setattr(
-        syscalls.open_tree("/", syscalls.OPEN_TREE_CLONE | syscalls.AT_RECURSIVE), syscalls.MOUNT_ATTR_RDONLY),
+        syscalls.open_tree("/", syscalls.OPEN_TREE_CLONE | syscalls.AT_RECURSIVE), syscalls.MOUNT_ATTR_RDONLY
+    ),
     "overlay": _overlay_step,
     "tmpfs_xattr": _tmpfs_xattr_step,
     "netns": lambda: syscalls.unshare(syscalls.CLONE_NEWNET),
@@ -110,8 +113,11 @@ def cgroup_delegation() -> str:
             enabled = (_read(f"{base}/cgroup.controllers") or "").split()
             return f"delegated ({' '.join(enabled) or 'no controllers'})"
         return "not delegated"
-    writable = [name for name in ("memory", "cpu", "pids", "blkio")
-                if os.access(f"/sys/fs/cgroup/{name}{own.get(name, '/')}", os.W_OK)]
+    writable = [
+        name
+        for name in ("memory", "cpu", "pids", "blkio")
+        if os.access(f"/sys/fs/cgroup/{name}{own.get(name, '/')}", os.W_OK)
+    ]
     return f"writable: {' '.join(writable)}" if writable else "not delegated"
 
 
@@ -135,10 +141,14 @@ def checks() -> tuple[Check, ...]:
         out.append(Check("userns", False, f"{reason} ({err or 'not tried'})", fix))
     else:
         out.append(Check("userns", True, "unprivileged user namespaces work"))
-    labels = {"mountns": "mount namespace", "host_view": "read-only host view (open_tree + mount_setattr)",
-              "overlay": "overlayfs with userxattr",
-              "tmpfs_xattr": "user xattrs on tmpfs: host directories can be deleted in writable overlays",
-              "netns": "network namespace", "pidns": "pid namespace"}
+    labels = {
+        "mountns": "mount namespace",
+        "host_view": "read-only host view (open_tree + mount_setattr)",
+        "overlay": "overlayfs with userxattr",
+        "tmpfs_xattr": "user xattrs on tmpfs: host directories can be deleted in writable overlays",
+        "netns": "network namespace",
+        "pidns": "pid namespace",
+    }
     for step, label in labels.items():
         step_err = results.get(step)
         if step_err is None:
@@ -153,9 +163,14 @@ def checks() -> tuple[Check, ...]:
             out.append(Check(step, True, label))
     out.append(Check("cgroup", True, f"cgroup {cgroup_mode()}, {cgroup_delegation()}"))
     newuidmap = shutil.which("newuidmap")
-    out.append(Check("newuidmap", bool(newuidmap),
-                     f"newuidmap at {newuidmap}" if newuidmap else "newuidmap not installed (single-id maps only)",
-                     "" if newuidmap else "apt-get install uidmap (optional)"))
+    out.append(
+        Check(
+            "newuidmap",
+            bool(newuidmap),
+            f"newuidmap at {newuidmap}" if newuidmap else "newuidmap not installed (single-id maps only)",
+            "" if newuidmap else "apt-get install uidmap (optional)",
+        )
+    )
     return tuple(out)
 
 

@@ -76,7 +76,7 @@ def encode(message: dict[str, Any]) -> bytes:
 
 def send(sock: socket.socket, message: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
     data = encode(message)
-    chunks = [data[i:i + CHUNK] for i in range(0, len(data), CHUNK)] or [b""]
+    chunks = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)] or [b""]
     for index, chunk in enumerate(chunks):
         marker = LAST if index == len(chunks) - 1 else MORE
         if index == 0 and fds:
@@ -154,8 +154,10 @@ def check(message: dict[str, Any], schema: dict[str, dict[str, tuple[type, ...]]
             raise ProtocolError(f"{kind} message without {name!r}")
         value = message[name]
         if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-            raise ProtocolError(f"{kind} message: {name!r} is {type(value).__name__}, "
-                                f"expected {' or '.join(t.__name__ for t in allowed)}")
+            raise ProtocolError(
+                f"{kind} message: {name!r} is {type(value).__name__}, "
+                f"expected {' or '.join(t.__name__ for t in allowed)}"
+            )
     if fields:
         extra = sorted(set(message) - set(fields) - {"type"})
         if extra:

@@ -77,8 +77,10 @@ class Outcome:
         """Limits the sandbox ran into, for the report of a failed test."""
         usage, notes = self.usage, []
         if usage.get("oom_kills"):
-            notes.append(f"the OOM killer ended {usage['oom_kills']} process(es) at the memory limit "
-                         f"{_mib(self.spec.memory or 0)}")
+            notes.append(
+                f"the OOM killer ended {usage['oom_kills']} process(es) at the memory limit "
+                f"{_mib(self.spec.memory or 0)}"
+            )
         if usage.get("pids_limit_hits"):
             notes.append(f"the pids limit {self.spec.pids} refused {usage['pids_limit_hits']} fork(s)")
         return "\n".join(notes)
@@ -105,8 +107,8 @@ class _Relay:
         self.hold = bool(spec.limits) or zyg.limits.accounting  # reports wait for usage and limit notes
         self.ready: list[pytest.TestReport] = []  # to hand to pytest now
         self.held: list[pytest.TestReport] = []
-        self.done = False     # the test process said it finished its protocol
-        self.ended = False    # the zygote said how the test process ended
+        self.done = False  # the test process said it finished its protocol
+        self.ended = False  # the zygote said how the test process ended
 
     # -- the reports channel -----------------------------------------------------------------
     def from_test(self, message: dict[str, Any]) -> None:
@@ -132,11 +134,15 @@ class _Relay:
         except Exception as exc:
             raise protocol.ProtocolError(f"a report pytest cannot read ({type(exc).__name__}: {exc})") from None
         if not isinstance(report, pytest.TestReport) or report.nodeid != self.item.nodeid:
-            raise protocol.ProtocolError(f"a report for {getattr(report, 'nodeid', report)!r}, "
-                                         f"not for {self.item.nodeid!r}")
+            raise protocol.ProtocolError(
+                f"a report for {getattr(report, 'nodeid', report)!r}, not for {self.item.nodeid!r}"
+            )
         seen = [w for w in PHASES if w in self.outcome.whens]
-        if report.when not in PHASES or "teardown" in seen or (seen and PHASES.index(report.when) <
-                                                               PHASES.index(seen[-1])):
+        if (
+            report.when not in PHASES
+            or "teardown" in seen
+            or (seen and PHASES.index(report.when) < PHASES.index(seen[-1]))
+        ):
             raise protocol.ProtocolError(f"a {report.when!r} report after {', '.join(seen) or 'nothing'}")
         if isinstance(report.longrepr, list):  # a skip's (path, lineno, reason): JSON made the tuple a list
             report.longrepr = tuple(report.longrepr)
@@ -146,8 +152,13 @@ class _Relay:
             raise protocol.ProtocolError("user_properties that are not (name, value) pairs") from None
         kept = (self.containers or {}).get(self.item.nodeid)
         if report.failed and kept:
-            report.sections.append(("sandbox", f"read/write layer kept as {kept}: pytest-sandbox shell {kept}  |  "
-                                               f"pytest-sandbox commit {kept} NAME"))
+            report.sections.append(
+                (
+                    "sandbox",
+                    f"read/write layer kept as {kept}: pytest-sandbox shell {kept}  |  "
+                    f"pytest-sandbox commit {kept} NAME",
+                )
+            )
         self.outcome.whens.add(report.when)
         if report.when == "setup" and report.passed:
             self.outcome.setup_passed = True
@@ -188,8 +199,9 @@ def _drain(sock: socket.socket, relay: _Relay) -> None:
             relay.malformed(exc)
 
 
-def run_in_sandbox(item: pytest.Item, zyg: Zygote, spec: SandboxSpec,
-                   containers: dict[str, str] | None = None) -> Iterator[pytest.TestReport]:
+def run_in_sandbox(
+    item: pytest.Item, zyg: Zygote, spec: SandboxSpec, containers: dict[str, str] | None = None
+) -> Iterator[pytest.TestReport]:
     """Run the item's whole runtest protocol in a new sandbox, yielding reports as they arrive.
 
     A sandbox whose read/write layer may be kept (``--sandbox-keep``) names it first;
@@ -283,7 +295,8 @@ def _record_warning(item: pytest.Item, message: dict[str, Any]) -> None:
     category = _warning_category(*message["category"])
     warning = warnings.WarningMessage(category(message["message"]), category, message["filename"], message["lineno"])
     item.ihook.pytest_warning_recorded.call_historic(
-        kwargs={"warning_message": warning, "when": message["when"], "nodeid": item.nodeid, "location": None})
+        kwargs={"warning_message": warning, "when": message["when"], "nodeid": item.nodeid, "location": None}
+    )
 
 
 def _trim_crash_output(text: str) -> str:

@@ -88,6 +88,7 @@ def configure(config: pytest.Config) -> SessionState:
 
 # -- images ---------------------------------------------------------------------------------------
 
+
 def check_images(state: SessionState, needed: dict[str, str]) -> None:
     """Every image the selected tests name must be buildable or in the store: a usage error otherwise."""
     checker = build.Builder(state.store, state.images_dir)
@@ -114,8 +115,9 @@ def prepare_images(state: SessionState, progress: build.Progress) -> None:
         if not lowers and not image.host_based:
             lowers = (_empty_layer(state.store),)
         state.image_records[name] = image
-        state.images[name] = ImageMount(name, lowers, json.dumps(image.config, sort_keys=True),
-                                        host_based=image.host_based)
+        state.images[name] = ImageMount(
+            name, lowers, json.dumps(image.config, sort_keys=True), host_based=image.host_based
+        )
 
 
 def _empty_layer(store: Store) -> str:
@@ -127,6 +129,7 @@ def _empty_layer(store: Store) -> str:
 
 # -- the zygote -----------------------------------------------------------------------------------
 
+
 def session_paths(config: pytest.Config, basetemp: str | None) -> SessionPaths:
     """Which host paths sandboxes must keep writable or visible for this pytest process."""
     cwd = os.getcwd()
@@ -136,8 +139,14 @@ def session_paths(config: pytest.Config, basetemp: str | None) -> SessionPaths:
         writable.append(home)
     if basetemp:
         writable.append(basetemp)
-    needed = [sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable)),
-              str(config.invocation_params.dir), *[p for p in sys.path if p]]
+    needed = [
+        sys.prefix,
+        sys.base_prefix,
+        sys.exec_prefix,
+        os.path.dirname(os.path.realpath(sys.executable)),
+        str(config.invocation_params.dir),
+        *[p for p in sys.path if p],
+    ]
     if config.inipath:
         needed.append(str(config.inipath.parent))
     return SessionPaths(cwd=cwd, writable=tuple(writable), needed=tuple(needed))
@@ -149,9 +158,13 @@ def _open_keep_dir(state: SessionState) -> None:
         return
     if state.store.filesystem() == "overlay":
         state.keep = "none"
-        warnings.warn(pytest.PytestWarning(
-            f"pytest-sandbox: --sandbox-keep ignored: the image store {state.store.root} is on overlayfs, "
-            "which cannot hold a read/write layer (put it elsewhere with --sandbox-store)"), stacklevel=1)
+        warnings.warn(
+            pytest.PytestWarning(
+                f"pytest-sandbox: --sandbox-keep ignored: the image store {state.store.root} is on overlayfs, "
+                "which cannot hold a read/write layer (put it elsewhere with --sandbox-store)"
+            ),
+            stacklevel=1,
+        )
         return
     state.keep_dir = state.store.session_containers(os.getpid())
 
@@ -168,15 +181,17 @@ def zygote_for(item: pytest.Item, state: SessionState) -> Zygote:
     basetemp = str(factory.getbasetemp()) if factory is not None else None
     items = {i.nodeid: i for i in item.session.items} | {item.nodeid: item}
     _open_keep_dir(state)
-    paths = dataclasses.replace(session_paths(item.config, basetemp), images=dict(state.images),
-                                keep_dir=state.keep_dir)
+    paths = dataclasses.replace(
+        session_paths(item.config, basetemp), images=dict(state.images), keep_dir=state.keep_dir
+    )
     if state.cgroup_session is None and isinstance(state.backend, cgroups.CgroupBackend):
         try:
             state.cgroup_session = state.backend.open_session()
         except OSError as exc:
             raise SandboxError(f"cannot create the session cgroup: {exc}") from None
-    zyg = state.zygote = Zygote(items, SPEC_KEY, paths, state.parent_epoch,
-                                Limits(state.backend, state.cgroup_session, state.accounting))
+    zyg = state.zygote = Zygote(
+        items, SPEC_KEY, paths, state.parent_epoch, Limits(state.backend, state.cgroup_session, state.accounting)
+    )
     return zyg
 
 

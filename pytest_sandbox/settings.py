@@ -27,59 +27,134 @@ KEEP = ("none", "failed")
 class Setting:
     """One setting: where it may be given and what it may be."""
 
-    name: str                   # the option's dest, ``sandbox_<name>``
+    name: str  # the option's dest, ``sandbox_<name>``
     help: str
-    option: str | None = None   # command-line flag
-    ini: str | None = None      # ini key
-    env: str | None = None      # environment variable
+    option: str | None = None  # command-line flag
+    ini: str | None = None  # ini key
+    env: str | None = None  # environment variable
     default: Any = None
     choices: tuple[str, ...] = ()
     ini_type: str | None = None  # "linelist" for multi-line ini values
     metavar: str = "VALUE"
-    path: bool = False          # an ini value is relative to the ini file's directory
+    path: bool = False  # an ini value is relative to the ini file's directory
     option_type: Any = None
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("sandbox_mode", "marked: sandbox tests marked @pytest.mark.container (default); all: sandbox every test; "
-            "off: run everything unsandboxed", "--sandbox", "sandbox", default="marked", choices=MODES,
-            metavar="MODE"),
-    Setting("sandbox_unavailable", "what sandboxed tests do where this host cannot build sandboxes: fail (default) "
-            "or skip", "--sandbox-unavailable", "sandbox_unavailable", default="fail", choices=UNAVAILABLE,
-            metavar="ACTION"),
-    Setting("sandbox_network", "default network of sandboxes: none (loopback only, default) or host",
-            "--sandbox-network", "sandbox_network", metavar="MODE"),
+    Setting(
+        "sandbox_mode",
+        "marked: sandbox tests marked @pytest.mark.container (default); all: sandbox every test; "
+        "off: run everything unsandboxed",
+        "--sandbox",
+        "sandbox",
+        default="marked",
+        choices=MODES,
+        metavar="MODE",
+    ),
+    Setting(
+        "sandbox_unavailable",
+        "what sandboxed tests do where this host cannot build sandboxes: fail (default) or skip",
+        "--sandbox-unavailable",
+        "sandbox_unavailable",
+        default="fail",
+        choices=UNAVAILABLE,
+        metavar="ACTION",
+    ),
+    Setting(
+        "sandbox_network",
+        "default network of sandboxes: none (loopback only, default) or host",
+        "--sandbox-network",
+        "sandbox_network",
+        metavar="MODE",
+    ),
     Setting("sandbox_hostname", "host name inside sandboxes", ini="sandbox_hostname"),
-    Setting("sandbox_writable", "extra host directories sandboxes may write to (ephemerally)", ini="sandbox_writable",
-            ini_type="linelist"),
+    Setting(
+        "sandbox_writable",
+        "extra host directories sandboxes may write to (ephemerally)",
+        ini="sandbox_writable",
+        ini_type="linelist",
+    ),
     Setting("sandbox_env", "NAME=VALUE lines set in every sandbox", ini="sandbox_env", ini_type="linelist"),
-    Setting("sandbox_memory", "default memory limit, e.g. 512M, of every sandbox", "--sandbox-memory",
-            "sandbox_memory"),
-    Setting("sandbox_cpus", "default CPU limit in CPUs, e.g. 0.5, of every sandbox", "--sandbox-cpus",
-            "sandbox_cpus"),
+    Setting(
+        "sandbox_memory", "default memory limit, e.g. 512M, of every sandbox", "--sandbox-memory", "sandbox_memory"
+    ),
+    Setting("sandbox_cpus", "default CPU limit in CPUs, e.g. 0.5, of every sandbox", "--sandbox-cpus", "sandbox_cpus"),
     Setting("sandbox_pids", "default most processes and threads of every sandbox", "--sandbox-pids", "sandbox_pids"),
-    Setting("sandbox_timeout", "default seconds for each test of every sandbox", "--sandbox-timeout",
-            "sandbox_timeout"),
-    Setting("sandbox_cgroup", "cgroup (path below /sys/fs/cgroup, per hierarchy on v1) to create sandbox cgroups in",
-            "--sandbox-cgroup", "sandbox_cgroup", env="PYTEST_SANDBOX_CGROUP", metavar="PATH"),
-    Setting("sandbox_cgroup_backend", "how limits are enforced: auto (default), v2, v1 or rlimit",
-            "--sandbox-cgroup-backend", "sandbox_cgroup_backend", default="auto", choices=CGROUP_BACKENDS,
-            metavar="KIND"),
-    Setting("sandbox_limits", "a limit this host cannot enforce: warn (default) or strict (an error)",
-            "--sandbox-limits", "sandbox_limits", default="warn", choices=LIMIT_POLICIES, metavar="POLICY"),
-    Setting("sandbox_store", "image and layer store (default: $PYTEST_SANDBOX_STORE, ini sandbox_store, "
-            "$XDG_CACHE_HOME/pytest-sandbox)", "--sandbox-store", "sandbox_store", env="PYTEST_SANDBOX_STORE",
-            metavar="DIR", path=True),
-    Setting("sandbox_keep", "keep the read/write layer of failed image tests: failed or none (default)",
-            "--sandbox-keep", "sandbox_keep", default="none", choices=KEEP, metavar="WHICH"),
-    Setting("sandbox_images", "directory of *.Containerfile image definitions, relative to rootdir",
-            ini="sandbox_images", default="images", path=True),
-    Setting("sandbox_durations", "show the N sandboxed tests that used the most memory and CPU (0: all)",
-            "--sandbox-durations", metavar="N", option_type=int),
-    Setting("sandbox_repeat", "run each selected test N times, each in a fresh sandbox, and tabulate failures",
-            "--sandbox-repeat", default=1, metavar="N", option_type=int),
-    Setting("sandbox_stress", "limits that override all others, e.g. cpus=0.2,memory=128M (to shake out flaky "
-            "tests)", "--sandbox-stress", metavar="LIMITS"),
+    Setting(
+        "sandbox_timeout", "default seconds for each test of every sandbox", "--sandbox-timeout", "sandbox_timeout"
+    ),
+    Setting(
+        "sandbox_cgroup",
+        "cgroup (path below /sys/fs/cgroup, per hierarchy on v1) to create sandbox cgroups in",
+        "--sandbox-cgroup",
+        "sandbox_cgroup",
+        env="PYTEST_SANDBOX_CGROUP",
+        metavar="PATH",
+    ),
+    Setting(
+        "sandbox_cgroup_backend",
+        "how limits are enforced: auto (default), v2, v1 or rlimit",
+        "--sandbox-cgroup-backend",
+        "sandbox_cgroup_backend",
+        default="auto",
+        choices=CGROUP_BACKENDS,
+        metavar="KIND",
+    ),
+    Setting(
+        "sandbox_limits",
+        "a limit this host cannot enforce: warn (default) or strict (an error)",
+        "--sandbox-limits",
+        "sandbox_limits",
+        default="warn",
+        choices=LIMIT_POLICIES,
+        metavar="POLICY",
+    ),
+    Setting(
+        "sandbox_store",
+        "image and layer store (default: $PYTEST_SANDBOX_STORE, ini sandbox_store, $XDG_CACHE_HOME/pytest-sandbox)",
+        "--sandbox-store",
+        "sandbox_store",
+        env="PYTEST_SANDBOX_STORE",
+        metavar="DIR",
+        path=True,
+    ),
+    Setting(
+        "sandbox_keep",
+        "keep the read/write layer of failed image tests: failed or none (default)",
+        "--sandbox-keep",
+        "sandbox_keep",
+        default="none",
+        choices=KEEP,
+        metavar="WHICH",
+    ),
+    Setting(
+        "sandbox_images",
+        "directory of *.Containerfile image definitions, relative to rootdir",
+        ini="sandbox_images",
+        default="images",
+        path=True,
+    ),
+    Setting(
+        "sandbox_durations",
+        "show the N sandboxed tests that used the most memory and CPU (0: all)",
+        "--sandbox-durations",
+        metavar="N",
+        option_type=int,
+    ),
+    Setting(
+        "sandbox_repeat",
+        "run each selected test N times, each in a fresh sandbox, and tabulate failures",
+        "--sandbox-repeat",
+        default=1,
+        metavar="N",
+        option_type=int,
+    ),
+    Setting(
+        "sandbox_stress",
+        "limits that override all others, e.g. cpus=0.2,memory=128M (to shake out flaky tests)",
+        "--sandbox-stress",
+        metavar="LIMITS",
+    ),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -96,8 +171,11 @@ def register(parser: pytest.Parser) -> None:
             if s.ini_type == "linelist":
                 parser.addini(s.ini, s.help, type="linelist", default=[])
             else:
-                parser.addini(s.ini, f"default for {s.option}: {s.help}" if s.option else s.help,
-                              default="" if s.default is None else str(s.default))
+                parser.addini(
+                    s.ini,
+                    f"default for {s.option}: {s.help}" if s.option else s.help,
+                    default="" if s.default is None else str(s.default),
+                )
 
 
 def raw(config: pytest.Config, name: str) -> tuple[Any, str]:
@@ -157,7 +235,8 @@ def parse_stress(config: pytest.Config) -> dict[str, Any]:
         name, sep, value = part.partition("=")
         name = name.strip()
         if not sep or name not in LIMIT_FIELDS:
-            raise pytest.UsageError(f"{where}: invalid {part!r}; expected NAME=VALUE with NAME one of "
-                                    f"{', '.join(LIMIT_FIELDS)}")
+            raise pytest.UsageError(
+                f"{where}: invalid {part!r}; expected NAME=VALUE with NAME one of {', '.join(LIMIT_FIELDS)}"
+            )
         values[name] = CHECKS[name](value.strip(), where)
     return values

@@ -32,12 +32,12 @@ class SandboxSpec:
     network: str = "none"
     writable: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
-    memory: int | None = None        # bytes
-    cpus: float | None = None        # share of one CPU's time: 0.5 = half a core
-    pids: int | None = None          # most processes and threads at once
+    memory: int | None = None  # bytes
+    cpus: float | None = None  # share of one CPU's time: 0.5 = half a core
+    pids: int | None = None  # most processes and threads at once
     io: tuple[tuple[str, int], ...] = ()  # (read_bps|write_bps|read_iops|write_iops, value)
-    timeout: float | None = None     # seconds for the whole runtest protocol
-    image: str | None = None         # an image of images/ or of the store: sandbox.run() runs in it
+    timeout: float | None = None  # seconds for the whole runtest protocol
+    image: str | None = None  # an image of images/ or of the store: sandbox.run() runs in it
 
     @property
     def limits(self) -> tuple[str, ...]:
@@ -59,8 +59,9 @@ def bad_value(where: str, field: str, value: object, allowed: str) -> pytest.Usa
 
 def _check_hostname(value: object, where: str) -> str:
     if not isinstance(value, str) or len(value) > 64 or not _HOSTNAME_RE.match(value):
-        raise bad_value(where, "hostname", value,
-                   "expected a host name of letters, digits, '-' and '.', at most 64 characters")
+        raise bad_value(
+            where, "hostname", value, "expected a host name of letters, digits, '-' and '.', at most 64 characters"
+        )
     return value
 
 
@@ -125,8 +126,9 @@ def parse_size(value: object) -> int | None:
 def _check_memory(value: object, where: str) -> int:
     size = parse_size(value)
     if size is None or size < 1024 * 1024:
-        raise bad_value(where, "memory", value,
-                        "expected a size of at least 1M, like '256M', '1G' or a number of bytes")
+        raise bad_value(
+            where, "memory", value, "expected a size of at least 1M, like '256M', '1G' or a number of bytes"
+        )
     return size
 
 
@@ -237,8 +239,9 @@ def marker_values(item: pytest.Item) -> dict[str, Any] | None:
     return merged
 
 
-def spec_for_item(item: pytest.Item, defaults: Mapping[str, Any], sandbox_all: bool,
-                  overrides: Mapping[str, Any] | None = None) -> SandboxSpec | None:
+def spec_for_item(
+    item: pytest.Item, defaults: Mapping[str, Any], sandbox_all: bool, overrides: Mapping[str, Any] | None = None
+) -> SandboxSpec | None:
     """The item's spec, or None when it runs unsandboxed. ``overrides`` beat the markers (stress runs)."""
     marked = marker_values(item)
     if marked is None and not sandbox_all:
@@ -248,9 +251,7 @@ def spec_for_item(item: pytest.Item, defaults: Mapping[str, Any], sandbox_all: b
         where = f"{item.nodeid}: @pytest.mark.{MARKER}"
         unknown = sorted(set(marked) - set(FIELDS))
         if unknown:
-            raise pytest.UsageError(
-                f"{where}: unknown keyword(s) {', '.join(unknown)}; allowed: {', '.join(FIELDS)}"
-            )
+            raise pytest.UsageError(f"{where}: unknown keyword(s) {', '.join(unknown)}; allowed: {', '.join(FIELDS)}")
         values.update({key: CHECKS[key](val, where) for key, val in marked.items()})
     values.update(overrides or {})
     return validate(values, item.nodeid)

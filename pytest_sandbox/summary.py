@@ -43,7 +43,7 @@ class Records:
             record.message = record.message or f"{report.when}: {_first_line(report)}"
         for name, value in report.user_properties:
             if isinstance(name, str) and name.startswith(USAGE_PREFIX):
-                record.usage[name[len(USAGE_PREFIX):]] = value
+                record.usage[name[len(USAGE_PREFIX) :]] = value
 
 
 def _mib(value: Any) -> str:
@@ -68,7 +68,8 @@ def write_durations(terminal: Any, records: Records, count: int) -> None:
         pids = usage.get("pids_peak")
         terminal.write_line(
             f"{_mib(usage.get('memory_peak'))} {_seconds(usage.get('cpu_user'))} {_seconds(usage.get('cpu_system'))} "
-            f"{_seconds(usage.get('cpu_throttled'))} {pids if pids is not None else '-':>5}  {record.nodeid}")
+            f"{_seconds(usage.get('cpu_throttled'))} {pids if pids is not None else '-':>5}  {record.nodeid}"
+        )
 
 
 def base_nodeid(nodeid: str) -> str:

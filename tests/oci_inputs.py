@@ -69,8 +69,9 @@ def umoci_image(root: Path) -> Path:
     (rootfs / "etc/app/conf").write_text("two\n")
     _run(UMOCI, "repack", "--refresh-bundle", "--image", f"{layout}:test", str(bundle))
     opaque = root / "opaque.tar"
-    opaque.write_bytes(_tar([("data/opq", "dir", b""), ("data/opq/.wh..wh..opq", "file", b""),
-                             ("data/opq/c", "file", b"c\n")]))
+    opaque.write_bytes(
+        _tar([("data/opq", "dir", b""), ("data/opq/.wh..wh..opq", "file", b""), ("data/opq/c", "file", b"c\n")])
+    )
     _run(UMOCI, "raw", "add-layer", "--image", f"{layout}:test", str(opaque))
     owned = io.BytesIO()
     with tarfile.open(fileobj=owned, mode="w") as tar:
@@ -79,8 +80,18 @@ def umoci_image(root: Path) -> Path:
         tar.addfile(info, io.BytesIO(b"new\n"))
     (root / "owned.tar").write_bytes(owned.getvalue())
     _run(UMOCI, "raw", "add-layer", "--image", f"{layout}:test", str(root / "owned.tar"))
-    _run(UMOCI, "config", "--image", f"{layout}:test", "--config.env", "GREETING=hello",
-         "--config.workingdir", "/data", "--config.cmd", "/bin/sh")
+    _run(
+        UMOCI,
+        "config",
+        "--image",
+        f"{layout}:test",
+        "--config.env",
+        "GREETING=hello",
+        "--config.workingdir",
+        "/data",
+        "--config.cmd",
+        "/bin/sh",
+    )
     return layout
 
 

@@ -34,8 +34,13 @@ def write(project: Path, name: str, text: str) -> Path:
 
 
 def cli(project: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pytest_sandbox", "--store", str(project / "store"), *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=project)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest_sandbox", "--store", str(project / "store"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=project,
+    )
 
 
 def built(project: Path, name: str, lines: list[str] | None = None) -> tuple[Store, build.Builder]:
@@ -91,11 +96,14 @@ def test_build_produces_the_image(tools: Path) -> None:
     assert image.config["Labels"] == {"org.example.team": "qa", "purpose": "tests"}
     assert image.config["ExposedPorts"] == {"8080/tcp": {}, "53/udp": {}}
     assert image.config["Cmd"] == ["sh", "-c", "echo default"]
-    script = ("cat /var/lib/app/state /var/lib/app/greeting /srv/fixtures/data.txt /srv/fixtures/sub/nested.txt; "
-              "ls -a /srv/fixtures | tr '\\n' ' '; echo; pwd; id -u; tool; stat -c %a /usr/local/bin/tool; "
-              "cat /home/marker; echo $APP_MODE")
+    script = (
+        "cat /var/lib/app/state /var/lib/app/greeting /srv/fixtures/data.txt /srv/fixtures/sub/nested.txt; "
+        "ls -a /srv/fixtures | tr '\\n' ' '; echo; pwd; id -u; tool; stat -c %a /usr/local/bin/tool; "
+        "cat /home/marker; echo $APP_MODE"
+    )
     assert run(tools, "tools", script) == (
-        "ready\nhi\npayload\nnested\n. .. data.txt sub tool.sh \n/srv/work\n65534\ntool ran\n755\nfresh\ntest\n")
+        "ready\nhi\npayload\nnested\n. .. data.txt sub tool.sh \n/srv/work\n65534\ntool ran\n755\nfresh\ntest\n"
+    )
     assert run(tools, "tools", "") == ""  # an explicit empty script, not the default command
     assert cli(tools, "run", "tools").stdout == "default\n"
 
@@ -144,16 +152,19 @@ def test_build_arg_changes_the_run_step(tools: Path) -> None:
     assert run(tools, "tools", "cat /var/lib/app/greeting") == "hello\n"
 
 
-@pytest.mark.parametrize("text, message", [
-    ("FROM busybox\nHEALTHCHECK CMD true\n", r"bad\.Containerfile:2: unsupported instruction 'HEALTHCHECK'"),
-    ("FROM busybox\nFROM busybox\n", r":2: multi-stage builds"),
-    ("RUN true\n", r":1: the first instruction must be FROM"),
-    ("FROM busybox\nCOPY --from=builder /a /b\n", r":2: COPY --from= takes only 'host'"),
-    ("FROM busybox\nRUN --mount=type=cache true\n", r":2: RUN: unsupported flag '--mount=type=cache'"),
-    ("FROM busybox\nEXPOSE http\n", r":2: EXPOSE 'http'"),
-    ("FROM busybox\nENV\n", r":2: ENV needs an argument"),
-    ("# only a comment\n", r":1: empty Containerfile"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("FROM busybox\nHEALTHCHECK CMD true\n", r"bad\.Containerfile:2: unsupported instruction 'HEALTHCHECK'"),
+        ("FROM busybox\nFROM busybox\n", r":2: multi-stage builds"),
+        ("RUN true\n", r":1: the first instruction must be FROM"),
+        ("FROM busybox\nCOPY --from=builder /a /b\n", r":2: COPY --from= takes only 'host'"),
+        ("FROM busybox\nRUN --mount=type=cache true\n", r":2: RUN: unsupported flag '--mount=type=cache'"),
+        ("FROM busybox\nEXPOSE http\n", r":2: EXPOSE 'http'"),
+        ("FROM busybox\nENV\n", r":2: ENV needs an argument"),
+        ("# only a comment\n", r":1: empty Containerfile"),
+    ],
+)
 def test_bad_containerfiles_name_file_and_line(project: Path, text: str, message: str) -> None:
     path = project / "images" / "bad.Containerfile"
     path.write_text(text)
@@ -177,11 +188,15 @@ def test_missing_base_and_missing_copy_source(project: Path) -> None:
 def test_failed_run_names_the_line_and_publishes_nothing(project: Path) -> None:
     store, _ = built(project, "busybox")
     layers_before = sorted(os.listdir(store.layers_dir))
-    write(project, "broken", """
+    write(
+        project,
+        "broken",
+        """
         FROM busybox
         RUN echo about to fail >&2; mkdir /made-it
         RUN ls /no/such/dir
-    """)
+    """,
+    )
     result = cli(project, "images", "build", "broken")
     assert result.returncode == 1
     assert "broken.Containerfile:3: RUN ls /no/such/dir failed with exit status 1" in result.stderr
@@ -202,9 +217,16 @@ def test_from_an_oci_archive_beside_the_containerfile(project: Path) -> None:
 
 def test_two_concurrent_builders_build_once(project: Path) -> None:
     write(project, "slow", "FROM busybox\nRUN sleep 1 && echo built > /built\n")
-    procs = [subprocess.Popen([sys.executable, "-m", "pytest_sandbox", "--store", str(project / "store"),
-                               "images", "build", "slow"], cwd=project, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pytest_sandbox", "--store", str(project / "store"), "images", "build", "slow"],
+            cwd=project,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     ran = [out.count("RUN sleep 1") - out.count("cached  slow") for out in outputs]
@@ -216,13 +238,18 @@ def test_two_concurrent_builders_build_once(project: Path) -> None:
 def test_kill_9_during_a_build_leaves_the_store_consistent(project: Path, token: str) -> None:
     built(project, "busybox")
     write(project, "killed", f"FROM busybox\nRUN echo {token} > /started; sleep 60; echo done > /x\n")
-    proc = subprocess.Popen([sys.executable, "-m", "pytest_sandbox", "--store", str(project / "store"),
-                             "images", "build", "killed"], cwd=project, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest_sandbox", "--store", str(project / "store"), "images", "build", "killed"],
+        cwd=project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     store = Store(str(project / "store"))
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not any(
-            (Path(store.tmp_dir) / d / "diff" / "started").exists() for d in os.listdir(store.tmp_dir)):
+        (Path(store.tmp_dir) / d / "diff" / "started").exists() for d in os.listdir(store.tmp_dir)
+    ):
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -298,19 +325,32 @@ def test_builtin_busybox_and_what_overrides_it(project: Path, tmp_path: Path) ->
     result = cli(project, "images", "build", "uses2")
     assert result.returncode == 0 and "| built-in" in result.stdout
     # and a project's own busybox.Containerfile beats both
-    write(project, "busybox", "FROM scratch\nCOPY --from=host /bin/busybox /bin/busybox\n"
-                              "RUN [\"/bin/busybox\", \"mkdir\", \"/own\"]\n")
-    write(project, "uses3", "FROM busybox\nRUN [\"/bin/busybox\", \"ls\", \"-d\", \"/own\"]\n")
+    write(
+        project,
+        "busybox",
+        'FROM scratch\nCOPY --from=host /bin/busybox /bin/busybox\nRUN ["/bin/busybox", "mkdir", "/own"]\n',
+    )
+    write(project, "uses3", 'FROM busybox\nRUN ["/bin/busybox", "ls", "-d", "/own"]\n')
     assert cli(project, "images", "build", "uses3").returncode == 0
 
 
 def test_images_build_from_any_directory(tmp_path: Path) -> None:
     store = tmp_path / "store"
-    result = subprocess.run([sys.executable, "-m", "pytest_sandbox", "--store", str(store), "images", "build",
-                             "busybox"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest_sandbox", "--store", str(store), "images", "build", "busybox"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
-    empty = subprocess.run([sys.executable, "-m", "pytest_sandbox", "--store", str(store), "images", "build"],
-                           capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    empty = subprocess.run(
+        [sys.executable, "-m", "pytest_sandbox", "--store", str(store), "images", "build"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert empty.returncode == 1 and "no *.Containerfile in images" in empty.stderr
 
 
@@ -346,8 +386,12 @@ sys.exit(cli.main(["--store", store.root, "run", "onoverlay", "sh", "-c",
 def test_run_with_the_store_on_overlayfs(project: Path) -> None:
     """A store inside a container's overlayfs root: RUN's upper goes to a tmpfs and is copied out."""
     write(project, "onoverlay", "FROM busybox\nRUN mkdir /made && echo on-tmpfs > /made/file && rm -r /root\n")
-    result = subprocess.run([sys.executable, "-c", OVERLAY_STORE_SCRIPT, str(project / "ovl"),
-                             str(project / "images")], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", OVERLAY_STORE_SCRIPT, str(project / "ovl"), str(project / "images")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     from pytest_sandbox.layers import tarlayer
 
     if not tarlayer.xattr_whiteouts_supported():  # the deletion cannot be stored: a clear error instead
@@ -369,7 +413,7 @@ def test_busybox_on_a_host_without_busybox(project: Path, monkeypatch: pytest.Mo
 
 
 def test_copy_libs_brings_what_a_host_program_loads(project: Path) -> None:
-    write(project, "justsh", "FROM scratch\nCOPY --from=host --libs /bin/sh /usr/bin/env /bin/\nCMD [\"/bin/sh\"]\n")
+    write(project, "justsh", 'FROM scratch\nCOPY --from=host --libs /bin/sh /usr/bin/env /bin/\nCMD ["/bin/sh"]\n')
     assert cli(project, "images", "build", "justsh").returncode == 0
     assert run(project, "justsh", "echo from $0; env -i A=1 env") == "from sh\nA=1\n"
     write(project, "badlibs", "FROM scratch\nCOPY --libs dir/ /x/\n")
@@ -384,8 +428,12 @@ def test_export_kinds_are_read_by_skopeo_and_by_us(project: Path, kind: str) -> 
     target = project / ("exported" if kind == "oci" else "exported.tar")
     result = cli(project, "images", "export", "busybox", f"{kind}:{target}")
     assert result.returncode == 0, result.stderr
-    inspect = subprocess.run(["skopeo", "--insecure-policy", "inspect", "--raw" if kind == "oci" else "--config",
-                              f"{kind}:{target}"], capture_output=True, text=True, timeout=60)
+    inspect = subprocess.run(
+        ["skopeo", "--insecure-policy", "inspect", "--raw" if kind == "oci" else "--config", f"{kind}:{target}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert inspect.returncode == 0, inspect.stderr
     again = cli(project, "images", "import", str(target), "reimported")
     assert again.returncode == 0, again.stderr
@@ -394,9 +442,14 @@ def test_export_kinds_are_read_by_skopeo_and_by_us(project: Path, kind: str) -> 
 
 def test_shell_in_a_throwaway_container_of_an_image(project: Path) -> None:
     built(project, "busybox")
-    first = subprocess.run([sys.executable, "-m", "pytest_sandbox", "--store", str(project / "store"), "shell",
-                            "busybox"], input="echo made > /made; cat /made; hostname\n", capture_output=True,
-                           text=True, timeout=60, cwd=project)
+    first = subprocess.run(
+        [sys.executable, "-m", "pytest_sandbox", "--store", str(project / "store"), "shell", "busybox"],
+        input="echo made > /made; cat /made; hostname\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=project,
+    )
     assert first.stdout == "made\nsandbox\n", first.stderr
     assert run(project, "busybox", "test -e /made || echo gone") == "gone\n"  # thrown away
     missing = cli(project, "shell", "nothing-like-this")

@@ -20,8 +20,10 @@ def _backend() -> cgroups.Backend:
 BACKEND = _backend()
 pytestmark = [
     pytest.mark.guest,
-    pytest.mark.skipif(isinstance(BACKEND, cgroups.Rlimits),
-                       reason=f"host gives this user no writable cgroup: {getattr(BACKEND, 'reason', '')}"),
+    pytest.mark.skipif(
+        isinstance(BACKEND, cgroups.Rlimits),
+        reason=f"host gives this user no writable cgroup: {getattr(BACKEND, 'reason', '')}",
+    ),
 ]
 
 
@@ -29,8 +31,11 @@ def _no_session_cgroups_left() -> list[str]:
     left = []
     for root, dirs, _ in os.walk(cgroups.CGROUP_ROOT):
         # pytest's own leaf (a delegated v2 cgroup cannot hold pytest and sandboxes side by side) stays
-        left += [os.path.join(root, d) for d in dirs
-                 if d.startswith(f"{cgroups.SESSION_PREFIX}{os.getpid()}") and not d.endswith("-pytest")]
+        left += [
+            os.path.join(root, d)
+            for d in dirs
+            if d.startswith(f"{cgroups.SESSION_PREFIX}{os.getpid()}") and not d.endswith("-pytest")
+        ]
         if root.count("/") > 6:
             dirs.clear()
     return left
@@ -160,9 +165,15 @@ def test_stress_overrides_markers(pytester: pytest.Pytester) -> None:
 
 @pytest.mark.skipif("io" not in BACKEND.enforced, reason="the rootdir is not on a block device this host can throttle")
 def test_io_limit_throttles_direct_reads(pytester: pytest.Pytester) -> None:
-    big = max((os.path.join(d, f) for d, _, files in os.walk("/usr/lib") for f in files
-               if os.path.isfile(os.path.join(d, f)) and not os.path.islink(os.path.join(d, f))),
-              key=lambda p: os.path.getsize(p))
+    big = max(
+        (
+            os.path.join(d, f)
+            for d, _, files in os.walk("/usr/lib")
+            for f in files
+            if os.path.isfile(os.path.join(d, f)) and not os.path.islink(os.path.join(d, f))
+        ),
+        key=lambda p: os.path.getsize(p),
+    )
     assert os.path.getsize(big) > 8 * 2**20, big
     pytester.makepyfile(f"""
         import mmap, os, time, pytest

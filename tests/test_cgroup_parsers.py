@@ -31,7 +31,13 @@ from pytest_sandbox.runtime.cgroups import (
 
 def test_keyed_memory_events() -> None:
     assert _keyed("low 0\nhigh 12\nmax 40\noom 2\noom_kill 2\noom_group_kill 0\n") == {
-        "low": 0, "high": 12, "max": 40, "oom": 2, "oom_kill": 2, "oom_group_kill": 0}
+        "low": 0,
+        "high": 12,
+        "max": 40,
+        "oom": 2,
+        "oom_kill": 2,
+        "oom_group_kill": 0,
+    }
 
 
 def test_keyed_skips_lines_that_are_not_key_number() -> None:
@@ -44,19 +50,41 @@ def test_keyed_of_nothing() -> None:
     assert _keyed("") == {}
 
 
-@pytest.mark.parametrize(("text", "value"), [
-    ("1048576\n", 1048576), ("0", 0), ("max\n", None), ("", None), (None, None), ("-1\n", None), ("12 34", None),
-])
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("1048576\n", 1048576),
+        ("0", 0),
+        ("max\n", None),
+        ("", None),
+        (None, None),
+        ("-1\n", None),
+        ("12 34", None),
+    ],
+)
 def test_int(text: str | None, value: int | None) -> None:
     assert _int(text) == value
 
 
 def test_usage_as_dict_defaults_and_values() -> None:
-    assert Usage().as_dict() == {"memory_peak": None, "oom_kills": 0, "cpu_user": None, "cpu_system": None,
-                                 "cpu_throttled": None, "pids_peak": None, "pids_limit_hits": 0}
+    assert Usage().as_dict() == {
+        "memory_peak": None,
+        "oom_kills": 0,
+        "cpu_user": None,
+        "cpu_system": None,
+        "cpu_throttled": None,
+        "pids_peak": None,
+        "pids_limit_hits": 0,
+    }
     assert Usage(memory_peak=4096, oom_kills=1, pids_peak=3).as_dict() == {
-        "memory_peak": 4096, "oom_kills": 1, "cpu_user": None, "cpu_system": None, "cpu_throttled": None,
-        "pids_peak": 3, "pids_limit_hits": 0}
+        "memory_peak": 4096,
+        "oom_kills": 1,
+        "cpu_user": None,
+        "cpu_system": None,
+        "cpu_throttled": None,
+        "pids_peak": 3,
+        "pids_limit_hits": 0,
+    }
 
 
 def test_enabled_controllers_of_subtree_control(tmp_path: Path) -> None:
@@ -88,14 +116,23 @@ def test_v2_usage_from_the_group_files(cgroup_dir: tuple[Path, int]) -> None:
     group_dir, fd = cgroup_dir
     (group_dir / "memory.peak").write_text("73400320\n")
     (group_dir / "memory.events").write_text("low 0\nhigh 0\nmax 9\noom 1\noom_kill 1\noom_group_kill 0\n")
-    (group_dir / "cpu.stat").write_text("usage_usec 2750000\nuser_usec 2500000\nsystem_usec 250000\n"
-                                        "nr_periods 30\nnr_throttled 12\nthrottled_usec 1500000\n")
+    (group_dir / "cpu.stat").write_text(
+        "usage_usec 2750000\nuser_usec 2500000\nsystem_usec 250000\n"
+        "nr_periods 30\nnr_throttled 12\nthrottled_usec 1500000\n"
+    )
     (group_dir / "pids.peak").write_text("17\n")
     (group_dir / "pids.events").write_text("max 5\n")
     backend = CgroupV2("/sys/fs/cgroup/test", {"memory", "cpu", "pids"}, None, set())
     usage = Group(Session(backend, {"": fd}, {}, "pytest-sandbox-1"), "sb-1").usage()
-    assert usage == Usage(memory_peak=73400320, oom_kills=1, cpu_user=2.5, cpu_system=0.25, cpu_throttled=1.5,
-                          pids_peak=17, pids_limit_hits=5)
+    assert usage == Usage(
+        memory_peak=73400320,
+        oom_kills=1,
+        cpu_user=2.5,
+        cpu_system=0.25,
+        cpu_throttled=1.5,
+        pids_peak=17,
+        pids_limit_hits=5,
+    )
 
 
 def test_v2_usage_where_files_are_missing(cgroup_dir: tuple[Path, int]) -> None:
@@ -116,8 +153,15 @@ def test_v1_usage_from_the_hierarchies(cgroup_dir: tuple[Path, int]) -> None:
     dirs = dict.fromkeys(("memory", "cpu", "cpuacct", "pids"), fd)
     backend = CgroupV1(dict.fromkeys(dirs, "/sys/fs/cgroup/x"), None)
     usage = Group(Session(backend, dirs, {}, "s"), "sb-1").usage()
-    assert usage == Usage(memory_peak=2**30, oom_kills=3, cpu_user=3.0, cpu_system=(ticks // 2) / ticks,
-                          cpu_throttled=2.5, pids_peak=None, pids_limit_hits=2)
+    assert usage == Usage(
+        memory_peak=2**30,
+        oom_kills=3,
+        cpu_user=3.0,
+        cpu_system=(ticks // 2) / ticks,
+        cpu_throttled=2.5,
+        pids_peak=None,
+        pids_limit_hits=2,
+    )
 
 
 def test_v1_usage_of_a_memory_only_hierarchy(cgroup_dir: tuple[Path, int]) -> None:
@@ -132,11 +176,13 @@ def test_v1_usage_of_a_memory_only_hierarchy(cgroup_dir: tuple[Path, int]) -> No
 
 def test_own_cgroup_paths_of_a_hybrid_host(tmp_path: Path) -> None:
     sample = tmp_path / "cgroup"
-    sample.write_text("12:pids:/user.slice/user-1000.slice/session-2.scope\n"
-                      "11:cpu,cpuacct:/user.slice\n"
-                      "4:memory:/user.slice\n"
-                      "1:name=systemd:/user.slice/user-1000.slice/session-2.scope\n"
-                      "0::/user.slice/user-1000.slice/session-2.scope\n")
+    sample.write_text(
+        "12:pids:/user.slice/user-1000.slice/session-2.scope\n"
+        "11:cpu,cpuacct:/user.slice\n"
+        "4:memory:/user.slice\n"
+        "1:name=systemd:/user.slice/user-1000.slice/session-2.scope\n"
+        "0::/user.slice/user-1000.slice/session-2.scope\n"
+    )
     assert own_cgroup_paths(str(sample)) == {
         "pids": "/user.slice/user-1000.slice/session-2.scope",
         "cpu": "/user.slice",
@@ -226,8 +272,10 @@ def test_mounts_under(mountinfo: str) -> None:
     assert mounts_under("/data/") == mounts_under("/data")
     assert mounts_under("/data/cache/fuse") == []
     assert mounts_under("/dat") == []  # a prefix of the name is not a parent
-    assert mounts_under("/sys/fs") == [f"/sys/fs/cgroup{sub}" for sub in (
-        "", "/unified", "/systemd", "/memory", "/cpu,cpuacct", "/pids", "/net_cls,net_prio", "/blkio")]
+    assert mounts_under("/sys/fs") == [
+        f"/sys/fs/cgroup{sub}"
+        for sub in ("", "/unified", "/systemd", "/memory", "/cpu,cpuacct", "/pids", "/net_cls,net_prio", "/blkio")
+    ]
 
 
 def test_filesystem_of_is_the_deepest_mount(mountinfo: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -247,10 +295,19 @@ def test_filesystem_of_resolves_symlinks(mountinfo: str, tmp_path: Path) -> None
     assert filesystem_of(str(link)) == "proc"
 
 
-@pytest.mark.parametrize(("path", "parent", "under"), [
-    ("/a/b", "/a", True), ("/a", "/a", True), ("/a/b", "/a/", True), ("/a/b", "/", True), ("/", "/", True),
-    ("/ab", "/a", False), ("/a", "/a/b", False), ("/b/a", "/a", False),
-])
+@pytest.mark.parametrize(
+    ("path", "parent", "under"),
+    [
+        ("/a/b", "/a", True),
+        ("/a", "/a", True),
+        ("/a/b", "/a/", True),
+        ("/a/b", "/", True),
+        ("/", "/", True),
+        ("/ab", "/a", False),
+        ("/a", "/a/b", False),
+        ("/b/a", "/a", False),
+    ],
+)
 def test_is_under(path: str, parent: str, under: bool) -> None:
     assert is_under(path, parent) is under
 
@@ -267,9 +324,11 @@ def test_v1_mounts_finds_each_controllers_first_hierarchy(mountinfo: str) -> Non
 
 def test_v1_mounts_of_a_pure_v2_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sample = tmp_path / "mountinfo"
-    sample.write_text("21 1 254:0 / / rw - ext4 /dev/vda rw\n"
-                      "30 21 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 "
-                      "rw,nsdelegate,memory_recursiveprot\n")
+    sample.write_text(
+        "21 1 254:0 / / rw - ext4 /dev/vda rw\n"
+        "30 21 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 "
+        "rw,nsdelegate,memory_recursiveprot\n"
+    )
     table = mount_table(str(sample))
     monkeypatch.setattr(cgroups, "mount_table", lambda: table)
     assert _v1_mounts() == {}

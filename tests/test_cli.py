@@ -58,8 +58,9 @@ def test_unavailable_fails_or_skips_with_the_reason(pytester: pytest.Pytester) -
 
 
 def test_doctor_reports_images(tmp_path: os.PathLike[str]) -> None:
-    result = subprocess.run([sys.executable, "-m", "pytest_sandbox", "--store", str(tmp_path), "doctor"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest_sandbox", "--store", str(tmp_path), "doctor"], capture_output=True, text=True
+    )
     lines = result.stdout.split("\nimages:\n", 1)[1].splitlines()
     assert lines[0].split()[:3] == ["ok", "store", str(tmp_path)] and "(0 images, 0 layers" in lines[0]
     names = [line.split()[1] for line in lines]
@@ -74,8 +75,9 @@ def test_store_without_a_home_directory(tmp_path: os.PathLike[str]) -> None:
     env["HOME"] = os.path.join(str(tmp_path), "missing", "home")
     os.chmod(tmp_path, 0o500)  # the home directory cannot be created
     try:
-        result = subprocess.run([sys.executable, "-m", "pytest_sandbox", "doctor"], capture_output=True, text=True,
-                                env=env)
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest_sandbox", "doctor"], capture_output=True, text=True, env=env
+        )
     finally:
         os.chmod(tmp_path, 0o700)
     if os.geteuid() == 0:  # root writes anywhere: the home-based store is made

@@ -150,9 +150,9 @@ def test_host_mounts_untouched(pytester: pytest.Pytester) -> None:
         assert f.read() == before
 
 
-def test_pytest_killed_in_an_image_test_leaves_nothing(pytester: pytest.Pytester, token: str,
-                                                        tmp_path_factory: pytest.TempPathFactory,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pytest_killed_in_an_image_test_leaves_nothing(
+    pytester: pytest.Pytester, token: str, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """kill -9 of pytest mid-test: the image's commands die, and the next session removes the layers
     the dead one kept for --sandbox-keep (nothing else of it was ever on disk)."""
     from oci_inputs import BUSYBOX

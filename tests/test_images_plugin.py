@@ -23,8 +23,9 @@ WORKDIR /srv
 
 
 @pytest.fixture
-def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
-            ) -> pytest.Pytester:
+def project(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> pytest.Pytester:
     """A pytester dir with images/ (busybox and the README's tools) and its own image store."""
     images = pytester.path / "images"
     (images / "fixtures").mkdir(parents=True)
@@ -40,8 +41,9 @@ def store_of(project: pytest.Pytester) -> Path:
 
 
 def cli(project: pytest.Pytester, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pytest_sandbox", *args], capture_output=True, text=True,
-                          timeout=60, cwd=project.path)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest_sandbox", *args], capture_output=True, text=True, timeout=60, cwd=project.path
+    )
 
 
 @pytest.mark.guest
@@ -139,21 +141,25 @@ def test_bad_image_input_stops_before_any_test(project: pytest.Pytester) -> None
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*test_bad_image_input_stops_before_any_test.py::test_a: image='ghost': no image*"])
     (project.path / "images" / "broken.Containerfile").write_text("FROM busybox\nVOLUME /data\n")
-    project.makepyfile(test_b="""
+    project.makepyfile(
+        test_b="""
         import pytest
 
         @pytest.mark.container(image="broken")
         def test_b(): pass
-    """, test_c="""
+    """,
+        test_c="""
         import pytest
 
         @pytest.mark.container(image="Not Valid")
         def test_c(): pass
-    """)
+    """,
+    )
     result = project.runpytest_subprocess("test_b.py")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*test_b.py::test_b: image='broken': *broken.Containerfile:2: unsupported "
-                                 "instruction 'VOLUME'*"])
+    result.stderr.fnmatch_lines(
+        ["*test_b.py::test_b: image='broken': *broken.Containerfile:2: unsupported instruction 'VOLUME'*"]
+    )
     result = project.runpytest_subprocess("test_c.py")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*test_c.py::test_c: @pytest.mark.container: invalid image='Not Valid'*"])
@@ -195,9 +201,14 @@ def test_keep_failed_then_shell_and_commit(project: pytest.Pytester) -> None:
     cid = listing[1].split()[0]
     store = store_of(project) / "containers"
     assert sorted(os.listdir(store)) == [cid]  # no session dir left either
-    shell = subprocess.run([sys.executable, "-m", "pytest_sandbox", "shell", cid], input="cat /srv/evidence; "
-                           "ls /var/lib/app; test -e /srv/fine || echo no-fine\n", capture_output=True, text=True,
-                           cwd=project.path, timeout=60)
+    shell = subprocess.run(
+        [sys.executable, "-m", "pytest_sandbox", "shell", cid],
+        input="cat /srv/evidence; ls /var/lib/app; test -e /srv/fine || echo no-fine\n",
+        capture_output=True,
+        text=True,
+        cwd=project.path,
+        timeout=60,
+    )
     assert shell.stdout == "evidence\nno-fine\n", shell.stderr
     assert cli(project, "commit", cid, "after-failure").returncode == 0
     project.makepyfile("""

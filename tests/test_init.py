@@ -14,8 +14,10 @@ import pytest
 from pytest_sandbox.runtime import init
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("gcc") is None,
-                    reason="host has no x86_64 gcc to assemble init_x86_64.S")
+@pytest.mark.skipif(
+    platform.machine() != "x86_64" or shutil.which("gcc") is None,
+    reason="host has no x86_64 gcc to assemble init_x86_64.S",
+)
 def test_embedded_binary_matches_source() -> None:
     source = os.path.join(os.path.dirname(init.__file__), "init_x86_64.S")
     assert init.build_native(source) == init.embedded(), "run `python -m pytest_sandbox.runtime.init` to refresh"

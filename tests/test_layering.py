@@ -81,8 +81,12 @@ def test_nothing_imports_the_plugin_module() -> None:
 
 
 def test_no_project_import_inside_a_function() -> None:
-    hidden = [f"{name} imports {imported}" for name, path in MODULES.items()
-              for imported, top in _imports(path) if imported.startswith("pytest_sandbox") and not top]
+    hidden = [
+        f"{name} imports {imported}"
+        for name, path in MODULES.items()
+        for imported, top in _imports(path)
+        if imported.startswith("pytest_sandbox") and not top
+    ]
     assert hidden == []
 
 
@@ -99,7 +103,7 @@ def test_no_import_cycles() -> None:
             if imported not in MODULES or package_of(imported):
                 continue  # a package's __init__ (docstring only) is not part of a cycle
             if state.get(imported) == "active":
-                cycles.append([*path[path.index(imported):], imported] if imported in path else [module, imported])
+                cycles.append([*path[path.index(imported) :], imported] if imported in path else [module, imported])
             elif imported not in state:
                 visit(imported, [*path, imported])
         state[module] = "done"

@@ -29,8 +29,12 @@ def layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def cli(store: Store, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pytest_sandbox", "--store", store.root, *args],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest_sandbox", "--store", store.root, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def view(store: Store, image: str, script: str) -> str:
@@ -51,8 +55,11 @@ def assert_expected_view(store: Store, image: str) -> None:
 
 def store_state(store: Store) -> tuple[list[str], list[str], list[str]]:
     store.ensure()
-    return (sorted(os.listdir(store.layers_dir)), sorted(os.listdir(store.images_dir)),
-            sorted(os.listdir(store.tmp_dir)))
+    return (
+        sorted(os.listdir(store.layers_dir)),
+        sorted(os.listdir(store.images_dir)),
+        sorted(os.listdir(store.tmp_dir)),
+    )
 
 
 @needs_umoci
@@ -96,11 +103,15 @@ def test_mode_and_recorded_owner(layout: Path, tmp_path: Path) -> None:
 
 @needs_umoci
 @needs_skopeo
-@pytest.mark.parametrize("dest, extra", [
-    ("oci-archive", ()),
-    ("oci-archive", ("--dest-compress-format", "zstd", "--dest-compress")),
-    ("docker-archive", ()),
-], ids=["oci-archive-gzip", "oci-archive-zstd", "docker-archive"])
+@pytest.mark.parametrize(
+    "dest, extra",
+    [
+        ("oci-archive", ()),
+        ("oci-archive", ("--dest-compress-format", "zstd", "--dest-compress")),
+        ("docker-archive", ()),
+    ],
+    ids=["oci-archive-gzip", "oci-archive-zstd", "docker-archive"],
+)
 def test_skopeo_archives(layout: Path, tmp_path: Path, dest: str, extra: tuple[str, ...]) -> None:
     archive = tmp_path / "image.tar"
     target = f"{dest}:{archive}:" + ("example/app:v1" if dest == "docker-archive" else "v1")

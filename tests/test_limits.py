@@ -9,36 +9,44 @@ import pytest
 from pytest_sandbox.runtime import cgroups
 
 
-@pytest.mark.parametrize(("marker", "message"), [
-    ("memory='lots'", "invalid memory='lots': expected a size of at least 1M"),
-    ("memory=-5", "invalid memory=-5"),
-    ("cpus=0", "invalid cpus=0: expected a number of CPUs greater than 0"),
-    ("cpus='fast'", "invalid cpus='fast'"),
-    ("pids=2.5", "invalid pids=2.5: expected a whole number of processes"),
-    ("timeout=-1", "invalid timeout=-1: expected a number of seconds greater than 0"),
-    ("io={'read_mbps': '1M'}", "invalid io='read_mbps': unknown io key; allowed: read_bps, write_bps"),
-    ("io={'read_bps': 'x'}", "invalid io={'read_bps': 'x'}: expected a size like '10M'"),
-])
+@pytest.mark.parametrize(
+    ("marker", "message"),
+    [
+        ("memory='lots'", "invalid memory='lots': expected a size of at least 1M"),
+        ("memory=-5", "invalid memory=-5"),
+        ("cpus=0", "invalid cpus=0: expected a number of CPUs greater than 0"),
+        ("cpus='fast'", "invalid cpus='fast'"),
+        ("pids=2.5", "invalid pids=2.5: expected a whole number of processes"),
+        ("timeout=-1", "invalid timeout=-1: expected a number of seconds greater than 0"),
+        ("io={'read_mbps': '1M'}", "invalid io='read_mbps': unknown io key; allowed: read_bps, write_bps"),
+        ("io={'read_bps': 'x'}", "invalid io={'read_bps': 'x'}: expected a size like '10M'"),
+    ],
+)
 def test_bad_limit_is_a_usage_error(pytester: pytest.Pytester, marker: str, message: str) -> None:
-    pytester.makepyfile(test_bad=f"""
+    pytester.makepyfile(
+        test_bad=f"""
         import pytest
 
         @pytest.mark.container({marker})
         def test_it():
             pass
-    """)
+    """
+    )
     result = pytester.runpytest_subprocess()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"*test_bad.py::test_it*{message}*"])
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--sandbox-memory=lots"], "--sandbox-memory: invalid memory='lots'"),
-    (["--sandbox-stress=cpu=0.2"], "--sandbox-stress: invalid 'cpu=0.2'"),
-    (["--sandbox-repeat=0"], "--sandbox-repeat: invalid value 0"),
-    (["--sandbox-cgroup-backend=v3"], "--sandbox-cgroup-backend: invalid value 'v3'"),
-    (["--sandbox-limits=maybe"], "--sandbox-limits: invalid value 'maybe'"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--sandbox-memory=lots"], "--sandbox-memory: invalid memory='lots'"),
+        (["--sandbox-stress=cpu=0.2"], "--sandbox-stress: invalid 'cpu=0.2'"),
+        (["--sandbox-repeat=0"], "--sandbox-repeat: invalid value 0"),
+        (["--sandbox-cgroup-backend=v3"], "--sandbox-cgroup-backend: invalid value 'v3'"),
+        (["--sandbox-limits=maybe"], "--sandbox-limits: invalid value 'maybe'"),
+    ],
+)
 def test_bad_limit_option(pytester: pytest.Pytester, args: list[str], message: str) -> None:
     pytester.makepyfile("def test_x(): pass")
     result = pytester.runpytest_subprocess(*args)
@@ -66,8 +74,9 @@ def test_timeout_dumps_stack_and_kills_the_tree(pytester: pytest.Pytester, token
     """)
     result = pytester.runpytest_subprocess()
     result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines(["*timeout after 1 s*", "*Timeout (0:00:01)!*", "*in helper_that_sleeps*",
-                                 "*in test_sleepy*"])
+    result.stdout.fnmatch_lines(
+        ["*timeout after 1 s*", "*Timeout (0:00:01)!*", "*in helper_that_sleeps*", "*in test_sleepy*"]
+    )
     assert wait_gone(token, timeout=2) == []
 
 
@@ -132,11 +141,15 @@ def test_repeat_tabulates_failures(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("--sandbox-repeat=6")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.assert_outcomes(passed=10, failed=2)
-    result.stdout.fnmatch_lines(["*sandbox repeat: 6 runs per test, each in a fresh sandbox*",
-                                 "*6      2    33%  test_repeat_tabulates_failures.py::test_flaky",
-                                 "*1 x call: AssertionError: unlucky run 1*",
-                                 "*1 x call: AssertionError: unlucky run 0*",
-                                 "*6      0     0%  test_repeat_tabulates_failures.py::test_solid"])
+    result.stdout.fnmatch_lines(
+        [
+            "*sandbox repeat: 6 runs per test, each in a fresh sandbox*",
+            "*6      2    33%  test_repeat_tabulates_failures.py::test_flaky",
+            "*1 x call: AssertionError: unlucky run 1*",
+            "*1 x call: AssertionError: unlucky run 0*",
+            "*6      0     0%  test_repeat_tabulates_failures.py::test_solid",
+        ]
+    )
 
 
 def test_accounting_in_junitxml_and_durations(pytester: pytest.Pytester) -> None:

@@ -58,8 +58,11 @@ OUTCOMES_SUITE = """
 
 
 def _summary(result: pytest.RunResult) -> list[str]:
-    return sorted(line for line in result.outlines if line.split(" ")[0] in
-                  ("PASSED", "FAILED", "ERROR", "SKIPPED", "XFAIL", "XPASS"))
+    return sorted(
+        line
+        for line in result.outlines
+        if line.split(" ")[0] in ("PASSED", "FAILED", "ERROR", "SKIPPED", "XFAIL", "XPASS")
+    )
 
 
 def test_report_shapes_match_unsandboxed(pytester: pytest.Pytester) -> None:
@@ -67,15 +70,15 @@ def test_report_shapes_match_unsandboxed(pytester: pytest.Pytester) -> None:
     plain = pytester.runpytest_subprocess("-rA", "--sandbox=off", "--junitxml=plain.xml")
     boxed = pytester.runpytest_subprocess("-rA", "--sandbox=all", "--junitxml=boxed.xml")
     assert plain.parseoutcomes() == boxed.parseoutcomes()
-    assert boxed.parseoutcomes() == {"passed": 4, "failed": 1, "errors": 2, "skipped": 2, "xfailed": 1,
-                                     "xpassed": 1}
+    assert boxed.parseoutcomes() == {"passed": 4, "failed": 1, "errors": 2, "skipped": 2, "xfailed": 1, "xpassed": 1}
     assert _summary(plain) == _summary(boxed)
     boxed.stdout.fnmatch_lines_random(["*hello from the test*", "*assert (1 + 1) == 3*", "*fixture broke*"])
 
     def cases(path: str) -> list[tuple[str, tuple[str, ...]]]:
         root = ET.parse(pytester.path / path).getroot()
-        return sorted((case.get("name", ""), tuple(sorted(child.tag for child in case)))
-                      for case in root.iter("testcase"))
+        return sorted(
+            (case.get("name", ""), tuple(sorted(child.tag for child in case))) for case in root.iter("testcase")
+        )
 
     assert cases("plain.xml") == cases("boxed.xml")
 
@@ -96,8 +99,9 @@ def test_marked_tests_only_by_default(pytester: pytest.Pytester) -> None:
 
 
 @pytest.mark.guest
-def test_writes_vanish(pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory,
-                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_writes_vanish(
+    pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     home = tmp_path_factory.mktemp("home")
     pytester.makepyfile(f"""
         import os, pathlib, pytest
@@ -241,8 +245,9 @@ def test_pid_namespace(pytester: pytest.Pytester) -> None:
 
 
 @pytest.mark.guest
-def test_background_process_gone_after_test(pytester: pytest.Pytester, no_leftovers: str,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_background_process_gone_after_test(
+    pytester: pytest.Pytester, no_leftovers: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     token = no_leftovers
     pytester.makepyfile(f"""
         import os, subprocess, sys, time, pytest
@@ -321,8 +326,13 @@ def test_segfault_reported_and_session_continues(pytester: pytest.Pytester) -> N
     """)
     result = pytester.runpytest_subprocess()
     result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines(["*sandbox crashed: SIGSEGV*", "*Fatal Python error: Segmentation fault*",
-                                 "*test_segfault_reported_and_session_continues.py*in test_crash*"])
+    result.stdout.fnmatch_lines(
+        [
+            "*sandbox crashed: SIGSEGV*",
+            "*Fatal Python error: Segmentation fault*",
+            "*test_segfault_reported_and_session_continues.py*in test_crash*",
+        ]
+    )
 
 
 def test_exit_status_and_sigkill(pytester: pytest.Pytester) -> None:
@@ -347,8 +357,14 @@ def test_exit_status_and_sigkill(pytester: pytest.Pytester) -> None:
     """)
     result = pytester.runpytest_subprocess("-rA")
     result.assert_outcomes(failed=2, errors=1)
-    result.stdout.fnmatch_lines_random(["*exited with status 3*", "*killed by SIGKILL*",
-                                        "*ERROR at setup of test_setup_crash*", "*exited with status 4*"])
+    result.stdout.fnmatch_lines_random(
+        [
+            "*exited with status 3*",
+            "*killed by SIGKILL*",
+            "*ERROR at setup of test_setup_crash*",
+            "*exited with status 4*",
+        ]
+    )
 
 
 def test_exitfirst_lastfailed_keyword(pytester: pytest.Pytester) -> None:
@@ -382,7 +398,8 @@ def test_xdist(pytester: pytest.Pytester) -> None:
 
 
 def test_fixture_scopes_and_mixed_modes(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(test_one="""
+    pytester.makepyfile(
+        test_one="""
         import pytest
 
         @pytest.fixture(scope="module")
@@ -399,7 +416,8 @@ def test_fixture_scopes_and_mixed_modes(pytester: pytest.Pytester) -> None:
 
         def test_host_after(resource):
             assert resource["count"] == 1   # the sandbox's change stayed in the sandbox
-    """, test_two="""
+    """,
+        test_two="""
         import pytest
 
         @pytest.fixture(scope="session")
@@ -412,7 +430,8 @@ def test_fixture_scopes_and_mixed_modes(pytester: pytest.Pytester) -> None:
 
         def test_host(session_thing):
             pass
-    """)
+    """,
+    )
     pytester.runpytest_subprocess("-p", "no:randomly").assert_outcomes(passed=5)
 
 
@@ -433,8 +452,9 @@ def test_capture_and_logging(pytester: pytest.Pytester) -> None:
     """)
     result = pytester.runpytest_subprocess()
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*Captured stdout call*", "*shown on failure*", "*Captured log call*",
-                                 "*logged on failure*"])
+    result.stdout.fnmatch_lines(
+        ["*Captured stdout call*", "*shown on failure*", "*Captured log call*", "*logged on failure*"]
+    )
 
 
 def test_hooks_for_extenders(pytester: pytest.Pytester) -> None:
@@ -520,8 +540,12 @@ def test_venv_under_tmp(pytester: pytest.Pytester, tmp_path_factory: pytest.Temp
             assert localmod.VALUE == 42
             assert sys.prefix.endswith("venv")
     """)
-    proc = subprocess.run([str(env_dir / "bin" / "python"), "-m", "pytest", "-p", "no:cacheprovider"],
-                          cwd=pytester.path, capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(env_dir / "bin" / "python"), "-m", "pytest", "-p", "no:cacheprovider"],
+        cwd=pytester.path,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1 passed" in proc.stdout
 
@@ -569,5 +593,3 @@ def test_pytest_exit_inside_sandbox(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess()
     assert result.ret == 7
     result.stdout.fnmatch_lines(["*enough*"])
-
-

@@ -71,13 +71,16 @@ class Evil:
         return (os.system, ("touch /nonexistent-pwned",))
 
 
-@pytest.mark.parametrize("junk", [
-    b"garbage",                                   # no header
-    sync.LAST + b"not json",                      # not JSON
-    sync.LAST + pickle.dumps({"type": "done"}),   # a pickle is not JSON either
-    sync.LAST + pickle.dumps(Evil()),
-    sync.LAST + b"[1, 2]",                        # JSON, but not an object
-])
+@pytest.mark.parametrize(
+    "junk",
+    [
+        b"garbage",  # no header
+        sync.LAST + b"not json",  # not JSON
+        sync.LAST + pickle.dumps({"type": "done"}),  # a pickle is not JSON either
+        sync.LAST + pickle.dumps(Evil()),
+        sync.LAST + b"[1, 2]",  # JSON, but not an object
+    ],
+)
 def test_anything_but_a_json_object_is_refused(junk: bytes) -> None:
     a, b = sync.socketpair()
     with a, b:
@@ -106,15 +109,27 @@ def test_a_message_cut_short_is_refused() -> None:
         sync.recv(b)
 
 
-@pytest.mark.parametrize(("message", "error"), [
-    ({"type": "shell", "cmd": "id"}, "unknown message type 'shell'"),
-    ({"data": {}}, "unknown message type None"),
-    ({"type": "report"}, "report message without 'data'"),
-    ({"type": "report", "data": []}, "'data' is list, expected dict"),
-    ({"type": "warning", "message": "m", "when": "runtest", "category": ["m", "W"], "filename": "f",
-      "lineno": True}, "'lineno' is bool"),
-    ({"type": "container", "id": "abc", "path": "/etc"}, "unknown field(s) path"),
-])
+@pytest.mark.parametrize(
+    ("message", "error"),
+    [
+        ({"type": "shell", "cmd": "id"}, "unknown message type 'shell'"),
+        ({"data": {}}, "unknown message type None"),
+        ({"type": "report"}, "report message without 'data'"),
+        ({"type": "report", "data": []}, "'data' is list, expected dict"),
+        (
+            {
+                "type": "warning",
+                "message": "m",
+                "when": "runtest",
+                "category": ["m", "W"],
+                "filename": "f",
+                "lineno": True,
+            },
+            "'lineno' is bool",
+        ),
+        ({"type": "container", "id": "abc", "path": "/etc"}, "unknown field(s) path"),
+    ],
+)
 def test_schema_refuses_what_a_test_may_not_send(message: dict[str, object], error: str) -> None:
     with pytest.raises(ProtocolError) as excinfo:
         check(message, FROM_TEST)
@@ -124,5 +139,17 @@ def test_schema_refuses_what_a_test_may_not_send(message: dict[str, object], err
 def test_schema_accepts_every_kind_the_test_process_sends() -> None:
     assert check({"type": "done"}, FROM_TEST) == "done"
     assert check({"type": "exit-requested", "reason": "r", "returncode": None}, FROM_TEST) == "exit-requested"
-    assert check({"type": "warning", "message": "m", "when": "runtest", "category": ["m", "W"], "filename": "f",
-                  "lineno": 3}, FROM_TEST) == "warning"
+    assert (
+        check(
+            {
+                "type": "warning",
+                "message": "m",
+                "when": "runtest",
+                "category": ["m", "W"],
+                "filename": "f",
+                "lineno": 3,
+            },
+            FROM_TEST,
+        )
+        == "warning"
+    )

@@ -36,36 +36,37 @@ def test_timeout_when_pytest_killed_the_sandbox() -> None:
 
 def test_timeout_when_the_watchdog_dumped_the_stacks() -> None:
     result = outcome({"type": "exit", "code": 1}, timeout=10)
-    dump = "Timeout (0:00:10)!\nThread 0x00007f3a (most recent call first):\n  File \"/src/test_x.py\", line 4"
+    dump = 'Timeout (0:00:10)!\nThread 0x00007f3a (most recent call first):\n  File "/src/test_x.py", line 4'
     assert result.crash_text(dump) == "timeout after 10 s: the whole sandbox was killed"
 
 
 def test_timeout_text_only_at_the_start_of_the_output() -> None:
     result = outcome({"type": "exit", "code": 1}, timeout=10)
     assert result.crash_text("Fatal Python error: Timeout (0:00:10)!") == (
-        "sandbox crashed: the test process exited with status 1")
+        "sandbox crashed: the test process exited with status 1"
+    )
 
 
 def test_no_exit_message_means_init_vanished() -> None:
     assert outcome(None).crash_text("") == (
-        "sandbox crashed: its init process vanished without reporting the test's status")
+        "sandbox crashed: its init process vanished without reporting the test's status"
+    )
 
 
 def test_sigkill_with_oom_kills_is_the_oom_killer() -> None:
-    result = outcome({"type": "exit", "signal": 9, "usage": {"oom_kills": 1, "memory_peak": 64 * MIB + MIB // 2}},
-                     memory=64 * MIB)
+    result = outcome(
+        {"type": "exit", "signal": 9, "usage": {"oom_kills": 1, "memory_peak": 64 * MIB + MIB // 2}}, memory=64 * MIB
+    )
     assert result.crash_text("") == "killed by the OOM killer: memory limit 64.0 MiB, peak 64.5 MiB"
 
 
 def test_oom_killer_without_a_measured_peak() -> None:
-    result = outcome({"type": "exit", "signal": 9, "usage": {"oom_kills": 2, "memory_peak": None}},
-                     memory=3 * MIB // 2)
+    result = outcome({"type": "exit", "signal": 9, "usage": {"oom_kills": 2, "memory_peak": None}}, memory=3 * MIB // 2)
     assert result.crash_text("") == "killed by the OOM killer: memory limit 1.5 MiB"
 
 
 def test_plain_sigkill() -> None:
-    result = outcome({"type": "exit", "signal": 9, "usage": {"oom_kills": 0, "memory_peak": 5 * MIB}},
-                     memory=64 * MIB)
+    result = outcome({"type": "exit", "signal": 9, "usage": {"oom_kills": 0, "memory_peak": 5 * MIB}}, memory=64 * MIB)
     assert result.crash_text("") == "sandbox crashed: killed by SIGKILL"
 
 
@@ -84,17 +85,20 @@ def test_unknown_signal_by_number() -> None:
 
 def test_exit_status() -> None:
     assert outcome({"type": "exit", "code": 3}).crash_text("") == (
-        "sandbox crashed: the test process exited with status 3")
+        "sandbox crashed: the test process exited with status 3"
+    )
 
 
 # -- Outcome.limit_notes and usage ----------------------------------------------------------------
 
 
 def test_limit_notes_oom_kills_and_pids_hits() -> None:
-    result = outcome({"type": "exit", "code": 0, "usage": {"oom_kills": 2, "pids_limit_hits": 7}},
-                     memory=256 * MIB, pids=16)
-    assert result.limit_notes() == ("the OOM killer ended 2 process(es) at the memory limit 256.0 MiB\n"
-                                    "the pids limit 16 refused 7 fork(s)")
+    result = outcome(
+        {"type": "exit", "code": 0, "usage": {"oom_kills": 2, "pids_limit_hits": 7}}, memory=256 * MIB, pids=16
+    )
+    assert result.limit_notes() == (
+        "the OOM killer ended 2 process(es) at the memory limit 256.0 MiB\nthe pids limit 16 refused 7 fork(s)"
+    )
 
 
 def test_limit_notes_pids_only() -> None:
@@ -103,8 +107,7 @@ def test_limit_notes_pids_only() -> None:
 
 
 def test_limit_notes_empty_without_hits() -> None:
-    result = outcome({"type": "exit", "code": 0, "usage": {"oom_kills": 0, "pids_limit_hits": 0}},
-                     memory=MIB, pids=4)
+    result = outcome({"type": "exit", "code": 0, "usage": {"oom_kills": 0, "pids_limit_hits": 0}}, memory=MIB, pids=4)
     assert result.limit_notes() == ""
     assert outcome(None).limit_notes() == ""
 
@@ -146,7 +149,8 @@ def test_trim_cuts_at_the_test_process_frame() -> None:
         "Fatal Python error: Segmentation fault\n\n"
         "Current thread 0x00007f0c8d5fe740 (most recent call first):\n"
         '  File "/src/tests/test_crash.py", line 7 in crash\n'
-        '  File "/src/tests/test_crash.py", line 11 in test_segfault')
+        '  File "/src/tests/test_crash.py", line 11 in test_segfault'
+    )
 
 
 def test_trim_keeps_everything_without_plumbing_and_strips_the_end() -> None:
@@ -176,7 +180,8 @@ def test_crash_before_setup_reported_fails_setup(item: pytest.Item) -> None:
         "Fatal Python error: Segmentation fault\n\n"
         "Current thread 0x00007f0c8d5fe740 (most recent call first):\n"
         '  File "/src/tests/test_crash.py", line 7 in crash\n'
-        '  File "/src/tests/test_crash.py", line 11 in test_segfault')
+        '  File "/src/tests/test_crash.py", line 11 in test_segfault'
+    )
     assert {r.nodeid for r in reports} == {item.nodeid}
 
 

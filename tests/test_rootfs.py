@@ -13,8 +13,9 @@ def test_plan_for_paths_under_tmp(tmp_path: Path) -> None:
     inside = rootdir / ".venv"
     for path in (rootdir, venv, inside):
         path.mkdir(parents=True)
-    plan = rootfs.make_plan(writable=[str(rootdir)], needed=[str(venv), str(venv / "sub-missing"), str(inside),
-                                                               "/usr/lib"])
+    plan = rootfs.make_plan(
+        writable=[str(rootdir)], needed=[str(venv), str(venv / "sub-missing"), str(inside), "/usr/lib"]
+    )
     assert str(rootdir) in plan.overlays
     assert plan.visible == (str(venv),)  # under the rootdir overlay or outside /tmp: nothing else to re-expose
     assert "/tmp" in plan.fresh

@@ -50,8 +50,9 @@ def test_root_only_paths_stay_closed(pytester: pytest.Pytester) -> None:
     pytester.runpytest_subprocess().assert_outcomes(passed=1)
 
 
-def test_image_commands_as_plain_user(pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory,
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_image_commands_as_plain_user(
+    pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Without root the caller is the image's root (or its USER) inside, and owns every file outside."""
 
     from oci_inputs import BUSYBOX
@@ -62,7 +63,8 @@ def test_image_commands_as_plain_user(pytester: pytest.Pytester, tmp_path_factor
     monkeypatch.setenv("PYTEST_SANDBOX_STORE", str(store))
     (pytester.path / "images").mkdir()
     (pytester.path / "images" / "asnobody.Containerfile").write_text(
-        "FROM busybox\nRUN mkdir /data && chown 65534:65534 /data || true\nUSER nobody\n")
+        "FROM busybox\nRUN mkdir /data && chown 65534:65534 /data || true\nUSER nobody\n"
+    )
     uid = os.getuid()
     pytester.makepyfile(f"""
         import os, pytest

@@ -24,12 +24,17 @@ class Terminal:
         self.lines.append(line)
 
 
-def report(nodeid: str, outcome: Literal["passed", "failed", "skipped"] = "passed",
-           when: Literal["setup", "call", "teardown"] = "call", longrepr: Any = None,
-           **usage: object) -> pytest.TestReport:
+def report(
+    nodeid: str,
+    outcome: Literal["passed", "failed", "skipped"] = "passed",
+    when: Literal["setup", "call", "teardown"] = "call",
+    longrepr: Any = None,
+    **usage: object,
+) -> pytest.TestReport:
     properties = [(f"sandbox_{name}", value) for name, value in usage.items()]
-    return pytest.TestReport(nodeid, ("test_x.py", 0, nodeid), {}, outcome, longrepr, when,
-                             user_properties=[("other", 1), *properties])
+    return pytest.TestReport(
+        nodeid, ("test_x.py", 0, nodeid), {}, outcome, longrepr, when, user_properties=[("other", 1), *properties]
+    )
 
 
 def records(*reports: pytest.TestReport) -> Records:
@@ -43,8 +48,10 @@ def records(*reports: pytest.TestReport) -> Records:
 
 
 def test_records_collect_usage_of_all_phases_without_prefix() -> None:
-    result = records(report("t.py::a", when="setup", pids_peak=3),
-                     report("t.py::a", when="teardown", memory_peak=5 * MIB, cpu_user=0.25))
+    result = records(
+        report("t.py::a", when="setup", pids_peak=3),
+        report("t.py::a", when="teardown", memory_peak=5 * MIB, cpu_user=0.25),
+    )
     assert list(result.by_nodeid) == ["t.py::a"]
     record = result.by_nodeid["t.py::a"]
     assert record.usage == {"pids_peak": 3, "memory_peak": 5 * MIB, "cpu_user": 0.25}
@@ -52,8 +59,10 @@ def test_records_collect_usage_of_all_phases_without_prefix() -> None:
 
 
 def test_records_keep_the_first_failure_with_its_phase() -> None:
-    result = records(report("t.py::a", "failed", "call", longrepr="\n\nAssertionError: assert 1 == 2\nmore"),
-                     report("t.py::a", "failed", "teardown", longrepr="RuntimeError: later"))
+    result = records(
+        report("t.py::a", "failed", "call", longrepr="\n\nAssertionError: assert 1 == 2\nmore"),
+        report("t.py::a", "failed", "teardown", longrepr="RuntimeError: later"),
+    )
     record = result.by_nodeid["t.py::a"]
     assert record.failed
     assert record.message == "call: AssertionError: assert 1 == 2"
@@ -83,8 +92,14 @@ HEADER = " peak mem  cpu user   cpu sys throttled  pids  test"
 def test_durations_sorted_by_peak_memory_then_cpu() -> None:
     result = records(
         report("t.py::small", memory_peak=1 * MIB, cpu_user=9.0),
-        report("t.py::big", memory_peak=300 * MIB + MIB // 2, cpu_user=0.5, cpu_system=0.125,
-               cpu_throttled=0.0, pids_peak=12),
+        report(
+            "t.py::big",
+            memory_peak=300 * MIB + MIB // 2,
+            cpu_user=0.5,
+            cpu_system=0.125,
+            cpu_throttled=0.0,
+            pids_peak=12,
+        ),
         report("t.py::tie_slow", memory_peak=1 * MIB, cpu_user=20.0),
         report("t.py::unmeasured"),
     )
@@ -136,8 +151,11 @@ def test_base_nodeid_drops_the_run_id() -> None:
     assert base_nodeid("t.py::Test::test_a") == "t.py::Test::test_a"
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: the plugin's run-k-of-N id comes first for parametrized "
-                   "tests ('[run1-of-2-1]'), and removing it leaves '[-1]'")
+@pytest.mark.xfail(
+    strict=True,
+    reason="known bug: the plugin's run-k-of-N id comes first for parametrized "
+    "tests ('[run1-of-2-1]'), and removing it leaves '[-1]'",
+)
 def test_base_nodeid_of_a_parametrized_repeat() -> None:
     assert base_nodeid("t.py::test_a[run1-of-2-1]") == "t.py::test_a[1]"
 
@@ -167,9 +185,12 @@ def test_repeats_most_failing_first_with_messages_by_count() -> None:
 
 
 def test_repeats_count_a_run_failing_in_two_phases_once() -> None:
-    result = records(report("t.py::a[run1-of-3]", "failed", "call", longrepr="boom"),
-                     report("t.py::a[run1-of-3]", "failed", "teardown", longrepr="cleanup"),
-                     report("t.py::a[run2-of-3]"), report("t.py::a[run3-of-3]"))
+    result = records(
+        report("t.py::a[run1-of-3]", "failed", "call", longrepr="boom"),
+        report("t.py::a[run1-of-3]", "failed", "teardown", longrepr="cleanup"),
+        report("t.py::a[run2-of-3]"),
+        report("t.py::a[run3-of-3]"),
+    )
     terminal = Terminal()
     write_repeats(terminal, result, 3)
     assert terminal.lines[2:] == ["    3      1    33%  t.py::a", "                    1 x call: boom"]

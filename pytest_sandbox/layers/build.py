@@ -84,10 +84,20 @@ class _State:
     def entry(self) -> dict[str, Any]:
         return {"layers": self.layers, "diff_ids": self.diff_ids, "config": self.config, "base": self.base}
 
-    def derived(self, key: str, layers: list[str] | None = None, diff_ids: list[str] | None = None,
-                config: dict[str, Any] | None = None) -> _State:
-        return _State(key, self.layers if layers is None else layers, self.diff_ids if diff_ids is None else diff_ids,
-                      self.config if config is None else config, self.base)
+    def derived(
+        self,
+        key: str,
+        layers: list[str] | None = None,
+        diff_ids: list[str] | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> _State:
+        return _State(
+            key,
+            self.layers if layers is None else layers,
+            self.diff_ids if diff_ids is None else diff_ids,
+            self.config if config is None else config,
+            self.base,
+        )
 
 
 class _Ignore:
@@ -129,9 +139,15 @@ class _Ignore:
 class Builder:
     """Builds images defined in one directory into one store."""
 
-    def __init__(self, store: Store, images_dir: str, progress: Progress | None = None,
-                 build_args: Mapping[str, str] | None = None, quiet_cached: bool = False,
-                 no_cache: bool = False) -> None:
+    def __init__(
+        self,
+        store: Store,
+        images_dir: str,
+        progress: Progress | None = None,
+        build_args: Mapping[str, str] | None = None,
+        quiet_cached: bool = False,
+        no_cache: bool = False,
+    ) -> None:
         self.store = store
         self.images_dir = os.path.abspath(images_dir)
         self._progress = progress or (lambda _msg: None)
@@ -190,8 +206,10 @@ class Builder:
         path = self._definition(name)
         if path is None:
             if self.store.get(name) is None:
-                raise StoreError(f"no image {name!r}: neither {definition_path(self.images_dir, name)} nor an "
-                                 f"image of that name in the store {self.store.root}")
+                raise StoreError(
+                    f"no image {name!r}: neither {definition_path(self.images_dir, name)} nor an "
+                    f"image of that name in the store {self.store.root}"
+                )
             return
         with open(path) as f:
             instructions = containerfile.parse(f.read(), path)
@@ -221,12 +239,23 @@ class Builder:
                 if ins.keyword == "FROM":
                     continue
                 state, args = self._step(ins, state, args, path, f"{name} step {number}/{total}")
-            image = Image(name=name, layers=tuple(state.layers), diff_ids=tuple(state.diff_ids),
-                          config=state.config, source=os.path.abspath(path), created=time.time(),
-                          build_key=state.key, base=state.base)
+            image = Image(
+                name=name,
+                layers=tuple(state.layers),
+                diff_ids=tuple(state.diff_ids),
+                config=state.config,
+                source=os.path.abspath(path),
+                created=time.time(),
+                build_key=state.key,
+                base=state.base,
+            )
             existing = self.store.get(name)
             if existing is None or (existing.build_key, existing.layers, existing.config, existing.base) != (
-                    image.build_key, image.layers, image.config, image.base):
+                image.build_key,
+                image.layers,
+                image.config,
+                image.base,
+            ):
                 self.store.put(image)
             else:
                 image = existing
@@ -253,8 +282,11 @@ class Builder:
         if base == HOST_BASE:  # the sandbox's view of this machine, live: host changes do not rebuild
             return _State(_key("FROM host"), [], [], dict(EMPTY_CONFIG), HOST_BASE), {}
         if oci.is_reference(base):
-            transport, ref_path, tag = oci.split_reference(base.replace(":", ":" + os.path.dirname(path) + "/", 1)
-                                                           if not base.split(":", 1)[1].startswith("/") else base)
+            transport, ref_path, tag = oci.split_reference(
+                base.replace(":", ":" + os.path.dirname(path) + "/", 1)
+                if not base.split(":", 1)[1].startswith("/")
+                else base
+            )
             digest = _file_digest(ref_path)
             key = _key("FROM", transport, digest, tag or "")
             cached = self._cache_get(key)
@@ -274,9 +306,11 @@ class Builder:
         else:
             found = self.store.get(base)
             if found is None:
-                raise BuildError(f"{path}:{ins.line}: FROM {base}: no {definition_path(self.images_dir, base)} "
-                                 f"and no image {base!r} in the store (use scratch, an image of "
-                                 f"{os.path.relpath(self.images_dir)}/, or oci:/oci-archive:/docker-archive:)")
+                raise BuildError(
+                    f"{path}:{ins.line}: FROM {base}: no {definition_path(self.images_dir, base)} "
+                    f"and no image {base!r} in the store (use scratch, an image of "
+                    f"{os.path.relpath(self.images_dir)}/, or oci:/oci-archive:/docker-archive:)"
+                )
             image = found
         key = _key("FROM", json.dumps([list(image.layers), image.config, image.base], sort_keys=True))
         return _State(key, list(image.layers), list(image.diff_ids), dict(image.config), image.base), {}
@@ -295,8 +329,9 @@ class Builder:
             out[key] = self.build_args.get(key, containerfile.substitute(default, current) if sep else "")
         return out
 
-    def _step(self, ins: Instruction, state: _State, args: dict[str, str], path: str,
-              label: str) -> tuple[_State, dict[str, str]]:
+    def _step(
+        self, ins: Instruction, state: _State, args: dict[str, str], path: str, label: str
+    ) -> tuple[_State, dict[str, str]]:
         env = format.env_mapping(state.config.get("Env") or [])
         variables = {**args, **env}
         config = json.loads(json.dumps(state.config))
@@ -312,21 +347,29 @@ class Builder:
                     env[k] = v
                 config["Env"] = [f"{k}={v}" for k, v in env.items()]
             elif kw == "LABEL":
-                config["Labels"] = {**(config.get("Labels") or {}),
-                                    **dict(containerfile.pairs(dataclasses.replace(ins, args=text), path))}
+                config["Labels"] = {
+                    **(config.get("Labels") or {}),
+                    **dict(containerfile.pairs(dataclasses.replace(ins, args=text), path)),
+                }
             elif kw == "USER":
                 config["User"] = text
             elif kw in ("CMD", "ENTRYPOINT"):
                 form = list(ins.json_form) if ins.json_form is not None else (["/bin/sh", "-c", text] if text else None)
                 config["Cmd" if kw == "CMD" else "Entrypoint"] = form
             elif kw == "EXPOSE":
-                config["ExposedPorts"] = {**(config.get("ExposedPorts") or {}),
-                                          **{(p if "/" in p else p + "/tcp"): {} for p in text.split()}}
+                config["ExposedPorts"] = {
+                    **(config.get("ExposedPorts") or {}),
+                    **{(p if "/" in p else p + "/tcp"): {} for p in text.split()},
+                }
             elif kw == "WORKDIR":
                 workdir = os.path.normpath(os.path.join(config.get("WorkingDir") or "/", text))
                 config["WorkingDir"] = workdir
-                return self._layer_step(ins, label, state.derived(key, config=config),
-                                        lambda diff: self._workdir_layer(state, workdir, diff)), args
+                return self._layer_step(
+                    ins,
+                    label,
+                    state.derived(key, config=config),
+                    lambda diff: self._workdir_layer(state, workdir, diff),
+                ), args
             if self._cache_get(key) is not None:
                 self._cached(f"{label}: {ins.keyword} {text[:60]}")
             else:
@@ -336,17 +379,20 @@ class Builder:
         if kw == "COPY":
             sources, dest, digest, libs = self._copy_plan(ins, variables, path)
             key = _key(state.key, ins.text, digest)
-            return self._layer_step(ins, label, state.derived(key, config=config),
-                                    lambda diff: self._copy_into(ins, sources, dest, state, config, diff, path,
-                                                                 libs)), args
+            return self._layer_step(
+                ins,
+                label,
+                state.derived(key, config=config),
+                lambda diff: self._copy_into(ins, sources, dest, state, config, diff, path, libs),
+            ), args
         if kw == "RUN":
             key = _key(state.key, ins.text, json.dumps(args, sort_keys=True))
-            return self._layer_step(ins, label, state.derived(key, config=config),
-                                    lambda diff: self._run(ins, state, args, path, diff)), args
+            return self._layer_step(
+                ins, label, state.derived(key, config=config), lambda diff: self._run(ins, state, args, path, diff)
+            ), args
         raise ContainerfileError(path, ins.line, f"unsupported instruction {kw}")  # parse() stops these first
 
-    def _layer_step(self, ins: Instruction, label: str, target: _State,
-                    make: Callable[[str], bool]) -> _State:
+    def _layer_step(self, ins: Instruction, label: str, target: _State, make: Callable[[str], bool]) -> _State:
         """Reuse the cached result of ``target.key`` or make a new layer on top of ``target.layers``."""
         cached = self._cache_get(target.key)
         if cached is not None:
@@ -375,13 +421,20 @@ class Builder:
         store_top = overlay.top_level_dir(self.store.root)[1:]
         for name in os.listdir(diff):
             if name == store_top:
-                raise BuildError(f"{ins.keyword} {ins.args[:60]}: a FROM host image cannot change /{name}, which "
-                                 f"holds the image store {self.store.root} (move the store with --store / "
-                                 "PYTEST_SANDBOX_STORE)")
-            if not os.path.isdir("/" + name) or os.path.islink("/" + name) or not os.path.isdir(
-                    os.path.join(diff, name)):
-                raise BuildError(f"{ins.keyword} {ins.args[:60]}: a FROM host image can only change directories "
-                                 f"under the host's existing top-level directories, not /{name}")
+                raise BuildError(
+                    f"{ins.keyword} {ins.args[:60]}: a FROM host image cannot change /{name}, which "
+                    f"holds the image store {self.store.root} (move the store with --store / "
+                    "PYTEST_SANDBOX_STORE)"
+                )
+            if (
+                not os.path.isdir("/" + name)
+                or os.path.islink("/" + name)
+                or not os.path.isdir(os.path.join(diff, name))
+            ):
+                raise BuildError(
+                    f"{ins.keyword} {ins.args[:60]}: a FROM host image can only change directories "
+                    f"under the host's existing top-level directories, not /{name}"
+                )
 
     # -- WORKDIR -------------------------------------------------------------------------
     def _workdir_layer(self, state: _State, workdir: str, diff: str) -> bool:
@@ -391,8 +444,9 @@ class Builder:
         return True
 
     # -- COPY ----------------------------------------------------------------------------
-    def _copy_plan(self, ins: Instruction, variables: Mapping[str, str], path: str
-                   ) -> tuple[list[tuple[str, str]], str, str, list[tuple[str, str]]]:
+    def _copy_plan(
+        self, ins: Instruction, variables: Mapping[str, str], path: str
+    ) -> tuple[list[tuple[str, str]], str, str, list[tuple[str, str]]]:
         """(absolute source, name) pairs, the destination, a hash of everything read, and with
         ``--libs`` the (host file, path in the image) of each shared library the sources load."""
         words = list(ins.json_form) if ins.json_form is not None else shlex.split(ins.args)
@@ -442,16 +496,29 @@ class Builder:
                     digest.update(_file_digest(full).encode())
         return sources, dest, digest.hexdigest(), libs
 
-    def _copy_into(self, ins: Instruction, sources: list[tuple[str, str]], dest: str, state: _State,
-                   config: Mapping[str, Any], diff: str, path: str, libs: list[tuple[str, str]]) -> bool:
+    def _copy_into(
+        self,
+        ins: Instruction,
+        sources: list[tuple[str, str]],
+        dest: str,
+        state: _State,
+        config: Mapping[str, Any],
+        diff: str,
+        path: str,
+        libs: list[tuple[str, str]],
+    ) -> bool:
         for host_file, image_path in libs:
             target = os.path.join(diff, image_path.lstrip("/"))
             os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
             _copy_entry(host_file, target)
         workdir = config.get("WorkingDir") or "/"
         dest_abs = os.path.normpath(os.path.join(workdir, dest))
-        into_dir = dest.endswith("/") or len(sources) > 1 or any(os.path.isdir(s) for s, _ in sources) \
+        into_dir = (
+            dest.endswith("/")
+            or len(sources) > 1
+            or any(os.path.isdir(s) for s, _ in sources)
             or _is_dir_in(self.store, state.layers, dest_abs, state.host_based)
+        )
         context = os.path.dirname(os.path.abspath(path))
         ignore = None if ins.flag("from") == "host" else _Ignore(context)
         for source, name in sources:
@@ -461,8 +528,11 @@ class Builder:
                 for rel, full in _walk_source(source, None if ignore is None else (context, ignore)):
                     _copy_entry(full, os.path.join(target, rel))
             else:
-                target = os.path.join(diff, dest_abs.lstrip("/"), name) if into_dir else \
-                    os.path.join(diff, dest_abs.lstrip("/"))
+                target = (
+                    os.path.join(diff, dest_abs.lstrip("/"), name)
+                    if into_dir
+                    else os.path.join(diff, dest_abs.lstrip("/"))
+                )
                 os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
                 _copy_entry(source, target)
         _apply_copy_flags(diff, dest_abs, ins)
@@ -486,9 +556,15 @@ class Builder:
         copy_error = os.path.join(stage, "copy-error")
 
         def prepare() -> str:
-            return rootfs.mount_image_root(layers_top_first, layer_dir, merged, host_based=host_based,
-                                              store_root=self.store.root, unprivileged=unprivileged,
-                                              on_tmpfs=on_tmpfs)
+            return rootfs.mount_image_root(
+                layers_top_first,
+                layer_dir,
+                merged,
+                host_based=host_based,
+                store_root=self.store.root,
+                unprivileged=unprivileged,
+                on_tmpfs=on_tmpfs,
+            )
 
         def copy_out() -> None:  # in the waiter, whose mounts still hold the tmpfs upper
             try:
@@ -501,12 +577,24 @@ class Builder:
                 raise
 
         uid, gid, home = self._user(state, config.get("User") or "")
-        run = commands.RunSpec(argv=argv, env=commands.image_env(env_list, {}, home, "build"),
-                                workdir=config.get("WorkingDir") or "/",
-                                hostname="build", network=network)
+        run = commands.RunSpec(
+            argv=argv,
+            env=commands.image_env(env_list, {}, home, "build"),
+            workdir=config.get("WorkingDir") or "/",
+            hostname="build",
+            network=network,
+        )
         try:
-            proc = commands.spawn(prepare, run, uid, gid, copy_out if on_tmpfs else None, stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            proc = commands.spawn(
+                prepare,
+                run,
+                uid,
+                gid,
+                copy_out if on_tmpfs else None,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
         except commands.ContainerError as exc:
             raise BuildError(f"{path}:{ins.line}: RUN cannot start: {exc}") from None
         assert proc.stdout is not None
@@ -521,8 +609,10 @@ class Builder:
                 raise BuildError(f"{path}:{ins.line}: RUN's changes could not be copied into the store: {f.read()}")
         if code != 0:
             output = "\n".join(tail)
-            raise BuildError(f"{path}:{ins.line}: RUN {ins.args[:80]} failed with exit status {code}"
-                             + (f"; last output:\n{output}" if output else ""))
+            raise BuildError(
+                f"{path}:{ins.line}: RUN {ins.args[:80]} failed with exit status {code}"
+                + (f"; last output:\n{output}" if output else "")
+            )
         if not on_tmpfs:
             for name, upper in rootfs.layer_uppers(layer_dir, host_based):
                 if not name:
@@ -539,6 +629,7 @@ class Builder:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
 
 def image_user(store: Store, layers: Sequence[str], user: str, host: bool) -> tuple[int, int, str]:
     """uid, gid and home of an image's ``USER``, from the /etc/passwd and /etc/group its layers show."""

@@ -35,6 +35,7 @@ class ContainerError(SandboxError):
 
 # -- the process ----------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
     """How one command runs in an image root."""
@@ -99,8 +100,15 @@ class _Launch:
     status. Killing it kills the namespace (PDEATHSIG on pid 1).
     """
 
-    def __init__(self, prepare_root: Callable[[], str], run: RunSpec, uid: int, gid: int, error_w: int,
-                 after: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        prepare_root: Callable[[], str],
+        run: RunSpec,
+        uid: int,
+        gid: int,
+        error_w: int,
+        after: Callable[[], None] | None = None,
+    ) -> None:
         self.prepare_root = prepare_root
         self.after = after  # run by the waiter once the command is gone, in the mounts prepare_root made
         self.run = run
@@ -174,8 +182,14 @@ class _Launch:
 AFTER_FAILED = 125  # exit status of a spawn whose ``after`` hook raised
 
 
-def spawn(prepare_root: Callable[[], str], run: RunSpec, uid: int = 0, gid: int = 0,
-          after: Callable[[], None] | None = None, **popen_kwargs: Any) -> subprocess.Popen[Any]:
+def spawn(
+    prepare_root: Callable[[], str],
+    run: RunSpec,
+    uid: int = 0,
+    gid: int = 0,
+    after: Callable[[], None] | None = None,
+    **popen_kwargs: Any,
+) -> subprocess.Popen[Any]:
     """Start ``run.argv`` in the root ``prepare_root`` returns (called in the new mount namespace).
 
     Returns once the command has been exec'd, or raises ContainerError saying why it was not.
@@ -183,12 +197,17 @@ def spawn(prepare_root: Callable[[], str], run: RunSpec, uid: int = 0, gid: int 
     error_r, error_w = os.pipe2(os.O_CLOEXEC)
     try:
         try:
-            proc = subprocess.Popen(list(run.argv), env=dict(run.env),
-                                    preexec_fn=_Launch(prepare_root, run, uid, gid, error_w, after),
-                                    pass_fds=(error_w,), **popen_kwargs)
+            proc = subprocess.Popen(
+                list(run.argv),
+                env=dict(run.env),
+                preexec_fn=_Launch(prepare_root, run, uid, gid, error_w, after),
+                pass_fds=(error_w,),
+                **popen_kwargs,
+            )
         except FileNotFoundError:
-            raise ContainerError(f"{run.argv[0]!r}: no such command in the image "
-                                 f"(PATH={run.env.get('PATH', '')})") from None
+            raise ContainerError(
+                f"{run.argv[0]!r}: no such command in the image (PATH={run.env.get('PATH', '')})"
+            ) from None
         except PermissionError:
             raise ContainerError(f"{run.argv[0]!r}: permission denied in the image") from None
         except subprocess.SubprocessError as exc:

@@ -17,8 +17,10 @@ from ..errors import SandboxError
 SUPPORTED = ("FROM", "RUN", "COPY", "ENV", "WORKDIR", "USER", "LABEL", "ARG", "CMD", "ENTRYPOINT", "EXPOSE")
 _FLAGS = {"COPY": ("from", "chown", "chmod", "libs"), "RUN": ("network",)}
 _SWITCHES = ("libs",)  # flags without a value
-_VAR = re.compile(r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?::(?P<op>[-+])(?P<word>[^}]*))?\}"
-                  r"|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))")
+_VAR = re.compile(
+    r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?::(?P<op>[-+])(?P<word>[^}]*))?\}"
+    r"|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))"
+)
 
 
 class ContainerfileError(SandboxError):
@@ -32,7 +34,7 @@ class ContainerfileError(SandboxError):
 @dataclasses.dataclass(frozen=True)
 class Instruction:
     keyword: str
-    args: str                      # the raw argument text (continuations joined)
+    args: str  # the raw argument text (continuations joined)
     line: int
     flags: tuple[tuple[str, str], ...] = ()
     json_form: tuple[str, ...] | None = None  # exec form (["a", "b"]) when given
@@ -49,6 +51,7 @@ class Instruction:
 
 def substitute(text: str, variables: Mapping[str, str]) -> str:
     """$VAR, ${VAR}, ${VAR:-default}, ${VAR:+alt} as Docker expands them outside RUN."""
+
     def repl(match: re.Match[str]) -> str:
         name = match.group("braced") or match.group("plain")
         value = variables.get(name, "")
@@ -120,8 +123,9 @@ def parse(text: str, path: str) -> list[Instruction]:
         keyword = keyword.upper()
         args = args.strip()
         if keyword not in SUPPORTED:
-            raise ContainerfileError(path, line,
-                                     f"unsupported instruction {keyword!r}; supported: {', '.join(SUPPORTED)}")
+            raise ContainerfileError(
+                path, line, f"unsupported instruction {keyword!r}; supported: {', '.join(SUPPORTED)}"
+            )
         if keyword == "FROM":
             args = re.sub(r"\s+#.*$", "", args)
         flags, args = _split_flags(path, line, keyword, args)
@@ -152,11 +156,13 @@ def _check(ins: Instruction, path: str) -> None:
         if len(sources) < 2:
             raise ContainerfileError(path, ins.line, "COPY needs at least one source and a destination")
         if ins.flag("from") not in (None, "host"):
-            raise ContainerfileError(path, ins.line, "COPY --from= takes only 'host' (multi-stage builds are not "
-                                     "supported)")
+            raise ContainerfileError(
+                path, ins.line, "COPY --from= takes only 'host' (multi-stage builds are not supported)"
+            )
         if ins.flag("libs") is not None and ins.flag("from") != "host":
-            raise ContainerfileError(path, ins.line, "COPY --libs goes with --from=host (host programs and the "
-                                     "shared libraries they load)")
+            raise ContainerfileError(
+                path, ins.line, "COPY --libs goes with --from=host (host programs and the shared libraries they load)"
+            )
         mode = ins.flag("chmod")
         if mode is not None and not re.fullmatch(r"[0-7]{3,4}", mode):
             raise ContainerfileError(path, ins.line, f"COPY --chmod={mode!r}: use an octal mode such as 0755")

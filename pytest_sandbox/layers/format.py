@@ -16,10 +16,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 # -- overlay-native layer directories --------------------------------------------------------
-OPAQUE_XATTR = "user.overlay.opaque"        # "y": the directory hides what lower layers hold there
-XWHITEOUT_XATTR = "user.overlay.whiteout"   # on an empty file: a deletion (where 0:0 devices are refused)
-OWNER_XATTR = "user.pytest-sandbox.owner"   # "uid:gid" the image gave a file, kept where we cannot chown
-OVERLAY_XATTR_PREFIX = "user.overlay."      # overlayfs's own bookkeeping, stripped from finished layers
+OPAQUE_XATTR = "user.overlay.opaque"  # "y": the directory hides what lower layers hold there
+XWHITEOUT_XATTR = "user.overlay.whiteout"  # on an empty file: a deletion (where 0:0 devices are refused)
+OWNER_XATTR = "user.pytest-sandbox.owner"  # "uid:gid" the image gave a file, kept where we cannot chown
+OVERLAY_XATTR_PREFIX = "user.overlay."  # overlayfs's own bookkeeping, stripped from finished layers
 
 # -- the same in OCI layer tars --------------------------------------------------------------
 WHITEOUT_PREFIX = ".wh."
@@ -29,8 +29,15 @@ OPAQUE_MARKER = ".wh..wh..opq"
 HOST_BASE = "host"  # Image.base of an image built FROM host: the sandbox's host view is its lowest layer
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}(:[A-Za-z0-9_.-]{1,128})?$")
 NAME_RULE = "lower-case letters, digits, '.', '_', '-', optionally ':tag'"
-EMPTY_CONFIG: dict[str, Any] = {"Env": [], "WorkingDir": "", "User": "", "Cmd": None, "Entrypoint": None,
-                                "Labels": {}, "ExposedPorts": {}}
+EMPTY_CONFIG: dict[str, Any] = {
+    "Env": [],
+    "WorkingDir": "",
+    "User": "",
+    "Cmd": None,
+    "Entrypoint": None,
+    "Labels": {},
+    "ExposedPorts": {},
+}
 
 
 def sha256_hex(data: bytes) -> str:

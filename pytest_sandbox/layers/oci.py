@@ -56,8 +56,10 @@ def guess_reference(path: str) -> str:
     if os.path.isdir(full):
         return f"oci:{full}"
     if not os.path.isfile(full):
-        raise ImportError_(f"{path}: no such file or directory (or use oci:DIR, oci-archive:FILE, "
-                           "docker-archive:FILE, each with an optional :TAG)")
+        raise ImportError_(
+            f"{path}: no such file or directory (or use oci:DIR, oci-archive:FILE, "
+            "docker-archive:FILE, each with an optional :TAG)"
+        )
     try:
         with tarfile.open(full, "r:*") as tar:
             names = {tarlayer.clean_name(m.name) for m in tar.getmembers()}
@@ -74,11 +76,12 @@ def split_reference(ref: str) -> tuple[str, str, str | None]:
     """``transport:path[:tag]`` -> (transport, path, tag); a path may itself hold ':' only before a tag."""
     for transport in TRANSPORTS:
         if ref.startswith(transport):
-            rest = ref[len(transport):]
+            rest = ref[len(transport) :]
             break
     else:
-        raise ImportError_(f"{ref!r} is not an image reference: use one of "
-                           + ", ".join(t + "PATH" for t in TRANSPORTS))
+        raise ImportError_(
+            f"{ref!r} is not an image reference: use one of " + ", ".join(t + "PATH" for t in TRANSPORTS)
+        )
     path, tag = rest, None
     if ":" in rest and not os.path.exists(rest):
         path, tag = rest.rsplit(":", 1)
@@ -88,6 +91,7 @@ def split_reference(ref: str) -> tuple[str, str, str | None]:
 
 
 # -- reading blobs ---------------------------------------------------------------------------
+
 
 class _HashingReader(io.RawIOBase):
     def __init__(self, raw: IO[bytes]) -> None:
@@ -118,8 +122,10 @@ class _ZstdPipe(io.RawIOBase):
     def __init__(self, source: IO[bytes]) -> None:
         zstd = shutil.which("zstd")
         if zstd is None:
-            raise ImportError_("a layer is zstd-compressed and neither Python's compression.zstd, the zstandard "
-                               "module nor the zstd program is available (apt install zstd)")
+            raise ImportError_(
+                "a layer is zstd-compressed and neither Python's compression.zstd, the zstandard "
+                "module nor the zstd program is available (apt install zstd)"
+            )
         self.proc = subprocess.Popen([zstd, "-dcq"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.error: BaseException | None = None
         self.feeder = threading.Thread(target=self._feed, args=(source,), daemon=True)
@@ -306,8 +312,13 @@ def _read_source(source: _Source, tag: str | None) -> tuple[dict[str, Any], list
             raise ImportError_(f"{where}: not a docker archive (no manifest.json)")
         entries = source.json("manifest.json")
         if tag is not None:
-            entries = [e for e in entries if any(t == tag or t.endswith(":" + tag) or t.split(":")[0].endswith(tag)
-                                                 for t in e.get("RepoTags") or [])]
+            entries = [
+                e
+                for e in entries
+                if any(
+                    t == tag or t.endswith(":" + tag) or t.split(":")[0].endswith(tag) for t in e.get("RepoTags") or []
+                )
+            ]
             if not entries:
                 raise ImportError_(f"{where}: no image tagged {tag!r}")
         if len(entries) != 1:
@@ -341,8 +352,7 @@ def _default_name(hint: str | None, path: str) -> str:
     return cleaned
 
 
-def _unpack_layer(store: Store, source: _Source, layer: _LayerRef, diff_id: str, parent: str | None,
-                  where: str) -> str:
+def _unpack_layer(store: Store, source: _Source, layer: _LayerRef, diff_id: str, parent: str | None, where: str) -> str:
     chain = chain_id(parent, diff_id)
     if store.has_layer(chain):
         return chain
@@ -361,15 +371,18 @@ def _unpack_layer(store: Store, source: _Source, layer: _LayerRef, diff_id: str,
         if layer.digest is not None and raw.digest != layer.digest:
             raise ImportError_(f"{where}: blob {layer.digest} is corrupt (content hashes to {raw.digest})")
         if unpacked.digest != diff_id:
-            raise ImportError_(f"{where}: layer {layer.digest or layer.name} does not match its diff id "
-                               f"{diff_id} (uncompressed content hashes to {unpacked.digest})")
+            raise ImportError_(
+                f"{where}: layer {layer.digest or layer.name} does not match its diff id "
+                f"{diff_id} (uncompressed content hashes to {unpacked.digest})"
+            )
         extra = {"skipped_devices": result.skipped_devices} if result.skipped_devices else {}
         store.publish_layer(diff, chain, diff_id, parent, extra)
     return chain
 
 
-def import_layers(store: Store, ref: str, progress: Progress | None = None
-                  ) -> tuple[list[str], list[str], dict[str, Any], str | None]:
+def import_layers(
+    store: Store, ref: str, progress: Progress | None = None
+) -> tuple[list[str], list[str], dict[str, Any], str | None]:
     """Unpack an image reference's layers into the store (caller holds the store lock).
 
     Returns the chain ids, diff ids, the image config and the name the archive suggests.
@@ -402,13 +415,20 @@ def import_image(store: Store, ref: str, name: str | None = None, progress: Prog
         check_name(name)
     with store.locked():
         chains, diff_ids, config, suggested = import_layers(store, ref, progress)
-        image = Image(name=check_name(name or suggested or "imported"), layers=tuple(chains),
-                      diff_ids=tuple(diff_ids), config=config, source=ref, created=time.time())
+        image = Image(
+            name=check_name(name or suggested or "imported"),
+            layers=tuple(chains),
+            diff_ids=tuple(diff_ids),
+            config=config,
+            source=ref,
+            created=time.time(),
+        )
         store.put(image)
     return image
 
 
 # -- export ----------------------------------------------------------------------------------
+
 
 class _Sink:
     def __init__(self, transport: str, path: str) -> None:
@@ -463,8 +483,9 @@ def export_image(store: Store, name: str, target: str, progress: Progress | None
     say = progress or (lambda _msg: None)
     image = store.require(name)
     if image.host_based:
-        raise StoreError(f"image {name} is built FROM host: its base is this machine, not a layer, so it cannot "
-                         "be exported")
+        raise StoreError(
+            f"image {name} is built FROM host: its base is this machine, not a layer, so it cannot be exported"
+        )
     if is_reference(target):
         transport, path, _tag = split_reference(target)
     else:
@@ -492,37 +513,60 @@ def export_image(store: Store, name: str, target: str, progress: Progress | None
                         plain = tarlayer.HashingWriter(gz)
                         tarlayer.write_tar(store.diff_path(chain), plain)
                     diff_ids.append(plain.digest)
-                    layer_descriptors.append({"mediaType": MT_LAYER_GZIP, "digest": gzipped.digest,
-                                              "size": gzipped.size})
+                    layer_descriptors.append(
+                        {"mediaType": MT_LAYER_GZIP, "digest": gzipped.digest, "size": gzipped.size}
+                    )
                     sink_name = "blobs/sha256/" + gzipped.digest.split(":")[1]
             sink.add_file(sink_name, local)
             os.unlink(local)
             say(f"layer {i + 1}/{len(image.layers)} {diff_ids[-1][:19]} written")
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(image.created))
-        config = {"architecture": _ARCH, "os": "linux", "created": created,
-                  "config": {k: v for k, v in image.config.items() if v not in (None, "", [], {})},
-                  "rootfs": {"type": "layers", "diff_ids": diff_ids}}
+        config = {
+            "architecture": _ARCH,
+            "os": "linux",
+            "created": created,
+            "config": {k: v for k, v in image.config.items() if v not in (None, "", [], {})},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }
         config_bytes = _json_bytes(config)
         config_digest = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
         if transport == "docker-archive":
             config_name = config_digest.split(":")[1] + ".json"
             sink.add_bytes(config_name, config_bytes)
-            sink.add_bytes("manifest.json", _json_bytes([{"Config": config_name, "RepoTags": [f"{repo}:{tag}"],
-                                                          "Layers": docker_layers}]))
+            sink.add_bytes(
+                "manifest.json",
+                _json_bytes([{"Config": config_name, "RepoTags": [f"{repo}:{tag}"], "Layers": docker_layers}]),
+            )
         else:
             sink.add_bytes("blobs/sha256/" + config_digest.split(":")[1], config_bytes)
-            manifest = {"schemaVersion": 2, "mediaType": MT_MANIFEST,
-                        "config": {"mediaType": MT_CONFIG, "digest": config_digest, "size": len(config_bytes)},
-                        "layers": layer_descriptors}
+            manifest = {
+                "schemaVersion": 2,
+                "mediaType": MT_MANIFEST,
+                "config": {"mediaType": MT_CONFIG, "digest": config_digest, "size": len(config_bytes)},
+                "layers": layer_descriptors,
+            }
             manifest_bytes = _json_bytes(manifest)
             manifest_digest = "sha256:" + hashlib.sha256(manifest_bytes).hexdigest()
             sink.add_bytes("blobs/sha256/" + manifest_digest.split(":")[1], manifest_bytes)
             sink.add_bytes("oci-layout", _json_bytes({"imageLayoutVersion": "1.0.0"}))
-            sink.add_bytes("index.json", _json_bytes({
-                "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-                "manifests": [{"mediaType": MT_MANIFEST, "digest": manifest_digest, "size": len(manifest_bytes),
-                               "annotations": {REF_ANNOTATION: tag},
-                               "platform": {"architecture": _ARCH, "os": "linux"}}]}))
+            sink.add_bytes(
+                "index.json",
+                _json_bytes(
+                    {
+                        "schemaVersion": 2,
+                        "mediaType": "application/vnd.oci.image.index.v1+json",
+                        "manifests": [
+                            {
+                                "mediaType": MT_MANIFEST,
+                                "digest": manifest_digest,
+                                "size": len(manifest_bytes),
+                                "annotations": {REF_ANNOTATION: tag},
+                                "platform": {"architecture": _ARCH, "os": "linux"},
+                            }
+                        ],
+                    }
+                ),
+            )
         sink.close()
         if os.path.isdir(path) and transport == "oci":
             raise StoreError(f"oci:{path} already exists; choose a new directory")

@@ -104,30 +104,44 @@ class Image:
     """An image record: the layer chain (lowest first) and the config a container starts with."""
 
     name: str
-    layers: tuple[str, ...]          # chain ids, lowest first
+    layers: tuple[str, ...]  # chain ids, lowest first
     diff_ids: tuple[str, ...]
     config: dict[str, Any]
     source: str
     created: float
     build_key: str | None = None
-    base: str = ""                   # HOST_BASE: the sandbox's view of the host is the lowest layer
+    base: str = ""  # HOST_BASE: the sandbox's view of the host is the lowest layer
 
     @property
     def host_based(self) -> bool:
         return self.base == HOST_BASE
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "layers": list(self.layers), "diff_ids": list(self.diff_ids),
-                "config": self.config, "source": self.source, "created": self.created,
-                "build_key": self.build_key, "base": self.base}
+        return {
+            "name": self.name,
+            "layers": list(self.layers),
+            "diff_ids": list(self.diff_ids),
+            "config": self.config,
+            "source": self.source,
+            "created": self.created,
+            "build_key": self.build_key,
+            "base": self.base,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Image:
         config = dict(EMPTY_CONFIG)
         config.update(data.get("config") or {})
-        return cls(name=data["name"], layers=tuple(data["layers"]), diff_ids=tuple(data["diff_ids"]),
-                   config=config, source=data.get("source", ""), created=data.get("created", 0.0),
-                   build_key=data.get("build_key"), base=data.get("base", ""))
+        return cls(
+            name=data["name"],
+            layers=tuple(data["layers"]),
+            diff_ids=tuple(data["diff_ids"]),
+            config=config,
+            source=data.get("source", ""),
+            created=data.get("created", 0.0),
+            build_key=data.get("build_key"),
+            base=data.get("base", ""),
+        )
 
 
 class Store:
@@ -147,18 +161,21 @@ class Store:
         if self._ready:
             return self
         try:
-            for d in (self.root, self.layers_dir, self.images_dir, self.cache_dir, self.containers_dir,
-                      self.tmp_dir):
+            for d in (self.root, self.layers_dir, self.images_dir, self.cache_dir, self.containers_dir, self.tmp_dir):
                 os.makedirs(d, mode=0o755, exist_ok=True)
             os.chmod(self.tmp_dir, 0o700)
             shared = self.root.startswith("/var/tmp/")
             st = os.lstat(self.root) if shared else os.stat(self.root)
             if shared and (not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid()):  # never another's there
-                raise StoreError(f"the image store {self.root} belongs to uid {st.st_uid}, not to you "
-                                 "(set --sandbox-store, the sandbox_store ini key or PYTEST_SANDBOX_STORE)")
+                raise StoreError(
+                    f"the image store {self.root} belongs to uid {st.st_uid}, not to you "
+                    "(set --sandbox-store, the sandbox_store ini key or PYTEST_SANDBOX_STORE)"
+                )
         except OSError as exc:
-            raise StoreError(f"cannot create the image store at {self.root}: {exc.strerror} "
-                             "(set --sandbox-store, the sandbox_store ini key or PYTEST_SANDBOX_STORE)") from None
+            raise StoreError(
+                f"cannot create the image store at {self.root}: {exc.strerror} "
+                "(set --sandbox-store, the sandbox_store ini key or PYTEST_SANDBOX_STORE)"
+            ) from None
         self._ready = True
         self._remove_stale_staging()
         return self
@@ -194,8 +211,16 @@ class Store:
     def keep_container(self, session_dir: str, cid: str, image: Image, nodeid: str, hostname: str) -> None:
         """A failed test's read/write layer (``session_dir/cid``) becomes the kept container ``cid``:
         what ``shell``, ``commit`` and ``prune`` need is recorded beside it."""
-        meta = {"id": cid, "nodeid": nodeid, "image": image.name, "layers": list(image.layers),
-                "config": image.config, "hostname": hostname, "created": time.time(), "base": image.base}
+        meta = {
+            "id": cid,
+            "nodeid": nodeid,
+            "image": image.name,
+            "layers": list(image.layers),
+            "config": image.config,
+            "hostname": hostname,
+            "created": time.time(),
+            "base": image.base,
+        }
         os.rename(os.path.join(session_dir, cid), os.path.join(self.containers_dir, cid))
         write_json_atomic(os.path.join(self.containers_dir, cid, "meta.json"), meta)
 
@@ -247,16 +272,22 @@ class Store:
     def layer_info(self, chain: str) -> dict[str, Any]:
         return dict(read_json(os.path.join(self.layer_path(chain), "layer.json")))
 
-    def publish_layer(self, staged_diff: str, chain: str, diff_id: str, parent: str | None,
-                      extra: dict[str, Any] | None = None) -> str:
+    def publish_layer(
+        self, staged_diff: str, chain: str, diff_id: str, parent: str | None, extra: dict[str, Any] | None = None
+    ) -> str:
         """Move a finished diff dir into the store under ``chain`` (caller holds the lock)."""
         if self.has_layer(chain):
             return chain  # someone else published the same content first
         holder = tempfile.mkdtemp(prefix=f"{os.getpid()}-layer-", dir=self.tmp_dir)
         os.rename(staged_diff, os.path.join(holder, "diff"))
         os.chmod(holder, 0o755)
-        info = {"chain_id": chain, "diff_id": diff_id, "parent": parent, "created": time.time(),
-                "size": tree_size(os.path.join(holder, "diff"))}
+        info = {
+            "chain_id": chain,
+            "diff_id": diff_id,
+            "parent": parent,
+            "created": time.time(),
+            "size": tree_size(os.path.join(holder, "diff")),
+        }
         info.update(extra or {})
         write_json_atomic(os.path.join(holder, "layer.json"), info)
         final = self.layer_path(chain)

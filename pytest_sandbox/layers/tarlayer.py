@@ -61,8 +61,10 @@ def make_whiteout(path: str) -> None:
         return
     except PermissionError:
         if not xattr_whiteouts_supported():
-            raise LayerError("this store's filesystem refuses whiteout devices (overlayfs?) and Linux < 6.8 has "
-                             "no xattr whiteouts: put the store on another filesystem (--sandbox-store)") from None
+            raise LayerError(
+                "this store's filesystem refuses whiteout devices (overlayfs?) and Linux < 6.8 has "
+                "no xattr whiteouts: put the store on another filesystem (--sandbox-store)"
+            ) from None
     open(path, "wb").close()
     os.setxattr(path, XWHITEOUT_XATTR, b"y", follow_symlinks=False)
     parent = os.path.dirname(path)
@@ -117,18 +119,7 @@ class _Applier:
             return
         base = os.path.basename(rel)
         parent = self._parent(rel)
-        if base == OPAQUE_MARKER:
-            try:
-                os.setxattr(parent, OPAQUE_XATTR, b"y")
-            except OSError as exc:
-                raise LayerError(f"cannot mark /{os.path.dirname(rel)} opaque: the store's filesystem keeps no "
-                                 f"user xattrs ({exc.strerror}); put the store elsewhere (--sandbox-store)") from None
-            return
-        if base.startswith(WHITEOUT_PREFIX):
-            target = os.path.join(parent, base[len(WHITEOUT_PREFIX):])
-            if os.path.lexists(target):
-                _remove(target)
-            make_whiteout(target)
+        if self._apply_marker(rel, base, parent):
             return
         path = os.path.join(parent, base)
         if os.path.lexists(path) and not (info.isdir() and os.path.isdir(path) and not os.path.islink(path)):
@@ -138,6 +129,36 @@ class _Applier:
             self.dir_meta[path] = info
             self._owner(path, info)
             return
+        if not self._create(rel, path, info, tar):
+            return
+        self._owner(path, info)
+        if not info.issym():
+            os.chmod(path, info.mode & 0o7777)
+        with contextlib.suppress(OSError):
+            os.utime(path, (info.mtime, info.mtime), follow_symlinks=False)
+
+    @staticmethod
+    def _apply_marker(rel: str, base: str, parent: str) -> bool:
+        """An opaque-dir marker or a whiteout becomes its overlay-native form; True if ``base`` was one."""
+        if base == OPAQUE_MARKER:
+            try:
+                os.setxattr(parent, OPAQUE_XATTR, b"y")
+            except OSError as exc:
+                raise LayerError(
+                    f"cannot mark /{os.path.dirname(rel)} opaque: the store's filesystem keeps no "
+                    f"user xattrs ({exc.strerror}); put the store elsewhere (--sandbox-store)"
+                ) from None
+            return True
+        if base.startswith(WHITEOUT_PREFIX):
+            target = os.path.join(parent, base[len(WHITEOUT_PREFIX) :])
+            if os.path.lexists(target):
+                _remove(target)
+            make_whiteout(target)
+            return True
+        return False
+
+    def _create(self, rel: str, path: str, info: tarfile.TarInfo, tar: tarfile.TarFile) -> bool:
+        """Make the non-directory entry at ``path``; False if it needs no owner, mode or times (skipped, hard link)."""
         if info.isreg():
             src = tar.extractfile(info)
             assert src is not None
@@ -154,7 +175,7 @@ class _Applier:
                 os.link(target, path)
             except FileNotFoundError:
                 raise LayerError(f"hard link {rel!r} -> {info.linkname!r}: target not in this layer") from None
-            return
+            return False
         elif info.isfifo():
             os.mkfifo(path)
         elif info.ischr() or info.isblk():
@@ -163,14 +184,10 @@ class _Applier:
                 os.mknod(path, kind | (info.mode & 0o7777), os.makedev(info.devmajor, info.devminor))
             except PermissionError:
                 self.result.skipped_devices.append("/" + rel)
-                return
+                return False
         else:
             raise LayerError(f"entry {rel!r} has an unsupported tar type {info.type!r}")
-        self._owner(path, info)
-        if not info.issym():
-            os.chmod(path, info.mode & 0o7777)
-        with contextlib.suppress(OSError):
-            os.utime(path, (info.mtime, info.mtime), follow_symlinks=False)
+        return True
 
     def finish(self) -> None:
         # Directory modes last (a read-only dir would refuse its children), deepest first.
@@ -199,6 +216,7 @@ def apply_tar(stream: IO[bytes], dest: str, as_root: bool | None = None) -> Appl
 
 
 # -- directory -> tar ------------------------------------------------------------------------
+
 
 def _walk(root: str, rel: str = "") -> Iterator[tuple[str, str]]:
     """(relative, absolute) paths below ``root/rel``, parents before children, names sorted."""

@@ -102,8 +102,9 @@ def default_scratch_size() -> int:
     return 1 << 30
 
 
-def mount_tmpfs(target: str, mode: str, name: str = "sandbox-tmp", flags: int = TMPFS_FLAGS,
-                size: int | None = None) -> None:
+def mount_tmpfs(
+    target: str, mode: str, name: str = "sandbox-tmp", flags: int = TMPFS_FLAGS, size: int | None = None
+) -> None:
     options = f"mode={mode}" + (f",size={size}" if size else "")
     syscalls.mount(name, target, "tmpfs", flags, options)
 
@@ -126,13 +127,18 @@ def populate_dev(dev: str) -> None:
     os.mkdir(f"{dev}/pts")
     os.mkdir(f"{dev}/shm")
     os.symlink("pts/ptmx", f"{dev}/ptmx")
-    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+    for name, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
         os.symlink(target, f"{dev}/{name}")
 
 
 def mount_dev_instances(dev: str, shm_size: int | None = None) -> None:
     """What each sandbox gets of its own in /dev: a private devpts and /dev/shm."""
-    syscalls.mount("devpts", f"{dev}/pts", "devpts", syscalls.MS_NOSUID | syscalls.MS_NOEXEC,
-                   "newinstance,ptmxmode=0666,mode=0620")
+    syscalls.mount(
+        "devpts", f"{dev}/pts", "devpts", syscalls.MS_NOSUID | syscalls.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620"
+    )
     mount_tmpfs(f"{dev}/shm", "1777", name="sandbox-shm", size=shm_size)

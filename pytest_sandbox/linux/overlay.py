@@ -66,8 +66,11 @@ def _legacy_mount(lowers: Sequence[str], upper: str, work: str, target: str) -> 
         lowerdir = ":".join(f"/proc/self/fd/{fd}" for fd in fds)
         options = f"lowerdir={lowerdir},upperdir={upper},workdir={work},userxattr"
         if len(options) > _LEGACY_OPTIONS_MAX:
-            raise OverlayError(errno.E2BIG, f"the image has {len(fds)} layers: more than this kernel's overlay "
-                               f"option string holds ({_LEGACY_OPTIONS_MAX} bytes); Linux 6.8+ takes up to 500")
+            raise OverlayError(
+                errno.E2BIG,
+                f"the image has {len(fds)} layers: more than this kernel's overlay "
+                f"option string holds ({_LEGACY_OPTIONS_MAX} bytes); Linux 6.8+ takes up to 500",
+            )
         syscalls.mount("overlay", target, "overlay", 0, options)
     finally:
         for fd in fds:

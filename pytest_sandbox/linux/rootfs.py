@@ -57,6 +57,7 @@ class ImageMount:
 
 # -- the session's host view -----------------------------------------------------------------
 
+
 def enter_host_view(keep_writable: str = "") -> None:
     """Make the root of this (new) mount namespace a read-only view of the host.
 
@@ -81,21 +82,26 @@ def enter_host_view(keep_writable: str = "") -> None:
 def build_dev_template() -> None:
     """A minimal /dev for the session, read-only; each sandbox only adds its own devpts and /dev/shm."""
     mounts.populate_dev("/dev")
-    syscalls.mount(None, "/dev", None, syscalls.MS_REMOUNT | syscalls.MS_BIND | syscalls.MS_RDONLY
-                   | syscalls.MS_NOSUID | syscalls.MS_NOEXEC)
+    syscalls.mount(
+        None,
+        "/dev",
+        None,
+        syscalls.MS_REMOUNT | syscalls.MS_BIND | syscalls.MS_RDONLY | syscalls.MS_NOSUID | syscalls.MS_NOEXEC,
+    )
 
 
 # -- a test sandbox's tree ---------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class RootPlan:
     """What one sandbox mounts, computed once per spec in the zygote."""
 
     overlays: tuple[str, ...]  # writable places: overlay with an ephemeral upper, shallowest first
-    visible: tuple[str, ...]   # host paths re-exposed read-only on top of a fresh tmpfs
-    fresh: tuple[str, ...]     # places that get an empty tmpfs
+    visible: tuple[str, ...]  # host paths re-exposed read-only on top of a fresh tmpfs
+    fresh: tuple[str, ...]  # places that get an empty tmpfs
     image: ImageMount | None = None
-    image_root: str = ""       # where the image's root is mounted in the test's view
+    image_root: str = ""  # where the image's root is mounted in the test's view
     image_dirs: tuple[str, ...] = ()  # FROM host: the top-level directories its layers change
     tmpfs_size: int | None = None  # bytes each tmpfs the sandbox writes to may hold (None: the kernel's half of RAM)
 
@@ -104,8 +110,9 @@ def _by_depth(paths: Iterable[str]) -> list[str]:
     return sorted(set(paths), key=lambda p: (p.count("/"), p))
 
 
-def make_plan(writable: Iterable[str], needed: Iterable[str], image: ImageMount | None = None,
-              tmpfs_size: int | None = None) -> RootPlan:
+def make_plan(
+    writable: Iterable[str], needed: Iterable[str], image: ImageMount | None = None, tmpfs_size: int | None = None
+) -> RootPlan:
     """Decide the mounts: ``writable`` become overlays, ``needed`` must stay visible."""
     fresh = tuple(p for p in SCRATCH_PLACES if os.path.isdir(p) and not os.path.islink(p))
     overlays = _by_depth(os.path.realpath(p) for p in writable if os.path.isdir(p) and os.path.realpath(p) != "/")
@@ -126,8 +133,15 @@ def make_plan(writable: Iterable[str], needed: Iterable[str], image: ImageMount 
         overlays = _by_depth([*overlays, *image_dirs])
     elif image is not None:
         image_root = IMAGE_ROOT_IN_RUN if "/run" in fresh else IMAGE_ROOT_IN_TMP
-    return RootPlan(overlays=tuple(overlays), visible=kept, fresh=fresh, image=image, image_root=image_root,
-                    image_dirs=image_dirs, tmpfs_size=tmpfs_size)
+    return RootPlan(
+        overlays=tuple(overlays),
+        visible=kept,
+        fresh=fresh,
+        image=image,
+        image_root=image_root,
+        image_dirs=image_dirs,
+        tmpfs_size=tmpfs_size,
+    )
 
 
 def _writable_place(target: str, index: int, plan: RootPlan, scratch: str, layer_dir: str | None) -> int:
@@ -140,9 +154,12 @@ def _writable_place(target: str, index: int, plan: RootPlan, scratch: str, layer
     if image is not None and image.host_based:
         lowers = overlay.host_based_lowers(image.lowers, target, f"{place_dir}/empty")
         if target in lowers and os.geteuid() != 0 and mounts.mounts_under(target):
-            raise SetupError("image", f"image {image.name} changes {target}, which holds other mounts on this "
-                             f"host ({', '.join(mounts.mounts_under(target)[:3])}): without root overlayfs "
-                             "cannot stack on it")
+            raise SetupError(
+                "image",
+                f"image {image.name} changes {target}, which holds other mounts on this "
+                f"host ({', '.join(mounts.mounts_under(target)[:3])}): without root overlayfs "
+                "cannot stack on it",
+            )
         if layer_dir is not None and target in plan.image_dirs:
             place_dir = f"{layer_dir}{target}"
     os.makedirs(f"{place_dir}/upper")
@@ -156,8 +173,9 @@ def _detached_image_root(image: ImageMount, scratch: str, layer_dir: str | None)
     os.makedirs(f"{layer_dir}/upper")
     os.makedirs(f"{layer_dir}/work")
     try:
-        return overlay.detached_overlay(image.lowers, f"{layer_dir}/upper", f"{layer_dir}/work",
-                                        f"{scratch}/image-root")
+        return overlay.detached_overlay(
+            image.lowers, f"{layer_dir}/upper", f"{layer_dir}/work", f"{scratch}/image-root"
+        )
     except OSError as exc:
         raise SetupError("image", f"cannot mount image {image.name}: {exc}") from None
 
@@ -197,8 +215,10 @@ def build(plan: RootPlan, layer_dir: str | None = None) -> None:
 
 # -- an image's root, for commands --------------------------------------------------------------
 
-def host_based_root(lowers_top_first: Sequence[str], layer_dir: str, merged: str, keep_out: str,
-                    unprivileged: bool) -> str:
+
+def host_based_root(
+    lowers_top_first: Sequence[str], layer_dir: str, merged: str, keep_out: str, unprivileged: bool
+) -> str:
     """Mount a FROM host image's root on ``merged``: the host read-only, each top-level directory
     an overlay of the image's layers over the host's, with uppers in ``layer_dir/<dir>/upper``.
 
@@ -224,8 +244,16 @@ def host_based_root(lowers_top_first: Sequence[str], layer_dir: str, merged: str
     return merged
 
 
-def mount_image_root(lowers_top_first: Sequence[str], layer_dir: str, merged: str, *, host_based: bool,
-                     store_root: str, unprivileged: bool, on_tmpfs: bool) -> str:
+def mount_image_root(
+    lowers_top_first: Sequence[str],
+    layer_dir: str,
+    merged: str,
+    *,
+    host_based: bool,
+    store_root: str,
+    unprivileged: bool,
+    on_tmpfs: bool,
+) -> str:
     """In a new mount namespace: an image's root on ``merged`` with its read/write layer in ``layer_dir``
     (``upper``/``work``; per top-level directory for FROM host), on a tmpfs mounted there with ``on_tmpfs``
     (overlayfs refuses an upper dir on overlayfs, as in a store inside a container's root)."""

@@ -63,10 +63,24 @@ PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 _NR = {
-    "x86_64": {"pivot_root": 155, "open_tree": 428, "move_mount": 429, "fsopen": 430,
-               "fsconfig": 431, "fsmount": 432, "mount_setattr": 442},
-    "aarch64": {"pivot_root": 41, "open_tree": 428, "move_mount": 429, "fsopen": 430,
-                "fsconfig": 431, "fsmount": 432, "mount_setattr": 442},
+    "x86_64": {
+        "pivot_root": 155,
+        "open_tree": 428,
+        "move_mount": 429,
+        "fsopen": 430,
+        "fsconfig": 431,
+        "fsmount": 432,
+        "mount_setattr": 442,
+    },
+    "aarch64": {
+        "pivot_root": 41,
+        "open_tree": 428,
+        "move_mount": 429,
+        "fsopen": 430,
+        "fsconfig": 431,
+        "fsmount": 432,
+        "mount_setattr": 442,
+    },
 }
 _nr = _NR.get(platform.machine(), _NR["x86_64"])
 
@@ -96,8 +110,7 @@ def setns(fd: int, nstype: int) -> None:
     _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), f"setns({nstype:#x})")
 
 
-def mount(source: str | None, target: str, fstype: str | None, flags: int = 0,
-          data: str | None = None) -> None:
+def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
     rc = _libc.mount(_b(source), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data))
     _check(rc, f"mount {fstype or source} on {target}")
 
@@ -116,51 +129,73 @@ def open_tree(path: str, flags: int, dirfd: int = AT_FDCWD) -> int:
 
 
 def move_mount(from_fd: int, to_path: str, to_dirfd: int = AT_FDCWD) -> None:
-    rc = _syscall(_nr["move_mount"], ctypes.c_int(from_fd), b"", ctypes.c_int(to_dirfd),
-                  _b(to_path), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH))
+    rc = _syscall(
+        _nr["move_mount"],
+        ctypes.c_int(from_fd),
+        b"",
+        ctypes.c_int(to_dirfd),
+        _b(to_path),
+        ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
+    )
     _check(rc, f"move_mount to {to_path}")
 
 
 class _MountAttr(ctypes.Structure):
-    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
 
 
 def mount_setattr(fd: int, attr_set: int, recursive: bool = True, attr_clr: int = 0) -> None:
     attr = _MountAttr(attr_set, attr_clr, 0, 0)
     flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
-    rc = _syscall(_nr["mount_setattr"], ctypes.c_int(fd), b"", ctypes.c_uint(flags),
-                  ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
+    rc = _syscall(
+        _nr["mount_setattr"],
+        ctypes.c_int(fd),
+        b"",
+        ctypes.c_uint(flags),
+        ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+    )
     _check(rc, "mount_setattr")
 
 
 def fsopen(fstype: str) -> int:
-    return _check(_syscall(_nr["fsopen"], _b(fstype), ctypes.c_uint(FSOPEN_CLOEXEC)),
-                  f"fsopen {fstype}")
+    return _check(_syscall(_nr["fsopen"], _b(fstype), ctypes.c_uint(FSOPEN_CLOEXEC)), f"fsopen {fstype}")
 
 
 def fsconfig(fd: int, key: str, value: str | None = None) -> None:
     if value is None:
-        rc = _syscall(_nr["fsconfig"], ctypes.c_int(fd), ctypes.c_uint(FSCONFIG_SET_FLAG),
-                      _b(key), None, ctypes.c_int(0))
+        rc = _syscall(
+            _nr["fsconfig"], ctypes.c_int(fd), ctypes.c_uint(FSCONFIG_SET_FLAG), _b(key), None, ctypes.c_int(0)
+        )
     else:
-        rc = _syscall(_nr["fsconfig"], ctypes.c_int(fd), ctypes.c_uint(FSCONFIG_SET_STRING),
-                      _b(key), _b(value), ctypes.c_int(0))
+        rc = _syscall(
+            _nr["fsconfig"], ctypes.c_int(fd), ctypes.c_uint(FSCONFIG_SET_STRING), _b(key), _b(value), ctypes.c_int(0)
+        )
     _check(rc, f"fsconfig {key}={value}")
 
 
 def fsmount(fs_fd: int, attr_flags: int = 0) -> int:
     """Create the superblock configured on ``fs_fd`` and return a detached mount fd."""
-    rc = _syscall(_nr["fsconfig"], ctypes.c_int(fs_fd), ctypes.c_uint(FSCONFIG_CMD_CREATE),
-                  None, None, ctypes.c_int(0))
+    rc = _syscall(_nr["fsconfig"], ctypes.c_int(fs_fd), ctypes.c_uint(FSCONFIG_CMD_CREATE), None, None, ctypes.c_int(0))
     _check(rc, "fsconfig create")
-    return _check(_syscall(_nr["fsmount"], ctypes.c_int(fs_fd), ctypes.c_uint(FSMOUNT_CLOEXEC),
-                           ctypes.c_uint(attr_flags)), "fsmount")
+    return _check(
+        _syscall(_nr["fsmount"], ctypes.c_int(fs_fd), ctypes.c_uint(FSMOUNT_CLOEXEC), ctypes.c_uint(attr_flags)),
+        "fsmount",
+    )
 
 
 def prctl(option: int, arg: int = 0, arg3: int = 0) -> None:
-    _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), ctypes.c_ulong(arg3),
-                       ctypes.c_ulong(0), ctypes.c_ulong(0)), f"prctl({option})")
+    _check(
+        _libc.prctl(
+            ctypes.c_int(option), ctypes.c_ulong(arg), ctypes.c_ulong(arg3), ctypes.c_ulong(0), ctypes.c_ulong(0)
+        ),
+        f"prctl({option})",
+    )
 
 
 def capset(header: ctypes.Structure, data: ctypes.Array[Any]) -> None:

@@ -146,8 +146,8 @@ class Session:
 
     def __init__(self, backend: Backend, dirs: dict[str, int], parents: dict[str, int], name: str) -> None:
         self.backend = backend
-        self.dirs = dirs          # hierarchy -> fd of the session cgroup
-        self.parents = parents    # hierarchy -> fd of its parent, to remove it at the end
+        self.dirs = dirs  # hierarchy -> fd of the session cgroup
+        self.parents = parents  # hierarchy -> fd of its parent, to remove it at the end
         self.name = name
         self.count = 0
 
@@ -182,7 +182,7 @@ class Session:
 def _remove_stale_sessions(parent_fd: int) -> None:
     """Session cgroups of pytest processes that died without cleaning up (kill -9)."""
     for entry in os.listdir(parent_fd):
-        pid = entry[len(SESSION_PREFIX):].split("-")[0]
+        pid = entry[len(SESSION_PREFIX) :].split("-")[0]
         if entry.startswith(SESSION_PREFIX) and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
             try:
                 child_fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY, dir_fd=parent_fd)
@@ -235,8 +235,8 @@ def _enforced(controllers: Iterable[str], device: str | None) -> frozenset[str]:
 
 class CgroupBackend(Backend):
     def __init__(self, bases: dict[str, str], device: str | None) -> None:
-        self.bases = bases      # hierarchy -> directory that will hold the session cgroup
-        self.device = device    # MAJ:MIN for io limits
+        self.bases = bases  # hierarchy -> directory that will hold the session cgroup
+        self.device = device  # MAJ:MIN for io limits
         self.where = next(iter(bases.values())) if len(bases) == 1 else CGROUP_ROOT
 
     def open_session(self) -> Session:
@@ -423,8 +423,11 @@ def _v1_mounts() -> dict[str, str]:
 
 
 def _writable_dir(path: str) -> bool:
-    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK) and os.access(
-        os.path.join(path, "cgroup.procs"), os.W_OK)
+    return (
+        os.path.isdir(path)
+        and os.access(path, os.W_OK | os.X_OK)
+        and os.access(os.path.join(path, "cgroup.procs"), os.W_OK)
+    )
 
 
 def _v1(override: str | None, device: str | None) -> CgroupV1:
@@ -471,7 +474,8 @@ def _move_self_into_leaf(base: str) -> None:
         if strangers:
             raise CgroupUnavailable(
                 f"{base} holds processes of other users, so controllers cannot be enabled for its children; "
-                "run pytest in a scope of its own: systemd-run --user --scope -p Delegate=yes pytest ...")
+                "run pytest in a scope of its own: systemd-run --user --scope -p Delegate=yes pytest ..."
+            )
         os.makedirs(leaf, exist_ok=True)
         for pid in procs:
             try:
@@ -512,8 +516,10 @@ def _v2(override: str | None, device: str | None) -> CgroupV2:
         own = os.path.normpath(f"{CGROUP_ROOT}/{own_cgroup_paths().get('', '/')}")
         base = _ready_ancestor(own) or own
     if not _writable_dir(base):
-        raise CgroupUnavailable(f"{base} is not delegated to this user (needs write access to it and its "
-                                "cgroup.procs: systemd-run --user --scope -p Delegate=yes, or --sandbox-cgroup)")
+        raise CgroupUnavailable(
+            f"{base} is not delegated to this user (needs write access to it and its "
+            "cgroup.procs: systemd-run --user --scope -p Delegate=yes, or --sandbox-cgroup)"
+        )
     with open(f"{base}/cgroup.controllers") as f:
         available = set(f.read().split()) & set(V2_CONTROLLERS)
     enabled = _enabled(base)
@@ -535,7 +541,11 @@ def choose(kind: str, override: str | None, rootdir: str) -> Backend:
     v2_host = os.path.exists(f"{CGROUP_ROOT}/cgroup.controllers")
     reasons = []
     attempts: dict[str, list[Callable[[str | None, str | None], Backend]]] = {
-        "v2": [_v2], "v1": [_v1], "rlimit": [], "auto": [_v2] if v2_host else [_v1]}
+        "v2": [_v2],
+        "v1": [_v1],
+        "rlimit": [],
+        "auto": [_v2] if v2_host else [_v1],
+    }
     for attempt in attempts[kind]:
         try:
             return attempt(override, device)

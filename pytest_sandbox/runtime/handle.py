@@ -17,8 +17,14 @@ from . import zygote
 class Zygote:
     """Handle on the session's zygote process (see zygote.py)."""
 
-    def __init__(self, items: dict[str, pytest.Item], stash_key: Any, paths: zygote.SessionPaths,
-                 epoch: int, limits: zygote.Limits) -> None:
+    def __init__(
+        self,
+        items: dict[str, pytest.Item],
+        stash_key: Any,
+        paths: zygote.SessionPaths,
+        epoch: int,
+        limits: zygote.Limits,
+    ) -> None:
         self.epoch = epoch
         self.limits = limits
         self.finishing: list[socket.socket] = []  # finished sandboxes whose exit is not yet collected
@@ -47,8 +53,9 @@ class Zygote:
         status, status_end = protocol.socketpair()
         reports, reports_end = protocol.socketpair()
         try:
-            protocol.send(self.control, {"op": "run", "nodeid": nodeid},
-                          fds=(status_end.fileno(), reports_end.fileno()))
+            protocol.send(
+                self.control, {"op": "run", "nodeid": nodeid}, fds=(status_end.fileno(), reports_end.fileno())
+            )
         except OSError as exc:
             status.close()
             reports.close()

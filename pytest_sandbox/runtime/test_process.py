@@ -26,7 +26,7 @@ from . import cgroups
 
 ACTIVE_SPEC: SandboxSpec | None = None  # set in the test process of a sandbox
 ACTIVE_PLAN: rootfs.RootPlan | None = None
-_channel: socket.socket | None = None   # the test process's line to pytest, while a test runs
+_channel: socket.socket | None = None  # the test process's line to pytest, while a test runs
 
 
 def _exit(code: int = 0) -> None:
@@ -67,15 +67,22 @@ class ReportStreamer:
         if _channel is None:
             return
         category = warning_message.category
-        protocol.send(_channel, {
-            "type": "warning", "message": str(warning_message.message), "when": when,
-            "category": (category.__module__, category.__qualname__),
-            "filename": warning_message.filename, "lineno": warning_message.lineno,
-        })
+        protocol.send(
+            _channel,
+            {
+                "type": "warning",
+                "message": str(warning_message.message),
+                "when": when,
+                "category": (category.__module__, category.__qualname__),
+                "filename": warning_message.filename,
+                "lineno": warning_message.lineno,
+            },
+        )
 
 
-def _build_sandbox(spec: SandboxSpec, plan: rootfs.RootPlan, cwd: str, layer_dir: str | None, crash_fd: int,
-                   backend: cgroups.Backend) -> None:
+def _build_sandbox(
+    spec: SandboxSpec, plan: rootfs.RootPlan, cwd: str, layer_dir: str | None, crash_fd: int, backend: cgroups.Backend
+) -> None:
     """The sandbox around this process, step by step; the user and pid namespaces come from the zygote."""
     # 1. A name on the host's ps, and out of pytest's session: killpg(0) in a test must not reach pytest.
     syscalls.set_process_name("sandbox-test")
@@ -105,9 +112,18 @@ def _build_sandbox(spec: SandboxSpec, plan: rootfs.RootPlan, cwd: str, layer_dir
     backend.in_test_process(spec)
 
 
-def test_process(zygote: socket.socket, items: dict[str, pytest.Item], spec: SandboxSpec,
-                 plan: rootfs.RootPlan, cwd: str, crash_fd: int, kept_id: str | None, layer_dir: str | None,
-                 wait_for_cgroup: bool, backend: cgroups.Backend) -> None:
+def test_process(
+    zygote: socket.socket,
+    items: dict[str, pytest.Item],
+    spec: SandboxSpec,
+    plan: rootfs.RootPlan,
+    cwd: str,
+    crash_fd: int,
+    kept_id: str | None,
+    layer_dir: str | None,
+    wait_for_cgroup: bool,
+    backend: cgroups.Backend,
+) -> None:
     """Build the sandbox, wait for a test, run pytest's own runtest protocol on it; never returns.
 
     With ``wait_for_cgroup`` nothing happens until the zygote has moved this process

@@ -43,7 +43,7 @@ class SessionPaths:
 
     cwd: str
     writable: tuple[str, ...]  # overlays with ephemeral writes: rootdir, cwd, $HOME, basetemp
-    needed: tuple[str, ...]    # must stay visible: interpreter, sys.path, ...
+    needed: tuple[str, ...]  # must stay visible: interpreter, sys.path, ...
     images: dict[str, rootfs.ImageMount] = dataclasses.field(default_factory=dict)  # built before tests run
     keep_dir: str = ""  # --sandbox-keep: image tests' read/write layers go here instead of a tmpfs
 
@@ -60,8 +60,15 @@ class Limits:
         return self.session is not None and (self.accounting or bool(set(spec.limits) - {"timeout"}))
 
 
-def zygote_main(control: socket.socket, items: dict[str, pytest.Item], stash_key: Any,
-                paths: SessionPaths, crash_fd: int, pytest_pid: int, limits: Limits) -> None:
+def zygote_main(
+    control: socket.socket,
+    items: dict[str, pytest.Item],
+    stash_key: Any,
+    paths: SessionPaths,
+    crash_fd: int,
+    pytest_pid: int,
+    limits: Limits,
+) -> None:
     """Entry point of the forked zygote-parent; never returns."""
     try:
         # 1. pytest's death is a SIGTERM we handle (below), not one that kills us before cleanup;
@@ -113,8 +120,9 @@ def zygote_main(control: socket.socket, items: dict[str, pytest.Item], stash_key
 class _Sandbox:
     """One sandbox: its pid 1 and its test process, both children of the zygote."""
 
-    def __init__(self, spec: SandboxSpec, init_pid: int, test_pid: int, test: socket.socket,
-                 group: cgroups.Group | None) -> None:
+    def __init__(
+        self, spec: SandboxSpec, init_pid: int, test_pid: int, test: socket.socket, group: cgroups.Group | None
+    ) -> None:
         self.spec, self.init_pid, self.test_pid, self.test, self.group = spec, init_pid, test_pid, test, group
         self.test_pidfd = os.pidfd_open(test_pid)
         self.init_pidfd = os.pidfd_open(init_pid)
@@ -151,8 +159,9 @@ class _Sandbox:
 
 
 class _Factory:
-    def __init__(self, control: socket.socket, items: dict[str, pytest.Item], paths: SessionPaths,
-                 crash_fd: int, limits: Limits) -> None:
+    def __init__(
+        self, control: socket.socket, items: dict[str, pytest.Item], paths: SessionPaths, crash_fd: int, limits: Limits
+    ) -> None:
         self.control = control
         self.items = items
         self.paths = paths
@@ -163,7 +172,7 @@ class _Factory:
         self.scratch_size = mounts.default_scratch_size()
         self.plans: dict[SandboxSpec, rootfs.RootPlan] = {}
         self.running: dict[int, _Sandbox] = {}  # by pidfd of the test process
-        self.ending: dict[int, _Sandbox] = {}   # test over, pid 1 tearing the namespace down; by its pidfd
+        self.ending: dict[int, _Sandbox] = {}  # test over, pid 1 tearing the namespace down; by its pidfd
 
     def tmpfs_size(self, spec: SandboxSpec) -> int:
         """Each scratch tmpfs holds at most a quarter of RAM, or the memory limit where that is less."""
@@ -177,8 +186,9 @@ class _Factory:
         plan = self.plans.get(spec)
         if plan is None:
             image = self.paths.images.get(spec.image) if spec.image else None
-            plan = self.plans[spec] = rootfs.make_plan(self.paths.writable + spec.writable, self.paths.needed, image,
-                                                       tmpfs_size=self.tmpfs_size(spec))
+            plan = self.plans[spec] = rootfs.make_plan(
+                self.paths.writable + spec.writable, self.paths.needed, image, tmpfs_size=self.tmpfs_size(spec)
+            )
         session = self.limits.session
         group = session.create(spec) if session is not None and self.limits.wants_group(spec) else None
         test, test_end = protocol.socketpair()
@@ -191,8 +201,18 @@ class _Factory:
                 test.close()
                 kept_id = secrets.token_hex(6) if self.paths.keep_dir and plan.image else None
                 layer_dir = f"{self.paths.keep_dir}/{kept_id}" if kept_id else None
-                test_process.test_process(test_end, self.items, spec, plan, self.paths.cwd, self.crash_fd, kept_id,
-                                          layer_dir, wait_for_cgroup=group is not None, backend=self.limits.backend)
+                test_process.test_process(
+                    test_end,
+                    self.items,
+                    spec,
+                    plan,
+                    self.paths.cwd,
+                    self.crash_fd,
+                    kept_id,
+                    layer_dir,
+                    wait_for_cgroup=group is not None,
+                    backend=self.limits.backend,
+                )
         finally:
             syscalls.setns(self.own_pidns, syscalls.CLONE_NEWPID)  # the next sandbox gets a namespace of its own
         test_end.close()
@@ -235,8 +255,9 @@ class _Factory:
             message["signal"] = os.WTERMSIG(status)
         else:
             message["code"] = os.waitstatus_to_exitcode(status)
-        message["rusage"] = cgroups.Usage(memory_peak=rusage.ru_maxrss * 1024, cpu_user=rusage.ru_utime,
-                                          cpu_system=rusage.ru_stime).as_dict()
+        message["rusage"] = cgroups.Usage(
+            memory_peak=rusage.ru_maxrss * 1024, cpu_user=rusage.ru_utime, cpu_system=rusage.ru_stime
+        ).as_dict()
         if sandbox.group is not None:
             message["usage"] = sandbox.group.usage().as_dict()
         self._tell(sandbox, message)
@@ -284,8 +305,14 @@ class _Factory:
             self.namespace_ended(sandbox)
 
 
-def _serve(control: socket.socket, items: dict[str, pytest.Item], stash_key: Any,
-           paths: SessionPaths, crash_fd: int, limits: Limits) -> None:
+def _serve(
+    control: socket.socket,
+    items: dict[str, pytest.Item],
+    stash_key: Any,
+    paths: SessionPaths,
+    crash_fd: int,
+    limits: Limits,
+) -> None:
     gc.freeze()  # keep the garbage collector from touching (and so copying) the zygote's pages in every fork
     factory = _Factory(control, items, paths, crash_fd, limits)
     config = next(iter(items.values())).config
@@ -319,8 +346,9 @@ def _serve(control: socket.socket, items: dict[str, pytest.Item], stash_key: Any
             factory.running[ready.test_pidfd] = ready
             ready.start(message["nodeid"], to_pytest, reports)
         except OSError as exc:
-            protocol.send(to_pytest, {"type": "error", "phase": "cgroup" if "cgroup" in str(exc) else "fork",
-                                      "message": str(exc)})
+            protocol.send(
+                to_pytest, {"type": "error", "phase": "cgroup" if "cgroup" in str(exc) else "fork", "message": str(exc)}
+            )
             to_pytest.close()
         finally:
             reports.close()
