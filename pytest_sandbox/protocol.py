@@ -52,6 +52,7 @@ FROM_TEST: dict[str, dict[str, tuple[type, ...]]] = {
     "container": {"id": (str,)},
     "report": {"data": (dict,)},
     "warning": {"message": (str,), "when": (str,), "category": (list,), "filename": (str,), "lineno": (int,)},
+    "log": {"text": (str,)},
     "done": {},
     "error": {"phase": (str,), "message": (str,)},
     "exit-requested": {"reason": (str,), "returncode": (int, type(None))},

@@ -46,6 +46,7 @@ class Outcome:
         self.stop: dict[str, Any] | None = None
         self.killed_after_timeout = False
         self.malformed: str | None = None  # what was wrong with a message the test process sent
+        self.crash_output = ""  # what faulthandler wrote in the sandbox (its memfd comes with the exit status)
 
     @property
     def usage(self) -> dict[str, Any]:
@@ -53,7 +54,8 @@ class Outcome:
         exit = self.exit or {}
         return dict(exit.get("usage") or exit.get("rusage") or {})
 
-    def crash_text(self, crash_output: str) -> str:
+    def crash_text(self, crash_output: str | None = None) -> str:
+        crash_output = self.crash_output if crash_output is None else crash_output
         if self.malformed:
             return f"sandbox sent a malformed message: {self.malformed}"
         if self.setup_error:
@@ -122,6 +124,8 @@ class _Relay:
             _record_warning(self.item, message)
         elif kind == "done":
             self.done = True
+        elif kind == "log":
+            _write_log_file(self.item.config, message["text"])
         elif kind == "error":
             self.outcome.setup_error = message
         else:  # exit-requested, interrupted
@@ -210,7 +214,6 @@ def run_in_sandbox(
     With limits or accounting the reports wait for the sandbox's end, so they can
     carry what it used and the limits it hit.
     """
-    zyg.reset_crash_output()
     relay = _Relay(item, zyg, spec, containers)
     status, reports = zyg.start(item.nodeid)
     deadline = time.monotonic() + spec.timeout + GRACE if spec.timeout is not None else None
@@ -246,7 +249,7 @@ def run_in_sandbox(
         pytest.exit(outcome.stop["reason"], outcome.stop["returncode"])
     held = relay.held
     if "teardown" not in outcome.whens or outcome.malformed:  # skipped/xfailed tests have no call report
-        held.extend(_crash_reports(item, outcome, zyg.read_crash_output()))
+        held.extend(_crash_reports(item, outcome))
     if held:
         notes = outcome.limit_notes()
         for report in held:
@@ -272,9 +275,14 @@ def _read_reports(reports: socket.socket, relay: _Relay) -> bool:
 def _read_status(status: socket.socket, reports: socket.socket, relay: _Relay) -> bool:
     """One message from the zygote; False at the end of the channel."""
     try:
-        message, _ = protocol.recv(status)
+        message, fds = protocol.recv(status)
     except protocol.ProtocolError:
-        message = None
+        message, fds = None, []
+    for fd in fds:  # the exit status comes with the sandbox's crash memfd
+        try:
+            relay.outcome.crash_output = _read_crash_output(fd)
+        finally:
+            os.close(fd)
     if message is None:
         return False
     relay.from_zygote(message)
@@ -299,6 +307,20 @@ def _record_warning(item: pytest.Item, message: dict[str, Any]) -> None:
     )
 
 
+def _read_crash_output(fd: int) -> str:
+    size = os.fstat(fd).st_size
+    return os.pread(fd, min(size, 256 * 1024), 0).decode(errors="replace")
+
+
+def _write_log_file(config: pytest.Config, text: str) -> None:
+    """A log record the test wrote to its log file handler goes into pytest's own (``log_file``)."""
+    handler = getattr(config.pluginmanager.getplugin("logging-plugin"), "log_file_handler", None)
+    stream = getattr(handler, "stream", None)
+    if stream is not None:
+        stream.write(text)
+        stream.flush()
+
+
 def _trim_crash_output(text: str) -> str:
     """The faulthandler dump down to the test's own frames (the rest is pytest and sandbox plumbing)."""
     kept = []
@@ -309,7 +331,7 @@ def _trim_crash_output(text: str) -> str:
     return "\n".join(kept).rstrip()
 
 
-def _crash_reports(item: pytest.Item, outcome: Outcome, crash_output: str) -> Iterator[pytest.TestReport]:
+def _crash_reports(item: pytest.Item, outcome: Outcome) -> Iterator[pytest.TestReport]:
     """Fill in the phases a dead sandbox never reported: the crash where it happened, then teardown."""
     when: Literal["setup", "call", "teardown"]
     if "setup" not in outcome.whens:
@@ -318,9 +340,9 @@ def _crash_reports(item: pytest.Item, outcome: Outcome, crash_output: str) -> It
         when = "call"
     else:
         when = "teardown"
-    text = outcome.crash_text(crash_output)
-    if crash_output.strip():
-        text += "\n\n" + _trim_crash_output(crash_output)
+    text = outcome.crash_text()
+    if outcome.crash_output.strip():
+        text += "\n\n" + _trim_crash_output(outcome.crash_output)
     report = pytest.TestReport.from_item_and_call(item, pytest.CallInfo.from_call(lambda: None, when))
     report.outcome = "failed"
     report.longrepr = text

@@ -18,6 +18,11 @@ def outcome(exit: dict[str, object] | None = None, **spec: object) -> Outcome:
     return result
 
 
+def _with_output(result: Outcome, crash_output: str) -> Outcome:
+    result.crash_output = crash_output
+    return result
+
+
 # -- Outcome.crash_text ---------------------------------------------------------------------------
 
 
@@ -173,7 +178,7 @@ def item(pytester: pytest.Pytester) -> pytest.Item:
 
 def test_crash_before_setup_reported_fails_setup(item: pytest.Item) -> None:
     result = outcome({"type": "exit", "signal": int(signal.SIGSEGV)})
-    reports = list(_crash_reports(item, result, DUMP))
+    reports = list(_crash_reports(item, _with_output(result, DUMP)))
     assert [(r.when, r.outcome) for r in reports] == [("setup", "failed"), ("teardown", "passed")]
     assert reports[0].longrepr == (
         "sandbox crashed: SIGSEGV\n\n"
@@ -188,7 +193,7 @@ def test_crash_before_setup_reported_fails_setup(item: pytest.Item) -> None:
 def test_crash_after_passed_setup_fails_call(item: pytest.Item) -> None:
     result = outcome({"type": "exit", "code": 4})
     result.whens, result.setup_passed = {"setup"}, True
-    reports = list(_crash_reports(item, result, "  \n"))
+    reports = list(_crash_reports(item, _with_output(result, "  \n")))
     assert [(r.when, r.outcome) for r in reports] == [("call", "failed"), ("teardown", "passed")]
     assert reports[0].longrepr == "sandbox crashed: the test process exited with status 4"
 
@@ -196,14 +201,14 @@ def test_crash_after_passed_setup_fails_call(item: pytest.Item) -> None:
 def test_crash_after_failed_setup_fails_teardown(item: pytest.Item) -> None:
     result = outcome({"type": "exit", "code": 4})
     result.whens = {"setup"}  # setup failed, so there is no call phase
-    reports = list(_crash_reports(item, result, ""))
+    reports = list(_crash_reports(item, _with_output(result, "")))
     assert [(r.when, r.outcome) for r in reports] == [("teardown", "failed")]
 
 
 def test_crash_after_call_fails_teardown(item: pytest.Item) -> None:
     result = outcome(None)
     result.whens, result.setup_passed = {"setup", "call"}, True
-    reports = list(_crash_reports(item, result, ""))
+    reports = list(_crash_reports(item, _with_output(result, "")))
     assert [(r.when, r.outcome) for r in reports] == [("teardown", "failed")]
     assert reports[0].longrepr == "sandbox crashed: its init process vanished without reporting the test's status"
 

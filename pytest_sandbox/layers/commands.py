@@ -132,16 +132,21 @@ class _Launch:
         # 1. Die with the caller: a pytest killed with -9 takes the command along.
         process.die_with_parent(self.parent_pid)
         # 2. New namespaces; without root a user namespace too, for the right to mount.
-        privileged = self.outer_uid == 0
+        # A test process has no capabilities, root's neither: it enters the namespace made for its commands.
+        privileged = self.outer_uid == 0 and userns.has_capabilities()
+        prepared = None if privileged else userns.commands_namespace()
+        if prepared is not None:
+            syscalls.setns(prepared, syscalls.CLONE_NEWUSER)
         flags = syscalls.CLONE_NEWNS | syscalls.CLONE_NEWUTS | syscalls.CLONE_NEWIPC
-        if not privileged:
+        if not privileged and prepared is None:
             flags |= syscalls.CLONE_NEWUSER
         if self.run.network == "none":
             flags |= syscalls.CLONE_NEWNET
         syscalls.unshare(flags)
         # 3. One id: the caller is the image's user inside (before any mount, which needs the mapping).
-        if not privileged:
+        if not privileged and prepared is None:
             userns.map_one_id("self", (self.uid, self.gid), (self.outer_uid, self.outer_gid))
+        privileged = privileged or prepared is not None  # every id is mapped: switch to the image's user below
         # 4. Mounts stay in this namespace, then the image's root is built.
         syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
         root = self.prepare_root()

@@ -40,6 +40,25 @@ def read_only(fd: int, extra: int = 0) -> None:
     syscalls.mount_setattr(fd, syscalls.MOUNT_ATTR_RDONLY | syscalls.MOUNT_ATTR_NOSUID | extra)
 
 
+def bind_read_only(path: str) -> None:
+    """Cover ``path`` (a file or a directory tree) with a read-only bind of itself."""
+    fd = clone_tree(path)
+    read_only(fd, syscalls.MOUNT_ATTR_NODEV | syscalls.MOUNT_ATTR_NOEXEC)
+    attach(fd, path, os.path.isdir(path))
+
+
+def mask(path: str) -> None:
+    """Hide what ``path`` holds: an empty read-only tmpfs over a directory, an empty file over a file."""
+    if os.path.isdir(path):
+        syscalls.mount(
+            "sandbox-masked", path, "tmpfs", TMPFS_FLAGS | syscalls.MS_NOEXEC | syscalls.MS_RDONLY, "mode=0000,size=4k"
+        )
+        return
+    fd = clone_tree("/dev/null", recursive=False)
+    read_only(fd, syscalls.MOUNT_ATTR_NOEXEC)
+    attach(fd, path, is_dir=False)
+
+
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")  # mountinfo writes space, tab, newline, backslash as \040 ...
 
 

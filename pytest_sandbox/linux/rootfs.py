@@ -8,7 +8,8 @@ A test sandbox's tree is built in two stages so the expensive part happens once 
   read-only minimal ``/dev`` (``build_dev_template``).
 * ``build`` (each sandbox, after ``unshare(CLONE_NEWNS)``): fresh tmpfs on the
   scratch places, overlays with a tmpfs upper over the writable places, its own
-  devpts and /dev/shm, and a ``/proc`` of the sandbox's pid namespace.
+  devpts and /dev/shm; ``mount_proc`` then adds a ``/proc`` of the sandbox's pid
+  namespace with the host-wide kernel knobs read-only.
 
 Anything the test process needs that lives under a place that gets a fresh tmpfs
 (a venv under /tmp, a pytester rootdir, the cwd) is cloned out of the host view
@@ -180,11 +181,13 @@ def _detached_image_root(image: ImageMount, scratch: str, layer_dir: str | None)
         raise SetupError("image", f"cannot mount image {image.name}: {exc}") from None
 
 
-def build(plan: RootPlan, layer_dir: str | None = None) -> None:
+def build(plan: RootPlan, layer_dir: str | None = None, keep_dir: str = "") -> None:
     """Mount one sandbox's tree in the current (fresh) mount namespace.
 
     ``layer_dir``: where an image test's read/write layer goes (kept if the test fails);
-    without it the layer lives on the scratch tmpfs and dies with the sandbox.
+    without it the layer lives on the scratch tmpfs and dies with the sandbox. ``keep_dir`` (the
+    session's kept layers, writable in the host view) is masked once the layer is mounted. /proc
+    comes later (``mount_proc``), from inside the sandbox's pid namespace.
     """
     # 1. Everything that refers to host paths is prepared detached, before anything covers it.
     #    Uppers live on a scratch tmpfs that must be attached in this namespace (Linux < 6.6
@@ -209,8 +212,63 @@ def build(plan: RootPlan, layer_dir: str | None = None) -> None:
         mounts.attach(fd, path, is_dir)
     if image_fd is not None:
         mounts.attach(image_fd, plan.image_root)
-    # 4. A /proc of the sandbox's own pid namespace, last: nothing above needs the zygote's.
-    syscalls.mount("proc", "/proc", "proc", syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC)
+    # 4. The session's kept layers are writable in the host view; a test sees only its own, as its upper.
+    if keep_dir and os.path.isdir(keep_dir):
+        mounts.mask(keep_dir)
+
+
+# Kernel knobs under /proc that are host-wide whatever namespace writes them (core_pattern runs a program as
+# real root; sysrq-trigger reboots): read-only, as Docker does. What only leaks the host's state is masked.
+PROC_READ_ONLY = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs")
+PROC_MASKED = (
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/timer_list",
+    "/proc/sched_debug",
+    "/proc/latency_stats",
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/scsi",
+)
+
+
+PROC_FLAGS = syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC
+
+
+def mount_proc() -> None:
+    """A /proc of the caller's pid namespace with the host-wide knobs read-only.
+
+    Mounted by the test process itself (the first process of the sandbox's mount namespace that
+    is *in* its pid namespace). The covering mounts also make this procfs not "fully visible", so
+    a test that gains capabilities in a user namespace of its own cannot mount a fresh, writable one.
+    """
+    syscalls.mount("proc", "/proc", "proc", PROC_FLAGS)
+    for path in PROC_READ_ONLY:
+        if os.path.exists(path):
+            mounts.bind_read_only(path)
+    for path in PROC_MASKED:
+        if os.path.exists(path):
+            mounts.mask(path)
+    _spare_read_only_proc()
+
+
+def _spare_read_only_proc() -> None:
+    """A read-only procfs, unreachable under the sandbox's /dev/shm, so commands the test starts in
+    images (their own user and pid namespaces) may mount a /proc of their own: the kernel allows a new
+    procfs only where one is fully visible, and read-only only where that one is read-only."""
+    shm = mounts.clone_tree("/dev/shm", recursive=False)
+    mounts.mount_tmpfs("/dev/shm", "0000", name="sandbox-spare", size=4096)
+    os.mkdir("/dev/shm/proc")
+    syscalls.mount("proc", "/dev/shm/proc", "proc", PROC_FLAGS | syscalls.MS_RDONLY)
+    mounts.attach(shm, "/dev/shm")  # the sandbox's own /dev/shm again, on top
+
+
+def mount_command_proc(target: str) -> None:
+    """/proc for a command in an image: read-only where only a read-only one may be mounted (in a sandbox)."""
+    try:
+        syscalls.mount("proc", target, "proc", PROC_FLAGS)
+    except PermissionError:
+        syscalls.mount("proc", target, "proc", PROC_FLAGS | syscalls.MS_RDONLY)
 
 
 # -- an image's root, for commands --------------------------------------------------------------
@@ -300,7 +358,7 @@ def enter_image_root(root: str, share_dev: bool) -> None:
     ``share_dev``: inside a sandbox, its minimal /dev is bound in whole (one mount, not ten).
     """
     if _usable_dir(f"{root}/proc"):
-        syscalls.mount("proc", f"{root}/proc", "proc", syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC)
+        mount_command_proc(f"{root}/proc")
     if _usable_dir(f"{root}/dev"):
         if share_dev:
             mounts.attach(clone_tree("/dev"), f"{root}/dev")

@@ -46,6 +46,52 @@ def map_one_id(pid: str, inside: tuple[int, int], outside: tuple[int, int]) -> N
     write_file(f"/proc/{pid}/gid_map", f"{inside[1]} {outside[1]} 1\n")
 
 
+def spare_namespace() -> int:
+    """An fd of a new child user namespace with the caller's id maps (every id for root).
+
+    A process without capabilities can still enter a user namespace its euid owns (the owner has
+    every capability in it), but since Linux 5.12 it cannot map uid 0 in one it makes itself
+    (that needs CAP_SETFCAP). Root's test processes have no capabilities, so the commands they
+    start in images enter this one, made while the sandbox was built.
+    """
+    unshared_r, unshared_w = os.pipe()
+    mapped_r, mapped_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(unshared_r)
+        os.close(mapped_w)
+        try:
+            syscalls.unshare(syscalls.CLONE_NEWUSER)
+            os.write(unshared_w, b"u")
+            os.read(mapped_r, 1)
+        finally:
+            os._exit(0)
+    os.close(unshared_w)
+    os.close(mapped_r)
+    try:
+        if os.read(unshared_r, 1) != b"u":
+            raise OSError("the helper that makes a user namespace for commands failed")
+        write_id_maps(str(pid), os.geteuid(), os.getegid())
+        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(unshared_r)
+        os.close(mapped_w)
+        os.waitpid(pid, 0)
+
+
+_commands_namespace: int | None = None
+
+
+def set_commands_namespace(fd: int | None) -> None:
+    """This process's commands enter the user namespace ``fd`` (see ``spare_namespace``)."""
+    global _commands_namespace
+    _commands_namespace = fd
+
+
+def commands_namespace() -> int | None:
+    return _commands_namespace
+
+
 def enter_user_namespace() -> None:
     """unshare a user namespace and map the caller's ids into it (no helper needed)."""
     uid, gid = os.geteuid(), os.getegid()
@@ -76,6 +122,15 @@ def drop_capabilities() -> None:
     syscalls.prctl(syscalls.PR_CAP_AMBIENT, syscalls.PR_CAP_AMBIENT_CLEAR_ALL)
     syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
     syscalls.capset(_CapHeader(_CAP_VERSION_3, 0), (_CapData * 2)())
+
+
+def has_capabilities() -> bool:
+    """Whether this process holds any effective capability (in its own user namespace)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16) != 0
+    return False
 
 
 def _last_cap() -> int:

@@ -29,8 +29,6 @@ class Zygote:
         self.limits = limits
         self.finishing: list[socket.socket] = []  # finished sandboxes whose exit is not yet collected
         self.nodeids = frozenset(items)
-        self.crash_fd = os.memfd_create("sandbox-faulthandler", os.MFD_CLOEXEC)
-        os.set_inheritable(self.crash_fd, True)
         self.control, theirs = protocol.socketpair()
         parent = os.getpid()
         with warnings.catch_warnings():
@@ -38,7 +36,7 @@ class Zygote:
             self.pid = os.fork()
         if self.pid == 0:
             self.control.close()
-            zygote.zygote_main(theirs, items, stash_key, paths, self.crash_fd, parent, limits)
+            zygote.zygote_main(theirs, items, stash_key, paths, parent, limits)
         theirs.close()
         message, _ = protocol.recv(self.control)
         if message is None or message.get("op") != "ready":
@@ -94,14 +92,6 @@ class Zygote:
                     break
         self.finishing = still
 
-    def read_crash_output(self) -> str:
-        size = os.fstat(self.crash_fd).st_size
-        return os.pread(self.crash_fd, min(size, 256 * 1024), 0).decode(errors="replace")
-
-    def reset_crash_output(self) -> None:
-        os.ftruncate(self.crash_fd, 0)
-        os.lseek(self.crash_fd, 0, os.SEEK_SET)
-
     def alive(self) -> bool:
         try:
             pid, _ = os.waitpid(self.pid, os.WNOHANG)
@@ -124,4 +114,3 @@ class Zygote:
             os.waitpid(self.pid, 0)
         except ChildProcessError:
             pass
-        os.close(self.crash_fd)

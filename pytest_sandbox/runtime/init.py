@@ -21,14 +21,20 @@ import zlib
 
 _NATIVE = {
     "x86_64": (
-        "eNqrd/VxY2JkZIABJgY7BjBPwAHMd4CKZwjAlQDFLIDqHBiYgSRILQsDMnBAoTdAeTCaAWoOSB8rEh9mH4wOhwqHo+kbBaNgFIyC"
-        "UTAKRsEoGAWjYBSMglEwCkYB6cDwv0evqRuIcclxFweQ3sEHJPhZPY4f/w8Eht92AXvqDq6Gl3bYQsRbD9Q/9ui1FQZp+QbX1ACW"
-        "fH0S0rEHAr3ijOKSopLEJAa9ktSKEordyQ0dM2BjQB8vQBsnYECML6DzmbGYGw7VL0hAPwCKFyeG"
+        "eNqrd/VxY2JkZIABJgY7BjBPwAHMd4CKXxCAKwGKWQDVOTAwA0mQWhYGZOCAQm+A8mA0A9QckD5WJD7MPhi9Ayq8A03fKBgFo2AUjIJR"
+        "MApGwSgYBaNgFIyCUTAKSAf7QZ13w2+Gl1xB6MCOuUAuP6tH64HSTI9e2zIgz6PXtBzUEa+Dy/gb/gcKBoE0XnLcxQGS5INIHj/+HwgM"
+        "v+0Cdu8dgCbusIVpqn8MNE4eahdUUwNY8vXJ/fUg3nMwDzIywMCgxMqhgNfhesUZxSVFJYlJDHolqRUl1AoPbujYBBsD+rgE2ngEFDBi"
+        "4TNjMXcHVL8gAf0Afak8rQ=="
     ),
 }
 
 PYTHON_REAPER = """
-import os, signal
+import ctypes, os, signal
+libc = ctypes.CDLL(None, use_errno=True)
+# Not dumpable and without capabilities, as the native one (see init_x86_64.S).
+if libc.prctl(4, 0, 0, 0, 0) != 0 or libc.capset(
+        (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()) != 0:
+    os._exit(127)
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
 while True:
     try:

@@ -1,14 +1,25 @@
-"""Inside one sandbox: the test process.
+"""One sandbox, from its namespaces to the end of its test: the setup path of every test sandbox.
 
-The zygote starts a sandbox *ahead of time*: pid 1 (init.py) and this process,
-which builds its namespaces and mount tree and then waits until pytest asks for
-a test. The fork and mount costs are paid while the previous test runs, not on
-the critical path. Never imports plugin.py: everything comes as arguments.
+Two processes build it, both forks of the zygote, in this order:
+
+* the **builder** makes the sandbox's mount, UTS, IPC and network namespaces and its mount tree,
+  then a pid namespace whose pid 1 (init.py) it spawns *inside* all of them, then forks the test
+  process into it and exits. The zygote, pid 1 of the session's pid namespace, inherits both.
+  The builder exists because the zygote cannot come back from a network namespace it leaves
+  (the host's belongs to the initial user namespace), and pid 1 must be born in the sandbox's.
+* the **test process** (pid 2) finishes what only a process inside the pid namespace can do
+  (/proc), lets go of everything of the host's it inherited (fds, capabilities), and waits until
+  pytest asks for a test; then it runs pytest's own runtest protocol on it.
+
+Both happen *ahead of time*, while the previous test runs. Never imports plugin.py: everything
+comes as arguments.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import faulthandler
+import logging
 import os
 import signal
 import socket
@@ -80,66 +91,147 @@ class ReportStreamer:
         )
 
 
-def _build_sandbox(
-    spec: SandboxSpec, plan: rootfs.RootPlan, cwd: str, layer_dir: str | None, crash_fd: int, backend: cgroups.Backend
-) -> None:
-    """The sandbox around this process, step by step; the user and pid namespaces come from the zygote."""
-    # 1. A name on the host's ps, and out of pytest's session: killpg(0) in a test must not reach pytest.
+@dataclasses.dataclass(frozen=True)
+class Sandbox:
+    """What the zygote decided for one sandbox before forking its builder."""
+
+    spec: SandboxSpec
+    plan: rootfs.RootPlan
+    cwd: str
+    init_argv: list[str]
+    crash_fd: int  # this sandbox's own memfd for faulthandler: pytest reads it once the test is over
+    kept_id: str | None  # the read/write layer pytest keeps if the test fails, in layer_dir
+    layer_dir: str | None
+    keep_dir: str
+    wait_for_cgroup: bool
+    backend: cgroups.Backend
+
+
+def builder(zygote: socket.socket, items: dict[str, pytest.Item], box: Sandbox) -> None:
+    """The sandbox's namespaces and tree, pid 1 inside them, the test process; never returns.
+
+    Tells the zygote ``{"op": "built", "init": pid, "test": pid}`` or ``{"op": "error", ...}``.
+    """
+    try:
+        # 1. Out of pytest's session: killpg(0) in a test must not reach pytest.
+        syscalls.set_process_name("sandbox-build")
+        os.setsid()
+        # 2. Mount, UTS, IPC namespaces, and a network namespace unless the test shares the host's;
+        #    all owned by the session's user namespace, where this process holds every capability.
+        flags = syscalls.CLONE_NEWNS | syscalls.CLONE_NEWUTS | syscalls.CLONE_NEWIPC
+        if box.spec.network == "none":
+            flags |= syscalls.CLONE_NEWNET
+        syscalls.unshare(flags)
+        # 3. The mount tree (needs the new mount namespace; /proc comes from the test process).
+        rootfs.build(box.plan, box.layer_dir, box.keep_dir)
+        # 4. Host name and loopback of the new namespaces.
+        socket.sethostname(box.spec.hostname)
+        if box.spec.network == "none":
+            syscalls.loopback_up()
+        # 6. pid 1 first, so it is born inside every namespace above (its /proc/1/root, /proc/1/net are
+        #    the sandbox's), then the test process as pid 2.
+        # 5. Root's test process will have no capability left to map uid 0 in a user namespace of its own:
+        #    the commands it starts in an image enter one made now.
+        #    Its id maps are written through a procfs of our own (the host view's is read-only).
+        if box.plan.image is not None and os.geteuid() == 0:
+            syscalls.mount("proc", "/proc", "proc", rootfs.PROC_FLAGS)
+            try:
+                userns.set_commands_namespace(userns.spare_namespace())
+            finally:
+                syscalls.umount2("/proc", syscalls.MNT_DETACH)
+        syscalls.unshare(syscalls.CLONE_NEWPID)
+        init_pid = os.posix_spawn(box.init_argv[0], box.init_argv, {}, setsid=True)
+        test_pid = os.fork()
+        if test_pid == 0:
+            test_process(zygote, items, box)
+    except BaseException as exc:
+        phase = exc.phase if isinstance(exc, SetupError) else "namespaces"
+        message = exc.message if isinstance(exc, SetupError) else f"{type(exc).__name__}: {exc}"
+        protocol.send(zygote, {"op": "error", "phase": phase, "message": message})
+        os._exit(0)
+    protocol.send(zygote, {"op": "built", "init": init_pid, "test": test_pid})
+    os._exit(0)
+
+
+def _enter(box: Sandbox, config: pytest.Config, keep: set[int]) -> None:
+    """The test process's own steps, inside the sandbox's namespaces."""
+    # 1. A name on the host's ps.
     syscalls.set_process_name("sandbox-test")
-    os.setsid()
-    # 2. Own mount, uts, ipc and cgroup namespaces; a network namespace unless the test shares the host's.
-    flags = syscalls.CLONE_NEWNS | syscalls.CLONE_NEWUTS | syscalls.CLONE_NEWIPC | syscalls.CLONE_NEWCGROUP
-    if spec.network == "none":
-        flags |= syscalls.CLONE_NEWNET
-    syscalls.unshare(flags)
-    # 3. The mount tree (needs the new mount namespace; /proc last, for the new pid namespace).
-    rootfs.build(plan, layer_dir)
-    # 4. Host name and loopback of the new namespaces.
-    socket.sethostname(spec.hostname)
-    if spec.network == "none":
-        syscalls.loopback_up()
-    # 5. Where the test starts and the environment it sees (a FROM host image's ENV, then the spec's).
-    os.chdir(cwd)
-    if plan.image is not None and plan.image.host_based:
-        os.environ.update(plan.image.env)
-    os.environ.update(spec.env)
-    # 6. Plain user permissions: the namespace's capabilities would let a test write its read-only files.
-    if os.geteuid() != 0:
-        userns.drop_capabilities()
-    # 7. Crash dumps go to pytest's memfd; limits a process sets on itself (rlimits) come last,
+    # 2. Its own cgroup namespace, after the zygote moved it into the sandbox's cgroup: its root is that.
+    syscalls.unshare(syscalls.CLONE_NEWCGROUP)
+    # 3. A /proc of its pid namespace (only a process inside it can mount that), kernel knobs read-only.
+    rootfs.mount_proc()
+    # 4. Where the test starts and the environment it sees (a FROM host image's ENV, then the spec's).
+    os.chdir(box.cwd)
+    if box.plan.image is not None and box.plan.image.host_based:
+        os.environ.update(box.plan.image.env)
+    os.environ.update(box.spec.env)
+    # 5. Let go of every fd of the host's it inherited: log files, xdist's pipes, the zygote's sockets and
+    #    cgroup dirs, other sandboxes' channels. Capture and the log file restart on its own.
+    _shed_host_fds(config, keep)
+    # 6. No capabilities at all, root included, and none to regain by execve (bounding set, no_new_privs):
+    #    the mounts it inherited cannot be remounted or unmounted, kernel knobs stay read-only.
+    userns.drop_capabilities()
+    # 7. Crash dumps go to this sandbox's memfd; limits a process sets on itself (rlimits) come last,
     #    so nothing above runs under them.
-    faulthandler.enable(file=crash_fd, all_threads=True)
-    backend.in_test_process(spec)
+    faulthandler.enable(file=box.crash_fd, all_threads=True)
+    box.backend.in_test_process(box.spec)
 
 
-def test_process(
-    zygote: socket.socket,
-    items: dict[str, pytest.Item],
-    spec: SandboxSpec,
-    plan: rootfs.RootPlan,
-    cwd: str,
-    crash_fd: int,
-    kept_id: str | None,
-    layer_dir: str | None,
-    wait_for_cgroup: bool,
-    backend: cgroups.Backend,
-) -> None:
-    """Build the sandbox, wait for a test, run pytest's own runtest protocol on it; never returns.
+class _ChannelLog:
+    """The log file's stream in a test process: records go to pytest, which writes its own log file."""
 
-    With ``wait_for_cgroup`` nothing happens until the zygote has moved this process
-    into the sandbox's cgroup, so every byte and cycle is accounted there. ``kept_id``
-    names the read/write layer in ``layer_dir`` pytest keeps if the test fails.
+    def write(self, text: str) -> int:
+        if _channel is not None and text:
+            protocol.send(_channel, {"type": "log", "text": text})
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def _shed_host_fds(config: pytest.Config, keep: set[int]) -> None:
+    """Close every fd above stdio but ``keep``; pytest's capture and log file go on with fds of this process."""
+    capture = config.pluginmanager.getplugin("capturemanager")
+    capturing = capture is not None and capture.is_globally_capturing()
+    if capturing:
+        capture.stop_global_capturing()  # its tmpfiles and saved stdio are the host's
+    handler = getattr(config.pluginmanager.getplugin("logging-plugin"), "log_file_handler", None)
+    if isinstance(handler, logging.StreamHandler):
+        old = handler.setStream(_ChannelLog())
+        if old is not None:
+            old.close()
+    config.trace.root.setwriter(None)  # --debug's file
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    if capturing:
+        capture.start_global_capturing()
+        capture.suspend_global_capture()
+
+
+def test_process(zygote: socket.socket, items: dict[str, pytest.Item], box: Sandbox) -> None:
+    """Enter the sandbox, wait for a test, run pytest's own runtest protocol on it; never returns.
+
+    With a cgroup nothing happens until the zygote has moved this process into the
+    sandbox's cgroup, so every byte and cycle is accounted there.
     """
     global ACTIVE_SPEC, ACTIVE_PLAN, _channel
     from _pytest.runner import runtestprotocol
     from _pytest.warnings import catch_warnings_for_item
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # until a test runs, ^C is pytest's business
-    if wait_for_cgroup and protocol.recv(zygote)[0] is None:
+    if box.wait_for_cgroup and protocol.recv(zygote)[0] is None:
         os._exit(0)
     error: dict[str, Any] | None = None
     try:
-        _build_sandbox(spec, plan, cwd, layer_dir, crash_fd, backend)
+        commands_ns = userns.commands_namespace()
+        keep = {zygote.fileno(), box.crash_fd} | ({commands_ns} if commands_ns is not None else set())
+        _enter(box, next(iter(items.values())).config, keep=keep)
     except BaseException as exc:
         phase = exc.phase if isinstance(exc, SetupError) else "namespaces"
         message = exc.message if isinstance(exc, SetupError) else f"{type(exc).__name__}: {exc}"
@@ -153,14 +245,14 @@ def test_process(
         protocol.send(_channel, error)
         _exit(0)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    if kept_id is not None:  # pytest keeps this read/write layer if the test fails
-        protocol.send(_channel, {"type": "container", "id": kept_id})
-    ACTIVE_SPEC, ACTIVE_PLAN = spec, plan
+    if box.kept_id is not None:  # pytest keeps this read/write layer if the test fails
+        protocol.send(_channel, {"type": "container", "id": box.kept_id})
+    ACTIVE_SPEC, ACTIVE_PLAN = box.spec, box.plan
     item = items[request["nodeid"]]
     try:
         # What pytest's warnings plugin does around each test; recorded warnings go to pytest.
-        if spec.timeout is not None:  # dump every thread's stack, then exit: pytest reports the timeout
-            faulthandler.dump_traceback_later(spec.timeout, exit=True, file=crash_fd)
+        if box.spec.timeout is not None:  # dump every thread's stack, then exit: pytest reports the timeout
+            faulthandler.dump_traceback_later(box.spec.timeout, exit=True, file=box.crash_fd)
         with catch_warnings_for_item(item.config, ihook=item.ihook, when="runtest", item=item):
             runtestprotocol(item, log=False, nextitem=None)
         faulthandler.cancel_dump_traceback_later()

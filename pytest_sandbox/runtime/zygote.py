@@ -2,10 +2,10 @@
 
 One process per pytest process that already sits in the user namespace, with a
 private mount namespace whose root is the read-only host view, as pid 1 of its
-own pid namespace. Each sandbox is one fork of it into a new pid namespace, so
-the expensive setup happens once. If pytest dies, the zygote-parent gets
-SIGTERM (parent-death signal), kills the zygote, which being pid 1 takes every
-sandbox with it, and removes the session's cgroups.
+own pid namespace. Each sandbox is built by a fork of it (the builder, see
+test_process.py), so the expensive setup happens once. If pytest dies, the
+zygote-parent gets SIGTERM (parent-death signal), kills the zygote, which being
+pid 1 takes every sandbox with it, and removes the session's cgroups.
 
 Process tree::
 
@@ -14,8 +14,10 @@ Process tree::
                                                                           ├─ init (pid 1 of sandbox B)
                                                                           └─ test (pid 2 of sandbox B)
 
-The zygote is the test process's parent: it sees it exit (pidfd), sends pytest
-the exit status and kills that sandbox's pid 1, which ends every process left.
+Each init and test process is born in its sandbox's namespaces by a short-lived
+builder; when the builder exits, both become the zygote's children (it is pid 1
+of their parent namespace). The zygote sees the test process exit (pidfd), sends
+pytest the exit status and kills that sandbox's pid 1, which ends every process left.
 """
 
 from __future__ import annotations
@@ -65,7 +67,6 @@ def zygote_main(
     items: dict[str, pytest.Item],
     stash_key: Any,
     paths: SessionPaths,
-    crash_fd: int,
     pytest_pid: int,
     limits: Limits,
 ) -> None:
@@ -92,7 +93,7 @@ def zygote_main(
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             process.die_with_parent(0)
-            _serve(control, items, stash_key, paths, crash_fd, limits)
+            _serve(control, items, stash_key, paths, limits)
         except BaseException as exc:
             try:
                 protocol.send(control, {"op": "failed", "error": f"zygote: {type(exc).__name__}: {exc}"})
@@ -118,17 +119,20 @@ def zygote_main(
 
 
 class _Sandbox:
-    """One sandbox: its pid 1 and its test process, both children of the zygote."""
+    """One sandbox: its pid 1 and its test process, both children of the zygote once their builder is gone."""
 
-    def __init__(
-        self, spec: SandboxSpec, init_pid: int, test_pid: int, test: socket.socket, group: cgroups.Group | None
-    ) -> None:
-        self.spec, self.init_pid, self.test_pid, self.test, self.group = spec, init_pid, test_pid, test, group
-        self.test_pidfd = os.pidfd_open(test_pid)
-        self.init_pidfd = os.pidfd_open(init_pid)
+    def __init__(self, spec: SandboxSpec, test: socket.socket, group: cgroups.Group | None, crash_fd: int) -> None:
+        self.spec, self.test, self.group, self.crash_fd = spec, test, group, crash_fd
+        self.init_pid = self.test_pid = self.test_pidfd = self.init_pidfd = -1
+        self.error: dict[str, Any] | None = None  # the builder failed: this sandbox only reports why
         self.to_pytest: socket.socket | None = None
         self.nodeid = ""
         self.exit: dict[str, Any] = {"type": "exit"}
+
+    def built(self, init_pid: int, test_pid: int) -> None:
+        self.init_pid, self.test_pid = init_pid, test_pid
+        self.init_pidfd = os.pidfd_open(init_pid)
+        self.test_pidfd = os.pidfd_open(test_pid)
 
     def start(self, nodeid: str, to_pytest: socket.socket, reports: socket.socket) -> None:
         """Hand the test its reports channel; the status channel stays here, out of the test's reach."""
@@ -137,37 +141,25 @@ class _Sandbox:
         protocol.send(self.test, {"nodeid": nodeid}, fds=(reports.fileno(),))
         self.test.close()
 
-    def close_channels(self) -> None:
-        """In a forked test process: another sandbox's sockets and pidfds are not its business."""
-        for fd in (self.test_pidfd, self.init_pidfd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        for sock in (self.test, self.to_pytest):
-            if sock is not None:
-                sock.close()
-
     def kill(self) -> None:
         """SIGKILL to pid 1 from outside its namespace ends every process in it (and so does cgroup.kill)."""
-        try:
-            os.kill(self.init_pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        if self.init_pid > 0:
+            try:
+                os.kill(self.init_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         if self.group is not None:
             self.group.kill()
 
 
 class _Factory:
     def __init__(
-        self, control: socket.socket, items: dict[str, pytest.Item], paths: SessionPaths, crash_fd: int, limits: Limits
+        self, control: socket.socket, items: dict[str, pytest.Item], paths: SessionPaths, limits: Limits
     ) -> None:
         self.control = control
         self.items = items
         self.paths = paths
-        self.crash_fd = crash_fd
         self.limits = limits
-        self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.init_argv, self.init_fd = init.command()
         self.scratch_size = mounts.default_scratch_size()
         self.plans: dict[SandboxSpec, rootfs.RootPlan] = {}
@@ -178,68 +170,65 @@ class _Factory:
         """Each scratch tmpfs holds at most a quarter of RAM, or the memory limit where that is less."""
         return min(self.scratch_size, spec.memory) if spec.memory else self.scratch_size
 
-    def prepare(self, spec: SandboxSpec) -> _Sandbox:
-        """Start pid 1 in a new pid namespace and fork the test process into it; it builds itself.
-
-        With a cgroup, both are moved into it before the test process may go on.
-        """
+    def plan(self, spec: SandboxSpec) -> rootfs.RootPlan:
         plan = self.plans.get(spec)
         if plan is None:
             image = self.paths.images.get(spec.image) if spec.image else None
             plan = self.plans[spec] = rootfs.make_plan(
                 self.paths.writable + spec.writable, self.paths.needed, image, tmpfs_size=self.tmpfs_size(spec)
             )
+        return plan
+
+    def prepare(self, spec: SandboxSpec) -> _Sandbox:
+        """Build a sandbox ahead of time: a builder fork makes its namespaces, pid 1 and test process.
+
+        With a cgroup, both are moved into it before the test process may go on.
+        """
+        plan = self.plan(spec)
         session = self.limits.session
         group = session.create(spec) if session is not None and self.limits.wants_group(spec) else None
+        kept_id = secrets.token_hex(6) if self.paths.keep_dir and plan.image else None
+        box = test_process.Sandbox(
+            spec=spec,
+            plan=plan,
+            cwd=self.paths.cwd,
+            init_argv=self.init_argv,
+            crash_fd=os.memfd_create("sandbox-crash", os.MFD_CLOEXEC),
+            kept_id=kept_id,
+            layer_dir=f"{self.paths.keep_dir}/{kept_id}" if kept_id else None,
+            keep_dir=self.paths.keep_dir,
+            wait_for_cgroup=group is not None,
+            backend=self.limits.backend,
+        )
         test, test_end = protocol.socketpair()
-        syscalls.unshare(syscalls.CLONE_NEWPID)
-        try:
-            init_pid = os.posix_spawn(self.init_argv[0], self.init_argv, {}, setsid=True)
-            test_pid = os.fork()
-            if test_pid == 0:
-                self.control.close()
-                test.close()
-                kept_id = secrets.token_hex(6) if self.paths.keep_dir and plan.image else None
-                layer_dir = f"{self.paths.keep_dir}/{kept_id}" if kept_id else None
-                test_process.test_process(
-                    test_end,
-                    self.items,
-                    spec,
-                    plan,
-                    self.paths.cwd,
-                    self.crash_fd,
-                    kept_id,
-                    layer_dir,
-                    wait_for_cgroup=group is not None,
-                    backend=self.limits.backend,
-                )
-        finally:
-            syscalls.setns(self.own_pidns, syscalls.CLONE_NEWPID)  # the next sandbox gets a namespace of its own
+        sandbox = _Sandbox(spec, test, group, box.crash_fd)
+        builder_pid = os.fork()
+        if builder_pid == 0:
+            self.control.close()
+            test.close()
+            test_process.builder(test_end, self.items, box)
         test_end.close()
-        sandbox = _Sandbox(spec, init_pid, test_pid, test, group)
+        try:
+            reply, _ = protocol.recv(test)
+        finally:
+            os.waitpid(builder_pid, 0)  # gone: its children (pid 1 and the test) are now ours
+        if reply is None or reply.get("op") != "built":
+            reply = reply or {"phase": "fork", "message": "the sandbox builder died"}
+            sandbox.error = {"type": "error", "phase": reply["phase"], "message": reply["message"]}
+            if group is not None:
+                group.remove()
+                sandbox.group = None
+            return sandbox
+        sandbox.built(reply["init"], reply["test"])
         if group is not None:
             try:
-                group.attach(init_pid)
-                group.attach(test_pid)
+                group.attach(sandbox.init_pid)
+                group.attach(sandbox.test_pid)
                 protocol.send(test, {"op": "attached"})
             except OSError:
                 self.cancel(sandbox)
                 raise
         return sandbox
-
-    def _close_in_test_process(self) -> None:
-        for sandbox in self.running.values():
-            sandbox.close_channels()
-        for sandbox in self.ending.values():
-            sandbox.close_channels()
-        fds = [self.own_pidns, *([self.init_fd] if self.init_fd is not None else [])]
-        if self.limits.session is not None:
-            fds.extend(self.limits.session.fds())
-        for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
     def test_ended(self, sandbox: _Sandbox) -> None:
         """The test process has ended: end its namespace and tell pytest how the test ended.
@@ -260,7 +249,8 @@ class _Factory:
         ).as_dict()
         if sandbox.group is not None:
             message["usage"] = sandbox.group.usage().as_dict()
-        self._tell(sandbox, message)
+        self._tell(sandbox, message, fds=(sandbox.crash_fd,))
+        os.close(sandbox.crash_fd)
         self.ending[sandbox.init_pidfd] = sandbox
 
     def namespace_ended(self, sandbox: _Sandbox) -> None:
@@ -274,17 +264,20 @@ class _Factory:
             sandbox.to_pytest.close()
 
     @staticmethod
-    def _tell(sandbox: _Sandbox, message: dict[str, Any]) -> None:
+    def _tell(sandbox: _Sandbox, message: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
         if sandbox.to_pytest is not None:
             try:
-                protocol.send(sandbox.to_pytest, message)
+                protocol.send(sandbox.to_pytest, message, fds=fds)
             except OSError:
                 pass
 
     def cancel(self, sandbox: _Sandbox) -> None:
         """Drop a sandbox that never ran a test."""
-        sandbox.kill()
         sandbox.test.close()
+        os.close(sandbox.crash_fd)
+        if sandbox.error is not None:
+            return
+        sandbox.kill()
         os.waitpid(sandbox.test_pid, 0)
         os.close(sandbox.test_pidfd)
         self.ending[sandbox.init_pidfd] = sandbox
@@ -310,11 +303,10 @@ def _serve(
     items: dict[str, pytest.Item],
     stash_key: Any,
     paths: SessionPaths,
-    crash_fd: int,
     limits: Limits,
 ) -> None:
     gc.freeze()  # keep the garbage collector from touching (and so copying) the zygote's pages in every fork
-    factory = _Factory(control, items, paths, crash_fd, limits)
+    factory = _Factory(control, items, paths, limits)
     config = next(iter(items.values())).config
     config.pluginmanager.register(test_process.ReportStreamer(config), "sandbox-report-streamer")
     ready: _Sandbox | None = None
@@ -343,8 +335,13 @@ def _serve(
         try:
             if ready is None:
                 ready = factory.prepare(spec)
-            factory.running[ready.test_pidfd] = ready
-            ready.start(message["nodeid"], to_pytest, reports)
+            if ready.error is not None:
+                protocol.send(to_pytest, ready.error)
+                to_pytest.close()
+                factory.cancel(ready)
+            else:
+                factory.running[ready.test_pidfd] = ready
+                ready.start(message["nodeid"], to_pytest, reports)
         except OSError as exc:
             protocol.send(
                 to_pytest, {"type": "error", "phase": "cgroup" if "cgroup" in str(exc) else "fork", "message": str(exc)}
