@@ -228,12 +228,13 @@ def _shell(args: argparse.Namespace, store: Store) -> int:
     kept = None
     if image is None:
         try:
-            kept = store.container(args.target)
+            store.container(args.target)
         except SandboxError:
             raise SandboxError(
                 f"{args.target!r} is neither a kept container (pytest-sandbox containers) "
                 f"nor an image (pytest-sandbox images ls)"
             ) from None
+        kept = store.checked_container(args.target)  # no symlink a failed test planted gets mounted
     argv = args.command or ["/bin/sh"]
     with store.staging() as stage:
         merged = os.path.join(stage, "merged")
@@ -290,7 +291,7 @@ def _run(args: argparse.Namespace, store: Store) -> int:
 
 
 def _commit(args: argparse.Namespace, store: Store) -> int:
-    kept = store.container(args.id)
+    kept = store.checked_container(args.id)  # no symlink a failed test planted gets read
     check_name(args.name)
     host_based = kept.get("base") == HOST_BASE
     uppers = rootfs.layer_uppers(kept["path"], host_based)
@@ -332,10 +333,10 @@ def _containers(args: argparse.Namespace, store: Store) -> int:
             store.remove_container(cid)
         return 0
     if args.containers_command == "prune":
-        kept = store.containers()
-        for meta in kept:
-            store.remove_container(meta["id"])
-        print(f"removed {len(kept)} kept containers")
+        ids = store.container_ids()
+        for cid in ids:
+            store.remove_container(cid)
+        print(f"removed {len(ids)} kept containers")
         return 0
     print(f"{'ID':14} {'IMAGE':16} {'CREATED':>10}  TEST")
     for meta in store.containers():

@@ -48,6 +48,7 @@ class SessionState:
     image_records: dict[str, Image] = dataclasses.field(default_factory=dict)
     image_errors: dict[str, str] = dataclasses.field(default_factory=dict)
     keep_dir: str = ""  # this session's dir of image tests' read/write layers (--sandbox-keep)
+    keep_fd: int = -1  # that dir, opened before any test could reach it: kept layers are found through it
     containers: dict[str, str] = dataclasses.field(default_factory=dict)  # nodeid -> container id
 
     @property
@@ -167,6 +168,7 @@ def _open_keep_dir(state: SessionState) -> None:
         )
         return
     state.keep_dir = state.store.session_containers(os.getpid())
+    state.keep_fd = os.open(state.keep_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
 
 def zygote_for(item: pytest.Item, state: SessionState) -> Zygote:
@@ -203,10 +205,13 @@ def drop_zygote(state: SessionState) -> None:
 
 
 def keep_container(state: SessionState, item: pytest.Item, spec: SandboxSpec, cid: str) -> None:
-    assert spec.image is not None
+    """Keep a failed image test's layer. ``cid`` comes from the test process: a test without a keepable
+    layer that claims one gets nothing, and the store checks the id and the layer before it moves anything."""
+    if state.keep_fd < 0 or spec.image is None or spec.image not in state.image_records:
+        return
     try:
-        state.store.keep_container(state.keep_dir, cid, state.image_records[spec.image], item.nodeid, spec.hostname)
-    except OSError as exc:
+        state.store.keep_container(state.keep_fd, cid, state.image_records[spec.image], item.nodeid, spec.hostname)
+    except (OSError, SandboxError) as exc:
         warnings.warn(pytest.PytestWarning(f"pytest-sandbox: cannot keep {item.nodeid}'s layer: {exc}"), stacklevel=1)
 
 
@@ -216,6 +221,9 @@ def close(state: SessionState) -> None:
     if state.cgroup_session is not None:
         state.cgroup_session.close()
         state.cgroup_session = None
+    if state.keep_fd >= 0:
+        os.close(state.keep_fd)
+        state.keep_fd = -1
     if state.keep_dir:
-        remove_tree(state.keep_dir)
+        remove_tree(state.keep_dir)  # follows no symlink a sandbox left in it
         state.keep_dir = ""

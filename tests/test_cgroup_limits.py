@@ -211,3 +211,80 @@ def test_limits_under_xdist(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("-n", "2")
     result.assert_outcomes(passed=6, failed=1)
     result.stdout.fnmatch_lines(["*killed by the OOM killer: memory limit 64.0 MiB*"])
+
+
+def _cgroup_dirs_named(token: str) -> list[str]:
+    found = []
+    for root, dirs, _ in os.walk(cgroups.CGROUP_ROOT):
+        found += [os.path.join(root, d) for d in dirs if token in d]
+        if root.count("/") > 10:
+            dirs.clear()
+    return found
+
+
+def test_a_test_cannot_lift_its_limits_nor_leave_cgroups_behind(pytester: pytest.Pytester, token: str) -> None:
+    """The test mounts cgroup2 in namespaces of its own (or uses what cgroup mounts it sees), makes cgroups
+    wherever it can and tries to lift its limits there: the memory limit still holds, and when the session
+    ends no cgroup it made is left."""
+    parents = sorted(set(getattr(BACKEND, "bases", {}).values()))
+    before = {p: set(os.listdir(p)) for p in parents}
+    pytester.makepyfile(f"""
+        import ctypes, os, pytest
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWCGROUP = 0x00020000, 0x10000000, 0x02000000
+
+        def reachable():
+            '''cgroup dirs this process reaches: its cgroup mounts, and a cgroup2 it mounts itself.'''
+            places = [line.split()[4] for line in open("/proc/self/mountinfo") if " - cgroup" in line]
+            uid, gid = os.getuid(), os.getgid()
+            if libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWCGROUP) == 0:
+                for name, text in (("setgroups", "deny"), ("uid_map", f"0 {{uid}} 1"), ("gid_map", f"0 {{gid}} 1")):
+                    with open(f"/proc/self/{{name}}", "w") as f:
+                        f.write(text)
+            elif libc.unshare(CLONE_NEWNS | CLONE_NEWCGROUP) != 0:
+                return places
+            libc.mount(b"none", b"/", None, 0x4000 | 0x40000, None)  # MS_REC | MS_PRIVATE
+            os.makedirs("/tmp/cg2", exist_ok=True)
+            if libc.mount(b"none", b"/tmp/cg2", b"cgroup2", 0, None) == 0:
+                places.append("/tmp/cg2")
+            return places
+
+        @pytest.mark.container(memory="64M", pids=64)
+        def test_escapes():
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                made, lifted = [], []
+                for place in reachable():
+                    for sub in ("", "/a"):
+                        try:
+                            os.mkdir(f"{{place}}{{sub}}/{token}-x")
+                            os.mkdir(f"{{place}}{{sub}}/{token}-x/{token}-deeper")
+                            made.append(place + sub)
+                        except OSError:
+                            pass
+                    for name in ("memory.max", "memory.limit_in_bytes", "pids.max"):
+                        try:
+                            with open(f"{{place}}/{{name}}", "w") as f:
+                                f.write("max" if "max" in name else "-1")
+                            lifted.append(f"{{place}}/{{name}}")
+                        except OSError:
+                            pass
+                os.write(w, repr((made, lifted)).encode())
+                os._exit(0)
+            os.close(w)
+            os.waitpid(pid, 0)
+            print("REACHED", os.read(r, 65536).decode(), flush=True)
+            data = bytearray(200 * 1024 * 1024)
+            for i in range(0, len(data), 4096):
+                data[i] = 1
+    """)
+    result = pytester.runpytest_subprocess("-s")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*REACHED *", "*killed by the OOM killer: memory limit 64.0 MiB*"])
+    assert _cgroup_dirs_named(token) == []
+    assert _no_session_cgroups_left() == []
+    for parent in parents:  # nothing new but other sessions still running (xdist workers of this suite)
+        new = set(os.listdir(parent)) - before[parent]
+        assert all(e.startswith(cgroups.SESSION_PREFIX) and os.path.exists(f"/proc/{e.split('-')[2]}") for e in new)

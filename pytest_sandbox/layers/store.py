@@ -6,7 +6,8 @@ Layout under the store root (``$XDG_CACHE_HOME/pytest-sandbox`` by default)::
     layers/<chain-id>/layer.json  diff id, parent, size
     images/<name>.json            ordered layer chain + image config
     cache/<step-key>.json         build cache: step -> resulting chain id and config
-    containers/<id>/              read/write layers kept by ``--sandbox-keep``
+    containers/<id>/meta.json     a kept container (``--sandbox-keep``): what shell/commit need
+    containers/<id>/layer/        its read/write layer, moved there from the session's dir
     tmp/<pid>-<random>/           staging (flock-held .owner); renamed into place: nothing is half-published
     store.lock                    held while anything is published or removed
 
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
+import json
 import os
 import re
 import stat
@@ -67,6 +70,10 @@ def check_name(name: str, where: str = "image name") -> str:
 
 
 OWNER_FILE = ".owner"
+CONTAINER_META = "meta.json"  # containers/<id>/meta.json: written by pytest, never in reach of the test
+CONTAINER_LAYER = "layer"  # containers/<id>/layer: the test's read/write layer, hostile as the test was
+_ID_RE = re.compile(r"[0-9a-f]{4,32}")
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _STALE_WITHOUT_OWNER = 3600.0  # a dir whose creator died before it could lock it
 
 
@@ -75,14 +82,15 @@ def _hold(path: str) -> int:
 
     An flock, not a pid: pids mean nothing across the pid namespaces sandboxes make.
     """
-    fd = os.open(os.path.join(path, OWNER_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(os.path.join(path, OWNER_FILE), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX)
     return fd
 
 
 def _abandoned(path: str) -> bool:
     try:
-        fd = os.open(os.path.join(path, OWNER_FILE), os.O_RDWR | os.O_CLOEXEC)
+        # A session's .owner sat in reach of its sandboxes: open no link, no fifo or device that blocks
+        fd = os.open(os.path.join(path, OWNER_FILE), os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         try:
             return time.time() - os.lstat(path).st_mtime > _STALE_WITHOUT_OWNER
@@ -97,6 +105,60 @@ def _abandoned(path: str) -> bool:
     finally:
         os.close(fd)
     return True
+
+
+def _check_id(cid: str) -> None:
+    if not _ID_RE.fullmatch(cid):
+        raise StoreError(f"{cid!r} is not a container id (see pytest-sandbox containers)")
+
+
+def _open_own_dir(name: str, dir_fd: int | None, where: str) -> int:
+    """An fd of the directory ``name`` (relative to ``dir_fd``), refused if it is a symlink or not this user's."""
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise StoreError(f"{where} is a symlink or not a directory (planted by a test?): refused") from None
+        raise
+    uid = os.fstat(fd).st_uid
+    if uid != os.getuid():
+        os.close(fd)
+        raise StoreError(f"{where} belongs to uid {uid}, not to you: refused")
+    return fd
+
+
+def check_layer(layer_fd: int, host_based: bool, where: str) -> None:
+    """Every directory of a read/write layer that the host mounts or reads is a directory of ours.
+
+    A plain image's layer has ``upper``, ``work`` (and ``.empty`` for an image without layers); a FROM host
+    image's has ``<top-level dir>/{upper,work}`` (and ``.empty``). Other entries are never used. What lies
+    below an upper is the test's and stays as it is (a symlink there is committed as a symlink).
+    """
+    names = os.listdir(layer_fd)
+    used = [n for n in names if n in ("upper", "work", ".empty") or (host_based and not n.startswith("."))]
+    for name in used:
+        fd = _open_own_dir(name, layer_fd, f"{where}: {name}")
+        try:
+            if host_based and name != ".empty":
+                for sub in ("upper", "work"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.close(_open_own_dir(sub, fd, f"{where}: {name}/{sub}"))
+        finally:
+            os.close(fd)
+
+
+def _write_json_at(dir_fd: int, name: str, data: Any) -> None:
+    """A new file ``name`` in ``dir_fd`` (no symlink followed, none replaced: it must not exist)."""
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
+def _read_json_at(dir_fd: int, name: str) -> Any:
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    with os.fdopen(fd) as f:
+        return json.load(f)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,9 +270,14 @@ class Store:
         _hold(path)  # held by pytest and the zygote it forks, until both are gone
         return path
 
-    def keep_container(self, session_dir: str, cid: str, image: Image, nodeid: str, hostname: str) -> None:
-        """A failed test's read/write layer (``session_dir/cid``) becomes the kept container ``cid``:
-        what ``shell``, ``commit`` and ``prune`` need is recorded beside it."""
+    def keep_container(self, session_fd: int, cid: str, image: Image, nodeid: str, hostname: str) -> None:
+        """A failed test's read/write layer (``cid`` in the session dir ``session_fd``, opened before any test
+        ran) becomes the kept container ``cid``: ``containers/<cid>/layer``, with what ``shell``, ``commit`` and
+        ``prune`` need in ``containers/<cid>/meta.json`` beside it, a file the test never could reach.
+
+        The id and the layer come from the sandbox: the id must be one, the layer a directory of ours (no
+        symlink, at any level the host later uses), or nothing is kept."""
+        _check_id(cid)
         meta = {
             "id": cid,
             "nodeid": nodeid,
@@ -221,31 +288,85 @@ class Store:
             "created": time.time(),
             "base": image.base,
         }
-        os.rename(os.path.join(session_dir, cid), os.path.join(self.containers_dir, cid))
-        write_json_atomic(os.path.join(self.containers_dir, cid, "meta.json"), meta)
+        where = f"the read/write layer {cid}"
+        layer_fd = _open_own_dir(cid, session_fd, where)
+        try:
+            check_layer(layer_fd, image.host_based, where)
+            layer_st = os.fstat(layer_fd)
+        finally:
+            os.close(layer_fd)
+        containers_fd = _open_own_dir(self.ensure().containers_dir, None, self.containers_dir)
+        try:
+            os.mkdir(cid, 0o755, dir_fd=containers_fd)  # EEXIST: an id of a container kept before
+            box_fd = _open_own_dir(cid, containers_fd, f"kept container {cid}")
+            try:
+                _write_json_at(box_fd, CONTAINER_META, meta)
+                os.rename(cid, CONTAINER_LAYER, src_dir_fd=session_fd, dst_dir_fd=box_fd)
+                moved = os.stat(CONTAINER_LAYER, dir_fd=box_fd, follow_symlinks=False)
+                if (moved.st_dev, moved.st_ino) != (layer_st.st_dev, layer_st.st_ino):
+                    raise StoreError(f"{where} changed while it was kept")
+            except BaseException:
+                os.close(box_fd)
+                box_fd = -1
+                remove_tree(os.path.join(self.containers_dir, cid))
+                raise
+            finally:
+                if box_fd >= 0:
+                    os.close(box_fd)
+        finally:
+            os.close(containers_fd)
 
     def container(self, cid: str) -> dict[str, Any]:
-        if not re.fullmatch(r"[0-9a-f]{4,32}", cid):
-            raise StoreError(f"{cid!r} is not a container id (see pytest-sandbox containers)")
-        path = os.path.join(self.containers_dir, cid, "meta.json")
+        """A kept container's metadata; ``path`` is its read/write layer (not checked: see ``checked_container``)."""
+        _check_id(cid)
+        box = os.path.join(self.containers_dir, cid)
         try:
-            meta = dict(read_json(path))
-        except OSError:
+            box_fd = _open_own_dir(box, None, f"kept container {cid}")
+        except FileNotFoundError:
             raise StoreError(f"no kept container {cid!r} in {self.containers_dir}") from None
-        meta["path"] = os.path.dirname(path)
+        try:
+            meta = dict(_read_json_at(box_fd, CONTAINER_META))
+        except (OSError, ValueError):
+            raise StoreError(
+                f"kept container {cid!r} has no readable {CONTAINER_META} (kept by an older pytest-sandbox?): "
+                f"remove it with pytest-sandbox containers rm {cid}"
+            ) from None
+        finally:
+            os.close(box_fd)
+        meta["path"] = os.path.join(box, CONTAINER_LAYER)
         return meta
 
-    def containers(self) -> list[dict[str, Any]]:
+    def checked_container(self, cid: str) -> dict[str, Any]:
+        """A kept container whose layer may be mounted or read: every directory of it the host uses is a
+        directory of ours, never a symlink (a failed test left that layer behind; it may have planted some)."""
+        meta = self.container(cid)
+        where = f"kept container {cid}"
+        fd = _open_own_dir(meta["path"], None, f"{where}: {CONTAINER_LAYER}")
+        try:
+            check_layer(fd, meta.get("base") == HOST_BASE, where)
+        finally:
+            os.close(fd)
+        return meta
+
+    def container_ids(self) -> list[str]:
+        """Every kept container, also those whose metadata is unreadable."""
         self.ensure()
+        return sorted(e for e in os.listdir(self.containers_dir) if not e.startswith(".") and _ID_RE.fullmatch(e))
+
+    def containers(self) -> list[dict[str, Any]]:
         out = []
-        for entry in sorted(os.listdir(self.containers_dir)):
-            if not entry.startswith("."):
-                with contextlib.suppress(StoreError):
-                    out.append(self.container(entry))
+        for entry in self.container_ids():
+            with contextlib.suppress(StoreError):
+                out.append(self.container(entry))
         return out
 
     def remove_container(self, cid: str) -> None:
-        remove_tree(self.container(cid)["path"])
+        """Remove the whole ``containers/<cid>``: rmtree follows no symlink in it (one there is unlinked)."""
+        _check_id(cid)
+        path = os.path.join(self.containers_dir, cid)
+        if not os.path.lexists(path):
+            raise StoreError(f"no kept container {cid!r} in {self.containers_dir}")
+        remove_tree(path)
 
     @contextlib.contextmanager
     def staging(self) -> Iterator[str]:

@@ -11,6 +11,13 @@ pytest opens a session cgroup (``pytest-sandbox-<pid>``) and keeps directory fds
 it; the zygote, whose mount namespace only has a read-only /sys, creates one child
 per sandbox through those fds (``sb-<n>``), attaches the sandbox's pid 1 and test
 process before the test runs, reads the usage after it and removes the child.
+
+The limits are written in ``sb-<n>``; the sandbox's processes live in its leaf child
+``sb-<n>/sandbox``, the root of the test's cgroup namespace. A test that mounts cgroup2
+in a user namespace of its own reaches only that leaf (its files are the same user's):
+it can make cgroups below it but never lift a limit. Removal (of a sandbox's group, of
+the session's, of a dead session's) takes every cgroup below, deepest first, through
+directory fds opened below the session's own, following no link.
 """
 
 from __future__ import annotations
@@ -32,7 +39,12 @@ CGROUP_ROOT = "/sys/fs/cgroup"
 SESSION_PREFIX = "pytest-sandbox-"
 V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "blkio")
 V2_CONTROLLERS = ("memory", "cpu", "pids", "io")
+UNIFIED = "unified"  # a hybrid host's cgroup2 hierarchy: no limits, but a test could mount and write it
 CFS_PERIOD_US = 100_000
+LEAF = "sandbox"  # sb-<n>/sandbox: the processes' cgroup, below the one holding the limits
+MAX_DEPTH = 32  # how deep a test may nest cgroups below its leaf (v2's cgroup.max.depth on sb-<n>)
+MAX_DESCENDANTS = 512
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class CgroupUnavailable(SandboxError):
@@ -105,6 +117,28 @@ def _rmdir(dirfd: int, name: str) -> None:
             time.sleep(0.005)
 
 
+def _remove_group(dirfd: int, name: str, depth: int = 0) -> None:
+    """Remove the cgroup ``name`` below ``dirfd`` and every cgroup a test made below it, deepest first.
+
+    Each level is opened relative to its parent's fd with O_NOFOLLOW: nothing outside the
+    tree is reached. v2's cgroup.max.depth bounds the tree; past MAX_DEPTH * 2 levels it is left.
+    """
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dirfd)
+    except OSError:
+        return
+    try:
+        if depth < MAX_DEPTH * 2:
+            for entry in os.scandir(fd):
+                if entry.is_dir(follow_symlinks=False):
+                    _remove_group(fd, entry.name, depth + 1)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    _rmdir(dirfd, name)
+
+
 def block_device(path: str) -> str | None:
     """'MAJ:MIN' of the disk holding ``path`` (the whole disk for a partition), None if not on a disk."""
     dev = os.stat(path).st_dev
@@ -119,15 +153,20 @@ def block_device(path: str) -> str | None:
 
 
 class Group:
-    """One sandbox's cgroup (a directory per hierarchy)."""
+    """One sandbox's cgroup (a directory per hierarchy): limits and accounting in ``name``,
+    processes in its leaf ``name/sandbox``."""
 
     def __init__(self, session: Session, name: str) -> None:
         self.session = session
         self.name = name
 
+    @property
+    def leaf(self) -> str:
+        return f"{self.name}/{LEAF}"
+
     def attach(self, pid: int) -> None:
         for fd in self.session.dirs.values():
-            _write(fd, f"{self.name}/cgroup.procs", str(pid))
+            _write(fd, f"{self.leaf}/cgroup.procs", str(pid))
 
     def usage(self) -> Usage:
         return self.session.backend.usage(self)
@@ -137,8 +176,9 @@ class Group:
         self.session.backend.kill(self)
 
     def remove(self) -> None:
+        """The group, its leaf and whatever the test made below the leaf."""
         for fd in self.session.dirs.values():
-            _rmdir(fd, self.name)
+            _remove_group(fd, self.name)
 
 
 class Session:
@@ -161,6 +201,7 @@ class Session:
         try:
             for fd in self.dirs.values():
                 os.mkdir(group.name, dir_fd=fd)
+                os.mkdir(group.leaf, dir_fd=fd)
             self.backend.apply(group, spec)
         except OSError:
             group.remove()
@@ -168,13 +209,10 @@ class Session:
         return group
 
     def close(self) -> None:
-        """Remove the session cgroup (every sandbox's group is gone by now) and let go of the fds."""
+        """Remove the session cgroup and all below it (every sandbox is gone by now) and let go of the fds."""
         for hierarchy, fd in self.dirs.items():
-            for entry in os.listdir(fd):
-                if entry.startswith("sb-"):
-                    _rmdir(fd, entry)
             os.close(fd)
-            _rmdir(self.parents[hierarchy], self.name)
+            _remove_group(self.parents[hierarchy], self.name)
             os.close(self.parents[hierarchy])
         self.dirs.clear()
 
@@ -184,15 +222,7 @@ def _remove_stale_sessions(parent_fd: int) -> None:
     for entry in os.listdir(parent_fd):
         pid = entry[len(SESSION_PREFIX) :].split("-")[0]
         if entry.startswith(SESSION_PREFIX) and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-            try:
-                child_fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY, dir_fd=parent_fd)
-            except OSError:
-                continue
-            for sub in os.listdir(child_fd):
-                if sub.startswith("sb-"):
-                    _rmdir(child_fd, sub)
-            os.close(child_fd)
-            _rmdir(parent_fd, entry)
+            _remove_group(parent_fd, entry)
 
 
 class Backend:
@@ -275,7 +305,14 @@ class CgroupV1(CgroupBackend):
         self.enforced = _enforced(bases, device)
 
     def apply(self, group: Group, spec: SandboxSpec) -> None:
-        dirs, name = group.session.dirs, group.name
+        """The limits in the group and again in its leaf: v1 throttles io (and cpu) where the tasks are, and a
+        test cannot reach the leaf's files (it cannot mount v1; its view of them is read-only)."""
+        if UNIFIED in group.session.dirs:
+            _bound_nesting(group.session.dirs[UNIFIED], group.name)
+        for name in (group.name, group.leaf):
+            self._apply(group.session.dirs, name, spec)
+
+    def _apply(self, dirs: dict[str, int], name: str, spec: SandboxSpec) -> None:
         if spec.memory is not None and "memory" in dirs:
             _write(dirs["memory"], f"{name}/memory.limit_in_bytes", str(spec.memory))
             try:  # no swapping around the limit, where swap accounting exists
@@ -296,18 +333,22 @@ class CgroupV1(CgroupBackend):
         usage = Usage()
         if "memory" in dirs:
             usage.memory_peak = _int(_read(dirs["memory"], f"{name}/memory.max_usage_in_bytes"))
-            usage.oom_kills = _keyed(_read(dirs["memory"], f"{name}/memory.oom_control")).get("oom_kill", 0)
+            usage.oom_kills = max(  # v1 counts a kill in the victim's cgroup (the leaf) and maybe up
+                _keyed(_read(dirs["memory"], f"{path}/memory.oom_control")).get("oom_kill", 0)
+                for path in (name, group.leaf)
+            )
         if "cpuacct" in dirs:
             ticks = os.sysconf("SC_CLK_TCK")
             stat = _keyed(_read(dirs["cpuacct"], f"{name}/cpuacct.stat"))
             if stat:
                 usage.cpu_user, usage.cpu_system = stat.get("user", 0) / ticks, stat.get("system", 0) / ticks
         if "cpu" in dirs:
-            throttled = _keyed(_read(dirs["cpu"], f"{name}/cpu.stat")).get("throttled_time")
-            usage.cpu_throttled = throttled / 1e9 if throttled is not None else None
+            stats = [_keyed(_read(dirs["cpu"], f"{path}/cpu.stat")) for path in (name, group.leaf)]
+            throttled = [s["throttled_time"] for s in stats if "throttled_time" in s]
+            usage.cpu_throttled = max(throttled) / 1e9 if throttled else None
         if "pids" in dirs:
             usage.pids_peak = _int(_read(dirs["pids"], f"{name}/pids.peak"))
-            usage.pids_limit_hits = _keyed(_read(dirs["pids"], f"{name}/pids.events")).get("max", 0)
+            usage.pids_limit_hits = _limit_hits(dirs["pids"], group)
         return usage
 
 
@@ -338,6 +379,7 @@ class CgroupV2(CgroupBackend):
 
     def apply(self, group: Group, spec: SandboxSpec) -> None:
         fd, name = group.session.dirs[""], group.name
+        _bound_nesting(fd, name)
         if spec.memory is not None and "memory" in self.controllers:
             _write(fd, f"{name}/memory.max", str(spec.memory))
             try:
@@ -363,7 +405,7 @@ class CgroupV2(CgroupBackend):
         if "throttled_usec" in cpu:
             usage.cpu_throttled = cpu["throttled_usec"] / 1e6
         usage.pids_peak = _int(_read(fd, f"{name}/pids.peak"))
-        usage.pids_limit_hits = _keyed(_read(fd, f"{name}/pids.events")).get("max", 0)
+        usage.pids_limit_hits = _limit_hits(fd, group)
         return usage
 
     def kill(self, group: Group) -> None:
@@ -371,6 +413,18 @@ class CgroupV2(CgroupBackend):
             _write(group.session.dirs[""], f"{group.name}/cgroup.kill", "1")
         except OSError:
             pass  # before Linux 5.14: the pid namespace still ends them all
+
+
+def _bound_nesting(fd: int, name: str) -> None:
+    """cgroup2: how many cgroups, how deep, a test may make below its leaf (it reaches only the leaf)."""
+    for key, value in (("cgroup.max.depth", MAX_DEPTH), ("cgroup.max.descendants", MAX_DESCENDANTS)):
+        _write(fd, f"{name}/{key}", str(value))
+
+
+def _limit_hits(fd: int, group: Group) -> int:
+    """Forks refused by pids.max: counted in the limited cgroup (Linux >= 6.9 on v2) or, before, and on v1,
+    in the forking one, the leaf (a cgroup a test made below it is not looked at)."""
+    return max(_keyed(_read(fd, f"{path}/pids.events")).get("max", 0) for path in (group.name, group.leaf))
 
 
 class Rlimits(Backend):
@@ -430,14 +484,23 @@ def _writable_dir(path: str) -> bool:
     )
 
 
+def _unified_mount() -> str | None:
+    """A hybrid host's cgroup2 mount (no controllers there, but a test could mount it and make cgroups)."""
+    return next((m.target for m in mount_table() if m.fstype == "cgroup2"), None)
+
+
 def _v1(override: str | None, device: str | None) -> CgroupV1:
     mounts = _v1_mounts()
+    unified = _unified_mount() if mounts else None
+    if unified is not None:
+        mounts[UNIFIED] = unified
     own = own_cgroup_paths()
     bases: dict[str, str] = {}
     for controller, mount in mounts.items():
         if controller == "cpuacct" and mounts.get("cpu") == mount:
             continue  # co-mounted with cpu: one directory serves both
-        path = os.path.normpath(f"{mount}/{override if override else own.get(controller, '/')}")
+        own_path = own.get("" if controller == UNIFIED else controller, "/")
+        path = os.path.normpath(f"{mount}/{override if override else own_path}")
         if _writable_dir(path):
             bases[controller] = path
     if not bases.keys() & {"memory", "cpu", "pids"}:
