@@ -171,3 +171,37 @@ def test_header_names_the_backend(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess()
     backend = cgroups.choose("auto", os.environ.get("PYTEST_SANDBOX_CGROUP"), str(pytester.path))
     result.stdout.fnmatch_lines([f"sandbox limits: {backend.name}*"])
+
+
+def test_full_scratch_place_says_which(pytester: pytest.Pytester) -> None:
+    """Every tmpfs of a sandbox is bounded (half the memory limit here): the test gets ENOSPC, not the
+    OOM killer, and its report names the place that filled up."""
+    pytester.makepyfile("""
+        import os, pytest
+
+        def fill(path):
+            with open(path, "wb") as f:
+                while True:
+                    f.write(b"x" * (1 << 20))
+
+        @pytest.mark.container(memory="64M")
+        def test_fills_tmp():
+            fill("/tmp/big")
+
+        @pytest.mark.container(memory="64M")
+        def test_fills_the_rootdir():
+            fill(os.path.join(os.getcwd(), "big"))
+    """)
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*OSError: [[]Errno 28[]] No space left on device*",
+            "*- sandbox scratch -*",
+            "/tmp is full: its tmpfs holds 32 MiB",
+            "*OSError: [[]Errno 28[]] No space left on device*",
+            "*- sandbox scratch -*",
+            f"*{pytester.path}* full: * tmpfs holds 32 MiB",
+        ]
+    )
+    assert not (pytester.path / "big").exists()

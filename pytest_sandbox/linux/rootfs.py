@@ -217,6 +217,28 @@ def build(plan: RootPlan, layer_dir: str | None = None, keep_dir: str = "") -> N
         mounts.mask(keep_dir)
 
 
+def full_places(plan: RootPlan, slack: int = 1 << 20) -> list[str]:
+    """The sandbox's writable places with less than ``slack`` bytes left, as lines for a report.
+
+    Places that share one filesystem (every overlay's upper lives on one tmpfs) come as one line.
+    """
+    by_fs: dict[int, list[str]] = {}
+    sizes: dict[int, int] = {}
+    for place in (*plan.fresh, "/dev/shm", *plan.overlays):
+        try:
+            st = os.statvfs(place)
+        except OSError:
+            continue
+        if st.f_bavail * st.f_frsize < slack:
+            by_fs.setdefault(st.f_fsid, []).append(place)
+            sizes[st.f_fsid] = st.f_blocks * st.f_frsize
+    return [
+        f"{' and '.join(places)} {'is' if len(places) == 1 else 'are'} full: "
+        f"{'its' if len(places) == 1 else 'their'} tmpfs holds {sizes[fsid] / 2**20:.0f} MiB"
+        for fsid, places in by_fs.items()
+    ]
+
+
 # Kernel knobs under /proc that are host-wide whatever namespace writes them (core_pattern runs a program as
 # real root; sysrq-trigger reboots): read-only, as Docker does. What only leaks the host's state is masked.
 PROC_READ_ONLY = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs")

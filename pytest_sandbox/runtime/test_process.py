@@ -69,6 +69,16 @@ class ReportStreamer:
         report = yield
         if _channel is None:
             return report
+        if report.failed and ACTIVE_PLAN is not None:
+            full = rootfs.full_places(ACTIVE_PLAN)
+            if full:  # ENOSPC from a bounded tmpfs: say which one, and how to get more
+                report.sections.append(
+                    (
+                        "sandbox scratch",
+                        "\n".join(full) + "\n(each sandbox tmpfs holds a quarter of RAM, "
+                        "or half the memory= limit where that is less)",
+                    )
+                )
         data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
         protocol.send(_channel, {"type": "report", "data": data})  # objects in user_properties go as their repr
         return report
