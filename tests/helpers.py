@@ -53,3 +53,20 @@ def start_pytest_until_running(path: Path, token: str | None = None) -> subproce
         if "RUNNING" in line or time.monotonic() > deadline:
             break
     return proc
+
+
+def run_cli(
+    *args: str,
+    cwd: str | os.PathLike[str] | None = None,
+    store: str | os.PathLike[str] | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
+    """``pytest-sandbox ARGS`` as a user types it (this interpreter), optionally with ``--store STORE``."""
+    prefix = ["--store", str(store)] if store is not None else []
+    return subprocess.run(
+        [sys.executable, "-m", "pytest_sandbox", *prefix, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )

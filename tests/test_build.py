@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 from oci_inputs import BUSYBOX
 
 from pytest_sandbox.layers import build, containerfile
@@ -34,13 +35,7 @@ def write(project: Path, name: str, text: str) -> Path:
 
 
 def cli(project: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pytest_sandbox", "--store", str(project / "store"), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=project,
-    )
+    return run_cli(*args, cwd=project, store=project / "store", timeout=timeout)
 
 
 def built(project: Path, name: str, lines: list[str] | None = None) -> tuple[Store, build.Builder]:

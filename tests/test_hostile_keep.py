@@ -7,12 +7,12 @@ import os
 import pwd
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 from oci_inputs import BUSYBOX
 
 pytestmark = pytest.mark.skipif(BUSYBOX is None, reason="host lacks a static busybox (apt install busybox-static)")
@@ -34,9 +34,7 @@ def visible_store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
 
 
 def cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pytest_sandbox", *args], capture_output=True, text=True, timeout=60, cwd=cwd
-    )
+    return run_cli(*args, cwd=cwd, timeout=60)
 
 
 def test_a_layer_swapped_for_a_symlink_makes_pytest_write_nothing_there(

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import wait_gone
+from helpers import run_cli, wait_gone
 from oci_inputs import BUSYBOX
 
 pytestmark = pytest.mark.skipif(BUSYBOX is None, reason="host lacks a static busybox (apt install busybox-static)")
@@ -41,9 +41,7 @@ def store_of(project: pytest.Pytester) -> Path:
 
 
 def cli(project: pytest.Pytester, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pytest_sandbox", *args], capture_output=True, text=True, timeout=60, cwd=project.path
-    )
+    return run_cli(*args, cwd=project.path, timeout=60)
 
 
 @pytest.mark.guest

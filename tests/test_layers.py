@@ -7,11 +7,11 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 from oci_inputs import EXPECTED, GONE, SKOPEO, UMOCI, skopeo_copy, umoci_image
 
 from pytest_sandbox.layers import oci, tarlayer
@@ -29,12 +29,7 @@ def layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def cli(store: Store, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pytest_sandbox", "--store", store.root, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_cli(*args, store=store.root)
 
 
 def view(store: Store, image: str, script: str) -> str:
