@@ -10,19 +10,22 @@ Each sandbox has two channels to pytest: *reports*, which the test process holds
 its code writes there is untrusted), and *status*, which only the zygote holds, so a test
 cannot forge how it ended::
 
-    pytest                         zygote (pid 1 of the session)           test process (pid 2 of a sandbox)
-      |                              |-- spawn init, fork test (ahead) -->  |  builds namespaces + mounts, waits
-      |                              |-- attached (after the cgroup move) ->|  (only with a cgroup)
-      |-- run {nodeid} + [status, reports] -->|                             |
-      |                              |-- {nodeid} + [reports] ------------->|  runs the protocol
-      |<=============================================== container {id} ====|  (a keepable layer only)
-      |<=============================================== report {data} =====|  (setup, call, teardown)
-      |<=============================================== warning {...} =====|
-      |<=============================================== done ===============|  exits
-      |<-- exit {code|signal, usage}-|  test exited: SIGKILL its init
-      |<-- gone ---------------------|  init reaped: the namespace is empty
-      |-- kill {nodeid} ------------>|  (pytest's timeout: end that sandbox now)
-      |-- exit --------------------->|  (end of session: kill and reap everything)
+    pytest                     zygote (pid 1 of the session)    builder            test process (pid 2 of a sandbox)
+      |                          |-- fork (ahead of time) ------>|  namespaces, mounts, pid 1
+      |                          |<-- built {init, test} --------|-- fork ------->|  /proc, fds, caps
+      |                          |   (or error {phase, message})   exits          |
+      |                          |-- attached (after the cgroup move) ----------->|  (only with a cgroup)
+      |-- run {nodeid} + [status, reports] -->|                                   |
+      |                          |-- {nodeid} + [reports] ----------------------->|  runs the protocol
+      |<============================================================ container {id} ==|  (a keepable layer only)
+      |<============================================================ report {data} ===|  (setup, call, teardown)
+      |<============================================================ warning {...} ===|
+      |<============================================================ log {text} ======|  (pytest's log_file)
+      |<============================================================ done ============|  exits
+      |<-- exit {code|signal, usage} + [crash memfd] --|  test exited: SIGKILL its pid 1
+      |<-- gone -----------------|  pid 1 reaped: the namespace is empty
+      |-- kill {nodeid} -------->|  (pytest's timeout: end that sandbox now)
+      |-- exit ----------------->|  (end of session: kill and reap everything)
 
     ===  the reports channel (untrusted)      ---  the status and control channels
 """
