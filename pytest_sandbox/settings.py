@@ -85,7 +85,8 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "sandbox_cgroup",
-        "cgroup (path below /sys/fs/cgroup, per hierarchy on v1) to create sandbox cgroups in",
+        "cgroup to create sandbox cgroups in: an absolute path below /sys/fs/cgroup, like /user.slice/me.scope "
+        "(per hierarchy on v1)",
         "--sandbox-cgroup",
         "sandbox_cgroup",
         env="PYTEST_SANDBOX_CGROUP",
