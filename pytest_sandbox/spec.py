@@ -264,7 +264,7 @@ def _check_io(value: object, where: str) -> tuple[tuple[str, int], ...]:
 
 
 def _check_image(value: object, where: str) -> str:
-    if not isinstance(value, str) or not NAME_RE.match(value):
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):  # fullmatch: "$" allows a trailing newline
         raise bad_value(where, "image", value, f"expected an image name: {NAME_RULE}")
     return value
 

@@ -219,6 +219,9 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("io", {"read_iops": -1}, "expected a whole number of operations"),
     ("io", {"read_iops": False}, "expected a whole number of operations"),
     ("io", {"read_mbps": 1}, "unknown io key"),
+    ("image", "busybox\n", "expected an image name"),
+    ("image", "../busybox", "expected an image name"),
+    ("image", "Busybox", "expected an image name"),
 ]
 
 
@@ -337,6 +340,7 @@ BAD_MARKERS = [
     ("writable", '["/dev"]'),
     ("writable", '["/dev/./shm"]'),
     ("writable", '[str(pathlib.Path(__file__).parent / "to_proc")]'),
+    ("image", '"busybox\\n"'),
 ]
 
 
