@@ -66,12 +66,12 @@ def configure(config: pytest.Config) -> SessionState:
     """The session's state from its settings; bad values are usage errors before anything runs."""
     mode = settings.choice(config, "sandbox_mode")
     kind = settings.choice(config, "sandbox_cgroup_backend")
-    override = settings.raw(config, "sandbox_cgroup")[0] or None
+    override = settings.cgroup_path(config)
     try:
         backend = cgroups.choose(kind, override, str(config.rootpath)) if mode != "off" else cgroups.Rlimits("off")
     except cgroups.CgroupUnavailable as exc:
         raise pytest.UsageError(f"--sandbox-cgroup-backend={kind}: not usable here: {exc}") from None
-    store_root = settings.raw(config, "sandbox_store")[0]
+    store_root = settings.directory(config, "sandbox_store")
     return SessionState(
         mode=mode,
         unavailable=settings.choice(config, "sandbox_unavailable"),
@@ -82,7 +82,7 @@ def configure(config: pytest.Config) -> SessionState:
         repeat=settings.count(config, "sandbox_repeat", 1, "a number of runs, at least 1") or 1,
         durations=settings.count(config, "sandbox_durations", 0, "0 (all) or more"),
         store=Store(store_root or None),
-        images_dir=str(settings.raw(config, "sandbox_images")[0]),
+        images_dir=settings.directory(config, "sandbox_images") or "images",
         keep=settings.choice(config, "sandbox_keep"),
     )
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from .runtime.cgroups import BACKENDS as CGROUP_BACKENDS
-from .spec import CHECKS, LIMIT_FIELDS, check_env_lines
+from .spec import CHECKS, LIMIT_FIELDS, bad_value, check_env_lines
 
 MODES = ("marked", "all", "off")
 UNAVAILABLE = ("fail", "skip")
@@ -85,7 +85,8 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "sandbox_cgroup",
-        "cgroup (path below /sys/fs/cgroup, per hierarchy on v1) to create sandbox cgroups in",
+        "cgroup to create sandbox cgroups in: an absolute path below /sys/fs/cgroup, like /user.slice/me.scope "
+        "(per hierarchy on v1)",
         "--sandbox-cgroup",
         "sandbox_cgroup",
         env="PYTEST_SANDBOX_CGROUP",
@@ -212,6 +213,40 @@ def count(config: pytest.Config, name: str, least: int, what: str) -> int | None
     return None if value is None else int(value)
 
 
+def directory(config: pytest.Config, name: str) -> str | None:
+    """A directory setting (``--sandbox-store``, ``sandbox_images``); a NUL byte is no path."""
+    value, where = raw(config, name)
+    if value in (None, ""):
+        return None
+    if "\0" in str(value):
+        field = name.removeprefix("sandbox_")
+        raise bad_value(where, field, value, "expected a directory path (without NUL bytes)")
+    return str(value)
+
+
+CGROUP_RULE = (
+    "expected an absolute cgroup path below /sys/fs/cgroup, like /user.slice/me.scope "
+    "(not starting with /sys/fs/cgroup), without '.' or '..' components or control characters"
+)
+
+
+def cgroup_path(config: pytest.Config) -> str | None:
+    """``--sandbox-cgroup``: a path that could escape /sys/fs/cgroup or name nothing a cgroup can be is an error."""
+    value, where = raw(config, "sandbox_cgroup")
+    if value in (None, ""):
+        return None
+    text = str(value)
+    parts = text.split("/")
+    if (
+        not text.startswith("/")
+        or any(part in (".", "..") for part in parts)
+        or any(ord(c) < 32 or ord(c) == 127 for c in text)
+        or parts[1:4] == ["sys", "fs", "cgroup"]
+    ):
+        raise bad_value(where, "cgroup", value, CGROUP_RULE)
+    return text
+
+
 def spec_defaults(config: pytest.Config) -> dict[str, Any]:
     """The spec fields the session sets for every sandbox, already checked."""
     values: dict[str, Any] = {}
@@ -238,5 +273,7 @@ def parse_stress(config: pytest.Config) -> dict[str, Any]:
             raise pytest.UsageError(
                 f"{where}: invalid {part!r}; expected NAME=VALUE with NAME one of {', '.join(LIMIT_FIELDS)}"
             )
+        if name in values:
+            raise pytest.UsageError(f"{where}: invalid {part!r}: {name} is given twice; each limit once")
         values[name] = CHECKS[name](value.strip(), where)
     return values

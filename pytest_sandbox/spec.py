@@ -9,9 +9,11 @@ from and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
+from fractions import Fraction
 from typing import Any
 
 import pytest
@@ -20,8 +22,28 @@ from .layers.format import NAME_RE, NAME_RULE
 
 MARKER = "container"
 NETWORK_MODES = ("none", "host")
-_HOSTNAME_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*$")
-_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Always matched with fullmatch: "$" would let a trailing newline through.
+_HOSTNAME_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
+HOSTNAME_MAX = 64  # the kernel's nodename holds 64 bytes; each DNS label at most 63
+HOSTNAME_RULE = (
+    "expected a host name of '.'-separated labels of 1 to 63 ASCII letters, digits and '-' "
+    f"(not starting or ending with '-'), at most {HOSTNAME_MAX} characters in all"
+)
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+ENV_NAME_RULE = "names are ASCII letters, digits and '_', not starting with a digit"
+
+# Bounds of the limits: each is what the kernel (or Python) can honour exactly, so a value
+# inside them is never silently clamped or refused at run time.
+MEMORY_MIN = 1024 * 1024
+MEMORY_MAX = 2**62  # RLIMIT_AS adds the test's own mappings to it and must stay below 2**63
+CPUS_MIN = 0.01  # a CFS quota is at least 1 ms per 100 ms period
+CPUS_MAX = 1024
+PIDS_MAX = 4194304  # PID_MAX_LIMIT: pids.max refuses more
+TIMEOUT_MAX = 365 * 24 * 3600  # a year; far beyond it time arithmetic overflows
+IO_BPS_MAX = 2**63 - 1
+IO_IOPS_MAX = 2**32 - 2  # iops are 32-bit in the kernel, and 2**32 - 1 means unlimited
+NOT_WRITABLE = ("/proc", "/sys", "/dev")  # each sandbox gets its own; host ones must never be writable
+WRITABLE_RULE = "allowed: existing directories by absolute path, not the root, not under /proc, /sys or /dev"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,15 +75,27 @@ class SandboxSpec:
 FIELDS = tuple(f.name for f in dataclasses.fields(SandboxSpec))
 
 
+REPR_MAX = 100  # characters of a bad value an error shows
+
+
+def shown(value: object) -> str:
+    """``repr(value)``, shortened in the middle when long; huge ints (whose repr raises) by their size."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"<an int of {value.bit_length()} bits>"
+    try:
+        text = repr(value)
+    except ValueError:  # an int too big for str(), nested in a container
+        return f"<a {type(value).__name__} too large to show>"
+    return text if len(text) <= REPR_MAX else f"{text[: REPR_MAX - 20]}...{text[-15:]}"
+
+
 def bad_value(where: str, field: str, value: object, allowed: str) -> pytest.UsageError:
-    return pytest.UsageError(f"{where}: invalid {field}={value!r}: {allowed}")
+    return pytest.UsageError(f"{where}: invalid {field}={shown(value)}: {allowed}")
 
 
 def _check_hostname(value: object, where: str) -> str:
-    if not isinstance(value, str) or len(value) > 64 or not _HOSTNAME_RE.match(value):
-        raise bad_value(
-            where, "hostname", value, "expected a host name of letters, digits, '-' and '.', at most 64 characters"
-        )
+    if not isinstance(value, str) or len(value) > HOSTNAME_MAX or not _HOSTNAME_RE.fullmatch(value):
+        raise bad_value(where, "hostname", value, HOSTNAME_RULE)
     return value
 
 
@@ -71,18 +105,36 @@ def _check_network(value: object, where: str) -> str:
     return str(value)
 
 
+def _forbidden_place(path: str) -> str | None:
+    """Why ``path`` (absolute, normalised) may not be writable, or None."""
+    path = "/" + path.lstrip("/")  # normpath keeps a leading "//"
+    if path == "/":
+        return "the whole root cannot be made writable"
+    for place in NOT_WRITABLE:
+        if path == place or path.startswith(place + "/"):
+            return f"{place} and everything under it cannot be made writable"
+    return None
+
+
+def _check_writable_path(path: object, where: str) -> str:
+    """One ``writable`` entry as the real directory it names (symlinks resolved, as the sandbox mounts it)."""
+    text = os.fspath(path) if isinstance(path, os.PathLike) else path
+    if not isinstance(text, str) or "\0" in text or not text.startswith("/"):
+        raise bad_value(where, "writable", path, f"not an absolute path; {WRITABLE_RULE}")
+    real = os.path.realpath(text)
+    for place in (os.path.normpath(text), real):
+        why = _forbidden_place(place)
+        if why:
+            raise bad_value(where, "writable", path, f"{why}; {WRITABLE_RULE}")
+    if not os.path.isdir(real):
+        raise bad_value(where, "writable", path, f"not an existing directory; {WRITABLE_RULE}")
+    return real
+
+
 def _check_writable(value: object, where: str) -> tuple[str, ...]:
-    if isinstance(value, str) or not isinstance(value, Iterable):
-        raise bad_value(where, "writable", value, "expected a list of absolute paths")
-    paths = []
-    for path in value:
-        if not isinstance(path, (str, os.PathLike)) or not os.path.isabs(os.fspath(path)):
-            raise bad_value(where, "writable", path, "each entry must be an absolute path")
-        normal = os.path.normpath(os.fspath(path))
-        if normal == "/":
-            raise bad_value(where, "writable", path, "the whole root cannot be made writable")
-        paths.append(normal)
-    return tuple(sorted(set(paths)))
+    if isinstance(value, (str, bytes, os.PathLike)) or not isinstance(value, Iterable):
+        raise bad_value(where, "writable", value, f"expected a list of paths; {WRITABLE_RULE}")
+    return tuple(sorted({_check_writable_path(path, where) for path in value}))
 
 
 def _as_mapping(value: object) -> object:
@@ -98,15 +150,15 @@ def _check_env(value: object, where: str) -> tuple[tuple[str, str], ...]:
         raise bad_value(where, "env", value, "expected a mapping of NAME to string value")
     items = []
     for name, val in value.items():
-        if not isinstance(name, str) or not _ENV_NAME_RE.match(name):
-            raise bad_value(where, "env", name, "names are letters, digits and '_', not starting with a digit")
+        if not isinstance(name, str) or not _ENV_NAME_RE.fullmatch(name):
+            raise bad_value(where, "env", name, ENV_NAME_RULE)
         if not isinstance(val, str) or "\0" in val:
             raise bad_value(where, "env", {name: val}, "values must be strings without NUL bytes")
         items.append((name, val))
     return tuple(sorted(items))
 
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:i?b)?\s*", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 IO_KEYS = ("read_bps", "write_bps", "read_iops", "write_iops")
 
@@ -117,53 +169,80 @@ def parse_size(value: object) -> int | None:
         return None
     if isinstance(value, int):
         return value
-    match = _SIZE_RE.match(value) if isinstance(value, str) else None
+    match = _SIZE_RE.fullmatch(value) if isinstance(value, str) else None
     if not match:
         return None
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    try:
+        amount = Fraction(match.group(1))  # exact: no float overflow or rounding
+    except ValueError:  # more digits than int() converts
+        return None
+    return int(amount * _UNITS[match.group(2).lower()])
 
 
 def _check_memory(value: object, where: str) -> int:
     size = parse_size(value)
-    if size is None or size < 1024 * 1024:
+    if size is None or not MEMORY_MIN <= size <= MEMORY_MAX:
         raise bad_value(
-            where, "memory", value, "expected a size of at least 1M, like '256M', '1G' or a number of bytes"
+            where,
+            "memory",
+            value,
+            f"expected a size from 1M to {MEMORY_MAX} bytes (4 EiB), like '256M', '1G' or a number of bytes",
         )
     return size
 
 
-def _number(value: object) -> float | None:
+def _number(value: object) -> int | float | None:
+    """An int, a finite float, or a string of one; None otherwise (bools, inf, nan).
+
+    Ints stay ints, so comparing a huge one with a bound is exact and never overflows.
+    """
     if isinstance(value, bool):
         return None
-    if isinstance(value, (int, float)):
-        return float(value)
+    if isinstance(value, int):
+        return value
     if isinstance(value, str):
         try:
-            return float(value)
+            return int(value)
+        except ValueError:
+            pass
+        try:
+            value = float(value)
         except ValueError:
             return None
+    if isinstance(value, float) and math.isfinite(value):
+        return value
     return None
+
+
+def _whole(value: object) -> int | None:
+    """A whole number (an int, or a float or string with nothing after the point); None otherwise."""
+    number = _number(value)
+    if isinstance(number, float):
+        return int(number) if number.is_integer() else None
+    return number
 
 
 def _check_cpus(value: object, where: str) -> float:
     number = _number(value)
-    if number is None or not number > 0 or number > 1024:
-        raise bad_value(where, "cpus", value, "expected a number of CPUs greater than 0, like 0.5 or 2")
-    return number
+    if number is None or not CPUS_MIN <= number <= CPUS_MAX:
+        raise bad_value(where, "cpus", value, f"expected a number of CPUs from {CPUS_MIN} to {CPUS_MAX}, like 0.5 or 2")
+    return float(number)
 
 
 def _check_pids(value: object, where: str) -> int:
-    number = _number(value)
-    if number is None or number != int(number) or number < 1:
-        raise bad_value(where, "pids", value, "expected a whole number of processes, at least 1")
-    return int(number)
+    number = _whole(value)
+    if number is None or not 1 <= number <= PIDS_MAX:
+        raise bad_value(where, "pids", value, f"expected a whole number of processes from 1 to {PIDS_MAX}")
+    return number
 
 
 def _check_timeout(value: object, where: str) -> float:
     number = _number(value)
-    if number is None or not number > 0:
-        raise bad_value(where, "timeout", value, "expected a number of seconds greater than 0")
-    return number
+    if number is None or not 0 < number <= TIMEOUT_MAX:
+        raise bad_value(
+            where, "timeout", value, f"expected a number of seconds greater than 0, at most {TIMEOUT_MAX} (a year)"
+        )
+    return float(number)
 
 
 def _check_io(value: object, where: str) -> tuple[tuple[str, int], ...]:
@@ -174,16 +253,18 @@ def _check_io(value: object, where: str) -> tuple[tuple[str, int], ...]:
     for key, raw in value.items():
         if key not in IO_KEYS:
             raise bad_value(where, "io", key, f"unknown io key; allowed: {', '.join(IO_KEYS)}")
-        amount = parse_size(raw) if key.endswith("bps") else _number(raw)
-        if amount is None or amount < 1 or amount != int(amount):
-            kind = "a size like '10M'" if key.endswith("bps") else "a whole number of operations per second"
-            raise bad_value(where, "io", {key: raw}, f"expected {kind}, at least 1")
-        items.append((key, int(amount)))
+        bps = key.endswith("bps")
+        amount = parse_size(raw) if bps else _whole(raw)
+        most = IO_BPS_MAX if bps else IO_IOPS_MAX
+        if amount is None or not 1 <= amount <= most:
+            kind = "a size like '10M'" if bps else "a whole number of operations per second"
+            raise bad_value(where, "io", {key: raw}, f"expected {kind}, from 1 to {most}")
+        items.append((key, amount))
     return tuple(sorted(items))
 
 
 def _check_image(value: object, where: str) -> str:
-    if not isinstance(value, str) or not NAME_RE.match(value):
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):  # fullmatch: "$" allows a trailing newline
         raise bad_value(where, "image", value, f"expected an image name: {NAME_RULE}")
     return value
 
@@ -215,11 +296,13 @@ def validate(values: Mapping[str, Any], where: str) -> SandboxSpec:
 
 def check_env_lines(lines: list[str], where: str) -> tuple[tuple[str, str], ...]:
     """``NAME=VALUE`` lines (the ``sandbox_env`` ini key) as a checked env."""
-    env = {}
+    env: dict[str, str] = {}
     for line in lines:
         name, sep, val = line.partition("=")
         if not sep:
             raise bad_value(where, "env", line, "each line must be NAME=VALUE")
+        if name.strip() in env:
+            raise bad_value(where, "env", line, f"{name.strip()} is set twice; each name once")
         env[name.strip()] = val
     return _check_env(env, where)
 

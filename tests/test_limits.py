@@ -12,9 +12,9 @@ from pytest_sandbox.runtime import cgroups
 @pytest.mark.parametrize(
     ("marker", "message"),
     [
-        ("memory='lots'", "invalid memory='lots': expected a size of at least 1M"),
+        ("memory='lots'", "invalid memory='lots': expected a size from 1M"),
         ("memory=-5", "invalid memory=-5"),
-        ("cpus=0", "invalid cpus=0: expected a number of CPUs greater than 0"),
+        ("cpus=0", "invalid cpus=0: expected a number of CPUs from 0.01 to 1024"),
         ("cpus='fast'", "invalid cpus='fast'"),
         ("pids=2.5", "invalid pids=2.5: expected a whole number of processes"),
         ("timeout=-1", "invalid timeout=-1: expected a number of seconds greater than 0"),
