@@ -326,3 +326,51 @@ def test_chown_in_a_run_step(project: Path) -> None:
     assert cli(project, "run", "owned", "ls", "-ln", "/x").stdout.split()[2:4] == ["1000", "1000"]
     store_copies = [p for p in (project / "store").rglob("x") if p.parent.name == "diff"]
     assert store_copies and all((p.stat().st_uid, p.stat().st_gid) == (1000, 1000) for p in store_copies)
+
+
+def test_killed_run_leaves_nothing(project: Path, host_state: Path, token: str) -> None:
+    """kill -9 of ``pytest-sandbox run``: the command dies with it, no mount stays on the host, and
+    the next command removes the dead one's staging directory."""
+    from helpers import wait_gone
+
+    write(project, "plain", "FROM busybox\n")
+    assert cli(project, "images", "build", "plain").returncode == 0
+    command = ["sh", "-c", f"echo started; sleep 1000 # {token}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest_sandbox", "--store", str(project / "store"), "run", "plain", *command],
+        cwd=project,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline() == "started\n"
+    proc.kill()
+    proc.wait()
+    assert wait_gone(token) == []
+    assert cli(project, "run", "plain", "true").returncode == 0
+    assert os.listdir(project / "store" / "tmp") == []
+
+
+def test_sandbox_run_in_a_test_reaches_nothing_of_its_sandbox(
+    pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``sandbox.run`` in an ``image=`` test: the same probe, one level further in."""
+    monkeypatch.setenv("PYTEST_SANDBOX_STORE", str(tmp_path_factory.mktemp("store")))
+    (pytester.path / "probe.sh").write_text(probe_script())
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.container(image="busybox")
+        def test_probe(sandbox):
+            with open("probe.sh") as f:
+                result = sandbox.run(f.read())
+            print("PROBE-OUTPUT-START")
+            print(result.stdout + result.stderr)
+            print("PROBE-OUTPUT-END")
+    """)
+    result = pytester.runpytest_subprocess("-s")
+    result.assert_outcomes(passed=1)
+    text = result.stdout.str()
+    output = text.split("PROBE-OUTPUT-START\n", 1)[1].split("PROBE-OUTPUT-END", 1)[0]
+    assert [line for line in output.splitlines() if "ESCAPED" in line] == [], output
+    assert sum(line.startswith("refused ") for line in output.splitlines()) >= 20, output
+    assert f"CapEff: {DOCKER_CAPS:016x}" in output and "NoNewPrivs: 1" in output, output
