@@ -374,3 +374,27 @@ def test_sandbox_run_in_a_test_reaches_nothing_of_its_sandbox(
     assert [line for line in output.splitlines() if "ESCAPED" in line] == [], output
     assert sum(line.startswith("refused ") for line in output.splitlines()) >= 20, output
     assert f"CapEff: {DOCKER_CAPS:016x}" in output and "NoNewPrivs: 1" in output, output
+
+
+def test_run_step_on_the_host_network_cannot_configure_it(project: Path, host_state: Path) -> None:
+    """``RUN --network=host`` sees the host's interfaces but holds no capability over them (a probe
+    that would set lo's MTU to the value it has)."""
+    with open("/sys/class/net/lo/mtu") as f:
+        mtu = f.read().strip()
+    write(
+        project,
+        "net",
+        f"""
+        FROM busybox
+        RUN --network=host cat /proc/net/dev > /dev-list; \
+            (ip link set lo mtu {mtu} && echo ESCAPED mtu || echo refused mtu) > /probe 2>&1
+        """,
+    )
+    built = cli(project, "images", "build", "net")
+    assert built.returncode == 0, built.stdout + built.stderr
+    seen = cli(project, "run", "net", "cat", "/dev-list").stdout
+    with open("/proc/net/dev") as f:
+        host_interfaces = sorted(line.split(":")[0].strip() for line in f if ":" in line)
+    assert sorted(line.split(":")[0].strip() for line in seen.splitlines() if ":" in line) == host_interfaces
+    probe = cli(project, "run", "net", "cat", "/probe").stdout
+    assert probe.splitlines()[-1] == "refused mtu", probe
