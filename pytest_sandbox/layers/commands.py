@@ -5,10 +5,12 @@ layer), ``sandbox.run()``/``spawn()`` in a test marked with ``image=`` (the imag
 root is mounted once per test, every command sees the same read/write layer), and
 ``pytest-sandbox shell``.
 
-A command gets its own user (unless root), mount, pid, uts and ipc namespaces, and
-a network namespace unless ``network="host"``; the image root is pivoted to, with a
-fresh /proc, a minimal /dev and a read-only /sys. The caller's uid is the image's
-user (root by default) inside.
+A command gets its own user, mount, pid, uts and ipc namespaces, and a network
+namespace unless ``network="host"``; the image root is pivoted to, with a fresh /proc
+(/proc/sys and the like read-only or masked), a minimal /dev and a read-only /sys.
+The caller's uid is the image's user (root by default) inside; root maps every id
+onto itself. The image's root keeps Docker's default capabilities, valid only in
+its own user namespace; any other user none; no_new_privs either way.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import signal
 import socket
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from ..errors import SandboxError, SetupError
 from ..linux import process, rootfs, syscalls, userns
@@ -131,42 +133,38 @@ class _Launch:
         """The steps, in order; each must happen before the next."""
         # 1. Die with the caller: a pytest killed with -9 takes the command along.
         process.die_with_parent(self.parent_pid)
-        # 2. New namespaces; without root a user namespace too, for the right to mount.
-        # A test process has no capabilities, root's neither: it enters the namespace made for its commands.
+        # 2. root builds the image's root with its own rights (overlayfs on the host's directories as a
+        #    FROM host image needs them), in a mount namespace of its own first. A test process has no
+        #    capabilities, root's neither: it enters the user namespace made for its commands below.
         privileged = self.outer_uid == 0 and userns.has_capabilities()
         prepared = None if privileged else userns.commands_namespace()
-        if prepared is not None:
-            syscalls.setns(prepared, syscalls.CLONE_NEWUSER)
+        root = None
+        if privileged:
+            syscalls.unshare(syscalls.CLONE_NEWNS)
+            syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+            root = self.prepare_root()
+        # 3. Always a user namespace that is not the caller's, which owns the new mount, uts, ipc (and
+        #    network) namespaces: every mount inherited from outside is locked (no umount, no read-write
+        #    remount), and capabilities only count inside. root maps every id onto itself (chown works),
+        #    anyone else their one id to the image's user.
         flags = syscalls.CLONE_NEWNS | syscalls.CLONE_NEWUTS | syscalls.CLONE_NEWIPC
-        if not privileged and prepared is None:
-            flags |= syscalls.CLONE_NEWUSER
         if self.run.network == "none":
             flags |= syscalls.CLONE_NEWNET
-        syscalls.unshare(flags)
-        # 3. One id: the caller is the image's user inside (before any mount, which needs the mapping).
-        if not privileged and prepared is None:
-            userns.map_one_id("self", (self.uid, self.gid), (self.outer_uid, self.outer_gid))
-        privileged = privileged or prepared is not None  # every id is mapped: switch to the image's user below
-        # 4. Mounts stay in this namespace, then the image's root is built.
+        if prepared is not None:
+            syscalls.setns(prepared, syscalls.CLONE_NEWUSER)
+            syscalls.unshare(flags)
+        else:
+            userns.unshare_mapped(flags, (0, 0) if privileged else (self.uid, self.gid))
+        every_id = privileged or prepared is not None  # then the image's user is switched to below
         syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
-        root = self.prepare_root()
-        # 5. The command becomes pid 1 of its own pid namespace (a fork: unshare applies to children).
+        if root is None:
+            root = self.prepare_root()
+        # 4. The command becomes pid 1 of its own pid namespace (a fork: unshare applies to children).
         syscalls.unshare(syscalls.CLONE_NEWPID)
         pid = os.fork()
         if pid != 0:
-            # Not via /proc: pid 1 is about to pivot this shared mount namespace away from it.
-            os.closerange(0, 0x7FFFFFFF)
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                signal.signal(signum, lambda *_: os.kill(pid, signal.SIGKILL))
-            _, status = os.waitpid(pid, 0)  # PEP 475: retried after a signal handler
-            code = os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
-            if self.after is not None:
-                try:
-                    self.after()
-                except BaseException:  # the hook reports its own failures
-                    code = AFTER_FAILED
-            os._exit(code)
-        # 6. As pid 1: die with the waiter, pseudo filesystems and pivot, host name, network, then the user.
+            self._wait(pid)
+        # 5. As pid 1: die with the waiter, pseudo filesystems and pivot, host name, network, then the user.
         process.die_with_parent(0)
         if self.after is not None:  # keep the waiter's view of the mounts: pivot in a namespace of our own
             syscalls.unshare(syscalls.CLONE_NEWNS)
@@ -174,14 +172,35 @@ class _Launch:
         socket.sethostname(self.run.hostname)
         if self.run.network == "none":
             syscalls.loopback_up()
-        if privileged and (self.uid, self.gid) != (0, 0):
-            os.setgroups([])
+        # 6. Capabilities: Docker's default set for the image's root, none for any other user; the
+        #    bounding set first, while CAP_SETPCAP is held.
+        keep = userns.CONTAINER_CAPABILITIES if self.uid == 0 else ()
+        userns.trim_bounding_set(keep)
+        if every_id and (self.uid, self.gid) != (0, 0):
+            with contextlib.suppress(PermissionError):  # denied where only one id could be mapped
+                os.setgroups([])
             os.setgid(self.gid)
             os.setuid(self.uid)
         try:
             os.chdir(self.run.workdir or "/")
         except OSError as exc:
             raise ContainerError(f"working directory {self.run.workdir}: {exc.strerror}") from None
+        userns.limit_capabilities(keep)
+
+    def _wait(self, pid: int) -> NoReturn:
+        """The waiter: outside the command's pid namespace, every fd closed; exits with its status."""
+        # Not via /proc: pid 1 is about to pivot this shared mount namespace away from it.
+        os.closerange(0, 0x7FFFFFFF)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, lambda *_: os.kill(pid, signal.SIGKILL))
+        _, status = os.waitpid(pid, 0)  # PEP 475: retried after a signal handler
+        code = os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+        if self.after is not None:
+            try:
+                self.after()
+            except BaseException:  # the hook reports its own failures
+                code = AFTER_FAILED
+        os._exit(code)
 
 
 AFTER_FAILED = 125  # exit status of a spawn whose ``after`` hook raised

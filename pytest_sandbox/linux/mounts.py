@@ -140,6 +140,8 @@ def populate_dev(dev: str) -> None:
     """A minimal /dev on ``dev``: host device nodes bound onto a tmpfs, /dev/fd and std* links,
     empty pts and shm for ``mount_dev_instances``. ``dev`` may be /dev itself: nodes are cloned first."""
     nodes = {name: clone_tree(f"/dev/{name}", recursive=False) for name in DEVICES if os.path.exists(f"/dev/{name}")}
+    for fd in nodes.values():  # the host's inodes: no chmod/chown of them (writing to a device still works)
+        read_only(fd, syscalls.MOUNT_ATTR_NOEXEC)
     syscalls.mount("sandbox-dev", dev, "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NOEXEC, "mode=0755,size=64k")
     for name, fd in nodes.items():
         attach(fd, f"{dev}/{name}", is_dir=False)

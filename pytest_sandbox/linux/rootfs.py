@@ -22,7 +22,6 @@ serves RUN steps, ``sandbox.run()`` and ``pytest-sandbox run``/``shell``.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -374,11 +373,36 @@ def _usable_dir(path: str) -> bool:
     return True
 
 
+SYS_MASKED = ("/sys/firmware", "/sys/devices/virtual/powercap")  # as Docker masks them
+
+
+def _mask_pseudo_filesystems(root: str) -> None:
+    """In a command's /proc and /sys under ``root``: the host-wide knobs read-only, the host's state masked.
+
+    Root's commands map every id onto the host's, so they would pass the owner checks of
+    /proc/sys and /proc/sysrq-trigger; the covering mounts also keep the /proc from being
+    "fully visible", so a user namespace of the command's own cannot mount a fresh one.
+    """
+    for path in PROC_READ_ONLY:
+        if os.path.exists(root + path):
+            mounts.bind_read_only(root + path)
+    for path in (*PROC_MASKED, *SYS_MASKED):
+        if os.path.exists(root + path):
+            mounts.mask(root + path)
+
+
 def enter_image_root(root: str, share_dev: bool) -> None:
     """As pid 1 of a command's pid namespace: /proc, /dev and a read-only /sys in ``root``, then pivot.
 
     ``share_dev``: inside a sandbox, its minimal /dev is bound in whole (one mount, not ten).
+    The root is bound onto itself first: a mount inherited from a more privileged namespace is
+    locked and pivot_root refuses it, while its copy is not (what is below it stays locked). The
+    copy is nodev: root's image root was mounted outside the user namespace, where device nodes
+    would open (a block device shipped in a layer would be the host's disk).
     """
+    root_fd = clone_tree(root)
+    syscalls.mount_setattr(root_fd, syscalls.MOUNT_ATTR_NODEV)  # a device node in a layer opens nothing
+    mounts.attach(root_fd, root)
     if _usable_dir(f"{root}/proc"):
         mount_command_proc(f"{root}/proc")
     if _usable_dir(f"{root}/dev"):
@@ -391,14 +415,9 @@ def enter_image_root(root: str, share_dev: bool) -> None:
         sys_fd = clone_tree("/sys")
         mounts.read_only(sys_fd, syscalls.MOUNT_ATTR_NODEV | syscalls.MOUNT_ATTR_NOEXEC)
         mounts.attach(sys_fd, f"{root}/sys")
+    _mask_pseudo_filesystems(root)
     os.chdir(root)
-    try:
-        syscalls.pivot_root(".", ".")
-        syscalls.umount2(".", syscalls.MNT_DETACH)
-    except OSError as exc:
-        # Inside a sandbox without root the mounts inherited from it are locked and pivot_root
-        # refuses them; chroot keeps the command in the image (what lies under is the sandbox).
-        if exc.errno != errno.EINVAL:
-            raise
-        os.chroot(".")
+    # No chroot fallback: chroot can be left again with CAP_SYS_CHROOT, to what lies under the image.
+    syscalls.pivot_root(".", ".")
+    syscalls.umount2(".", syscalls.MNT_DETACH)
     os.chdir("/")

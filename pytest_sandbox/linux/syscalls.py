@@ -57,6 +57,7 @@ MOUNT_ATTR_NOEXEC = 0x8
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
+PR_CAPBSET_READ = 23
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
@@ -189,8 +190,8 @@ def fsmount(fs_fd: int, attr_flags: int = 0) -> int:
     )
 
 
-def prctl(option: int, arg: int = 0, arg3: int = 0) -> None:
-    _check(
+def prctl(option: int, arg: int = 0, arg3: int = 0) -> int:
+    return _check(
         _libc.prctl(
             ctypes.c_int(option), ctypes.c_ulong(arg), ctypes.c_ulong(arg3), ctypes.c_ulong(0), ctypes.c_ulong(0)
         ),

@@ -7,6 +7,7 @@ files keep their owners and ``os.getuid()`` is unchanged inside the sandbox.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
 from . import syscalls
@@ -107,6 +108,25 @@ class _CapData(ctypes.Structure):
     _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
+# Docker's default set: what an image build needs, valid only inside the command's own user namespace.
+CONTAINER_CAPABILITIES = (
+    0,  # CHOWN
+    1,  # DAC_OVERRIDE
+    3,  # FOWNER
+    4,  # FSETID
+    5,  # KILL
+    6,  # SETGID
+    7,  # SETUID
+    8,  # SETPCAP
+    10,  # NET_BIND_SERVICE
+    13,  # NET_RAW
+    18,  # SYS_CHROOT
+    27,  # MKNOD
+    29,  # AUDIT_WRITE
+    31,  # SETFCAP
+)
+
+
 def drop_capabilities() -> None:
     """Give up the namespace's capabilities so a non-root test sees plain user permissions.
 
@@ -114,14 +134,68 @@ def drop_capabilities() -> None:
     test write to its own read-only files (CAP_DAC_OVERRIDE) and break tests that
     check permission errors.
     """
-    # The bounding set first (dropping needs CAP_SETPCAP, held until the capset below): a nested
-    # user namespace plus execve would otherwise give capabilities back. Then no ambient
-    # capabilities and no_new_privs (no setuid gain), then empty effective/permitted/inheritable.
-    for cap in range(_last_cap() + 1):
-        syscalls.prctl(syscalls.PR_CAPBSET_DROP, cap)
+    limit_capabilities(())
+
+
+def limit_capabilities(keep: tuple[int, ...]) -> None:
+    """Keep only ``keep`` (< 64) in every set: bounding, permitted, effective; none inheritable or ambient.
+
+    The bounding set first (dropping needs CAP_SETPCAP, held until the capset below): a nested
+    user namespace plus execve would otherwise give capabilities back, and a root process gets
+    its bounding set as permitted at execve. Then no ambient capabilities and no_new_privs (no
+    setuid or file-capability gain), then the sets themselves.
+    """
+    trim_bounding_set(keep)
     syscalls.prctl(syscalls.PR_CAP_AMBIENT, syscalls.PR_CAP_AMBIENT_CLEAR_ALL)
     syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
-    syscalls.capset(_CapHeader(_CAP_VERSION_3, 0), (_CapData * 2)())
+    data = (_CapData * 2)()
+    for cap in keep:
+        bit = 1 << (cap % 32)
+        data[cap // 32].effective |= bit
+        data[cap // 32].permitted |= bit
+    syscalls.capset(_CapHeader(_CAP_VERSION_3, 0), data)
+
+
+def trim_bounding_set(keep: tuple[int, ...]) -> None:
+    """Drop every capability but ``keep`` from the bounding set; needs CAP_SETPCAP for those still in it,
+    so it comes before a change to a non-root uid (which empties the effective set)."""
+    for cap in range(_last_cap() + 1):
+        if cap not in keep and syscalls.prctl(syscalls.PR_CAPBSET_READ, cap):
+            syscalls.prctl(syscalls.PR_CAPBSET_DROP, cap)
+
+
+def unshare_mapped(flags: int, inside: tuple[int, int]) -> None:
+    """unshare a user namespace (with the namespaces in ``flags``, which it then owns) and map ids into it.
+
+    root maps every id onto itself (``chown`` in an image works, files keep their owners), which only a
+    process of the parent namespace may write: a helper forked before the unshare does it. Anyone else
+    maps their own uid and gid to ``inside`` (the image's user), which the process writes itself.
+    """
+    outer = (os.geteuid(), os.getegid())
+    if outer[0] != 0:
+        syscalls.unshare(syscalls.CLONE_NEWUSER | flags)
+        map_one_id("self", inside, outer)
+        return
+    ready_r, ready_w = os.pipe()
+    helper = os.fork()
+    if helper == 0:  # in the parent namespace, until the unshare happened
+        code = 1
+        try:
+            os.close(ready_w)
+            if os.read(ready_r, 1):
+                write_id_maps(str(os.getppid()), 0, 0)
+                code = 0
+        finally:
+            os._exit(code)
+    os.close(ready_r)
+    try:
+        syscalls.unshare(syscalls.CLONE_NEWUSER | flags)
+        os.write(ready_w, b"x")
+    finally:
+        os.close(ready_w)
+        _, status = os.waitpid(helper, 0)
+    if status != 0:
+        raise OSError(errno.EPERM, "the id maps of the command's user namespace could not be written")
 
 
 def has_capabilities() -> bool:
