@@ -143,7 +143,7 @@ def test_hidden_places_from_variables(home: Path, tmp_path: Path) -> None:
     assert {str(kube_a), str(kube_b), str(runtime / "gnupg")} <= set(places)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
+@pytest.mark.rootless  # root reads every file
 def test_unreadable_places_are_left_alone(home: Path) -> None:
     (home / ".npmrc").chmod(0)
     assert _under(credentials.hidden_places(str(home), environ={}), home) == [".aws", ".ssh"]
@@ -212,7 +212,7 @@ def test_scrub_environment() -> None:
 # -- end to end -------------------------------------------------------------------------------------
 
 INNER = """
-import os, socket, pytest
+import ctypes, os, socket, pytest
 
 HOME = os.environ["HOME"]
 
@@ -245,6 +245,11 @@ def test_credentials_masked():
     with socket.socket(socket.AF_UNIX) as agent:
         with pytest.raises(OSError):
             agent.connect(os.environ.get("SSH_AUTH_SOCK") or AGENT)
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.umount2(f"{HOME}/.ssh".encode(), 2) != 0 and os.listdir(f"{HOME}/.ssh") == []  # no capabilities
+    with open("/dev/shm/scratch", "w") as f:  # the masks' staging tmpfs lies under the sandbox's own /dev/shm
+        f.write("x")
+    assert os.listdir("/dev/shm") == ["scratch"]
     if os.geteuid() == 0:
         assert read("/etc/shadow") == ""
     else:

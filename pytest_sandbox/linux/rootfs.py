@@ -33,7 +33,7 @@ from . import mounts, overlay, syscalls
 from .mounts import SCRATCH_PLACES, clone_tree, is_under
 
 SCRATCH = "/dev/shm"  # in the /dev template; never a lower, covered by the sandbox's own /dev/shm
-MASK_STAGING = "/proc"  # the empty dir and file masks are clones of; the sandbox's /proc covers it (mount_proc)
+MASK_STAGING = "/dev/shm"  # the empty dir and file masks are clones of lie under the sandbox's /dev/shm
 MASK_SIZE = 4096  # bytes of the tmpfs that masks come from: it stays empty and read-only
 IMAGE_ROOT_IN_RUN, IMAGE_ROOT_IN_TMP = "/run/pytest-sandbox/image", "/tmp/pytest-sandbox/image"
 
@@ -324,13 +324,14 @@ def mask_places(plan: RootPlan) -> None:
     """Cover each of ``plan.hidden``: a directory with an empty directory, a file with an empty file,
     both read-only, nosuid, nodev, noexec. Runs after everything that could hold them is attached.
 
-    The empty pair lives on one small tmpfs mounted on ``MASK_STAGING`` (/proc), which the sandbox's
-    own /proc covers (``mount_proc``): Linux before 6.15 cannot clone from a detached mount, and an
-    unmount would wait for an RCU grace period (about 15 ms here). A place gone since the plan was
+    The empty pair lives on one small tmpfs under the sandbox's own /dev/shm (``MASK_STAGING``),
+    unreachable: Linux before 6.15 cannot clone from a detached mount, and unmounting a staging
+    place would wait for an RCU grace period (about 15 ms here). A place gone since the plan was
     made has nothing left to hide.
     """
     if not plan.hidden:
         return
+    shm = clone_tree(MASK_STAGING, recursive=False)
     mounts.mount_tmpfs(MASK_STAGING, "0700", name="sandbox-hidden", size=MASK_SIZE)
     os.mkdir(f"{MASK_STAGING}/dir", 0o700)
     os.close(os.open(f"{MASK_STAGING}/file", os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
@@ -343,6 +344,7 @@ def mask_places(plan: RootPlan) -> None:
             pass
         finally:
             os.close(fd)
+    mounts.attach(shm, MASK_STAGING)  # the sandbox's own /dev/shm again, on top
 
 
 # -- an image's root, for commands --------------------------------------------------------------
