@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from . import hookspecs, probe, reports, settings, summary
+from . import credentials, hookspecs, probe, reports, settings, summary
 from . import session as _session
 from .errors import SandboxError
 from .session import SPEC_KEY, SessionState
@@ -41,7 +42,13 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     state = config.stash[STATE_KEY]
     if state.mode == "off":
         return ["sandbox: off"]
-    return [probe.header_line(), f"sandbox limits: {state.backend.describe()}"]
+    hidden = credentials.hidden_places(os.environ.get("HOME"), state.defaults.get("hide", ()))
+    withheld = credentials.withheld_variables(os.environ, state.defaults.get("env_pass", ()))
+    return [
+        probe.header_line(),
+        f"sandbox limits: {state.backend.describe()}",
+        *credentials.header_lines(hidden, withheld, config.get_verbosity() > 0),
+    ]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -76,6 +76,19 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("sandbox_env", "NAME=VALUE lines set in every sandbox", ini="sandbox_env", ini_type="linelist"),
     Setting(
+        "sandbox_hide",
+        "places masked in every sandbox besides the default credential places (absolute or ~/ paths; "
+        "!PATH un-hides a default one)",
+        ini="sandbox_hide",
+        ini_type="linelist",
+    ),
+    Setting(
+        "sandbox_env_pass",
+        "credential-looking environment variables (names or shell patterns) passed to sandboxes anyway",
+        ini="sandbox_env_pass",
+        ini_type="linelist",
+    ),
+    Setting(
         "sandbox_memory", "default memory limit, e.g. 512M, of every sandbox", "--sandbox-memory", "sandbox_memory"
     ),
     Setting("sandbox_cpus", "default CPU limit in CPUs, e.g. 0.5, of every sandbox", "--sandbox-cpus", "sandbox_cpus"),
@@ -250,7 +263,7 @@ def cgroup_path(config: pytest.Config) -> str | None:
 def spec_defaults(config: pytest.Config) -> dict[str, Any]:
     """The spec fields the session sets for every sandbox, already checked."""
     values: dict[str, Any] = {}
-    for field in ("hostname", "network", "writable", *LIMIT_FIELDS):
+    for field in ("hostname", "network", "writable", "hide", "env_pass", *LIMIT_FIELDS):
         value, where = raw(config, f"sandbox_{field}")
         if value not in (None, "", []):
             values[field] = CHECKS[field](value, where)

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from .credentials import check_place, check_variable_pattern
 from .layers.format import NAME_RE, NAME_RULE
 
 MARKER = "container"
@@ -60,6 +61,8 @@ class SandboxSpec:
     io: tuple[tuple[str, int], ...] = ()  # (read_bps|write_bps|read_iops|write_iops, value)
     timeout: float | None = None  # seconds for the whole runtest protocol
     image: str | None = None  # an image of images/ or of the store: sandbox.run() runs in it
+    hide: tuple[str, ...] = ()  # credential places masked besides the defaults ("!place" un-hides a default)
+    env_pass: tuple[str, ...] = ()  # credential-looking variables (names or patterns) let through
 
     @property
     def limits(self) -> tuple[str, ...]:
@@ -135,6 +138,33 @@ def _check_writable(value: object, where: str) -> tuple[str, ...]:
     if isinstance(value, (str, bytes, os.PathLike)) or not isinstance(value, Iterable):
         raise bad_value(where, "writable", value, f"expected a list of paths; {WRITABLE_RULE}")
     return tuple(sorted({_check_writable_path(path, where) for path in value}))
+
+
+def _check_hide(value: object, where: str) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise bad_value(where, "hide", value, "expected a list of absolute paths or ~/paths")
+    places = []
+    for entry in value:
+        normal = check_place(os.fspath(entry)) if isinstance(entry, (str, os.PathLike)) else None
+        if normal is None:
+            raise bad_value(
+                where, "hide", entry, "each entry must be an absolute path or ~/path (not /), '!' first to un-hide"
+            )
+        places.append(normal)
+    return tuple(sorted(set(places)))
+
+
+def _check_env_pass(value: object, where: str) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise bad_value(where, "env_pass", value, "expected a list of variable names")
+    names = []
+    for name in value:
+        if not isinstance(name, str) or not check_variable_pattern(name):
+            raise bad_value(
+                where, "env_pass", name, "each entry must be a variable name or shell pattern, no '=' or spaces"
+            )
+        names.append(name)
+    return tuple(sorted(set(names)))
 
 
 def _as_mapping(value: object) -> object:
@@ -280,8 +310,11 @@ CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "pids": _check_pids,
     "io": _check_io,
     "timeout": _check_timeout,
+    "hide": _check_hide,
+    "env_pass": _check_env_pass,
 }
 LIMIT_FIELDS = ("memory", "cpus", "pids", "timeout")  # also settable by option, ini and --sandbox-stress
+ADDED_FIELDS = ("hide", "env_pass")  # a marker adds to the session's list instead of replacing it
 
 
 def validate(values: Mapping[str, Any], where: str) -> SandboxSpec:
@@ -335,6 +368,10 @@ def spec_for_item(
         unknown = sorted(set(marked) - set(FIELDS))
         if unknown:
             raise pytest.UsageError(f"{where}: unknown keyword(s) {', '.join(unknown)}; allowed: {', '.join(FIELDS)}")
-        values.update({key: CHECKS[key](val, where) for key, val in marked.items()})
+        checked = {key: CHECKS[key](val, where) for key, val in marked.items()}
+        for key in ADDED_FIELDS:
+            if key in checked and key in values:
+                checked[key] = tuple(sorted(set(values[key]) | set(checked[key])))
+        values.update(checked)
     values.update(overrides or {})
     return validate(values, item.nodeid)

@@ -38,7 +38,7 @@ def wait_gone(token: str, timeout: float = 5.0) -> list[int]:
 
 def start_pytest_until_running(path: Path, token: str | None = None) -> subprocess.Popen[str]:
     """Start ``pytest -s`` in ``path`` and return once its test printed RUNNING (at most 30 s)."""
-    env = {**os.environ, "SANDBOX_TEST_TOKEN": token} if token else None
+    env = {**os.environ, "SANDBOX_TEST_MARK": token} if token else None  # not *_TOKEN: sandboxes withhold those
     proc = subprocess.Popen(
         [sys.executable, "-m", "pytest", "-s", "-p", "no:cacheprovider"],
         cwd=path,

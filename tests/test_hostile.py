@@ -173,7 +173,7 @@ def _run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, source: str
     """Write the hostile test file, run it in a subprocess, then look at the host's processes."""
     pytester.makepyfile(**{INNER: source})
     token = f"hostile-token-{uuid.uuid4().hex}"
-    monkeypatch.setenv("HOSTILE_RUN_TOKEN", token)
+    monkeypatch.setenv("HOSTILE_RUN_MARK", token)  # not *_TOKEN: sandboxes withhold those
     before = _sandbox_processes()
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA", *args, timeout=180)
     return Run(result, _leftovers(token, before))

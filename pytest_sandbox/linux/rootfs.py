@@ -8,8 +8,8 @@ A test sandbox's tree is built in two stages so the expensive part happens once 
   read-only minimal ``/dev`` (``build_dev_template``).
 * ``build`` (each sandbox, after ``unshare(CLONE_NEWNS)``): fresh tmpfs on the
   scratch places, overlays with a tmpfs upper over the writable places, its own
-  devpts and /dev/shm; ``mount_proc`` then adds a ``/proc`` of the sandbox's pid
-  namespace with the host-wide kernel knobs read-only.
+  devpts and /dev/shm, credential places masked (``mask_places``); ``mount_proc`` then adds a
+  ``/proc`` of the sandbox's pid namespace with the host-wide kernel knobs read-only.
 
 Anything the test process needs that lives under a place that gets a fresh tmpfs
 (a venv under /tmp, a pytester rootdir, the cwd) is cloned out of the host view
@@ -32,6 +32,8 @@ from . import mounts, overlay, syscalls
 from .mounts import SCRATCH_PLACES, clone_tree, is_under
 
 SCRATCH = "/dev/shm"  # in the /dev template; never a lower, covered by the sandbox's own /dev/shm
+MASK_STAGING = "/dev/shm"  # the empty dir and file masks are clones of lie under the sandbox's /dev/shm
+MASK_SIZE = 4096  # bytes of the tmpfs that masks come from: it stays empty and read-only
 IMAGE_ROOT_IN_RUN, IMAGE_ROOT_IN_TMP = "/run/pytest-sandbox/image", "/tmp/pytest-sandbox/image"
 
 
@@ -104,6 +106,7 @@ class RootPlan:
     image_root: str = ""  # where the image's root is mounted in the test's view
     image_dirs: tuple[str, ...] = ()  # FROM host: the top-level directories its layers change
     tmpfs_size: int | None = None  # bytes each tmpfs the sandbox writes to may hold (None: the kernel's half of RAM)
+    hidden: tuple[tuple[str, bool], ...] = ()  # (path, is a directory): masked by an empty read-only mount
 
 
 def _by_depth(paths: Iterable[str]) -> list[str]:
@@ -111,9 +114,13 @@ def _by_depth(paths: Iterable[str]) -> list[str]:
 
 
 def make_plan(
-    writable: Iterable[str], needed: Iterable[str], image: ImageMount | None = None, tmpfs_size: int | None = None
+    writable: Iterable[str],
+    needed: Iterable[str],
+    image: ImageMount | None = None,
+    tmpfs_size: int | None = None,
+    hidden: Iterable[str] = (),
 ) -> RootPlan:
-    """Decide the mounts: ``writable`` become overlays, ``needed`` must stay visible."""
+    """Decide the mounts: ``writable`` become overlays, ``needed`` must stay visible, ``hidden`` are masked."""
     fresh = tuple(p for p in SCRATCH_PLACES if os.path.isdir(p) and not os.path.islink(p))
     overlays = _by_depth(os.path.realpath(p) for p in writable if os.path.isdir(p) and os.path.realpath(p) != "/")
     visible: set[str] = set()
@@ -141,6 +148,24 @@ def make_plan(
         image_root=image_root,
         image_dirs=image_dirs,
         tmpfs_size=tmpfs_size,
+        hidden=_hidden_places(hidden, fresh, (*overlays, *kept)),
+    )
+
+
+def _hidden_places(hidden: Iterable[str], fresh: Sequence[str], shown: Sequence[str]) -> tuple[tuple[str, bool], ...]:
+    """The places to mask, as (path, is a directory): not those a fresh tmpfs covers anyway (unless an
+    overlay or visible path brings them back), nor those inside another masked directory."""
+    places: dict[str, bool] = {}
+    for path in hidden:
+        if not os.path.lexists(path):
+            continue
+        real = os.path.realpath(path)
+        if real == "/" or (any(is_under(real, f) for f in fresh) and not any(is_under(real, s) for s in shown)):
+            continue
+        places[real] = os.path.isdir(real)
+    dirs = [p for p, is_dir in places.items() if is_dir]
+    return tuple(
+        sorted((p, is_dir) for p, is_dir in places.items() if not any(p != d and is_under(p, d) for d in dirs))
     )
 
 
@@ -214,6 +239,8 @@ def build(plan: RootPlan, layer_dir: str | None = None, keep_dir: str = "") -> N
     # 4. The session's kept layers are writable in the host view; a test sees only its own, as its upper.
     if keep_dir and os.path.isdir(keep_dir):
         mounts.mask(keep_dir)
+    # 5. Credential places masked, over the overlays and visible paths that may hold them.
+    mask_places(plan)
 
 
 def full_places(plan: RootPlan, slack: int = 1 << 20) -> list[str]:
@@ -290,6 +317,33 @@ def mount_command_proc(target: str) -> None:
         syscalls.mount("proc", target, "proc", PROC_FLAGS)
     except PermissionError:
         syscalls.mount("proc", target, "proc", PROC_FLAGS | syscalls.MS_RDONLY)
+
+
+def mask_places(plan: RootPlan) -> None:
+    """Cover each of ``plan.hidden``: a directory with an empty directory, a file with an empty file,
+    both read-only, nosuid, nodev, noexec. Runs after everything that could hold them is attached.
+
+    The empty pair lives on one small tmpfs under the sandbox's own /dev/shm (``MASK_STAGING``),
+    unreachable: Linux before 6.15 cannot clone from a detached mount, and unmounting a staging
+    place would wait for an RCU grace period (about 15 ms here). A place gone since the plan was
+    made has nothing left to hide.
+    """
+    if not plan.hidden:
+        return
+    shm = clone_tree(MASK_STAGING, recursive=False)
+    mounts.mount_tmpfs(MASK_STAGING, "0700", name="sandbox-hidden", size=MASK_SIZE)
+    os.mkdir(f"{MASK_STAGING}/dir", 0o700)
+    os.close(os.open(f"{MASK_STAGING}/file", os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+    for path, is_dir in plan.hidden:
+        fd = clone_tree(f"{MASK_STAGING}/{'dir' if is_dir else 'file'}", recursive=False)
+        try:
+            mounts.read_only(fd, syscalls.MOUNT_ATTR_NODEV | syscalls.MOUNT_ATTR_NOEXEC)
+            syscalls.move_mount(fd, path)
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(fd)
+    mounts.attach(shm, MASK_STAGING)  # the sandbox's own /dev/shm again, on top
 
 
 # -- an image's root, for commands --------------------------------------------------------------

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from .. import protocol
+from .. import credentials, protocol
 from ..errors import SetupError
 from ..linux import rootfs, syscalls, userns
 from ..spec import SandboxSpec
@@ -173,6 +173,7 @@ def _enter(box: Sandbox, config: pytest.Config, keep: set[int]) -> None:
     rootfs.mount_proc()
     # 4. Where the test starts and the environment it sees (a FROM host image's ENV, then the spec's).
     os.chdir(box.cwd)
+    credentials.scrub_environment(credentials.withheld_variables(os.environ, box.spec.env_pass))  # env= may set them
     if box.plan.image is not None and box.plan.image.host_based:
         os.environ.update(box.plan.image.env)
     os.environ.update(box.spec.env)

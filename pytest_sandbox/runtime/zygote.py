@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 
-from .. import protocol
+from .. import credentials, protocol
 from ..linux import mounts, process, rootfs, syscalls, userns
 from ..spec import SandboxSpec
 from . import cgroups, init, test_process
@@ -176,7 +176,11 @@ class _Factory:
         if plan is None:
             image = self.paths.images.get(spec.image) if spec.image else None
             plan = self.plans[spec] = rootfs.make_plan(
-                self.paths.writable + spec.writable, self.paths.needed, image, tmpfs_size=self.tmpfs_size(spec)
+                self.paths.writable + spec.writable,
+                self.paths.needed,
+                image,
+                tmpfs_size=self.tmpfs_size(spec),
+                hidden=credentials.hidden_places(os.environ.get("HOME"), spec.hide),
             )
         return plan
 

@@ -1,0 +1,291 @@
+"""Credentials stay out of sandboxes: the places masked and the environment variables withheld.
+
+A sandbox sees the host read-only, which would include the keys and tokens of whoever runs
+pytest. By default every sandbox masks the credential places below (a directory gets an
+empty read-only tmpfs, a file an empty read-only file; see ``linux/rootfs.mask_places``)
+and its test process starts without the variables that look like credentials.
+
+Places (``~`` is ``$HOME`` of the pytest process and the home directory of its account;
+for root also every account's home, root may read them all):
+
+* ``HOME_PLACES`` under each home: ssh, gpg, cloud CLIs, kubernetes, container registries,
+  package indexes, git, password stores and keyrings;
+* ``SYSTEM_PLACES``: shadow password files, ssh host keys, TLS private keys, the Kerberos keytab;
+* ``RUNTIME_PLACES`` under ``$XDG_RUNTIME_DIR`` (agent sockets, podman's auth file);
+* files and directories named by ``PLACE_VARIABLES`` (``$SSH_AUTH_SOCK``, ``$KUBECONFIG``, ...).
+
+Only places that exist and that the pytest process may read are masked: what it cannot
+read, a test cannot either (``/etc/shadow`` for a plain user stays "permission denied").
+A place under a fresh tmpfs of the sandbox (``/tmp``, ``/run``) is gone already.
+
+Variables (``is_credential_variable``), case-insensitive, never ``PYTEST_*``:
+
+* a name part (split at ``_`` and other non-alphanumerics) ending in one of ``SECRET_WORDS``
+  (``GITHUB_TOKEN``, ``DB_PASSWORD``, ``NPM_CONFIG__AUTHTOKEN``, ``GOOGLE_APPLICATION_CREDENTIALS``);
+* a last part ``KEY`` or ``PWD`` (``OPENAI_API_KEY``, ``MYSQL_PWD``; not ``PWD`` itself), or ``KEY``
+  right after ``API``, ``ACCESS``, ``SECRET``, ``PRIVATE`` (``API_KEY_2``);
+* a name matching one of ``VARIABLE_PATTERNS`` (``AWS_*``, ``AZURE_*``, ``SSH_AUTH_SOCK``, ...).
+
+``sandbox_hide`` (ini) and ``hide=`` (marker) add places, and ``!place`` takes one of the
+defaults out; ``sandbox_env_pass`` (ini) and ``env_pass=`` (marker) name variables (shell
+patterns) that are let through; ``env=`` sets a variable whatever its name.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import itertools
+import os
+import pwd
+import re
+from collections.abc import Iterable, Mapping
+
+HOME_PLACES = (
+    ".ssh",
+    ".gnupg",
+    ".aws",
+    ".azure",
+    ".config/gcloud",
+    ".kube",
+    ".docker",
+    ".netrc",
+    ".pypirc",
+    ".npmrc",
+    ".git-credentials",
+    ".config/gh",
+    ".config/hub",
+    ".password-store",
+    ".config/containers/auth.json",
+    ".local/share/keyrings",
+    ".cargo/credentials",
+    ".cargo/credentials.toml",
+    ".gem/credentials",
+    ".vault-token",
+    ".pgpass",
+)
+SYSTEM_PLACES = (
+    "/etc/shadow",
+    "/etc/shadow-",
+    "/etc/gshadow",
+    "/etc/gshadow-",
+    "/etc/ssh/ssh_host_*_key",
+    "/etc/ssl/private",
+    "/etc/krb5.keytab",
+)
+RUNTIME_PLACES = ("gnupg", "keyring", "containers/auth.json")  # under $XDG_RUNTIME_DIR
+# Variables whose value is a credential file, directory or socket: that place is masked too.
+PLACE_VARIABLES = (
+    "SSH_AUTH_SOCK",
+    "GNUPGHOME",
+    "KUBECONFIG",  # a colon-separated list
+    "NETRC",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "CLOUDSDK_CONFIG",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AZURE_CONFIG_DIR",
+    "DOCKER_CONFIG",
+    "REGISTRY_AUTH_FILE",
+    "PASSWORD_STORE_DIR",
+)
+
+SECRET_WORDS = (
+    "TOKEN",
+    "SECRET",
+    "SECRETS",
+    "PASSWORD",
+    "PASSWD",
+    "PASSPHRASE",
+    "CREDENTIAL",
+    "CREDENTIALS",
+    "APIKEY",
+    "PRIVATEKEY",
+    "JWT",
+)
+_KEY_QUALIFIERS = ("API", "ACCESS", "SECRET", "PRIVATE")
+VARIABLE_PATTERNS = (
+    "AWS_*",
+    "AZURE_*",
+    "TWINE_*",
+    "PYPI_*",
+    "NPM_CONFIG_*AUTH*",
+    "SSH_AUTH_SOCK",
+    "SSH_AGENT_PID",
+    "GPG_AGENT_INFO",
+    "NETRC",
+    "KUBECONFIG",
+    "DOCKER_AUTH_CONFIG",
+    "REGISTRY_AUTH_FILE",
+)
+NEVER_WITHHELD = ("PYTEST_*",)  # pytest's and its plugins' own settings must reach the test
+_PART_SPLIT = re.compile(r"[^A-Z0-9]+")
+
+
+def _any_of(patterns: Iterable[str]) -> re.Pattern[str]:
+    """One compiled regex for shell patterns (compiled once: each sandbox checks every variable)."""
+    return re.compile("|".join(f"(?:{fnmatch.translate(p.upper())})" for p in patterns) or "(?!)")
+
+
+_NEVER_RE, _VARIABLE_RE = _any_of(NEVER_WITHHELD), _any_of(VARIABLE_PATTERNS)
+
+
+# -- places ---------------------------------------------------------------------------------------
+
+
+def homes(home: str | None) -> list[str]:
+    """The home directories whose credential places are masked: ``home`` ($HOME), the account's;
+    for root every account's (root reads them all)."""
+    found = [home] if home and os.path.isabs(home) else []
+    try:
+        found.append(pwd.getpwuid(os.geteuid()).pw_dir)
+    except KeyError:
+        pass
+    if os.geteuid() == 0:
+        found += [entry.pw_dir for entry in pwd.getpwall()]
+    result: list[str] = []
+    for path in found:
+        path = os.path.normpath(path)
+        if path != "/" and os.path.isabs(path) and path not in result and os.path.isdir(path):
+            result.append(path)
+    return result
+
+
+def default_places(home: str | None, environ: Mapping[str, str] | None = None) -> list[str]:
+    """Every default place as a path or glob pattern, before checking what exists."""
+    environ = os.environ if environ is None else environ
+    places = [os.path.join(h, p) for h in homes(home) for p in HOME_PLACES]
+    places += SYSTEM_PLACES
+    runtime = environ.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(runtime):
+        places += [os.path.join(runtime, p) for p in RUNTIME_PLACES]
+    for name in PLACE_VARIABLES:
+        places += [p for p in environ.get(name, "").split(os.pathsep) if os.path.isabs(p)]
+    return places
+
+
+def expand(entry: str, home: str | None) -> list[str]:
+    """A ``hide`` entry (``/abs``, ``~/rel``, either may be a glob pattern) as paths: ``~`` is each of ``homes``."""
+    if entry == "~" or entry.startswith("~/"):
+        return [h + entry[1:] for h in homes(home)]
+    return [entry]
+
+
+def _readable(path: str) -> bool:
+    if os.path.isdir(path):
+        return os.access(path, os.R_OK) or os.access(path, os.X_OK)
+    return os.access(path, os.R_OK)
+
+
+def hidden_places(home: str | None, extra: Iterable[str] = (), environ: Mapping[str, str] | None = None) -> list[str]:
+    """The places a sandbox masks: the defaults plus ``extra`` (``hide`` entries; ``!entry`` takes one out).
+
+    Only existing places the caller may read, symlinks resolved, deduplicated, sorted.
+    """
+    wanted = default_places(home, environ)
+    removed: set[str] = set()
+    for entry in extra:
+        if entry.startswith("!"):
+            removed.update(expand(entry[1:], home))
+        else:
+            wanted += expand(entry, home)
+    found: set[str] = set()
+    for pattern in wanted:
+        if pattern in removed:
+            continue
+        for path in glob.glob(pattern) if glob.has_magic(pattern) else [pattern]:
+            if path in removed or not os.path.exists(path):
+                continue
+            real = os.path.realpath(path)
+            if real != "/" and real not in removed and _readable(real):
+                found.add(real)
+    return sorted(found)
+
+
+def check_place(entry: str) -> str | None:
+    """``entry`` normalized if it is a valid ``hide`` entry (``[!]/abs`` or ``[!]~/rel``), else None."""
+    negate, rest = ("!", entry[1:]) if entry.startswith("!") else ("", entry)
+    if "\0" in rest:
+        return None
+    if rest == "~" or rest.startswith("~/"):
+        tail = os.path.normpath(rest[2:]) if len(rest) > 2 else "."
+        if tail.startswith(".."):
+            return None
+        return negate + ("~" if tail == "." else f"~/{tail}")
+    if not os.path.isabs(rest):
+        return None
+    normal = os.path.normpath(rest)
+    return None if normal in ("/", "//") else negate + normal
+
+
+# -- variables ------------------------------------------------------------------------------------
+
+
+def is_credential_variable(name: str) -> bool:
+    """Whether an environment variable's name looks like it holds a credential (the module's rule)."""
+    upper = name.upper()
+    if _NEVER_RE.match(upper):
+        return False
+    if _VARIABLE_RE.match(upper):
+        return True
+    parts = [p for p in _PART_SPLIT.split(upper) if p]
+    if any(part.endswith(SECRET_WORDS) for part in parts):
+        return True
+    if len(parts) > 1 and parts[-1] in ("KEY", "PWD"):
+        return True
+    return any(a in _KEY_QUALIFIERS and b == "KEY" for a, b in itertools.pairwise(parts))
+
+
+def withheld_variables(environ: Mapping[str, str], passed: Iterable[str] = ()) -> list[str]:
+    """Names in ``environ`` a sandbox does not pass: credential-looking ones not matched by ``passed``
+    (names or shell patterns, case-insensitive)."""
+    allowed = _any_of(passed)
+    return sorted(name for name in environ if is_credential_variable(name) and not allowed.match(name.upper()))
+
+
+def check_variable_pattern(entry: str) -> bool:
+    """A valid ``env_pass`` entry: a variable name or shell pattern, no ``=``, whitespace or NUL."""
+    return bool(entry) and not any(c in entry for c in "=\0") and not any(c.isspace() for c in entry)
+
+
+def _initial_environment_range() -> tuple[int, int]:
+    """Where the process's initial environment strings lie (``/proc/self/stat`` env_start, env_end)."""
+    with open("/proc/self/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    # Fields are numbered from 1 (pid); after "comm)" the list starts at field 3 (state).
+    return int(fields[50 - 3]), int(fields[51 - 3])
+
+
+def scrub_environment(names: Iterable[str]) -> None:
+    """Remove ``names`` from this process's environment: ``os.environ`` (and the C environ), and
+    the initial environment block ``/proc/self/environ`` shows (a fork of pytest still holds it),
+    whose ``NAME=value`` strings are overwritten with NUL bytes in place.
+    """
+    wanted = {os.fsencode(name) for name in names}
+    if not wanted:
+        return
+    start, end = _initial_environment_range()
+    if 0 < start < end and end - start < 1 << 24:
+        # /proc/self/mem: an unreadable range is an error here, never a crash.
+        fd = os.open("/proc/self/mem", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            block = os.pread(fd, end - start, start)
+            offset = 0
+            for entry in block.split(b"\0"):
+                if entry.split(b"=", 1)[0] in wanted:
+                    os.pwrite(fd, bytes(len(entry)), start + offset)
+                offset += len(entry) + 1
+        finally:
+            os.close(fd)
+    for name in wanted:
+        os.environb.pop(name, None)  # unsetenv too
+
+
+def header_lines(places: list[str], variables: list[str], verbose: bool) -> list[str]:
+    """The report header's account of what sandboxes withhold; each place and name with ``verbose``."""
+    counted = f"{len(places)} credential place{'s' if len(places) != 1 else ''}"
+    counted += f", {len(variables)} variable{'s' if len(variables) != 1 else ''}"
+    lines = [f"sandbox hides: {counted} (sandbox_hide, sandbox_env_pass to change)"]
+    if verbose:
+        lines += [f"  hidden: {place}" for place in places]
+        lines += [f"  withheld: ${name}" for name in variables]
+    return lines

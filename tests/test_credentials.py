@@ -1,0 +1,366 @@
+"""Credentials stay out of sandboxes: the rule (unit tests) and what a sandboxed test can read (end to end)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_sandbox import credentials
+from pytest_sandbox.linux import rootfs
+from pytest_sandbox.spec import validate
+
+# -- the variable rule ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "GITHUB_TOKEN",
+        "github_token",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_PROFILE",
+        "AZURE_CLIENT_ID",
+        "OPENAI_API_KEY",
+        "ANTHROPIC_API_KEY",
+        "MY_API_KEY_2",
+        "DB_PASSWORD",
+        "PGPASSWORD",
+        "MYSQL_PWD",
+        "LDAP_PASSWD",
+        "GPG_PASSPHRASE",
+        "GOOGLE_APPLICATION_CREDENTIALS",
+        "CI_JOB_JWT_V2",
+        "NPM_CONFIG__AUTH",
+        "npm_config__authToken",
+        "npm_config_//registry.npmjs.org/:_authToken",
+        "TWINE_USERNAME",
+        "PYPI_API_TOKEN",
+        "SSH_AUTH_SOCK",
+        "GPG_AGENT_INFO",
+        "KUBECONFIG",
+        "NETRC",
+        "DOCKER_AUTH_CONFIG",
+        "SECRET_KEY_BASE",
+        "VAULT_TOKEN",
+        "HF_TOKEN",
+    ],
+)
+def test_credential_variables(name: str) -> None:
+    assert credentials.is_credential_variable(name)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "PWD",
+        "OLDPWD",
+        "HOME",
+        "PATH",
+        "TOKENIZERS_PARALLELISM",
+        "PYTHON_KEYRING_BACKEND",
+        "PYTEST_ADDOPTS",
+        "PYTEST_SOMETHING_TOKEN",
+        "GITHUB_ACTIONS",
+        "KEYBOARD",
+        "SSH_CONNECTION",
+        "LANG",
+        "XDG_RUNTIME_DIR",
+    ],
+)
+def test_ordinary_variables(name: str) -> None:
+    assert not credentials.is_credential_variable(name)
+
+
+def test_withheld_variables_and_passed_patterns() -> None:
+    environ = {"GITHUB_TOKEN": "x", "AWS_REGION": "eu", "AWS_SECRET_ACCESS_KEY": "y", "HOME": "/h", "DB_PASSWORD": "z"}
+    assert credentials.withheld_variables(environ) == [
+        "AWS_REGION",
+        "AWS_SECRET_ACCESS_KEY",
+        "DB_PASSWORD",
+        "GITHUB_TOKEN",
+    ]
+    assert credentials.withheld_variables(environ, ["github_token", "AWS_REG*"]) == [
+        "AWS_SECRET_ACCESS_KEY",
+        "DB_PASSWORD",
+    ]
+
+
+# -- the places -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """A fake home with an ssh key, aws credentials and an npmrc."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_rsa").write_text("KEY")
+    (home / ".aws").mkdir()
+    (home / ".aws" / "credentials").write_text("[default]\n")
+    (home / ".npmrc").write_text("//registry/:_authToken=x\n")
+    (home / "notes.txt").write_text("not a credential\n")
+    return home
+
+
+def _under(places: list[str], home: Path) -> list[str]:
+    return [os.path.relpath(p, home) for p in places if p.startswith(f"{home}/")]
+
+
+def test_hidden_places_exist_only(home: Path) -> None:
+    places = credentials.hidden_places(str(home), environ={})
+    assert _under(places, home) == [".aws", ".npmrc", ".ssh"]
+    assert places == sorted(set(places))
+
+
+def test_hidden_places_extra_and_removed(home: Path, tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    link_target = tmp_path / "real-ssh"
+    link_target.mkdir()
+    (home / ".ssh" / "id_rsa").unlink()
+    (home / ".ssh").rmdir()
+    (home / ".ssh").symlink_to(link_target)
+    extra = ["~/notes.txt", str(tmp_path / "elsewhere"), "!~/.npmrc", "~/missing"]
+    places = credentials.hidden_places(str(home), extra, environ={})
+    assert _under(places, home) == [".aws", "notes.txt"]
+    assert str(link_target) in places  # the symlink's target, not the link
+    assert str(tmp_path / "elsewhere") in places
+
+
+def test_hidden_places_from_variables(home: Path, tmp_path: Path) -> None:
+    kube_a, kube_b = tmp_path / "kube-a", tmp_path / "kube-b"
+    kube_a.write_text("a")
+    kube_b.write_text("b")
+    runtime = tmp_path / "run-user"
+    (runtime / "gnupg").mkdir(parents=True)
+    environ = {"KUBECONFIG": f"{kube_a}:{kube_b}:relative", "XDG_RUNTIME_DIR": str(runtime)}
+    places = credentials.hidden_places(str(home), environ=environ)
+    assert {str(kube_a), str(kube_b), str(runtime / "gnupg")} <= set(places)
+
+
+@pytest.mark.rootless  # root reads every file
+def test_unreadable_places_are_left_alone(home: Path) -> None:
+    (home / ".npmrc").chmod(0)
+    assert _under(credentials.hidden_places(str(home), environ={}), home) == [".aws", ".ssh"]
+    assert "/etc/shadow" not in credentials.hidden_places(str(home), environ={})
+
+
+@pytest.mark.parametrize(
+    ("entry", "normal"),
+    [
+        ("~/.config/x/", "~/.config/x"),
+        ("~", "~"),
+        ("/etc//secret", "/etc/secret"),
+        ("!~/.kube", "!~/.kube"),
+        ("/", None),
+        ("relative", None),
+        ("~/../etc", None),
+        ("~user/x", None),
+    ],
+)
+def test_check_place(entry: str, normal: str | None) -> None:
+    assert credentials.check_place(entry) == normal
+
+
+def test_spec_fields_validated() -> None:
+    spec = validate({"hide": ["~/x", "/y/"], "env_pass": ["A_TOKEN"]}, "here")
+    assert spec.hide == ("/y", "~/x") and spec.env_pass == ("A_TOKEN",)
+    hash(spec)
+    with pytest.raises(pytest.UsageError, match=r"here: invalid hide='rel'"):
+        validate({"hide": ["rel"]}, "here")
+    with pytest.raises(pytest.UsageError, match=r"here: invalid hide='~/x'.*expected a list"):
+        validate({"hide": "~/x"}, "here")
+    with pytest.raises(pytest.UsageError, match=r"here: invalid env_pass='A=B'"):
+        validate({"env_pass": ["A=B"]}, "here")
+
+
+def test_plan_masks(tmp_path: Path, home: Path) -> None:
+    """A place under a fresh tmpfs is gone already unless an overlay brings it back; nested ones collapse."""
+    hidden = [str(home / ".ssh"), str(home / ".ssh" / "id_rsa"), str(home / ".npmrc"), "/tmp/never-there"]
+    plan = rootfs.make_plan(writable=[str(home)], needed=[], hidden=hidden)
+    assert plan.hidden == ((str(home / ".npmrc"), False), (str(home / ".ssh"), True))
+    assert hash(plan)
+    if str(tmp_path).startswith("/tmp/"):
+        assert rootfs.make_plan(writable=[], needed=[], hidden=hidden).hidden == ()
+
+
+SCRUB = """
+import os, sys
+from pytest_sandbox import credentials
+credentials.scrub_environment(["GITHUB_TOKEN", "AWS_SECRET_ACCESS_KEY"])
+with open("/proc/self/environ", "rb") as f:
+    block = f.read()
+print("ENVIRON", b"GITHUB_TOKEN" in block, b"ghp-secret" in block, b"AWS_" in block, b"KEEP=kept" in block)
+print("OS", "GITHUB_TOKEN" in os.environ, os.environ.get("KEEP"), os.getenv("AWS_SECRET_ACCESS_KEY"))
+import subprocess
+out = subprocess.run(["env"], capture_output=True, text=True).stdout
+print("CHILD", "GITHUB_TOKEN" in out, "KEEP=kept" in out)
+"""
+
+
+def test_scrub_environment() -> None:
+    env = {"PATH": os.environ["PATH"], "GITHUB_TOKEN": "ghp-secret", "AWS_SECRET_ACCESS_KEY": "aws", "KEEP": "kept"}
+    out = subprocess.run([sys.executable, "-c", SCRUB], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["ENVIRON False False False True", "OS False kept None", "CHILD False True"]
+
+
+# -- end to end -------------------------------------------------------------------------------------
+
+INNER = """
+import ctypes, os, socket, pytest
+
+HOME = os.environ["HOME"]
+
+
+def read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError as exc:
+        return type(exc).__name__
+
+
+def environ_block():
+    with open("/proc/self/environ", "rb") as f:
+        return f.read()
+
+
+@pytest.mark.container
+def test_credentials_masked():
+    assert os.listdir(f"{HOME}/.ssh") == [] and os.listdir(f"{HOME}/.aws") == []
+    assert read(f"{HOME}/.ssh/id_rsa") == "FileNotFoundError"
+    assert read(f"{HOME}/.npmrc") == ""
+    with pytest.raises(OSError):
+        open(f"{HOME}/.npmrc", "w")
+    with pytest.raises(OSError):
+        open(f"{HOME}/.ssh/new", "w")
+    assert read(f"{HOME}/notes.txt") == "not a credential\\n"
+    assert read(f"{HOME}/.config/extra/secret") == "FileNotFoundError"  # sandbox_hide
+    assert read(f"{HOME}/per-test") == "per test\\n"  # hidden only where the marker says so
+    with socket.socket(socket.AF_UNIX) as agent:
+        with pytest.raises(OSError):
+            agent.connect(os.environ.get("SSH_AUTH_SOCK") or AGENT)
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.umount2(f"{HOME}/.ssh".encode(), 2) != 0 and os.listdir(f"{HOME}/.ssh") == []  # no capabilities
+    with open("/dev/shm/scratch", "w") as f:  # the masks' staging tmpfs lies under the sandbox's own /dev/shm
+        f.write("x")
+    assert os.listdir("/dev/shm") == ["scratch"]
+    if os.geteuid() == 0:
+        assert read("/etc/shadow") == ""
+    else:
+        assert read("/etc/shadow") == "PermissionError"  # as without the sandbox
+
+
+AGENT = __AGENT__
+
+
+@pytest.mark.container
+def test_variables_withheld():
+    block = environ_block()
+    for name in ("AWS_SECRET_ACCESS_KEY", "GITHUB_TOKEN", "SSH_AUTH_SOCK"):
+        assert name not in os.environ
+        assert name.encode() not in block
+    assert b"aws-secret-value" not in block and b"ghp-secret-value" not in block
+    assert os.environ["MY_PASSED_TOKEN"] == "passed" and b"MY_PASSED_TOKEN=passed" in block
+    assert os.environ["ORDINARY"] == "plain"
+
+
+@pytest.mark.container(hide=["~/per-test"])
+def test_marker_hide():
+    assert read(f"{HOME}/per-test") == ""
+    assert read(f"{HOME}/.config/extra/secret") == "FileNotFoundError"  # the session's still hidden
+
+
+@pytest.mark.container(env={"GITHUB_TOKEN": "mine"})
+def test_env_wins():
+    assert os.environ["GITHUB_TOKEN"] == "mine"
+
+
+def test_unsandboxed_sees_everything():
+    assert read(f"{HOME}/.ssh/id_rsa") == "KEY"
+    assert os.environ["GITHUB_TOKEN"] == "ghp-secret-value"
+    assert b"AWS_SECRET_ACCESS_KEY=aws-secret-value" in environ_block()
+"""
+
+
+@pytest.fixture
+def fake_home(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    """$HOME with credentials, credential variables and an ssh agent socket for the inner pytest.
+
+    The agent's socket lies in a directory on sys.path, which sandboxes show as a plain bind
+    (a socket under an overlay, like $HOME, cannot be connected to anyway).
+    """
+    home = pytester.path / "home"
+    for rel, text in [
+        (".ssh/id_rsa", "KEY"),
+        (".aws/credentials", "[default]\n"),
+        (".npmrc", "//registry/:_authToken=x\n"),
+        (".config/extra/secret", "extra\n"),
+        ("per-test", "per test\n"),
+        ("notes.txt", "not a credential\n"),
+    ]:
+        (home / rel).parent.mkdir(parents=True, exist_ok=True)
+        (home / rel).write_text(text)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret-value")
+    monkeypatch.setenv("GITHUB_TOKEN", "ghp-secret-value")
+    monkeypatch.setenv("MY_PASSED_TOKEN", "passed")
+    monkeypatch.setenv("ORDINARY", "plain")
+    agent_dir = tmp_path_factory.mktemp("agent")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(agent_dir), os.environ.get("PYTHONPATH")])))
+    agent_path = agent_dir / "agent.sock"
+    with socket.socket(socket.AF_UNIX) as agent:
+        agent.bind(str(agent_path))
+        agent.listen()
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(agent_path))
+        pytester.makeini("[pytest]\nsandbox_hide = ~/.config/extra\nsandbox_env_pass = my_passed_*\n")
+        pytester.makepyfile(test_inner=INNER.replace("__AGENT__", repr(str(agent_path))))
+        yield home
+
+
+def test_sandbox_cannot_read_credentials(pytester: pytest.Pytester, fake_home: Path) -> None:
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA")
+    result.assert_outcomes(passed=5)
+
+
+def test_header_counts_and_lists(pytester: pytest.Pytester, fake_home: Path) -> None:
+    places = credentials.hidden_places(str(fake_home), ["~/.config/extra"])
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--co", "-v")
+    header = [line for line in result.outlines if line.startswith("sandbox hides: ")]
+    listed = [line.split(": ", 1)[1] for line in result.outlines if line.startswith("  hidden: ")]
+    withheld = [line.split("$", 1)[1] for line in result.outlines if line.startswith("  withheld: ")]
+    assert listed == places
+    assert {f"{fake_home}/{p}" for p in (".ssh", ".aws", ".npmrc", ".config/extra")} <= set(listed)
+    assert os.environ["SSH_AUTH_SOCK"] in listed
+    assert {"AWS_SECRET_ACCESS_KEY", "GITHUB_TOKEN", "SSH_AUTH_SOCK"} <= set(withheld)
+    assert "MY_PASSED_TOKEN" not in withheld and "ORDINARY" not in withheld
+    assert header == [
+        f"sandbox hides: {len(listed)} credential places, {len(withheld)} variables "
+        "(sandbox_hide, sandbox_env_pass to change)"
+    ]
+    quiet = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--co", "-q")
+    assert not any(line.startswith("  hidden: ") for line in quiet.outlines)
+
+
+@pytest.mark.parametrize(
+    ("ini", "marker", "message"),
+    [
+        ("sandbox_hide = relative/path", "", "ini sandbox_hide: invalid hide='relative/path'"),
+        ("sandbox_env_pass = A=B", "", "ini sandbox_env_pass: invalid env_pass='A=B'"),
+        ("", "hide=['/']", "test_bad.py::test_x: @pytest.mark.container: invalid hide='/'"),
+        ("", "hide='~/.x'", "test_bad.py::test_x: @pytest.mark.container: invalid hide='~/.x'"),
+    ],
+)
+def test_bad_values_are_usage_errors(pytester: pytest.Pytester, ini: str, marker: str, message: str) -> None:
+    pytester.makeini(f"[pytest]\n{ini}\n")
+    pytester.makepyfile(test_bad=f"import pytest\n\n@pytest.mark.container({marker})\ndef test_x(): pass\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert any(message in line for line in result.errlines), result.errlines
