@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import array
 import json
+import select
 import socket
 from typing import Any
 
@@ -44,6 +45,7 @@ MAX_MESSAGE = 128 * 2**20  # a report holds captured output; past this the test 
 MORE, LAST = b"\0sb+", b"\0sb."
 HEADER = len(MORE)
 MAX_FDS = 4
+NEXT_CHUNK_TIMEOUT = 10.0  # a sender writes a message's chunks at once: a stalled one must not block pytest
 
 
 class ProtocolError(SandboxError):
@@ -102,12 +104,24 @@ def recv(sock: socket.socket, block: bool = True) -> tuple[dict[str, Any] | None
     With ``block=False`` raises BlockingIOError when no message has arrived yet. Raises
     ProtocolError for anything that is not a framed JSON object within ``MAX_MESSAGE``.
     """
+    data, fds = _receive(sock, block)
+    try:
+        return (None if data is None else decode(data)), fds
+    except ProtocolError:
+        for fd in fds:
+            _close(fd)
+        raise
+
+
+def _receive(sock: socket.socket, block: bool) -> tuple[bytes | None, list[int]]:
     parts: list[bytes] = []
     size = 0
     fds: list[int] = []
     flags = 0 if block else socket.MSG_DONTWAIT
     try:
         while True:
+            if parts and not select.select([sock], [], [], NEXT_CHUNK_TIMEOUT)[0]:
+                raise ProtocolError(f"a message that stopped halfway (no next chunk in {NEXT_CHUNK_TIMEOUT:g} s)")
             data, ancdata, _flags, _addr = sock.recvmsg(CHUNK + HEADER, socket.CMSG_SPACE(MAX_FDS * 4), flags)
             flags = 0  # the rest of a chunked message is already on its way
             _take_fds(ancdata, fds)
@@ -123,11 +137,39 @@ def recv(sock: socket.socket, block: bool = True) -> tuple[dict[str, Any] | None
                 raise ProtocolError(f"a message larger than {MAX_MESSAGE // 2**20} MiB")
             parts.append(data[HEADER:])
             if header == LAST:
-                return decode(b"".join(parts)), fds
+                return b"".join(parts), fds
     except ProtocolError:
         for fd in fds:
             _close(fd)
         raise
+
+
+class Budget:
+    """How many bytes of messages one sandbox may make pytest hold in all (reports, warnings, log records):
+    a memory limit covers the sandbox, not the pytest process its messages land in."""
+
+    def __init__(self, total: int) -> None:
+        self.left = self.total = total
+
+    def take(self, size: int) -> None:
+        self.left -= size
+        if self.left < 0:
+            raise ProtocolError(f"more than {self.total // 2**20} MiB of messages in all")
+
+
+def recv_untrusted(sock: socket.socket, budget: Budget, block: bool = True) -> dict[str, Any] | None:
+    """The next message from a test process; None at end of stream. A test has no business sending
+    file descriptors (kept, they would pin its namespaces in pytest or exhaust pytest's fd table):
+    any that come are closed and the message is refused."""
+    data, fds = _receive(sock, block)
+    if fds:
+        for fd in fds:
+            _close(fd)
+        raise ProtocolError(f"a message with {len(fds)} file descriptor(s) attached")
+    if data is None:
+        return None
+    budget.take(len(data))
+    return decode(data)
 
 
 def _close(fd: int) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import selectors
 import signal
 import socket
 import sys
+import termios
 import time
 import warnings
 from collections.abc import Iterator
@@ -111,6 +114,8 @@ class _Relay:
         self.held: list[pytest.TestReport] = []
         self.done = False  # the test process said it finished its protocol
         self.ended = False  # the zygote said how the test process ended
+        # What its messages may make pytest hold: its memory limit where it has one, at most 128 MiB.
+        self.budget = protocol.Budget(min(max(spec.memory or protocol.MAX_MESSAGE, 16 * 2**20), protocol.MAX_MESSAGE))
 
     # -- the reports channel -----------------------------------------------------------------
     def from_test(self, message: dict[str, Any]) -> None:
@@ -148,12 +153,7 @@ class _Relay:
             or (seen and PHASES.index(report.when) < PHASES.index(seen[-1]))
         ):
             raise protocol.ProtocolError(f"a {report.when!r} report after {', '.join(seen) or 'nothing'}")
-        if isinstance(report.longrepr, list):  # a skip's (path, lineno, reason): JSON made the tuple a list
-            report.longrepr = tuple(report.longrepr)
-        try:  # JSON made the pairs lists
-            report.user_properties = [(str(name), value) for name, value in report.user_properties]
-        except (TypeError, ValueError):
-            raise protocol.ProtocolError("user_properties that are not (name, value) pairs") from None
+        _check_report_fields(report)
         kept = (self.containers or {}).get(self.item.nodeid)
         if report.failed and kept:
             report.sections.append(
@@ -185,11 +185,79 @@ class _Relay:
         return self.ended or (self.done and not self.hold)
 
 
+class _StdioState:
+    """The terminal settings and file status flags of pytest's fds 0-2, which a test run with capture off
+    shares (echo off or O_NONBLOCK would outlive it, in pytest and in the user's shell)."""
+
+    def __init__(self) -> None:
+        self.flags: dict[int, int] = {}
+        self.modes: dict[int, list[Any]] = {}
+        for fd in (0, 1, 2):
+            try:
+                self.flags[fd] = fcntl.fcntl(fd, fcntl.F_GETFL)
+                if os.isatty(fd):
+                    self.modes[fd] = termios.tcgetattr(fd)
+            except (OSError, termios.error):
+                pass
+
+    def restore(self) -> None:
+        for fd, flags in self.flags.items():
+            with contextlib.suppress(OSError):
+                if fcntl.fcntl(fd, fcntl.F_GETFL) != flags:
+                    fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+        for fd, mode in self.modes.items():
+            with contextlib.suppress(OSError, termios.error):
+                if termios.tcgetattr(fd) != mode:
+                    termios.tcsetattr(fd, termios.TCSANOW, mode)
+
+
+def _pairs(value: object, what: str, second: type | None = None) -> list[tuple[str, Any]]:
+    """``value`` as a list of (str, x) pairs (JSON made the tuples lists), x of type ``second`` if given."""
+    if not isinstance(value, (list, tuple)):
+        raise protocol.ProtocolError(f"{what} that is not a list")
+    pairs = []
+    for pair in value:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not isinstance(pair[0], str):
+            raise protocol.ProtocolError(f"{what} that are not (name, value) pairs")
+        if second is not None and not isinstance(pair[1], second):
+            raise protocol.ProtocolError(f"{what} whose values are not {second.__name__}")
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
+def _check_report_fields(report: pytest.TestReport) -> None:
+    """A report from a sandbox holds what pytest's own reports hold, in the shapes pytest's terminal
+    reporter, junitxml and xdist expect: anything else would fail later, far from its cause."""
+    if report.outcome not in ("passed", "failed", "skipped"):
+        raise protocol.ProtocolError(f"a report with outcome {report.outcome!r}")
+    location = report.location
+    if (
+        not isinstance(location, (list, tuple))
+        or len(location) != 3
+        or not isinstance(location[0], str)
+        or not (location[1] is None or (isinstance(location[1], int) and not isinstance(location[1], bool)))
+        or not isinstance(location[2], str)
+    ):
+        raise protocol.ProtocolError("a report whose location is not (path, line, name)")
+    report.location = tuple(location)  # type: ignore[assignment]
+    if not isinstance(report.keywords, dict) or not all(isinstance(k, str) for k in report.keywords):
+        raise protocol.ProtocolError("a report whose keywords are not a mapping of names")
+    if not isinstance(report.duration, (int, float)) or isinstance(report.duration, bool):
+        raise protocol.ProtocolError("a report whose duration is not a number")
+    longrepr = report.longrepr
+    if isinstance(longrepr, list):  # a skip's (path, lineno, reason): JSON made the tuple a list
+        if len(longrepr) != 3 or not isinstance(longrepr[0], str) or not isinstance(longrepr[2], str):
+            raise protocol.ProtocolError("a report whose skip location is not (path, line, reason)")
+        report.longrepr = tuple(longrepr)
+    report.sections = _pairs(report.sections, "sections", str)
+    report.user_properties = _pairs(report.user_properties, "user_properties")
+
+
 def _drain(sock: socket.socket, relay: _Relay) -> None:
     """What the test process sent before it ended: already in the socket, so read without waiting."""
-    while relay.outcome.malformed is None:
+    while relay.outcome.malformed is None and sock.fileno() != -1:
         try:
-            message, _ = protocol.recv(sock, block=False)
+            message = protocol.recv_untrusted(sock, relay.budget, block=False)
         except BlockingIOError:
             return
         except protocol.ProtocolError as exc:
@@ -215,6 +283,7 @@ def run_in_sandbox(
     carry what it used and the limits it hit.
     """
     relay = _Relay(item, zyg, spec, containers)
+    stdio = _StdioState()  # with capture off the test holds pytest's own terminal: it gets it back as it was
     status, reports = zyg.start(item.nodeid)
     deadline = time.monotonic() + spec.timeout + GRACE if spec.timeout is not None else None
     status_open = True
@@ -232,6 +301,8 @@ def run_in_sandbox(
                     if key.fileobj is reports:
                         if _read_reports(reports, relay):
                             selector.unregister(reports)
+                            if relay.outcome.malformed is not None:
+                                reports.close()  # what else it queued (fds in flight too) goes with it
                     else:
                         status_open = _read_status(status, reports, relay)
                 yield from relay.ready
@@ -242,6 +313,7 @@ def run_in_sandbox(
             else:
                 status.close()
             reports.close()
+            stdio.restore()
     outcome = relay.outcome
     if outcome.stop and not outcome.malformed:
         if outcome.stop["type"] == "interrupted":
@@ -262,7 +334,7 @@ def run_in_sandbox(
 def _read_reports(reports: socket.socket, relay: _Relay) -> bool:
     """One message from the test process; True when nothing more will be read from it."""
     try:
-        message, _ = protocol.recv(reports)
+        message = protocol.recv_untrusted(reports, relay.budget)
         if message is None:
             return True
         relay.from_test(message)

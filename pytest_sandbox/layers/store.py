@@ -295,6 +295,7 @@ class Store:
             layer_st = os.fstat(layer_fd)
         finally:
             os.close(layer_fd)
+        _strip_privileges(os.path.join(self.session_dir_path(session_fd), cid))
         containers_fd = _open_own_dir(self.ensure().containers_dir, None, self.containers_dir)
         try:
             os.mkdir(cid, 0o755, dir_fd=containers_fd)  # EEXIST: an id of a container kept before
@@ -315,6 +316,10 @@ class Store:
                     os.close(box_fd)
         finally:
             os.close(containers_fd)
+
+    @staticmethod
+    def session_dir_path(session_fd: int) -> str:
+        return os.readlink(f"/proc/self/fd/{session_fd}")
 
     def container(self, cid: str) -> dict[str, Any]:
         """A kept container's metadata; ``path`` is its read/write layer (not checked: see ``checked_container``)."""
@@ -516,3 +521,22 @@ class Store:
                     os.unlink(os.path.join(self.cache_dir, entry))
             self._remove_stale_staging()
             return removed, freed
+
+
+def _strip_privileges(layer: str) -> None:
+    """No setuid/setgid bit and no file capability in a kept layer: a test that owns its files (root's does)
+    may set them, and a kept layer lies on the host's disk, where they would mean something.
+
+    Runs once every process of the sandbox is gone, so nothing changes the tree under the walk; it never
+    follows a symlink (``os.walk`` does not, and only regular files are changed).
+    """
+    for path, _dirs, files in os.walk(layer):
+        for name in files:
+            full = os.path.join(path, name)
+            st = os.lstat(full)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                os.chmod(full, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
+            with contextlib.suppress(OSError):
+                os.removexattr(full, "security.capability", follow_symlinks=False)

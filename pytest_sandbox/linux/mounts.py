@@ -163,3 +163,22 @@ def mount_dev_instances(dev: str, shm_size: int | None = None) -> None:
         "devpts", f"{dev}/pts", "devpts", syscalls.MS_NOSUID | syscalls.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620"
     )
     mount_tmpfs(f"{dev}/shm", "1777", name="sandbox-shm", size=shm_size)
+
+
+def unix_socket_paths(table: str = "/proc/net/unix") -> list[str]:
+    """Paths of the unix sockets bound in this network namespace (``table`` in /proc/net/unix format).
+
+    A network namespace does not cover filesystem sockets and connect() needs no write access to
+    the mount: a socket the read-only host view shows is reachable unless something covers it.
+    """
+    paths = set()
+    try:
+        with open(table) as f:
+            next(f, None)
+            for line in f:
+                fields = line.split(None, 7)
+                if len(fields) == 8 and fields[7].startswith("/"):
+                    paths.add(_OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[7].rstrip("\n")))
+    except OSError:
+        pass
+    return sorted(paths)

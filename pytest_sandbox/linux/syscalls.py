@@ -72,6 +72,7 @@ _NR = {
         "fsconfig": 431,
         "fsmount": 432,
         "mount_setattr": 442,
+        "keyctl": 250,
     },
     "aarch64": {
         "pivot_root": 41,
@@ -81,6 +82,7 @@ _NR = {
         "fsconfig": 431,
         "fsmount": 432,
         "mount_setattr": 442,
+        "keyctl": 219,
     },
 }
 _nr = _NR.get(platform.machine(), _NR["x86_64"])
@@ -105,6 +107,15 @@ def kernel_at_least(major: int, minor: int) -> bool:
 
 def unshare(flags: int) -> None:
     _check(_libc.unshare(ctypes.c_int(flags)), f"unshare({flags:#x})")
+
+
+KEYCTL_JOIN_SESSION_KEYRING = 1
+
+
+def join_new_session_keyring() -> None:
+    """A new anonymous session keyring: keyrings go with credentials, not namespaces, so a sandbox
+    would otherwise read and change the keys of pytest's session (Kerberos tickets, CI secrets)."""
+    _check(_syscall(ctypes.c_long(_nr["keyctl"]), ctypes.c_long(KEYCTL_JOIN_SESSION_KEYRING), None), "keyctl")
 
 
 def setns(fd: int, nstype: int) -> None:

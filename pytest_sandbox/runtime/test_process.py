@@ -120,47 +120,60 @@ class Sandbox:
 def builder(zygote: socket.socket, items: dict[str, pytest.Item], box: Sandbox) -> None:
     """The sandbox's namespaces and tree, pid 1 inside them, the test process; never returns.
 
-    Tells the zygote ``{"op": "built", "init": pid, "test": pid}`` or ``{"op": "error", ...}``.
+    Tells the zygote ``{"op": "built", "init": pid, "test": pid}`` or ``{"op": "error", ...}``. It is a
+    fork of pytest: whatever happens, it ends here (``os._exit``), never back in pytest's code.
     """
     try:
-        # 1. Out of pytest's session: killpg(0) in a test must not reach pytest.
-        syscalls.set_process_name("sandbox-build")
-        os.setsid()
-        # 2. Mount, UTS, IPC namespaces, and a network namespace unless the test shares the host's;
-        #    all owned by the session's user namespace, where this process holds every capability.
-        flags = syscalls.CLONE_NEWNS | syscalls.CLONE_NEWUTS | syscalls.CLONE_NEWIPC
-        if box.spec.network == "none":
-            flags |= syscalls.CLONE_NEWNET
-        syscalls.unshare(flags)
-        # 3. The mount tree (needs the new mount namespace; /proc comes from the test process).
-        rootfs.build(box.plan, box.layer_dir, box.keep_dir)
-        # 4. Host name and loopback of the new namespaces.
-        socket.sethostname(box.spec.hostname)
-        if box.spec.network == "none":
-            syscalls.loopback_up()
-        # 6. pid 1 first, so it is born inside every namespace above (its /proc/1/root, /proc/1/net are
-        #    the sandbox's), then the test process as pid 2.
-        # 5. Root's test process will have no capability left to map uid 0 in a user namespace of its own:
-        #    the commands it starts in an image enter one made now.
-        #    Its id maps are written through a procfs of our own (the host view's is read-only).
-        if box.plan.image is not None and os.geteuid() == 0:
-            syscalls.mount("proc", "/proc", "proc", rootfs.PROC_FLAGS)
-            try:
-                userns.set_commands_namespace(userns.spare_namespace())
-            finally:
-                syscalls.umount2("/proc", syscalls.MNT_DETACH)
-        syscalls.unshare(syscalls.CLONE_NEWPID)
-        init_pid = os.posix_spawn(box.init_argv[0], box.init_argv, {}, setsid=True)
-        test_pid = os.fork()
-        if test_pid == 0:
-            test_process(zygote, items, box)
-    except BaseException as exc:
-        phase = exc.phase if isinstance(exc, SetupError) else "namespaces"
-        message = exc.message if isinstance(exc, SetupError) else f"{type(exc).__name__}: {exc}"
-        protocol.send(zygote, {"op": "error", "phase": phase, "message": message})
+        try:
+            init_pid, test_pid = _build(zygote, items, box)
+            reply = {"op": "built", "init": init_pid, "test": test_pid}
+        except BaseException as exc:
+            phase = exc.phase if isinstance(exc, SetupError) else "namespaces"
+            message = exc.message if isinstance(exc, SetupError) else f"{type(exc).__name__}: {exc}"
+            reply = {"op": "error", "phase": phase, "message": message}
+        protocol.send(zygote, reply)
+    finally:
         os._exit(0)
-    protocol.send(zygote, {"op": "built", "init": init_pid, "test": test_pid})
-    os._exit(0)
+
+
+def _build(zygote: socket.socket, items: dict[str, pytest.Item], box: Sandbox) -> tuple[int, int]:
+    """The builder's steps, in order; returns the pids of pid 1 and of the test process."""
+    # 1. Out of pytest's session (killpg(0) in a test must not reach pytest) and its session keyring.
+    syscalls.set_process_name("sandbox-build")
+    os.setsid()
+    syscalls.join_new_session_keyring()
+    # 2. Mount, UTS, IPC namespaces, and a network namespace unless the test shares the host's;
+    #    all owned by the session's user namespace, where this process holds every capability.
+    flags = syscalls.CLONE_NEWNS | syscalls.CLONE_NEWUTS | syscalls.CLONE_NEWIPC
+    if box.spec.network == "none":
+        flags |= syscalls.CLONE_NEWNET
+    syscalls.unshare(flags)
+    # 3. The mount tree (needs the new mount namespace; /proc comes from the test process).
+    rootfs.build(box.plan, box.layer_dir, box.keep_dir)
+    # 4. Host name and loopback of the new namespaces.
+    socket.sethostname(box.spec.hostname)
+    if box.spec.network == "none":
+        syscalls.loopback_up()
+    # 5. Root's test process will have no capability left to map uid 0 in a user namespace of its own:
+    #    the commands it starts in an image enter one made now. Its id maps are written through a
+    #    procfs of our own (the host view's is read-only), gone again before the test process exists.
+    if box.plan.image is not None and os.geteuid() == 0:
+        syscalls.mount("proc", "/proc", "proc", rootfs.PROC_FLAGS)
+        try:
+            userns.set_commands_namespace(userns.spare_namespace())
+        finally:
+            syscalls.umount2("/proc", syscalls.MNT_DETACH)
+    # 6. pid 1 first, so it is born inside every namespace above (its /proc/1/root, /proc/1/net are
+    #    the sandbox's), then the test process as pid 2.
+    syscalls.unshare(syscalls.CLONE_NEWPID)
+    init_pid = os.posix_spawn(box.init_argv[0], box.init_argv, {}, setsid=True)
+    test_pid = os.fork()
+    if test_pid == 0:
+        try:
+            test_process(zygote, items, box)
+        finally:
+            os._exit(1)  # test_process ends the process itself; this only catches what escaped it
+    return init_pid, test_pid
 
 
 def _enter(box: Sandbox, config: pytest.Config, keep: set[int]) -> None:

