@@ -314,6 +314,12 @@ def run_in_sandbox(
                 status.close()
             reports.close()
             stdio.restore()
+    yield from _after_the_end(item, relay)
+
+
+def _after_the_end(item: pytest.Item, relay: _Relay) -> list[pytest.TestReport]:
+    """What pytest hears once the sandbox is gone: the held reports with usage and limit notes, the
+    phases a dead sandbox never reported; or the test's own pytest.exit / ^C, raised here."""
     outcome = relay.outcome
     if outcome.stop and not outcome.malformed:
         if outcome.stop["type"] == "interrupted":
@@ -328,7 +334,7 @@ def run_in_sandbox(
             if notes and report.failed:
                 report.sections.append(("sandbox limits", notes))
         held[-1].user_properties = [*held[-1].user_properties, *_properties(outcome.usage)]
-    yield from held
+    return held
 
 
 def _read_reports(reports: socket.socket, relay: _Relay) -> bool:
