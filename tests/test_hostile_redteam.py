@@ -293,7 +293,10 @@ def _socket_dir() -> Path:
     for candidate in (os.environ.get("HOSTILE_SOCKET_DIR", ""), "/var/lib", "/srv", "/opt"):
         if candidate and os.access(candidate, os.W_OK):
             return Path(tempfile.mkdtemp(prefix="hostile-sock-", dir=candidate))
-    pytest.fail("no host directory outside scratch and overlays to bind a socket in: set HOSTILE_SOCKET_DIR")
+    pytest.skip(
+        "this user can write no host directory that sandboxes show read-only (outside /tmp, /var/tmp, /run, "
+        "$HOME and the rootdir): nowhere to bind a probe socket; set HOSTILE_SOCKET_DIR to one"
+    )
 
 
 def test_host_unix_sockets_reachable_without_network(
