@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 import xml.etree.ElementTree as ET
@@ -593,3 +594,27 @@ def test_pytest_exit_inside_sandbox(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess()
     assert result.ret == 7
     result.stdout.fnmatch_lines(["*enough*"])
+
+
+def test_no_fd_left_in_pytest_per_sandbox(pytester: pytest.Pytester) -> None:
+    """Each sandbox hands pytest its crash memfd with the exit status; pytest must close it whether it
+    needed it or not, or a suite past the fd limit dies with EMFILE."""
+    pytester.makeconftest("""
+        import os, resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        counts = []
+
+        def pytest_runtest_logfinish(nodeid):
+            counts.append(len(os.listdir("/proc/self/fd")))
+
+        def pytest_unconfigure(config):
+            print(f"FDS first={counts[0]} last={counts[-1]}")
+    """)
+    pytester.makepyfile("\n".join(f"def test_{i}(): pass" for i in range(150)))
+    result = pytester.runpytest_subprocess("--sandbox=all", "-s")
+    result.assert_outcomes(passed=150)
+    counted = re.search(r"FDS first=(\d+) last=(\d+)", result.stdout.str())
+    assert counted, result.stdout.str()
+    first, last = int(counted.group(1)), int(counted.group(2))
+    assert last <= first + 4, f"pytest holds {last - first} more fds after 150 sandboxes"
