@@ -91,6 +91,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "sandbox_memory", "default memory limit, e.g. 512M, of every sandbox", "--sandbox-memory", "sandbox_memory"
     ),
+    Setting(
+        "sandbox_tmpfs_size",
+        "bytes each scratch tmpfs of a sandbox may hold, e.g. 2G (default: a quarter of RAM, or half the memory "
+        "limit where that is less)",
+        "--sandbox-tmpfs-size",
+        "sandbox_tmpfs_size",
+    ),
     Setting("sandbox_cpus", "default CPU limit in CPUs, e.g. 0.5, of every sandbox", "--sandbox-cpus", "sandbox_cpus"),
     Setting("sandbox_pids", "default most processes and threads of every sandbox", "--sandbox-pids", "sandbox_pids"),
     Setting(
@@ -263,7 +270,7 @@ def cgroup_path(config: pytest.Config) -> str | None:
 def spec_defaults(config: pytest.Config) -> dict[str, Any]:
     """The spec fields the session sets for every sandbox, already checked."""
     values: dict[str, Any] = {}
-    for field in ("hostname", "network", "writable", "hide", "env_pass", *LIMIT_FIELDS):
+    for field in ("hostname", "network", "writable", "hide", "env_pass", "tmpfs_size", *LIMIT_FIELDS):
         value, where = raw(config, f"sandbox_{field}")
         if value not in (None, "", []):
             values[field] = CHECKS[field](value, where)

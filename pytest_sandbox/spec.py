@@ -56,6 +56,7 @@ class SandboxSpec:
     writable: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     memory: int | None = None  # bytes
+    tmpfs_size: int | None = None  # bytes each scratch tmpfs may hold (None: a quarter of RAM, or half of memory)
     cpus: float | None = None  # share of one CPU's time: 0.5 = half a core
     pids: int | None = None  # most processes and threads at once
     io: tuple[tuple[str, int], ...] = ()  # (read_bps|write_bps|read_iops|write_iops, value)
@@ -221,6 +222,22 @@ def _check_memory(value: object, where: str) -> int:
     return size
 
 
+TMPFS_MIN = 1 << 20
+
+
+def _check_tmpfs_size(value: object, where: str) -> int:
+    size = parse_size(value)
+    if size is None or not TMPFS_MIN <= size <= MEMORY_MAX:
+        raise bad_value(
+            where,
+            "tmpfs_size",
+            value,
+            f"expected a size from 1M to {MEMORY_MAX} bytes, like '64M' or '2G' (each of /tmp, /var/tmp, /run, "
+            "/dev/shm and the writable layer may hold that much)",
+        )
+    return size
+
+
 def _number(value: object) -> int | float | None:
     """An int, a finite float, or a string of one; None otherwise (bools, inf, nan).
 
@@ -306,6 +323,7 @@ CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "writable": _check_writable,
     "env": _check_env,
     "memory": _check_memory,
+    "tmpfs_size": _check_tmpfs_size,
     "cpus": _check_cpus,
     "pids": _check_pids,
     "io": _check_io,

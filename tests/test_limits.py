@@ -191,9 +191,13 @@ def test_full_scratch_place_says_which(pytester: pytest.Pytester) -> None:
         @pytest.mark.container(memory="64M")
         def test_fills_the_rootdir():
             fill(os.path.join(os.getcwd(), "big"))
+
+        @pytest.mark.container(tmpfs_size="8M")
+        def test_fills_a_smaller_tmp():
+            fill("/dev/shm/big")
     """)
     result = pytester.runpytest_subprocess()
-    result.assert_outcomes(failed=2)
+    result.assert_outcomes(failed=3)
     result.stdout.fnmatch_lines(
         [
             "*OSError: [[]Errno 28[]] No space left on device*",
@@ -202,6 +206,10 @@ def test_full_scratch_place_says_which(pytester: pytest.Pytester) -> None:
             "*OSError: [[]Errno 28[]] No space left on device*",
             "*- sandbox scratch -*",
             f"*{pytester.path}* full: * tmpfs holds 32 MiB",
+            "*more room: tmpfs_size= in the marker, --sandbox-tmpfs-size or the sandbox_tmpfs_size ini key*",
+            "*OSError: [[]Errno 28[]] No space left on device*",
+            "*- sandbox scratch -*",
+            "/dev/shm is full: its tmpfs holds 8 MiB",
         ]
     )
     assert not (pytester.path / "big").exists()

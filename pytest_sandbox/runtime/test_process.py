@@ -75,8 +75,8 @@ class ReportStreamer:
                 report.sections.append(
                     (
                         "sandbox scratch",
-                        "\n".join(full) + "\n(each sandbox tmpfs holds a quarter of RAM, "
-                        "or half the memory= limit where that is less)",
+                        "\n".join(full) + "\n(more room: tmpfs_size= in the marker, --sandbox-tmpfs-size "
+                        "or the sandbox_tmpfs_size ini key)",
                     )
                 )
         data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)

@@ -179,8 +179,10 @@ class _Factory:
         self.ending: dict[int, _Sandbox] = {}  # test over, pid 1 tearing the namespace down; by its pidfd
 
     def tmpfs_size(self, spec: SandboxSpec) -> int:
-        """Each scratch tmpfs holds at most a quarter of RAM, or half the memory limit where that is less
+        """``tmpfs_size`` if set; else a quarter of RAM, or half the memory limit where that is less
         (tmpfs pages count against the limit: the test hears ENOSPC before the OOM killer comes)."""
+        if spec.tmpfs_size is not None:
+            return spec.tmpfs_size
         return min(self.scratch_size, spec.memory // 2) if spec.memory else self.scratch_size
 
     def plan(self, spec: SandboxSpec) -> rootfs.RootPlan:
