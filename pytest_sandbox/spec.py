@@ -210,32 +210,34 @@ def parse_size(value: object) -> int | None:
     return int(amount * _UNITS[match.group(2).lower()])
 
 
-def _check_memory(value: object, where: str) -> int:
+def _size(value: object, where: str, field: str, allowed: str, least: int = MEMORY_MIN) -> int:
     size = parse_size(value)
-    if size is None or not MEMORY_MIN <= size <= MEMORY_MAX:
-        raise bad_value(
-            where,
-            "memory",
-            value,
-            f"expected a size from 1M to {MEMORY_MAX} bytes (4 EiB), like '256M', '1G' or a number of bytes",
-        )
+    if size is None or not least <= size <= MEMORY_MAX:
+        raise bad_value(where, field, value, allowed)
     return size
+
+
+def _check_memory(value: object, where: str) -> int:
+    return _size(
+        value,
+        where,
+        "memory",
+        f"expected a size from 1M to {MEMORY_MAX} bytes (4 EiB), like '256M', '1G' or a number of bytes",
+    )
 
 
 TMPFS_MIN = 1 << 20
 
 
 def _check_tmpfs_size(value: object, where: str) -> int:
-    size = parse_size(value)
-    if size is None or not TMPFS_MIN <= size <= MEMORY_MAX:
-        raise bad_value(
-            where,
-            "tmpfs_size",
-            value,
-            f"expected a size from 1M to {MEMORY_MAX} bytes, like '64M' or '2G' (each of /tmp, /var/tmp, /run, "
-            "/dev/shm and the writable layer may hold that much)",
-        )
-    return size
+    return _size(
+        value,
+        where,
+        "tmpfs_size",
+        f"expected a size from 1M to {MEMORY_MAX} bytes, like '64M' or '2G' (each of /tmp, /var/tmp, /run, "
+        "/dev/shm and the writable layer may hold that much)",
+        least=TMPFS_MIN,
+    )
 
 
 def _number(value: object) -> int | float | None:

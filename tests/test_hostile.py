@@ -187,6 +187,22 @@ def xdist(request: pytest.FixtureRequest) -> tuple[str, ...]:
     return tuple(request.param)
 
 
+def _run_keeping_core_pattern(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, source: str, *args: str
+) -> tuple[Run, str]:
+    """``_run``, then the host's core_pattern put back if the attack changed it; returns the run and
+    what the attack changed it to ("" if it did not)."""
+    core_pattern = Path("/proc/sys/kernel/core_pattern")
+    before = core_pattern.read_text()
+    try:
+        run = _run(pytester, monkeypatch, source, *args)
+        after = core_pattern.read_text()
+    finally:
+        if core_pattern.read_text() != before and os.geteuid() == 0:
+            core_pattern.write_text(before)  # put the host back
+    return run, "" if after == before else after.strip()
+
+
 def _check(problems: list[str]) -> None:
     assert not problems, "\n\n".join(problems)
 
@@ -437,17 +453,11 @@ def test_attack():
 def test_regained_capabilities_cannot_unlock_mounts(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: tuple[str, ...]
 ) -> None:
-    core_pattern = Path("/proc/sys/kernel/core_pattern")
-    before = core_pattern.read_text()
-    try:
-        run = _run(pytester, monkeypatch, _source(REGAIN, core_pattern=f"hostile-{uuid.uuid4().hex}"), *xdist)
-        after = core_pattern.read_text()
-    finally:
-        if core_pattern.read_text() != before and os.geteuid() == 0:
-            core_pattern.write_text(before)  # put the host back
+    source = _source(REGAIN, core_pattern=f"hostile-{uuid.uuid4().hex}")
+    run, changed = _run_keeping_core_pattern(pytester, monkeypatch, source, *xdist)
     problems = run.session_problems()
-    if after != before:
-        problems.insert(0, f"regained capabilities: the host's core_pattern changed to {after.strip()!r}")
+    if changed:
+        problems.insert(0, f"regained capabilities: the host's core_pattern changed to {changed!r}")
     if run.outcome("test_attack") != "PASSED":
         problems.insert(0, f"regained capabilities: {run.inner_failure()}")
     _check(problems)
@@ -533,19 +543,11 @@ def test_attack():
 def test_kernel_knobs_read_only(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: tuple[str, ...]
 ) -> None:
-    core_pattern = Path("/proc/sys/kernel/core_pattern")
-    before = core_pattern.read_text()
-    try:
-        run = _run(pytester, monkeypatch, _source(KNOBS, pattern=f"hostile-{uuid.uuid4().hex}-core"), *xdist)
-        after = core_pattern.read_text()
-    finally:
-        if core_pattern.read_text() != before and os.geteuid() == 0:
-            core_pattern.write_text(before)  # put the host back
+    source = _source(KNOBS, pattern=f"hostile-{uuid.uuid4().hex}-core")
+    run, changed = _run_keeping_core_pattern(pytester, monkeypatch, source, *xdist)
     problems = run.session_problems()
-    if after != before:
-        problems.insert(
-            0, f"kernel knobs: the host's core_pattern changed from {before.strip()!r} to {after.strip()!r}"
-        )
+    if changed:
+        problems.insert(0, f"kernel knobs: the host's core_pattern changed to {changed!r}")
     if run.outcome("test_attack") != "PASSED":
         problems.insert(0, f"kernel knobs: {run.inner_failure()}")
     _check(problems)
