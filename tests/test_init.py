@@ -38,19 +38,31 @@ def _zombies_of(pid: int) -> list[str]:
 
 
 def test_init_reaps_orphans() -> None:
-    """Run the init as a subreaper-free parent of short-lived children; none may stay a zombie."""
+    """Run the init as a subreaper-free parent of short-lived children; none may stay a zombie. It first waits
+    for its go (no namespaces to join here), locks itself down and says so."""
     argv, fd = init.command()
-    # A tiny launcher: exec the init after forking three children that exit at once.
+    go_r, go_w = os.pipe()
+    ack_r, ack_w = os.pipe()
+    # A tiny launcher: pid 1's pipes on fds 3 and 4, three children that exit at once, then exec the init.
     launcher = (
         "import os, sys\n"
+        "os.dup2(int(sys.argv[1]), 3)\n"
+        "os.dup2(int(sys.argv[2]), 4)\n"
         "for _ in range(3):\n"
         "    if os.fork() == 0:\n"
         "        os._exit(0)\n"
-        "os.execv(sys.argv[1], sys.argv[1:])\n"
+        "os.execv(sys.argv[3], sys.argv[3:])\n"
     )
-    pass_fds = (fd,) if fd is not None else ()
-    proc = subprocess.Popen([sys.executable, "-c", launcher, *argv], pass_fds=pass_fds)
+    pass_fds = (go_r, ack_w, *((fd,) if fd is not None else ()))
+    proc = subprocess.Popen([sys.executable, "-c", launcher, str(go_r), str(ack_w), *argv], pass_fds=pass_fds)
+    os.close(go_r)
+    os.close(ack_w)
     try:
+        os.write(go_w, bytes(4))
+        assert os.read(ack_r, 1) == b"1", "pid 1 did not say it locked itself down"
+        with open(f"/proc/{proc.pid}/status") as f:
+            caps = {k: v.strip() for k, v in (line.split(":", 1) for line in f) if k in ("CapEff", "CapPrm")}
+        assert all(int(v, 16) == 0 for v in caps.values()), caps
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             time.sleep(0.05)
@@ -63,5 +75,7 @@ def test_init_reaps_orphans() -> None:
     finally:
         proc.kill()
         proc.wait()
+        os.close(go_w)
+        os.close(ack_r)
         if fd is not None:
             os.close(fd)

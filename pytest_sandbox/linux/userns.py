@@ -198,6 +198,26 @@ def unshare_mapped(flags: int, inside: tuple[int, int]) -> None:
         raise OSError(errno.EPERM, "the id maps of the command's user namespace could not be written")
 
 
+CAP_SYS_CHROOT, CAP_SYS_PTRACE, CAP_SYS_ADMIN = 18, 19, 21
+PR_CAP_AMBIENT_RAISE = 2
+
+
+def keep_across_exec(*caps: int) -> None:
+    """Make ``caps`` (held now) ambient, so a program this process starts keeps them without being root."""
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f if line.startswith("Cap"))
+    permitted, effective = int(fields["CapPrm"], 16), int(fields["CapEff"], 16)
+    inheritable = sum(1 << cap for cap in caps)
+    data = (_CapData * 2)()
+    for word in (0, 1):
+        data[word].permitted = (permitted >> (32 * word)) & 0xFFFFFFFF
+        data[word].effective = (effective >> (32 * word)) & 0xFFFFFFFF
+        data[word].inheritable = (inheritable >> (32 * word)) & 0xFFFFFFFF
+    syscalls.capset(_CapHeader(_CAP_VERSION_3, 0), data)
+    for cap in caps:
+        syscalls.prctl(syscalls.PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap)
+
+
 def has_capabilities() -> bool:
     """Whether this process holds any effective capability (in its own user namespace)."""
     with open("/proc/self/status") as f:

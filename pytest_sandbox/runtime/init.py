@@ -21,20 +21,27 @@ import zlib
 
 _NATIVE = {
     "x86_64": (
-        "eNqrd/VxY2JkZIABJgY7BjBPwAHMd4CKXxCAKwGKWQDVOTAwA0mQWhYGZOCAQm+A8mA0A9QckD5WJD7MPhi9Ayq8A03fKBgFo2AUjIJR"
-        "MApGwSgYBaNgFIyCUTAKSAf7QZ13w2+Gl1xB6MCOuUAuP6tH64HSTI9e2zIgz6PXtBzUEa+Dy/gb/gcKBoE0XnLcxQGS5INIHj/+HwgM"
-        "v+0Cdu8dgCbusIVpqn8MNE4eahdUUwNY8vXJ/fUg3nMwDzIywMCgxMqhgNfhesUZxSVFJYlJDHolqRUl1AoPbujYBBsD+rgE2ngEFDBi"
-        "4TNjMXcHVL8gAf0Afak8rQ=="
+        "eNqrd/VxY2JkZIABJgY7BjBPwAHMd4CKZwjClQDFLIDqHBiYgSRILQsDMnBAoTdAeTCaQQBCgfSxIvFh9sHoMKiTYDRc3SgYBaNgFIyC"
+        "UTAKRsEoGAWjYBSMglEwCkgG+0Gdd8NvhpdcQejAjrlALj+rR+sB/lYmYNfbo/mNwH5moJhH57NdYKUHgLLNP1j4Wx8Dec02KgwlVvuZ"
+        "wGbs2MQI09txDCji2XnEp/N5t4nKDhO4ROtaoARQdAczxJ5e240gw3tNNwGpHXUIy1thbgPKgdi7QOMAOxghCpp/MJamg50FNQesEso2"
+        "/A/UEgxy0SXHXRwgcT6IruPH/wOB4TeQUQ5A7+6whVlX/xjoEAVoQEA1NYAlX5/cXw/iPYcYDRm3YGBQYuVQwBusesUZxSVFJYlJDHol"
+        "qRUllMcTN3TMhI0BfbwEbZwECtC4YD4zFnPDoOM6ggz49QMA+khgyA=="
     ),
 }
 
 PYTHON_REAPER = """
 import ctypes, os, signal
 libc = ctypes.CDLL(None, use_errno=True)
-# Not dumpable and without capabilities, as the native one (see init_x86_64.S).
-if libc.prctl(4, 0, 0, 0, 0) != 0 or libc.capset(
-        (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()) != 0:
+# As the native one (see init_x86_64.S): not dumpable, join the test process's namespaces, no capabilities.
+if libc.prctl(4, 0, 0, 0, 0) != 0:
     os._exit(127)
+flags = os.read(3, 4)
+if len(flags) != 4 or (int.from_bytes(flags, "little") and libc.setns(os.pidfd_open(2), int.from_bytes(flags, "little")) != 0):
+    os._exit(127)
+if libc.capset((ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()) != 0 or os.write(4, b"1") != 1:
+    os._exit(127)
+os.close(3)
+os.close(4)
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
 while True:
     try:
@@ -51,7 +58,9 @@ def command() -> tuple[list[str], int | None]:
     blob = _NATIVE.get(platform.machine())
     if blob is None:
         return [sys.executable, "-S", "-I", "-c", PYTHON_REAPER], None
-    fd = os.memfd_create("sandbox-init", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    created = os.memfd_create("sandbox-init", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    fd = fcntl.fcntl(created, fcntl.F_DUPFD_CLOEXEC, 10)  # above 3 and 4, where pid 1 gets its pipes
+    os.close(created)
     os.write(fd, zlib.decompress(base64.b64decode(blob)))
     # Sealed: whoever holds the fd (a forked test process, before it lets go of it) cannot change
     # the program every later sandbox's pid 1 runs.

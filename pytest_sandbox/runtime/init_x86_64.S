@@ -1,12 +1,13 @@
-/* pytest-sandbox init: pid 1 of a sandbox's pid namespace. It only reaps:
- * orphans of the test land here and must not stay zombies. The zygote kills it
- * (SIGKILL from the parent namespace) when the test process has ended, which
- * tears the namespace down. x86_64, no libc, position independent.
+/* pytest-sandbox init: pid 1 of a sandbox's pid namespace. x86_64, no libc, position independent.
  *
- * Before anything else it makes itself useless to the test it shares namespaces
- * with: not dumpable (the test can neither ptrace it nor open /proc/1/mem or
- * /proc/1/root) and without capabilities (as root, pid 1 would otherwise hold
- * every capability of the session's user namespace). */
+ * It is spawned (by the zygote, cheaply) before the test process exists, so it starts in the zygote's
+ * namespaces; the test process (pid 2) builds the sandbox's own and then tells it to join them:
+ *   fd 3: 4 bytes from the test process, the CLONE_NEW* flags of the namespaces to join
+ *   fd 4: one byte back once it has joined them and given up every capability
+ * From its first instruction it is not dumpable (the test can neither ptrace it nor open /proc/1/mem or
+ * /proc/1/root); anything that fails ends it with status 127, which ends the sandbox. Then it only reaps:
+ * orphans of the test land here and must not stay zombies. The zygote kills it (SIGKILL from the parent
+ * namespace) when the test process has ended, which tears the namespace down. */
         .globl _start
         .text
 _start:
@@ -19,12 +20,52 @@ _start:
         syscall
         test    %rax, %rax
         jnz     fail
+        sub     $16, %rsp               /* the flags word, on the stack */
+        mov     $3, %edi
+        mov     %rsp, %rsi
+        mov     $4, %edx
+        xor     %eax, %eax              /* read(3, flags, 4): wait for the test process */
+        syscall
+        cmp     $4, %rax
+        jne     fail
+        cmpl    $0, (%rsp)              /* no flags: nothing to join (its own tests run it so) */
+        je      lock
+        mov     $2, %edi                /* pid 2, the test process, in this pid namespace */
+        xor     %esi, %esi
+        mov     $434, %eax              /* pidfd_open */
+        syscall
+        test    %rax, %rax
+        js      fail
+        mov     %rax, %r12              /* the pidfd */
+        mov     %r12, %rdi
+        mov     (%rsp), %esi            /* the flags */
+        mov     $308, %eax              /* setns(pidfd, flags): every namespace at once */
+        syscall
+        test    %rax, %rax
+        jnz     fail
+        mov     %r12, %rdi
+        mov     $3, %eax                /* close(pidfd) */
+        syscall
+lock:
         lea     cap_header(%rip), %rdi
         lea     cap_data(%rip), %rsi    /* all-zero effective, permitted, inheritable */
         mov     $126, %eax              /* capset */
         syscall
         test    %rax, %rax
         jnz     fail
+        mov     $4, %edi
+        lea     ack(%rip), %rsi
+        mov     $1, %edx
+        mov     $1, %eax                /* write(4, "1", 1): joined, nothing left to take */
+        syscall
+        cmp     $1, %rax
+        jne     fail
+        mov     $3, %edi
+        mov     $3, %eax                /* close(3) */
+        syscall
+        mov     $4, %edi
+        mov     $3, %eax                /* close(4) */
+        syscall
         xor     %edi, %edi              /* SIG_BLOCK */
         lea     mask(%rip), %rsi
         xor     %edx, %edx
@@ -48,9 +89,10 @@ reap:
         syscall
         jmp     reap
 fail:
-        mov     $127, %edi              /* a pid 1 that cannot lock itself down ends the sandbox */
+        mov     $127, %edi
         mov     $231, %eax              /* exit_group */
         syscall
+ack:    .byte   0x31                    /* "1" */
 mask:   .quad   0x10000                 /* 1 << (SIGCHLD - 1) */
 cap_header:
         .long   0x20080522              /* _LINUX_CAPABILITY_VERSION_3 */

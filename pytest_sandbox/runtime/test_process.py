@@ -1,18 +1,11 @@
 """One sandbox, from its namespaces to the end of its test: the setup path of every test sandbox.
 
-Two processes build it, both forks of the zygote, in this order:
-
-* the **builder** makes the sandbox's mount, UTS, IPC and network namespaces and its mount tree,
-  then a pid namespace whose pid 1 (init.py) it spawns *inside* all of them, then forks the test
-  process into it and exits. The zygote, pid 1 of the session's pid namespace, inherits both.
-  The builder exists because the zygote cannot come back from a network namespace it leaves
-  (the host's belongs to the initial user namespace), and pid 1 must be born in the sandbox's.
-* the **test process** (pid 2) finishes what only a process inside the pid namespace can do
-  (/proc), lets go of everything of the host's it inherited (fds, capabilities), and waits until
-  pytest asks for a test; then it runs pytest's own runtest protocol on it.
-
-Both happen *ahead of time*, while the previous test runs. Never imports plugin.py: everything
-comes as arguments.
+The zygote starts a sandbox *ahead of time*: it spawns pid 1 (init.py) into a new pid namespace and
+forks this process as pid 2. This process then builds the sandbox's namespaces and mount tree, has
+pid 1 join them (pid 1 was born in the zygote's, whose network namespace is the host's), lets go of
+everything of the host's it inherited (fds, capabilities), and waits until pytest asks for a test;
+then it runs pytest's own runtest protocol on it. The fork and mount costs are paid while the
+previous test runs. Never imports plugin.py: everything comes as arguments.
 """
 
 from __future__ import annotations
@@ -103,12 +96,11 @@ class ReportStreamer:
 
 @dataclasses.dataclass(frozen=True)
 class Sandbox:
-    """What the zygote decided for one sandbox before forking its builder."""
+    """What the zygote decided for one sandbox before forking its test process."""
 
     spec: SandboxSpec
     plan: rootfs.RootPlan
     cwd: str
-    init_argv: list[str]
     crash_fd: int  # this sandbox's own memfd for faulthandler: pytest reads it once the test is over
     kept_id: str | None  # the read/write layer pytest keeps if the test fails, in layer_dir
     layer_dir: str | None
@@ -117,89 +109,67 @@ class Sandbox:
     backend: cgroups.Backend
 
 
-def builder(zygote: socket.socket, items: dict[str, pytest.Item], box: Sandbox) -> None:
-    """The sandbox's namespaces and tree, pid 1 inside them, the test process; never returns.
-
-    Tells the zygote ``{"op": "built", "init": pid, "test": pid}`` or ``{"op": "error", ...}``. It is a
-    fork of pytest: whatever happens, it ends here (``os._exit``), never back in pytest's code.
-    """
-    try:
-        try:
-            init_pid, test_pid = _build(zygote, items, box)
-            reply = {"op": "built", "init": init_pid, "test": test_pid}
-        except BaseException as exc:
-            phase = exc.phase if isinstance(exc, SetupError) else "namespaces"
-            message = exc.message if isinstance(exc, SetupError) else f"{type(exc).__name__}: {exc}"
-            reply = {"op": "error", "phase": phase, "message": message}
-        protocol.send(zygote, reply)
-    finally:
-        os._exit(0)
-
-
-def _build(zygote: socket.socket, items: dict[str, pytest.Item], box: Sandbox) -> tuple[int, int]:
-    """The builder's steps, in order; returns the pids of pid 1 and of the test process."""
-    # 1. Out of pytest's session (killpg(0) in a test must not reach pytest) and its session keyring.
-    syscalls.set_process_name("sandbox-build")
+def _enter(box: Sandbox, config: pytest.Config, pid1: tuple[int, int], keep: set[int]) -> None:
+    """The test process's steps, in order; each must happen before the next."""
+    # 1. A name on the host's ps; out of pytest's session (killpg(0) in a test must not reach pytest)
+    #    and out of its session keyring (keyrings go with credentials, not namespaces).
+    syscalls.set_process_name("sandbox-test")
     os.setsid()
     syscalls.join_new_session_keyring()
-    # 2. Mount, UTS, IPC namespaces, and a network namespace unless the test shares the host's;
-    #    all owned by the session's user namespace, where this process holds every capability.
-    flags = syscalls.CLONE_NEWNS | syscalls.CLONE_NEWUTS | syscalls.CLONE_NEWIPC
+    # 2. Own mount, UTS, IPC and cgroup namespaces (the cgroup one after the zygote moved this process
+    #    into the sandbox's cgroup: its root is that), and a network namespace unless the test shares
+    #    the host's. All are owned by the session's user namespace, where this process still holds
+    #    every capability.
+    flags = syscalls.CLONE_NEWNS | syscalls.CLONE_NEWUTS | syscalls.CLONE_NEWIPC | syscalls.CLONE_NEWCGROUP
     if box.spec.network == "none":
         flags |= syscalls.CLONE_NEWNET
     syscalls.unshare(flags)
-    # 3. The mount tree (needs the new mount namespace; /proc comes from the test process).
+    # 3. The mount tree (needs the new mount namespace), then a /proc of the pid namespace (only a
+    #    process inside it can mount that) with the kernel knobs read-only.
     rootfs.build(box.plan, box.layer_dir, box.keep_dir)
+    rootfs.mount_proc()
     # 4. Host name and loopback of the new namespaces.
     socket.sethostname(box.spec.hostname)
     if box.spec.network == "none":
         syscalls.loopback_up()
-    # 5. Root's test process will have no capability left to map uid 0 in a user namespace of its own:
-    #    the commands it starts in an image enter one made now. Its id maps are written through a
-    #    procfs of our own (the host view's is read-only), gone again before the test process exists.
+    # 5. pid 1 joins every namespace above (its /proc/1/root, /proc/1/net become the sandbox's), then
+    #    gives up its capabilities; nothing of the test runs before it says it has.
+    _pid1_joins(flags, *pid1)
+    # 6. Root will have no capability left to map uid 0 in a user namespace of its own: the commands it
+    #    starts in an image enter one made now.
     if box.plan.image is not None and os.geteuid() == 0:
-        syscalls.mount("proc", "/proc", "proc", rootfs.PROC_FLAGS)
-        try:
-            userns.set_commands_namespace(userns.spare_namespace())
-        finally:
-            syscalls.umount2("/proc", syscalls.MNT_DETACH)
-    # 6. pid 1 first, so it is born inside every namespace above (its /proc/1/root, /proc/1/net are
-    #    the sandbox's), then the test process as pid 2.
-    syscalls.unshare(syscalls.CLONE_NEWPID)
-    init_pid = os.posix_spawn(box.init_argv[0], box.init_argv, {}, setsid=True)
-    test_pid = os.fork()
-    if test_pid == 0:
-        try:
-            test_process(zygote, items, box)
-        finally:
-            os._exit(1)  # test_process ends the process itself; this only catches what escaped it
-    return init_pid, test_pid
-
-
-def _enter(box: Sandbox, config: pytest.Config, keep: set[int]) -> None:
-    """The test process's own steps, inside the sandbox's namespaces."""
-    # 1. A name on the host's ps.
-    syscalls.set_process_name("sandbox-test")
-    # 2. Its own cgroup namespace, after the zygote moved it into the sandbox's cgroup: its root is that.
-    syscalls.unshare(syscalls.CLONE_NEWCGROUP)
-    # 3. A /proc of its pid namespace (only a process inside it can mount that), kernel knobs read-only.
-    rootfs.mount_proc()
-    # 4. Where the test starts and the environment it sees (a FROM host image's ENV, then the spec's).
+        commands_ns = userns.spare_namespace()
+        userns.set_commands_namespace(commands_ns)
+        keep.add(commands_ns)
+    # 7. Where the test starts and the environment it sees (credential variables withheld, a FROM
+    #    host image's ENV, then the spec's).
     os.chdir(box.cwd)
     credentials.scrub_environment(credentials.withheld_variables(os.environ, box.spec.env_pass))  # env= may set them
     if box.plan.image is not None and box.plan.image.host_based:
         os.environ.update(box.plan.image.env)
     os.environ.update(box.spec.env)
-    # 5. Let go of every fd of the host's it inherited: log files, xdist's pipes, the zygote's sockets and
+    # 8. Let go of every fd of the host's it inherited: log files, xdist's pipes, the zygote's sockets and
     #    cgroup dirs, other sandboxes' channels. Capture and the log file restart on its own.
     _shed_host_fds(config, keep)
-    # 6. No capabilities at all, root included, and none to regain by execve (bounding set, no_new_privs):
+    # 9. No capabilities at all, root included, and none to regain by execve (bounding set, no_new_privs):
     #    the mounts it inherited cannot be remounted or unmounted, kernel knobs stay read-only.
     userns.drop_capabilities()
-    # 7. Crash dumps go to this sandbox's memfd; limits a process sets on itself (rlimits) come last,
-    #    so nothing above runs under them.
+    # 10. Crash dumps go to this sandbox's memfd; limits a process sets on itself (rlimits) come last,
+    #     so nothing above runs under them.
     faulthandler.enable(file=box.crash_fd, all_threads=True)
     box.backend.in_test_process(box.spec)
+
+
+def _pid1_joins(flags: int, go: int, ack: int) -> None:
+    """Tell pid 1 (init.py) which namespaces to join; it answers once it has, without capabilities."""
+    try:
+        os.write(go, flags.to_bytes(4, "little"))
+        answer = os.read(ack, 1)
+    finally:
+        os.close(go)
+        os.close(ack)
+    if answer != b"1":
+        raise SetupError("init", "pid 1 could not join the sandbox's namespaces")
 
 
 class _ChannelLog:
@@ -238,8 +208,10 @@ def _shed_host_fds(config: pytest.Config, keep: set[int]) -> None:
         capture.suspend_global_capture()
 
 
-def test_process(zygote: socket.socket, items: dict[str, pytest.Item], box: Sandbox) -> None:
+def test_process(zygote: socket.socket, items: dict[str, pytest.Item], box: Sandbox, pid1: tuple[int, int]) -> None:
     """Enter the sandbox, wait for a test, run pytest's own runtest protocol on it; never returns.
+
+    ``pid1`` is the pair of pipe ends (go, ack) to the sandbox's pid 1 (see init_x86_64.S).
 
     With a cgroup nothing happens until the zygote has moved this process into the
     sandbox's cgroup, so every byte and cycle is accounted there.
@@ -253,9 +225,7 @@ def test_process(zygote: socket.socket, items: dict[str, pytest.Item], box: Sand
         os._exit(0)
     error: dict[str, Any] | None = None
     try:
-        commands_ns = userns.commands_namespace()
-        keep = {zygote.fileno(), box.crash_fd} | ({commands_ns} if commands_ns is not None else set())
-        _enter(box, next(iter(items.values())).config, keep=keep)
+        _enter(box, next(iter(items.values())).config, pid1, keep={zygote.fileno(), box.crash_fd})
     except BaseException as exc:
         phase = exc.phase if isinstance(exc, SetupError) else "namespaces"
         message = exc.message if isinstance(exc, SetupError) else f"{type(exc).__name__}: {exc}"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import gc
 import os
 import secrets
@@ -129,6 +130,16 @@ def zygote_main(
     os._exit(code)
 
 
+def _pipes_above(least: int) -> tuple[int, int, int, int]:
+    """Two pipes (read, write, read, write) on fds above ``least``: posix_spawn puts pid 1's ends on 3
+    and 4, which must not be any of them."""
+    fds = []
+    for fd in (*os.pipe2(os.O_CLOEXEC), *os.pipe2(os.O_CLOEXEC)):
+        fds.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, least + 1))
+        os.close(fd)
+    return fds[0], fds[1], fds[2], fds[3]
+
+
 class _Sandbox:
     """One sandbox: its pid 1 and its test process, both children of the zygote once their builder is gone."""
 
@@ -171,7 +182,12 @@ class _Factory:
         self.items = items
         self.paths = paths
         self.limits = limits
+        self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.init_argv, self.init_fd = init.command()
+        # pid 1 joins each sandbox's namespaces after its exec (setns through a pidfd of the test process,
+        # which also asks for ptrace access to it): it needs these capabilities across the exec, which
+        # without root only ambient ones keep. It drops them once it has joined.
+        userns.keep_across_exec(userns.CAP_SYS_ADMIN, userns.CAP_SYS_CHROOT, userns.CAP_SYS_PTRACE)
         self.scratch_size = mounts.default_scratch_size()
         self.host_sockets = mounts.unix_socket_paths()  # the host's, as the session starts
         self.plans: dict[SandboxSpec, rootfs.RootPlan] = {}
@@ -205,7 +221,7 @@ class _Factory:
         return [p for p in self.host_sockets if not any(mounts.is_under(p, w) for w in writable)]
 
     def prepare(self, spec: SandboxSpec) -> _Sandbox:
-        """Build a sandbox ahead of time: a builder fork makes its namespaces, pid 1 and test process.
+        """Start pid 1 in a new pid namespace and fork the test process into it; it builds itself.
 
         With a cgroup, both are moved into it before the test process may go on.
         """
@@ -217,7 +233,6 @@ class _Factory:
             spec=spec,
             plan=plan,
             cwd=self.paths.cwd,
-            init_argv=self.init_argv,
             crash_fd=os.memfd_create("sandbox-crash", os.MFD_CLOEXEC),
             kept_id=kept_id,
             layer_dir=f"{self.paths.keep_dir}/{kept_id}" if kept_id else None,
@@ -226,25 +241,26 @@ class _Factory:
             backend=self.limits.backend,
         )
         test, test_end = protocol.socketpair()
-        sandbox = _Sandbox(spec, test, group, box.crash_fd)
-        builder_pid = os.fork()
-        if builder_pid == 0:
-            self.control.close()
-            test.close()
-            test_process.builder(test_end, self.items, box)
-        test_end.close()
+        go_r, go_w, ack_r, ack_w = _pipes_above(4)  # pid 1 waits on these until the sandbox's namespaces exist
+        pid1_fds = [(os.POSIX_SPAWN_DUP2, go_r, 3), (os.POSIX_SPAWN_DUP2, ack_w, 4)]
+        syscalls.unshare(syscalls.CLONE_NEWPID)
         try:
-            reply, _ = protocol.recv(test)
+            init_pid = os.posix_spawn(self.init_argv[0], self.init_argv, {}, setsid=True, file_actions=pid1_fds)
+            test_pid = os.fork()
+            if test_pid == 0:
+                try:
+                    self.control.close()
+                    test.close()
+                    test_process.test_process(test_end, self.items, box, (go_w, ack_r))
+                finally:
+                    os._exit(1)  # test_process ends the process itself; this only catches what escaped it
         finally:
-            os.waitpid(builder_pid, 0)  # gone: its children (pid 1 and the test) are now ours
-        if reply is None or reply.get("op") != "built":
-            reply = reply or {"phase": "fork", "message": "the sandbox builder died"}
-            sandbox.error = {"type": "error", "phase": reply["phase"], "message": reply["message"]}
-            if group is not None:
-                group.remove()
-                sandbox.group = None
-            return sandbox
-        sandbox.built(reply["init"], reply["test"])
+            syscalls.setns(self.own_pidns, syscalls.CLONE_NEWPID)  # the next sandbox gets a namespace of its own
+            for fd in (go_r, go_w, ack_r, ack_w):
+                os.close(fd)
+        test_end.close()
+        sandbox = _Sandbox(spec, test, group, box.crash_fd)
+        sandbox.built(init_pid, test_pid)
         if group is not None:
             try:
                 group.attach(sandbox.init_pid)
