@@ -35,8 +35,9 @@ libc = ctypes.CDLL(None, use_errno=True)
 # As the native one (see init_x86_64.S): not dumpable, join the test process's namespaces, no capabilities.
 if libc.prctl(4, 0, 0, 0, 0) != 0:
     os._exit(127)
-flags = os.read(3, 4)
-if len(flags) != 4 or (int.from_bytes(flags, "little") and libc.setns(os.pidfd_open(2), int.from_bytes(flags, "little")) != 0):
+data = os.read(3, 4)
+flags = int.from_bytes(data, "little")
+if len(data) != 4 or (flags and libc.setns(os.pidfd_open(2), flags) != 0):
     os._exit(127)
 if libc.capset((ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()) != 0 or os.write(4, b"1") != 1:
     os._exit(127)
