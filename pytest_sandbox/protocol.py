@@ -10,18 +10,20 @@ Each sandbox has two channels to pytest: *reports*, which the test process holds
 its code writes there is untrusted), and *status*, which only the zygote holds, so a test
 cannot forge how it ended::
 
-    pytest                     zygote (pid 1 of the session)    builder            test process (pid 2 of a sandbox)
-      |                          |-- fork (ahead of time) ------>|  namespaces, mounts, pid 1
-      |                          |<-- built {init, test} --------|-- fork ------->|  /proc, fds, caps
-      |                          |   (or error {phase, message})   exits          |
-      |                          |-- attached (after the cgroup move) ----------->|  (only with a cgroup)
-      |-- run {nodeid} + [status, reports] -->|                                   |
-      |                          |-- {nodeid} + [reports] ----------------------->|  runs the protocol
-      |<============================================================ container {id} ==|  (a keepable layer only)
-      |<============================================================ report {data} ===|  (setup, call, teardown)
-      |<============================================================ warning {...} ===|
-      |<============================================================ log {text} ======|  (pytest's log_file)
-      |<============================================================ done ============|  exits
+    pytest                     zygote (pid 1 of the session)     pid 1 of a sandbox     test process (pid 2)
+      |                          |-- spawn (ahead of time) ------->|  waits on fd 3      |
+      |                          |-- fork (ahead of time) ---------------------------------->|  namespaces, mounts
+      |                          |-- attached (after the cgroup move) ---------------------->|  (only with a cgroup)
+      |                          |                                 |<-- join {flags} ----|  (a pipe, 4 bytes)
+      |                          |                                 |-- joined ---------->|  setns, no capabilities
+      |                          |                                                       |  /proc, fds, caps dropped
+      |-- run {nodeid} + [status, reports] -->|                                          |
+      |                          |-- {nodeid} + [reports] ---------------------------------->|  runs the protocol
+      |<============================================================ container {id} ========|  (keepable layer only)
+      |<============================================================ report {data} =========|  (setup, call, teardown)
+      |<============================================================ warning {...} =========|
+      |<============================================================ log {text} ============|  (pytest's log_file)
+      |<============================================================ done ==================|  exits
       |<-- exit {code|signal, usage} + [crash memfd] --|  test exited: SIGKILL its pid 1
       |<-- gone -----------------|  pid 1 reaped: the namespace is empty
       |-- kill {nodeid} -------->|  (pytest's timeout: end that sandbox now)

@@ -2,8 +2,8 @@
 
 One process per pytest process that already sits in the user namespace, with a
 private mount namespace whose root is the read-only host view, as pid 1 of its
-own pid namespace. Each sandbox is built by a fork of it (the builder, see
-test_process.py), so the expensive setup happens once. If pytest dies, the
+own pid namespace. Each sandbox is one fork of it into a new pid namespace, so
+the expensive setup happens once. If pytest dies, the
 zygote-parent gets SIGTERM (parent-death signal), kills the zygote, which being
 pid 1 takes every sandbox with it, and removes the session's cgroups.
 
@@ -14,10 +14,10 @@ Process tree::
                                                                           ├─ init (pid 1 of sandbox B)
                                                                           └─ test (pid 2 of sandbox B)
 
-Each init and test process is born in its sandbox's namespaces by a short-lived
-builder; when the builder exits, both become the zygote's children (it is pid 1
-of their parent namespace). The zygote sees the test process exit (pidfd), sends
-pytest the exit status and kills that sandbox's pid 1, which ends every process left.
+For each sandbox the zygote spawns pid 1 (a 4 KiB program, no fork of pytest) and
+forks the test process as pid 2; the test process builds the sandbox's namespaces and
+pid 1 joins them (see test_process.py). The zygote sees the test process exit (pidfd),
+sends pytest the exit status and kills that sandbox's pid 1, which ends every process left.
 """
 
 from __future__ import annotations
@@ -141,12 +141,11 @@ def _pipes_above(least: int) -> tuple[int, int, int, int]:
 
 
 class _Sandbox:
-    """One sandbox: its pid 1 and its test process, both children of the zygote once their builder is gone."""
+    """One sandbox: its pid 1 and its test process, both children of the zygote."""
 
     def __init__(self, spec: SandboxSpec, test: socket.socket, group: cgroups.Group | None, crash_fd: int) -> None:
         self.spec, self.test, self.group, self.crash_fd = spec, test, group, crash_fd
         self.init_pid = self.test_pid = self.test_pidfd = self.init_pidfd = -1
-        self.error: dict[str, Any] | None = None  # the builder failed: this sandbox only reports why
         self.to_pytest: socket.socket | None = None
         self.nodeid = ""
         self.exit: dict[str, Any] = {"type": "exit"}
@@ -317,8 +316,6 @@ class _Factory:
         """Drop a sandbox that never ran a test."""
         sandbox.test.close()
         os.close(sandbox.crash_fd)
-        if sandbox.error is not None:
-            return
         sandbox.kill()
         os.waitpid(sandbox.test_pid, 0)
         os.close(sandbox.test_pidfd)
@@ -377,13 +374,8 @@ def _serve(
         try:
             if ready is None:
                 ready = factory.prepare(spec)
-            if ready.error is not None:
-                protocol.send(to_pytest, ready.error)
-                to_pytest.close()
-                factory.cancel(ready)
-            else:
-                factory.running[ready.test_pidfd] = ready
-                ready.start(message["nodeid"], to_pytest, reports)
+            factory.running[ready.test_pidfd] = ready
+            ready.start(message["nodeid"], to_pytest, reports)
         except OSError as exc:
             protocol.send(
                 to_pytest, {"type": "error", "phase": "cgroup" if "cgroup" in str(exc) else "fork", "message": str(exc)}
