@@ -488,6 +488,20 @@ def test_attack():
         found.append(f"/proc/1/root/tmp is not this sandbox's /tmp: {through_pid1[:10]} (own: {own[:10]})")
     if through_pid1 is not None and os.path.basename(HOST_MARKER) in through_pid1:
         found.append(f"the host's {HOST_MARKER} is visible through /proc/1/root")
+    # Positively inside (its ns links are unreadable: it is not dumpable): the same interfaces and mounts.
+    def interfaces(pid):
+        with open(f"/proc/{pid}/net/dev") as f:
+            return sorted(line.split(":")[0].strip() for line in f.readlines()[2:])
+
+    def mount_points(pid):
+        with open(f"/proc/{pid}/mountinfo") as f:
+            return sorted(line.split()[4] for line in f)
+
+    if interfaces(1) != interfaces("self"):
+        found.append(f"pid 1 sees the network interfaces {interfaces(1)} (this test: {interfaces('self')})")
+    if mount_points(1) != mount_points("self"):
+        theirs, mine = len(mount_points(1)), len(mount_points("self"))
+        found.append(f"pid 1 is in another mount namespace: {theirs} mounts, here {mine}")
     for ns in ("net", "mnt"):
         theirs, mine = readlink(f"/proc/1/ns/{ns}"), readlink(f"/proc/self/ns/{ns}")
         if theirs != mine and not theirs.startswith("unreadable"):
