@@ -178,7 +178,7 @@ def unix_socket_paths(table: str = "/proc/net/unix") -> list[str]:
             for line in f:
                 fields = line.split(None, 7)
                 if len(fields) == 8 and fields[7].startswith("/"):
-                    paths.add(_OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[7].rstrip("\n")))
+                    paths.add(fields[7].rstrip("\n"))  # printed as bound: no escapes, unlike mountinfo
     except OSError:
         pass
     return sorted(paths)

@@ -205,13 +205,12 @@ def _detached_image_root(image: ImageMount, scratch: str, layer_dir: str | None)
         raise SetupError("image", f"cannot mount image {image.name}: {exc}") from None
 
 
-def build(plan: RootPlan, layer_dir: str | None = None, keep_dir: str = "") -> None:
+def build(plan: RootPlan, layer_dir: str | None = None) -> None:
     """Mount one sandbox's tree in the current (fresh) mount namespace.
 
     ``layer_dir``: where an image test's read/write layer goes (kept if the test fails);
-    without it the layer lives on the scratch tmpfs and dies with the sandbox. ``keep_dir`` (the
-    session's kept layers, writable in the host view) is masked once the layer is mounted. /proc
-    comes later (``mount_proc``), from inside the sandbox's pid namespace.
+    without it the layer lives on the scratch tmpfs and dies with the sandbox. /proc comes later
+    (``mount_proc``), from inside the sandbox's pid namespace.
     """
     # 1. Everything that refers to host paths is prepared detached, before anything covers it.
     #    Uppers live on a scratch tmpfs that must be attached in this namespace (Linux < 6.6
@@ -236,10 +235,8 @@ def build(plan: RootPlan, layer_dir: str | None = None, keep_dir: str = "") -> N
         mounts.attach(fd, path, is_dir)
     if image_fd is not None:
         mounts.attach(image_fd, plan.image_root)
-    # 4. The session's kept layers are writable in the host view; a test sees only its own, as its upper.
-    if keep_dir and os.path.isdir(keep_dir):
-        mounts.mask(keep_dir)
-    # 5. Credential places masked, over the overlays and visible paths that may hold them.
+    # 4. Hidden places masked (credentials, host sockets, the session's kept layers), over the overlays
+    #    and visible paths that may hold them; an image test's own layer is already its upper by now.
     mask_places(plan)
 
 

@@ -204,9 +204,8 @@ PR_CAP_AMBIENT_RAISE = 2
 
 def keep_across_exec(*caps: int) -> None:
     """Make ``caps`` (held now) ambient, so a program this process starts keeps them without being root."""
-    with open("/proc/self/status") as f:
-        fields = dict(line.split(":", 1) for line in f if line.startswith("Cap"))
-    permitted, effective = int(fields["CapPrm"], 16), int(fields["CapEff"], 16)
+    sets = _capability_sets()
+    permitted, effective = sets["CapPrm"], sets["CapEff"]
     inheritable = sum(1 << cap for cap in caps)
     data = (_CapData * 2)()
     for word in (0, 1):
@@ -220,11 +219,13 @@ def keep_across_exec(*caps: int) -> None:
 
 def has_capabilities() -> bool:
     """Whether this process holds any effective capability (in its own user namespace)."""
+    return _capability_sets().get("CapEff", 0) != 0
+
+
+def _capability_sets() -> dict[str, int]:
+    """This process's capability sets from /proc/self/status: CapInh, CapPrm, CapEff, CapBnd, CapAmb."""
     with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16) != 0
-    return False
+        return {name: int(value, 16) for name, value in (line.split(":", 1) for line in f if line.startswith("Cap"))}
 
 
 def _last_cap() -> int:

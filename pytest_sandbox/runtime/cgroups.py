@@ -191,10 +191,6 @@ class Session:
         self.name = name
         self.count = 0
 
-    def fds(self) -> list[int]:
-        """The directory fds this session holds, for a forked test process to close."""
-        return [*self.dirs.values(), *self.parents.values()]
-
     def create(self, spec: SandboxSpec) -> Group:
         self.count += 1
         group = Group(self, f"sb-{self.count}")

@@ -104,7 +104,6 @@ class Sandbox:
     crash_fd: int  # this sandbox's own memfd for faulthandler: pytest reads it once the test is over
     kept_id: str | None  # the read/write layer pytest keeps if the test fails, in layer_dir
     layer_dir: str | None
-    keep_dir: str
     wait_for_cgroup: bool
     backend: cgroups.Backend
 
@@ -126,7 +125,7 @@ def _enter(box: Sandbox, config: pytest.Config, pid1: tuple[int, int], keep: set
     syscalls.unshare(flags)
     # 3. The mount tree (needs the new mount namespace), then a /proc of the pid namespace (only a
     #    process inside it can mount that) with the kernel knobs read-only.
-    rootfs.build(box.plan, box.layer_dir, box.keep_dir)
+    rootfs.build(box.plan, box.layer_dir)
     rootfs.mount_proc()
     # 4. Host name and loopback of the new namespaces.
     socket.sethostname(box.spec.hostname)

@@ -60,11 +60,6 @@ class Limits:
     session: cgroups.Session | None
     accounting: bool
 
-    def wants_group(self, spec: SandboxSpec) -> bool:
-        # Every sandbox gets a cgroup where there are cgroups: whatever cgroups a test makes in a cgroup
-        # filesystem of its own then lie below its leaf and go with it.
-        return self.session is not None
-
 
 def zygote_main(
     control: socket.socket,
@@ -143,17 +138,22 @@ def _pipes_above(least: int) -> tuple[int, int, int, int]:
 class _Sandbox:
     """One sandbox: its pid 1 and its test process, both children of the zygote."""
 
-    def __init__(self, spec: SandboxSpec, test: socket.socket, group: cgroups.Group | None, crash_fd: int) -> None:
-        self.spec, self.test, self.group, self.crash_fd = spec, test, group, crash_fd
-        self.init_pid = self.test_pid = self.test_pidfd = self.init_pidfd = -1
+    def __init__(
+        self,
+        spec: SandboxSpec,
+        init_pid: int,
+        test_pid: int,
+        test: socket.socket,
+        group: cgroups.Group | None,
+        crash_fd: int,
+    ) -> None:
+        self.spec, self.init_pid, self.test_pid, self.test = spec, init_pid, test_pid, test
+        self.group, self.crash_fd = group, crash_fd
+        self.test_pidfd = os.pidfd_open(test_pid)
+        self.init_pidfd = os.pidfd_open(init_pid)
         self.to_pytest: socket.socket | None = None
         self.nodeid = ""
         self.exit: dict[str, Any] = {"type": "exit"}
-
-    def built(self, init_pid: int, test_pid: int) -> None:
-        self.init_pid, self.test_pid = init_pid, test_pid
-        self.init_pidfd = os.pidfd_open(init_pid)
-        self.test_pidfd = os.pidfd_open(test_pid)
 
     def start(self, nodeid: str, to_pytest: socket.socket, reports: socket.socket) -> None:
         """Hand the test its reports channel; the status channel stays here, out of the test's reach."""
@@ -164,11 +164,10 @@ class _Sandbox:
 
     def kill(self) -> None:
         """SIGKILL to pid 1 from outside its namespace ends every process in it (and so does cgroup.kill)."""
-        if self.init_pid > 0:
-            try:
-                os.kill(self.init_pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        try:
+            os.kill(self.init_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         if self.group is not None:
             self.group.kill()
 
@@ -209,7 +208,13 @@ class _Factory:
                 self.paths.needed,
                 image,
                 tmpfs_size=self.tmpfs_size(spec),
-                hidden=[*credentials.hidden_places(os.environ.get("HOME"), spec.hide), *self._host_sockets(spec)],
+                hidden=[
+                    *credentials.hidden_places(os.environ.get("HOME"), spec.hide),
+                    *self._host_sockets(spec),
+                    # The session's kept layers are writable in the host view; a test sees only its own
+                    # (as its upper, mounted before the masks).
+                    *([self.paths.keep_dir] if self.paths.keep_dir else []),
+                ],
             )
         return plan
 
@@ -226,7 +231,9 @@ class _Factory:
         """
         plan = self.plan(spec)
         session = self.limits.session
-        group = session.create(spec) if session is not None and self.limits.wants_group(spec) else None
+        # Every sandbox gets a cgroup where there are cgroups: whatever cgroups a test makes in a cgroup
+        # filesystem of its own then lie below its leaf and go with it.
+        group = session.create(spec) if session is not None else None
         kept_id = secrets.token_hex(6) if self.paths.keep_dir and plan.image else None
         box = test_process.Sandbox(
             spec=spec,
@@ -235,7 +242,6 @@ class _Factory:
             crash_fd=os.memfd_create("sandbox-crash", os.MFD_CLOEXEC),
             kept_id=kept_id,
             layer_dir=f"{self.paths.keep_dir}/{kept_id}" if kept_id else None,
-            keep_dir=self.paths.keep_dir,
             wait_for_cgroup=group is not None,
             backend=self.limits.backend,
         )
@@ -258,8 +264,7 @@ class _Factory:
             for fd in (go_r, go_w, ack_r, ack_w):
                 os.close(fd)
         test_end.close()
-        sandbox = _Sandbox(spec, test, group, box.crash_fd)
-        sandbox.built(init_pid, test_pid)
+        sandbox = _Sandbox(spec, init_pid, test_pid, test, group, box.crash_fd)
         if group is not None:
             try:
                 group.attach(sandbox.init_pid)
