@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from . import credentials, hookspecs, probe, reports, settings, summary
 from . import session as _session
 from .errors import SandboxError
+from .runtime import test_process
 from .session import SPEC_KEY, SessionState
 from .spec import FIELDS, MARKER, SandboxSpec, spec_for_item
 
@@ -86,18 +88,57 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
 
 @pytest.hookimpl(tryfirst=True)
-def pytest_runtestloop(session: pytest.Session) -> None:
-    """Build (or find cached) every image the selected tests use, before the first test runs."""
+def pytest_runtestloop(session: pytest.Session) -> bool | None:
+    """Build every image the selected tests use, start the zygote, then run the loop where pytest would.
+
+    The zygote is forked here, outside any test's protocol: a fork inside one would inherit the
+    timers its wrappers armed (faulthandler's watchdog thread does not survive a fork).
+    """
     state = session.config.stash[STATE_KEY]
-    if not state.images or session.config.option.collectonly or session.testsfailed:
-        return  # nothing to build, or pytest stops for collection errors before any test
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if state.mode == "off" or session.config.option.collectonly or session.testsfailed:
+        return None  # pytest stops for collection errors before any test
+    if state.images:
+        _session.prepare_images(state, _image_progress(session.config))
+    first = next((item for item in session.items if SPEC_KEY in item.stash), None)
+    if first is None:
+        return None
+    _start_zygote(first, state)
+    if _is_xdist_worker(session.config) or session.config.pluginmanager.has_plugin("dsession"):
+        return None  # xdist's loop calls pytest_runtest_protocol, below
+    for index, item in enumerate(session.items):
+        nextitem = session.items[index + 1] if index + 1 < len(session.items) else None
+        if SPEC_KEY in item.stash:
+            _sandboxed(item, nextitem, item.stash[SPEC_KEY], state)
+        else:
+            item.config.hook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+        if session.shouldfail:
+            raise session.Failed(session.shouldfail)
+        if session.shouldstop:
+            raise session.Interrupted(session.shouldstop)
+    return True
+
+
+def _image_progress(config: pytest.Config) -> Callable[[str], None]:
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
 
     def progress(line: str) -> None:
         if reporter is not None:
             reporter.write_line(f"sandbox image: {line}")
 
-    _session.prepare_images(state, progress)
+    return progress
+
+
+def _is_xdist_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def _start_zygote(item: pytest.Item, state: SessionState) -> None:
+    """Fork the zygote now; a failure is reported on the first sandboxed test, as before."""
+    if probe.unavailable_reason() is None:
+        try:
+            _session.zygote_for(item, state)
+        except SandboxError:
+            pass
 
 
 def _unenforceable(state: SessionState, unenforced: dict[str, list[str]]) -> None:
@@ -111,6 +152,9 @@ def _unenforceable(state: SessionState, unenforced: dict[str, list[str]]) -> Non
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
+    """Reached for host tests, and for sandboxed ones under xdist, whose worker loop calls it."""
+    if test_process.in_sandbox():
+        return None  # pytest's own protocol, with every plugin's hooks, in the sandbox
     state = item.config.stash[STATE_KEY]
     spec = item.stash.get(SPEC_KEY, None)
     if spec is None or state.mode == "off":
@@ -118,6 +162,28 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         if state.zygote is not None:
             state.zygote.collect_exits(block=True)  # nothing of a sandbox may overlap a host test
         return None
+    _disarm_host_timers(item)
+    state.in_host_protocol = True
+    try:
+        _sandboxed(item, nextitem, spec, state)
+    finally:
+        state.in_host_protocol = False
+    return True
+
+
+def _disarm_host_timers(item: pytest.Item) -> None:
+    """Wrappers of this hook on the pytest process (xdist's loop reaches them) armed timers for a test
+    that runs elsewhere: the same plugins arm them again in the sandbox. pytest-timeout's interval
+    timer (SIGALRM) or thread would otherwise fire in pytest, mid-relay."""
+    cancel = getattr(item, "cancel_timeout", None)
+    if callable(cancel):
+        cancel()
+    signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def _sandboxed(item: pytest.Item, nextitem: pytest.Item | None, spec: SandboxSpec, state: SessionState) -> None:
+    """What pytest's protocol does for an item, with the protocol itself run in a sandbox: pytest
+    hears the start, every report the sandbox logs, and the finish."""
     ihook = item.ihook
     ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
     for report in _run(item, spec, state):
@@ -125,7 +191,6 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     if state.parent_epoch:
         _teardown_parent_fixtures(item, nextitem, state)
     ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
-    return True
 
 
 def _run(item: pytest.Item, spec: SandboxSpec, state: SessionState) -> Iterator[pytest.TestReport]:

@@ -23,6 +23,7 @@ cannot forge how it ended::
       |<============================================================ report {data} =========|  (setup, call, teardown)
       |<============================================================ warning {...} =========|
       |<============================================================ log {text} ============|  (pytest's log_file)
+      |<============================================================ coverage {...} ========|  (with coverage on)
       |<============================================================ done ==================|  exits
       |<-- exit {code|signal, usage} + [crash memfd] --|  test exited: SIGKILL its pid 1
       |<-- gone -----------------|  pid 1 reaped: the namespace is empty
@@ -60,6 +61,7 @@ FROM_TEST: dict[str, dict[str, tuple[type, ...]]] = {
     "report": {"data": (dict,)},
     "warning": {"message": (str,), "when": (str,), "category": (list,), "filename": (str,), "lineno": (int,)},
     "log": {"text": (str,)},
+    "coverage": {"arcs": (bool,), "contexts": (dict,)},
     "done": {},
     "error": {"phase": (str,), "message": (str,)},
     "exit-requested": {"reason": (str,), "returncode": (int, type(None))},

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import pytest
 
-from . import protocol
+from . import credentials, plugin_state, protocol
 from .runtime.handle import Zygote
 from .spec import SandboxSpec
 
@@ -29,7 +29,8 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-_PLUMBING = os.path.join("pytest_sandbox", "runtime", "test_process.py")  # frames below the test's
+_OWN = f"{os.sep}pytest_sandbox{os.sep}"
+_PLUMBING = tuple(f"{os.sep}{name}{os.sep}" for name in ("_pytest", "pluggy", "pytest_sandbox"))  # below the test
 GRACE = 5.0  # seconds past a timeout before pytest kills a sandbox whose own watchdog did not fire
 
 
@@ -61,6 +62,8 @@ class Outcome:
         crash_output = self.crash_output if crash_output is None else crash_output
         if self.malformed:
             return f"sandbox sent a malformed message: {self.malformed}"
+        if self.setup_error and self.setup_error["phase"] == "protocol":
+            return f"pytest's runtest protocol raised in the sandbox:\n{self.setup_error['message']}"
         if self.setup_error:
             return f"sandbox setup failed in phase {self.setup_error['phase']!r}: {self.setup_error['message']}"
         if self.killed_after_timeout or crash_output.startswith("Timeout ("):
@@ -131,6 +134,9 @@ class _Relay:
             self.done = True
         elif kind == "log":
             _write_log_file(self.item.config, message["text"])
+        elif kind == "coverage":
+            if self.spec.image is None:  # an image's paths are not the host's
+                plugin_state.merge_coverage(message, credentials.hidden_places(os.environ.get("HOME"), self.spec.hide))
         elif kind == "error":
             self.outcome.setup_error = message
         else:  # exit-requested, interrupted
@@ -146,14 +152,8 @@ class _Relay:
             raise protocol.ProtocolError(
                 f"a report for {getattr(report, 'nodeid', report)!r}, not for {self.item.nodeid!r}"
             )
-        seen = [w for w in PHASES if w in self.outcome.whens]
-        if (
-            report.when not in PHASES
-            or "teardown" in seen
-            or (seen and PHASES.index(report.when) < PHASES.index(seen[-1]))
-        ):
-            raise protocol.ProtocolError(f"a {report.when!r} report after {', '.join(seen) or 'nothing'}")
-        _check_report_fields(report)
+        self._check_order(report.when)
+        _check_report_fields(report, config)
         kept = (self.containers or {}).get(self.item.nodeid)
         if report.failed and kept:
             report.sections.append(
@@ -167,6 +167,19 @@ class _Relay:
         if report.when == "setup" and report.passed:
             self.outcome.setup_passed = True
         (self.held if self.hold else self.ready).append(report)
+
+    def _check_order(self, when: str) -> None:
+        """Phases come in order; a plugin that reruns a test (pytest-rerunfailures) starts again at setup,
+        subtests add call reports."""
+        if when not in PHASES:
+            raise protocol.ProtocolError(f"a report for phase {when!r}")
+        whens = self.outcome.whens
+        seen = [w for w in PHASES if w in whens]
+        if when == "setup" and "teardown" in whens:
+            whens.clear()  # a rerun: a new cycle, whose crash is reported in its own phase
+            self.outcome.setup_passed = False
+        elif seen and PHASES.index(when) < PHASES.index(seen[-1]):
+            raise protocol.ProtocolError(f"a {when!r} report after {', '.join(seen)}")
 
     def malformed(self, error: protocol.ProtocolError) -> None:
         self.outcome.malformed = str(error)
@@ -225,10 +238,13 @@ def _pairs(value: object, what: str, second: type | None = None) -> list[tuple[s
     return pairs
 
 
-def _check_report_fields(report: pytest.TestReport) -> None:
+def _check_report_fields(report: pytest.TestReport, config: pytest.Config) -> None:
     """A report from a sandbox holds what pytest's own reports hold, in the shapes pytest's terminal
     reporter, junitxml and xdist expect: anything else would fail later, far from its cause."""
-    if report.outcome not in ("passed", "failed", "skipped"):
+    if report.outcome not in ("passed", "failed", "skipped") and (
+        not isinstance(report.outcome, str)
+        or config.hook.pytest_report_teststatus(report=report, config=config) is None
+    ):  # a plugin's own outcome (pytest-rerunfailures' "rerun") must be one a plugin here knows
         raise protocol.ProtocolError(f"a report with outcome {report.outcome!r}")
     location = report.location
     if (
@@ -399,13 +415,32 @@ def _write_log_file(config: pytest.Config, text: str) -> None:
         stream.flush()
 
 
+def _is_plumbing(line: str) -> bool:
+    return line.lstrip().startswith("File ") and any(part in line for part in _PLUMBING)
+
+
 def _trim_crash_output(text: str) -> str:
-    """The faulthandler dump down to the test's own frames (the rest is pytest and sandbox plumbing)."""
-    kept = []
+    """The faulthandler dump down to the user's frames: each thread's stack loses the pytest, pluggy and
+    sandbox frames below the outermost frame of the user's code; a thread that is all plumbing (the
+    timeout watchdog, pytest waiting) is left out."""
+    blocks: list[list[str]] = [[]]  # the text before the first thread, then one block per thread
     for line in text.splitlines():
-        if _PLUMBING in line:
-            break
-        kept.append(line)
+        if line.startswith(("Thread 0x", "Current thread 0x")):
+            blocks.append([])
+        blocks[-1].append(line)
+    kept: list[str] = []
+    for block in blocks:
+        frames = [i for i, line in enumerate(block) if line.lstrip().startswith("File ")]
+        if not frames:
+            kept.extend(block)
+            continue
+        if _OWN in block[frames[0]] and block[0].startswith(("Thread", "Current")):
+            continue  # a thread that was running the sandbox's own code (the watchdog)
+        users = [i for i in frames if not _is_plumbing(block[i])]
+        if users:
+            kept.extend(line for i, line in enumerate(block) if i <= users[-1] or not line.strip())
+        else:
+            kept.extend(block[: frames[0]])
     return "\n".join(kept).rstrip()
 
 

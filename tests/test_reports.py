@@ -144,12 +144,14 @@ Fatal Python error: Segmentation fault
 Current thread 0x00007f0c8d5fe740 (most recent call first):
   File "/src/tests/test_crash.py", line 7 in crash
   File "/src/tests/test_crash.py", line 11 in test_segfault
+  File "/venv/lib/python3.12/site-packages/_pytest/python.py", line 157 in pytest_pyfunc_call
+  File "/venv/lib/python3.12/site-packages/pluggy/_callers.py", line 121 in _multicall
   File "/venv/lib/python3.12/site-packages/pytest_sandbox/runtime/test_process.py", line 154 in test_process
   File "/venv/lib/python3.12/site-packages/pytest_sandbox/runtime/zygote.py", line 80 in serve
 """
 
 
-def test_trim_cuts_at_the_test_process_frame() -> None:
+def test_trim_cuts_below_the_outermost_user_frame() -> None:
     assert _trim_crash_output(DUMP) == (
         "Fatal Python error: Segmentation fault\n\n"
         "Current thread 0x00007f0c8d5fe740 (most recent call first):\n"
@@ -163,9 +165,31 @@ def test_trim_keeps_everything_without_plumbing_and_strips_the_end() -> None:
     assert _trim_crash_output(text) == 'Fatal Python error: Aborted\n\n  File "/src/test_a.py", line 3 in test_a'
 
 
-def test_trim_of_a_dump_that_starts_in_plumbing_is_empty() -> None:
-    text = '  File "/venv/lib/python3.12/site-packages/pytest_sandbox/runtime/test_process.py", line 9 in run\n'
-    assert _trim_crash_output(text + 'File "/src/test_a.py", line 3 in test_a\n') == ""
+def test_trim_of_a_dump_that_is_all_plumbing_keeps_only_the_header() -> None:
+    text = (
+        'Fatal Python error: Aborted\n\n  File "/venv/lib/python3.12/site-packages/_pytest/runner.py", line 9 in run\n'
+    )
+    assert _trim_crash_output(text) == "Fatal Python error: Aborted"
+
+
+def test_trim_keeps_pytest_frames_the_test_called_and_drops_the_watchdog_thread() -> None:
+    text = (
+        "Timeout (0:00:01)!\n"
+        "Current thread 0x01 (most recent call first):\n"
+        '  File "/venv/lib/python3.12/site-packages/pytest_sandbox/runtime/test_process.py", line 3 in expire\n'
+        '  File "/usr/lib/python3.12/threading.py", line 1 in run\n'
+        "\n"
+        "Thread 0x02 (most recent call first):\n"
+        '  File "/venv/lib/python3.12/site-packages/_pytest/python_api.py", line 8 in approx\n'
+        '  File "/src/test_a.py", line 3 in test_a\n'
+        '  File "/venv/lib/python3.12/site-packages/_pytest/python.py", line 157 in pytest_pyfunc_call\n'
+    )
+    assert _trim_crash_output(text) == (
+        "Timeout (0:00:01)!\n"
+        "Thread 0x02 (most recent call first):\n"
+        '  File "/venv/lib/python3.12/site-packages/_pytest/python_api.py", line 8 in approx\n'
+        '  File "/src/test_a.py", line 3 in test_a'
+    )
 
 
 # -- reports made up for a dead or refused sandbox --------------------------------------------------

@@ -11,18 +11,22 @@ previous test runs. Never imports plugin.py: everything comes as arguments.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import faulthandler
 import logging
 import os
 import signal
 import socket
 import sys
+import threading
+import traceback
+import types
 import warnings
 from typing import Any
 
 import pytest
 
-from .. import credentials, protocol
+from .. import credentials, plugin_state, protocol
 from ..errors import SetupError
 from ..linux import rootfs, syscalls, userns
 from ..spec import SandboxSpec
@@ -42,8 +46,21 @@ def _exit(code: int = 0) -> None:
     os._exit(code)
 
 
+LOG_HOOKS = (
+    "pytest_runtest_logstart",
+    "pytest_runtest_logreport",
+    "pytest_runtest_logfinish",
+    "pytest_warning_recorded",
+)
+
+
+def in_sandbox() -> bool:
+    """True in a sandbox's test process, where pytest's protocol runs as in a plain run."""
+    return ACTIVE_SPEC is not None
+
+
 class ReportStreamer:
-    """Registered once in the zygote: sends each report to pytest as soon as it exists.
+    """Registered once in the zygote: sends each report to pytest as soon as pytest logs it.
 
     Streaming means a crash later in the protocol loses nothing already reported.
     Outside a sandbox's test process it does nothing.
@@ -60,9 +77,7 @@ class ReportStreamer:
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
         report = yield
-        if _channel is None:
-            return report
-        if report.failed and ACTIVE_PLAN is not None:
+        if _channel is not None and report.failed and ACTIVE_PLAN is not None:
             full = rootfs.full_places(ACTIVE_PLAN)
             if full:  # ENOSPC from a bounded tmpfs: say which one, and how to get more
                 report.sections.append(
@@ -72,9 +87,18 @@ class ReportStreamer:
                         "or the sandbox_tmpfs_size ini key)",
                     )
                 )
+        return report
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """Every report pytest or a plugin logs (reruns and subtests too) goes to pytest as it is logged."""
+        if _channel is None:
+            return
+        # What the terminal reporter does first with each report: plugins may settle its outcome here
+        # (a test with failed subtests fails); the muted reporter in here no longer does it.
+        self.config.hook.pytest_report_teststatus(report=report, config=self.config)
         data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
         protocol.send(_channel, {"type": "report", "data": data})  # objects in user_properties go as their repr
-        return report
 
     @pytest.hookimpl
     def pytest_warning_recorded(self, warning_message: warnings.WarningMessage, when: str, nodeid: str) -> None:
@@ -92,6 +116,34 @@ class ReportStreamer:
                 "lineno": warning_message.lineno,
             },
         )
+
+
+class _Muted:
+    """A plugin whose hooks no longer run, still reachable by name (pdb asks for the terminal reporter)."""
+
+    def __init__(self, plugin: object) -> None:
+        self._plugin = plugin
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._plugin, name)
+
+
+def _mute_host_reporters(config: pytest.Config) -> None:
+    """Plugin objects that listen to logged reports belong to the pytest process: its terminal reporter,
+    junitxml, xdist's worker, report logs. pytest hears every report from the sandbox and calls them
+    there; here they would print twice or write through fds the sandbox no longer has. The session
+    (-x, --maxfail) and the logging plugin (live logs) keep listening."""
+    manager = config.pluginmanager
+    for plugin in list(manager.get_plugins()):
+        name = manager.get_name(plugin)
+        if (
+            isinstance(plugin, (types.ModuleType, ReportStreamer))
+            or name in ("session", "logging-plugin")
+            or not any(callable(getattr(plugin, hook, None)) for hook in LOG_HOOKS)
+        ):
+            continue
+        manager.unregister(plugin)
+        manager.register(_Muted(plugin), name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,9 +247,10 @@ def _shed_host_fds(config: pytest.Config, keep: set[int]) -> None:
         if old is not None:
             old.close()
     config.trace.root.setwriter(None)  # --debug's file
+    stdio = {_identity(fd) for fd in (0, 1, 2)} - {None}
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
-        if fd > 2 and fd not in keep:
+        if fd > 2 and fd not in keep and _identity(fd) not in stdio:
             try:
                 os.close(fd)
             except OSError:
@@ -205,6 +258,15 @@ def _shed_host_fds(config: pytest.Config, keep: set[int]) -> None:
     if capturing:
         capture.start_global_capturing()
         capture.suspend_global_capture()
+
+
+def _identity(fd: int) -> tuple[int, int, int] | None:
+    """What an fd opens; a copy of stdio (faulthandler's dup of stderr) stays open: the test has stdio."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_rdev)
 
 
 def test_process(zygote: socket.socket, items: dict[str, pytest.Item], box: Sandbox, pid1: tuple[int, int]) -> None:
@@ -216,15 +278,13 @@ def test_process(zygote: socket.socket, items: dict[str, pytest.Item], box: Sand
     sandbox's cgroup, so every byte and cycle is accounted there.
     """
     global ACTIVE_SPEC, ACTIVE_PLAN, _channel
-    from _pytest.runner import runtestprotocol
-    from _pytest.warnings import catch_warnings_for_item
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # until a test runs, ^C is pytest's business
     if box.wait_for_cgroup and protocol.recv(zygote)[0] is None:
         os._exit(0)
     error: dict[str, Any] | None = None
+    config = next(iter(items.values())).config
     try:
-        _enter(box, next(iter(items.values())).config, pid1, keep={zygote.fileno(), box.crash_fd})
+        _enter(box, config, pid1, keep={zygote.fileno(), box.crash_fd})
     except BaseException as exc:
         phase = exc.phase if isinstance(exc, SetupError) else "namespaces"
         message = exc.message if isinstance(exc, SetupError) else f"{type(exc).__name__}: {exc}"
@@ -241,17 +301,38 @@ def test_process(zygote: socket.socket, items: dict[str, pytest.Item], box: Sand
     if box.kept_id is not None:  # pytest keeps this read/write layer if the test fails
         protocol.send(_channel, {"type": "container", "id": box.kept_id})
     ACTIVE_SPEC, ACTIVE_PLAN = box.spec, box.plan
+    _mute_host_reporters(config)
+    plugin_state.adapt_in_sandbox(config)
     item = items[request["nodeid"]]
     try:
-        # What pytest's warnings plugin does around each test; recorded warnings go to pytest.
-        if box.spec.timeout is not None:  # dump every thread's stack, then exit: pytest reports the timeout
-            faulthandler.dump_traceback_later(box.spec.timeout, exit=True, file=box.crash_fd)
-        with catch_warnings_for_item(item.config, ihook=item.ihook, when="runtest", item=item):
-            runtestprotocol(item, log=False, nextitem=None)
-        faulthandler.cancel_dump_traceback_later()
+        if box.spec.timeout is not None:
+            _watchdog(box.spec.timeout, box.crash_fd)
+        # pytest's protocol hook, so every plugin's wrappers (warnings, faulthandler, timeout, reruns,
+        # subtests) run here as in a plain run; nothing is set up before, so everything is torn down after.
+        item.ihook.pytest_runtest_protocol(item=item, nextitem=None)
+        coverage = plugin_state.coverage_message()
+        if coverage is not None:
+            protocol.send(_channel, coverage)
         protocol.send(_channel, {"type": "done"})
     except pytest.exit.Exception as exc:
         protocol.send(_channel, {"type": "exit-requested", "reason": exc.msg, "returncode": exc.returncode})
     except KeyboardInterrupt:
         protocol.send(_channel, {"type": "interrupted"})
+    except BaseException:  # a plugin's hook raised: in a plain run an INTERNALERROR; here the test's error
+        protocol.send(_channel, {"type": "error", "phase": "protocol", "message": traceback.format_exc()})
     _exit(0)
+
+
+def _watchdog(timeout: float, crash_fd: int) -> None:
+    """The marker's timeout: a thread, not faulthandler's one watchdog, which pytest's faulthandler_timeout
+    (now running in here) re-arms. It dumps every thread's stack to the crash memfd and ends the test."""
+
+    def expire() -> None:
+        os.write(crash_fd, f"Timeout ({datetime.timedelta(seconds=timeout)})!\n".encode())  # as faulthandler says it
+        faulthandler.dump_traceback(file=crash_fd, all_threads=True)
+        os._exit(1)
+
+    timer = threading.Timer(timeout, expire)
+    timer.daemon = True
+    timer.name = "sandbox-timeout"
+    timer.start()
