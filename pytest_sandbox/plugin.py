@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -142,12 +141,14 @@ def _start_zygote(item: pytest.Item, state: SessionState) -> None:
 
 
 def _unenforceable(state: SessionState, unenforced: dict[str, list[str]]) -> None:
-    """A limit this host cannot enforce: an error with sandbox_limits=strict, else one warning."""
+    """A limit this host cannot enforce: an error with sandbox_limits=strict; else each such test warns
+    when it runs (test_process.ReportStreamer), where filterwarnings applies as to any warning."""
+    if state.limit_policy != "strict":
+        return
     parts = [f"{limit} (e.g. {nodeids[0]})" for limit, nodeids in sorted(unenforced.items())]
-    message = f"{state.backend.describe()} cannot enforce {', '.join(parts)}"
-    if state.limit_policy == "strict":
-        raise pytest.UsageError(f"{message}; sandbox_limits=strict makes this an error")
-    warnings.warn(pytest.PytestWarning(f"pytest-sandbox: {message}; these limits are ignored"), stacklevel=1)
+    raise pytest.UsageError(
+        f"{state.backend.describe()} cannot enforce {', '.join(parts)}; sandbox_limits=strict makes this an error"
+    )
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -122,7 +122,17 @@ def test_unenforceable_limits_warn_or_fail(pytester: pytest.Pytester) -> None:
     """)
     warned = pytester.runpytest_subprocess("--sandbox-cgroup-backend=rlimit")
     warned.assert_outcomes(passed=1, warnings=1)
-    warned.stdout.fnmatch_lines(["*rlimits*cannot enforce cpus (e.g. *test_limited), pids*ignored*"])
+    warned.stdout.fnmatch_lines(
+        [
+            "test_unenforceable_limits_warn_or_fail.py::test_limited",
+            "*test_unenforceable_limits_warn_or_fail.py:3: "
+            "PytestWarning: pytest-sandbox: rlimits*cannot enforce cpus, pids; this test runs without*",
+        ]
+    )
+    # filterwarnings = error makes it the test's error, not pytest's (no INTERNALERROR)
+    erroring = pytester.runpytest_subprocess("--sandbox-cgroup-backend=rlimit", "-W", "error::pytest.PytestWarning")
+    erroring.assert_outcomes(errors=1)
+    erroring.stdout.fnmatch_lines(["*PytestWarning: pytest-sandbox: rlimits*cannot enforce cpus, pids*"])
     strict = pytester.runpytest_subprocess("--sandbox-cgroup-backend=rlimit", "--sandbox-limits=strict")
     assert strict.ret == pytest.ExitCode.USAGE_ERROR
     strict.stderr.fnmatch_lines(["*cannot enforce cpus*sandbox_limits=strict makes this an error*"])

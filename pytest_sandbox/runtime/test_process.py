@@ -66,13 +66,27 @@ class ReportStreamer:
     Outside a sandbox's test process it does nothing.
     """
 
-    def __init__(self, config: pytest.Config) -> None:
+    def __init__(self, config: pytest.Config, backend: cgroups.Backend) -> None:
         self.config = config
+        self.backend = backend
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
-        if ACTIVE_SPEC is not None:
-            item.ihook.pytest_sandbox_setup(item=item, spec=ACTIVE_SPEC)
+        if ACTIVE_SPEC is None:
+            return
+        unenforced = [limit for limit in ACTIVE_SPEC.limits if limit not in self.backend.enforced]
+        if unenforced:  # at the user's test, under its warning filters (an error with filterwarnings=error)
+            line = item.location[1]
+            warnings.warn_explicit(
+                pytest.PytestWarning(
+                    f"pytest-sandbox: {self.backend.describe()} cannot enforce {', '.join(unenforced)}; "
+                    "this test runs without (sandbox_limits=strict makes this an error)"
+                ),
+                pytest.PytestWarning,
+                str(item.path),
+                (line or 0) + 1,
+            )
+        item.ihook.pytest_sandbox_setup(item=item, spec=ACTIVE_SPEC)
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Any:

@@ -352,7 +352,7 @@ def _serve(
     gc.freeze()  # keep the garbage collector from touching (and so copying) the zygote's pages in every fork
     factory = _Factory(control, items, paths, limits)
     config = next(iter(items.values())).config
-    config.pluginmanager.register(test_process.ReportStreamer(config), "sandbox-report-streamer")
+    config.pluginmanager.register(test_process.ReportStreamer(config, limits.backend), "sandbox-report-streamer")
     ready: _Sandbox | None = None
     protocol.send(control, {"op": "ready"})
     while True:
