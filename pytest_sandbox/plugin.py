@@ -13,6 +13,7 @@ from . import credentials, hookspecs, probe, reports, settings, summary
 from . import session as _session
 from .errors import SandboxError
 from .runtime import test_process
+from .runtime.handle import Zygote
 from .session import SPEC_KEY, SessionState
 from .spec import FIELDS, MARKER, SandboxSpec, spec_for_item
 
@@ -187,14 +188,43 @@ def _sandboxed(item: pytest.Item, nextitem: pytest.Item | None, spec: SandboxSpe
     hears the start, every report the sandbox logs, and the finish."""
     ihook = item.ihook
     ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-    for report in _run(item, spec, state):
+    for report in _run(item, nextitem, spec, state):
         ihook.pytest_runtest_logreport(report=report)
     if state.parent_epoch:
         _teardown_parent_fixtures(item, nextitem, state)
     ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
 
 
-def _run(item: pytest.Item, spec: SandboxSpec, state: SessionState) -> Iterator[pytest.TestReport]:
+def _share_key(item: pytest.Item, spec: SandboxSpec, state: SessionState) -> tuple[str, SandboxSpec] | None:
+    """Tests with the same key run one after another in one sandbox (--sandbox-scope); None: alone.
+    Repeats and stress runs are about fresh sandboxes; a kept layer is one test's."""
+    if state.scope == "test" or state.repeat > 1 or state.stress or (spec.image and state.keep != "none"):
+        return None
+    return (str(item.path) if state.scope == "module" else "", spec)
+
+
+def _next_here(item: pytest.Item, nextitem: pytest.Item | None, spec: SandboxSpec, state: SessionState) -> str | None:
+    """The next test's node id if it runs in this test's sandbox."""
+    key = _share_key(item, spec, state)
+    next_spec = nextitem.stash.get(SPEC_KEY, None) if nextitem is not None else None
+    if key is None or nextitem is None or next_spec is None or _share_key(nextitem, next_spec, state) != key:
+        return None
+    return nextitem.nodeid
+
+
+def _channels_for(item: pytest.Item, zyg: Zygote, spec: SandboxSpec, state: SessionState) -> reports.Channels:
+    """The sandbox that waits for this test (the previous one named it as its next), else a new one."""
+    shared, state.shared = state.shared, None
+    if shared is not None and shared.open:
+        if shared.next == item.nodeid and shared.zygote is zyg:
+            return shared
+        shared.end()  # pytest did not run the test it expected next (xdist, -x): that sandbox ends
+    return reports.Channels(*zyg.start(item.nodeid), name=item.nodeid, zygote=zyg)
+
+
+def _run(
+    item: pytest.Item, nextitem: pytest.Item | None, spec: SandboxSpec, state: SessionState
+) -> Iterator[pytest.TestReport]:
     """The item's reports, each yielded as soon as the sandbox sends it."""
     reason = probe.unavailable_reason()
     if reason is not None:
@@ -215,9 +245,12 @@ def _run(item: pytest.Item, spec: SandboxSpec, state: SessionState) -> Iterator[
         return
     sent = []
     try:
-        for report in reports.run_in_sandbox(item, zyg, spec, state.containers):
+        channels = _channels_for(item, zyg, spec, state)
+        next_here = _next_here(item, nextitem, spec, state)
+        for report in reports.run_in_sandbox(item, zyg, spec, channels, state.containers, next_here):
             sent.append(report)
             yield report
+        state.shared = channels if channels.open else None
     except SandboxError as exc:
         error = str(exc)
     cid = state.containers.pop(item.nodeid, None)

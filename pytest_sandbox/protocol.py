@@ -23,7 +23,8 @@ cannot forge how it ended::
       |<============================================================ report {data} =========|  (setup, call, teardown)
       |<============================================================ warning {...} =========|
       |<============================================================ log {text} ============|  (pytest's log_file)
-      |<============================================================ coverage {...} ========|  (with coverage on)
+      |<============================================================ output {path, data} ===|  (declared outputs,
+      |<============================================================ coverage {...} ========|  coverage: at its end)
       |<============================================================ done ==================|  exits
       |<-- exit {code|signal, usage} + [crash memfd] --|  test exited: SIGKILL its pid 1
       |<-- gone -----------------|  pid 1 reaped: the namespace is empty
@@ -62,6 +63,7 @@ FROM_TEST: dict[str, dict[str, tuple[type, ...]]] = {
     "warning": {"message": (str,), "when": (str,), "category": (list,), "filename": (str,), "lineno": (int,)},
     "log": {"text": (str,)},
     "coverage": {"arcs": (bool,), "contexts": (dict,)},
+    "output": {"path": (str,), "data": (str,), "mode": (int,)},
     "done": {},
     "error": {"phase": (str,), "message": (str,)},
     "exit-requested": {"reason": (str,), "returncode": (int, type(None))},

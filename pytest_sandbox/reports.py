@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import pytest
 
-from . import credentials, plugin_state, protocol
+from . import credentials, outputs, plugin_state, protocol
 from .runtime.handle import Zygote
 from .spec import SandboxSpec
 
@@ -109,10 +109,13 @@ class _Relay:
     the test with what was wrong; the session goes on.
     """
 
-    def __init__(self, item: pytest.Item, zyg: Zygote, spec: SandboxSpec, containers: dict[str, str] | None) -> None:
+    def __init__(
+        self, item: pytest.Item, zyg: Zygote, spec: SandboxSpec, containers: dict[str, str] | None, shared: bool
+    ) -> None:
         self.item, self.zyg, self.spec, self.containers = item, zyg, spec, containers
         self.outcome = Outcome(spec)
-        self.hold = bool(spec.limits) or zyg.limits.accounting  # reports wait for usage and limit notes
+        # Reports wait for the usage and limit notes of a sandbox of one test (a shared one's are not its).
+        self.hold = (bool(spec.limits) or zyg.limits.accounting) and not shared
         self.ready: list[pytest.TestReport] = []  # to hand to pytest now
         self.held: list[pytest.TestReport] = []
         self.done = False  # the test process said it finished its protocol
@@ -134,6 +137,9 @@ class _Relay:
             self.done = True
         elif kind == "log":
             _write_log_file(self.item.config, message["text"])
+        elif kind == "output":
+            if self.spec.image is None:
+                outputs.write(message, self.zyg.outputs)
         elif kind == "coverage":
             if self.spec.image is None:  # an image's paths are not the host's
                 plugin_state.merge_coverage(message, credentials.hidden_places(os.environ.get("HOME"), self.spec.hide))
@@ -287,20 +293,48 @@ def _drain(sock: socket.socket, relay: _Relay) -> None:
             relay.malformed(exc)
 
 
+class Channels:
+    """A running sandbox's two channels to pytest; ``name`` is its first test's, the zygote's name for it."""
+
+    def __init__(self, status: socket.socket, reports: socket.socket, name: str, zygote: Zygote) -> None:
+        self.status, self.reports, self.name, self.zygote = status, reports, name, zygote
+        self.open = True  # it waits for the test named ``next`` (--sandbox-scope)
+        self.next: str | None = None
+
+    def end(self) -> None:
+        """Let a waiting sandbox go: it tears down what its tests left set up and exits; pytest collects
+        its exit with the others'."""
+        if self.open:
+            self.reports.close()
+            self.zygote.finishing.append(self.status)
+            self.open = False
+
+
 def run_in_sandbox(
-    item: pytest.Item, zyg: Zygote, spec: SandboxSpec, containers: dict[str, str] | None = None
+    item: pytest.Item,
+    zyg: Zygote,
+    spec: SandboxSpec,
+    channels: Channels,
+    containers: dict[str, str] | None = None,
+    next_here: str | None = None,
 ) -> Iterator[pytest.TestReport]:
-    """Run the item's whole runtest protocol in a new sandbox, yielding reports as they arrive.
+    """Run the item's whole runtest protocol in a sandbox, yielding reports as they arrive.
+
+    ``channels`` are a new sandbox's, or those of the one that ran the previous tests of its scope.
+    ``next_here`` names the next test if it runs in the same sandbox: the sandbox then stays
+    (``channels.open``) with the fixtures they share.
 
     A sandbox whose read/write layer may be kept (``--sandbox-keep``) names it first;
     its id goes into ``containers`` and into the sections of failed reports.
 
-    With limits or accounting the reports wait for the sandbox's end, so they can
-    carry what it used and the limits it hit.
+    With limits or accounting the reports of a sandbox of one test wait for its end, so they
+    can carry what it used and the limits it hit.
     """
-    relay = _Relay(item, zyg, spec, containers)
+    relay = _Relay(item, zyg, spec, containers, shared=channels.name != item.nodeid or next_here is not None)
     stdio = _StdioState()  # with capture off the test holds pytest's own terminal: it gets it back as it was
-    status, reports = zyg.start(item.nodeid)
+    status, reports = channels.status, channels.reports
+    with contextlib.suppress(OSError):  # a sandbox that died says so on the status channel
+        protocol.send(reports, {"nodeid": item.nodeid, "next": next_here})
     deadline = time.monotonic() + spec.timeout + GRACE if spec.timeout is not None else None
     status_open = True
     with selectors.DefaultSelector() as selector:
@@ -311,7 +345,7 @@ def run_in_sandbox(
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 events = selector.select(timeout)
                 if not events:  # the sandbox's own watchdog did not end it: pytest does
-                    zyg.kill(item.nodeid)
+                    zyg.kill(channels.name)
                     relay.outcome.killed_after_timeout, deadline = True, None
                 for key, _ in events:
                     if key.fileobj is reports:
@@ -324,12 +358,16 @@ def run_in_sandbox(
                 yield from relay.ready
                 relay.ready.clear()
         finally:
-            if relay.finished():
-                zyg.finishing.append(status)
-            else:
-                status.close()
-            reports.close()
             stdio.restore()
+            if next_here is not None and relay.done and not relay.ended and relay.outcome.malformed is None:
+                channels.next = next_here
+            else:
+                if relay.finished():
+                    zyg.finishing.append(status)
+                else:
+                    status.close()
+                reports.close()
+                channels.open = False
     yield from _after_the_end(item, relay)
 
 

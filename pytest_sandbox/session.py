@@ -8,11 +8,11 @@ import json
 import os
 import sys
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from . import settings, summary
+from . import outputs, settings, summary
 from .errors import SandboxError
 from .layers import build
 from .layers.store import Image, Store
@@ -22,6 +22,9 @@ from .runtime import cgroups
 from .runtime.handle import Zygote
 from .runtime.zygote import Limits, SessionPaths
 from .spec import SandboxSpec
+
+if TYPE_CHECKING:
+    from .reports import Channels
 
 SPEC_KEY = pytest.StashKey[SandboxSpec]()
 
@@ -39,7 +42,10 @@ class SessionState:
     store: Store
     images_dir: str
     keep: str
+    scope: str  # which tests share a sandbox (--sandbox-scope)
+    outputs: tuple[str, ...]  # where sandboxes write files that reach the host
     zygote: Zygote | None = None
+    shared: Channels | None = None  # the sandbox that waits for the next test (--sandbox-scope)
     cgroup_session: cgroups.Session | None = None
     # Bumped whenever the pytest process itself sets up or tears down fixtures; a zygote
     # forked before that has stale fixture state and is replaced.
@@ -86,6 +92,8 @@ def configure(config: pytest.Config) -> SessionState:
         store=Store(store_root or None),
         images_dir=settings.directory(config, "sandbox_images") or "images",
         keep=settings.choice(config, "sandbox_keep"),
+        scope=settings.choice(config, "sandbox_scope"),
+        outputs=outputs.declared(config, settings.raw(config, "sandbox_outputs")[0] or ()),
     )
 
 
@@ -186,7 +194,7 @@ def zygote_for(item: pytest.Item, state: SessionState) -> Zygote:
     items = {i.nodeid: i for i in item.session.items} | {item.nodeid: item}
     _open_keep_dir(state)
     paths = dataclasses.replace(
-        session_paths(item.config, basetemp), images=dict(state.images), keep_dir=state.keep_dir
+        session_paths(item.config, basetemp), images=dict(state.images), keep_dir=state.keep_dir, outputs=state.outputs
     )
     if state.cgroup_session is None and isinstance(state.backend, cgroups.CgroupBackend):
         try:
@@ -233,6 +241,9 @@ def keep_container(state: SessionState, item: pytest.Item, spec: SandboxSpec, ci
 
 def close(state: SessionState) -> None:
     """End of the session: every sandbox gone, then the cgroups, then the layers of tests that passed."""
+    if state.shared is not None:
+        state.shared.end()
+        state.shared = None
     drop_zygote(state)
     if state.cgroup_session is not None:
         state.cgroup_session.close()

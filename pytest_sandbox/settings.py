@@ -21,6 +21,7 @@ MODES = ("marked", "all", "off")
 UNAVAILABLE = ("fail", "skip")
 LIMIT_POLICIES = ("warn", "strict")
 KEEP = ("none", "failed")
+SCOPES = ("test", "module", "session")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +73,13 @@ SETTINGS: tuple[Setting, ...] = (
         "sandbox_writable",
         "extra host directories sandboxes may write to (ephemerally)",
         ini="sandbox_writable",
+        ini_type="linelist",
+    ),
+    Setting(
+        "sandbox_outputs",
+        "files and directories (relative to rootdir) whose writes in sandboxes reach the host, besides "
+        "pytest's cache and .hypothesis",
+        ini="sandbox_outputs",
         ini_type="linelist",
     ),
     Setting("sandbox_env", "NAME=VALUE lines set in every sandbox", ini="sandbox_env", ini_type="linelist"),
@@ -147,6 +155,16 @@ SETTINGS: tuple[Setting, ...] = (
         default="none",
         choices=KEEP,
         metavar="WHICH",
+    ),
+    Setting(
+        "sandbox_scope",
+        "which tests share a sandbox: test (a fresh one each, default), module (the tests of a file, in "
+        "order) or session (consecutive tests with the same settings); fixtures keep their scopes within it",
+        "--sandbox-scope",
+        "sandbox_scope",
+        default="test",
+        choices=SCOPES,
+        metavar="SCOPE",
     ),
     Setting(
         "sandbox_images",

@@ -205,17 +205,19 @@ def _detached_image_root(image: ImageMount, scratch: str, layer_dir: str | None)
         raise SetupError("image", f"cannot mount image {image.name}: {exc}") from None
 
 
-def build(plan: RootPlan, layer_dir: str | None = None) -> None:
+def build(plan: RootPlan, layer_dir: str | None = None) -> int:
     """Mount one sandbox's tree in the current (fresh) mount namespace.
 
     ``layer_dir``: where an image test's read/write layer goes (kept if the test fails);
     without it the layer lives on the scratch tmpfs and dies with the sandbox. /proc comes later
-    (``mount_proc``), from inside the sandbox's pid namespace.
+    (``mount_proc``), from inside the sandbox's pid namespace. Returns an fd of the scratch tmpfs,
+    which the test's view covers: the overlay uppers (what the test wrote) stay reachable through it.
     """
     # 1. Everything that refers to host paths is prepared detached, before anything covers it.
     #    Uppers live on a scratch tmpfs that must be attached in this namespace (Linux < 6.6
     #    refuses a detached upper); /dev/shm is covered by the sandbox's own tmpfs later.
     mounts.mount_tmpfs(SCRATCH, "0700", name="sandbox-upper", size=plan.tmpfs_size)
+    scratch_fd = os.open(SCRATCH, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     overlay_fds = [(t, _writable_place(t, i, plan, SCRATCH, layer_dir)) for i, t in enumerate(plan.overlays)]
     visible_fds = [(path, os.path.isdir(path), clone_tree(path)) for path in plan.visible]
     image_fd = None
@@ -238,6 +240,7 @@ def build(plan: RootPlan, layer_dir: str | None = None) -> None:
     # 4. Hidden places masked (credentials, host sockets, the session's kept layers), over the overlays
     #    and visible paths that may hold them; an image test's own layer is already its upper by now.
     mask_places(plan)
+    return scratch_fd
 
 
 def full_places(plan: RootPlan, slack: int = 1 << 20) -> list[str]:

@@ -27,6 +27,7 @@ class Zygote:
     ) -> None:
         self.epoch = epoch
         self.limits = limits
+        self.outputs = paths.outputs  # where sandboxes may write files pytest keeps
         self.finishing: list[socket.socket] = []  # finished sandboxes whose exit is not yet collected
         self.nodeids = frozenset(items)
         self.control, theirs = protocol.socketpair()

@@ -10,6 +10,7 @@ previous test runs. Never imports plugin.py: everything comes as arguments.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import faulthandler
@@ -26,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from .. import credentials, plugin_state, protocol
+from .. import credentials, outputs, plugin_state, protocol
 from ..errors import SetupError
 from ..linux import rootfs, syscalls, userns
 from ..spec import SandboxSpec
@@ -172,9 +173,10 @@ class Sandbox:
     layer_dir: str | None
     wait_for_cgroup: bool
     backend: cgroups.Backend
+    outputs: tuple[tuple[str, str], ...] = ()  # (declared output, its writes in the scratch tmpfs)
 
 
-def _enter(box: Sandbox, config: pytest.Config, pid1: tuple[int, int], keep: set[int]) -> None:
+def _enter(box: Sandbox, config: pytest.Config, pid1: tuple[int, int], keep: set[int]) -> int | None:
     """The test process's steps, in order; each must happen before the next."""
     # 1. A name on the host's ps; out of pytest's session (killpg(0) in a test must not reach pytest)
     #    and out of its session keyring (keyrings go with credentials, not namespaces).
@@ -191,7 +193,11 @@ def _enter(box: Sandbox, config: pytest.Config, pid1: tuple[int, int], keep: set
     syscalls.unshare(flags)
     # 3. The mount tree (needs the new mount namespace), then a /proc of the pid namespace (only a
     #    process inside it can mount that) with the kernel knobs read-only.
-    rootfs.build(box.plan, box.layer_dir)
+    scratch = rootfs.build(box.plan, box.layer_dir)
+    if box.outputs:
+        keep.add(scratch)  # what the test wrote under declared outputs is read there at its end
+    else:
+        os.close(scratch)
     rootfs.mount_proc()
     # 4. Host name and loopback of the new namespaces.
     socket.sethostname(box.spec.hostname)
@@ -223,6 +229,7 @@ def _enter(box: Sandbox, config: pytest.Config, pid1: tuple[int, int], keep: set
     #     so nothing above runs under them.
     faulthandler.enable(file=box.crash_fd, all_threads=True)
     box.backend.in_test_process(box.spec)
+    return scratch if box.outputs else None
 
 
 def _pid1_joins(flags: int, go: int, ack: int) -> None:
@@ -297,8 +304,9 @@ def test_process(zygote: socket.socket, items: dict[str, pytest.Item], box: Sand
         os._exit(0)
     error: dict[str, Any] | None = None
     config = next(iter(items.values())).config
+    scratch: int | None = None
     try:
-        _enter(box, config, pid1, keep={zygote.fileno(), box.crash_fd})
+        scratch = _enter(box, config, pid1, keep={zygote.fileno(), box.crash_fd})
     except BaseException as exc:
         phase = exc.phase if isinstance(exc, SetupError) else "namespaces"
         message = exc.message if isinstance(exc, SetupError) else f"{type(exc).__name__}: {exc}"
@@ -317,27 +325,61 @@ def test_process(zygote: socket.socket, items: dict[str, pytest.Item], box: Sand
     ACTIVE_SPEC, ACTIVE_PLAN = box.spec, box.plan
     _mute_host_reporters(config)
     plugin_state.adapt_in_sandbox(config)
-    item = items[request["nodeid"]]
-    try:
-        if box.spec.timeout is not None:
-            _watchdog(box.spec.timeout, box.crash_fd)
-        # pytest's protocol hook, so every plugin's wrappers (warnings, faulthandler, timeout, reruns,
-        # subtests) run here as in a plain run; nothing is set up before, so everything is torn down after.
-        item.ihook.pytest_runtest_protocol(item=item, nextitem=None)
-        coverage = plugin_state.coverage_message()
-        if coverage is not None:
-            protocol.send(_channel, coverage)
-        protocol.send(_channel, {"type": "done"})
-    except pytest.exit.Exception as exc:
-        protocol.send(_channel, {"type": "exit-requested", "reason": exc.msg, "returncode": exc.returncode})
-    except KeyboardInterrupt:
-        protocol.send(_channel, {"type": "interrupted"})
-    except BaseException:  # a plugin's hook raised: in a plain run an INTERNALERROR; here the test's error
-        protocol.send(_channel, {"type": "error", "phase": "protocol", "message": traceback.format_exc()})
+    _run_items(box, items, scratch)
     _exit(0)
 
 
-def _watchdog(timeout: float, crash_fd: int) -> None:
+def _run_items(box: Sandbox, items: dict[str, pytest.Item], scratch: int | None) -> None:
+    """Run the items pytest sends, one after another, until one whose next item is not for this sandbox.
+
+    Each runs pytest's protocol hook, so every plugin's wrappers (warnings, faulthandler, timeout,
+    reruns, subtests) run here as in a plain run. With the next item here (--sandbox-scope), fixtures
+    it shares stay set up, as pytest keeps them; without, everything is torn down.
+    """
+    assert _channel is not None
+    item: pytest.Item | None = None
+    while True:
+        request, _ = protocol.recv(_channel)
+        if request is None or request.get("nodeid") not in items:  # pytest stopped early (-x, ^C)
+            if item is not None:
+                with contextlib.suppress(Exception):
+                    item.session._setupstate.teardown_exact(None)  # what pytest's session end would do
+            return
+        item = items[request["nodeid"]]
+        nextitem = items.get(request.get("next") or "")
+        try:
+            watchdog = _watchdog(box.spec.timeout, box.crash_fd) if box.spec.timeout is not None else None
+            item.ihook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+            if watchdog is not None:
+                watchdog.cancel()
+            if nextitem is None:
+                _send_what_persists(scratch, box.outputs)
+            protocol.send(_channel, {"type": "done"})
+        except pytest.exit.Exception as exc:
+            protocol.send(_channel, {"type": "exit-requested", "reason": exc.msg, "returncode": exc.returncode})
+            return
+        except KeyboardInterrupt:
+            protocol.send(_channel, {"type": "interrupted"})
+            return
+        except BaseException:  # a plugin's hook raised: in a plain run an INTERNALERROR; here the test's error
+            protocol.send(_channel, {"type": "error", "phase": "protocol", "message": traceback.format_exc()})
+            return
+        if nextitem is None:
+            return
+
+
+def _send_what_persists(scratch: int | None, uppers: tuple[tuple[str, str], ...]) -> None:
+    """At the sandbox's end: the files it wrote under declared outputs, and what coverage measured."""
+    assert _channel is not None
+    if scratch is not None:
+        for message in outputs.collect(scratch, uppers):
+            protocol.send(_channel, message)
+    coverage = plugin_state.coverage_message()
+    if coverage is not None:
+        protocol.send(_channel, coverage)
+
+
+def _watchdog(timeout: float, crash_fd: int) -> threading.Timer:
     """The marker's timeout: a thread, not faulthandler's one watchdog, which pytest's faulthandler_timeout
     (now running in here) re-arms. It dumps every thread's stack to the crash memfd and ends the test."""
 
@@ -350,3 +392,4 @@ def _watchdog(timeout: float, crash_fd: int) -> None:
     timer.daemon = True
     timer.name = "sandbox-timeout"
     timer.start()
+    return timer

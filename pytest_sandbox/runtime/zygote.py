@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 
-from .. import credentials, protocol
+from .. import credentials, outputs, protocol
 from ..linux import mounts, process, rootfs, syscalls, userns
 from ..spec import SandboxSpec
 from . import cgroups, init, test_process
@@ -50,6 +50,7 @@ class SessionPaths:
     needed: tuple[str, ...]  # must stay visible: interpreter, sys.path, ...
     images: dict[str, rootfs.ImageMount] = dataclasses.field(default_factory=dict)  # built before tests run
     keep_dir: str = ""  # --sandbox-keep: image tests' read/write layers go here instead of a tmpfs
+    outputs: tuple[str, ...] = ()  # declared outputs: what sandboxes write there reaches the host
 
 
 @dataclasses.dataclass
@@ -244,6 +245,7 @@ class _Factory:
             layer_dir=f"{self.paths.keep_dir}/{kept_id}" if kept_id else None,
             wait_for_cgroup=group is not None,
             backend=self.limits.backend,
+            outputs=tuple(outputs.in_uppers(plan.overlays, self.paths.outputs)) if plan.image is None else (),
         )
         test, test_end = protocol.socketpair()
         go_r, go_w, ack_r, ack_w = _pipes_above(4)  # pid 1 waits on these until the sandbox's namespaces exist

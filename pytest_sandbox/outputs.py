@@ -1,0 +1,160 @@
+"""Declared outputs: what a sandbox writes under them reaches the host; nothing else it writes does.
+
+A sandbox's writable places are overlays whose writes die with it. Some writes are what the
+user asked for: pytest's cache (``--lf``, ``config.cache.set``), hypothesis's example database,
+the paths of the ``sandbox_outputs`` ini key. When its last test is over, the test process
+sends the regular files its overlay uppers hold under those paths; pytest writes each one after
+checking that it lies under a declared output, creating directories and never following a
+symlink on the way. Deletions and symlinks are not carried: a sandbox can add and change
+output files, never remove one.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import stat
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import pytest
+
+from .linux.mounts import is_under
+from .protocol import ProtocolError
+
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def declared(config: pytest.Config, extra: Iterable[str]) -> tuple[str, ...]:
+    """The session's outputs as absolute paths: pytest's cache directory, hypothesis's database, and
+    ``sandbox_outputs`` (relative to rootdir, inside it)."""
+    rootdir = str(config.rootpath)
+    found = []
+    if config.pluginmanager.has_plugin("cacheprovider"):
+        found.append(os.path.join(rootdir, str(config.getini("cache_dir"))))
+    found.append(os.path.join(os.getcwd(), ".hypothesis"))
+    for line in extra:
+        path = os.path.normpath(os.path.join(rootdir, line))
+        if os.path.isabs(line) or not is_under(path, rootdir) or path == rootdir:
+            raise pytest.UsageError(
+                f"sandbox_outputs: {line!r} is not a path inside the rootdir {rootdir} (a file or directory "
+                "relative to it, not the rootdir itself)"
+            )
+        found.append(path)
+    return tuple(dict.fromkeys(os.path.normpath(p) for p in found))
+
+
+def in_uppers(overlays: Iterable[str], outputs: Iterable[str]) -> list[tuple[str, str]]:
+    """(output, where its writes are in the scratch tmpfs) for each output inside a writable place
+    (``<index>/upper/...``, as ``rootfs.build`` lays the uppers out)."""
+    places = list(enumerate(overlays))
+    found = []
+    for output in outputs:
+        holders = [(index, target) for index, target in places if is_under(output, target)]
+        if holders:
+            index, target = max(holders, key=lambda holder: len(holder[1]))
+            relative = os.path.relpath(output, target)
+            found.append((output, f"{index}/upper" + ("" if relative == "." else f"/{relative}")))
+    return found
+
+
+# -- in the test process -------------------------------------------------------------------------
+
+
+def collect(scratch_fd: int, uppers: Iterable[tuple[str, str]]) -> Iterator[dict[str, Any]]:
+    """One "output" message per regular file the sandbox wrote under an output."""
+    for output, upper in uppers:
+        fd = _open_below(scratch_fd, upper.split("/"), create=False)
+        if fd is not None:
+            try:
+                yield from _walk(fd, output)
+            finally:
+                os.close(fd)
+
+
+def _walk(dir_fd: int, path: str) -> Iterator[dict[str, Any]]:
+    for entry in os.scandir(dir_fd):
+        if entry.is_dir(follow_symlinks=False):
+            sub = os.open(entry.name, _DIRECTORY, dir_fd=dir_fd)
+            try:
+                yield from _walk(sub, f"{path}/{entry.name}")
+            finally:
+                os.close(sub)
+        elif entry.is_file(follow_symlinks=False):
+            fd = os.open(entry.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            with os.fdopen(fd, "rb") as file:
+                data = file.read()
+            mode = 0o755 if entry.stat(follow_symlinks=False).st_mode & stat.S_IXUSR else 0o644
+            yield {
+                "type": "output",
+                "path": f"{path}/{entry.name}",
+                "data": base64.b64encode(data).decode(),
+                "mode": mode,
+            }
+
+
+def _open_below(dir_fd: int, parts: list[str], create: bool) -> int | None:
+    """The directory ``parts`` below ``dir_fd``, each step without following a symlink; None if missing."""
+    fd = os.dup(dir_fd)
+    for part in parts:
+        if create:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, 0o777, dir_fd=fd)
+        try:
+            next_fd = os.open(part, _DIRECTORY, dir_fd=fd)
+        except FileNotFoundError:
+            os.close(fd)
+            return None
+        except OSError:
+            os.close(fd)
+            raise
+        os.close(fd)
+        fd = next_fd
+    return fd
+
+
+# -- in pytest ------------------------------------------------------------------------------------
+
+
+def write(message: dict[str, Any], outputs: Iterable[str]) -> None:
+    """Write one output file a sandbox sent, if its path lies under a declared output."""
+    path = message["path"]
+    root = next((out for out in outputs if is_under(path, out) and path != out), None)
+    if not os.path.isabs(path) or os.path.normpath(path) != path or "\0" in path or root is None:
+        raise ProtocolError(f"an output outside the declared outputs: {path!r}")
+    if message["mode"] not in (0o644, 0o755):
+        raise ProtocolError(f"an output with mode {message['mode']!r}")
+    try:
+        data = base64.b64decode(message["data"], validate=True)
+    except ValueError:
+        raise ProtocolError(f"an output whose data is not base64: {path!r}") from None
+    parts = os.path.relpath(path, root).split("/")
+    try:
+        os.makedirs(root, exist_ok=True)
+        root_fd = os.open(root, _DIRECTORY)
+        try:
+            dir_fd = _open_below(root_fd, parts[:-1], create=True)
+        finally:
+            os.close(root_fd)
+        assert dir_fd is not None
+        try:
+            _replace(dir_fd, parts[-1], data, message["mode"])
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        warnings.warn(pytest.PytestWarning(f"pytest-sandbox: cannot write the output {path}: {exc}"), stacklevel=1)
+
+
+def _replace(dir_fd: int, name: str, data: bytes, mode: int) -> None:
+    temporary = f".{name}.sandbox-{os.getpid()}"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        os.replace(temporary, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary, dir_fd=dir_fd)
+        raise

@@ -1,0 +1,185 @@
+"""A sandboxed run is pytest's run: the protocol runs in the sandbox, fixtures keep their scopes where
+tests share a sandbox, and what the user asked to persist reaches the host (declared outputs)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from xml.etree import ElementTree
+
+import pytest
+
+from pytest_sandbox import outputs
+from pytest_sandbox.protocol import ProtocolError
+
+SCOPED_FIXTURES = """
+    import os, pytest
+
+    @pytest.fixture(scope="session")
+    def sess():
+        print("SETUP-SESSION")
+        yield
+        print("TEARDOWN-SESSION")
+
+    @pytest.fixture(scope="module")
+    def mod():
+        print("SETUP-MODULE")
+        yield
+        print("TEARDOWN-MODULE")
+"""
+
+
+def _scoped_suite(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(SCOPED_FIXTURES)
+    pytester.makepyfile(
+        test_a="""
+            def test_1(sess, mod): pass
+            def test_2(sess, mod): pass
+            def test_3(sess): assert 0
+        """,
+        test_b="""
+            def test_4(sess, mod): pass
+            def test_5(sess, mod): pass
+        """,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "sessions", "modules"),
+    [
+        ((), 1, 2),
+        (("--sandbox=all", "--sandbox-scope=session"), 1, 2),
+        (("--sandbox=all", "--sandbox-scope=module"), 2, 2),
+        (("--sandbox=all",), 5, 4),
+    ],
+    ids=["plain", "session", "module", "test"],
+)
+def test_fixtures_keep_their_scopes_within_a_shared_sandbox(
+    pytester: pytest.Pytester, args: tuple[str, ...], sessions: int, modules: int
+) -> None:
+    _scoped_suite(pytester)
+    result = pytester.runpytest_subprocess("-s", "-p", "no:cacheprovider", *args)
+    result.assert_outcomes(passed=4, failed=1)
+    text = result.stdout.str()
+    assert (text.count("SETUP-SESSION"), text.count("SETUP-MODULE")) == (sessions, modules)
+    assert (text.count("TEARDOWN-SESSION"), text.count("TEARDOWN-MODULE")) == (sessions, modules)
+
+
+def _outputs_by_test(pytester: pytest.Pytester, *args: str) -> dict[str, str]:
+    """Each test's captured output (setup, call and teardown) as junitxml records it."""
+    xml = pytester.path / "junit.xml"
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--junitxml={xml}", "-o", "junit_logging=all", *args)
+    return {case.get("name", ""): case.findtext("system-out", "") for case in ElementTree.parse(xml).iter("testcase")}
+
+
+def test_fixture_output_lands_on_the_tests_pytest_puts_it_on(pytester: pytest.Pytester) -> None:
+    _scoped_suite(pytester)
+    plain = _outputs_by_test(pytester)
+    assert "TEARDOWN-MODULE" in plain["test_3"] and "TEARDOWN-SESSION" in plain["test_5"]
+    assert _outputs_by_test(pytester, "--sandbox=all", "--sandbox-scope=session") == plain
+    module = _outputs_by_test(pytester, "--sandbox=all", "--sandbox-scope=module")
+    assert "SETUP-MODULE" in module["test_4"] and "TEARDOWN-MODULE" in module["test_5"]
+
+
+def test_a_crash_in_a_shared_sandbox_fails_that_test_and_the_rest_run(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(SCOPED_FIXTURES)
+    pytester.makepyfile("""
+        import ctypes
+        def test_1(mod): pass
+        def test_2(mod): ctypes.string_at(0)
+        def test_3(mod): pass
+    """)
+    result = pytester.runpytest_subprocess("-s", "--sandbox=all", "--sandbox-scope=module")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(["*sandbox crashed: SIGSEGV*"])
+    assert result.stdout.str().count("SETUP-MODULE") == 2  # the rest of the module in a new sandbox
+
+
+def test_exitfirst_ends_a_shared_sandbox_cleanly(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(SCOPED_FIXTURES)
+    pytester.makepyfile("""
+        def test_1(mod): assert 0
+        def test_2(mod): pass
+    """)
+    result = pytester.runpytest_subprocess("-x", "-s", "--sandbox=all", "--sandbox-scope=session", timeout=60)
+    result.assert_outcomes(failed=1)
+    assert "TEARDOWN-MODULE" in result.stdout.str()  # torn down as pytest's session end does
+
+
+def test_a_plugins_protocol_wrapper_runs_once_in_the_sandbox(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest("""
+        import os, pytest
+
+        @pytest.hookimpl(wrapper=True)
+        def pytest_runtest_protocol(item, nextitem):
+            print(f"WRAPPER pid={os.getpid()}")
+            return (yield)
+    """)
+    pytester.makepyfile("def test_one(): pass")
+    result = pytester.runpytest_subprocess("-s", "--sandbox=all")
+    result.assert_outcomes(passed=1)
+    assert result.stdout.str().count("WRAPPER") == 1
+    result.stdout.fnmatch_lines(["*WRAPPER pid=2"])  # the test process is pid 2 of its sandbox
+
+
+def test_the_cache_and_declared_outputs_reach_the_host_and_nothing_else(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nsandbox_outputs = reports\n")
+    pytester.makepyfile("""
+        import os
+        def test_writes(request):
+            request.config.cache.set("mine/key", {"a": 1})
+            os.makedirs("reports/deep", exist_ok=True)
+            open("reports/deep/r.txt", "w").write("kept")
+            open("elsewhere.txt", "w").write("gone")
+        def test_fails():
+            assert 0
+    """)
+    result = pytester.runpytest_subprocess("--sandbox=all")
+    result.assert_outcomes(passed=1, failed=1)
+    assert (pytester.path / "reports/deep/r.txt").read_text() == "kept"
+    assert not (pytester.path / "elsewhere.txt").exists()
+    assert (pytester.path / ".pytest_cache/v/mine/key").exists()
+    rerun = pytester.runpytest_subprocess("--sandbox=all", "--lf")
+    rerun.assert_outcomes(failed=1)  # the host's lastfailed, from the relayed reports
+
+
+def test_an_output_outside_the_rootdir_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nsandbox_outputs = ../elsewhere\n")
+    pytester.makepyfile("def test_one(): pass")
+    result = pytester.runpytest_subprocess("--sandbox=all")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*sandbox_outputs: '../elsewhere' is not a path inside the rootdir*"])
+
+
+def _message(path: str, data: str = "aGk=") -> dict[str, object]:
+    return {"type": "output", "path": path, "data": data, "mode": 0o644}
+
+
+def test_write_refuses_paths_outside_the_outputs(tmp_path: pathlib.Path) -> None:
+    root = str(tmp_path / "out")
+    for path in (f"{root}/../x", str(tmp_path / "x"), "relative", root, f"{root}/a/./b"):
+        with pytest.raises(ProtocolError):
+            outputs.write(_message(path), [root])
+    with pytest.raises(ProtocolError):
+        outputs.write(_message(f"{root}/a", data="not base64!"), [root])
+    outputs.write(_message(f"{root}/a/b"), [root])
+    assert (tmp_path / "out/a/b").read_text() == "hi"
+
+
+def test_write_follows_no_symlink_on_the_host(tmp_path: pathlib.Path) -> None:
+    root = tmp_path / "out"
+    root.mkdir()
+    target = tmp_path / "target"
+    target.mkdir()
+    (root / "link").symlink_to(target)
+    (root / "file").symlink_to(target / "victim")
+    with pytest.warns(pytest.PytestWarning, match="cannot write the output"):
+        outputs.write(_message(f"{root}/link/x"), [str(root)])
+    outputs.write(_message(f"{root}/file"), [str(root)])  # replaces the link itself
+    assert os.listdir(target) == []
+    assert (root / "file").read_text() == "hi" and not (root / "file").is_symlink()
+
+
+def test_uppers_of_outputs_follow_the_overlay_layout() -> None:
+    found = outputs.in_uppers(["/home/u", "/home/u/proj"], ["/home/u/proj/.pytest_cache", "/srv/x", "/home/u/o"])
+    assert found == [("/home/u/proj/.pytest_cache", "1/upper/.pytest_cache"), ("/home/u/o", "0/upper/o")]
