@@ -1,11 +1,14 @@
-"""Per-test overhead of --sandbox=all against plain pytest and pytest-forked, measured in one run.
+"""Per-test overhead of --sandbox=all against plain pytest, pytest-forked and a bare fork, in one run.
 
     python benchmarks/overhead.py [--tests 300] [--runs 5] [--forked-venv DIR]
 
 pytest-forked is installed into its own venv (pinned to a pytest it works with:
 it is broken on pytest 9.2) unless --forked-venv points at one. Prints the
-median wall time of each configuration, the overhead per test in ms over plain
-pytest, and the ratio sandbox/forked (goal: <= 1.0).
+median wall time of each configuration and, against baselines measured in the
+same run: the overhead per test over plain pytest and its ratio to pytest-forked
+(goal <= 0.8) and to a bare fork of a pytest-sized process (goal <= 2); under
+``-n 2`` the overhead per test per worker (goal <= 6 ms); ``--sandbox-scope=session``
+against plain (goal <= 1.1); and a suite with a 200 ms session fixture by scope.
 """
 
 from __future__ import annotations
@@ -19,6 +22,28 @@ import tempfile
 import venv
 
 from _timing import time_command
+
+FORK_FLOOR = """
+import os, time, pytest, _pytest.python, _pytest.runner, xdist  # a process about pytest's size
+ballast = bytearray(40 * 2**20)  # pytest with a collected suite holds tens of MiB
+runs = 200
+start = time.perf_counter()
+for _ in range(runs):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+print((time.perf_counter() - start) / runs * 1000)
+"""
+
+SLOW_SESSION_FIXTURE = """
+import time, pytest
+
+@pytest.fixture(scope="session")
+def expensive():
+    time.sleep(0.2)
+    return 1
+"""
 
 
 def _forked_venv(path: str) -> str:
@@ -40,38 +65,62 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sandbox-bench-") as suite:
         with open(os.path.join(suite, "test_trivial.py"), "w") as f:
             f.writelines(f"def test_{i}():\n    assert True\n\n" for i in range(args.tests))
+        fixture_dir = os.path.join(suite, "fixture")
+        os.mkdir(fixture_dir)
+        with open(os.path.join(fixture_dir, "conftest.py"), "w") as f:
+            f.write(SLOW_SESSION_FIXTURE)
+        with open(os.path.join(fixture_dir, "test_uses_it.py"), "w") as f:
+            f.writelines(f"def test_{i}(expensive):\n    assert expensive\n\n" for i in range(100))
+        pytest_cmd = [sys.executable, "-m", "pytest"]
         base = ["-q", "-p", "no:cacheprovider", "test_trivial.py"]
+        fixture = ["-q", "-p", "no:cacheprovider", "fixture"]
         configs = {
-            "plain": [sys.executable, "-m", "pytest", *base],
-            "sandbox": [sys.executable, "-m", "pytest", "--sandbox=all", *base],
-            "sandbox + limits": [
-                sys.executable,
-                "-m",
-                "pytest",
-                "--sandbox=all",
-                "--sandbox-memory=1G",
-                "--sandbox-pids=1000",
-                *base,
-            ],
+            "plain": [*pytest_cmd, *base],
+            "sandbox": [*pytest_cmd, "--sandbox=all", *base],
+            "sandbox + limits": [*pytest_cmd, "--sandbox=all", "--sandbox-memory=1G", "--sandbox-pids=1000", *base],
+            "sandbox, scope=session": [*pytest_cmd, "--sandbox=all", "--sandbox-scope=session", *base],
+            "plain -n 2": [*pytest_cmd, "-n", "2", *base],
+            "sandbox -n 2": [*pytest_cmd, "-n", "2", "--sandbox=all", *base],
             "plain (forked venv)": [forked_python, "-m", "pytest", *base],
             "forked": [forked_python, "-m", "pytest", "--forked", *base],
+            "fixture: plain": [*pytest_cmd, *fixture],
+            "fixture: scope=test": [*pytest_cmd, "--sandbox=all", *fixture],
+            "fixture: scope=session": [*pytest_cmd, "--sandbox=all", "--sandbox-scope=session", *fixture],
         }
         times: dict[str, list[float]] = {name: [] for name in configs}
+        floors: list[float] = []
         for _ in range(args.runs):  # interleaved, so drift in machine load hits every configuration alike
             for name, cmd in configs.items():
                 times[name].append(time_command(cmd, suite))
+            floor = subprocess.run([sys.executable, "-c", FORK_FLOOR], capture_output=True, text=True, check=True)
+            floors.append(float(floor.stdout))
     median = {name: statistics.median(values) for name, values in times.items()}
-    sandbox_ms = (median["sandbox"] - median["plain"]) / args.tests * 1000
-    forked_ms = (median["forked"] - median["plain (forked venv)"]) / args.tests * 1000
-    print(f"{args.tests} trivial tests, median of {args.runs} runs")
+    fork_ms = statistics.median(floors)
+
+    def per_test(config: str, baseline: str, tests: float = args.tests) -> float:
+        return (median[config] - median[baseline]) / tests * 1000
+
+    sandbox_ms = per_test("sandbox", "plain")
+    forked_ms = per_test("forked", "plain (forked venv)")
+    print(
+        f"{args.tests} trivial tests (and a 100-test suite with a 200 ms session fixture), median of {args.runs} runs"
+    )
     for name, value in median.items():
-        print(f"  {name:<22} {value:7.3f} s")
-    limits_ms = (median["sandbox + limits"] - median["plain"]) / args.tests * 1000
+        print(f"  {name:<24} {value:7.3f} s")
     print(
         f"per-test overhead: sandbox {sandbox_ms:.2f} ms, pytest-forked {forked_ms:.2f} ms, "
-        f"sandbox with memory+pids limits (a cgroup each) {limits_ms:.2f} ms"
+        f"a bare fork of a pytest-sized process {fork_ms:.2f} ms, "
+        f"sandbox with memory+pids limits (a cgroup each) {per_test('sandbox + limits', 'plain'):.2f} ms"
     )
-    print(f"ratio sandbox/forked: {sandbox_ms / forked_ms:.2f} (goal <= 1.00)")
+    print(f"ratio sandbox/forked: {sandbox_ms / forked_ms:.2f} (goal <= 0.80)")
+    print(f"ratio sandbox/bare fork: {sandbox_ms / fork_ms:.2f} (goal <= 2.00)")
+    print(f"-n 2: {per_test('sandbox -n 2', 'plain -n 2', args.tests / 2):.2f} ms per test per worker (goal <= 6)")
+    print(f"--sandbox-scope=session / plain: {median['sandbox, scope=session'] / median['plain']:.2f} (goal <= 1.10)")
+    print(
+        "session fixture of 200 ms, 100 tests: "
+        f"plain {median['fixture: plain']:.2f} s, scope=test {median['fixture: scope=test']:.2f} s "
+        f"(a setup per test), scope=session {median['fixture: scope=session']:.2f} s (one setup)"
+    )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from . import credentials, hookspecs, probe, reports, settings, summary
+from . import credentials, hookspecs, plugin_state, probe, reports, settings, summary
 from . import session as _session
 from .errors import SandboxError
 from .runtime import test_process
@@ -84,6 +84,9 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
                 unenforced.setdefault(limit, []).append(item.nodeid)
     if unenforced and state.mode != "off":
         _unenforceable(state, unenforced)
+    if state.mode != "off":
+        sandboxed = [item for item in items if SPEC_KEY in item.stash]
+        state.outputs = tuple(dict.fromkeys([*state.outputs, *plugin_state.for_sandboxed_items(config, sandboxed)]))
     _session.check_images(state, images_needed)
 
 

@@ -17,12 +17,63 @@ from typing import Any
 from . import protocol
 from .linux.mounts import is_under
 
+_junit_properties_before = 0  # in a test process: junitxml's suite properties it inherited
+
+
+def _junitxml(config: Any) -> Any:
+    """pytest's junitxml plugin object (``--junitxml``), whose suite properties are a public list."""
+    for plugin in config.pluginmanager.get_plugins():
+        plugin = getattr(plugin, "_plugin", plugin)  # muted in a test process
+        if type(plugin).__name__ == "LogXML" and isinstance(getattr(plugin, "global_properties", None), list):
+            return plugin
+    return None
+
 
 def adapt_in_sandbox(config: Any) -> None:
     """Point plugins that talk to the pytest process at local state instead."""
+    global _junit_properties_before
+    xml = _junitxml(config)
+    _junit_properties_before = len(xml.global_properties) if xml is not None else 0
     database = getattr(config, "failures_db", None)
     if type(database).__name__ == "ClientStatusDB":  # pytest-rerunfailures under xdist
         config.failures_db = sys.modules[type(database).__module__].StatusDB()
+
+
+def suite_properties(config: Any) -> list[dict[str, Any]]:
+    """``record_testsuite_property`` calls made in this sandbox, for pytest's junitxml."""
+    xml = _junitxml(config)
+    added = xml.global_properties[_junit_properties_before:] if xml is not None else []
+    return [{"type": "suite-property", "name": str(name), "value": str(value)} for name, value in added]
+
+
+def add_suite_property(config: Any, message: dict[str, Any]) -> None:
+    xml = _junitxml(config)
+    if xml is not None:
+        xml.add_global_property(message["name"], message["value"])
+
+
+def flush_in_sandbox(config: Any) -> None:
+    """At a sandbox's end: what plugins would write at the session's end, which a sandbox never reaches."""
+    snapshots = getattr(config, "_syrupy", None)  # syrupy queues snapshot writes until its session ends
+    flush = getattr(snapshots, "flush_snapshot_write_queue", None)
+    if callable(flush):
+        flush()
+
+
+def for_sandboxed_items(config: Any, items: Iterable[Any]) -> list[str]:
+    """Settle, in the pytest process, what plugins would conclude wrongly from tests run elsewhere;
+    returns the directories their sandboxed tests write that must reach the host.
+
+    syrupy counts a snapshot as unused when no assertion in this process read it, and
+    ``--snapshot-update`` deletes unused ones: with sandboxed snapshot tests, unused detection is
+    off (its own ``--snapshot-disable-unused``), and their snapshot directories are outputs.
+    """
+    users = [item for item in items if "snapshot" in getattr(item, "fixturenames", ())]
+    if not users or not hasattr(config.option, "disable_unused_snapshots"):
+        return []
+    config.option.disable_unused_snapshots = True
+    dirname = getattr(config.option, "snapshot_dirname", None) or "__snapshots__"
+    return sorted({os.path.join(os.path.dirname(str(item.path)), dirname) for item in users})
 
 
 def _active_coverage() -> Any:

@@ -24,6 +24,7 @@ cannot forge how it ended::
       |<============================================================ warning {...} =========|
       |<============================================================ log {text} ============|  (pytest's log_file)
       |<============================================================ output {path, data} ===|  (declared outputs,
+      |<============================================================ suite-property {...} ==|  junit suite properties,
       |<============================================================ coverage {...} ========|  coverage: at its end)
       |<============================================================ done ==================|  exits
       |<-- exit {code|signal, usage} + [crash memfd] --|  test exited: SIGKILL its pid 1
@@ -64,6 +65,7 @@ FROM_TEST: dict[str, dict[str, tuple[type, ...]]] = {
     "log": {"text": (str,)},
     "coverage": {"arcs": (bool,), "contexts": (dict,)},
     "output": {"path": (str,), "data": (str,), "mode": (int,)},
+    "suite-property": {"name": (str,), "value": (str,)},
     "done": {},
     "error": {"phase": (str,), "message": (str,)},
     "exit-requested": {"reason": (str,), "returncode": (int, type(None))},

@@ -140,6 +140,8 @@ class _Relay:
         elif kind == "output":
             if self.spec.image is None:
                 outputs.write(message, self.zyg.outputs)
+        elif kind == "suite-property":
+            plugin_state.add_suite_property(self.item.config, message)
         elif kind == "coverage":
             if self.spec.image is None:  # an image's paths are not the host's
                 plugin_state.merge_coverage(message, credentials.hidden_places(os.environ.get("HOME"), self.spec.hide))

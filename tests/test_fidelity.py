@@ -183,3 +183,36 @@ def test_write_follows_no_symlink_on_the_host(tmp_path: pathlib.Path) -> None:
 def test_uppers_of_outputs_follow_the_overlay_layout() -> None:
     found = outputs.in_uppers(["/home/u", "/home/u/proj"], ["/home/u/proj/.pytest_cache", "/srv/x", "/home/u/o"])
     assert found == [("/home/u/proj/.pytest_cache", "1/upper/.pytest_cache"), ("/home/u/o", "0/upper/o")]
+
+
+def test_suite_properties_recorded_in_sandboxes_reach_junitxml(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        def test_a(record_testsuite_property):
+            record_testsuite_property("build", "42")
+        def test_b(record_testsuite_property):
+            record_testsuite_property("arch", "x86")
+    """)
+    xml = pytester.path / "junit.xml"
+    pytester.runpytest_subprocess("--sandbox=all", f"--junitxml={xml}").assert_outcomes(passed=2)
+    found = [(p.get("name"), p.get("value")) for p in ElementTree.parse(xml).iter("property")]
+    assert found == [("build", "42"), ("arch", "x86")]
+
+
+def test_snapshots_used_in_sandboxes_are_neither_unused_nor_deleted(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        def test_one(snapshot):
+            assert {"a": 1} == snapshot
+        def test_two(snapshot):
+            assert "two" == snapshot
+    """)
+    pytester.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=2)  # plain: writes them
+    snapshots = pytester.path / "__snapshots__" / "test_snapshots_used_in_sandboxes_are_neither_unused_nor_deleted.ambr"
+    written = snapshots.read_text()
+    pytester.runpytest_subprocess("--sandbox=all").assert_outcomes(passed=2)  # used, so no "unused" failure
+    pytester.runpytest_subprocess("--sandbox=all", "--snapshot-update").assert_outcomes(passed=2)
+    assert snapshots.read_text() == written  # nothing deleted as unused
+    with open(pytester.path / "test_snapshots_used_in_sandboxes_are_neither_unused_nor_deleted.py", "a") as test:
+        test.write("\ndef test_three(snapshot):\n    assert [3] == snapshot\n")
+    pytester.runpytest_subprocess("--sandbox=all", "--snapshot-update").assert_outcomes(passed=3)
+    assert "test_three" in snapshots.read_text()  # written in the sandbox, an output
+    pytester.runpytest_subprocess().assert_outcomes(passed=3)  # and plain pytest agrees

@@ -57,7 +57,8 @@ def _source(template: str, **values: object) -> str:
     text = INNER_COMMON + template + BYSTANDER
     for name, value in values.items():
         text = text.replace(f"__{name.upper()}__", repr(value))
-    assert "__" not in re.sub(r"__(reduce|name|main)__", "", text), "a placeholder was not filled"
+    unfilled = set(re.findall(r"__([A-Z][A-Z0-9_]*)__", text))  # placeholders are upper case; the values are reprs
+    assert not unfilled, f"placeholders not filled: {unfilled}"
     return text
 
 

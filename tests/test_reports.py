@@ -197,6 +197,7 @@ def test_trim_keeps_pytest_frames_the_test_called_and_drops_the_watchdog_thread(
 
 @pytest.fixture
 def item(pytester: pytest.Pytester) -> pytest.Item:
+    pytester.makeini("[pytest]\naddopts = -p no:syrupy\n")  # its session-end hook needs a real session's exitstatus
     return pytester.getitem("def test_it():\n    pass\n", funcname="test_it")
 
 

@@ -323,8 +323,8 @@ def test_process(zygote: socket.socket, items: dict[str, pytest.Item], box: Sand
     if box.kept_id is not None:  # pytest keeps this read/write layer if the test fails
         protocol.send(_channel, {"type": "container", "id": box.kept_id})
     ACTIVE_SPEC, ACTIVE_PLAN = box.spec, box.plan
-    _mute_host_reporters(config)
     plugin_state.adapt_in_sandbox(config)
+    _mute_host_reporters(config)
     _run_items(box, items, scratch)
     _exit(0)
 
@@ -353,7 +353,7 @@ def _run_items(box: Sandbox, items: dict[str, pytest.Item], scratch: int | None)
             if watchdog is not None:
                 watchdog.cancel()
             if nextitem is None:
-                _send_what_persists(scratch, box.outputs)
+                _send_what_persists(item.config, scratch, box.outputs)
             protocol.send(_channel, {"type": "done"})
         except pytest.exit.Exception as exc:
             protocol.send(_channel, {"type": "exit-requested", "reason": exc.msg, "returncode": exc.returncode})
@@ -368,12 +368,15 @@ def _run_items(box: Sandbox, items: dict[str, pytest.Item], scratch: int | None)
             return
 
 
-def _send_what_persists(scratch: int | None, uppers: tuple[tuple[str, str], ...]) -> None:
+def _send_what_persists(config: pytest.Config, scratch: int | None, uppers: tuple[tuple[str, str], ...]) -> None:
     """At the sandbox's end: the files it wrote under declared outputs, and what coverage measured."""
     assert _channel is not None
+    plugin_state.flush_in_sandbox(config)
     if scratch is not None:
         for message in outputs.collect(scratch, uppers):
             protocol.send(_channel, message)
+    for message in plugin_state.suite_properties(config):
+        protocol.send(_channel, message)
     coverage = plugin_state.coverage_message()
     if coverage is not None:
         protocol.send(_channel, coverage)
