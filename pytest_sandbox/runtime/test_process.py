@@ -143,6 +143,14 @@ class _Muted:
         return getattr(self._plugin, name)
 
 
+def prepare_plugins(config: pytest.Config, backend: cgroups.Backend) -> None:
+    """Once, in the zygote, for every test process it forks: the report streamer in, the pytest
+    process's reporters muted, plugins that talk to the pytest process pointed at local state."""
+    config.pluginmanager.register(ReportStreamer(config, backend), "sandbox-report-streamer")
+    plugin_state.adapt_in_sandbox(config)
+    _mute_host_reporters(config)
+
+
 def _mute_host_reporters(config: pytest.Config) -> None:
     """Plugin objects that listen to logged reports belong to the pytest process: its terminal reporter,
     junitxml, xdist's worker, report logs. pytest hears every report from the sandbox and calls them
@@ -323,8 +331,6 @@ def test_process(zygote: socket.socket, items: dict[str, pytest.Item], box: Sand
     if box.kept_id is not None:  # pytest keeps this read/write layer if the test fails
         protocol.send(_channel, {"type": "container", "id": box.kept_id})
     ACTIVE_SPEC, ACTIVE_PLAN = box.spec, box.plan
-    plugin_state.adapt_in_sandbox(config)
-    _mute_host_reporters(config)
     _run_items(box, items, scratch)
     _exit(0)
 

@@ -351,10 +351,10 @@ def _serve(
     paths: SessionPaths,
     limits: Limits,
 ) -> None:
-    gc.freeze()  # keep the garbage collector from touching (and so copying) the zygote's pages in every fork
     factory = _Factory(control, items, paths, limits)
     config = next(iter(items.values())).config
-    config.pluginmanager.register(test_process.ReportStreamer(config, limits.backend), "sandbox-report-streamer")
+    test_process.prepare_plugins(config, limits.backend)
+    gc.freeze()  # keep the garbage collector from touching (and so copying) the zygote's pages in every fork
     ready: _Sandbox | None = None
     protocol.send(control, {"op": "ready"})
     while True:
