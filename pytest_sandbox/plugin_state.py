@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import sys
 from collections.abc import Iterable
 from typing import Any
 
 from . import protocol
-from .linux.mounts import is_under
+from .linux.mounts import SCRATCH_PLACES, is_under
 
 _junit_properties_before = 0  # in a test process: junitxml's suite properties it inherited
 
@@ -104,43 +105,79 @@ def coverage_message() -> dict[str, Any] | None:
     return {"type": "coverage", "arcs": arcs, "contexts": contexts}
 
 
-def _checked_files(files: object, arcs: bool, hidden: Iterable[str]) -> dict[str, list[Any]]:
+# Places whose sandbox view is not the host's: its own /proc, /sys, /dev and fresh tmpfs (the latter
+# showing only the session's visible or writable paths).
+_OWN_VIEWS = ("/proc", "/sys", "/dev")
+LINE_LIMIT = 2**24  # lines (and arc ends) past this are no source file's; coverage keeps a bit per line
+NUMBITS_BUDGET = 64 * 2**20  # bytes of line bitmaps one message may make pytest's coverage data hold
+
+
+def _seen_by_sandbox(path: str, hidden: Iterable[str], shown: Iterable[str]) -> bool:
+    """A regular file on the host that the sandbox saw as the host has it: reading it (as coverage's
+    report does) neither blocks nor shows what the test could not have read itself."""
+    real = os.path.realpath(path) if os.path.isabs(path) and "\0" not in path else ""
+    if not real or any(is_under(real, place) for place in (*hidden, *_OWN_VIEWS)):
+        return False
+    if any(is_under(real, place) for place in SCRATCH_PLACES) and not any(is_under(real, p) for p in shown):
+        return False
+    try:
+        return stat.S_ISREG(os.stat(real).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def _checked_files(
+    files: object, arcs: bool, hidden: Iterable[str], shown: Iterable[str], budget: list[int]
+) -> dict[str, list[Any]]:
     """Measured files as coverage takes them; only paths the sandbox could see (nothing under a hidden
     place), so a report built from them shows no file the test could not have read itself."""
     if not isinstance(files, dict):
         raise protocol.ProtocolError("coverage whose files are not a mapping")
     checked: dict[str, list[Any]] = {}
     for path, numbers in files.items():
-        real = os.path.realpath(path) if os.path.isabs(path) and "\0" not in path else ""
-        if not real or any(is_under(real, place) for place in hidden):
+        if not _seen_by_sandbox(path, hidden, shown):
             raise protocol.ProtocolError(f"coverage of a file the sandbox cannot see: {path!r}")
         if not isinstance(numbers, list) or not all(_is_measure(n, arcs) for n in numbers):
             raise protocol.ProtocolError(f"coverage of {path!r} that is not a list of {'arcs' if arcs else 'lines'}")
+        if not arcs and numbers:
+            budget[0] -= max(numbers) // 8 + 1
+            if budget[0] < 0:
+                raise protocol.ProtocolError("coverage of more lines than any test measures")
         checked[path] = [tuple(n) for n in numbers] if arcs else numbers
     return checked
 
 
 def _is_measure(value: object, arcs: bool) -> bool:
     if arcs:
-        return isinstance(value, list) and len(value) == 2 and all(_is_int(v) for v in value)
-    return _is_int(value)
+        return (
+            isinstance(value, list)
+            and len(value) == 2
+            and all(_is_int(v) and -LINE_LIMIT < v < LINE_LIMIT for v in value)
+        )
+    return _is_int(value) and 0 <= value < LINE_LIMIT  # type: ignore[operator]
 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def merge_coverage(message: dict[str, Any], hidden: Iterable[str]) -> None:
-    """Add a sandbox's coverage to the pytest process's data, which pytest-cov saves and combines."""
+def merge_coverage(message: dict[str, Any], hidden: Iterable[str], shown: Iterable[str]) -> None:
+    """Add a sandbox's coverage to the pytest process's data, which pytest-cov saves and combines.
+
+    ``hidden`` are the places the sandbox masks, ``shown`` the host paths its fresh tmpfs show again."""
     cov = _active_coverage()
     if cov is None or not isinstance(message["contexts"], dict):
         return
     hidden = [os.path.realpath(place) for place in hidden]
+    shown = [os.path.realpath(place) for place in shown]
+    budget = [NUMBITS_BUDGET]
     checked = {
-        context: _checked_files(files, message["arcs"], hidden) for context, files in message["contexts"].items()
+        context: _checked_files(files, message["arcs"], hidden, shown, budget)
+        for context, files in message["contexts"].items()
     }
     data = cov.get_data()
-    if data.measured_files() and data.has_arcs() != message["arcs"]:
+    measures_arcs = data.has_arcs() if data.measured_files() else bool(cov.config.branch)
+    if measures_arcs != message["arcs"]:
         raise protocol.ProtocolError("coverage of lines where pytest measures arcs, or the reverse")
     for context, files in checked.items():
         if context:

@@ -144,7 +144,11 @@ class _Relay:
             plugin_state.add_suite_property(self.item.config, message)
         elif kind == "coverage":
             if self.spec.image is None:  # an image's paths are not the host's
-                plugin_state.merge_coverage(message, credentials.hidden_places(os.environ.get("HOME"), self.spec.hide))
+                paths = self.zyg.paths
+                hidden = credentials.hidden_places(os.environ.get("HOME"), self.spec.hide)
+                if paths.keep_dir:
+                    hidden.append(paths.keep_dir)
+                plugin_state.merge_coverage(message, hidden, (*paths.writable, *self.spec.writable, *paths.needed))
         elif kind == "error":
             self.outcome.setup_error = message
         else:  # exit-requested, interrupted
@@ -246,13 +250,26 @@ def _pairs(value: object, what: str, second: type | None = None) -> list[tuple[s
     return pairs
 
 
+# What pytest's terminal reporter files under its own categories: it reads WarningReports from "warnings",
+# wasxfail from "xfailed", counts "error" as failed. A report of another outcome may not land there.
+_PYTEST_CATEGORIES = ("failed", "passed", "skipped", "deselected", "xfailed", "xpassed", "warnings", "error")
+
+
+def _plugin_outcome(report: pytest.TestReport, config: pytest.Config) -> bool:
+    """A plugin's own outcome (pytest-rerunfailures' "rerun"): one a plugin here knows, not only the terminal
+    reporter, whose fallback files any outcome under its own name ("warnings", "xfailed" crash its summary)."""
+    if not isinstance(report.outcome, str):
+        return False
+    terminal = config.pluginmanager.get_plugin("terminal")
+    hook = config.pluginmanager.subset_hook_caller("pytest_report_teststatus", [terminal] if terminal else [])
+    status = hook(report=report, config=config)
+    return status is not None and status[0] not in _PYTEST_CATEGORIES
+
+
 def _check_report_fields(report: pytest.TestReport, config: pytest.Config) -> None:
     """A report from a sandbox holds what pytest's own reports hold, in the shapes pytest's terminal
     reporter, junitxml and xdist expect: anything else would fail later, far from its cause."""
-    if report.outcome not in ("passed", "failed", "skipped") and (
-        not isinstance(report.outcome, str)
-        or config.hook.pytest_report_teststatus(report=report, config=config) is None
-    ):  # a plugin's own outcome (pytest-rerunfailures' "rerun") must be one a plugin here knows
+    if report.outcome not in ("passed", "failed", "skipped") and not _plugin_outcome(report, config):
         raise protocol.ProtocolError(f"a report with outcome {report.outcome!r}")
     location = report.location
     if (

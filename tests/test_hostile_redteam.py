@@ -631,3 +631,83 @@ def test_half_a_message_defeats_the_timeout(pytester: pytest.Pytester) -> None:
         pytest.fail("a test with timeout=2 hung the session for 40 s (killed by pytester)")
     text = "\n".join(result.outlines)
     assert "PASSED test_probe.py::test_bystander" in text, text[-2000:]
+
+
+# -- 11. an outcome of the test's own, which pytest's terminal files under one of its categories ------------
+
+OUTCOME = """
+@pytest.fixture
+def forged(request):
+    from pytest_sandbox import protocol
+    from pytest_sandbox.runtime import test_process
+    data = {"$report_type": "TestReport", "nodeid": request.node.nodeid, "location": ["test_probe.py", 1, "x"],
+            "keywords": {}, "outcome": __OUTCOME__, "longrepr": None, "when": "call", "user_properties": [],
+            "sections": [], "duration": 0.0, "start": 0.0, "stop": 0.0}
+    protocol.send(test_process._channel, {"type": "report", "data": data})
+
+
+@pytest.mark.container
+def test_attack(forged):
+    pass
+"""
+
+
+@pytest.mark.parametrize("outcome", ["warnings", "xfailed"])
+def test_report_with_an_outcome_pytest_files_as_its_own(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: tuple[str, ...], outcome: str
+) -> None:
+    """Reports may carry a plugin's own outcome (pytest-rerunfailures' "rerun") if pytest_report_teststatus
+    knows it; but the terminal reporter's fallback answers for any outcome, filing it under its own name.
+    "warnings" then crashes the warnings summary (a TestReport has no .message), "xfailed" the -rx summary
+    (no .wasxfail)."""
+    run = _run(pytester, monkeypatch, _source(OUTCOME, outcome=outcome), *xdist)
+    problems = run.session_problems()
+    if "AttributeError" in run.text and "terminal.py" in run.text:
+        problems.insert(0, f"report: outcome {outcome!r} crashed pytest's terminal summary")
+    _check(problems)
+
+
+# -- 12. coverage pytest merges: a file only the host has, line numbers coverage cannot store ------------
+
+COVERAGE = """
+@pytest.mark.container
+def test_attack(request):
+    from pytest_sandbox import protocol
+    from pytest_sandbox.runtime import test_process
+    probe = str(request.node.path)
+    path = probe if __PATH__ == "probe" else __PATH__
+    assert path == probe or not os.path.exists(path), "the sandbox sees the host's /tmp"
+    files = {probe: [1], path: __LINES__}
+    protocol.send(test_process._channel, {"type": "coverage", "arcs": False, "contexts": {"": files}})
+"""
+SECRET = f"host_only_secret_{uuid.uuid4().hex}"
+
+
+@pytest.mark.parametrize("attack", ["host-only file", "negative line", "huge line"])
+def test_coverage_message_reaches_the_host(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: tuple[str, ...], attack: str
+) -> None:
+    """pytest merges a sandbox's coverage into its own: a path was refused only under a hidden place, so a
+    host file the sandbox never saw (its /tmp is a fresh tmpfs) went into the html report, source and all;
+    a negative line number (IndexError) or a huge one (MemoryError, a bit per line) broke pytest."""
+    pytest.importorskip("pytest_cov")  # a dev dependency
+    secret = Path(tempfile.gettempdir()) / f"hostile-secret-{uuid.uuid4().hex}.py"
+    secret.write_text(f"{SECRET} = 1\n")
+    path, lines = {
+        "host-only file": (str(secret), [1]),
+        "negative line": ("probe", [-5]),
+        "huge line": ("probe", [2**60]),
+    }[attack]
+    try:
+        run = _run(
+            pytester, monkeypatch, _source(COVERAGE, path=path, lines=lines), "--cov", "--cov-report=html", *xdist
+        )
+    finally:
+        secret.unlink()
+    problems = run.session_problems()
+    shown = [p.name for p in (pytester.path / "htmlcov").glob("*.html") if SECRET in p.read_text()]
+    if shown:
+        problems.insert(0, f"coverage: the html report shows a file only the host has: {shown}")
+    if attack != "host-only file" and run.outcome("test_attack") != "FAILED":
+        problems.insert(0, f"coverage: {attack} was not refused: {run.outcome('test_attack')}")
+    _check(problems)

@@ -28,6 +28,7 @@ class Zygote:
         self.epoch = epoch
         self.limits = limits
         self.outputs = paths.outputs  # where sandboxes may write files pytest keeps
+        self.paths = paths  # what the sandboxes show of the host
         self.finishing: list[socket.socket] = []  # finished sandboxes whose exit is not yet collected
         self.nodeids = frozenset(items)
         self.control, theirs = protocol.socketpair()
