@@ -164,7 +164,7 @@ class _Relay:
             raise protocol.ProtocolError(
                 f"a report for {getattr(report, 'nodeid', report)!r}, not for {self.item.nodeid!r}"
             )
-        self._check_order(report.when)
+        counts = self._check_order(report)
         _check_report_fields(report, config)
         kept = (self.containers or {}).get(self.item.nodeid)
         if report.failed and kept:
@@ -175,16 +175,23 @@ class _Relay:
                     f"pytest-sandbox commit {kept} NAME",
                 )
             )
-        self.outcome.whens.add(report.when)
+        if counts:
+            self.outcome.whens.add(report.when)
         if report.when == "setup" and report.passed:
             self.outcome.setup_passed = True
         (self.held if self.hold else self.ready).append(report)
 
-    def _check_order(self, when: str) -> None:
-        """Phases come in order; a plugin that reruns a test (pytest-rerunfailures) starts again at setup,
-        subtests add call reports."""
+    def _check_order(self, report: pytest.TestReport) -> bool:
+        """Phases come in order; a plugin that reruns a test (pytest-rerunfailures) starts again at setup.
+        A plugin's own call report (a SubtestReport) is logged as it happens, before the phases of a
+        protocol run with log=False (pytest-rerunfailures'): it has no place in the order; False for it."""
+        when = report.when
         if when not in PHASES:
             raise protocol.ProtocolError(f"a report for phase {when!r}")
+        if type(report) is not pytest.TestReport:
+            if when != "call":
+                raise protocol.ProtocolError(f"a {type(report).__name__} for phase {when!r}")
+            return False
         whens = self.outcome.whens
         seen = [w for w in PHASES if w in whens]
         if when == "setup" and "teardown" in whens:
@@ -192,6 +199,7 @@ class _Relay:
             self.outcome.setup_passed = False
         elif seen and PHASES.index(when) < PHASES.index(seen[-1]):
             raise protocol.ProtocolError(f"a {when!r} report after {', '.join(seen)}")
+        return True
 
     def malformed(self, error: protocol.ProtocolError) -> None:
         self.outcome.malformed = str(error)

@@ -249,3 +249,44 @@ def test_refused_as_failure(item: pytest.Item) -> None:
     setup, teardown = refused(item, "no user namespaces here", skip=False)
     assert (setup.when, setup.outcome, teardown.when, teardown.outcome) == ("setup", "failed", "teardown", "passed")
     assert str(setup.longrepr) == "no user namespaces here"
+
+
+# -- reports of plugins that run the protocol themselves ------------------------------------------------
+
+DEFERRED_LOGGING = """
+import pytest
+from _pytest.runner import runtestprotocol
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    # What pytest-rerunfailures does: run the protocol without logging, then log its reports.
+    item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+    for report in runtestprotocol(item, nextitem=nextitem, log=False):
+        item.ihook.pytest_runtest_logreport(report=report)
+    item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+    return True
+"""
+
+
+def test_subtest_reports_logged_before_the_setup_report(pytester: pytest.Pytester) -> None:
+    """Subtests log their reports during the call; a plugin that logs the protocol's reports afterwards
+    (pytest-rerunfailures) makes them come before setup's: as without a sandbox, not a malformed message."""
+    pytester.makeconftest(DEFERRED_LOGGING)
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.container
+        def test_sub(subtests):
+            for i in range(3):
+                with subtests.test(i=i):
+                    assert i != 1
+        """
+    )
+    args = ("-p", "no:cacheprovider", "-p", "no:rerunfailures", "-rA")  # the conftest's plugin only
+    plain = pytester.runpytest_subprocess(*args, "--sandbox=off")
+    sandboxed = pytester.runpytest_subprocess(*args)
+    assert "malformed" not in sandboxed.stdout.str()
+    assert sandboxed.parseoutcomes() == plain.parseoutcomes() == {"failed": 2}
+    sandboxed.stdout.fnmatch_lines(["SUBFAILED*::test_sub*", "FAILED *::test_sub - con*"])
