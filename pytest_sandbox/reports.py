@@ -32,6 +32,7 @@ def _signal_name(number: int) -> str:
 _OWN = f"{os.sep}pytest_sandbox{os.sep}"
 _PLUMBING = tuple(f"{os.sep}{name}{os.sep}" for name in ("_pytest", "pluggy", "pytest_sandbox"))  # below the test
 GRACE = 5.0  # seconds past a timeout before pytest kills a sandbox whose own watchdog did not fire
+REPORT_COST = 2048  # bytes of budget a report takes beyond its own: pytest keeps each as objects (stats, xdist)
 
 
 def _mib(value: float) -> str:
@@ -155,6 +156,7 @@ class _Relay:
             self.outcome.stop = message
 
     def _report(self, data: dict[str, Any]) -> None:
+        self.budget.take(REPORT_COST)  # reruns and subtests bound their number by no fixed three any more
         config = self.item.config
         try:
             report = config.hook.pytest_report_from_serializable(config=config, data=data)

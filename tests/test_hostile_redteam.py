@@ -711,3 +711,35 @@ def test_coverage_message_reaches_the_host(
     if attack != "host-only file" and run.outcome("test_attack") != "FAILED":
         problems.insert(0, f"coverage: {attack} was not refused: {run.outcome('test_attack')}")
     _check(problems)
+
+
+# -- 13. reports in any number: reruns and subtests ---------------------------------------------------
+
+REPORT_FLOOD = """
+@pytest.mark.container(memory="32M")
+def test_attack(request):
+    from pytest_sandbox import protocol
+    from pytest_sandbox.runtime import test_process
+    data = {"$report_type": "TestReport", "nodeid": request.node.nodeid, "location": ["test_probe.py", 1, "x"],
+            "keywords": {}, "outcome": "passed", "longrepr": None, "when": "call", "user_properties": [],
+            "sections": [], "duration": 0.0, "start": 0.0, "stop": 0.0}
+    for _ in range(150_000):  # call reports may repeat now (subtests), a few hundred bytes each
+        protocol.send(test_process._channel, {"type": "report", "data": data})
+"""
+
+
+def test_report_flood_bypasses_the_memory_limit_through_pytest(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: tuple[str, ...]
+) -> None:
+    """Reports were three at most; with rerun cycles and subtests their number is the test's. The budget
+    counted their bytes, but pytest keeps every report as objects several times that size (terminal stats):
+    a test under memory="32M" sending 150,000 small call reports made pytest peak at 190 MiB (215 under
+    xdist). Each report now takes a fixed share of the budget too."""
+    pytester.makeconftest(MEMORY_CONFTEST)
+    run = _run(pytester, monkeypatch, _source(REPORT_FLOOD), "-s", *xdist)
+    # Its forged PASSED lines come first in -rA: the session's 1 is the refused flood's, not a problem.
+    problems = [p for p in run.session_problems() if "return code 1 " not in p]
+    peaks = [int(n) // 1024 for n in re.findall(r"PYTEST-PEAK-KIB=(\d+)", run.text)]
+    if peaks and max(peaks) > 150:
+        problems.insert(0, f"memory: a sandbox limited to 32 MiB made pytest peak at {max(peaks)} MiB")
+    _check(problems)
