@@ -109,14 +109,17 @@ def coverage_message() -> dict[str, Any] | None:
 # showing only the session's visible or writable paths).
 _OWN_VIEWS = ("/proc", "/sys", "/dev")
 LINE_LIMIT = 2**24  # lines (and arc ends) past this are no source file's; coverage keeps a bit per line
+PATH_MAX = 4096  # Linux's: no longer path names a file
 NUMBITS_BUDGET = 64 * 2**20  # bytes of line bitmaps one message may make pytest's coverage data hold
 
 
 def _seen_by_sandbox(path: str, hidden: Iterable[str], shown: Iterable[str]) -> bool:
     """A regular file on the host that the sandbox saw as the host has it: reading it (as coverage's
     report does) neither blocks nor shows what the test could not have read itself."""
-    real = os.path.realpath(path) if os.path.isabs(path) and "\0" not in path else ""
-    if not real or any(is_under(real, place) for place in (*hidden, *_OWN_VIEWS)):
+    if not os.path.isabs(path) or "\0" in path or len(path) >= PATH_MAX:  # realpath is quadratic in components
+        return False
+    real = os.path.realpath(path)
+    if any(is_under(real, place) for place in (*hidden, *_OWN_VIEWS)):
         return False
     if any(is_under(real, place) for place in SCRATCH_PLACES) and not any(is_under(real, p) for p in shown):
         return False

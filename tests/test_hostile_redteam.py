@@ -675,7 +675,7 @@ def test_attack(request):
     from pytest_sandbox import protocol
     from pytest_sandbox.runtime import test_process
     probe = str(request.node.path)
-    path = probe if __PATH__ == "probe" else __PATH__
+    path = {"probe": probe, "long": "/x/" + "a/" * 1_000_000}.get(__PATH__, __PATH__)
     assert path == probe or not os.path.exists(path), "the sandbox sees the host's /tmp"
     files = {probe: [1], path: __LINES__}
     protocol.send(test_process._channel, {"type": "coverage", "arcs": False, "contexts": {"": files}})
@@ -683,13 +683,14 @@ def test_attack(request):
 SECRET = f"host_only_secret_{uuid.uuid4().hex}"
 
 
-@pytest.mark.parametrize("attack", ["host-only file", "negative line", "huge line"])
+@pytest.mark.parametrize("attack", ["host-only file", "negative line", "huge line", "long path"])
 def test_coverage_message_reaches_the_host(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: tuple[str, ...], attack: str
 ) -> None:
     """pytest merges a sandbox's coverage into its own: a path was refused only under a hidden place, so a
     host file the sandbox never saw (its /tmp is a fresh tmpfs) went into the html report, source and all;
-    a negative line number (IndexError) or a huge one (MemoryError, a bit per line) broke pytest."""
+    a negative line number (IndexError) or a huge one (MemoryError, a bit per line) broke pytest, and
+    os.path.realpath of a path of a million components took pytest minutes (quadratic)."""
     pytest.importorskip("pytest_cov")  # a dev dependency
     secret = Path(tempfile.gettempdir()) / f"hostile-secret-{uuid.uuid4().hex}.py"
     secret.write_text(f"{SECRET} = 1\n")
@@ -697,11 +698,14 @@ def test_coverage_message_reaches_the_host(
         "host-only file": (str(secret), [1]),
         "negative line": ("probe", [-5]),
         "huge line": ("probe", [2**60]),
+        "long path": ("long", [1]),
     }[attack]
     try:
         run = _run(
             pytester, monkeypatch, _source(COVERAGE, path=path, lines=lines), "--cov", "--cov-report=html", *xdist
         )
+    except pytester.TimeoutExpired:
+        pytest.fail(f"coverage: {attack} hung pytest for 180 s")
     finally:
         secret.unlink()
     problems = run.session_problems()
