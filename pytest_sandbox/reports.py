@@ -300,8 +300,28 @@ def _check_report_fields(report: pytest.TestReport, config: pytest.Config) -> No
         if len(longrepr) != 3 or not isinstance(longrepr[0], str) or not isinstance(longrepr[2], str):
             raise protocol.ProtocolError("a report whose skip location is not (path, line, reason)")
         report.longrepr = tuple(longrepr)
+    else:
+        _check_failure_repr(report)
     report.sections = _pairs(report.sections, "sections", str)
     report.user_properties = _pairs(report.user_properties, "user_properties")
+
+
+def _check_failure_repr(report: pytest.TestReport) -> None:
+    """A failure's representation, as pytest's summaries and junitxml use it: crash locations of (path, line,
+    message), and printable (pytest builds it from the JSON without checking a type: lines that are a number
+    crashed the terminal summary). Printed once here, so a bad one fails its test, not pytest."""
+    longrepr: Any = report.longrepr
+    crashes = [getattr(longrepr, "reprcrash", None)]
+    crashes += [element[1] for element in getattr(longrepr, "chain", ()) if isinstance(element, tuple)]
+    for crash in crashes:
+        if crash is not None and not (
+            isinstance(crash.path, str) and isinstance(crash.lineno, int) and isinstance(crash.message, str)
+        ):
+            raise protocol.ProtocolError("a report whose crash location is not (path, line, message)")
+    try:
+        report.longreprtext  # noqa: B018 (renders it)
+    except Exception as exc:
+        raise protocol.ProtocolError(f"a report pytest cannot print ({type(exc).__name__}: {exc})") from None
 
 
 def _drain(sock: socket.socket, relay: _Relay) -> None:

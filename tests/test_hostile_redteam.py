@@ -747,3 +747,51 @@ def test_report_flood_bypasses_the_memory_limit_through_pytest(
     if peaks and max(peaks) > 150:
         problems.insert(0, f"memory: a sandbox limited to 32 MiB made pytest peak at {max(peaks)} MiB")
     _check(problems)
+
+
+# -- 14. a failure's representation pytest builds from the JSON without checking a type ---------------------
+
+BAD_LONGREPR = """
+@pytest.fixture
+def forged(request):
+    from pytest_sandbox import protocol
+    from pytest_sandbox.runtime import test_process
+    data = {"$report_type": "TestReport", "nodeid": request.node.nodeid, "location": ["test_probe.py", 1, "x"],
+            "keywords": {}, "outcome": "failed", "longrepr": __LONGREPR__, "when": "call", "user_properties": [],
+            "sections": [], "duration": 0.0, "start": 0.0, "stop": 0.0}
+    protocol.send(test_process._channel, {"type": "report", "data": data})
+
+
+@pytest.mark.container
+def test_attack(forged):
+    pass
+"""
+_ENTRY = {"reprfuncargs": None, "reprfileloc": None, "reprlocals": None, "style": "long"}
+_TRACEBACK = {"extraline": None, "style": "long"}
+
+
+@pytest.mark.parametrize(
+    "longrepr",
+    [
+        {  # an entry whose lines are a number
+            "reprcrash": None,
+            "reprtraceback": {"reprentries": [{"type": "ReprEntry", "data": {**_ENTRY, "lines": 123}}], **_TRACEBACK},
+            "sections": [],
+            "chain": None,
+        },
+        {  # a crash location of numbers
+            "reprcrash": {"path": 1, "lineno": "x", "message": 5},
+            "reprtraceback": {"reprentries": [], **_TRACEBACK},
+            "sections": [],
+            "chain": None,
+        },
+    ],
+    ids=["lines", "reprcrash"],
+)
+def test_report_with_a_bad_failure_repr_crashes_pytest(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: tuple[str, ...], longrepr: dict[str, object]
+) -> None:
+    """Only a skip's longrepr was checked; pytest builds a failure's (ReprExceptionInfo) from the JSON as it
+    comes, and its terminal summary crashed printing it (TypeError, AttributeError): no summary, return 1."""
+    run = _run(pytester, monkeypatch, _source(BAD_LONGREPR, longrepr=longrepr), "--junitxml=junit.xml", *xdist)
+    _check(run.session_problems())
