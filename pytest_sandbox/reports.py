@@ -295,6 +295,8 @@ def _check_report_fields(report: pytest.TestReport, config: pytest.Config) -> No
         raise protocol.ProtocolError("a report whose keywords are not a mapping of names")
     if not isinstance(report.duration, (int, float)) or isinstance(report.duration, bool):
         raise protocol.ProtocolError("a report whose duration is not a number")
+    if not isinstance(getattr(report, "wasxfail", ""), str):  # junitxml takes it for a string
+        raise protocol.ProtocolError("a report whose xfail reason is not a string")
     longrepr = report.longrepr
     if isinstance(longrepr, list):  # a skip's (path, lineno, reason): JSON made the tuple a list
         if len(longrepr) != 3 or not isinstance(longrepr[0], str) or not isinstance(longrepr[2], str):

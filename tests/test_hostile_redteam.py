@@ -642,7 +642,7 @@ def forged(request):
     from pytest_sandbox.runtime import test_process
     data = {"$report_type": "TestReport", "nodeid": request.node.nodeid, "location": ["test_probe.py", 1, "x"],
             "keywords": {}, "outcome": __OUTCOME__, "longrepr": None, "when": "call", "user_properties": [],
-            "sections": [], "duration": 0.0, "start": 0.0, "stop": 0.0}
+            "sections": [], "duration": 0.0, "start": 0.0, "stop": 0.0, **__EXTRA__}
     protocol.send(test_process._channel, {"type": "report", "data": data})
 
 
@@ -652,15 +652,21 @@ def test_attack(forged):
 """
 
 
-@pytest.mark.parametrize("outcome", ["warnings", "xfailed"])
+@pytest.mark.parametrize(
+    ("outcome", "extra"), [("warnings", {}), ("xfailed", {}), ("skipped", {"wasxfail": 5})], ids=str
+)
 def test_report_with_an_outcome_pytest_files_as_its_own(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: tuple[str, ...], outcome: str
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    xdist: tuple[str, ...],
+    outcome: str,
+    extra: dict[str, object],
 ) -> None:
     """Reports may carry a plugin's own outcome (pytest-rerunfailures' "rerun") if pytest_report_teststatus
     knows it; but the terminal reporter's fallback answers for any outcome, filing it under its own name.
     "warnings" then crashes the warnings summary (a TestReport has no .message), "xfailed" the -rx summary
-    (no .wasxfail)."""
-    run = _run(pytester, monkeypatch, _source(OUTCOME, outcome=outcome), *xdist)
+    (no .wasxfail). An xfail reason that is not a string made junitxml an INTERNALERROR."""
+    run = _run(pytester, monkeypatch, _source(OUTCOME, outcome=outcome, extra=extra), "--junitxml=junit.xml", *xdist)
     problems = run.session_problems()
     if "AttributeError" in run.text and "terminal.py" in run.text:
         problems.insert(0, f"report: outcome {outcome!r} crashed pytest's terminal summary")
