@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import stat
 import sys
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -37,6 +39,9 @@ def adapt_in_sandbox(config: Any) -> None:
     _junit_properties_before = len(xml.global_properties) if xml is not None else 0
     database = getattr(config, "failures_db", None)
     if type(database).__name__ == "ClientStatusDB":  # pytest-rerunfailures under xdist
+        sock = getattr(database, "sock", None)
+        if isinstance(sock, socket.socket):  # its fd went with the host's (_shed_host_fds): collected, the
+            sock.detach()  # object would warn (an error with -W error) and close whatever reuses the number
         config.failures_db = sys.modules[type(database).__module__].StatusDB()
 
 
@@ -89,7 +94,9 @@ def coverage_message() -> dict[str, Any] | None:
     cov = _active_coverage()
     if cov is None:
         return None
-    data = cov.get_data()  # a fork starts its own data file, in the sandbox's throwaway layer
+    with warnings.catch_warnings():  # what it warns of (no data) is for the session's end, not this test's
+        warnings.simplefilter("ignore")
+        data = cov.get_data()  # a fork starts its own data file, in the sandbox's throwaway layer
     arcs = data.has_arcs()
     contexts: dict[str, dict[str, list[Any]]] = {}
     for context in sorted(data.measured_contexts()):
@@ -178,7 +185,9 @@ def merge_coverage(message: dict[str, Any], hidden: Iterable[str], shown: Iterab
         context: _checked_files(files, message["arcs"], hidden, shown, budget)
         for context, files in message["contexts"].items()
     }
-    data = cov.get_data()
+    with warnings.catch_warnings():  # as in the sandbox
+        warnings.simplefilter("ignore")
+        data = cov.get_data()
     measures_arcs = data.has_arcs() if data.measured_files() else bool(cov.config.branch)
     if measures_arcs != message["arcs"]:
         raise protocol.ProtocolError("coverage of lines where pytest measures arcs, or the reverse")

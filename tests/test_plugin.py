@@ -618,3 +618,63 @@ def test_no_fd_left_in_pytest_per_sandbox(pytester: pytest.Pytester) -> None:
     assert counted, result.stdout.str()
     first, last = int(counted.group(1)), int(counted.group(2))
     assert last <= first + 4, f"pytest holds {last - first} more fds after 150 sandboxes"
+
+
+RERUNFAILURES_CLIENT = """
+import socket
+
+
+class StatusDB:
+    pass
+
+
+SERVER_ENDS = []  # the controller's, in rerunfailures
+
+
+class ClientStatusDB(StatusDB):
+    # pytest-rerunfailures' database in an xdist worker: a connection to the controller's server.
+    def __init__(self):
+        self.sock, server_end = socket.socketpair()
+        SERVER_ENDS.append(server_end)
+
+
+def pytest_configure(config):
+    if hasattr(config, "workerinput"):
+        config.failures_db = ClientStatusDB()
+"""
+
+
+def test_rerunfailures_client_database_is_let_go_quietly(pytester: pytest.Pytester) -> None:
+    """In a sandbox the xdist worker's database client (its socket closed with the host's fds) is replaced
+    by a local one: the dropped client must not warn of an unclosed socket (an error with -W error)."""
+    pytest.importorskip("xdist")
+    pytester.makeconftest(RERUNFAILURES_CLIENT)
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.container
+        def test_a(request):
+            assert type(request.config.failures_db).__name__ == "StatusDB"
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:rerunfailures", "-W", "error", "-n", "2")
+    result.assert_outcomes(passed=1)
+
+
+@pytest.mark.parametrize("xdist", [(), ("-n", "2")], ids=["plain", "xdist"])
+def test_coverage_warnings_stay_at_the_session_end(pytester: pytest.Pytester, xdist: tuple[str, ...]) -> None:
+    """Coverage warns when it flushes data it has none of ("No data was collected"): pytest-cov's flush at the
+    end warns as without a sandbox; the flushes of a sandbox's coverage (sent, merged) must not, or
+    -W error makes every sandboxed test an error (an INTERNALERROR under xdist)."""
+    pytest.importorskip("pytest_cov")  # a dev dependency
+    if xdist:
+        pytest.importorskip("xdist")
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.container
+        def test_a():
+            pass
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:rerunfailures", "-W", "error", "--cov=nosuchpkg", *xdist)
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+    result.assert_outcomes(passed=1)
