@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import pytest
@@ -9,14 +10,56 @@ import pytest
 from pytest_sandbox import plugin_state
 from pytest_sandbox.protocol import ProtocolError
 
+LIB = plugin_state.__file__  # a regular file the sandbox sees as the host has it
+SHOWN = [os.path.dirname(LIB)]  # even where the checkout lies under /tmp
+
 
 def test_coverage_files_must_be_absolute_and_visible_to_the_sandbox(tmp_path: pathlib.Path) -> None:
     hidden = [str(tmp_path / "secret")]
-    ok = str(tmp_path / "lib.py")
-    assert plugin_state._checked_files({ok: [1, 2]}, arcs=False, hidden=hidden) == {ok: [1, 2]}
+    ok = tmp_path / "lib.py"
+    ok.write_text("x = 1\n")
+    shown = [str(tmp_path)]  # under /tmp, a fresh tmpfs: only what the sandbox shows again
+    assert plugin_state._checked_files({str(ok): [1, 2]}, arcs=False, hidden=hidden, shown=shown) == {str(ok): [1, 2]}
     for path in ("relative.py", str(tmp_path / "secret" / "key.py"), str(tmp_path / "x" / ".." / "secret" / "k")):
         with pytest.raises(ProtocolError, match="cannot see"):
-            plugin_state._checked_files({path: [1]}, arcs=False, hidden=hidden)
+            plugin_state._checked_files({path: [1]}, arcs=False, hidden=hidden, shown=shown)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/dev/zero",  # coverage's report would read it forever
+        "/proc/self/environ",  # the host's, not the sandbox's
+        "/x/" + "a/" * 3000,  # past PATH_MAX: realpath is quadratic in components
+        "/nonexistent/lib.py",
+    ],
+    ids=["device", "proc", "long", "missing"],
+)
+def test_coverage_of_what_the_sandbox_did_not_see_as_the_host_has_it(path: str) -> None:
+    with pytest.raises(ProtocolError, match="cannot see"):
+        plugin_state._checked_files({path: [1]}, arcs=False, hidden=[], shown=SHOWN)
+
+
+def test_coverage_of_a_host_file_under_a_fresh_tmpfs(tmp_path: pathlib.Path) -> None:
+    """/tmp (/run, /var/tmp) is a fresh tmpfs in a sandbox: only the paths it shows again are the host's."""
+    host_only = tmp_path / "host_only.py"
+    host_only.write_text("x = 1\n")
+    assert str(tmp_path).startswith(("/tmp/", "/var/tmp/", "/run/")), "pytest's basetemp is not under /tmp"
+    with pytest.raises(ProtocolError, match="cannot see"):
+        plugin_state._checked_files({str(host_only): [1]}, arcs=False, hidden=[], shown=SHOWN)
+
+
+@pytest.mark.parametrize("numbers", [[-1], [2**24], [2**60]])
+def test_line_numbers_coverage_cannot_store(numbers: list[int]) -> None:
+    with pytest.raises(ProtocolError, match="not a list of"):
+        plugin_state._checked_files({LIB: numbers}, arcs=False, hidden=[], shown=SHOWN)
+
+
+def test_line_bitmaps_within_a_budget() -> None:
+    budget = [1000]
+    plugin_state._checked_files({LIB: [4000]}, arcs=False, hidden=[], shown=SHOWN, budget=budget)
+    with pytest.raises(ProtocolError, match="more lines"):
+        plugin_state._checked_files({LIB: [4000]}, arcs=False, hidden=[], shown=SHOWN, budget=budget)
 
 
 def test_a_symlink_into_a_hidden_place_is_refused(tmp_path: pathlib.Path) -> None:
@@ -42,15 +85,15 @@ def test_a_symlink_into_a_hidden_place_is_refused(tmp_path: pathlib.Path) -> Non
 )
 def test_coverage_numbers_must_be_lines_or_arcs(numbers: list[object], arcs: bool) -> None:
     with pytest.raises(ProtocolError, match="not a list of"):
-        plugin_state._checked_files({"/src/lib.py": numbers}, arcs=arcs, hidden=[])
+        plugin_state._checked_files({LIB: numbers}, arcs=arcs, hidden=[], shown=SHOWN)
 
 
 def test_arcs_become_pairs() -> None:
-    assert plugin_state._checked_files({"/src/lib.py": [[-1, 1], [1, 2]]}, arcs=True, hidden=[]) == {
-        "/src/lib.py": [(-1, 1), (1, 2)]
+    assert plugin_state._checked_files({LIB: [[-1, 1], [1, 2]]}, arcs=True, hidden=[], shown=SHOWN) == {
+        LIB: [(-1, 1), (1, 2)]
     }
 
 
 def test_files_that_are_not_a_mapping_are_refused() -> None:
     with pytest.raises(ProtocolError, match="not a mapping"):
-        plugin_state._checked_files(["/src/lib.py"], arcs=False, hidden=[])
+        plugin_state._checked_files(["/src/lib.py"], arcs=False, hidden=[], shown=SHOWN)
