@@ -40,8 +40,8 @@ def adapt_in_sandbox(config: Any) -> None:
     database = getattr(config, "failures_db", None)
     if type(database).__name__ == "ClientStatusDB":  # pytest-rerunfailures under xdist
         sock = getattr(database, "sock", None)
-        if isinstance(sock, socket.socket):  # its fd went with the host's (_shed_host_fds): collected, the
-            sock.detach()  # object would warn (an error with -W error) and close whatever reuses the number
+        if isinstance(sock, socket.socket):  # this process's copy of the worker's connection: closed, not left
+            sock.close()  # to the collector (an unclosed socket's ResourceWarning is an error with -W error)
         config.failures_db = sys.modules[type(database).__module__].StatusDB()
 
 

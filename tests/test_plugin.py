@@ -645,7 +645,7 @@ def pytest_configure(config):
 
 
 def test_rerunfailures_client_database_is_let_go_quietly(pytester: pytest.Pytester) -> None:
-    """In a sandbox the xdist worker's database client (its socket closed with the host's fds) is replaced
+    """In a sandbox the xdist worker's database client (a socket to the controller) is replaced
     by a local one: the dropped client must not warn of an unclosed socket (an error with -W error)."""
     pytest.importorskip("xdist")
     pytester.makeconftest(RERUNFAILURES_CLIENT)
