@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import stat
+import sys
 import tempfile
 import threading
 import uuid
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_hostile import _check, _run, _source, xdist
+from test_hostile import Run, _check, _run, _source, xdist
 
 from pytest_sandbox.runtime import cgroups
 
@@ -801,3 +802,26 @@ def test_report_with_a_bad_failure_repr_crashes_pytest(
     comes, and its terminal summary crashed printing it (TypeError, AttributeError): no summary, return 1."""
     run = _run(pytester, monkeypatch, _source(BAD_LONGREPR, longrepr=longrepr), "--junitxml=junit.xml", *xdist)
     _check(run.session_problems())
+
+
+# -- 15. stdin closed when pytest started: fd 0 is whatever the host opened first ---------------------------
+
+CLOSED_STDIN = """
+@pytest.mark.container
+def test_attack():
+    link = os.readlink("/proc/self/fd/0") if os.path.exists("/proc/self/fd/0") else "closed"
+    assert link in ("closed", "/dev/null"), f"fd 0, closed when pytest started, is the host's {link}"
+"""
+
+
+def test_stdin_closed_when_pytest_started(pytester: pytest.Pytester, xdist: tuple[str, ...]) -> None:
+    """A sandbox keeps fds 0-2 as its stdio. With pytest started without stdin (cron, a daemon, CI), fd 0
+    is the first fd pytest opened for itself: a listening TCP socket of the host (pytest-rerunfailures'),
+    a zygote socket, a capture file. One that was closed at pytest's start is /dev/null in a sandbox."""
+    pytester.makepyfile(test_probe=_source(CLOSED_STDIN))
+    script = 'exec "$0" -m pytest -p no:cacheprovider -rA -s "$@" 0<&-'  # -s: capture would take fd 0
+    run = Run(pytester.run("sh", "-c", script, sys.executable, *xdist, timeout=180), [])
+    problems = run.session_problems()
+    if run.outcome("test_attack") != "PASSED":
+        problems.insert(0, f"stdin: {run.inner_failure()}")
+    _check(problems)

@@ -276,6 +276,11 @@ def _shed_host_fds(config: pytest.Config, keep: set[int]) -> None:
         if old is not None:
             old.close()
     config.trace.root.setwriter(None)  # --debug's file
+    for fd, identity in _STDIO_AT_START.items():
+        if identity is None:  # closed when pytest started: what the host opened on it since is not stdio
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, fd)
+            os.close(null)
     stdio = {_identity(fd) for fd in (0, 1, 2)} - {None}
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
@@ -296,6 +301,9 @@ def _identity(fd: int) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return (st.st_dev, st.st_ino, st.st_rdev)
+
+
+_STDIO_AT_START = {fd: _identity(fd) for fd in (0, 1, 2)}  # imported as pytest loads its plugins
 
 
 def test_process(zygote: socket.socket, items: dict[str, pytest.Item], box: Sandbox, pid1: tuple[int, int]) -> None:
