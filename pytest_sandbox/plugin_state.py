@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -22,6 +23,11 @@ def adapt_in_sandbox(config: Any) -> None:
     """Point plugins that talk to the pytest process at local state instead."""
     database = getattr(config, "failures_db", None)
     if type(database).__name__ == "ClientStatusDB":  # pytest-rerunfailures under xdist
+        connection = getattr(database, "sock", None)
+        if isinstance(connection, socket.socket):
+            # Its fd went with the host's others; closed again when the object is dropped, it would
+            # close whatever reuses that number and warn (an error under filterwarnings=error).
+            connection.detach()
         config.failures_db = sys.modules[type(database).__module__].StatusDB()
 
 
