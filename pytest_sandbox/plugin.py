@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 from collections.abc import Callable, Iterator
@@ -168,22 +169,20 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
             state.zygote.collect_exits(block=True)  # nothing of a sandbox may overlap a host test
         return None
     _disarm_host_timers(item)
-    state.in_host_protocol = True
-    try:
-        _sandboxed(item, nextitem, spec, state)
-    finally:
-        state.in_host_protocol = False
+    _sandboxed(item, nextitem, spec, state)
     return True
 
 
 def _disarm_host_timers(item: pytest.Item) -> None:
     """Wrappers of this hook on the pytest process (xdist's loop reaches them) armed timers for a test
     that runs elsewhere: the same plugins arm them again in the sandbox. pytest-timeout's interval
-    timer (SIGALRM) or thread would otherwise fire in pytest, mid-relay."""
+    timer (SIGALRM) or thread would otherwise fire in pytest, mid-relay, and faulthandler_timeout would
+    dump pytest's stacks besides the sandbox's."""
     cancel = getattr(item, "cancel_timeout", None)
     if callable(cancel):
         cancel()
     signal.setitimer(signal.ITIMER_REAL, 0)
+    faulthandler.cancel_dump_traceback_later()
 
 
 def _sandboxed(item: pytest.Item, nextitem: pytest.Item | None, spec: SandboxSpec, state: SessionState) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import selectors
@@ -168,6 +169,7 @@ class _Relay:
             )
         counts = self._check_order(report)
         _check_report_fields(report, config)
+        _keep_subtest_values(report, data)
         kept = (self.containers or {}).get(self.item.nodeid)
         if report.failed and kept:
             report.sections.append(
@@ -324,6 +326,21 @@ def _check_failure_repr(report: pytest.TestReport) -> None:
         report.longreprtext  # noqa: B018 (renders it)
     except Exception as exc:
         raise protocol.ProtocolError(f"a report pytest cannot print ({type(exc).__name__}: {exc})") from None
+
+
+def _keep_subtest_values(report: pytest.TestReport, data: dict[str, Any]) -> None:
+    """pytest's subtests store each value of a subtest as its repr, and take the repr again of what they
+    read back (n=1 shows as n='1'): the way from a sandbox shows the values as the sandbox made them."""
+    context = getattr(report, "context", None)
+    sent = data.get("_subtest.context")
+    values = sent.get("kwargs") if isinstance(sent, dict) else None
+    if (
+        dataclasses.is_dataclass(context)
+        and isinstance(getattr(context, "kwargs", None), dict)
+        and isinstance(values, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in values.items())
+    ):
+        object.__setattr__(context, "kwargs", dict(values))  # a frozen dataclass
 
 
 def _drain(sock: socket.socket, relay: _Relay) -> None:

@@ -57,7 +57,6 @@ class SessionState:
     keep_dir: str = ""  # this session's dir of image tests' read/write layers (--sandbox-keep)
     keep_fd: int = -1  # that dir, opened before any test could reach it: kept layers are found through it
     containers: dict[str, str] = dataclasses.field(default_factory=dict)  # nodeid -> container id
-    in_host_protocol: bool = False  # inside pytest_runtest_protocol here (xdist's loop): its wrappers are armed
 
     @property
     def accounting(self) -> bool:
@@ -202,23 +201,13 @@ def zygote_for(item: pytest.Item, state: SessionState) -> Zygote:
         except OSError as exc:
             raise SandboxError(f"cannot create the session cgroup: {exc}") from None
     # faulthandler's watchdog thread would not exist in the fork, whose first dump_traceback_later then
-    # waits for it forever: stop it here, and arm it again if a test's protocol wrapper armed it.
+    # waits for it forever: stop it here. A sandboxed test's wrappers in pytest armed none (_disarm_host_timers),
+    # the sandbox arms its own.
     faulthandler.cancel_dump_traceback_later()
-    try:
-        zyg = state.zygote = Zygote(
-            items, SPEC_KEY, paths, state.parent_epoch, Limits(state.backend, state.cgroup_session, state.accounting)
-        )
-    finally:
-        if state.in_host_protocol and _faulthandler_timeout(item.config) > 0:
-            faulthandler.dump_traceback_later(_faulthandler_timeout(item.config), file=sys.stderr)
+    zyg = state.zygote = Zygote(
+        items, SPEC_KEY, paths, state.parent_epoch, Limits(state.backend, state.cgroup_session, state.accounting)
+    )
     return zyg
-
-
-def _faulthandler_timeout(config: pytest.Config) -> float:
-    try:
-        return float(config.getini("faulthandler_timeout") or 0)
-    except (ValueError, TypeError):  # -p no:faulthandler: no such ini key
-        return 0.0
 
 
 def drop_zygote(state: SessionState) -> None:
