@@ -3,22 +3,96 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import io
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import probe
+import pytest
+
+from . import __version__, probe, settings
 from .errors import SandboxError
 from .layers import build, commands, oci, tarlayer
 from .layers.format import HOST_BASE
-from .layers.store import Image, Store, check_name
+from .layers.store import FORMAT_VERSION, Image, Store, StoreError, check_name
 from .linux import rootfs, syscalls
 from .runtime import cgroups
+
+
+@dataclasses.dataclass(frozen=True)
+class Project:
+    """What pytest would use here: its rootdir and ini file, and the settings resolved from them."""
+
+    rootdir: str
+    inifile: str | None
+    store: Store
+    images_dir: str
+    cgroup: str | None
+    cgroup_backend: str
+
+
+class _Catch:
+    """A plugin that takes pytest's parsed configuration and ends ``pytest.main`` before anything runs."""
+
+    config: pytest.Config | None = None
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_cmdline_main(self, config: pytest.Config) -> int:
+        self.config = config
+        return 0
+
+
+def pytest_config(args: argparse.Namespace) -> pytest.Config:
+    """pytest's own configuration for this directory, found by pytest itself (``pytest.main`` stopped at
+    ``pytest_cmdline_main``): rootdir and ini file from the cwd (or ``--rootdir``, ``-c``), ``addopts``,
+    ``PYTEST_ADDOPTS`` and the plugins it loads. No conftest.py is imported and nothing is collected."""
+    argv = ["--noconftest", "-s", "-p", "no:cacheprovider"]
+    if args.rootdir:
+        argv += ["--rootdir", args.rootdir]
+    if args.config_file:
+        argv += ["-c", args.config_file]
+    if args.store:  # the command line beats the environment and the ini, as --sandbox-store does
+        argv.append(f"--sandbox-store={args.store}")
+    if getattr(args, "cgroup", None):
+        argv.append(f"--sandbox-cgroup={args.cgroup}")
+    catch = _Catch()
+    plugins: list[object] = [catch]
+    if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
+        from . import plugin
+
+        plugins.append(plugin)
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):  # pytest's usage errors become ours, one line
+        code = pytest.main(argv, plugins=plugins)
+    config = catch.config
+    if config is None or code != 0:
+        lines = [line.removeprefix("ERROR: ") for line in said.getvalue().splitlines() if line.strip()]
+        raise SandboxError(" ".join(lines) or f"pytest could not read its configuration here (exit code {int(code)})")
+    sys.stderr.write(said.getvalue())
+    if not hasattr(config.option, "sandbox_store"):
+        raise SandboxError("pytest runs without the sandbox plugin here (-p no:sandbox in addopts?)")
+    return config
+
+
+def find_project(args: argparse.Namespace) -> Project:
+    """The store, images directory and cgroup pytest would use, by the one resolver of settings.py."""
+    config = pytest_config(args)
+    return Project(
+        rootdir=str(config.rootpath),
+        inifile=str(config.inipath) if config.inipath else None,
+        store=Store(settings.directory(config, "sandbox_store")),
+        images_dir=settings.directory(config, "sandbox_images") or str(config.rootpath / "images"),
+        cgroup=settings.cgroup_path(config),
+        cgroup_backend=settings.choice(config, "sandbox_cgroup_backend"),
+    )
 
 
 def _size(n: float) -> str:
@@ -38,14 +112,15 @@ def _ago(ts: float) -> str:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    print(probe.doctor_text())
+    print(probe.doctor_text(), flush=True)
+    project = find_project(args)  # after the host checks: they are worth seeing even where the ini is broken
     try:
-        backend = cgroups.choose("auto", args.cgroup or None, os.getcwd()).describe()
+        backend = cgroups.choose(project.cgroup_backend, project.cgroup, project.rootdir).describe()
     except cgroups.CgroupUnavailable as exc:
         backend = f"unavailable: {exc}"
     print(f"limits: {backend}")
     print("\nimages:")
-    for ok, name, detail in _image_checks(Store(args.store)):
+    for ok, name, detail in _image_checks(project.store):
         print(f"{'ok' if ok else 'NO':>3}  {name:<12} {detail}")
     return 0 if probe.unavailable_reason() is None else 1
 
@@ -109,16 +184,29 @@ def _image_checks(store: Store) -> list[tuple[bool, str, str]]:
     return checks
 
 
-def _images(args: argparse.Namespace, store: Store) -> int:
+def _progress(args: argparse.Namespace) -> Callable[[str], None]:
+    """Progress lines on stderr (stdout is the command's: ``run``'s output, ``inspect``'s JSON), none with -q."""
+    if args.quiet:
+        return lambda _m: None
+    return lambda message: print(message, file=sys.stderr, flush=True)
+
+
+def _build_args(pairs: Sequence[str]) -> dict[str, str]:
+    for pair in pairs:
+        if "=" not in pair:
+            raise StoreError(f"--build-arg {pair!r}: expected KEY=VALUE")
+    return dict(pair.split("=", 1) for pair in pairs)
+
+
+def _images(args: argparse.Namespace, project: Project) -> int:
+    store = project.store
     say = print if not args.quiet else (lambda _m: None)
+    images_dir = getattr(args, "dir", None) or project.images_dir
     if args.images_command == "build":
-        builder = build.Builder(
-            store, args.dir, say, dict(a.split("=", 1) for a in args.build_arg), no_cache=args.no_cache
-        )
-        names = args.names or build.definitions(args.dir)
+        builder = build.Builder(store, images_dir, say, _build_args(args.build_arg), no_cache=args.no_cache)
+        names = args.names or build.definitions(images_dir)
         if not names:
-            print(f"no *.Containerfile in {args.dir}", file=sys.stderr)
-            return 1
+            raise StoreError(f"no *.Containerfile in {os.path.relpath(images_dir)} (rootdir {project.rootdir})")
         for name in names:
             builder.build(name)
         return 0
@@ -133,7 +221,7 @@ def _images(args: argparse.Namespace, store: Store) -> int:
             print(f"{image.name:24} {len(image.layers):>6} {_size(size):>10} {_ago(image.created):>10}  {source}")
         return 0
     if args.images_command == "inspect":
-        image = store.require(args.name)
+        image = store.require(check_name(args.name))
         data: dict[str, Any] = image.to_json()
         data["layers"] = [
             {
@@ -147,7 +235,7 @@ def _images(args: argparse.Namespace, store: Store) -> int:
         return 0
     if args.images_command == "rm":
         for name in args.names:
-            store.remove_image(name)
+            store.remove_image(check_name(name))
             say(f"removed {name} (its layers go with the next prune)")
         return 0
     if args.images_command == "prune":
@@ -155,14 +243,42 @@ def _images(args: argparse.Namespace, store: Store) -> int:
         say(f"removed {len(removed)} unused layers, {_size(freed)} freed")
         return 0
     if args.images_command == "import":
-        image = oci.import_image(store, oci.guess_reference(args.ref), args.name, say)
+        replaced: list[str] = []
+        check = _import_check(store, images_dir, args.force, replaced)
+        image = oci.import_image(store, oci.guess_reference(args.ref), args.name, say, check)
+        for note in replaced:
+            print(f"pytest-sandbox: --force: {note}", file=sys.stderr)
         say(f"imported {image.name}: {len(image.layers)} layers")
         return 0
     if args.images_command == "export":
-        where = oci.export_image(store, args.name, args.target, say)
+        where = oci.export_image(store, check_name(args.name), args.target, say)
         say(f"exported {args.name} to {where}")
         return 0
     return 2
+
+
+def _import_check(store: Store, images_dir: str, force: bool, notes: list[str]) -> Callable[[str], None]:
+    """An import never replaces an image, or lands under a name images/ defines, unless --force says so."""
+
+    def check(name: str) -> None:
+        found = []
+        old = store.get(name)
+        if old is not None:
+            found.append(f"an image {name} exists ({len(old.layers)} layers, from {old.source})")
+        definition = build.definition_path(images_dir, name)
+        if os.path.isfile(definition):
+            found.append(
+                f"{os.path.relpath(definition)} defines {name} (pytest, run and shell build that, not this import, "
+                "and put it back under this name)"
+            )
+        if found and not force:
+            raise StoreError(
+                f"not imported as {name}: {'; '.join(found)}. Import it under another name "
+                "(images import REF NAME), or --force to replace it"
+            )
+        notes.extend(f"replaced: {text}" if text.startswith("an image") else text for text in found)
+
+    return check
 
 
 def _wait_interactive(proc: subprocess.Popen[Any]) -> int:
@@ -184,13 +300,15 @@ def _run_in(
     hostname: str,
     host_based: bool,
     throwaway: bool = True,
+    top: str | None = None,
 ) -> int:
-    """Run ``argv`` on the image's layers with ``layer_dir`` holding the read/write layer.
+    """Run ``argv`` on the image's layers (and ``top``, a layer-shaped dir over them) with ``layer_dir``
+    holding the read/write layer.
 
     ``layer_dir`` has ``upper``/``work``, or for a FROM host image ``<dir>/upper``/``<dir>/work``
     per top-level directory.
     """
-    lowers = [store.diff_path(c) for c in reversed(layers)]
+    lowers = ([top] if top else []) + [store.diff_path(c) for c in reversed(layers)]
     unprivileged = os.geteuid() != 0
     on_tmpfs = throwaway and store.filesystem() == "overlay"
 
@@ -222,38 +340,87 @@ def _default_command(config: dict[str, Any]) -> list[str]:
     return command or ["/bin/sh"]
 
 
-def _shell(args: argparse.Namespace, store: Store) -> int:
-    """A shell in a kept container (its files as the failed test left them) or a throwaway one of an image."""
-    image = store.get(args.target) if _is_image_name(args.target) else None
-    kept = None
-    if image is None:
-        try:
-            store.container(args.target)
-        except SandboxError:
-            raise SandboxError(
-                f"{args.target!r} is neither a kept container (pytest-sandbox containers) "
-                f"nor an image (pytest-sandbox images ls)"
-            ) from None
-        kept = store.checked_container(args.target)  # no symlink a failed test planted gets mounted
+def _knows_image(project: Project, images_dir: str, name: str) -> bool:
+    """Whether ``name`` is an image pytest could use: defined in images/, in the store, or shipped."""
+    try:
+        check_name(name)
+    except StoreError:
+        return False
+    return (
+        os.path.isfile(build.definition_path(images_dir, name))
+        or project.store.get(name) is not None
+        or name in build.builtin_definitions()
+    )
+
+
+def _image(args: argparse.Namespace, project: Project, images_dir: str, name: str) -> Image:
+    """The image as pytest would use it: built from images/ (or the shipped definitions) when defined
+    there and not cached, saying so on stderr; else as the store has it."""
+    progress = _progress(args)
+    definition = build.definition_path(images_dir, check_name(name))
+    if project.store.get(name) is None and os.path.isfile(definition):
+        progress(
+            f"image {name} is not in the store {project.store.root}: building it from {os.path.relpath(definition)}"
+        )
+    return build.Builder(project.store, images_dir, progress, quiet_cached=True).ensure(name)
+
+
+def _kept_layer(store: Store, kept: dict[str, Any], stage: str) -> str:
+    """A copy of a kept container's read/write layer, shaped as a store layer (whiteouts, opaque dirs and
+    owners carried over), in ``stage``."""
+    host_based = kept.get("base") == HOST_BASE
+    tidy = os.path.join(stage, "kept")
+    os.mkdir(tidy)
+    for name, upper in rootfs.layer_uppers(kept["path"], host_based):
+        target = os.path.join(tidy, name) if name else tidy
+        os.makedirs(target, exist_ok=True)
+        tarlayer.copy_tree(upper, target)
+    build.tidy_upper(store, list(kept["layers"]), tidy, host_based)
+    return tidy
+
+
+def _shell(args: argparse.Namespace, project: Project) -> int:
+    """A shell in a throwaway container of an image, or over a kept container's layer (as the failed test
+    left it: changes made in the shell go with it, unless --persist)."""
+    store = project.store
+    images_dir = getattr(args, "dir", None) or project.images_dir
     argv = args.command or ["/bin/sh"]
+    if _knows_image(project, images_dir, args.target):
+        image = _image(args, project, images_dir, args.target)
+        with store.staging() as stage:
+            merged = os.path.join(stage, "merged")
+            os.mkdir(merged)
+            return _run_in(
+                store, image.layers, image.config, _fresh_layer_dir(stage), merged, argv, "sandbox", image.host_based
+            )
+    try:
+        store.container(args.target)
+    except SandboxError:
+        raise StoreError(
+            f"{args.target!r} is neither a kept container (pytest-sandbox containers, store {store.root}) "
+            f"nor an image (pytest-sandbox images ls, or {os.path.relpath(images_dir)}/*.Containerfile)"
+        ) from None
+    kept = store.checked_container(args.target)  # no symlink a failed test planted gets mounted or read
+    hostname = kept.get("hostname") or "sandbox"
+    host_based = kept.get("base") == HOST_BASE
     with store.staging() as stage:
         merged = os.path.join(stage, "merged")
         os.mkdir(merged)
-        if kept is not None:
+        if args.persist:
             return _run_in(
-                store,
-                kept["layers"],
-                kept["config"],
-                kept["path"],
-                merged,
-                argv,
-                kept.get("hostname") or "sandbox",
-                kept.get("base") == HOST_BASE,
-                throwaway=False,
+                store, kept["layers"], kept["config"], kept["path"], merged, argv, hostname, host_based, False
             )
-        assert image is not None
+        top = _kept_layer(store, kept, stage)
         return _run_in(
-            store, image.layers, image.config, _fresh_layer_dir(stage), merged, argv, "sandbox", image.host_based
+            store,
+            kept["layers"],
+            kept["config"],
+            _fresh_layer_dir(stage),
+            merged,
+            argv,
+            hostname,
+            host_based,
+            top=top,
         )
 
 
@@ -263,18 +430,9 @@ def _fresh_layer_dir(stage: str) -> str:
     return layer_dir
 
 
-def _is_image_name(text: str) -> bool:
-    try:
-        check_name(text)
-        return True
-    except SandboxError:
-        return False
-
-
-def _run(args: argparse.Namespace, store: Store) -> int:
-    image = store.get(args.image) if _is_image_name(args.image) else None
-    if image is None:
-        image = build.Builder(store, args.dir, print if not args.quiet else None, quiet_cached=True).ensure(args.image)
+def _run(args: argparse.Namespace, project: Project) -> int:
+    image = _image(args, project, getattr(args, "dir", None) or project.images_dir, args.image)
+    store = project.store
     with store.staging() as stage:
         merged = os.path.join(stage, "merged")
         os.mkdir(merged)
@@ -290,20 +448,14 @@ def _run(args: argparse.Namespace, store: Store) -> int:
         )
 
 
-def _commit(args: argparse.Namespace, store: Store) -> int:
-    kept = store.checked_container(args.id)  # no symlink a failed test planted gets read
+def _commit(args: argparse.Namespace, project: Project) -> int:
+    store = project.store
     check_name(args.name)
+    kept = store.checked_container(args.id)  # no symlink a failed test planted gets read
     host_based = kept.get("base") == HOST_BASE
-    uppers = rootfs.layer_uppers(kept["path"], host_based)
     layers = list(kept["layers"])
     with store.locked(), store.staging() as stage:
-        tidy = os.path.join(stage, "upper")
-        os.mkdir(tidy)
-        for name, upper in uppers:  # a copy through tar: whiteouts, opaque dirs and owners carried over
-            target = os.path.join(tidy, name) if name else tidy
-            os.makedirs(target, exist_ok=True)
-            tarlayer.copy_tree(upper, target)
-        build.tidy_upper(store, layers, tidy, host_based)
+        tidy = _kept_layer(store, kept, stage)
         diff_ids = [store.layer_info(c)["diff_id"] for c in layers]
         if os.listdir(tidy):
             diff_id = tarlayer.diff_id_of(tidy)
@@ -327,9 +479,11 @@ def _commit(args: argparse.Namespace, store: Store) -> int:
     return 0
 
 
-def _containers(args: argparse.Namespace, store: Store) -> int:
+def _containers(args: argparse.Namespace, project: Project) -> int:
+    store = project.store
     if args.containers_command == "rm":
         for cid in args.ids:
+            store.container(cid)  # an unknown id is an error, not a silent no-op
             store.remove_container(cid)
         return 0
     if args.containers_command == "prune":
@@ -344,35 +498,69 @@ def _containers(args: argparse.Namespace, store: Store) -> int:
     return 0
 
 
+def _version(args: argparse.Namespace, project: Project) -> int:
+    """What a bug report needs: versions, this host's kernel and cgroups, and the store pytest would use."""
+    store = project.store
+    info = {
+        "pytest-sandbox": __version__,
+        "pytest": pytest.__version__,
+        "python": f"{platform.python_version()} ({sys.executable})",
+        "kernel": platform.release(),
+        "cgroup": f"{probe.cgroup_mode()}, {probe.cgroup_delegation()}",
+        "rootdir": project.rootdir,
+        "inifile": project.inifile,
+        "store": store.root,
+        "store_format": store.format_version() if os.path.isdir(store.root) else None,
+        "store_format_supported": FORMAT_VERSION,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key, value in info.items():
+        if key == "store_format":
+            value = f"{value} (this version reads {FORMAT_VERSION})" if value else f"none yet (writes {FORMAT_VERSION})"
+        if key != "store_format_supported":
+            print(f"{key + ':':16}{value if value is not None else '-'}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="pytest-sandbox", description="rootless sandboxes for pytest")
-    top.add_argument(
-        "--store",
-        metavar="DIR",
-        default=os.environ.get("PYTEST_SANDBOX_STORE"),
-        help="image store (default: $PYTEST_SANDBOX_STORE or $XDG_CACHE_HOME/pytest-sandbox)",
+    top = argparse.ArgumentParser(
+        prog="pytest-sandbox",
+        description="rootless sandboxes for pytest. Finds pytest's rootdir and ini file as pytest does (from the "
+        "cwd, or --rootdir / -c) and takes the store and images directory from them.",
     )
-    top.add_argument("-q", "--quiet", action="store_true", help="no progress output")
-    quiet = argparse.ArgumentParser(add_help=False)  # -q also after the subcommand
-    quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
+    # Options common to every command, accepted before or after it (after: SUPPRESS keeps the earlier value).
+    for where, default in ((top, None), (common := argparse.ArgumentParser(add_help=False), argparse.SUPPRESS)):
+        where.add_argument(
+            "--store",
+            metavar="DIR",
+            default=default,
+            help="image store (default as pytest's: --sandbox-store, $PYTEST_SANDBOX_STORE, ini sandbox_store, "
+            "$XDG_CACHE_HOME/pytest-sandbox)",
+        )
+        where.add_argument("--rootdir", metavar="DIR", default=default, help="pytest's --rootdir")
+        where.add_argument("-c", "--config-file", metavar="FILE", default=default, help="pytest's -c: the ini file")
+        where.add_argument("-q", "--quiet", action="store_true", default=default or False, help="no progress output")
+        where.add_argument(
+            "--debug", action="store_true", default=default or False, help="a traceback instead of a one-line error"
+        )
 
     def add(group: Any, name: str, help: str | None = None) -> argparse.ArgumentParser:
-        parser: argparse.ArgumentParser = group.add_parser(name, parents=[quiet], help=help)
+        parser: argparse.ArgumentParser = group.add_parser(name, parents=[common], help=help, description=help)
         return parser
 
     commands = top.add_subparsers(dest="verb", required=True)
     doctor = add(commands, "doctor", "what this host supports, what is missing and how to fix it")
-    doctor.add_argument(
-        "--cgroup",
-        metavar="PATH",
-        default=os.environ.get("PYTEST_SANDBOX_CGROUP"),
-        help="the cgroup pytest would be given with --sandbox-cgroup",
-    )
+    doctor.add_argument("--cgroup", metavar="PATH", help="the cgroup pytest would be given with --sandbox-cgroup")
+    p = add(commands, "version", "versions of pytest-sandbox, pytest, Python, the kernel; cgroups; the store")
+    p.add_argument("--json", action="store_true", help="as JSON")
     images = add(commands, "images", "build, list, inspect, remove, import and export images")
     sub = images.add_subparsers(dest="images_command", required=True)
+    images_dir = "directory of *.Containerfile (default: ini sandbox_images, or images/ in pytest's rootdir)"
     p = add(sub, "build", "build images/NAME.Containerfile (all of them without NAME)")
     p.add_argument("names", nargs="*", metavar="NAME")
-    p.add_argument("--dir", default="images", help="directory of *.Containerfile (default: ./images)")
+    p.add_argument("--dir", help=images_dir)
     p.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE", help="value for an ARG")
     p.add_argument(
         "--no-cache",
@@ -389,17 +577,26 @@ def parser() -> argparse.ArgumentParser:
         sub, "import", "import FILE or DIR (kind detected), or oci:DIR, oci-archive:FILE, docker-archive:FILE ([:TAG])"
     )
     p.add_argument("ref")
-    p.add_argument("name", nargs="?")
+    p.add_argument("name", nargs="?", help="default: the archive's tag")
+    p.add_argument("--dir", help=images_dir)
+    p.add_argument("--force", action="store_true", help="replace an image of that name, or use a name images/ defines")
     p = add(sub, "export", "write an image as an OCI archive (or oci:DIR / docker-archive:FILE)")
     p.add_argument("name")
     p.add_argument("target")
-    p = add(commands, "run", "run a command in a throwaway container of an image")
+    p = add(commands, "run", "run a command in a throwaway container of an image (built from images/ if needed)")
     p.add_argument("image")
     p.add_argument("command", nargs=argparse.REMAINDER)
-    p.add_argument("--dir", default="images", help="directory of *.Containerfile (default: ./images)")
-    p = add(commands, "shell", "a shell in a kept container (ID) or a throwaway one of an image")
+    p.add_argument("--dir", help=images_dir)
+    p = add(
+        commands,
+        "shell",
+        "a shell in a throwaway container of an image (built from images/ if needed), or over a kept container's "
+        "layer as its test left it (throwaway too, unless --persist)",
+    )
     p.add_argument("target", metavar="ID|IMAGE")
     p.add_argument("command", nargs=argparse.REMAINDER)
+    p.add_argument("--dir", help=images_dir)
+    p.add_argument("--persist", action="store_true", help="changes made in the shell stay in the kept container")
     p = add(commands, "commit", "make a kept container's files a new image")
     p.add_argument("id")
     p.add_argument("name")
@@ -412,19 +609,40 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+HANDLERS: dict[str, Callable[[argparse.Namespace, Project], int]] = {
+    "images": _images,
+    "shell": _shell,
+    "run": _run,
+    "commit": _commit,
+    "containers": _containers,
+    "version": _version,
+}
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    return " ".join(line.strip() for line in str(exc).splitlines()) or type(exc).__name__  # one line
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Every user error ends in one line ``pytest-sandbox: ...`` and exit code 2 (--debug: the traceback)."""
     args = parser().parse_args(argv)
-    if args.verb == "doctor":
-        return _doctor(args)
-    store = Store(args.store)
-    handlers = {"images": _images, "shell": _shell, "run": _run, "commit": _commit, "containers": _containers}
     try:
-        return handlers[args.verb](args, store)
-    except SandboxError as exc:
-        print(f"pytest-sandbox {args.verb}: {exc}", file=sys.stderr)
-        return 1
+        if args.verb == "doctor":
+            return _doctor(args)
+        return HANDLERS[args.verb](args, find_project(args))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # pytest-sandbox images ls | head
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (SandboxError, OSError, ValueError, pytest.UsageError) as exc:
+        if args.debug:
+            raise
+        print(f"pytest-sandbox: {_message(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

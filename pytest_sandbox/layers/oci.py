@@ -409,14 +409,29 @@ def import_layers(
         source.close()
 
 
-def import_image(store: Store, ref: str, name: str | None = None, progress: Progress | None = None) -> Image:
-    """Import an image reference into the store under ``name`` (default: the archive's tag)."""
+def import_image(
+    store: Store,
+    ref: str,
+    name: str | None = None,
+    progress: Progress | None = None,
+    check: Callable[[str], None] | None = None,
+) -> Image:
+    """Import an image reference into the store under ``name`` (default: the archive's tag).
+
+    ``check(name)`` may refuse the name (raise) before anything is published: before the
+    import when ``name`` is given, else once the archive's tag is known.
+    """
     if name is not None:
         check_name(name)
+        if check is not None:
+            check(name)
     with store.locked():
         chains, diff_ids, config, suggested = import_layers(store, ref, progress)
+        final = check_name(name or suggested or "imported")
+        if check is not None and name is None:
+            check(final)
         image = Image(
-            name=check_name(name or suggested or "imported"),
+            name=final,
             layers=tuple(chains),
             diff_ids=tuple(diff_ids),
             config=config,
@@ -478,6 +493,19 @@ def _json_bytes(data: Any) -> bytes:
     return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
 
+def _check_writable(transport: str, path: str) -> None:
+    """Refuse a target that cannot be written before any layer is (not after all of them)."""
+    if transport == "oci" and os.path.isdir(path):
+        raise StoreError(f"oci:{path} already exists; choose a new directory")
+    if os.path.isdir(path):
+        raise StoreError(f"{path} is a directory; give a file name (or oci:{path} for an OCI layout directory)")
+    existing = os.path.dirname(path) or "."
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise StoreError(f"cannot write {path}: {existing} is not a directory you may write to")
+
+
 def export_image(store: Store, name: str, target: str, progress: Progress | None = None) -> str:
     """Write an image as ``oci-archive:`` (default for a plain path), ``oci:`` or ``docker-archive:``."""
     say = progress or (lambda _msg: None)
@@ -490,6 +518,7 @@ def export_image(store: Store, name: str, target: str, progress: Progress | None
         transport, path, _tag = split_reference(target)
     else:
         transport, path = "oci-archive", os.path.abspath(target)
+    _check_writable(transport, path)
     repo, _, tag = image.name.partition(":")
     tag = tag or "latest"
     with store.staging() as stage:

@@ -37,6 +37,9 @@ from ..linux.files import read_json, remove_tree, tree_size, write_json_atomic
 from ..linux.mounts import filesystem_of
 from .format import EMPTY_CONFIG, HOST_BASE, NAME_RE, NAME_RULE, chain_id
 
+FORMAT_VERSION = 1  # the layout above; a store records the one it was made with in its ``format`` file
+FORMAT_FILE = "format"
+
 
 class StoreError(SandboxError):
     """The store refused an operation (unknown image, bad name, corrupt entry)."""
@@ -239,8 +242,20 @@ class Store:
                 "(set --sandbox-store, the sandbox_store ini key or PYTEST_SANDBOX_STORE)"
             ) from None
         self._ready = True
+        if not os.path.exists(os.path.join(self.root, FORMAT_FILE)):
+            with contextlib.suppress(OSError):  # a store shared read-only still works
+                write_json_atomic(os.path.join(self.root, FORMAT_FILE), FORMAT_VERSION)
+                os.chmod(os.path.join(self.root, FORMAT_FILE), 0o644)
         self._remove_stale_staging()
         return self
+
+    def format_version(self) -> int | None:
+        """The layout version the store was made with (None: no store there yet, or made before it was recorded)."""
+        try:
+            value = read_json(os.path.join(self.root, FORMAT_FILE))
+        except (OSError, ValueError):
+            return None
+        return value if isinstance(value, int) else None
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
