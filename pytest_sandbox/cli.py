@@ -63,15 +63,12 @@ def pytest_config(args: argparse.Namespace) -> pytest.Config:
         argv.append(f"--sandbox-store={args.store}")
     if getattr(args, "cgroup", None):
         argv.append(f"--sandbox-cgroup={args.cgroup}")
+    if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):  # as pytest -p pytest_sandbox.plugin would be run
+        argv += ["-p", "pytest_sandbox.plugin"]
     catch = _Catch()
-    plugins: list[object] = [catch]
-    if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
-        from . import plugin
-
-        plugins.append(plugin)
     said = io.StringIO()
     with contextlib.redirect_stderr(said):  # pytest's usage errors become ours, one line
-        code = pytest.main(argv, plugins=plugins)
+        code = pytest.main(argv, plugins=[catch])
     config = catch.config
     if config is None or code != 0:
         lines = [line.removeprefix("ERROR: ") for line in said.getvalue().splitlines() if line.strip()]
@@ -268,8 +265,8 @@ def _import_check(store: Store, images_dir: str, force: bool, notes: list[str]) 
         definition = build.definition_path(images_dir, name)
         if os.path.isfile(definition):
             found.append(
-                f"{os.path.relpath(definition)} defines {name} (pytest, run and shell build that, not this import, "
-                "and put it back under this name)"
+                f"{os.path.relpath(definition)} defines {name} (pytest builds that, not this import, "
+                "and puts it back under this name)"
             )
         if found and not force:
             raise StoreError(
@@ -354,14 +351,18 @@ def _knows_image(project: Project, images_dir: str, name: str) -> bool:
 
 
 def _image(args: argparse.Namespace, project: Project, images_dir: str, name: str) -> Image:
-    """The image as pytest would use it: built from images/ (or the shipped definitions) when defined
-    there and not cached, saying so on stderr; else as the store has it."""
+    """The image as the store has it (as built, --build-arg and all); one not there is built from images/
+    (or the shipped definitions), saying so on stderr."""
+    image = project.store.get(check_name(name))
+    if image is not None:
+        return image
     progress = _progress(args)
-    definition = build.definition_path(images_dir, check_name(name))
-    if project.store.get(name) is None and os.path.isfile(definition):
-        progress(
-            f"image {name} is not in the store {project.store.root}: building it from {os.path.relpath(definition)}"
-        )
+    definition = build.definition_path(images_dir, name)
+    if not os.path.isfile(definition) and name in build.builtin_definitions():
+        definition = build.definition_path(build.BUILTIN_DIR, name)
+    if os.path.isfile(definition):
+        where = os.path.relpath(definition)
+        progress(f"image {name} is not in the store {project.store.root}: building it from {where}")
     return build.Builder(project.store, images_dir, progress, quiet_cached=True).ensure(name)
 
 

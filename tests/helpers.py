@@ -60,8 +60,10 @@ def run_cli(
     cwd: str | os.PathLike[str] | None = None,
     store: str | os.PathLike[str] | None = None,
     timeout: float = 120,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """``pytest-sandbox ARGS`` as a user types it (this interpreter), optionally with ``--store STORE``."""
+    """``pytest-sandbox ARGS`` as a user types it (this interpreter), optionally with ``--store STORE``
+    and ``env`` over this environment."""
     prefix = ["--store", str(store)] if store is not None else []
     return subprocess.run(
         [sys.executable, "-m", "pytest_sandbox", *prefix, *args],
@@ -69,4 +71,6 @@ def run_cli(
         text=True,
         timeout=timeout,
         cwd=cwd,
+        env={**os.environ, **env} if env else None,
+        stdin=subprocess.DEVNULL,
     )

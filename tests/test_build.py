@@ -166,18 +166,18 @@ def test_bad_containerfiles_name_file_and_line(project: Path, text: str, message
     with pytest.raises(containerfile.ContainerfileError, match=message):
         containerfile.parse(text, str(path))
     result = cli(project, "images", "build", "bad")
-    assert result.returncode == 1 and "bad.Containerfile" in result.stderr
+    assert result.returncode == 2 and "bad.Containerfile" in result.stderr
     assert Store(str(project / "store")).get("bad") is None
 
 
 def test_missing_base_and_missing_copy_source(project: Path) -> None:
     write(project, "orphan", "FROM nowhere\n")
     result = cli(project, "images", "build", "orphan")
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "orphan.Containerfile:1: FROM nowhere: no" in result.stderr and "scratch" in result.stderr
     write(project, "nocopy", "FROM busybox\nCOPY missing.txt /x\n")
     result = cli(project, "images", "build", "nocopy")
-    assert result.returncode == 1 and "nocopy.Containerfile:2: COPY 'missing.txt': no such file" in result.stderr
+    assert result.returncode == 2 and "nocopy.Containerfile:2: COPY 'missing.txt': no such file" in result.stderr
 
 
 def test_failed_run_names_the_line_and_publishes_nothing(project: Path) -> None:
@@ -193,7 +193,7 @@ def test_failed_run_names_the_line_and_publishes_nothing(project: Path) -> None:
     """,
     )
     result = cli(project, "images", "build", "broken")
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "broken.Containerfile:3: RUN ls /no/such/dir failed with exit status 1" in result.stderr
     assert "No such file or directory" in result.stderr  # the command's own output is in the error
     assert store.get("broken") is None
@@ -315,7 +315,10 @@ def test_builtin_busybox_and_what_overrides_it(project: Path, tmp_path: Path) ->
     assert Store(str(project / "store")).require("busybox").source.endswith("busybox.Containerfile")
     # an image imported as "busybox" is what FROM busybox means from then on
     assert cli(project, "images", "export", "uses", str(tmp_path / "uses.tar")).returncode == 0
-    assert cli(project, "images", "import", f"oci-archive:{tmp_path / 'uses.tar'}", "busybox").returncode == 0
+    refused = cli(project, "images", "import", f"oci-archive:{tmp_path / 'uses.tar'}", "busybox")
+    assert refused.returncode == 2 and "not imported as busybox: an image busybox exists" in refused.stderr
+    forced = cli(project, "images", "import", f"oci-archive:{tmp_path / 'uses.tar'}", "busybox", "--force")
+    assert forced.returncode == 0 and "replaced: an image busybox exists" in forced.stderr, forced.stderr
     write(project, "uses2", "FROM busybox\nRUN cat /which\n")
     result = cli(project, "images", "build", "uses2")
     assert result.returncode == 0 and "| built-in" in result.stdout
@@ -346,7 +349,7 @@ def test_images_build_from_any_directory(tmp_path: Path) -> None:
         cwd=tmp_path,
         timeout=60,
     )
-    assert empty.returncode == 1 and "no *.Containerfile in images" in empty.stderr
+    assert empty.returncode == 2 and "no *.Containerfile in images" in empty.stderr
 
 
 OVERLAY_STORE_SCRIPT = """
@@ -413,7 +416,7 @@ def test_copy_libs_brings_what_a_host_program_loads(project: Path) -> None:
     assert run(project, "justsh", "echo from $0; env -i A=1 env") == "from sh\nA=1\n"
     write(project, "badlibs", "FROM scratch\nCOPY --libs dir/ /x/\n")
     result = cli(project, "images", "build", "badlibs")
-    assert result.returncode == 1 and "COPY --libs goes with --from=host" in result.stderr
+    assert result.returncode == 2 and "COPY --libs goes with --from=host" in result.stderr
 
 
 @pytest.mark.skipif(shutil.which("skopeo") is None, reason="host lacks skopeo (Debian: apt install skopeo)")
@@ -448,4 +451,4 @@ def test_shell_in_a_throwaway_container_of_an_image(project: Path) -> None:
     assert first.stdout == "made\nsandbox\n", first.stderr
     assert run(project, "busybox", "test -e /made || echo gone") == "gone\n"  # thrown away
     missing = cli(project, "shell", "nothing-like-this")
-    assert missing.returncode == 1 and "neither a kept container" in missing.stderr
+    assert missing.returncode == 2 and "neither a kept container" in missing.stderr

@@ -300,7 +300,7 @@ def test_from_host_image_runs_the_test_inside(project: pytest.Pytester) -> None:
     run = cli(project, "run", "hosty", "sh", "-c", "cat /srv/payload.txt; echo $MODE")
     assert run.stdout == "payload\nimg\n", run.stderr
     export = cli(project, "images", "export", "hosty", str(project.path / "x.tar"))
-    assert export.returncode == 1 and "built FROM host" in export.stderr
+    assert export.returncode == 2 and "built FROM host" in export.stderr
 
 
 def test_from_host_keep_shell_commit(project: pytest.Pytester) -> None:
@@ -328,5 +328,5 @@ def test_from_host_cannot_change_new_top_level_dirs(project: pytest.Pytester) ->
     (project.path / "images" / "newtop.Containerfile").write_text("FROM host\nCOPY payload.txt /newtop/x\n")
     (project.path / "images" / "payload.txt").write_text("payload\n")
     result = cli(project, "images", "build", "newtop")
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "can only change directories under the host's existing top-level directories, not /newtop" in result.stderr

@@ -178,7 +178,7 @@ def test_cli_import_ls_inspect_rm_prune(layout: Path, tmp_path: Path) -> None:
     assert "removed 4 unused layers" in pruned
     assert store_state(store) == ([], [], [])
     missing = cli(store, "images", "inspect", "imported")
-    assert missing.returncode == 1 and "no image 'imported'" in missing.stderr
+    assert missing.returncode == 2 and "no image 'imported'" in missing.stderr
 
 
 def _layer(entries: list[tarfile.TarInfo]) -> io.BytesIO:
@@ -216,7 +216,7 @@ def test_import_guesses_the_kind_of_a_plain_path(layout: Path, tmp_path: Path) -
         assert result.returncode == 0, result.stderr
         assert f"imported {name or 'from-dir'}:" in result.stdout
     bad = cli(store, "images", "import", str(tmp_path / "nothing-here"))
-    assert bad.returncode == 1 and "no such file or directory" in bad.stderr
+    assert bad.returncode == 2 and "no such file or directory" in bad.stderr
     (tmp_path / "other.tar").write_bytes(b"")
     empty = cli(store, "images", "import", str(tmp_path / "other.tar"))
-    assert empty.returncode == 1 and "not a readable tar archive" in empty.stderr
+    assert empty.returncode == 2 and "not a readable tar archive" in empty.stderr
