@@ -5,7 +5,7 @@
 Each suite's sdist is fetched with `pip download --no-deps --no-binary NAME` into
 the cache (--cache, else $PYTEST_SANDBOX_BENCH_CACHE, else .bench-cache/ in the
 checkout), unpacked, and given its own venv (the package, its test deps,
-pytest-sandbox from this checkout, pytest-xdist). Its tests then run plain,
+pytest-xdist, and pytest-sandbox built from this checkout). Its tests then run plain,
 with --sandbox=all, and with --sandbox-scope=module and =session where this
 pytest-sandbox has that option ("n/a" otherwise). Prints per configuration the
 wall time, the ratio to plain measured in the same run, the outcome counts,
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import hashlib
 import os
 import shutil
@@ -126,18 +127,37 @@ def _unpacked(suite: Suite, cache: str) -> str:
     return tree
 
 
-def _venv(suite: Suite, tree: str, cache: str) -> str:
-    """One venv per suite, reused while its requirements are the same; pytest-sandbox is editable from here."""
+def _plugin_wheel(cache: str) -> str:
+    """A wheel of this checkout's plugin, built from a copy (a plain user cannot write egg-info into the checkout)."""
+    build = os.path.join(cache, "plugin")
+    shutil.rmtree(build, ignore_errors=True)
+    source = os.path.join(build, "src")
+    os.makedirs(source)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(ROOT, name), source)
+    shutil.copytree(
+        os.path.join(ROOT, "pytest_sandbox"),
+        os.path.join(source, "pytest_sandbox"),
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    _pip(sys.executable, "wheel", "-q", "--no-deps", "-w", os.path.join(build, "wheel"), source)
+    (wheel,) = glob.glob(os.path.join(build, "wheel", "*.whl"))
+    return wheel
+
+
+def _venv(suite: Suite, tree: str, cache: str, plugin: str) -> str:
+    """One venv per suite, reused while its requirements are the same; the plugin is reinstalled every time."""
     path = os.path.join(cache, "venvs", suite.name)
     python = os.path.join(path, "bin", "python")
-    wanted = [tree, "-e", ROOT, "pytest-xdist", *suite.deps]
+    wanted = [tree, "pytest-xdist", *suite.deps]
     stamp = hashlib.sha256("\n".join([sys.version, *wanted]).encode()).hexdigest()
     stamp_file = os.path.join(path, "bench-stamp")
     if os.path.exists(stamp_file) and open(stamp_file).read() == stamp:
+        _pip(python, "install", "-q", "--no-deps", "--force-reinstall", plugin)
         return python
     shutil.rmtree(path, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", path], check=True)
-    _pip(python, "install", "-q", *wanted)
+    _pip(python, "install", "-q", plugin, *wanted)
     with open(stamp_file, "w") as f:
         f.write(stamp)
     return python
@@ -187,14 +207,22 @@ def _has_scope_option(python: str, env: dict[str, str]) -> bool:
     return "--sandbox-scope" in result.stdout
 
 
-def _bench(suite: Suite, cache: str, runs: int, env: dict[str, str]) -> list[str]:
+def _bench(suite: Suite, cache: str, plugin: str, runs: int, env: dict[str, str]) -> list[str]:
     """Runs one suite in every configuration; prints its rows and returns its DIFF lines."""
     tree = _unpacked(suite, cache)
-    python = _venv(suite, tree, cache)
+    python = _venv(suite, tree, cache, plugin)
     configs: dict[str, list[str] | None] = {"plain": [], "--sandbox=all": ["--sandbox=all"]}
     scoped = _has_scope_option(python, env)
     for scope in SCOPES:
         configs[f"--sandbox=all scope={scope}"] = ["--sandbox=all", f"--sandbox-scope={scope}"] if scoped else None
+    # Untimed: the first run after an install reads a cold venv (seconds), which would land on plain alone.
+    subprocess.run(
+        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *suite.tests],
+        cwd=tree,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     times: dict[str, list[float]] = {name: [] for name in configs}
     last: dict[str, Run] = {}
     for _ in range(runs):  # interleaved, so drift in machine load hits every configuration alike
@@ -252,9 +280,10 @@ def main() -> None:
     print(f"real suites, plain vs sandboxed, {args.runs} run(s) each, as uid {os.getuid()}, cache {cache}")
     suites = [SUITES[name] for name in args.suites.split(",")]
     _download(suites, cache)
+    plugin = _plugin_wheel(cache)
     diffs: list[str] = []
     for suite in suites:
-        diffs += _bench(suite, cache, args.runs, env)
+        diffs += _bench(suite, cache, plugin, args.runs, env)
     print()
     print("\n".join(diffs) if diffs else "no outcome differs from plain")
 
