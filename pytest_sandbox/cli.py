@@ -38,7 +38,7 @@ def _ago(ts: float) -> str:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    print(probe.doctor_text())
+    print(probe.doctor_text(args.cgroup))
     try:
         backend = cgroups.choose("auto", args.cgroup or None, os.getcwd()).describe()
     except cgroups.CgroupUnavailable as exc:
