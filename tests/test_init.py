@@ -91,7 +91,10 @@ def test_init_is_named_sandbox_init(native: bool, monkeypatch: pytest.MonkeyPatc
     path, argv, fd = init.command()
     go_r, go_w = os.pipe()
     ack_r, ack_w = os.pipe()
-    launcher = "import os, sys\nos.dup2(int(sys.argv[1]), 3)\nos.dup2(int(sys.argv[2]), 4)\nos.execv(sys.argv[3], sys.argv[4:])\n"
+    launcher = (
+        "import os, sys\nos.dup2(int(sys.argv[1]), 3)\nos.dup2(int(sys.argv[2]), 4)\n"
+        "os.execv(sys.argv[3], sys.argv[4:])\n"
+    )
     pass_fds = (go_r, ack_w, *((fd,) if fd is not None else ()))
     proc = subprocess.Popen([sys.executable, "-c", launcher, str(go_r), str(ack_w), path, *argv], pass_fds=pass_fds)
     os.close(go_r)
