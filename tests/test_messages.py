@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import pty
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 
@@ -46,3 +52,118 @@ def test_sandbox_processes_have_readable_names(pytester: pytest.Pytester) -> Non
     """)
     result = pytester.runpytest_subprocess("-p", "no:randomly")
     result.assert_outcomes(passed=3)
+
+
+BASE = """
+FROM scratch
+COPY --from=host --libs /bin/busybox /bin/busybox
+RUN ["/bin/busybox", "--install", "-s", "/bin"]
+"""
+APP = """
+ARG BASE=base
+FROM $BASE
+RUN echo hello-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa > /x
+ENV B=2
+"""
+ONE_LAYER = """
+FROM scratch
+COPY --from=host /bin/busybox /bin/busybox
+"""
+USES_IMAGES = """
+    import pytest
+
+    @pytest.mark.container(image="app")
+    def test_app(sandbox):
+        assert sandbox.run("cat /x").stdout.startswith("hello-")
+
+    @pytest.mark.container(image="one")
+    def test_one(sandbox):
+        pass
+"""
+
+
+@pytest.fixture
+def images(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> pytest.Pytester:
+    (pytester.path / "images").mkdir()
+    (pytester.path / "images" / "base.Containerfile").write_text(BASE)
+    (pytester.path / "images" / "app.Containerfile").write_text(APP)
+    (pytester.path / "images" / "one.Containerfile").write_text(ONE_LAYER)
+    monkeypatch.setenv("PYTEST_SANDBOX_STORE", str(tmp_path_factory.mktemp("store")))
+    pytester.makepyfile(USES_IMAGES)
+    return pytester
+
+
+def test_image_build_progress_reads_well(images: pytest.Pytester) -> None:
+    """Steps count from 1 (the FROM), instructions as written, cut with an ellipsis, a nested build says whose
+    base it is, '1 layer'; nothing but whole lines when stdout is no terminal."""
+    result = images.runpytest_subprocess()
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "sandbox image: building image app from images/app.Containerfile",
+            "sandbox image:   app step 1/3: FROM $BASE",
+            "sandbox image: building image base from images/base.Containerfile (the base of app)",
+            "sandbox image:   base step 1/3: FROM scratch",
+            "sandbox image:   base step 2/3: COPY --from=host --libs /bin/busybox /bin/busybox",
+            "sandbox image:     done in *s",
+            'sandbox image:   base step 3/3: RUN ["/bin/busybox", "--install", "-s", "/bin"]',
+            "sandbox image:     done in *s",
+            "sandbox image: image base: 2 layers, ready in *s",
+            "sandbox image:   app step 2/3: RUN echo hello-aaaa*a…",
+            "sandbox image:     done in *s",
+            "sandbox image:   app step 3/3: ENV B=2",
+            "sandbox image: image app: 3 layers, ready in *s",
+            "sandbox image: building image one from images/one.Containerfile",
+            "sandbox image:   one step 1/2: FROM scratch",
+            "sandbox image:   one step 2/2: COPY --from=host /bin/busybox /bin/busybox",
+            "sandbox image:     done in *s",
+            "sandbox image: image one: 1 layer, ready in *s",
+        ],
+        consecutive=True,
+    )
+    step = next(line for line in result.stdout.lines if "app step 2/3" in line)
+    assert len(step.split(": ", 2)[2]) == 72, step
+    assert "\r" not in result.stdout.str()  # a log: no live line
+    again = images.runpytest_subprocess()
+    again.assert_outcomes(passed=2)
+    assert "sandbox image" not in again.stdout.str()  # all cached: not a word
+
+
+def test_image_progress_shown_once_under_xdist(images: pytest.Pytester) -> None:
+    result = images.runpytest_subprocess("-n", "2")
+    result.assert_outcomes(passed=2)
+    output = result.stdout.str() + result.stderr.str()
+    assert output.count("sandbox image: building image app") == 1, output
+    assert output.count("sandbox image: image one: 1 layer") == 1, output
+    assert output.count("sandbox image: image base: 2 layers") == 1, output
+
+
+def test_image_progress_is_live_on_a_terminal(images: pytest.Pytester) -> None:
+    """On a terminal a long step shows a status line rewritten in place (\\r) with the time it has run."""
+    (images.path / "images" / "one.Containerfile").write_text(
+        'FROM scratch\nCOPY --from=host /bin/busybox /bin/busybox\nRUN ["/bin/busybox", "sleep", "2.5"]\n'
+    )
+    out = _run_on_a_terminal([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-k", "test_one"], images.path)
+    assert "sandbox image:   one step 3/3: RUN" in out, out
+    assert '\r\x1b[Ksandbox image:   one step 3/3: RUN ["/bin/busybox", "sleep", "2.5"]  2s' in out, out
+    assert "1 passed" in out, out
+
+
+def _run_on_a_terminal(argv: list[str], cwd: Path) -> str:
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(argv, cwd=cwd, stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the other side is closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    proc.wait(timeout=60)
+    return b"".join(chunks).decode(errors="replace")
