@@ -14,7 +14,7 @@ from typing import Any
 
 from . import probe
 from .errors import SandboxError
-from .layers import build, commands, oci, tarlayer
+from .layers import build, commands, oci, progress, tarlayer
 from .layers.format import HOST_BASE
 from .layers.store import Image, Store, check_name
 from .linux import rootfs, syscalls
@@ -110,7 +110,7 @@ def _image_checks(store: Store) -> list[tuple[bool, str, str]]:
 
 
 def _images(args: argparse.Namespace, store: Store) -> int:
-    say = print if not args.quiet else (lambda _m: None)
+    say = progress.Lines.to(sys.stdout) if not args.quiet else (lambda _m: None)
     if args.images_command == "build":
         builder = build.Builder(
             store, args.dir, say, dict(a.split("=", 1) for a in args.build_arg), no_cache=args.no_cache

@@ -12,6 +12,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import TextIO
 
 ELLIPSIS = "…"
 
@@ -31,6 +32,16 @@ class Lines:
         self.prefix = prefix
         self._status = ""
         self._lock = threading.Lock()  # the ticker thread and the builder both write
+
+    @classmethod
+    def to(cls, stream: TextIO, prefix: str = "") -> Lines:
+        """Lines written to ``stream``, live when it is a terminal."""
+
+        def write(text: str) -> None:
+            stream.write(text)
+            stream.flush()
+
+        return cls(write, stream.isatty(), prefix)
 
     def __call__(self, line: str) -> None:
         with self._lock:
