@@ -167,3 +167,21 @@ def _run_on_a_terminal(argv: list[str], cwd: Path) -> str:
     os.close(master)
     proc.wait(timeout=60)
     return b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_durations_without_sandboxed_tests_say_so(pytester: pytest.Pytester, mode: str) -> None:
+    pytester.makepyfile("""
+        import pytest
+
+        def test_plain():
+            pass
+
+        @pytest.mark.container
+        def test_marked():
+            pass
+    """)
+    args = ["--sandbox-durations=10", "--sandbox=off"] if mode == "off" else ["--sandbox-durations=10", "-k", "plain"]
+    result = pytester.runpytest_subprocess(*args)
+    result.assert_outcomes(passed=2 if mode == "off" else 1)
+    result.stdout.fnmatch_lines(["*= sandbox resources =*", "no test ran in a sandbox: nothing was measured*"])
