@@ -13,7 +13,7 @@ import termios
 import time
 import warnings
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import pytest
 
@@ -394,7 +394,10 @@ def run_in_sandbox(
         try:
             while status_open and not relay.finished():
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                events = selector.select(timeout)
+                try:
+                    events = selector.select(timeout)
+                except KeyboardInterrupt:  # ^C at the terminal: the test runs on, in a session of its own
+                    _interrupt(item, "", 0)
                 if not events:  # the sandbox's own watchdog did not end it: pytest does
                     zyg.kill(channels.name)
                     relay.outcome.killed_after_timeout, deadline = True, None
@@ -428,7 +431,7 @@ def _after_the_end(item: pytest.Item, relay: _Relay) -> list[pytest.TestReport]:
     outcome = relay.outcome
     if outcome.stop and not outcome.malformed:
         if outcome.stop["type"] == "interrupted":
-            raise KeyboardInterrupt
+            _interrupt(item, outcome.stop["path"], outcome.stop["lineno"])
         pytest.exit(outcome.stop["reason"], outcome.stop["returncode"])
     held = relay.held
     if "teardown" not in outcome.whens or outcome.malformed:  # skipped/xfailed tests have no call report
@@ -440,6 +443,23 @@ def _after_the_end(item: pytest.Item, relay: _Relay) -> list[pytest.TestReport]:
                 report.sections.append(("sandbox limits", notes))
         held[-1].user_properties = [*held[-1].user_properties, *_properties(outcome.usage)]
     return held
+
+
+def _interrupt(item: pytest.Item, path: str, lineno: int) -> NoReturn:
+    """Raise the KeyboardInterrupt of a test that was running in its sandbox, naming the test, from a frame
+    that stands for the user's line (``path:lineno`` where ^C landed there, else the test's own line):
+    pytest's summary shows that location, as it would without a sandbox, instead of this module's.
+
+    ``path`` comes from the test process: only a Python file under the rootdir (which the test sees
+    anyway) is taken, as pytest may read and show its lines (--full-trace).
+    """
+    root = os.path.join(os.path.realpath(item.config.rootpath), "")
+    real = os.path.realpath(path) if path else ""
+    if not (real.startswith(root) and real.endswith(".py") and os.path.isfile(real) and 0 < lineno < 1_000_000):
+        path, lineno = str(item.path), (item.location[1] or 0) + 1
+    code = compile("\n" * (lineno - 1) + "raise KeyboardInterrupt(message) from None", path, "exec")
+    exec(code, {"message": f"in {item.nodeid} (in its sandbox)"})
+    raise AssertionError("unreachable: the code above raises")
 
 
 def _read_reports(reports: socket.socket, relay: _Relay) -> bool:

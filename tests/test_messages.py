@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import os
 import pty
+import signal
 import subprocess
 import sys
+import types
 from pathlib import Path
+from typing import cast
 
 import pytest
+from helpers import start_pytest_until_running
+
+from pytest_sandbox import reports
 
 
 def test_sandbox_processes_have_readable_names(pytester: pytest.Pytester) -> None:
@@ -185,3 +191,71 @@ def test_durations_without_sandboxed_tests_say_so(pytester: pytest.Pytester, mod
     result = pytester.runpytest_subprocess(*args)
     result.assert_outcomes(passed=2 if mode == "off" else 1)
     result.stdout.fnmatch_lines(["*= sandbox resources =*", "no test ran in a sandbox: nothing was measured*"])
+
+
+def test_interrupt_in_a_sandbox_names_the_users_line(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_ki="""
+        import pytest
+
+        def helper():
+            raise KeyboardInterrupt
+
+        @pytest.mark.container
+        def test_interrupted():
+            helper()
+    """
+    )
+    result = pytester.runpytest_subprocess()
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines(
+        [
+            "*! KeyboardInterrupt: in test_ki.py::test_interrupted (in its sandbox) !*",
+            f"{pytester.path}/test_ki.py:4: KeyboardInterrupt: in test_ki.py::test_interrupted (in its sandbox)",
+        ]
+    )
+    assert "pytest_sandbox" not in result.stdout.str()
+
+
+def test_interrupt_at_the_terminal_names_the_running_test(pytester: pytest.Pytester) -> None:
+    """^C reaches pytest (the test runs in a session of its own): the summary names the test that ran."""
+    pytester.makepyfile(
+        test_wait="""
+        import time
+        import pytest
+
+        @pytest.mark.container
+        def test_waits():
+            print("RUNNING", flush=True)
+            time.sleep(1000)
+    """
+    )
+    proc = start_pytest_until_running(pytester.path)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=30)[0]
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, output
+    assert f"{pytester.path}/test_wait.py:4: KeyboardInterrupt: in test_wait.py::test_waits (in its sandbox)" in output
+    assert "selectors.py" not in output and "pytest_sandbox" not in output, output
+
+
+def test_interrupt_location_from_a_sandbox_is_only_taken_under_the_rootdir(tmp_path: Path) -> None:
+    """The test process names the file; pytest may show its lines (--full-trace): a host file outside the
+    rootdir is replaced by the test's own location."""
+    test_file = tmp_path / "test_x.py"
+    test_file.write_text("def test_x():\n    pass\n")
+    item = types.SimpleNamespace(
+        config=types.SimpleNamespace(rootpath=tmp_path),
+        path=test_file,
+        location=("test_x.py", 0, "test_x"),
+        nodeid="test_x.py::test_x",
+    )
+    for path, lineno, expected in [
+        ("/etc/passwd", 1, (str(test_file), 1)),
+        (str(test_file), 2, (str(test_file), 2)),
+        (str(test_file), 10**9, (str(test_file), 1)),
+        ("", 0, (str(test_file), 1)),
+    ]:
+        with pytest.raises(KeyboardInterrupt, match=r"in test_x.py::test_x \(in its sandbox\)") as excinfo:
+            reports._interrupt(cast(pytest.Item, item), path, lineno)
+        last = excinfo.traceback[-1]
+        assert (str(last.path), last.lineno + 1) == expected

@@ -372,8 +372,8 @@ def _run_items(box: Sandbox, items: dict[str, pytest.Item], scratch: int | None)
         except pytest.exit.Exception as exc:
             protocol.send(_channel, {"type": "exit-requested", "reason": exc.msg, "returncode": exc.returncode})
             return
-        except KeyboardInterrupt:
-            protocol.send(_channel, {"type": "interrupted"})
+        except KeyboardInterrupt as exc:
+            protocol.send(_channel, protocol.interrupt_location(exc, str(item.config.rootpath)))
             return
         except BaseException:  # a plugin's hook raised: in a plain run an INTERNALERROR; here the test's error
             protocol.send(_channel, {"type": "error", "phase": "protocol", "message": traceback.format_exc()})
