@@ -72,6 +72,7 @@ FROM_TEST: dict[str, dict[str, tuple[type, ...]]] = {
     "error": {"phase": (str,), "message": (str,)},
     "exit-requested": {"reason": (str,), "returncode": (int, type(None))},
     "interrupted": {"path": (str,), "lineno": (int,)},  # where ^C landed: see interrupt_location
+    "interact": {"when": (str,)},  # --pdb: pdb is about to start on this phase's report (runtime/interact.py)
 }
 # What the zygote sends on a sandbox's status channel.
 FROM_ZYGOTE: dict[str, dict[str, tuple[type, ...]]] = {

@@ -121,6 +121,8 @@ class _Relay:
         self.held: list[pytest.TestReport] = []
         self.done = False  # the test process said it finished its protocol
         self.ended = False  # the zygote said how the test process ended
+        self.last_failed: pytest.TestReport | None = None
+        self.interact = False  # --pdb: the test process waits for a go before pdb starts
         # What its messages may make pytest hold: its memory limit where it has one, at most 128 MiB.
         self.budget = protocol.Budget(min(max(spec.memory or protocol.MAX_MESSAGE, 16 * 2**20), protocol.MAX_MESSAGE))
 
@@ -144,16 +146,23 @@ class _Relay:
         elif kind == "suite-property":
             plugin_state.add_suite_property(self.item.config, message)
         elif kind == "coverage":
-            if self.spec.image is None:  # an image's paths are not the host's
-                paths = self.zyg.paths
-                hidden = credentials.hidden_places(os.environ.get("HOME"), self.spec.hide)
-                if paths.keep_dir:
-                    hidden.append(paths.keep_dir)
-                plugin_state.merge_coverage(message, hidden, (*paths.writable, *self.spec.writable, *paths.needed))
+            self._coverage(message)
         elif kind == "error":
             self.outcome.setup_error = message
+        elif kind == "interact":  # --pdb: pdb shows this report in the sandbox (runtime/interact.py)
+            if self.last_failed is not None and getattr(self.item.config.option, "usepdb", False):
+                self.last_failed._pdbshown = True  # type: ignore[attr-defined]  # as pdb marks its own
+            self.interact = True
         else:  # exit-requested, interrupted
             self.outcome.stop = message
+
+    def _coverage(self, message: dict[str, Any]) -> None:
+        if self.spec.image is None:  # an image's paths are not the host's
+            paths = self.zyg.paths
+            hidden = credentials.hidden_places(os.environ.get("HOME"), self.spec.hide)
+            if paths.keep_dir:
+                hidden.append(paths.keep_dir)
+            plugin_state.merge_coverage(message, hidden, (*paths.writable, *self.spec.writable, *paths.needed))
 
     def _report(self, data: dict[str, Any]) -> None:
         self.budget.take(REPORT_COST)  # reruns and subtests bound their number by no fixed three any more
@@ -179,6 +188,7 @@ class _Relay:
             )
         if counts:
             self.outcome.whens.add(report.when)
+        self.last_failed = report if report.failed else self.last_failed
         if report.when == "setup" and report.passed:
             self.outcome.setup_passed = True
         (self.held if self.hold else self.ready).append(report)
@@ -411,6 +421,10 @@ def run_in_sandbox(
                         status_open = _read_status(status, reports, relay)
                 yield from relay.ready
                 relay.ready.clear()
+                if relay.interact:  # pytest has shown the report: pdb may take the terminal
+                    relay.interact = False
+                    with contextlib.suppress(OSError):
+                        protocol.send(reports, {"go": True})
         finally:
             stdio.restore()
             if next_here is not None and relay.done and not relay.ended and relay.outcome.malformed is None:

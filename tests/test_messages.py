@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import pty
+import select
 import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 from typing import cast
@@ -157,12 +159,19 @@ def test_image_progress_is_live_on_a_terminal(images: pytest.Pytester) -> None:
     assert "1 passed" in out, out
 
 
-def _run_on_a_terminal(argv: list[str], cwd: Path) -> str:
+def _run_on_a_terminal(argv: list[str], cwd: Path, answers: list[str] | None = None) -> str:
+    """Run ``argv`` on a pseudo terminal; each ``(Pdb)`` prompt gets the next of ``answers``."""
     master, slave = pty.openpty()
     proc = subprocess.Popen(argv, cwd=cwd, stdin=slave, stdout=slave, stderr=slave)
     os.close(slave)
     chunks = []
-    while True:
+    todo = list(answers or [])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if not select.select([master], [], [], 0.5)[0]:
+            if proc.poll() is not None:
+                break
+            continue
         try:
             chunk = os.read(master, 65536)
         except OSError:  # EIO: the other side is closed
@@ -170,6 +179,8 @@ def _run_on_a_terminal(argv: list[str], cwd: Path) -> str:
         if not chunk:
             break
         chunks.append(chunk)
+        if todo and b"".join(chunks).rstrip().endswith(b"(Pdb)"):
+            os.write(master, todo.pop(0).encode() + b"\n")
     os.close(master)
     proc.wait(timeout=60)
     return b"".join(chunks).decode(errors="replace")
@@ -259,3 +270,27 @@ def test_interrupt_location_from_a_sandbox_is_only_taken_under_the_rootdir(tmp_p
             reports._interrupt(cast(pytest.Item, item), path, lineno)
         last = excinfo.traceback[-1]
         assert (str(last.path), last.lineno + 1) == expected
+
+
+PDB_SUITE = """
+    import pytest
+
+    @pytest.mark.container{marker}
+    def test_fails():
+        x = 41
+        assert x == 42
+"""
+
+
+@pytest.mark.parametrize("marker", ["", "(memory='1G')"], ids=["relayed-at-once", "held-until-the-end"])
+def test_pdb_on_a_sandboxed_failure_reads_as_without_a_sandbox(pytester: pytest.Pytester, marker: str) -> None:
+    """pytest's F comes before pdb's banners (not inside them), pdb works on the test's frame, and the
+    traceback pdb showed is not printed again in the summary."""
+    pytester.makepyfile(test_fails=PDB_SUITE.format(marker=marker))
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--color=no", "--pdb"]
+    out = _run_on_a_terminal(argv, pytester.path, answers=["p x + 1", "c"]).replace("\r\n", "\n")
+    if not marker:
+        assert "test_fails.py F\n>>>>" in out, out  # held reports are only shown at the end: no F before pdb
+    assert out.count("E       assert 41 == 42") == 1, out
+    assert "(Pdb) p x + 1\n42\n(Pdb) c" in out, out
+    assert "FAILED test_fails.py::test_fails - assert 41 == 42" in out and "= FAILURES =" not in out, out
