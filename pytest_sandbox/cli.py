@@ -20,7 +20,7 @@ import pytest
 
 from . import __version__, probe, settings
 from .errors import SandboxError
-from .layers import build, commands, oci, tarlayer
+from .layers import build, commands, oci, progress, tarlayer
 from .layers.format import HOST_BASE
 from .layers.store import FORMAT_VERSION, Image, Store, StoreError, check_name
 from .linux import rootfs, syscalls
@@ -109,7 +109,7 @@ def _ago(ts: float) -> str:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    print(probe.doctor_text(), flush=True)
+    print(probe.doctor_text(getattr(args, "cgroup", None)), flush=True)
     project = find_project(args)  # after the host checks: they are worth seeing even where the ini is broken
     try:
         backend = cgroups.choose(project.cgroup_backend, project.cgroup, project.rootdir).describe()
@@ -197,7 +197,7 @@ def _build_args(pairs: Sequence[str]) -> dict[str, str]:
 
 def _images(args: argparse.Namespace, project: Project) -> int:
     store = project.store
-    say = print if not args.quiet else (lambda _m: None)
+    say = progress.Lines.to(sys.stdout) if not args.quiet else (lambda _m: None)
     images_dir = getattr(args, "dir", None) or project.images_dir
     if args.images_command == "build":
         builder = build.Builder(store, images_dir, say, _build_args(args.build_arg), no_cache=args.no_cache)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import faulthandler
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -102,7 +102,9 @@ def pytest_runtestloop(session: pytest.Session) -> bool | None:
     if state.mode == "off" or session.config.option.collectonly or session.testsfailed:
         return None  # pytest stops for collection errors before any test
     if state.images:
-        _session.prepare_images(state, _image_progress(session.config))
+        worker = getattr(session.config, "workerinput", None)
+        xdist = (worker["workerid"], worker["testrunuid"]) if worker else None
+        _session.prepare_images(state, _session.image_progress(session.config), xdist)
     first = next((item for item in session.items if SPEC_KEY in item.stash), None)
     if first is None:
         return None
@@ -120,16 +122,6 @@ def pytest_runtestloop(session: pytest.Session) -> bool | None:
         if session.shouldstop:
             raise session.Interrupted(session.shouldstop)
     return True
-
-
-def _image_progress(config: pytest.Config) -> Callable[[str], None]:
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-
-    def progress(line: str) -> None:
-        if reporter is not None:
-            reporter.write_line(f"sandbox image: {line}")
-
-    return progress
 
 
 def _is_xdist_worker(config: pytest.Config) -> bool:

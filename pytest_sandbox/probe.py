@@ -28,24 +28,74 @@ def _read(path: str) -> str | None:
         return None
 
 
-def _userns_blocker() -> tuple[str, str]:
-    """The most likely reason user namespaces are refused, and how to fix it."""
+def _userns_blockers() -> list[tuple[str, str]]:
+    """Every setting of this host known to refuse user namespaces, each with the command that fixes it."""
+    found = []
     if _read("/proc/sys/user/max_user_namespaces") == "0":
-        return ("user.max_user_namespaces is 0", "sudo sysctl -w user.max_user_namespaces=15000")
+        found.append(("user.max_user_namespaces is 0", "sudo sysctl -w user.max_user_namespaces=15000"))
     if _read("/proc/sys/kernel/unprivileged_userns_clone") == "0":
-        return ("kernel.unprivileged_userns_clone is 0", "sudo sysctl -w kernel.unprivileged_userns_clone=1")
+        found.append(("kernel.unprivileged_userns_clone is 0", "sudo sysctl -w kernel.unprivileged_userns_clone=1"))
     if _read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1":
-        return (
-            "AppArmor restricts unprivileged user namespaces (Ubuntu 23.10+)",
-            "sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0",
+        found.append(
+            (
+                "AppArmor restricts unprivileged user namespaces (Ubuntu 23.10+)",
+                "sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0",
+            )
         )
     status = _read("/proc/self/status") or ""
     if "\nSeccomp:\t2" in status:
-        return (
-            "a seccomp filter (this looks like a container) blocks unshare(CLONE_NEWUSER)",
-            "run the container with --security-opt seccomp=unconfined, or use a VM/CI runner",
+        found.append(
+            (
+                "a seccomp filter (this looks like a container) blocks unshare(CLONE_NEWUSER)",
+                "run the container with --security-opt seccomp=unconfined, or use a VM/CI runner",
+            )
         )
-    return ("unshare(CLONE_NEWUSER) was refused", "check the kernel's user namespace support")
+    return found
+
+
+def _userns_blocker() -> tuple[str, str]:
+    """The most likely reason user namespaces are refused, and how to fix it."""
+    found = _userns_blockers()
+    if found:
+        return found[0]
+    return (
+        "unshare(CLONE_NEWUSER) was refused",
+        "check that the kernel has CONFIG_USER_NS=y (grep CONFIG_USER_NS /boot/config-$(uname -r))",
+    )
+
+
+_NAMESPACE_LIMITS = {
+    "mountns": "user.max_mnt_namespaces",
+    "netns": "user.max_net_namespaces",
+    "pidns": "user.max_pid_namespaces",
+}
+_KERNEL_FOR = {
+    "host_view": (5, 12, "open_tree + mount_setattr"),
+    "overlay": (5, 12, "overlayfs in a user namespace"),
+    "tmpfs_xattr": (6, 6, "user xattrs on tmpfs"),
+}
+
+
+def _step_fix(step: str) -> str:
+    """The command (or upgrade) that makes the failed setup step ``step`` work."""
+    limit = _NAMESPACE_LIMITS.get(step)
+    if limit is not None and _read(f"/proc/sys/{limit.replace('.', '/')}") == "0":
+        return f"sudo sysctl -w {limit}=15000"
+    if step == "overlay" and "overlay" not in (_read("/proc/filesystems") or "overlay"):
+        return "sudo modprobe overlay (and add overlay to /etc/modules-load.d/ to keep it)"
+    needed = _KERNEL_FOR.get(step)
+    if needed is not None and not _kernel_at_least(needed[0], needed[1]):
+        return f"upgrade the kernel to Linux >= {needed[0]}.{needed[1]} ({needed[2]}; this is {os.uname().release})"
+    blockers = _userns_blockers()
+    if blockers:
+        return "; ".join(fix for _, fix in blockers)
+    if needed is not None:
+        return f"needs Linux >= {needed[0]}.{needed[1]} with {needed[2]} enabled"
+    return "check the kernel's namespace support (CONFIG_*_NS) and any seccomp or LSM policy of this machine"
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    return syscalls.kernel_at_least(major, minor)
 
 
 def _try_in_child(steps: list[str]) -> dict[str, str]:
@@ -104,19 +154,21 @@ _STEPS: dict[str, Callable[[], None]] = {
 }
 
 
-def cgroup_delegation() -> str:
-    """Which controllers this user may manage (create child cgroups and move processes into them)."""
+V1_HIERARCHIES = ("memory", "cpu", "pids", "blkio")
+
+
+def cgroup_delegation(override: str | None = None) -> str:
+    """Which controllers this user may manage (create child cgroups and move processes into them):
+    in its own cgroups, or below ``override`` (``--sandbox-cgroup``)."""
     own = cgroups.own_cgroup_paths()
     if cgroup_mode() == "v2":
-        base = f"/sys/fs/cgroup{own.get('', '/')}"
+        base = f"/sys/fs/cgroup{override or own.get('', '/')}"
         if os.access(base, os.W_OK) and os.access(f"{base}/cgroup.procs", os.W_OK):
             enabled = (_read(f"{base}/cgroup.controllers") or "").split()
             return f"delegated ({' '.join(enabled) or 'no controllers'})"
         return "not delegated"
     writable = [
-        name
-        for name in ("memory", "cpu", "pids", "blkio")
-        if os.access(f"/sys/fs/cgroup/{name}{own.get(name, '/')}", os.W_OK)
+        name for name in V1_HIERARCHIES if os.access(f"/sys/fs/cgroup/{name}{override or own.get(name, '/')}", os.W_OK)
     ]
     return f"writable: {' '.join(writable)}" if writable else "not delegated"
 
@@ -131,9 +183,45 @@ def cgroup_mode() -> str:
     return "none"
 
 
-@functools.lru_cache(maxsize=1)
-def checks() -> tuple[Check, ...]:
-    results = _try_in_child(list(_STEPS))
+def _user() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        return str(os.getuid())
+
+
+def cgroup_check(mode: str, delegation: str, user: str) -> Check:
+    """The cgroup line: limits beyond rlimits need a cgroup this user may manage; the fix delegates one."""
+    detail = f"cgroup {mode}, {delegation}"
+    if mode == "none":
+        return Check("cgroup", False, f"{detail}: no cgroup filesystem", "sudo mount -t cgroup2 none /sys/fs/cgroup")
+    if mode == "v2":
+        if delegation.startswith("delegated"):
+            return Check("cgroup", True, detail)
+        return Check(
+            "cgroup",
+            False,
+            f"{detail}: limits fall back to rlimits",
+            "systemd-run --user --scope -p Delegate=yes pytest ...  (or --sandbox-cgroup=PATH of a cgroup you own)",
+        )
+    writable = delegation.split(":", 1)[1].split() if delegation.startswith("writable:") else []
+    missing = [name for name in V1_HIERARCHIES if name not in writable]
+    if not missing:
+        return Check("cgroup", True, detail)
+    group = f"/pytest-{user}"
+    recipe = (
+        f"for c in {' '.join(missing)}; do d=/sys/fs/cgroup/$c{group}; "
+        f"sudo mkdir -p $d && sudo chown {user} $d $d/cgroup.procs $d/tasks; done\n"
+        f"then: pytest --sandbox-cgroup={group}  (check: pytest-sandbox doctor --cgroup {group})"
+    )
+    what = "limits fall back to rlimits" if not writable else f"no {', '.join(missing)} limits"
+    return Check("cgroup", False, f"{detail}: {what}", recipe)
+
+
+def build_checks(results: dict[str, str], cgroup: str | None = None) -> tuple[Check, ...]:
+    """The doctor's checks from the setup steps' results (step -> error, '' if it worked) and this host."""
     out: list[Check] = []
     err = results.get("userns")
     if err is None or err:
@@ -149,29 +237,35 @@ def checks() -> tuple[Check, ...]:
         "netns": "network namespace",
         "pidns": "pid namespace",
     }
+    first_failed = next((c.name for c in out if not c.ok), None)
     for step, label in labels.items():
         step_err = results.get(step)
         if step_err is None:
-            out.append(Check(step, False, f"{label}: not tried (an earlier step failed)"))
-        elif step_err and step == "tmpfs_xattr":
-            out.append(Check(step, False, f"{label}: {step_err} (optional)", "needs Linux >= 6.6"))
-            continue
+            out.append(
+                Check(step, False, f"{label}: not tried (an earlier step failed)", f"the fix of {first_failed} above")
+            )
         elif step_err:
-            fix = "needs Linux >= 5.12" if step in ("host_view", "overlay") else ""
-            out.append(Check(step, False, f"{label}: {step_err}", fix))
+            optional = " (optional)" if step in OPTIONAL else ""
+            out.append(Check(step, False, f"{label}: {step_err}{optional}", _step_fix(step)))
+            first_failed = first_failed or step
         else:
             out.append(Check(step, True, label))
-    out.append(Check("cgroup", True, f"cgroup {cgroup_mode()}, {cgroup_delegation()}"))
+    out.append(cgroup_check(cgroup_mode(), cgroup_delegation(cgroup), _user()))
     newuidmap = shutil.which("newuidmap")
     out.append(
         Check(
             "newuidmap",
             bool(newuidmap),
             f"newuidmap at {newuidmap}" if newuidmap else "newuidmap not installed (single-id maps only)",
-            "" if newuidmap else "apt-get install uidmap (optional)",
+            "" if newuidmap else "sudo apt-get install uidmap (optional)",
         )
     )
     return tuple(out)
+
+
+@functools.lru_cache(maxsize=4)
+def checks(cgroup: str | None = None) -> tuple[Check, ...]:
+    return build_checks(_try_in_child(list(_STEPS)), cgroup)
 
 
 OPTIONAL = ("tmpfs_xattr",)
@@ -203,12 +297,15 @@ def header_line() -> str:
     return f"sandbox: {status} [{', '.join(parts)}]"
 
 
-def doctor_text() -> str:
+def doctor_text(cgroup: str | None = None) -> str:
+    """Every check, and under each that fails the command that fixes it; ``cgroup`` as --sandbox-cgroup."""
     lines = []
-    for check in checks():
+    for check in checks(cgroup):
         lines.append(f"{'ok' if check.ok else 'NO':>3}  {check.name:<12} {check.detail}")
         if check.fix and not check.ok:
-            lines.append(f"      fix: {check.fix}")
+            first, *rest = check.fix.splitlines()
+            lines.append(f"      fix: {first}")
+            lines.extend(f"           {line}" for line in rest)
     reason = unavailable_reason()
     lines.append("")
     lines.append("sandboxes: available" if reason is None else f"sandboxes: UNAVAILABLE: {reason}")

@@ -39,8 +39,10 @@ from __future__ import annotations
 
 import array
 import json
+import os
 import select
 import socket
+import traceback
 from typing import Any
 
 from .errors import SandboxError
@@ -69,7 +71,8 @@ FROM_TEST: dict[str, dict[str, tuple[type, ...]]] = {
     "done": {},
     "error": {"phase": (str,), "message": (str,)},
     "exit-requested": {"reason": (str,), "returncode": (int, type(None))},
-    "interrupted": {},
+    "interrupted": {"path": (str,), "lineno": (int,)},  # where ^C landed: see interrupt_location
+    "interact": {"when": (str,)},  # --pdb: pdb is about to start on this phase's report (runtime/interact.py)
 }
 # What the zygote sends on a sandbox's status channel.
 FROM_ZYGOTE: dict[str, dict[str, tuple[type, ...]]] = {
@@ -217,3 +220,16 @@ def check(message: dict[str, Any], schema: dict[str, dict[str, tuple[type, ...]]
         if extra:
             raise ProtocolError(f"{kind} message with unknown field(s) {', '.join(extra)}")
     return kind
+
+
+def interrupt_location(exc: BaseException, rootdir: str) -> dict[str, Any]:
+    """Where a KeyboardInterrupt landed in the user's code: the innermost frame under pytest's rootdir
+    (outside installed packages), else the innermost one; pytest's summary names it as it would
+    without a sandbox."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    root = os.path.join(rootdir, "")
+    own = [f for f in frames if f.filename.startswith(root) and "/site-packages/" not in f.filename]
+    if not (own or frames):
+        return {"type": "interrupted", "path": "", "lineno": 0}
+    frame = (own or frames)[-1]
+    return {"type": "interrupted", "path": frame.filename, "lineno": frame.lineno or 0}

@@ -14,7 +14,7 @@ import termios
 import time
 import warnings
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import pytest
 
@@ -122,6 +122,8 @@ class _Relay:
         self.held: list[pytest.TestReport] = []
         self.done = False  # the test process said it finished its protocol
         self.ended = False  # the zygote said how the test process ended
+        self.last_failed: pytest.TestReport | None = None
+        self.interact = False  # --pdb: the test process waits for a go before pdb starts
         # What its messages may make pytest hold: its memory limit where it has one, at most 128 MiB.
         self.budget = protocol.Budget(min(max(spec.memory or protocol.MAX_MESSAGE, 16 * 2**20), protocol.MAX_MESSAGE))
 
@@ -145,16 +147,23 @@ class _Relay:
         elif kind == "suite-property":
             plugin_state.add_suite_property(self.item.config, message)
         elif kind == "coverage":
-            if self.spec.image is None:  # an image's paths are not the host's
-                paths = self.zyg.paths
-                hidden = credentials.hidden_places(os.environ.get("HOME"), self.spec.hide)
-                if paths.keep_dir:
-                    hidden.append(paths.keep_dir)
-                plugin_state.merge_coverage(message, hidden, (*paths.writable, *self.spec.writable, *paths.needed))
+            self._coverage(message)
         elif kind == "error":
             self.outcome.setup_error = message
+        elif kind == "interact":  # --pdb: pdb shows this report in the sandbox (runtime/interact.py)
+            if self.last_failed is not None and getattr(self.item.config.option, "usepdb", False):
+                self.last_failed._pdbshown = True  # type: ignore[attr-defined]  # as pdb marks its own
+            self.interact = True
         else:  # exit-requested, interrupted
             self.outcome.stop = message
+
+    def _coverage(self, message: dict[str, Any]) -> None:
+        if self.spec.image is None:  # an image's paths are not the host's
+            paths = self.zyg.paths
+            hidden = credentials.hidden_places(os.environ.get("HOME"), self.spec.hide)
+            if paths.keep_dir:
+                hidden.append(paths.keep_dir)
+            plugin_state.merge_coverage(message, hidden, (*paths.writable, *self.spec.writable, *paths.needed))
 
     def _report(self, data: dict[str, Any]) -> None:
         self.budget.take(REPORT_COST)  # reruns and subtests bound their number by no fixed three any more
@@ -181,6 +190,7 @@ class _Relay:
             )
         if counts:
             self.outcome.whens.add(report.when)
+        self.last_failed = report if report.failed else self.last_failed
         if report.when == "setup" and report.passed:
             self.outcome.setup_passed = True
         (self.held if self.hold else self.ready).append(report)
@@ -411,7 +421,10 @@ def run_in_sandbox(
         try:
             while status_open and not relay.finished():
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                events = selector.select(timeout)
+                try:
+                    events = selector.select(timeout)
+                except KeyboardInterrupt:  # ^C at the terminal: the test runs on, in a session of its own
+                    _interrupt(item, "", 0)
                 if not events:  # the sandbox's own watchdog did not end it: pytest does
                     zyg.kill(channels.name)
                     relay.outcome.killed_after_timeout, deadline = True, None
@@ -425,6 +438,10 @@ def run_in_sandbox(
                         status_open = _read_status(status, reports, relay)
                 yield from relay.ready
                 relay.ready.clear()
+                if relay.interact:  # pytest has shown the report: pdb may take the terminal
+                    relay.interact = False
+                    with contextlib.suppress(OSError):
+                        protocol.send(reports, {"go": True})
         finally:
             stdio.restore()
             if next_here is not None and relay.done and not relay.ended and relay.outcome.malformed is None:
@@ -445,7 +462,7 @@ def _after_the_end(item: pytest.Item, relay: _Relay) -> list[pytest.TestReport]:
     outcome = relay.outcome
     if outcome.stop and not outcome.malformed:
         if outcome.stop["type"] == "interrupted":
-            raise KeyboardInterrupt
+            _interrupt(item, outcome.stop["path"], outcome.stop["lineno"])
         pytest.exit(outcome.stop["reason"], outcome.stop["returncode"])
     held = relay.held
     if "teardown" not in outcome.whens or outcome.malformed:  # skipped/xfailed tests have no call report
@@ -457,6 +474,23 @@ def _after_the_end(item: pytest.Item, relay: _Relay) -> list[pytest.TestReport]:
                 report.sections.append(("sandbox limits", notes))
         held[-1].user_properties = [*held[-1].user_properties, *_properties(outcome.usage)]
     return held
+
+
+def _interrupt(item: pytest.Item, path: str, lineno: int) -> NoReturn:
+    """Raise the KeyboardInterrupt of a test that was running in its sandbox, naming the test, from a frame
+    that stands for the user's line (``path:lineno`` where ^C landed there, else the test's own line):
+    pytest's summary shows that location, as it would without a sandbox, instead of this module's.
+
+    ``path`` comes from the test process: only a Python file under the rootdir (which the test sees
+    anyway) is taken, as pytest may read and show its lines (--full-trace).
+    """
+    root = os.path.join(os.path.realpath(item.config.rootpath), "")
+    real = os.path.realpath(path) if path else ""
+    if not (real.startswith(root) and real.endswith(".py") and os.path.isfile(real) and 0 < lineno < 1_000_000):
+        path, lineno = str(item.path), (item.location[1] or 0) + 1
+    code = compile("\n" * (lineno - 1) + "raise KeyboardInterrupt(message) from None", path, "exec")
+    exec(code, {"message": f"in {item.nodeid} (in its sandbox)"})
+    raise AssertionError("unreachable: the code above raises")
 
 
 def _read_reports(reports: socket.socket, relay: _Relay) -> bool:

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import faulthandler
 import json
 import os
 import sys
+import time
 import warnings
 from typing import TYPE_CHECKING, Any
 
+import filelock
 import pytest
 
 from . import outputs, settings, summary
 from .errors import SandboxError
-from .layers import build
+from .layers import build, progress
 from .layers.store import Image, Store
 from .linux.files import remove_tree
 from .linux.rootfs import ImageMount
@@ -110,15 +113,74 @@ def check_images(state: SessionState, needed: dict[str, str]) -> None:
     state.images = {name: ImageMount(name, (), "{}") for name in needed}  # built in prepare_images
 
 
-def prepare_images(state: SessionState, progress: build.Progress) -> None:
-    """Build (or find cached) every image the selected tests use; an image that fails fails its tests."""
-    builder = build.Builder(state.store, state.images_dir, progress, quiet_cached=True)
+def image_progress(config: pytest.Config) -> build.Progress:
+    """Where ``sandbox image:`` lines go: pytest's terminal, live on a tty, whole lines in a log.
+
+    An xdist worker's terminal output goes nowhere; its stderr is the controller's (execnet
+    inherits it), so a worker writes there, with pytest's capture of it suspended meanwhile.
+    """
+    prefix = "sandbox image: "
+    if hasattr(config, "workerinput"):
+        capman = config.pluginmanager.get_plugin("capturemanager")
+
+        def uncaptured() -> contextlib.AbstractContextManager[None]:
+            return capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
+
+        def write(text: str) -> None:
+            with uncaptured():
+                sys.stderr.write(text)
+                sys.stderr.flush()
+
+        with uncaptured():
+            tty = sys.stderr.isatty()
+        return progress.Lines(write, tty, prefix)
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return lambda _line: None
+    reporter.ensure_newline()
+    return progress.Lines(lambda text: reporter.write(text, flush=True), bool(reporter.isatty), prefix)
+
+
+WAIT_FOR_FIRST_WORKER = 60.0  # seconds another xdist worker waits for gw0 to start preparing images
+
+
+def prepare_images(state: SessionState, say: build.Progress, worker: tuple[str, str] | None = None) -> None:
+    """Build (or find cached) every image the selected tests use; an image that fails fails its tests.
+
+    ``worker`` is (xdist worker id, test run id) in an xdist worker. Every worker needs the images,
+    but their progress is shown once: gw0 prepares first and says what it builds; the others
+    wait for it, then find the images cached (or retry a failed one) without a word.
+    """
+    if worker is None:
+        _prepare_images(state, say)
+        return
+    worker_id, run_id = worker
+    shared = os.path.join(state.store.ensure().tmp_dir, f"xdist-{run_id}")
+    os.makedirs(shared, exist_ok=True)
+    started = os.path.join(shared, "started")
+    first = filelock.FileLock(os.path.join(shared, "lock"))
+    if worker_id == "gw0":
+        with first:
+            with open(started, "w"):
+                pass
+            _prepare_images(state, say)
+        return
+    deadline = time.monotonic() + WAIT_FOR_FIRST_WORKER
+    while not os.path.exists(started) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with first:
+        pass  # gw0 is done
+    _prepare_images(state, lambda _line: None)
+
+
+def _prepare_images(state: SessionState, say: build.Progress) -> None:
+    builder = build.Builder(state.store, state.images_dir, say, quiet_cached=True)
     for name in sorted(state.images):
         try:
             image = builder.ensure(name)
         except SandboxError as exc:
             state.image_errors[name] = f"image {name!r} cannot be built: {exc}"
-            progress(state.image_errors[name])
+            say(state.image_errors[name])
             del state.images[name]
             continue
         lowers = tuple(state.store.diff_path(c) for c in reversed(image.layers))

@@ -56,7 +56,12 @@ def _seconds(value: Any) -> str:
 
 def write_durations(terminal: Any, records: Records, count: int) -> None:
     measured = [r for r in records.by_nodeid.values() if r.usage]
-    if not measured:
+    if not measured:  # every sandboxed test's reports carry usage (oom_kills at least)
+        terminal.write_sep("=", "sandbox resources")
+        terminal.write_line(
+            "no test ran in a sandbox: nothing was measured "
+            "(mark tests @pytest.mark.container, or run with --sandbox=all)"
+        )
         return
     measured.sort(key=lambda r: (r.usage.get("memory_peak") or 0, r.usage.get("cpu_user") or 0), reverse=True)
     shown = measured if count == 0 else measured[:count]

@@ -40,7 +40,7 @@ def _zombies_of(pid: int) -> list[str]:
 def test_init_reaps_orphans() -> None:
     """Run the init as a subreaper-free parent of short-lived children; none may stay a zombie. It first waits
     for its go (no namespaces to join here), locks itself down and says so."""
-    argv, fd = init.command()
+    path, argv, fd = init.command()
     go_r, go_w = os.pipe()
     ack_r, ack_w = os.pipe()
     # A tiny launcher: pid 1's pipes on fds 3 and 4, three children that exit at once, then exec the init.
@@ -51,10 +51,10 @@ def test_init_reaps_orphans() -> None:
         "for _ in range(3):\n"
         "    if os.fork() == 0:\n"
         "        os._exit(0)\n"
-        "os.execv(sys.argv[3], sys.argv[3:])\n"
+        "os.execv(sys.argv[3], sys.argv[4:])\n"
     )
     pass_fds = (go_r, ack_w, *((fd,) if fd is not None else ()))
-    proc = subprocess.Popen([sys.executable, "-c", launcher, str(go_r), str(ack_w), *argv], pass_fds=pass_fds)
+    proc = subprocess.Popen([sys.executable, "-c", launcher, str(go_r), str(ack_w), path, *argv], pass_fds=pass_fds)
     os.close(go_r)
     os.close(ack_w)
     try:
@@ -72,6 +72,44 @@ def test_init_reaps_orphans() -> None:
             if not states:
                 break
         assert "Z" not in _zombies_of(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(go_w)
+        os.close(ack_r)
+        if fd is not None:
+            os.close(fd)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python-reaper"])
+def test_init_is_named_sandbox_init(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ps shows pid 1 as sandbox-init (comm, and argv[0] for the native one), not the fd number it ran as."""
+    if not native:
+        monkeypatch.setattr(init, "_NATIVE", {})
+    elif platform.machine() not in init._NATIVE:
+        pytest.fail(f"no native init for {platform.machine()}: the native case cannot be checked here")
+    path, argv, fd = init.command()
+    go_r, go_w = os.pipe()
+    ack_r, ack_w = os.pipe()
+    launcher = (
+        "import os, sys\nos.dup2(int(sys.argv[1]), 3)\nos.dup2(int(sys.argv[2]), 4)\n"
+        "os.execv(sys.argv[3], sys.argv[4:])\n"
+    )
+    pass_fds = (go_r, ack_w, *((fd,) if fd is not None else ()))
+    proc = subprocess.Popen([sys.executable, "-c", launcher, str(go_r), str(ack_w), path, *argv], pass_fds=pass_fds)
+    os.close(go_r)
+    os.close(ack_w)
+    try:
+        os.write(go_w, bytes(4))
+        assert os.read(ack_r, 1) == b"1"
+        with open(f"/proc/{proc.pid}/comm") as f:
+            assert f.read() == "sandbox-init\n"
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+        if native:
+            assert cmdline == b"sandbox-init\0"
+        else:
+            assert cmdline.startswith(sys.executable.encode() + b"\0")
     finally:
         proc.kill()
         proc.wait()

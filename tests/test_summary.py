@@ -136,10 +136,13 @@ def test_durations_top_count_larger_than_measured() -> None:
     ]
 
 
-def test_durations_write_nothing_without_usage() -> None:
+def test_durations_say_so_when_no_test_ran_sandboxed() -> None:
     terminal = Terminal()
     write_durations(terminal, records(report("t.py::a"), report("t.py::b", "failed", longrepr="x")), 0)
-    assert terminal.lines == []
+    assert terminal.lines == [
+        "=== sandbox resources ===",
+        "no test ran in a sandbox: nothing was measured (mark tests @pytest.mark.container, or run with --sandbox=all)",
+    ]
 
 
 # -- write_repeats ----------------------------------------------------------------------------------

@@ -26,15 +26,28 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..linux import overlay, rootfs
-from . import commands, containerfile, format, oci, tarlayer
+from . import commands, containerfile, format, oci, progress, tarlayer
 from .containerfile import ContainerfileError, Instruction
 from .format import EMPTY_CONFIG, HOST_BASE
+from .progress import shorten
 from .store import Image, Store, StoreError, check_name
 
 Progress = Callable[[str], None]
 SUFFIX = ".Containerfile"
 IGNORE_FILE = ".containerignore"
 _MOUNTPOINTS = ("proc", "dev", "sys")
+SHOWN = 72  # characters of an instruction in a progress line
+
+
+def as_written(ins: Instruction) -> str:
+    """The instruction as the Containerfile has it (flags included), on one line and cut to SHOWN."""
+    flags = " ".join(f"--{k}" if k in containerfile.SWITCHES and v == "true" else f"--{k}={v}" for k, v in ins.flags)
+    body = json.dumps(list(ins.json_form)) if ins.json_form is not None else ins.args
+    return shorten(f"{ins.keyword} {flags + ' ' if flags else ''}{body}", SHOWN)
+
+
+def _layers(count: int) -> str:
+    return f"{count} layer{'' if count == 1 else 's'}"
 
 
 class BuildError(StoreError):
@@ -159,6 +172,19 @@ class Builder:
         self._building: list[str] = []
         self._done: dict[str, Image] = {}
 
+    @property
+    def tty(self) -> bool:
+        """Whether the progress output shows a live status line (a terminal): see progress.running."""
+        return bool(getattr(self._progress, "tty", False))
+
+    def status(self, text: str) -> None:
+        status = getattr(self._progress, "status", None)
+        if status is not None:
+            status(text)
+
+    def __call__(self, message: str) -> None:
+        self.say(message)
+
     def say(self, message: str) -> None:
         self._said += 1
         for line in self._pending:
@@ -213,7 +239,12 @@ class Builder:
             return
         with open(path) as f:
             instructions = containerfile.parse(f.read(), path)
-        base = instructions[[i.keyword for i in instructions].index("FROM")].args.split()[0]
+        args: dict[str, str] = {}
+        for ins in instructions[: [i.keyword for i in instructions].index("FROM")]:
+            args.update(self._arg_values(ins, path, args))  # FROM $BASE: as the build will see it
+        base = containerfile.substitute(
+            instructions[[i.keyword for i in instructions].index("FROM")].args.split()[0], args
+        )
         if base not in ("scratch", HOST_BASE) and not oci.is_reference(base) and base != name:
             self.check(base)
 
@@ -231,13 +262,17 @@ class Builder:
             with open(path) as f:
                 instructions = containerfile.parse(f.read(), path)
             started = time.monotonic()
-            self._header(f"building image {name} from {os.path.relpath(path)}")
+            nested = f" (the base of {self._building[-2]})" if len(self._building) > 1 else ""
+            pending_before = len(self._pending)
+            shipped = os.path.dirname(os.path.abspath(path)) == os.path.abspath(BUILTIN_DIR)
+            where = f"{os.path.basename(path)} shipped with pytest-sandbox" if shipped else os.path.relpath(path)
+            self._header(f"building image {name} from {where}{nested}")
             said_before = self._said
-            state, args = self._from(instructions, path)
-            total = len(instructions)
-            for number, ins in enumerate(instructions, 1):
-                if ins.keyword == "FROM":
-                    continue
+            # Steps count from the FROM (step 1): ARGs before it only set its variables.
+            steps = instructions[[i.keyword for i in instructions].index("FROM") :]
+            total = len(steps)
+            state, args = self._from(instructions, path, f"{name} step 1/{total}")
+            for number, ins in enumerate(steps[1:], 2):
                 state, args = self._step(ins, state, args, path, f"{name} step {number}/{total}")
             image = Image(
                 name=name,
@@ -259,9 +294,9 @@ class Builder:
                 self.store.put(image)
             else:
                 image = existing
-            ready = f"image {name}: {len(image.layers)} layers, ready in {time.monotonic() - started:.2f}s"
+            ready = f"image {name}: {_layers(len(image.layers))}, ready in {time.monotonic() - started:.2f}s"
             if self.quiet_cached and self._said == said_before:
-                self._pending.pop()  # everything was cached: not a word
+                del self._pending[pending_before:]  # everything was cached: not a word
             else:
                 self.say(ready)
             self._done[name] = image
@@ -269,7 +304,7 @@ class Builder:
         finally:
             self._building.pop()
 
-    def _from(self, instructions: list[Instruction], path: str) -> tuple[_State, dict[str, str]]:
+    def _from(self, instructions: list[Instruction], path: str, label: str) -> tuple[_State, dict[str, str]]:
         args: dict[str, str] = {}
         for ins in instructions:
             if ins.keyword == "FROM":
@@ -277,6 +312,8 @@ class Builder:
             args.update(self._arg_values(ins, path, args))
         ins = next(i for i in instructions if i.keyword == "FROM")
         base = containerfile.substitute(ins.args.split()[0], args)
+        # A header: shown with what follows (a base built or imported first, the next steps), not alone.
+        self._header(f"  {label}: {as_written(ins)}")
         if base == "scratch":
             return _State(_key("FROM scratch"), [], [], dict(EMPTY_CONFIG)), {}
         if base == HOST_BASE:  # the sandbox's view of this machine, live: host changes do not rebuild
@@ -293,13 +330,11 @@ class Builder:
             if cached is None:
                 ref = f"{transport}:{ref_path}" + (f":{tag}" if tag else "")
                 try:
-                    chains, diff_ids, config, _ = oci.import_layers(self.store, ref, self.say)
+                    chains, diff_ids, config, _ = oci.import_layers(self.store, ref, self)
                 except StoreError as exc:
                     raise BuildError(f"{path}:{ins.line}: FROM {base}: {exc}") from None
                 cached = {"layers": chains, "diff_ids": diff_ids, "config": config}
                 self.store.cache_put(key, cached)
-            else:
-                self._cached(f"FROM {base}")
             return _State(key, list(cached["layers"]), list(cached["diff_ids"]), dict(cached["config"])), {}
         if self._definition(base) is not None:
             image = self._build(base)
@@ -371,9 +406,9 @@ class Builder:
                     lambda diff: self._workdir_layer(state, workdir, diff),
                 ), args
             if self._cache_get(key) is not None:
-                self._cached(f"{label}: {ins.keyword} {text[:60]}")
+                self._cached(f"{label}: {as_written(ins)}")
             else:
-                self.say(f"  {label}: {ins.keyword} {text[:60]}")
+                self.say(f"  {label}: {as_written(ins)}")
                 self.store.cache_put(key, {"layers": state.layers, "diff_ids": state.diff_ids, "config": config})
             return state.derived(key, config=config), args
         if kw == "COPY":
@@ -396,11 +431,11 @@ class Builder:
         """Reuse the cached result of ``target.key`` or make a new layer on top of ``target.layers``."""
         cached = self._cache_get(target.key)
         if cached is not None:
-            self._cached(f"{label}: {ins.keyword} {ins.args[:60]}")
+            self._cached(f"{label}: {as_written(ins)}")
             return target.derived(target.key, list(cached["layers"]), list(cached["diff_ids"]), dict(cached["config"]))
-        self.say(f"  {label}: {ins.keyword} {ins.args[:60]}")
+        self.say(f"  {label}: {as_written(ins)}")
         started = time.monotonic()
-        with self.store.staging() as stage:
+        with self.store.staging() as stage, progress.running(self, f"  {label}: {as_written(ins)}"):
             diff = os.path.join(stage, "diff")
             os.mkdir(diff)
             layers, diff_ids = list(target.layers), list(target.diff_ids)
@@ -610,7 +645,7 @@ class Builder:
         if code != 0:
             output = "\n".join(tail)
             raise BuildError(
-                f"{path}:{ins.line}: RUN {ins.args[:80]} failed with exit status {code}"
+                f"{path}:{ins.line}: RUN {shorten(ins.args, 80)} failed with exit status {code}"
                 + (f"; last output:\n{output}" if output else "")
             )
         if not on_tmpfs:

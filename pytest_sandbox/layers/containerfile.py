@@ -16,7 +16,7 @@ from ..errors import SandboxError
 
 SUPPORTED = ("FROM", "RUN", "COPY", "ENV", "WORKDIR", "USER", "LABEL", "ARG", "CMD", "ENTRYPOINT", "EXPOSE")
 _FLAGS = {"COPY": ("from", "chown", "chmod", "libs"), "RUN": ("network",)}
-_SWITCHES = ("libs",)  # flags without a value
+SWITCHES = ("libs",)  # flags without a value
 _VAR = re.compile(
     r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?::(?P<op>[-+])(?P<word>[^}]*))?\}"
     r"|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))"
@@ -94,7 +94,7 @@ def _split_flags(path: str, line: int, keyword: str, args: str) -> tuple[tuple[t
         word, _, rest = args.partition(" ")
         name, sep, value = word[2:].partition("=")
         allowed = _FLAGS.get(keyword, ())
-        if name in _SWITCHES and name in allowed and not sep:
+        if name in SWITCHES and name in allowed and not sep:
             sep, value = "=", "true"
         if name not in allowed or not sep:
             hint = ", ".join(f"--{a}=..." for a in allowed) or "none"

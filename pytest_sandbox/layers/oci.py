@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
+from . import progress as progress_
 from . import tarlayer
 from .format import EMPTY_CONFIG, chain_id
 from .store import Image, Store, StoreError, check_name
@@ -400,7 +401,8 @@ def import_layers(
         for i, (layer, diff_id) in enumerate(zip(layers, diff_ids, strict=True)):
             parent = chains[-1] if chains else None
             cached = store.has_layer(chain_id(parent, diff_id))
-            chains.append(_unpack_layer(store, source, layer, diff_id, parent, where))
+            with progress_.running(progress, f"layer {i + 1}/{len(layers)} {diff_id[:19]} unpacking"):
+                chains.append(_unpack_layer(store, source, layer, diff_id, parent, where))
             say(f"layer {i + 1}/{len(layers)} {diff_id[:19]} {'cached' if cached else 'unpacked'}")
         image_config = dict(EMPTY_CONFIG)
         image_config.update({k: v for k, v in (config.get("config") or {}).items() if k in CONFIG_KEYS and v})

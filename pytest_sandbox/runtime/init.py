@@ -21,17 +21,18 @@ import zlib
 
 _NATIVE = {
     "x86_64": (
-        "eNqrd/VxY2JkZIABJgY7BjBPwAHMd4CKZwjClQDFLIDqHBiYgSRILQsDMnBAoTdAeTCaQQBCgfSxIvFh9sHoMKiTYDRc3SgYBaNgFIyC"
-        "UTAKRsEoGAWjYBSMglEwCkgG+0Gdd8NvhpdcQejAjrlALj+rR+sB/lYmYNfbo/mNwH5moJhH57NdYKUHgLLNP1j4Wx8Dec02KgwlVvuZ"
-        "wGbs2MQI09txDCji2XnEp/N5t4nKDhO4ROtaoARQdAczxJ5e240gw3tNNwGpHXUIy1thbgPKgdi7QOMAOxghCpp/MJamg50FNQesEso2"
-        "/A/UEgxy0SXHXRwgcT6IruPH/wOB4TeQUQ5A7+6whVlX/xjoEAVoQEA1NYAlX5/cXw/iPYcYDRm3YGBQYuVQwBusesUZxSVFJYlJDHol"
-        "qRUllMcTN3TMhI0BfbwEbZwECtC4YD4zFnPDoOM6ggz49QMA+khgyA=="
+        "eNqrd/VxY2JkZIABJgY7BjBPwAHMd4CKTxCEKwGKWQDVOTAwA0mQWhYGZOCAQm+A8mA0gwCEAuljReLD7IPRdVAnwWi4ulEwCkbBKBgF"
+        "o2AUjIJRMApGwSgYBaNgFJAM9vMDCY9eU1tgP9vwkisIHdgxFyjGz7of1K83/IYm6tF6gL+VCajao/mNwH5mkO7OZ7vASg8AZZt/sPC3"
+        "Pgbymm1UGEqs9jOBzdixiRGmt+MYUMSz84hP5/NuE5UdJnCJ1rVACaDoDmaIPb22+yBO2w+kdtQhLG8FOZsFIgdi7wINEexghCho/sFY"
+        "mg52FtQcsEoo2/A/UEsCyEWXHHdxgMT5ILqOH/8PBIbfQEY5AL27wxZmXf1joEN0oQEB1dQAlnx9cn89iPccYnRxYl5KUn6FbmZeZgl0"
+        "fIOBQYmVQwFv8OsVZxSXFJUkJjHolaRWlFAen9xQu9kY0MdV0MZToACNC+YzYzG3Djr+I8iAXz8ArN9tlA=="
     ),
 }
 
 PYTHON_REAPER = """
 import ctypes, os, signal
 libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl(15, b"sandbox-init", 0, 0, 0)  # PR_SET_NAME, as the native one: ps shows what it is
 # As the native one (see init_x86_64.S): not dumpable, join the test process's namespaces, no capabilities.
 if libc.prctl(4, 0, 0, 0, 0) != 0:
     os._exit(127)
@@ -54,11 +55,15 @@ while True:
 """
 
 
-def command() -> tuple[list[str], int | None]:
-    """argv that starts pid 1, and the memfd holding the native binary (None for the Python reaper)."""
+NAME = "sandbox-init"  # pid 1's argv[0] and comm: what ps shows for it
+
+
+def command() -> tuple[str, list[str], int | None]:
+    """The program and argv that start pid 1, and the memfd holding the native binary (None for the
+    Python reaper). argv[0] is NAME, not the /proc/self/fd path the program is run from."""
     blob = _NATIVE.get(platform.machine())
     if blob is None:
-        return [sys.executable, "-S", "-I", "-c", PYTHON_REAPER], None
+        return sys.executable, [sys.executable, "-S", "-I", "-c", PYTHON_REAPER], None
     created = os.memfd_create("sandbox-init", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     fd = fcntl.fcntl(created, fcntl.F_DUPFD_CLOEXEC, 10)  # above 3 and 4, where pid 1 gets its pipes
     os.close(created)
@@ -66,7 +71,7 @@ def command() -> tuple[list[str], int | None]:
     # Sealed: whoever holds the fd (a forked test process, before it lets go of it) cannot change
     # the program every later sandbox's pid 1 runs.
     fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
-    return [f"/proc/self/fd/{fd}"], fd
+    return f"/proc/self/fd/{fd}", [NAME], fd
 
 
 def build_native(source: str) -> bytes:

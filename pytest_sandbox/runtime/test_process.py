@@ -31,7 +31,7 @@ from .. import credentials, outputs, plugin_state, protocol
 from ..errors import SetupError
 from ..linux import rootfs, syscalls, userns
 from ..spec import SandboxSpec
-from . import cgroups
+from . import cgroups, interact
 
 ACTIVE_SPEC: SandboxSpec | None = None  # set in the test process of a sandbox
 ACTIVE_PLAN: rootfs.RootPlan | None = None
@@ -149,6 +149,8 @@ def prepare_plugins(config: pytest.Config, backend: cgroups.Backend) -> None:
     config.pluginmanager.register(ReportStreamer(config, backend), "sandbox-report-streamer")
     plugin_state.adapt_in_sandbox(config)
     _mute_host_reporters(config)
+    if getattr(config.option, "usepdb", False):
+        config.pluginmanager.register(interact.PdbAfterReport(lambda: _channel), "sandbox-pdb-after-report")
 
 
 def _mute_host_reporters(config: pytest.Config) -> None:
@@ -372,8 +374,8 @@ def _run_items(box: Sandbox, items: dict[str, pytest.Item], scratch: int | None)
         except pytest.exit.Exception as exc:
             protocol.send(_channel, {"type": "exit-requested", "reason": exc.msg, "returncode": exc.returncode})
             return
-        except KeyboardInterrupt:
-            protocol.send(_channel, {"type": "interrupted"})
+        except KeyboardInterrupt as exc:
+            protocol.send(_channel, protocol.interrupt_location(exc, str(item.config.rootpath)))
             return
         except BaseException:  # a plugin's hook raised: in a plain run an INTERNALERROR; here the test's error
             protocol.send(_channel, {"type": "error", "phase": "protocol", "message": traceback.format_exc()})

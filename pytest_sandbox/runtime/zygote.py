@@ -187,7 +187,7 @@ class _Factory:
         self.paths = paths
         self.limits = limits
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-        self.init_argv, self.init_fd = init.command()
+        self.init_path, self.init_argv, self.init_fd = init.command()
         # pid 1 joins each sandbox's namespaces after its exec (setns through a pidfd of the test process,
         # which also asks for ptrace access to it): it needs these capabilities across the exec, which
         # without root only ambient ones keep. It drops them once it has joined.
@@ -257,7 +257,7 @@ class _Factory:
         pid1_fds = [(os.POSIX_SPAWN_DUP2, go_r, 3), (os.POSIX_SPAWN_DUP2, ack_w, 4)]
         syscalls.unshare(syscalls.CLONE_NEWPID)
         try:
-            init_pid = os.posix_spawn(self.init_argv[0], self.init_argv, {}, setsid=True, file_actions=pid1_fds)
+            init_pid = os.posix_spawn(self.init_path, self.init_argv, {}, setsid=True, file_actions=pid1_fds)
             test_pid = os.fork()
             if test_pid == 0:
                 try:
