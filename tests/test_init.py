@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -37,20 +39,17 @@ def _zombies_of(pid: int) -> list[str]:
     return states
 
 
-def test_init_reaps_orphans() -> None:
-    """Run the init as a subreaper-free parent of short-lived children; none may stay a zombie. It first waits
-    for its go (no namespaces to join here), locks itself down and says so."""
+@contextlib.contextmanager
+def _running_init(children: int = 0) -> Iterator[int]:
+    """The init started as the zygote starts it (its go pipe on fd 3, its ack on fd 4, by a tiny launcher that
+    first forks ``children`` that exit at once), told to join nothing; yields its pid once it said it locked
+    itself down."""
     path, argv, fd = init.command()
     go_r, go_w = os.pipe()
     ack_r, ack_w = os.pipe()
-    # A tiny launcher: pid 1's pipes on fds 3 and 4, three children that exit at once, then exec the init.
     launcher = (
-        "import os, sys\n"
-        "os.dup2(int(sys.argv[1]), 3)\n"
-        "os.dup2(int(sys.argv[2]), 4)\n"
-        "for _ in range(3):\n"
-        "    if os.fork() == 0:\n"
-        "        os._exit(0)\n"
+        "import os, sys\nos.dup2(int(sys.argv[1]), 3)\nos.dup2(int(sys.argv[2]), 4)\n"
+        f"for _ in range({children}):\n    if os.fork() == 0:\n        os._exit(0)\n"
         "os.execv(sys.argv[3], sys.argv[4:])\n"
     )
     pass_fds = (go_r, ack_w, *((fd,) if fd is not None else ()))
@@ -60,18 +59,7 @@ def test_init_reaps_orphans() -> None:
     try:
         os.write(go_w, bytes(4))
         assert os.read(ack_r, 1) == b"1", "pid 1 did not say it locked itself down"
-        with open(f"/proc/{proc.pid}/status") as f:
-            caps = {k: v.strip() for k, v in (line.split(":", 1) for line in f) if k in ("CapEff", "CapPrm")}
-        assert all(int(v, 16) == 0 for v in caps.values()), caps
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            time.sleep(0.05)
-            states = _zombies_of(proc.pid)
-            if states and "Z" not in states:
-                break
-            if not states:
-                break
-        assert "Z" not in _zombies_of(proc.pid)
+        yield proc.pid
     finally:
         proc.kill()
         proc.wait()
@@ -79,6 +67,24 @@ def test_init_reaps_orphans() -> None:
         os.close(ack_r)
         if fd is not None:
             os.close(fd)
+
+
+def test_init_reaps_orphans() -> None:
+    """Run the init as a subreaper-free parent of short-lived children; none may stay a zombie. It first waits
+    for its go (no namespaces to join here), locks itself down and says so."""
+    with _running_init(children=3) as pid:
+        with open(f"/proc/{pid}/status") as f:
+            caps = {k: v.strip() for k, v in (line.split(":", 1) for line in f) if k in ("CapEff", "CapPrm")}
+        assert all(int(v, 16) == 0 for v in caps.values()), caps
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            states = _zombies_of(pid)
+            if states and "Z" not in states:
+                break
+            if not states:
+                break
+        assert "Z" not in _zombies_of(pid)
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "python-reaper"])
@@ -88,32 +94,12 @@ def test_init_is_named_sandbox_init(native: bool, monkeypatch: pytest.MonkeyPatc
         monkeypatch.setattr(init, "_NATIVE", {})
     elif platform.machine() not in init._NATIVE:
         pytest.fail(f"no native init for {platform.machine()}: the native case cannot be checked here")
-    path, argv, fd = init.command()
-    go_r, go_w = os.pipe()
-    ack_r, ack_w = os.pipe()
-    launcher = (
-        "import os, sys\nos.dup2(int(sys.argv[1]), 3)\nos.dup2(int(sys.argv[2]), 4)\n"
-        "os.execv(sys.argv[3], sys.argv[4:])\n"
-    )
-    pass_fds = (go_r, ack_w, *((fd,) if fd is not None else ()))
-    proc = subprocess.Popen([sys.executable, "-c", launcher, str(go_r), str(ack_w), path, *argv], pass_fds=pass_fds)
-    os.close(go_r)
-    os.close(ack_w)
-    try:
-        os.write(go_w, bytes(4))
-        assert os.read(ack_r, 1) == b"1"
-        with open(f"/proc/{proc.pid}/comm") as f:
+    with _running_init() as pid:
+        with open(f"/proc/{pid}/comm") as f:
             assert f.read() == "sandbox-init\n"
-        with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmdline = f.read()
         if native:
             assert cmdline == b"sandbox-init\0"
         else:
             assert cmdline.startswith(sys.executable.encode() + b"\0")
-    finally:
-        proc.kill()
-        proc.wait()
-        os.close(go_w)
-        os.close(ack_r)
-        if fd is not None:
-            os.close(fd)
