@@ -220,6 +220,7 @@ def test_every_command_with_bad_input_is_one_line_and_exit_2(ini_project: Path, 
     cli = in_sub(ini_project)
     ok(cli("images", "build"))
     (tmp_path / "a-file").write_text("")
+    (tmp_path / "broken.ini").write_text("[pytest\n")  # no section header pytest can read (an empty file is fine)
     (tmp_path / "empty.tar").write_bytes(b"")
     read_only = tmp_path / "read-only"
     read_only.mkdir(mode=0o555)
@@ -245,7 +246,7 @@ def test_every_command_with_bad_input_is_one_line_and_exit_2(ini_project: Path, 
         ("commit", "0123456789ab", "x"),
         ("containers", "rm", "0123456789ab"),
         ("--store", str(tmp_path / "a-file"), "images", "ls"),
-        ("-c", str(tmp_path / "a-file"), "images", "ls"),
+        ("-c", str(tmp_path / "broken.ini"), "images", "ls"),
         ("doctor", "--cgroup", "relative/path"),
     ]
     if os.geteuid() != 0:  # root writes anywhere

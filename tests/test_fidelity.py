@@ -17,15 +17,15 @@ SCOPED_FIXTURES = """
 
     @pytest.fixture(scope="session")
     def sess():
-        print("SETUP-SESSION")
+        print("SETUP-SESSION", flush=True)  # flushed: a crash must not take it along
         yield
-        print("TEARDOWN-SESSION")
+        print("TEARDOWN-SESSION", flush=True)
 
     @pytest.fixture(scope="module")
     def mod():
-        print("SETUP-MODULE")
+        print("SETUP-MODULE", flush=True)
         yield
-        print("TEARDOWN-MODULE")
+        print("TEARDOWN-MODULE", flush=True)
 """
 
 
@@ -92,6 +92,7 @@ def test_a_crash_in_a_shared_sandbox_fails_that_test_and_the_rest_run(pytester: 
     result = pytester.runpytest_subprocess("-s", "--sandbox=all", "--sandbox-scope=module")
     result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines(["*sandbox crashed: SIGSEGV*"])
+    assert result.stdout.str().count("test session starts") == 1  # no sandbox repeats what pytest had buffered
     assert result.stdout.str().count("SETUP-MODULE") == 2  # the rest of the module in a new sandbox
 
 

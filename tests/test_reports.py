@@ -269,6 +269,7 @@ def pytest_runtest_protocol(item, nextitem):
 """
 
 
+@pytest.mark.skipif(not hasattr(pytest, "Subtests"), reason="pytest < 9 has no builtin subtests (the subtests fixture)")
 def test_subtest_reports_logged_before_the_setup_report(pytester: pytest.Pytester) -> None:
     """Subtests log their reports during the call; a plugin that logs the protocol's reports afterwards
     (pytest-rerunfailures) makes them come before setup's: as without a sandbox, not a malformed message."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import warnings
 from typing import Any
 
@@ -33,6 +34,8 @@ class Zygote:
         self.nodeids = frozenset(items)
         self.control, theirs = protocol.socketpair()
         parent = os.getpid()
+        for stream in (sys.stdout, sys.stderr):  # what pytest buffered would be written again by every sandbox
+            stream.flush()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # "fork() in a multi-threaded process"
             self.pid = os.fork()
