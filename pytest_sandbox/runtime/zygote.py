@@ -22,8 +22,6 @@ sends pytest the exit status and kills that sandbox's pid 1, which ends every pr
 
 from __future__ import annotations
 
-import collections
-import collections.abc
 import contextlib
 import dataclasses
 import fcntl
@@ -136,9 +134,6 @@ def _pipes_above(least: int) -> tuple[int, int, int, int]:
         fds.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, least + 1))
         os.close(fd)
     return fds[0], fds[1], fds[2], fds[3]
-
-
-AHEAD = 2  # sandboxes built ahead of the next test: builds of two overlap where there are cores for them
 
 
 class _Sandbox:
@@ -339,9 +334,9 @@ class _Factory:
             if sandbox.nodeid == nodeid:
                 sandbox.kill()
 
-    def shutdown(self, ready: collections.abc.Iterable[_Sandbox]) -> None:
-        for sandbox in ready:
-            self.cancel(sandbox)
+    def shutdown(self, ready: _Sandbox | None) -> None:
+        if ready is not None:
+            self.cancel(ready)
         for sandbox in list(self.running.values()):
             sandbox.kill()
             self.test_ended(sandbox)
@@ -360,7 +355,7 @@ def _serve(
     config = next(iter(items.values())).config
     test_process.prepare_plugins(config, limits.backend)
     gc.freeze()  # keep the garbage collector from touching (and so copying) the zygote's pages in every fork
-    ready: collections.deque[_Sandbox] = collections.deque()  # built ahead, all for the last test's spec
+    ready: _Sandbox | None = None
     protocol.send(control, {"op": "ready"})
     while True:
         watched: list[int] = [control.fileno(), *factory.running, *factory.ending]
@@ -380,13 +375,14 @@ def _serve(
             break
         to_pytest, reports = socket.socket(fileno=fds[0]), socket.socket(fileno=fds[1])
         spec: SandboxSpec = items[message["nodeid"]].stash[stash_key]
-        streak = bool(ready) and ready[0].spec == spec  # the spec repeats: worth building more than one ahead
-        while ready and ready[0].spec != spec:
-            factory.cancel(ready.popleft())
+        if ready is not None and ready.spec != spec:
+            factory.cancel(ready)
+            ready = None
         try:
-            sandbox = ready.popleft() if ready else factory.prepare(spec)
-            factory.running[sandbox.test_pidfd] = sandbox
-            sandbox.start(message["nodeid"], to_pytest, reports)
+            if ready is None:
+                ready = factory.prepare(spec)
+            factory.running[ready.test_pidfd] = ready
+            ready.start(message["nodeid"], to_pytest, reports)
         except OSError as exc:
             protocol.send(
                 to_pytest, {"type": "error", "phase": "cgroup" if "cgroup" in str(exc) else "fork", "message": str(exc)}
@@ -394,9 +390,9 @@ def _serve(
             to_pytest.close()
         finally:
             reports.close()
-        while len(ready) < (AHEAD if streak else 1):  # the next ones build while this test runs
-            try:
-                ready.append(factory.prepare(spec))
-            except OSError:
-                break
+        ready = None
+        try:
+            ready = factory.prepare(spec)  # the next one builds while this test runs
+        except OSError:
+            ready = None
     factory.shutdown(ready)
