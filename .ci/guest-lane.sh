@@ -7,8 +7,10 @@ set -euo pipefail
 VENV=$1 CI_USER=$2 USER_VENV=$3 USER_SRC=$4
 test -f /sys/fs/cgroup/cgroup.controllers
 echo "controllers: $(cat /sys/fs/cgroup/cgroup.controllers)"
-# What the init system of a v2 host does at boot: hand the controllers down from the root.
+# What the init system of a v2 host does at boot: hand the controllers down from the root, bring up loopback
+# (pytest-xdist plugins talk over it: pytest-rerunfailures' workers connect to 127.0.0.1).
 echo "+memory +pids +cpu +io" > /sys/fs/cgroup/cgroup.subtree_control
+"$VENV/bin/python" -c "from pytest_sandbox.linux import syscalls; syscalls.loopback_up()"
 
 echo "--- root"
 "$VENV/bin/pytest-sandbox" doctor
