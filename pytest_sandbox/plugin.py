@@ -101,15 +101,15 @@ def pytest_runtestloop(session: pytest.Session) -> bool | None:
     state = session.config.stash[STATE_KEY]
     if state.mode == "off" or session.config.option.collectonly or session.testsfailed:
         return None  # pytest stops for collection errors before any test
+    worker = getattr(session.config, "workerinput", None)  # an xdist worker's
     if state.images:
-        worker = getattr(session.config, "workerinput", None)
         xdist = (worker["workerid"], worker["testrunuid"]) if worker else None
         _session.prepare_images(state, _session.image_progress(session.config), xdist)
     first = next((item for item in session.items if SPEC_KEY in item.stash), None)
     if first is None:
         return None
     _start_zygote(first, state)
-    if _is_xdist_worker(session.config) or session.config.pluginmanager.has_plugin("dsession"):
+    if worker is not None or session.config.pluginmanager.has_plugin("dsession"):
         return None  # xdist's loop calls pytest_runtest_protocol, below
     for index, item in enumerate(session.items):
         nextitem = session.items[index + 1] if index + 1 < len(session.items) else None
@@ -122,10 +122,6 @@ def pytest_runtestloop(session: pytest.Session) -> bool | None:
         if session.shouldstop:
             raise session.Interrupted(session.shouldstop)
     return True
-
-
-def _is_xdist_worker(config: pytest.Config) -> bool:
-    return hasattr(config, "workerinput")
 
 
 def _start_zygote(item: pytest.Item, state: SessionState) -> None:

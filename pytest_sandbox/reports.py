@@ -379,12 +379,15 @@ class Channels:
         self.open = True  # it waits for the test named ``next`` (--sandbox-scope)
         self.next: str | None = None
 
-    def end(self) -> None:
-        """Let a waiting sandbox go: it tears down what its tests left set up and exits; pytest collects
-        its exit with the others'."""
+    def end(self, collect_exit: bool = True) -> None:
+        """Let the sandbox go: a waiting one tears down what its tests left set up and exits. pytest collects
+        its exit with the others' (``collect_exit``), or drops the status channel of one it gave up on."""
         if self.open:
             self.reports.close()
-            self.zygote.finishing.append(self.status)
+            if collect_exit:
+                self.zygote.finishing.append(self.status)
+            else:
+                self.status.close()
             self.open = False
 
 
@@ -447,12 +450,7 @@ def run_in_sandbox(
             if next_here is not None and relay.done and not relay.ended and relay.outcome.malformed is None:
                 channels.next = next_here
             else:
-                if relay.finished():
-                    zyg.finishing.append(status)
-                else:
-                    status.close()
-                reports.close()
-                channels.open = False
+                channels.end(collect_exit=relay.finished())
     yield from _after_the_end(item, relay)
 
 
