@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import termios
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -418,16 +419,21 @@ def run_in_sandbox(
         protocol.send(reports, {"nodeid": item.nodeid, "next": next_here})
     deadline = time.monotonic() + spec.timeout + GRACE if spec.timeout is not None else None
     status_open = True
-    with selectors.DefaultSelector() as selector:
+    with selectors.DefaultSelector() as selector, _InterruptLatch() as latch:
         selector.register(status, selectors.EVENT_READ)
         selector.register(reports, selectors.EVENT_READ)
         try:
             while status_open and not relay.finished():
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 try:
+                    latch.waiting = True
+                    if latch.pending:
+                        raise KeyboardInterrupt
                     events = selector.select(timeout)
                 except KeyboardInterrupt:  # ^C at the terminal: the test runs on, in a session of its own
                     _interrupt(item, "", 0)
+                finally:
+                    latch.waiting = False
                 if not events:  # the sandbox's own watchdog did not end it: pytest does
                     zyg.kill(channels.name)
                     relay.outcome.killed_after_timeout, deadline = True, None
@@ -451,6 +457,8 @@ def run_in_sandbox(
                 channels.next = next_here
             else:
                 channels.end(collect_exit=relay.finished())
+    if latch.pending:  # ^C came while pytest showed the last report: still this test's interrupt
+        _interrupt(item, "", 0)
     yield from _after_the_end(item, relay)
 
 
@@ -472,6 +480,36 @@ def _after_the_end(item: pytest.Item, relay: _Relay) -> list[pytest.TestReport]:
                 report.sections.append(("sandbox limits", notes))
         held[-1].user_properties = [*held[-1].user_properties, *_properties(outcome.usage)]
     return held
+
+
+class _InterruptLatch:
+    """^C at the terminal while pytest relays a sandbox: held until the relay waits again, so it is raised
+    as the running test's interrupt and never lands in the relay's own code or in a reporter halfway.
+
+    Only pytest's default handler is replaced (a user's or a plugin's own SIGINT handler is left alone),
+    and only in the main thread, where Python runs signal handlers.
+    """
+
+    def __init__(self) -> None:
+        self.pending = False
+        self.waiting = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _InterruptLatch:
+        if threading.current_thread() is threading.main_thread():
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.pending = True
+        if self.waiting:
+            raise KeyboardInterrupt
 
 
 def _interrupt(item: pytest.Item, path: str, lineno: int) -> NoReturn:

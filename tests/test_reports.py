@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import time
 
 import pytest
 
+from pytest_sandbox import reports
 from pytest_sandbox.reports import Outcome, _crash_reports, _trim_crash_output, refused
 from pytest_sandbox.spec import SandboxSpec
 
@@ -291,3 +294,28 @@ def test_subtest_reports_logged_before_the_setup_report(pytester: pytest.Pyteste
     assert "malformed" not in sandboxed.stdout.str()
     assert sandboxed.parseoutcomes() == plain.parseoutcomes() == {"failed": 2}
     sandboxed.stdout.fnmatch_lines(["SUBFAILED*::test_sub*", "FAILED *::test_sub - con*"])
+
+
+def test_interrupt_latch_holds_a_ctrl_c_until_the_relay_waits() -> None:
+    """^C while the relay reads or pytest shows a report is not raised there: the relay raises it where it
+    waits, as the running test's interrupt (a ^C in the middle of protocol.py once named that file)."""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with reports._InterruptLatch() as latch:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert latch.pending  # held, nothing raised while the relay is busy
+        latch.waiting = True
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler runs between bytecodes: it raises long before this ends
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_interrupt_latch_leaves_a_users_own_handler_alone() -> None:
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    try:
+        with reports._InterruptLatch() as latch:
+            os.kill(os.getpid(), signal.SIGINT)
+        assert seen == [signal.SIGINT] and not latch.pending
+    finally:
+        signal.signal(signal.SIGINT, previous)
