@@ -80,6 +80,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         item.stash[SPEC_KEY] = spec
         if spec.image is not None and state.mode != "off":
             images_needed.setdefault(spec.image, item.nodeid)
+        if spec.volumes and state.mode != "off":
+            _session.prepare_volumes(item, spec, state)
         for limit in spec.limits:
             if limit not in state.backend.enforced:
                 unenforced.setdefault(limit, []).append(item.nodeid)
@@ -237,9 +239,10 @@ def _run(
     try:
         channels = _channels_for(item, zyg, spec, state)
         next_here = _next_here(item, nextitem, spec, state)
-        for report in reports.run_in_sandbox(item, zyg, spec, channels, state.containers, next_here):
-            sent.append(report)
-            yield report
+        with state.volumes.held(spec.volumes):  # a named volume has one writer at a time, across sessions
+            for report in reports.run_in_sandbox(item, zyg, spec, channels, state.containers, next_here):
+                sent.append(report)
+                yield report
         state.shared = channels if channels.open else None
     except SandboxError as exc:
         error = str(exc)
