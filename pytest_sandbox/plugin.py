@@ -81,7 +81,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         if spec.image is not None and state.mode != "off":
             images_needed.setdefault(spec.image, item.nodeid)
         if spec.volumes and state.mode != "off":
-            _session.prepare_volumes(item, spec, state)
+            _session.check_volume_targets(item, spec)
         for limit in spec.limits:
             if limit not in state.backend.enforced:
                 unenforced.setdefault(limit, []).append(item.nodeid)

@@ -230,18 +230,25 @@ def session_paths(config: pytest.Config, basetemp: str | None) -> SessionPaths:
     return SessionPaths(cwd=cwd, writable=tuple(writable), needed=tuple(needed))
 
 
-def prepare_volumes(item: pytest.Item, spec: SandboxSpec, state: SessionState) -> None:
-    """Named volumes are made on first use; a target the sandbox could not make is a usage error now."""
+def check_volume_targets(item: pytest.Item, spec: SandboxSpec) -> None:
+    """A target the sandbox could not make (the host view is read-only) is a usage error before any test."""
+    if spec.image is not None:  # an image test's volumes also go into the image's root, where they can be made
+        return
     writable = [*session_paths(item.config, None).writable, *spec.writable, *SCRATCH_PLACES]
     for source, target, _mode in spec.volumes:
-        if is_named(source):
-            state.volumes.ensure(source)
-        if spec.image is None and not os.path.lexists(target) and not any(is_under(target, w) for w in writable):
+        if not os.path.lexists(target) and not any(is_under(target, w) for w in writable):
             raise pytest.UsageError(
                 f"{item.nodeid}: invalid volumes={{{source!r}: {target!r}}}: {target} does not exist on this host "
                 "and the sandbox's root is the host's, read-only: a target must exist, or lie under /tmp, "
                 "/var/tmp, /run, $HOME, the rootdir or a writable= place (or the test runs in an image)"
             )
+
+
+def _make_named_volumes(state: SessionState, items: list[pytest.Item]) -> None:
+    """Named volumes are made on first use: before the zygote, whose sandboxes mount them as they are built."""
+    for name in sorted({s for i in items for s, _, _ in getattr(i.stash.get(SPEC_KEY, None), "volumes", ())}):
+        if is_named(name):
+            state.volumes.ensure(name)
 
 
 def _open_keep_dir(state: SessionState) -> None:
@@ -274,6 +281,7 @@ def zygote_for(item: pytest.Item, state: SessionState) -> Zygote:
     basetemp = str(factory.getbasetemp()) if factory is not None else None
     items = {i.nodeid: i for i in item.session.items} | {item.nodeid: item}
     _open_keep_dir(state)
+    _make_named_volumes(state, list(items.values()))
     paths = dataclasses.replace(
         session_paths(item.config, basetemp),
         images=dict(state.images),

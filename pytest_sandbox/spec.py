@@ -205,7 +205,10 @@ def _check_volumes(value: object, where: str) -> tuple[tuple[str, str, str], ...
         target = os.path.normpath(target)
         if target in by_target:
             raise bad_value(where, "volumes", {raw_source: raw_target}, f"two volumes on {target}; one each")
-        by_target[target] = (source.rstrip("/") or "/", target, mode)
+        if not _volumes.is_named(source):  # "out/" or "./out" stays a path, never becomes the volume "out"
+            source = os.path.normpath(source)
+            source = source if source.startswith("/") else f"./{source}"
+        by_target[target] = (source, target, mode)
     return tuple(sorted(by_target.values(), key=lambda v: (v[1].count("/"), v[1])))
 
 

@@ -57,6 +57,23 @@ def is_named(source: str) -> bool:
     return "/" not in source and NAME_RE.fullmatch(source) is not None
 
 
+@dataclasses.dataclass(frozen=True)
+class VolumeInfo:
+    name: str
+    path: str
+    size: int  # bytes on disk
+    created: float | None
+    last_used: float | None  # when a sandbox last held it
+    in_use: bool
+
+    def as_json(self) -> dict[str, object]:
+        shown = dataclasses.asdict(self)
+        for key in ("created", "last_used"):
+            if shown[key] is not None:
+                shown[key] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(shown[key]))
+        return shown
+
+
 class VolumeError(SandboxError):
     """A volume cannot be used or removed as asked (in use, unknown, not a volume)."""
 
@@ -95,20 +112,19 @@ class VolumeStore:
             return []
         return sorted(e for e in entries if NAME_RE.fullmatch(e) and os.path.isdir(os.path.join(self.root, e, "data")))
 
-    def inspect(self, name: str) -> dict[str, object]:
-        """What ``volumes inspect`` shows: where it is, its size, when it was made and last used, whether in use."""
+    def info(self, name: str) -> VolumeInfo:
+        """Where a volume is, its size, when it was made and last used (a sandbox held it), whether in use."""
         home = self._existing(name)
-        info: dict[str, object] = {"name": name, "path": os.path.join(home, "data")}
+        created = last_used = None
         with contextlib.suppress(OSError, ValueError):
             with open(os.path.join(home, "volume.json")) as f:
                 record = json.load(f)
             if isinstance(record, dict) and isinstance(record.get("created"), (int, float)):
-                info["created"] = _when(record["created"])
+                created = float(record["created"])
         with contextlib.suppress(OSError):
-            info["last_used"] = _when(os.stat(os.path.join(home, "lock")).st_mtime)
-        info["size"] = tree_size(os.path.join(home, "data"))
-        info["in_use"] = self.in_use(name)
-        return info
+            last_used = os.stat(os.path.join(home, "lock")).st_mtime
+        data = os.path.join(home, "data")
+        return VolumeInfo(name, data, tree_size(data), created, last_used, self.in_use(name))
 
     def in_use(self, name: str) -> bool:
         try:
@@ -172,10 +188,6 @@ class VolumeStore:
             yield
         finally:
             os.close(fd)
-
-
-def _when(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
 def check_target(target: str) -> str | None:
