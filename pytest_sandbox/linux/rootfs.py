@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from collections.abc import Iterable, Sequence
 
 from ..errors import SetupError
@@ -102,6 +103,7 @@ class VolumeMount:
     source: str  # real host path (a named volume's data directory, or the user's path)
     target: str
     read_only: bool
+    named: bool = False  # empty, it starts with what an image holds at its target (as Docker's do)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,7 +289,13 @@ def _volume_targets(volume: VolumeMount, plan: RootPlan) -> list[str]:
 
 def _attach_volume(volume: VolumeMount, fd: int, target: str) -> None:
     """Attach a volume at its target, made if missing where the sandbox can write (a fresh place, a writable
-    overlay, an image's root); a missing target on the read-only host view is the test's setup error."""
+    overlay, an image's root); a missing target on the read-only host view is the test's setup error.
+
+    An empty named volume going over a directory of an image first gets that directory's content."""
+    if volume.named and not volume.read_only and target != volume.target and os.path.isdir(target):
+        data = f"/proc/self/fd/{fd}"
+        if not os.listdir(data) and os.listdir(target):
+            shutil.copytree(target, data, symlinks=True, dirs_exist_ok=True)
     try:
         mounts.attach(fd, target, os.path.isdir(f"/proc/self/fd/{fd}"))
     except OSError as exc:

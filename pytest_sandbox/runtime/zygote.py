@@ -222,6 +222,7 @@ class _Factory:
                         os.path.join(self.paths.volumes_root, source, "data") if volumes.is_named(source) else source,
                         target,
                         mode == "ro",
+                        named=volumes.is_named(source),
                     )
                     for source, target, mode in spec.volumes
                 ],
