@@ -221,13 +221,12 @@ def resolve_volumes(
         if not _volumes.is_named(source):
             try:
                 source = _volumes.resolve_source(source, rootdir)
-            except OSError:
-                raise bad_value(
-                    where,
-                    "volumes",
-                    {source: f"{target}:{mode}"},
-                    f"no such host path (relative ones are from {rootdir})",
-                ) from None
+            except FileNotFoundError:
+                why = f"no such host path (relative ones are from {rootdir})"
+                raise bad_value(where, "volumes", {source: f"{target}:{mode}"}, why) from None
+            except OSError as exc:
+                why = f"{exc.strerror}: {exc.filename}"
+                raise bad_value(where, "volumes", {source: f"{target}:{mode}"}, why) from None
         resolved.append((source, target, mode))
     return tuple(resolved)
 

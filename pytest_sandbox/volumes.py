@@ -207,8 +207,22 @@ def check_target(target: str) -> str | None:
 
 
 def resolve_source(source: str, rootdir: str) -> str:
-    """A host path source as the real path the sandbox binds (relative ones from the rootdir)."""
-    path = os.path.join(rootdir, source)
+    """A host path source as the real path the sandbox binds (relative ones from the rootdir).
+
+    Symlinks above the rootdir are the host's layout and are resolved; one inside it is refused: a test
+    with a read/write volume there could have planted it to have a later run bind any host directory.
+    """
+    path = os.path.normpath(os.path.join(rootdir, source))
     if not os.path.lexists(path):
         raise FileNotFoundError(errno.ENOENT, "no such file or directory", path)
+    root = os.path.realpath(rootdir)
+    real_parent = os.path.realpath(os.path.dirname(path))
+    for current in _prefixes(os.path.join(real_parent, os.path.basename(path))):
+        if current.startswith(root + os.sep) and os.path.islink(current):
+            raise OSError(errno.ELOOP, "a symlink inside the rootdir; a volume binds real directories only", current)
     return os.path.realpath(path)
+
+
+def _prefixes(path: str) -> list[str]:
+    parts = path.split(os.sep)
+    return [os.sep.join(parts[: i + 1]) or os.sep for i in range(1, len(parts))]

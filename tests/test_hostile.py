@@ -699,3 +699,46 @@ def test_scratch_bounded(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPa
     if run.outcome("test_attack") != "PASSED":
         problems.insert(0, f"scratch: {run.inner_failure()}")
     _check(problems)
+
+
+def test_a_symlink_swapped_into_a_volume_never_binds_another_host_path(
+    pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A test that may write ./shared replaces ./shared/sub, another test's volume, with a symlink to a host
+    directory of secrets: that test's sandbox refuses to bind it (ELOOP), it never shows the secrets."""
+    monkeypatch.setenv("PYTEST_SANDBOX_STORE", str(tmp_path / "store"))
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    token = uuid.uuid4().hex
+    (secrets_dir / "key").write_text(token)
+    (pytester.path / "shared" / "sub").mkdir(parents=True)
+    pytester.makepyfile(
+        test_probe=f"""
+        import os, pytest
+
+        @pytest.mark.container(volumes={{"./shared": "/tmp/shared"}})
+        def test_a_swap():
+            os.rmdir("/tmp/shared/sub")
+            os.symlink({str(secrets_dir)!r}, "/tmp/shared/sub")
+
+        @pytest.mark.container(volumes={{"./shared/sub": "/tmp/sub"}})
+        def test_b_reads():
+            print("SAW", os.listdir("/tmp/sub"), open("/tmp/sub/key").read())
+    """
+    )
+    # Both in one run: test_b's sandbox (built once test_a ran) refuses the path it was given at collection.
+    result = pytester.runpytest_subprocess("-s", "-p", "no:xdist")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("passed") == 1, result.stdout.str()
+    if outcomes.get("error"):  # built after the swap (else it was built ahead and bound the real, empty dir)
+        result.stdout.fnmatch_lines(["*cannot bind */shared/sub at /tmp/sub: a symlink on its path, never followed*"])
+    assert token not in result.stdout.str()
+    # A later run resolves the volumes it is given afresh: a symlink inside the rootdir is refused there.
+    assert (pytester.path / "shared" / "sub").is_symlink()
+    later = pytester.runpytest_subprocess("-s", "-k", "b_reads")
+    assert later.ret == pytest.ExitCode.USAGE_ERROR
+    later.stderr.fnmatch_lines(
+        ["*invalid volumes=*a symlink inside the rootdir; a volume binds real directories only*"]
+    )
+    assert token not in later.stdout.str() + later.stderr.str()
+    assert (secrets_dir / "key").read_text() == token

@@ -30,6 +30,7 @@ from collections.abc import Iterable, Sequence
 from ..errors import SetupError
 from ..layers.format import env_mapping
 from . import mounts, overlay, syscalls
+from .files import open_no_symlinks
 from .mounts import SCRATCH_PLACES, clone_tree, is_under
 
 SCRATCH = "/dev/shm"  # in the /dev template; never a lower, covered by the sandbox's own /dev/shm
@@ -267,15 +268,19 @@ def _detached_volume(volume: VolumeMount) -> int:
     Only the source's own mount loses read-only: mounts below it that the host has read-only stay so.
     """
     try:
-        fd = clone_tree(volume.source)
+        where = open_no_symlinks(volume.source)  # resolved when collected: a symlink since then is an attack
+        try:
+            fd = mounts.clone_tree_at(where)
+        finally:
+            os.close(where)
+        safe = syscalls.MOUNT_ATTR_NOSUID | syscalls.MOUNT_ATTR_NODEV
+        if volume.read_only:
+            mounts.read_only(fd, safe)
+        else:
+            syscalls.mount_setattr(fd, safe)
+            syscalls.mount_setattr(fd, 0, recursive=False, attr_clr=syscalls.MOUNT_ATTR_RDONLY)  # EPERM: host's ro
     except OSError as exc:
         raise SetupError("volumes", f"cannot bind {volume.source} at {volume.target}: {exc.strerror}") from None
-    safe = syscalls.MOUNT_ATTR_NOSUID | syscalls.MOUNT_ATTR_NODEV
-    if volume.read_only:
-        mounts.read_only(fd, safe)
-    else:
-        syscalls.mount_setattr(fd, safe)
-        syscalls.mount_setattr(fd, 0, recursive=False, attr_clr=syscalls.MOUNT_ATTR_RDONLY)
     return fd
 
 

@@ -219,7 +219,9 @@ class _Factory:
                 ],
                 volumes=[
                     rootfs.VolumeMount(
-                        os.path.join(self.paths.volumes_root, source, "data") if volumes.is_named(source) else source,
+                        os.path.realpath(os.path.join(self.paths.volumes_root, source, "data"))
+                        if volumes.is_named(source)
+                        else source,
                         target,
                         mode == "ro",
                         named=volumes.is_named(source),
