@@ -240,9 +240,12 @@ def _run(
         channels = _channels_for(item, zyg, spec, state)
         next_here = _next_here(item, nextitem, spec, state)
         with state.volumes.held(spec.volumes):  # a named volume has one writer at a time, across sessions
-            for report in reports.run_in_sandbox(item, zyg, spec, channels, state.containers, next_here):
-                sent.append(report)
-                yield report
+            try:
+                for report in reports.run_in_sandbox(item, zyg, spec, channels, state.containers, next_here):
+                    sent.append(report)
+                    yield report
+            finally:
+                state.volumes.clear_setid_bits(spec.volumes)
         state.shared = channels if channels.open else None
     except SandboxError as exc:
         error = str(exc)

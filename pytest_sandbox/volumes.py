@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import re
+import stat
 import time
 from collections.abc import Iterable, Iterator
 
@@ -167,6 +168,17 @@ class VolumeStore:
                 stack.enter_context(self._lock(name, fcntl.LOCK_EX if modes[name] == "rw" else fcntl.LOCK_SH))
             yield
 
+    def clear_setid_bits(self, mounts: Iterable[tuple[str, str, str]]) -> list[str]:
+        """After a test: clear set-user/group-ID bits it left on files of its read/write volumes (root's
+        test makes root-owned files: one could be a set-user-ID root program in a directory others
+        reach). Returns the files changed."""
+        changed: list[str] = []
+        for source, _target, mode in mounts:
+            if mode == "rw":
+                top = os.path.realpath(self.path(source)) if is_named(source) else source
+                changed.extend(clear_setid_bits(top))
+        return changed
+
     def _existing(self, name: str) -> str:
         if not NAME_RE.fullmatch(name):
             raise VolumeError(f"invalid volume name {name!r}: {NAME_RULE}")
@@ -226,3 +238,38 @@ def resolve_source(source: str, rootdir: str) -> str:
 def _prefixes(path: str) -> list[str]:
     parts = path.split(os.sep)
     return [os.sep.join(parts[: i + 1]) or os.sep for i in range(1, len(parts))]
+
+
+SETID = stat.S_ISUID | stat.S_ISGID
+
+
+def clear_setid_bits(top: str) -> list[str]:
+    """Walk ``top`` without following symlinks (by fds: nothing is looked up by path twice) and clear the
+    set-user-ID and set-group-ID bits of regular files."""
+    changed: list[str] = []
+    try:
+        fd = os.open(top, _DIRECTORY)
+    except OSError:
+        return changed  # a file volume, or gone
+    stack = [(fd, top)]
+    while stack:
+        dir_fd, where = stack.pop()
+        try:
+            for entry in os.scandir(dir_fd):
+                with contextlib.suppress(OSError):
+                    st = entry.stat(follow_symlinks=False)
+                    if stat.S_ISDIR(st.st_mode):
+                        stack.append((os.open(entry.name, _DIRECTORY, dir_fd=dir_fd), os.path.join(where, entry.name)))
+                    elif stat.S_ISREG(st.st_mode) and st.st_mode & SETID:
+                        file_fd = os.open(entry.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                        try:  # chmod through the fd's /proc link: the file opened, not a name
+                            os.chmod(f"/proc/self/fd/{file_fd}", stat.S_IMODE(os.fstat(file_fd).st_mode) & ~SETID)
+                        finally:
+                            os.close(file_fd)
+                        changed.append(os.path.join(where, entry.name))
+        finally:
+            os.close(dir_fd)
+    return changed
+
+
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

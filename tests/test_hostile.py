@@ -742,3 +742,29 @@ def test_a_symlink_swapped_into_a_volume_never_binds_another_host_path(
     )
     assert token not in later.stdout.str() + later.stderr.str()
     assert (secrets_dir / "key").read_text() == token
+
+
+def test_a_set_user_id_program_left_in_a_volume_loses_its_bit(
+    pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Root's test writes root-owned files into a read/write volume: a set-user-ID copy of a shell there
+    would be root for anyone who reaches the directory. The bits are cleared when the test ends."""
+    monkeypatch.setenv("PYTEST_SANDBOX_STORE", str(tmp_path / "store"))
+    (pytester.path / "out" / "deep").mkdir(parents=True)
+    pytester.makepyfile(
+        test_probe="""
+        import os, shutil, stat, pytest
+
+        @pytest.mark.container(volumes={"./out": "/tmp/out", "named": "/tmp/named"})
+        def test_plant():
+            for place in ("/tmp/out/deep/sh", "/tmp/named/sh"):
+                shutil.copy("/bin/sh", place)
+                os.chmod(place, 0o6755)
+                assert os.stat(place).st_mode & stat.S_ISUID  # allowed: the owner may set it
+            os.symlink("/bin/sh", "/tmp/out/link")  # a symlink is never followed by the clean-up
+    """
+    )
+    pytester.runpytest_subprocess().assert_outcomes(passed=1)
+    for planted in (pytester.path / "out" / "deep" / "sh", tmp_path / "store" / "volumes" / "named" / "data" / "sh"):
+        mode = planted.stat().st_mode
+        assert not mode & 0o6000 and mode & 0o777 == 0o755, oct(mode)
