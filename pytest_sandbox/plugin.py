@@ -16,7 +16,7 @@ from .errors import SandboxError
 from .runtime import test_process
 from .runtime.handle import Zygote
 from .session import SPEC_KEY, SessionState
-from .spec import FIELDS, MARKER, SandboxSpec, spec_for_item
+from .spec import FIELDS, MARKER, SandboxSpec, spec_for_item, with_resolved_volumes
 
 STATE_KEY = pytest.StashKey[SessionState]()
 REPEAT_PARAM = "sandbox_run"
@@ -76,7 +76,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         if changed is not None:
             if not isinstance(changed, SandboxSpec):
                 raise pytest.UsageError(f"{item.nodeid}: pytest_sandbox_spec returned {changed!r}, not a SandboxSpec")
-            spec = changed
+            spec = with_resolved_volumes(changed, str(config.rootpath), f"{item.nodeid}: pytest_sandbox_spec hook")
         item.stash[SPEC_KEY] = spec
         if spec.image is not None and state.mode != "off":
             images_needed.setdefault(spec.image, item.nodeid)

@@ -231,6 +231,13 @@ def resolve_volumes(
     return tuple(resolved)
 
 
+def with_resolved_volumes(spec: SandboxSpec, rootdir: str, where: str) -> SandboxSpec:
+    """``spec`` with relative host path volumes (a hook's ``spec.replace(volumes=...)``) made the rootdir's."""
+    if not any(source.startswith("./") for source, _, _ in spec.volumes):
+        return spec
+    return dataclasses.replace(spec, volumes=resolve_volumes(spec.volumes, rootdir, where))
+
+
 def _as_mapping(value: object) -> object:
     """A normalized tuple of pairs (SandboxSpec.env, .io) back as a mapping; anything else unchanged."""
     if isinstance(value, tuple) and all(isinstance(pair, tuple) and len(pair) == 2 for pair in value):

@@ -235,3 +235,16 @@ def test_remove_refuses_what_is_not_a_volume(tmp_path: Path) -> None:
     volumes = VolumeStore(str(tmp_path))
     with pytest.raises(VolumeError, match="invalid volume name"):
         volumes.remove("../layers")
+
+
+def test_a_hook_may_add_volumes(pytester: pytest.Pytester, store: Path) -> None:
+    (pytester.path / "given").mkdir()
+    (pytester.path / "given" / "f").write_text("from the hook")
+    pytester.makeconftest(
+        """
+        def pytest_sandbox_spec(item, spec):
+            return spec.replace(volumes={"./given": "/tmp/given:ro"})
+    """
+    )
+    pytester.makepyfile(test_h="def test_h():\n    assert open('/tmp/given/f').read() == 'from the hook'\n")
+    pytester.runpytest_subprocess("--sandbox=all").assert_outcomes(passed=1)
