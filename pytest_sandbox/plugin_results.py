@@ -10,6 +10,8 @@ from pytest's own item, and an extension class syrupy names must be one pytest h
 
 from __future__ import annotations
 
+import base64
+import binascii
 import importlib
 import json
 import math
@@ -33,6 +35,7 @@ BENCHMARK_OPTIONS = ("disable_gc", "timer", "min_rounds", "max_time", "min_time"
 # In a test process: how much of each plugin's records it inherited or has sent already.
 _sent: dict[str, int] = {"benchmarks": 0, "flaky": 0, "snapshots": 0}
 _flaky_had_tests = False
+_sent_writes: dict[tuple[Any, ...], Any] = {}  # syrupy's queued writes sent, by queue key: the data sent
 
 _RECEIVED_SNAPSHOTS = pytest.StashKey[set[str]]()  # nodeids whose sandboxes sent syrupy's records
 _SANDBOXED = pytest.StashKey[set[str]]()  # nodeids pytest runs in sandboxes
@@ -99,8 +102,32 @@ def after_test(config: Any, item: Any) -> list[dict[str, Any]]:
     if snapshots is not None:
         new = snapshots._assertions[_sent["snapshots"] :]
         _sent["snapshots"] = len(snapshots._assertions)
-        messages.append({"type": "snapshots", "assertions": [_snapshot_record(a, item) for a in new]})
+        records = [_snapshot_record(a, item) for a in new]
+        messages.append({"type": "snapshots", "assertions": records, "writes": _snapshot_writes(snapshots, item)})
     return messages
+
+
+def _snapshot_writes(session: Any, item: Any) -> list[dict[str, Any]]:
+    """The snapshot writes syrupy queued for this test (``--snapshot-update``): pytest queues them in its own
+    session, which writes each snapshot file once at its end, under syrupy's file lock with xdist. Written
+    here, two sandboxes that rewrite one file at once would each drop the other's snapshots."""
+    writes = []
+    for (extension_class, _location), queued in session._queued_snapshot_writes.items():
+        for (test_location, index), data in queued.items():
+            key = (extension_class, _location, test_location, index)
+            if test_location.item.nodeid != item.nodeid or _sent_writes.get(key) is data:
+                continue
+            _sent_writes[key] = data
+            binary = isinstance(data, bytes)
+            writes.append(
+                {
+                    "extension": [extension_class.__module__, extension_class.__qualname__],
+                    "index": index,
+                    "data": base64.b64encode(data).decode() if binary else data,
+                    "binary": binary,
+                }
+            )
+    return writes
 
 
 def _benchmark_record(bench: Any) -> dict[str, Any]:
@@ -153,7 +180,7 @@ def receive(item: pytest.Item, message: dict[str, Any]) -> None:
     elif kind == "flaky-report":
         _add_flaky_report(message["text"], message["had_flaky_tests"])
     else:
-        _add_snapshots(item, message["assertions"])
+        _add_snapshots(item, message["assertions"], message["writes"])
 
 
 def _fail(what: str) -> protocol.ProtocolError:
@@ -332,7 +359,43 @@ def _extension_class(name: object) -> type:
     return found
 
 
-def _add_snapshots(item: pytest.Item, records: object) -> None:
+_WRITE_FIELDS: dict[str, tuple[type, ...]] = {
+    "extension": (list,),
+    "index": (int, str),
+    "data": (str,),
+    "binary": (bool,),
+}
+
+
+def _checked_writes(item: pytest.Item, writes: list[Any]) -> list[tuple[type, int | str, str | bytes]]:
+    """Snapshot writes a sandbox queued, only where syrupy writes (``--snapshot-update``, ``-new-only``);
+    where each goes, pytest's syrupy works out from its own item and the extension, as for its own tests."""
+    option = item.config.option
+    if writes and not (
+        getattr(option, "update_snapshots", False) or getattr(option, "update_new_snapshots_only", False)
+    ):
+        raise _fail("snapshot writes without --snapshot-update")
+    if len(writes) > SNAPSHOT_LIMIT:
+        raise _fail(f"more than {SNAPSHOT_LIMIT} snapshot writes from one test")
+    checked: list[tuple[type, int | str, str | bytes]] = []
+    for write in writes:
+        write = _check_fields(write, _WRITE_FIELDS, "a snapshot write")
+        index = write["index"]
+        if isinstance(index, str):
+            _check_name(index, "a snapshot index")
+        elif not -(2**31) <= index < 2**31:
+            raise _fail("a snapshot index out of range")
+        data: str | bytes = write["data"]
+        if write["binary"]:
+            try:
+                data = base64.b64decode(write["data"], validate=True)
+            except (binascii.Error, ValueError):
+                raise _fail("a binary snapshot that is not base64") from None
+        checked.append((_extension_class(write["extension"]), index, data))
+    return checked
+
+
+def _add_snapshots(item: pytest.Item, records: object, writes: list[Any]) -> None:
     session = _snapshot_session(item.config)
     if session is None:
         raise _fail("snapshot assertions, where pytest runs no syrupy")
@@ -356,8 +419,12 @@ def _add_snapshots(item: pytest.Item, records: object) -> None:
         if count > SNAPSHOT_LIMIT:
             raise _fail(f"more than {SNAPSHOT_LIMIT} snapshot comparisons from one test")
         checked.append((extension, results))
+    queued = _checked_writes(item, writes)
     for extension, results in checked:  # all checked first: a bad record adds nothing
         session.register_request(_Assertion(session, extension(), item, results))
+    location = _module("syrupy.location").PyTestLocation(item)
+    for extension, index, data in queued:
+        session.queue_snapshot_write(extension(), location, data, index)
     item.config.stash.setdefault(_RECEIVED_SNAPSHOTS, set()).add(item.nodeid)
 
 

@@ -59,14 +59,6 @@ def add_suite_property(config: Any, message: dict[str, Any]) -> None:
         xml.add_global_property(message["name"], message["value"])
 
 
-def flush_in_sandbox(config: Any) -> None:
-    """At a sandbox's end: what plugins would write at the session's end, which a sandbox never reaches."""
-    snapshots = getattr(config, "_syrupy", None)  # syrupy queues snapshot writes until its session ends
-    flush = getattr(snapshots, "flush_snapshot_write_queue", None)
-    if callable(flush):
-        flush()
-
-
 def for_sandboxed_items(config: Any, items: list[Any]) -> list[str]:
     """Settle, in the pytest process, what plugins would conclude wrongly from tests run elsewhere;
     returns the directories their sandboxed tests write that must reach the host.

@@ -73,7 +73,7 @@ FROM_TEST: dict[str, dict[str, tuple[type, ...]]] = {
     "suite-property": {"name": (str,), "value": (str,)},
     "benchmarks": {"benchmarks": (list,)},  # pytest-benchmark, flaky, syrupy: see plugin_results.py
     "flaky-report": {"text": (str,), "had_flaky_tests": (bool,)},
-    "snapshots": {"assertions": (list,)},
+    "snapshots": {"assertions": (list,), "writes": (list,)},
     "done": {},
     "error": {"phase": (str,), "message": (str,)},
     "exit-requested": {"reason": (str,), "returncode": (int, type(None))},

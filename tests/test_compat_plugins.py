@@ -492,7 +492,8 @@ def _snapshot_summary(result: pytest.RunResult) -> list[str]:
 def test_snapshot_counts_are_pytests(pytester: pytest.Pytester) -> None:
     """syrupy counts in pytest's process what each test compared: sandboxes send it back, so the summary
     (passed, failed, written, unused), the exit status and what --snapshot-update deletes as unused are a
-    plain run's."""
+    plain run's. The snapshot file too: under xdist two sandboxes rewrote it at once, each without the
+    other's new snapshot; pytest now writes what they queued, as syrupy does, once and under its lock."""
     pytester.makepyfile(test_snap=SNAPSHOTS_BEFORE)
     pytester.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=3)
     ambr = pytester.path / "__snapshots__" / "test_snap.ambr"
@@ -519,5 +520,5 @@ def test_snapshot_counts_are_pytests(pytester: pytest.Pytester) -> None:
         assert plain[0] == lines, plain
         for mode in ("sandbox", "xdist", "plain xdist"):
             assert seen[mode, update][:2] == plain[:2], f"{mode} {update}: {seen[mode, update]}\nplain: {plain}"
-        assert seen["sandbox", update][2] == plain[2], update
-    assert "test_removed" not in seen["sandbox", "--snapshot-update"][2]
+            assert seen[mode, update][2] == plain[2], f"{mode} {update}: the snapshot file differs"
+    assert "test_removed" not in seen["plain", "--snapshot-update"][2]

@@ -877,9 +877,14 @@ def _benchmarks(**changes: object) -> dict[str, object]:
     return {"type": "benchmarks", "benchmarks": [_BENCH, {**_BENCH, **changes}]}  # a good one first: none is kept
 
 
+_WRITE = {"extension": _ASSERTION["extension"], "index": 0, "data": "'x'", "binary": False}
+
+
 def _snapshots(**changes: object) -> dict[str, object]:
     result = {**_ASSERTION["results"][0], **changes.pop("result", {})}  # type: ignore[dict-item]
-    return {"type": "snapshots", "assertions": [_ASSERTION, {**_ASSERTION, "results": [result], **changes}]}
+    writes = [{**_WRITE, **changes.pop("write")}] if "write" in changes else []  # type: ignore[dict-item]
+    assertions = [_ASSERTION, {**_ASSERTION, "results": [result], **changes}]
+    return {"type": "snapshots", "assertions": assertions, "writes": writes}
 
 
 PLUGIN_ATTACKS: dict[str, tuple[str, dict[str, object]]] = {
@@ -894,6 +899,9 @@ PLUGIN_ATTACKS: dict[str, tuple[str, dict[str, object]]] = {
     "snapshot extension not an extension": ("syrupy", _snapshots(extension=["os", "system"])),
     "snapshot relative location": ("syrupy", _snapshots(result={"location": "../../etc/passwd"})),
     "snapshot name with NUL": ("syrupy", _snapshots(result={"name": "a\0b"})),
+    "snapshot write without --snapshot-update": ("syrupy", _snapshots(write={})),
+    "snapshot write of an unloaded extension": ("syrupy", _snapshots(write={"extension": ["this", "X"]})),
+    "snapshot write of bad base64": ("syrupy", _snapshots(write={"data": "not base64!", "binary": True})),
 }
 
 
@@ -913,7 +921,12 @@ def test_forged_plugin_records(
         flood=attack == "benchmark rounds flood",
         nested="nested" in attack,
     )
-    run = _run(pytester, monkeypatch, source, "--benchmark-json=bench.json", *xdist)
+    update = ["--snapshot-update"] if "snapshot write of" in attack else []
+    run = _run(pytester, monkeypatch, source, "--benchmark-json=bench.json", *update, *xdist)
+    if update and list(pytester.path.rglob("*.ambr")):
+        problems_written = [f"{attack}: pytest wrote a forged snapshot: {list(pytester.path.rglob('*.ambr'))}"]
+    else:
+        problems_written = []
     problems = run.session_problems()
     if run.outcome("test_attack") != "FAILED":
         problems.insert(0, f"{attack}: not refused: {run.outcome('test_attack')}")
@@ -923,4 +936,4 @@ def test_forged_plugin_records(
         problems.insert(0, f"{attack}: pytest imported a module the sandbox named")
     if re.search(r"^-+ benchmark", run.text, re.M):
         problems.insert(0, f"{attack}: pytest-benchmark's table shows forged timings")
-    _check(problems)
+    _check(problems_written + problems)

@@ -389,7 +389,6 @@ def _run_items(box: Sandbox, items: dict[str, pytest.Item], scratch: int | None)
 def _send_what_persists(config: pytest.Config, scratch: int | None, uppers: tuple[tuple[str, str], ...]) -> None:
     """At the sandbox's end: the files it wrote under declared outputs, and what coverage measured."""
     assert _channel is not None
-    plugin_state.flush_in_sandbox(config)
     if scratch is not None:
         for message in outputs.collect(scratch, uppers):
             protocol.send(_channel, message)
