@@ -236,8 +236,8 @@ _BENCHMARK_FIELDS: dict[str, tuple[type, ...]] = {
 
 def _add_benchmarks(item: pytest.Item, records: object) -> None:
     session = _benchmark_session(item.config)
-    if session is None:
-        raise _fail("benchmarks, where pytest runs no pytest-benchmark")
+    if session is None or session.disabled:  # disabled (--benchmark-disable, xdist): its fixture records nothing
+        raise _fail("benchmarks, where pytest runs no pytest-benchmark or has it disabled")
     metadata = _module("pytest_benchmark.stats").Metadata
     if not isinstance(records, list):
         raise _fail("benchmarks that are not a list")

@@ -894,6 +894,7 @@ PLUGIN_ATTACKS: dict[str, tuple[str, dict[str, object]]] = {
     "benchmark zero iterations": ("pytest_benchmark", _benchmarks(iterations=0)),
     "benchmark bad profile": ("pytest_benchmark", _benchmarks(cprofile=[["f.py", "1", "f", 1, 1, 0.0, 0.0]])),
     "benchmark nested extra_info": ("pytest_benchmark", _benchmarks(extra_info={"x": "NESTED"})),
+    "benchmark while disabled": ("pytest_benchmark", _benchmarks()),  # with --benchmark-disable
     "flaky report not text": ("flaky", {"type": "flaky-report", "text": 5, "had_flaky_tests": True}),
     "snapshot extension not loaded": ("syrupy", _snapshots(extension=["this", "Extension"])),
     "snapshot extension not an extension": ("syrupy", _snapshots(extension=["os", "system"])),
@@ -921,13 +922,13 @@ def test_forged_plugin_records(
         flood=attack == "benchmark rounds flood",
         nested="nested" in attack,
     )
-    update = ["--snapshot-update"] if "snapshot write of" in attack else []
-    run = _run(pytester, monkeypatch, source, "--benchmark-json=bench.json", *update, *xdist)
-    if update and list(pytester.path.rglob("*.ambr")):
-        problems_written = [f"{attack}: pytest wrote a forged snapshot: {list(pytester.path.rglob('*.ambr'))}"]
-    else:
-        problems_written = []
+    options = ["--snapshot-update"] if "snapshot write of" in attack else []
+    options += ["--benchmark-disable"] if attack == "benchmark while disabled" else []
+    run = _run(pytester, monkeypatch, source, "--benchmark-json=bench.json", *options, *xdist)
     problems = run.session_problems()
+    written = list(pytester.path.rglob("*.ambr"))
+    if written:
+        problems.insert(0, f"{attack}: pytest wrote a forged snapshot: {written}")
     if run.outcome("test_attack") != "FAILED":
         problems.insert(0, f"{attack}: not refused: {run.outcome('test_attack')}")
     elif "sandbox sent a malformed message" not in run.text:
@@ -936,4 +937,4 @@ def test_forged_plugin_records(
         problems.insert(0, f"{attack}: pytest imported a module the sandbox named")
     if re.search(r"^-+ benchmark", run.text, re.M):
         problems.insert(0, f"{attack}: pytest-benchmark's table shows forged timings")
-    _check(problems_written + problems)
+    _check(problems)
