@@ -63,9 +63,10 @@ def for_sandboxed_items(config: Any, items: list[Any]) -> list[str]:
     """Settle, in the pytest process, what plugins would conclude wrongly from tests run elsewhere;
     returns the directories their sandboxed tests write that must reach the host.
 
-    syrupy's snapshot directories of sandboxed tests are outputs (``--snapshot-update`` writes there). Which
-    snapshots a sandboxed test used comes back after it (plugin_results.py); where it never came, unused
-    detection goes off at the session's end, so nothing is deleted as unused from missing records.
+    syrupy's snapshot directories of sandboxed tests are outputs, for extensions that write a file per
+    snapshot at once; the writes syrupy queues, and which snapshots a sandboxed test used, come back after
+    it (plugin_results.py). Where they never came, unused detection goes off at the session's end, so
+    nothing is deleted as unused from missing records.
     """
     plugin_results.for_sandboxed_items(config, items)
     users = [item for item in items if "snapshot" in getattr(item, "fixturenames", ())]
