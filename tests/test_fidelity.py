@@ -221,10 +221,12 @@ def test_snapshots_used_in_sandboxes_are_neither_unused_nor_deleted(pytester: py
 
 @pytest.mark.parametrize("xdist", [(), ("-n", "2")], ids=["plain", "xdist"])
 def test_snapshots_of_a_test_whose_sandbox_crashed_are_not_deleted(
-    pytester: pytest.Pytester, xdist: tuple[str, ...]
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: tuple[str, ...]
 ) -> None:
     """A sandbox that dies sends no record of the snapshots its test used: syrupy would count them unused
     and --snapshot-update delete them. Unused detection goes off for that session instead."""
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(name, raising=False)  # an outer xdist worker's: syrupy would take them for its own
     source = """
         import os
         def test_one(snapshot):
