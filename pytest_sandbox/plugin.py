@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from . import credentials, hookspecs, plugin_state, probe, reports, settings, summary
+from . import credentials, hookspecs, plugin_results, plugin_state, probe, reports, settings, summary
 from . import session as _session
 from .errors import SandboxError
 from .runtime import test_process
@@ -284,6 +284,13 @@ class _Recorder:
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         self.records.add(report)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_sessionfinish(session: pytest.Session) -> Iterator[None]:
+    """Before every plugin's own session end (syrupy decides there which snapshots are unused)."""
+    plugin_results.before_session_end(session.config)
+    return (yield)
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
