@@ -20,7 +20,7 @@ import pytest
 
 from . import __version__, probe, settings
 from .errors import SandboxError
-from .layers import build, commands, oci, progress, tarlayer
+from .layers import build, commands, oci, progress, registry, tarlayer
 from .layers.format import HOST_BASE
 from .layers.store import FORMAT_VERSION, Image, Store, StoreError, check_name
 from .linux import rootfs, syscalls
@@ -239,14 +239,8 @@ def _images(args: argparse.Namespace, project: Project) -> int:
         removed, freed = store.prune()
         say(f"removed {len(removed)} unused layers, {_size(freed)} freed")
         return 0
-    if args.images_command == "import":
-        replaced: list[str] = []
-        check = _import_check(store, images_dir, args.force, replaced)
-        image = oci.import_image(store, oci.guess_reference(args.ref), args.name, say, check)
-        for note in replaced:
-            print(f"pytest-sandbox: --force: {note}", file=sys.stderr)
-        say(f"imported {image.name}: {len(image.layers)} layers")
-        return 0
+    if args.images_command in ("import", "pull", "push"):
+        return _transfer(args, store, images_dir, say)
     if args.images_command == "export":
         where = oci.export_image(store, check_name(args.name), args.target, say)
         say(f"exported {args.name} to {where}")
@@ -254,8 +248,35 @@ def _images(args: argparse.Namespace, project: Project) -> int:
     return 2
 
 
-def _import_check(store: Store, images_dir: str, force: bool, notes: list[str]) -> Callable[[str], None]:
-    """An import never replaces an image, or lands under a name images/ defines, unless --force says so."""
+def _transfer(args: argparse.Namespace, store: Store, images_dir: str, say: Callable[[str], None]) -> int:
+    """images import, pull and push: images into the store from archives and registries, and out to registries."""
+    if args.images_command == "push":
+        registry.push_image(store, check_name(args.name), args.ref, say)
+        return 0
+    notes: list[str] = []
+    if args.images_command == "pull":
+        check = _import_check(store, images_dir, args.force, notes, "pulled", "images pull REF NAME")
+        image = registry.pull_image(store, args.ref, args.name, say, check)
+        said = f"pulled {image.name}: {len(image.layers)} layers, {image.source}"
+    else:
+        check = _import_check(store, images_dir, args.force, notes)
+        image = oci.import_image(store, oci.guess_reference(args.ref), args.name, say, check)
+        said = f"imported {image.name}: {len(image.layers)} layers"
+    for note in notes:
+        print(f"pytest-sandbox: --force: {note}", file=sys.stderr)
+    say(said)
+    return 0
+
+
+def _import_check(
+    store: Store,
+    images_dir: str,
+    force: bool,
+    notes: list[str],
+    verb: str = "imported",
+    usage: str = "images import REF NAME",
+) -> Callable[[str], None]:
+    """An import or pull never replaces an image, or lands under a name images/ defines, unless --force says so."""
 
     def check(name: str) -> None:
         found = []
@@ -270,8 +291,7 @@ def _import_check(store: Store, images_dir: str, force: bool, notes: list[str]) 
             )
         if found and not force:
             raise StoreError(
-                f"not imported as {name}: {'; '.join(found)}. Import it under another name "
-                "(images import REF NAME), or --force to replace it"
+                f"not {verb} as {name}: {'; '.join(found)}. Give it another name ({usage}), or --force to replace it"
             )
         notes.extend(f"replaced: {text}" if text.startswith("an image") else text for text in found)
 
@@ -525,6 +545,18 @@ def _version(args: argparse.Namespace, project: Project) -> int:
     return 0
 
 
+def _registry_commands(sub: Any, add: Callable[..., argparse.ArgumentParser], images_dir: str) -> None:
+    """images pull and push."""
+    p = add(sub, "pull", "pull an image from a registry: HOST[:PORT]/REPOSITORY[:TAG][@sha256:DIGEST]")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("name", nargs="?", metavar="NAME", help="default: the repository's last part[:tag]")
+    p.add_argument("--dir", help=images_dir)
+    p.add_argument("--force", action="store_true", help="replace an image of that name, or use a name images/ defines")
+    p = add(sub, "push", "push an image of the store to a registry: HOST[:PORT]/REPOSITORY[:TAG]")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("ref", metavar="REF")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="pytest-sandbox",
@@ -556,7 +588,7 @@ def parser() -> argparse.ArgumentParser:
     doctor.add_argument("--cgroup", metavar="PATH", help="the cgroup pytest would be given with --sandbox-cgroup")
     p = add(commands, "version", "versions of pytest-sandbox, pytest, Python, the kernel; cgroups; the store")
     p.add_argument("--json", action="store_true", help="as JSON")
-    images = add(commands, "images", "build, list, inspect, remove, import and export images")
+    images = add(commands, "images", "build, list, inspect, remove, import, export, pull and push images")
     sub = images.add_subparsers(dest="images_command", required=True)
     images_dir = "directory of *.Containerfile (default: ini sandbox_images, or images/ in pytest's rootdir)"
     p = add(sub, "build", "build images/NAME.Containerfile (all of them without NAME)")
@@ -581,6 +613,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="default: the archive's tag")
     p.add_argument("--dir", help=images_dir)
     p.add_argument("--force", action="store_true", help="replace an image of that name, or use a name images/ defines")
+    _registry_commands(sub, add, images_dir)
     p = add(sub, "export", "write an image as an OCI archive (or oci:DIR / docker-archive:FILE)")
     p.add_argument("name")
     p.add_argument("target")

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..linux import overlay, rootfs
-from . import commands, containerfile, format, oci, progress, tarlayer
+from . import commands, containerfile, format, oci, progress, registry, tarlayer
 from .containerfile import ContainerfileError, Instruction
 from .format import EMPTY_CONFIG, HOST_BASE
 from .progress import shorten
@@ -245,7 +245,9 @@ class Builder:
         base = containerfile.substitute(
             instructions[[i.keyword for i in instructions].index("FROM")].args.split()[0], args
         )
-        if base not in ("scratch", HOST_BASE) and not oci.is_reference(base) and base != name:
+        if registry.looks_like_registry(base):
+            registry.parse_reference(base, f"{path}: FROM")
+        elif base not in ("scratch", HOST_BASE) and not oci.is_reference(base) and base != name:
             self.check(base)
 
     # -- one image -----------------------------------------------------------------------
@@ -318,6 +320,8 @@ class Builder:
             return _State(_key("FROM scratch"), [], [], dict(EMPTY_CONFIG)), {}
         if base == HOST_BASE:  # the sandbox's view of this machine, live: host changes do not rebuild
             return _State(_key("FROM host"), [], [], dict(EMPTY_CONFIG), HOST_BASE), {}
+        if registry.looks_like_registry(base):
+            return self._from_registry(base, path, ins), {}
         if oci.is_reference(base):
             transport, ref_path, tag = oci.split_reference(
                 base.replace(":", ":" + os.path.dirname(path) + "/", 1)
@@ -344,11 +348,27 @@ class Builder:
                 raise BuildError(
                     f"{path}:{ins.line}: FROM {base}: no {definition_path(self.images_dir, base)} "
                     f"and no image {base!r} in the store (use scratch, an image of "
-                    f"{os.path.relpath(self.images_dir)}/, or oci:/oci-archive:/docker-archive:)"
+                    f"{os.path.relpath(self.images_dir)}/, oci:/oci-archive:/docker-archive:, or a registry's "
+                    "HOST/REPOSITORY:TAG)"
                 )
             image = found
         key = _key("FROM", json.dumps([list(image.layers), image.config, image.base], sort_keys=True))
         return _State(key, list(image.layers), list(image.diff_ids), dict(image.config), image.base), {}
+
+    def _from_registry(self, base: str, path: str, ins: Instruction) -> _State:
+        """``FROM host/repo:tag``: the image as the store last pulled that reference (``images pull`` updates
+        it), else pulled now; only the layers the store lacks are downloaded. ``--no-cache`` pulls again."""
+        where = f"{path}:{ins.line}: FROM"
+        ref = registry.parse_reference(base, where)
+        cached = self._cache_get(registry.cache_key(ref))
+        if cached is None or "digest" not in cached:
+            self.say(f"  pulling {ref}")
+            try:
+                cached = registry.pull_layers(self.store, ref, self).entry()
+            except StoreError as exc:
+                raise BuildError(f"{where} {base}: {exc}") from None
+        key = _key("FROM", str(ref), cached["digest"])
+        return _State(key, list(cached["layers"]), list(cached["diff_ids"]), dict(cached["config"]))
 
     def _cache_get(self, key: str) -> dict[str, Any] | None:
         return None if self.no_cache else self.store.cache_get(key)

@@ -113,6 +113,8 @@ def looks_like_registry(text: str) -> bool:
     """Whether a ``FROM`` names a registry image rather than one of images/ or the store: its first
     part is a host (has '.' or ':', or is ``localhost``), or it pins a digest. ``FROM alpine`` stays a
     local name; write ``docker.io/library/alpine``."""
+    if oci.is_reference(text):
+        return False
     first, slash, _rest = text.partition("/")
     return bool(slash and ("." in first or ":" in first or first == "localhost")) or "@" in text
 
@@ -285,6 +287,7 @@ class _Stream(io.RawIOBase):
 
     def __init__(self, response: http.client.HTTPResponse, conn: http.client.HTTPConnection, what: str) -> None:
         self.response, self.conn, self.what, self.read_bytes = response, conn, what, 0
+        self.expected = response.length  # Content-Length; http.client ends short bodies without an error
 
     def readable(self) -> bool:
         return True
@@ -295,6 +298,8 @@ class _Stream(io.RawIOBase):
         except (http.client.HTTPException, OSError) as exc:
             raise RegistryError(f"{self.what}: the connection broke after {self.read_bytes} bytes ({exc!r})") from None
         self.read_bytes += n
+        if n == 0 and len(buffer) and self.expected is not None and self.read_bytes < self.expected:
+            raise RegistryError(f"{self.what}: the connection broke after {self.read_bytes} of {self.expected} bytes")
         return n
 
     def close(self) -> None:
