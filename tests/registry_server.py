@@ -15,6 +15,8 @@ import http.server
 import json
 import re
 import secrets
+import ssl
+import subprocess
 import threading
 import urllib.parse
 from collections.abc import Iterator, Sequence
@@ -41,7 +43,11 @@ class Registry:
     ``anonymous_pull`` a token for pulling is given without credentials)."""
 
     def __init__(
-        self, auth: str | None = None, users: dict[str, str] | None = None, anonymous_pull: bool = False
+        self,
+        auth: str | None = None,
+        users: dict[str, str] | None = None,
+        anonymous_pull: bool = False,
+        tls: tuple[str, str] | None = None,
     ) -> None:
         self.auth, self.users, self.anonymous_pull = auth, dict(users or {}), anonymous_pull
         self.blobs: dict[str, bytes] = {}
@@ -59,6 +65,12 @@ class Registry:
         handler = type("Handler", (_Handler,), {"registry": self})
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
+        self.scheme = "http"
+        if tls is not None:  # (certificate chain file, key file)
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+            self.scheme = "https"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
@@ -202,7 +214,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         granted = self.registry.tokens.get(header[7:]) if header.startswith("Bearer ") else None
         if granted is not None and (not scope or scope in granted):
             return True
-        challenge = f'Bearer realm="http://{self.registry.host}/token",service="test-registry"'
+        challenge = f'Bearer realm="{self.registry.scheme}://{self.registry.host}/token",service="test-registry"'
         if scope:
             challenge += f',scope="repository:{name}:{"pull,push" if action == "push" else "pull"}"'
         if granted is not None:
@@ -333,3 +345,50 @@ def serve(**kwargs: Any) -> Iterator[Registry]:
     """A started registry for a fixture (``yield from serve()``), stopped after."""
     with Registry(**kwargs) as registry:
         yield registry
+
+
+def make_ca(directory: str) -> tuple[str, tuple[str, str]]:
+    """A CA and a certificate it signed for 127.0.0.1 (openssl): (CA file, (certificate, key))."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test CA",
+    )
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "host.key", "-out", "host.csr", "-subj", "/CN=127.0.0.1")
+    with open(f"{directory}/ext.cnf", "w") as f:
+        f.write(
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+            "extendedKeyUsage=serverAuth\n"
+        )
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "host.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "host.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    )
+    return f"{directory}/ca.pem", (f"{directory}/host.pem", f"{directory}/host.key")

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import os
 import subprocess
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from helpers import run_cli
-from oci_inputs import EXPECTED, GONE, SKOPEO, UMOCI, _tar, umoci_image
-from registry_server import Registry, serve
+from oci_inputs import BUSYBOX, EXPECTED, GONE, SKOPEO, UMOCI, _tar, umoci_image
+from registry_server import Registry, make_ca, serve
 
 from pytest_sandbox.layers import build, oci
 from pytest_sandbox.layers import registry as reg
@@ -294,6 +296,18 @@ def test_basic_auth(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
         assert registry.log[-1][3] == "Basic " + _auth("ci", "s3cret")
 
 
+def test_tls_with_a_ca_of_ones_own(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ca, chain = make_ca(str(tmp_path))
+    with Registry(tls=chain) as registry:
+        registry.add_image("team/base", "1", [_tar(BASE)])
+        with pytest.raises(reg.RegistryError, match=r"TLS certificate of https://127.0.0.1:\d+/v2/ not trusted"):
+            reg.pull_image(store, f"{registry.host}/team/base:1")  # never plain HTTP to a TLS registry instead
+        monkeypatch.setenv("SSL_CERT_FILE", ca)
+        image = reg.pull_image(store, f"{registry.host}/team/base:1")
+        assert read(store, image.name, "/etc/base") == "base\n"
+        assert registry.requests("GET", "/manifests/")
+
+
 def test_a_redirect_to_another_host_gets_no_authorization(store: Store) -> None:
     with Registry(auth="bearer", anonymous_pull=True) as registry, Registry() as blobs:
         registry.redirect_blobs = blobs
@@ -403,7 +417,7 @@ def test_from_pulls_what_is_missing(registry: Registry, store: Store, tmp_path: 
 def test_bad_from_reference_and_unknown_image(registry: Registry, store: Store, tmp_path: Path) -> None:
     project = _project(tmp_path, f"FROM {registry.host}/Team/base:1.4\n")
     builder = build.Builder(store, str(project / "images"))
-    with pytest.raises(reg.RegistryError, match=r"app.Containerfile: FROM .*: repository part 'Team' is not valid"):
+    with pytest.raises(reg.RegistryError, match=r"app.Containerfile:1: FROM .*: repository part 'Team' is not valid"):
         builder.check("app")
     (project / "images/app.Containerfile").write_text(f"FROM {registry.host}/team/none:1\n")
     with pytest.raises(build.BuildError, match=r"app.Containerfile:1: FROM .*: HTTP 404 \(MANIFEST_UNKNOWN"):
@@ -446,3 +460,64 @@ def test_skopeo_pushes_we_pull_we_push_skopeo_reads(registry: Registry, store: S
     )
     back = oci.import_image(Store(str(tmp_path / "fresh")), f"oci:{tmp_path}/back:x", "back")
     assert back.layers == image.layers and back.diff_ids == image.diff_ids
+
+
+# -- end to end: a marked test on an image FROM a registry --------------------------------------
+
+
+def _busybox_layer() -> bytes:
+    """A layer with the host's busybox as /bin/busybox and /bin/sh, /bin/cat."""
+    assert BUSYBOX is not None
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        tar.addfile(_dir_info("bin"))
+        data = Path(BUSYBOX).read_bytes()
+        info = tarfile.TarInfo("bin/busybox")
+        info.size, info.mode = len(data), 0o755
+        tar.addfile(info, io.BytesIO(data))
+        for tool in ("sh", "cat"):
+            link = tarfile.TarInfo(f"bin/{tool}")
+            link.type, link.linkname = tarfile.SYMTYPE, "busybox"
+            tar.addfile(link)
+    return out.getvalue()
+
+
+def _dir_info(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode = tarfile.DIRTYPE, 0o755
+    return info
+
+
+@pytest.mark.skipif(BUSYBOX is None, reason="host lacks a static busybox (apt install busybox-static)")
+def test_a_marked_test_on_an_image_from_a_registry(
+    pytester: pytest.Pytester,
+    registry: Registry,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    registry.add_image("tools/bb", "1", [_busybox_layer(), _tar(BASE)], env=["FROM_REGISTRY=yes"])
+    monkeypatch.setenv("PYTEST_SANDBOX_STORE", str(tmp_path_factory.mktemp("store")))
+    (pytester.path / "images").mkdir()
+    (pytester.path / "images/app.Containerfile").write_text(
+        f"FROM {registry.host}/tools/bb:1\nRUN echo built > /built\n"
+    )
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.container(image="app")
+        def test_in_image(sandbox):
+            assert sandbox.run("cat /etc/base /built; echo $FROM_REGISTRY").stdout == "base\\nbuilt\\nyes\\n"
+    """)
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines([f"*pulling {registry.host}/tools/bb:1*", "*layer 1/2 sha256:* downloaded*"])
+
+    (pytester.path / "images/app.Containerfile").write_text(f"FROM {registry.host}/tools/BB:1\n")
+    bad = pytester.runpytest_subprocess()
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(
+        [
+            "*::test_in_image: image='app': *app.Containerfile:1: FROM "
+            f"'{registry.host}/tools/BB:1': repository part 'BB' is not valid: lower-case letters*"
+        ]
+    )

@@ -242,11 +242,10 @@ class Builder:
         args: dict[str, str] = {}
         for ins in instructions[: [i.keyword for i in instructions].index("FROM")]:
             args.update(self._arg_values(ins, path, args))  # FROM $BASE: as the build will see it
-        base = containerfile.substitute(
-            instructions[[i.keyword for i in instructions].index("FROM")].args.split()[0], args
-        )
+        from_ = instructions[[i.keyword for i in instructions].index("FROM")]
+        base = containerfile.substitute(from_.args.split()[0], args)
         if registry.looks_like_registry(base):
-            registry.parse_reference(base, f"{path}: FROM")
+            registry.parse_reference(base, f"{path}:{from_.line}: FROM")
         elif base not in ("scratch", HOST_BASE) and not oci.is_reference(base) and base != name:
             self.check(base)
 

@@ -350,6 +350,8 @@ class Client:
                     conn.request("GET", "/v2/")
                     conn.getresponse().read()
                     self._scheme = "https"
+                except ssl.SSLCertVerificationError as exc:  # it speaks TLS: never fall back to plain HTTP
+                    raise RegistryError(self._describe(exc, f"https://{self.host}/v2/")) from None
                 except (ssl.SSLError, ConnectionResetError, http.client.HTTPException):
                     self._scheme = "http"
                 except OSError as exc:
@@ -523,6 +525,13 @@ def _read_all(response: http.client.HTTPResponse, limit: int, what: str) -> byte
     return data
 
 
+def _digest(value: Any, what: str) -> str:
+    """A digest a registry sent, checked before it becomes part of a URL or a file name."""
+    if not isinstance(value, str) or not _DIGEST_RE.fullmatch(value):
+        raise RegistryError(f"{what}: digest {value!r} is not sha256:<64 hex digits>")
+    return value
+
+
 def get_manifest(client: Client, ref: Reference, reference: str | None = None) -> tuple[dict[str, Any], str, str]:
     """(manifest, its digest, media type) of ``reference`` (default: the ref's own), digest-checked."""
     reference = reference or ref.reference
@@ -567,7 +576,7 @@ def resolve(client: Client, ref: Reference) -> tuple[dict[str, Any], str]:
                 {"/".join(str((d.get("platform") or {}).get(k, "?")) for k in ("os", "architecture")) for d in entries}
             )
             raise RegistryError(f"{ref}: no image for linux/{oci.ARCH} (the index has {', '.join(offered) or 'none'})")
-        manifest, digest, media_type = get_manifest(client, ref, fitting[0]["digest"])
+        manifest, digest, media_type = get_manifest(client, ref, _digest(fitting[0].get("digest"), f"{ref}: index"))
     if media_type not in MANIFEST_TYPES and "layers" not in manifest:
         raise RegistryError(f"{ref}: {media_type or 'the manifest'} is not an image manifest")
     if not isinstance(manifest.get("config"), dict) or not isinstance(manifest.get("layers"), list):
@@ -621,13 +630,15 @@ def pull_layers(store: Store, ref: Reference, progress: Progress | None = None, 
     manifest, digest = resolve(client, ref)
     blobs = _Blobs(client, ref)
     where = f"{ref.registry}/{ref.repository}@{digest}"
-    config = blobs.json(str(manifest["config"].get("digest")))
+    config = blobs.json(_digest(manifest["config"].get("digest"), f"{where}: config"))
     layers = []
     for descriptor in manifest["layers"]:
-        layer_digest = str(descriptor.get("digest", "")) if isinstance(descriptor, dict) else ""
-        if not _DIGEST_RE.fullmatch(layer_digest):
-            raise RegistryError(f"{where}: layer digest {layer_digest!r} is not sha256:<64 hex digits>")
-        layers.append(oci.LayerRef(layer_digest, layer_digest, descriptor))
+        layer_digest = _digest(descriptor.get("digest") if isinstance(descriptor, dict) else None, f"{where}: layer")
+        size, media_type = descriptor.get("size"), descriptor.get("mediaType")
+        if not isinstance(size, int) or size < 0 or not isinstance(media_type, str) or len(media_type) > 255:
+            raise RegistryError(f"{where}: layer {layer_digest} has no valid size and mediaType")
+        clean = {"mediaType": media_type, "digest": layer_digest, "size": size}  # kept in layer.json for a push
+        layers.append(oci.LayerRef(layer_digest, layer_digest, clean))
     diff_ids = oci.config_diff_ids(config, len(layers), where)
     chains = oci.unpack_chain(store, blobs, layers, diff_ids, where, progress, ("downloading", "downloaded"))
     pulled = Pulled(ref, digest, chains, diff_ids, oci.image_config(config))
