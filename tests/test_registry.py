@@ -114,6 +114,14 @@ def test_what_from_takes_for_a_registry() -> None:
         assert not reg.looks_like_registry(local), local
 
 
+def test_plain_http_only_for_loopback() -> None:
+    for host in ("localhost:5000", "127.0.0.1:5000", "127.1.2.3", "[::1]:5000", "[::1]"):
+        assert reg._is_loopback(host), host
+    for host in ("registry.example.org", "10.0.0.1:5000", "[fe80::1]:5000", "localhost.example.org"):
+        assert not reg._is_loopback(host), host
+        assert reg.Client(host).scheme() == "https"  # decided without a request
+
+
 def test_challenge_parsing() -> None:
     header = (
         r'Bearer realm="https://auth.example/token",service="reg.example",'
@@ -412,6 +420,10 @@ def test_from_pulls_what_is_missing(registry: Registry, store: Store, tmp_path: 
     newer = build.Builder(store, str(project / "images")).build("app")
     assert read(store, "app", "/srv/app") == "app\n" and newer.config["Env"] == ["MODE=new"]
     assert len(newer.layers) == 3
+
+    manifests = len(registry.requests("GET", "/manifests/"))
+    build.Builder(store, str(project / "images"), no_cache=True).build("app")  # --no-cache asks again
+    assert len(registry.requests("GET", "/manifests/")) == manifests + 1
 
 
 def test_bad_from_reference_and_unknown_image(registry: Registry, store: Store, tmp_path: Path) -> None:
