@@ -60,7 +60,9 @@ class Registry:
         self.corrupt: set[str] = set()  # blobs served with a flipped byte
         self.redirect_blobs: Registry | None = None  # blob GETs answered with a 307 to this one
         self.rate_limit = 0  # this many requests answered 429 first
-        self.cut_after: int | None = None  # blob bodies end after this many bytes (a cut connection)
+        self.cut_after: int | None = None  # blob bodies end after this many bytes (a cut connection)...
+        self.cuts: int | None = None  # ...this many times (None: every time)
+        self.ranges = True  # GET blob with Range: bytes=N- answered 206
         self._lock = threading.Lock()
         handler = type("Handler", (_Handler,), {"registry": self})
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -297,15 +299,25 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         data = self.registry.blobs[digest]
         if digest in self.registry.corrupt:
             data = data[:-1] + bytes([data[-1] ^ 1])
-        if self.registry.cut_after is not None and self.command == "GET":
-            self.registry.log.append((self.command, self.path, 200, self.headers.get("Authorization")))
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
+        status, headers = 200, {"Content-Type": "application/octet-stream", "Docker-Content-Digest": digest}
+        wanted = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        if wanted and self.registry.ranges and self.command == "GET":
+            start = int(wanted[1])
+            status, headers["Content-Range"] = 206, f"bytes {start}-{len(data) - 1}/{len(data)}"
+            data = data[start:]
+        cut = self.registry.cut_after
+        if cut is not None and self.command == "GET" and self.registry.cuts != 0 and cut < len(data):
+            if self.registry.cuts is not None:
+                self.registry.cuts -= 1
+            self.registry.log.append((self.command, self.path, status, self.headers.get("Authorization")))
+            self.send_response(status)
+            for key, value in {**headers, "Content-Length": str(len(data))}.items():
+                self.send_header(key, value)
             self.end_headers()
-            self.wfile.write(data[: self.registry.cut_after])
+            self.wfile.write(data[:cut])
             self.close_connection = True
             return
-        self._send(200, data, {"Content-Type": "application/octet-stream", "Docker-Content-Digest": digest})
+        self._send(status, data, headers)
 
     def _upload(self, match: re.Match[str], query: dict[str, list[str]]) -> None:
         name, upload = match["name"], match["id"]

@@ -282,25 +282,50 @@ def _error_text(status: int, body: bytes) -> str:
     return f"HTTP {status}" + (f" ({said})" if said else "")
 
 
-class _Stream(io.RawIOBase):
-    """A response body as a file; a connection lost part way is a RegistryError, not a short read."""
+_RESUMES = 10  # a blob download broken this often is given up
 
-    def __init__(self, response: http.client.HTTPResponse, conn: http.client.HTTPConnection, what: str) -> None:
-        self.response, self.conn, self.what, self.read_bytes = response, conn, what, 0
-        self.expected = response.length  # Content-Length; http.client ends short bodies without an error
+
+class _Stream(io.RawIOBase):
+    """A blob's body as a file. A connection lost part way is resumed where it broke (``Range``), as long as
+    each try brings more bytes; otherwise it is a RegistryError, never a short read."""
+
+    Opener = Callable[[int], tuple[http.client.HTTPResponse, http.client.HTTPConnection]]
+
+    def __init__(self, opener: Opener, what: str) -> None:
+        self.opener, self.what, self.read_bytes, self.resumed = opener, what, 0, 0
+        self.response, self.conn = opener(0)
+        self.expected = self.response.length  # Content-Length; http.client ends short bodies without an error
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
-        try:
-            n = self.response.readinto(buffer)
-        except (http.client.HTTPException, OSError) as exc:
-            raise RegistryError(f"{self.what}: the connection broke after {self.read_bytes} bytes ({exc!r})") from None
-        self.read_bytes += n
-        if n == 0 and len(buffer) and self.expected is not None and self.read_bytes < self.expected:
-            raise RegistryError(f"{self.what}: the connection broke after {self.read_bytes} of {self.expected} bytes")
-        return n
+        while True:
+            try:
+                n = self.response.readinto(buffer)
+                broke = f"after {self.read_bytes + n} of {self.expected} bytes"
+            except (http.client.HTTPException, OSError) as exc:
+                n, broke = 0, f"after {self.read_bytes} bytes ({exc!r})"
+            self.read_bytes += n
+            if n or not len(buffer) or (self.expected is not None and self.read_bytes >= self.expected):
+                return n
+            self._resume(broke)
+
+    def _resume(self, broke: str) -> None:
+        start = self.read_bytes
+        self.response.close()
+        self.conn.close()
+        if self.resumed >= _RESUMES:
+            raise RegistryError(f"{self.what}: the connection broke {broke}, {self.resumed} times resumed: given up")
+        self.resumed += 1
+        self.response, self.conn = self.opener(start)
+        ranged = self.response.status == 206 and (self.response.getheader("Content-Range") or "").startswith(
+            f"bytes {start}-"
+        )
+        if not ranged and not (start == 0 and self.response.status == 200):
+            raise RegistryError(f"{self.what}: the connection broke {broke} and the registry cannot resume it")
+        if self.response.length == 0:
+            raise RegistryError(f"{self.what}: the connection broke {broke}; resuming brought nothing")
 
     def close(self) -> None:
         if not self.closed:
@@ -591,11 +616,14 @@ class _Blobs:
         self.client, self.ref = client, ref
 
     def open(self, name: str) -> IO[bytes]:
-        what = f"{self.ref.registry}/{self.ref.repository}@{name}"
-        response, conn = self.client.request(
-            "GET", f"/v2/{self.ref.repository}/blobs/{name}", [_scope(self.ref.repository)], what=f"blob {what}"
-        )
-        return io.BufferedReader(_Stream(response, conn, f"blob {what}"), 1 << 16)
+        what = f"blob {self.ref.registry}/{self.ref.repository}@{name}"
+
+        def opener(start: int) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
+            headers = {"Range": f"bytes={start}-"} if start else {}
+            path = f"/v2/{self.ref.repository}/blobs/{name}"
+            return self.client.request("GET", path, [_scope(self.ref.repository)], headers, ok=(200, 206), what=what)
+
+        return io.BufferedReader(_Stream(opener, what), 1 << 16)
 
     def json(self, digest: str) -> Any:
         with self.open(digest) as f:
