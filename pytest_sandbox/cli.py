@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import getpass
 import io
 import json
 import os
@@ -519,6 +520,26 @@ def _containers(args: argparse.Namespace, project: Project) -> int:
     return 0
 
 
+def _login(args: argparse.Namespace) -> int:
+    """Credentials checked with the registry, then kept where docker, podman and skopeo read them."""
+    if args.verb == "logout":
+        print(f"removed the credentials for {args.registry} from {registry.logout(args.registry)}")
+        return 0
+    tty = sys.stdin.isatty()
+    user = args.username or (input("Username: ").strip() if tty else "")
+    if not user:
+        raise StoreError("login: give --username (stdin is not a terminal to ask on)")
+    if args.password_stdin:
+        password = sys.stdin.read().rstrip("\n")
+    elif tty:
+        password = getpass.getpass("Password: ")
+    else:
+        raise StoreError("login: give the password on stdin with --password-stdin (stdin is not a terminal)")
+    path = registry.login(args.registry, user, password)
+    print(f"logged in to {args.registry}; credentials in {path}")
+    return 0
+
+
 def _version(args: argparse.Namespace, project: Project) -> int:
     """What a bug report needs: versions, this host's kernel and cgroups, and the store pytest would use."""
     store = project.store
@@ -617,6 +638,12 @@ def parser() -> argparse.ArgumentParser:
     p = add(sub, "export", "write an image as an OCI archive (or oci:DIR / docker-archive:FILE)")
     p.add_argument("name")
     p.add_argument("target")
+    p = add(commands, "login", "check credentials with a registry and keep them ($REGISTRY_AUTH_FILE or docker's)")
+    p.add_argument("registry", metavar="REGISTRY", help="HOST[:PORT], or docker.io")
+    p.add_argument("-u", "--username")
+    p.add_argument("--password-stdin", action="store_true", help="read the password or token from stdin")
+    p = add(commands, "logout", "forget the credentials login kept for a registry")
+    p.add_argument("registry", metavar="REGISTRY")
     p = add(commands, "run", "run a command in a throwaway container of an image (built from images/ if needed)")
     p.add_argument("image")
     p.add_argument("command", nargs=argparse.REMAINDER)
@@ -666,6 +693,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb == "doctor":
             return _doctor(args)
+        if args.verb in ("login", "logout"):  # not about a project: no pytest configuration needed
+            return _login(args)
         return HANDLERS[args.verb](args, find_project(args))
     except KeyboardInterrupt:
         return 130

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -551,3 +552,40 @@ def test_a_marked_test_on_an_image_from_a_registry(
             f"'{registry.host}/tools/BB:1': repository part 'BB' is not valid: lower-case letters*"
         ]
     )
+
+
+def _cli(*args: str, password: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pytest_sandbox", *args],
+        input=password,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+    )
+
+
+def test_login_checks_and_keeps_credentials_logout_forgets(store: Store, no_credentials: Path) -> None:
+    with Registry(auth="bearer", users={"ci": "s3cret"}) as registry:
+        registry.add_image("private/base", "1", [_tar(BASE)])
+        config = no_credentials / ".docker/config.json"
+        wrong = _cli("login", registry.host, "-u", "ci", "--password-stdin", password="wrong\n")
+        assert wrong.returncode == 2 and "refused: HTTP 401 (UNAUTHORIZED: bad credentials)" in wrong.stderr
+        assert not config.exists()
+        no_user = _cli("login", registry.host, "--password-stdin", password="s3cret\n")
+        assert no_user.returncode == 2 and "give --username" in no_user.stderr
+        bad = _cli("login", "https://no/such", "-u", "ci", "--password-stdin", password="x")
+        assert bad.returncode == 2 and "registry 'https://no/such' is not valid: a host name" in bad.stderr
+
+        ok = _cli("login", registry.host, "-u", "ci", "--password-stdin", password="s3cret\n")
+        assert ok.returncode == 0, ok.stderr
+        assert ok.stdout == f"logged in to {registry.host}; credentials in {config}\n"
+        assert json.loads(config.read_text()) == {"auths": {registry.host: {"auth": _auth("ci", "s3cret")}}}
+        assert config.stat().st_mode & 0o777 == 0o600
+        image = reg.pull_image(store, f"{registry.host}/private/base:1")  # as docker would, from that file
+        assert read(store, image.name, "/etc/base") == "base\n"
+
+        out = _cli("logout", registry.host)
+        assert out.returncode == 0 and json.loads(config.read_text()) == {"auths": {}}
+        again = _cli("logout", registry.host)
+        assert again.returncode == 2 and f"holds no credentials for {registry.host}" in again.stderr

@@ -37,6 +37,7 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from typing import IO, Any
 
+from ..linux.files import write_json_atomic
 from . import oci, tarlayer
 from .format import NAME_RE
 from .store import Image, Store, StoreError, check_name
@@ -255,6 +256,73 @@ def credentials(registry: str) -> tuple[str, str] | None:
             if found is not None:
                 return found
     return None
+
+
+def parse_registry(text: str) -> str:
+    """``login``'s argument: a registry host[:port] (``docker.io`` for Docker Hub's names)."""
+    host = text.removeprefix("https://").removeprefix("http://").rstrip("/")
+    match = _HOST_RE.fullmatch(host)
+    if not match or (match["port"] and not 0 < int(match["port"]) < 65536):
+        raise RegistryError(f"registry {text!r} is not valid: a host name or [IPv6] address with an optional :PORT")
+    return DEFAULT_REGISTRY if host in _DOCKER_HUB_ALIASES else host
+
+
+def auth_file() -> str:
+    """Where ``login`` writes: ``$REGISTRY_AUTH_FILE``, else docker's ``config.json`` (``$DOCKER_CONFIG``,
+    ``~/.docker``), which docker, podman and skopeo all read."""
+    if os.environ.get("REGISTRY_AUTH_FILE"):
+        return os.environ["REGISTRY_AUTH_FILE"]
+    directory = os.environ.get("DOCKER_CONFIG") or os.path.join(os.path.expanduser("~"), ".docker")
+    return os.path.join(directory, "config.json")
+
+
+def _auth_entry_key(registry: str) -> str:
+    return "https://index.docker.io/v1/" if registry == DEFAULT_REGISTRY else registry
+
+
+def _update_auth_file(change: Callable[[dict[str, Any]], None]) -> str:
+    path = auth_file()
+    config: dict[str, Any] = {}
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                config = dict(json.load(f))
+        except (OSError, ValueError, TypeError) as exc:
+            raise RegistryError(f"cannot read {path}: {exc}") from None
+    change(config)
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    write_json_atomic(path, config)  # a new file, mode 0600
+    return path
+
+
+def login(text: str, user: str, password: str) -> str:
+    """Check the credentials with the registry (``GET /v2/`` through its auth), then keep them in
+    ``auth_file()``; that file's path."""
+    registry = parse_registry(text)
+    if not user or not password:
+        raise RegistryError("login needs a user name and a password (or token)")
+    client = Client(registry, lambda _r: (user, password))
+    _response, conn = client.request("GET", "/v2/", [], what=f"login to {registry}")
+    conn.close()
+    entry = {"auth": base64.b64encode(f"{user}:{password}".encode()).decode()}
+    return _update_auth_file(
+        lambda config: config.setdefault("auths", {}).__setitem__(_auth_entry_key(registry), entry)
+    )
+
+
+def logout(text: str) -> str:
+    """Forget the credentials ``auth_file()`` keeps for a registry; that file's path."""
+    registry = parse_registry(text)
+
+    def change(config: dict[str, Any]) -> None:
+        auths = config.get("auths") or {}
+        found = [key for key in auths if _auth_key(key) == registry]
+        if not found:
+            raise RegistryError(f"{auth_file()} holds no credentials for {registry}")
+        for key in found:
+            del auths[key]
+
+    return _update_auth_file(change)
 
 
 # -- HTTP ------------------------------------------------------------------------------------
