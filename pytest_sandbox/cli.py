@@ -38,6 +38,7 @@ class Project:
     images_dir: str
     cgroup: str | None
     cgroup_backend: str
+    insecure_registries: tuple[str, ...] = ()  # sandbox_insecure_registries
 
 
 class _Catch:
@@ -90,6 +91,7 @@ def find_project(args: argparse.Namespace) -> Project:
         images_dir=settings.directory(config, "sandbox_images") or str(config.rootpath / "images"),
         cgroup=settings.cgroup_path(config),
         cgroup_backend=settings.choice(config, "sandbox_cgroup_backend"),
+        insecure_registries=settings.insecure_registries(config),
     )
 
 
@@ -201,7 +203,14 @@ def _images(args: argparse.Namespace, project: Project) -> int:
     say = progress.Lines.to(sys.stdout) if not args.quiet else (lambda _m: None)
     images_dir = getattr(args, "dir", None) or project.images_dir
     if args.images_command == "build":
-        builder = build.Builder(store, images_dir, say, _build_args(args.build_arg), no_cache=args.no_cache)
+        builder = build.Builder(
+            store,
+            images_dir,
+            say,
+            _build_args(args.build_arg),
+            no_cache=args.no_cache,
+            insecure_registries=project.insecure_registries,
+        )
         names = args.names or build.definitions(images_dir)
         if not names:
             raise StoreError(f"no *.Containerfile in {os.path.relpath(images_dir)} (rootdir {project.rootdir})")
@@ -241,7 +250,7 @@ def _images(args: argparse.Namespace, project: Project) -> int:
         say(f"removed {len(removed)} unused layers, {_size(freed)} freed")
         return 0
     if args.images_command in ("import", "pull", "push"):
-        return _transfer(args, store, images_dir, say)
+        return _transfer(args, project, images_dir, say)
     if args.images_command == "export":
         where = oci.export_image(store, check_name(args.name), args.target, say)
         say(f"exported {args.name} to {where}")
@@ -249,15 +258,16 @@ def _images(args: argparse.Namespace, project: Project) -> int:
     return 2
 
 
-def _transfer(args: argparse.Namespace, store: Store, images_dir: str, say: Callable[[str], None]) -> int:
+def _transfer(args: argparse.Namespace, project: Project, images_dir: str, say: Callable[[str], None]) -> int:
     """images import, pull and push: images into the store from archives and registries, and out to registries."""
+    store, insecure = project.store, project.insecure_registries
     if args.images_command == "push":
-        registry.push_image(store, check_name(args.name), args.ref, say)
+        registry.push_image(store, check_name(args.name), args.ref, say, insecure)
         return 0
     notes: list[str] = []
     if args.images_command == "pull":
         check = _import_check(store, images_dir, args.force, notes, "pulled", "images pull REF NAME")
-        image = registry.pull_image(store, args.ref, args.name, say, check)
+        image = registry.pull_image(store, args.ref, args.name, say, check, insecure)
         said = f"pulled {image.name}: {len(image.layers)} layers, {image.source}"
     else:
         check = _import_check(store, images_dir, args.force, notes)
@@ -384,7 +394,10 @@ def _image(args: argparse.Namespace, project: Project, images_dir: str, name: st
     if os.path.isfile(definition):
         where = os.path.relpath(definition)
         progress(f"image {name} is not in the store {project.store.root}: building it from {where}")
-    return build.Builder(project.store, images_dir, progress, quiet_cached=True).ensure(name)
+    builder = build.Builder(
+        project.store, images_dir, progress, quiet_cached=True, insecure_registries=project.insecure_registries
+    )
+    return builder.ensure(name)
 
 
 def _kept_layer(store: Store, kept: dict[str, Any], stage: str) -> str:
@@ -520,7 +533,7 @@ def _containers(args: argparse.Namespace, project: Project) -> int:
     return 0
 
 
-def _login(args: argparse.Namespace) -> int:
+def _login(args: argparse.Namespace, project: Project) -> int:
     """Credentials checked with the registry, then kept where docker, podman and skopeo read them."""
     if args.verb == "logout":
         print(f"removed the credentials for {args.registry} from {registry.logout(args.registry)}")
@@ -535,7 +548,7 @@ def _login(args: argparse.Namespace) -> int:
         password = getpass.getpass("Password: ")
     else:
         raise StoreError("login: give the password on stdin with --password-stdin (stdin is not a terminal)")
-    path = registry.login(args.registry, user, password)
+    path = registry.login(args.registry, user, password, project.insecure_registries)
     print(f"logged in to {args.registry}; credentials in {path}")
     return 0
 
@@ -677,6 +690,8 @@ HANDLERS: dict[str, Callable[[argparse.Namespace, Project], int]] = {
     "commit": _commit,
     "containers": _containers,
     "version": _version,
+    "login": _login,
+    "logout": _login,
 }
 
 
@@ -693,8 +708,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb == "doctor":
             return _doctor(args)
-        if args.verb in ("login", "logout"):  # not about a project: no pytest configuration needed
-            return _login(args)
         return HANDLERS[args.verb](args, find_project(args))
     except KeyboardInterrupt:
         return 130

@@ -47,6 +47,7 @@ class SessionState:
     keep: str
     scope: str  # which tests share a sandbox (--sandbox-scope)
     outputs: tuple[str, ...]  # where sandboxes write files that reach the host
+    insecure_registries: tuple[str, ...] = ()  # FROM a registry: sandbox_insecure_registries
     zygote: Zygote | None = None
     shared: Channels | None = None  # the sandbox that waits for the next test (--sandbox-scope)
     cgroup_session: cgroups.Session | None = None
@@ -96,6 +97,7 @@ def configure(config: pytest.Config) -> SessionState:
         keep=settings.choice(config, "sandbox_keep"),
         scope=settings.choice(config, "sandbox_scope"),
         outputs=outputs.declared(config, settings.raw(config, "sandbox_outputs")[0] or ()),
+        insecure_registries=settings.insecure_registries(config),
     )
 
 
@@ -174,7 +176,9 @@ def prepare_images(state: SessionState, say: build.Progress, worker: tuple[str, 
 
 
 def _prepare_images(state: SessionState, say: build.Progress) -> None:
-    builder = build.Builder(state.store, state.images_dir, say, quiet_cached=True)
+    builder = build.Builder(
+        state.store, state.images_dir, say, quiet_cached=True, insecure_registries=state.insecure_registries
+    )
     for name in sorted(state.images):
         try:
             image = builder.ensure(name)

@@ -174,6 +174,13 @@ SETTINGS: tuple[Setting, ...] = (
         path=True,
     ),
     Setting(
+        "sandbox_insecure_registries",
+        "registries (HOST[:PORT]) reached with unverified TLS, or plain HTTP where they have no TLS "
+        "(loopback ones may always use plain HTTP)",
+        ini="sandbox_insecure_registries",
+        ini_type="linelist",
+    ),
+    Setting(
         "sandbox_durations",
         "show the N sandboxed tests that used the most memory and CPU (0: all)",
         "--sandbox-durations",
@@ -260,6 +267,20 @@ def directory(config: pytest.Config, name: str) -> str | None:
         field = name.removeprefix("sandbox_")
         raise bad_value(where, field, value, "expected a directory path (without NUL bytes)")
     return str(value)
+
+
+def insecure_registries(config: pytest.Config) -> tuple[str, ...]:
+    """``sandbox_insecure_registries``: each line a registry as ``pytest-sandbox login`` takes it."""
+    from .layers.registry import RegistryError, parse_registry  # the layers import nothing of settings
+
+    value, where = raw(config, "sandbox_insecure_registries")
+    out = []
+    for line in value or ():
+        try:
+            out.append(parse_registry(str(line).strip()))
+        except RegistryError as exc:
+            raise pytest.UsageError(f"{where}: {exc}") from None
+    return tuple(out)
 
 
 CGROUP_RULE = (

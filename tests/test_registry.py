@@ -335,6 +335,25 @@ def test_tls_with_a_ca_of_ones_own(store: Store, tmp_path: Path, monkeypatch: py
         assert registry.requests("GET", "/manifests/")
 
 
+def test_insecure_registries_from_the_ini(store: Store, tmp_path: Path) -> None:
+    _ca, chain = make_ca(str(tmp_path))
+    with Registry(tls=chain) as registry:  # a certificate nobody trusts
+        registry.add_image("team/base", "1", [_tar(BASE)])
+        ref = f"{registry.host}/team/base:1"
+        project = tmp_path / "project"
+        project.mkdir()
+        refused = run_cli("images", "pull", ref, store=store.root, cwd=project)
+        assert refused.returncode == 2 and "not trusted" in refused.stderr
+        (project / "pytest.ini").write_text(f"[pytest]\nsandbox_insecure_registries =\n    {registry.host}\n")
+        pulled = run_cli("images", "pull", ref, store=store.root, cwd=project)
+        assert pulled.returncode == 0, pulled.stderr
+        assert read(store, "base:1", "/etc/base") == "base\n"
+        (project / "pytest.ini").write_text("[pytest]\nsandbox_insecure_registries = https://a/b\n")
+        bad = run_cli("images", "pull", ref, store=store.root, cwd=project)
+        assert bad.returncode == 2
+        assert "ini sandbox_insecure_registries: registry 'https://a/b' is not valid: a host name" in bad.stderr
+
+
 def test_a_redirect_to_another_host_gets_no_authorization(store: Store) -> None:
     with Registry(auth="bearer", anonymous_pull=True) as registry, Registry() as blobs:
         registry.redirect_blobs = blobs
@@ -521,37 +540,38 @@ def _dir_info(name: str) -> tarfile.TarInfo:
 
 @pytest.mark.skipif(BUSYBOX is None, reason="host lacks a static busybox (apt install busybox-static)")
 def test_a_marked_test_on_an_image_from_a_registry(
-    pytester: pytest.Pytester,
-    registry: Registry,
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path_factory: pytest.TempPathFactory,
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    registry.add_image("tools/bb", "1", [_busybox_layer(), _tar(BASE)], env=["FROM_REGISTRY=yes"])
-    monkeypatch.setenv("PYTEST_SANDBOX_STORE", str(tmp_path_factory.mktemp("store")))
-    (pytester.path / "images").mkdir()
-    (pytester.path / "images/app.Containerfile").write_text(
-        f"FROM {registry.host}/tools/bb:1\nRUN echo built > /built\n"
-    )
-    pytester.makepyfile("""
-        import pytest
+    """Over TLS with a certificate nobody trusts, so the session must take sandbox_insecure_registries too."""
+    _ca, chain = make_ca(str(tmp_path_factory.mktemp("ca")))
+    with Registry(tls=chain) as registry:
+        registry.add_image("tools/bb", "1", [_busybox_layer(), _tar(BASE)], env=["FROM_REGISTRY=yes"])
+        monkeypatch.setenv("PYTEST_SANDBOX_STORE", str(tmp_path_factory.mktemp("store")))
+        pytester.makeini(f"[pytest]\nsandbox_insecure_registries = {registry.host}\n")
+        (pytester.path / "images").mkdir()
+        (pytester.path / "images/app.Containerfile").write_text(
+            f"FROM {registry.host}/tools/bb:1\nRUN echo built > /built\n"
+        )
+        pytester.makepyfile("""
+            import pytest
 
-        @pytest.mark.container(image="app")
-        def test_in_image(sandbox):
-            assert sandbox.run("cat /etc/base /built; echo $FROM_REGISTRY").stdout == "base\\nbuilt\\nyes\\n"
-    """)
-    result = pytester.runpytest_subprocess()
-    result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines([f"*pulling {registry.host}/tools/bb:1*", "*layer 1/2 sha256:* downloaded*"])
+            @pytest.mark.container(image="app")
+            def test_in_image(sandbox):
+                assert sandbox.run("cat /etc/base /built; echo $FROM_REGISTRY").stdout == "base\\nbuilt\\nyes\\n"
+        """)
+        result = pytester.runpytest_subprocess()
+        result.assert_outcomes(passed=1)
+        result.stdout.fnmatch_lines([f"*pulling {registry.host}/tools/bb:1*", "*layer 1/2 sha256:* downloaded*"])
 
-    (pytester.path / "images/app.Containerfile").write_text(f"FROM {registry.host}/tools/BB:1\n")
-    bad = pytester.runpytest_subprocess()
-    assert bad.ret == pytest.ExitCode.USAGE_ERROR
-    bad.stderr.fnmatch_lines(
-        [
-            "*::test_in_image: image='app': *app.Containerfile:1: FROM "
-            f"'{registry.host}/tools/BB:1': repository part 'BB' is not valid: lower-case letters*"
-        ]
-    )
+        (pytester.path / "images/app.Containerfile").write_text(f"FROM {registry.host}/tools/BB:1\n")
+        bad = pytester.runpytest_subprocess()
+        assert bad.ret == pytest.ExitCode.USAGE_ERROR
+        bad.stderr.fnmatch_lines(
+            [
+                "*::test_in_image: image='app': *app.Containerfile:1: FROM "
+                f"'{registry.host}/tools/BB:1': repository part 'BB' is not valid: lower-case letters*"
+            ]
+        )
 
 
 def _cli(*args: str, password: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -22,7 +22,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from ..linux import overlay, rootfs
@@ -160,8 +160,10 @@ class Builder:
         build_args: Mapping[str, str] | None = None,
         quiet_cached: bool = False,
         no_cache: bool = False,
+        insecure_registries: Collection[str] = (),
     ) -> None:
         self.store = store
+        self.insecure_registries = tuple(insecure_registries)  # sandbox_insecure_registries
         self.images_dir = os.path.abspath(images_dir)
         self._progress = progress or (lambda _msg: None)
         self._pending: list[str] = []  # headers held back while every step is cached (quiet mode)
@@ -363,7 +365,7 @@ class Builder:
         if cached is None or "digest" not in cached:
             self.say(f"  pulling {ref}")
             try:
-                cached = registry.pull_layers(self.store, ref, self).entry()
+                cached = registry.pull_layers(self.store, ref, self, self.insecure_registries).entry()
             except StoreError as exc:
                 raise BuildError(f"{where} {base}: {exc}") from None
         key = _key("FROM", str(ref), cached["digest"])

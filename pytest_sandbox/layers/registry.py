@@ -34,7 +34,7 @@ import ssl
 import subprocess
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import IO, Any
 
 from ..linux.files import write_json_atomic
@@ -295,13 +295,13 @@ def _update_auth_file(change: Callable[[dict[str, Any]], None]) -> str:
     return path
 
 
-def login(text: str, user: str, password: str) -> str:
+def login(text: str, user: str, password: str, insecure: Collection[str] = ()) -> str:
     """Check the credentials with the registry (``GET /v2/`` through its auth), then keep them in
     ``auth_file()``; that file's path."""
     registry = parse_registry(text)
     if not user or not password:
         raise RegistryError("login needs a user name and a password (or token)")
-    client = Client(registry, lambda _r: (user, password))
+    client = Client(registry, lambda _r: (user, password), registry in insecure)
     _response, conn = client.request("GET", "/v2/", [], what=f"login to {registry}")
     conn.close()
     entry = {"auth": base64.b64encode(f"{user}:{password}".encode()).decode()}
@@ -405,8 +405,11 @@ class _Stream(io.RawIOBase):
 class Client:
     """Requests to one registry, with its scheme, tokens and credentials."""
 
-    def __init__(self, registry: str, lookup: Callable[[str], tuple[str, str] | None] = credentials) -> None:
+    def __init__(
+        self, registry: str, lookup: Callable[[str], tuple[str, str] | None] = credentials, insecure: bool = False
+    ) -> None:
         self.registry = registry
+        self.insecure = insecure  # sandbox_insecure_registries: TLS unverified, or plain HTTP
         self.host = _DOCKER_HUB_API if registry == DEFAULT_REGISTRY else registry
         self._lookup = lookup
         self._creds: tuple[str, str] | None = None
@@ -415,6 +418,9 @@ class Client:
         self._auth: dict[frozenset[str], tuple[str, float]] = {}  # scopes -> (Authorization, expiry)
         self._basic = False  # the registry asked for Basic auth
         self._ssl = ssl.create_default_context()  # system CAs; SSL_CERT_FILE / SSL_CERT_DIR for others
+        if insecure:
+            self._ssl.check_hostname = False
+            self._ssl.verify_mode = ssl.CERT_NONE
 
     # -- transport ---------------------------------------------------------------------------
     def _connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
@@ -435,9 +441,9 @@ class Client:
         return f"{url}: {exc}"
 
     def scheme(self) -> str:
-        """https, or for a loopback host plain http when it does not speak TLS (docker does the same)."""
+        """https, or for a loopback or insecure host plain http when it does not speak TLS (as docker does)."""
         if self._scheme is None:
-            if _is_loopback(self.host):
+            if _is_loopback(self.host) or self.insecure:
                 conn = self._connection("https", self.host)
                 try:
                     conn.request("GET", "/v2/")
@@ -515,7 +521,9 @@ class Client:
         if creds:
             headers["Authorization"] = "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
         parts = urllib.parse.urlsplit(url)
-        if parts.scheme != "https" and not _is_loopback(parts.netloc):
+        if parts.scheme != "https" and not (
+            _is_loopback(parts.netloc) or (self.insecure and parts.netloc == self.host)
+        ):
             raise RegistryError(f"{self.registry}: token realm {realm} is not https: credentials not sent there")
         conn = self._connection(parts.scheme, parts.netloc)
         try:
@@ -719,10 +727,13 @@ class Pulled:
         return {"layers": self.layers, "diff_ids": self.diff_ids, "config": self.config, "digest": self.digest}
 
 
-def pull_layers(store: Store, ref: Reference, progress: Progress | None = None, client: Client | None = None) -> Pulled:
+def pull_layers(
+    store: Store, ref: Reference, progress: Progress | None = None, insecure: Collection[str] = ()
+) -> Pulled:
     """Download what the store lacks of ``ref`` and unpack it (caller holds the store lock). Layers whose
-    ChainID the store has are not requested; every blob is verified while it streams."""
-    client = client or Client(ref.registry)
+    ChainID the store has are not requested; every blob is verified while it streams. ``insecure``:
+    the registries sandbox_insecure_registries names."""
+    client = Client(ref.registry, insecure=ref.registry in insecure)
     manifest, digest = resolve(client, ref)
     blobs = _Blobs(client, ref)
     where = f"{ref.registry}/{ref.repository}@{digest}"
@@ -748,6 +759,7 @@ def pull_image(
     name: str | None = None,
     progress: Progress | None = None,
     check: Callable[[str], None] | None = None,
+    insecure: Collection[str] = (),
 ) -> Image:
     """``images pull``: the image ``text`` names, recorded in the store as ``name`` (default: repo[:tag])."""
     ref = parse_reference(text)
@@ -757,7 +769,7 @@ def pull_image(
     say = progress or (lambda _m: None)
     say(f"pulling {ref}")
     with store.locked():
-        pulled = pull_layers(store, ref, progress)
+        pulled = pull_layers(store, ref, progress, insecure)
         image = Image(
             name=final,
             layers=tuple(pulled.layers),
@@ -845,7 +857,9 @@ def _pack(store: Store, chain: str, target: str) -> tuple[dict[str, Any], str]:
     return {"mediaType": oci.MT_LAYER_GZIP, "digest": gzipped.digest, "size": gzipped.size}, plain.digest
 
 
-def push_image(store: Store, name: str, text: str, progress: Progress | None = None) -> str:
+def push_image(
+    store: Store, name: str, text: str, progress: Progress | None = None, insecure: Collection[str] = ()
+) -> str:
     """``images push``: the image ``name`` to ``text`` (blobs first, the manifest last); its manifest digest.
 
     A layer pulled from a registry is named by the blob it came from: if the target has it or can mount it
@@ -857,7 +871,7 @@ def push_image(store: Store, name: str, text: str, progress: Progress | None = N
             f"image {name} is built FROM host: its base is this machine, not a layer; it cannot be pushed"
         )
     say = progress or (lambda _m: None)
-    client = Client(ref.registry)
+    client = Client(ref.registry, insecure=ref.registry in insecure)
     source = image.source.split("@", 1)[0]
     mount_from = None
     if looks_like_registry(image.source):
