@@ -249,6 +249,8 @@ def _images(args: argparse.Namespace, project: Project) -> int:
         removed, freed = store.prune()
         say(f"removed {len(removed)} unused layers, {_size(freed)} freed")
         return 0
+    if args.images_command == "lock":
+        return _lock(args, project, images_dir, say)
     if args.images_command in ("import", "pull", "push"):
         return _transfer(args, project, images_dir, say)
     if args.images_command == "export":
@@ -276,6 +278,22 @@ def _transfer(args: argparse.Namespace, project: Project, images_dir: str, say: 
     for note in notes:
         print(f"pytest-sandbox: --force: {note}", file=sys.stderr)
     say(said)
+    return 0
+
+
+def _lock(args: argparse.Namespace, project: Project, images_dir: str, say: Callable[[str], None]) -> int:
+    """images lock: every registry FROM of images/ resolved to the digest it names now, in images/images.lock."""
+    builder = build.Builder(project.store, images_dir, build_args=_build_args(args.build_arg))
+    locked: dict[str, str] = {}
+    for where, base in builder.registry_bases():
+        ref = registry.parse_reference(base, f"{where}: FROM")
+        if ref.digest is not None:
+            say(f"{ref}: pinned in {where}")
+            continue
+        locked[str(ref)] = registry.manifest_digest(ref, project.insecure_registries)
+        say(f"{ref} -> {locked[str(ref)]} ({where})")
+    path = registry.write_lock(os.path.join(images_dir, registry.LOCK_FILE), locked)
+    say(f"wrote {os.path.relpath(path)}: {len(locked)} references")
     return 0
 
 
@@ -580,7 +598,10 @@ def _version(args: argparse.Namespace, project: Project) -> int:
 
 
 def _registry_commands(sub: Any, add: Callable[..., argparse.ArgumentParser], images_dir: str) -> None:
-    """images pull and push."""
+    """images pull, push and lock."""
+    p = add(sub, "lock", "resolve every registry FROM of images/ to a digest, in images/images.lock (builds use it)")
+    p.add_argument("--dir", help=images_dir)
+    p.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE", help="value for an ARG")
     p = add(sub, "pull", "pull an image from a registry: HOST[:PORT]/REPOSITORY[:TAG][@sha256:DIGEST]")
     p.add_argument("ref", metavar="REF")
     p.add_argument("name", nargs="?", metavar="NAME", help="default: the repository's last part[:tag]")

@@ -609,3 +609,29 @@ def test_login_checks_and_keeps_credentials_logout_forgets(store: Store, no_cred
         assert out.returncode == 0 and json.loads(config.read_text()) == {"auths": {}}
         again = _cli("logout", registry.host)
         assert again.returncode == 2 and f"holds no credentials for {registry.host}" in again.stderr
+
+
+def test_images_lock_pins_what_from_pulls(registry: Registry, store: Store, tmp_path: Path) -> None:
+    old = registry.add_image("team/base", "1.4", [_tar(BASE)], env=["MODE=old"])
+    project = _project(tmp_path, f"ARG TAG=1.4\nFROM {registry.host}/team/base:$TAG\nCOPY data.txt /srv/data.txt\n")
+    (project / "images/pinned.Containerfile").write_text(f"FROM {registry.host}/team/base@{old}\n")
+    (project / "images/local.Containerfile").write_text("FROM app\n")
+    locked = run_cli("images", "lock", store=store.root, cwd=project)
+    assert locked.returncode == 0, locked.stderr
+    assert f"{registry.host}/team/base:1.4 -> {old} (images/app.Containerfile:2)" in locked.stdout
+    assert f"{registry.host}/team/base@{old}: pinned in images/pinned.Containerfile:1" in locked.stdout
+    lock = json.loads((project / "images/images.lock").read_text())
+    assert lock == {"lockVersion": 1, "images": {f"{registry.host}/team/base:1.4": old}}
+
+    registry.add_image("team/base", "1.4", [_tar(BASE), _tar(APP)], env=["MODE=new"])  # the tag moves on
+    image = build.Builder(store, str(project / "images")).build("app")
+    assert image.config["Env"] == ["MODE=old"] and len(image.layers) == 2  # what the lock names
+    assert registry.requests("GET", f"/manifests/{old}")
+
+    (project / "images/images.lock").unlink()
+    fresh = Store(str(tmp_path / "fresh"))
+    assert build.Builder(fresh, str(project / "images")).build("app").config["Env"] == ["MODE=new"]
+
+    (project / "images/images.lock").write_text('{"images": {"a/b:1": "sha256:12"}}')
+    with pytest.raises(reg.RegistryError, match=r"images.lock: a/b:1: digest 'sha256:12' is not sha256:<64"):
+        build.Builder(Store(str(tmp_path / "third")), str(project / "images")).build("app")

@@ -164,6 +164,7 @@ class Builder:
     ) -> None:
         self.store = store
         self.insecure_registries = tuple(insecure_registries)  # sandbox_insecure_registries
+        self._lock: dict[str, str] | None = None  # images/images.lock: reference -> manifest digest
         self.images_dir = os.path.abspath(images_dir)
         self._progress = progress or (lambda _msg: None)
         self._pending: list[str] = []  # headers held back while every step is cached (quiet mode)
@@ -239,17 +240,36 @@ class Builder:
                     f"image of that name in the store {self.store.root}"
                 )
             return
-        with open(path) as f:
-            instructions = containerfile.parse(f.read(), path)
-        args: dict[str, str] = {}
-        for ins in instructions[: [i.keyword for i in instructions].index("FROM")]:
-            args.update(self._arg_values(ins, path, args))  # FROM $BASE: as the build will see it
-        from_ = instructions[[i.keyword for i in instructions].index("FROM")]
-        base = containerfile.substitute(from_.args.split()[0], args)
+        from_, base = self._base_of(path)
         if registry.looks_like_registry(base):
             registry.parse_reference(base, f"{path}:{from_.line}: FROM")
         elif base not in ("scratch", HOST_BASE) and not oci.is_reference(base) and base != name:
             self.check(base)
+
+    def _base_of(self, path: str) -> tuple[Instruction, str]:
+        """A definition's FROM and its base, as the build will see it (``FROM $BASE`` with its ARGs)."""
+        with open(path) as f:
+            instructions = containerfile.parse(f.read(), path)
+        args: dict[str, str] = {}
+        for ins in instructions[: [i.keyword for i in instructions].index("FROM")]:
+            args.update(self._arg_values(ins, path, args))
+        from_ = instructions[[i.keyword for i in instructions].index("FROM")]
+        return from_, containerfile.substitute(from_.args.split()[0], args)
+
+    def registry_bases(self) -> list[tuple[str, str]]:
+        """(``file:line``, reference) of every definition in images/ whose FROM is a registry's image."""
+        out = []
+        for name in definitions(self.images_dir):
+            path = definition_path(self.images_dir, name)
+            from_, base = self._base_of(path)
+            if registry.looks_like_registry(base):
+                out.append((f"{os.path.relpath(path)}:{from_.line}", base))
+        return out
+
+    def _locked(self) -> dict[str, str]:
+        if self._lock is None:
+            self._lock = registry.read_lock(os.path.join(self.images_dir, registry.LOCK_FILE))
+        return self._lock
 
     # -- one image -----------------------------------------------------------------------
     def _build(self, name: str) -> Image:
@@ -361,6 +381,8 @@ class Builder:
         it), else pulled now; only the layers the store lacks are downloaded. ``--no-cache`` pulls again."""
         where = f"{path}:{ins.line}: FROM"
         ref = registry.parse_reference(base, where)
+        if ref.digest is None and str(ref) in self._locked():  # images lock: exactly that image
+            ref = dataclasses.replace(ref, digest=self._locked()[str(ref)])
         cached = self._cache_get(registry.cache_key(ref))
         if cached is None or "digest" not in cached:
             self.say(f"  pulling {ref}")

@@ -782,6 +782,42 @@ def pull_image(
     return image
 
 
+# -- images.lock -----------------------------------------------------------------------------
+
+LOCK_FILE = "images.lock"  # in images/: every registry FROM's reference -> the manifest digest it had
+
+
+def manifest_digest(ref: Reference, insecure: Collection[str] = ()) -> str:
+    """The digest a reference names now (an index's own for a multi-platform image: the lock fits every arch)."""
+    return get_manifest(Client(ref.registry, insecure=ref.registry in insecure), ref)[1]
+
+
+def read_lock(path: str) -> dict[str, str]:
+    """``images.lock`` as reference -> digest ({} when there is none); a broken one is an error naming it."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise RegistryError(
+            f"{path}: not a readable lock file ({exc}); make it again with pytest-sandbox images lock"
+        ) from None
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, dict):
+        raise RegistryError(f'{path}: no "images" object; make it again with pytest-sandbox images lock')
+    for ref, digest in images.items():
+        parse_reference(ref, f"{path}: reference")
+        _digest(digest, f"{path}: {ref}")
+    return dict(images)
+
+
+def write_lock(path: str, images: dict[str, str]) -> str:
+    write_json_atomic(path, {"lockVersion": 1, "images": dict(sorted(images.items()))})
+    os.chmod(path, 0o644)  # a file of the project, read by whoever builds
+    return path
+
+
 # -- push ------------------------------------------------------------------------------------
 
 
