@@ -63,6 +63,7 @@ class Registry:
         self.cut_after: int | None = None  # blob bodies end after this many bytes (a cut connection)...
         self.cuts: int | None = None  # ...this many times (None: every time)
         self.ranges = True  # GET blob with Range: bytes=N- answered 206
+        self.chunked = False  # blob bodies sent chunked, without a Content-Length (as some CDNs do)
         self._lock = threading.Lock()
         handler = type("Handler", (_Handler,), {"registry": self})
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -316,6 +317,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(data[:cut])
             self.close_connection = True
+            return
+        if self.registry.chunked and self.command == "GET":
+            self.registry.log.append((self.command, self.path, status, self.headers.get("Authorization")))
+            self.send_response(status)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(0, len(data), 1000):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data[i : i + 1000]), data[i : i + 1000]))
+            self.wfile.write(b"0\r\n\r\n")
             return
         self._send(status, data, headers)
 

@@ -233,6 +233,14 @@ def test_a_cut_download_resumes_where_it_broke(registry: Registry, store: Store)
     assert store_state(other) == ([], [], [])
 
 
+def test_chunked_blobs_without_a_length(registry: Registry, store: Store) -> None:
+    registry.add_image("team/base", "1", [_tar([*BASE, ("etc/big", "file", b"x" * 50_000)])])
+    registry.chunked = True
+    image = reg.pull_image(store, f"{registry.host}/team/base:1")
+    assert read(store, image.name, "/etc/big") == "x" * 50_000
+    assert [r[2] for r in registry.requests("GET", "/blobs/")] == [200, 200]  # config and layer, no resume
+
+
 def test_index_picks_this_platform(registry: Registry, store: Store) -> None:
     other = "arm64" if oci.ARCH != "arm64" else "amd64"
     mine = registry.add_image("multi", None, [_tar([("arch", "file", oci.ARCH.encode())])], architecture=oci.ARCH)

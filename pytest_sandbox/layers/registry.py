@@ -9,11 +9,14 @@ a client library would bring dependencies for little. What is implemented:
   ``access_token``, ``expires_in`` 60 s by default, one retry on ``insufficient_scope``) and Basic;
   credentials from ``$DOCKER_AUTH_CONFIG``, ``$REGISTRY_AUTH_FILE``, containers' ``auth.json``,
   ``$DOCKER_CONFIG/config.json``, ``~/.docker/config.json`` and their ``docker-credential-*`` helpers;
-* HTTPS with the system CAs (``SSL_CERT_FILE`` for another bundle); plain HTTP only for loopback hosts;
-  ``Authorization`` is never sent to another host a redirect leads to; 429/503 ``Retry-After`` waited for;
+* HTTPS with the system CAs (``SSL_CERT_FILE`` for another bundle); plain HTTP only for loopback hosts
+  and ``sandbox_insecure_registries`` (whose TLS is not verified either); ``Authorization`` is never sent
+  to another host a redirect leads to; 429/503 ``Retry-After`` waited for;
 * pull: OCI and Docker v2 manifests and indexes (linux/this arch picked), every blob verified while it
-  streams (``oci.unpack_chain``: nothing half-pulled is published), layers the store has never requested;
-* push: blob HEAD, cross-repository mount, monolithic upload, manifest last.
+  streams (``oci.unpack_chain``: nothing half-pulled is published), a broken download resumed with
+  ``Range``, layers the store has never requested;
+* push: blob HEAD, cross-repository mount, monolithic upload, manifest last;
+* ``login``/``logout`` (docker's config.json format) and ``images.lock`` (registry FROMs pinned to digests).
 """
 
 from __future__ import annotations
@@ -371,13 +374,14 @@ class _Stream(io.RawIOBase):
         while True:
             try:
                 n = self.response.readinto(buffer)
-                broke = f"after {self.read_bytes + n} of {self.expected} bytes"
             except (http.client.HTTPException, OSError) as exc:
-                n, broke = 0, f"after {self.read_bytes} bytes ({exc!r})"
+                self._resume(f"after {self.read_bytes} bytes ({exc!r})")
+                continue
             self.read_bytes += n
-            if n or not len(buffer) or (self.expected is not None and self.read_bytes >= self.expected):
+            # without a Content-Length (chunked) the end is the end; with one, an early end is a break
+            if n or not len(buffer) or self.expected is None or self.read_bytes >= self.expected:
                 return n
-            self._resume(broke)
+            self._resume(f"after {self.read_bytes} of {self.expected} bytes")
 
     def _resume(self, broke: str) -> None:
         start = self.read_bytes
