@@ -302,6 +302,30 @@ def test_pull_with_bearer_token_and_credentials(
         assert blobs and all((r[3] or "").startswith("Bearer ") for r in blobs)
 
 
+@pytest.mark.parametrize("kind", ["credHelpers", "credsStore"])
+def test_credential_helpers(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_credentials: Path, kind: str
+) -> None:
+    with Registry(auth="bearer", users={"ci": "s3cret"}) as registry:
+        registry.add_image("private/base", "1", [_tar(BASE)])
+        helper = tmp_path / "bin/docker-credential-testing"
+        helper.parent.mkdir()
+        helper.write_text(
+            '#!/bin/sh\nread server\necho "$1 $server" >> ' + str(tmp_path / "asked") + "\n"
+            f'[ "$server" = "{registry.host}" ] && echo \'{{"Username": "ci", "Secret": "s3cret"}}\' && exit 0\n'
+            "echo 'credentials not found in native keychain'; exit 1\n"
+        )
+        helper.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{helper.parent}:{os.environ['PATH']}")
+        (no_credentials / ".docker").mkdir()
+        config = {"credHelpers": {registry.host: "testing"}} if kind == "credHelpers" else {"credsStore": "testing"}
+        (no_credentials / ".docker/config.json").write_text(json.dumps(config))
+        image = reg.pull_image(store, f"{registry.host}/private/base:1")
+        assert read(store, image.name, "/etc/base") == "base\n"
+        assert (tmp_path / "asked").read_text() == f"get {registry.host}\n"
+        assert registry.requests("GET", "/token")[-1][3] == "Basic " + _auth("ci", "s3cret")
+
+
 def test_wrong_credentials_and_anonymous_tokens(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     with Registry(auth="bearer", users={"ci": "s3cret"}, anonymous_pull=True) as registry:
         registry.add_image("public/base", "1", [_tar(BASE)])
