@@ -39,6 +39,7 @@ class Project:
     cgroup: str | None
     cgroup_backend: str
     insecure_registries: tuple[str, ...] = ()  # sandbox_insecure_registries
+    build_cache: registry.RemoteCache | None = None  # ini sandbox_cache
 
 
 class _Catch:
@@ -92,6 +93,7 @@ def find_project(args: argparse.Namespace) -> Project:
         cgroup=settings.cgroup_path(config),
         cgroup_backend=settings.choice(config, "sandbox_cgroup_backend"),
         insecure_registries=settings.insecure_registries(config),
+        build_cache=settings.build_cache(config, settings.insecure_registries(config)),
     )
 
 
@@ -210,6 +212,9 @@ def _images(args: argparse.Namespace, project: Project) -> int:
             _build_args(args.build_arg),
             no_cache=args.no_cache,
             insecure_registries=project.insecure_registries,
+            cache=registry.RemoteCache(args.cache, project.insecure_registries, "--cache")
+            if args.cache
+            else project.build_cache,
         )
         names = args.names or build.definitions(images_dir)
         if not names:
@@ -612,6 +617,16 @@ def _registry_commands(sub: Any, add: Callable[..., argparse.ArgumentParser], im
     p.add_argument("ref", metavar="REF")
 
 
+def _login_commands(commands: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
+    """login and logout."""
+    p = add(commands, "login", "check credentials with a registry and keep them ($REGISTRY_AUTH_FILE or docker's)")
+    p.add_argument("registry", metavar="REGISTRY", help="HOST[:PORT], or docker.io")
+    p.add_argument("-u", "--username")
+    p.add_argument("--password-stdin", action="store_true", help="read the password or token from stdin")
+    p = add(commands, "logout", "forget the credentials login kept for a registry")
+    p.add_argument("registry", metavar="REGISTRY")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="pytest-sandbox",
@@ -655,6 +670,11 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run every step again (e.g. after the host changed under a FROM host image)",
     )
+    p.add_argument(
+        "--cache",
+        metavar="REF",
+        help="a registry repository as a build cache shared between machines (default: ini sandbox_cache)",
+    )
     add(sub, "ls", "list images")
     p = add(sub, "inspect", "layers and config of an image, as JSON")
     p.add_argument("name")
@@ -672,12 +692,7 @@ def parser() -> argparse.ArgumentParser:
     p = add(sub, "export", "write an image as an OCI archive (or oci:DIR / docker-archive:FILE)")
     p.add_argument("name")
     p.add_argument("target")
-    p = add(commands, "login", "check credentials with a registry and keep them ($REGISTRY_AUTH_FILE or docker's)")
-    p.add_argument("registry", metavar="REGISTRY", help="HOST[:PORT], or docker.io")
-    p.add_argument("-u", "--username")
-    p.add_argument("--password-stdin", action="store_true", help="read the password or token from stdin")
-    p = add(commands, "logout", "forget the credentials login kept for a registry")
-    p.add_argument("registry", metavar="REGISTRY")
+    _login_commands(commands, add)
     p = add(commands, "run", "run a command in a throwaway container of an image (built from images/ if needed)")
     p.add_argument("image")
     p.add_argument("command", nargs=argparse.REMAINDER)

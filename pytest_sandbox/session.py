@@ -48,6 +48,7 @@ class SessionState:
     scope: str  # which tests share a sandbox (--sandbox-scope)
     outputs: tuple[str, ...]  # where sandboxes write files that reach the host
     insecure_registries: tuple[str, ...] = ()  # FROM a registry: sandbox_insecure_registries
+    build_cache: Any = None  # --sandbox-cache: a registry.RemoteCache
     zygote: Zygote | None = None
     shared: Channels | None = None  # the sandbox that waits for the next test (--sandbox-scope)
     cgroup_session: cgroups.Session | None = None
@@ -98,6 +99,7 @@ def configure(config: pytest.Config) -> SessionState:
         scope=settings.choice(config, "sandbox_scope"),
         outputs=outputs.declared(config, settings.raw(config, "sandbox_outputs")[0] or ()),
         insecure_registries=settings.insecure_registries(config),
+        build_cache=settings.build_cache(config, settings.insecure_registries(config)),
     )
 
 
@@ -177,7 +179,12 @@ def prepare_images(state: SessionState, say: build.Progress, worker: tuple[str, 
 
 def _prepare_images(state: SessionState, say: build.Progress) -> None:
     builder = build.Builder(
-        state.store, state.images_dir, say, quiet_cached=True, insecure_registries=state.insecure_registries
+        state.store,
+        state.images_dir,
+        say,
+        quiet_cached=True,
+        insecure_registries=state.insecure_registries,
+        cache=state.build_cache,
     )
     for name in sorted(state.images):
         try:

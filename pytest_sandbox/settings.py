@@ -174,6 +174,14 @@ SETTINGS: tuple[Setting, ...] = (
         path=True,
     ),
     Setting(
+        "sandbox_cache",
+        "a registry repository (HOST/REPOSITORY) shared by machines as a build cache: Containerfile steps "
+        "built elsewhere are pulled, steps built here are pushed",
+        "--sandbox-cache",
+        "sandbox_cache",
+        metavar="REF",
+    ),
+    Setting(
         "sandbox_insecure_registries",
         "registries (HOST[:PORT]) reached with unverified TLS, or plain HTTP where they have no TLS "
         "(loopback ones may always use plain HTTP)",
@@ -281,6 +289,19 @@ def insecure_registries(config: pytest.Config) -> tuple[str, ...]:
         except RegistryError as exc:
             raise pytest.UsageError(f"{where}: {exc}") from None
     return tuple(out)
+
+
+def build_cache(config: pytest.Config, insecure: tuple[str, ...]) -> Any:
+    """``--sandbox-cache``: a ``registry.RemoteCache``, or None."""
+    from .layers.registry import RegistryError, RemoteCache
+
+    value, where = raw(config, "sandbox_cache")
+    if not value:
+        return None
+    try:
+        return RemoteCache(str(value), insecure, where)
+    except RegistryError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 CGROUP_RULE = (

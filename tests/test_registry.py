@@ -667,3 +667,64 @@ def test_images_lock_pins_what_from_pulls(registry: Registry, store: Store, tmp_
     (project / "images/images.lock").write_text('{"images": {"a/b:1": "sha256:12"}}')
     with pytest.raises(reg.RegistryError, match=r"images.lock: a/b:1: digest 'sha256:12' is not sha256:<64"):
         build.Builder(Store(str(tmp_path / "third")), str(project / "images")).build("app")
+
+
+def test_a_build_cache_shared_through_a_registry(registry: Registry, tmp_path: Path) -> None:
+    """Two machines (two stores) build the same images/ with one --sandbox-cache: the second builds nothing."""
+    project = _project(tmp_path, "FROM scratch\nCOPY data.txt /srv/data.txt\nENV MODE=x\nCOPY more.txt /srv/more.txt\n")
+    (project / "images/more.txt").write_text("more\n")
+    cache = f"{registry.host}/ci/cache"
+    first = run_cli("images", "build", "--cache", cache, "app", store=tmp_path / "one", cwd=project)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count(f"pushed to the build cache {cache}") == 2  # the two COPY steps
+    assert len([t for t in registry.tags["ci/cache"] if t.startswith("sbx-")]) == 2
+
+    before = len(registry.log)
+    second = run_cli("images", "build", "--cache", cache, "app", store=tmp_path / "two", cwd=project)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.count(f"pulled from the build cache {cache}") == 2
+    assert "done in" not in second.stdout and "pushed" not in second.stdout  # nothing built, nothing sent
+    assert not [r for r in registry.log[before:] if r[0] in ("PUT", "POST")]
+    one, two = Store(str(tmp_path / "one")).require("app"), Store(str(tmp_path / "two")).require("app")
+    assert (one.layers, one.diff_ids, one.config) == (two.layers, two.diff_ids, two.config)
+    assert read(Store(str(tmp_path / "two")), "app", "/srv/more.txt") == "more\n"
+
+    (project / "images/more.txt").write_text("changed\n")  # the last step only is built, and pushed
+    third = run_cli("images", "build", "--cache", cache, "app", store=tmp_path / "two", cwd=project)
+    assert third.returncode == 0, third.stderr
+    assert "cached  app step 2/4" in third.stdout and third.stdout.count("pushed to the build cache") == 1
+
+    bad = run_cli("images", "build", "--cache", f"{cache}:v1", "app", store=tmp_path / "two", cwd=project)
+    assert bad.returncode == 2 and "give a repository (HOST/REPOSITORY), without a tag or digest" in bad.stderr
+    down = run_cli(
+        "images", "build", "--cache", "127.0.0.1:1/ci/cache", "--no-cache", "app", store=tmp_path / "two", cwd=project
+    )
+    assert down.returncode == 0, down.stderr  # a cache that is down is said, and the build goes on
+    assert "not pushed to the build cache 127.0.0.1:1/ci/cache" in down.stdout and "connection refused" in down.stdout
+
+
+def test_sandbox_cache_in_a_pytest_session(
+    pytester: pytest.Pytester,
+    registry: Registry,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    (pytester.path / "images").mkdir()
+    (pytester.path / "images/data.txt").write_text("data\n")
+    (pytester.path / "images/app.Containerfile").write_text("FROM scratch\nCOPY data.txt /srv/data.txt\n")
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.container(image="app")
+        def test_in_image(sandbox):
+            assert open(sandbox.path("/srv/data.txt")).read() == "data\\n"
+    """)
+    cache = f"--sandbox-cache={registry.host}/ci/cache"
+    for store, said in (("one", "pushed to the build cache"), ("two", "pulled from the build cache")):
+        monkeypatch.setenv("PYTEST_SANDBOX_STORE", str(tmp_path_factory.mktemp(store)))
+        result = pytester.runpytest_subprocess(cache)
+        result.assert_outcomes(passed=1)
+        result.stdout.fnmatch_lines([f"*{said} {registry.host}/ci/cache*"])
+    bad = pytester.runpytest_subprocess(f"--sandbox-cache={registry.host}/ci/cache@{DIGEST}")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["*--sandbox-cache *: give a repository (HOST/REPOSITORY), without a tag or digest*"])

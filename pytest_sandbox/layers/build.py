@@ -161,10 +161,12 @@ class Builder:
         quiet_cached: bool = False,
         no_cache: bool = False,
         insecure_registries: Collection[str] = (),
+        cache: registry.RemoteCache | None = None,
     ) -> None:
         self.store = store
         self.insecure_registries = tuple(insecure_registries)  # sandbox_insecure_registries
         self._lock: dict[str, str] | None = None  # images/images.lock: reference -> manifest digest
+        self.cache = cache  # --sandbox-cache: steps shared with other machines through a registry
         self.images_dir = os.path.abspath(images_dir)
         self._progress = progress or (lambda _msg: None)
         self._pending: list[str] = []  # headers held back while every step is cached (quiet mode)
@@ -476,6 +478,9 @@ class Builder:
         if cached is not None:
             self._cached(f"{label}: {as_written(ins)}")
             return target.derived(target.key, list(cached["layers"]), list(cached["diff_ids"]), dict(cached["config"]))
+        pulled = self._remote_get(target, f"{label}: {as_written(ins)}")
+        if pulled is not None:
+            return pulled
         self.say(f"  {label}: {as_written(ins)}")
         started = time.monotonic()
         with self.store.staging() as stage, progress.running(self, f"  {label}: {as_written(ins)}"):
@@ -492,7 +497,35 @@ class Builder:
         result = target.derived(target.key, layers, diff_ids)
         self.store.cache_put(target.key, result.entry())
         self.say(f"    done in {time.monotonic() - started:.2f}s")
+        self._remote_put(result)
         return result
+
+    def _remote_get(self, target: _State, what: str) -> _State | None:
+        """The step as another machine built it, from --sandbox-cache (None: nobody did, or no cache).
+        A cache that cannot be reached is said and built around: it saves time, it decides nothing."""
+        if self.cache is None or self.no_cache or target.host_based:
+            return None
+        try:
+            pulled = self.cache.pull(self.store, target.key)
+        except StoreError as exc:
+            self.say(f"  {what}: build cache {self.cache.ref} not used: {exc}")
+            return None
+        if pulled is None or pulled.layers[: len(target.layers)] != target.layers:
+            return None  # not there, or not on top of this step's base (never used then)
+        self.say(f"  {what}: pulled from the build cache {self.cache.ref}")
+        result = target.derived(target.key, pulled.layers, pulled.diff_ids)
+        self.store.cache_put(target.key, result.entry())
+        return result
+
+    def _remote_put(self, result: _State) -> None:
+        if self.cache is None or result.host_based:
+            return
+        try:
+            self.cache.push(self.store, result.key, result.layers, result.config)
+        except StoreError as exc:
+            self.say(f"    not pushed to the build cache {self.cache.ref}: {exc}")
+            return
+        self.say(f"    pushed to the build cache {self.cache.ref}")
 
     def _check_host_layer(self, ins: Instruction, diff: str) -> None:
         """A FROM host layer can only change existing top-level directories (each is one overlay)."""

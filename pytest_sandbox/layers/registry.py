@@ -76,6 +76,10 @@ Progress = Callable[[str], None]
 class RegistryError(StoreError):
     """A registry refused or failed a request, or a reference is not valid (the message says which)."""
 
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # the HTTP status the registry answered, if it came to that
+
 
 # -- references ------------------------------------------------------------------------------
 
@@ -594,7 +598,7 @@ class Client:
                 waits += 1
                 time.sleep(min(_retry_after(response.getheader("Retry-After"), waits), _MAX_WAIT))
                 continue
-            raise RegistryError(f"{what}: {self._explain(response.status, data, final)}")
+            raise RegistryError(f"{what}: {self._explain(response.status, data, final)}", response.status)
 
     def _explain(self, status: int, body: bytes, url: str) -> str:
         text = _error_text(status, body)
@@ -737,8 +741,18 @@ def pull_layers(
     """Download what the store lacks of ``ref`` and unpack it (caller holds the store lock). Layers whose
     ChainID the store has are not requested; every blob is verified while it streams. ``insecure``:
     the registries sandbox_insecure_registries names."""
-    client = Client(ref.registry, insecure=ref.registry in insecure)
-    manifest, digest = resolve(client, ref)
+    return pull_layers_with(store, ref, Client(ref.registry, insecure=ref.registry in insecure), progress)
+
+
+def pull_layers_with(
+    store: Store,
+    ref: Reference,
+    client: Client,
+    progress: Progress | None = None,
+    resolved: tuple[dict[str, Any], str] | None = None,
+) -> Pulled:
+    """pull_layers through a client already made (its tokens reused), of a manifest maybe already resolved."""
+    manifest, digest = resolved or resolve(client, ref)
     blobs = _Blobs(client, ref)
     where = f"{ref.registry}/{ref.repository}@{digest}"
     config = blobs.json(_digest(manifest["config"].get("digest"), f"{where}: config"))
@@ -912,20 +926,35 @@ def push_image(
         )
     say = progress or (lambda _m: None)
     client = Client(ref.registry, insecure=ref.registry in insecure)
-    source = image.source.split("@", 1)[0]
     mount_from = None
     if looks_like_registry(image.source):
         with contextlib.suppress(RegistryError):
             origin = parse_reference(image.source)
             mount_from = origin.repository if origin.registry == ref.registry else None
     pusher = _Pusher(client, ref, mount_from)
+    source = image.source.split("@", 1)[0]
     say(f"pushing {name} to {ref}" + (f" (layers of {source} mounted where possible)" if pusher.mount_from else ""))
+    digest = push_layers(store, pusher, image.layers, image.config, image.created, say)
+    say(f"pushed {name} to {ref.registry}/{ref.repository}@{digest}")
+    return digest
+
+
+def push_layers(
+    store: Store,
+    pusher: _Pusher,
+    layers: Sequence[str],
+    image_config: dict[str, Any],
+    created: float,
+    say: Progress,
+) -> str:
+    """Layers of the store and a container config as an image at ``pusher.ref``; its manifest digest."""
+    ref, client = pusher.ref, pusher.client
     descriptors, diff_ids = [], []
     with store.staging() as stage:
-        for i, chain in enumerate(image.layers):
+        for i, chain in enumerate(layers):
             info = store.layer_info(chain)
             blob = info.get("blob")
-            label = f"layer {i + 1}/{len(image.layers)}"
+            label = f"layer {i + 1}/{len(layers)}"
             done = pusher.present(blob["digest"]) if isinstance(blob, dict) and blob.get("digest") else None
             if isinstance(blob, dict) and done is not None:  # pulled, and there: nothing repacked or sent
                 descriptor, diff_id = blob, info["diff_id"]
@@ -940,8 +969,8 @@ def push_image(
         config = {
             "architecture": oci.ARCH,
             "os": "linux",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(image.created)),
-            "config": {k: v for k, v in image.config.items() if v not in (None, "", [], {})},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
+            "config": {k: v for k, v in image_config.items() if v not in (None, "", [], {})},
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
         }
         config_bytes = _json_bytes(config)
@@ -956,7 +985,7 @@ def push_image(
     body = _json_bytes(manifest)
     digest = "sha256:" + hashlib.sha256(body).hexdigest()
     if ref.digest and ref.digest != digest:
-        raise RegistryError(f"push target {text!r} names digest {ref.digest}, but the manifest of {name} is {digest}")
+        raise RegistryError(f"push target {ref} names digest {ref.digest}, but the manifest is {digest}")
     response, conn = client.request(
         "PUT",
         f"/v2/{ref.repository}/manifests/{ref.tag or digest}",
@@ -971,5 +1000,38 @@ def push_image(
     said = response.getheader("Docker-Content-Digest")
     if said and said != digest:
         raise RegistryError(f"{ref}: the registry stored the manifest as {said}, not as {digest}")
-    say(f"pushed {name} to {ref.registry}/{ref.repository}@{digest}")
     return digest
+
+
+# -- build cache through a registry --------------------------------------------------------------
+
+CACHE_TAG_PREFIX = "sbx-"  # a build step's cache key k is the tag sbx-<k> of the --sandbox-cache repository
+
+
+class RemoteCache:
+    """``--sandbox-cache=REF``: a Containerfile step's result as a tag of one repository. A build pulls a
+    step another machine built (only the layers the store lacks) and pushes the steps it builds."""
+
+    def __init__(self, text: str, insecure: Collection[str] = (), where: str = "--sandbox-cache") -> None:
+        self.ref = parse_reference(text, where)
+        if self.ref.digest or ":" in text.rsplit("/", 1)[-1]:
+            raise RegistryError(f"{where} {text!r}: give a repository (HOST/REPOSITORY), without a tag or digest")
+        self.client = Client(self.ref.registry, insecure=self.ref.registry in insecure)
+
+    def _at(self, key: str) -> Reference:
+        return dataclasses.replace(self.ref, tag=CACHE_TAG_PREFIX + key, digest=None)
+
+    def pull(self, store: Store, key: str, progress: Progress | None = None) -> Pulled | None:
+        """The step ``key`` as another build pushed it, its layers now in the store; None if nobody did."""
+        ref = self._at(key)
+        try:
+            resolved = resolve(self.client, ref)
+        except RegistryError as exc:
+            if exc.status == 404:  # manifest unknown: nobody built this step yet
+                return None
+            raise
+        return pull_layers_with(store, ref, self.client, progress, resolved)
+
+    def push(self, store: Store, key: str, layers: Sequence[str], config: dict[str, Any]) -> str:
+        """Publish a step's result under its key (time 0 in the config: the same step gives the same digest)."""
+        return push_layers(store, _Pusher(self.client, self._at(key), None), layers, config, 0.0, lambda _m: None)
