@@ -741,7 +741,9 @@ def pull_layers(
     """Download what the store lacks of ``ref`` and unpack it (caller holds the store lock). Layers whose
     ChainID the store has are not requested; every blob is verified while it streams. ``insecure``:
     the registries sandbox_insecure_registries names."""
-    return pull_layers_with(store, ref, Client(ref.registry, insecure=ref.registry in insecure), progress)
+    pulled = pull_layers_with(store, ref, Client(ref.registry, insecure=ref.registry in insecure), progress)
+    store.cache_put(cache_key(ref), pulled.entry())  # FROM of this reference finds it
+    return pulled
 
 
 def pull_layers_with(
@@ -766,9 +768,7 @@ def pull_layers_with(
         layers.append(oci.LayerRef(layer_digest, layer_digest, clean))
     diff_ids = oci.config_diff_ids(config, len(layers), where)
     chains = oci.unpack_chain(store, blobs, layers, diff_ids, where, progress, ("downloading", "downloaded"))
-    pulled = Pulled(ref, digest, chains, diff_ids, oci.image_config(config))
-    store.cache_put(cache_key(ref), pulled.entry())  # FROM of this reference finds it
-    return pulled
+    return Pulled(ref, digest, chains, diff_ids, oci.image_config(config))
 
 
 def pull_image(
