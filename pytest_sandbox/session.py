@@ -17,7 +17,7 @@ import pytest
 
 from . import outputs, settings, summary
 from .errors import SandboxError
-from .layers import build, progress
+from .layers import build, progress, registry
 from .layers.store import Image, Store
 from .linux.files import remove_tree
 from .linux.rootfs import ImageMount
@@ -48,7 +48,7 @@ class SessionState:
     scope: str  # which tests share a sandbox (--sandbox-scope)
     outputs: tuple[str, ...]  # where sandboxes write files that reach the host
     insecure_registries: tuple[str, ...] = ()  # FROM a registry: sandbox_insecure_registries
-    build_cache: Any = None  # --sandbox-cache: a registry.RemoteCache
+    build_cache: registry.RemoteCache | None = None  # --sandbox-cache
     zygote: Zygote | None = None
     shared: Channels | None = None  # the sandbox that waits for the next test (--sandbox-scope)
     cgroup_session: cgroups.Session | None = None

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from .layers import registry
 from .runtime.cgroups import BACKENDS as CGROUP_BACKENDS
 from .spec import CHECKS, LIMIT_FIELDS, bad_value, check_env_lines
 
@@ -279,28 +280,24 @@ def directory(config: pytest.Config, name: str) -> str | None:
 
 def insecure_registries(config: pytest.Config) -> tuple[str, ...]:
     """``sandbox_insecure_registries``: each line a registry as ``pytest-sandbox login`` takes it."""
-    from .layers.registry import RegistryError, parse_registry  # the layers import nothing of settings
-
     value, where = raw(config, "sandbox_insecure_registries")
     out = []
     for line in value or ():
         try:
-            out.append(parse_registry(str(line).strip()))
-        except RegistryError as exc:
+            out.append(registry.parse_registry(str(line).strip()))
+        except registry.RegistryError as exc:
             raise pytest.UsageError(f"{where}: {exc}") from None
     return tuple(out)
 
 
-def build_cache(config: pytest.Config, insecure: tuple[str, ...]) -> Any:
-    """``--sandbox-cache``: a ``registry.RemoteCache``, or None."""
-    from .layers.registry import RegistryError, RemoteCache
-
+def build_cache(config: pytest.Config, insecure: tuple[str, ...]) -> registry.RemoteCache | None:
+    """``--sandbox-cache``: the build cache in a registry, or None."""
     value, where = raw(config, "sandbox_cache")
     if not value:
         return None
     try:
-        return RemoteCache(str(value), insecure, where)
-    except RegistryError as exc:
+        return registry.RemoteCache(str(value), insecure, where)
+    except registry.RegistryError as exc:
         raise pytest.UsageError(str(exc)) from None
 
 
