@@ -16,7 +16,7 @@ from .errors import SandboxError
 from .runtime import test_process
 from .runtime.handle import Zygote
 from .session import SPEC_KEY, SessionState
-from .spec import FIELDS, MARKER, SandboxSpec, spec_for_item
+from .spec import FIELDS, MARKER, SandboxSpec, spec_for_item, with_resolved_volumes
 
 STATE_KEY = pytest.StashKey[SessionState]()
 REPEAT_PARAM = "sandbox_run"
@@ -76,10 +76,12 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         if changed is not None:
             if not isinstance(changed, SandboxSpec):
                 raise pytest.UsageError(f"{item.nodeid}: pytest_sandbox_spec returned {changed!r}, not a SandboxSpec")
-            spec = changed
+            spec = with_resolved_volumes(changed, str(config.rootpath), f"{item.nodeid}: pytest_sandbox_spec hook")
         item.stash[SPEC_KEY] = spec
         if spec.image is not None and state.mode != "off":
             images_needed.setdefault(spec.image, item.nodeid)
+        if spec.volumes and state.mode != "off":
+            _session.check_volume_targets(item, spec)
         for limit in spec.limits:
             if limit not in state.backend.enforced:
                 unenforced.setdefault(limit, []).append(item.nodeid)
@@ -237,9 +239,13 @@ def _run(
     try:
         channels = _channels_for(item, zyg, spec, state)
         next_here = _next_here(item, nextitem, spec, state)
-        for report in reports.run_in_sandbox(item, zyg, spec, channels, state.containers, next_here):
-            sent.append(report)
-            yield report
+        with state.volumes.held(spec.volumes):  # a named volume has one writer at a time, across sessions
+            try:
+                for report in reports.run_in_sandbox(item, zyg, spec, channels, state.containers, next_here):
+                    sent.append(report)
+                    yield report
+            finally:
+                state.volumes.clear_setid_bits(spec.volumes)
         state.shared = channels if channels.open else None
     except SandboxError as exc:
         error = str(exc)

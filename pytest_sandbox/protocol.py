@@ -133,7 +133,12 @@ def _receive(sock: socket.socket, block: bool) -> tuple[bytes | None, list[int]]
         while True:
             if parts and not select.select([sock], [], [], NEXT_CHUNK_TIMEOUT)[0]:
                 raise ProtocolError(f"a message that stopped halfway (no next chunk in {NEXT_CHUNK_TIMEOUT:g} s)")
-            data, ancdata, _flags, _addr = sock.recvmsg(CHUNK + HEADER, socket.CMSG_SPACE(MAX_FDS * 4), flags)
+            try:
+                data, ancdata, _flags, _addr = sock.recvmsg(CHUNK + HEADER, socket.CMSG_SPACE(MAX_FDS * 4), flags)
+            except ConnectionResetError:
+                # The peer closed with a message of ours unread: Linux reports that once, before what the
+                # peer sent is read. Its last words (a setup error) are still queued: read on.
+                continue
             flags = 0  # the rest of a chunked message is already on its way
             _take_fds(ancdata, fds)
             if not data:
