@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import getpass
 import io
 import json
 import os
@@ -20,7 +21,7 @@ import pytest
 
 from . import __version__, probe, settings
 from .errors import SandboxError
-from .layers import build, commands, oci, progress, tarlayer
+from .layers import build, commands, oci, progress, registry, tarlayer
 from .layers.format import HOST_BASE
 from .layers.store import FORMAT_VERSION, Image, Store, StoreError, check_name
 from .linux import rootfs, syscalls
@@ -38,6 +39,8 @@ class Project:
     images_dir: str
     cgroup: str | None
     cgroup_backend: str
+    insecure_registries: tuple[str, ...] = ()  # sandbox_insecure_registries
+    build_cache: registry.RemoteCache | None = None  # ini sandbox_cache
 
 
 class _Catch:
@@ -90,6 +93,8 @@ def find_project(args: argparse.Namespace) -> Project:
         images_dir=settings.directory(config, "sandbox_images") or str(config.rootpath / "images"),
         cgroup=settings.cgroup_path(config),
         cgroup_backend=settings.choice(config, "sandbox_cgroup_backend"),
+        insecure_registries=settings.insecure_registries(config),
+        build_cache=settings.build_cache(config, settings.insecure_registries(config)),
     )
 
 
@@ -201,7 +206,17 @@ def _images(args: argparse.Namespace, project: Project) -> int:
     say = progress.Lines.to(sys.stdout) if not args.quiet else (lambda _m: None)
     images_dir = getattr(args, "dir", None) or project.images_dir
     if args.images_command == "build":
-        builder = build.Builder(store, images_dir, say, _build_args(args.build_arg), no_cache=args.no_cache)
+        builder = build.Builder(
+            store,
+            images_dir,
+            say,
+            _build_args(args.build_arg),
+            no_cache=args.no_cache,
+            insecure_registries=project.insecure_registries,
+            cache=registry.RemoteCache(args.cache, project.insecure_registries, "--cache")
+            if args.cache
+            else project.build_cache,
+        )
         names = args.names or build.definitions(images_dir)
         if not names:
             raise StoreError(f"no *.Containerfile in {os.path.relpath(images_dir)} (rootdir {project.rootdir})")
@@ -240,14 +255,10 @@ def _images(args: argparse.Namespace, project: Project) -> int:
         removed, freed = store.prune()
         say(f"removed {len(removed)} unused layers, {_size(freed)} freed")
         return 0
-    if args.images_command == "import":
-        replaced: list[str] = []
-        check = _import_check(store, images_dir, args.force, replaced)
-        image = oci.import_image(store, oci.guess_reference(args.ref), args.name, say, check)
-        for note in replaced:
-            print(f"pytest-sandbox: --force: {note}", file=sys.stderr)
-        say(f"imported {image.name}: {len(image.layers)} layers")
-        return 0
+    if args.images_command == "lock":
+        return _lock(args, project, images_dir, say)
+    if args.images_command in ("import", "pull", "push"):
+        return _transfer(args, project, images_dir, say)
     if args.images_command == "export":
         where = oci.export_image(store, check_name(args.name), args.target, say)
         say(f"exported {args.name} to {where}")
@@ -255,8 +266,52 @@ def _images(args: argparse.Namespace, project: Project) -> int:
     return 2
 
 
-def _import_check(store: Store, images_dir: str, force: bool, notes: list[str]) -> Callable[[str], None]:
-    """An import never replaces an image, or lands under a name images/ defines, unless --force says so."""
+def _transfer(args: argparse.Namespace, project: Project, images_dir: str, say: Callable[[str], None]) -> int:
+    """images import, pull and push: images into the store from archives and registries, and out to registries."""
+    store, insecure = project.store, project.insecure_registries
+    if args.images_command == "push":
+        registry.push_image(store, check_name(args.name), args.ref, say, insecure)
+        return 0
+    notes: list[str] = []
+    if args.images_command == "pull":
+        check = _import_check(store, images_dir, args.force, notes, "pulled", "images pull REF NAME")
+        image = registry.pull_image(store, args.ref, args.name, say, check, insecure)
+        said = f"pulled {image.name}: {len(image.layers)} layers, {image.source}"
+    else:
+        check = _import_check(store, images_dir, args.force, notes)
+        image = oci.import_image(store, oci.guess_reference(args.ref), args.name, say, check)
+        said = f"imported {image.name}: {len(image.layers)} layers"
+    for note in notes:
+        print(f"pytest-sandbox: --force: {note}", file=sys.stderr)
+    say(said)
+    return 0
+
+
+def _lock(args: argparse.Namespace, project: Project, images_dir: str, say: Callable[[str], None]) -> int:
+    """images lock: every registry FROM of images/ resolved to the digest it names now, in images/images.lock."""
+    builder = build.Builder(project.store, images_dir, build_args=_build_args(args.build_arg))
+    locked: dict[str, str] = {}
+    for where, base in builder.registry_bases():
+        ref = registry.parse_reference(base, f"{where}: FROM")
+        if ref.digest is not None:
+            say(f"{ref}: pinned in {where}")
+            continue
+        locked[str(ref)] = registry.manifest_digest(ref, project.insecure_registries)
+        say(f"{ref} -> {locked[str(ref)]} ({where})")
+    path = registry.write_lock(os.path.join(images_dir, registry.LOCK_FILE), locked)
+    say(f"wrote {os.path.relpath(path)}: {len(locked)} references")
+    return 0
+
+
+def _import_check(
+    store: Store,
+    images_dir: str,
+    force: bool,
+    notes: list[str],
+    verb: str = "imported",
+    usage: str = "images import REF NAME",
+) -> Callable[[str], None]:
+    """An import or pull never replaces an image, or lands under a name images/ defines, unless --force says so."""
 
     def check(name: str) -> None:
         found = []
@@ -271,8 +326,7 @@ def _import_check(store: Store, images_dir: str, force: bool, notes: list[str]) 
             )
         if found and not force:
             raise StoreError(
-                f"not imported as {name}: {'; '.join(found)}. Import it under another name "
-                "(images import REF NAME), or --force to replace it"
+                f"not {verb} as {name}: {'; '.join(found)}. Give it another name ({usage}), or --force to replace it"
             )
         notes.extend(f"replaced: {text}" if text.startswith("an image") else text for text in found)
 
@@ -364,7 +418,10 @@ def _image(args: argparse.Namespace, project: Project, images_dir: str, name: st
     if os.path.isfile(definition):
         where = os.path.relpath(definition)
         progress(f"image {name} is not in the store {project.store.root}: building it from {where}")
-    return build.Builder(project.store, images_dir, progress, quiet_cached=True).ensure(name)
+    builder = build.Builder(
+        project.store, images_dir, progress, quiet_cached=True, insecure_registries=project.insecure_registries
+    )
+    return builder.ensure(name)
 
 
 def _kept_layer(store: Store, kept: dict[str, Any], stage: str) -> str:
@@ -500,6 +557,26 @@ def _containers(args: argparse.Namespace, project: Project) -> int:
     return 0
 
 
+def _login(args: argparse.Namespace, project: Project) -> int:
+    """Credentials checked with the registry, then kept where docker, podman and skopeo read them."""
+    if args.verb == "logout":
+        print(f"removed the credentials for {args.registry} from {registry.logout(args.registry)}")
+        return 0
+    tty = sys.stdin.isatty()
+    user = args.username or (input("Username: ").strip() if tty else "")
+    if not user:
+        raise StoreError("login: give --username (stdin is not a terminal to ask on)")
+    if args.password_stdin:
+        password = sys.stdin.read().rstrip("\n")
+    elif tty:
+        password = getpass.getpass("Password: ")
+    else:
+        raise StoreError("login: give the password on stdin with --password-stdin (stdin is not a terminal)")
+    path = registry.login(args.registry, user, password, project.insecure_registries)
+    print(f"logged in to {args.registry}; credentials in {path}")
+    return 0
+
+
 def _volumes(args: argparse.Namespace, project: Project) -> int:
     volumes = VolumeStore(project.store.root)
     command = args.volumes_command or "ls"
@@ -550,6 +627,31 @@ def _version(args: argparse.Namespace, project: Project) -> int:
     return 0
 
 
+def _registry_commands(sub: Any, add: Callable[..., argparse.ArgumentParser], images_dir: str) -> None:
+    """images pull, push and lock."""
+    p = add(sub, "lock", "resolve every registry FROM of images/ to a digest, in images/images.lock (builds use it)")
+    p.add_argument("--dir", help=images_dir)
+    p.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE", help="value for an ARG")
+    p = add(sub, "pull", "pull an image from a registry: HOST[:PORT]/REPOSITORY[:TAG][@sha256:DIGEST]")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("name", nargs="?", metavar="NAME", help="default: the repository's last part[:tag]")
+    p.add_argument("--dir", help=images_dir)
+    p.add_argument("--force", action="store_true", help="replace an image of that name, or use a name images/ defines")
+    p = add(sub, "push", "push an image of the store to a registry: HOST[:PORT]/REPOSITORY[:TAG]")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("ref", metavar="REF")
+
+
+def _login_commands(commands: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
+    """login and logout."""
+    p = add(commands, "login", "check credentials with a registry and keep them ($REGISTRY_AUTH_FILE or docker's)")
+    p.add_argument("registry", metavar="REGISTRY", help="HOST[:PORT], or docker.io")
+    p.add_argument("-u", "--username")
+    p.add_argument("--password-stdin", action="store_true", help="read the password or token from stdin")
+    p = add(commands, "logout", "forget the credentials login kept for a registry")
+    p.add_argument("registry", metavar="REGISTRY")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="pytest-sandbox",
@@ -581,7 +683,7 @@ def parser() -> argparse.ArgumentParser:
     doctor.add_argument("--cgroup", metavar="PATH", help="the cgroup pytest would be given with --sandbox-cgroup")
     p = add(commands, "version", "versions of pytest-sandbox, pytest, Python, the kernel; cgroups; the store")
     p.add_argument("--json", action="store_true", help="as JSON")
-    images = add(commands, "images", "build, list, inspect, remove, import and export images")
+    images = add(commands, "images", "build, list, inspect, remove, import, export, pull and push images")
     sub = images.add_subparsers(dest="images_command", required=True)
     images_dir = "directory of *.Containerfile (default: ini sandbox_images, or images/ in pytest's rootdir)"
     p = add(sub, "build", "build images/NAME.Containerfile (all of them without NAME)")
@@ -592,6 +694,11 @@ def parser() -> argparse.ArgumentParser:
         "--no-cache",
         action="store_true",
         help="run every step again (e.g. after the host changed under a FROM host image)",
+    )
+    p.add_argument(
+        "--cache",
+        metavar="REF",
+        help="a registry repository as a build cache shared between machines (default: ini sandbox_cache)",
     )
     add(sub, "ls", "list images")
     p = add(sub, "inspect", "layers and config of an image, as JSON")
@@ -606,9 +713,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="default: the archive's tag")
     p.add_argument("--dir", help=images_dir)
     p.add_argument("--force", action="store_true", help="replace an image of that name, or use a name images/ defines")
+    _registry_commands(sub, add, images_dir)
     p = add(sub, "export", "write an image as an OCI archive (or oci:DIR / docker-archive:FILE)")
     p.add_argument("name")
     p.add_argument("target")
+    _login_commands(commands, add)
     p = add(commands, "run", "run a command in a throwaway container of an image (built from images/ if needed)")
     p.add_argument("image")
     p.add_argument("command", nargs=argparse.REMAINDER)
@@ -656,6 +765,8 @@ HANDLERS: dict[str, Callable[[argparse.Namespace, Project], int]] = {
     "containers": _containers,
     "volumes": _volumes,
     "version": _version,
+    "login": _login,
+    "logout": _login,
 }
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from . import outputs, settings, summary
 from .errors import SandboxError
-from .layers import build, progress
+from .layers import build, progress, registry
 from .layers.store import Image, Store
 from .linux.files import remove_tree
 from .linux.mounts import SCRATCH_PLACES, is_under
@@ -49,6 +49,8 @@ class SessionState:
     keep: str
     scope: str  # which tests share a sandbox (--sandbox-scope)
     outputs: tuple[str, ...]  # where sandboxes write files that reach the host
+    insecure_registries: tuple[str, ...] = ()  # FROM a registry: sandbox_insecure_registries
+    build_cache: registry.RemoteCache | None = None  # --sandbox-cache
     zygote: Zygote | None = None
     shared: Channels | None = None  # the sandbox that waits for the next test (--sandbox-scope)
     cgroup_session: cgroups.Session | None = None
@@ -102,6 +104,8 @@ def configure(config: pytest.Config) -> SessionState:
         keep=settings.choice(config, "sandbox_keep"),
         scope=settings.choice(config, "sandbox_scope"),
         outputs=outputs.declared(config, settings.raw(config, "sandbox_outputs")[0] or ()),
+        insecure_registries=settings.insecure_registries(config),
+        build_cache=settings.build_cache(config, settings.insecure_registries(config)),
     )
 
 
@@ -180,7 +184,14 @@ def prepare_images(state: SessionState, say: build.Progress, worker: tuple[str, 
 
 
 def _prepare_images(state: SessionState, say: build.Progress) -> None:
-    builder = build.Builder(state.store, state.images_dir, say, quiet_cached=True)
+    builder = build.Builder(
+        state.store,
+        state.images_dir,
+        say,
+        quiet_cached=True,
+        insecure_registries=state.insecure_registries,
+        cache=state.build_cache,
+    )
     for name in sorted(state.images):
         try:
             image = builder.ensure(name)

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from .layers import registry
 from .runtime.cgroups import BACKENDS as CGROUP_BACKENDS
 from .spec import CHECKS, LIMIT_FIELDS, bad_value, check_env_lines, check_volume_lines
 
@@ -181,6 +182,21 @@ SETTINGS: tuple[Setting, ...] = (
         path=True,
     ),
     Setting(
+        "sandbox_cache",
+        "a registry repository (HOST/REPOSITORY) shared by machines as a build cache: Containerfile steps "
+        "built elsewhere are pulled, steps built here are pushed",
+        "--sandbox-cache",
+        "sandbox_cache",
+        metavar="REF",
+    ),
+    Setting(
+        "sandbox_insecure_registries",
+        "registries (HOST[:PORT]) reached with unverified TLS, or plain HTTP where they have no TLS "
+        "(loopback ones may always use plain HTTP)",
+        ini="sandbox_insecure_registries",
+        ini_type="linelist",
+    ),
+    Setting(
         "sandbox_durations",
         "show the N sandboxed tests that used the most memory and CPU (0: all)",
         "--sandbox-durations",
@@ -267,6 +283,29 @@ def directory(config: pytest.Config, name: str) -> str | None:
         field = name.removeprefix("sandbox_")
         raise bad_value(where, field, value, "expected a directory path (without NUL bytes)")
     return str(value)
+
+
+def insecure_registries(config: pytest.Config) -> tuple[str, ...]:
+    """``sandbox_insecure_registries``: each line a registry as ``pytest-sandbox login`` takes it."""
+    value, where = raw(config, "sandbox_insecure_registries")
+    out = []
+    for line in value or ():
+        try:
+            out.append(registry.parse_registry(str(line).strip()))
+        except registry.RegistryError as exc:
+            raise pytest.UsageError(f"{where}: {exc}") from None
+    return tuple(out)
+
+
+def build_cache(config: pytest.Config, insecure: tuple[str, ...]) -> registry.RemoteCache | None:
+    """``--sandbox-cache``: the build cache in a registry, or None."""
+    value, where = raw(config, "sandbox_cache")
+    if not value:
+        return None
+    try:
+        return registry.RemoteCache(str(value), insecure, where)
+    except registry.RegistryError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 CGROUP_RULE = (

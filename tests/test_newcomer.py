@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from oci_inputs import BUSYBOX
+from oci_inputs import BUSYBOX, _tar
+from registry_server import Registry
 
 pytestmark = pytest.mark.skipif(BUSYBOX is None, reason="host lacks a static busybox (apt install busybox-static)")
 
@@ -75,6 +76,22 @@ def test_the_readme_has_what_this_test_runs() -> None:
     assert any(EXAMPLE_ID in c for c in cli)
 
 
+def on_test_registry(argv: list[str], registry: Registry, pinned: str) -> list[str]:
+    """The README's registry examples pointed at the suite's registry on 127.0.0.1: a README command never
+    reaches the network (a host left over is an error here, not a request)."""
+    out = []
+    for word in argv:
+        for remote in ("docker.io/", "registry.example.org:5000/"):
+            if word.startswith(remote):
+                word = f"{registry.host}/{word[len(remote) :]}"
+        if word.startswith("ghcr.io/owner/tool@"):
+            word = f"{registry.host}/owner/tool@{pinned}"
+        out.append(word)
+    remote = [w for w in out if re.match(r"[a-z0-9-]+(\.[a-z0-9-]+)+(:\d+)?/", w) and not w.startswith(registry.host)]
+    assert not remote, f"a README command names a registry this test does not map: {remote}"
+    return out
+
+
 def fresh_project(tmp_path: Path) -> Path:
     """A copy of what a checkout gives a newcomer: the README, pyproject, examples and images."""
     project = tmp_path / "checkout"
@@ -121,8 +138,14 @@ def test_quickstart_and_every_readme_command(tmp_path: Path) -> None:
     failed = run(["pytest", "--sandbox-keep=failed", "-p", "no:cacheprovider", "test_broken.py"], project, env)
     kept = re.search(r"read/write layer kept as ([0-9a-f]+): pytest-sandbox shell \1", failed.stdout)
     assert kept, failed.stdout[-3000:] + failed.stderr
-    for argv in cli:
-        argv = [kept.group(1) if word == EXAMPLE_ID else word for word in argv]
-        check(argv, run(argv, project / "examples", env))  # from a subdirectory, as pytest finds the rootdir
+    with Registry() as registry:
+        registry.add_image(
+            "library/alpine", "3.20", [_tar([("etc", "dir", b""), ("etc/alpine-release", "file", b"3.20\n")])]
+        )
+        registry.add_image("team/base", "1.4", [_tar([("etc", "dir", b""), ("etc/base", "file", b"base\n")])])
+        pinned = registry.add_image("owner/tool", None, [_tar([("tool", "file", b"tool\n")])])
+        for argv in cli:
+            argv = on_test_registry([kept.group(1) if word == EXAMPLE_ID else word for word in argv], registry, pinned)
+            check(argv, run(argv, project / "examples", env))  # from a subdirectory, as pytest finds the rootdir
     assert not failures, "\n\n".join(failures)
     assert (tmp_path / "cache" / "pytest-sandbox" / "images" / "broken.json").exists()  # commit used pytest's store

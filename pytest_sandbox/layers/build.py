@@ -22,11 +22,11 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from ..linux import overlay, rootfs
-from . import commands, containerfile, format, oci, progress, tarlayer
+from . import commands, containerfile, format, oci, progress, registry, tarlayer
 from .containerfile import ContainerfileError, Instruction
 from .format import EMPTY_CONFIG, HOST_BASE
 from .progress import shorten
@@ -160,8 +160,13 @@ class Builder:
         build_args: Mapping[str, str] | None = None,
         quiet_cached: bool = False,
         no_cache: bool = False,
+        insecure_registries: Collection[str] = (),
+        cache: registry.RemoteCache | None = None,
     ) -> None:
         self.store = store
+        self.insecure_registries = tuple(insecure_registries)  # sandbox_insecure_registries
+        self._lock: dict[str, str] | None = None  # images/images.lock: reference -> manifest digest
+        self.cache = cache  # --sandbox-cache: steps shared with other machines through a registry
         self.images_dir = os.path.abspath(images_dir)
         self._progress = progress or (lambda _msg: None)
         self._pending: list[str] = []  # headers held back while every step is cached (quiet mode)
@@ -237,16 +242,36 @@ class Builder:
                     f"image of that name in the store {self.store.root}"
                 )
             return
+        from_, base = self._base_of(path)
+        if registry.looks_like_registry(base):
+            registry.parse_reference(base, f"{path}:{from_.line}: FROM")
+        elif base not in ("scratch", HOST_BASE) and not oci.is_reference(base) and base != name:
+            self.check(base)
+
+    def _base_of(self, path: str) -> tuple[Instruction, str]:
+        """A definition's FROM and its base, as the build will see it (``FROM $BASE`` with its ARGs)."""
         with open(path) as f:
             instructions = containerfile.parse(f.read(), path)
         args: dict[str, str] = {}
         for ins in instructions[: [i.keyword for i in instructions].index("FROM")]:
-            args.update(self._arg_values(ins, path, args))  # FROM $BASE: as the build will see it
-        base = containerfile.substitute(
-            instructions[[i.keyword for i in instructions].index("FROM")].args.split()[0], args
-        )
-        if base not in ("scratch", HOST_BASE) and not oci.is_reference(base) and base != name:
-            self.check(base)
+            args.update(self._arg_values(ins, path, args))
+        from_ = instructions[[i.keyword for i in instructions].index("FROM")]
+        return from_, containerfile.substitute(from_.args.split()[0], args)
+
+    def registry_bases(self) -> list[tuple[str, str]]:
+        """(``file:line``, reference) of every definition in images/ whose FROM is a registry's image."""
+        out = []
+        for name in definitions(self.images_dir):
+            path = definition_path(self.images_dir, name)
+            from_, base = self._base_of(path)
+            if registry.looks_like_registry(base):
+                out.append((f"{os.path.relpath(path)}:{from_.line}", base))
+        return out
+
+    def _locked(self) -> dict[str, str]:
+        if self._lock is None:
+            self._lock = registry.read_lock(os.path.join(self.images_dir, registry.LOCK_FILE))
+        return self._lock
 
     # -- one image -----------------------------------------------------------------------
     def _build(self, name: str) -> Image:
@@ -318,6 +343,8 @@ class Builder:
             return _State(_key("FROM scratch"), [], [], dict(EMPTY_CONFIG)), {}
         if base == HOST_BASE:  # the sandbox's view of this machine, live: host changes do not rebuild
             return _State(_key("FROM host"), [], [], dict(EMPTY_CONFIG), HOST_BASE), {}
+        if registry.looks_like_registry(base):
+            return self._from_registry(base, path, ins), {}
         if oci.is_reference(base):
             transport, ref_path, tag = oci.split_reference(
                 base.replace(":", ":" + os.path.dirname(path) + "/", 1)
@@ -344,11 +371,29 @@ class Builder:
                 raise BuildError(
                     f"{path}:{ins.line}: FROM {base}: no {definition_path(self.images_dir, base)} "
                     f"and no image {base!r} in the store (use scratch, an image of "
-                    f"{os.path.relpath(self.images_dir)}/, or oci:/oci-archive:/docker-archive:)"
+                    f"{os.path.relpath(self.images_dir)}/, oci:/oci-archive:/docker-archive:, or a registry's "
+                    "HOST/REPOSITORY:TAG)"
                 )
             image = found
         key = _key("FROM", json.dumps([list(image.layers), image.config, image.base], sort_keys=True))
         return _State(key, list(image.layers), list(image.diff_ids), dict(image.config), image.base), {}
+
+    def _from_registry(self, base: str, path: str, ins: Instruction) -> _State:
+        """``FROM host/repo:tag``: the image as the store last pulled that reference (``images pull`` updates
+        it), else pulled now; only the layers the store lacks are downloaded. ``--no-cache`` pulls again."""
+        where = f"{path}:{ins.line}: FROM"
+        ref = registry.parse_reference(base, where)
+        if ref.digest is None and str(ref) in self._locked():  # images lock: exactly that image
+            ref = dataclasses.replace(ref, digest=self._locked()[str(ref)])
+        cached = self._cache_get(registry.cache_key(ref))
+        if cached is None or "digest" not in cached:
+            self.say(f"  pulling {ref}")
+            try:
+                cached = registry.pull_layers(self.store, ref, self, self.insecure_registries).entry()
+            except StoreError as exc:
+                raise BuildError(f"{where} {base}: {exc}") from None
+        key = _key("FROM", str(ref), cached["digest"])
+        return _State(key, list(cached["layers"]), list(cached["diff_ids"]), dict(cached["config"]))
 
     def _cache_get(self, key: str) -> dict[str, Any] | None:
         return None if self.no_cache else self.store.cache_get(key)
@@ -433,6 +478,9 @@ class Builder:
         if cached is not None:
             self._cached(f"{label}: {as_written(ins)}")
             return target.derived(target.key, list(cached["layers"]), list(cached["diff_ids"]), dict(cached["config"]))
+        pulled = self._remote_get(target, f"{label}: {as_written(ins)}")
+        if pulled is not None:
+            return pulled
         self.say(f"  {label}: {as_written(ins)}")
         started = time.monotonic()
         with self.store.staging() as stage, progress.running(self, f"  {label}: {as_written(ins)}"):
@@ -449,7 +497,35 @@ class Builder:
         result = target.derived(target.key, layers, diff_ids)
         self.store.cache_put(target.key, result.entry())
         self.say(f"    done in {time.monotonic() - started:.2f}s")
+        self._remote_put(result)
         return result
+
+    def _remote_get(self, target: _State, what: str) -> _State | None:
+        """The step as another machine built it, from --sandbox-cache (None: nobody did, or no cache).
+        A cache that cannot be reached is said and built around: it saves time, it decides nothing."""
+        if self.cache is None or self.no_cache or target.host_based:
+            return None
+        try:
+            pulled = self.cache.pull(self.store, target.key)
+        except StoreError as exc:
+            self.say(f"  {what}: build cache {self.cache.ref} not used: {exc}")
+            return None
+        if pulled is None or pulled.layers[: len(target.layers)] != target.layers:
+            return None  # not there, or not on top of this step's base (never used then)
+        self.say(f"  {what}: pulled from the build cache {self.cache.ref}")
+        result = target.derived(target.key, pulled.layers, pulled.diff_ids)
+        self.store.cache_put(target.key, result.entry())
+        return result
+
+    def _remote_put(self, result: _State) -> None:
+        if self.cache is None or result.host_based:
+            return
+        try:
+            self.cache.push(self.store, result.key, result.layers, result.config)
+        except StoreError as exc:
+            self.say(f"    not pushed to the build cache {self.cache.ref}: {exc}")
+            return
+        self.say(f"    pushed to the build cache {self.cache.ref}")
 
     def _check_host_layer(self, ins: Instruction, diff: str) -> None:
         """A FROM host layer can only change existing top-level directories (each is one overlay)."""

@@ -20,8 +20,8 @@ import subprocess
 import tarfile
 import threading
 import time
-from collections.abc import Callable
-from typing import IO, Any
+from collections.abc import Callable, Sequence
+from typing import IO, Any, Protocol
 
 from . import progress as progress_
 from . import tarlayer
@@ -34,7 +34,7 @@ MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MT_CONFIG = "application/vnd.oci.image.config.v1+json"
 MT_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 REF_ANNOTATION = "org.opencontainers.image.ref.name"
-_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
 CONFIG_KEYS = ("Env", "WorkingDir", "User", "Cmd", "Entrypoint", "Labels", "ExposedPorts")
 
 Progress = Callable[[str], None]
@@ -263,9 +263,16 @@ class _Source:
             self.tar.close()
 
 
-def _platform_ok(descriptor: dict[str, Any]) -> bool:
+class BlobSource(Protocol):
+    """Where layer blobs come from: a layout, an archive, a registry."""
+
+    def open(self, name: str) -> IO[bytes]: ...
+
+
+def platform_matches(descriptor: dict[str, Any]) -> bool:
+    """Whether an index entry is for linux/<this machine's architecture> (no platform: taken as such)."""
     plat = descriptor.get("platform") or {}
-    return bool(plat.get("os", "linux") == "linux" and plat.get("architecture", _ARCH) == _ARCH)
+    return bool(plat.get("os", "linux") == "linux" and plat.get("architecture", ARCH) == ARCH)
 
 
 def _pick(descriptors: list[dict[str, Any]], tag: str | None, where: str) -> dict[str, Any]:
@@ -275,9 +282,9 @@ def _pick(descriptors: list[dict[str, Any]], tag: str | None, where: str) -> dic
             names = sorted({(d.get("annotations") or {}).get(REF_ANNOTATION, "?") for d in descriptors})
             raise ImportError_(f"{where}: no image tagged {tag!r} (tags there: {', '.join(names) or 'none'})")
         descriptors = named
-    fitting = [d for d in descriptors if _platform_ok(d)]
+    fitting = [d for d in descriptors if platform_matches(d)]
     if not fitting:
-        raise ImportError_(f"{where}: no image for linux/{_ARCH}")
+        raise ImportError_(f"{where}: no image for linux/{ARCH}")
     if len(fitting) > 1 and tag is None and len({d["digest"] for d in fitting}) > 1:
         names = sorted({(d.get("annotations") or {}).get(REF_ANNOTATION, "?") for d in fitting})
         raise ImportError_(f"{where}: holds several images; name one with :TAG (tags: {', '.join(names)})")
@@ -300,12 +307,14 @@ def _oci_manifest(source: _Source, tag: str | None) -> tuple[dict[str, Any], str
     return manifest, name_hint
 
 
-class _LayerRef:
-    def __init__(self, name: str, digest: str | None) -> None:
-        self.name, self.digest = name, digest
+class LayerRef:
+    """A layer blob: its name in the source, its digest (None in a docker archive), and its descriptor."""
+
+    def __init__(self, name: str, digest: str | None, descriptor: dict[str, Any] | None = None) -> None:
+        self.name, self.digest, self.descriptor = name, digest, descriptor
 
 
-def _read_source(source: _Source, tag: str | None) -> tuple[dict[str, Any], list[_LayerRef], str | None]:
+def _read_source(source: _Source, tag: str | None) -> tuple[dict[str, Any], list[LayerRef], str | None]:
     """(image config, layer blobs lowest first, a name the archive suggests)."""
     where = f"{source.transport}:{source.path}"
     if source.transport == "docker-archive":
@@ -326,12 +335,12 @@ def _read_source(source: _Source, tag: str | None) -> tuple[dict[str, Any], list
             raise ImportError_(f"{where}: holds {len(entries)} images; name one with :TAG")
         entry = entries[0]
         config = source.json(entry["Config"])
-        layers = [_LayerRef(name, None) for name in entry["Layers"]]
+        layers = [LayerRef(name, None) for name in entry["Layers"]]
         tags = entry.get("RepoTags") or []
         return config, layers, (tags[0] if tags else None)
     manifest, hint = _oci_manifest(source, tag)
     config = source.verified_json(manifest["config"]["digest"])
-    layers = [_LayerRef(source.blob_name(d["digest"]), d["digest"]) for d in manifest["layers"]]
+    layers = [LayerRef(source.blob_name(d["digest"]), d["digest"]) for d in manifest["layers"]]
     return config, layers, hint
 
 
@@ -353,7 +362,9 @@ def _default_name(hint: str | None, path: str) -> str:
     return cleaned
 
 
-def _unpack_layer(store: Store, source: _Source, layer: _LayerRef, diff_id: str, parent: str | None, where: str) -> str:
+def _unpack_layer(
+    store: Store, source: BlobSource, layer: LayerRef, diff_id: str, parent: str | None, where: str
+) -> str:
     chain = chain_id(parent, diff_id)
     if store.has_layer(chain):
         return chain
@@ -376,9 +387,60 @@ def _unpack_layer(store: Store, source: _Source, layer: _LayerRef, diff_id: str,
                 f"{where}: layer {layer.digest or layer.name} does not match its diff id "
                 f"{diff_id} (uncompressed content hashes to {unpacked.digest})"
             )
-        extra = {"skipped_devices": result.skipped_devices} if result.skipped_devices else {}
+        extra: dict[str, Any] = {"skipped_devices": result.skipped_devices} if result.skipped_devices else {}
+        if layer.descriptor is not None:  # what a push needs to name this blob again without repacking it
+            extra["blob"] = {k: layer.descriptor[k] for k in ("mediaType", "digest", "size") if k in layer.descriptor}
         store.publish_layer(diff, chain, diff_id, parent, extra)
     return chain
+
+
+def config_diff_ids(config: dict[str, Any], layers: int, where: str) -> list[str]:
+    """The image config's diff ids, one per layer blob."""
+    diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
+    if not isinstance(diff_ids, list) or len(diff_ids) != layers or not all(isinstance(d, str) for d in diff_ids):
+        raise ImportError_(f"{where}: {layers} layers but {len(diff_ids)} diff ids in the config")
+    return list(diff_ids)
+
+
+def image_config(config: dict[str, Any]) -> dict[str, Any]:
+    """What a container starts with, out of an OCI image config."""
+    out = dict(EMPTY_CONFIG)
+    out.update({k: v for k, v in (config.get("config") or {}).items() if k in CONFIG_KEYS and v})
+    return out
+
+
+def unpack_chain(
+    store: Store,
+    source: BlobSource,
+    layers: Sequence[LayerRef],
+    diff_ids: Sequence[str],
+    where: str,
+    progress: Progress | None = None,
+    verbs: tuple[str, str] = ("unpacking", "unpacked"),
+) -> list[str]:
+    """Unpack the layers (lowest first) into the store (caller holds its lock); their chain ids.
+
+    A layer whose chain id the store has is not read at all: a registry is never asked for it.
+    """
+    say = progress or (lambda _msg: None)
+    chains: list[str] = []
+    for i, (layer, diff_id) in enumerate(zip(layers, diff_ids, strict=True)):
+        parent = chains[-1] if chains else None
+        cached = store.has_layer(chain_id(parent, diff_id))
+        size = (layer.descriptor or {}).get("size")
+        what = f"layer {i + 1}/{len(layers)} {diff_id[:19]}" + (f" ({_size(size)})" if isinstance(size, int) else "")
+        with progress_.running(progress, f"{what} {verbs[0]}"):
+            chains.append(_unpack_layer(store, source, layer, diff_id, parent, where))
+        say(f"{what} {'cached' if cached else verbs[1]}")
+    return chains
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 def import_layers(
@@ -388,25 +450,14 @@ def import_layers(
 
     Returns the chain ids, diff ids, the image config and the name the archive suggests.
     """
-    say = progress or (lambda _msg: None)
     transport, path, tag = split_reference(ref)
     where = f"{transport}:{path}"
     source = _Source(transport, path)
     try:
         config, layers, hint = _read_source(source, tag)
-        diff_ids = list((config.get("rootfs") or {}).get("diff_ids") or [])
-        if len(diff_ids) != len(layers):
-            raise ImportError_(f"{where}: {len(layers)} layers but {len(diff_ids)} diff ids in the config")
-        chains: list[str] = []
-        for i, (layer, diff_id) in enumerate(zip(layers, diff_ids, strict=True)):
-            parent = chains[-1] if chains else None
-            cached = store.has_layer(chain_id(parent, diff_id))
-            with progress_.running(progress, f"layer {i + 1}/{len(layers)} {diff_id[:19]} unpacking"):
-                chains.append(_unpack_layer(store, source, layer, diff_id, parent, where))
-            say(f"layer {i + 1}/{len(layers)} {diff_id[:19]} {'cached' if cached else 'unpacked'}")
-        image_config = dict(EMPTY_CONFIG)
-        image_config.update({k: v for k, v in (config.get("config") or {}).items() if k in CONFIG_KEYS and v})
-        return chains, diff_ids, image_config, _default_name(hint, path)
+        diff_ids = config_diff_ids(config, len(layers), where)
+        chains = unpack_chain(store, source, layers, diff_ids, where, progress)
+        return chains, diff_ids, image_config(config), _default_name(hint, path)
     finally:
         source.close()
 
@@ -553,7 +604,7 @@ def export_image(store: Store, name: str, target: str, progress: Progress | None
             say(f"layer {i + 1}/{len(image.layers)} {diff_ids[-1][:19]} written")
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(image.created))
         config = {
-            "architecture": _ARCH,
+            "architecture": ARCH,
             "os": "linux",
             "created": created,
             "config": {k: v for k, v in image.config.items() if v not in (None, "", [], {})},
@@ -592,7 +643,7 @@ def export_image(store: Store, name: str, target: str, progress: Progress | None
                                 "digest": manifest_digest,
                                 "size": len(manifest_bytes),
                                 "annotations": {REF_ANNOTATION: tag},
-                                "platform": {"architecture": _ARCH, "os": "linux"},
+                                "platform": {"architecture": ARCH, "os": "linux"},
                             }
                         ],
                     }

@@ -1,0 +1,730 @@
+"""Registries: pull, push, auth and FROM against tests/registry_server.py (127.0.0.1 only), and skopeo."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import run_cli
+from oci_inputs import BUSYBOX, EXPECTED, GONE, SKOPEO, UMOCI, _tar, umoci_image
+from registry_server import Registry, make_ca, serve
+
+from pytest_sandbox.layers import build, oci
+from pytest_sandbox.layers import registry as reg
+from pytest_sandbox.layers.store import Store, StoreError
+
+DIGEST = "sha256:" + "ab" * 32
+BASE = [("etc", "dir", b""), ("etc/base", "file", b"base\n")]
+APP = [("srv", "dir", b""), ("srv/app", "file", b"app\n")]
+
+
+@pytest.fixture(autouse=True)
+def no_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No credentials of whoever runs the tests: an empty home, none of the variables that name some."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for name in ("DOCKER_CONFIG", "REGISTRY_AUTH_FILE", "DOCKER_AUTH_CONFIG", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    return home
+
+
+@pytest.fixture
+def registry() -> Iterator[Registry]:
+    yield from serve()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(str(tmp_path / "store"))
+
+
+def store_state(store: Store) -> tuple[list[str], list[str], list[str]]:
+    store.ensure()
+    return sorted(os.listdir(store.layers_dir)), sorted(os.listdir(store.images_dir)), sorted(os.listdir(store.tmp_dir))
+
+
+def read(store: Store, image: str, path: str) -> str:
+    """A file as the image shows it (whiteouts applied), without starting a container."""
+    found = build._find_in(store, list(store.require(image).layers), path)
+    if found is None:
+        raise FileNotFoundError(path)
+    return Path(found).read_text()
+
+
+def blob_gets(registry: Registry) -> list[str]:
+    return [path.rsplit("/", 1)[1] for method, path, status, _ in registry.log if method == "GET" and "/blobs/" in path]
+
+
+# -- references ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("alpine", ("docker.io", "library/alpine", "latest", None)),
+        ("docker.io/library/alpine:3.20", ("docker.io", "library/alpine", "3.20", None)),
+        ("index.docker.io/team/tool", ("docker.io", "team/tool", "latest", None)),
+        ("registry.example.org:5000/team/base:1.4", ("registry.example.org:5000", "team/base", "1.4", None)),
+        (f"localhost/a/b@{DIGEST}", ("localhost", "a/b", None, DIGEST)),
+        (f"127.0.0.1:5000/x:y@{DIGEST}", ("127.0.0.1:5000", "x", "y", DIGEST)),
+        ("ghcr.io/owner/my_repo.name/sub-dir", ("ghcr.io", "owner/my_repo.name/sub-dir", "latest", None)),
+    ],
+)
+def test_references(text: str, expected: tuple[str, str, str | None, str | None]) -> None:
+    ref = reg.parse_reference(text)
+    assert (ref.registry, ref.repository, ref.tag, ref.digest) == expected
+    assert reg.parse_reference(str(ref)) == ref
+    assert reg.parse_reference("docker.io/library/alpine").host == "registry-1.docker.io"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("Alpine", "repository part 'Alpine' is not valid: lower-case letters and digits"),
+        ("host.io:99999/x", "registry 'host.io:99999' is not valid: a host name or [IPv6] address"),
+        ("a/b:-bad", "tag '-bad' is not valid: letters, digits"),
+        ("a/b@sha256:123", "digest 'sha256:123' is not valid: sha256: and 64 lower-case hex digits"),
+        ("https://ghcr.io/a/b", "no scheme (https://)"),
+        ("", "it is empty"),
+        ("a//b", "repository part '' is not valid"),
+    ],
+)
+def test_bad_references_name_the_part_and_the_rule(text: str, message: str) -> None:
+    with pytest.raises(reg.RegistryError, match=r"image reference .*: ") as info:
+        reg.parse_reference(text)
+    assert message in str(info.value)
+    assert reg.REFERENCE_RULE in str(info.value)
+
+
+def test_what_from_takes_for_a_registry() -> None:
+    assert reg.looks_like_registry("docker.io/library/alpine:3.20")
+    assert reg.looks_like_registry("localhost/team/base")
+    assert reg.looks_like_registry("127.0.0.1:5000/base")
+    assert reg.looks_like_registry(f"base@{DIGEST}")
+    for local in ("alpine", "alpine:3.20", "team/base", "oci:./dir/x", "oci-archive:/a/b.tar:tag"):
+        assert not reg.looks_like_registry(local), local
+
+
+def test_plain_http_only_for_loopback() -> None:
+    for host in ("localhost:5000", "127.0.0.1:5000", "127.1.2.3", "[::1]:5000", "[::1]"):
+        assert reg._is_loopback(host), host
+    for host in ("registry.example.org", "10.0.0.1:5000", "[fe80::1]:5000", "localhost.example.org"):
+        assert not reg._is_loopback(host), host
+        assert reg.Client(host).scheme() == "https"  # decided without a request
+
+
+def test_challenge_parsing() -> None:
+    header = (
+        r'Bearer realm="https://auth.example/token",service="reg.example",'
+        r'scope="repository:a/b:pull,push",x=plain,q="a \"quoted\" word"'
+    )
+    scheme, params = reg.parse_challenge(header)
+    assert scheme == "bearer"
+    assert params == {
+        "realm": "https://auth.example/token",
+        "service": "reg.example",
+        "scope": "repository:a/b:pull,push",
+        "x": "plain",
+        "q": 'a "quoted" word',
+    }
+
+
+# -- pull ------------------------------------------------------------------------------------
+
+
+def test_pull_with_progress_and_layers_the_store_has_are_not_downloaded(
+    registry: Registry, store: Store, tmp_path: Path
+) -> None:
+    registry.add_image("team/base", "1.4", [_tar(BASE)], env=["MODE=base"])
+    registry.add_image("team/app", "2", [_tar(BASE), _tar(APP)], env=["MODE=app"], docker=True)
+    first = run_cli("images", "pull", f"{registry.host}/team/base:1.4", store=store.root, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    lines = first.stdout.splitlines()
+    assert lines[0] == f"pulling {registry.host}/team/base:1.4"
+    assert lines[1].startswith("layer 1/1 sha256:") and lines[1].endswith(" downloaded")
+    assert lines[2].startswith(f"pulled base:1.4: 1 layers, {registry.host}/team/base@sha256:")
+    base_blob = registry.manifests["team/base"][registry.tags["team/base"]["1.4"]]
+    gets_before = blob_gets(registry)
+
+    second = run_cli("images", "pull", f"{registry.host}/team/app:2", "app", store=store.root, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "layer 1/2" in second.stdout and "cached" in second.stdout.splitlines()[1]
+    assert second.stdout.splitlines()[2].endswith(" downloaded")
+    fetched = blob_gets(registry)[len(gets_before) :]
+    shared = json.loads(base_blob[1])["layers"][0]["digest"]
+    assert shared not in fetched and len(fetched) == 2  # the config and the app layer only
+    assert read(store, "app", "/etc/base") == "base\n" and read(store, "app", "/srv/app") == "app\n"
+    assert store.require("app").config["Env"] == ["MODE=app"]
+    assert store.require("app").layers[0] == store.require("base:1.4").layers[0]
+
+    again = run_cli("images", "pull", f"{registry.host}/team/app:2", "app", store=store.root, cwd=tmp_path)
+    assert again.returncode == 2 and "not pulled as app: an image app exists" in again.stderr
+    assert "--force" in again.stderr
+
+
+def test_pull_by_digest_and_a_changed_manifest_is_refused(registry: Registry, store: Store) -> None:
+    digest = registry.add_image("team/base", "1.4", [_tar(BASE)])
+    image = reg.pull_image(store, f"{registry.host}/team/base@{digest}")
+    assert image.name == "base" and image.source.endswith(digest)
+    media_type, body = registry.manifests["team/base"][digest]
+    registry.manifests["team/base"][digest] = (media_type, body + b" ")
+    with pytest.raises(reg.RegistryError, match=f"expected {digest}, the content hashes to sha256:"):
+        reg.pull_image(store, f"{registry.host}/team/base@{digest}", "other")
+
+
+def test_unknown_manifest_and_unknown_host(registry: Registry, store: Store) -> None:
+    with pytest.raises(reg.RegistryError, match=r"manifest of .*/team/none:1: HTTP 404 \(MANIFEST_UNKNOWN"):
+        reg.pull_image(store, f"{registry.host}/team/none:1")
+    with pytest.raises(reg.RegistryError, match="connection refused"):
+        reg.pull_image(store, "127.0.0.1:1/team/none:1")
+    assert store_state(store)[:2] == ([], [])
+
+
+@pytest.mark.parametrize("what", ["layer", "config", "cut"])
+def test_a_corrupt_or_cut_blob_is_refused_and_nothing_is_stored(registry: Registry, store: Store, what: str) -> None:
+    digest = registry.add_image("team/base", "1", [_tar(BASE), _tar(APP)])
+    manifest = json.loads(registry.manifests["team/base"][digest][1])
+    if what == "layer":
+        registry.corrupt.add(manifest["layers"][1]["digest"])
+        expected = "is corrupt|cannot be unpacked"
+    elif what == "config":
+        registry.corrupt.add(manifest["config"]["digest"])
+        expected = "is corrupt"
+    else:  # every answer cut after 40 bytes, and no Range: nothing to resume from
+        registry.cut_after, registry.ranges = 40, False
+        expected = "the connection broke after 40 of .* bytes and the registry cannot resume it"
+    with pytest.raises(StoreError, match=expected):
+        reg.pull_image(store, f"{registry.host}/team/base:1")
+    layers, images, staging = store_state(store)
+    assert images == [] and staging == []
+    first = hashlib.sha256(_tar(BASE)).hexdigest()  # a verified layer below the corrupt one stays: a later pull uses it
+    assert layers == ([first] if what == "layer" else [])
+    registry.corrupt.clear()
+    registry.cut_after = None
+    image = reg.pull_image(store, f"{registry.host}/team/base:1")  # and once it is served right, it pulls
+    assert read(store, image.name, "/srv/app") == "app\n"
+
+
+def test_a_cut_download_resumes_where_it_broke(registry: Registry, store: Store) -> None:
+    big = os.urandom(200_000)  # incompressible: the layer blob is about as big
+    digest = registry.add_image("team/base", "1", [_tar([*BASE, ("etc/big", "file", big)])])
+    layer = json.loads(registry.manifests["team/base"][digest][1])["layers"][0]
+    registry.cut_after, registry.cuts = 50_000, 3  # the layer's first answer and two resumes are cut
+    image = reg.pull_image(store, f"{registry.host}/team/base:1")
+    assert Path(build._find_in(store, list(image.layers), "/etc/big") or "").read_bytes() == big
+    gets = [r[2] for r in registry.requests("GET", layer["digest"])]
+    assert gets == [200, 206, 206, 206]
+    assert store_state(store)[2] == []
+
+    registry.cut_after, registry.cuts = 0, None  # resuming brings nothing: given up, nothing stored
+    other = Store(str(Path(store.root).parent / "other"))
+    with pytest.raises(reg.RegistryError, match=r"connection broke after 0 of \d+ bytes, 10 times resumed: given up"):
+        reg.pull_image(other, f"{registry.host}/team/base:1")
+    assert store_state(other) == ([], [], [])
+
+
+def test_chunked_blobs_without_a_length(registry: Registry, store: Store) -> None:
+    registry.add_image("team/base", "1", [_tar([*BASE, ("etc/big", "file", b"x" * 50_000)])])
+    registry.chunked = True
+    image = reg.pull_image(store, f"{registry.host}/team/base:1")
+    assert read(store, image.name, "/etc/big") == "x" * 50_000
+    assert [r[2] for r in registry.requests("GET", "/blobs/")] == [200, 200]  # config and layer, no resume
+
+
+def test_index_picks_this_platform(registry: Registry, store: Store) -> None:
+    other = "arm64" if oci.ARCH != "arm64" else "amd64"
+    mine = registry.add_image("multi", None, [_tar([("arch", "file", oci.ARCH.encode())])], architecture=oci.ARCH)
+    theirs = registry.add_image("multi", None, [_tar([("arch", "file", other.encode())])], architecture=other)
+    attestation = registry.add_image("multi", None, [_tar([("arch", "file", b"attestation")])])
+    registry.add_index(
+        "multi",
+        "1",
+        [
+            (theirs, {"os": "linux", "architecture": other}),
+            (attestation, {"os": "unknown", "architecture": "unknown"}),
+            (mine, {"os": "linux", "architecture": oci.ARCH}),
+        ],
+    )
+    image = reg.pull_image(store, f"{registry.host}/multi:1")
+    assert read(store, image.name, "/arch") == oci.ARCH
+    assert image.source.endswith(mine)
+    registry.add_index("multi", "foreign", [(theirs, {"os": "linux", "architecture": other})])
+    with pytest.raises(reg.RegistryError, match=f"no image for linux/{oci.ARCH} .the index has linux/{other}"):
+        reg.pull_image(store, f"{registry.host}/multi:foreign")
+
+
+# -- auth ------------------------------------------------------------------------------------
+
+
+def _auth(user: str, password: str) -> str:
+    return base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+@pytest.mark.parametrize("where", ["DOCKER_CONFIG", "REGISTRY_AUTH_FILE", "DOCKER_AUTH_CONFIG", "home"])
+def test_pull_with_bearer_token_and_credentials(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_credentials: Path, where: str
+) -> None:
+    with Registry(auth="bearer", users={"ci": "s3cret"}) as registry:
+        registry.add_image("private/base", "1", [_tar(BASE)])
+        ref = f"{registry.host}/private/base:1"
+        with pytest.raises(reg.RegistryError, match=f"HTTP 401 .*no credentials for {registry.host}"):
+            reg.pull_image(store, ref)
+        config = {"auths": {f"http://{registry.host}": {"auth": _auth("ci", "s3cret")}}}
+        if where == "DOCKER_CONFIG":
+            (tmp_path / "docker").mkdir()
+            (tmp_path / "docker/config.json").write_text(json.dumps(config))
+            monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+        elif where == "REGISTRY_AUTH_FILE":
+            config = {"auths": {registry.host: {"username": "ci", "password": "s3cret"}}}
+            (tmp_path / "auth.json").write_text(json.dumps(config))
+            monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "auth.json"))
+        elif where == "DOCKER_AUTH_CONFIG":
+            monkeypatch.setenv("DOCKER_AUTH_CONFIG", json.dumps(config))
+        else:
+            (no_credentials / ".docker").mkdir()
+            (no_credentials / ".docker/config.json").write_text(json.dumps(config))
+        image = reg.pull_image(store, ref)
+        assert read(store, image.name, "/etc/base") == "base\n"
+        tokens = registry.requests("GET", "/token")
+        assert tokens[-1][3] == "Basic " + _auth("ci", "s3cret")
+        assert "scope=repository%3Aprivate%2Fbase%3Apull" in tokens[-1][1]
+        blobs = [r for r in registry.requests("GET", "/blobs/") if r[2] == 200]
+        assert blobs and all((r[3] or "").startswith("Bearer ") for r in blobs)
+
+
+@pytest.mark.parametrize("kind", ["credHelpers", "credsStore"])
+def test_credential_helpers(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_credentials: Path, kind: str
+) -> None:
+    with Registry(auth="bearer", users={"ci": "s3cret"}) as registry:
+        registry.add_image("private/base", "1", [_tar(BASE)])
+        helper = tmp_path / "bin/docker-credential-testing"
+        helper.parent.mkdir()
+        helper.write_text(
+            '#!/bin/sh\nread server\necho "$1 $server" >> ' + str(tmp_path / "asked") + "\n"
+            f'[ "$server" = "{registry.host}" ] && echo \'{{"Username": "ci", "Secret": "s3cret"}}\' && exit 0\n'
+            "echo 'credentials not found in native keychain'; exit 1\n"
+        )
+        helper.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{helper.parent}:{os.environ['PATH']}")
+        (no_credentials / ".docker").mkdir()
+        config = {"credHelpers": {registry.host: "testing"}} if kind == "credHelpers" else {"credsStore": "testing"}
+        (no_credentials / ".docker/config.json").write_text(json.dumps(config))
+        image = reg.pull_image(store, f"{registry.host}/private/base:1")
+        assert read(store, image.name, "/etc/base") == "base\n"
+        assert (tmp_path / "asked").read_text() == f"get {registry.host}\n"
+        assert registry.requests("GET", "/token")[-1][3] == "Basic " + _auth("ci", "s3cret")
+
+
+def test_wrong_credentials_and_anonymous_tokens(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    with Registry(auth="bearer", users={"ci": "s3cret"}, anonymous_pull=True) as registry:
+        registry.add_image("public/base", "1", [_tar(BASE)])
+        image = reg.pull_image(store, f"{registry.host}/public/base:1")  # an anonymous token
+        assert read(store, image.name, "/etc/base") == "base\n"
+        assert registry.requests("GET", "/token")[0][3] is None
+        with pytest.raises(reg.RegistryError, match=r"HTTP 401 .*: not authorized"):
+            reg.push_image(store, image.name, f"{registry.host}/public/copy:1")  # pull only, without credentials
+        bad = {"auths": {registry.host: {"auth": _auth("ci", "wrong")}}}
+        monkeypatch.setenv("DOCKER_AUTH_CONFIG", json.dumps(bad))
+        with pytest.raises(
+            reg.RegistryError, match=r"token service .* refused: HTTP 401 \(UNAUTHORIZED: bad credentials"
+        ):
+            reg.pull_image(store, f"{registry.host}/public/base:1", "again")
+
+
+def test_basic_auth(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    with Registry(auth="basic", users={"ci": "s3cret"}) as registry:
+        registry.add_image("private/base", "1", [_tar(BASE)])
+        with pytest.raises(reg.RegistryError, match="HTTP 401"):
+            reg.pull_image(store, f"{registry.host}/private/base:1")
+        monkeypatch.setenv(
+            "DOCKER_AUTH_CONFIG", json.dumps({"auths": {registry.host: {"auth": _auth("ci", "s3cret")}}})
+        )
+        image = reg.pull_image(store, f"{registry.host}/private/base:1")
+        assert read(store, image.name, "/etc/base") == "base\n"
+        assert registry.log[-1][3] == "Basic " + _auth("ci", "s3cret")
+
+
+def test_tls_with_a_ca_of_ones_own(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ca, chain = make_ca(str(tmp_path))
+    with Registry(tls=chain) as registry:
+        registry.add_image("team/base", "1", [_tar(BASE)])
+        with pytest.raises(reg.RegistryError, match=r"TLS certificate of https://127.0.0.1:\d+/v2/ not trusted"):
+            reg.pull_image(store, f"{registry.host}/team/base:1")  # never plain HTTP to a TLS registry instead
+        monkeypatch.setenv("SSL_CERT_FILE", ca)
+        image = reg.pull_image(store, f"{registry.host}/team/base:1")
+        assert read(store, image.name, "/etc/base") == "base\n"
+        assert registry.requests("GET", "/manifests/")
+
+
+def test_insecure_registries_from_the_ini(store: Store, tmp_path: Path) -> None:
+    _ca, chain = make_ca(str(tmp_path))
+    with Registry(tls=chain) as registry:  # a certificate nobody trusts
+        registry.add_image("team/base", "1", [_tar(BASE)])
+        ref = f"{registry.host}/team/base:1"
+        project = tmp_path / "project"
+        project.mkdir()
+        refused = run_cli("images", "pull", ref, store=store.root, cwd=project)
+        assert refused.returncode == 2 and "not trusted" in refused.stderr
+        (project / "pytest.ini").write_text(f"[pytest]\nsandbox_insecure_registries =\n    {registry.host}\n")
+        pulled = run_cli("images", "pull", ref, store=store.root, cwd=project)
+        assert pulled.returncode == 0, pulled.stderr
+        assert read(store, "base:1", "/etc/base") == "base\n"
+        (project / "pytest.ini").write_text("[pytest]\nsandbox_insecure_registries = https://a/b\n")
+        bad = run_cli("images", "pull", ref, store=store.root, cwd=project)
+        assert bad.returncode == 2
+        assert "ini sandbox_insecure_registries: registry 'https://a/b' is not valid: a host name" in bad.stderr
+
+
+def test_a_redirect_to_another_host_gets_no_authorization(store: Store) -> None:
+    with Registry(auth="bearer", anonymous_pull=True) as registry, Registry() as blobs:
+        registry.redirect_blobs = blobs
+        registry.add_image("team/base", "1", [_tar(BASE)])
+        image = reg.pull_image(store, f"{registry.host}/team/base:1")
+        assert read(store, image.name, "/etc/base") == "base\n"
+        assert [r[2] for r in registry.requests("GET", "/blobs/")] == [307, 307]  # config and layer
+        assert len(blobs.requests("GET", "/direct/")) == 2
+        assert all(r[3] is None for r in blobs.log)
+        assert all(r[3] and r[3].startswith("Bearer ") for r in registry.requests("GET", "/blobs/"))
+
+
+def test_rate_limited_requests_are_retried_then_reported(registry: Registry, store: Store) -> None:
+    registry.add_image("team/base", "1", [_tar(BASE)])
+    registry.rate_limit = 2
+    reg.pull_image(store, f"{registry.host}/team/base:1")
+    assert [r[2] for r in registry.log[:3]] == [429, 429, 200]
+    registry.rate_limit = 100
+    with pytest.raises(reg.RegistryError, match=r"HTTP 429 \(TOOMANYREQUESTS: slow down\): rate limited"):
+        reg.pull_image(store, f"{registry.host}/team/base:1", "again")
+
+
+# -- push ------------------------------------------------------------------------------------
+
+
+def _project(tmp_path: Path, text: str) -> Path:
+    project = tmp_path / "project"
+    (project / "images").mkdir(parents=True)
+    (project / "images/app.Containerfile").write_text(text)
+    (project / "images/data.txt").write_text("data\n")
+    return project
+
+
+def test_push_then_pull_back_identical(registry: Registry, store: Store, tmp_path: Path) -> None:
+    project = _project(tmp_path, "FROM scratch\nCOPY data.txt /srv/data.txt\nENV MODE=pushed\n")
+    built = build.Builder(store, str(project / "images")).build("app")
+    pushed = run_cli("images", "push", "app", f"{registry.host}/team/app:1", store=store.root, cwd=project)
+    assert pushed.returncode == 0, pushed.stderr
+    lines = pushed.stdout.splitlines()
+    assert lines[0] == f"pushing app to {registry.host}/team/app:1"
+    assert lines[1].startswith("layer 1/1 sha256:") and lines[1].endswith(" uploaded")
+    digest = lines[-1].rsplit("@", 1)[1]
+    assert registry.tags["team/app"]["1"] == digest
+
+    fresh = Store(str(tmp_path / "fresh"))
+    image = reg.pull_image(fresh, f"{registry.host}/team/app:1", "app")
+    assert image.source.endswith(digest)
+    assert image.layers == built.layers and image.diff_ids == built.diff_ids
+    assert image.config == built.config
+    assert read(fresh, "app", "/srv/data.txt") == "data\n"
+
+    before = len(registry.log)
+    again = reg.push_image(store, "app", f"{registry.host}/team/app:1")
+    assert again == digest
+    assert not [r for r in registry.log[before:] if r[0] in ("POST", "PATCH") or "/uploads/" in r[1]]
+
+    # a pulled image pushed to another repository of the same registry: its layer blobs are mounted
+    before = len(registry.log)
+    reg.push_image(fresh, "app", f"{registry.host}/other/app:2")
+    layer_blob = json.loads(registry.manifests["team/app"][digest][1])["layers"][0]["digest"]
+    mounts = [
+        r[2] for r in registry.log[before:] if r[0] == "POST" and "mount=" + layer_blob.replace(":", "%3A") in r[1]
+    ]
+    assert mounts == [201]
+    uploads = registry.requests("PUT", "/v2/other/app/blobs/uploads/")
+    assert len(uploads) == 1 and layer_blob.replace(":", "%3A") not in uploads[0][1]  # the config only
+
+
+def test_push_errors_name_what_is_wrong(registry: Registry, store: Store, tmp_path: Path) -> None:
+    result = run_cli("images", "push", "nosuch", f"{registry.host}/team/app:1", store=store.root, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("pytest-sandbox: no image 'nosuch' in the store")
+    project = _project(tmp_path, "FROM scratch\nCOPY data.txt /data.txt\n")
+    build.Builder(store, str(project / "images")).build("app")
+    result = run_cli("images", "push", "app", "team/App:1", store=store.root, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "push target 'team/App:1': repository part 'App' is not valid" in result.stderr
+    result = run_cli("images", "pull", f"{registry.host}/team/app:1", "Bad Name", store=store.root, cwd=tmp_path)
+    assert result.returncode == 2 and "image name 'Bad Name' is not valid: use lower-case letters" in result.stderr
+    assert not registry.log  # nothing was sent for any of them
+
+
+# -- FROM ------------------------------------------------------------------------------------
+
+
+def test_from_pulls_what_is_missing(registry: Registry, store: Store, tmp_path: Path) -> None:
+    registry.add_image("team/base", "1.4", [_tar(BASE)], env=["MODE=base"])
+    project = _project(tmp_path, f"FROM {registry.host}/team/base:1.4\nCOPY data.txt /srv/data.txt\n")
+    said: list[str] = []
+    image = build.Builder(store, str(project / "images"), said.append).build("app")
+    assert f"  pulling {registry.host}/team/base:1.4" in said
+    assert read(store, "app", "/etc/base") == "base\n" and read(store, "app", "/srv/data.txt") == "data\n"
+    assert image.config["Env"] == ["MODE=base"]
+
+    requests = len(registry.log)
+    again = build.Builder(store, str(project / "images")).build("app")
+    assert again.layers == image.layers and len(registry.log) == requests  # no request: the store has it
+
+    # the tag moves on: a pull updates what FROM finds, and the next build starts from it
+    registry.add_image("team/base", "1.4", [_tar(BASE), _tar(APP)], env=["MODE=new"])
+    reg.pull_image(store, f"{registry.host}/team/base:1.4", "base")
+    newer = build.Builder(store, str(project / "images")).build("app")
+    assert read(store, "app", "/srv/app") == "app\n" and newer.config["Env"] == ["MODE=new"]
+    assert len(newer.layers) == 3
+
+    manifests = len(registry.requests("GET", "/manifests/"))
+    build.Builder(store, str(project / "images"), no_cache=True).build("app")  # --no-cache asks again
+    assert len(registry.requests("GET", "/manifests/")) == manifests + 1
+
+
+def test_bad_from_reference_and_unknown_image(registry: Registry, store: Store, tmp_path: Path) -> None:
+    project = _project(tmp_path, f"FROM {registry.host}/Team/base:1.4\n")
+    builder = build.Builder(store, str(project / "images"))
+    with pytest.raises(reg.RegistryError, match=r"app.Containerfile:1: FROM .*: repository part 'Team' is not valid"):
+        builder.check("app")
+    (project / "images/app.Containerfile").write_text(f"FROM {registry.host}/team/none:1\n")
+    with pytest.raises(build.BuildError, match=r"app.Containerfile:1: FROM .*: HTTP 404 \(MANIFEST_UNKNOWN"):
+        builder.build("app")
+    assert store_state(store)[:2] == ([], [])
+
+
+# -- real clients: skopeo pushes to the test registry and reads what we push -------------------
+
+
+@pytest.mark.skipif(UMOCI is None or SKOPEO is None, reason="host lacks umoci or skopeo (Debian: apt install both)")
+def test_skopeo_pushes_we_pull_we_push_skopeo_reads(registry: Registry, store: Store, tmp_path: Path) -> None:
+    assert SKOPEO is not None
+    layout = umoci_image(tmp_path / "umoci")
+    copy = [SKOPEO, "--insecure-policy", "copy"]
+    subprocess.run(
+        [*copy, "--dest-tls-verify=false", f"oci:{layout}:test", f"docker://{registry.host}/umoci/test:1"],
+        check=True,
+        capture_output=True,
+    )
+    image = reg.pull_image(store, f"{registry.host}/umoci/test:1", "umoci")
+    for path, content in EXPECTED.items():
+        assert read(store, "umoci", path) == content, path
+    for path in GONE:
+        with pytest.raises(FileNotFoundError):
+            read(store, "umoci", path)
+    assert image.config["Env"] == ["GREETING=hello"] or "GREETING=hello" in image.config["Env"]
+
+    digest = reg.push_image(store, "umoci", f"{registry.host}/ours/test:2")
+    raw = subprocess.run(
+        [SKOPEO, "inspect", "--tls-verify=false", "--raw", f"docker://{registry.host}/ours/test:2"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    assert "sha256:" + hashlib.sha256(raw).hexdigest() == digest
+    subprocess.run(
+        [*copy, "--src-tls-verify=false", f"docker://{registry.host}/ours/test:2", f"oci:{tmp_path}/back:x"],
+        check=True,
+        capture_output=True,
+    )
+    back = oci.import_image(Store(str(tmp_path / "fresh")), f"oci:{tmp_path}/back:x", "back")
+    assert back.layers == image.layers and back.diff_ids == image.diff_ids
+
+
+# -- end to end: a marked test on an image FROM a registry --------------------------------------
+
+
+def _busybox_layer() -> bytes:
+    """A layer with the host's busybox as /bin/busybox and /bin/sh, /bin/cat."""
+    assert BUSYBOX is not None
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        tar.addfile(_dir_info("bin"))
+        data = Path(BUSYBOX).read_bytes()
+        info = tarfile.TarInfo("bin/busybox")
+        info.size, info.mode = len(data), 0o755
+        tar.addfile(info, io.BytesIO(data))
+        for tool in ("sh", "cat"):
+            link = tarfile.TarInfo(f"bin/{tool}")
+            link.type, link.linkname = tarfile.SYMTYPE, "busybox"
+            tar.addfile(link)
+    return out.getvalue()
+
+
+def _dir_info(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode = tarfile.DIRTYPE, 0o755
+    return info
+
+
+@pytest.mark.skipif(BUSYBOX is None, reason="host lacks a static busybox (apt install busybox-static)")
+def test_a_marked_test_on_an_image_from_a_registry(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Over TLS with a certificate nobody trusts, so the session must take sandbox_insecure_registries too."""
+    _ca, chain = make_ca(str(tmp_path_factory.mktemp("ca")))
+    with Registry(tls=chain) as registry:
+        registry.add_image("tools/bb", "1", [_busybox_layer(), _tar(BASE)], env=["FROM_REGISTRY=yes"])
+        monkeypatch.setenv("PYTEST_SANDBOX_STORE", str(tmp_path_factory.mktemp("store")))
+        pytester.makeini(f"[pytest]\nsandbox_insecure_registries = {registry.host}\n")
+        (pytester.path / "images").mkdir()
+        (pytester.path / "images/app.Containerfile").write_text(
+            f"FROM {registry.host}/tools/bb:1\nRUN echo built > /built\n"
+        )
+        pytester.makepyfile("""
+            import pytest
+
+            @pytest.mark.container(image="app")
+            def test_in_image(sandbox):
+                assert sandbox.run("cat /etc/base /built; echo $FROM_REGISTRY").stdout == "base\\nbuilt\\nyes\\n"
+        """)
+        result = pytester.runpytest_subprocess()
+        result.assert_outcomes(passed=1)
+        result.stdout.fnmatch_lines([f"*pulling {registry.host}/tools/bb:1*", "*layer 1/2 sha256:* downloaded*"])
+
+        (pytester.path / "images/app.Containerfile").write_text(f"FROM {registry.host}/tools/BB:1\n")
+        bad = pytester.runpytest_subprocess()
+        assert bad.ret == pytest.ExitCode.USAGE_ERROR
+        bad.stderr.fnmatch_lines(
+            [
+                "*::test_in_image: image='app': *app.Containerfile:1: FROM "
+                f"'{registry.host}/tools/BB:1': repository part 'BB' is not valid: lower-case letters*"
+            ]
+        )
+
+
+def _cli(*args: str, password: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pytest_sandbox", *args],
+        input=password,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+    )
+
+
+def test_login_checks_and_keeps_credentials_logout_forgets(store: Store, no_credentials: Path) -> None:
+    with Registry(auth="bearer", users={"ci": "s3cret"}) as registry:
+        registry.add_image("private/base", "1", [_tar(BASE)])
+        config = no_credentials / ".docker/config.json"
+        wrong = _cli("login", registry.host, "-u", "ci", "--password-stdin", password="wrong\n")
+        assert wrong.returncode == 2 and "refused: HTTP 401 (UNAUTHORIZED: bad credentials)" in wrong.stderr
+        assert not config.exists()
+        no_user = _cli("login", registry.host, "--password-stdin", password="s3cret\n")
+        assert no_user.returncode == 2 and "give --username" in no_user.stderr
+        bad = _cli("login", "https://no/such", "-u", "ci", "--password-stdin", password="x")
+        assert bad.returncode == 2 and "registry 'https://no/such' is not valid: a host name" in bad.stderr
+
+        ok = _cli("login", registry.host, "-u", "ci", "--password-stdin", password="s3cret\n")
+        assert ok.returncode == 0, ok.stderr
+        assert ok.stdout == f"logged in to {registry.host}; credentials in {config}\n"
+        assert json.loads(config.read_text()) == {"auths": {registry.host: {"auth": _auth("ci", "s3cret")}}}
+        assert config.stat().st_mode & 0o777 == 0o600
+        image = reg.pull_image(store, f"{registry.host}/private/base:1")  # as docker would, from that file
+        assert read(store, image.name, "/etc/base") == "base\n"
+
+        out = _cli("logout", registry.host)
+        assert out.returncode == 0 and json.loads(config.read_text()) == {"auths": {}}
+        again = _cli("logout", registry.host)
+        assert again.returncode == 2 and f"holds no credentials for {registry.host}" in again.stderr
+
+
+def test_images_lock_pins_what_from_pulls(registry: Registry, store: Store, tmp_path: Path) -> None:
+    old = registry.add_image("team/base", "1.4", [_tar(BASE)], env=["MODE=old"])
+    project = _project(tmp_path, f"ARG TAG=1.4\nFROM {registry.host}/team/base:$TAG\nCOPY data.txt /srv/data.txt\n")
+    (project / "images/pinned.Containerfile").write_text(f"FROM {registry.host}/team/base@{old}\n")
+    (project / "images/local.Containerfile").write_text("FROM app\n")
+    locked = run_cli("images", "lock", store=store.root, cwd=project)
+    assert locked.returncode == 0, locked.stderr
+    assert f"{registry.host}/team/base:1.4 -> {old} (images/app.Containerfile:2)" in locked.stdout
+    assert f"{registry.host}/team/base@{old}: pinned in images/pinned.Containerfile:1" in locked.stdout
+    lock = json.loads((project / "images/images.lock").read_text())
+    assert lock == {"lockVersion": 1, "images": {f"{registry.host}/team/base:1.4": old}}
+
+    registry.add_image("team/base", "1.4", [_tar(BASE), _tar(APP)], env=["MODE=new"])  # the tag moves on
+    image = build.Builder(store, str(project / "images")).build("app")
+    assert image.config["Env"] == ["MODE=old"] and len(image.layers) == 2  # what the lock names
+    assert registry.requests("GET", f"/manifests/{old}")
+
+    (project / "images/images.lock").unlink()
+    fresh = Store(str(tmp_path / "fresh"))
+    assert build.Builder(fresh, str(project / "images")).build("app").config["Env"] == ["MODE=new"]
+
+    (project / "images/images.lock").write_text('{"images": {"a/b:1": "sha256:12"}}')
+    with pytest.raises(reg.RegistryError, match=r"images.lock: a/b:1: digest 'sha256:12' is not sha256:<64"):
+        build.Builder(Store(str(tmp_path / "third")), str(project / "images")).build("app")
+
+
+def test_a_build_cache_shared_through_a_registry(registry: Registry, tmp_path: Path) -> None:
+    """Two machines (two stores) build the same images/ with one --sandbox-cache: the second builds nothing."""
+    project = _project(tmp_path, "FROM scratch\nCOPY data.txt /srv/data.txt\nENV MODE=x\nCOPY more.txt /srv/more.txt\n")
+    (project / "images/more.txt").write_text("more\n")
+    cache = f"{registry.host}/ci/cache"
+    first = run_cli("images", "build", "--cache", cache, "app", store=tmp_path / "one", cwd=project)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count(f"pushed to the build cache {cache}") == 2  # the two COPY steps
+    assert len([t for t in registry.tags["ci/cache"] if t.startswith("sbx-")]) == 2
+
+    before = len(registry.log)
+    second = run_cli("images", "build", "--cache", cache, "app", store=tmp_path / "two", cwd=project)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.count(f"pulled from the build cache {cache}") == 2
+    assert "done in" not in second.stdout and "pushed" not in second.stdout  # nothing built, nothing sent
+    assert not [r for r in registry.log[before:] if r[0] in ("PUT", "POST")]
+    one, two = Store(str(tmp_path / "one")).require("app"), Store(str(tmp_path / "two")).require("app")
+    assert (one.layers, one.diff_ids, one.config) == (two.layers, two.diff_ids, two.config)
+    assert read(Store(str(tmp_path / "two")), "app", "/srv/more.txt") == "more\n"
+
+    (project / "images/more.txt").write_text("changed\n")  # the last step only is built, and pushed
+    third = run_cli("images", "build", "--cache", cache, "app", store=tmp_path / "two", cwd=project)
+    assert third.returncode == 0, third.stderr
+    assert "cached  app step 2/4" in third.stdout and third.stdout.count("pushed to the build cache") == 1
+
+    bad = run_cli("images", "build", "--cache", f"{cache}:v1", "app", store=tmp_path / "two", cwd=project)
+    assert bad.returncode == 2 and "give a repository (HOST/REPOSITORY), without a tag or digest" in bad.stderr
+    down = run_cli(
+        "images", "build", "--cache", "127.0.0.1:1/ci/cache", "--no-cache", "app", store=tmp_path / "two", cwd=project
+    )
+    assert down.returncode == 0, down.stderr  # a cache that is down is said, and the build goes on
+    assert "not pushed to the build cache 127.0.0.1:1/ci/cache" in down.stdout and "connection refused" in down.stdout
+
+
+def test_sandbox_cache_in_a_pytest_session(
+    pytester: pytest.Pytester,
+    registry: Registry,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    (pytester.path / "images").mkdir()
+    (pytester.path / "images/data.txt").write_text("data\n")
+    (pytester.path / "images/app.Containerfile").write_text("FROM scratch\nCOPY data.txt /srv/data.txt\n")
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.container(image="app")
+        def test_in_image(sandbox):
+            assert open(sandbox.path("/srv/data.txt")).read() == "data\\n"
+    """)
+    cache = f"--sandbox-cache={registry.host}/ci/cache"
+    for store, said in (("one", "pushed to the build cache"), ("two", "pulled from the build cache")):
+        monkeypatch.setenv("PYTEST_SANDBOX_STORE", str(tmp_path_factory.mktemp(store)))
+        result = pytester.runpytest_subprocess(cache)
+        result.assert_outcomes(passed=1)
+        result.stdout.fnmatch_lines([f"*{said} {registry.host}/ci/cache*"])
+    bad = pytester.runpytest_subprocess(f"--sandbox-cache={registry.host}/ci/cache@{DIGEST}")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["*--sandbox-cache *: give a repository (HOST/REPOSITORY), without a tag or digest*"])
