@@ -5,6 +5,7 @@ from __future__ import annotations
 from .errors import SandboxError, SetupError
 from .fixtures import Sandbox
 from .spec import SandboxSpec
+from .volumes import Volume, volume
 
 __version__ = "0.1.0"
-__all__ = ["Sandbox", "SandboxError", "SandboxSpec", "SetupError", "__version__"]
+__all__ = ["Sandbox", "SandboxError", "SandboxSpec", "SetupError", "Volume", "__version__", "volume"]

@@ -25,6 +25,7 @@ from .layers.format import HOST_BASE
 from .layers.store import FORMAT_VERSION, Image, Store, StoreError, check_name
 from .linux import rootfs, syscalls
 from .runtime import cgroups
+from .volumes import VolumeStore
 
 
 @dataclasses.dataclass(frozen=True)
@@ -499,6 +500,30 @@ def _containers(args: argparse.Namespace, project: Project) -> int:
     return 0
 
 
+def _volumes(args: argparse.Namespace, project: Project) -> int:
+    volumes = VolumeStore(project.store.root)
+    command = args.volumes_command or "ls"
+    if command == "inspect":
+        print(json.dumps(volumes.info(args.name).as_json(), indent=2))
+        return 0
+    if command == "rm":
+        for name in args.names:
+            volumes.remove(name)  # an unknown name or one in use is an error, not a silent no-op
+        return 0
+    if command == "prune":
+        before = set(volumes.names())
+        removed = volumes.prune()
+        kept = sorted(before - set(removed))
+        print(f"removed {len(removed)} volumes" + (f"; in use, kept: {', '.join(kept)}" if kept else ""))
+        return 0
+    print(f"{'NAME':24} {'SIZE':>10} {'LAST USED':>10}  STATE")
+    for name in volumes.names():
+        info = volumes.info(name)
+        used = _ago(info.last_used) if info.last_used else "never"
+        print(f"{name:24} {_size(info.size):>10} {used:>10}  {'in use' if info.in_use else '-'}")
+    return 0
+
+
 def _version(args: argparse.Namespace, project: Project) -> int:
     """What a bug report needs: versions, this host's kernel and cgroups, and the store pytest would use."""
     store = project.store
@@ -601,13 +626,26 @@ def parser() -> argparse.ArgumentParser:
     p = add(commands, "commit", "make a kept container's files a new image")
     p.add_argument("id")
     p.add_argument("name")
+    _add_kept_data_commands(commands, add)
+    return top
+
+
+def _add_kept_data_commands(commands: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
+    """What outlives a session: named volumes and the containers failed tests kept."""
+    p = add(commands, "volumes", "list (default), inspect, rm or prune the named volumes tests keep data in")
+    sub = p.add_subparsers(dest="volumes_command")
+    add(sub, "ls", "list named volumes: size, last use, whether a sandbox uses one now")
+    q = add(sub, "inspect", "where a volume is, its size, when it was made and last used, as JSON")
+    q.add_argument("name")
+    q = add(sub, "rm", "remove volumes and their data (refused while a sandbox uses one)")
+    q.add_argument("names", nargs="+", metavar="NAME")
+    add(sub, "prune", "remove every volume no sandbox uses now")
     p = add(commands, "containers", "list (default), rm or prune the containers kept by failed tests")
     sub = p.add_subparsers(dest="containers_command")
     add(sub, "ls")
     q = add(sub, "rm")
     q.add_argument("ids", nargs="+", metavar="ID")
     add(sub, "prune")
-    return top
 
 
 HANDLERS: dict[str, Callable[[argparse.Namespace, Project], int]] = {
@@ -616,6 +654,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace, Project], int]] = {
     "run": _run,
     "commit": _commit,
     "containers": _containers,
+    "volumes": _volumes,
     "version": _version,
 }
 

@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
-from . import credentials, hookspecs, plugin_state, probe, reports, settings, summary
+from . import credentials, hookspecs, plugin_results, plugin_state, probe, reports, settings, summary
 from . import session as _session
 from .errors import SandboxError
 from .runtime import test_process
 from .runtime.handle import Zygote
 from .session import SPEC_KEY, SessionState
-from .spec import FIELDS, MARKER, SandboxSpec, spec_for_item
+from .spec import FIELDS, MARKER, SandboxSpec, spec_for_item, with_resolved_volumes
 
 STATE_KEY = pytest.StashKey[SessionState]()
 REPEAT_PARAM = "sandbox_run"
@@ -76,10 +76,12 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         if changed is not None:
             if not isinstance(changed, SandboxSpec):
                 raise pytest.UsageError(f"{item.nodeid}: pytest_sandbox_spec returned {changed!r}, not a SandboxSpec")
-            spec = changed
+            spec = with_resolved_volumes(changed, str(config.rootpath), f"{item.nodeid}: pytest_sandbox_spec hook")
         item.stash[SPEC_KEY] = spec
         if spec.image is not None and state.mode != "off":
             images_needed.setdefault(spec.image, item.nodeid)
+        if spec.volumes and state.mode != "off":
+            _session.check_volume_targets(item, spec)
         for limit in spec.limits:
             if limit not in state.backend.enforced:
                 unenforced.setdefault(limit, []).append(item.nodeid)
@@ -237,9 +239,13 @@ def _run(
     try:
         channels = _channels_for(item, zyg, spec, state)
         next_here = _next_here(item, nextitem, spec, state)
-        for report in reports.run_in_sandbox(item, zyg, spec, channels, state.containers, next_here):
-            sent.append(report)
-            yield report
+        with state.volumes.held(spec.volumes):  # a named volume has one writer at a time, across sessions
+            try:
+                for report in reports.run_in_sandbox(item, zyg, spec, channels, state.containers, next_here):
+                    sent.append(report)
+                    yield report
+            finally:
+                state.volumes.clear_setid_bits(spec.volumes)
         state.shared = channels if channels.open else None
     except SandboxError as exc:
         error = str(exc)
@@ -278,6 +284,13 @@ class _Recorder:
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         self.records.add(report)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_sessionfinish(session: pytest.Session) -> Iterator[None]:
+    """Before every plugin's own session end (syrupy decides there which snapshots are unused)."""
+    plugin_results.before_session_end(session.config)
+    return (yield)
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:

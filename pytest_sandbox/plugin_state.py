@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Iterable
 from typing import Any
 
-from . import protocol
+from . import plugin_results, protocol
 from .linux.mounts import SCRATCH_PLACES, is_under
 
 _junit_properties_before = 0  # in a test process: junitxml's suite properties it inherited
@@ -35,6 +35,7 @@ def _junitxml(config: Any) -> Any:
 def adapt_in_sandbox(config: Any) -> None:
     """Point plugins that talk to the pytest process at local state instead."""
     global _junit_properties_before
+    plugin_results.mark_in_sandbox(config)
     xml = _junitxml(config)
     _junit_properties_before = len(xml.global_properties) if xml is not None else 0
     database = getattr(config, "failures_db", None)
@@ -58,26 +59,19 @@ def add_suite_property(config: Any, message: dict[str, Any]) -> None:
         xml.add_global_property(message["name"], message["value"])
 
 
-def flush_in_sandbox(config: Any) -> None:
-    """At a sandbox's end: what plugins would write at the session's end, which a sandbox never reaches."""
-    snapshots = getattr(config, "_syrupy", None)  # syrupy queues snapshot writes until its session ends
-    flush = getattr(snapshots, "flush_snapshot_write_queue", None)
-    if callable(flush):
-        flush()
-
-
-def for_sandboxed_items(config: Any, items: Iterable[Any]) -> list[str]:
+def for_sandboxed_items(config: Any, items: list[Any]) -> list[str]:
     """Settle, in the pytest process, what plugins would conclude wrongly from tests run elsewhere;
     returns the directories their sandboxed tests write that must reach the host.
 
-    syrupy counts a snapshot as unused when no assertion in this process read it, and
-    ``--snapshot-update`` deletes unused ones: with sandboxed snapshot tests, unused detection is
-    off (its own ``--snapshot-disable-unused``), and their snapshot directories are outputs.
+    syrupy's snapshot directories of sandboxed tests are outputs, for extensions that write a file per
+    snapshot at once; the writes syrupy queues, and which snapshots a sandboxed test used, come back after
+    it (plugin_results.py). Where they never came, unused detection goes off at the session's end, so
+    nothing is deleted as unused from missing records.
     """
+    plugin_results.for_sandboxed_items(config, items)
     users = [item for item in items if "snapshot" in getattr(item, "fixturenames", ())]
     if not users or not hasattr(config.option, "disable_unused_snapshots"):
         return []
-    config.option.disable_unused_snapshots = True
     dirname = getattr(config.option, "snapshot_dirname", None) or "__snapshots__"
     return sorted({os.path.join(os.path.dirname(str(item.path)), dirname) for item in users})
 

@@ -21,6 +21,9 @@ cannot forge how it ended::
       |                          |-- {nodeid} + [reports] ---------------------------------->|  runs the protocol
       |<============================================================ container {id} ========|  (keepable layer only)
       |<============================================================ report {data} =========|  (setup, call, teardown)
+      |<============================================================ benchmarks {...} ======|  after each test: what
+      |<============================================================ flaky-report {...} ====|  pytest-benchmark, flaky
+      |<============================================================ snapshots {...} =======|  and syrupy recorded
       |<============================================================ warning {...} =========|
       |<============================================================ log {text} ============|  (pytest's log_file)
       |<============================================================ output {path, data} ===|  (declared outputs,
@@ -68,6 +71,9 @@ FROM_TEST: dict[str, dict[str, tuple[type, ...]]] = {
     "coverage": {"arcs": (bool,), "contexts": (dict,)},
     "output": {"path": (str,), "data": (str,), "mode": (int,)},
     "suite-property": {"name": (str,), "value": (str,)},
+    "benchmarks": {"benchmarks": (list,)},  # pytest-benchmark, flaky, syrupy: see plugin_results.py
+    "flaky-report": {"text": (str,), "had_flaky_tests": (bool,)},
+    "snapshots": {"assertions": (list,), "writes": (list,)},
     "done": {},
     "error": {"phase": (str,), "message": (str,)},
     "exit-requested": {"reason": (str,), "returncode": (int, type(None))},
@@ -133,7 +139,12 @@ def _receive(sock: socket.socket, block: bool) -> tuple[bytes | None, list[int]]
         while True:
             if parts and not select.select([sock], [], [], NEXT_CHUNK_TIMEOUT)[0]:
                 raise ProtocolError(f"a message that stopped halfway (no next chunk in {NEXT_CHUNK_TIMEOUT:g} s)")
-            data, ancdata, _flags, _addr = sock.recvmsg(CHUNK + HEADER, socket.CMSG_SPACE(MAX_FDS * 4), flags)
+            try:
+                data, ancdata, _flags, _addr = sock.recvmsg(CHUNK + HEADER, socket.CMSG_SPACE(MAX_FDS * 4), flags)
+            except ConnectionResetError:
+                # The peer closed with a message of ours unread: Linux reports that once, before what the
+                # peer sent is read. Its last words (a setup error) are still queued: read on.
+                continue
             flags = 0  # the rest of a chunked message is already on its way
             _take_fds(ancdata, fds)
             if not data:
@@ -195,6 +206,8 @@ def decode(data: bytes) -> dict[str, Any]:
         message = json.loads(data)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"not JSON ({exc})") from None
+    except RecursionError:  # arrays nested deeper than Python's recursion limit: an INTERNALERROR before
+        raise ProtocolError("JSON nested deeper than Python can read") from None
     if not isinstance(message, dict):
         raise ProtocolError(f"not a JSON object but {type(message).__name__}")
     return message

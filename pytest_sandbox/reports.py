@@ -19,7 +19,7 @@ from typing import Any, Literal, NoReturn
 
 import pytest
 
-from . import credentials, outputs, plugin_state, protocol
+from . import credentials, outputs, plugin_results, plugin_state, protocol
 from .runtime.handle import Zygote
 from .spec import SandboxSpec
 
@@ -149,6 +149,8 @@ class _Relay:
             plugin_state.add_suite_property(self.item.config, message)
         elif kind == "coverage":
             self._coverage(message)
+        elif kind in plugin_results.KINDS:
+            plugin_results.receive(self.item, message)
         elif kind == "error":
             self.outcome.setup_error = message
         elif kind == "interact":  # --pdb: pdb shows this report in the sandbox (runtime/interact.py)

@@ -20,11 +20,13 @@ from .errors import SandboxError
 from .layers import build, progress
 from .layers.store import Image, Store
 from .linux.files import remove_tree
+from .linux.mounts import SCRATCH_PLACES, is_under
 from .linux.rootfs import ImageMount
 from .runtime import cgroups
 from .runtime.handle import Zygote
 from .runtime.zygote import Limits, SessionPaths
 from .spec import SandboxSpec
+from .volumes import VolumeStore, is_named
 
 if TYPE_CHECKING:
     from .reports import Channels
@@ -60,6 +62,10 @@ class SessionState:
     keep_dir: str = ""  # this session's dir of image tests' read/write layers (--sandbox-keep)
     keep_fd: int = -1  # that dir, opened before any test could reach it: kept layers are found through it
     containers: dict[str, str] = dataclasses.field(default_factory=dict)  # nodeid -> container id
+
+    @property
+    def volumes(self) -> VolumeStore:
+        return VolumeStore(self.store.root)
 
     @property
     def accounting(self) -> bool:
@@ -224,6 +230,27 @@ def session_paths(config: pytest.Config, basetemp: str | None) -> SessionPaths:
     return SessionPaths(cwd=cwd, writable=tuple(writable), needed=tuple(needed))
 
 
+def check_volume_targets(item: pytest.Item, spec: SandboxSpec) -> None:
+    """A target the sandbox could not make (the host view is read-only) is a usage error before any test."""
+    if spec.image is not None:  # an image test's volumes also go into the image's root, where they can be made
+        return
+    writable = [*session_paths(item.config, None).writable, *spec.writable, *SCRATCH_PLACES]
+    for source, target, _mode in spec.volumes:
+        if not os.path.lexists(target) and not any(is_under(target, w) for w in writable):
+            raise pytest.UsageError(
+                f"{item.nodeid}: invalid volumes={{{source!r}: {target!r}}}: {target} does not exist on this host "
+                "and the sandbox's root is the host's, read-only: a target must exist, or lie under /tmp, "
+                "/var/tmp, /run, $HOME, the rootdir or a writable= place (or the test runs in an image)"
+            )
+
+
+def _make_named_volumes(state: SessionState, items: list[pytest.Item]) -> None:
+    """Named volumes are made on first use: before the zygote, whose sandboxes mount them as they are built."""
+    for name in sorted({s for i in items for s, _, _ in getattr(i.stash.get(SPEC_KEY, None), "volumes", ())}):
+        if is_named(name):
+            state.volumes.ensure(name)
+
+
 def _open_keep_dir(state: SessionState) -> None:
     """--sandbox-keep: image tests' read/write layers go to the store, where a failed one is kept."""
     if state.keep == "none" or not state.images or state.keep_dir:
@@ -254,8 +281,13 @@ def zygote_for(item: pytest.Item, state: SessionState) -> Zygote:
     basetemp = str(factory.getbasetemp()) if factory is not None else None
     items = {i.nodeid: i for i in item.session.items} | {item.nodeid: item}
     _open_keep_dir(state)
+    _make_named_volumes(state, list(items.values()))
     paths = dataclasses.replace(
-        session_paths(item.config, basetemp), images=dict(state.images), keep_dir=state.keep_dir, outputs=state.outputs
+        session_paths(item.config, basetemp),
+        images=dict(state.images),
+        keep_dir=state.keep_dir,
+        outputs=state.outputs,
+        volumes_root=state.volumes.root,
     )
     if state.cgroup_session is None and isinstance(state.backend, cgroups.CgroupBackend):
         try:

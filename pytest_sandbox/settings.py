@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from .runtime.cgroups import BACKENDS as CGROUP_BACKENDS
-from .spec import CHECKS, LIMIT_FIELDS, bad_value, check_env_lines
+from .spec import CHECKS, LIMIT_FIELDS, bad_value, check_env_lines, check_volume_lines
 
 MODES = ("marked", "all", "off")
 UNAVAILABLE = ("fail", "skip")
@@ -83,6 +83,13 @@ SETTINGS: tuple[Setting, ...] = (
         ini_type="linelist",
     ),
     Setting("sandbox_env", "NAME=VALUE lines set in every sandbox", ini="sandbox_env", ini_type="linelist"),
+    Setting(
+        "sandbox_volumes",
+        "SOURCE=TARGET[:ro|:rw] lines mounted in every sandbox: SOURCE a volume name (kept in the store) or a "
+        "host path (relative to rootdir); writes to them persist",
+        ini="sandbox_volumes",
+        ini_type="linelist",
+    ),
     Setting(
         "sandbox_hide",
         "places masked in every sandbox besides the default credential places (absolute or ~/ paths; "
@@ -295,6 +302,9 @@ def spec_defaults(config: pytest.Config) -> dict[str, Any]:
     lines, where = raw(config, "sandbox_env")
     if lines:
         values["env"] = check_env_lines(lines, where)
+    lines, where = raw(config, "sandbox_volumes")
+    if lines:
+        values["volumes"] = check_volume_lines(lines, str(config.rootpath), where)
     return values
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from . import volumes as _volumes
 from .credentials import check_place, check_variable_pattern
 from .layers.format import NAME_RE, NAME_RULE
 
@@ -64,6 +65,7 @@ class SandboxSpec:
     image: str | None = None  # an image of images/ or of the store: sandbox.run() runs in it
     hide: tuple[str, ...] = ()  # credential places masked besides the defaults ("!place" un-hides a default)
     env_pass: tuple[str, ...] = ()  # credential-looking variables (names or patterns) let through
+    volumes: tuple[tuple[str, str, str], ...] = ()  # (volume name or host path, target, "rw"|"ro"), by target
 
     @property
     def limits(self) -> tuple[str, ...]:
@@ -166,6 +168,74 @@ def _check_env_pass(value: object, where: str) -> tuple[str, ...]:
             )
         names.append(name)
     return tuple(sorted(set(names)))
+
+
+def _check_volumes(value: object, where: str) -> tuple[tuple[str, str, str], ...]:
+    """``{source: "target[:ro|:rw]"}`` (or the normalized triples of a spec) as sorted triples; a relative
+    host path stays relative here: ``resolve_volumes`` makes it the rootdir's."""
+    pairs: list[tuple[object, object]]
+    if isinstance(value, tuple) and all(isinstance(v, tuple) and len(v) == 3 for v in value):
+        pairs = [(source, f"{target}:{mode}") for source, target, mode in value]
+    elif isinstance(value, Mapping):
+        pairs = list(value.items())
+    else:
+        raise bad_value(where, "volumes", value, _volumes.VOLUMES_RULE)
+    by_target: dict[str, tuple[str, str, str]] = {}
+    for raw_source, raw_target in pairs:
+        source = raw_source.name if isinstance(raw_source, _volumes.Volume) else raw_source
+        source = os.fspath(source) if isinstance(source, os.PathLike) else source
+        if not isinstance(source, str) or not source or "\0" in source:
+            raise bad_value(where, "volumes", raw_source, f"not a volume name or path; {_volumes.VOLUMES_RULE}")
+        if not _volumes.is_named(source):
+            if "/" not in source:  # '.', '..', '~x', 'a b': neither a name nor a path
+                raise bad_value(where, "volumes", raw_source, f"{_volumes.NAME_RULE}; a host path has a '/'")
+            if ".." in source.split("/"):
+                raise bad_value(where, "volumes", raw_source, "a host path may not contain '..'")
+        if not isinstance(raw_target, str):
+            raise bad_value(where, "volumes", {raw_source: raw_target}, _volumes.VOLUMES_RULE)
+        target, mode = raw_target, "rw"
+        head, sep, tail = raw_target.rpartition(":")
+        if sep:
+            target, mode = head, tail
+        if mode not in _volumes.MODES:
+            raise bad_value(where, "volumes", {raw_source: raw_target}, "unknown mode; allowed: ':ro', ':rw'")
+        why = _volumes.check_target(target)
+        if why:
+            raise bad_value(where, "volumes", {raw_source: raw_target}, why)
+        target = os.path.normpath(target)
+        if target in by_target:
+            raise bad_value(where, "volumes", {raw_source: raw_target}, f"two volumes on {target}; one each")
+        if not _volumes.is_named(source):  # "out/" or "./out" stays a path, never becomes the volume "out"
+            source = os.path.normpath(source)
+            source = source if source.startswith("/") else f"./{source}"
+        by_target[target] = (source, target, mode)
+    return tuple(sorted(by_target.values(), key=lambda v: (v[1].count("/"), v[1])))
+
+
+def resolve_volumes(
+    volumes: tuple[tuple[str, str, str], ...], rootdir: str, where: str
+) -> tuple[tuple[str, str, str], ...]:
+    """Host path sources as the real paths the sandbox binds (relative ones from ``rootdir``); they must exist."""
+    resolved = []
+    for source, target, mode in volumes:
+        if not _volumes.is_named(source):
+            try:
+                source = _volumes.resolve_source(source, rootdir)
+            except FileNotFoundError:
+                why = f"no such host path (relative ones are from {rootdir})"
+                raise bad_value(where, "volumes", {source: f"{target}:{mode}"}, why) from None
+            except OSError as exc:
+                why = f"{exc.strerror}: {exc.filename}"
+                raise bad_value(where, "volumes", {source: f"{target}:{mode}"}, why) from None
+        resolved.append((source, target, mode))
+    return tuple(resolved)
+
+
+def with_resolved_volumes(spec: SandboxSpec, rootdir: str, where: str) -> SandboxSpec:
+    """``spec`` with relative host path volumes (a hook's ``spec.replace(volumes=...)``) made the rootdir's."""
+    if not any(source.startswith("./") for source, _, _ in spec.volumes):
+        return spec
+    return dataclasses.replace(spec, volumes=resolve_volumes(spec.volumes, rootdir, where))
 
 
 def _as_mapping(value: object) -> object:
@@ -332,6 +402,7 @@ CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "timeout": _check_timeout,
     "hide": _check_hide,
     "env_pass": _check_env_pass,
+    "volumes": _check_volumes,
 }
 LIMIT_FIELDS = ("memory", "cpus", "pids", "timeout")  # also settable by option, ini and --sandbox-stress
 ADDED_FIELDS = ("hide", "env_pass")  # a marker adds to the session's list instead of replacing it
@@ -358,6 +429,19 @@ def check_env_lines(lines: list[str], where: str) -> tuple[tuple[str, str], ...]
             raise bad_value(where, "env", line, f"{name.strip()} is set twice; each name once")
         env[name.strip()] = val
     return _check_env(env, where)
+
+
+def check_volume_lines(lines: list[str], rootdir: str, where: str) -> tuple[tuple[str, str, str], ...]:
+    """``SOURCE=TARGET[:ro|:rw]`` lines (the ``sandbox_volumes`` ini key) as checked, resolved volumes."""
+    mapping: dict[str, str] = {}
+    for line in lines:
+        source, sep, target = line.partition("=")
+        if not sep or not source.strip():
+            raise bad_value(where, "volumes", line, "each line must be SOURCE=TARGET[:ro|:rw]")
+        if source.strip() in mapping:
+            raise bad_value(where, "volumes", line, f"{source.strip()} is given twice; each source once")
+        mapping[source.strip()] = target.strip()
+    return resolve_volumes(_check_volumes(mapping, where), rootdir, where)
 
 
 def marker_values(item: pytest.Item) -> dict[str, Any] | None:
@@ -392,6 +476,11 @@ def spec_for_item(
         for key in ADDED_FIELDS:
             if key in checked and key in values:
                 checked[key] = tuple(sorted(set(values[key]) | set(checked[key])))
+        if "volumes" in checked:  # the marker's volumes go with the session's; on one target, the marker's
+            checked["volumes"] = resolve_volumes(checked["volumes"], str(item.config.rootpath), where)
+            mine = {target for _, target, _ in checked["volumes"]}
+            session = [v for v in values.get("volumes", ()) if v[1] not in mine]
+            checked["volumes"] = _check_volumes((*session, *checked["volumes"]), where)
         values.update(checked)
     values.update(overrides or {})
     return validate(values, item.nodeid)

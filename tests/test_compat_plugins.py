@@ -33,6 +33,14 @@ def _builtin_subtests() -> bool:
 HAS_BUILTIN_SUBTESTS = _builtin_subtests()
 
 
+@pytest.fixture(autouse=True)
+def _inner_runs_are_no_xdist_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under -n 2 this test runs in an xdist worker, whose variables its inner pytest would inherit:
+    pytest-benchmark and syrupy take them for their own worker's and turn themselves off or go quiet."""
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(name, raising=False)
+
+
 class Run:
     """One mode's run: its result, the summary line less its time, junit counts and the files it left."""
 
@@ -170,7 +178,8 @@ def test_rerunfailures_reruns_until_it_passes(pytester: pytest.Pytester) -> None
             calls += 1
             assert calls == 3
     """)
-    runs = run_modes(pytester, "--reruns", "3", "--junitxml=junit.xml")
+    runs = run_modes(pytester, "--reruns", "3", "--junitxml=junit.xml", off=("flaky",))  # flaky's protocol would
+    # run the test instead of pytest-rerunfailures' (both are the first result of pytest_runtest_protocol)
     plain = assert_same(runs)
     assert plain.summary == "1 passed, 2 rerun"
     for mode, run in runs.items():
@@ -359,3 +368,203 @@ def test_a_reporter_plugins_protocol_hooks_run_in_the_sandbox(pytester: pytest.P
     wanted = [f"NOTES {module.name}::{name} {notes}" for name in ("test_fail", "test_pass")]
     for mode, run in runs.items():
         assert [line for line in run.result.outlines if line.startswith("NOTES")] == wanted, f"{mode}:\n{run.text()}"
+
+
+BENCHMARKS = """
+import time
+
+import pytest
+
+
+@pytest.mark.benchmark(group="sums")
+@pytest.mark.parametrize("n", [10, 100])
+def test_sum(benchmark, n):
+    benchmark.extra_info["n"] = n
+    benchmark.extra_info["unserializable"] = object  # pytest-benchmark's JSON holds its repr
+    assert benchmark.pedantic(sum, args=(range(n),), rounds=5, iterations=2) == n * (n - 1) // 2
+
+
+def test_sleep(benchmark):
+    benchmark.pedantic(time.sleep, args=(0.0001,), rounds=3, warmup_rounds=1)
+
+
+def test_timed(benchmark):
+    benchmark(sum, range(10))
+
+
+def test_not_a_benchmark():
+    pass
+"""
+
+
+def _benchmark_table(run: Run) -> list[str]:
+    """The tables pytest-benchmark printed, from its first dashed header to the legend, less what differs
+    between two runs: the time unit (from the fastest timing) and test_timed's calibrated rounds."""
+    lines = run.result.outlines
+    start = next((i for i, line in enumerate(lines) if re.match(r"^-+ benchmark", line)), None)
+    if start is None:
+        return []
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith("Legend:"))
+    table = [re.sub(r"\(time in \w+\)", "(time in -)", line) for line in lines[start:end]]
+    return [line.split()[0] if line.startswith("test_timed") else line.rstrip("-") for line in table]
+
+
+def _benchmark_json(run: Run, name: str) -> list[dict[str, object]]:
+    """What --benchmark-json wrote of each benchmark, less the timings that differ from run to run."""
+    import json
+
+    benchmarks = json.loads(run.files[name])["benchmarks"]
+    for bench in benchmarks:
+        stats = bench.pop("stats")
+        bench["rounds"] = stats["rounds"] if bench["name"] != "test_timed" else "varies"
+        bench["iterations"] = stats["iterations"] if bench["name"] != "test_timed" else "varies"
+        bench["data"] = len(stats["data"]) == stats["rounds"]
+    return benchmarks
+
+
+def test_benchmark_table_and_json_are_pytests(pytester: pytest.Pytester) -> None:
+    """pytest-benchmark keeps what each test measured in pytest's process: a sandbox sends it back, the
+    table and the JSON are a plain run's (rounds and iterations fixed with pedantic; timings differ).
+    Under xdist pytest-benchmark turns itself off, with a warning, in a plain run and sandboxed alike."""
+    pytester.makepyfile(test_bench=BENCHMARKS)
+    args = ("--benchmark-columns=rounds,iterations", "--benchmark-sort=name", "--benchmark-json=bench.json")
+    args += ("--benchmark-max-time=0.01",)  # test_timed's calibration: rounds vary, as in any two runs
+    runs = run_modes(pytester, *args, "--benchmark-autosave")
+    plain = assert_same(runs)
+    assert plain.summary == "5 passed"
+    table = _benchmark_table(plain)
+    assert any("test_sum[10]" in line for line in table) and any("test_sleep" in line for line in table), table
+    for mode in ("sandbox",):
+        assert _benchmark_table(runs[mode]) == table, f"{mode}:\n{runs[mode].text()}"
+        assert _benchmark_json(runs[mode], "bench.json") == _benchmark_json(plain, "bench.json"), mode
+        saved = [name for name in runs[mode].files if name.startswith(".benchmarks/")]
+        assert len(saved) == 1 and saved[0].endswith(".json"), runs[mode].files.keys()
+    plain_xdist = pytester.runpytest_subprocess("-n", "2", *args)
+    for result in (plain_xdist, runs["xdist"].result):
+        output = result.stdout.str() + result.stderr.str()  # its logger writes to stderr
+        assert "Benchmarks are automatically disabled because xdist plugin is active" in output, output
+        assert not _benchmark_table(Run(result, {})), result.stdout.str()
+    assert "bench.json" not in runs["xdist"].files and not (pytester.path / "bench.json").exists()
+
+
+FLAKY = """
+from flaky import flaky
+
+calls = {"n": 0}
+
+
+@flaky(max_runs=3)
+def test_second_time_lucky():
+    calls["n"] += 1
+    assert calls["n"] >= 2
+
+
+@flaky(max_runs=2)
+def test_never():
+    assert False, "never"
+
+
+def test_plain():
+    pass
+"""
+
+
+def _flaky_report(run: Run | pytest.RunResult) -> list[str]:
+    result = run.result if isinstance(run, Run) else run
+    lines = result.outlines
+    if "===Flaky Test Report===" not in lines:
+        return []
+    start, end = lines.index("===Flaky Test Report==="), lines.index("===End Flaky Test Report===")
+    return lines[start : end + 1]
+
+
+def test_flaky_report_is_pytests(pytester: pytest.Pytester) -> None:
+    """flaky reruns in the sandbox, where its report is written: each test's part comes back to pytest's
+    report. Under xdist each worker's part comes in the order the workers end, as in a plain run."""
+    pytester.makepyfile(test_flaky=FLAKY)
+    runs = run_modes(pytester, "--junitxml=junit.xml")
+    plain = assert_same(runs)
+    assert plain.summary == "1 failed, 2 passed"
+    report = _flaky_report(plain)
+    assert "test_second_time_lucky failed (2 runs remaining out of 3)." in report, report
+    assert "test_never failed; it passed 0 out of the required 1 times." in report, report
+    assert _flaky_report(runs["sandbox"]) == report, runs["sandbox"].text()
+    plain_xdist = pytester.runpytest_subprocess("-n", "2", "--junitxml=junit.xml")
+    assert sorted(_flaky_report(runs["xdist"])) == sorted(_flaky_report(plain_xdist)) == sorted(report)
+    for mode, run in runs.items():
+        assert run.junit == plain.junit, mode
+
+
+SNAPSHOTS_BEFORE = """
+def test_kept(snapshot):
+    assert {"a": 1} == snapshot
+
+def test_removed(snapshot):
+    assert "removed" == snapshot
+
+def test_changed(snapshot):
+    assert "before" == snapshot
+"""
+SNAPSHOTS_AFTER = """
+import pytest
+
+def test_kept(snapshot):
+    assert {"a": 1} == snapshot
+
+def test_changed(snapshot):
+    assert "after" == snapshot
+
+def test_new(snapshot):
+    assert [3] == snapshot
+
+@pytest.mark.xfail(reason="known")
+def test_expected_to_fail(snapshot):
+    assert "missing" == snapshot
+
+def test_no_snapshot():
+    pass
+"""
+
+
+def _snapshot_summary(result: pytest.RunResult) -> list[str]:
+    lines = result.outlines
+    start = next((i for i, line in enumerate(lines) if "snapshot report summary" in line), None)
+    if start is None:
+        return []
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith("=")), len(lines))
+    return [line for line in lines[start + 1 : end] if line.strip()]
+
+
+def test_snapshot_counts_are_pytests(pytester: pytest.Pytester) -> None:
+    """syrupy counts in pytest's process what each test compared: sandboxes send it back, so the summary
+    (passed, failed, written, unused), the exit status and what --snapshot-update deletes as unused are a
+    plain run's. The snapshot file too: under xdist two sandboxes rewrote it at once, each without the
+    other's new snapshot; pytest now writes what they queued, as syrupy does, once and under its lock."""
+    pytester.makepyfile(test_snap=SNAPSHOTS_BEFORE)
+    pytester.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=3)
+    ambr = pytester.path / "__snapshots__" / "test_snap.ambr"
+    written = ambr.read_text()
+    pytester.makepyfile(test_snap=SNAPSHOTS_AFTER)
+    seen: dict[tuple[str, str], tuple[list[str], int, str]] = {}
+    for update in ("", "--snapshot-update"):
+        for mode, extra in {**MODES, "plain xdist": ("-n", "2")}.items():
+            ambr.write_text(written)
+            result = pytester.runpytest_subprocess(*extra, *filter(None, [update]), timeout=60)
+            seen[mode, update] = (_snapshot_summary(result), int(result.ret), ambr.read_text())
+    check = {
+        "": [
+            "2 snapshots failed. 1 snapshot xfailed. 1 snapshot passed. 1 snapshot unused.",
+            "Re-run pytest with --snapshot-update to delete unused snapshots.",
+        ],
+        "--snapshot-update": [
+            "1 snapshot passed. 2 snapshots generated. 1 snapshot updated. 1 unused snapshot deleted.",
+            "Deleted test_removed (__snapshots__/test_snap.ambr)",
+        ],
+    }
+    for update, lines in check.items():
+        plain = seen["plain", update]
+        assert plain[0] == lines, plain
+        for mode in ("sandbox", "xdist", "plain xdist"):
+            assert seen[mode, update][:2] == plain[:2], f"{mode} {update}: {seen[mode, update]}\nplain: {plain}"
+            assert seen[mode, update][2] == plain[2], f"{mode} {update}: the snapshot file differs"
+    assert "test_removed" not in seen["plain", "--snapshot-update"][2]

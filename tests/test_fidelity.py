@@ -243,5 +243,32 @@ def test_snapshots_used_in_sandboxes_are_neither_unused_nor_deleted(pytester: py
     with open(pytester.path / "test_snapshots_used_in_sandboxes_are_neither_unused_nor_deleted.py", "a") as test:
         test.write("\ndef test_three(snapshot):\n    assert [3] == snapshot\n")
     pytester.runpytest_subprocess("--sandbox=all", "--snapshot-update").assert_outcomes(passed=3)
-    assert "test_three" in snapshots.read_text()  # written in the sandbox, an output
+    assert "test_three" in snapshots.read_text()  # queued in the sandbox, written by pytest's syrupy
     pytester.runpytest_subprocess().assert_outcomes(passed=3)  # and plain pytest agrees
+
+
+@pytest.mark.parametrize("xdist", [(), ("-n", "2")], ids=["plain", "xdist"])
+def test_snapshots_of_a_test_whose_sandbox_crashed_are_not_deleted(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: tuple[str, ...]
+) -> None:
+    """A sandbox that dies sends no record of the snapshots its test used: syrupy would count them unused
+    and --snapshot-update delete them. Unused detection goes off for that session instead."""
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(name, raising=False)  # an outer xdist worker's: syrupy would take them for its own
+    source = """
+        import os
+        def test_one(snapshot):
+            assert {"a": 1} == snapshot
+        def test_crashes(snapshot):
+            assert "kept" == snapshot
+            CRASH
+    """
+    pytester.makepyfile(test_crash=source.replace("CRASH", "pass"))
+    pytester.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=2)
+    snapshots = pytester.path / "__snapshots__" / "test_crash.ambr"
+    written = snapshots.read_text()
+    pytester.makepyfile(test_crash=source.replace("CRASH", "os._exit(3)"))
+    result = pytester.runpytest_subprocess("--sandbox=all", "--snapshot-update", *xdist)
+    result.assert_outcomes(passed=1, failed=1)
+    assert snapshots.read_text() == written  # test_crashes' snapshot is still there
+    result.stdout.fnmatch_lines(["*Unused snapshot detection is disabled*"])

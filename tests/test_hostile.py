@@ -699,3 +699,72 @@ def test_scratch_bounded(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPa
     if run.outcome("test_attack") != "PASSED":
         problems.insert(0, f"scratch: {run.inner_failure()}")
     _check(problems)
+
+
+def test_a_symlink_swapped_into_a_volume_never_binds_another_host_path(
+    pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A test that may write ./shared replaces ./shared/sub, another test's volume, with a symlink to a host
+    directory of secrets: that test's sandbox refuses to bind it (ELOOP), it never shows the secrets."""
+    monkeypatch.setenv("PYTEST_SANDBOX_STORE", str(tmp_path / "store"))
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    token = uuid.uuid4().hex
+    (secrets_dir / "key").write_text(token)
+    (pytester.path / "shared" / "sub").mkdir(parents=True)
+    pytester.makepyfile(
+        test_probe=f"""
+        import os, pytest
+
+        @pytest.mark.container(volumes={{"./shared": "/tmp/shared"}})
+        def test_a_swap():
+            os.rmdir("/tmp/shared/sub")
+            os.symlink({str(secrets_dir)!r}, "/tmp/shared/sub")
+
+        @pytest.mark.container(volumes={{"./shared/sub": "/tmp/sub"}})
+        def test_b_reads():
+            print("SAW", os.listdir("/tmp/sub"), open("/tmp/sub/key").read())
+    """
+    )
+    # Both in one run: test_b's sandbox (built once test_a ran) refuses the path it was given at collection.
+    result = pytester.runpytest_subprocess("-s", "-p", "no:xdist")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("passed") == 1, result.stdout.str()
+    if outcomes.get("error"):  # built after the swap (else it was built ahead and bound the real, empty dir)
+        result.stdout.fnmatch_lines(["*cannot bind */shared/sub at /tmp/sub: a symlink on its path, never followed*"])
+    assert token not in result.stdout.str()
+    # A later run resolves the volumes it is given afresh: a symlink inside the rootdir is refused there.
+    assert (pytester.path / "shared" / "sub").is_symlink()
+    later = pytester.runpytest_subprocess("-s", "-k", "b_reads")
+    assert later.ret == pytest.ExitCode.USAGE_ERROR
+    later.stderr.fnmatch_lines(
+        ["*invalid volumes=*a symlink inside the rootdir; a volume binds real directories only*"]
+    )
+    assert token not in later.stdout.str() + later.stderr.str()
+    assert (secrets_dir / "key").read_text() == token
+
+
+def test_a_set_user_id_program_left_in_a_volume_loses_its_bit(
+    pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Root's test writes root-owned files into a read/write volume: a set-user-ID copy of a shell there
+    would be root for anyone who reaches the directory. The bits are cleared when the test ends."""
+    monkeypatch.setenv("PYTEST_SANDBOX_STORE", str(tmp_path / "store"))
+    (pytester.path / "out" / "deep").mkdir(parents=True)
+    pytester.makepyfile(
+        test_probe="""
+        import os, shutil, stat, pytest
+
+        @pytest.mark.container(volumes={"./out": "/tmp/out", "named": "/tmp/named"})
+        def test_plant():
+            for place in ("/tmp/out/deep/sh", "/tmp/named/sh"):
+                shutil.copy("/bin/sh", place)
+                os.chmod(place, 0o6755)
+                assert os.stat(place).st_mode & stat.S_ISUID  # allowed: the owner may set it
+            os.symlink("/bin/sh", "/tmp/out/link")  # a symlink is never followed by the clean-up
+    """
+    )
+    pytester.runpytest_subprocess().assert_outcomes(passed=1)
+    for planted in (pytester.path / "out" / "deep" / "sh", tmp_path / "store" / "volumes" / "named" / "data" / "sh"):
+        mode = planted.stat().st_mode
+        assert not mode & 0o6000 and mode & 0o777 == 0o755, oct(mode)

@@ -8,6 +8,7 @@ removed, the keyring the probe reads and writes is a fresh session keyring of th
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import re
 import socket
@@ -826,4 +827,114 @@ def test_stdin_closed_when_pytest_started(pytester: pytest.Pytester, xdist: tupl
     problems = run.session_problems()
     if run.outcome("test_attack") != "PASSED":
         problems.insert(0, f"stdin: {run.inner_failure()}")
+    _check(problems)
+
+
+# -- 16. what plugins recorded in a sandbox: pytest-benchmark's timings, flaky's report, syrupy's snapshots -----
+
+PLUGIN_RECORDS = """
+import json
+
+
+def send_raw(text):
+    from pytest_sandbox import protocol
+    from pytest_sandbox.runtime import test_process
+    data = text.encode()
+    chunks = [data[i : i + protocol.CHUNK] for i in range(0, len(data), protocol.CHUNK)]
+    for index, chunk in enumerate(chunks):
+        test_process._channel.sendall((protocol.LAST if index == len(chunks) - 1 else protocol.MORE) + chunk)
+
+
+@pytest.mark.container
+def test_attack():
+    message = json.loads(__MESSAGE__)  # NaN too
+    if __FLOOD__:
+        message["benchmarks"][0]["data"] = [0.0] * (2**22 + 1)
+    text = json.dumps(message)
+    if __NESTED__:
+        text = text.replace('"NESTED"', "[" * 100_000 + "]" * 100_000)
+    send_raw(text)
+"""
+_BENCH = {
+    "group": None,
+    "extra_info": {},
+    "options": {"min_rounds": 5},
+    "iterations": 1,
+    "data": [1e-6],
+    "has_error": False,
+    "cprofile": None,
+}
+_ASSERTION = {
+    "extension": ["syrupy.extensions.amber", "AmberSnapshotExtension"],
+    "xfail": False,
+    "results": [
+        {"location": "/x/__snapshots__/t.ambr", "name": "t", "created": False, "updated": False, "success": True}
+    ],
+}
+
+
+def _benchmarks(**changes: object) -> dict[str, object]:
+    return {"type": "benchmarks", "benchmarks": [_BENCH, {**_BENCH, **changes}]}  # a good one first: none is kept
+
+
+_WRITE = {"extension": _ASSERTION["extension"], "index": 0, "data": "'x'", "binary": False}
+
+
+def _snapshots(**changes: object) -> dict[str, object]:
+    result = {**_ASSERTION["results"][0], **changes.pop("result", {})}  # type: ignore[dict-item]
+    writes = [{**_WRITE, **changes.pop("write")}] if "write" in changes else []  # type: ignore[dict-item]
+    assertions = [_ASSERTION, {**_ASSERTION, "results": [result], **changes}]
+    return {"type": "snapshots", "assertions": assertions, "writes": writes}
+
+
+PLUGIN_ATTACKS: dict[str, tuple[str, dict[str, object]]] = {
+    "benchmark NaN timing": ("pytest_benchmark", _benchmarks(data=[float("nan")])),
+    "benchmark rounds flood": ("pytest_benchmark", _benchmarks()),
+    "benchmark unknown option": ("pytest_benchmark", _benchmarks(options={"__class__": 1})),
+    "benchmark zero iterations": ("pytest_benchmark", _benchmarks(iterations=0)),
+    "benchmark bad profile": ("pytest_benchmark", _benchmarks(cprofile=[["f.py", "1", "f", 1, 1, 0.0, 0.0]])),
+    "benchmark nested extra_info": ("pytest_benchmark", _benchmarks(extra_info={"x": "NESTED"})),
+    "benchmark while disabled": ("pytest_benchmark", _benchmarks()),  # with --benchmark-disable
+    "flaky report not text": ("flaky", {"type": "flaky-report", "text": 5, "had_flaky_tests": True}),
+    "snapshot extension not loaded": ("syrupy", _snapshots(extension=["this", "Extension"])),
+    "snapshot extension not an extension": ("syrupy", _snapshots(extension=["os", "system"])),
+    "snapshot relative location": ("syrupy", _snapshots(result={"location": "../../etc/passwd"})),
+    "snapshot name with NUL": ("syrupy", _snapshots(result={"name": "a\0b"})),
+    "snapshot write without --snapshot-update": ("syrupy", _snapshots(write={})),
+    "snapshot write of an unloaded extension": ("syrupy", _snapshots(write={"extension": ["this", "X"]})),
+    "snapshot write of bad base64": ("syrupy", _snapshots(write={"data": "not base64!", "binary": True})),
+}
+
+
+@pytest.mark.parametrize("attack", PLUGIN_ATTACKS)
+def test_forged_plugin_records(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: tuple[str, ...], attack: str
+) -> None:
+    """What pytest-benchmark, flaky and syrupy recorded in a sandbox comes back as plain data that pytest
+    rebuilds their records from (plugin_results.py). Each forged record fails its test, adds nothing (a
+    good record sent with it neither), imports nothing the sandbox names (importing ``this`` prints the
+    Zen of Python) and leaves the session as a plain one."""
+    plugin, message = PLUGIN_ATTACKS[attack]
+    pytest.importorskip(plugin)  # a dev dependency
+    source = _source(
+        PLUGIN_RECORDS,
+        message=json.dumps(message),
+        flood=attack == "benchmark rounds flood",
+        nested="nested" in attack,
+    )
+    options = ["--snapshot-update"] if "snapshot write of" in attack else []
+    options += ["--benchmark-disable"] if attack == "benchmark while disabled" else []
+    run = _run(pytester, monkeypatch, source, "--benchmark-json=bench.json", *options, *xdist)
+    problems = run.session_problems()
+    written = list(pytester.path.rglob("*.ambr"))
+    if written:
+        problems.insert(0, f"{attack}: pytest wrote a forged snapshot: {written}")
+    if run.outcome("test_attack") != "FAILED":
+        problems.insert(0, f"{attack}: not refused: {run.outcome('test_attack')}")
+    elif "sandbox sent a malformed message" not in run.text:
+        problems.insert(0, f"{attack}: failed for another reason:\n{run.text[-3000:]}")
+    if "Beautiful is better than ugly" in run.text:
+        problems.insert(0, f"{attack}: pytest imported a module the sandbox named")
+    if re.search(r"^-+ benchmark", run.text, re.M):
+        problems.insert(0, f"{attack}: pytest-benchmark's table shows forged timings")
     _check(problems)

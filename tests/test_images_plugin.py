@@ -330,3 +330,28 @@ def test_from_host_cannot_change_new_top_level_dirs(project: pytest.Pytester) ->
     result = cli(project, "images", "build", "newtop")
     assert result.returncode == 2
     assert "can only change directories under the host's existing top-level directories, not /newtop" in result.stderr
+
+
+def test_volumes_in_an_image_test(project: pytest.Pytester) -> None:
+    """An image test's volumes are where its commands run; an empty named volume over an image directory
+    starts with the image's content there, and what the commands write there persists."""
+    (project.path / "given").mkdir()
+    (project.path / "given" / "input").write_text("from the host\n")
+    project.makepyfile(
+        test_vol="""
+        import pytest
+
+        @pytest.mark.container(image="tools", volumes={"appdata": "/var/lib/app", "./given": "/srv/given:ro"})
+        def test_first(sandbox):
+            assert sandbox.run("cat /var/lib/app/state /srv/given/input").stdout == "ready\\nfrom the host\\n"
+            sandbox.run("echo more >> /var/lib/app/state", check=True)
+            assert sandbox.run("touch /srv/given/x").returncode != 0
+
+        @pytest.mark.container(image="tools", volumes={"appdata": "/var/lib/app"})
+        def test_second_sees_it(sandbox):
+            assert sandbox.run("cat /var/lib/app/state").stdout == "ready\\nmore\\n"
+    """
+    )
+    project.runpytest_subprocess().assert_outcomes(passed=2)
+    assert (store_of(project) / "volumes" / "appdata" / "data" / "state").read_text() == "ready\nmore\n"
+    assert os.listdir(project.path / "given") == ["input"]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
 
 import pytest
 
-from pytest_sandbox import plugin_state
+from pytest_sandbox import plugin_results, plugin_state
 from pytest_sandbox.protocol import ProtocolError
 
 LIB = plugin_state.__file__  # a regular file the sandbox sees as the host has it
@@ -97,3 +98,38 @@ def test_arcs_become_pairs() -> None:
 def test_files_that_are_not_a_mapping_are_refused() -> None:
     with pytest.raises(ProtocolError, match="not a mapping"):
         plugin_state._checked_files(["/src/lib.py"], arcs=False, hidden=[], shown=SHOWN)
+
+
+# -- plugin_results: pytest-benchmark, flaky, syrupy ----------------------------------------------------------
+
+
+def test_a_snapshot_extension_is_never_imported_for_a_sandbox() -> None:
+    """Only a class pytest already loaded: importing ``antigravity`` would open a web browser."""
+    pytest.importorskip("syrupy")  # a dev dependency
+    assert "antigravity" not in sys.modules
+    for name in (["antigravity", "X"], ["os", "system"], ["syrupy", "__class__"], ["os", "path.join"], "os"):
+        with pytest.raises(ProtocolError, match="snapshot extension"):
+            plugin_results._extension_class(name)
+    assert "antigravity" not in sys.modules
+    amber = plugin_results._extension_class(["syrupy.extensions.amber", "AmberSnapshotExtension"])
+    assert amber.__name__ == "AmberSnapshotExtension"
+
+
+def test_a_benchmark_profile_becomes_pstats() -> None:
+    stats = plugin_results._profile([["/src/f.py", 3, "f", 2, 4, 0.5, 1.0]])
+    assert stats is not None and stats.stats == {("/src/f.py", 3, "f"): (2, 4, 0.5, 1.0, {})}  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        ["/src/f.py", 3, "f", -1, 4, 0.5, 1.0],  # negative calls
+        ["/src/f.py", 3, "f", 2, 4, float("inf"), 1.0],  # a time that is no number
+        ["/src/f.py", True, "f", 2, 4, 0.5, 1.0],  # a line that is a flag
+        ["/src/f.py", 3, "f", 2, 4, 0.5],  # too short
+        ["/src/f\0.py", 3, "f", 2, 4, 0.5, 1.0],
+    ],
+)
+def test_a_malformed_benchmark_profile_is_refused(entry: list[object]) -> None:
+    with pytest.raises(ProtocolError, match="profile"):
+        plugin_results._profile([entry])

@@ -79,6 +79,7 @@ class Evil:
         sync.LAST + pickle.dumps({"type": "done"}),  # a pickle is not JSON either
         sync.LAST + pickle.dumps(Evil()),
         sync.LAST + b"[1, 2]",  # JSON, but not an object
+        sync.LAST + b"[" * 20_000 + b"]" * 20_000,  # deeper than json's recursion: RecursionError, not ValueError
     ],
 )
 def test_anything_but_a_json_object_is_refused(junk: bytes) -> None:

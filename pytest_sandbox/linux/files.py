@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -25,6 +26,25 @@ def write_json_atomic(path: str, data: Any) -> None:
         json.dump(data, f, indent=1, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def open_no_symlinks(path: str) -> int:
+    """An O_PATH fd of ``path`` (absolute) reached without following any symlink on the way: what another
+    sandbox could have swapped in under a directory it may write is refused (ELOOP), never followed."""
+    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in [p for p in path.split("/") if p]:
+            step = os.open(part, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = step
+            if stat.S_ISLNK(os.fstat(fd).st_mode):
+                raise OSError(
+                    errno.ELOOP, "a symlink on its path, never followed (one may have been planted there)", path
+                )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def read_json(path: str) -> Any:

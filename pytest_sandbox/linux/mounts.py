@@ -24,6 +24,12 @@ def clone_tree(path: str, recursive: bool = True) -> int:
     return syscalls.open_tree(path, flags)
 
 
+def clone_tree_at(fd: int) -> int:
+    """``clone_tree`` (recursive) of what the O_PATH fd ``fd`` opens: no path looked up again."""
+    flags = syscalls.OPEN_TREE_CLONE | syscalls.OPEN_TREE_CLOEXEC | syscalls.AT_RECURSIVE | syscalls.AT_EMPTY_PATH
+    return syscalls.open_tree("", flags, fd)
+
+
 def attach(fd: int, target: str, is_dir: bool = True) -> None:
     """Attach the detached mount ``fd`` at ``target`` (made if missing) and close it."""
     if is_dir:

@@ -24,11 +24,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from collections.abc import Iterable, Sequence
 
 from ..errors import SetupError
 from ..layers.format import env_mapping
 from . import mounts, overlay, syscalls
+from .files import open_no_symlinks
 from .mounts import SCRATCH_PLACES, clone_tree, is_under
 
 SCRATCH = "/dev/shm"  # in the /dev template; never a lower, covered by the sandbox's own /dev/shm
@@ -96,6 +98,16 @@ def build_dev_template() -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class VolumeMount:
+    """A host file or directory bound at ``target``: what the test writes there reaches the host."""
+
+    source: str  # real host path (a named volume's data directory, or the user's path)
+    target: str
+    read_only: bool
+    named: bool = False  # empty, it starts with what an image holds at its target (as Docker's do)
+
+
+@dataclasses.dataclass(frozen=True)
 class RootPlan:
     """What one sandbox mounts, computed once per spec in the zygote."""
 
@@ -107,6 +119,7 @@ class RootPlan:
     image_dirs: tuple[str, ...] = ()  # FROM host: the top-level directories its layers change
     tmpfs_size: int | None = None  # bytes each tmpfs the sandbox writes to may hold (None: the kernel's half of RAM)
     hidden: tuple[tuple[str, bool], ...] = ()  # (path, is a directory): masked by an empty read-only mount
+    volumes: tuple[VolumeMount, ...] = ()  # host paths bound through, shallowest target first
 
 
 def _by_depth(paths: Iterable[str]) -> list[str]:
@@ -119,6 +132,7 @@ def make_plan(
     image: ImageMount | None = None,
     tmpfs_size: int | None = None,
     hidden: Iterable[str] = (),
+    volumes: Iterable[VolumeMount] = (),
 ) -> RootPlan:
     """Decide the mounts: ``writable`` become overlays, ``needed`` must stay visible, ``hidden`` are masked."""
     fresh = tuple(p for p in SCRATCH_PLACES if os.path.isdir(p) and not os.path.islink(p))
@@ -149,6 +163,7 @@ def make_plan(
         image_dirs=image_dirs,
         tmpfs_size=tmpfs_size,
         hidden=_hidden_places(hidden, fresh, (*overlays, *kept)),
+        volumes=tuple(volumes),
     )
 
 
@@ -223,6 +238,7 @@ def build(plan: RootPlan, layer_dir: str | None = None) -> int:
     image_fd = None
     if plan.image is not None and not plan.image.host_based:
         image_fd = _detached_image_root(plan.image, SCRATCH, layer_dir)
+    volume_fds = [(v, target, _detached_volume(v)) for v in plan.volumes for target in _volume_targets(v, plan)]
     # 2. Cover the scratch places; an overlay holding one (an image's /var holds /var/tmp) goes first,
     #    or it would cover the fresh tmpfs.
     for target, fd in [(t, f) for t, f in overlay_fds if any(is_under(p, t) and p != t for p in plan.fresh)]:
@@ -237,10 +253,64 @@ def build(plan: RootPlan, layer_dir: str | None = None) -> int:
         mounts.attach(fd, path, is_dir)
     if image_fd is not None:
         mounts.attach(image_fd, plan.image_root)
-    # 4. Hidden places masked (credentials, host sockets, the session's kept layers), over the overlays
+    # 4. Volumes over all of that (an image test's also inside its image, where its commands run).
+    for volume, target, fd in volume_fds:
+        _attach_volume(volume, fd, target)
+    # 5. Hidden places masked (credentials, host sockets, the session's kept layers), over the overlays
     #    and visible paths that may hold them; an image test's own layer is already its upper by now.
     mask_places(plan)
     return scratch_fd
+
+
+def _detached_volume(volume: VolumeMount) -> int:
+    """A clone of the volume's source from the host view, writable again unless ``:ro``; never suid or devices.
+
+    Only the source's own mount loses read-only: mounts below it that the host has read-only stay so.
+    """
+    try:
+        where = open_no_symlinks(volume.source)  # resolved when collected: a symlink since then is an attack
+        try:
+            fd = mounts.clone_tree_at(where)
+        finally:
+            os.close(where)
+        safe = syscalls.MOUNT_ATTR_NOSUID | syscalls.MOUNT_ATTR_NODEV
+        if volume.read_only:
+            mounts.read_only(fd, safe)
+        else:
+            syscalls.mount_setattr(fd, safe)
+            syscalls.mount_setattr(fd, 0, recursive=False, attr_clr=syscalls.MOUNT_ATTR_RDONLY)  # EPERM: host's ro
+    except OSError as exc:
+        raise SetupError("volumes", f"cannot bind {volume.source} at {volume.target}: {exc.strerror}") from None
+    return fd
+
+
+def _volume_targets(volume: VolumeMount, plan: RootPlan) -> list[str]:
+    """Where a volume goes: its target in the test's view; for an image test also (or, where the host has
+    no such path, only) inside the image's root, where its commands run."""
+    if plan.image is None or plan.image.host_based:
+        return [volume.target]
+    return [t for t in (volume.target,) if os.path.lexists(t)] + [plan.image_root + volume.target]
+
+
+def _attach_volume(volume: VolumeMount, fd: int, target: str) -> None:
+    """Attach a volume at its target, made if missing where the sandbox can write (a fresh place, a writable
+    overlay, an image's root); a missing target on the read-only host view is the test's setup error.
+
+    An empty named volume going over a directory of an image first gets that directory's content."""
+    if volume.named and not volume.read_only and target != volume.target and os.path.isdir(target):
+        data = f"/proc/self/fd/{fd}"
+        if not os.listdir(data) and os.listdir(target):
+            shutil.copytree(target, data, symlinks=True, dirs_exist_ok=True)
+    try:
+        mounts.attach(fd, target, os.path.isdir(f"/proc/self/fd/{fd}"))
+    except OSError as exc:
+        os.close(fd)
+        raise SetupError(
+            "volumes",
+            f"cannot mount {volume.source} at {volume.target}: {exc.strerror} (a target must exist in the "
+            "sandbox, or lie where it can be made: under /tmp, /var/tmp, /run, $HOME, the rootdir, a writable= "
+            "place or an image's root)",
+        ) from None
 
 
 def full_places(plan: RootPlan, slack: int = 1 << 20) -> list[str]:

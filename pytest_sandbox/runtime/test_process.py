@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from .. import credentials, outputs, plugin_state, protocol
+from .. import credentials, outputs, plugin_results, plugin_state, protocol
 from ..errors import SetupError
 from ..linux import rootfs, syscalls, userns
 from ..spec import SandboxSpec
@@ -355,6 +355,8 @@ def test_process(zygote: socket.socket, items: dict[str, pytest.Item], box: Sand
         os._exit(0)
     _channel = socket.socket(fileno=fds[0])
     if error is not None:
+        with contextlib.suppress(protocol.ProtocolError, OSError):
+            protocol.recv(_channel)  # the test pytest asks for, read: closing on it unread would reset the line
         protocol.send(_channel, error)
         _exit(0)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -388,6 +390,8 @@ def _run_items(box: Sandbox, items: dict[str, pytest.Item], scratch: int | None)
             item.ihook.pytest_runtest_protocol(item=item, nextitem=nextitem)
             if watchdog is not None:
                 watchdog.cancel()
+            for message in plugin_results.after_test(item.config, item):  # benchmarks, flaky, syrupy records
+                protocol.send(_channel, message)
             if nextitem is None:
                 _send_what_persists(item.config, scratch, box.outputs)
             protocol.send(_channel, {"type": "done"})
@@ -407,7 +411,6 @@ def _run_items(box: Sandbox, items: dict[str, pytest.Item], scratch: int | None)
 def _send_what_persists(config: pytest.Config, scratch: int | None, uppers: tuple[tuple[str, str], ...]) -> None:
     """At the sandbox's end: the files it wrote under declared outputs, and what coverage measured."""
     assert _channel is not None
-    plugin_state.flush_in_sandbox(config)
     if scratch is not None:
         for message in outputs.collect(scratch, uppers):
             protocol.send(_channel, message)

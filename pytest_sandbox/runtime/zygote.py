@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 
-from .. import credentials, outputs, protocol
+from .. import credentials, outputs, protocol, volumes
 from ..linux import mounts, process, rootfs, syscalls, userns
 from ..spec import SandboxSpec
 from . import cgroups, init, test_process
@@ -51,6 +51,7 @@ class SessionPaths:
     images: dict[str, rootfs.ImageMount] = dataclasses.field(default_factory=dict)  # built before tests run
     keep_dir: str = ""  # --sandbox-keep: image tests' read/write layers go here instead of a tmpfs
     outputs: tuple[str, ...] = ()  # declared outputs: what sandboxes write there reaches the host
+    volumes_root: str = ""  # the store's named volumes (volumes.VolumeStore)
 
 
 @dataclasses.dataclass
@@ -215,6 +216,17 @@ class _Factory:
                     # The session's kept layers are writable in the host view; a test sees only its own
                     # (as its upper, mounted before the masks).
                     *([self.paths.keep_dir] if self.paths.keep_dir else []),
+                ],
+                volumes=[
+                    rootfs.VolumeMount(
+                        os.path.realpath(os.path.join(self.paths.volumes_root, source, "data"))
+                        if volumes.is_named(source)
+                        else source,
+                        target,
+                        mode == "ro",
+                        named=volumes.is_named(source),
+                    )
+                    for source, target, mode in spec.volumes
                 ],
             )
         return plan

@@ -1,0 +1,250 @@
+"""Volumes: named ones kept in the store, host paths bound through; everything else a test writes vanishes."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from helpers import run_cli
+
+from pytest_sandbox import spec as spec_module
+from pytest_sandbox.volumes import Volume, VolumeError, VolumeStore
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A store of this test's own, for pytest runs in pytester and the CLI alike."""
+    root = tmp_path / "store"
+    monkeypatch.setenv("PYTEST_SANDBOX_STORE", str(root))
+    return root
+
+
+COUNTER = """
+    import os, pytest
+    from pytest_sandbox import volume
+
+    @pytest.mark.container(volumes={volume("counts"): "/tmp/counts"})
+    def test_count():
+        with open("/tmp/counts/runs", "a") as f:
+            f.write("x")
+        with open("/tmp/elsewhere", "w") as f:  # a scratch place: gone with the sandbox
+            f.write("x")
+        print("RUNS", len(open("/tmp/counts/runs").read()))
+"""
+
+
+def test_a_named_volume_keeps_its_data_across_runs(pytester: pytest.Pytester, store: Path) -> None:
+    pytester.makepyfile(test_count=COUNTER)
+    for runs in (1, 2):
+        result = pytester.runpytest_subprocess("-s")
+        result.assert_outcomes(passed=1)
+        result.stdout.fnmatch_lines([f"*RUNS {runs}"])
+    assert (store / "volumes" / "counts" / "data" / "runs").read_text() == "xx"
+    assert (store / "volumes" / "counts").stat().st_mode & 0o777 == 0o700  # nobody else reaches what tests wrote
+
+
+def test_host_paths_bind_read_write_and_read_only(pytester: pytest.Pytester, store: Path) -> None:
+    (pytester.path / "data").mkdir()
+    (pytester.path / "data" / "in.txt").write_text("given")
+    (pytester.path / "out").mkdir()
+    pytester.makepyfile(
+        test_bind="""
+        import errno, os, pytest
+
+        @pytest.mark.container(volumes={"./data": "/tmp/data:ro", "out/": "/tmp/out"})
+        def test_bind():
+            assert open("/tmp/data/in.txt").read() == "given"
+            with pytest.raises(OSError) as info:
+                open("/tmp/data/new.txt", "w")
+            assert info.value.errno == errno.EROFS
+            with open("/tmp/out/result.txt", "w") as f:
+                f.write("made in the sandbox")
+            with open("data_copy.txt", "w") as f:  # the rootdir itself: ephemeral, as always
+                f.write("x")
+    """
+    )
+    pytester.runpytest_subprocess().assert_outcomes(passed=1)
+    assert (pytester.path / "out" / "result.txt").read_text() == "made in the sandbox"
+    assert sorted(os.listdir(pytester.path / "data")) == ["in.txt"]
+    assert not (pytester.path / "data_copy.txt").exists()
+
+
+def test_volumes_are_mounted_nosuid_and_nodev(pytester: pytest.Pytester, store: Path) -> None:
+    pytester.makepyfile(
+        test_suid="""
+        import os, shutil, subprocess, pytest
+
+        @pytest.mark.container(volumes={"v": "/tmp/v"})
+        def test_suid():
+            with open("/proc/self/mountinfo") as f:
+                line = next(l for l in f if l.split()[4] == "/tmp/v")
+            assert "nosuid" in line.split()[5] and "nodev" in line.split()[5]
+    """
+    )
+    pytester.runpytest_subprocess().assert_outcomes(passed=1)
+
+
+def test_ini_volumes_and_a_marker_on_the_same_target(pytester: pytest.Pytester, store: Path) -> None:
+    (pytester.path / "a").mkdir()
+    (pytester.path / "a" / "which").write_text("a")
+    (pytester.path / "b").mkdir()
+    (pytester.path / "b" / "which").write_text("b")
+    pytester.makeini("[pytest]\nsandbox_volumes =\n    ./a=/tmp/v:ro\n    shared=/tmp/shared\n")
+    pytester.makepyfile(
+        test_ini="""
+        import pytest
+
+        def test_session_default():
+            assert open("/tmp/v/which").read() == "a"
+            open("/tmp/shared/seen", "a").write("1")
+
+        @pytest.mark.container(volumes={"./b": "/tmp/v:ro"})
+        def test_marker_wins_on_its_target():
+            assert open("/tmp/v/which").read() == "b"
+            open("/tmp/shared/seen", "a").write("2")
+    """
+    )
+    pytester.runpytest_subprocess("--sandbox=all").assert_outcomes(passed=2)
+    assert (store / "volumes" / "shared" / "data" / "seen").read_text() == "12"
+
+
+@pytest.mark.parametrize(
+    ("volumes", "message"),
+    [
+        (
+            "{'missing/dir': '/tmp/x'}",
+            "*test_bad.py::test_bad: @pytest.mark.container: invalid volumes=*no such host path*",
+        ),
+        ("{'v': 'relative'}", "*invalid volumes=*the target must be an absolute path*"),
+        ("{'v': '/proc/x'}", "*invalid volumes=*cannot go on or under /proc*"),
+        ("{'v': '/tmp/x:rx'}", "*invalid volumes=*unknown mode; allowed: ':ro', ':rw'*"),
+        ("{'../up': '/tmp/x'}", "*invalid volumes='../up': a host path may not contain '..'*"),
+        ("{'v': '/nonexistent-place/x'}", "*test_bad.py::test_bad: invalid volumes=*does not exist on this host*"),
+        ("['v']", "*invalid volumes=*expected a mapping of source to 'target[[]:ro|:rw]'*"),
+    ],
+)
+def test_bad_volumes_are_usage_errors_before_anything_runs(
+    pytester: pytest.Pytester, store: Path, volumes: str, message: str
+) -> None:
+    pytester.makepyfile(
+        test_bad=f"""
+        import pytest
+
+        @pytest.mark.container(volumes={volumes})
+        def test_bad():
+            pass
+    """
+    )
+    result = pytester.runpytest_subprocess()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+    assert not (store / "volumes" / "v").exists()  # nothing made for a run that never started
+
+
+def test_bad_ini_volume_line(pytester: pytest.Pytester, store: Path) -> None:
+    pytester.makeini("[pytest]\nsandbox_volumes = /tmp/x\n")
+    pytester.makepyfile(test_x="def test_x(): pass")
+    result = pytester.runpytest_subprocess("--sandbox=all")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["*sandbox_volumes*invalid volumes='/tmp/x': each line must be SOURCE=TARGET[[]:ro|:rw]"]
+    )
+
+
+def test_volume_names_are_checked() -> None:
+    with pytest.raises(ValueError, match="invalid volume name 'a/b'"):
+        Volume("a/b")
+    spec = spec_module.validate({"volumes": {Volume("pg"): "/tmp/pg", "/srv/x": "/tmp/x:ro"}}, "here")
+    assert spec.volumes == (("pg", "/tmp/pg", "rw"), ("/srv/x", "/tmp/x", "ro"))
+    assert spec.replace(hostname="h").volumes == spec.volumes  # the normalized form validates again
+
+
+def test_one_writer_at_a_time_across_sessions(tmp_path: Path) -> None:
+    """Two holders of one volume read/write take turns; read-only holders share it."""
+    volumes = VolumeStore(str(tmp_path))
+    events: list[str] = []
+
+    def writer(tag: str) -> None:
+        with volumes.held([("db", "/tmp/db", "rw")]):
+            events.append(f"{tag} in")
+            time.sleep(0.3)
+            events.append(f"{tag} out")
+
+    threads = [threading.Thread(target=writer, args=(tag,)) for tag in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert events[0].endswith(" in") and events[1] == events[0].replace(" in", " out")
+    with volumes.held([("db", "/tmp/db", "ro")]), volumes.held([("db", "/tmp/db2", "ro")]):
+        assert volumes.in_use("db")
+    assert not volumes.in_use("db")
+
+
+def test_tests_sharing_a_volume_under_xdist_take_turns(pytester: pytest.Pytester, store: Path) -> None:
+    pytester.makepyfile(
+        test_turns="""
+        import time, pytest
+
+        @pytest.mark.parametrize("n", range(4))
+        @pytest.mark.container(volumes={"turns": "/tmp/turns"})
+        def test_turn(n):
+            with open("/tmp/turns/log", "a") as f:
+                f.write(f"in{n} ")
+                f.flush()
+                time.sleep(0.2)
+                f.write(f"out{n} ")
+    """
+    )
+    pytester.runpytest_subprocess("-n", "2").assert_outcomes(passed=4)
+    log = (store / "volumes" / "turns" / "data" / "log").read_text().split()
+    assert len(log) == 8
+    for k in range(0, 8, 2):  # never two tests in it at once
+        assert log[k].startswith("in") and log[k + 1] == "out" + log[k][2:]
+
+
+def test_volumes_cli(pytester: pytest.Pytester, store: Path, tmp_path: Path) -> None:
+    pytester.makepyfile(test_count=COUNTER)
+    pytester.runpytest_subprocess().assert_outcomes(passed=1)
+    # A test that left a symlink to a host file in its volume: removing the volume never follows it.
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me")
+    (store / "volumes" / "counts" / "data" / "link").symlink_to(outside)
+    listed = run_cli("volumes", cwd=pytester.path)
+    assert listed.returncode == 0, listed.stderr
+    assert "counts" in listed.stdout and "in use" not in listed.stdout
+    inspected = run_cli("volumes", "inspect", "counts", cwd=pytester.path)
+    assert f'"path": "{store}/volumes/counts/data"' in inspected.stdout and '"in_use": false' in inspected.stdout
+    unknown = run_cli("volumes", "rm", "nope", cwd=pytester.path)
+    assert unknown.returncode == 2 and "no volume named nope" in unknown.stderr and "counts" in unknown.stderr
+    volumes = VolumeStore(str(store))
+    with volumes.held([("counts", "/tmp/counts", "rw")]):
+        busy = run_cli("volumes", "rm", "counts", cwd=pytester.path)
+        assert busy.returncode == 2 and "in use by a running sandbox" in busy.stderr
+        pruned = run_cli("volumes", "prune", cwd=pytester.path)
+        assert "removed 0 volumes; in use, kept: counts" in pruned.stdout
+    removed = run_cli("volumes", "rm", "counts", cwd=pytester.path)
+    assert removed.returncode == 0, removed.stderr
+    assert not (store / "volumes" / "counts").exists() and outside.read_text() == "keep me"
+
+
+def test_remove_refuses_what_is_not_a_volume(tmp_path: Path) -> None:
+    volumes = VolumeStore(str(tmp_path))
+    with pytest.raises(VolumeError, match="invalid volume name"):
+        volumes.remove("../layers")
+
+
+def test_a_hook_may_add_volumes(pytester: pytest.Pytester, store: Path) -> None:
+    (pytester.path / "given").mkdir()
+    (pytester.path / "given" / "f").write_text("from the hook")
+    pytester.makeconftest(
+        """
+        def pytest_sandbox_spec(item, spec):
+            return spec.replace(volumes={"./given": "/tmp/given:ro"})
+    """
+    )
+    pytester.makepyfile(test_h="def test_h():\n    assert open('/tmp/given/f').read() == 'from the hook'\n")
+    pytester.runpytest_subprocess("--sandbox=all").assert_outcomes(passed=1)
