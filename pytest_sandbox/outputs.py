@@ -64,35 +64,42 @@ def in_uppers(overlays: Iterable[str], outputs: Iterable[str]) -> list[tuple[str
 
 
 def collect(scratch_fd: int, uppers: Iterable[tuple[str, str]]) -> Iterator[dict[str, Any]]:
-    """One "output" message per regular file the sandbox wrote under an output."""
+    """One "output" message per regular file the sandbox wrote under an output, or as the output (an
+    output may name a file)."""
     for output, upper in uppers:
-        fd = _open_below(scratch_fd, upper.split("/"), create=False)
-        if fd is not None:
-            try:
-                yield from _walk(fd, output)
-            finally:
-                os.close(fd)
+        *parents, name = upper.split("/")
+        fd = _open_below(scratch_fd, parents, create=False)
+        if fd is None:
+            continue
+        try:
+            yield from _entry(fd, name, output)
+        finally:
+            os.close(fd)
 
 
-def _walk(dir_fd: int, path: str) -> Iterator[dict[str, Any]]:
-    for entry in os.scandir(dir_fd):
-        if entry.is_dir(follow_symlinks=False):
-            sub = os.open(entry.name, _DIRECTORY, dir_fd=dir_fd)
-            try:
-                yield from _walk(sub, f"{path}/{entry.name}")
-            finally:
-                os.close(sub)
-        elif entry.is_file(follow_symlinks=False):
-            fd = os.open(entry.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-            with os.fdopen(fd, "rb") as file:
-                data = file.read()
-            mode = 0o755 if entry.stat(follow_symlinks=False).st_mode & stat.S_IXUSR else 0o644
-            yield {
-                "type": "output",
-                "path": f"{path}/{entry.name}",
-                "data": base64.b64encode(data).decode(),
-                "mode": mode,
-            }
+def _entry(dir_fd: int, name: str, path: str) -> Iterator[dict[str, Any]]:
+    """The regular files of ``name`` in ``dir_fd``: itself, or what a directory holds; nothing else."""
+    try:
+        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if stat.S_ISDIR(info.st_mode):
+        sub = os.open(name, _DIRECTORY, dir_fd=dir_fd)
+        try:
+            for entry in os.scandir(sub):
+                yield from _entry(sub, entry.name, f"{path}/{entry.name}")
+        finally:
+            os.close(sub)
+    elif stat.S_ISREG(info.st_mode):
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        with os.fdopen(fd, "rb") as file:
+            data = file.read()
+        yield {
+            "type": "output",
+            "path": path,
+            "data": base64.b64encode(data).decode(),
+            "mode": 0o755 if info.st_mode & stat.S_IXUSR else 0o644,
+        }
 
 
 def _open_below(dir_fd: int, parts: list[str], create: bool) -> int | None:
@@ -121,9 +128,11 @@ def _open_below(dir_fd: int, parts: list[str], create: bool) -> int | None:
 def write(message: dict[str, Any], outputs: Iterable[str]) -> None:
     """Write one output file a sandbox sent, if its path lies under a declared output."""
     path = message["path"]
-    root = next((out for out in outputs if is_under(path, out) and path != out), None)
+    root = next((out for out in outputs if is_under(path, out)), None)
     if not os.path.isabs(path) or os.path.normpath(path) != path or "\0" in path or root is None:
         raise ProtocolError(f"an output outside the declared outputs: {path!r}")
+    if path == root:  # an output that names a file: written in its directory, made as for any output
+        root = os.path.dirname(root)
     if message["mode"] not in (0o644, 0o755):
         raise ProtocolError(f"an output with mode {message['mode']!r}")
     try:

@@ -324,6 +324,52 @@ def test_unenforceable_limit_under_filterwarnings_error_is_the_tests_error(pytes
         assert run.junit == {"tests": "2", "failures": "0", "errors": "1", "skipped": "0"}, mode
 
 
+def test_a_reporter_plugins_protocol_hooks_run_in_the_sandbox(pytester: pytest.Pytester) -> None:
+    """pytest-json-report's way: one plugin object records streams and logs in its runtest hooks, attaches them
+    to the report in makereport and reads them back in logreport. In the sandbox only its logreport is the
+    pytest process's; its protocol hooks run where the test runs."""
+    pytester.makeconftest("""
+        import pytest
+
+        class Recorder:
+            def __init__(self):
+                self.notes = {}
+
+            @pytest.hookimpl(hookwrapper=True)
+            def pytest_runtest_call(self, item):
+                item.seen = "called"
+                yield
+
+            @pytest.hookimpl(hookwrapper=True)
+            def pytest_runtest_makereport(self, item, call):
+                report = (yield).get_result()
+                report.note = f"{call.when}: {getattr(item, 'seen', '-')}"
+
+            def pytest_runtest_logreport(self, report):
+                self.notes.setdefault(report.nodeid, []).append(getattr(report, "note", None))
+
+            def pytest_terminal_summary(self, terminalreporter):
+                for nodeid, notes in sorted(self.notes.items()):
+                    terminalreporter.write_line(f"NOTES {nodeid} {notes}")
+
+        def pytest_configure(config):
+            config.pluginmanager.register(Recorder(), "recorder")
+    """)
+    module = pytester.makepyfile("""
+        def test_pass():
+            pass
+
+        def test_fail():
+            assert 0
+    """)
+    runs = run_modes(pytester)
+    assert_same(runs)
+    notes = "['setup: -', 'call: called', 'teardown: called']"
+    wanted = [f"NOTES {module.name}::{name} {notes}" for name in ("test_fail", "test_pass")]
+    for mode, run in runs.items():
+        assert [line for line in run.result.outlines if line.startswith("NOTES")] == wanted, f"{mode}:\n{run.text()}"
+
+
 BENCHMARKS = """
 import time
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 from xml.etree import ElementTree
 
 import pytest
@@ -144,6 +145,27 @@ def test_the_cache_and_declared_outputs_reach_the_host_and_nothing_else(pytester
     rerun.assert_outcomes(failed=1)  # the host's lastfailed, from the relayed reports
 
 
+def test_a_declared_output_may_be_a_file(pytester: pytest.Pytester) -> None:
+    """sandbox_outputs names files or directories: a file (pytest-django's --reuse-db database, a report)
+    reaches the host as in a plain run, and the outputs declared after it too."""
+    pytester.makeini("[pytest]\nsandbox_outputs =\n    build/result.txt\n    reports\n")
+    pytester.makepyfile("""
+        import os
+        def test_writes():
+            os.makedirs("build", exist_ok=True)
+            open("build/result.txt", "w").write("file")
+            os.makedirs("reports", exist_ok=True)
+            open("reports/r.txt", "w").write("dir")
+    """)
+    for args in ((), ("--sandbox=all",)):
+        result = pytester.runpytest_subprocess(*args)
+        result.assert_outcomes(passed=1)
+        assert (pytester.path / "build/result.txt").read_text() == "file", args
+        assert (pytester.path / "reports/r.txt").read_text() == "dir", args
+        shutil.rmtree(pytester.path / "build")
+        shutil.rmtree(pytester.path / "reports")
+
+
 def test_an_output_outside_the_rootdir_is_a_usage_error(pytester: pytest.Pytester) -> None:
     pytester.makeini("[pytest]\nsandbox_outputs = ../elsewhere\n")
     pytester.makepyfile("def test_one(): pass")
@@ -158,12 +180,18 @@ def _message(path: str, data: str = "aGk=") -> dict[str, object]:
 
 def test_write_refuses_paths_outside_the_outputs(tmp_path: pathlib.Path) -> None:
     root = str(tmp_path / "out")
-    for path in (f"{root}/../x", str(tmp_path / "x"), "relative", root, f"{root}/a/./b"):
+    for path in (f"{root}/../x", str(tmp_path / "x"), "relative", f"{root}x", f"{root}/a/./b"):
         with pytest.raises(ProtocolError):
             outputs.write(_message(path), [root])
     with pytest.raises(ProtocolError):
         outputs.write(_message(f"{root}/a", data="not base64!"), [root])
     outputs.write(_message(f"{root}/a/b"), [root])
+    assert (tmp_path / "out/a/b").read_text() == "hi"
+    file_output = str(tmp_path / "made/result.txt")  # an output that names a file
+    outputs.write(_message(file_output), [root, file_output])
+    assert (tmp_path / "made/result.txt").read_text() == "hi"
+    with pytest.warns(pytest.PytestWarning, match="cannot write the output"):  # no file replaces a directory
+        outputs.write(_message(root), [root])
     assert (tmp_path / "out/a/b").read_text() == "hi"
 
 

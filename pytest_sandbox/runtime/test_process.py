@@ -133,11 +133,31 @@ class ReportStreamer:
         )
 
 
+# The hooks pytest calls while it runs one test's protocol. A reporter's own implementations of these are part
+# of running the test (pytest-json-report records streams and logs there and attaches them to the report in
+# makereport): they run where the test runs, as in an xdist worker.
+PROTOCOL_HOOKS = (
+    "pytest_runtest_protocol",
+    "pytest_runtest_setup",
+    "pytest_runtest_call",
+    "pytest_runtest_teardown",
+    "pytest_runtest_makereport",
+    "pytest_fixture_setup",
+    "pytest_fixture_post_finalizer",
+    "pytest_pyfunc_call",
+)
+
+
 class _Muted:
-    """A plugin whose hooks no longer run, still reachable by name (pdb asks for the terminal reporter)."""
+    """A plugin of which only its protocol hooks still run, still reachable by name (pdb asks for the terminal
+    reporter). Those hooks are its own bound methods in this object's ``__dict__``: what pluggy registers."""
 
     def __init__(self, plugin: object) -> None:
         self._plugin = plugin
+        for hook in PROTOCOL_HOOKS:
+            method = getattr(plugin, hook, None)
+            if callable(method):
+                setattr(self, hook, method)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._plugin, name)
@@ -156,8 +176,8 @@ def prepare_plugins(config: pytest.Config, backend: cgroups.Backend) -> None:
 def _mute_host_reporters(config: pytest.Config) -> None:
     """Plugin objects that listen to logged reports belong to the pytest process: its terminal reporter,
     junitxml, xdist's worker, report logs. pytest hears every report from the sandbox and calls them
-    there; here they would print twice or write through fds the sandbox no longer has. The session
-    (-x, --maxfail) and the logging plugin (live logs) keep listening."""
+    there; here they would print twice or write through fds the sandbox no longer has. Their protocol hooks
+    keep running. The session (-x, --maxfail) and the logging plugin (live logs) keep listening."""
     manager = config.pluginmanager
     for plugin in list(manager.get_plugins()):
         name = manager.get_name(plugin)
