@@ -475,6 +475,12 @@ def _after_the_end(item: pytest.Item, relay: _Relay) -> list[pytest.TestReport]:
     held = relay.held
     if "teardown" not in outcome.whens or outcome.malformed:  # skipped/xfailed tests have no call report
         held.extend(_crash_reports(item, outcome))
+    elif outcome.setup_error and outcome.setup_error["phase"] == "protocol":
+        # Raised after the test's last report (a plugin's logfinish, sending what persists): in a plain run an
+        # INTERNALERROR; here an error of that test, as a teardown error shows, not nothing.
+        late = pytest.TestReport.from_item_and_call(item, pytest.CallInfo.from_call(lambda: None, "teardown"))
+        late.outcome, late.longrepr = "failed", outcome.crash_text()
+        held.append(late)
     if held:
         notes = outcome.limit_notes()
         for report in held:

@@ -272,3 +272,23 @@ def test_snapshots_of_a_test_whose_sandbox_crashed_are_not_deleted(
     result.assert_outcomes(passed=1, failed=1)
     assert snapshots.read_text() == written  # test_crashes' snapshot is still there
     result.stdout.fnmatch_lines(["*Unused snapshot detection is disabled*"])
+
+
+def test_an_error_after_the_last_report_is_the_tests_error(pytester: pytest.Pytester) -> None:
+    """A plugin raising in the sandbox once the test's teardown was reported (plain pytest: an INTERNALERROR)
+    is reported as that test's error, never dropped: what the sandbox would send after it is lost."""
+    pytester.makeconftest(
+        """
+        from pytest_sandbox.runtime import test_process
+
+        def pytest_runtest_logfinish(nodeid, location):
+            if nodeid.endswith("test_late") and test_process.in_sandbox():
+                raise RuntimeError("a plugin broke after the teardown report")
+    """
+    )
+    pytester.makepyfile(test_x="def test_late():\n    pass\n\ndef test_other():\n    pass\n")
+    result = pytester.runpytest_subprocess("--sandbox=all")
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(
+        ["*ERROR at teardown of test_late*", "*RuntimeError: a plugin broke after the teardown report*"]
+    )
