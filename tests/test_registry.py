@@ -451,7 +451,9 @@ def test_push_then_pull_back_identical(registry: Registry, store: Store, tmp_pat
     ]
     assert mounts == [201]
     uploads = registry.requests("PUT", "/v2/other/app/blobs/uploads/")
-    assert len(uploads) == 1 and layer_blob.replace(":", "%3A") not in uploads[0][1]  # the config only
+    # The layer was mounted, never sent; the config is sent, or mounted too when its bytes match team/app's
+    # (a pull within the build's second keeps its created time).
+    assert len(uploads) <= 1 and not [u for u in uploads if layer_blob.replace(":", "%3A") in u[1]]
 
 
 def test_push_errors_name_what_is_wrong(registry: Registry, store: Store, tmp_path: Path) -> None:
