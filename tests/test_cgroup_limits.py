@@ -140,7 +140,7 @@ def test_pytest_killed_removes_its_cgroups(pytester: pytest.Pytester, token: str
     assert wait_gone(token) == []
     import time
 
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60  # a bound, not a speed goal: the cgroup v2 guest runs Python ~8x slower
     while time.monotonic() < deadline:
         left = [path for path, _, _ in os.walk(cgroups.CGROUP_ROOT) if session in path and path.count("/") < 9]
         if not left:
