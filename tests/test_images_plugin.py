@@ -44,7 +44,6 @@ def cli(project: pytest.Pytester, *args: str) -> subprocess.CompletedProcess[str
     return run_cli(*args, cwd=project.path, timeout=60)
 
 
-@pytest.mark.guest
 def test_readme_example_and_a_fresh_layer_per_test(project: pytest.Pytester) -> None:
     project.makepyfile("""
         import os, pytest
@@ -270,7 +269,6 @@ def add_host_based_image(project: pytest.Pytester) -> None:
     (project.path / "images" / "payload.txt").write_text("payload\n")
 
 
-@pytest.mark.guest
 def test_from_host_image_runs_the_test_inside(project: pytest.Pytester) -> None:
     add_host_based_image(project)
     project.makepyfile("""

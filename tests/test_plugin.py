@@ -230,7 +230,6 @@ def test_host_loopback_unreachable_by_default(pytester: pytest.Pytester, host_se
     pytester.runpytest_subprocess().assert_outcomes(passed=3)
 
 
-@pytest.mark.guest
 def test_pid_namespace(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(f"""
         import os, pytest
@@ -312,7 +311,6 @@ def test_ini_defaults(pytester: pytest.Pytester) -> None:
     pytester.runpytest_subprocess().assert_outcomes(passed=1)
 
 
-@pytest.mark.guest
 def test_segfault_reported_and_session_continues(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("""
         import ctypes, pytest

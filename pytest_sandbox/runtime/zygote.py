@@ -5,7 +5,9 @@ private mount namespace whose root is the read-only host view, as pid 1 of its
 own pid namespace. Each sandbox is one fork of it into a new pid namespace, so
 the expensive setup happens once. If pytest dies, the
 zygote-parent gets SIGTERM (parent-death signal), kills the zygote, which being
-pid 1 takes every sandbox with it, and removes the session's cgroups.
+pid 1 takes every sandbox with it, and removes the session's cgroups; if the zygote
+sees pytest's end first (its control socket closes without "exit"), it ends and the
+zygote-parent removes them all the same.
 
 Process tree::
 
@@ -39,6 +41,8 @@ from .. import credentials, outputs, protocol, volumes
 from ..linux import mounts, process, rootfs, syscalls, userns
 from ..spec import SandboxSpec
 from . import cgroups, init, test_process
+
+PYTEST_GONE = 3  # the zygote's exit code when pytest closed the control socket without saying "exit"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,17 +95,19 @@ def zygote_main(
         protocol.send(control, {"op": "failed", "error": f"{type(exc).__name__}: {exc}"})
         os._exit(1)
     if pid == 0:
+        code = 0
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             process.die_with_parent(0)
-            _serve(control, items, stash_key, paths, limits)
+            if not _serve(control, items, stash_key, paths, limits):
+                code = PYTEST_GONE
         except BaseException as exc:
             try:
                 protocol.send(control, {"op": "failed", "error": f"zygote: {type(exc).__name__}: {exc}"})
             except OSError:
                 pass
         finally:
-            os._exit(0)
+            os._exit(code)
     control.close()
 
     def pytest_died(signum: int, frame: object) -> None:
@@ -122,6 +128,11 @@ def zygote_main(
             pytest_died(signal.SIGTERM, None)
         _, status = os.waitpid(pid, 0)  # PEP 475: retried after the signal handler, unless it exits
         code = os.waitstatus_to_exitcode(status) & 0xFF
+        # The zygote can see pytest's end (its control socket closed without "exit") before the kernel sends
+        # us SIGTERM, which would then come too late: clean up here, and let no SIGTERM cut this short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if code == PYTEST_GONE and limits.session is not None:
+            limits.session.close()
     except BaseException:
         code = 1
     os._exit(code)
@@ -362,7 +373,8 @@ def _serve(
     stash_key: Any,
     paths: SessionPaths,
     limits: Limits,
-) -> None:
+) -> bool:
+    """Run sandboxes until pytest says "exit" (True) or its end of the control socket closes (False)."""
     factory = _Factory(control, items, paths, limits)
     config = next(iter(items.values())).config
     test_process.prepare_plugins(config, limits.backend)
@@ -384,6 +396,7 @@ def _serve(
             factory.kill(message["nodeid"])
             continue
         if message is None or message.get("op") != "run":
+            said_exit = message is not None
             break
         to_pytest, reports = socket.socket(fileno=fds[0]), socket.socket(fileno=fds[1])
         spec: SandboxSpec = items[message["nodeid"]].stash[stash_key]
@@ -408,3 +421,4 @@ def _serve(
         except OSError:
             ready = None
     factory.shutdown(ready)
+    return said_exit
