@@ -124,6 +124,54 @@ def test_a_plugins_protocol_wrapper_runs_once_in_the_sandbox(pytester: pytest.Py
     result.stdout.fnmatch_lines(["*WRAPPER pid=2"])  # the test process is pid 2 of its sandbox
 
 
+@pytest.mark.parametrize("xdist", [False, True], ids=["plain", "xdist"])
+def test_a_conftests_log_hooks_run_as_often_as_without_the_sandbox(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: bool
+) -> None:
+    """Each report reaches a conftest's log hooks in pytest (which persists what they write) and not a second
+    time in the sandbox; under xdist both processes call them, as xdist does without the sandbox."""
+    pytester.makeconftest("""
+        import os, pytest
+
+        def _say(what):
+            os.write(2, f"{what} pid={os.getpid()}\\n".encode())
+            with open(os.path.join(os.environ["LOG_DIR"], "log.txt"), "a") as f:
+                f.write(what + "\\n")
+
+        def pytest_runtest_logstart(nodeid, location):
+            _say(f"LOGSTART {nodeid}")
+
+        def pytest_runtest_logreport(report):
+            _say(f"LOGREPORT {report.when}")
+
+        @pytest.hookimpl(wrapper=True)
+        def pytest_runtest_logfinish(nodeid, location):
+            _say(f"LOGFINISH {nodeid}")
+            return (yield)
+    """)
+    pytester.makepyfile("""
+        import warnings
+
+        def test_one():
+            warnings.warn(UserWarning("heard once"))
+
+        def test_two():
+            assert 0
+    """)
+    args = ["-p", "no:cacheprovider", *(["-n", "1"] if xdist else [])]
+    runs = {}
+    for mode in ("plain", "sandboxed"):
+        log_dir = pytester.mkdir(f"log-{mode}")
+        monkeypatch.setenv("LOG_DIR", str(log_dir))
+        extra = ["--sandbox=all"] if mode == "sandboxed" else []
+        result = pytester.runpytest_subprocess(*args, *extra)
+        result.assert_outcomes(passed=1, failed=1, warnings=1)
+        said = [line.split(" pid=")[0] for line in result.stderr.lines if " pid=" in line]
+        runs[mode] = (sorted(said), sorted((log_dir / "log.txt").read_text().splitlines()))
+    assert runs["sandboxed"] == runs["plain"]
+    assert runs["plain"][1].count("LOGREPORT call") == (4 if xdist else 2)
+
+
 def test_the_cache_and_declared_outputs_reach_the_host_and_nothing_else(pytester: pytest.Pytester) -> None:
     pytester.makeini("[pytest]\nsandbox_outputs = reports\n")
     pytester.makepyfile("""
@@ -277,8 +325,8 @@ def test_snapshots_of_a_test_whose_sandbox_crashed_are_not_deleted(
 def test_an_error_after_the_last_report_is_the_tests_error(pytester: pytest.Pytester) -> None:
     """A plugin raising in the sandbox once the test's teardown was reported (plain pytest: an INTERNALERROR)
     is reported as that test's error, never dropped: what the sandbox would send after it is lost."""
-    pytester.makeconftest(
-        """
+    pytester.makepyfile(  # a plugin module, not a conftest: a conftest's log hooks run in pytest only
+        late_plugin="""
         from pytest_sandbox.runtime import test_process
 
         def pytest_runtest_logfinish(nodeid, location):
@@ -287,7 +335,7 @@ def test_an_error_after_the_last_report_is_the_tests_error(pytester: pytest.Pyte
     """
     )
     pytester.makepyfile(test_x="def test_late():\n    pass\n\ndef test_other():\n    pass\n")
-    result = pytester.runpytest_subprocess("--sandbox=all")
+    result = pytester.runpytest_subprocess("-p", "late_plugin", "--sandbox=all")
     result.assert_outcomes(passed=2, errors=1)
     result.stdout.fnmatch_lines(
         ["*ERROR at teardown of test_late*", "*RuntimeError: a plugin broke after the teardown report*"]

@@ -169,6 +169,7 @@ def prepare_plugins(config: pytest.Config, backend: cgroups.Backend) -> None:
     config.pluginmanager.register(ReportStreamer(config, backend), "sandbox-report-streamer")
     plugin_state.adapt_in_sandbox(config)
     _mute_host_reporters(config)
+    _mute_conftest_log_hooks(config)
     if getattr(config.option, "usepdb", False):
         config.pluginmanager.register(interact.PdbAfterReport(lambda: _channel), "sandbox-pdb-after-report")
 
@@ -189,6 +190,35 @@ def _mute_host_reporters(config: pytest.Config) -> None:
             continue
         manager.unregister(plugin)
         manager.register(_Muted(plugin), name)
+
+
+def _mute_conftest_log_hooks(config: pytest.Config) -> None:
+    """A conftest's log hooks run in pytest, which hears every report of the sandbox: running them here too
+    ran them twice per report (a conftest that prints or counts its reports did it twice). Only those hooks:
+    the conftest's others (setup, makereport, assertrepr_compare) are part of running the test.
+
+    A conftest cannot be unregistered and registered again without losing the directory its hooks are bound
+    to, so its implementations of these hooks are replaced by ones that do nothing, in this process only."""
+    for hook_name in LOG_HOOKS:
+        for impl in getattr(config.pluginmanager.hook, hook_name).get_hookimpls():
+            if isinstance(impl.plugin, types.ModuleType) and _is_conftest(impl.plugin):
+                replacement = _pass_through if impl.wrapper or impl.hookwrapper else _do_nothing
+                try:
+                    setattr(impl, "function", replacement)  # noqa: B010 (pluggy types it Final)
+                except AttributeError:  # a pluggy whose implementations cannot change: they run twice
+                    return
+
+
+def _is_conftest(module: types.ModuleType) -> bool:
+    return os.path.basename(getattr(module, "__file__", None) or "") == "conftest.py"
+
+
+def _do_nothing(*args: object) -> None:
+    return None
+
+
+def _pass_through(*args: object) -> Any:
+    return (yield)
 
 
 @dataclasses.dataclass(frozen=True)
