@@ -244,6 +244,8 @@ def _images(args: argparse.Namespace, project: Project) -> int:
             }
             for c in image.layers
         ]
+        if image.origin:  # the pulled manifest and config, readable rather than as the strings kept
+            data["origin"] = {k: v if k == "media_type" else json.loads(v) for k, v in image.origin.items()}
         print(json.dumps(data, indent=2, sort_keys=True))
         return 0
     if args.images_command == "rm":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -10,6 +11,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -442,18 +444,37 @@ def test_push_then_pull_back_identical(registry: Registry, store: Store, tmp_pat
     assert again == digest
     assert not [r for r in registry.log[before:] if r[0] in ("POST", "PATCH") or "/uploads/" in r[1]]
 
-    # a pulled image pushed to another repository of the same registry: its layer blobs are mounted
+    # a pulled image pushed to another repository of the same registry: its blobs are mounted, nothing is
+    # sent, and it keeps its digest (the manifest and config as the registry had them)
     before = len(registry.log)
-    reg.push_image(fresh, "app", f"{registry.host}/other/app:2")
-    layer_blob = json.loads(registry.manifests["team/app"][digest][1])["layers"][0]["digest"]
-    mounts = [
-        r[2] for r in registry.log[before:] if r[0] == "POST" and "mount=" + layer_blob.replace(":", "%3A") in r[1]
-    ]
-    assert mounts == [201]
-    uploads = registry.requests("PUT", "/v2/other/app/blobs/uploads/")
-    # The layer was mounted, never sent; the config is sent, or mounted too when its bytes match team/app's
-    # (a pull within the build's second keeps its created time).
-    assert len(uploads) <= 1 and not [u for u in uploads if layer_blob.replace(":", "%3A") in u[1]]
+    assert reg.push_image(fresh, "app", f"{registry.host}/other/app:2") == digest
+    manifest = json.loads(registry.manifests["team/app"][digest][1])
+    blobs = [manifest["config"]["digest"], manifest["layers"][0]["digest"]]
+    mounts = [r for r in registry.log[before:] if r[0] == "POST" and "mount=" in r[1]]
+    assert sorted(r[1].split("mount=")[1].split("&")[0].replace("%3A", ":") for r in mounts) == sorted(blobs)
+    assert [r[2] for r in mounts] == [201, 201]
+    assert registry.requests("PUT", "/v2/other/app/blobs/uploads/") == []
+
+
+def test_a_pulled_image_keeps_its_digest_wherever_it_is_pushed(store: Store, tmp_path: Path) -> None:
+    """Its config (history, created time) is the registry's, not remade at the pull; to another registry its
+    layer is packed again (gzip without a time: the same bytes as our first push) and the digest holds."""
+    project = _project(tmp_path, "FROM scratch\nCOPY data.txt /srv/data.txt\nENV MODE=pushed\n")
+    build.Builder(store, str(project / "images")).build("app")
+    with contextlib.ExitStack() as stack:
+        first, second = (stack.enter_context(contextlib.contextmanager(serve)()) for _ in range(2))
+        digest = reg.push_image(store, "app", f"{first.host}/team/app:1")
+        time.sleep(1.1)  # a config remade at the pull would carry another second
+        fresh = Store(str(tmp_path / "fresh"))
+        pulled = reg.pull_image(fresh, f"{first.host}/team/app:1", "app")
+        assert pulled.origin and Store(fresh.root).require("app").origin == pulled.origin
+        assert reg.push_image(fresh, "app", f"{second.host}/copy/app:1") == digest
+        assert second.manifests["copy/app"][digest] == first.manifests["team/app"][digest]
+        # an image built FROM the pulled one is a new image: its own config and manifest
+        (project / "images" / "more.Containerfile").write_text(f"FROM {first.host}/team/app:1\nENV MORE=1\n")
+        more = build.Builder(fresh, str(project / "images")).build("more")
+        assert more.origin is None
+        assert reg.push_image(fresh, "more", f"{second.host}/copy/more:1") != digest
 
 
 def test_push_errors_name_what_is_wrong(registry: Registry, store: Store, tmp_path: Path) -> None:
@@ -531,6 +552,7 @@ def test_skopeo_pushes_we_pull_we_push_skopeo_reads(registry: Registry, store: S
     assert image.config["Env"] == ["GREETING=hello"] or "GREETING=hello" in image.config["Env"]
 
     digest = reg.push_image(store, "umoci", f"{registry.host}/ours/test:2")
+    assert digest == registry.tags["umoci/test"]["1"]  # skopeo's manifest and config, sent again as they were
     raw = subprocess.run(
         [SKOPEO, "inspect", "--tls-verify=false", "--raw", f"docker://{registry.host}/ours/test:2"],
         check=True,

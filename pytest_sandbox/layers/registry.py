@@ -38,7 +38,7 @@ import subprocess
 import time
 import urllib.parse
 from collections.abc import Callable, Collection, Iterable, Sequence
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from ..linux.files import write_json_atomic
 from . import oci, tarlayer
@@ -641,8 +641,17 @@ def _digest(value: Any, what: str) -> str:
     return value
 
 
-def get_manifest(client: Client, ref: Reference, reference: str | None = None) -> tuple[dict[str, Any], str, str]:
-    """(manifest, its digest, media type) of ``reference`` (default: the ref's own), digest-checked."""
+class Manifest(NamedTuple):
+    """A manifest as the registry sent it: parsed, its digest, media type and the bytes the digest is of."""
+
+    data: dict[str, Any]
+    digest: str
+    media_type: str
+    raw: bytes
+
+
+def get_manifest(client: Client, ref: Reference, reference: str | None = None) -> Manifest:
+    """The manifest ``reference`` (default: the ref's own) names, digest-checked."""
     reference = reference or ref.reference
     what = f"{ref.registry}/{ref.repository}:{reference}" if ":" not in reference else f"{ref}"
     response, conn = client.request(
@@ -671,12 +680,13 @@ def get_manifest(client: Client, ref: Reference, reference: str | None = None) -
     media_type = manifest.get("mediaType") or media_type
     if manifest.get("schemaVersion") == 1:
         raise RegistryError(f"manifest of {what}: Docker schema 1 manifests are not supported (push it again)")
-    return manifest, digest, media_type
+    return Manifest(manifest, digest, media_type, body)
 
 
-def resolve(client: Client, ref: Reference) -> tuple[dict[str, Any], str]:
-    """The image manifest for linux/this arch (through an index if the reference names one) and its digest."""
-    manifest, digest, media_type = get_manifest(client, ref)
+def resolve(client: Client, ref: Reference) -> Manifest:
+    """The image manifest for linux/this arch (through an index if the reference names one)."""
+    found = get_manifest(client, ref)
+    manifest, media_type = found.data, found.media_type
     if media_type in INDEX_TYPES or "manifests" in manifest:
         entries = [d for d in manifest.get("manifests") or [] if isinstance(d, dict)]
         fitting = [d for d in entries if oci.platform_matches(d)]
@@ -685,12 +695,13 @@ def resolve(client: Client, ref: Reference) -> tuple[dict[str, Any], str]:
                 {"/".join(str((d.get("platform") or {}).get(k, "?")) for k in ("os", "architecture")) for d in entries}
             )
             raise RegistryError(f"{ref}: no image for linux/{oci.ARCH} (the index has {', '.join(offered) or 'none'})")
-        manifest, digest, media_type = get_manifest(client, ref, _digest(fitting[0].get("digest"), f"{ref}: index"))
+        found = get_manifest(client, ref, _digest(fitting[0].get("digest"), f"{ref}: index"))
+        manifest, media_type = found.data, found.media_type
     if media_type not in MANIFEST_TYPES and "layers" not in manifest:
         raise RegistryError(f"{ref}: {media_type or 'the manifest'} is not an image manifest")
     if not isinstance(manifest.get("config"), dict) or not isinstance(manifest.get("layers"), list):
         raise RegistryError(f"{ref}: the manifest has no config or layers")
-    return manifest, digest
+    return found
 
 
 class _Blobs:
@@ -709,14 +720,15 @@ class _Blobs:
 
         return io.BufferedReader(_Stream(opener, what), 1 << 16)
 
-    def json(self, digest: str) -> Any:
+    def json(self, digest: str) -> tuple[Any, bytes]:
+        """A JSON blob (a config), parsed, and the bytes its digest is of."""
         with self.open(digest) as f:
             data = f.read(_MAX_MANIFEST + 1)
         actual = "sha256:" + hashlib.sha256(data).hexdigest()
         if actual != digest:
             raise RegistryError(f"{self.ref}: blob {digest} is corrupt (content hashes to {actual}): nothing stored")
         try:
-            return json.loads(data)
+            return json.loads(data), data
         except ValueError as exc:
             raise RegistryError(f"{self.ref}: config {digest} is not JSON: {exc}") from None
 
@@ -730,6 +742,7 @@ class Pulled:
     layers: list[str]
     diff_ids: list[str]
     config: dict[str, Any]
+    origin: dict[str, str] = dataclasses.field(default_factory=dict)  # what a push sends again (see origin_of)
 
     def entry(self) -> dict[str, Any]:
         return {"layers": self.layers, "diff_ids": self.diff_ids, "config": self.config, "digest": self.digest}
@@ -751,13 +764,14 @@ def pull_layers_with(
     ref: Reference,
     client: Client,
     progress: Progress | None = None,
-    resolved: tuple[dict[str, Any], str] | None = None,
+    resolved: Manifest | None = None,
 ) -> Pulled:
     """pull_layers through a client already made (its tokens reused), of a manifest maybe already resolved."""
-    manifest, digest = resolved or resolve(client, ref)
+    found = resolved or resolve(client, ref)
+    manifest, digest = found.data, found.digest
     blobs = _Blobs(client, ref)
     where = f"{ref.registry}/{ref.repository}@{digest}"
-    config = blobs.json(_digest(manifest["config"].get("digest"), f"{where}: config"))
+    config, config_raw = blobs.json(_digest(manifest["config"].get("digest"), f"{where}: config"))
     layers = []
     for descriptor in manifest["layers"]:
         layer_digest = _digest(descriptor.get("digest") if isinstance(descriptor, dict) else None, f"{where}: layer")
@@ -768,7 +782,16 @@ def pull_layers_with(
         layers.append(oci.LayerRef(layer_digest, layer_digest, clean))
     diff_ids = oci.config_diff_ids(config, len(layers), where)
     chains = oci.unpack_chain(store, blobs, layers, diff_ids, where, progress, ("downloading", "downloaded"))
-    return Pulled(ref, digest, chains, diff_ids, oci.image_config(config))
+    return Pulled(ref, digest, chains, diff_ids, oci.image_config(config), origin_of(found, config_raw))
+
+
+def origin_of(manifest: Manifest, config: bytes) -> dict[str, str]:
+    """A pulled image's manifest and config as the registry had them: pushed again, they keep their digests
+    (its history, created time and labels too). Kept as text in the image record; {} if not UTF-8."""
+    try:
+        return {"manifest": manifest.raw.decode(), "media_type": manifest.media_type, "config": config.decode()}
+    except UnicodeDecodeError:
+        return {}
 
 
 def pull_image(
@@ -795,6 +818,7 @@ def pull_image(
             config=pulled.config,
             source=f"{ref.registry}/{ref.repository}@{pulled.digest}",
             created=time.time(),
+            origin=pulled.origin,
         )
         store.put(image)
     return image
@@ -807,7 +831,7 @@ LOCK_FILE = "images.lock"  # in images/: every registry FROM's reference -> the 
 
 def manifest_digest(ref: Reference, insecure: Collection[str] = ()) -> str:
     """The digest a reference names now (an index's own for a multi-platform image: the lock fits every arch)."""
-    return get_manifest(Client(ref.registry, insecure=ref.registry in insecure), ref)[1]
+    return get_manifest(Client(ref.registry, insecure=ref.registry in insecure), ref).digest
 
 
 def read_lock(path: str) -> dict[str, str]:
@@ -911,6 +935,48 @@ def _pack(store: Store, chain: str, target: str) -> tuple[dict[str, Any], str]:
     return {"mediaType": oci.MT_LAYER_GZIP, "digest": gzipped.digest, "size": gzipped.size}, plain.digest
 
 
+@dataclasses.dataclass
+class _Origin:
+    """A pulled image's manifest and config (``Image.origin``), once checked against the image's layers."""
+
+    manifest: bytes = b""
+    media_type: str = MT_OCI_MANIFEST
+    layers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    config: bytes = b""
+    config_type: str = oci.MT_CONFIG
+
+    @classmethod
+    def check(cls, origin: dict[str, str] | None, diff_ids: list[Any]) -> _Origin:
+        """What of ``origin`` still describes these layers: nothing if a field is missing or disagrees."""
+        try:
+            manifest = json.loads((origin or {})["manifest"])
+            config = json.loads((origin or {})["config"])
+            layers = manifest["layers"]
+            config_type = manifest["config"]["mediaType"]
+            fits = config["rootfs"]["diff_ids"] == diff_ids and len(layers) == len(diff_ids)
+        except (KeyError, TypeError, ValueError):
+            return cls()
+        if not fits or not all(isinstance(d, dict) and isinstance(d.get("digest"), str) for d in layers):
+            return cls()
+        assert origin is not None
+        media_type = origin.get("media_type") or manifest.get("mediaType") or MT_OCI_MANIFEST
+        return cls(origin["manifest"].encode(), media_type, layers, origin["config"].encode(), str(config_type))
+
+
+def _blob_at_target(pusher: _Pusher, candidates: list[Any]) -> tuple[dict[str, Any] | None, str]:
+    """The first descriptor (a pulled layer's, as its manifest or the store names it) whose blob the target has
+    or can mount, and what was done; (None, "") when none is there: the layer is packed and sent."""
+    tried = set()
+    for descriptor in candidates:
+        if not isinstance(descriptor, dict) or not descriptor.get("digest") or descriptor["digest"] in tried:
+            continue
+        tried.add(descriptor["digest"])
+        done = pusher.present(descriptor["digest"])
+        if done is not None:
+            return descriptor, done
+    return None, ""
+
+
 def push_image(
     store: Store, name: str, text: str, progress: Progress | None = None, insecure: Collection[str] = ()
 ) -> str:
@@ -934,7 +1000,7 @@ def push_image(
     pusher = _Pusher(client, ref, mount_from)
     source = image.source.split("@", 1)[0]
     say(f"pushing {name} to {ref}" + (f" (layers of {source} mounted where possible)" if pusher.mount_from else ""))
-    digest = push_layers(store, pusher, image.layers, image.config, image.created, say)
+    digest = push_layers(store, pusher, image.layers, image.config, image.created, say, image.origin)
     say(f"pushed {name} to {ref.registry}/{ref.repository}@{digest}")
     return digest
 
@@ -946,19 +1012,23 @@ def push_layers(
     image_config: dict[str, Any],
     created: float,
     say: Progress,
+    origin: dict[str, str] | None = None,
 ) -> str:
-    """Layers of the store and a container config as an image at ``pusher.ref``; its manifest digest."""
+    """Layers of the store and a container config as an image at ``pusher.ref``; its manifest digest.
+
+    ``origin``: a pulled image's manifest and config as its registry had them. Its config is sent as it was,
+    and its manifest too where every layer blob it names is at the target (there already, or mounted): the
+    image then keeps its digest. A layer blob that is not is packed again, and only the manifest changes."""
     ref, client = pusher.ref, pusher.client
+    kept = _Origin.check(origin, [store.layer_info(chain).get("diff_id") for chain in layers])
     descriptors, diff_ids = [], []
     with store.staging() as stage:
         for i, chain in enumerate(layers):
             info = store.layer_info(chain)
-            blob = info.get("blob")
             label = f"layer {i + 1}/{len(layers)}"
-            done = pusher.present(blob["digest"]) if isinstance(blob, dict) and blob.get("digest") else None
-            if isinstance(blob, dict) and done is not None:  # pulled, and there: nothing repacked or sent
-                descriptor, diff_id = blob, info["diff_id"]
-            else:
+            descriptor, done = _blob_at_target(pusher, [*kept.layers[i : i + 1], info.get("blob")])
+            diff_id = info.get("diff_id")
+            if descriptor is None or not isinstance(diff_id, str):  # not pulled, or not there: packed and sent
                 packed = os.path.join(stage, f"layer{i}")
                 descriptor, diff_id = _pack(store, chain, packed)
                 done = pusher.blob(descriptor["digest"], packed)
@@ -966,23 +1036,29 @@ def push_layers(
             descriptors.append(descriptor)
             diff_ids.append(diff_id)
             say(f"{label} {descriptor['digest'][:19]} ({descriptor.get('size', '?')} bytes) {done}")
-        config = {
-            "architecture": oci.ARCH,
-            "os": "linux",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
-            "config": {k: v for k, v in image_config.items() if v not in (None, "", [], {})},
-            "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        }
-        config_bytes = _json_bytes(config)
+        if kept.config:
+            config_bytes, config_type = kept.config, kept.config_type
+        else:
+            config = {
+                "architecture": oci.ARCH,
+                "os": "linux",
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
+                "config": {k: v for k, v in image_config.items() if v not in (None, "", [], {})},
+                "rootfs": {"type": "layers", "diff_ids": diff_ids},
+            }
+            config_bytes, config_type = _json_bytes(config), oci.MT_CONFIG
         config_digest = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
         pusher.blob(config_digest, config_bytes)
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": MT_OCI_MANIFEST,
-        "config": {"mediaType": oci.MT_CONFIG, "digest": config_digest, "size": len(config_bytes)},
-        "layers": descriptors,
-    }
-    body = _json_bytes(manifest)
+    if kept.manifest and descriptors == kept.layers:
+        body, media_type = kept.manifest, kept.media_type
+    else:
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": MT_OCI_MANIFEST,
+            "config": {"mediaType": config_type, "digest": config_digest, "size": len(config_bytes)},
+            "layers": descriptors,
+        }
+        body, media_type = _json_bytes(manifest), MT_OCI_MANIFEST
     digest = "sha256:" + hashlib.sha256(body).hexdigest()
     if ref.digest and ref.digest != digest:
         raise RegistryError(f"push target {ref} names digest {ref.digest}, but the manifest is {digest}")
@@ -990,7 +1066,7 @@ def push_layers(
         "PUT",
         f"/v2/{ref.repository}/manifests/{ref.tag or digest}",
         pusher.scopes,
-        {"Content-Type": MT_OCI_MANIFEST},
+        {"Content-Type": media_type},
         body=body,
         ok=(201, 200),
         what=f"manifest of {ref}",

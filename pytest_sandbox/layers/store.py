@@ -176,6 +176,7 @@ class Image:
     created: float
     build_key: str | None = None
     base: str = ""  # HOST_BASE: the sandbox's view of the host is the lowest layer
+    origin: dict[str, str] | None = None  # pulled: the registry's manifest and config, as text (registry.py)
 
     @property
     def host_based(self) -> bool:
@@ -191,6 +192,7 @@ class Image:
             "created": self.created,
             "build_key": self.build_key,
             "base": self.base,
+            **({"origin": self.origin} if self.origin else {}),
         }
 
     @classmethod
@@ -206,6 +208,7 @@ class Image:
             created=data.get("created", 0.0),
             build_key=data.get("build_key"),
             base=data.get("base", ""),
+            origin=data.get("origin") if isinstance(data.get("origin"), dict) else None,
         )
 
 
