@@ -429,8 +429,11 @@ def _add_snapshots(item: pytest.Item, records: object, writes: list[Any]) -> Non
 
 
 def for_sandboxed_items(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Remember which tests run in sandboxes: syrupy's records of each must come back."""
-    config.stash.setdefault(_SANDBOXED, set()).update(item.nodeid for item in items)
+    """Remember which tests that take syrupy's ``snapshot`` fixture run in sandboxes: their records must
+    come back (a test without it uses no snapshot, and its missing records change nothing)."""
+    config.stash.setdefault(_SANDBOXED, set()).update(
+        item.nodeid for item in items if "snapshot" in getattr(item, "fixturenames", ())
+    )
 
 
 def before_session_end(config: pytest.Config) -> None:

@@ -196,7 +196,8 @@ def _prepare_images(state: SessionState, say: build.Progress) -> None:
         try:
             image = builder.ensure(name)
         except SandboxError as exc:
-            state.image_errors[name] = f"image {name!r} cannot be built: {exc}"
+            done = "pulled" if registry.looks_like_registry(name) else "built"
+            state.image_errors[name] = f"image {name!r} cannot be {done}: {exc}"
             say(state.image_errors[name])
             del state.images[name]
             continue

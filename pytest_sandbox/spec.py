@@ -20,6 +20,7 @@ import pytest
 
 from . import volumes as _volumes
 from .credentials import check_place, check_variable_pattern
+from .layers import registry
 from .layers.format import NAME_RE, NAME_RULE
 
 MARKER = "container"
@@ -382,9 +383,20 @@ def _check_io(value: object, where: str) -> tuple[tuple[str, int], ...]:
     return tuple(sorted(items))
 
 
+IMAGE_RULE = f"expected an image name ({NAME_RULE}) or a registry's {registry.REFERENCE_RULE}"
+
+
 def _check_image(value: object, where: str) -> str:
+    """An image of images/ or the store, or a registry's (pulled once, as FROM pulls it)."""
+    if isinstance(value, str) and registry.looks_like_registry(value):
+        try:
+            registry.parse_reference(value, "reference")
+        except registry.RegistryError as exc:
+            allowed = f"expected an image name ({NAME_RULE}); as a registry's, {exc}"
+            raise bad_value(where, "image", value, allowed) from None
+        return value
     if not isinstance(value, str) or not NAME_RE.fullmatch(value):  # fullmatch: "$" allows a trailing newline
-        raise bad_value(where, "image", value, f"expected an image name: {NAME_RULE}")
+        raise bad_value(where, "image", value, IMAGE_RULE)
     return value
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -628,6 +629,50 @@ def test_a_marked_test_on_an_image_from_a_registry(
                 f"'{registry.host}/tools/BB:1': repository part 'BB' is not valid: lower-case letters*"
             ]
         )
+
+
+@pytest.mark.skipif(BUSYBOX is None, reason="host lacks a static busybox (apt install busybox-static)")
+def test_a_marker_names_a_registrys_image(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """image="HOST/REPO:TAG" in a marker: pulled once (also for xdist's workers), then the store's copy;
+    recorded under the name images pull gives it, unless that name is taken by another image."""
+    store = Store(str(tmp_path_factory.mktemp("store")))
+    monkeypatch.setenv("PYTEST_SANDBOX_STORE", store.root)
+    with contextlib.contextmanager(serve)() as registry:
+        registry.add_image("tools/bb", "1", [_busybox_layer(), _tar(BASE)], env=["FROM_REGISTRY=yes"])
+        pytester.makepyfile(f"""
+            import pytest
+
+            @pytest.mark.container(image="{registry.host}/tools/bb:1")
+            @pytest.mark.parametrize("n", range(4))
+            def test_in_image(sandbox, n):
+                assert sandbox.run("cat /etc/base; echo $FROM_REGISTRY").stdout == "base\\nyes\\n"
+        """)
+        result = pytester.runpytest_subprocess("-n", "2")
+        result.assert_outcomes(passed=4)
+        result.stderr.fnmatch_lines([f"*pulling {registry.host}/tools/bb:1*"])
+        assert len(registry.requests("GET", "/v2/tools/bb/manifests/1")) == 1
+        image = store.require("bb:1")
+        assert image.source.startswith(f"{registry.host}/tools/bb@sha256:") and image.origin
+
+        again = pytester.runpytest_subprocess()  # the store's copy: the registry is not asked again
+        again.assert_outcomes(passed=4)
+        assert len(registry.requests("GET", "/v2/tools/bb/manifests/1")) == 1
+
+        # "bb:1" taken by an image from elsewhere: the pulled one gets a name of its own
+        store.put(dataclasses.replace(image, source="/elsewhere.tar", origin=None))
+        other = pytester.runpytest_subprocess()
+        other.assert_outcomes(passed=4)
+        assert store.require("bb:1").source == "/elsewhere.tar"
+        assert [i.name for i in store.images() if i.name.startswith("bb-")]
+
+    pytester.makepyfile(
+        'import pytest\n\n@pytest.mark.container(image="127.0.0.1:5000/Tools/bb:1")\ndef test_x(): pass\n'
+    )
+    bad = pytester.runpytest_subprocess()
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["*test_x*invalid image=*repository part 'Tools' is not valid*"])
 
 
 def _cli(*args: str, password: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -226,14 +226,56 @@ class Builder:
             return self._build(name)
 
     def ensure(self, name: str) -> Image:
-        """The image, built if it has a definition here, or as the store has it."""
+        """The image, built if it has a definition here, or as the store has it; a registry's reference
+        (``image="HOST/REPO:TAG"`` in a marker) pulled if the store does not have it yet."""
         with self.store.locked():
+            if registry.looks_like_registry(name):
+                return self._pulled(name)
             if self._definition(name) is not None:
                 return self._build(name)
             return self.store.require(name)
 
+    def _pulled(self, text: str) -> Image:
+        """A registry's image as FROM takes it (the store's copy of that reference, else pulled; images.lock
+        pins it), recorded in the store so that kept containers, ``shell`` and ``commit`` find it."""
+        ref = registry.parse_reference(text, "image")
+        if ref.digest is None and str(ref) in self._locked():
+            ref = dataclasses.replace(ref, digest=self._locked()[str(ref)])
+        cached = self._cache_get(registry.cache_key(ref))
+        if cached is None or "digest" not in cached:
+            self.say(f"pulling {ref}")
+            cached = registry.pull_layers(self.store, ref, self, self.insecure_registries).entry()
+        source = f"{ref.registry}/{ref.repository}@{cached['digest']}"
+        name = self._name_for(ref, source)
+        found = self.store.get(name)
+        if found is not None and found.source == source and list(found.layers) == list(cached["layers"]):
+            return found
+        image = Image(
+            name=name,
+            layers=tuple(cached["layers"]),
+            diff_ids=tuple(cached["diff_ids"]),
+            config=dict(cached["config"]),
+            source=source,
+            created=time.time(),
+            origin=cached.get("origin") or None,
+        )
+        self.store.put(image)
+        return image
+
+    def _name_for(self, ref: registry.Reference, source: str) -> str:
+        """The store name of a pulled reference: what ``images pull`` would name it, unless that name is an
+        image of images/ or one from elsewhere; then that name and a hash of the reference."""
+        name = ref.default_name()
+        found = self.store.get(name)
+        if self._definition(name) is None and (found is None or found.source.split("@")[0] == source.split("@")[0]):
+            return name
+        return check_name(f"{name.split(':')[0][:100]}-{hashlib.sha256(str(ref).encode()).hexdigest()[:12]}")
+
     def check(self, name: str) -> None:
         """Parse a definition (and its bases) without building: errors before anything runs."""
+        if registry.looks_like_registry(name):
+            registry.parse_reference(name, "image")
+            return
         path = self._definition(name)
         if path is None:
             if self.store.get(name) is None:

@@ -745,7 +745,13 @@ class Pulled:
     origin: dict[str, str] = dataclasses.field(default_factory=dict)  # what a push sends again (see origin_of)
 
     def entry(self) -> dict[str, Any]:
-        return {"layers": self.layers, "diff_ids": self.diff_ids, "config": self.config, "digest": self.digest}
+        return {
+            "layers": self.layers,
+            "diff_ids": self.diff_ids,
+            "config": self.config,
+            "digest": self.digest,
+            "origin": self.origin,
+        }
 
 
 def pull_layers(
