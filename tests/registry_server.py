@@ -1,7 +1,7 @@
 """A small OCI distribution registry for the tests: ``http.server`` in a thread on 127.0.0.1.
 
 It implements what pulls and pushes use (and what skopeo, a real client, needs to push and pull):
-``/v2/``, manifests (GET/HEAD/PUT by tag or digest), blobs (GET/HEAD), uploads (POST, PATCH, PUT,
+``/v2/``, manifests (GET/HEAD/PUT by tag or digest), blobs (GET/HEAD), uploads (POST, PATCH, GET status, PUT,
 cross-repository mount), and optionally Basic auth or bearer tokens from its own ``/token``.
 Every request is logged, so tests can count what was asked for; faults are switched on by attributes.
 """
@@ -64,6 +64,8 @@ class Registry:
         self.cuts: int | None = None  # ...this many times (None: every time)
         self.ranges = True  # GET blob with Range: bytes=N- answered 206
         self.chunked = False  # blob bodies sent chunked, without a Content-Length (as some CDNs do)
+        self.max_body: int | None = None  # larger request bodies are refused with 413 (a proxy's limit)
+        self.drop_patches = 0  # this many PATCHes lose their chunk and the connection (the client resumes)
         self._lock = threading.Lock()
         handler = type("Handler", (_Handler,), {"registry": self})
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -345,7 +347,26 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if upload not in self.registry.uploads:
             self._error(404, "BLOB_UPLOAD_UNKNOWN", "upload unknown")
             return
-        self.registry.uploads[upload] += self._body()
+        here = {"Location": f"/v2/{name}/blobs/uploads/{upload}"}
+        if self.command == "GET":  # the upload's status: what the registry has so far
+            self._send(204, b"", {**here, "Range": f"0-{max(len(self.registry.uploads[upload]) - 1, 0)}"})
+            return
+        body = self._body()
+        if self.registry.max_body is not None and len(body) > self.registry.max_body:
+            self._error(413, "SIZE_INVALID", f"request body larger than {self.registry.max_body} bytes")
+            return
+        if self.command == "PATCH" and self.registry.drop_patches > 0:
+            self.registry.drop_patches -= 1
+            self.close_connection = True
+            self.connection.shutdown(2)  # no answer: the chunk is lost on the way
+            return
+        content_range = self.headers.get("Content-Range")
+        if self.command == "PATCH" and content_range:
+            start, _, end = content_range.partition("-")
+            if int(start) != len(self.registry.uploads[upload]) or int(end) != int(start) + len(body) - 1:
+                self._send(416, b"", {**here, "Range": f"0-{max(len(self.registry.uploads[upload]) - 1, 0)}"})
+                return
+        self.registry.uploads[upload] += body
         if self.command == "PATCH":
             size = len(self.registry.uploads[upload])
             headers = {"Location": f"/v2/{name}/blobs/uploads/{upload}", "Range": f"0-{max(size - 1, 0)}"}

@@ -478,6 +478,34 @@ def test_a_pulled_image_keeps_its_digest_wherever_it_is_pushed(store: Store, tmp
         assert reg.push_image(fresh, "more", f"{second.host}/copy/more:1") != digest
 
 
+@pytest.mark.parametrize("why", ["large", "limited"])
+def test_large_blobs_go_up_in_chunks_and_a_lost_chunk_is_sent_again(
+    registry: Registry, store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, why: str
+) -> None:
+    """Past CHUNK_SIZE, or where a proxy refuses a body that large (413), a blob goes up in PATCH chunks; a
+    chunk lost with its connection is found missing (the upload's status) and sent again."""
+    project = _project(tmp_path, "FROM scratch\nCOPY noise /noise\n")
+    (project / "images" / "noise").write_bytes(os.urandom(600 * 1024))  # gzip cannot shrink it
+    build.Builder(store, str(project / "images")).build("app")
+    if why == "large":
+        monkeypatch.setattr(reg, "CHUNK_SIZE", 100 * 1024)
+    else:
+        registry.max_body = 256 * 1024
+    registry.drop_patches = 1
+    digest = reg.push_image(store, "app", f"{registry.host}/team/noise:1")
+    patches = registry.requests("PATCH", "/v2/team/noise/blobs/uploads/")
+    assert len(patches) >= 7 and [p[2] for p in patches].count(202) >= 6
+    assert registry.requests("GET", "/v2/team/noise/blobs/uploads/")  # the status asked after the lost chunk
+    if why == "limited":
+        assert [r[2] for r in registry.requests("PUT", "/v2/team/noise/blobs/uploads/")].count(413) == 1
+
+    fresh = Store(str(tmp_path / "fresh"))
+    image = reg.pull_image(fresh, f"{registry.host}/team/noise:1", "noise")
+    assert image.source.endswith(digest)
+    found = build._find_in(fresh, list(image.layers), "/noise")
+    assert found is not None and Path(found).read_bytes() == (project / "images" / "noise").read_bytes()
+
+
 def test_push_errors_name_what_is_wrong(registry: Registry, store: Store, tmp_path: Path) -> None:
     result = run_cli("images", "push", "nosuch", f"{registry.host}/team/app:1", store=store.root, cwd=tmp_path)
     assert result.returncode == 2

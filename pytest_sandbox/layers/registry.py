@@ -58,6 +58,7 @@ ACCEPT = ", ".join((*MANIFEST_TYPES, *INDEX_TYPES))
 _MAX_MANIFEST = 4 << 20  # distribution refuses manifests past 4 MiB too
 _RETRIES = 3  # 429/503 answers waited for before giving up
 _MAX_WAIT = 30.0  # longest Retry-After honoured, seconds
+CHUNK_SIZE = 32 << 20  # a blob larger than this is uploaded in PATCH chunks of this size
 _TIMEOUT = 60.0
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
@@ -905,7 +906,23 @@ class _Pusher:
         return None
 
     def upload(self, digest: str, data: str | bytes) -> None:
-        """A monolithic upload of ``data`` (bytes, or a file's path)."""
+        """Upload ``data`` (bytes, or a file's path): in one PUT up to CHUNK_SIZE, in PATCH chunks past it
+        or where the registry refuses a body that large (413, a proxy's limit)."""
+        size = len(data) if isinstance(data, bytes) else os.path.getsize(data)
+        location = self._start(digest)
+        if size > CHUNK_SIZE:
+            self._finish(digest, self._chunks(digest, data, size, location, CHUNK_SIZE), b"")
+            return
+        try:
+            self._finish(digest, location, data)
+        except RegistryError as exc:
+            # 413: a proxy's body limit; no status: the connection broke (some proxies cut a large body short)
+            if exc.status != 413 and not (exc.status is None and size > 1 << 20):
+                raise
+            chunk = max(size // 8, 1 << 16)
+            self._finish(digest, self._chunks(digest, data, size, self._start(digest), chunk), b"")
+
+    def _start(self, digest: str) -> str:
         location, self._started = self._started, None
         if not location:
             response = self._call(
@@ -918,10 +935,49 @@ class _Pusher:
             location = response.getheader("Location")
         if not location:
             raise RegistryError(f"{self.ref.registry}: the upload of {digest} got no Location")
+        return location
+
+    def _url(self, location: str, query: dict[str, str] | None = None) -> str:
         url = urllib.parse.urljoin(f"{self.client.scheme()}://{self.client.host}/", location)
-        url += ("&" if "?" in url else "?") + urllib.parse.urlencode({"digest": digest})
+        return url + (("&" if "?" in url else "?") + urllib.parse.urlencode(query) if query else "")
+
+    def _finish(self, digest: str, location: str, data: str | bytes) -> None:
         headers = {"Content-Type": "application/octet-stream"}
+        url = self._url(location, {"digest": digest})
         self._call("PUT", url, (201, 204), f"upload of {digest}", headers=headers, body=data)
+
+    def _chunks(self, digest: str, data: str | bytes, size: int, location: str, chunk: int) -> str:
+        """PATCH ``data`` in chunks; where one is lost (a broken connection, a range the registry disputes),
+        ask the registry how much it has and go on from there, up to ten times. The last Location."""
+        offset, setbacks = 0, 0
+        with open(data, "rb") if isinstance(data, str) else io.BytesIO(data) as f:
+            while offset < size:
+                f.seek(offset)
+                part = f.read(chunk)
+                headers = {
+                    "Content-Type": "application/octet-stream",
+                    "Content-Range": f"{offset}-{offset + len(part) - 1}",
+                }
+                what = f"upload of {digest} (bytes {offset}-{offset + len(part) - 1} of {size})"
+                try:
+                    response = self._call("PATCH", self._url(location), (202,), what, headers=headers, body=part)
+                except RegistryError as exc:
+                    setbacks += 1
+                    if setbacks > 10 or (exc.status is not None and exc.status != 416):
+                        raise
+                    offset, location = self._status(location, digest)
+                    continue
+                location = response.getheader("Location") or location
+                offset += len(part)
+        return location
+
+    def _status(self, location: str, digest: str) -> tuple[int, str]:
+        """How much of an upload the registry holds (``Range: 0-N``): the offset to go on from."""
+        response = self._call("GET", self._url(location), (204,), f"status of the upload of {digest}")
+        held = re.fullmatch(r"(?:bytes=)?0-(\d+)", response.getheader("Range") or "")
+        # "0-0" is also what registries say of an empty upload; a chunk is never 1 byte, so it means nothing yet
+        offset = int(held.group(1)) + 1 if held and int(held.group(1)) > 0 else 0
+        return offset, response.getheader("Location") or location
 
     def blob(self, digest: str, data: str | bytes) -> str:
         """Make sure the repository has the blob; what was done."""
