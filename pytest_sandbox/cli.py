@@ -143,12 +143,22 @@ def _is_static_elf(path: str) -> bool:
     return all(struct.unpack_from("<I", table, i * phentsize)[0] != 3 for i in range(phnum))
 
 
+def _volume_check(volumes: VolumeStore) -> tuple[bool, str, str]:
+    """The named volumes: how many, how large, which a running session holds (``volumes rm`` waits for it)."""
+    infos = [volumes.info(name) for name in volumes.names()]
+    held = [info.name for info in infos if info.in_use]
+    size = _size(sum(info.size for info in infos))
+    detail = f"{volumes.root} ({len(infos)} named, {size}{'; in use: ' + ', '.join(held) if held else ''})"
+    return True, "volumes", detail
+
+
 def _image_checks(store: Store) -> list[tuple[bool, str, str]]:
     checks = []
     images = store.images() if os.path.isdir(store.root) else []
     layers = store.all_layers() if os.path.isdir(store.root) else []
     size = sum(store.layer_info(c).get("size", 0) for c in layers)
     checks.append((True, "store", f"{store.root} ({len(images)} images, {len(layers)} layers, {_size(size)})"))
+    checks.append(_volume_check(VolumeStore(store.root)))
     if os.path.isdir(store.root) and store.filesystem() == "overlay":
         checks.append(
             (

@@ -72,9 +72,10 @@ def test_doctor_reports_images(tmp_path: os.PathLike[str]) -> None:
     lines = result.stdout.split("\nimages:\n", 1)[1].splitlines()
     assert lines[0].split()[:3] == ["ok", "store", str(tmp_path)] and "(0 images, 0 layers" in lines[0]
     names = [line.split()[1] for line in lines]
-    assert names == ["store", "lowerdir+", "busybox", "zstd"]
+    assert names == ["store", "volumes", "lowerdir+", "busybox", "zstd"]
+    assert lines[1].split()[2:] == [os.path.join(tmp_path, "volumes"), "(0", "named,", "0", "B)"]
     kernel = tuple(int(p) for p in os.uname().release.split("-")[0].split(".")[:2])
-    assert lines[1].startswith(" ok" if kernel >= (6, 8) else " NO")
+    assert lines[2].startswith(" ok" if kernel >= (6, 8) else " NO")
 
 
 def test_store_without_a_home_directory(tmp_path: os.PathLike[str]) -> None:

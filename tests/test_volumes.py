@@ -226,6 +226,9 @@ def test_volumes_cli(pytester: pytest.Pytester, store: Path, tmp_path: Path) -> 
         assert busy.returncode == 2 and "in use by a running sandbox" in busy.stderr
         pruned = run_cli("volumes", "prune", cwd=pytester.path)
         assert "removed 0 volumes; in use, kept: counts" in pruned.stdout
+        doctor = run_cli("doctor", cwd=pytester.path)
+        assert f"volumes      {store}/volumes (1 named, " in doctor.stdout
+        assert "; in use: counts)" in doctor.stdout
     removed = run_cli("volumes", "rm", "counts", cwd=pytester.path)
     assert removed.returncode == 0, removed.stderr
     assert not (store / "volumes" / "counts").exists() and outside.read_text() == "keep me"
