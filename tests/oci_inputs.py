@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
@@ -108,3 +109,12 @@ GONE = ["/data/sub", "/data/sub/old", "/etc/app/link", "/data/opq/a", "/data/opq
 def skopeo_copy(source: str, dest: str, *extra: str) -> None:
     assert SKOPEO
     _run(SKOPEO, "--insecure-policy", "copy", *extra, source, dest)
+
+
+def skopeo_digest(reference: str) -> str:
+    """The digest of the manifest skopeo reads at ``reference`` (docker://..., TLS not verified)."""
+    assert SKOPEO is not None
+    raw = subprocess.run(
+        [SKOPEO, "inspect", "--tls-verify=false", "--raw", reference], check=True, capture_output=True
+    ).stdout
+    return "sha256:" + hashlib.sha256(raw).hexdigest()

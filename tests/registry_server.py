@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import http.server
 import json
+import os
 import re
 import secrets
 import ssl
@@ -20,6 +21,7 @@ import subprocess
 import threading
 import urllib.parse
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -384,40 +386,45 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._send(201, b"", {"Location": f"/v2/{name}/blobs/{digest}", "Docker-Content-Digest": digest})
 
 
+def without_credentials(home: Path, monkeypatch: Any) -> Path:
+    """No credentials of whoever runs the tests: ``home`` as an empty HOME, none of the variables that
+    name credential files."""
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for name in ("DOCKER_CONFIG", "REGISTRY_AUTH_FILE", "DOCKER_AUTH_CONFIG", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    return home
+
+
 def serve(**kwargs: Any) -> Iterator[Registry]:
     """A started registry for a fixture (``yield from serve()``), stopped after."""
     with Registry(**kwargs) as registry:
         yield registry
 
 
+def openssl(directory: str | os.PathLike[str], *args: str, data: bytes | None = None) -> bytes:
+    """Run openssl in ``directory``; what it printed."""
+    return subprocess.run(["openssl", *args], input=data, check=True, capture_output=True, cwd=directory).stdout
+
+
+def self_signed(directory: str | os.PathLike[str], name: str, subject: str) -> None:
+    """``name``.key and ``name``.pem: an RSA key and a certificate it signed itself, for two days."""
+    openssl(directory, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+            f"{name}.pem", "-days", "2", "-subj", subject)  # fmt: skip
+
+
 def make_ca(directory: str) -> tuple[str, tuple[str, str]]:
     """A CA and a certificate it signed for 127.0.0.1 (openssl): (CA file, (certificate, key))."""
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
-
-    openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=test CA",
-    )
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "host.key", "-out", "host.csr", "-subj", "/CN=127.0.0.1")
+    self_signed(directory, "ca", "/CN=test CA")
+    openssl(directory, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "host.key", "-out", "host.csr", "-subj",
+            "/CN=127.0.0.1")  # fmt: skip
     with open(f"{directory}/ext.cnf", "w") as f:
         f.write(
             "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
             "extendedKeyUsage=serverAuth\n"
         )
     openssl(
+        directory,
         "x509",
         "-req",
         "-in",

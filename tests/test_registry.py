@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 from helpers import run_cli
-from oci_inputs import BUSYBOX, EXPECTED, GONE, SKOPEO, UMOCI, _tar, umoci_image
-from registry_server import Registry, make_ca, serve
+from oci_inputs import BUSYBOX, EXPECTED, GONE, SKOPEO, UMOCI, _tar, skopeo_digest, umoci_image
+from registry_server import Registry, make_ca, serve, without_credentials
 
 from pytest_sandbox.layers import build, oci
 from pytest_sandbox.layers import registry as reg
@@ -32,13 +32,7 @@ APP = [("srv", "dir", b""), ("srv/app", "file", b"app\n")]
 
 @pytest.fixture(autouse=True)
 def no_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """No credentials of whoever runs the tests: an empty home, none of the variables that name some."""
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    for name in ("DOCKER_CONFIG", "REGISTRY_AUTH_FILE", "DOCKER_AUTH_CONFIG", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME"):
-        monkeypatch.delenv(name, raising=False)
-    return home
+    return without_credentials(tmp_path / "home", monkeypatch)
 
 
 @pytest.fixture
@@ -582,12 +576,7 @@ def test_skopeo_pushes_we_pull_we_push_skopeo_reads(registry: Registry, store: S
 
     digest = reg.push_image(store, "umoci", f"{registry.host}/ours/test:2")
     assert digest == registry.tags["umoci/test"]["1"]  # skopeo's manifest and config, sent again as they were
-    raw = subprocess.run(
-        [SKOPEO, "inspect", "--tls-verify=false", "--raw", f"docker://{registry.host}/ours/test:2"],
-        check=True,
-        capture_output=True,
-    ).stdout
-    assert "sha256:" + hashlib.sha256(raw).hexdigest() == digest
+    assert skopeo_digest(f"docker://{registry.host}/ours/test:2") == digest
     subprocess.run(
         [*copy, "--src-tls-verify=false", f"docker://{registry.host}/ours/test:2", f"oci:{tmp_path}/back:x"],
         check=True,

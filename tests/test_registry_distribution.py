@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import http.server
 import json
 import os
@@ -25,8 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from oci_inputs import SKOPEO
-from registry_server import make_ca
+from oci_inputs import SKOPEO, skopeo_digest
+from registry_server import make_ca, openssl, self_signed, without_credentials
 
 from pytest_sandbox.layers import build
 from pytest_sandbox.layers import registry as reg
@@ -115,30 +114,8 @@ class TokenService:
     def __init__(self, directory: Path, users: dict[str, str], service: str = "sandbox-tests") -> None:
         self.directory, self.users, self.service = directory, users, service
         self.asked: list[tuple[str | None, list[str]]] = []
-        subprocess.run(
-            [
-                "openssl",
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "token.key",
-                "-out",
-                "token.pem",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=token signer",
-            ],
-            check=True,
-            capture_output=True,
-            cwd=directory,
-        )
-        der = subprocess.run(
-            ["openssl", "x509", "-in", "token.pem", "-outform", "DER"], check=True, capture_output=True, cwd=directory
-        ).stdout
+        self_signed(directory, "token", "/CN=token signer")
+        der = openssl(directory, "x509", "-in", "token.pem", "-outform", "DER")
         self.x5c = base64.b64encode(der).decode()
         service_self = self
 
@@ -210,24 +187,13 @@ class TokenService:
             return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
         signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
-        signature = subprocess.run(
-            ["openssl", "dgst", "-sha256", "-sign", "token.key"],
-            input=signing_input.encode(),
-            check=True,
-            capture_output=True,
-            cwd=self.directory,
-        ).stdout
+        signature = openssl(self.directory, "dgst", "-sha256", "-sign", "token.key", data=signing_input.encode())
         return f"{signing_input}.{b64(signature)}"
 
 
 @pytest.fixture(autouse=True)
 def no_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    for name in ("DOCKER_CONFIG", "REGISTRY_AUTH_FILE", "DOCKER_AUTH_CONFIG", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME"):
-        monkeypatch.delenv(name, raising=False)
-    return home
+    return without_credentials(tmp_path / "home", monkeypatch)
 
 
 def _project(tmp_path: Path) -> tuple[Path, bytes]:
@@ -267,12 +233,7 @@ def test_push_pull_mount_and_chunks_with_distribution(tmp_path: Path, monkeypatc
         with pytest.raises(reg.RegistryError, match="MANIFEST_UNKNOWN"):
             reg.pull_image(fresh, f"{host}/team/app:nosuch", "x")
         if SKOPEO is not None:
-            raw = subprocess.run(
-                [SKOPEO, "inspect", "--tls-verify=false", "--raw", f"docker://{host}/other/app:2"],
-                check=True,
-                capture_output=True,
-            ).stdout
-            assert "sha256:" + hashlib.sha256(raw).hexdigest() == digest
+            assert skopeo_digest(f"docker://{host}/other/app:2") == digest
 
 
 def _cli(*args: str, password: str | None = None) -> subprocess.CompletedProcess[str]:
