@@ -134,7 +134,9 @@ def _receive(sock: socket.socket, block: bool) -> tuple[bytes | None, list[int]]
     parts: list[bytes] = []
     size = 0
     fds: list[int] = []
-    flags = 0 if block else socket.MSG_DONTWAIT
+    # Received fds are close-on-exec: pid 1 is spawned (exec) while a test's channels are open in the zygote,
+    # and kept copies there held a channel open after the zygote let go of it (pytest waited for its end).
+    flags = socket.MSG_CMSG_CLOEXEC | (0 if block else socket.MSG_DONTWAIT)
     try:
         while True:
             if parts and not select.select([sock], [], [], NEXT_CHUNK_TIMEOUT)[0]:
@@ -145,7 +147,7 @@ def _receive(sock: socket.socket, block: bool) -> tuple[bytes | None, list[int]]
                 # The peer closed with a message of ours unread: Linux reports that once, before what the
                 # peer sent is read. Its last words (a setup error) are still queued: read on.
                 continue
-            flags = 0  # the rest of a chunked message is already on its way
+            flags = socket.MSG_CMSG_CLOEXEC  # the rest of a chunked message is already on its way
             _take_fds(ancdata, fds)
             if not data:
                 if parts:

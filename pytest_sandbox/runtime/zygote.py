@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import gc
 import os
@@ -33,6 +34,7 @@ import secrets
 import select
 import signal
 import socket
+import time
 from typing import Any
 
 import pytest
@@ -172,7 +174,16 @@ class _Sandbox:
         """Hand the test its reports channel; the status channel stays here, out of the test's reach."""
         self.nodeid = nodeid
         self.to_pytest = to_pytest
-        protocol.send(self.test, {"nodeid": nodeid}, fds=(reports.fileno(),))
+        for wait in (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 0.0):
+            try:
+                protocol.send(self.test, {"nodeid": nodeid}, fds=(reports.fileno(),))
+                break
+            except OSError as exc:
+                # ETOOMANYREFS: this user has more fds in flight than its fd limit, for a moment (a test
+                # flooding its channel with fds until pytest drops them): try again before giving up.
+                if exc.errno != errno.ETOOMANYREFS or not wait:
+                    raise
+                time.sleep(wait)
         self.test.close()
 
     def kill(self) -> None:
@@ -409,6 +420,9 @@ def _serve(
             factory.running[ready.test_pidfd] = ready
             ready.start(message["nodeid"], to_pytest, reports)
         except OSError as exc:
+            if ready is not None and factory.running.pop(ready.test_pidfd, None) is not None:
+                factory.cancel(ready)  # it never got its test: it would wait for it forever
+                ready = None
             protocol.send(
                 to_pytest, {"type": "error", "phase": "cgroup" if "cgroup" in str(exc) else "fork", "message": str(exc)}
             )
