@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pickle
 
@@ -42,6 +43,8 @@ def test_fds_travel_with_the_message() -> None:
         message, fds = sync.recv(b)
     os.close(write_end)
     assert message == {"op": "run"} and len(fds) == 1
+    # close-on-exec, whatever the sender's was: pid 1 is spawned while channels are open in the zygote
+    assert fcntl.fcntl(fds[0], fcntl.F_GETFD) & fcntl.FD_CLOEXEC
     os.write(fds[0], b"ok")
     os.close(fds[0])
     assert os.read(read_end, 2) == b"ok"
