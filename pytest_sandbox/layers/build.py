@@ -238,13 +238,8 @@ class Builder:
     def _pulled(self, text: str) -> Image:
         """A registry's image as FROM takes it (the store's copy of that reference, else pulled; images.lock
         pins it), recorded in the store so that kept containers, ``shell`` and ``commit`` find it."""
-        ref = registry.parse_reference(text, "image")
-        if ref.digest is None and str(ref) in self._locked():
-            ref = dataclasses.replace(ref, digest=self._locked()[str(ref)])
-        cached = self._cache_get(registry.cache_key(ref))
-        if cached is None or "digest" not in cached:
-            self.say(f"pulling {ref}")
-            cached = registry.pull_layers(self.store, ref, self, self.insecure_registries).entry()
+        ref = self._pinned(registry.parse_reference(text, "image"))
+        cached = self._registry_entry(ref, "")
         source = f"{ref.registry}/{ref.repository}@{cached['digest']}"
         name = self._name_for(ref, source)
         found = self.store.get(name)
@@ -424,18 +419,28 @@ class Builder:
         """``FROM host/repo:tag``: the image as the store last pulled that reference (``images pull`` updates
         it), else pulled now; only the layers the store lacks are downloaded. ``--no-cache`` pulls again."""
         where = f"{path}:{ins.line}: FROM"
-        ref = registry.parse_reference(base, where)
-        if ref.digest is None and str(ref) in self._locked():  # images lock: exactly that image
-            ref = dataclasses.replace(ref, digest=self._locked()[str(ref)])
-        cached = self._cache_get(registry.cache_key(ref))
-        if cached is None or "digest" not in cached:
-            self.say(f"  pulling {ref}")
-            try:
-                cached = registry.pull_layers(self.store, ref, self, self.insecure_registries).entry()
-            except StoreError as exc:
-                raise BuildError(f"{where} {base}: {exc}") from None
+        ref = self._pinned(registry.parse_reference(base, where))
+        try:
+            cached = self._registry_entry(ref, "  ")
+        except StoreError as exc:
+            raise BuildError(f"{where} {base}: {exc}") from None
         key = _key("FROM", str(ref), cached["digest"])
         return _State(key, list(cached["layers"]), list(cached["diff_ids"]), dict(cached["config"]))
+
+    def _pinned(self, ref: registry.Reference) -> registry.Reference:
+        """The reference at the digest images.lock holds for it, if it holds one."""
+        if ref.digest is None and str(ref) in self._locked():
+            return dataclasses.replace(ref, digest=self._locked()[str(ref)])
+        return ref
+
+    def _registry_entry(self, ref: registry.Reference, indent: str) -> dict[str, Any]:
+        """The store's entry of a registry reference as last pulled (``images pull`` moves it on), else pulled
+        now: for FROM and for a marker's image alike."""
+        cached = self._cache_get(registry.cache_key(ref))
+        if cached is None or "digest" not in cached:
+            self.say(f"{indent}pulling {ref}")
+            cached = registry.pull_layers(self.store, ref, self, self.insecure_registries).entry()
+        return cached
 
     def _cache_get(self, key: str) -> dict[str, Any] | None:
         return None if self.no_cache else self.store.cache_get(key)
