@@ -135,31 +135,49 @@ def user_namespace_fds():
     return found
 
 
+def other_processes_user_namespaces():
+    # fds of the user namespaces of every other process this test sees: its commands, their launcher
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != os.getpid():
+            try:
+                found.append(os.open(f"/proc/{name}/ns/user", os.O_RDONLY))
+            except OSError:
+                pass
+    return found
+
+
 @pytest.mark.container(image="busybox")
-def test_attack():
+def test_attack(sandbox):
     done = []
-    for fd in user_namespace_fds():
+    me, secret_owner = os.getuid(), os.stat(SECRET).st_uid
+    command = sandbox.spawn(["sleep", "30"])  # root in the image: a user namespace that maps uid 0
+    for fd in user_namespace_fds() + other_processes_user_namespaces():
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # setns into a user namespace wants a single-threaded process
             out = ""
             libc = ctypes.CDLL(None, use_errno=True)
             if libc.setns(fd, 0x10000000) == 0:
-                out = f"setns into the user namespace of fd {fd}: CapEff {status_fields()['CapEff']}"
-                try:
-                    with open(SECRET) as f:
-                        out += f"; read {SECRET} (mode 000, owner uid 0): {f.read()!r}"
-                except OSError as exc:
-                    out += f"; {SECRET}: {exc}"
+                entered = f"setns into the user namespace of fd {fd}: CapEff {status_fields()['CapEff']}"
+                # A plain user may read a mode-000 file of its own there (the owner could chmod it anyway):
+                # its commands' namespace, which its id owns, maps only that id. Root has no such right.
+                if me == 0 or secret_owner != me:
+                    try:
+                        with open(SECRET) as f:
+                            out = f"{entered}; read {SECRET} (mode 000, owner uid {secret_owner}): {f.read()!r}"
+                    except OSError:
+                        pass
+                # Cgroups it makes in a cgroup2 mount of its own must lie below its sandbox's leaf cgroup:
+                # the host side looks for any left behind.
                 libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]
                 os.makedirs("/tmp/cg", exist_ok=True)
                 unshared = libc.unshare(0x20000 | 0x02000000) == 0  # mount and cgroup namespaces
                 if unshared and libc.mount(b"cgroup2", b"/tmp/cg", b"cgroup2", 0, None) == 0:
-                    try:  # the test's cgroup namespace root: the host's cgroup of pytest when the test has no limits
+                    try:
                         os.mkdir(f"/tmp/cg/{CGROUP}")
-                        out += f"; made the cgroup {CGROUP} in a fresh cgroup2 mount"
-                    except OSError as exc:
-                        out += f"; cgroup: {exc}"
+                    except OSError:
+                        pass
             os.write(w, out.encode())
             os._exit(0)
         os.close(w)
@@ -172,6 +190,8 @@ def test_attack():
             done.append(f"read {SECRET} directly: {f.read()!r}")
     except OSError:
         pass
+    command.kill()
+    command.wait()
     assert not done, f"uid {os.getuid()}: " + "; ".join(done)
 """
 
@@ -193,13 +213,12 @@ def _host_cgroups_named(name: str) -> list[Path]:
 def test_commands_namespace_gives_capabilities_back(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: tuple[str, ...]
 ) -> None:
-    """A root test with ``image=`` holds an fd of the user namespace made for its commands (since Linux 5.12
-    a process without CAP_SETFCAP cannot map uid 0 in a namespace of its own). Its euid owns that namespace,
-    so setns() gives it every capability there: CAP_DAC_OVERRIDE over the files of every id the namespace
-    maps (it reads root files of mode 000, as root's plain pytest does). That residue is documented in the
-    README's Security section; what must hold is the rest: the cgroups it can make in a cgroup2 mount of its
-    own lie below its sandbox's leaf cgroup (every sandbox has one where cgroups are usable) and are gone
-    with it, and the session ends normally.
+    """A root test with ``image=`` whose commands need a user namespace that maps uid 0 (since Linux 5.12 a
+    process without CAP_SETFCAP cannot map uid 0 in a namespace of its own). Were that namespace within the
+    test's reach (an fd it holds, /proc/PID/ns/user of a command) and owned by its euid, setns() would give it
+    every capability there: CAP_DAC_OVERRIDE over the files of every id the namespace maps, a root file of
+    mode 000 included. The test finds no such fd, reads nothing, makes no cgroup, and the session ends
+    normally. (It fails on the version that kept the namespace's fd in the test process.)
     """
     cgroup = f"hostile-cgroup-{uuid.uuid4().hex}"
     secret_dir = Path(tempfile.mkdtemp(prefix="hostile-commands-ns-", dir=Path.home()))
@@ -216,7 +235,9 @@ def test_commands_namespace_gives_capabilities_back(
         left = _host_cgroups_named(cgroup)
         for path in left:
             path.rmdir()  # put the host back
-    problems = run.session_problems()  # the setns itself succeeds: see the README (what root changes)
+    problems = run.session_problems()
+    if run.outcome("test_attack") != "PASSED":
+        problems.insert(0, f"commands namespace: {run.inner_failure()}")
     if left:
         problems.insert(0, f"commands namespace: the test left cgroup(s) on the host: {[str(p) for p in left]}")
     _check(problems)

@@ -114,6 +114,30 @@ def test_isolation_of_image_commands(project: pytest.Pytester) -> None:
     project.runpytest_subprocess().assert_outcomes(passed=2)
 
 
+def test_commands_end_on_terminate_and_switch_users(project: pytest.Pytester) -> None:
+    """As root they go through the sandbox's launcher (its waiter forwards a signal as a kill), as a plain
+    user the test's own child starts them: both stop on terminate(), take stdin, and run as user=."""
+    project.makepyfile("""
+        import os, pytest, signal
+
+        @pytest.mark.container(image="busybox")
+        def test_terminate(sandbox):
+            proc = sandbox.spawn(["sh", "-c", "echo up; exec sleep 300"], stdout=__import__("subprocess").PIPE)
+            assert proc.stdout.readline() == b"up\\n"
+            proc.terminate()
+            assert proc.wait(timeout=10) == 128 + signal.SIGKILL
+            assert sandbox.run(["cat"], input="through stdin").stdout == "through stdin"
+
+        @pytest.mark.container(image="busybox")
+        def test_users(sandbox):
+            assert sandbox.run("id -u").stdout == "0\\n"
+            if os.getuid() == 0:  # every id is mapped: the image's other users are real
+                assert sandbox.run("id -u; id -g", user="1234:99").stdout == "1234\\n99\\n"
+                assert sandbox.run("touch /root/x", user="1234").returncode != 0  # no root's rights
+    """)
+    project.runpytest_subprocess().assert_outcomes(passed=2)
+
+
 def test_spawned_commands_do_not_outlive_the_test(project: pytest.Pytester, token: str) -> None:
     project.makepyfile(f"""
         import pytest

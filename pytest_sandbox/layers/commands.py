@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
+import select
 import signal
 import socket
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
+from .. import protocol
 from ..errors import SandboxError, SetupError
 from ..linux import process, rootfs, syscalls, userns
 from .format import env_mapping
@@ -94,6 +97,29 @@ def resolve_user(root: str, user: str) -> tuple[int, int, str]:
     return _passwd_lookup(root, user)
 
 
+def _become_command(root: str, run: RunSpec, uid: int, gid: int, every_id: bool) -> None:
+    """As pid 1 of the command's pid namespace: pseudo filesystems and pivot, host name, network, then the
+    user. ``every_id``: every id is mapped, so the image's user is switched to here."""
+    rootfs.enter_image_root(root, run.share_dev)
+    socket.sethostname(run.hostname)
+    if run.network == "none":
+        syscalls.loopback_up()
+    # Capabilities: Docker's default set for the image's root, none for any other user; the bounding set
+    # first, while CAP_SETPCAP is held.
+    keep = userns.CONTAINER_CAPABILITIES if uid == 0 else ()
+    userns.trim_bounding_set(keep)
+    if every_id and (uid, gid) != (0, 0):
+        with contextlib.suppress(PermissionError):  # denied where only one id could be mapped
+            os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+    try:
+        os.chdir(run.workdir or "/")
+    except OSError as exc:
+        raise ContainerError(f"working directory {run.workdir}: {exc.strerror}") from None
+    userns.limit_capabilities(keep)
+
+
 class _Launch:
     """The preexec step of Popen: namespaces, ids, root; then a fork so the command is pid 1.
 
@@ -134,10 +160,11 @@ class _Launch:
         # 1. Die with the caller: a pytest killed with -9 takes the command along.
         process.die_with_parent(self.parent_pid)
         # 2. root builds the image's root with its own rights (overlayfs on the host's directories as a
-        #    FROM host image needs them), in a mount namespace of its own first. A test process has no
-        #    capabilities, root's neither: it enters the user namespace made for its commands below.
+        #    FROM host image needs them), in a mount namespace of its own first. A sandboxed root has no
+        #    capabilities and may not map uid 0: its sandbox's launcher starts the command (below).
         privileged = self.outer_uid == 0 and userns.has_capabilities()
-        prepared = None if privileged else userns.commands_namespace()
+        if not privileged and _launcher is not None:
+            _delegate(_launcher, self.run, self.uid, self.gid)  # root in a sandbox: never returns
         root = None
         if privileged:
             syscalls.unshare(syscalls.CLONE_NEWNS)
@@ -150,12 +177,7 @@ class _Launch:
         flags = syscalls.CLONE_NEWNS | syscalls.CLONE_NEWUTS | syscalls.CLONE_NEWIPC
         if self.run.network == "none":
             flags |= syscalls.CLONE_NEWNET
-        if prepared is not None:
-            syscalls.setns(prepared, syscalls.CLONE_NEWUSER)
-            syscalls.unshare(flags)
-        else:
-            userns.unshare_mapped(flags, (0, 0) if privileged else (self.uid, self.gid))
-        every_id = privileged or prepared is not None  # then the image's user is switched to below
+        userns.unshare_mapped(flags, (0, 0) if privileged else (self.uid, self.gid))
         syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
         if root is None:
             root = self.prepare_root()
@@ -168,24 +190,7 @@ class _Launch:
         process.die_with_parent(0)
         if self.after is not None:  # keep the waiter's view of the mounts: pivot in a namespace of our own
             syscalls.unshare(syscalls.CLONE_NEWNS)
-        rootfs.enter_image_root(root, self.run.share_dev)
-        socket.sethostname(self.run.hostname)
-        if self.run.network == "none":
-            syscalls.loopback_up()
-        # 6. Capabilities: Docker's default set for the image's root, none for any other user; the
-        #    bounding set first, while CAP_SETPCAP is held.
-        keep = userns.CONTAINER_CAPABILITIES if self.uid == 0 else ()
-        userns.trim_bounding_set(keep)
-        if every_id and (self.uid, self.gid) != (0, 0):
-            with contextlib.suppress(PermissionError):  # denied where only one id could be mapped
-                os.setgroups([])
-            os.setgid(self.gid)
-            os.setuid(self.uid)
-        try:
-            os.chdir(self.run.workdir or "/")
-        except OSError as exc:
-            raise ContainerError(f"working directory {self.run.workdir}: {exc.strerror}") from None
-        userns.limit_capabilities(keep)
+        _become_command(root, self.run, self.uid, self.gid, every_id=privileged)
 
     def _wait(self, pid: int) -> NoReturn:
         """The waiter: outside the command's pid namespace, every fd closed; exits with its status."""
@@ -204,6 +209,223 @@ class _Launch:
 
 
 AFTER_FAILED = 125  # exit status of a spawn whose ``after`` hook raised
+
+
+# -- root's commands in a sandbox: the launcher ---------------------------------------------
+#
+# A command's image root needs uid 0 mapped in the command's user namespace, which since Linux 5.12
+# takes CAP_SETFCAP, and a sandboxed root test has no capability. A user namespace made for it while
+# the sandbox was built would do, but the test could enter it too (its euid owns it) and hold every
+# capability over every file owned by a mapped id it can see: a mode-000 file of the rootdir, another
+# user's files. So that namespace stays in the launcher: a process forked while the sandbox is built,
+# before any code of the test runs, with the capabilities the test lacks, not dumpable (no ptrace,
+# no /proc/PID/fd, mem or environ for the test). The test's side only asks it to start a command.
+
+_launcher: socket.socket | None = None  # this process's line to its sandbox's launcher
+
+_LAUNCH_FIELDS: dict[str, tuple[type, ...]] = {
+    "argv": (list,),
+    "env": (dict,),
+    "workdir": (str,),
+    "hostname": (str,),
+    "network": (str,),
+    "share_dev": (bool,),
+    "uid": (int,),
+    "gid": (int,),
+}
+
+
+def start_launcher(image_root: str) -> int:
+    """Fork the launcher of this sandbox (call with capabilities, before the test's code runs); the fd of
+    this process's end of the line to it. Commands this process or its children spawn go through it."""
+    global _launcher
+    namespace = userns.commands_namespace()
+    ours, theirs = protocol.socketpair()
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ours.close()
+            _launcher_main(theirs, namespace, image_root, parent)
+        finally:
+            os._exit(1)
+    os.close(namespace)
+    theirs.close()
+    _launcher = ours
+    return ours.fileno()
+
+
+def _launcher_main(control: socket.socket, namespace: int, image_root: str, parent: int) -> NoReturn:
+    process.die_with_parent(parent)
+    syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
+    syscalls.set_process_name("sandbox-launcher")
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+    # Nothing of the host's or the test's: stdio to /dev/null, every other fd closed.
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) > 2 and int(name) not in (control.fileno(), namespace):
+            with contextlib.suppress(OSError):
+                os.close(int(name))
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # each request's handler reaps itself away
+    while True:
+        try:
+            request, fds = protocol.recv(control)
+        except protocol.ProtocolError:
+            continue
+        if request is None:
+            os._exit(0)
+        if len(fds) != 4 or not _valid_launch(request):
+            for fd in fds:  # the asking side sees its line close: an error
+                os.close(fd)
+            continue
+        if os.fork() == 0:
+            try:
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                control.close()
+                _handle_launch(request, fds, namespace, image_root)
+            finally:
+                os._exit(1)
+        for fd in fds:
+            os.close(fd)
+
+
+def _valid_launch(request: dict[str, Any]) -> bool:
+    try:
+        protocol.check({"type": "launch", **request}, {"launch": _LAUNCH_FIELDS})
+    except protocol.ProtocolError:
+        return False
+    return (
+        bool(request["argv"])
+        and all(isinstance(arg, str) for arg in request["argv"])
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in request["env"].items())
+        and request["network"] in ("none", "inherit")
+        and all(0 <= request[name] < 2**32 - 1 for name in ("uid", "gid"))
+    )
+
+
+def _handle_launch(request: dict[str, Any], fds: list[int], namespace: int, image_root: str) -> NoReturn:
+    """One command: its namespaces in the launcher's user namespace, pid 1 with the test's stdio; then
+    wait for it, kill it when the asking side goes or asks, and tell that side how it ended."""
+    conn = socket.socket(fileno=fds[0])
+    stdio = fds[1:]
+    run = RunSpec(
+        argv=tuple(request["argv"]),
+        env=request["env"],
+        workdir=request["workdir"],
+        hostname=request["hostname"],
+        network=request["network"],
+        share_dev=request["share_dev"],
+    )
+    error_r, error_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        syscalls.setns(namespace, syscalls.CLONE_NEWUSER)
+        flags = syscalls.CLONE_NEWNS | syscalls.CLONE_NEWUTS | syscalls.CLONE_NEWIPC
+        if run.network == "none":
+            flags |= syscalls.CLONE_NEWNET
+        syscalls.unshare(flags)
+        syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+        syscalls.unshare(syscalls.CLONE_NEWPID)
+        pid = os.fork()
+    except OSError as exc:
+        protocol.send(conn, {"error": f"cannot start {run.argv[0]!r}: {exc}"})
+        os._exit(1)
+    if pid == 0:
+        try:
+            for target, fd in enumerate(stdio):
+                os.dup2(fd, target)
+            os.closerange(3, error_w)
+            os.closerange(error_w + 1, 0x7FFFFFFF)
+            process.die_with_parent(0)
+            _become_command(image_root, run, request["uid"], request["gid"], every_id=True)
+            _exec(run)
+        except BaseException as exc:
+            message = str(exc) if isinstance(exc, (ContainerError, SetupError)) else f"{type(exc).__name__}: {exc}"
+            with contextlib.suppress(OSError):
+                os.write(error_w, message.encode()[:4000])
+        finally:
+            os._exit(127)
+    os.close(error_w)
+    for fd in stdio:
+        os.close(fd)
+    chunks = []
+    while chunk := os.read(error_r, 4096):
+        chunks.append(chunk)
+    if chunks:
+        os.waitpid(pid, 0)
+        protocol.send(conn, {"error": b"".join(chunks).decode(errors="replace")})
+        os._exit(0)
+    protocol.send(conn, {"started": True})
+    command = os.pidfd_open(pid)
+    while True:
+        readable, _, _ = select.select([conn.fileno(), command], [], [])
+        if command in readable:
+            _, status = os.waitpid(pid, 0)
+            code = os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+            with contextlib.suppress(OSError):
+                protocol.send(conn, {"code": code})
+            os._exit(0)
+        asked, _ = protocol.recv(conn)
+        os.kill(pid, signal.SIGKILL)  # asked to, or the asking side is gone
+        if asked is None:
+            os._exit(0)
+
+
+def _exec(run: RunSpec) -> NoReturn:
+    """execve ``run.argv`` as Popen would, searching the command's PATH for a bare name."""
+    name = run.argv[0]
+    env = dict(run.env)
+    if "/" in name:
+        candidates = [name]
+    else:
+        candidates = [os.path.join(d, name) for d in os.get_exec_path(env)]
+    failure: OSError | None = None
+    for path in candidates:
+        try:
+            os.execve(path, list(run.argv), env)
+        except OSError as exc:
+            if failure is None or exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                failure = exc
+    if failure is not None and failure.errno == errno.EACCES:
+        raise ContainerError(f"{name!r}: permission denied in the image")
+    raise ContainerError(f"{name!r}: no such command in the image (PATH={env.get('PATH', '')})")
+
+
+def _delegate(launcher: socket.socket, run: RunSpec, uid: int, gid: int) -> NoReturn:
+    """In the Popen child: have the launcher start the command with this process's stdio, then stay as its
+    waiter (as ``_Launch._wait``), every other fd closed, so Popen sees the command start."""
+    ours, theirs = protocol.socketpair()
+    request = {
+        "argv": list(run.argv),
+        "env": dict(run.env),
+        "workdir": run.workdir,
+        "hostname": run.hostname,
+        "network": run.network,
+        "share_dev": run.share_dev,
+        "uid": uid,
+        "gid": gid,
+    }
+    protocol.send(launcher, request, fds=(theirs.fileno(), 0, 1, 2))
+    theirs.close()
+    reply, _ = protocol.recv(ours)
+    if reply is None:
+        raise ContainerError("the sandbox's command launcher is gone")
+    if "error" in reply:
+        raise ContainerError(str(reply["error"]))
+    for fd in range(0, 3):
+        os.close(fd)
+    os.closerange(3, ours.fileno())
+    os.closerange(ours.fileno() + 1, 0x7FFFFFFF)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda *_: protocol.send(ours, {"kill": True}))
+    while True:
+        reply, _ = protocol.recv(ours)
+        if reply is None:
+            os._exit(128 + signal.SIGKILL)
+        if isinstance(reply.get("code"), int):
+            os._exit(reply["code"])
 
 
 def spawn(

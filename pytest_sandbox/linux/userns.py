@@ -47,13 +47,18 @@ def map_one_id(pid: str, inside: tuple[int, int], outside: tuple[int, int]) -> N
     write_file(f"/proc/{pid}/gid_map", f"{inside[1]} {outside[1]} 1\n")
 
 
-def spare_namespace() -> int:
-    """An fd of a new child user namespace with the caller's id maps (every id for root).
+COMMANDS_OWNER = FULL_RANGE - 1  # owns root's command namespaces: an id no process of a sandbox has
 
-    A process without capabilities can still enter a user namespace its euid owns (the owner has
-    every capability in it), but since Linux 5.12 it cannot map uid 0 in one it makes itself
-    (that needs CAP_SETFCAP). Root's test processes have no capabilities, so the commands they
-    start in images enter this one, made while the sandbox was built.
+
+def commands_namespace() -> int:
+    """An fd of a new child user namespace that maps every id onto itself and is owned by ``COMMANDS_OWNER``
+    (call as root with capabilities, where the full range is mapped).
+
+    Since Linux 5.12 a process without capabilities cannot map uid 0 in a user namespace it makes (that
+    needs CAP_SETFCAP), so root's test processes cannot make one for the commands they start in images.
+    A namespace a root test's euid owned would give the test every capability in it (the owner's right):
+    entered, over every file of a mapped id it can see, a mode-000 file included. Owned by another id,
+    only a process with capabilities in the parent namespace (the sandbox's launcher) can enter it.
     """
     unshared_r, unshared_w = os.pipe()
     mapped_r, mapped_w = os.pipe()
@@ -62,6 +67,8 @@ def spare_namespace() -> int:
         os.close(unshared_r)
         os.close(mapped_w)
         try:
+            os.setresuid(COMMANDS_OWNER, COMMANDS_OWNER, COMMANDS_OWNER)  # also clears its capabilities
+            syscalls.prctl(syscalls.PR_SET_DUMPABLE, 1)  # the uid change unset it: /proc/PID/ns/user opens
             syscalls.unshare(syscalls.CLONE_NEWUSER)
             os.write(unshared_w, b"u")
             os.read(mapped_r, 1)
@@ -71,8 +78,11 @@ def spare_namespace() -> int:
     os.close(mapped_r)
     try:
         if os.read(unshared_r, 1) != b"u":
-            raise OSError("the helper that makes a user namespace for commands failed")
-        write_id_maps(str(pid), os.geteuid(), os.getegid())
+            raise OSError(
+                errno.EPERM, "the user namespace for root's commands cannot be made here (every id must be mapped)"
+            )
+        write_file(f"/proc/{pid}/uid_map", f"0 0 {FULL_RANGE}\n")
+        write_file(f"/proc/{pid}/gid_map", f"0 0 {FULL_RANGE}\n")
         return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     finally:
         os.close(unshared_r)
@@ -80,24 +90,11 @@ def spare_namespace() -> int:
         os.waitpid(pid, 0)
 
 
-_commands_namespace: int | None = None
-
-
-def set_commands_namespace(fd: int | None) -> None:
-    """This process's commands enter the user namespace ``fd`` (see ``spare_namespace``)."""
-    global _commands_namespace
-    _commands_namespace = fd
-
-
-def commands_namespace() -> int | None:
-    return _commands_namespace
-
-
 def enter_user_namespace() -> None:
-    """unshare a user namespace and map the caller's ids into it (no helper needed)."""
-    uid, gid = os.geteuid(), os.getegid()
-    syscalls.unshare(syscalls.CLONE_NEWUSER)
-    write_id_maps("self", uid, gid)
+    """unshare a user namespace and map the caller's ids into it: root every id (a helper of the parent
+    namespace writes that map: a process cannot write more than its one id into its own), anyone else
+    their own."""
+    unshare_mapped(0, (os.geteuid(), os.getegid()))
 
 
 class _CapHeader(ctypes.Structure):

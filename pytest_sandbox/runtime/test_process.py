@@ -29,6 +29,7 @@ import pytest
 
 from .. import credentials, outputs, plugin_results, plugin_state, protocol
 from ..errors import SetupError
+from ..layers import commands
 from ..linux import rootfs, syscalls, userns
 from ..spec import SandboxSpec
 from . import cgroups, interact
@@ -267,11 +268,10 @@ def _enter(box: Sandbox, config: pytest.Config, pid1: tuple[int, int], keep: set
     #    gives up its capabilities; nothing of the test runs before it says it has.
     _pid1_joins(flags, *pid1)
     # 6. Root will have no capability left to map uid 0 in a user namespace of its own: the commands it
-    #    starts in an image enter one made now.
-    if box.plan.image is not None and os.geteuid() == 0:
-        commands_ns = userns.spare_namespace()
-        userns.set_commands_namespace(commands_ns)
-        keep.add(commands_ns)
+    #    starts in an image go through a launcher forked now, which keeps one the test cannot enter.
+    if box.plan.image is not None and not box.plan.image.host_based and os.geteuid() == 0:
+        with contextlib.suppress(OSError):  # not where root lacks the full id range: commands say why
+            keep.add(commands.start_launcher(box.plan.image_root))
     # 7. Where the test starts and the environment it sees (credential variables withheld, a FROM
     #    host image's ENV, then the spec's).
     os.chdir(box.cwd)
