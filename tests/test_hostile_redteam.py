@@ -243,6 +243,83 @@ def test_commands_namespace_gives_capabilities_back(
     _check(problems)
 
 
+COMMAND_HELPERS = """
+SECRET = __SECRET__
+RENAME_EXCHANGE = 2
+
+
+def leaked(text):
+    return "root-only-" in text
+
+
+@pytest.mark.container(image="busybox")
+def test_attack(sandbox):
+    import subprocess
+    me, owner = os.getuid(), os.stat(SECRET).st_uid
+    judged = me == 0 or owner != me  # a plain user's commands may read a mode-000 file of its own
+    done = []
+    # 1. A directory of the test's view handed to a command as its stdin: its rights, not the test's, apply.
+    view = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+    proc = sandbox.spawn(["cat", "/proc/self/fd/0" + SECRET], stdin=view, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    out, _ = proc.communicate(timeout=30)
+    if judged and leaked(out):
+        done.append(f"a command read {SECRET} (mode 000) through the test's / as its stdin: {out!r}")
+    # 2. The way to the image root swapped for a symlink to / while a command starts, many times.
+    parent = os.path.dirname(sandbox.root)
+    try:
+        os.rename(parent, parent + "-moved")
+    except OSError:
+        pass  # a mount point: nothing on the way can move
+    else:
+        os.makedirs(sandbox.root)
+        os.symlink("/", parent + "/other")
+        libc = ctypes.CDLL(None, use_errno=True)
+        swapper = os.fork()
+        if swapper == 0:
+            while True:
+                libc.renameat2(-100, sandbox.root.encode(), -100, (parent + "/other").encode(), RENAME_EXCHANGE)
+        try:
+            for _ in range(300):
+                try:
+                    r = sandbox.run(["cat", SECRET])
+                except Exception:
+                    continue
+                if judged and leaked(r.stdout):
+                    done.append(f"a command started in the test's whole view read {SECRET}: {r.stdout!r}")
+                    break
+        finally:
+            os.kill(swapper, 9)
+            os.waitpid(swapper, 0)
+    assert not done, f"uid {me}: " + "; ".join(done)
+"""
+
+
+def test_commands_have_no_rights_over_the_tests_view(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: tuple[str, ...]
+) -> None:
+    """Root's commands in an image run as root with Docker's capabilities in a user namespace of their own;
+    the test chooses their argv and stdio. Handed a directory fd of the test's view, or started while the
+    test swaps the way to the image root for a symlink to / (its launcher would mount and pivot into the
+    whole view), they must not read a mode-000 file the test cannot read. Fails on the version whose
+    commands held CAP_DAC_OVERRIDE over a namespace mapping every id, and whose image root's parent was a
+    plain directory of the test's /run (both found by a red-team pass: 1 of ~27 starts won the race)."""
+    secret_dir = Path(tempfile.mkdtemp(prefix="hostile-command-fds-", dir=Path.home()))
+    secret = secret_dir / "secret"
+    try:
+        secret.write_text(f"root-only-{uuid.uuid4().hex}")
+        secret.chmod(0)
+        os.chmod(secret_dir, 0o755)
+        run = _run(pytester, monkeypatch, _source(COMMAND_HELPERS, secret=str(secret)), *xdist)
+    finally:
+        secret.unlink(missing_ok=True)
+        secret_dir.rmdir()
+    problems = run.session_problems()
+    if run.outcome("test_attack") != "PASSED":
+        problems.insert(0, f"commands: {run.inner_failure()}")
+    _check(problems)
+
+
 # -- 3. fds sent over the report channel stay in pytest ------------------------------------------
 
 FD_FLOOD = """

@@ -97,16 +97,18 @@ def resolve_user(root: str, user: str) -> tuple[int, int, str]:
     return _passwd_lookup(root, user)
 
 
-def _become_command(root: str, run: RunSpec, uid: int, gid: int, every_id: bool) -> None:
+def _become_command(
+    root: str, run: RunSpec, uid: int, gid: int, every_id: bool, root_capabilities: tuple[int, ...]
+) -> None:
     """As pid 1 of the command's pid namespace: pseudo filesystems and pivot, host name, network, then the
     user. ``every_id``: every id is mapped, so the image's user is switched to here."""
     rootfs.enter_image_root(root, run.share_dev)
     socket.sethostname(run.hostname)
     if run.network == "none":
         syscalls.loopback_up()
-    # Capabilities: Docker's default set for the image's root, none for any other user; the bounding set
-    # first, while CAP_SETPCAP is held.
-    keep = userns.CONTAINER_CAPABILITIES if uid == 0 else ()
+    # Capabilities: ``root_capabilities`` (Docker's default set) for the image's root, none for any other
+    # user; the bounding set first, while CAP_SETPCAP is held.
+    keep = root_capabilities if uid == 0 else ()
     userns.trim_bounding_set(keep)
     if every_id and (uid, gid) != (0, 0):
         with contextlib.suppress(PermissionError):  # denied where only one id could be mapped
@@ -190,14 +192,15 @@ class _Launch:
         process.die_with_parent(0)
         if self.after is not None:  # keep the waiter's view of the mounts: pivot in a namespace of our own
             syscalls.unshare(syscalls.CLONE_NEWNS)
-        _become_command(root, self.run, self.uid, self.gid, every_id=privileged)
+        _become_command(root, self.run, self.uid, self.gid, privileged, userns.CONTAINER_CAPABILITIES)
 
     def _wait(self, pid: int) -> NoReturn:
         """The waiter: outside the command's pid namespace, every fd closed; exits with its status."""
-        # Not via /proc: pid 1 is about to pivot this shared mount namespace away from it.
-        os.closerange(0, 0x7FFFFFFF)
+        # Signals first: Popen returns once the fds are closed, and terminate() may come at once.
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, lambda *_: os.kill(pid, signal.SIGKILL))
+        # Not via /proc: pid 1 is about to pivot this shared mount namespace away from it.
+        os.closerange(0, 0x7FFFFFFF)
         _, status = os.waitpid(pid, 0)  # PEP 475: retried after a signal handler
         code = os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
         if self.after is not None:
@@ -339,7 +342,12 @@ def _handle_launch(request: dict[str, Any], fds: list[int], namespace: int, imag
             os.closerange(3, error_w)
             os.closerange(error_w + 1, 0x7FFFFFFF)
             process.die_with_parent(0)
-            _become_command(image_root, run, request["uid"], request["gid"], every_id=True)
+            if (request["uid"], request["gid"]) != (0, 0):
+                raise ContainerError(
+                    f"user {request['uid']}:{request['gid']}: a root test's commands run as root only "
+                    "(its sandbox maps no other id for them)"
+                )
+            _become_command(image_root, run, 0, 0, False, userns.SANDBOXED_ROOT_CAPABILITIES)
             _exec(run)
         except BaseException as exc:
             message = str(exc) if isinstance(exc, (ContainerError, SetupError)) else f"{type(exc).__name__}: {exc}"
@@ -407,6 +415,10 @@ def _delegate(launcher: socket.socket, run: RunSpec, uid: int, gid: int) -> NoRe
         "uid": uid,
         "gid": gid,
     }
+    # Signals first: Popen returns once the fds are closed, and terminate() may come at once. The
+    # launcher reads a kill that comes before the command started once it has.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda *_: protocol.send(ours, {"kill": True}))
     protocol.send(launcher, request, fds=(theirs.fileno(), 0, 1, 2))
     theirs.close()
     reply, _ = protocol.recv(ours)
@@ -418,8 +430,6 @@ def _delegate(launcher: socket.socket, run: RunSpec, uid: int, gid: int) -> NoRe
         os.close(fd)
     os.closerange(3, ours.fileno())
     os.closerange(ours.fileno() + 1, 0x7FFFFFFF)
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, lambda *_: protocol.send(ours, {"kill": True}))
     while True:
         reply, _ = protocol.recv(ours)
         if reply is None:

@@ -252,6 +252,10 @@ def build(plan: RootPlan, layer_dir: str | None = None) -> int:
     for path, is_dir, fd in visible_fds:
         mounts.attach(fd, path, is_dir)
     if image_fd is not None:
+        # Its parent a mount point of its own too (/run and /tmp are): no directory on the way to the image
+        # root can be renamed or swapped for a symlink while root's launcher mounts and pivots there.
+        os.makedirs(os.path.dirname(plan.image_root), exist_ok=True)
+        mounts.mount_tmpfs(os.path.dirname(plan.image_root), "0755", name="sandbox-image", size=4096)
         mounts.attach(image_fd, plan.image_root)
     # 4. Volumes over all of that (an image test's also inside its image, where its commands run).
     for volume, target, fd in volume_fds:

@@ -51,14 +51,16 @@ COMMANDS_OWNER = FULL_RANGE - 1  # owns root's command namespaces: an id no proc
 
 
 def commands_namespace() -> int:
-    """An fd of a new child user namespace that maps every id onto itself and is owned by ``COMMANDS_OWNER``
-    (call as root with capabilities, where the full range is mapped).
+    """An fd of a new child user namespace that maps uid and gid 0 only and is owned by ``COMMANDS_OWNER``
+    (call as root with capabilities, in a namespace that maps that id).
 
     Since Linux 5.12 a process without capabilities cannot map uid 0 in a user namespace it makes (that
     needs CAP_SETFCAP), so root's test processes cannot make one for the commands they start in images.
     A namespace a root test's euid owned would give the test every capability in it (the owner's right):
     entered, over every file of a mapped id it can see, a mode-000 file included. Owned by another id,
-    only a process with capabilities in the parent namespace (the sandbox's launcher) can enter it.
+    only a process with capabilities in the parent namespace (the sandbox's launcher) can enter it. One
+    id only: a command able to become any host user could read their files through an fd the test
+    hands it (a directory of the host view as its stdin).
     """
     unshared_r, unshared_w = os.pipe()
     mapped_r, mapped_w = os.pipe()
@@ -78,11 +80,9 @@ def commands_namespace() -> int:
     os.close(mapped_r)
     try:
         if os.read(unshared_r, 1) != b"u":
-            raise OSError(
-                errno.EPERM, "the user namespace for root's commands cannot be made here (every id must be mapped)"
-            )
-        write_file(f"/proc/{pid}/uid_map", f"0 0 {FULL_RANGE}\n")
-        write_file(f"/proc/{pid}/gid_map", f"0 0 {FULL_RANGE}\n")
+            raise OSError(errno.EPERM, "the user namespace for root's commands cannot be made here")
+        write_file(f"/proc/{pid}/uid_map", "0 0 1\n")
+        write_file(f"/proc/{pid}/gid_map", "0 0 1\n")
         return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     finally:
         os.close(unshared_r)
@@ -106,6 +106,7 @@ class _CapData(ctypes.Structure):
 
 
 # Docker's default set: what an image build needs, valid only inside the command's own user namespace.
+CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_SETFCAP = 1, 2, 3, 31
 CONTAINER_CAPABILITIES = (
     0,  # CHOWN
     1,  # DAC_OVERRIDE
@@ -121,6 +122,12 @@ CONTAINER_CAPABILITIES = (
     27,  # MKNOD
     29,  # AUDIT_WRITE
     31,  # SETFCAP
+)
+# A sandboxed root's commands: no capability that overrides a file's mode or owner (the test hands them fds
+# of its view of the host, where root's files are of their id) and none that writes file capabilities
+# valid outside (a volume is a host directory).
+SANDBOXED_ROOT_CAPABILITIES = tuple(
+    c for c in CONTAINER_CAPABILITIES if c not in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_SETFCAP)
 )
 
 
