@@ -7,6 +7,7 @@ removed, the keyring the probe reads and writes is a fresh session keyring of th
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -210,6 +211,22 @@ def _host_cgroups_named(name: str) -> list[Path]:
     return found
 
 
+@contextlib.contextmanager
+def _unreadable_secret(prefix: str) -> Iterator[Path]:
+    """A mode-000 file of the runner's under $HOME: an overlay in the sandbox, with this file below, which the
+    sandboxed test (root too: it has no capabilities) cannot read."""
+    secret_dir = Path(tempfile.mkdtemp(prefix=prefix, dir=Path.home()))
+    secret = secret_dir / "secret"
+    try:
+        secret.write_text(f"root-only-{uuid.uuid4().hex}")
+        secret.chmod(0)
+        os.chmod(secret_dir, 0o755)
+        yield secret
+    finally:
+        secret.unlink(missing_ok=True)
+        secret_dir.rmdir()
+
+
 def test_commands_namespace_gives_capabilities_back(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: tuple[str, ...]
 ) -> None:
@@ -221,17 +238,10 @@ def test_commands_namespace_gives_capabilities_back(
     normally. (It fails on the version that kept the namespace's fd in the test process.)
     """
     cgroup = f"hostile-cgroup-{uuid.uuid4().hex}"
-    secret_dir = Path(tempfile.mkdtemp(prefix="hostile-commands-ns-", dir=Path.home()))
-    secret = secret_dir / "secret"
     try:
-        secret.write_text(f"root-only-{uuid.uuid4().hex}")
-        secret.chmod(0)
-        os.chmod(secret_dir, 0o755)
-        # $HOME is an overlay in the sandbox, with the host's file below: read-only for the test as here.
-        run = _run(pytester, monkeypatch, _source(COMMANDS_NS, secret=str(secret), cgroup=cgroup), *xdist)
+        with _unreadable_secret("hostile-commands-ns-") as secret:
+            run = _run(pytester, monkeypatch, _source(COMMANDS_NS, secret=str(secret), cgroup=cgroup), *xdist)
     finally:
-        secret.unlink(missing_ok=True)
-        secret_dir.rmdir()
         left = _host_cgroups_named(cgroup)
         for path in left:
             path.rmdir()  # put the host back
@@ -304,16 +314,8 @@ def test_commands_have_no_rights_over_the_tests_view(
     whole view), they must not read a mode-000 file the test cannot read. Fails on the version whose
     commands held CAP_DAC_OVERRIDE over a namespace mapping every id, and whose image root's parent was a
     plain directory of the test's /run (both found by a red-team pass: 1 of ~27 starts won the race)."""
-    secret_dir = Path(tempfile.mkdtemp(prefix="hostile-command-fds-", dir=Path.home()))
-    secret = secret_dir / "secret"
-    try:
-        secret.write_text(f"root-only-{uuid.uuid4().hex}")
-        secret.chmod(0)
-        os.chmod(secret_dir, 0o755)
+    with _unreadable_secret("hostile-command-fds-") as secret:
         run = _run(pytester, monkeypatch, _source(COMMAND_HELPERS, secret=str(secret)), *xdist)
-    finally:
-        secret.unlink(missing_ok=True)
-        secret_dir.rmdir()
     problems = run.session_problems()
     if run.outcome("test_attack") != "PASSED":
         problems.insert(0, f"commands: {run.inner_failure()}")
