@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import os
 import select
 import signal
@@ -97,6 +96,33 @@ def resolve_user(root: str, user: str) -> tuple[int, int, str]:
     return _passwd_lookup(root, user)
 
 
+def _namespace_flags(run: RunSpec) -> int:
+    """The namespaces a command gets besides its user and pid ones: a network one unless it shares the caller's."""
+    flags = syscalls.CLONE_NEWNS | syscalls.CLONE_NEWUTS | syscalls.CLONE_NEWIPC
+    return flags | syscalls.CLONE_NEWNET if run.network == "none" else flags
+
+
+def _report_setup_failure(error_w: int, exc: BaseException) -> NoReturn:
+    """In the child that sets a command up: say on ``error_w`` why it did not start, and exit 127."""
+    message = str(exc) if isinstance(exc, (ContainerError, SetupError)) else f"{type(exc).__name__}: {exc}"
+    with contextlib.suppress(OSError):
+        os.write(error_w, message.encode()[:4000])
+    os._exit(127)
+
+
+def _read_to_end(fd: int) -> bytes:
+    """What a setup child wrote on its error pipe; empty once the command's exec closed it."""
+    chunks = []
+    while chunk := os.read(fd, 4096):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _exit_code(status: int) -> int:
+    """A command's exit status as its waiter passes it on: 128 + the signal that ended it, as a shell says."""
+    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+
+
 def _become_command(
     root: str, run: RunSpec, uid: int, gid: int, every_id: bool, root_capabilities: tuple[int, ...]
 ) -> None:
@@ -152,10 +178,7 @@ class _Launch:
             os.set_inheritable(self.error_w, False)  # EOF at exec tells the caller the command started
             self._setup()
         except BaseException as exc:
-            message = str(exc) if isinstance(exc, (ContainerError, SetupError)) else f"{type(exc).__name__}: {exc}"
-            with contextlib.suppress(OSError):
-                os.write(self.error_w, message.encode()[:4000])
-            os._exit(127)
+            _report_setup_failure(self.error_w, exc)
 
     def _setup(self) -> None:
         """The steps, in order; each must happen before the next."""
@@ -176,10 +199,7 @@ class _Launch:
         #    network) namespaces: every mount inherited from outside is locked (no umount, no read-write
         #    remount), and capabilities only count inside. root maps every id onto itself (chown works),
         #    anyone else their one id to the image's user.
-        flags = syscalls.CLONE_NEWNS | syscalls.CLONE_NEWUTS | syscalls.CLONE_NEWIPC
-        if self.run.network == "none":
-            flags |= syscalls.CLONE_NEWNET
-        userns.unshare_mapped(flags, (0, 0) if privileged else (self.uid, self.gid))
+        userns.unshare_mapped(_namespace_flags(self.run), (0, 0) if privileged else (self.uid, self.gid))
         syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
         if root is None:
             root = self.prepare_root()
@@ -202,7 +222,7 @@ class _Launch:
         # Not via /proc: pid 1 is about to pivot this shared mount namespace away from it.
         os.closerange(0, 0x7FFFFFFF)
         _, status = os.waitpid(pid, 0)  # PEP 475: retried after a signal handler
-        code = os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+        code = _exit_code(status)
         if self.after is not None:
             try:
                 self.after()
@@ -325,10 +345,7 @@ def _handle_launch(request: dict[str, Any], fds: list[int], namespace: int, imag
     error_r, error_w = os.pipe2(os.O_CLOEXEC)
     try:
         syscalls.setns(namespace, syscalls.CLONE_NEWUSER)
-        flags = syscalls.CLONE_NEWNS | syscalls.CLONE_NEWUTS | syscalls.CLONE_NEWIPC
-        if run.network == "none":
-            flags |= syscalls.CLONE_NEWNET
-        syscalls.unshare(flags)
+        syscalls.unshare(_namespace_flags(run))
         syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
         syscalls.unshare(syscalls.CLONE_NEWPID)
         pid = os.fork()
@@ -350,20 +367,14 @@ def _handle_launch(request: dict[str, Any], fds: list[int], namespace: int, imag
             _become_command(image_root, run, 0, 0, False, userns.SANDBOXED_ROOT_CAPABILITIES)
             _exec(run)
         except BaseException as exc:
-            message = str(exc) if isinstance(exc, (ContainerError, SetupError)) else f"{type(exc).__name__}: {exc}"
-            with contextlib.suppress(OSError):
-                os.write(error_w, message.encode()[:4000])
-        finally:
-            os._exit(127)
+            _report_setup_failure(error_w, exc)
     os.close(error_w)
     for fd in stdio:
         os.close(fd)
-    chunks = []
-    while chunk := os.read(error_r, 4096):
-        chunks.append(chunk)
-    if chunks:
+    failure = _read_to_end(error_r)
+    if failure:
         os.waitpid(pid, 0)
-        protocol.send(conn, {"error": b"".join(chunks).decode(errors="replace")})
+        protocol.send(conn, {"error": failure.decode(errors="replace")})
         os._exit(0)
     protocol.send(conn, {"started": True})
     command = os.pidfd_open(pid)
@@ -371,9 +382,8 @@ def _handle_launch(request: dict[str, Any], fds: list[int], namespace: int, imag
         readable, _, _ = select.select([conn.fileno(), command], [], [])
         if command in readable:
             _, status = os.waitpid(pid, 0)
-            code = os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
             with contextlib.suppress(OSError):
-                protocol.send(conn, {"code": code})
+                protocol.send(conn, {"code": _exit_code(status)})
             os._exit(0)
         asked, _ = protocol.recv(conn)
         os.kill(pid, signal.SIGKILL)  # asked to, or the asking side is gone
@@ -382,23 +392,15 @@ def _handle_launch(request: dict[str, Any], fds: list[int], namespace: int, imag
 
 
 def _exec(run: RunSpec) -> NoReturn:
-    """execve ``run.argv`` as Popen would, searching the command's PATH for a bare name."""
-    name = run.argv[0]
-    env = dict(run.env)
-    if "/" in name:
-        candidates = [name]
-    else:
-        candidates = [os.path.join(d, name) for d in os.get_exec_path(env)]
-    failure: OSError | None = None
-    for path in candidates:
-        try:
-            os.execve(path, list(run.argv), env)
-        except OSError as exc:
-            if failure is None or exc.errno not in (errno.ENOENT, errno.ENOTDIR):
-                failure = exc
-    if failure is not None and failure.errno == errno.EACCES:
-        raise ContainerError(f"{name!r}: permission denied in the image")
-    raise ContainerError(f"{name!r}: no such command in the image (PATH={env.get('PATH', '')})")
+    """execve ``run.argv`` as Popen would (a bare name searched on the command's PATH), with Popen's errors."""
+    try:
+        os.execvpe(run.argv[0], list(run.argv), dict(run.env))
+    except (FileNotFoundError, NotADirectoryError):
+        raise ContainerError(
+            f"{run.argv[0]!r}: no such command in the image (PATH={run.env.get('PATH', '')})"
+        ) from None
+    except PermissionError:
+        raise ContainerError(f"{run.argv[0]!r}: permission denied in the image") from None
 
 
 def _delegate(launcher: socket.socket, run: RunSpec, uid: int, gid: int) -> NoReturn:
@@ -470,14 +472,12 @@ def spawn(
             raise ContainerError(f"cannot start {run.argv[0]!r}: {exc}") from None
         finally:
             os.close(error_w)
-        chunks = []
-        while chunk := os.read(error_r, 4096):
-            chunks.append(chunk)
+        failure = _read_to_end(error_r)
     finally:
         os.close(error_r)
-    if chunks:
+    if failure:
         proc.wait()
-        raise ContainerError(b"".join(chunks).decode(errors="replace"))
+        raise ContainerError(failure.decode(errors="replace"))
     return proc
 
 
