@@ -41,10 +41,12 @@ cannot forge how it ended::
 from __future__ import annotations
 
 import array
+import errno
 import json
 import os
 import select
 import socket
+import time
 import traceback
 from typing import Any
 
@@ -103,9 +105,29 @@ def send(sock: socket.socket, message: dict[str, Any], fds: tuple[int, ...] = ()
     for index, chunk in enumerate(chunks):
         marker = LAST if index == len(chunks) - 1 else MORE
         if index == 0 and fds:
-            sock.sendmsg([marker + chunk], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            _send_with_fds(sock, marker + chunk, fds)
         else:
             sock.sendall(marker + chunk)
+
+
+FDS_IN_FLIGHT_WAIT = 10.0  # seconds a message with fds waits for the user's in-flight fds to drop
+
+
+def _send_with_fds(sock: socket.socket, data: bytes, fds: tuple[int, ...]) -> None:
+    """Linux bounds the fds a user has in flight on unix sockets by RLIMIT_NOFILE (ETOOMANYREFS), for all
+    of that user's processes together: a test that floods its channel with fds (pytest drops it and them)
+    must not make another sandbox's start fail meanwhile. Wait, with backoff, for the count to drop."""
+    deadline = time.monotonic() + FDS_IN_FLIGHT_WAIT
+    pause = 0.001
+    while True:
+        try:
+            sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            return
+        except OSError as exc:
+            if exc.errno != errno.ETOOMANYREFS or time.monotonic() > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
 
 
 def _take_fds(ancdata: list[tuple[int, int, bytes]], fds: list[int]) -> None:
