@@ -5,6 +5,8 @@ from __future__ import annotations
 import fcntl
 import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 
@@ -157,3 +159,34 @@ def test_schema_accepts_every_kind_the_test_process_sends() -> None:
         )
         == "warning"
     )
+
+
+IN_FLIGHT_FLOOD = """
+import array, errno, os, resource, socket, threading, time
+from pytest_sandbox import protocol
+
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+flood, flood_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(8)]
+try:
+    while True:  # fds in flight, unread, until this user is at its limit
+        flood.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+except OSError as exc:
+    assert exc.errno == errno.ETOOMANYREFS, exc
+threading.Timer(0.3, flood_end.close).start()  # pytest drops the flooding sandbox's channel
+mine, mine_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+start = time.monotonic()
+protocol.send(mine, {"op": "start"}, fds=(fds[0],))  # another sandbox's start meanwhile
+message, got = protocol.recv(mine_end)
+print(message, len(got), round(time.monotonic() - start, 1))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root is exempt from the in-flight fd limit (CAP_SYS_RESOURCE)")
+def test_a_message_with_fds_waits_out_a_flood_of_fds_in_flight() -> None:
+    """Linux bounds a user's fds in flight on unix sockets by RLIMIT_NOFILE, for all its processes together:
+    a test flooding its channel must not make another sandbox's start fail while pytest drops it."""
+    assert os.geteuid() != 0
+    result = subprocess.run([sys.executable, "-c", IN_FLIGHT_FLOOD], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("{'op': 'start'} 1"), result.stdout
