@@ -36,8 +36,9 @@ def wait_gone(token: str, timeout: float = 5.0) -> list[int]:
         time.sleep(0.05)
 
 
-def start_pytest_until_running(path: Path, token: str | None = None) -> subprocess.Popen[str]:
-    """Start ``pytest -s`` in ``path`` and return once its test printed RUNNING (at most 30 s)."""
+def start_pytest_until_running(path: Path, token: str | None = None, word: str = "RUNNING") -> subprocess.Popen[str]:
+    """Start ``pytest -s`` in ``path`` and return once it printed ``word`` (a bound of 300 s: the cgroup v2
+    guest runs Python ~8x slower, a loaded CI machine slower still)."""
     env = {**os.environ, "SANDBOX_TEST_MARK": token} if token else None  # not *_TOKEN: sandboxes withhold those
     proc = subprocess.Popen(
         [sys.executable, "-m", "pytest", "-s", "-p", "no:cacheprovider"],
@@ -48,11 +49,17 @@ def start_pytest_until_running(path: Path, token: str | None = None) -> subproce
         env=env,
     )
     assert proc.stdout is not None
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 300
+    seen = []
     for line in proc.stdout:
-        if "RUNNING" in line or time.monotonic() > deadline:
+        seen.append(line)
+        if word in line:
+            return proc
+        if time.monotonic() > deadline:
             break
-    return proc
+    proc.kill()
+    proc.wait()
+    raise AssertionError(f"pytest never printed {word}:\n{''.join(seen)}")
 
 
 def run_cli(

@@ -6,6 +6,7 @@ Set PYTEST_SANDBOX_CGROUP to a delegated cgroup to run these as a plain user.
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 from helpers import start_pytest_until_running, wait_gone
@@ -123,6 +124,19 @@ def test_children_gone_and_cgroups_removed(pytester: pytest.Pytester, token: str
     assert _no_session_cgroups_left() == []
 
 
+def _session_dirs(pid: int) -> list[str]:
+    """The session cgroup directories of the pytest process ``pid`` (one per hierarchy)."""
+    name = f"{cgroups.SESSION_PREFIX}{pid}"
+    return [path for path, _, _ in os.walk(cgroups.CGROUP_ROOT) if os.path.basename(path) == name]
+
+
+def _wait_no_session_dirs(pid: int) -> list[str]:
+    deadline = time.monotonic() + 60  # a bound, not a speed goal: the cgroup v2 guest runs Python ~8x slower
+    while (left := _session_dirs(pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
 def test_pytest_killed_removes_its_cgroups(pytester: pytest.Pytester, token: str) -> None:
     pytester.makepyfile("""
         import time, pytest
@@ -133,20 +147,36 @@ def test_pytest_killed_removes_its_cgroups(pytester: pytest.Pytester, token: str
             time.sleep(600)
     """)
     proc = start_pytest_until_running(pytester.path, token)
-    session = f"{cgroups.SESSION_PREFIX}{proc.pid}"
-    assert any(session in path for path, _, _ in os.walk(cgroups.CGROUP_ROOT) if path.count("/") < 8)
+    assert _session_dirs(proc.pid)
     proc.kill()
     proc.wait()
     assert wait_gone(token) == []
-    import time
+    assert _wait_no_session_dirs(proc.pid) == []
 
-    deadline = time.monotonic() + 60  # a bound, not a speed goal: the cgroup v2 guest runs Python ~8x slower
-    while time.monotonic() < deadline:
-        left = [path for path, _, _ in os.walk(cgroups.CGROUP_ROOT) if session in path and path.count("/") < 9]
-        if not left:
-            break
-        time.sleep(0.1)
-    assert left == []
+
+@pytest.mark.parametrize("delay", [0.0, 0.02, 0.05, 0.1, 0.2, 0.4])
+def test_pytest_killed_while_its_sandboxes_start_removes_its_cgroups(
+    pytester: pytest.Pytester, token: str, delay: float
+) -> None:
+    """Killed while the zygote starts or builds the first sandbox (each delay lands in another step): the
+    zygote then fails on pytest's closed socket before the kernel tells its parent that pytest died."""
+    pytester.makeconftest("""
+        def pytest_sandbox_start(item, spec):
+            print("STARTING", flush=True)
+    """)
+    pytester.makepyfile("""
+        import time, pytest
+
+        @pytest.mark.container(memory="128M")
+        def test_waits():
+            time.sleep(600)
+    """)
+    proc = start_pytest_until_running(pytester.path, token, word="STARTING")
+    time.sleep(delay)
+    proc.kill()
+    proc.wait()
+    assert wait_gone(token) == []
+    assert _wait_no_session_dirs(proc.pid) == []
 
 
 def test_stress_overrides_markers(pytester: pytest.Pytester) -> None:

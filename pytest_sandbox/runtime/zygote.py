@@ -35,7 +35,8 @@ import select
 import signal
 import socket
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import pytest
 
@@ -45,6 +46,7 @@ from ..spec import SandboxSpec
 from . import cgroups, init, test_process
 
 PYTEST_GONE = 3  # the zygote's exit code when pytest closed the control socket without saying "exit"
+PYTEST_END_GRACE = 3.0  # seconds the zygote-parent waits for a pytest that closed the zygote's socket to end
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,12 +80,29 @@ def zygote_main(
     limits: Limits,
 ) -> None:
     """Entry point of the forked zygote-parent; never returns."""
+    zygote: list[int] = []  # a pidfd of the zygote, once forked
+
+    def end_session(*_: object) -> NoReturn:
+        """pytest is gone: end every sandbox, then remove the session's cgroups. Never returns: this is a
+        fork of pytest, and whatever it raised would run pytest's code on."""
+        try:
+            for pidfd in zygote:
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                    os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+            if limits.session is not None:
+                limits.session.close()
+        finally:
+            os._exit(1)
+
+    # 1. pytest's death, at any moment from here on, is a SIGTERM that ends the session; ^C is pytest's.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, end_session)
+    syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != pytest_pid:
+        end_session()
+    pytest_pidfd = os.pidfd_open(pytest_pid)  # our parent: not a reused pid
     try:
-        # 1. pytest's death is a SIGTERM we handle (below), not one that kills us before cleanup;
-        #    ^C is pytest's to handle.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        process.die_with_parent(pytest_pid, signal.SIGTERM)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
         syscalls.set_process_name("sandbox-zygote")
         # 2. The user namespace: the right to mount and make namespaces, without root.
         userns.enter_user_namespace()
@@ -94,15 +113,15 @@ def zygote_main(
         syscalls.unshare(syscalls.CLONE_NEWPID)
         pid = os.fork()
     except BaseException as exc:
-        protocol.send(control, {"op": "failed", "error": f"{type(exc).__name__}: {exc}"})
-        os._exit(1)
+        with contextlib.suppress(OSError):
+            protocol.send(control, {"op": "failed", "error": f"{type(exc).__name__}: {exc}"})
+        _exit_unless_pytest_ends(pytest_pidfd, 1, end_session)
     if pid == 0:
-        code = 0
+        code = 1
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             process.die_with_parent(0)
-            if not _serve(control, items, stash_key, paths, limits):
-                code = PYTEST_GONE
+            code = 0 if _serve(control, items, stash_key, paths, limits) else PYTEST_GONE
         except BaseException as exc:
             try:
                 protocol.send(control, {"op": "failed", "error": f"zygote: {type(exc).__name__}: {exc}"})
@@ -110,33 +129,26 @@ def zygote_main(
                 pass
         finally:
             os._exit(code)
+    zygote.append(os.pidfd_open(pid))
     control.close()
-
-    def pytest_died(signum: int, frame: object) -> None:
-        """pytest is gone: end every sandbox, then remove the cgroups it made. Never returns: this is a
-        fork of pytest, and whatever it raised would run pytest's code on."""
-        try:
-            with contextlib.suppress(ProcessLookupError, ChildProcessError):
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            if limits.session is not None:
-                limits.session.close()
-        finally:
-            os._exit(1)
-
     try:
-        signal.signal(signal.SIGTERM, pytest_died)
-        if os.getppid() != pytest_pid:
-            pytest_died(signal.SIGTERM, None)
         _, status = os.waitpid(pid, 0)  # PEP 475: retried after the signal handler, unless it exits
         code = os.waitstatus_to_exitcode(status) & 0xFF
-        # The zygote can see pytest's end (its control socket closed without "exit") before the kernel sends
-        # us SIGTERM, which would then come too late: clean up here, and let no SIGTERM cut this short.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if code == PYTEST_GONE and limits.session is not None:
-            limits.session.close()
     except BaseException:
         code = 1
+    _exit_unless_pytest_ends(pytest_pidfd, code, end_session)
+
+
+def _exit_unless_pytest_ends(pytest_pidfd: int, code: int, end_session: Callable[[], NoReturn]) -> NoReturn:
+    """The zygote has ended (or never started). Said pytest "exit", this process ends too. Otherwise pytest is
+    probably dying: the zygote sees its socket close before the kernel sends us pytest's death signal, and
+    a zygote that failed on a closed socket ends before that too. Wait a moment for pytest's end and clean up
+    after it; a pytest still alive then (the zygote crashed) keeps its cgroups and starts another zygote."""
+    if code != 0:
+        readable, _, _ = select.select([pytest_pidfd], [], [], PYTEST_END_GRACE)
+        if readable:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            end_session()
     os._exit(code)
 
 
