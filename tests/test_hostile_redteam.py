@@ -121,6 +121,53 @@ def test_session_keyring_is_the_hosts(
     _check(problems)
 
 
+LEFT_KEYS = """
+import ctypes, pytest
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+SESSION, USER, USER_SESSION = -3, -4, -5
+
+
+def keyctl(*args):
+    return libc.syscall(250, *[ctypes.c_long(a) if isinstance(a, int) else a for a in args])
+
+
+def rings():
+    return {"persistent": keyctl(22, -1, SESSION), "user": USER, "user-session": USER_SESSION}  # 22: GET_PERSISTENT
+
+
+@pytest.mark.container(hostname="first")
+def test_leaves_keys():
+    for name, ring in rings().items():
+        assert libc.syscall(248, b"user", f"left-{name}".encode(), b"x", ctypes.c_size_t(1), ctypes.c_long(ring)) > 0
+
+
+@pytest.mark.container(hostname="second")
+def test_finds_none():
+    found = [name for name, ring in rings().items() if keyctl(10, ring, b"user", f"left-{name}".encode(), 0) >= 0]
+    assert found == [], f"keys an earlier sandbox left in the {found} keyrings"
+"""
+
+
+def test_keys_a_test_leaves_in_the_users_keyrings_are_not_the_next_sandboxs(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The user, user-session and persistent keyrings belong to the user namespace, which every sandbox of
+    the session shares: each sandbox empties them before its test. The host's own keyrings are other ones
+    and keep their keys."""
+    mine = f"host-key-{uuid.uuid4().hex}"
+    key = _libc.syscall(SYS_ADD_KEY, b"user", mine.encode(), b"x", ctypes.c_size_t(1), ctypes.c_long(-4))
+    assert key > 0, f"add_key: {os.strerror(ctypes.get_errno())}"
+    try:
+        run = _run(pytester, monkeypatch, _source(LEFT_KEYS))
+        assert run.outcome("test_leaves_keys") == "PASSED", run.inner_failure()
+        assert run.outcome("test_finds_none") == "PASSED", run.inner_failure()
+        assert key in _keyring_ids(-4), "the host user's keyring lost its key"
+    finally:
+        _keyctl(9, key, -4)  # KEYCTL_UNLINK
+
+
 # -- 2. root's commands namespace: every capability again ----------------------------------------
 
 COMMANDS_NS = """

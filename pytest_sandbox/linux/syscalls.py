@@ -119,6 +119,36 @@ def join_new_session_keyring() -> None:
     _check(_syscall(ctypes.c_long(_nr["keyctl"]), ctypes.c_long(KEYCTL_JOIN_SESSION_KEYRING), None), "keyctl")
 
 
+KEYCTL_CLEAR, KEYCTL_UNLINK, KEYCTL_READ, KEYCTL_GET_PERSISTENT = 7, 9, 11, 22
+KEY_SPEC_SESSION_KEYRING, KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING = -3, -4, -5
+_keyctl = ctypes.c_long(_nr["keyctl"])
+
+
+def persistent_keyring() -> int | None:
+    """This user's persistent keyring (linked into the session keyring to reach it); None where the
+    kernel has none."""
+    rc = _syscall(
+        _keyctl, ctypes.c_long(KEYCTL_GET_PERSISTENT), ctypes.c_long(-1), ctypes.c_long(KEY_SPEC_SESSION_KEYRING)
+    )
+    return rc if rc >= 0 else None
+
+
+def clear_keyrings_of_the_user() -> None:
+    """Empty the user's keyrings that every sandbox of the session shares: the user, user-session and
+    persistent keyrings belong to the user namespace, not to a process, so a test would find what an
+    earlier test left there. Best effort: a kernel without keys has nothing to leave."""
+    rings = [KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING]
+    persistent = persistent_keyring()
+    if persistent is not None:
+        rings.append(persistent)
+    for ring in rings:
+        _syscall(_keyctl, ctypes.c_long(KEYCTL_CLEAR), ctypes.c_long(ring))
+    if persistent is not None:
+        _syscall(
+            _keyctl, ctypes.c_long(KEYCTL_UNLINK), ctypes.c_long(persistent), ctypes.c_long(KEY_SPEC_SESSION_KEYRING)
+        )
+
+
 def setns(fd: int, nstype: int) -> None:
     _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), f"setns({nstype:#x})")
 

@@ -390,6 +390,7 @@ def test_process(zygote: socket.socket, items: dict[str, pytest.Item], box: Sand
         protocol.send(_channel, error)
         _exit(0)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    syscalls.clear_keyrings_of_the_user()  # now: the test before this one has ended
     if box.kept_id is not None:  # pytest keeps this read/write layer if the test fails
         protocol.send(_channel, {"type": "container", "id": box.kept_id})
     ACTIVE_SPEC, ACTIVE_PLAN = box.spec, box.plan
