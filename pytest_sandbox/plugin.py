@@ -189,9 +189,12 @@ def _sandboxed(item: pytest.Item, nextitem: pytest.Item | None, spec: SandboxSpe
 
 def _share_key(item: pytest.Item, spec: SandboxSpec, state: SessionState) -> tuple[str, SandboxSpec] | None:
     """Tests with the same key run one after another in one sandbox (--sandbox-scope); None: alone.
-    Repeats and stress runs are about fresh sandboxes; a kept layer is one test's."""
-    if state.scope == "test" or state.repeat > 1 or state.stress or (spec.image and state.keep != "none"):
+    Repeats and stress runs are about fresh sandboxes; a kept layer is one test's. At the default scope,
+    consecutive tests of one spec share a scope sandbox, each in a fork over a layer of its own."""
+    if state.repeat > 1 or state.stress or (spec.image and state.keep != "none"):
         return None
+    if state.scope == "test":
+        return ("", spec) if state.scope_sandboxes and spec.fits_scope_sandbox else None
     return (str(item.path) if state.scope == "module" else "", spec)
 
 

@@ -46,6 +46,13 @@ def adapt_in_sandbox(config: Any) -> None:
         config.failures_db = sys.modules[type(database).__module__].StatusDB()
 
 
+def forget_inherited_suite_properties(config: Any) -> None:
+    """In a test's fork of a scope sandbox: what the scope recorded so far is the scope's to send."""
+    global _junit_properties_before
+    xml = _junitxml(config)
+    _junit_properties_before = len(xml.global_properties) if xml is not None else 0
+
+
 def suite_properties(config: Any) -> list[dict[str, Any]]:
     """``record_testsuite_property`` calls made in this sandbox, for pytest's junitxml."""
     xml = _junitxml(config)

@@ -10,6 +10,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import filelock
@@ -19,6 +20,7 @@ from . import outputs, settings, summary
 from .errors import SandboxError
 from .layers import build, progress, registry
 from .layers.store import Image, Store
+from .linux import mounts
 from .linux.files import remove_tree
 from .linux.mounts import SCRATCH_PLACES, is_under
 from .linux.rootfs import ImageMount
@@ -53,6 +55,7 @@ class SessionState:
     build_cache: registry.RemoteCache | None = None  # --sandbox-cache
     zygote: Zygote | None = None
     shared: Channels | None = None  # the sandbox that waits for the next test (--sandbox-scope)
+    scope_sandboxes: bool = False  # decided with the zygote: see scope_sandboxes()
     cgroup_session: cgroups.Session | None = None
     # Bumped whenever the pytest process itself sets up or tears down fixtures; a zygote
     # forked before that has stale fixture state and is replaced.
@@ -294,8 +297,11 @@ def zygote_for(item: pytest.Item, state: SessionState) -> Zygote:
     items = {i.nodeid: i for i in item.session.items} | {item.nodeid: item}
     _open_keep_dir(state)
     _make_named_volumes(state, list(items.values()))
+    base_paths = session_paths(item.config, basetemp)
+    state.scope_sandboxes = scope_sandboxes(state, base_paths.writable)
     paths = dataclasses.replace(
-        session_paths(item.config, basetemp),
+        base_paths,
+        scope_sandboxes=state.scope_sandboxes,
         images=dict(state.images),
         keep_dir=state.keep_dir,
         outputs=state.outputs,
@@ -314,6 +320,16 @@ def zygote_for(item: pytest.Item, state: SessionState) -> Zygote:
         items, SPEC_KEY, paths, state.parent_epoch, Limits(state.backend, state.cgroup_session, state.accounting)
     )
     return zyg
+
+
+def scope_sandboxes(state: SessionState, writable: Iterable[str]) -> bool:
+    """At --sandbox-scope=test, the tests of a spec share a scope sandbox (fixtures keep their scopes), each
+    test in a fork over a throwaway layer. Not where every sandbox is measured (--sandbox-durations,
+    --sandbox-repeat: a test's usage is its own sandbox's) or is to be fresh (stress), nor where a writable
+    place is on overlayfs already (a layer over the scope's overlay would pass the kernel's stacking limit)."""
+    if state.scope != "test" or state.accounting or state.stress:
+        return False
+    return all(mounts.filesystem_of(path) != "overlay" for path in writable if os.path.isdir(path))
 
 
 def drop_zygote(state: SessionState) -> None:

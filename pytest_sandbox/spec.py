@@ -22,6 +22,7 @@ from . import volumes as _volumes
 from .credentials import check_place, check_variable_pattern
 from .layers import registry
 from .layers.format import NAME_RE, NAME_RULE
+from .linux import mounts
 
 MARKER = "container"
 NETWORK_MODES = ("none", "host")
@@ -73,6 +74,17 @@ class SandboxSpec:
         """Names of the resource limits this spec sets."""
         names = [name for name in ("memory", "cpus", "pids", "timeout") if getattr(self, name) is not None]
         return tuple(names + (["io"] if self.io else []))
+
+    @property
+    def fits_scope_sandbox(self) -> bool:
+        """Its tests may share a scope sandbox, each in a fork over a layer of its own (--sandbox-scope=test).
+        Not with limits (a test's usage, OOM and timeout are its own cgroup's), nor in an image (no layer over
+        its root yet), nor with writable= places on overlayfs (no room left to stack a layer)."""
+        return (
+            not self.limits
+            and self.image is None
+            and all(mounts.filesystem_of(path) != "overlay" for path in self.writable)
+        )
 
     def replace(self, **changes: Any) -> SandboxSpec:
         """A copy with some fields changed and validated again (for ``pytest_sandbox_spec`` hooks)."""

@@ -236,12 +236,23 @@ def test_pid_namespace(pytester: pytest.Pytester) -> None:
 
         @pytest.mark.container
         def test_low_pid_and_no_host_processes():
-            assert os.getpid() == 2
-            pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
-            assert pids == [1, 2], pids
-            assert not os.path.exists("/proc/{os.getpid()}/cmdline") or {os.getpid()} in (1, 2)
+            # pid 1 reaps, pid 2 holds the fixtures of wider scope and forks each test, a helper mounts
+            # each test's layer: nothing else, nothing of the host's
+            names = {{}}
+            for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+                with open(f"/proc/{{pid}}/comm") as f:
+                    names[int(pid)] = f.read().strip()
+            assert names[1] == "sandbox-init" and names[2] == "sandbox-test" and os.getppid() == 2, names
+            assert sorted(names.values()) == ["sandbox-init", "sandbox-layers", "sandbox-test", "sandbox-test"], names
+            assert not os.path.exists("/proc/{os.getpid()}/cmdline") or {os.getpid()} in names
+
+        @pytest.mark.container
+        def test_limits_get_a_sandbox_of_their_own():
+            assert os.getpid() == 2  # its usage and its limits' effects are its own cgroup's
+
+        test_limits_get_a_sandbox_of_their_own = pytest.mark.container(pids=100)(test_limits_get_a_sandbox_of_their_own)
     """)
-    pytester.runpytest_subprocess().assert_outcomes(passed=1)
+    pytester.runpytest_subprocess().assert_outcomes(passed=2)
 
 
 @pytest.mark.guest
@@ -391,7 +402,8 @@ def test_xdist(pytester: pytest.Pytester) -> None:
 
         @pytest.mark.parametrize("n", range(8))
         def test_n(n):
-            assert os.getpid() == 2
+            with open("/proc/1/comm") as f:
+                assert f.read().strip() == "sandbox-init"
     """)
     pytester.runpytest_subprocess("--sandbox=all", "-n", "2").assert_outcomes(passed=8)
 
@@ -479,7 +491,7 @@ def test_hooks_for_extenders(pytester: pytest.Pytester) -> None:
         @pytest.mark.container
         def test_renamed():
             assert socket.gethostname() == "from-hook"
-            assert os.environ["SET_IN_SANDBOX"] == "2"
+            assert os.environ["SET_IN_SANDBOX"] == str(os.getpid())  # the hook ran in the test's own process
     """)
     result = pytester.runpytest_subprocess("-s")
     result.assert_outcomes(passed=1)

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import datetime
 import faulthandler
+import json
 import logging
 import os
 import signal
@@ -23,20 +24,23 @@ import threading
 import traceback
 import types
 import warnings
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
 from .. import credentials, outputs, plugin_results, plugin_state, protocol
 from ..errors import SetupError
 from ..layers import commands
-from ..linux import rootfs, syscalls, userns
+from ..linux import process, rootfs, syscalls, userns
 from ..spec import SandboxSpec
-from . import cgroups, interact
+from . import cgroups, interact, test_layers
 
 ACTIVE_SPEC: SandboxSpec | None = None  # set in the test process of a sandbox
 ACTIVE_PLAN: rootfs.RootPlan | None = None
 _channel: socket.socket | None = None  # the test process's line to pytest, while a test runs
+_layers: socket.socket | None = None  # a scope sandbox's line to its layer helper (test_layers.py)
+_scope_pid = 0  # in a test's fork: the scope process it came from
+_held_teardown: list[dict[str, Any]] | None = None  # in a test's fork: its teardown report, for the scope to finish
 
 
 def _exit(code: int = 0) -> None:
@@ -114,6 +118,15 @@ class ReportStreamer:
         # (a test with failed subtests fails); the muted reporter in here no longer does it.
         self.config.hook.pytest_report_teststatus(report=report, config=self.config)
         data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
+        if _held_teardown is not None:
+            # In a test's fork of a scope sandbox: the scope process may tear down fixtures after it, whose
+            # errors and output pytest puts in this report; the last one waits (a rerun's earlier ones go).
+            for held in _held_teardown:
+                protocol.send(_channel, {"type": "report", "data": held})
+            _held_teardown.clear()
+            if report.when == "teardown" and type(report) is pytest.TestReport:
+                _held_teardown.append(data)
+                return
         protocol.send(_channel, {"type": "report", "data": data})  # objects in user_properties go as their repr
 
     @pytest.hookimpl
@@ -235,6 +248,7 @@ class Sandbox:
     wait_for_cgroup: bool
     backend: cgroups.Backend
     outputs: tuple[tuple[str, str], ...] = ()  # (declared output, its writes in the scratch tmpfs)
+    per_test_layers: bool = False  # a scope sandbox: each test runs in a fork, over a layer of its own
 
 
 def _enter(box: Sandbox, config: pytest.Config, pid1: tuple[int, int], keep: set[int]) -> int | None:
@@ -255,10 +269,6 @@ def _enter(box: Sandbox, config: pytest.Config, pid1: tuple[int, int], keep: set
     # 3. The mount tree (needs the new mount namespace), then a /proc of the pid namespace (only a
     #    process inside it can mount that) with the kernel knobs read-only.
     scratch = rootfs.build(box.plan, box.layer_dir)
-    if box.outputs:
-        keep.add(scratch)  # what the test wrote under declared outputs is read there at its end
-    else:
-        os.close(scratch)
     rootfs.mount_proc()
     # 4. Host name and loopback of the new namespaces.
     socket.sethostname(box.spec.hostname)
@@ -272,6 +282,17 @@ def _enter(box: Sandbox, config: pytest.Config, pid1: tuple[int, int], keep: set
     if box.plan.image is not None and not box.plan.image.host_based and os.geteuid() == 0:
         with contextlib.suppress(OSError):  # not where root lacks the full id range: commands say why
             keep.add(commands.start_launcher(box.plan.image_root))
+    #    A scope sandbox's tests each write to a layer of their own, which a helper forked now (with the
+    #    capabilities, before user code) mounts in this namespace before each test's fork and takes off after.
+    if box.per_test_layers:
+        global _layers
+        places = test_layers.writable_places(box.plan.overlays, box.plan.fresh)
+        _layers = test_layers.start_helper(places, scratch, box.plan.tmpfs_size)
+        keep.add(_layers.fileno())
+    if box.outputs:
+        keep.add(scratch)  # what the test wrote under declared outputs is read there at its end
+    else:
+        os.close(scratch)
     # 7. Where the test starts and the environment it sees (credential variables withheld, a FROM
     #    host image's ENV, then the spec's).
     os.chdir(box.cwd)
@@ -406,6 +427,9 @@ def _run_items(box: Sandbox, items: dict[str, pytest.Item], scratch: int | None)
     it shares stay set up, as pytest keeps them; without, everything is torn down.
     """
     assert _channel is not None
+    if _layers is not None:
+        _run_scope(box, items, scratch)
+        return
     item: pytest.Item | None = None
     while True:
         request, _ = protocol.recv(_channel)
@@ -437,6 +461,233 @@ def _run_items(box: Sandbox, items: dict[str, pytest.Item], scratch: int | None)
             return
         if nextitem is None:
             return
+
+
+STOP = 100  # a test's fork says the sandbox ends now (pytest.exit, ^C, a plugin's error: already reported)
+
+
+def _run_scope(box: Sandbox, items: dict[str, pytest.Item], scratch: int | None) -> None:
+    """A scope sandbox: this process sets up the fixtures of wider scope and keeps them; each test runs
+    pytest's protocol in a fork of it, over a layer of its own, and tears down only its own fixtures. When
+    the next test needs fewer of them, this process tears those down after the test, as pytest would, and
+    what that teardown raised or printed goes into the test's teardown report."""
+    assert _channel is not None and _layers is not None
+    syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)  # what a test leaves running comes back to this process
+    item: pytest.Item | None = None
+    while True:
+        request, _ = protocol.recv(_channel)
+        if request is None or request.get("nodeid") not in items:  # pytest stopped early (-x, ^C)
+            if item is not None:
+                with contextlib.suppress(Exception):
+                    item.session._setupstate.teardown_exact(None)
+            return
+        item = items[request["nodeid"]]
+        nextitem = items.get(request.get("next") or "")
+        try:
+            _set_up_wider_fixtures(item)
+            status, held = _run_fork(box, item, nextitem)
+            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == STOP:
+                return
+            if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+                _end_as(status)  # a crash, a timeout: pytest reports the test as if this process had it
+            _finish_teardown(item, nextitem, held)
+            if nextitem is None:
+                _send_what_persists(item.config, scratch, box.outputs)
+            protocol.send(_channel, {"type": "done"})
+        except test_layers.LayerError as exc:
+            protocol.send(_channel, {"type": "error", "phase": "layer", "message": f"the test's layer: {exc}"})
+            return
+        except pytest.exit.Exception as exc:
+            protocol.send(_channel, {"type": "exit-requested", "reason": exc.msg, "returncode": exc.returncode})
+            return
+        except KeyboardInterrupt as exc:
+            protocol.send(_channel, protocol.interrupt_location(exc, str(item.config.rootpath)))
+            return
+        except BaseException:
+            protocol.send(_channel, {"type": "error", "phase": "protocol", "message": traceback.format_exc()})
+            return
+        if nextitem is None:
+            return
+
+
+def _capture(item: pytest.Item, when: str) -> contextlib.AbstractContextManager[None]:
+    """pytest's capture of one phase, whose output it adds to the item's report sections."""
+    capman = item.config.pluginmanager.getplugin("capturemanager")
+    return capman.item_capture(when, item) if capman is not None else contextlib.nullcontext()
+
+
+def _set_up_wider_fixtures(item: pytest.Item) -> None:
+    """The collectors above the item and its fixtures of wider scope, set up here so that every test's
+    fork inherits them. An error is left for the test's own setup: pytest keeps a collector's and a
+    fixture's error and raises it again there, in the test's setup report."""
+    setup_state = item.session._setupstate
+    request = getattr(item, "_request", None)
+    info = getattr(item, "_fixtureinfo", None)
+    with _capture(item, "setup"):
+        try:
+            if item.parent is not None:
+                setup_state.setup(item.parent)  # type: ignore[arg-type]  # a node's chain, like an item's
+            if request and info is not None:
+                setup_state.stack[item] = ([], None)  # the request is the item's, which pytest checks is set up
+                try:
+                    for name in item.fixturenames:  # type: ignore[attr-defined]  # pytest's order: wider scopes first
+                        definitions = info.name2fixturedefs.get(name)
+                        if definitions and definitions[-1].scope != "function":
+                            request.getfixturevalue(name)
+                finally:
+                    setup_state.stack.pop(item, None)
+        except (pytest.exit.Exception, KeyboardInterrupt):
+            raise
+        except BaseException:
+            pass
+
+
+def _run_fork(box: Sandbox, item: pytest.Item, nextitem: pytest.Item | None) -> tuple[int, list[dict[str, Any]]]:
+    """Run the item in a fork over a fresh layer; its exit status and held teardown report. What it left
+    running is killed and its layer taken off before the next test."""
+    assert _layers is not None
+    global _scope_pid
+    _scope_pid = os.getpid()
+    layer = test_layers.begin(_layers)
+    held_fd = os.memfd_create("sandbox-teardown", os.MFD_CLOEXEC)
+    before = _children()
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _test_fork(box, item, nextitem, layer, held_fd)
+        os.close(layer)
+        _, status = os.waitpid(pid, 0)
+        _end_leftovers(before)
+        test_layers.end(_layers)
+        with open(held_fd, "rb", closefd=False) as held:
+            held.seek(0)
+            text = held.read()
+    finally:
+        os.close(held_fd)
+    return status, json.loads(text)["held"] if text else []
+
+
+def _test_fork(box: Sandbox, item: pytest.Item, nextitem: pytest.Item | None, layer: int, held_fd: int) -> NoReturn:
+    """One test in a fork of the scope process; never returns."""
+    global _held_teardown
+    assert _channel is not None and _layers is not None
+    code = 0
+    try:
+        # Its own process group (killpg(0) ends the test's processes, not the fixtures'), and it ends with
+        # the scope process: a test that kills that one fails with it, and leaves nothing behind.
+        os.setpgid(0, 0)
+        process.die_with_parent(_scope_pid)
+        _layers.close()
+        with contextlib.suppress(OSError):
+            os.chdir(os.getcwd())  # looked up before the layer was mounted: through it now
+        plugin_state.forget_inherited_suite_properties(item.config)
+        setup_state = item.session._setupstate
+        teardown_exact = setup_state.teardown_exact
+        scope = item.parent
+        setup_state.teardown_exact = lambda nextitem: teardown_exact(scope)  # type: ignore[method-assign,arg-type]
+        _held_teardown = []
+        watchdog = _watchdog(box.spec.timeout, box.crash_fd) if box.spec.timeout is not None else None
+        item.ihook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+        if watchdog is not None:
+            watchdog.cancel()
+        for message in plugin_results.after_test(item.config, item):
+            protocol.send(_channel, message)
+        for message in outputs.collect(layer, box.outputs):
+            protocol.send(_channel, message)
+        for message in plugin_state.suite_properties(item.config):
+            protocol.send(_channel, message)
+        coverage = plugin_state.coverage_message()
+        if coverage is not None:
+            protocol.send(_channel, coverage)
+        os.write(held_fd, protocol.encode({"held": _held_teardown}))
+    except pytest.exit.Exception as exc:
+        protocol.send(_channel, {"type": "exit-requested", "reason": exc.msg, "returncode": exc.returncode})
+        code = STOP
+    except KeyboardInterrupt as exc:
+        protocol.send(_channel, protocol.interrupt_location(exc, str(item.config.rootpath)))
+        code = STOP
+    except BaseException:
+        protocol.send(_channel, {"type": "error", "phase": "protocol", "message": traceback.format_exc()})
+        code = STOP
+    _exit(code)
+    raise AssertionError("unreachable")
+
+
+def _finish_teardown(item: pytest.Item, nextitem: pytest.Item | None, held: list[dict[str, Any]]) -> None:
+    """Tear down what the next test does not share and send the test's teardown report, with what that
+    teardown raised or printed in it (pytest reports a scope's teardown on the scope's last test)."""
+    assert _channel is not None
+    config = item.config
+    setup_state = item.session._setupstate
+    with _capture(item, "teardown"):
+        call = pytest.CallInfo.from_call(
+            lambda: setup_state.teardown_exact(nextitem), "teardown", reraise=(pytest.exit.Exception, KeyboardInterrupt)
+        )
+    ours = pytest.TestReport.from_item_and_call(item, call)
+    sections = [section for section in ours.sections if section[0].endswith(" teardown")]
+    if not held:  # the fork logged no teardown (pytest.exit): only an error of ours is worth a report
+        if ours.failed:
+            ours.sections = sections
+            held = [config.hook.pytest_report_to_serializable(config=config, report=ours)]
+        else:
+            return
+    data = held[-1]
+    if ours.failed or sections:
+        report = config.hook.pytest_report_from_serializable(config=config, data=data)
+        if ours.failed and report.passed:
+            report.outcome, report.longrepr = "failed", ours.longrepr
+        elif ours.failed:
+            report.sections.append(("teardown of wider fixtures", str(ours.longrepr)))
+        report.sections.extend(sections)
+        report.duration += ours.duration
+        config.hook.pytest_report_teststatus(report=report, config=config)
+        data = config.hook.pytest_report_to_serializable(config=config, report=report)
+    protocol.send(_channel, {"type": "report", "data": data})
+
+
+def _children() -> set[int]:
+    """This process's children, from the sandbox's own /proc (a handful of processes)."""
+    me, found = os.getpid(), set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if int(stat.rsplit(b")", 1)[1].split()[1]) == me:
+            found.add(int(name))
+    return found
+
+
+def _end_leftovers(before: set[int]) -> None:
+    """Kill what the test left running: orphans come to this process (a child subreaper), so every child
+    that was not one before the fork is the test's, and so are the children they leave in turn."""
+    while True:
+        left = _children() - before
+        if not left:
+            return
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in left:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
+def _end_as(status: int) -> NoReturn:
+    """End this process as the test's fork ended, so pytest reports the crash or timeout as it would
+    for a sandbox of one test (no core file of this process: it is not what crashed)."""
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
+        with contextlib.suppress(OSError, ValueError):  # SIGKILL has no handler to reset
+            signal.signal(number, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [number])
+        os.kill(os.getpid(), number)
+    _exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1)
+    raise AssertionError("unreachable")
 
 
 def _send_what_persists(config: pytest.Config, scratch: int | None, uppers: tuple[tuple[str, str], ...]) -> None:

@@ -60,6 +60,7 @@ class SessionPaths:
     keep_dir: str = ""  # --sandbox-keep: image tests' read/write layers go here instead of a tmpfs
     outputs: tuple[str, ...] = ()  # declared outputs: what sandboxes write there reaches the host
     volumes_root: str = ""  # the store's named volumes (volumes.VolumeStore)
+    scope_sandboxes: bool = False  # --sandbox-scope=test: a spec's tests share a sandbox, each in a fork over a layer
 
 
 @dataclasses.dataclass
@@ -292,6 +293,7 @@ class _Factory:
             wait_for_cgroup=group is not None,
             backend=self.limits.backend,
             outputs=tuple(outputs.in_uppers(plan.overlays, self.paths.outputs)) if plan.image is None else (),
+            per_test_layers=self.paths.scope_sandboxes and spec.fits_scope_sandbox,
         )
         test, test_end = protocol.socketpair()
         go_r, go_w, ack_r, ack_w = _pipes_above(4)  # pid 1 waits on these until the sandbox's namespaces exist

@@ -1,0 +1,268 @@
+"""Scope sandboxes (the default --sandbox-scope=test): fixtures of wider scope are set up once, in a
+sandbox; each test runs in a fork of it over a layer of its own, which goes with the test."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+WRITES_EVERYWHERE = """
+    import os, pathlib, pytest
+
+    PLACES = ("written", "/tmp/written", "/var/tmp/written", "/run/written", "/dev/shm/written",
+              os.path.expanduser("~/written"))
+
+    @pytest.fixture(scope="session")
+    def shared(tmp_path_factory):
+        with open("/tmp/setups", "a") as f:  # in the scope's own layer: every test of the scope sees it
+            f.write("x")
+        data = tmp_path_factory.mktemp("shared") / "data"
+        data.write_text("from the fixture")
+        pathlib.Path("fixture-wrote").write_text("yes")
+        return {"path": data, "object": object()}
+
+    def test_writes(shared, tmp_path):
+        for place in PLACES:
+            with open(place, "w") as f:
+                f.write("test")
+        shared["path"].write_text("changed by a test")
+        (tmp_path / "mine").write_text("x")
+        shared["seen"] = True  # in this test's process only
+
+    def test_sees_the_fixture_not_the_other_test(shared):
+        assert [p for p in PLACES if os.path.exists(p)] == []
+        assert shared["path"].read_text() == "from the fixture"
+        assert pathlib.Path("fixture-wrote").read_text() == "yes"
+        assert "seen" not in shared
+        with open("/tmp/setups") as f:
+            assert f.read() == "x"
+"""
+
+
+def test_wider_fixtures_once_and_each_tests_writes_its_own(pytester: pytest.Pytester) -> None:
+    home = pytester.path / "home"
+    home.mkdir()
+    pytester.makepyfile(WRITES_EVERYWHERE)
+    result = pytester.runpytest_subprocess("--sandbox=all", "-p", "no:cacheprovider", "-v")
+    result.assert_outcomes(passed=2)
+    assert not [p for p in ("written", "fixture-wrote", "home/written") if (pytester.path / p).exists()]
+    assert not os.path.exists("/tmp/setups") and not os.path.exists("/tmp/written")
+
+
+def test_the_same_fixture_objects_and_setup_counts_as_plain(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest("""
+        import pytest
+
+        @pytest.fixture(scope="session")
+        def sess():
+            print("SETUP-SESSION")
+            yield object()
+            print("TEARDOWN-SESSION")
+
+        @pytest.fixture(scope="class")
+        def klass():
+            print("SETUP-CLASS")
+            yield
+            print("TEARDOWN-CLASS")
+
+        @pytest.fixture(scope="module", params=[1, 2])
+        def param(request):
+            print(f"SETUP-PARAM-{request.param}")
+            yield request.param
+            print(f"TEARDOWN-PARAM-{request.param}")
+    """)
+    pytester.makepyfile(
+        test_a="""
+            import unittest
+
+            class TestK:
+                def test_1(self, sess, klass): pass
+                def test_2(self, sess, klass): pass
+
+            def test_param(sess, param): pass
+
+            class Case(unittest.TestCase):
+                @classmethod
+                def setUpClass(cls):
+                    print("SETUP-UNITTEST-CLASS")
+                def test_a(self): pass
+                def test_b(self): pass
+        """,
+        test_b="def test_3(sess): pass",
+    )
+    counts = {}
+    for args in ((), ("--sandbox=all",)):
+        result = pytester.runpytest_subprocess("-s", "-p", "no:cacheprovider", *args)
+        result.assert_outcomes(passed=7)
+        text = result.stdout.str()
+        counts[args] = {
+            word: text.count(word)
+            for word in (
+                "SETUP-SESSION",
+                "TEARDOWN-SESSION",
+                "SETUP-CLASS",
+                "TEARDOWN-CLASS",
+                "SETUP-PARAM-1",
+                "TEARDOWN-PARAM-1",
+                "SETUP-PARAM-2",
+                "SETUP-UNITTEST-CLASS",
+            )
+        }
+    assert counts[("--sandbox=all",)] == counts[()]
+    assert counts[()]["SETUP-SESSION"] == 1 and counts[()]["SETUP-UNITTEST-CLASS"] == 1
+
+
+def test_fixture_errors_and_teardown_errors_land_as_in_a_plain_run(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.fixture(scope="module")
+        def broken():
+            raise RuntimeError("module fixture broke")
+
+        @pytest.fixture(scope="session")
+        def bad_teardown():
+            yield
+            print("tearing down the session fixture")
+            raise ValueError("session teardown broke")
+
+        def test_1(broken): pass
+        def test_2(broken): pass
+        def test_3(bad_teardown): pass
+        def test_4(bad_teardown): pass
+    """)
+    outcomes = {}
+    for args in ((), ("--sandbox=all",)):
+        xml = pytester.path / f"junit{len(args)}.xml"
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--junitxml={xml}", *args)
+        outcomes[args] = result.parseoutcomes()
+        text = result.stdout.str()
+        assert text.count("module fixture broke") >= 2 and "session teardown broke" in text, text
+        assert "ERROR at teardown of test_4" in text
+    assert outcomes[("--sandbox=all",)] == outcomes[()] == {"passed": 2, "errors": 3}
+
+
+def test_what_a_test_leaves_running_ends_before_the_next(pytester: pytest.Pytester, no_leftovers: str) -> None:
+    pytester.makepyfile(f"""
+        import os, subprocess, time, pytest
+
+        def carrying_the_token():
+            found = []
+            for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+                try:
+                    with open(f"/proc/{{pid}}/environ", "rb") as f:
+                        if b"{no_leftovers}" in f.read():
+                            found.append(pid)
+                except OSError:
+                    pass
+            return found
+
+        @pytest.fixture(scope="session")
+        def server():
+            proc = subprocess.Popen(["sleep", "600"])  # the scope's: it stays up for every test
+            yield proc
+            proc.kill()
+            proc.wait()
+
+        def test_leaves_some(server):
+            os.environ["LEFTOVER"] = "{no_leftovers}"
+            subprocess.Popen(["sh", "-c", "sleep 600 & sleep 600 & wait"], start_new_session=True)
+            subprocess.Popen(["sleep", "600"])
+            deadline = time.monotonic() + 10
+            while len(carrying_the_token()) < 4 and time.monotonic() < deadline:  # sh has started its two
+                time.sleep(0.01)
+            assert len(carrying_the_token()) == 4
+
+        def test_next(server):
+            assert carrying_the_token() == []
+            os.kill(server.pid, 0)  # up (the test is not its parent: Popen.poll() cannot say)
+    """)
+    pytester.runpytest_subprocess("--sandbox=all", "-p", "no:cacheprovider").assert_outcomes(passed=2)
+
+
+def test_a_crash_fails_its_test_and_the_rest_run_in_a_new_scope_sandbox(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest("""
+        import pytest
+
+        @pytest.fixture(scope="session")
+        def sess():
+            print("SETUP-SESSION", flush=True)
+            yield
+    """)
+    pytester.makepyfile("""
+        import ctypes, os, signal, time
+
+        def test_1(sess): pass
+        def test_2(sess): ctypes.string_at(0)
+        def test_3(sess): pass
+        def test_4(sess):  # kills the scope process: the test ends with it
+            os.kill(os.getppid(), signal.SIGKILL)
+            time.sleep(30)
+        def test_5(sess): pass
+    """)
+    result = pytester.runpytest_subprocess("-s", "--sandbox=all", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3, failed=2)
+    result.stdout.fnmatch_lines(["*sandbox crashed: SIGSEGV*"])
+    assert result.stdout.str().count("SETUP-SESSION") == 3  # after each crash, a new scope sandbox
+
+
+def test_limits_and_durations_keep_a_sandbox_per_test(pytester: pytest.Pytester) -> None:
+    """A test's usage, OOM and timeout are its own cgroup's: with limits or --sandbox-durations, a sandbox
+    of its own, as before (and the session fixture in each)."""
+    pytester.makepyfile("""
+        import os, pytest
+
+        @pytest.fixture(scope="session")
+        def sess():
+            print("SETUP-SESSION")
+
+        @pytest.mark.container(pids=200)
+        def test_1(sess): assert os.getpid() == 2
+
+        @pytest.mark.container(pids=200)
+        def test_2(sess): assert os.getpid() == 2
+    """)
+    result = pytester.runpytest_subprocess("-s", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    assert result.stdout.str().count("SETUP-SESSION") == 2
+
+
+def test_outputs_of_every_test_reach_the_host(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nsandbox_outputs = results\n")
+    pytester.makepyfile("""
+        import os, pytest
+
+        @pytest.fixture(scope="session")
+        def results():
+            os.makedirs("results", exist_ok=True)
+            with open("results/fixture.txt", "w") as f:
+                f.write("fixture")
+            return "results"
+
+        @pytest.mark.parametrize("n", range(3))
+        def test_writes(results, n):
+            with open(f"{results}/test{n}.txt", "w") as f:
+                f.write(str(n))
+    """)
+    pytester.runpytest_subprocess("--sandbox=all", "-p", "no:cacheprovider").assert_outcomes(passed=3)
+    assert sorted(os.listdir(pytester.path / "results")) == ["fixture.txt", "test0.txt", "test1.txt", "test2.txt"]
+
+
+@pytest.mark.skipif(os.getuid() == 0, reason="the plain-user lane's check")
+def test_scope_sandbox_as_a_plain_user(pytester: pytest.Pytester) -> None:
+    assert os.getuid() != 0
+    pytester.makepyfile(WRITES_EVERYWHERE)
+    (pytester.path / "home").mkdir()
+    env = {**os.environ, "HOME": str(pytester.path / "home")}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "--sandbox=all", "-p", "no:cacheprovider"],
+        cwd=pytester.path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not [p for p in ("written", "fixture-wrote", "home/written") if (pytester.path / p).exists()]
