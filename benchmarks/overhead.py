@@ -110,7 +110,7 @@ def main() -> None:
     print(
         f"per-test overhead: sandbox {sandbox_ms:.2f} ms, pytest-forked {forked_ms:.2f} ms, "
         f"a bare fork of a pytest-sized process {fork_ms:.2f} ms, "
-        f"sandbox with memory+pids limits (a cgroup each) {per_test('sandbox + limits', 'plain'):.2f} ms"
+        f"sandbox with memory+pids limits (a sandbox and a cgroup each) {per_test('sandbox + limits', 'plain'):.2f} ms"
     )
     print(f"ratio sandbox/forked: {sandbox_ms / forked_ms:.2f} (goal <= 0.80)")
     print(f"ratio sandbox/bare fork: {sandbox_ms / fork_ms:.2f} (goal <= 2.00)")
@@ -119,7 +119,7 @@ def main() -> None:
     print(
         "session fixture of 200 ms, 100 tests: "
         f"plain {median['fixture: plain']:.2f} s, scope=test {median['fixture: scope=test']:.2f} s "
-        f"(a setup per test), scope=session {median['fixture: scope=session']:.2f} s (one setup)"
+        f"(a scope sandbox: one setup), scope=session {median['fixture: scope=session']:.2f} s (one setup)"
     )
 
 

@@ -57,9 +57,12 @@ def start_helper(places: tuple[str, ...], scratch: int, tmpfs_size: int | None) 
 
 def begin(helper: socket.socket) -> int:
     """Mount the next test's layer; an fd of the tmpfs holding its uppers (``<index>/upper``)."""
-    helper.sendall(BEGIN)
     fds = array.array("i")
-    message, ancillary, _, _ = helper.recvmsg(4096, socket.CMSG_SPACE(fds.itemsize))
+    try:
+        helper.sendall(BEGIN)
+        message, ancillary, _, _ = helper.recvmsg(4096, socket.CMSG_SPACE(fds.itemsize))
+    except OSError as exc:
+        raise LayerError(f"the layer helper is gone ({exc})") from None
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
@@ -72,8 +75,11 @@ def begin(helper: socket.socket) -> int:
 
 def end(helper: socket.socket) -> None:
     """Take the test's layer off: the scope's view is back, as the fixtures left it."""
-    helper.sendall(END)
-    answer = helper.recv(4096)
+    try:
+        helper.sendall(END)
+        answer = helper.recv(4096)
+    except OSError as exc:
+        raise LayerError(f"the layer helper is gone ({exc})") from None
     if answer != b"ok":
         raise LayerError(answer.decode(errors="replace") or "the layer helper is gone")
 

@@ -473,6 +473,7 @@ def _run_scope(box: Sandbox, items: dict[str, pytest.Item], scratch: int | None)
     what that teardown raised or printed goes into the test's teardown report."""
     assert _channel is not None and _layers is not None
     syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)  # what a test leaves running comes back to this process
+    syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)  # a test cannot trace it or read its memory (each fork is again)
     item: pytest.Item | None = None
     while True:
         request, _ = protocol.recv(_channel)
@@ -577,6 +578,7 @@ def _test_fork(box: Sandbox, item: pytest.Item, nextitem: pytest.Item | None, la
         # the scope process: a test that kills that one fails with it, and leaves nothing behind.
         os.setpgid(0, 0)
         process.die_with_parent(_scope_pid)
+        syscalls.prctl(syscalls.PR_SET_DUMPABLE, 1)  # its own /proc files, debuggers and py-spy work as usual
         _layers.close()
         with contextlib.suppress(OSError):
             os.chdir(os.getcwd())  # looked up before the layer was mounted: through it now
