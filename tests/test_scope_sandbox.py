@@ -178,7 +178,7 @@ def test_what_a_test_leaves_running_ends_before_the_next(pytester: pytest.Pytest
 
         def test_next(server):
             assert carrying_the_token() == []
-            os.kill(server.pid, 0)  # up (the test is not its parent: Popen.poll() cannot say)
+            assert server.poll() is None  # the scope process's child, seen from the test's fork
     """)
     pytester.runpytest_subprocess("--sandbox=all", "-p", "no:cacheprovider").assert_outcomes(passed=2)
 
@@ -266,3 +266,29 @@ def test_scope_sandbox_as_a_plain_user(pytester: pytest.Pytester) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert not [p for p in ("written", "fixture-wrote", "home/written") if (pytester.path / p).exists()]
+
+
+def test_a_fixtures_popen_works_in_the_tests(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import subprocess, pytest
+
+        @pytest.fixture(scope="module")
+        def server():
+            return subprocess.Popen(["sleep", "600"])
+
+        @pytest.fixture(scope="module")
+        def quick():
+            return subprocess.Popen(["sh", "-c", "exit 7"])
+
+        def test_running(server, quick):
+            assert server.poll() is None
+            assert quick.wait(timeout=10) == 7
+
+        def test_stop_it(server):
+            server.terminate()
+            assert server.wait(timeout=10) == -15
+
+        def test_gone_for_the_next_test_too(server):
+            assert server.wait(timeout=10) == -15
+    """)
+    pytester.runpytest_subprocess("--sandbox=all", "-p", "no:cacheprovider").assert_outcomes(passed=3)

@@ -33,7 +33,7 @@ from ..errors import SetupError
 from ..layers import commands
 from ..linux import process, rootfs, syscalls, userns
 from ..spec import SandboxSpec
-from . import cgroups, interact, test_layers
+from . import cgroups, interact, scope_children, test_layers
 
 ACTIVE_SPEC: SandboxSpec | None = None  # set in the test process of a sandbox
 ACTIVE_PLAN: rootfs.RootPlan | None = None
@@ -579,6 +579,7 @@ def _test_fork(box: Sandbox, item: pytest.Item, nextitem: pytest.Item | None, la
         os.setpgid(0, 0)
         process.die_with_parent(_scope_pid)
         syscalls.prctl(syscalls.PR_SET_DUMPABLE, 1)  # its own /proc files, debuggers and py-spy work as usual
+        scope_children.adopt()  # a fixture's Popen: its process is the scope process's child, not this one's
         _layers.close()
         with contextlib.suppress(OSError):
             os.chdir(os.getcwd())  # looked up before the layer was mounted: through it now
