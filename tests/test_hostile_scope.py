@@ -5,6 +5,11 @@ fails itself. The host checks the outcome and its files from the outside."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +88,179 @@ def test_a_fixture_cannot_reach_the_host_through_the_scope(pytester: pytest.Pyte
     pytester.runpytest_subprocess("--sandbox=all", "-p", "no:cacheprovider").assert_outcomes(passed=1)
     assert not marker.exists()
     assert os.listdir(pytester.path) != [] and "written-by-a-session-fixture" not in os.listdir(pytester.path)
+
+
+SECRET_SPY = """
+import os, subprocess, sys, time, pytest
+
+SPY = r'''
+import os, time
+home = os.path.expanduser("~")
+scope_dev = os.stat(home).st_dev
+fd = None
+end = time.time() + 30
+while time.time() < end:
+try:
+    dev = os.stat(home).st_dev
+except OSError:
+    continue
+if fd is None and dev != scope_dev:
+    fd = os.open(home, os.O_PATH | os.O_DIRECTORY)  # a test layer's overlay of $HOME
+elif fd is not None and dev == scope_dev:  # that layer was taken off: its masks with it
+    try:
+        with open(".ssh/id_secret", opener=lambda p, f: os.open(p, f, dir_fd=fd)) as f:
+            data = f.read()
+    except OSError as e:
+        data = "refused " + type(e).__name__
+    with open("/tmp/spied", "a") as f:
+        f.write(data + "\\n")
+    os.close(fd)
+    fd = None
+time.sleep(0.0005)
+'''
+
+@pytest.fixture(scope="session")
+def spy():
+    proc = subprocess.Popen([sys.executable, "-c", SPY])
+    time.sleep(0.3)
+    yield
+    proc.kill()
+
+@pytest.mark.parametrize("i", range(5))
+def test_x(spy, i):
+    time.sleep(0.2)
+    spied = open("/tmp/spied").read() if os.path.exists("/tmp/spied") else ""
+    assert "SECRET" not in spied, spied
+"""
+
+
+def _run_outside_tmp(source: str, home: Path | None = None, prepare: Callable[[Path], None] | None = None) -> str:
+    """Run ``source`` sandboxed from a fresh directory under /var/tmp: a place of its own at the top of the
+    sandbox's tree (under /tmp, pytester's directories are places inside other places)."""
+    with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="sandbox-hostile-") as where:
+        project = Path(where)
+        (project / "test_attack.py").write_text(source)
+        if prepare is not None:
+            prepare(project)
+        env = {**os.environ, "HOME": str(home or project / "home")}
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "--sandbox=all", "-p", "no:cacheprovider", "-q"],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        return result.stdout + result.stderr
+
+
+def test_a_fixtures_process_cannot_read_masked_places_through_a_tests_layer() -> None:
+    """A process of a session fixture holds an fd of a test layer's overlay of $HOME; once the layer is
+    taken off, the masks over it are gone: the overlay must not show what they covered."""
+    with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="sandbox-home-") as home:
+        os.chmod(home, 0o755)
+        (Path(home) / ".ssh").mkdir()
+        (Path(home) / ".ssh" / "id_secret").write_text("SECRET-KEY")
+        output = _run_outside_tmp(SECRET_SPY, Path(home))
+    assert "5 passed" in output, output
+
+
+PROC_SYS_RACE = """
+import os, subprocess, sys, time, pytest
+
+R = os.path.dirname(os.path.abspath(__file__))
+pytestmark = pytest.mark.container(hide=[f"{R}/pad/*", f"{R}/sub/sys"])
+
+RACER = r'''
+import os, sys, time
+R = sys.argv[1]
+scope_dev = os.stat(R).st_dev
+phase = 0
+end = time.time() + 30
+while time.time() < end:
+try:
+    dev = os.stat(R).st_dev
+    if phase == 0 and dev != scope_dev:  # a test layer's overlay of R is on, the mask inside not yet
+        os.rmdir(R + "/sub/sys"); os.rmdir(R + "/sub")
+        os.mkdir(R + "/sub"); os.mkdir(R + "/sub/sys")  # directories of the layer's upper: renamable
+        phase = 1
+    elif phase == 1 and os.stat(R + "/sub/sys").st_dev != os.stat(R + "/sub").st_dev:
+        os.rename(R + "/sub", R + "/subx")  # the mask moves along...
+        os.symlink("/proc", R + "/sub")  # ...and its path now names /proc/sys
+        phase = 2
+    elif phase in (1, 2) and dev == scope_dev:
+        phase = 0
+except OSError:
+    if phase == 0:
+        while os.stat(R).st_dev != scope_dev:
+            time.sleep(0.001)
+'''
+
+@pytest.fixture(scope="session")
+def racer():
+    proc = subprocess.Popen([sys.executable, "-c", RACER, R])
+    time.sleep(0.3)
+    yield
+    proc.kill()
+
+@pytest.mark.parametrize("i", range(6))
+def test_x(racer, i):
+    time.sleep(0.2)
+    assert [line for line in open("/proc/self/mountinfo") if line.split()[4] == "/proc/sys"]
+    with pytest.raises(OSError):
+        os.close(os.open("/proc/sys/kernel/core_pattern", os.O_WRONLY))
+"""
+
+
+def test_the_helper_takes_off_only_its_own_mounts() -> None:
+    """A fixture's process swaps a directory holding one of the layer's mounts for a symlink to /proc: the
+    helper took off /proc/sys (the read-only cover of the host's kernel knobs) when it took off the layer
+    by path. It now finds and takes off every mount through an fd of its own."""
+
+    def prepare(project: Path) -> None:
+        (project / "sub" / "sys").mkdir(parents=True)
+        (project / "pad").mkdir()
+        for n in range(300):  # masks to attach: a wider window for the race
+            (project / "pad" / f"f{n:03}").touch()
+
+    output = _run_outside_tmp(PROC_SYS_RACE, prepare=prepare)
+    assert "6 passed" in output, output
+
+
+def test_ipc_objects_and_keys_of_a_test_end_with_it(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import ctypes, os, pytest
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        rt = ctypes.CDLL("librt.so.1", use_errno=True)
+        IPC_CREAT, KEY = 0o1000, 0x5EED
+        SYS_ADD_KEY, SYS_KEYCTL, KEYCTL_SEARCH, USER_KEYRING = 248, 250, 10, -4
+
+        @pytest.fixture(scope="session")
+        def sess():
+            assert libc.msgget(KEY + 1, IPC_CREAT | 0o600) >= 0  # the scope's: it stays
+
+        def present():
+            found = []
+            if libc.msgget(KEY, 0) >= 0: found.append("msg")
+            if libc.shmget(KEY, 0, 0) >= 0: found.append("shm")
+            if libc.semget(KEY, 0, 0) >= 0: found.append("sem")
+            if rt.mq_open(b"/leftover", os.O_RDWR) >= 0: found.append("mqueue")
+            if libc.syscall(SYS_KEYCTL, KEYCTL_SEARCH, USER_KEYRING, b"user", b"leftover", 0) >= 0:
+                found.append("key")
+            return found
+
+        def test_leaves(sess):
+            assert libc.msgget(KEY, IPC_CREAT | 0o600) >= 0
+            assert libc.shmget(KEY, 4096, IPC_CREAT | 0o600) >= 0
+            assert libc.semget(KEY, 1, IPC_CREAT | 0o600) >= 0
+            assert rt.mq_open(b"/leftover", os.O_CREAT | os.O_RDWR, 0o600, None) >= 0
+            assert libc.syscall(SYS_ADD_KEY, b"user", b"leftover", b"x", 1, USER_KEYRING) >= 0
+            assert present() == ["msg", "shm", "sem", "mqueue", "key"]
+
+        def test_next(sess):
+            assert present() == []
+            assert libc.msgget(KEY + 1, 0) >= 0
+    """)
+    pytester.runpytest_subprocess("--sandbox=all", "-p", "no:cacheprovider").assert_outcomes(passed=2)

@@ -6,6 +6,7 @@ call, so a failed setup step says which syscall refused and why.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import ctypes.util
 import fcntl
@@ -44,6 +45,10 @@ AT_RECURSIVE = 0x8000
 OPEN_TREE_CLONE = 1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
 FSOPEN_CLOEXEC = 1
 FSMOUNT_CLOEXEC = 1
 FSCONFIG_SET_FLAG = 0
@@ -73,6 +78,7 @@ _NR = {
         "fsopen": 430,
         "fsconfig": 431,
         "fsmount": 432,
+        "openat2": 437,
         "mount_setattr": 442,
         "keyctl": 250,
     },
@@ -83,6 +89,7 @@ _NR = {
         "fsopen": 430,
         "fsconfig": 431,
         "fsmount": 432,
+        "openat2": 437,
         "mount_setattr": 442,
         "keyctl": 219,
     },
@@ -150,6 +157,37 @@ def clear_keyrings_of_the_user() -> None:
         )
 
 
+def keyring_keys(keyring: int) -> list[int]:
+    """The serials of the keys linked in ``keyring`` (a KEY_SPEC_* or a serial)."""
+    size = 4096
+    while True:
+        buffer = ctypes.create_string_buffer(size)
+        rc = _syscall(_keyctl, ctypes.c_long(KEYCTL_READ), ctypes.c_long(keyring), buffer, ctypes.c_long(size))
+        length = _check(rc, "keyctl read")
+        if length <= size:
+            return list(array.array("i", buffer.raw[: length - length % 4]))
+        size = length
+
+
+def unlink_key(key: int, keyring: int) -> None:
+    rc = _syscall(_keyctl, ctypes.c_long(KEYCTL_UNLINK), ctypes.c_long(key), ctypes.c_long(keyring))
+    _check(rc, "keyctl unlink")
+
+
+IPC_RMID = 0
+
+
+def remove_sysv_ipc(kind: str, ident: int) -> None:
+    """Remove a System V shared memory segment, semaphore set or message queue (``kind``: shm, sem, msg)."""
+    if kind == "shm":
+        rc = _libc.shmctl(ctypes.c_int(ident), ctypes.c_int(IPC_RMID), None)
+    elif kind == "sem":
+        rc = _libc.semctl(ctypes.c_int(ident), ctypes.c_int(0), ctypes.c_int(IPC_RMID))
+    else:
+        rc = _libc.msgctl(ctypes.c_int(ident), ctypes.c_int(IPC_RMID), None)
+    _check(rc, f"remove {kind} {ident}")
+
+
 def setns(fd: int, nstype: int) -> None:
     _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), f"setns({nstype:#x})")
 
@@ -182,6 +220,29 @@ def move_mount(from_fd: int, to_path: str, to_dirfd: int = AT_FDCWD) -> None:
         ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
     )
     _check(rc, f"move_mount to {to_path}")
+
+
+def move_mount_onto(from_fd: int, to_fd: int) -> None:
+    """Attach the detached mount ``from_fd`` on what ``to_fd`` opens: no path is looked up."""
+    rc = _syscall(
+        _nr["move_mount"],
+        ctypes.c_int(from_fd),
+        b"",
+        ctypes.c_int(to_fd),
+        b"",
+        ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH),
+    )
+    _check(rc, "move_mount onto an fd")
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def openat2(dirfd: int, path: str, flags: int, resolve: int) -> int:
+    how = _OpenHow(flags, 0, resolve)
+    rc = _syscall(_nr["openat2"], ctypes.c_int(dirfd), _b(path), ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+    return _check(rc, f"openat2 {path}")
 
 
 class _MountAttr(ctypes.Structure):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -40,15 +41,18 @@ def writable_places(overlays: Sequence[str], fresh: Sequence[str]) -> tuple[str,
     return tuple(dict.fromkeys([*overlays, *fresh, OWN_SHM]))
 
 
-def start_helper(places: tuple[str, ...], scratch: int, tmpfs_size: int | None) -> socket.socket:
-    """Fork the helper (call with capabilities, before user code runs); the line to it."""
+def start_helper(
+    places: tuple[str, ...], hidden: tuple[tuple[str, bool], ...], scratch: int, tmpfs_size: int | None
+) -> socket.socket:
+    """Fork the helper (call with capabilities, before user code runs); the line to it. ``hidden`` are
+    the masked places (path, is a directory): no test layer may show what they cover."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     parent = os.getpid()
     pid = os.fork()
     if pid == 0:
         try:
             ours.close()
-            _helper_main(theirs, places, scratch, tmpfs_size, parent)
+            _helper_main(theirs, places, hidden, scratch, tmpfs_size, parent)
         finally:
             os._exit(1)
     theirs.close()
@@ -85,7 +89,12 @@ def end(helper: socket.socket) -> None:
 
 
 def _helper_main(
-    control: socket.socket, places: tuple[str, ...], scratch: int, tmpfs_size: int | None, parent: int
+    control: socket.socket,
+    places: tuple[str, ...],
+    hidden: tuple[tuple[str, bool], ...],
+    scratch: int,
+    tmpfs_size: int | None,
+    parent: int,
 ) -> NoReturn:
     process.die_with_parent(parent)
     syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
@@ -99,7 +108,8 @@ def _helper_main(
         if int(name) > 2 and int(name) not in (control.fileno(), scratch):
             with contextlib.suppress(OSError):
                 os.close(int(name))
-    layer = _Layer(places, f"/proc/self/fd/{scratch}/test", tmpfs_size)
+    # Everything it mounts on is found now, before any user code runs: later, only through these fds.
+    layer = _Layer(places, hidden, scratch, tmpfs_size)
     while True:
         try:
             request = control.recv(1)
@@ -122,61 +132,176 @@ def _helper_main(
                 control.sendall(f"{type(exc).__name__}: {exc}".encode()[:4000] or b"error")
 
 
-class _Layer:
-    """One test's mounts at a time, in the helper."""
+_PATH = os.O_PATH | os.O_CLOEXEC
+_BENEATH = syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_SYMLINKS | syscalls.RESOLVE_NO_MAGICLINKS
 
-    def __init__(self, places: tuple[str, ...], root: str, tmpfs_size: int | None) -> None:
-        self.places, self.root, self.tmpfs_size = places, root, tmpfs_size
-        self.attached: list[str] = []
-        self.mounted = False
+
+@dataclasses.dataclass(frozen=True)
+class _Below:
+    """A mount inside a writable place (a read-only host path, a mask, a volume), put back over each layer."""
+
+    place: int  # index of the deepest place holding it
+    relative: str  # its path in that place
+    depth: int
+    source: int  # O_PATH fd of its root, opened before any user code ran
+
+
+class _Layer:
+    """One test's mounts at a time, in the helper.
+
+    Nothing of it is found by a path a test could change: each place is an fd opened at the start, the
+    mounts inside places are cloned from fds opened then too and attached beneath the new overlay
+    (``openat2`` without symlinks), and every mount is taken off through its own fd. A mask layer (an
+    opaque empty directory or an empty file per masked place) lies over each place in the test's overlay,
+    so the overlay itself never shows what a mask covers, mounted or not.
+    """
+
+    def __init__(self, places: tuple[str, ...], hidden: tuple[tuple[str, bool], ...], scratch: int, size: int | None):
+        self.places, self.size = places, size
+        self.root = f"/proc/self/fd/{scratch}/test"
+        self.place_fds = [os.open(place, _PATH | os.O_DIRECTORY) for place in places]
+        self.outer = [self._deepest_place(place, besides=index) for index, place in enumerate(places)]
+        self.below = self._mounts_below_places()
+        self.masks = self._mask_layers(f"/proc/self/fd/{scratch}/masks", hidden)
+        self.mounted: list[int] = []  # fds of this test's mounts, in the order they were attached
+        self.tmpfs: int | None = None
+        self.queues = self._message_queues(f"/proc/self/fd/{scratch}/mqueue")
+        self.queues_before: set[str] = set()
+
+    @staticmethod
+    def _message_queues(path: str) -> str | None:
+        """The sandbox's POSIX message queues, as files (the IPC namespace's mqueue filesystem), so the ones
+        a test leaves can be removed; None where that filesystem cannot be mounted."""
+        try:
+            os.makedirs(path, exist_ok=True)
+            syscalls.mount("mqueue", path, "mqueue", mounts.TMPFS_FLAGS | syscalls.MS_NOEXEC)
+        except OSError:
+            return None
+        return path
+
+    def _deepest_place(self, path: str, besides: int = -1) -> int | None:
+        holders = [
+            (len(place), index) for index, place in enumerate(self.places) if index != besides and is_under(path, place)
+        ]
+        return max(holders)[1] if holders else None
+
+    def _mounts_below_places(self) -> list[_Below]:
+        found: dict[str, _Below] = {}
+        for mount in mounts.mount_table():
+            target = mount.target
+            index = self._deepest_place(target)
+            if index is None or target in self.places or is_under(target, OWN_SHM):
+                continue
+            with contextlib.suppress(OSError):
+                source = os.open(target, _PATH)
+                if target in found:
+                    os.close(found[target].source)  # stacked: the top one is what the place shows
+                relative = os.path.relpath(target, self.places[index])
+                found[target] = _Below(index, relative, target.count("/"), source)
+        return sorted(found.values(), key=lambda below: below.depth)
+
+    def _mask_layers(self, root: str, hidden: tuple[tuple[str, bool], ...]) -> dict[int, str]:
+        """Per place with masked paths inside: a directory with an opaque empty directory or an empty file
+        at each, to lie between the test's upper and the scope's view."""
+        layers: dict[int, str] = {}
+        for index, place in enumerate(self.places):
+            inside = [(path, is_dir) for path, is_dir in hidden if path != place and is_under(path, place)]
+            if not inside:
+                continue
+            layer = f"{root}/{index}"
+            for path, is_dir in inside:
+                target = os.path.join(layer, os.path.relpath(path, place))
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                if is_dir:
+                    os.makedirs(target, exist_ok=True)
+                    os.setxattr(target, "user.overlay.opaque", b"y")
+                else:
+                    os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0))
+            layers[index] = layer
+        return layers
 
     def mount(self) -> int:
-        if self.mounted:
+        if self.tmpfs is not None:
             self.unmount()
-        below = self._mounts_below_places()  # read before anything of ours is mounted
+        if self.queues is not None:
+            self.queues_before = set(os.listdir(self.queues))
         os.makedirs(self.root, exist_ok=True)
-        mounts.mount_tmpfs(self.root, "0700", name="sandbox-test-layer", size=self.tmpfs_size)
-        self.mounted = True
-        detached: list[tuple[str, bool, int]] = []
+        mounts.mount_tmpfs(self.root, "0700", name="sandbox-test-layer", size=self.size)
+        self.tmpfs = os.open(self.root, _PATH | os.O_DIRECTORY)
+        tops: dict[int, int] = {}  # place index -> its overlay in this layer
         try:
-            for index, place in enumerate(self.places):
-                upper, work = f"{self.root}/{index}/upper", f"{self.root}/{index}/work"
-                os.makedirs(upper)
-                os.makedirs(work)
-                staging = f"{self.root}/{index}/root"
-                detached.append((place, True, overlay.detached_overlay([place], upper, work, staging)))
-            for target in below:
-                try:
-                    detached.append((target, os.path.isdir(target), mounts.clone_tree(target, recursive=False)))
-                except FileNotFoundError:
-                    continue
-            # Shallowest first: a place's overlay, then what was mounted inside it.
-            detached.sort(key=lambda entry: entry[0].count("/") if entry[0] != "/" else 0)
-            while detached:
-                target, is_dir, fd = detached.pop(0)
-                mounts.attach(fd, target, is_dir)
-                self.attached.append(target)
+            # Shallowest first: a place's overlay, then what lies inside it (mounts, places), in it.
+            for _, _, index, below in sorted(
+                [(place.count("/"), 0, index, None) for index, place in enumerate(self.places)]
+                + [(below.depth, 1, below.place, below) for below in self.below],
+                key=lambda entry: entry[:2],
+            ):
+                if below is None:
+                    tops[index] = self._mount_place(index, tops)
+                else:
+                    self._mount_below(below, tops)
             return os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except BaseException:
-            for _, _, fd in detached:
-                os.close(fd)
             self.unmount()
             raise
 
-    def _mounts_below_places(self) -> list[str]:
-        found = []
-        for mount in mounts.mount_table():
-            target = mount.target
-            if target in self.places or is_under(target, OWN_SHM):
-                continue
-            if any(is_under(target, place) for place in self.places):
-                found.append(target)
-        return list(dict.fromkeys(found))
+    def _mount_place(self, index: int, tops: dict[int, int]) -> int:
+        upper, work = f"{self.root}/{index}/upper", f"{self.root}/{index}/work"
+        os.makedirs(upper)
+        os.makedirs(work)
+        lowers = [f"/proc/self/fd/{self.place_fds[index]}"]
+        if index in self.masks:
+            lowers.insert(0, self.masks[index])
+        fd = overlay.detached_overlay(lowers, upper, work, f"{self.root}/{index}/root")
+        outer = self.outer[index]
+        if outer is None:
+            self._attach(fd, self.place_fds[index])  # over the scope's mount of the place
+        else:  # a place inside another: in that one's overlay of this layer
+            relative = os.path.relpath(self.places[index], self.places[outer])
+            try:
+                onto = syscalls.openat2(tops[outer], relative, _PATH | os.O_DIRECTORY, _BENEATH)
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                self._attach(fd, onto)
+            finally:
+                os.close(onto)
+        return fd
+
+    def _mount_below(self, below: _Below, tops: dict[int, int]) -> None:
+        clone = syscalls.open_tree(
+            "", syscalls.OPEN_TREE_CLONE | syscalls.OPEN_TREE_CLOEXEC | syscalls.AT_EMPTY_PATH, below.source
+        )
+        try:
+            target = syscalls.openat2(tops[below.place], below.relative, _PATH, _BENEATH)
+        except OSError:
+            os.close(clone)  # gone, or a symlink now, in the scope's view: the test goes without it
+            return
+        try:
+            self._attach(clone, target)
+        finally:
+            os.close(target)
+
+    def _attach(self, fd: int, onto: int) -> None:
+        try:
+            syscalls.move_mount_onto(fd, onto)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.mounted.append(fd)
 
     def unmount(self) -> None:
-        while self.attached:
+        if self.queues is not None:
+            for name in set(os.listdir(self.queues)) - self.queues_before:
+                with contextlib.suppress(OSError):
+                    os.unlink(f"{self.queues}/{name}")
+        while self.mounted:
+            fd = self.mounted.pop()
             with contextlib.suppress(OSError):
-                syscalls.umount2(self.attached.pop(), syscalls.MNT_DETACH)
-        if self.mounted:
-            syscalls.umount2(self.root, syscalls.MNT_DETACH)
-            self.mounted = False
+                syscalls.umount2(f"/proc/self/fd/{fd}", syscalls.MNT_DETACH)
+            os.close(fd)
+        if self.tmpfs is not None:
+            syscalls.umount2(f"/proc/self/fd/{self.tmpfs}", syscalls.MNT_DETACH)
+            os.close(self.tmpfs)
+            self.tmpfs = None

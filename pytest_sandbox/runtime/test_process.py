@@ -33,7 +33,7 @@ from ..errors import SetupError
 from ..layers import commands
 from ..linux import process, rootfs, syscalls, userns
 from ..spec import SandboxSpec
-from . import cgroups, interact, scope_children, test_layers
+from . import cgroups, interact, leftovers, scope_children, test_layers
 
 ACTIVE_SPEC: SandboxSpec | None = None  # set in the test process of a sandbox
 ACTIVE_PLAN: rootfs.RootPlan | None = None
@@ -287,7 +287,7 @@ def _enter(box: Sandbox, config: pytest.Config, pid1: tuple[int, int], keep: set
     if box.per_test_layers:
         global _layers
         places = test_layers.writable_places(box.plan.overlays, box.plan.fresh)
-        _layers = test_layers.start_helper(places, scratch, box.plan.tmpfs_size)
+        _layers = test_layers.start_helper(places, box.plan.hidden, scratch, box.plan.tmpfs_size)
         keep.add(_layers.fileno())
     if box.outputs:
         keep.add(scratch)  # what the test wrote under declared outputs is read there at its end
@@ -551,14 +551,14 @@ def _run_fork(box: Sandbox, item: pytest.Item, nextitem: pytest.Item | None) -> 
     _scope_pid = os.getpid()
     layer = test_layers.begin(_layers)
     held_fd = os.memfd_create("sandbox-teardown", os.MFD_CLOEXEC)
-    before = _children()
+    before = leftovers.take()
     try:
         pid = os.fork()
         if pid == 0:
             _test_fork(box, item, nextitem, layer, held_fd)
         os.close(layer)
         _, status = os.waitpid(pid, 0)
-        _end_leftovers(before)
+        leftovers.end(before)
         test_layers.end(_layers)
         with open(held_fd, "rb", closefd=False) as held:
             held.seek(0)
@@ -578,6 +578,7 @@ def _test_fork(box: Sandbox, item: pytest.Item, nextitem: pytest.Item | None, la
         # the scope process: a test that kills that one fails with it, and leaves nothing behind.
         os.setpgid(0, 0)
         process.die_with_parent(_scope_pid)
+        syscalls.join_new_session_keyring()  # keys it adds to its session go with it
         syscalls.prctl(syscalls.PR_SET_DUMPABLE, 1)  # its own /proc files, debuggers and py-spy work as usual
         scope_children.adopt()  # a fixture's Popen: its process is the scope process's child, not this one's
         _layers.close()
@@ -646,37 +647,6 @@ def _finish_teardown(item: pytest.Item, nextitem: pytest.Item | None, held: list
         config.hook.pytest_report_teststatus(report=report, config=config)
         data = config.hook.pytest_report_to_serializable(config=config, report=report)
     protocol.send(_channel, {"type": "report", "data": data})
-
-
-def _children() -> set[int]:
-    """This process's children, from the sandbox's own /proc (a handful of processes)."""
-    me, found = os.getpid(), set()
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        if int(stat.rsplit(b")", 1)[1].split()[1]) == me:
-            found.add(int(name))
-    return found
-
-
-def _end_leftovers(before: set[int]) -> None:
-    """Kill what the test left running: orphans come to this process (a child subreaper), so every child
-    that was not one before the fork is the test's, and so are the children they leave in turn."""
-    while True:
-        left = _children() - before
-        if not left:
-            return
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for pid in left:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
 
 
 def _end_as(status: int) -> NoReturn:

@@ -1,0 +1,88 @@
+"""What a test leaves in its scope sandbox besides files, ended before the next test.
+
+Tests of a scope sandbox share its namespaces: a process, a System V IPC object or a key that one
+test leaves would be the next one's. Taken in the scope process before each test's fork, a
+snapshot says what was the scope's (the fixtures'); whatever is new after the test is removed.
+The scope process is a child subreaper, so every process the test started, daemonized or not, is
+its child once the test's fork has exited. POSIX message queues live in an mqueue filesystem only
+the layer helper can mount: it ends those (test_layers.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+
+from ..linux import syscalls
+
+SYSV_KINDS = ("shm", "sem", "msg")
+KEYRINGS = (syscalls.KEY_SPEC_USER_KEYRING, syscalls.KEY_SPEC_USER_SESSION_KEYRING)
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    children: frozenset[int]
+    sysv: frozenset[tuple[str, int]]
+    keys: frozenset[tuple[int, int]]  # (keyring, key)
+
+
+def take() -> Snapshot:
+    return Snapshot(_children(), _sysv_objects(), _keys())
+
+
+def end(before: Snapshot) -> None:
+    """Kill the test's processes (and the children they leave in turn), then remove its IPC objects and keys."""
+    while True:
+        left = _children() - before.children
+        if not left:
+            break
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in left:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+    for kind, ident in _sysv_objects() - before.sysv:
+        with contextlib.suppress(OSError):
+            syscalls.remove_sysv_ipc(kind, ident)
+    for keyring, key in _keys() - before.keys:
+        with contextlib.suppress(OSError):
+            syscalls.unlink_key(key, keyring)
+
+
+def _children() -> frozenset[int]:
+    """This process's children, from the sandbox's own /proc (a handful of processes)."""
+    me, found = os.getpid(), set[int]()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if int(stat.rsplit(b")", 1)[1].split()[1]) == me:
+            found.add(int(name))
+    return frozenset(found)
+
+
+def _sysv_objects() -> frozenset[tuple[str, int]]:
+    found: set[tuple[str, int]] = set()
+    for kind in SYSV_KINDS:
+        try:
+            with open(f"/proc/sysvipc/{kind}") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        found.update((kind, int(row.split()[1])) for row in rows if row.strip())
+    return frozenset(found)
+
+
+def _keys() -> frozenset[tuple[int, int]]:
+    found: set[tuple[int, int]] = set()
+    for keyring in KEYRINGS:
+        with contextlib.suppress(OSError):
+            found.update((keyring, key) for key in syscalls.keyring_keys(keyring))
+    return frozenset(found)
