@@ -279,19 +279,7 @@ def start_launcher(image_root: str) -> int:
 
 
 def _launcher_main(control: socket.socket, namespace: int, image_root: str, parent: int) -> NoReturn:
-    process.die_with_parent(parent)
-    syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
-    syscalls.set_process_name("sandbox-launcher")
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_DFL)
-    # Nothing of the host's or the test's: stdio to /dev/null, every other fd closed.
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    for name in os.listdir("/proc/self/fd"):
-        if int(name) > 2 and int(name) not in (control.fileno(), namespace):
-            with contextlib.suppress(OSError):
-                os.close(int(name))
+    process.become_helper("sandbox-launcher", parent, keep=(control.fileno(), namespace))
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # each request's handler reaps itself away
     while True:
         try:

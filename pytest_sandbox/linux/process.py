@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
 from . import syscalls
+
+
+def become_helper(name: str, parent: int, keep: tuple[int, ...]) -> None:
+    """Start of a privileged helper forked from a sandbox's test process before the test's code runs:
+    it dies with that process, cannot be traced or have its fds taken, and holds nothing of the host's
+    or the test's (stdio on /dev/null, every fd but ``keep`` closed)."""
+    die_with_parent(parent)
+    syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
+    syscalls.set_process_name(name)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    for entry in os.listdir("/proc/self/fd"):
+        if int(entry) > 2 and int(entry) not in keep:
+            with contextlib.suppress(OSError):
+                os.close(int(entry))
 
 
 def die_with_parent(parent: int, sig: int = signal.SIGKILL) -> None:

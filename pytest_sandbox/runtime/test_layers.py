@@ -20,7 +20,6 @@ import array
 import contextlib
 import dataclasses
 import os
-import signal
 import socket
 from collections.abc import Sequence
 from typing import NoReturn
@@ -96,18 +95,7 @@ def _helper_main(
     tmpfs_size: int | None,
     parent: int,
 ) -> NoReturn:
-    process.die_with_parent(parent)
-    syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
-    syscalls.set_process_name("sandbox-layers")
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_DFL)
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    for name in os.listdir("/proc/self/fd"):
-        if int(name) > 2 and int(name) not in (control.fileno(), scratch):
-            with contextlib.suppress(OSError):
-                os.close(int(name))
+    process.become_helper("sandbox-layers", parent, keep=(control.fileno(), scratch))
     # Everything it mounts on is found now, before any user code runs: later, only through these fds.
     layer = _Layer(places, hidden, scratch, tmpfs_size)
     while True:

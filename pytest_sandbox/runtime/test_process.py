@@ -432,14 +432,10 @@ def _run_items(box: Sandbox, items: dict[str, pytest.Item], scratch: int | None)
         return
     item: pytest.Item | None = None
     while True:
-        request, _ = protocol.recv(_channel)
-        if request is None or request.get("nodeid") not in items:  # pytest stopped early (-x, ^C)
-            if item is not None:
-                with contextlib.suppress(Exception):
-                    item.session._setupstate.teardown_exact(None)  # what pytest's session end would do
+        asked = _next_request(items, item)
+        if asked is None:
             return
-        item = items[request["nodeid"]]
-        nextitem = items.get(request.get("next") or "")
+        item, nextitem = asked
         try:
             watchdog = _watchdog(box.spec.timeout, box.crash_fd) if box.spec.timeout is not None else None
             item.ihook.pytest_runtest_protocol(item=item, nextitem=nextitem)
@@ -463,6 +459,21 @@ def _run_items(box: Sandbox, items: dict[str, pytest.Item], scratch: int | None)
             return
 
 
+def _next_request(
+    items: dict[str, pytest.Item], last: pytest.Item | None
+) -> tuple[pytest.Item, pytest.Item | None] | None:
+    """The item pytest asks for and its next item if that one runs here; None when pytest asks for none
+    (it stopped early: -x, ^C), after tearing down what the last one left set up, as its session end would."""
+    assert _channel is not None
+    request, _ = protocol.recv(_channel)
+    if request is None or request.get("nodeid") not in items:
+        if last is not None:
+            with contextlib.suppress(Exception):
+                last.session._setupstate.teardown_exact(None)
+        return None
+    return items[request["nodeid"]], items.get(request.get("next") or "")
+
+
 STOP = 100  # a test's fork says the sandbox ends now (pytest.exit, ^C, a plugin's error: already reported)
 
 
@@ -476,14 +487,10 @@ def _run_scope(box: Sandbox, items: dict[str, pytest.Item], scratch: int | None)
     syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)  # a test cannot trace it or read its memory (each fork is again)
     item: pytest.Item | None = None
     while True:
-        request, _ = protocol.recv(_channel)
-        if request is None or request.get("nodeid") not in items:  # pytest stopped early (-x, ^C)
-            if item is not None:
-                with contextlib.suppress(Exception):
-                    item.session._setupstate.teardown_exact(None)
+        asked = _next_request(items, item)
+        if asked is None:
             return
-        item = items[request["nodeid"]]
-        nextitem = items.get(request.get("next") or "")
+        item, nextitem = asked
         try:
             _set_up_wider_fixtures(item)
             status, held = _run_fork(box, item, nextitem)
