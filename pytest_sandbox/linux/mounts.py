@@ -30,6 +30,15 @@ def clone_tree_at(fd: int) -> int:
     return syscalls.open_tree("", flags, fd)
 
 
+def read_only_view(fd: int) -> int:
+    """A read-only clone of the mount whose root ``fd`` opens, without what is mounted below it: reading
+    through it is all its holder can do."""
+    flags = syscalls.OPEN_TREE_CLONE | syscalls.OPEN_TREE_CLOEXEC | syscalls.AT_EMPTY_PATH
+    view = syscalls.open_tree("", flags, fd)
+    read_only(view, syscalls.MOUNT_ATTR_NODEV | syscalls.MOUNT_ATTR_NOEXEC)
+    return view
+
+
 def attach(fd: int, target: str, is_dir: bool = True) -> None:
     """Attach the detached mount ``fd`` at ``target`` (made if missing) and close it."""
     if is_dir:

@@ -188,10 +188,10 @@ class _Layer:
                 found[target] = _Below(index, relative, target.count("/"), source)
         return sorted(found.values(), key=lambda below: below.depth)
 
-    def _mask_layers(self, root: str, hidden: tuple[tuple[str, bool], ...]) -> dict[int, str]:
+    def _mask_layers(self, root: str, hidden: tuple[tuple[str, bool], ...]) -> dict[int, int]:
         """Per place with masked paths inside: a directory with an opaque empty directory or an empty file
         at each, to lie between the test's upper and the scope's view."""
-        layers: dict[int, str] = {}
+        layers: dict[int, int] = {}
         for index, place in enumerate(self.places):
             inside = [(path, is_dir) for path, is_dir in hidden if path != place and is_under(path, place)]
             if not inside:
@@ -205,7 +205,7 @@ class _Layer:
                     os.setxattr(target, "user.overlay.opaque", b"y")
                 else:
                     os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0))
-            layers[index] = layer
+            layers[index] = os.open(layer, _PATH | os.O_DIRECTORY)  # named to overlayfs by this fd only
         return layers
 
     def mount(self) -> int:
@@ -228,7 +228,7 @@ class _Layer:
                     tops[index] = self._mount_place(index, tops)
                 else:
                     self._mount_below(below, tops)
-            return os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            return mounts.read_only_view(self.tmpfs)  # the test reads its uppers for outputs, nothing more
         except BaseException:
             self.unmount()
             raise
@@ -239,7 +239,7 @@ class _Layer:
         os.makedirs(work)
         lowers = [f"/proc/self/fd/{self.place_fds[index]}"]
         if index in self.masks:
-            lowers.insert(0, self.masks[index])
+            lowers.insert(0, f"/proc/self/fd/{self.masks[index]}")
         fd = overlay.detached_overlay(lowers, upper, work, f"{self.root}/{index}/root")
         outer = self.outer[index]
         if outer is None:

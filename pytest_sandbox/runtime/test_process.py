@@ -31,7 +31,7 @@ import pytest
 from .. import credentials, outputs, plugin_results, plugin_state, protocol
 from ..errors import SetupError
 from ..layers import commands
-from ..linux import process, rootfs, syscalls, userns
+from ..linux import mounts, process, rootfs, syscalls, userns
 from ..spec import SandboxSpec
 from . import cgroups, interact, leftovers, scope_children, test_layers
 
@@ -289,8 +289,11 @@ def _enter(box: Sandbox, config: pytest.Config, pid1: tuple[int, int], keep: set
         places = test_layers.writable_places(box.plan.overlays, box.plan.fresh)
         _layers = test_layers.start_helper(places, box.plan.hidden, scratch, box.plan.tmpfs_size)
         keep.add(_layers.fileno())
-    if box.outputs:
-        keep.add(scratch)  # what the test wrote under declared outputs is read there at its end
+    if box.outputs:  # what the test wrote under declared outputs is read there at its end: read only
+        view = mounts.read_only_view(scratch)
+        os.close(scratch)
+        scratch = view
+        keep.add(scratch)
     else:
         os.close(scratch)
     # 7. Where the test starts and the environment it sees (credential variables withheld, a FROM
