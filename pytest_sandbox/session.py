@@ -319,6 +319,7 @@ def zygote_for(item: pytest.Item, state: SessionState) -> Zygote:
     zyg = state.zygote = Zygote(
         items, SPEC_KEY, paths, state.parent_epoch, Limits(state.backend, state.cgroup_session, state.accounting)
     )
+    state.scope_sandboxes = zyg.scope_sandboxes
     return zyg
 
 

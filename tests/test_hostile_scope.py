@@ -100,23 +100,23 @@ scope_dev = os.stat(home).st_dev
 fd = None
 end = time.time() + 30
 while time.time() < end:
-try:
-    dev = os.stat(home).st_dev
-except OSError:
-    continue
-if fd is None and dev != scope_dev:
-    fd = os.open(home, os.O_PATH | os.O_DIRECTORY)  # a test layer's overlay of $HOME
-elif fd is not None and dev == scope_dev:  # that layer was taken off: its masks with it
     try:
-        with open(".ssh/id_secret", opener=lambda p, f: os.open(p, f, dir_fd=fd)) as f:
-            data = f.read()
-    except OSError as e:
-        data = "refused " + type(e).__name__
-    with open("/tmp/spied", "a") as f:
-        f.write(data + "\\n")
-    os.close(fd)
-    fd = None
-time.sleep(0.0005)
+        dev = os.stat(home).st_dev
+    except OSError:
+        continue
+    if fd is None and dev != scope_dev:
+        fd = os.open(home, os.O_PATH | os.O_DIRECTORY)  # a test layer's overlay of $HOME
+    elif fd is not None and dev == scope_dev:  # that layer was taken off: its masks with it
+        try:
+            with open(".ssh/id_secret", opener=lambda p, f: os.open(p, f, dir_fd=fd)) as f:
+                data = f.read()
+        except OSError as e:
+            data = "refused " + type(e).__name__
+        with open("/tmp/spied", "a") as f:
+            f.write(data + "\\n")
+        os.close(fd)
+        fd = None
+    time.sleep(0.0005)
 '''
 
 @pytest.fixture(scope="session")
@@ -131,7 +131,70 @@ def test_x(spy, i):
     time.sleep(0.2)
     spied = open("/tmp/spied").read() if os.path.exists("/tmp/spied") else ""
     assert "SECRET" not in spied, spied
+    if i == 4:
+        assert spied.count("refused"), "the spy never saw a test's layer taken off"
 """
+
+UNLOCK_AND_UNMASK = r"""
+import os, sys
+from pytest_sandbox.linux import syscalls as s
+uid, gid = os.getuid(), os.getgid()
+s.unshare(s.CLONE_NEWUSER | s.CLONE_NEWNS)  # capabilities over mounts it holds fds of, detached ones too
+with open("/proc/self/setgroups", "w") as f:
+    f.write("deny")
+with open("/proc/self/uid_map", "w") as f:
+    f.write(f"0 {uid} 1")
+with open("/proc/self/gid_map", "w") as f:
+    f.write(f"0 {gid} 1")
+removed = []
+for fd in map(int, sys.argv[1:]):
+    try:
+        s.mount_setattr(fd, 0, recursive=False, attr_clr=s.MOUNT_ATTR_RDONLY)
+    except OSError:
+        pass
+    for top, dirs, files in os.walk(f"/proc/self/fd/{fd}", topdown=False):
+        for name in [*files, *dirs]:
+            path = os.path.join(top, name)
+            if "/.ssh" in path and not os.path.islink(path):
+                try:
+                    os.removexattr(path, "user.overlay.opaque")
+                except OSError:
+                    pass
+                try:
+                    (os.rmdir if name in dirs else os.unlink)(path)
+                    removed.append(path)
+                except OSError:
+                    pass
+print("tried", sys.argv[1:], "removed", removed)
+"""
+
+MASK_BREAK = SECRET_SPY.replace(
+    "@pytest.mark.parametrize",
+    """BREAK = """
+    + repr(UNLOCK_AND_UNMASK)
+    + """
+
+def unmask_through_every_directory_fd():
+    fds = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.path.isdir(f"/proc/self/fd/{name}"):
+                fds.append(name)
+        except OSError:
+            pass
+    r = subprocess.run([sys.executable, "-c", BREAK, *fds], pass_fds=[int(n) for n in fds],
+                          capture_output=True, text=True)
+    return r.stdout + r.stderr
+
+@pytest.fixture(scope="session", autouse=True)
+def break_as_fixture(spy):
+    print(unmask_through_every_directory_fd())
+
+def test_break_as_test(spy):
+    print(unmask_through_every_directory_fd())
+
+@pytest.mark.parametrize""",
+)
 
 
 def _run_outside_tmp(source: str, home: Path | None = None, prepare: Callable[[Path], None] | None = None) -> str:
@@ -165,6 +228,18 @@ def test_a_fixtures_process_cannot_read_masked_places_through_a_tests_layer() ->
     assert "5 passed" in output, output
 
 
+def test_no_fd_of_a_test_or_fixture_reaches_the_mask_layers() -> None:
+    """A session fixture and a test make every directory fd they hold writable (a user namespace of their
+    own can, for a detached read-only view) and delete whatever lies under `.ssh` there: the mask layers
+    that hide $HOME/.ssh in each test's overlay must be out of their reach, so no later test sees it."""
+    with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="sandbox-home-") as home:
+        os.chmod(home, 0o755)
+        (Path(home) / ".ssh").mkdir()
+        (Path(home) / ".ssh" / "id_secret").write_text("SECRET-KEY")
+        output = _run_outside_tmp(MASK_BREAK, Path(home))
+    assert "6 passed" in output, output
+
+
 PROC_SYS_RACE = """
 import os, subprocess, sys, time, pytest
 
@@ -178,22 +253,24 @@ scope_dev = os.stat(R).st_dev
 phase = 0
 end = time.time() + 30
 while time.time() < end:
-try:
-    dev = os.stat(R).st_dev
-    if phase == 0 and dev != scope_dev:  # a test layer's overlay of R is on, the mask inside not yet
-        os.rmdir(R + "/sub/sys"); os.rmdir(R + "/sub")
-        os.mkdir(R + "/sub"); os.mkdir(R + "/sub/sys")  # directories of the layer's upper: renamable
-        phase = 1
-    elif phase == 1 and os.stat(R + "/sub/sys").st_dev != os.stat(R + "/sub").st_dev:
-        os.rename(R + "/sub", R + "/subx")  # the mask moves along...
-        os.symlink("/proc", R + "/sub")  # ...and its path now names /proc/sys
-        phase = 2
-    elif phase in (1, 2) and dev == scope_dev:
-        phase = 0
-except OSError:
-    if phase == 0:
-        while os.stat(R).st_dev != scope_dev:
-            time.sleep(0.001)
+    try:
+        dev = os.stat(R).st_dev
+        if phase == 0 and dev != scope_dev:  # a test layer's overlay of R is on, the mask inside not yet
+            os.rmdir(R + "/sub/sys"); os.rmdir(R + "/sub")
+            os.mkdir(R + "/sub"); os.mkdir(R + "/sub/sys")  # directories of the layer's upper: renamable
+            phase = 1
+        elif phase == 1 and os.stat(R + "/sub/sys").st_dev != os.stat(R + "/sub").st_dev:
+            os.rename(R + "/sub", R + "/subx")  # the mask moves along...
+            os.symlink("/proc", R + "/sub")  # ...and its path now names /proc/sys
+            with open("/tmp/raced", "a") as f:
+                f.write("x")
+            phase = 2
+        elif phase in (1, 2) and dev == scope_dev:
+            phase = 0
+    except OSError:
+        if phase == 0:
+            while os.stat(R).st_dev != scope_dev:
+                time.sleep(0.001)
 '''
 
 @pytest.fixture(scope="session")
@@ -206,6 +283,7 @@ def racer():
 @pytest.mark.parametrize("i", range(6))
 def test_x(racer, i):
     time.sleep(0.2)
+    assert any(b"scope_dev" in open(f"/proc/{p}/cmdline", "rb").read() for p in os.listdir("/proc") if p.isdigit())
     assert [line for line in open("/proc/self/mountinfo") if line.split()[4] == "/proc/sys"]
     with pytest.raises(OSError):
         os.close(os.open("/proc/sys/kernel/core_pattern", os.O_WRONLY))

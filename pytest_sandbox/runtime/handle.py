@@ -48,6 +48,7 @@ class Zygote:
             error = (message or {}).get("error", "the zygote exited during setup")
             self.close()
             raise SandboxError(f"cannot start sandboxes: {error}")
+        self.scope_sandboxes = bool(message.get("scope_sandboxes"))  # as the zygote found this kernel
 
     def start(self, nodeid: str) -> tuple[socket.socket, socket.socket]:
         """Ask for a sandbox running ``nodeid``; returns its status channel (from the zygote) and its

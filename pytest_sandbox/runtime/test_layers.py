@@ -27,7 +27,7 @@ from typing import NoReturn
 from ..linux import mounts, overlay, process, syscalls
 from ..linux.mounts import is_under
 
-BEGIN, END = b"b", b"e"
+BEGIN, END, READY = b"b", b"e", b"ready"
 OWN_SHM = "/dev/shm"  # a place of its own; what lies under it in the mount table is the covered scratch's
 
 
@@ -40,21 +40,49 @@ def writable_places(overlays: Sequence[str], fresh: Sequence[str]) -> tuple[str,
     return tuple(dict.fromkeys([*overlays, *fresh, OWN_SHM]))
 
 
+def detached_layers_work() -> bool:
+    """Whether this kernel builds an overlay on a detached tmpfs (newer kernels; older ones want uppers
+    and lowers attached in the caller's mount namespace, where a test could reach them). Call with
+    capabilities in a user namespace; nothing stays mounted."""
+    try:
+        tmpfs = _detached("tmpfs", mode="0700", size="65536")
+    except OSError:
+        return False
+    try:
+        for name in ("lower", "upper", "work"):
+            os.mkdir(name, dir_fd=tmpfs)
+        root = f"/proc/self/fd/{tmpfs}"
+        os.close(overlay.detached_overlay([f"{root}/lower"], f"{root}/upper", f"{root}/work", f"{root}/merged"))
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(tmpfs)
+
+
 def start_helper(
-    places: tuple[str, ...], hidden: tuple[tuple[str, bool], ...], scratch: int, tmpfs_size: int | None
+    places: tuple[str, ...], hidden: tuple[tuple[str, bool], ...], tmpfs_size: int | None
 ) -> socket.socket:
-    """Fork the helper (call with capabilities, before user code runs); the line to it. ``hidden`` are
-    the masked places (path, is a directory): no test layer may show what they cover."""
+    """Fork the helper (call with capabilities, before user code runs) and wait until it has found every
+    place and built its mask layers; the line to it. ``hidden`` are the masked places (path, is a
+    directory): no test layer may show what they cover."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     parent = os.getpid()
     pid = os.fork()
     if pid == 0:
         try:
             ours.close()
-            _helper_main(theirs, places, hidden, scratch, tmpfs_size, parent)
+            _helper_main(theirs, places, hidden, tmpfs_size, parent)
         finally:
             os._exit(1)
     theirs.close()
+    try:
+        answer = ours.recv(4096)
+    except OSError as exc:
+        answer = str(exc).encode()
+    if answer != READY:
+        ours.close()
+        raise LayerError(answer.decode(errors="replace") or "the layer helper exited while starting")
     return ours
 
 
@@ -91,13 +119,18 @@ def _helper_main(
     control: socket.socket,
     places: tuple[str, ...],
     hidden: tuple[tuple[str, bool], ...],
-    scratch: int,
     tmpfs_size: int | None,
     parent: int,
 ) -> NoReturn:
-    process.become_helper("sandbox-layers", parent, keep=(control.fileno(), scratch))
+    process.become_helper("sandbox-layers", parent, keep=(control.fileno(),))
     # Everything it mounts on is found now, before any user code runs: later, only through these fds.
-    layer = _Layer(places, hidden, scratch, tmpfs_size)
+    try:
+        layer = _Layer(places, hidden, tmpfs_size)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            control.sendall(f"{type(exc).__name__}: {exc}".encode()[:4000])
+        os._exit(1)
+    control.sendall(READY)
     while True:
         try:
             request = control.recv(1)
@@ -139,33 +172,40 @@ class _Layer:
 
     Nothing of it is found by a path a test could change: each place is an fd opened at the start, the
     mounts inside places are cloned from fds opened then too and attached beneath the new overlay
-    (``openat2`` without symlinks), and every mount is taken off through its own fd. A mask layer (an
-    opaque empty directory or an empty file per masked place) lies over each place in the test's overlay,
-    so the overlay itself never shows what a mask covers, mounted or not.
+    (``openat2`` without symlinks), and every mount is taken off through its own fd. What only the helper
+    may touch lives on detached mounts no other process holds: the mask layers (an opaque empty
+    directory or an empty file per masked place, between the test's upper and the scope's view, so the
+    overlay itself never shows what a mask covers, mounted or not), each test's tmpfs of uppers, and the
+    IPC namespace's message queues.
     """
 
-    def __init__(self, places: tuple[str, ...], hidden: tuple[tuple[str, bool], ...], scratch: int, size: int | None):
+    def __init__(self, places: tuple[str, ...], hidden: tuple[tuple[str, bool], ...], size: int | None):
         self.places, self.size = places, size
-        self.root = f"/proc/self/fd/{scratch}/test"
         self.place_fds = [os.open(place, _PATH | os.O_DIRECTORY) for place in places]
         self.outer = [self._deepest_place(place, besides=index) for index, place in enumerate(places)]
         self.below = self._mounts_below_places()
-        self.masks = self._mask_layers(f"/proc/self/fd/{scratch}/masks", hidden)
+        self.masks = self._mask_layers(hidden)
         self.mounted: list[int] = []  # fds of this test's mounts, in the order they were attached
         self.tmpfs: int | None = None
-        self.queues = self._message_queues(f"/proc/self/fd/{scratch}/mqueue")
+        self.queues = self._message_queues()
         self.queues_before: set[str] = set()
 
     @staticmethod
-    def _message_queues(path: str) -> str | None:
-        """The sandbox's POSIX message queues, as files (the IPC namespace's mqueue filesystem), so the ones
-        a test leaves can be removed; None where that filesystem cannot be mounted."""
+    def _message_queues() -> int | None:
+        """The sandbox's POSIX message queues, as files (the IPC namespace's mqueue filesystem, detached),
+        so the ones a test leaves can be removed; None where that filesystem cannot be mounted."""
         try:
-            os.makedirs(path, exist_ok=True)
-            syscalls.mount("mqueue", path, "mqueue", mounts.TMPFS_FLAGS | syscalls.MS_NOEXEC)
+            return _detached("mqueue")
         except OSError:
             return None
-        return path
+
+    def _queue_names(self) -> set[str]:
+        assert self.queues is not None
+        listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.queues)
+        try:
+            return set(os.listdir(listing))
+        finally:
+            os.close(listing)
 
     def _deepest_place(self, path: str, besides: int = -1) -> int | None:
         holders = [
@@ -188,15 +228,18 @@ class _Layer:
                 found[target] = _Below(index, relative, target.count("/"), source)
         return sorted(found.values(), key=lambda below: below.depth)
 
-    def _mask_layers(self, root: str, hidden: tuple[tuple[str, bool], ...]) -> dict[int, int]:
+    def _mask_layers(self, hidden: tuple[tuple[str, bool], ...]) -> dict[int, int]:
         """Per place with masked paths inside: a directory with an opaque empty directory or an empty file
-        at each, to lie between the test's upper and the scope's view."""
+        at each, on a tmpfs of the helper's own, to lie between the test's upper and the scope's view."""
         layers: dict[int, int] = {}
+        store: int | None = None
         for index, place in enumerate(self.places):
             inside = [(path, is_dir) for path, is_dir in hidden if path != place and is_under(path, place)]
             if not inside:
                 continue
-            layer = f"{root}/{index}"
+            if store is None:
+                store = _detached("tmpfs", mode="0700", size=str(1 << 20))
+            layer = f"/proc/self/fd/{store}/{index}"
             for path, is_dir in inside:
                 target = os.path.join(layer, os.path.relpath(path, place))
                 os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -206,16 +249,17 @@ class _Layer:
                 else:
                     os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0))
             layers[index] = os.open(layer, _PATH | os.O_DIRECTORY)  # named to overlayfs by this fd only
+        if store is not None:
+            syscalls.mount_setattr(store, syscalls.MOUNT_ATTR_RDONLY)
         return layers
 
     def mount(self) -> int:
         if self.tmpfs is not None:
             self.unmount()
         if self.queues is not None:
-            self.queues_before = set(os.listdir(self.queues))
-        os.makedirs(self.root, exist_ok=True)
-        mounts.mount_tmpfs(self.root, "0700", name="sandbox-test-layer", size=self.size)
-        self.tmpfs = os.open(self.root, _PATH | os.O_DIRECTORY)
+            self.queues_before = self._queue_names()
+        options = {"mode": "0700", **({"size": str(self.size)} if self.size else {})}
+        self.tmpfs = _detached("tmpfs", **options)
         tops: dict[int, int] = {}  # place index -> its overlay in this layer
         try:
             # Shallowest first: a place's overlay, then what lies inside it (mounts, places), in it.
@@ -228,19 +272,22 @@ class _Layer:
                     tops[index] = self._mount_place(index, tops)
                 else:
                     self._mount_below(below, tops)
-            return mounts.read_only_view(self.tmpfs)  # the test reads its uppers for outputs, nothing more
+            # The test reads its uppers for outputs, nothing more. Were it to make this view writable (its own
+            # user namespace can), it would reach only its own uppers, which it writes anyway.
+            return mounts.read_only_view(self.tmpfs)
         except BaseException:
             self.unmount()
             raise
 
     def _mount_place(self, index: int, tops: dict[int, int]) -> int:
-        upper, work = f"{self.root}/{index}/upper", f"{self.root}/{index}/work"
-        os.makedirs(upper)
-        os.makedirs(work)
+        assert self.tmpfs is not None
+        root = f"/proc/self/fd/{self.tmpfs}/{index}"
+        os.makedirs(f"{root}/upper")
+        os.makedirs(f"{root}/work")
         lowers = [f"/proc/self/fd/{self.place_fds[index]}"]
         if index in self.masks:
             lowers.insert(0, f"/proc/self/fd/{self.masks[index]}")
-        fd = overlay.detached_overlay(lowers, upper, work, f"{self.root}/{index}/root")
+        fd = overlay.detached_overlay(lowers, f"{root}/upper", f"{root}/work", f"{root}/root")
         outer = self.outer[index]
         if outer is None:
             self._attach(fd, self.place_fds[index])  # over the scope's mount of the place
@@ -281,15 +328,25 @@ class _Layer:
 
     def unmount(self) -> None:
         if self.queues is not None:
-            for name in set(os.listdir(self.queues)) - self.queues_before:
+            for name in self._queue_names() - self.queues_before:
                 with contextlib.suppress(OSError):
-                    os.unlink(f"{self.queues}/{name}")
+                    os.unlink(name, dir_fd=self.queues)
         while self.mounted:
             fd = self.mounted.pop()
             with contextlib.suppress(OSError):
                 syscalls.umount2(f"/proc/self/fd/{fd}", syscalls.MNT_DETACH)
             os.close(fd)
         if self.tmpfs is not None:
-            syscalls.umount2(f"/proc/self/fd/{self.tmpfs}", syscalls.MNT_DETACH)
-            os.close(self.tmpfs)
+            os.close(self.tmpfs)  # detached, attached nowhere: it goes with its last reference
             self.tmpfs = None
+
+
+def _detached(fstype: str, **options: str) -> int:
+    """A new filesystem as a detached mount that only this process holds (no path leads to it)."""
+    context = syscalls.fsopen(fstype)
+    try:
+        for key, value in options.items():
+            syscalls.fsconfig(context, key, value)
+        return syscalls.fsmount(context)
+    finally:
+        os.close(context)

@@ -287,7 +287,10 @@ def _enter(box: Sandbox, config: pytest.Config, pid1: tuple[int, int], keep: set
     if box.per_test_layers:
         global _layers
         places = test_layers.writable_places(box.plan.overlays, box.plan.fresh)
-        _layers = test_layers.start_helper(places, box.plan.hidden, scratch, box.plan.tmpfs_size)
+        try:
+            _layers = test_layers.start_helper(places, box.plan.hidden, box.plan.tmpfs_size)
+        except test_layers.LayerError as exc:
+            raise SetupError("layers", f"cannot start the layer helper: {exc}") from None
         keep.add(_layers.fileno())
     if box.outputs:  # what the test wrote under declared outputs is read there at its end: read only
         view = mounts.read_only_view(scratch)
@@ -496,7 +499,7 @@ def _run_scope(box: Sandbox, items: dict[str, pytest.Item], scratch: int | None)
         item, nextitem = asked
         try:
             _set_up_wider_fixtures(item)
-            status, held = _run_fork(box, item, nextitem)
+            status, held = _run_fork(box, item, nextitem, scratch)
             if os.WIFEXITED(status) and os.WEXITSTATUS(status) == STOP:
                 return
             if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
@@ -553,9 +556,12 @@ def _set_up_wider_fixtures(item: pytest.Item) -> None:
             pass
 
 
-def _run_fork(box: Sandbox, item: pytest.Item, nextitem: pytest.Item | None) -> tuple[int, list[dict[str, Any]]]:
+def _run_fork(
+    box: Sandbox, item: pytest.Item, nextitem: pytest.Item | None, scope_scratch: int | None
+) -> tuple[int, list[dict[str, Any]]]:
     """Run the item in a fork over a fresh layer; its exit status and held teardown report. What it left
-    running is killed and its layer taken off before the next test."""
+    running is killed and its layer taken off before the next test. The fork lets go of the scope's
+    scratch view (the scope's uppers, read for the scope's outputs): nothing of it is the test's."""
     assert _layers is not None
     global _scope_pid
     _scope_pid = os.getpid()
@@ -565,6 +571,8 @@ def _run_fork(box: Sandbox, item: pytest.Item, nextitem: pytest.Item | None) -> 
     try:
         pid = os.fork()
         if pid == 0:
+            if scope_scratch is not None:
+                os.close(scope_scratch)
             _test_fork(box, item, nextitem, layer, held_fd)
         os.close(layer)
         _, status = os.waitpid(pid, 0)

@@ -43,7 +43,7 @@ import pytest
 from .. import credentials, outputs, protocol, volumes
 from ..linux import mounts, process, rootfs, syscalls, userns
 from ..spec import SandboxSpec
-from . import cgroups, init, test_process
+from . import cgroups, init, test_layers, test_process
 
 PYTEST_GONE = 3  # the zygote's exit code when pytest closed the control socket without saying "exit"
 PYTEST_END_GRACE = 3.0  # seconds the zygote-parent waits for a pytest that closed the zygote's socket to end
@@ -110,6 +110,8 @@ def zygote_main(
         # 3. The read-only host view and the /dev template, once for every sandbox of the session.
         rootfs.enter_host_view(paths.keep_dir)
         rootfs.build_dev_template()
+        if paths.scope_sandboxes and not test_layers.detached_layers_work():
+            paths = dataclasses.replace(paths, scope_sandboxes=False)  # pytest hears it with "ready"
         # 4. The zygote proper is pid 1 of a pid namespace: when it dies, every sandbox dies with it.
         syscalls.unshare(syscalls.CLONE_NEWPID)
         pid = os.fork()
@@ -405,7 +407,7 @@ def _serve(
     test_process.prepare_plugins(config, limits.backend)
     gc.freeze()  # keep the garbage collector from touching (and so copying) the zygote's pages in every fork
     ready: _Sandbox | None = None
-    protocol.send(control, {"op": "ready"})
+    protocol.send(control, {"op": "ready", "scope_sandboxes": paths.scope_sandboxes})
     while True:
         watched: list[int] = [control.fileno(), *factory.running, *factory.ending]
         readable, _, _ = select.select(watched, [], [])
