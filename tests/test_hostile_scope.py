@@ -313,11 +313,19 @@ def test_ipc_objects_and_keys_of_a_test_end_with_it(pytester: pytest.Pytester) -
         libc.syscall.restype = ctypes.c_long
         rt = ctypes.CDLL("librt.so.1", use_errno=True)
         IPC_CREAT, KEY = 0o1000, 0x5EED
-        SYS_ADD_KEY, SYS_KEYCTL, KEYCTL_SEARCH, USER_KEYRING = 248, 250, 10, -4
+        SYS_ADD_KEY, SYS_KEYCTL, KEYCTL_SEARCH, KEYCTL_GET_PERSISTENT = 248, 250, 10, 22
+        SESSION_KEYRING, USER_KEYRING = -3, -4
+
+        def keyctl(*args):
+            return libc.syscall(SYS_KEYCTL, *[ctypes.c_long(a) if isinstance(a, int) else a for a in args])
+
+        def persistent():
+            return keyctl(KEYCTL_GET_PERSISTENT, -1, SESSION_KEYRING)
 
         @pytest.fixture(scope="session")
         def sess():
             assert libc.msgget(KEY + 1, IPC_CREAT | 0o600) >= 0  # the scope's: it stays
+            assert rt.mq_open(b"/scope", os.O_CREAT | os.O_RDWR, 0o600, None) >= 0
 
         def present():
             found = []
@@ -325,8 +333,8 @@ def test_ipc_objects_and_keys_of_a_test_end_with_it(pytester: pytest.Pytester) -
             if libc.shmget(KEY, 0, 0) >= 0: found.append("shm")
             if libc.semget(KEY, 0, 0) >= 0: found.append("sem")
             if rt.mq_open(b"/leftover", os.O_RDWR) >= 0: found.append("mqueue")
-            if libc.syscall(SYS_KEYCTL, KEYCTL_SEARCH, USER_KEYRING, b"user", b"leftover", 0) >= 0:
-                found.append("key")
+            if keyctl(KEYCTL_SEARCH, USER_KEYRING, b"user", b"leftover", 0) >= 0: found.append("key")
+            if keyctl(KEYCTL_SEARCH, persistent(), b"user", b"leftover", 0) >= 0: found.append("persistent key")
             return found
 
         def test_leaves(sess):
@@ -335,10 +343,36 @@ def test_ipc_objects_and_keys_of_a_test_end_with_it(pytester: pytest.Pytester) -
             assert libc.semget(KEY, 1, IPC_CREAT | 0o600) >= 0
             assert rt.mq_open(b"/leftover", os.O_CREAT | os.O_RDWR, 0o600, None) >= 0
             assert libc.syscall(SYS_ADD_KEY, b"user", b"leftover", b"x", 1, USER_KEYRING) >= 0
-            assert present() == ["msg", "shm", "sem", "mqueue", "key"]
+            assert libc.syscall(SYS_ADD_KEY, b"user", b"leftover", b"x", 1, ctypes.c_long(persistent())) >= 0
+            assert present() == ["msg", "shm", "sem", "mqueue", "key", "persistent key"]
+            # the fixture's queue, made again by the test under the same name, with a message in it
+            assert rt.mq_unlink(b"/scope") == 0
+            queue = rt.mq_open(b"/scope", os.O_CREAT | os.O_RDWR, 0o600, None)
+            assert queue >= 0 and rt.mq_send(queue, b"from the test", 13, 0) == 0
 
         def test_next(sess):
             assert present() == []
             assert libc.msgget(KEY + 1, 0) >= 0
+            assert rt.mq_open(b"/scope", os.O_RDWR) < 0, "the test's queue of the fixture's name outlived it"
     """)
     pytester.runpytest_subprocess("--sandbox=all", "-p", "no:cacheprovider").assert_outcomes(passed=2)
+
+
+def test_a_test_that_stops_the_layer_helper_does_not_hang_the_run(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import os, signal, pytest
+
+        @pytest.fixture(scope="session")
+        def sess():
+            return 1
+
+        def test_stops_the_helper(sess):
+            names = {p: open(f"/proc/{p}/comm").read().strip() for p in os.listdir("/proc") if p.isdigit()}
+            helper = [p for p, name in names.items() if name == "sandbox-layers"]
+            assert len(helper) == 1
+            os.kill(int(helper[0]), signal.SIGSTOP)
+
+        def test_next(sess):
+            assert not os.path.exists("left")
+    """)
+    pytester.runpytest_subprocess("--sandbox=all", "-p", "no:cacheprovider", timeout=120).assert_outcomes(passed=2)

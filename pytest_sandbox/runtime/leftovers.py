@@ -82,7 +82,8 @@ def _sysv_objects() -> frozenset[tuple[str, int]]:
 
 def _keys() -> frozenset[tuple[int, int]]:
     found: set[tuple[int, int]] = set()
-    for keyring in KEYRINGS:
+    persistent = syscalls.persistent_keyring()  # the user namespace's, like the user keyrings
+    for keyring in (*KEYRINGS, *([persistent] if persistent is not None else [])):
         with contextlib.suppress(OSError):
             found.update((keyring, key) for key in syscalls.keyring_keys(keyring))
     return frozenset(found)

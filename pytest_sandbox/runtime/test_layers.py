@@ -20,6 +20,7 @@ import array
 import contextlib
 import dataclasses
 import os
+import signal
 import socket
 from collections.abc import Sequence
 from typing import NoReturn
@@ -28,6 +29,7 @@ from ..linux import mounts, overlay, process, syscalls
 from ..linux.mounts import is_under
 
 BEGIN, END, READY = b"b", b"e", b"ready"
+ANSWER_TIMEOUT = 60.0  # seconds; the helper answers in milliseconds unless something stops it
 OWN_SHM = "/dev/shm"  # a place of its own; what lies under it in the mount table is the covered scratch's
 
 
@@ -60,9 +62,28 @@ def detached_layers_work() -> bool:
         os.close(tmpfs)
 
 
-def start_helper(
-    places: tuple[str, ...], hidden: tuple[tuple[str, bool], ...], tmpfs_size: int | None
-) -> socket.socket:
+@dataclasses.dataclass
+class Helper:
+    """The scope process's line to its layer helper."""
+
+    line: socket.socket
+    pid: int
+
+    def fileno(self) -> int:
+        return self.line.fileno()
+
+    def close(self) -> None:
+        self.line.close()
+
+    def ask(self, request: bytes) -> None:
+        """Send a request. A test may have stopped the helper (SIGSTOP, same user); by now nothing of that
+        test runs any more, so a SIGCONT makes it answer, and a helper that still does not fails the test."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGCONT)
+        self.line.sendall(request)
+
+
+def start_helper(places: tuple[str, ...], hidden: tuple[tuple[str, bool], ...], tmpfs_size: int | None) -> Helper:
     """Fork the helper (call with capabilities, before user code runs) and wait until it has found every
     place and built its mask layers; the line to it. ``hidden`` are the masked places (path, is a
     directory): no test layer may show what they cover."""
@@ -83,15 +104,16 @@ def start_helper(
     if answer != READY:
         ours.close()
         raise LayerError(answer.decode(errors="replace") or "the layer helper exited while starting")
-    return ours
+    ours.settimeout(ANSWER_TIMEOUT)
+    return Helper(ours, pid)
 
 
-def begin(helper: socket.socket) -> int:
+def begin(helper: Helper) -> int:
     """Mount the next test's layer; an fd of the tmpfs holding its uppers (``<index>/upper``)."""
     fds = array.array("i")
     try:
-        helper.sendall(BEGIN)
-        message, ancillary, _, _ = helper.recvmsg(4096, socket.CMSG_SPACE(fds.itemsize))
+        helper.ask(BEGIN)
+        message, ancillary, _, _ = helper.line.recvmsg(4096, socket.CMSG_SPACE(fds.itemsize))
     except OSError as exc:
         raise LayerError(f"the layer helper is gone ({exc})") from None
     for level, kind, data in ancillary:
@@ -104,11 +126,11 @@ def begin(helper: socket.socket) -> int:
     return fds[0]
 
 
-def end(helper: socket.socket) -> None:
+def end(helper: Helper) -> None:
     """Take the test's layer off: the scope's view is back, as the fixtures left it."""
     try:
-        helper.sendall(END)
-        answer = helper.recv(4096)
+        helper.ask(END)
+        answer = helper.line.recv(4096)
     except OSError as exc:
         raise LayerError(f"the layer helper is gone ({exc})") from None
     if answer != b"ok":
@@ -188,7 +210,7 @@ class _Layer:
         self.mounted: list[int] = []  # fds of this test's mounts, in the order they were attached
         self.tmpfs: int | None = None
         self.queues = self._message_queues()
-        self.queues_before: set[str] = set()
+        self.queues_before: dict[str, int] = {}
 
     @staticmethod
     def _message_queues() -> int | None:
@@ -199,13 +221,18 @@ class _Layer:
         except OSError:
             return None
 
-    def _queue_names(self) -> set[str]:
+    def _queues_now(self) -> dict[str, int]:
+        """Queue name -> inode: a queue the test removed and made again under a fixture's name is the test's."""
         assert self.queues is not None
         listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.queues)
+        found = {}
         try:
-            return set(os.listdir(listing))
+            for name in os.listdir(listing):
+                with contextlib.suppress(OSError):
+                    found[name] = os.stat(name, dir_fd=listing, follow_symlinks=False).st_ino
         finally:
             os.close(listing)
+        return found
 
     def _deepest_place(self, path: str, besides: int = -1) -> int | None:
         holders = [
@@ -257,7 +284,7 @@ class _Layer:
         if self.tmpfs is not None:
             self.unmount()
         if self.queues is not None:
-            self.queues_before = self._queue_names()
+            self.queues_before = self._queues_now()
         options = {"mode": "0700", **({"size": str(self.size)} if self.size else {})}
         self.tmpfs = _detached("tmpfs", **options)
         tops: dict[int, int] = {}  # place index -> its overlay in this layer
@@ -328,7 +355,9 @@ class _Layer:
 
     def unmount(self) -> None:
         if self.queues is not None:
-            for name in self._queue_names() - self.queues_before:
+            for name, inode in self._queues_now().items():
+                if self.queues_before.get(name) == inode:
+                    continue
                 with contextlib.suppress(OSError):
                     os.unlink(name, dir_fd=self.queues)
         while self.mounted:

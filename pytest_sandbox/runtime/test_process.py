@@ -38,7 +38,7 @@ from . import cgroups, interact, leftovers, scope_children, test_layers
 ACTIVE_SPEC: SandboxSpec | None = None  # set in the test process of a sandbox
 ACTIVE_PLAN: rootfs.RootPlan | None = None
 _channel: socket.socket | None = None  # the test process's line to pytest, while a test runs
-_layers: socket.socket | None = None  # a scope sandbox's line to its layer helper (test_layers.py)
+_layers: test_layers.Helper | None = None  # a scope sandbox's line to its layer helper (test_layers.py)
 _scope_pid = 0  # in a test's fork: the scope process it came from
 _held_teardown: list[dict[str, Any]] | None = None  # in a test's fork: its teardown report, for the scope to finish
 
