@@ -452,17 +452,23 @@ def _run_items(box: Sandbox, items: dict[str, pytest.Item], scratch: int | None)
             if nextitem is None:
                 _send_what_persists(item.config, scratch, box.outputs)
             protocol.send(_channel, {"type": "done"})
-        except pytest.exit.Exception as exc:
-            protocol.send(_channel, {"type": "exit-requested", "reason": exc.msg, "returncode": exc.returncode})
-            return
-        except KeyboardInterrupt as exc:
-            protocol.send(_channel, protocol.interrupt_location(exc, str(item.config.rootpath)))
-            return
-        except BaseException:  # a plugin's hook raised: in a plain run an INTERNALERROR; here the test's error
-            protocol.send(_channel, {"type": "error", "phase": "protocol", "message": traceback.format_exc()})
+        except BaseException as exc:
+            protocol.send(_channel, _ended_early(exc, item))
             return
         if nextitem is None:
             return
+
+
+def _ended_early(exc: BaseException, item: pytest.Item) -> dict[str, Any]:
+    """What pytest hears when running ``item`` ended this sandbox's loop: pytest.exit, ^C, a layer the helper
+    could not build, or a plugin's hook that raised (in a plain run an INTERNALERROR; here the test's error)."""
+    if isinstance(exc, pytest.exit.Exception):
+        return {"type": "exit-requested", "reason": exc.msg, "returncode": exc.returncode}
+    if isinstance(exc, KeyboardInterrupt):
+        return protocol.interrupt_location(exc, str(item.config.rootpath))
+    if isinstance(exc, test_layers.LayerError):
+        return {"type": "error", "phase": "layer", "message": f"the test's layer: {exc}"}
+    return {"type": "error", "phase": "protocol", "message": "".join(traceback.format_exception(exc))}
 
 
 def _next_request(
@@ -508,17 +514,8 @@ def _run_scope(box: Sandbox, items: dict[str, pytest.Item], scratch: int | None)
             if nextitem is None:
                 _send_what_persists(item.config, scratch, box.outputs)
             protocol.send(_channel, {"type": "done"})
-        except test_layers.LayerError as exc:
-            protocol.send(_channel, {"type": "error", "phase": "layer", "message": f"the test's layer: {exc}"})
-            return
-        except pytest.exit.Exception as exc:
-            protocol.send(_channel, {"type": "exit-requested", "reason": exc.msg, "returncode": exc.returncode})
-            return
-        except KeyboardInterrupt as exc:
-            protocol.send(_channel, protocol.interrupt_location(exc, str(item.config.rootpath)))
-            return
-        except BaseException:
-            protocol.send(_channel, {"type": "error", "phase": "protocol", "message": traceback.format_exc()})
+        except BaseException as exc:
+            protocol.send(_channel, _ended_early(exc, item))
             return
         if nextitem is None:
             return
@@ -622,14 +619,8 @@ def _test_fork(box: Sandbox, item: pytest.Item, nextitem: pytest.Item | None, la
         if coverage is not None:
             protocol.send(_channel, coverage)
         os.write(held_fd, protocol.encode({"held": _held_teardown}))
-    except pytest.exit.Exception as exc:
-        protocol.send(_channel, {"type": "exit-requested", "reason": exc.msg, "returncode": exc.returncode})
-        code = STOP
-    except KeyboardInterrupt as exc:
-        protocol.send(_channel, protocol.interrupt_location(exc, str(item.config.rootpath)))
-        code = STOP
-    except BaseException:
-        protocol.send(_channel, {"type": "error", "phase": "protocol", "message": traceback.format_exc()})
+    except BaseException as exc:
+        protocol.send(_channel, _ended_early(exc, item))
         code = STOP
     _exit(code)
     raise AssertionError("unreachable")
