@@ -44,12 +44,17 @@ _held_teardown: list[dict[str, Any]] | None = None  # in a test's fork: its tear
 
 
 def _exit(code: int = 0) -> None:
+    _flush_stdio()
+    os._exit(code)
+
+
+def _flush_stdio() -> None:
+    """Before a fork or an exit: what Python holds in its stdio buffers is written once, not by every fork."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except Exception:
             pass
-    os._exit(code)
 
 
 LOG_HOOKS = (
@@ -565,6 +570,7 @@ def _run_fork(
     layer = test_layers.begin(_layers)
     held_fd = os.memfd_create("sandbox-teardown", os.MFD_CLOEXEC)
     before = leftovers.take()
+    _flush_stdio()  # a fixture's print under -s, in a pipe's buffer: each fork would write it again at its end
     try:
         pid = os.fork()
         if pid == 0:
