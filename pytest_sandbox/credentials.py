@@ -41,6 +41,8 @@ import pwd
 import re
 from collections.abc import Iterable, Mapping
 
+from .linux import process
+
 HOME_PLACES = (
     ".ssh",
     ".gnupg",
@@ -249,8 +251,7 @@ def check_variable_pattern(entry: str) -> bool:
 
 def _initial_environment_range() -> tuple[int, int]:
     """Where the process's initial environment strings lie (``/proc/self/stat`` env_start, env_end)."""
-    with open("/proc/self/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
+    fields = process.stat_fields()
     # Fields are numbered from 1 (pid); after "comm)" the list starts at field 3 (state).
     return int(fields[50 - 3]), int(fields[51 - 3])
 

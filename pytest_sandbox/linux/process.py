@@ -9,6 +9,13 @@ import signal
 from . import syscalls
 
 
+def stat_fields(pid: int | str = "self") -> list[bytes]:
+    """The fields of ``/proc/PID/stat`` after the command name: index 0 is field 3 (state), 1 the parent's
+    pid, and so on (the command name may hold spaces and parentheses). OSError if the process is gone."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return f.read().rsplit(b")", 1)[1].split()
+
+
 def become_helper(name: str, parent: int, keep: tuple[int, ...]) -> None:
     """Start of a privileged helper forked from a sandbox's test process before the test's code runs:
     it dies with that process, cannot be traced or have its fds taken, and holds nothing of the host's

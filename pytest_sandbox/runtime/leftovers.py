@@ -15,7 +15,7 @@ import dataclasses
 import os
 import signal
 
-from ..linux import syscalls
+from ..linux import process, syscalls
 
 SYSV_KINDS = ("shm", "sem", "msg")
 KEYRINGS = (syscalls.KEY_SPEC_USER_KEYRING, syscalls.KEY_SPEC_USER_SESSION_KEYRING)
@@ -59,11 +59,10 @@ def _children() -> frozenset[int]:
         if not name.isdigit():
             continue
         try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
+            parent = int(process.stat_fields(name)[1])
         except OSError:
             continue
-        if int(stat.rsplit(b")", 1)[1].split()[1]) == me:
+        if parent == me:
             found.add(int(name))
     return frozenset(found)
 

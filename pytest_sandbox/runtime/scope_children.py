@@ -16,14 +16,15 @@ import subprocess
 import time
 from typing import Any
 
+from ..linux import process
+
 _POLL_INTERVAL = 0.005
 
 
 def _zombie_status(pid: int) -> int | None:
     """The wait status of ``pid`` if it has exited (not reaped yet), else None; ChildProcessError if gone."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
+        fields = process.stat_fields(pid)
     except FileNotFoundError:
         raise ChildProcessError(errno.ECHILD, f"process {pid} is gone") from None
     if fields[0] not in (b"Z", b"X"):
