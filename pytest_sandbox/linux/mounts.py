@@ -24,17 +24,16 @@ def clone_tree(path: str, recursive: bool = True) -> int:
     return syscalls.open_tree(path, flags)
 
 
-def clone_tree_at(fd: int) -> int:
-    """``clone_tree`` (recursive) of what the O_PATH fd ``fd`` opens: no path looked up again."""
-    flags = syscalls.OPEN_TREE_CLONE | syscalls.OPEN_TREE_CLOEXEC | syscalls.AT_RECURSIVE | syscalls.AT_EMPTY_PATH
-    return syscalls.open_tree("", flags, fd)
+def clone_tree_at(fd: int, recursive: bool = True) -> int:
+    """``clone_tree`` of what the O_PATH fd ``fd`` opens: no path looked up again."""
+    flags = syscalls.OPEN_TREE_CLONE | syscalls.OPEN_TREE_CLOEXEC | syscalls.AT_EMPTY_PATH
+    return syscalls.open_tree("", flags | (syscalls.AT_RECURSIVE if recursive else 0), fd)
 
 
 def read_only_view(fd: int) -> int:
     """A read-only clone of the mount whose root ``fd`` opens, without what is mounted below it: reading
     through it is all its holder can do."""
-    flags = syscalls.OPEN_TREE_CLONE | syscalls.OPEN_TREE_CLOEXEC | syscalls.AT_EMPTY_PATH
-    view = syscalls.open_tree("", flags, fd)
+    view = clone_tree_at(fd, recursive=False)
     read_only(view, syscalls.MOUNT_ATTR_NODEV | syscalls.MOUNT_ATTR_NOEXEC)
     return view
 

@@ -16,7 +16,6 @@ take its fds.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import dataclasses
 import os
@@ -110,15 +109,11 @@ def start_helper(places: tuple[str, ...], hidden: tuple[tuple[str, bool], ...], 
 
 def begin(helper: Helper) -> int:
     """Mount the next test's layer; an fd of the tmpfs holding its uppers (``<index>/upper``)."""
-    fds = array.array("i")
     try:
         helper.ask(BEGIN)
-        message, ancillary, _, _ = helper.line.recvmsg(4096, socket.CMSG_SPACE(fds.itemsize))
+        message, fds, _, _ = socket.recv_fds(helper.line, 4096, 1)
     except OSError as exc:
         raise LayerError(f"the layer helper is gone ({exc})") from None
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
     if message != b"ok" or len(fds) != 1:
         for fd in fds:
             os.close(fd)
@@ -164,7 +159,7 @@ def _helper_main(
             if request == BEGIN:
                 fd = layer.mount()
                 try:
-                    control.sendmsg([b"ok"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+                    socket.send_fds(control, [b"ok"], [fd])
                 finally:
                     os.close(fd)
             elif request == END:
@@ -332,9 +327,7 @@ class _Layer:
         return fd
 
     def _mount_below(self, below: _Below, tops: dict[int, int]) -> None:
-        clone = syscalls.open_tree(
-            "", syscalls.OPEN_TREE_CLONE | syscalls.OPEN_TREE_CLOEXEC | syscalls.AT_EMPTY_PATH, below.source
-        )
+        clone = mounts.clone_tree_at(below.source, recursive=False)
         try:
             target = syscalls.openat2(tops[below.place], below.relative, _PATH, _BENEATH)
         except OSError:
