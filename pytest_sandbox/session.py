@@ -330,7 +330,7 @@ def scope_sandboxes(state: SessionState, writable: Iterable[str]) -> bool:
     place is on overlayfs already (a layer over the scope's overlay would pass the kernel's stacking limit)."""
     if state.scope != "test" or state.accounting or state.stress:
         return False
-    return all(mounts.filesystem_of(path) != "overlay" for path in writable if os.path.isdir(path))
+    return not any(mounts.on_overlayfs(path) for path in writable if os.path.isdir(path))
 
 
 def drop_zygote(state: SessionState) -> None:

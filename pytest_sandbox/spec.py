@@ -80,11 +80,7 @@ class SandboxSpec:
         """Its tests may share a scope sandbox, each in a fork over a layer of its own (--sandbox-scope=test).
         Not with limits (a test's usage, OOM and timeout are its own cgroup's), nor in an image (no layer over
         its root yet), nor with writable= places on overlayfs (no room left to stack a layer)."""
-        return (
-            not self.limits
-            and self.image is None
-            and all(mounts.filesystem_of(path) != "overlay" for path in self.writable)
-        )
+        return not self.limits and self.image is None and not any(mounts.on_overlayfs(path) for path in self.writable)
 
     def replace(self, **changes: Any) -> SandboxSpec:
         """A copy with some fields changed and validated again (for ``pytest_sandbox_spec`` hooks)."""

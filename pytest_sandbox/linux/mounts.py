@@ -122,6 +122,11 @@ def filesystem_of(path: str) -> str:
     return best.fstype
 
 
+def on_overlayfs(path: str) -> bool:
+    """Whether ``path`` lies on overlayfs: one more overlay over it may pass the kernel's stacking limit."""
+    return filesystem_of(path) == "overlay"
+
+
 def default_scratch_size() -> int:
     """A quarter of the machine's RAM: each tmpfs a sandbox writes to is bounded, so a test cannot fill
     host memory through one (plain pytest would have filled the disk)."""
