@@ -43,7 +43,7 @@ _scope_pid = 0  # in a test's fork: the scope process it came from
 _held_teardown: list[dict[str, Any]] | None = None  # in a test's fork: its teardown report, for the scope to finish
 
 
-def _exit(code: int = 0) -> None:
+def _exit(code: int = 0) -> NoReturn:
     _flush_stdio()
     os._exit(code)
 
@@ -448,12 +448,7 @@ def _run_items(box: Sandbox, items: dict[str, pytest.Item], scratch: int | None)
             return
         item, nextitem = asked
         try:
-            watchdog = _watchdog(box.spec.timeout, box.crash_fd) if box.spec.timeout is not None else None
-            item.ihook.pytest_runtest_protocol(item=item, nextitem=nextitem)
-            if watchdog is not None:
-                watchdog.cancel()
-            for message in plugin_results.after_test(item.config, item):  # benchmarks, flaky, syrupy records
-                protocol.send(_channel, message)
+            _run_protocol(box, item, nextitem)
             if nextitem is None:
                 _send_what_persists(item.config, scratch, box.outputs)
             protocol.send(_channel, {"type": "done"})
@@ -462,6 +457,18 @@ def _run_items(box: Sandbox, items: dict[str, pytest.Item], scratch: int | None)
             return
         if nextitem is None:
             return
+
+
+def _run_protocol(box: Sandbox, item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """pytest's protocol for ``item`` under the spec's timeout, then what plugins recorded for it (benchmarks,
+    flaky, syrupy records)."""
+    assert _channel is not None
+    watchdog = _watchdog(box.spec.timeout, box.crash_fd) if box.spec.timeout is not None else None
+    item.ihook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+    if watchdog is not None:
+        watchdog.cancel()
+    for message in plugin_results.after_test(item.config, item):
+        protocol.send(_channel, message)
 
 
 def _ended_early(exc: BaseException, item: pytest.Item) -> dict[str, Any]:
@@ -611,25 +618,13 @@ def _test_fork(box: Sandbox, item: pytest.Item, nextitem: pytest.Item | None, la
         scope = item.parent
         setup_state.teardown_exact = lambda nextitem: teardown_exact(scope)  # type: ignore[method-assign,arg-type]
         _held_teardown = []
-        watchdog = _watchdog(box.spec.timeout, box.crash_fd) if box.spec.timeout is not None else None
-        item.ihook.pytest_runtest_protocol(item=item, nextitem=nextitem)
-        if watchdog is not None:
-            watchdog.cancel()
-        for message in plugin_results.after_test(item.config, item):
-            protocol.send(_channel, message)
-        for message in outputs.collect(layer, box.outputs):
-            protocol.send(_channel, message)
-        for message in plugin_state.suite_properties(item.config):
-            protocol.send(_channel, message)
-        coverage = plugin_state.coverage_message()
-        if coverage is not None:
-            protocol.send(_channel, coverage)
+        _run_protocol(box, item, nextitem)
+        _send_what_persists(item.config, layer, box.outputs)
         os.write(held_fd, protocol.encode({"held": _held_teardown}))
     except BaseException as exc:
         protocol.send(_channel, _ended_early(exc, item))
         code = STOP
     _exit(code)
-    raise AssertionError("unreachable")
 
 
 def _finish_teardown(item: pytest.Item, nextitem: pytest.Item | None, held: list[dict[str, Any]]) -> None:
@@ -675,11 +670,11 @@ def _end_as(status: int) -> NoReturn:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, [number])
         os.kill(os.getpid(), number)
     _exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1)
-    raise AssertionError("unreachable")
 
 
 def _send_what_persists(config: pytest.Config, scratch: int | None, uppers: tuple[tuple[str, str], ...]) -> None:
-    """At the sandbox's end: the files it wrote under declared outputs, and what coverage measured."""
+    """At the end of a sandbox or of a test's fork: the files written under declared outputs (``scratch``: the
+    uppers' tmpfs), junit suite properties and what coverage measured."""
     assert _channel is not None
     if scratch is not None:
         for message in outputs.collect(scratch, uppers):
