@@ -14,7 +14,7 @@ echo "+memory +pids +cpu +io" > /sys/fs/cgroup/cgroup.subtree_control
 
 echo "--- root"
 "$VENV/bin/pytest-sandbox" doctor
-"$VENV/bin/python" -m pytest -p no:cacheprovider -m guest -v -rs tests
+"$VENV/bin/python" -m pytest -p no:cacheprovider -m guest -v -rs --durations=8 tests
 
 echo "--- $CI_USER in a delegated cgroup"
 delegated=/sys/fs/cgroup/sandbox-ci.scope
@@ -24,4 +24,4 @@ home=$(getent passwd "$CI_USER" | cut -d: -f6)
 uid=$(id -u "$CI_USER") gid=$(id -g "$CI_USER")
 cd "$USER_SRC"
 sh -c "echo \$\$ > $delegated/cgroup.procs && exec setpriv --reuid=$uid --regid=$gid --init-groups \
-    env HOME=$home $USER_VENV/bin/python -m pytest -p no:cacheprovider -m 'guest or rootless' -v -rs tests"
+    env HOME=$home $USER_VENV/bin/python -m pytest -p no:cacheprovider -m 'guest or rootless' -v -rs --durations=8 tests"

@@ -26,6 +26,7 @@ from .layers.format import HOST_BASE
 from .layers.store import FORMAT_VERSION, Image, Store, StoreError, check_name
 from .linux import rootfs, syscalls
 from .runtime import cgroups
+from .services import records
 from .volumes import VolumeStore
 
 
@@ -613,6 +614,23 @@ def _volumes(args: argparse.Namespace, project: Project) -> int:
     return 0
 
 
+def _services(args: argparse.Namespace, project: Project) -> int:
+    """What running pytest sessions have up (their records in the store)."""
+    found = records.running(project.store.root)
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    print(f"{'PYTEST':>8}  {'NAME':16} {'STATE':12} {'SCOPE':8} {'STARTED':>8}  PORTS (pod -> host loopback)")
+    for record in found:
+        for service in record["services"]:
+            ports = ", ".join(f"{inner}->127.0.0.1:{outer}" for inner, outer in service["ports"].items()) or "-"
+            up = _ago(service["started"]) if service["state"] == "running" else "-"
+            print(
+                f"{record['pid']:>8}  {service['name']:16} {service['state']:12} {service['scope']:8} {up:>8}  {ports}"
+            )
+    return 0
+
+
 def _version(args: argparse.Namespace, project: Project) -> int:
     """What a bug report needs: versions, this host's kernel and cgroups, and the store pytest would use."""
     store = project.store
@@ -761,6 +779,11 @@ def _add_kept_data_commands(commands: Any, add: Callable[..., argparse.ArgumentP
     q = add(sub, "rm", "remove volumes and their data (refused while a sandbox uses one)")
     q.add_argument("names", nargs="+", metavar="NAME")
     add(sub, "prune", "remove every volume no sandbox uses now")
+    p = add(commands, "services", "what running pytest sessions have up: services, state, scope, published ports")
+    sub = p.add_subparsers(dest="services_command")
+    q = add(sub, "ls", "list the services of running sessions (the default)")
+    for parser in (p, q):
+        parser.add_argument("--json", action="store_true", help="as JSON, one record per pytest process")
     p = add(commands, "containers", "list (default), rm or prune the containers kept by failed tests")
     sub = p.add_subparsers(dest="containers_command")
     add(sub, "ls")
@@ -776,6 +799,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace, Project], int]] = {
     "commit": _commit,
     "containers": _containers,
     "volumes": _volumes,
+    "services": _services,
     "version": _version,
     "login": _login,
     "logout": _login,

@@ -59,6 +59,7 @@ HOME_PLACES = (
     ".config/hub",
     ".password-store",
     ".config/containers/auth.json",
+    ".config/containers/certs.d",  # registries' client keys (layers/registry.py reads them)
     ".local/share/keyrings",
     ".cargo/credentials",
     ".cargo/credentials.toml",
@@ -74,6 +75,8 @@ SYSTEM_PLACES = (
     "/etc/ssh/ssh_host_*_key",
     "/etc/ssl/private",
     "/etc/krb5.keytab",
+    "/etc/containers/certs.d/*/*.key",  # registries' client keys: their CAs stay readable
+    "/etc/docker/certs.d/*/*.key",
 )
 RUNTIME_PLACES = ("gnupg", "keyring", "containers/auth.json")  # under $XDG_RUNTIME_DIR
 # Variables whose value is a credential file, directory or socket: that place is masked too.
@@ -156,6 +159,9 @@ def default_places(home: str | None, environ: Mapping[str, str] | None = None) -
     """Every default place as a path or glob pattern, before checking what exists."""
     environ = os.environ if environ is None else environ
     places = [os.path.join(h, p) for h in homes(home) for p in HOME_PLACES]
+    config = environ.get("XDG_CONFIG_HOME", "")
+    if os.path.isabs(config):  # what the tools keep under ~/.config, they keep there instead
+        places += [os.path.join(config, p.removeprefix(".config/")) for p in HOME_PLACES if p.startswith(".config/")]
     places += SYSTEM_PLACES
     runtime = environ.get("XDG_RUNTIME_DIR", "")
     if os.path.isabs(runtime):

@@ -14,3 +14,7 @@ class SetupError(SandboxError):
         super().__init__(f"sandbox setup failed in phase {phase!r}: {message}")
         self.phase = phase
         self.message = message
+
+
+class ServiceError(SandboxError):
+    """A service did not start, did not become ready, or was used where it cannot be."""

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import faulthandler
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import pytest
@@ -15,8 +16,11 @@ from . import session as _session
 from .errors import SandboxError
 from .runtime import test_process
 from .runtime.handle import Zygote
+from .services import pod
+from .services.definition import ServiceDefinition, resolved, used_by
 from .session import SPEC_KEY, SessionState
 from .spec import FIELDS, MARKER, SandboxSpec, spec_for_item, with_resolved_volumes
+from .volumes import is_named
 
 STATE_KEY = pytest.StashKey[SessionState]()
 REPEAT_PARAM = "sandbox_run"
@@ -37,6 +41,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "(pytest-sandbox)",
     )
     state = config.stash[STATE_KEY] = _session.configure(config)
+    config.stash[pod.STARTER] = lambda: _session.ensure_pod(state, state.items)
     if state.durations is not None or state.repeat > 1:
         config.pluginmanager.register(_Recorder(state.records), "sandbox-recorder")
 
@@ -68,10 +73,15 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     state = config.stash[STATE_KEY]
     unenforced: dict[str, list[str]] = {}
     images_needed: dict[str, str] = {}
+    services: dict[str, ServiceDefinition] = {}
     for item in items:
         spec = spec_for_item(item, state.defaults, sandbox_all=state.sandbox_all, overrides=state.stress)
+        used = used_by(item)
+        services.update((definition.name, definition) for definition in used)
         if spec is None:
             continue
+        if used and spec.network == "none":  # a sandboxed test reaches its services on the pod network
+            spec = dataclasses.replace(spec, network="pod")
         changed = item.ihook.pytest_sandbox_spec(item=item, spec=spec)
         if changed is not None:
             if not isinstance(changed, SandboxSpec):
@@ -81,7 +91,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         if spec.image is not None and state.mode != "off":
             images_needed.setdefault(spec.image, item.nodeid)
         if spec.volumes and state.mode != "off":
-            _session.check_volume_targets(item, spec)
+            _session.check_volume_targets(config, item.nodeid, spec)
         for limit in spec.limits:
             if limit not in state.backend.enforced:
                 unenforced.setdefault(limit, []).append(item.nodeid)
@@ -90,7 +100,49 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     if state.mode != "off":
         sandboxed = [item for item in items if SPEC_KEY in item.stash]
         state.outputs = tuple(dict.fromkeys([*state.outputs, *plugin_state.for_sandboxed_items(config, sandboxed)]))
+        state.pod_needed = any(item.stash[SPEC_KEY].network == "pod" for item in sandboxed)
+    state.items = items
+    _use_services(config, state, services, images_needed)
     _session.check_images(state, images_needed)
+
+
+def _use_services(
+    config: pytest.Config, state: SessionState, services: dict[str, ServiceDefinition], images_needed: dict[str, str]
+) -> None:
+    """The services the selected tests use: their host paths resolved and volume targets checked, their images
+    built with the others'."""
+    rootdir = str(config.rootpath)
+    state.services = {name: resolved(definition, rootdir) for name, definition in sorted(services.items())}
+    sandboxed = [item for item in state.items if SPEC_KEY in item.stash]
+    for definition in state.services.values():
+        if definition.spec.image is not None:
+            images_needed.setdefault(definition.spec.image, definition.where)
+        _session.check_volume_targets(config, definition.where, definition.spec)
+        _check_shared_volumes(definition, sandboxed)
+    writers: dict[str, str] = {}  # a named volume -> the service that mounts it read/write
+    for definition in state.services.values():
+        for source, _target, mode in definition.spec.volumes:
+            if is_named(source) and mode == "rw":
+                if source in writers:
+                    raise pytest.UsageError(
+                        f"{definition.where}: volumes: the named volume {source!r} is also mounted read/write by "
+                        f"service({writers[source]!r}); a named volume has one writer at a time"
+                    )
+                writers[source] = definition.name
+
+
+def _check_shared_volumes(definition: ServiceDefinition, sandboxed: list[pytest.Item]) -> None:
+    """A named volume has one writer at a time, and a service holds its volumes while it runs: a test of the
+    same session writing one it reads or writes (or reading one it writes) would wait for it forever."""
+    mine = {source: mode for source, _target, mode in definition.spec.volumes if is_named(source)}
+    for item in sandboxed:
+        for source, _target, mode in item.stash[SPEC_KEY].volumes:
+            if source in mine and "rw" in (mode, mine[source]):
+                raise pytest.UsageError(
+                    f"{item.nodeid}: volumes: the named volume {source!r} is also mounted by "
+                    f"{definition.where}, which holds it while it runs; only read-only mounts of it can be "
+                    "shared (or give the test another volume)"
+                )
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -181,9 +233,14 @@ def _sandboxed(item: pytest.Item, nextitem: pytest.Item | None, spec: SandboxSpe
     ihook = item.ihook
     ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
     for report in _run(item, nextitem, spec, state):
+        if report.failed and state.pod is not None:
+            report.sections.extend(state.pod.log_sections(item))
         ihook.pytest_runtest_logreport(report=report)
     if state.parent_epoch:
         _teardown_parent_fixtures(item, nextitem, state)
+    if state.pod is not None:
+        state.pod.after_test(item)
+        state.pod.end_scopes(nextitem)
     ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
 
 
@@ -228,6 +285,13 @@ def _run(
     if spec.image is not None and spec.image in state.image_errors:
         yield from reports.refused(item, state.image_errors[spec.image], skip=False)
         return
+    used = used_by(item)
+    if used:  # started here: the sandbox has no line to the pod's zygote
+        try:
+            _session.ensure_pod(state, [item]).for_item(item, used)
+        except SandboxError as exc:
+            yield from reports.refused(item, str(exc), skip=False)
+            return
     item.ihook.pytest_sandbox_start(item=item, spec=spec)
     try:
         zyg = _session.zygote_for(item, state)
@@ -277,6 +341,21 @@ def _teardown_parent_fixtures(item: pytest.Item, nextitem: pytest.Item | None, s
         state.parent_epoch += 1
     if call.excinfo is not None:
         item.ihook.pytest_runtest_logreport(report=pytest.TestReport.from_item_and_call(item, call))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """An unsandboxed test that fails while services run gets their recent logs (sandboxed ones: _sandboxed)."""
+    report = yield
+    state = item.config.stash.get(STATE_KEY, None)
+    if state is not None and state.pod is not None and not test_process.in_sandbox():
+        if report.failed:
+            report.sections.extend(state.pod.log_sections(item))
+        if call.when == "teardown":
+            state.pod.after_test(item)
+    return report
 
 
 class _Recorder:

@@ -6,10 +6,11 @@ import dataclasses
 import functools
 import os
 import shutil
+import socket
 from collections.abc import Callable
 
 from .linux import syscalls, userns
-from .runtime import cgroups
+from .runtime import cgroups, ports
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,17 +105,18 @@ def _try_in_child(steps: list[str]) -> dict[str, str]:
     pid = os.fork()
     if pid == 0:
         os.close(read_fd)
-        results: list[str] = []
         try:
             for step in steps:
                 try:
                     _STEPS[step]()
-                    results.append(f"{step}=")
+                    result = ""
                 except OSError as exc:
-                    results.append(f"{step}={exc.strerror or exc}")
-                    if step not in OPTIONAL:
-                        break
-            os.write(write_fd, "\n".join(results).encode())
+                    result = exc.strerror or str(exc)
+                except Exception as exc:  # reported as the step's failure, not lost with the steps before it
+                    result = f"{type(exc).__name__}: {exc}"
+                os.write(write_fd, f"{step}={result}\n".encode())  # each at once: a crash keeps what was done
+                if result and step not in OPTIONAL:
+                    break
         finally:
             os._exit(0)
     os.close(write_fd)
@@ -141,6 +143,20 @@ def _tmpfs_xattr_step() -> None:
     os.setxattr("/tmp/upper", "user.sandbox-probe", b"1")  # the probe's tmpfs from the overlay step
 
 
+def _pod_step() -> None:
+    """What services need of the network namespace made in the step before: loopback up, and its TCP table
+    (wait.listening reads it), which must show a socket listening in it."""
+    syscalls.loopback_up()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        if server.getsockname()[1] not in ports.listening_ports():
+            raise OSError("a listening socket is not in /proc/self/net/tcp")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:  # sd_notify's, for wait.notify()
+        notify.bind(f"\0pytest-sandbox-probe-{os.getpid()}")
+        notify.sendto(b"READY=1", notify.getsockname())
+        if notify.recv(16) != b"READY=1":
+            raise OSError("an abstract datagram socket did not get what was sent to it (wait.notify)")
+
+
 _STEPS: dict[str, Callable[[], None]] = {
     "userns": userns.enter_user_namespace,
     "mountns": lambda: syscalls.unshare(syscalls.CLONE_NEWNS),
@@ -150,6 +166,7 @@ _STEPS: dict[str, Callable[[], None]] = {
     "overlay": _overlay_step,
     "tmpfs_xattr": _tmpfs_xattr_step,
     "netns": lambda: syscalls.unshare(syscalls.CLONE_NEWNET),
+    "pod": _pod_step,
     "pidns": lambda: syscalls.unshare(syscalls.CLONE_NEWPID),
 }
 
@@ -235,6 +252,8 @@ def build_checks(results: dict[str, str], cgroup: str | None = None) -> tuple[Ch
         "overlay": "overlayfs with userxattr",
         "tmpfs_xattr": "user xattrs on tmpfs: host directories can be deleted in writable overlays",
         "netns": "network namespace",
+        "pod": "pod network for services: loopback up; readiness: wait.listening (its TCP table), "
+        "wait.notify (abstract datagram sockets), wait.log, wait.http, wait.command",
         "pidns": "pid namespace",
     }
     first_failed = next((c.name for c in out if not c.ok), None)
@@ -265,10 +284,13 @@ def build_checks(results: dict[str, str], cgroup: str | None = None) -> tuple[Ch
 
 @functools.lru_cache(maxsize=4)
 def checks(cgroup: str | None = None) -> tuple[Check, ...]:
-    return build_checks(_try_in_child(list(_STEPS)), cgroup)
+    results = _try_in_child(list(_STEPS))
+    if "userns" not in results:  # the probe's child died before its first step said anything: once more
+        results = _try_in_child(list(_STEPS))
+    return build_checks(results, cgroup)
 
 
-OPTIONAL = ("tmpfs_xattr",)
+OPTIONAL = ("tmpfs_xattr", "pod")
 REQUIRED = ("userns", "mountns", "host_view", "overlay", "netns", "pidns")
 
 
@@ -289,7 +311,7 @@ def unavailable_reason() -> str | None:
 def header_line() -> str:
     parts = []
     for check in checks():
-        if check.name in ("userns", "overlay", "netns"):
+        if check.name in ("userns", "overlay", "netns", "pod"):
             parts.append(f"{check.name} {'ok' if check.ok else 'MISSING'}")
     parts.append(next(c.detail for c in checks() if c.name == "cgroup"))
     reason = unavailable_reason()

@@ -29,6 +29,8 @@ cannot forge how it ended::
       |<============================================================ output {path, data} ===|  (declared outputs,
       |<============================================================ suite-property {...} ==|  junit suite properties,
       |<============================================================ coverage {...} ========|  coverage: at its end)
+      |<============================================================ service-call {...} ====|  a service's logs, exec,
+      |============================================================= {answer} ============>|  restart, stop (it waits)
       |<============================================================ done ==================|  exits
       |<-- exit {code|signal, usage} + [crash memfd] --|  test exited: SIGKILL its pid 1
       |<-- gone -----------------|  pid 1 reaped: the namespace is empty
@@ -81,6 +83,8 @@ FROM_TEST: dict[str, dict[str, tuple[type, ...]]] = {
     "exit-requested": {"reason": (str,), "returncode": (int, type(None))},
     "interrupted": {"path": (str,), "lineno": (int,)},  # where ^C landed: see interrupt_location
     "interact": {"when": (str,)},  # --pdb: pdb is about to start on this phase's report (runtime/interact.py)
+    # A sandboxed test calls a service it uses (logs, exec, restart, stop): pytest answers on the same line.
+    "service-call": {"name": (str,), "call": (str,), "argv": (list,), "timeout": (int, float)},
 }
 # What the zygote sends on a sandbox's status channel.
 FROM_ZYGOTE: dict[str, dict[str, tuple[type, ...]]] = {

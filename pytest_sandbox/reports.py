@@ -21,6 +21,7 @@ import pytest
 
 from . import credentials, outputs, plugin_results, plugin_state, protocol
 from .runtime.handle import Zygote
+from .services.pod import answer as service_call
 from .spec import SandboxSpec
 
 
@@ -125,6 +126,7 @@ class _Relay:
         self.ended = False  # the zygote said how the test process ended
         self.last_failed: pytest.TestReport | None = None
         self.interact = False  # --pdb: the test process waits for a go before pdb starts
+        self.service_calls: list[dict[str, Any]] = []  # the test waits for each answer
         # What its messages may make pytest hold: its memory limit where it has one, at most 128 MiB.
         self.budget = protocol.Budget(min(max(spec.memory or protocol.MAX_MESSAGE, 16 * 2**20), protocol.MAX_MESSAGE))
 
@@ -136,29 +138,56 @@ class _Relay:
         elif kind == "container":
             if self.containers is not None:
                 self.containers[self.item.nodeid] = message["id"]
-        elif kind == "warning":
-            _record_warning(self.item, message)
+        elif kind in ("warning", "log", "suite-property"):
+            self._record(kind, message)
         elif kind == "done":
             self.done = True
-        elif kind == "log":
-            _write_log_file(self.item.config, message["text"])
         elif kind == "output":
             if self.spec.image is None:
                 outputs.write(message, self.zyg.outputs)
-        elif kind == "suite-property":
-            plugin_state.add_suite_property(self.item.config, message)
         elif kind == "coverage":
             self._coverage(message)
         elif kind in plugin_results.KINDS:
             plugin_results.receive(self.item, message)
         elif kind == "error":
             self.outcome.setup_error = message
+        elif kind == "service-call":
+            self.service_calls.append(message)
         elif kind == "interact":  # --pdb: pdb shows this report in the sandbox (runtime/interact.py)
             if self.last_failed is not None and getattr(self.item.config.option, "usepdb", False):
                 self.last_failed._pdbshown = True  # type: ignore[attr-defined]  # as pdb marks its own
             self.interact = True
         else:  # exit-requested, interrupted
             self.outcome.stop = message
+
+    def answer(self, reports: socket.socket, deadline: float | None) -> None:
+        """What the test process waits for: answers to its service calls, pdb's go once pytest has shown the
+        report (pdb may take the terminal then). A call is answered while its test runs, within its time
+        left; one call at a time (the test waits for each), so more queued are refused."""
+        calls, self.service_calls = self.service_calls, []
+        for number, call in enumerate(calls):
+            if self.ended:
+                break  # its process is gone: nobody waits for the answer
+            if number:
+                answer: dict[str, Any] = {"error": "one service call at a time: wait for each answer"}
+            else:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                answer = service_call(self.item, call, left)
+            with contextlib.suppress(OSError):
+                protocol.send(reports, answer)
+        if self.interact:
+            self.interact = False
+            with contextlib.suppress(OSError):
+                protocol.send(reports, {"go": True})
+
+    def _record(self, kind: str, message: dict[str, Any]) -> None:
+        """What pytest records for the test as it would in a plain run: warnings, log lines, suite properties."""
+        if kind == "warning":
+            _record_warning(self.item, message)
+        elif kind == "log":
+            _write_log_file(self.item.config, message["text"])
+        else:
+            plugin_state.add_suite_property(self.item.config, message)
 
     def _coverage(self, message: dict[str, Any]) -> None:
         if self.spec.image is None:  # an image's paths are not the host's
@@ -449,10 +478,7 @@ def run_in_sandbox(
                         status_open = _read_status(status, reports, relay)
                 yield from relay.ready
                 relay.ready.clear()
-                if relay.interact:  # pytest has shown the report: pdb may take the terminal
-                    relay.interact = False
-                    with contextlib.suppress(OSError):
-                        protocol.send(reports, {"go": True})
+                relay.answer(reports, deadline)
         finally:
             stdio.restore()
             if next_here is not None and relay.done and not relay.ended and relay.outcome.malformed is None:

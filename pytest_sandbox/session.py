@@ -17,18 +17,24 @@ import filelock
 import pytest
 
 from . import outputs, settings, summary
-from .errors import SandboxError
+from .errors import SandboxError, ServiceError
 from .layers import build, progress, registry
-from .layers.store import Image, Store
+from .layers.store import Image, Store, share
 from .linux import mounts
 from .linux.files import remove_tree
 from .linux.mounts import SCRATCH_PLACES, is_under
 from .linux.rootfs import ImageMount
 from .runtime import cgroups
 from .runtime.handle import Zygote
-from .runtime.zygote import Limits, SessionPaths
+from .runtime.service_process import ServiceCommand, ServiceLaunch
+from .runtime.zygote import Limits, Namespaces, SessionPaths
+from .services.definition import REGISTRY, ServiceDefinition, hosts_text, resolved
+from .services.pod import Pod
+from .services.records import Records
+from .services.shared import SharedServices
 from .spec import SandboxSpec
 from .volumes import VolumeStore, is_named
+from .wait import uses_notify
 
 if TYPE_CHECKING:
     from .reports import Channels
@@ -66,7 +72,13 @@ class SessionState:
     image_errors: dict[str, str] = dataclasses.field(default_factory=dict)
     keep_dir: str = ""  # this session's dir of image tests' read/write layers (--sandbox-keep)
     keep_fd: int = -1  # that dir, opened before any test could reach it: kept layers are found through it
+    xdist_run_fd: int = -1  # a shared lock on this xdist run's directory: the store's sweep leaves it alone
     containers: dict[str, str] = dataclasses.field(default_factory=dict)  # nodeid -> container id
+    items: list[pytest.Item] = dataclasses.field(default_factory=list)  # the session's, once collected
+    services: dict[str, ServiceDefinition] = dataclasses.field(default_factory=dict)  # the selected tests use
+    pod_needed: bool = False  # a sandboxed test is on the pod network: the pod starts before its zygote
+    pod: Pod | None = None
+    userns_fd: int = -1  # the session's user namespace: every zygote after the first joins it
 
     @property
     def volumes(self) -> VolumeStore:
@@ -168,8 +180,7 @@ def prepare_images(state: SessionState, say: build.Progress, worker: tuple[str, 
         _prepare_images(state, say)
         return
     worker_id, run_id = worker
-    shared = os.path.join(state.store.ensure().tmp_dir, f"xdist-{run_id}")
-    os.makedirs(shared, exist_ok=True)
+    shared = _xdist_run_dir(state, run_id)
     started = os.path.join(shared, "started")
     first = filelock.FileLock(os.path.join(shared, "lock"))
     if worker_id == "gw0":
@@ -184,6 +195,15 @@ def prepare_images(state: SessionState, say: build.Progress, worker: tuple[str, 
     with first:
         pass  # gw0 is done
     _prepare_images(state, lambda _line: None)
+
+
+def _xdist_run_dir(state: SessionState, run_id: str) -> str:
+    """Where the xdist workers of one run meet (image preparation, shared services); the store drops it once
+    no worker of the run holds it (a run may last longer than the hour after which a dir nobody holds goes)."""
+    path = os.path.join(state.store.ensure().tmp_dir, f"xdist-{run_id}")
+    if state.xdist_run_fd < 0:  # the first call makes it
+        state.xdist_run_fd = share(path)
+    return path
 
 
 def _prepare_images(state: SessionState, say: build.Progress) -> None:
@@ -245,15 +265,15 @@ def session_paths(config: pytest.Config, basetemp: str | None) -> SessionPaths:
     return SessionPaths(cwd=cwd, writable=tuple(writable), needed=tuple(needed))
 
 
-def check_volume_targets(item: pytest.Item, spec: SandboxSpec) -> None:
+def check_volume_targets(config: pytest.Config, where: str, spec: SandboxSpec) -> None:
     """A target the sandbox could not make (the host view is read-only) is a usage error before any test."""
     if spec.image is not None:  # an image test's volumes also go into the image's root, where they can be made
         return
-    writable = [*session_paths(item.config, None).writable, *spec.writable, *SCRATCH_PLACES]
+    writable = [*session_paths(config, None).writable, *spec.writable, *SCRATCH_PLACES]
     for source, target, _mode in spec.volumes:
         if not os.path.lexists(target) and not any(is_under(target, w) for w in writable):
             raise pytest.UsageError(
-                f"{item.nodeid}: invalid volumes={{{source!r}: {target!r}}}: {target} does not exist on this host "
+                f"{where}: invalid volumes={{{source!r}: {target!r}}}: {target} does not exist on this host "
                 "and the sandbox's root is the host's, read-only: a target must exist, or lie under /tmp, "
                 "/var/tmp, /run, $HOME, the rootdir or a writable= place (or the test runs in an image)"
             )
@@ -292,35 +312,145 @@ def zygote_for(item: pytest.Item, state: SessionState) -> Zygote:
         zyg = state.zygote = None
     if zyg is not None:
         return zyg
-    factory = getattr(item.config, "_tmp_path_factory", None)
-    basetemp = str(factory.getbasetemp()) if factory is not None else None
+    pod = ensure_pod(state, [item]) if state.pod_needed else state.pod  # first: the zygote joins its network
     items = {i.nodeid: i for i in item.session.items} | {item.nodeid: item}
-    _open_keep_dir(state)
     _make_named_volumes(state, list(items.values()))
-    base_paths = session_paths(item.config, basetemp)
-    state.scope_sandboxes = scope_sandboxes(state, base_paths.writable)
-    paths = dataclasses.replace(
-        base_paths,
-        scope_sandboxes=state.scope_sandboxes,
-        images=dict(state.images),
-        keep_dir=state.keep_dir,
-        outputs=state.outputs,
-        volumes_root=state.volumes.root,
+    paths = _zygote_paths(item, state)
+    state.scope_sandboxes = paths.scope_sandboxes
+    namespaces = Namespaces(
+        user=state.userns_fd if state.userns_fd >= 0 else None,
+        pod_net=pod.zygote.netns if pod is not None else None,
+        pod_hosts=hosts_text(list(state.services)) if pod is not None else "",
     )
-    if state.cgroup_session is None and isinstance(state.backend, cgroups.CgroupBackend):
-        try:
-            state.cgroup_session = state.backend.open_session()
-        except OSError as exc:
-            raise SandboxError(f"cannot create the session cgroup: {exc}") from None
+    _open_cgroup_session(state)
     # faulthandler's watchdog thread would not exist in the fork, whose first dump_traceback_later then
     # waits for it forever: stop it here. A sandboxed test's wrappers in pytest armed none (_disarm_host_timers),
     # the sandbox arms its own.
     faulthandler.cancel_dump_traceback_later()
     zyg = state.zygote = Zygote(
-        items, SPEC_KEY, paths, state.parent_epoch, Limits(state.backend, state.cgroup_session, state.accounting)
+        items,
+        SPEC_KEY,
+        paths,
+        state.parent_epoch,
+        Limits(state.backend, state.cgroup_session, state.accounting),
+        namespaces,
     )
+    _remember_user_namespace(state, zyg)
     state.scope_sandboxes = zyg.scope_sandboxes
     return zyg
+
+
+def ensure_pod(state: SessionState, items: list[pytest.Item]) -> Pod:
+    """The session's pod: a zygote of its own whose network namespace its services share, started once."""
+    if state.pod is not None:
+        return state.pod
+    if not items:
+        raise ServiceError("services need a collected test to start from")
+    item = items[0]
+    launches = {}
+    refused: dict[str, str] = {}
+    definitions = _pod_definitions(state, str(item.config.rootpath))
+    for name, definition in definitions.items():
+        why = _image_refusal(state, definition)
+        if why:
+            refused[name] = f"{definition.where}: {why}"
+            continue
+        for source, _target, _mode in definition.spec.volumes:
+            if is_named(source):
+                state.volumes.ensure(source)
+        launches[name] = ServiceLaunch(
+            _stressed(definition.spec, state.stress),
+            ServiceCommand(
+                argv=definition.command,
+                setup=definition.setup,
+                fresh_when_empty=tuple(t for s, t, _ in definition.spec.volumes if is_named(s)),
+                notify=uses_notify(definition.readiness),
+            ),
+        )
+    paths = dataclasses.replace(_zygote_paths(item, state), scope_sandboxes=False)
+    _open_cgroup_session(state)
+    faulthandler.cancel_dump_traceback_later()
+    zyg = Zygote(
+        {i.nodeid: i for i in item.session.items} | {item.nodeid: item},
+        SPEC_KEY,
+        paths,
+        -1,
+        Limits(state.backend, state.cgroup_session, state.accounting),
+        Namespaces(user=state.userns_fd if state.userns_fd >= 0 else None, is_pod=True),
+        launches,
+    )
+    _remember_user_namespace(state, zyg)
+    try:
+        records = Records(state.store.ensure().root, str(item.config.rootpath))
+        worker = getattr(item.config, "workerinput", None)  # xdist: session services once per run
+        shared = None
+        if worker is not None:
+            run_dir = os.path.join(_xdist_run_dir(state, str(worker["testrunuid"])), "services")
+            shared = SharedServices(run_dir, str(worker["workerid"]))
+        state.pod = Pod(zyg, definitions, state.volumes, records, refused, shared)
+    except BaseException:
+        zyg.close()
+        raise
+    return state.pod
+
+
+def _stressed(spec: SandboxSpec, stress: dict[str, Any]) -> SandboxSpec:
+    """A service under ``--sandbox-stress``: its memory, cpus and pids limits are the stress run's too (a flaky
+    test is often a slow service); its tests' timeout is not a service's."""
+    changes = {name: value for name, value in stress.items() if name in ("memory", "cpus", "pids")}
+    return dataclasses.replace(spec, **changes) if changes else spec
+
+
+def _pod_definitions(state: SessionState, rootdir: str) -> dict[str, ServiceDefinition]:
+    """The services the pod can start: those the selected tests use, and any other defined (a test may ask
+    for one with ``request.getfixturevalue``) whose host paths exist."""
+    found = {}
+    for name, definition in REGISTRY.items():
+        with contextlib.suppress(pytest.UsageError):
+            found[name] = resolved(definition, rootdir)
+    return found | state.services
+
+
+def _image_refusal(state: SessionState, definition: ServiceDefinition) -> str:
+    """Why a service's image cannot run it (empty: it can): it failed to build, or was not built."""
+    image = definition.spec.image
+    if image is None:
+        return ""
+    if image in state.image_errors:
+        return state.image_errors[image]
+    if image not in state.images:
+        return f"image={image!r} was not prepared for this session"
+    return ""
+
+
+def _zygote_paths(item: pytest.Item, state: SessionState) -> SessionPaths:
+    factory = getattr(item.config, "_tmp_path_factory", None)
+    basetemp = str(factory.getbasetemp()) if factory is not None else None
+    _open_keep_dir(state)
+    base_paths = session_paths(item.config, basetemp)
+    return dataclasses.replace(
+        base_paths,
+        scope_sandboxes=scope_sandboxes(state, base_paths.writable),
+        images=dict(state.images),
+        keep_dir=state.keep_dir,
+        outputs=state.outputs,
+        volumes_root=state.volumes.root,
+        store_private=(state.volumes.root, state.store.tmp_dir, os.path.join(state.store.root, "store.lock")),
+    )
+
+
+def _open_cgroup_session(state: SessionState) -> None:
+    if state.cgroup_session is None and isinstance(state.backend, cgroups.CgroupBackend):
+        try:
+            state.cgroup_session = state.backend.open_session()
+        except OSError as exc:
+            raise SandboxError(f"cannot create the session cgroup: {exc}") from None
+
+
+def _remember_user_namespace(state: SessionState, zyg: Zygote) -> None:
+    """The first zygote's user namespace is the session's: kept open for the zygotes after it."""
+    if state.userns_fd < 0:
+        state.userns_fd = os.dup(zyg.userns)
 
 
 def scope_sandboxes(state: SessionState, writable: Iterable[str]) -> bool:
@@ -352,17 +482,27 @@ def keep_container(state: SessionState, item: pytest.Item, spec: SandboxSpec, ci
 
 
 def close(state: SessionState) -> None:
-    """End of the session: every sandbox gone, then the cgroups, then the layers of tests that passed."""
+    """End of the session: every sandbox and service gone, then the cgroups, then the layers of tests
+    that passed."""
     if state.shared is not None:
         state.shared.end()
         state.shared = None
     drop_zygote(state)
+    if state.pod is not None:
+        state.pod.close()
+        state.pod = None
+    if state.userns_fd >= 0:
+        os.close(state.userns_fd)
+        state.userns_fd = -1
     if state.cgroup_session is not None:
         state.cgroup_session.close()
         state.cgroup_session = None
     if state.keep_fd >= 0:
         os.close(state.keep_fd)
         state.keep_fd = -1
+    if state.xdist_run_fd >= 0:
+        os.close(state.xdist_run_fd)
+        state.xdist_run_fd = -1
     if state.keep_dir:
         remove_tree(state.keep_dir)  # follows no symlink a sandbox left in it
         state.keep_dir = ""

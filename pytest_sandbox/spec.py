@@ -25,7 +25,7 @@ from .layers.format import NAME_RE, NAME_RULE
 from .linux import mounts
 
 MARKER = "container"
-NETWORK_MODES = ("none", "host")
+NETWORK_MODES = ("none", "host", "pod")
 # Always matched with fullmatch: "$" would let a trailing newline through.
 _HOSTNAME_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
 HOSTNAME_MAX = 64  # the kernel's nodename holds 64 bytes; each DNS label at most 63

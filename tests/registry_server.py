@@ -50,6 +50,7 @@ class Registry:
         users: dict[str, str] | None = None,
         anonymous_pull: bool = False,
         tls: tuple[str, str] | None = None,
+        client_ca: str | None = None,
     ) -> None:
         self.auth, self.users, self.anonymous_pull = auth, dict(users or {}), anonymous_pull
         self.blobs: dict[str, bytes] = {}
@@ -76,6 +77,9 @@ class Registry:
         if tls is not None:  # (certificate chain file, key file)
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(*tls)
+            if client_ca is not None:  # mutual TLS: only clients with a certificate this CA signed
+                context.verify_mode = ssl.CERT_REQUIRED
+                context.load_verify_locations(cafile=client_ca)
             self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
             self.scheme = "https"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -442,3 +446,14 @@ def make_ca(directory: str) -> tuple[str, tuple[str, str]]:
         "ext.cnf",
     )
     return f"{directory}/ca.pem", (f"{directory}/host.pem", f"{directory}/host.key")
+
+
+def make_client_certificate(directory: str) -> tuple[str, str]:
+    """A client certificate signed by ``make_ca``'s CA in ``directory``: (certificate, key)."""
+    openssl(directory, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "client.key", "-out", "client.csr",
+            "-subj", "/CN=ci client")  # fmt: skip
+    with open(f"{directory}/client.cnf", "w") as f:
+        f.write("basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n")
+    openssl(directory, "x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "client.pem", "-days", "2", "-extfile", "client.cnf")  # fmt: skip
+    return f"{directory}/client.pem", f"{directory}/client.key"

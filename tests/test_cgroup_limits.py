@@ -6,6 +6,8 @@ Set PYTEST_SANDBOX_CGROUP to a delegated cgroup to run these as a plain user.
 from __future__ import annotations
 
 import os
+import select
+import subprocess
 import time
 
 import pytest
@@ -131,10 +133,67 @@ def _session_dirs(pid: int) -> list[str]:
 
 
 def _wait_no_session_dirs(pid: int) -> list[str]:
+    """The session's cgroups left after a wait, each with what is in it and below it (empty when none is)."""
     deadline = time.monotonic() + 60  # a bound, not a speed goal: the cgroup v2 guest runs Python ~8x slower
     while (left := _session_dirs(pid)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    return left
+    return [f"{path}: {_what_holds(path)}" for path in left]
+
+
+def _kill_after(pytester: pytest.Pytester, token: str, word: str, delay: float = 0.0) -> None:
+    """Run a sandboxed test with limits and ``kill -9`` pytest ``delay`` s after it printed ``word`` (the test's
+    conftest prints it): no process of its and none of its cgroups may be left."""
+    pytester.makepyfile("""
+        import time, pytest
+
+        @pytest.mark.container(memory="128M")
+        def test_waits():
+            time.sleep(600)
+    """)
+    proc = start_pytest_until_running(pytester.path, token, word=word)
+    assert _session_dirs(proc.pid)
+    time.sleep(delay)
+    proc.kill()
+    proc.wait()
+    assert wait_gone(token) == []
+    assert _wait_no_session_dirs(proc.pid) == [], _rest_of_output(proc)
+
+
+def _rest_of_output(proc: subprocess.Popen[str]) -> str:
+    """What a killed pytest's processes wrote after the word the test waited for (the zygote-parent says which
+    cgroups it could not remove), as far as it comes within a few seconds."""
+    assert proc.stdout is not None
+    fd, chunks, deadline = proc.stdout.fileno(), [], time.monotonic() + 5
+    os.set_blocking(fd, False)
+    while time.monotonic() < deadline:
+        if not select.select([fd], [], [], 0.1)[0]:
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def _what_holds(path: str) -> str:
+    """The processes in a cgroup tree and its groups, for a failure message; this user's processes too."""
+    held = []
+    for root, _subdirs, _ in os.walk(path):
+        try:
+            with open(os.path.join(root, "cgroup.procs")) as f:
+                pids = f.read().split()
+        except OSError as exc:
+            pids = [f"unreadable ({exc.strerror})"]
+        held.append(f"{os.path.relpath(root, path)} {pids}")
+    mine = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.stat(f"/proc/{entry}").st_uid == os.getuid():
+                with open(f"/proc/{entry}/stat") as f:
+                    mine.append(f.read().split(")")[0].split(" (")[1] + f"[{entry}]")
+        except OSError:
+            pass
+    return f"groups {held}; this user's processes {mine}"
 
 
 def test_pytest_killed_removes_its_cgroups(pytester: pytest.Pytester, token: str) -> None:
@@ -151,7 +210,7 @@ def test_pytest_killed_removes_its_cgroups(pytester: pytest.Pytester, token: str
     proc.kill()
     proc.wait()
     assert wait_gone(token) == []
-    assert _wait_no_session_dirs(proc.pid) == []
+    assert _wait_no_session_dirs(proc.pid) == [], _rest_of_output(proc)
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.02, 0.05, 0.1, 0.2, 0.4])
@@ -164,19 +223,50 @@ def test_pytest_killed_while_its_sandboxes_start_removes_its_cgroups(
         def pytest_sandbox_start(item, spec):
             print("STARTING", flush=True)
     """)
-    pytester.makepyfile("""
-        import time, pytest
+    _kill_after(pytester, token, "STARTING", delay)
 
-        @pytest.mark.container(memory="128M")
-        def test_waits():
-            time.sleep(600)
+
+def test_pytest_killed_while_the_zygote_maps_its_ids_removes_its_cgroups(pytester: pytest.Pytester, token: str) -> None:
+    """The zygote-parent removes the session's cgroups when pytest dies. Between its unshare of the user
+    namespace and the writing of the id maps its ids are unmapped and it may not rmdir anything: pytest's
+    death in that window (the CI guest lane's slow interpreter hit it) must wait for the maps. The conftest
+    holds the zygote-parent in the window (it is a fork of pytest, so the patch is there too)."""
+    pytester.makeconftest("""
+        import time
+        from pytest_sandbox.linux import syscalls
+
+        real_unshare = syscalls.unshare
+
+        def slow_unshare(flags):
+            real_unshare(flags)
+            with open("/proc/self/comm") as f:
+                zygote_parent = f.read().strip() == "sandbox-zygote"
+            if zygote_parent and flags & syscalls.CLONE_NEWUSER:
+                print("UNSHARED", flush=True)
+                time.sleep(2)
+
+        syscalls.unshare = slow_unshare
     """)
-    proc = start_pytest_until_running(pytester.path, token, word="STARTING")
-    time.sleep(delay)
-    proc.kill()
-    proc.wait()
-    assert wait_gone(token) == []
-    assert _wait_no_session_dirs(proc.pid) == []
+    _kill_after(pytester, token, "UNSHARED")
+
+
+def test_pytest_killed_before_it_forks_a_zygote_removes_its_cgroups(pytester: pytest.Pytester, token: str) -> None:
+    """The session cgroup exists before any zygote-parent does (and between one zygote and the next): a pytest
+    killed then has no zygote-parent to clean up after it, so the session's keeper does."""
+    pytester.makeconftest("""
+        import time
+        from pytest_sandbox import session
+
+        real_zygote = session.Zygote
+
+        def slow_zygote(*args, **kwargs):
+            print("FORKING", flush=True)
+            time.sleep(2)
+            return real_zygote(*args, **kwargs)
+
+        session.Zygote = slow_zygote
+    """)
+    _kill_after(pytester, token, "FORKING")
 
 
 def test_stress_overrides_markers(pytester: pytest.Pytester) -> None:
@@ -321,3 +411,32 @@ def test_a_test_cannot_lift_its_limits_nor_leave_cgroups_behind(pytester: pytest
     for parent in parents:  # nothing new but other sessions still running (xdist workers of this suite)
         new = set(os.listdir(parent)) - before[parent]
         assert all(e.startswith(cgroups.SESSION_PREFIX) and os.path.exists(f"/proc/{e.split('-')[2]}") for e in new)
+
+
+SERVICE_UNDER_LIMITS = """
+    import sys
+    from pytest_sandbox import service, wait
+
+    PY = sys.executable
+    hog = service("hog", command=[PY, "-c", "import time; print('up', flush=True); time.sleep(300)"],
+                  memory="64M", ready=wait.log("^up$"))
+
+    def test_memory(hog):
+        done = hog.exec([PY, "-c", "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); print('survived')"])
+        assert "survived" not in done.stdout and done.returncode != 0, done
+        assert hog.running  # the exec'd hog was killed, not the service
+
+    def test_cpu(hog):  # CPU seconds per wall second of a busy loop (the interpreter's start left out)
+        code = ("import time\\nstart, cpu = time.monotonic(), time.process_time()\\n"
+                "while time.monotonic() - start < 2: pass\\n"
+                "print((time.process_time() - cpu) / (time.monotonic() - start))")
+        assert float(hog.exec([PY, "-c", code]).stdout) <= 0.3
+"""
+
+
+def test_a_service_runs_under_its_limits_and_a_stress_runs(pytester: pytest.Pytester) -> None:
+    """A service's own memory limit, and --sandbox-stress's cpus, hold for it and for what exec() runs in it
+    (its cgroup); readiness still comes (wait.log) under a fifth of a CPU."""
+    pytester.makepyfile(test_hog=SERVICE_UNDER_LIMITS)
+    result = pytester.runpytest_subprocess("--sandbox-stress=cpus=0.2", "-p", "no:randomly")
+    result.assert_outcomes(passed=2)

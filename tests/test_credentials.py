@@ -143,6 +143,20 @@ def test_hidden_places_from_variables(home: Path, tmp_path: Path) -> None:
     assert {str(kube_a), str(kube_b), str(runtime / "gnupg")} <= set(places)
 
 
+def test_hidden_places_under_xdg_config_home_and_registry_client_keys(home: Path, tmp_path: Path) -> None:
+    """Red team round 7: the registry client reads $XDG_CONFIG_HOME/containers/auth.json and certs.d client
+    keys; a sandbox read both (and $XDG_CONFIG_HOME/gh)."""
+    config = tmp_path / "xdg"
+    for place in ("containers/auth.json", "gh/hosts.yml", "containers/certs.d/reg:5000/client.key"):
+        (config / place).parent.mkdir(parents=True, exist_ok=True)
+        (config / place).write_text("secret")
+    (home / ".config" / "containers" / "certs.d").mkdir(parents=True)
+    places = set(credentials.hidden_places(str(home), environ={"XDG_CONFIG_HOME": str(config)}))
+    assert {str(config / "containers/auth.json"), str(config / "gh"), str(config / "containers/certs.d")} <= places
+    assert str(home / ".config" / "containers" / "certs.d") in places
+    assert "/etc/docker/certs.d/*/*.key" in credentials.SYSTEM_PLACES
+
+
 @pytest.mark.rootless  # root reads every file
 def test_unreadable_places_are_left_alone(home: Path) -> None:
     (home / ".npmrc").chmod(0)

@@ -768,3 +768,34 @@ def test_a_set_user_id_program_left_in_a_volume_loses_its_bit(
     for planted in (pytester.path / "out" / "deep" / "sh", tmp_path / "store" / "volumes" / "named" / "data" / "sh"):
         mode = planted.stat().st_mode
         assert not mode & 0o6000 and mode & 0o777 == 0o755, oct(mode)
+
+
+def test_the_stores_locks_are_out_of_a_sandboxes_reach(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Red team round 7: with the store in the host view (here in the rootdir; often a CI cache mount), a test
+    could open a named volume's lock read-only and flock it (a read-only fd takes an flock), and the next
+    test that mounts the volume, in this session or another, waited forever. The store's lock files and
+    records are masked in every sandbox."""
+    store = pytester.path / "store"
+    monkeypatch.setenv("PYTEST_SANDBOX_STORE", str(store))
+    pytester.makepyfile(
+        test_probe=f"""
+        import fcntl, os, pytest
+        STORE = {str(store)!r}
+
+        @pytest.mark.container(volumes={{"victim": "/tmp/data:rw"}})
+        def test_1_makes_the_volume():
+            open("/tmp/data/x", "w").write("x")
+
+        @pytest.mark.container
+        def test_2_reaches_for_the_locks():
+            lock = os.path.join(STORE, "volumes", "victim", "lock")
+            with pytest.raises(FileNotFoundError):
+                fcntl.flock(os.open(lock, os.O_RDONLY), fcntl.LOCK_EX)
+            assert os.listdir(os.path.join(STORE, "volumes")) == []
+            assert not os.path.exists(os.path.join(STORE, "tmp")) or os.listdir(os.path.join(STORE, "tmp")) == []
+        """
+    )
+    pytester.runpytest_subprocess("-p", "no:randomly").assert_outcomes(passed=2)
+    assert (store / "volumes" / "victim" / "lock").exists()  # it was there to take

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import re
 
 import pytest
 
@@ -119,3 +120,12 @@ def test_the_layering_check_sees_imports() -> None:
     assert "pytest_sandbox.linux.syscalls" in GRAPH["pytest_sandbox.linux.rootfs"]
     assert "pytest_sandbox.layers.format" in GRAPH["pytest_sandbox.linux.overlay"]
     assert "pytest_sandbox.session" in GRAPH["pytest_sandbox.plugin"]
+
+
+def test_every_package_is_in_the_distribution() -> None:
+    """pyproject lists packages by name: one left out installs from a wheel without it (an editable install hides
+    that), and ``import pytest_sandbox`` fails there."""
+    text = (PACKAGE.parent / "pyproject.toml").read_text()  # no tomllib on Python 3.10
+    listed = set(re.findall(r'"(pytest_sandbox[\w.]*)"', text.split("packages = [", 1)[1].split("]", 1)[0]))
+    packages = {_module_name(path.parent / "__init__.py") for path in PACKAGE.rglob("__init__.py")}
+    assert packages - listed == set()

@@ -220,3 +220,20 @@ def test_import_guesses_the_kind_of_a_plain_path(layout: Path, tmp_path: Path) -
     (tmp_path / "other.tar").write_bytes(b"")
     empty = cli(store, "images", "import", str(tmp_path / "other.tar"))
     assert empty.returncode == 2 and "not a readable tar archive" in empty.stderr
+
+
+def test_an_xdist_runs_directory_stays_while_a_worker_holds_it(tmp_path: Path) -> None:
+    """Red team round 7: a run's meeting place under the store's tmp/ had no owner file, so a session
+    that started more than an hour into a long xdist run removed it (records of shared services included)."""
+    from pytest_sandbox.layers.store import share
+
+    store = Store(str(tmp_path / "store")).ensure()
+    run = os.path.join(store.tmp_dir, "xdist-0123")
+    held = share(run)
+    hours_ago = os.stat(run).st_mtime - 7200
+    os.utime(run, (hours_ago, hours_ago))
+    Store(store.root).ensure()  # another session's sweep
+    assert os.path.isdir(run)
+    os.close(held)  # every worker of the run is gone
+    Store(store.root).ensure()
+    assert not os.path.exists(run)

@@ -166,6 +166,7 @@ def _run_on_a_terminal(argv: list[str], cwd: Path, answers: list[str] | None = N
     os.close(slave)
     chunks = []
     todo = list(answers or [])
+    answered = 0
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if not select.select([master], [], [], 0.5)[0]:
@@ -179,8 +180,11 @@ def _run_on_a_terminal(argv: list[str], cwd: Path, answers: list[str] | None = N
         if not chunk:
             break
         chunks.append(chunk)
-        if todo and b"".join(chunks).rstrip().endswith(b"(Pdb)"):
+        seen = b"".join(chunks)
+        # A prompt can arrive in pieces ("(Pdb)" then " "): answer each prompt once, by counting them.
+        if todo and seen.rstrip().endswith(b"(Pdb)") and seen.count(b"(Pdb)") > answered:
             os.write(master, todo.pop(0).encode() + b"\n")
+            answered += 1
     os.close(master)
     proc.wait(timeout=60)
     return b"".join(chunks).decode(errors="replace")

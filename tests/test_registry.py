@@ -9,6 +9,8 @@ import hashlib
 import io
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -19,7 +21,7 @@ from pathlib import Path
 import pytest
 from helpers import run_cli
 from oci_inputs import BUSYBOX, EXPECTED, GONE, SKOPEO, UMOCI, _tar, skopeo_digest, umoci_image
-from registry_server import Registry, make_ca, serve, without_credentials
+from registry_server import Registry, make_ca, make_client_certificate, serve, without_credentials
 
 from pytest_sandbox.layers import build, oci
 from pytest_sandbox.layers import registry as reg
@@ -362,6 +364,36 @@ def test_tls_with_a_ca_of_ones_own(store: Store, tmp_path: Path, monkeypatch: py
         image = reg.pull_image(store, f"{registry.host}/team/base:1")
         assert read(store, image.name, "/etc/base") == "base\n"
         assert registry.requests("GET", "/manifests/")
+
+
+def test_a_registrys_own_ca_and_client_certificate_from_certs_d(
+    store: Store, tmp_path: Path, no_credentials: Path
+) -> None:
+    """containers-certs.d(5), as podman, skopeo and docker read it: ``HOST:PORT/*.crt`` are trusted over the
+    system's CAs for that registry only; ``*.cert`` with its ``*.key`` is the client certificate."""
+    ca, chain = make_ca(str(tmp_path))
+    client = make_client_certificate(str(tmp_path))
+    with Registry(tls=chain, client_ca=ca) as registry:
+        registry.add_image("team/base", "1", [_tar(BASE)])
+        ref = f"{registry.host}/team/base:1"
+        certs = no_credentials / ".config/containers/certs.d" / registry.host
+        with pytest.raises(reg.RegistryError, match=f"not trusted.*put its CA in {re.escape(str(certs))}/ca.crt"):
+            reg.pull_image(store, ref)
+        certs.mkdir(parents=True)
+        shutil.copy(ca, certs / "ca.crt")
+        with pytest.raises(reg.RegistryError):  # trusted now, but the registry wants a client certificate
+            reg.pull_image(store, ref)
+        assert not registry.log
+        shutil.copy(client[0], certs / "client.cert")
+        with pytest.raises(reg.RegistryError, match=r"client.cert: a client certificate needs its key"):
+            reg.pull_image(store, ref)
+        shutil.copy(client[1], certs / "client.key")
+        image = reg.pull_image(store, ref)
+        assert read(store, image.name, "/etc/base") == "base\n"
+        assert registry.requests("GET", "/manifests/")
+        (certs / "ca.crt").write_text("not a certificate\n")
+        with pytest.raises(reg.RegistryError, match=r"certs.d/127.0.0.1:\d+: cannot load ca.crt"):
+            reg.pull_image(store, ref)
 
 
 def test_insecure_registries_from_the_ini(store: Store, tmp_path: Path) -> None:

@@ -242,9 +242,7 @@ def _cli(*args: str, password: str | None = None) -> subprocess.CompletedProcess
     )
 
 
-def test_htpasswd_over_tls_with_distribution(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_credentials: Path
-) -> None:
+def test_htpasswd_over_tls_with_distribution(tmp_path: Path, no_credentials: Path) -> None:
     ca, chain = make_ca(str(tmp_path))
     project, noise = _project(tmp_path)
     store = Store(str(tmp_path / "store"))
@@ -252,7 +250,9 @@ def test_htpasswd_over_tls_with_distribution(
     with distribution(tmp_path / "registry", tls=chain, users={"ci": "s3cret"}) as host:
         with pytest.raises(reg.RegistryError, match="certificate"):  # nobody trusts its CA yet
             reg.push_image(store, "app", f"{host}/team/app:1")
-        monkeypatch.setenv("SSL_CERT_FILE", ca)
+        certs = no_credentials / ".config/containers/certs.d" / host  # its CA for this registry only
+        certs.mkdir(parents=True)
+        shutil.copy(ca, certs / "ca.crt")
         with pytest.raises(reg.RegistryError, match=f"not authorized \\(no credentials for {host}\\)"):
             reg.push_image(store, "app", f"{host}/team/app:1")
         wrong = _cli("login", host, "-u", "ci", "--password-stdin", password="wrong\n")

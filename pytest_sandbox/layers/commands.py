@@ -33,6 +33,9 @@ from .format import env_mapping
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # a waiter's: passed on to a graceful command
+
+
 class ContainerError(SandboxError):
     """A command could not be started in an image."""
 
@@ -50,6 +53,7 @@ class RunSpec:
     hostname: str = "sandbox"
     network: str = "none"
     share_dev: bool = False  # inside a sandbox: its minimal /dev is bound in whole (one mount, not ten)
+    graceful: bool = False  # SIGTERM, SIGINT and SIGHUP to the waiter go on to the command (a service's stop)
 
 
 def _passwd_lookup(root: str, user: str) -> tuple[int, int, str]:
@@ -217,8 +221,8 @@ class _Launch:
     def _wait(self, pid: int) -> NoReturn:
         """The waiter: outside the command's pid namespace, every fd closed; exits with its status."""
         # Signals first: Popen returns once the fds are closed, and terminate() may come at once.
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, lambda *_: os.kill(pid, signal.SIGKILL))
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, lambda sig, _: os.kill(pid, sig if self.run.graceful else signal.SIGKILL))
         # Not via /proc: pid 1 is about to pivot this shared mount namespace away from it.
         os.closerange(0, 0x7FFFFFFF)
         _, status = os.waitpid(pid, 0)  # PEP 475: retried after a signal handler
@@ -258,13 +262,15 @@ _LAUNCH_FIELDS: dict[str, tuple[type, ...]] = {
 }
 
 
-def start_launcher(image_root: str) -> int:
+def start_launcher(image_root: str, joined_pid_namespace: bool = False) -> int:
     """Fork the launcher of this sandbox (call with capabilities, before the test's code runs); the fd of
-    this process's end of the line to it. Commands this process or its children spawn go through it."""
+    this process's end of the line to it. Commands this process or its children spawn go through it.
+    ``joined_pid_namespace``: this process joined the sandbox's pid namespace for its children (setns), so
+    the launcher is born there and sees it as a parent outside (pid 0)."""
     global _launcher
     namespace = userns.commands_namespace()
     ours, theirs = protocol.socketpair()
-    parent = os.getpid()
+    parent = 0 if joined_pid_namespace else os.getpid()
     pid = os.fork()
     if pid == 0:
         try:
@@ -294,7 +300,9 @@ def _launcher_main(control: socket.socket, namespace: int, image_root: str, pare
             continue
         if os.fork() == 0:
             try:
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                # A command starts with the dispositions Popen gives one (Python ignores these two).
+                for signum in (signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ):
+                    signal.signal(signum, signal.SIG_DFL)
                 control.close()
                 _handle_launch(request, fds, namespace, image_root)
             finally:
@@ -373,7 +381,13 @@ def _handle_launch(request: dict[str, Any], fds: list[int], namespace: int, imag
             with contextlib.suppress(OSError):
                 protocol.send(conn, {"code": _exit_code(status)})
             os._exit(0)
-        asked, _ = protocol.recv(conn)
+        try:
+            asked, _ = protocol.recv(conn)
+        except protocol.ProtocolError:
+            asked = {}
+        if asked is not None and asked.get("signal") in STOP_SIGNALS:  # a graceful command's stop
+            os.kill(pid, asked["signal"])
+            continue
         os.kill(pid, signal.SIGKILL)  # asked to, or the asking side is gone
         if asked is None:
             os._exit(0)
@@ -407,8 +421,8 @@ def _delegate(launcher: socket.socket, run: RunSpec, uid: int, gid: int) -> NoRe
     }
     # Signals first: Popen returns once the fds are closed, and terminate() may come at once. The
     # launcher reads a kill that comes before the command started once it has.
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, lambda *_: protocol.send(ours, {"kill": True}))
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda sig, _: protocol.send(ours, {"signal": sig} if run.graceful else {"kill": True}))
     protocol.send(launcher, request, fds=(theirs.fileno(), 0, 1, 2))
     theirs.close()
     reply, _ = protocol.recv(ours)

@@ -9,7 +9,8 @@ a client library would bring dependencies for little. What is implemented:
   ``access_token``, ``expires_in`` 60 s by default, one retry on ``insufficient_scope``) and Basic;
   credentials from ``$DOCKER_AUTH_CONFIG``, ``$REGISTRY_AUTH_FILE``, containers' ``auth.json``,
   ``$DOCKER_CONFIG/config.json``, ``~/.docker/config.json`` and their ``docker-credential-*`` helpers;
-* HTTPS with the system CAs (``SSL_CERT_FILE`` for another bundle); plain HTTP only for loopback hosts
+* HTTPS with the system CAs plus a registry's own CAs and client certificate from ``certs.d`` (as podman
+  and docker keep them; ``SSL_CERT_FILE`` for another system bundle); plain HTTP only for loopback hosts
   and ``sandbox_insecure_registries`` (whose TLS is not verified either); ``Authorization`` is never sent
   to another host a redirect leads to; 429/503 ``Retry-After`` waited for;
 * pull: OCI and Docker v2 manifests and indexes (linux/this arch picked), every blob verified while it
@@ -176,6 +177,37 @@ def parse_reference(text: str, where: str = "image reference") -> Reference:
 def cache_key(ref: Reference) -> str:
     """The store's build-cache entry for a reference: what a pull of it gave last (``FROM`` reuses it)."""
     return "registry-" + hashlib.sha256(str(ref).encode()).hexdigest()
+
+
+def certs_d_dirs(registry: str) -> list[str]:
+    """Where a registry's own CAs and client certificate live, in containers-certs.d(5)'s order: the user's
+    ``certs.d`` of containers, then the system's of containers and of docker (``HOST[:PORT]`` directories)."""
+    config_home = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    roots = (os.path.join(config_home, "containers/certs.d"), "/etc/containers/certs.d", "/etc/docker/certs.d")
+    return [os.path.join(root, registry) for root in roots]
+
+
+def _trust_registry_certs(context: ssl.SSLContext, registry: str) -> None:
+    """Add the CAs (``*.crt``) and client certificate (``*.cert`` with its ``*.key``) of ``registry``'s
+    first ``certs.d`` directory that exists to ``context``, over the system's CAs."""
+    for directory in certs_d_dirs(registry):
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError:
+            continue
+        try:
+            for name in names:
+                path = os.path.join(directory, name)
+                if name.endswith(".crt"):
+                    context.load_verify_locations(cafile=path)
+                elif name.endswith(".cert"):
+                    key = path[: -len(".cert")] + ".key"
+                    if not os.path.exists(key):
+                        raise RegistryError(f"{path}: a client certificate needs its key next to it ({key})")
+                    context.load_cert_chain(path, key)
+        except (ssl.SSLError, OSError) as exc:
+            raise RegistryError(f"{directory}: cannot load {name}: {exc}") from None
+        return
 
 
 def _is_loopback(host: str) -> bool:
@@ -427,6 +459,7 @@ class Client:
         self._auth: dict[frozenset[str], tuple[str, float]] = {}  # scopes -> (Authorization, expiry)
         self._basic = False  # the registry asked for Basic auth
         self._ssl = ssl.create_default_context()  # system CAs; SSL_CERT_FILE / SSL_CERT_DIR for others
+        _trust_registry_certs(self._ssl, registry)
         if insecure:
             self._ssl.check_hostname = False
             self._ssl.verify_mode = ssl.CERT_NONE
@@ -440,8 +473,9 @@ class Client:
     def _describe(self, exc: BaseException, url: str) -> str:
         if isinstance(exc, ssl.SSLCertVerificationError):
             return (
-                f"TLS certificate of {url} not trusted ({exc.verify_message}): add its CA to the system's, "
-                "or name a CA bundle in SSL_CERT_FILE"
+                f"TLS certificate of {url} not trusted ({exc.verify_message}): put its CA in "
+                f"{certs_d_dirs(self.registry)[0]}/ca.crt (as podman and docker read it), add it to the "
+                "system's, or name a CA bundle in SSL_CERT_FILE"
             )
         if isinstance(exc, ConnectionRefusedError):
             return f"{url}: connection refused (is the registry running, is the port right?)"

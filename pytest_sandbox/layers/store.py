@@ -85,8 +85,19 @@ def _hold(path: str) -> int:
 
     An flock, not a pid: pids mean nothing across the pid namespaces sandboxes make.
     """
+    return _lock_owner_file(path, fcntl.LOCK_EX)
+
+
+def share(path: str) -> int:
+    """Mark ``path``, made if new, as in use by this process among others (xdist workers of one run): a
+    shared flock on its owner file, which the store's sweep cannot take while one of them lives."""
+    os.makedirs(path, exist_ok=True)
+    return _lock_owner_file(path, fcntl.LOCK_SH)
+
+
+def _lock_owner_file(path: str, how: int) -> int:
     fd = os.open(os.path.join(path, OWNER_FILE), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    fcntl.flock(fd, how)
     return fd
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import tempfile
 
 from . import syscalls
 
@@ -52,6 +53,38 @@ def attach(fd: int, target: str, is_dir: bool = True) -> None:
 def read_only(fd: int, extra: int = 0) -> None:
     """Make a detached tree read-only and nosuid, recursively (plus ``extra`` MOUNT_ATTR_* flags)."""
     syscalls.mount_setattr(fd, syscalls.MOUNT_ATTR_RDONLY | syscalls.MOUNT_ATTR_NOSUID | extra)
+
+
+def cover_with_text(target: str, text: str, staging: str = "/run") -> None:
+    """Cover the file ``target`` with a read-only file holding ``text``, on a tiny tmpfs of its own (a pod
+    sandbox's /etc/hosts: the host's is read-only and shared). The tmpfs is attached for a moment under
+    ``staging`` (the sandbox's own scratch tmpfs) to clone the file from it: Linux before 6.x refuses to
+    clone out of a detached mount."""
+    context = syscalls.fsopen("tmpfs")
+    try:
+        syscalls.fsconfig(context, "size", str(max(4096, 2 * len(text.encode()))))
+        syscalls.fsconfig(context, "mode", "0755")
+        tmpfs = syscalls.fsmount(context)
+    finally:
+        os.close(context)
+    try:
+        fd = os.open("file", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=tmpfs)
+        with os.fdopen(fd, "w") as file:
+            file.write(text)
+        place = tempfile.mkdtemp(prefix=".sandbox-staging-", dir=staging)
+        try:
+            syscalls.move_mount(tmpfs, place)
+            try:
+                tree = clone_tree(f"{place}/file", recursive=False)
+            finally:
+                syscalls.umount2(place, syscalls.MNT_DETACH)
+        finally:
+            os.rmdir(place)
+    finally:
+        os.close(tmpfs)
+    read_only(tree, syscalls.MOUNT_ATTR_NODEV | syscalls.MOUNT_ATTR_NOEXEC)
+    syscalls.move_mount(tree, target)
+    os.close(tree)
 
 
 def bind_read_only(path: str) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
+from collections.abc import Iterable
 
 from . import syscalls
+
+MAX_FD = 1 << 20  # above any fd limit: what close_fds_but closes goes up to here
 
 
 def stat_fields(pid: int | str = "self") -> list[bytes]:
@@ -28,10 +30,17 @@ def become_helper(name: str, parent: int, keep: tuple[int, ...]) -> None:
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
-    for entry in os.listdir("/proc/self/fd"):
-        if int(entry) > 2 and int(entry) not in keep:
-            with contextlib.suppress(OSError):
-                os.close(int(entry))
+    close_fds_but((0, 1, 2, *keep))
+
+
+def close_fds_but(keep: Iterable[int]) -> None:
+    """Close every fd but ``keep``: close_range between them, a few calls whatever the fd limit."""
+    start = 0
+    for fd in sorted(set(keep)):
+        if fd > start:
+            os.closerange(start, fd)
+        start = max(start, fd + 1)
+    os.closerange(start, MAX_FD)
 
 
 def die_with_parent(parent: int, sig: int = signal.SIGKILL) -> None:

@@ -72,18 +72,22 @@ def commands_namespace() -> int:
             os.setresuid(COMMANDS_OWNER, COMMANDS_OWNER, COMMANDS_OWNER)  # also clears its capabilities
             syscalls.prctl(syscalls.PR_SET_DUMPABLE, 1)  # the uid change unset it: /proc/PID/ns/user opens
             syscalls.unshare(syscalls.CLONE_NEWUSER)
-            os.write(unshared_w, b"u")
+            # Its pid as /proc numbers it: a caller that joined another pid namespace (setns: its children
+            # are born there) sees /proc of that namespace, where the pid fork returned is not this one.
+            os.write(unshared_w, b"u" + os.readlink("/proc/self").encode())
             os.read(mapped_r, 1)
         finally:
             os._exit(0)
     os.close(unshared_w)
     os.close(mapped_r)
     try:
-        if os.read(unshared_r, 1) != b"u":
+        said = os.read(unshared_r, 32)
+        if not said.startswith(b"u") or not said[1:].isdigit():
             raise OSError(errno.EPERM, "the user namespace for root's commands cannot be made here")
-        write_file(f"/proc/{pid}/uid_map", "0 0 1\n")
-        write_file(f"/proc/{pid}/gid_map", "0 0 1\n")
-        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        seen_as = int(said[1:])
+        write_file(f"/proc/{seen_as}/uid_map", "0 0 1\n")
+        write_file(f"/proc/{seen_as}/gid_map", "0 0 1\n")
+        return os.open(f"/proc/{seen_as}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     finally:
         os.close(unshared_r)
         os.close(mapped_w)
@@ -95,6 +99,13 @@ def enter_user_namespace() -> None:
     namespace writes that map: a process cannot write more than its one id into its own), anyone else
     their own."""
     unshare_mapped(0, (os.geteuid(), os.getegid()))
+
+
+def join_user_namespace(fd: int) -> None:
+    """Join the session's user namespace (made by an earlier zygote): its owner, this process's euid, has
+    every capability in it. Every zygote of a pytest process shares one, so a test can join the pod's network
+    namespace, which that user namespace owns."""
+    syscalls.setns(fd, syscalls.CLONE_NEWUSER)
 
 
 class _CapHeader(ctypes.Structure):

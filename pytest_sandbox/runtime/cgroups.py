@@ -34,6 +34,7 @@ from ..errors import SandboxError
 from ..linux.files import write_file
 from ..linux.mounts import mount_table
 from ..spec import SandboxSpec
+from . import cgroup_keeper
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 SESSION_PREFIX = "pytest-sandbox-"
@@ -105,38 +106,46 @@ def _int(text: str | None) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def _rmdir(dirfd: int, name: str) -> None:
-    """Remove a cgroup directory; its last processes may take a moment to leave."""
+def _rmdir(dirfd: int, name: str) -> OSError | None:
+    """Remove a cgroup directory; its last processes may take a moment to leave. The error, if it stays."""
+    error: OSError | None = None
     for _ in range(200):
         try:
             os.rmdir(name, dir_fd=dirfd)
-            return
+            return None
         except FileNotFoundError:
-            return
-        except OSError:
+            return None
+        except OSError as exc:
+            error = exc
             time.sleep(0.005)
+    return error
 
 
-def _remove_group(dirfd: int, name: str, depth: int = 0) -> None:
-    """Remove the cgroup ``name`` below ``dirfd`` and every cgroup a test made below it, deepest first.
+def _remove_group(dirfd: int, name: str, depth: int = 0) -> list[str]:
+    """Remove the cgroup ``name`` below ``dirfd`` and every cgroup a test made below it, deepest first;
+    what could not be removed, and why.
 
     Each level is opened relative to its parent's fd with O_NOFOLLOW: nothing outside the
     tree is reached. v2's cgroup.max.depth bounds the tree; past MAX_DEPTH * 2 levels it is left.
     """
     try:
         fd = os.open(name, _DIR_FLAGS, dir_fd=dirfd)
-    except OSError:
-        return
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        return [f"{name}: {exc.strerror}"]
+    left: list[str] = []
     try:
         if depth < MAX_DEPTH * 2:
             for entry in os.scandir(fd):
                 if entry.is_dir(follow_symlinks=False):
-                    _remove_group(fd, entry.name, depth + 1)
+                    left += [f"{name}/{below}" for below in _remove_group(fd, entry.name, depth + 1)]
     except OSError:
         pass
     finally:
         os.close(fd)
-    _rmdir(dirfd, name)
+    error = _rmdir(dirfd, name)
+    return left if error is None else [*left, f"{name}: {error.strerror}"]
 
 
 def block_device(path: str) -> str | None:
@@ -184,16 +193,21 @@ class Group:
 class Session:
     """The session cgroup: directory fds that keep working inside the zygote's namespaces."""
 
-    def __init__(self, backend: Backend, dirs: dict[str, int], parents: dict[str, int], name: str) -> None:
+    def __init__(
+        self, backend: Backend, dirs: dict[str, int], parents: dict[str, int], name: str, keeper: int = -1
+    ) -> None:
         self.backend = backend
         self.dirs = dirs  # hierarchy -> fd of the session cgroup
         self.parents = parents  # hierarchy -> fd of its parent, to remove it at the end
         self.name = name
+        self.keeper = keeper  # the pid of the process that removes them if pytest dies (cgroup_keeper.py)
+        self.owner = os.getpid()  # pytest: only it ends the keeper (a zygote-parent closes a copy)
         self.count = 0
+        self.prefix = "sb"  # the pod zygote's services are "svc-<n>": both zygotes make groups at once
 
     def create(self, spec: SandboxSpec) -> Group:
         self.count += 1
-        group = Group(self, f"sb-{self.count}")
+        group = Group(self, f"{self.prefix}-{self.count}")
         try:
             for fd in self.dirs.values():
                 os.mkdir(group.name, dir_fd=fd)
@@ -204,13 +218,29 @@ class Session:
             raise
         return group
 
-    def close(self) -> None:
-        """Remove the session cgroup and all below it (every sandbox is gone by now) and let go of the fds."""
-        for hierarchy, fd in self.dirs.items():
+    def close(self) -> list[str]:
+        """Remove the session cgroup and all below it (every sandbox is gone by now) and let go of the fds;
+        what could not be removed, and why."""
+        for fd in self.dirs.values():
             os.close(fd)
-            _remove_group(self.parents[hierarchy], self.name)
-            os.close(self.parents[hierarchy])
         self.dirs.clear()
+        left = _remove_session(self.backend, self.parents, self.name)
+        for fd in self.parents.values():
+            os.close(fd)
+        self.parents.clear()
+        if self.keeper > 0 and os.getpid() == self.owner:
+            cgroup_keeper.stop(self.keeper)
+        self.keeper = -1
+        return left
+
+
+def _remove_session(backend: Backend, parents: dict[str, int], name: str) -> list[str]:
+    """Remove a session's cgroups in each hierarchy; what is left, and why."""
+    left = []
+    for hierarchy, parent in parents.items():
+        base = getattr(backend, "bases", {}).get(hierarchy, "")
+        left += [f"{base}/{path}" for path in _remove_group(parent, name)]
+    return left
 
 
 def _remove_stale_sessions(parent_fd: int) -> None:
@@ -269,14 +299,17 @@ class CgroupBackend(Backend):
         name = f"{SESSION_PREFIX}{os.getpid()}"
         dirs: dict[str, int] = {}
         parents: dict[str, int] = {}
+        keeper = -1
         try:
             for hierarchy, base in self.bases.items():
-                parent = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                parents[hierarchy] = parent
-                _remove_stale_sessions(parent)
+                parents[hierarchy] = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                _remove_stale_sessions(parents[hierarchy])
+            # before the first mkdir: from here on, pytest's death at any moment removes what it made
+            keeper = cgroup_keeper.start(lambda: _remove_session(self, parents, name), parents.values())
+            for hierarchy, parent in parents.items():
                 os.mkdir(name, dir_fd=parent)
                 dirs[hierarchy] = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=parent)
-            session = Session(self, dirs, parents, name)
+            session = Session(self, dirs, parents, name, keeper)
             self.prepare_session(session)
         except OSError:
             for hierarchy, fd in dirs.items():
@@ -284,6 +317,8 @@ class CgroupBackend(Backend):
                 _rmdir(parents[hierarchy], name)
             for fd in parents.values():
                 os.close(fd)
+            if keeper > 0:
+                cgroup_keeper.stop(keeper)
             raise
         for fd in (*dirs.values(), *parents.values()):
             os.set_inheritable(fd, True)

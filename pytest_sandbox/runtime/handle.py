@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import socket
 import sys
+import time
 import warnings
 from typing import Any
 
@@ -13,6 +16,9 @@ import pytest
 from .. import protocol
 from ..errors import SandboxError
 from . import zygote
+from .service_process import ServiceLaunch
+
+EXEC_OUTPUT_MAX = 16 * 2**20  # bytes of each of stdout and stderr an exec in a service keeps
 
 
 class Zygote:
@@ -25,9 +31,12 @@ class Zygote:
         paths: zygote.SessionPaths,
         epoch: int,
         limits: zygote.Limits,
+        namespaces: zygote.Namespaces | None = None,
+        services: dict[str, ServiceLaunch] | None = None,
     ) -> None:
         self.epoch = epoch
         self.limits = limits
+        self.userns = self.netns = -1  # its namespaces' fds, once it is ready
         self.outputs = paths.outputs  # where sandboxes may write files pytest keeps
         self.paths = paths  # what the sandboxes show of the host
         self.finishing: list[socket.socket] = []  # finished sandboxes whose exit is not yet collected
@@ -41,14 +50,19 @@ class Zygote:
             self.pid = os.fork()
         if self.pid == 0:
             self.control.close()
-            zygote.zygote_main(theirs, items, stash_key, paths, parent, limits)
+            zygote.zygote_main(
+                theirs, items, stash_key, paths, parent, limits, namespaces or zygote.Namespaces(), services or {}
+            )
         theirs.close()
-        message, _ = protocol.recv(self.control)
-        if message is None or message.get("op") != "ready":
+        message, fds = protocol.recv(self.control)
+        if message is None or message.get("op") != "ready" or len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
             error = (message or {}).get("error", "the zygote exited during setup")
             self.close()
             raise SandboxError(f"cannot start sandboxes: {error}")
         self.scope_sandboxes = bool(message.get("scope_sandboxes"))  # as the zygote found this kernel
+        self.userns, self.netns = fds  # its namespaces: the session's user namespace, and (the pod's) network
 
     def start(self, nodeid: str) -> tuple[socket.socket, socket.socket]:
         """Ask for a sandbox running ``nodeid``; returns its status channel (from the zygote) and its
@@ -68,6 +82,58 @@ class Zygote:
             status_end.close()
             reports_end.close()
         return status, reports
+
+    def start_service(self, name: str, log_fd: int, started_fd: int) -> socket.socket:
+        """Ask the pod zygote to start service ``name`` (its launch came with the fork) writing to ``log_fd``;
+        returns its status channel (exit, gone). ``started_fd`` closes when its command has started."""
+        status, status_end = protocol.socketpair()
+        try:
+            protocol.send(self.control, {"op": "service", "name": name}, fds=(status_end.fileno(), log_fd, started_fd))
+        except OSError as exc:
+            status.close()
+            raise SandboxError(f"the services' zygote of this session died unexpectedly ({exc})") from None
+        finally:
+            status_end.close()
+        return status
+
+    def exec_in_service(self, nodeid: str, argv: list[str], timeout: float) -> tuple[int, bytes, bytes]:
+        """Run ``argv`` in the running service ``nodeid``'s sandbox: (exit code, stdout, stderr). Past
+        ``timeout`` the command is left to the service (it ends with it) and the code is -1."""
+        return self.start_exec(nodeid, argv).wait(timeout)
+
+    def start_exec(self, nodeid: str, argv: list[str]) -> ServiceExec:
+        """Start ``argv`` in the service ``nodeid``'s sandbox; its end is waited for apart (``wait``), so the
+        zygote's line is free meanwhile."""
+        status, status_end = protocol.socketpair()
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            protocol.send(
+                self.control, {"op": "exec", "nodeid": nodeid, "argv": argv}, fds=(status_end.fileno(), out_w, err_w)
+            )
+        except OSError as exc:
+            for fd in (out_r, err_r):
+                os.close(fd)
+            status.close()
+            raise SandboxError(f"the services' zygote of this session died unexpectedly ({exc})") from None
+        finally:
+            status_end.close()
+            os.close(out_w)
+            os.close(err_w)
+        return ServiceExec(status, out_r, err_r)
+
+    def signal(self, nodeid: str, signum: int) -> None:
+        with contextlib.suppress(OSError):
+            protocol.send(self.control, {"op": "signal", "nodeid": nodeid, "signal": signum})
+
+    def connector(self) -> socket.socket:
+        """A line to the pod zygote for connections into the pod and its listening ports (runtime/ports.py)."""
+        line, theirs = protocol.socketpair()
+        try:
+            protocol.send(self.control, {"op": "connector"}, fds=(theirs.fileno(),))
+        finally:
+            theirs.close()
+        return line
 
     def kill(self, nodeid: str) -> None:
         """End the sandbox running ``nodeid`` now (its exit message follows as usual)."""
@@ -122,3 +188,47 @@ class Zygote:
             os.waitpid(self.pid, 0)
         except ChildProcessError:
             pass
+        for fd in (self.userns, self.netns):
+            if fd >= 0:
+                os.close(fd)
+        self.userns = self.netns = -1
+
+
+class ServiceExec:
+    """A command started in a service (Zygote.start_exec): its exit comes on ``status``, its output on two
+    pipes, each kept up to EXEC_OUTPUT_MAX bytes."""
+
+    def __init__(self, status: socket.socket, out_r: int, err_r: int) -> None:
+        self.status, self.out_r, self.err_r = status, out_r, err_r
+
+    def wait(self, timeout: float) -> tuple[int, bytes, bytes]:
+        """(exit code, stdout, stderr); -1 and what came so far past ``timeout``. Closes the lines."""
+        out_r, err_r, status = self.out_r, self.err_r, self.status
+        output = {out_r: bytearray(), err_r: bytearray()}
+        deadline = time.monotonic() + timeout
+        reading = [out_r, err_r]
+        code: int | None = None
+        try:
+            while code is None or reading:
+                left = deadline - time.monotonic()
+                watched = [*reading, *([status.fileno()] if code is None else [])]
+                readable = select.select(watched, [], [], max(left, 0))[0]
+                if not readable and left <= 0:
+                    return -1, bytes(output[out_r]), bytes(output[err_r])
+                for source in readable:
+                    if source == status.fileno():
+                        message, fds = protocol.recv(status)
+                        for extra in fds:
+                            os.close(extra)
+                        code = int((message or {}).get("code", -1))
+                        continue
+                    data = os.read(source, 65536)
+                    if not data:
+                        reading.remove(source)
+                    elif len(output[source]) < EXEC_OUTPUT_MAX:  # past it, read and dropped: the command goes on
+                        output[source].extend(data[: EXEC_OUTPUT_MAX - len(output[source])])
+            return code, bytes(output[out_r]), bytes(output[err_r])
+        finally:
+            for fd in (out_r, err_r):
+                os.close(fd)
+            status.close()

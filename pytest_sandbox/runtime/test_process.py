@@ -29,11 +29,11 @@ from typing import Any, NoReturn
 import pytest
 
 from .. import credentials, outputs, plugin_results, plugin_state, protocol
-from ..errors import SetupError
+from ..errors import ServiceError, SetupError
 from ..layers import commands
 from ..linux import mounts, process, rootfs, syscalls, userns
 from ..spec import SandboxSpec
-from . import cgroups, interact, leftovers, scope_children, test_layers
+from . import cgroups, interact, leftovers, scope_children, service_process, test_layers
 
 ACTIVE_SPEC: SandboxSpec | None = None  # set in the test process of a sandbox
 ACTIVE_PLAN: rootfs.RootPlan | None = None
@@ -63,6 +63,19 @@ LOG_HOOKS = (
     "pytest_runtest_logfinish",
     "pytest_warning_recorded",
 )
+
+
+def ask_pytest(message: dict[str, Any]) -> dict[str, Any]:
+    """Send pytest a request from the running test and wait for its answer (a service call)."""
+    if _channel is None:
+        raise ServiceError("no test runs in this process: nothing to ask pytest")
+    protocol.send(_channel, message)
+    answer, fds = protocol.recv(_channel)
+    for fd in fds:
+        os.close(fd)
+    if answer is None:
+        raise ServiceError("pytest closed this test's line")
+    return answer
 
 
 def in_sandbox() -> bool:
@@ -241,6 +254,14 @@ def _pass_through(*args: object) -> Any:
 
 
 @dataclasses.dataclass(frozen=True)
+class Network:
+    """A sandbox's network namespace: a new one (loopback only), the zygote's, or one to join (the pod's)."""
+
+    new: bool = True
+    join: int | None = None  # an fd of the namespace to join
+
+
+@dataclasses.dataclass(frozen=True)
 class Sandbox:
     """What the zygote decided for one sandbox before forking its test process."""
 
@@ -254,6 +275,8 @@ class Sandbox:
     backend: cgroups.Backend
     outputs: tuple[tuple[str, str], ...] = ()  # (declared output, its writes in the scratch tmpfs)
     per_test_layers: bool = False  # a scope sandbox: each test runs in a fork, over a layer of its own
+    network: Network = Network()
+    hosts: str = ""  # this sandbox's /etc/hosts (a pod member's: the services' names); empty: the host's
 
 
 def _enter(box: Sandbox, config: pytest.Config, pid1: tuple[int, int], keep: set[int]) -> int | None:
@@ -265,19 +288,24 @@ def _enter(box: Sandbox, config: pytest.Config, pid1: tuple[int, int], keep: set
     syscalls.join_new_session_keyring()
     # 2. Own mount, UTS, IPC and cgroup namespaces (the cgroup one after the zygote moved this process
     #    into the sandbox's cgroup: its root is that), and a network namespace unless the test shares
-    #    the host's. All are owned by the session's user namespace, where this process still holds
-    #    every capability.
+    #    the zygote's or joins the pod's. All are owned by the session's user namespace, where this process
+    #    still holds every capability.
     flags = syscalls.CLONE_NEWNS | syscalls.CLONE_NEWUTS | syscalls.CLONE_NEWIPC | syscalls.CLONE_NEWCGROUP
-    if box.spec.network == "none":
+    if box.network.new:
         flags |= syscalls.CLONE_NEWNET
     syscalls.unshare(flags)
+    if box.network.join is not None:
+        syscalls.setns(box.network.join, syscalls.CLONE_NEWNET)
+        flags |= syscalls.CLONE_NEWNET  # pid 1 joins it too
     # 3. The mount tree (needs the new mount namespace), then a /proc of the pid namespace (only a
-    #    process inside it can mount that) with the kernel knobs read-only.
+    #    process inside it can mount that) with the kernel knobs read-only; a pod member's /etc/hosts.
     scratch = rootfs.build(box.plan, box.layer_dir)
     rootfs.mount_proc()
+    if box.hosts:
+        mounts.cover_with_text("/etc/hosts", box.hosts)
     # 4. Host name and loopback of the new namespaces.
     socket.sethostname(box.spec.hostname)
-    if box.spec.network == "none":
+    if box.network.new:
         syscalls.loopback_up()
     # 5. pid 1 joins every namespace above (its /proc/1/root, /proc/1/net become the sandbox's), then
     #    gives up its capabilities; nothing of the test runs before it says it has.
@@ -415,6 +443,14 @@ def test_process(zygote: socket.socket, items: dict[str, pytest.Item], box: Sand
     zygote.close()
     if request is None:  # cancelled before it ran
         os._exit(0)
+    if "service" in request:  # the pod zygote's: this sandbox is a service's
+        if error is not None:
+            failed = f"pytest-sandbox: the service's sandbox failed ({error['phase']}): {error['message']}\n"
+            os.write(fds[0], failed.encode())
+            os.write(fds[1], b"!")
+            os._exit(service_process.NOT_STARTED)
+        in_image = service_process.InImage.of(box.plan, box.spec)
+        service_process.exec_service(request["service"], fds[0], fds[1], in_image)
     _channel = socket.socket(fileno=fds[0])
     if error is not None:
         with contextlib.suppress(protocol.ProtocolError, OSError):

@@ -43,7 +43,8 @@ import pytest
 from .. import credentials, outputs, protocol, volumes
 from ..linux import mounts, process, rootfs, syscalls, userns
 from ..spec import SandboxSpec
-from . import cgroups, init, test_layers, test_process
+from . import cgroup_keeper, cgroups, init, ports, service_process, test_layers, test_process
+from .service_process import ServiceLaunch
 
 PYTEST_GONE = 3  # the zygote's exit code when pytest closed the control socket without saying "exit"
 PYTEST_END_GRACE = 3.0  # seconds the zygote-parent waits for a pytest that closed the zygote's socket to end
@@ -60,7 +61,22 @@ class SessionPaths:
     keep_dir: str = ""  # --sandbox-keep: image tests' read/write layers go here instead of a tmpfs
     outputs: tuple[str, ...] = ()  # declared outputs: what sandboxes write there reaches the host
     volumes_root: str = ""  # the store's named volumes (volumes.VolumeStore)
+    # The store's lock files and records (volumes, staging and xdist records, store.lock): masked in every
+    # sandbox, where the store is in the host view, so that no test can hold one of their locks
+    store_private: tuple[str, ...] = ()
     scope_sandboxes: bool = False  # --sandbox-scope=test: a spec's tests share a sandbox, each in a fork over a layer
+
+
+@dataclasses.dataclass(frozen=True)
+class Namespaces:
+    """What a zygote shares with the session's other zygotes. Every zygote of a pytest process lives in one
+    user namespace (the first one's), so a network="pod" test can join the pod's network namespace, which
+    that user namespace owns; the pod zygote (services.py) is the one that makes and lives in it."""
+
+    user: int | None = None  # an fd of the session's user namespace; None: this zygote makes it
+    pod_net: int | None = None  # an fd of the pod's network namespace, which network="pod" tests join
+    pod_hosts: str = ""  # /etc/hosts of pod members: the host's, then each service's name on loopback
+    is_pod: bool = False  # this zygote runs services: it makes the pod's network namespace and stays in it
 
 
 @dataclasses.dataclass
@@ -79,6 +95,8 @@ def zygote_main(
     paths: SessionPaths,
     pytest_pid: int,
     limits: Limits,
+    namespaces: Namespaces,
+    services: dict[str, ServiceLaunch],
 ) -> None:
     """Entry point of the forked zygote-parent; never returns."""
     zygote: list[int] = []  # a pidfd of the zygote, once forked
@@ -92,7 +110,7 @@ def zygote_main(
                     signal.pidfd_send_signal(pidfd, signal.SIGKILL)
                     os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
             if limits.session is not None:
-                limits.session.close()
+                cgroup_keeper.say_left(limits.session.close())
         finally:
             os._exit(1)
 
@@ -106,10 +124,14 @@ def zygote_main(
     try:
         syscalls.set_process_name("sandbox-zygote")
         # 2. The user namespace: the right to mount and make namespaces, without root.
-        userns.enter_user_namespace()
+        _enter_session_user_namespace(namespaces)
         # 3. The read-only host view and the /dev template, once for every sandbox of the session.
         rootfs.enter_host_view(paths.keep_dir)
         rootfs.build_dev_template()
+        #    The pod zygote's network namespace is the pod: its services share it, on loopback.
+        if namespaces.is_pod:
+            syscalls.unshare(syscalls.CLONE_NEWNET)
+            syscalls.loopback_up()
         if paths.scope_sandboxes and not test_layers.detached_layers_work():
             paths = dataclasses.replace(paths, scope_sandboxes=False)  # pytest hears it with "ready"
         # 4. The zygote proper is pid 1 of a pid namespace: when it dies, every sandbox dies with it.
@@ -124,7 +146,7 @@ def zygote_main(
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             process.die_with_parent(0)
-            code = 0 if _serve(control, items, stash_key, paths, limits) else PYTEST_GONE
+            code = 0 if _serve(control, items, stash_key, paths, limits, namespaces, services) else PYTEST_GONE
         except BaseException as exc:
             try:
                 protocol.send(control, {"op": "failed", "error": f"zygote: {type(exc).__name__}: {exc}"})
@@ -140,6 +162,20 @@ def zygote_main(
     except BaseException:
         code = 1
     _exit_unless_pytest_ends(pytest_pidfd, code, end_session)
+
+
+def _enter_session_user_namespace(namespaces: Namespaces) -> None:
+    """The session's first zygote makes it; later ones (and the pod's) join it. Between the unshare and the
+    id maps this process's capabilities reach no cgroup (root's are in the new namespace, which maps no id
+    yet), so pytest's death, the SIGTERM that removes the session's cgroups, waits for the maps."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        if namespaces.user is not None:
+            userns.join_user_namespace(namespaces.user)
+        else:
+            userns.enter_user_namespace()
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def _exit_unless_pytest_ends(pytest_pidfd: int, code: int, end_session: Callable[[], NoReturn]) -> NoReturn:
@@ -213,12 +249,20 @@ class _Sandbox:
 
 class _Factory:
     def __init__(
-        self, control: socket.socket, items: dict[str, pytest.Item], paths: SessionPaths, limits: Limits
+        self,
+        control: socket.socket,
+        items: dict[str, pytest.Item],
+        paths: SessionPaths,
+        limits: Limits,
+        namespaces: Namespaces,
     ) -> None:
         self.control = control
         self.items = items
         self.paths = paths
         self.limits = limits
+        self.namespaces = namespaces
+        if limits.session is not None and namespaces.is_pod:
+            limits.session.prefix = "svc"
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.init_path, self.init_argv, self.init_fd = init.command()
         # pid 1 joins each sandbox's namespaces after its exec (setns through a pidfd of the test process,
@@ -230,6 +274,7 @@ class _Factory:
         self.plans: dict[SandboxSpec, rootfs.RootPlan] = {}
         self.running: dict[int, _Sandbox] = {}  # by pidfd of the test process
         self.ending: dict[int, _Sandbox] = {}  # test over, pid 1 tearing the namespace down; by its pidfd
+        self.execs: dict[int, tuple[int, socket.socket]] = {}  # commands run in services, by pidfd
 
     def tmpfs_size(self, spec: SandboxSpec) -> int:
         """``tmpfs_size`` if set; else a quarter of RAM, or half the memory limit where that is less
@@ -253,6 +298,7 @@ class _Factory:
                     # The session's kept layers are writable in the host view; a test sees only its own
                     # (as its upper, mounted before the masks).
                     *([self.paths.keep_dir] if self.paths.keep_dir else []),
+                    *self.paths.store_private,
                 ],
                 volumes=[
                     rootfs.VolumeMount(
@@ -267,6 +313,15 @@ class _Factory:
                 ],
             )
         return plan
+
+    def _network(self, spec: SandboxSpec) -> test_process.Network:
+        """Where the sandbox's network namespace comes from: a new one (loopback only), the zygote's (the
+        host's, or in the pod zygote the pod), or the pod's, joined."""
+        if spec.network == "host" or (spec.network == "pod" and self.namespaces.is_pod):
+            return test_process.Network(new=False)
+        if spec.network == "pod" and self.namespaces.pod_net is not None:
+            return test_process.Network(new=False, join=self.namespaces.pod_net)
+        return test_process.Network(new=True)  # a pod without services: loopback of its own
 
     def _host_sockets(self, spec: SandboxSpec) -> list[str]:
         """The host's listening unix sockets a sandbox's read-only view would show (not those under its
@@ -296,6 +351,8 @@ class _Factory:
             backend=self.limits.backend,
             outputs=tuple(outputs.in_uppers(plan.overlays, self.paths.outputs)) if plan.image is None else (),
             per_test_layers=self.paths.scope_sandboxes and spec.fits_scope_sandbox,
+            network=self._network(spec),
+            hosts=self.namespaces.pod_hosts if spec.network == "pod" else "",
         )
         test, test_end = protocol.socketpair()
         go_r, go_w, ack_r, ack_w = _pipes_above(4)  # pid 1 waits on these until the sandbox's namespaces exist
@@ -378,6 +435,126 @@ class _Factory:
         os.close(sandbox.test_pidfd)
         self.ending[sandbox.init_pidfd] = sandbox
 
+    def ready_fd(self, fd: int, connectors: dict[int, socket.socket]) -> None:
+        """Something ended (a test, a namespace, a command in a service) or a published port asks."""
+        if fd in self.execs:
+            self.exec_ended(fd)
+        elif fd in self.running:
+            self.test_ended(self.running.pop(fd))
+        elif fd in self.ending:
+            self.namespace_ended(self.ending.pop(fd))
+        elif fd in connectors and not ports.answer(connectors[fd]):
+            connectors.pop(fd).close()
+
+    def service_request(
+        self,
+        message: dict[str, Any],
+        fds: list[int],
+        services: dict[str, ServiceLaunch],
+        connectors: dict[int, socket.socket],
+    ) -> None:
+        """pytest's requests besides "run": end a test's sandbox (kill), and the pod zygote's: start, signal
+        and exec in services, and lines for published ports."""
+        op = message["op"]
+        if op == "kill":
+            self.kill(message["nodeid"])
+        elif op == "signal":
+            self.signal(message["nodeid"], int(message["signal"]))
+        elif op == "connector":
+            connectors[fds[0]] = socket.socket(fileno=fds[0])
+        elif op == "exec":
+            argv = [str(arg) for arg in message["argv"]]
+            self.exec_in(message["nodeid"], argv, socket.socket(fileno=fds[0]), fds[1:])
+        elif op == "service":
+            name = message["name"]
+            self.start_service(name, services[name], socket.socket(fileno=fds[0]), fds[1], fds[2])
+
+    def start_service(
+        self, name: str, launch: ServiceLaunch, to_pytest: socket.socket, log_fd: int, started_fd: int
+    ) -> None:
+        """A service's sandbox, built now (services start rarely: none waits ready ahead); its process execs
+        the service's command with ``log_fd`` as its stdout and stderr. pytest hears its exit like a test's."""
+        try:
+            sandbox = self.prepare(launch.spec)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                protocol.send(to_pytest, {"type": "error", "phase": "fork", "message": str(exc)})
+            to_pytest.close()
+            os.close(log_fd)
+            os.close(started_fd)
+            return
+        self.running[sandbox.test_pidfd] = sandbox
+        sandbox.nodeid, sandbox.to_pytest = service_process.nodeid(name), to_pytest
+        command = dataclasses.asdict(launch.command)
+        try:
+            if launch.command.notify:  # sd_notify: an abstract socket of the pod's, handed to pytest
+                command["notify_socket"] = f"pytest-sandbox-notify-{secrets.token_hex(8)}"
+                with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+                    notify.bind("\0" + command["notify_socket"])
+                    protocol.send(to_pytest, {"type": "notify"}, fds=(notify.fileno(),))
+            protocol.send(sandbox.test, {"service": command}, fds=(log_fd, started_fd))
+        except OSError:
+            sandbox.kill()
+        finally:
+            sandbox.test.close()
+            os.close(log_fd)
+            os.close(started_fd)
+
+    def exec_in(self, nodeid: str, argv: list[str], to_pytest: socket.socket, stdio: list[int]) -> None:
+        """Run ``argv`` in a running service's sandbox (``Service.exec``, ``wait.command``): a child joins
+        every namespace of the service's process, drops its capabilities and forks the command, which is
+        then a process of the service's pid namespace (it ends with the service); pytest hears its exit."""
+        sandbox = next((s for s in self.running.values() if s.nodeid == nodeid), None)
+        if sandbox is None:
+            with contextlib.suppress(OSError):
+                protocol.send(to_pytest, {"type": "exit", "code": service_process.NOT_STARTED, "error": "not running"})
+            to_pytest.close()
+            for fd in stdio:
+                os.close(fd)
+            return
+        go_r, go_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            code = service_process.NOT_STARTED
+            try:
+                self.control.close()
+                os.close(go_w)
+                backend = self.limits.backend
+                image = service_process.InImage.of(self.plan(sandbox.spec), sandbox.spec)
+                code = service_process.exec_child(sandbox.test_pidfd, sandbox.spec, argv, stdio, backend, go_r, image)
+            except BaseException as exc:
+                with contextlib.suppress(OSError):
+                    os.write(stdio[-1], f"pytest-sandbox: cannot enter the service: {exc}\n".encode(errors="replace"))
+            finally:
+                os._exit(code)
+        os.close(go_r)
+        for fd in stdio:
+            os.close(fd)
+        try:  # into the service's cgroup before it runs anything: the command is under the service's limits
+            if sandbox.group is not None:
+                sandbox.group.attach(pid)
+            os.write(go_w, b"1")
+        except OSError:
+            os.kill(pid, signal.SIGKILL)
+        finally:
+            os.close(go_w)
+        self.execs[os.pidfd_open(pid)] = (pid, to_pytest)
+
+    def exec_ended(self, pidfd: int) -> None:
+        pid, to_pytest = self.execs.pop(pidfd)
+        os.close(pidfd)
+        _, status = os.waitpid(pid, 0)
+        with contextlib.suppress(OSError):
+            protocol.send(to_pytest, {"type": "exit", "code": os.waitstatus_to_exitcode(status)})
+        to_pytest.close()
+
+    def signal(self, nodeid: str, signum: int) -> None:
+        """A signal to a sandbox's main process (a service's graceful stop)."""
+        for sandbox in self.running.values():
+            if sandbox.nodeid == nodeid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(sandbox.test_pid, signum)
+
     def kill(self, nodeid: str) -> None:
         """pytest gave up on a test (timeout): end its sandbox now."""
         for sandbox in self.running.values():
@@ -400,31 +577,38 @@ def _serve(
     stash_key: Any,
     paths: SessionPaths,
     limits: Limits,
+    namespaces: Namespaces,
+    services: dict[str, ServiceLaunch],
 ) -> bool:
     """Run sandboxes until pytest says "exit" (True) or its end of the control socket closes (False)."""
-    factory = _Factory(control, items, paths, limits)
+    factory = _Factory(control, items, paths, limits, namespaces)
     config = next(iter(items.values())).config
     test_process.prepare_plugins(config, limits.backend)
     gc.freeze()  # keep the garbage collector from touching (and so copying) the zygote's pages in every fork
     ready: _Sandbox | None = None
-    protocol.send(control, {"op": "ready", "scope_sandboxes": paths.scope_sandboxes})
+    shared = [os.open(f"/proc/self/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC) for kind in ("user", "net")]
+    try:
+        protocol.send(control, {"op": "ready", "scope_sandboxes": paths.scope_sandboxes}, fds=tuple(shared))
+    finally:
+        for fd in shared:
+            os.close(fd)
+    connectors: dict[int, socket.socket] = {}  # pytest's lines for published ports (pod zygote)
     while True:
-        watched: list[int] = [control.fileno(), *factory.running, *factory.ending]
+        watched: list[int] = [control.fileno(), *factory.running, *factory.ending, *factory.execs, *connectors]
         readable, _, _ = select.select(watched, [], [])
         for fd in readable:
-            if fd in factory.running:
-                factory.test_ended(factory.running.pop(fd))
-            elif fd in factory.ending:
-                factory.namespace_ended(factory.ending.pop(fd))
+            factory.ready_fd(fd, connectors)
         if control.fileno() not in readable:
             continue
         message, fds = protocol.recv(control)
-        if message is not None and message.get("op") == "kill":
-            factory.kill(message["nodeid"])
+        op = message.get("op") if message is not None else None
+        if message is not None and op in ("kill", "signal", "connector", "exec", "service"):
+            factory.service_request(message, fds, services, connectors)
             continue
-        if message is None or message.get("op") != "run":
+        if op != "run":
             said_exit = message is not None
             break
+        assert message is not None
         to_pytest, reports = socket.socket(fileno=fds[0]), socket.socket(fileno=fds[1])
         spec: SandboxSpec = items[message["nodeid"]].stash[stash_key]
         if ready is not None and ready.spec != spec:
