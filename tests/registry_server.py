@@ -59,7 +59,9 @@ class Registry:
         self.tags: dict[str, dict[str, str]] = {}  # repository -> tag -> digest
         self.uploads: dict[str, bytearray] = {}
         self.tokens: dict[str, set[str]] = {}  # token -> granted "repository:NAME:ACTION"
+        self.closed: set[str] = set()  # repositories the token service grants nobody anything on
         self.log: list[tuple[str, str, int, str | None]] = []  # method, path, status, Authorization
+        self.last_challenge = ""  # the WWW-Authenticate of the newest 401
         self.corrupt: set[str] = set()  # blobs served with a flipped byte
         self.redirect_blobs: Registry | None = None  # blob GETs answered with a 307 to this one
         self.rate_limit = 0  # this many requests answered 429 first
@@ -206,6 +208,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         for scope in query.get("scope", []):
             _kind, name, actions = scope.split(":")
             for action in actions.split(","):
+                if name in self.registry.closed:
+                    continue
                 if user is not None or (self.registry.anonymous_pull and action == "pull"):
                     granted.add(f"repository:{name}:{action}")
         body = json.dumps({"token": self.registry.token(granted), "expires_in": 300}).encode()
@@ -230,6 +234,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             challenge += f',scope="repository:{name}:{"pull,push" if action == "push" else "pull"}"'
         if granted is not None:
             challenge += ',error="insufficient_scope"'
+        self.registry.last_challenge = challenge
         self._error(401, "UNAUTHORIZED", "authentication required", {"WWW-Authenticate": challenge})
         return False
 
@@ -342,6 +347,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self.command == "POST":
             self._body()
             mount, source = query.get("mount", [""])[0], query.get("from", [""])[0]
+            if mount and source and not self._allowed(source, "pull"):  # as distribution: pull on the source
+                return
             if mount and mount in self.registry.linked.get(source, set()):
                 self.registry.linked.setdefault(name, set()).add(mount)
                 self._send(201, b"", {"Location": f"/v2/{name}/blobs/{mount}", "Docker-Content-Digest": mount})

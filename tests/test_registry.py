@@ -341,6 +341,44 @@ def test_wrong_credentials_and_anonymous_tokens(store: Store, monkeypatch: pytes
             reg.pull_image(store, f"{registry.host}/public/base:1", "again")
 
 
+def test_a_token_the_registry_finds_short_of_scope_is_renewed(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cached token the registry no longer honours for the scope: its 401 with error="insufficient_scope"
+    brings a new token and the request goes on; tokens that stay short are reported after two renewals."""
+    manifest = "/v2/team/base/manifests/1"
+    with Registry(auth="bearer", users={"ci": "s3cret"}) as registry:
+        registry.add_image("team/base", "1", [_tar(BASE)])
+        client = reg.Client(registry.host, lookup=lambda host: ("ci", "s3cret"))
+
+        def get() -> None:
+            response, conn = client.request("GET", manifest, ["repository:team/base:pull"])
+            response.read()
+            conn.close()
+
+        get()
+        assert [r[1].split("?")[0] for r in registry.log] == [manifest, "/token", manifest]
+
+        def revoke() -> None:
+            for token in registry.tokens:
+                registry.tokens[token] = set()
+
+        revoke()
+        before = len(registry.log)
+        get()
+        assert [(r[1].split("?")[0], r[2]) for r in registry.log[before:]] == [
+            (manifest, 401),
+            ("/token", 200),
+            (manifest, 200),
+        ]
+        assert 'error="insufficient_scope"' in registry.last_challenge
+
+        revoke()
+        monkeypatch.setattr(registry, "token", lambda scopes: Registry.token(registry, set()))  # grants nothing
+        before = len(registry.log)
+        with pytest.raises(reg.RegistryError, match=r"HTTP 401 .*: not authorized"):
+            get()
+        assert [r[1].split("?")[0] for r in registry.log[before:]] == [manifest, "/token"] * 2 + [manifest]
+
+
 def test_basic_auth(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     with Registry(auth="basic", users={"ci": "s3cret"}) as registry:
         registry.add_image("private/base", "1", [_tar(BASE)])
@@ -502,6 +540,34 @@ def test_a_pulled_image_keeps_its_digest_wherever_it_is_pushed(store: Store, tmp
         more = build.Builder(fresh, str(project / "images")).build("more")
         assert more.origin is None
         assert reg.push_image(fresh, "more", f"{second.host}/copy/more:1") != digest
+
+
+def test_a_mount_the_source_refuses_falls_back_to_an_upload(
+    store: Store, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A committed image's base layers are mounted from the repository they were pulled from; where the
+    pusher may no longer read that repository, the registry refuses the mount and the blob is uploaded."""
+    with Registry(auth="bearer", users={"ci": "s3cret"}) as registry:
+        monkeypatch.setenv(
+            "DOCKER_AUTH_CONFIG", json.dumps({"auths": {registry.host: {"auth": _auth("ci", "s3cret")}}})
+        )
+        registry.add_image("team/base", "1", [_tar(BASE), _tar(APP)])
+        reg.pull_image(store, f"{registry.host}/team/base:1", "base")
+        store.put(dataclasses.replace(store.require("base"), name="mine", source="", origin=None))  # as commit has it
+        digest = reg.push_image(store, "mine", f"{registry.host}/team/mine:1")
+        mounts = [r for r in registry.requests("POST", "/v2/team/mine/blobs/uploads/?") if r[2] == 201]
+        assert len(mounts) == 2 and all("from=team%2Fbase" in r[1] for r in mounts)
+
+        registry.closed.add("team/base")
+        before = len(registry.log)
+        other = reg.push_image(store, "mine", f"{registry.host}/team/other:1")  # repacked layers: a new digest
+        refused = [r for r in registry.log[before:] if r[0] == "POST" and "mount=" in r[1]]
+        assert refused and {r[2] for r in refused} == {401}
+        sent = [r for r in registry.log[before:] if r[0] == "PUT" and "/v2/team/other/blobs/uploads/" in r[1]]
+        assert len(sent) == 3  # both layers and the config
+        back = reg.pull_image(Store(str(tmp_path / "fresh")), f"{registry.host}/team/other:1", "back")
+        assert back.source.endswith(other) and other != digest
+        assert back.diff_ids == store.require("mine").diff_ids
 
 
 @pytest.mark.parametrize("why", ["large", "limited"])
@@ -722,6 +788,51 @@ def test_a_marker_names_a_registrys_image(
     bad = pytester.runpytest_subprocess()
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     bad.stderr.fnmatch_lines(["*test_x*invalid image=*repository part 'Tools' is not valid*"])
+
+
+@pytest.mark.skipif(BUSYBOX is None, reason="host lacks a static busybox (apt install busybox-static)")
+def test_a_failed_tests_layer_committed_pushed_and_pulled_back(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The whole path: a test on a pulled image fails, its layer is kept, committed, pushed beside the base
+    (whose blobs are not sent again) and pulled on a fresh store with the same digests and content."""
+    store = Store(str(tmp_path_factory.mktemp("store")))
+    monkeypatch.setenv("PYTEST_SANDBOX_STORE", store.root)
+    with contextlib.contextmanager(serve)() as registry:
+        registry.add_image("tools/bb", "1", [_busybox_layer(), _tar(BASE)])
+        pytester.makepyfile(f"""
+            import pytest
+
+            @pytest.mark.container(image="{registry.host}/tools/bb:1")
+            def test_breaks(sandbox):
+                sandbox.run("mkdir -p /srv && echo evidence > /srv/evidence && rm /etc/base", check=True)
+                assert False
+        """)
+        pytester.runpytest_subprocess("--sandbox-keep=failed").assert_outcomes(failed=1)
+        listed = run_cli("containers", cwd=pytester.path)
+        cid = listed.stdout.splitlines()[1].split()[0]
+        assert run_cli("commit", cid, "broken", cwd=pytester.path).returncode == 0
+        base = store.require("bb:1")
+        broken = store.require("broken")
+        assert broken.layers[:-1] == base.layers and len(broken.layers) == len(base.layers) + 1
+
+        before = len(registry.log)
+        pushed = run_cli("images", "push", "broken", f"{registry.host}/tools/broken:1", cwd=pytester.path)
+        assert pushed.returncode == 0, pushed.stderr
+        digest = pushed.stdout.splitlines()[-1].rsplit("@", 1)[1]
+        uploads = [r for r in registry.log[before:] if r[0] == "PUT" and "/blobs/uploads/" in r[1]]
+        mounts = [r for r in registry.log[before:] if r[0] == "POST" and "mount=" in r[1] and r[2] == 201]
+        assert len(uploads) == 2 and len(mounts) == 2  # the new layer and config; the base's two layers mounted
+
+        fresh = Store(str(tmp_path_factory.mktemp("fresh")))
+        pulled = reg.pull_image(fresh, f"{registry.host}/tools/broken:1", "broken")
+        assert pulled.source.endswith(digest)
+        assert pulled.layers == broken.layers and pulled.diff_ids == broken.diff_ids
+        assert read(fresh, "broken", "/srv/evidence") == "evidence\n"
+        with pytest.raises(FileNotFoundError):
+            read(fresh, "broken", "/etc/base")  # the whiteout went up with the layer
+        again = run_cli("run", "broken", "sh", "-c", "cat /srv/evidence; cat /etc/base", store=fresh.root)
+        assert again.stdout == "evidence\n" and again.returncode != 0, again.stderr
 
 
 def _cli(*args: str, password: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -308,10 +308,13 @@ def _oci_manifest(source: _Source, tag: str | None) -> tuple[dict[str, Any], str
 
 
 class LayerRef:
-    """A layer blob: its name in the source, its digest (None in a docker archive), and its descriptor."""
+    """A layer blob: its name in the source, its digest (None in a docker archive), its descriptor, and the
+    registry repository it was pulled from ("HOST/REPO", for a later push to mount it from there)."""
 
-    def __init__(self, name: str, digest: str | None, descriptor: dict[str, Any] | None = None) -> None:
-        self.name, self.digest, self.descriptor = name, digest, descriptor
+    def __init__(
+        self, name: str, digest: str | None, descriptor: dict[str, Any] | None = None, pulled_from: str | None = None
+    ) -> None:
+        self.name, self.digest, self.descriptor, self.pulled_from = name, digest, descriptor, pulled_from
 
 
 def _read_source(source: _Source, tag: str | None) -> tuple[dict[str, Any], list[LayerRef], str | None]:
@@ -390,6 +393,8 @@ def _unpack_layer(
         extra: dict[str, Any] = {"skipped_devices": result.skipped_devices} if result.skipped_devices else {}
         if layer.descriptor is not None:  # what a push needs to name this blob again without repacking it
             extra["blob"] = {k: layer.descriptor[k] for k in ("mediaType", "digest", "size") if k in layer.descriptor}
+        if layer.pulled_from is not None:
+            extra["blob_from"] = layer.pulled_from
         store.publish_layer(diff, chain, diff_id, parent, extra)
     return chain
 

@@ -820,7 +820,7 @@ def pull_layers_with(
         if not isinstance(size, int) or size < 0 or not isinstance(media_type, str) or len(media_type) > 255:
             raise RegistryError(f"{where}: layer {layer_digest} has no valid size and mediaType")
         clean = {"mediaType": media_type, "digest": layer_digest, "size": size}  # kept in layer.json for a push
-        layers.append(oci.LayerRef(layer_digest, layer_digest, clean))
+        layers.append(oci.LayerRef(layer_digest, layer_digest, clean, f"{ref.registry}/{ref.repository}"))
     diff_ids = oci.config_diff_ids(config, len(layers), where)
     chains = oci.unpack_chain(store, blobs, layers, diff_ids, where, progress, ("downloading", "downloaded"))
     return Pulled(ref, digest, chains, diff_ids, oci.image_config(config), origin_of(found, config_raw))
@@ -925,15 +925,30 @@ class _Pusher:
             conn.close()
         return response
 
-    def present(self, digest: str) -> str | None:
-        """ "exists" or "mounted" when the registry has the blob in the repository now, else None."""
+    def present(self, digest: str, pulled_from: str | None = None) -> str | None:
+        """ "exists" or "mounted" when the registry has the blob in the repository now, else None.
+        ``pulled_from``: "HOST/REPO" the blob was pulled from; on this registry, it is mounted from there
+        rather than from the image's source (a committed or built image has none)."""
         repo = self.ref.repository
         if self._call("HEAD", f"/v2/{repo}/blobs/{digest}", (200, 404), f"HEAD blob {digest}").status == 200:
             return "exists"
-        if self.mount_from is None:
+        mount_from = self.mount_from
+        if pulled_from and pulled_from.startswith(self.ref.registry + "/"):
+            mount_from = pulled_from[len(self.ref.registry) + 1 :]
+        if mount_from is None or mount_from == repo:
             return None
-        query = urllib.parse.urlencode({"mount": digest, "from": self.mount_from})
-        response = self._call("POST", f"/v2/{repo}/blobs/uploads/?{query}", (201, 202), f"mount of {digest}", body=b"")
+        query = urllib.parse.urlencode({"mount": digest, "from": mount_from})
+        scopes = [*self.scopes, _scope(mount_from)]
+        try:
+            response, conn = self.client.request(
+                "POST", f"/v2/{repo}/blobs/uploads/?{query}", scopes, ok=(201, 202), what=f"mount of {digest}", body=b""
+            )
+        except RegistryError as exc:
+            if exc.status not in (401, 403, 404):
+                raise
+            return None  # no right to read the source repository (or it is gone): the blob is uploaded
+        with contextlib.closing(conn):
+            response.read()
         if response.status == 201:
             return "mounted"
         self._started = response.getheader("Location")  # not mounted: the registry began an upload instead
@@ -1059,7 +1074,9 @@ class _Origin:
         return cls(origin["manifest"].encode(), media_type, layers, origin["config"].encode(), str(config_type))
 
 
-def _blob_at_target(pusher: _Pusher, candidates: list[Any]) -> tuple[dict[str, Any] | None, str]:
+def _blob_at_target(
+    pusher: _Pusher, candidates: list[Any], pulled_from: str | None = None
+) -> tuple[dict[str, Any] | None, str]:
     """The first descriptor (a pulled layer's, as its manifest or the store names it) whose blob the target has
     or can mount, and what was done; (None, "") when none is there: the layer is packed and sent."""
     tried = set()
@@ -1067,7 +1084,7 @@ def _blob_at_target(pusher: _Pusher, candidates: list[Any]) -> tuple[dict[str, A
         if not isinstance(descriptor, dict) or not descriptor.get("digest") or descriptor["digest"] in tried:
             continue
         tried.add(descriptor["digest"])
-        done = pusher.present(descriptor["digest"])
+        done = pusher.present(descriptor["digest"], pulled_from)
         if done is not None:
             return descriptor, done
     return None, ""
@@ -1122,7 +1139,12 @@ def push_layers(
         for i, chain in enumerate(layers):
             info = store.layer_info(chain)
             label = f"layer {i + 1}/{len(layers)}"
-            descriptor, done = _blob_at_target(pusher, [*kept.layers[i : i + 1], info.get("blob")])
+            pulled_from = info.get("blob_from")
+            descriptor, done = _blob_at_target(
+                pusher,
+                [*kept.layers[i : i + 1], info.get("blob")],
+                pulled_from if isinstance(pulled_from, str) else None,
+            )
             diff_id = info.get("diff_id")
             if descriptor is None or not isinstance(diff_id, str):  # not pulled, or not there: packed and sent
                 packed = os.path.join(stage, f"layer{i}")
