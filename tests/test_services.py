@@ -498,7 +498,7 @@ def test_nginx_as_a_service(pytester: pytest.Pytester) -> None:
     (pytester.path / "nginx.conf").write_text(NGINX_CONF)
     pytester.makepyfile(
         """
-        import pathlib, urllib.request
+        import pathlib, time, urllib.request
         import pytest
         from pytest_sandbox import service, wait
 
@@ -507,6 +507,9 @@ def test_nginx_as_a_service(pytester: pytest.Pytester) -> None:
 
         def test_host(web):
             assert urllib.request.urlopen(web.url(8080), timeout=10).read() == b"hello from nginx\\n"
+            deadline = time.monotonic() + 30  # nginx logs a request after it has sent the answer
+            while "GET / HTTP/1.1" not in web.logs() and time.monotonic() < deadline:
+                time.sleep(0.05)
             assert "GET / HTTP/1.1" in web.logs()
 
         @pytest.mark.container
