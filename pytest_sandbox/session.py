@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import faulthandler
+import functools
 import json
 import os
 import sys
@@ -80,9 +81,9 @@ class SessionState:
     pod: Pod | None = None
     userns_fd: int = -1  # the session's user namespace: every zygote after the first joins it
 
-    @property
+    @functools.cached_property
     def volumes(self) -> VolumeStore:
-        return VolumeStore(self.store.root)
+        return VolumeStore(self.store.root)  # one: its watcher is the session keeper's (_open_cgroup_session)
 
     @property
     def accounting(self) -> bool:
@@ -445,6 +446,7 @@ def _open_cgroup_session(state: SessionState) -> None:
             state.cgroup_session = state.backend.open_session()
         except OSError as exc:
             raise SandboxError(f"cannot create the session cgroup: {exc}") from None
+        state.volumes.watcher = state.cgroup_session.watch
 
 
 def _remember_user_namespace(state: SessionState, zyg: Zygote) -> None:

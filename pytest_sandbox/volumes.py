@@ -20,7 +20,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from .errors import SandboxError
 from .linux.files import remove_tree, tree_size
@@ -84,6 +84,9 @@ class VolumeStore:
 
     def __init__(self, store_root: str) -> None:
         self.root = os.path.join(store_root, "volumes")
+        # given each read/write volume's host directory before a sandbox uses it: the session's keeper,
+        # which clears their set-id bits if pytest dies (runtime/cgroup_keeper.py)
+        self.watcher: Callable[[str], None] | None = None
 
     def path(self, name: str) -> str:
         """Where a named volume's data lives (made on first use)."""
@@ -166,6 +169,9 @@ class VolumeStore:
             for name in sorted(modes):
                 self.ensure(name)
                 stack.enter_context(self._lock(name, fcntl.LOCK_EX if modes[name] == "rw" else fcntl.LOCK_SH))
+            if self.watcher is not None:  # its set-id bits are cleared even if pytest dies while it runs
+                for top in self.writable_tops(mounts):
+                    self.watcher(top)
             yield
 
     def clear_setid_bits(self, mounts: Iterable[tuple[str, str, str]]) -> list[str]:
@@ -173,11 +179,17 @@ class VolumeStore:
         test makes root-owned files: one could be a set-user-ID root program in a directory others
         reach). Returns the files changed."""
         changed: list[str] = []
-        for source, _target, mode in mounts:
-            if mode == "rw":
-                top = os.path.realpath(self.path(source)) if is_named(source) else source
-                changed.extend(clear_setid_bits(top))
+        for top in self.writable_tops(mounts):
+            changed.extend(clear_setid_bits(top))
         return changed
+
+    def writable_tops(self, mounts: Iterable[tuple[str, str, str]]) -> list[str]:
+        """The host directories (or files) of the read/write volumes among ``mounts``."""
+        return [
+            os.path.realpath(self.path(source)) if is_named(source) else source
+            for source, _target, mode in mounts
+            if mode == "rw"
+        ]
 
     def _existing(self, name: str) -> str:
         if not NAME_RE.fullmatch(name):
@@ -246,11 +258,16 @@ SETID = stat.S_ISUID | stat.S_ISGID
 def clear_setid_bits(top: str) -> list[str]:
     """Walk ``top`` without following symlinks (by fds: nothing is looked up by path twice) and clear the
     set-user-ID and set-group-ID bits of regular files."""
-    changed: list[str] = []
     try:
         fd = os.open(top, _DIRECTORY)
     except OSError:
-        return changed  # a file volume, or gone
+        return []  # a file volume, or gone
+    return clear_setid_bits_at(fd, top)
+
+
+def clear_setid_bits_at(fd: int, top: str) -> list[str]:
+    """clear_setid_bits in the directory open at ``fd`` (closed here); ``top`` names it in what is returned."""
+    changed: list[str] = []
     stack = [(fd, top)]
     while stack:
         dir_fd, where = stack.pop()

@@ -269,6 +269,43 @@ def test_pytest_killed_before_it_forks_a_zygote_removes_its_cgroups(pytester: py
     _kill_after(pytester, token, "FORKING")
 
 
+def test_pytest_killed_while_a_test_holds_set_id_files_in_a_volume_clears_them(
+    pytester: pytest.Pytester, token: str
+) -> None:
+    """A test makes a set-user-ID program in its read/write volume (a host directory: root's would be a
+    set-user-ID root program there) and pytest is killed before the test ends, so pytest cannot clear the
+    bits: the session's keeper does, once the sandbox is gone, and says so."""
+    volume = pytester.path / "vol"
+    volume.mkdir()
+    (volume / "plain").write_text("x")
+    pytester.makepyfile(f"""
+        import os, shutil, time, pytest
+
+        @pytest.mark.container(volumes={{"./vol": "/tmp/{token}"}})
+        def test_plants():
+            os.mkdir("/tmp/{token}/deeper")
+            for path in ("/tmp/{token}/prog", "/tmp/{token}/deeper/prog"):
+                shutil.copy("/bin/sh", path)
+                os.chmod(path, 0o6755)
+            os.symlink("/bin/sh", "/tmp/{token}/link")
+            print("RUNNING", flush=True)
+            time.sleep(600)
+    """)
+    proc = start_pytest_until_running(pytester.path, token)
+    assert (volume / "prog").stat().st_mode & 0o6000 == 0o6000  # the test runs with its bits set
+    proc.kill()
+    proc.wait()
+    assert wait_gone(token) == []
+    assert _wait_no_session_dirs(proc.pid) == [], _rest_of_output(proc)
+    deadline = time.monotonic() + 60  # a bound: the keeper clears once the cgroups are gone
+    while (volume / "deeper/prog").stat().st_mode & 0o6000 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    rest = _rest_of_output(proc)
+    assert [oct((volume / name).stat().st_mode & 0o7777) for name in ("prog", "deeper/prog")] == ["0o755"] * 2, rest
+    assert os.stat("/bin/sh").st_mode & 0o6000 == 0  # the symlink was not followed
+    assert "set-id bits cleared after pytest died:" in rest and "deeper/prog" in rest
+
+
 def test_stress_overrides_markers(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("""
         import time, pytest

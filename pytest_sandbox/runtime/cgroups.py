@@ -26,6 +26,7 @@ import dataclasses
 import errno
 import os
 import resource
+import socket
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -194,7 +195,13 @@ class Session:
     """The session cgroup: directory fds that keep working inside the zygote's namespaces."""
 
     def __init__(
-        self, backend: Backend, dirs: dict[str, int], parents: dict[str, int], name: str, keeper: int = -1
+        self,
+        backend: Backend,
+        dirs: dict[str, int],
+        parents: dict[str, int],
+        name: str,
+        keeper: int = -1,
+        keeper_line: int = -1,
     ) -> None:
         self.backend = backend
         self.dirs = dirs  # hierarchy -> fd of the session cgroup
@@ -202,6 +209,8 @@ class Session:
         self.name = name
         self.keeper = keeper  # the pid of the process that removes them if pytest dies (cgroup_keeper.py)
         self.owner = os.getpid()  # pytest: only it ends the keeper (a zygote-parent closes a copy)
+        self.keeper_line = socket.socket(fileno=keeper_line) if keeper_line >= 0 else None
+        self.watched: set[str] = set()
         self.count = 0
         self.prefix = "sb"  # the pod zygote's services are "svc-<n>": both zygotes make groups at once
 
@@ -231,7 +240,20 @@ class Session:
         if self.keeper > 0 and os.getpid() == self.owner:
             cgroup_keeper.stop(self.keeper)
         self.keeper = -1
+        self.forget_keeper()
         return left
+
+    def watch(self, directory: str) -> None:
+        """Have the keeper clear ``directory``'s set-id bits if pytest dies (a read/write volume's)."""
+        if self.keeper_line is not None and os.getpid() == self.owner and directory not in self.watched:
+            self.watched.add(directory)
+            cgroup_keeper.watch(self.keeper_line, directory)
+
+    def forget_keeper(self) -> None:
+        """Close this process's line to the keeper (a zygote-parent's copy, or pytest's at the end)."""
+        if self.keeper_line is not None:
+            self.keeper_line.close()
+            self.keeper_line = None
 
 
 def _remove_session(backend: Backend, parents: dict[str, int], name: str) -> list[str]:
@@ -299,17 +321,17 @@ class CgroupBackend(Backend):
         name = f"{SESSION_PREFIX}{os.getpid()}"
         dirs: dict[str, int] = {}
         parents: dict[str, int] = {}
-        keeper = -1
+        keeper, keeper_line = -1, -1
         try:
             for hierarchy, base in self.bases.items():
                 parents[hierarchy] = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 _remove_stale_sessions(parents[hierarchy])
             # before the first mkdir: from here on, pytest's death at any moment removes what it made
-            keeper = cgroup_keeper.start(lambda: _remove_session(self, parents, name), parents.values())
+            keeper, keeper_line = cgroup_keeper.start(lambda: _remove_session(self, parents, name), parents.values())
             for hierarchy, parent in parents.items():
                 os.mkdir(name, dir_fd=parent)
                 dirs[hierarchy] = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=parent)
-            session = Session(self, dirs, parents, name, keeper)
+            session = Session(self, dirs, parents, name, keeper, keeper_line)
             self.prepare_session(session)
         except OSError:
             for hierarchy, fd in dirs.items():
@@ -319,6 +341,7 @@ class CgroupBackend(Backend):
                 os.close(fd)
             if keeper > 0:
                 cgroup_keeper.stop(keeper)
+                os.close(keeper_line)
             raise
         for fd in (*dirs.values(), *parents.values()):
             os.set_inheritable(fd, True)

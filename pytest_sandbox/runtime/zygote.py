@@ -121,6 +121,8 @@ def zygote_main(
     if os.getppid() != pytest_pid:
         end_session()
     pytest_pidfd = os.pidfd_open(pytest_pid)  # our parent: not a reused pid
+    if limits.session is not None:
+        limits.session.forget_keeper()  # pytest's line to the keeper
     try:
         syscalls.set_process_name("sandbox-zygote")
         # 2. The user namespace: the right to mount and make namespaces, without root.
