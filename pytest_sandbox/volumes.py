@@ -266,27 +266,96 @@ def clear_setid_bits(top: str) -> list[str]:
 
 
 def clear_setid_bits_at(fd: int, top: str) -> list[str]:
-    """clear_setid_bits in the directory open at ``fd`` (closed here); ``top`` names it in what is returned."""
+    """clear_setid_bits in the directory open at ``fd`` (closed here); ``top`` names it in what is returned.
+
+    A test shapes the tree: thousands of sibling directories, or a chain thousands deep, must not run the
+    walk out of fds and leave a directory unvisited. So it holds fds only along one path, at most
+    _OPEN_LEVELS deep; a directory deeper than that, or one it could not open for want of fds, is walked
+    later from ``top`` down, one name at a time, when the fds above it are closed again."""
     changed: list[str] = []
-    stack = [(fd, top)]
-    while stack:
-        dir_fd, where = stack.pop()
-        try:
-            for entry in os.scandir(dir_fd):
-                with contextlib.suppress(OSError):
-                    st = entry.stat(follow_symlinks=False)
-                    if stat.S_ISDIR(st.st_mode):
-                        stack.append((os.open(entry.name, _DIRECTORY, dir_fd=dir_fd), os.path.join(where, entry.name)))
-                    elif stat.S_ISREG(st.st_mode) and st.st_mode & SETID:
-                        file_fd = os.open(entry.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-                        try:  # chmod through the fd's /proc link: the file opened, not a name
-                            os.chmod(f"/proc/self/fd/{file_fd}", stat.S_IMODE(os.fstat(file_fd).st_mode) & ~SETID)
-                        finally:
-                            os.close(file_fd)
-                        changed.append(os.path.join(where, entry.name))
-        finally:
-            os.close(dir_fd)
+    later: list[tuple[str, ...]] = [()]  # directories to walk, as names below top
+    try:
+        while later:
+            names = later.pop()
+            start = _open_below(fd, names)
+            if start is not None:
+                _clear_tree(start, names, top, changed, later)
+    finally:
+        os.close(fd)
     return changed
+
+
+_OPEN_LEVELS = 64  # directories a walk holds open at once (two fds each: the directory and its listing)
+
+
+def _open_below(fd: int, names: tuple[str, ...]) -> int | None:
+    """The directory at ``names`` below ``fd``, opened one name at a time without following symlinks."""
+    current = os.dup(fd)
+    for name in names:
+        try:
+            below = os.open(name, _DIRECTORY, dir_fd=current)
+        except OSError:
+            os.close(current)
+            return None
+        os.close(current)
+        current = below
+    return current
+
+
+def _clear_tree(start: int, names: tuple[str, ...], top: str, changed: list[str], later: list[tuple[str, ...]]) -> None:
+    stack: list[tuple[int, tuple[str, ...], Iterator[os.DirEntry[str]]]] = []
+    try:
+        stack.append((start, names, os.scandir(start)))
+    except OSError:
+        os.close(start)
+        return
+    try:
+        while stack:
+            dir_fd, where, entries = stack[-1]
+            entry = next(entries, None)
+            if entry is None:
+                stack.pop()
+                entries.close()  # type: ignore[attr-defined]
+                os.close(dir_fd)
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                below = (*where, entry.name)
+                if len(stack) >= _OPEN_LEVELS:
+                    later.append(below)
+                    continue
+                opened = _open_listing(dir_fd, entry.name)
+                if opened is None:
+                    later.append(below)  # out of fds, or gone (then it is not found later either)
+                else:
+                    stack.append((opened[0], below, opened[1]))
+            elif stat.S_ISREG(st.st_mode) and st.st_mode & SETID:
+                with contextlib.suppress(OSError):
+                    file_fd = os.open(entry.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                    try:  # chmod through the fd's /proc link: the file opened, not a name
+                        os.chmod(f"/proc/self/fd/{file_fd}", stat.S_IMODE(os.fstat(file_fd).st_mode) & ~SETID)
+                    finally:
+                        os.close(file_fd)
+                    changed.append(os.path.join(top, *where, entry.name))
+    finally:
+        for dir_fd, _where, entries in stack:
+            entries.close()  # type: ignore[attr-defined]
+            os.close(dir_fd)
+
+
+def _open_listing(dir_fd: int, name: str) -> tuple[int, Iterator[os.DirEntry[str]]] | None:
+    try:
+        fd = os.open(name, _DIRECTORY, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        return fd, os.scandir(fd)
+    except OSError:
+        os.close(fd)
+        return None
 
 
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

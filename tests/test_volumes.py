@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -251,3 +253,40 @@ def test_a_hook_may_add_volumes(pytester: pytest.Pytester, store: Path) -> None:
     )
     pytester.makepyfile(test_h="def test_h():\n    assert open('/tmp/given/f').read() == 'from the hook'\n")
     pytester.runpytest_subprocess("--sandbox=all").assert_outcomes(passed=1)
+
+
+CLEAR_UNDER_FEW_FDS = """
+import resource, sys
+from pytest_sandbox.volumes import clear_setid_bits
+resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+print("\\n".join(sorted(clear_setid_bits(sys.argv[1]))))
+"""
+
+
+def test_set_id_bits_are_cleared_in_trees_shaped_to_exhaust_fds(tmp_path: Path) -> None:
+    """A test shapes its volume's tree: 1500 sibling directories, a chain 700 deep, a symlink to a set-id
+    file outside. Walked with 128 fds, every set-id file inside is found and nothing outside is touched."""
+    top = tmp_path / "vol"
+    planted = []
+    for i in range(1500):
+        (top / "wide" / f"d{i}").mkdir(parents=True)
+        if i % 100 == 7:
+            planted.append(top / "wide" / f"d{i}" / "prog")
+    deep = top.joinpath("deep", *["d"] * 700)
+    os.makedirs(deep)
+    planted.append(deep / "prog")
+    outside = tmp_path / "outside"
+    outside.write_text("x")
+    outside.chmod(0o4755)
+    (top / "link").symlink_to(outside)
+    for path in planted:
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o755)
+        os.fchmod(fd, 0o6755)
+        os.close(fd)
+    result = subprocess.run(
+        [sys.executable, "-c", CLEAR_UNDER_FEW_FDS, str(top)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == sorted(str(path) for path in planted)
+    assert [oct(path.stat().st_mode & 0o7777) for path in planted] == ["0o755"] * len(planted)
+    assert outside.stat().st_mode & 0o7777 == 0o4755
