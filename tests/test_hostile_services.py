@@ -241,6 +241,56 @@ def test_exec_in_an_image_service_gets_no_more_than_the_service_itself(
         assert not (planted.stat().st_uid == 0 and planted.stat().st_mode & 0o4000), oct(planted.stat().st_mode)
 
 
+@pytest.mark.skipif(os.uname().machine not in ("x86_64", "aarch64"), reason="the set-id filter knows x86_64, aarch64")
+@pytest.mark.parametrize("image", ["host", "busybox"])
+def test_a_service_cannot_set_set_id_bits_between_clearings(
+    pytester: pytest.Pytester, tmp_path: Path, image: str
+) -> None:
+    """Red team round 7: a process a service runs set the bits again between two clearings (and a kill of
+    pytest left them). Its command, a process left in it and exec() all run under the set-id filter: a
+    set-id program never appears in its volume, even while it runs; plain modes still work."""
+    if image == "busybox":
+        pytest.importorskip("oci_inputs").BUSYBOX or pytest.skip(
+            "host lacks a static busybox (apt install busybox-static)"
+        )
+    volume = tmp_path / "vol"
+    volume.mkdir()
+    volume.chmod(0o777)
+    data = "/data" if image == "busybox" else "/tmp/svcdata"  # the host view takes new targets under /tmp
+    plant = f"cp /bin/busybox {data}/{{0}} 2>/dev/null || cp /bin/sh {data}/{{0}}; chmod 4755 {data}/{{0}}; "
+    plant += f"chmod g+s {data}/{{0}}"
+    loop = f"while true; do {plant.format('looped')}; sleep 0.05; done"
+    pytester.makepyfile(f"""
+        import os, stat, time
+        import pytest
+        from pytest_sandbox import service, wait
+
+        svc = service("svc", image={image!r}, volumes={{{str(volume)!r}: {data!r}}}, stop_timeout=1,
+                      command=["sh", "-c", {(loop + " & echo up; exec sleep 300")!r}], ready=wait.log("^up$"))
+
+        def set_id(name):
+            path = os.path.join({str(volume)!r}, name)
+            return os.path.exists(path) and bool(os.stat(path).st_mode & (stat.S_ISUID | stat.S_ISGID))
+
+        @pytest.mark.container
+        def test_exec(svc):
+            result = svc.exec(["sh", "-c", {plant.format("execed") + f"; chmod 0750 {data}/execed; echo done"!r}])
+            assert result.stdout == "done\\n"
+            assert "Operation not permitted" in result.stderr
+
+        def test_while_it_runs(svc):
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline:
+                assert not set_id("looped") and not set_id("execed")
+                time.sleep(0.01)
+            assert os.path.exists(os.path.join({str(volume)!r}, "looped"))
+            assert stat.S_IMODE(os.stat(os.path.join({str(volume)!r}, "execed")).st_mode) == 0o750
+    """)
+    pytester.runpytest_subprocess("-p", "no:randomly").assert_outcomes(passed=2)
+    for planted in volume.iterdir():
+        assert not planted.stat().st_mode & 0o6000, (planted, oct(planted.stat().st_mode))
+
+
 def test_a_workers_service_socket_answers_again_after_running_out_of_fds() -> None:
     """Red team round 6: a test flooding a published port ran the owning xdist worker out of fds, its
     socket's accept failed once with EMFILE, and the worker never answered another worker again."""

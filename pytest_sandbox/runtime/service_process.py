@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 from .. import credentials
 from ..layers import commands
-from ..linux import process, rootfs, syscalls, userns
+from ..linux import process, rootfs, seccomp, syscalls, userns
 from ..spec import SandboxSpec
 from . import cgroups
 
@@ -204,6 +204,7 @@ def exec_child(
     withheld = set(credentials.withheld_variables(os.environ, spec.env_pass))
     environment = {**{k: v for k, v in os.environ.items() if k not in withheld}, **dict(spec.env)}
     syscalls.setns(service_pidfd, flags)
+    seccomp.refuse_setid_modes()  # as the service's processes: the launcher and the command inherit it
     launcher = -1
     if image is not None and os.geteuid() == 0:  # root's command in an image: as the service's own commands
         with contextlib.suppress(OSError):  # not where root lacks the full id range: spawn says why

@@ -31,7 +31,7 @@ import pytest
 from .. import credentials, outputs, plugin_results, plugin_state, protocol
 from ..errors import ServiceError, SetupError
 from ..layers import commands
-from ..linux import mounts, process, rootfs, syscalls, userns
+from ..linux import mounts, process, rootfs, seccomp, syscalls, userns
 from ..spec import SandboxSpec
 from . import cgroups, interact, leftovers, scope_children, service_process, test_layers
 
@@ -277,6 +277,7 @@ class Sandbox:
     per_test_layers: bool = False  # a scope sandbox: each test runs in a fork, over a layer of its own
     network: Network = Network()
     hosts: str = ""  # this sandbox's /etc/hosts (a pod member's: the services' names); empty: the host's
+    service: bool = False  # a service's sandbox: its processes cannot set set-id bits (linux/seccomp.py)
 
 
 def _enter(box: Sandbox, config: pytest.Config, pid1: tuple[int, int], keep: set[int]) -> int | None:
@@ -310,6 +311,13 @@ def _enter(box: Sandbox, config: pytest.Config, pid1: tuple[int, int], keep: set
     # 5. pid 1 joins every namespace above (its /proc/1/root, /proc/1/net become the sandbox's), then
     #    gives up its capabilities; nothing of the test runs before it says it has.
     _pid1_joins(flags, *pid1)
+    #    A service runs with its read/write volumes for its whole scope: none of its processes (this one,
+    #    the launcher below, whatever either starts) may set set-id bits there (linux/seccomp.py).
+    if box.service:
+        try:
+            seccomp.refuse_setid_modes()  # not on a machine it does not know (README: Limits by host)
+        except OSError as exc:
+            raise SetupError("namespaces", f"cannot install the set-id filter: {exc}") from None
     # 6. Root will have no capability left to map uid 0 in a user namespace of its own: the commands it
     #    starts in an image go through a launcher forked now, which keeps one the test cannot enter.
     if box.plan.image is not None and not box.plan.image.host_based and os.geteuid() == 0:

@@ -331,8 +331,9 @@ class _Factory:
         writable = [os.path.realpath(p) for p in (*self.paths.writable, *spec.writable)]
         return [p for p in self.host_sockets if not any(mounts.is_under(p, w) for w in writable)]
 
-    def prepare(self, spec: SandboxSpec) -> _Sandbox:
+    def prepare(self, spec: SandboxSpec, service: bool = False) -> _Sandbox:
         """Start pid 1 in a new pid namespace and fork the test process into it; it builds itself.
+        ``service``: the sandbox is a service's (its processes get the set-id filter).
 
         With a cgroup, both are moved into it before the test process may go on.
         """
@@ -355,6 +356,7 @@ class _Factory:
             per_test_layers=self.paths.scope_sandboxes and spec.fits_scope_sandbox,
             network=self._network(spec),
             hosts=self.namespaces.pod_hosts if spec.network == "pod" else "",
+            service=service,
         )
         test, test_end = protocol.socketpair()
         go_r, go_w, ack_r, ack_w = _pipes_above(4)  # pid 1 waits on these until the sandbox's namespaces exist
@@ -477,7 +479,7 @@ class _Factory:
         """A service's sandbox, built now (services start rarely: none waits ready ahead); its process execs
         the service's command with ``log_fd`` as its stdout and stderr. pytest hears its exit like a test's."""
         try:
-            sandbox = self.prepare(launch.spec)
+            sandbox = self.prepare(launch.spec, service=True)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 protocol.send(to_pytest, {"type": "error", "phase": "fork", "message": str(exc)})
