@@ -207,6 +207,25 @@ while True:
 """
 
 
+def test_a_restart_waits_for_the_new_process_log_line(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    """wait.log after restart() looks at what the new process writes: the first start's "up" is in the log
+    already, and the second start says it only after a second."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    pytester.makepyfile(f"""
+        from pytest_sandbox import service, wait
+
+        SLOW_SECOND = "[ -e /tmp/marks/once ] && sleep 1; touch /tmp/marks/once; echo up; exec sleep 300"
+        echo = service("echo", command=["sh", "-c", SLOW_SECOND], volumes={{{str(marks)!r}: "/tmp/marks"}},
+                       ready=wait.log("^up$"), stop_timeout=1)
+
+        def test_restart(echo):
+            echo.restart()
+            assert echo.logs().count("up") == 2
+    """)
+    pytester.runpytest_subprocess().assert_outcomes(passed=1)
+
+
 def test_restart_keeps_the_published_port_and_the_log(pytester: pytest.Pytester) -> None:
     (pytester.path / "echo_server.py").write_text(ECHO_SERVER)
     pytester.makepyfile(

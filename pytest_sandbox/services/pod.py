@@ -235,6 +235,7 @@ class Instance:
         if not self.published:  # first start: hold its named volumes while it may run
             self._volumes.enter_context(self.pod.volumes.held(self.definition.spec.volumes))
         self.exit, self.stopped, self._gone, self.failed = None, False, False, ""
+        log_start = self.log_size()  # a restart's wait.log looks at what this start writes, not the last's
         started, started_end = os.pipe2(os.O_CLOEXEC)
         try:
             self.status = self.pod.zygote.start_service(self.definition.name, self.log, started_end)
@@ -249,7 +250,7 @@ class Instance:
             os.close(started)
         self.starts += 1
         self.started_at = time.time()
-        self._wait_ready()
+        self._wait_ready(log_start)
         for port in self.definition.ports:  # published once it is ready; kept across restarts
             if port not in self.published:
                 self.published[port] = Published(functools.partial(self.pod.connector.connect, port))
@@ -263,7 +264,7 @@ class Instance:
             self._wait_exit(GONE_TIMEOUT)
             raise ServiceError(self.describe_exit("did not start"))
 
-    def _wait_ready(self) -> None:
+    def _wait_ready(self, log_start: int) -> None:
         condition = self.definition.readiness
         deadline = time.monotonic() + self.definition.ready_timeout
         delay = FIRST_POLL
@@ -272,7 +273,7 @@ class Instance:
             if self.exit is not None:
                 raise ServiceError(self.describe_exit("exited before it was ready"))
             try:
-                if condition is None or condition.check(_Probe(self)):
+                if condition is None or condition.check(_Probe(self, log_start)):
                     return
             except SandboxError as exc:
                 raise ServiceError(f"service {self.definition.name!r}: {exc}") from None
@@ -438,18 +439,22 @@ class Instance:
             )
         return self.published[port].port
 
-    def log_text(self) -> str:
-        """Its output since its first start; past LOG_READ_MAX its beginning and its end (the service writes
-        its log: it may be huge, or sparse)."""
+    def log_text(self, since: int = 0) -> str:
+        """Its output since its first start (or from byte ``since``); past LOG_READ_MAX its beginning and its
+        end (the service writes its log: it may be huge, or sparse)."""
         if self.log < 0:
             return ""
-        size = os.fstat(self.log).st_size
+        end = os.fstat(self.log).st_size
+        size = max(end - since, 0)
         if size <= LOG_READ_MAX:
-            return os.pread(self.log, size, 0).decode(errors="replace")
+            return os.pread(self.log, size, since).decode(errors="replace")
         half = LOG_READ_MAX // 2
-        head = os.pread(self.log, half, 0).decode(errors="replace")
-        tail = os.pread(self.log, half, size - half).decode(errors="replace")
+        head = os.pread(self.log, half, since).decode(errors="replace")
+        tail = os.pread(self.log, half, end - half).decode(errors="replace")
         return f"{head}\n[... pytest-sandbox: {size - 2 * half} bytes of the log left out ...]\n{tail}"
+
+    def log_size(self) -> int:
+        return os.fstat(self.log).st_size if self.log >= 0 else 0
 
     def log_tail(self, lines: int = handles.LOG_TAIL) -> str:
         return handles.last_lines(self.log_text(), lines)
@@ -468,14 +473,15 @@ class Instance:
 class _Probe:
     """What readiness conditions see of a starting service."""
 
-    def __init__(self, instance: Instance) -> None:
+    def __init__(self, instance: Instance, log_start: int) -> None:
         self._instance = instance
+        self._log_start = log_start  # where this start's output begins in the service's log
 
     def listening(self, port: int) -> bool:
         return self._instance.pod.connector.listening(port)
 
     def log_text(self) -> str:
-        return self._instance.log_text()
+        return self._instance.log_text(self._log_start)
 
     def connect(self, port: int) -> socket.socket:
         return self._instance.pod.connector.connect(port)
