@@ -97,16 +97,14 @@ SPY = r'''
 import os, time
 home = os.path.expanduser("~")
 scope_dev = os.stat(home).st_dev
-fd = None
+fd, held = None, None
 end = time.time() + 30
 while time.time() < end:
     try:
         dev = os.stat(home).st_dev
     except OSError:
         continue
-    if fd is None and dev != scope_dev:
-        fd = os.open(home, os.O_PATH | os.O_DIRECTORY)  # a test layer's overlay of $HOME
-    elif fd is not None and dev == scope_dev:  # that layer was taken off: its masks with it
+    if fd is not None and dev != held:  # that layer was taken off (the scope's or the next test's shows)
         try:
             with open(".ssh/id_secret", opener=lambda p, f: os.open(p, f, dir_fd=fd)) as f:
                 data = f.read()
@@ -115,7 +113,9 @@ while time.time() < end:
         with open("/tmp/spied", "a") as f:
             f.write(data + "\\n")
         os.close(fd)
-        fd = None
+        fd, held = None, None
+    if fd is None and dev != scope_dev:
+        fd, held = os.open(home, os.O_PATH | os.O_DIRECTORY), dev  # a test layer's overlay of $HOME
     time.sleep(0.0005)
 '''
 
