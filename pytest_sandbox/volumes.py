@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 
 from .errors import SandboxError
+from .linux import syscalls
 from .linux.files import remove_tree, tree_size
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -255,40 +256,79 @@ def _prefixes(path: str) -> list[str]:
 SETID = stat.S_ISUID | stat.S_ISGID
 
 
-def clear_setid_bits(top: str) -> list[str]:
-    """Walk ``top`` without following symlinks (by fds: nothing is looked up by path twice) and clear the
-    set-user-ID and set-group-ID bits of regular files."""
+def open_top(top: str) -> int | None:
+    """An ``O_PATH`` fd of a read/write volume's host path, reached from / without following any symlink:
+    the path was resolved when the test was collected, and a test with a volume above it may have swapped
+    a directory on it for a symlink since. None if it is not there that way."""
     try:
-        fd = os.open(top, _DIRECTORY)
+        return syscalls.openat2(
+            syscalls.AT_FDCWD,
+            top,
+            os.O_PATH | os.O_CLOEXEC,
+            syscalls.RESOLVE_NO_SYMLINKS | syscalls.RESOLVE_NO_MAGICLINKS,
+        )
     except OSError:
-        return []  # a file volume, or gone
-    return clear_setid_bits_at(fd, top)
+        return None
+
+
+def clear_setid_bits(top: str) -> list[str]:
+    """Clear the set-user-ID and set-group-ID bits of the regular files of ``top`` (a file, or a tree walked
+    by fds without following symlinks: nothing is looked up by path twice); the files changed."""
+    fd = open_top(top)
+    return [] if fd is None else clear_setid_bits_at(fd, top)
 
 
 def clear_setid_bits_at(fd: int, top: str) -> list[str]:
-    """clear_setid_bits in the directory open at ``fd`` (closed here); ``top`` names it in what is returned.
+    """clear_setid_bits of the file or directory open at ``fd`` (any kind of open, ``O_PATH`` too; closed
+    here); ``top`` names it in what is returned.
 
     A test shapes the tree: thousands of sibling directories, or a chain thousands deep, must not run the
     walk out of fds and leave a directory unvisited. So it holds fds only along one path, at most
     _OPEN_LEVELS deep; a directory deeper than that, or one it could not open for want of fds, is walked
-    later from ``top`` down, one name at a time, when the fds above it are closed again."""
+    later, from a copy of its parent's fd where there is one to spare, else from ``top`` down, one name at
+    a time, when the fds above it are closed again."""
     changed: list[str] = []
-    later: list[tuple[str, ...]] = [()]  # directories to walk, as names below top
+    later: list[tuple[int, tuple[str, ...], tuple[str, ...]]] = []  # (a base fd or -1: top), names, from top
     try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            if st.st_mode & SETID and _clear_file(fd, st):
+                changed.append(top)
+            return changed
+        if not stat.S_ISDIR(st.st_mode):
+            return changed
+        start = _open_directory(fd, "")
+        if start is None:
+            return changed
+        _clear_tree(start, (), top, changed, later)
         while later:
-            names = later.pop()
-            start = _open_below(fd, names)
+            base, names, full = later.pop()
+            start = _open_below(base if base >= 0 else fd, names)
+            if base >= 0:
+                os.close(base)
             if start is not None:
-                _clear_tree(start, names, top, changed, later)
+                _clear_tree(start, full, top, changed, later)
     finally:
         os.close(fd)
+        for base, _names, _full in later:
+            if base >= 0:
+                os.close(base)
     return changed
 
 
 _OPEN_LEVELS = 64  # directories a walk holds open at once (two fds each: the directory and its listing)
 
 
-def _open_below(fd: int, names: tuple[str, ...]) -> int | None:
+def _clear_file(fd: int, st: os.stat_result) -> bool:
+    """Clear the bits of the file open at ``fd``, through its /proc link: the file opened, not a name."""
+    try:
+        os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(st.st_mode) & ~SETID)
+    except OSError:
+        return False
+    return True
+
+
+def _open_below(fd: int, names: tuple[str, ...]) -> _Listing | None:
     """The directory at ``names`` below ``fd``, opened one name at a time without following symlinks."""
     current = os.dup(fd)
     for name in names:
@@ -299,24 +339,81 @@ def _open_below(fd: int, names: tuple[str, ...]) -> int | None:
             return None
         os.close(current)
         current = below
-    return current
-
-
-def _clear_tree(start: int, names: tuple[str, ...], top: str, changed: list[str], later: list[tuple[str, ...]]) -> None:
-    stack: list[tuple[int, tuple[str, ...], Iterator[os.DirEntry[str]]]] = []
     try:
-        stack.append((start, names, os.scandir(start)))
+        return _open_directory(current, "")
+    finally:
+        os.close(current)
+
+
+class _Listing:
+    """An open directory being walked: its fd, its entries, and the mode to give it back (one its owner
+    could not read or search was opened with u+rx added for the walk)."""
+
+    def __init__(self, fd: int, restore: int | None) -> None:
+        self.fd, self.restore = fd, restore
+        self.entries = os.scandir(fd)
+
+    def close(self) -> None:
+        self.entries.close()
+        if self.restore is not None:
+            with contextlib.suppress(OSError):
+                os.chmod(f"/proc/self/fd/{self.fd}", self.restore)
+        os.close(self.fd)
+
+
+def _open_directory(dir_fd: int, name: str) -> _Listing | None:
+    """``name`` in ``dir_fd`` ("": ``dir_fd`` itself) opened for listing, without following a symlink. A
+    directory of ours we may not read or search (a test's chmod 0311 to hide what is inside) is opened
+    with u+rx added until the walk is done with it. None if it cannot be opened (gone, out of fds)."""
+    target = f"/proc/self/fd/{dir_fd}" if not name else name
+    at = None if not name else dir_fd
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (os.O_NOFOLLOW if name else 0)
+    restore = None
+    try:
+        fd = os.open(target, flags, dir_fd=at)
+    except PermissionError:
+        try:
+            path_fd = os.open(target, os.O_PATH | os.O_CLOEXEC | (os.O_NOFOLLOW if name else 0), dir_fd=at)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(path_fd)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                return None
+            restore = stat.S_IMODE(st.st_mode)
+            os.chmod(f"/proc/self/fd/{path_fd}", restore | stat.S_IRUSR | stat.S_IXUSR)
+            fd = os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            if restore is not None:
+                with contextlib.suppress(OSError):
+                    os.chmod(f"/proc/self/fd/{path_fd}", restore)
+            return None
+        finally:
+            os.close(path_fd)
     except OSError:
-        os.close(start)
-        return
+        return None
+    try:
+        return _Listing(fd, restore)
+    except OSError:
+        os.close(fd)
+        return None
+
+
+def _clear_tree(
+    start: _Listing,
+    names: tuple[str, ...],
+    top: str,
+    changed: list[str],
+    later: list[tuple[int, tuple[str, ...], tuple[str, ...]]],
+) -> None:
+    stack: list[tuple[_Listing, tuple[str, ...]]] = [(start, names)]
     try:
         while stack:
-            dir_fd, where, entries = stack[-1]
-            entry = next(entries, None)
+            listing, where = stack[-1]
+            entry = next(listing.entries, None)
             if entry is None:
                 stack.pop()
-                entries.close()  # type: ignore[attr-defined]
-                os.close(dir_fd)
+                listing.close()
                 continue
             try:
                 st = entry.stat(follow_symlinks=False)
@@ -324,38 +421,25 @@ def _clear_tree(start: int, names: tuple[str, ...], top: str, changed: list[str]
                 continue
             if stat.S_ISDIR(st.st_mode):
                 below = (*where, entry.name)
-                if len(stack) >= _OPEN_LEVELS:
-                    later.append(below)
+                opened = _open_directory(listing.fd, entry.name) if len(stack) < _OPEN_LEVELS else None
+                if opened is not None:
+                    stack.append((opened, below))
                     continue
-                opened = _open_listing(dir_fd, entry.name)
-                if opened is None:
-                    later.append(below)  # out of fds, or gone (then it is not found later either)
-                else:
-                    stack.append((opened[0], below, opened[1]))
+                try:  # too deep to hold open, or out of fds: later, from a copy of this directory's fd
+                    later.append((os.dup(listing.fd), (entry.name,), below))
+                except OSError:
+                    later.append((-1, below, below))
             elif stat.S_ISREG(st.st_mode) and st.st_mode & SETID:
                 with contextlib.suppress(OSError):
-                    file_fd = os.open(entry.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-                    try:  # chmod through the fd's /proc link: the file opened, not a name
-                        os.chmod(f"/proc/self/fd/{file_fd}", stat.S_IMODE(os.fstat(file_fd).st_mode) & ~SETID)
+                    file_fd = os.open(entry.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=listing.fd)
+                    try:
+                        if _clear_file(file_fd, os.fstat(file_fd)):
+                            changed.append(os.path.join(top, *where, entry.name))
                     finally:
                         os.close(file_fd)
-                    changed.append(os.path.join(top, *where, entry.name))
     finally:
-        for dir_fd, _where, entries in stack:
-            entries.close()  # type: ignore[attr-defined]
-            os.close(dir_fd)
-
-
-def _open_listing(dir_fd: int, name: str) -> tuple[int, Iterator[os.DirEntry[str]]] | None:
-    try:
-        fd = os.open(name, _DIRECTORY, dir_fd=dir_fd)
-    except OSError:
-        return None
-    try:
-        return fd, os.scandir(fd)
-    except OSError:
-        os.close(fd)
-        return None
+        for listing, _where in stack:
+            listing.close()
 
 
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

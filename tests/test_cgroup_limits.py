@@ -284,7 +284,7 @@ def test_pytest_killed_while_a_test_holds_set_id_files_in_a_volume_clears_them(
         @pytest.mark.container(volumes={{"./vol": "/tmp/{token}"}})
         def test_plants():
             os.mkdir("/tmp/{token}/deeper")
-            for path in ("/tmp/{token}/prog", "/tmp/{token}/deeper/prog"):
+            for path in ("/tmp/{token}/prog", "/tmp/{token}/deeper/prog", "/tmp/{token}/new\\nline"):
                 shutil.copy("/bin/sh", path)
                 os.chmod(path, 0o6755)
             os.symlink("/bin/sh", "/tmp/{token}/link")
@@ -304,6 +304,7 @@ def test_pytest_killed_while_a_test_holds_set_id_files_in_a_volume_clears_them(
     assert [oct((volume / name).stat().st_mode & 0o7777) for name in ("prog", "deeper/prog")] == ["0o755"] * 2, rest
     assert os.stat("/bin/sh").st_mode & 0o6000 == 0  # the symlink was not followed
     assert "set-id bits cleared after pytest died:" in rest and "deeper/prog" in rest
+    assert "new\\nline'" in rest  # named as repr() does: a name cannot write lines of its own
 
 
 def test_stress_overrides_markers(pytester: pytest.Pytester) -> None:

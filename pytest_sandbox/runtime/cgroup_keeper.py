@@ -20,6 +20,7 @@ pytest dies first, the keeper clears them once the session's sandboxes are gone.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import select
 import signal
@@ -29,7 +30,7 @@ import warnings
 from collections.abc import Callable, Iterable
 
 from ..linux import process, syscalls
-from ..volumes import clear_setid_bits_at
+from ..volumes import clear_setid_bits_at, open_top
 
 REMOVE_FOR = 30.0  # seconds the keeper goes on trying while the last sandboxes of a dead pytest die
 
@@ -51,14 +52,14 @@ def start(remove: Callable[[], list[str]], keep: Iterable[int]) -> tuple[int, in
         os._exit(0)
 
 
-def watch(line: socket.socket, directory: str) -> None:
-    """Hand the keeper ``directory`` (a read/write volume's, on the host) to clear if pytest dies."""
-    with contextlib.suppress(OSError):  # a file volume, or gone: nothing to walk; a keeper gone: nobody to tell
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            socket.send_fds(line, [directory.encode()], [fd])
-        finally:
-            os.close(fd)
+def watch(line: socket.socket, top: str) -> None:
+    """Hand the keeper ``top`` (a read/write volume's directory or file, on the host) to clear if pytest dies."""
+    fd = open_top(top)
+    if fd is None:  # gone, or a symlink on its path: its sandbox is refused that volume
+        return
+    with contextlib.suppress(OSError):  # a keeper gone: nobody to tell
+        socket.send_fds(line, [os.fsencode(top)], [fd])
+    os.close(fd)
 
 
 def stop(pid: int) -> None:
@@ -69,6 +70,8 @@ def stop(pid: int) -> None:
 
 
 def _keep(pytest_pid: int, remove: Callable[[], list[str]], keep: frozenset[int], line: socket.socket) -> None:
+    gc.disable()  # pytest's objects are never collected here: none closes an fd number that is ours now
+    gc.freeze()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(signum, signal.SIG_IGN)  # a signal to pytest's process group is for pytest to handle
     pidfd = -1
@@ -78,7 +81,8 @@ def _keep(pytest_pid: int, remove: Callable[[], list[str]], keep: frozenset[int]
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1):
         os.dup2(null, fd)
-    os.close(null)
+    if null > 2:
+        os.close(null)
     syscalls.set_process_name("sandbox-cgroups")
     watched: dict[bytes, int] = {}  # a volume's directory -> an fd of it
     if pidfd >= 0 and os.getppid() == pytest_pid:  # else pytest is gone already
@@ -98,10 +102,11 @@ def _keep(pytest_pid: int, remove: Callable[[], list[str]], keep: frozenset[int]
     cleared = []
     for name, fd in watched.items():  # the sandboxes are gone (or REMOVE_FOR has passed)
         with contextlib.suppress(OSError):
-            cleared.extend(clear_setid_bits_at(fd, name.decode(errors="replace")))
-    if cleared:
+            cleared.extend(clear_setid_bits_at(fd, os.fsdecode(name)))
+    if cleared:  # repr: a name may hold a line break or bytes that are not UTF-8
         with contextlib.suppress(OSError):
-            os.write(2, f"pytest-sandbox: set-id bits cleared after pytest died: {' '.join(cleared)}\n".encode())
+            named = " ".join(repr(path) for path in cleared)
+            os.write(2, f"pytest-sandbox: set-id bits cleared after pytest died: {named}\n".encode())
 
 
 def _receive(line: socket.socket, watched: dict[bytes, int]) -> bool:
