@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import faulthandler
+import functools
 import os
 import signal
 from collections.abc import Generator, Iterator
@@ -313,6 +314,9 @@ def _run(
                     yield report
             finally:
                 state.volumes.clear_setid_bits(spec.volumes)
+                if tops := tuple(state.volumes.writable_tops(spec.volumes)):  # again once the sandbox is gone:
+                    clear = functools.partial(state.volumes.clear_setid_bits, spec.volumes)  # a scope's processes
+                    zyg.when_gone(channels.status, tops, clear)  # may outlive this test
         state.shared = channels if channels.open else None
     except SandboxError as exc:
         error = str(exc)

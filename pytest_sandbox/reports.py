@@ -419,7 +419,7 @@ class Channels:
             if collect_exit:
                 self.zygote.finishing.append(self.status)
             else:
-                self.status.close()
+                self.zygote.exited(self.status)
             self.open = False
 
 

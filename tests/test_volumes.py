@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -13,7 +14,7 @@ import pytest
 from helpers import run_cli
 
 from pytest_sandbox import spec as spec_module
-from pytest_sandbox.volumes import Volume, VolumeError, VolumeStore
+from pytest_sandbox.volumes import Volume, VolumeError, VolumeStore, clear_setid_bits
 
 
 @pytest.fixture
@@ -290,3 +291,73 @@ def test_set_id_bits_are_cleared_in_trees_shaped_to_exhaust_fds(tmp_path: Path) 
     assert result.stdout.split() == sorted(str(path) for path in planted)
     assert [oct(path.stat().st_mode & 0o7777) for path in planted] == ["0o755"] * len(planted)
     assert outside.stat().st_mode & 0o7777 == 0o4755
+
+
+def _set_id_program(path: Path) -> Path:
+    path.write_bytes(b"#!/bin/sh\n")
+    path.chmod(0o6755)
+    return path
+
+
+def test_a_file_volume_and_a_directory_its_owner_hid_are_cleared_too(tmp_path: Path) -> None:
+    """Red team, keeper round: a volume that is one file was skipped (only directories were walked), and a
+    directory its owner made unreadable (0311) hid what was in it from a walk as that owner."""
+    tool = _set_id_program(tmp_path / "tool")
+    assert clear_setid_bits(str(tool)) == [str(tool)]
+    top = tmp_path / "vol"
+    hidden = top / "d"
+    hidden.mkdir(parents=True)
+    inside = _set_id_program(hidden / "prog")
+    hidden.chmod(0o311)
+    try:
+        assert clear_setid_bits(str(top)) == [str(inside)]
+        assert stat.S_IMODE(hidden.stat().st_mode) == 0o311  # given back as it was
+    finally:
+        hidden.chmod(0o755)
+    assert stat.S_IMODE(inside.stat().st_mode) == 0o755 and stat.S_IMODE(tool.stat().st_mode) == 0o755
+
+
+def test_a_symlink_swapped_into_a_volumes_path_is_not_followed(tmp_path: Path) -> None:
+    """Red team, keeper round: a test with a volume above another volume's source replaced a directory on
+    that source's path with a symlink to a host directory; clearing then walked the host directory."""
+    outside = tmp_path / "usr-bin"
+    outside.mkdir()
+    victim = _set_id_program(outside / "su")
+    (tmp_path / "data" / "moved").mkdir(parents=True)
+    (tmp_path / "data" / "mid").symlink_to(outside.parent)
+    assert clear_setid_bits(str(tmp_path / "data" / "mid" / "usr-bin")) == []
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o6755
+
+
+def test_set_id_bits_a_scope_sandboxs_process_sets_after_its_last_test_are_cleared(
+    pytester: pytest.Pytester, store: Path
+) -> None:
+    """Red team, keeper round: a session fixture's process kept setting the bits in a volume of its tests;
+    pytest cleared after the last test while the scope sandbox (and that process) still ran."""
+    volume = pytester.path / "vol"
+    volume.mkdir()
+    pytester.makepyfile("""
+        import os, shutil, subprocess, sys, time, pytest
+
+        LOOP = '''
+        import os, time
+        while True:
+            try:
+                os.chmod("/tmp/v/prog", 0o6755)
+            except OSError:
+                pass
+            time.sleep(0.0005)
+        '''
+
+        @pytest.fixture(scope="session")
+        def setter():
+            shutil.copy("/bin/true", "/tmp/v/prog")
+            yield subprocess.Popen([sys.executable, "-c", LOOP], start_new_session=True)
+
+        @pytest.mark.container(volumes={"./vol": "/tmp/v"})
+        @pytest.mark.parametrize("i", range(2))
+        def test_uses(setter, i):
+            time.sleep(0.2)
+    """)
+    pytester.runpytest_subprocess().assert_outcomes(passed=2)
+    assert stat.S_IMODE((volume / "prog").stat().st_mode) & 0o6000 == 0

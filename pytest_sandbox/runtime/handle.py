@@ -9,6 +9,7 @@ import socket
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -40,6 +41,9 @@ class Zygote:
         self.outputs = paths.outputs  # where sandboxes may write files pytest keeps
         self.paths = paths  # what the sandboxes show of the host
         self.finishing: list[socket.socket] = []  # finished sandboxes whose exit is not yet collected
+        self.after_exit: dict[
+            socket.socket, dict[object, Callable[[], object]]
+        ] = {}  # a sandbox's status -> when it is gone
         self.nodeids = frozenset(items)
         self.control, theirs = protocol.socketpair()
         parent = os.getpid()
@@ -162,9 +166,21 @@ class Zygote:
                 except protocol.ProtocolError:
                     message = None
                 if message is None or message.get("type") == "gone":
-                    sock.close()
+                    self.exited(sock)
                     break
         self.finishing = still
+
+    def when_gone(self, status: socket.socket, key: object, action: Callable[[], object]) -> None:
+        """Run ``action`` once the sandbox of ``status`` has no process left (its exit collected, or pytest
+        gave up on it): a shared or scope sandbox outlives the test that used it. One action per ``key``:
+        each test of a scope sandbox asks again."""
+        self.after_exit.setdefault(status, {})[key] = action
+
+    def exited(self, status: socket.socket) -> None:
+        """The sandbox of ``status`` is gone (or given up): close its line, run what waited for that."""
+        status.close()
+        for action in self.after_exit.pop(status, {}).values():
+            action()
 
     def alive(self) -> bool:
         try:
@@ -188,6 +204,9 @@ class Zygote:
             os.waitpid(self.pid, 0)
         except ChildProcessError:
             pass
+        for status in [*self.finishing, *self.after_exit]:  # the zygote took every sandbox along
+            self.exited(status)
+        self.finishing = []
         for fd in (self.userns, self.netns):
             if fd >= 0:
                 os.close(fd)
