@@ -97,6 +97,7 @@ SPY = r'''
 import os, time
 home = os.path.expanduser("~")
 scope_dev = os.stat(home).st_dev
+open("/tmp/spy-ready", "w").close()
 fd, held = None, None
 end = time.time() + 30
 while time.time() < end:
@@ -122,7 +123,9 @@ while time.time() < end:
 @pytest.fixture(scope="session")
 def spy():
     proc = subprocess.Popen([sys.executable, "-c", SPY])
-    time.sleep(0.3)
+    deadline = time.time() + 120  # the spy's interpreter starts slowly on a loaded machine
+    while not os.path.exists("/tmp/spy-ready") and time.time() < deadline:
+        time.sleep(0.01)
     yield
     proc.kill()
 
