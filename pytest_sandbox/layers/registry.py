@@ -917,8 +917,11 @@ class _Pusher:
         self.scopes = [_scope(ref.repository, "pull,push")] + ([_scope(self.mount_from)] if self.mount_from else [])
         self._started: str | None = None  # an upload a refused mount began: the next upload uses it
 
-    def _call(self, method: str, path: str, ok: Sequence[int], what: str, **kw: Any) -> http.client.HTTPResponse:
-        response, conn = self.client.request(method, path, self.scopes, ok=ok, what=what, **kw)
+    def _call(
+        self, method: str, path: str, ok: Sequence[int], what: str, also: Sequence[str] = (), **kw: Any
+    ) -> http.client.HTTPResponse:
+        """One request with the push's scopes and ``also`` (a mount's source); the body read, the line closed."""
+        response, conn = self.client.request(method, path, [*self.scopes, *also], ok=ok, what=what, **kw)
         try:
             response.read()
         finally:
@@ -938,17 +941,13 @@ class _Pusher:
         if mount_from is None or mount_from == repo:
             return None
         query = urllib.parse.urlencode({"mount": digest, "from": mount_from})
-        scopes = [*self.scopes, _scope(mount_from)]
+        path, what = f"/v2/{repo}/blobs/uploads/?{query}", f"mount of {digest}"
         try:
-            response, conn = self.client.request(
-                "POST", f"/v2/{repo}/blobs/uploads/?{query}", scopes, ok=(201, 202), what=f"mount of {digest}", body=b""
-            )
+            response = self._call("POST", path, (201, 202), what, also=[_scope(mount_from)], body=b"")
         except RegistryError as exc:
             if exc.status not in (401, 403, 404):
                 raise
             return None  # no right to read the source repository (or it is gone): the blob is uploaded
-        with contextlib.closing(conn):
-            response.read()
         if response.status == 201:
             return "mounted"
         self._started = response.getheader("Location")  # not mounted: the registry began an upload instead
