@@ -329,11 +329,12 @@ def _clear_file(fd: int, st: os.stat_result) -> bool:
 
 
 def _open_below(fd: int, names: tuple[str, ...]) -> _Listing | None:
-    """The directory at ``names`` below ``fd``, opened one name at a time without following symlinks."""
+    """The directory at ``names`` below ``fd``, reached one name at a time without following symlinks (only
+    the right to search each is needed) and opened for listing as _open_directory opens one."""
     current = os.dup(fd)
     for name in names:
         try:
-            below = os.open(name, _DIRECTORY, dir_fd=current)
+            below = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=current)
         except OSError:
             os.close(current)
             return None
@@ -440,6 +441,3 @@ def _clear_tree(
     finally:
         for listing, _where in stack:
             listing.close()
-
-
-_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -317,6 +317,21 @@ def test_a_file_volume_and_a_directory_its_owner_hid_are_cleared_too(tmp_path: P
     assert stat.S_IMODE(inside.stat().st_mode) == 0o755 and stat.S_IMODE(tool.stat().st_mode) == 0o755
 
 
+def test_a_hidden_directory_deeper_than_the_walk_holds_open_is_cleared(tmp_path: Path) -> None:
+    """Past the levels a walk holds open, a directory is reached again from a copy of its parent's fd: one its
+    owner made 0311 there gets the same u+rx for the walk as one higher up (as a plain user; root reads it)."""
+    top = tmp_path / "vol"
+    deep = top.joinpath(*["d"] * 64)  # the first level the walk does not hold open
+    deep.mkdir(parents=True)
+    inside = _set_id_program(deep / "prog")
+    deep.chmod(0o311)
+    try:
+        assert clear_setid_bits(str(top)) == [str(inside)]
+        assert stat.S_IMODE(deep.stat().st_mode) == 0o311
+    finally:
+        deep.chmod(0o755)
+
+
 def test_a_symlink_swapped_into_a_volumes_path_is_not_followed(tmp_path: Path) -> None:
     """Red team, keeper round: a test with a volume above another volume's source replaced a directory on
     that source's path with a symlink to a host directory; clearing then walked the host directory."""
