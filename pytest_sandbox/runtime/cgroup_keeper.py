@@ -84,7 +84,7 @@ def _keep(pytest_pid: int, remove: Callable[[], list[str]], keep: frozenset[int]
     if null > 2:
         os.close(null)
     syscalls.set_process_name("sandbox-cgroups")
-    watched: dict[bytes, int] = {}  # a volume's directory -> an fd of it
+    watched: dict[bytes, int] = {}  # a read/write volume's host path -> an O_PATH fd of it
     if pidfd >= 0 and os.getppid() == pytest_pid:  # else pytest is gone already
         poll = select.poll()
         poll.register(pidfd, select.POLLIN)
@@ -110,7 +110,8 @@ def _keep(pytest_pid: int, remove: Callable[[], list[str]], keep: frozenset[int]
 
 
 def _receive(line: socket.socket, watched: dict[bytes, int]) -> bool:
-    """One directory from pytest into ``watched``; False when there is none (line closed, or nothing yet)."""
+    """One volume's path and fd from pytest into ``watched``; False when there is none (line closed, or
+    nothing yet)."""
     try:
         message, fds, _, _ = socket.recv_fds(line, 4096, 1)
     except OSError:

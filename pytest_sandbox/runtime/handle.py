@@ -41,9 +41,8 @@ class Zygote:
         self.outputs = paths.outputs  # where sandboxes may write files pytest keeps
         self.paths = paths  # what the sandboxes show of the host
         self.finishing: list[socket.socket] = []  # finished sandboxes whose exit is not yet collected
-        self.after_exit: dict[
-            socket.socket, dict[object, Callable[[], object]]
-        ] = {}  # a sandbox's status -> when it is gone
+        # a sandbox's status line -> what runs once it is gone, one action per key (when_gone)
+        self.after_exit: dict[socket.socket, dict[object, Callable[[], object]]] = {}
         self.nodeids = frozenset(items)
         self.control, theirs = protocol.socketpair()
         parent = os.getpid()
