@@ -321,7 +321,7 @@ def zygote_for(item: pytest.Item, state: SessionState) -> Zygote:
     namespaces = Namespaces(
         user=state.userns_fd if state.userns_fd >= 0 else None,
         pod_net=pod.zygote.netns if pod is not None else None,
-        pod_hosts=hosts_text(list(state.services)) if pod is not None else "",
+        pod_hosts=hosts_text(pod.names) if pod is not None else "",
     )
     _open_cgroup_session(state)
     # faulthandler's watchdog thread would not exist in the fork, whose first dump_traceback_later then
@@ -377,7 +377,12 @@ def ensure_pod(state: SessionState, items: list[pytest.Item]) -> Pod:
         paths,
         -1,
         Limits(state.backend, state.cgroup_session, state.accounting),
-        Namespaces(user=state.userns_fd if state.userns_fd >= 0 else None, is_pod=True),
+        Namespaces(
+            user=state.userns_fd if state.userns_fd >= 0 else None,
+            pod_hosts=hosts_text(list(definitions)),
+            pod_names=tuple(sorted(definitions)),
+            is_pod=True,
+        ),
         launches,
     )
     _remember_user_namespace(state, zyg)

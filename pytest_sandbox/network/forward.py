@@ -1,9 +1,10 @@
-"""Published ports: listeners on host loopback whose connections go to a port in the pod.
+"""Forwarded ports: listeners whose connections go to a port on a service's loopback in the pod.
 
-Rootless, without a tun device or a proxy inside the pod: a thread of pytest accepts on
-``127.0.0.1:<free port>``, asks the pod zygote (runtime/ports.py) for a socket connected to the port in
-the pod, and two threads copy bytes between the pair until each side has shut down. The listener stays
-while its service restarts, so the host port does not change.
+Rootless, without a tun device or a proxy process: a thread of pytest accepts on a listener (on
+``127.0.0.1:<free port>`` of the host for a published port, on the service's name address in the pod for
+the pod's members), asks the pod zygote (runtime/ports.py) for a socket connected to the port in the
+service's network namespace, and two threads copy bytes between the pair until each side has shut down.
+The listeners stay while their service restarts, so a port does not change.
 """
 
 from __future__ import annotations
@@ -41,31 +42,34 @@ class Connector:
             raise SandboxError("the pod is gone")
         return answer, fds
 
-    def listening(self, port: int) -> bool:
-        answer, _ = self.ask({"op": "listening", "port": port})
+    def listening(self, service: str, port: int) -> bool:
+        """Whether something listens on ``port`` in the service's network namespace."""
+        answer, _ = self.ask({"op": "listening", "service": service, "port": port})
         return bool(answer.get("listening"))
 
-    def _socket(self, op: str, port: int) -> socket.socket | str:
-        """The socket the pod zygote made for ``op`` on ``port``, or why it made none."""
-        answer, fds = self.ask({"op": op, "port": port})
+    def _socket(self, op: str, service: str, port: int) -> socket.socket | str:
+        """The socket the pod zygote made for ``op`` on the service's ``port``, or why it made none."""
+        answer, fds = self.ask({"op": op, "service": service, "port": port})
         if not fds:
             return str(answer.get("error", "no socket"))
         for extra in fds[1:]:
             os.close(extra)
         return socket.socket(fileno=fds[0])
 
-    def listen(self, port: int) -> socket.socket:
-        """A socket listening on ``port`` of the pod's loopback (a relay's, for a service of another worker)."""
-        sock = self._socket("listen", port)
+    def listen(self, service: str, port: int) -> socket.socket:
+        """A socket listening on ``port`` of the service's name address in the pod (its forwarder's, or a
+        relay's to a service of another xdist worker)."""
+        sock = self._socket("listen", service, port)
         if isinstance(sock, str):
-            raise SandboxError(f"cannot listen on port {port} in the pod: {sock}")
+            raise SandboxError(f"cannot listen on {service}:{port} in the pod: {sock}")
         return sock
 
-    def connect(self, port: int) -> socket.socket:
-        """A socket connected (or connecting) to ``port`` in the pod; OSError when nothing listens there."""
-        sock = self._socket("connect", port)
+    def connect(self, service: str, port: int) -> socket.socket:
+        """A socket connected (or connecting) to ``port`` on the service's loopback; OSError when nothing
+        listens there."""
+        sock = self._socket("connect", service, port)
         if isinstance(sock, str):
-            raise ConnectionRefusedError(f"port {port} in the pod: {sock}")
+            raise ConnectionRefusedError(f"{service}:{port} in the pod: {sock}")
         sock.setblocking(True)
         return sock
 
@@ -74,8 +78,8 @@ class Connector:
 
 
 class Published:
-    """One published port: a host loopback listener that forwards each connection into the pod. Or, given
-    ``listener`` (one in a pod), a relay from there to what ``connect`` reaches."""
+    """One forwarded port: a listener (a new one on host loopback, or ``listener``: one on a service's name
+    address in the pod) whose connections go to what ``connect`` reaches."""
 
     def __init__(self, connect: Callable[[], socket.socket], listener: socket.socket | None = None) -> None:
         self._connect = connect

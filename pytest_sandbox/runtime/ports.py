@@ -1,9 +1,11 @@
-"""The pod zygote's side of published ports and readiness: it lives in the pod's network namespace.
+"""The pod zygote's side of forwarded ports and readiness: it holds the pod's bridge and each service's
+network namespace (network/bridge.py).
 
-pytest's forwarder accepts a connection on host loopback and asks here for a connection to the port in
-the pod; this process connects (it sits in the pod's network namespace) and hands the connected socket
-back over SCM_RIGHTS, and pytest copies bytes between the two. ``wait.listening`` asks here too: the
-pod's TCP table (``/proc/self/net/tcp{,6}``) has the listening sockets of every member, whatever its image
+pytest's forwarders accept a connection (on host loopback for a published port, on a service's name
+address in the pod for a pod member) and ask here for a connection to the port on the service's loopback:
+this process enters the service's network namespace, starts the connection there and hands the socket back
+over SCM_RIGHTS; pytest copies bytes between the two. ``wait.listening`` asks here too: the service's TCP
+table (``/proc/thread-self/net/tcp{,6}`` in its namespace) lists its listening sockets, whatever its image
 holds (no shell, no netstat needed).
 """
 
@@ -12,13 +14,15 @@ from __future__ import annotations
 import errno
 import os
 import socket
+from collections.abc import Sequence
 
 from .. import protocol
+from ..network import bridge
 
 LISTEN = "0A"  # the state column of a listening socket in /proc/net/tcp
 
 
-def answer(line: socket.socket) -> bool:
+def answer(line: socket.socket, service_nets: dict[str, int], names: Sequence[str]) -> bool:
     """Answer one request on pytest's line; False when pytest closed it."""
     try:
         message, fds = protocol.recv(line)
@@ -28,40 +32,59 @@ def answer(line: socket.socket) -> bool:
         os.close(fd)
     if message is None:
         return False
-    port = message.get("port")
+    port, name = message.get("port"), message.get("service")
     if not isinstance(port, int) or not 0 < port < 65536:
         protocol.send(line, {"error": f"not a port: {port!r}"})
         return True
-    if message.get("op") == "listening":
-        protocol.send(line, {"listening": port in listening_ports()})
-    elif message.get("op") == "listen":  # a relay to another xdist worker's service (services/shared.py)
+    if not isinstance(name, str) or name not in names:
+        protocol.send(line, {"error": f"not a service of the pod: {name!r}"})
+        return True
+    op = message.get("op")
+    netns = service_nets.get(name)
+    if op == "listening":
+        if netns is None:
+            protocol.send(line, {"listening": False})
+        else:
+            with bridge.entered(netns):
+                protocol.send(line, {"listening": port in listening_ports()})
+    elif op == "listen":  # on the service's name address: its forwarder, or a relay to another xdist worker's
         try:
             listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             with listener:
                 listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                listener.bind(("127.0.0.1", port))
+                listener.bind((bridge.name_address(names, name), port))
                 listener.listen(128)
                 protocol.send(line, {"listening": True}, fds=(listener.fileno(),))
         except OSError as exc:
             protocol.send(line, {"error": os.strerror(exc.errno) if exc.errno else str(exc)})
-    elif message.get("op") == "connect":
+    elif op == "connect":
         try:
-            sock = connect(port)
+            if netns is None:
+                raise OSError(errno.ECONNREFUSED, "the service has not started")
+            with bridge.entered(netns):
+                sock = connect(port, bridge.service_address(names, name))
         except OSError as exc:
             protocol.send(line, {"error": os.strerror(exc.errno) if exc.errno else str(exc)})
         else:
             with sock:
                 protocol.send(line, {"connected": True}, fds=(sock.fileno(),))
     else:
-        protocol.send(line, {"error": f"unknown request {message.get('op')!r}"})
+        protocol.send(line, {"error": f"unknown request {op!r}"})
     return True
 
 
-def connect(port: int) -> socket.socket:
-    """A socket connecting to ``port`` on the pod's loopback (IPv4, else IPv6); never blocks this process."""
+def connect(port: int, own_address: str = "") -> socket.socket:
+    """A socket connecting to ``port`` on this network namespace's loopback (IPv4, else IPv6), else on
+    ``own_address`` (a server that listens on its pod address only); never blocks this process."""
     error = errno.ECONNREFUSED
-    for family, address in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-        sock = socket.socket(family, socket.SOCK_STREAM)
+    targets = [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")]
+    if own_address:
+        targets.append((socket.AF_INET, own_address))
+    for family, address in targets:
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:
+            continue  # no IPv6
         sock.setblocking(False)
         error = sock.connect_ex((address, port))
         if error in (0, errno.EINPROGRESS):
@@ -70,8 +93,10 @@ def connect(port: int) -> socket.socket:
     raise OSError(error, os.strerror(error))
 
 
-def listening_ports(tables: tuple[str, ...] = ("/proc/self/net/tcp", "/proc/self/net/tcp6")) -> set[int]:
-    """TCP ports something listens on in this process's network namespace."""
+def listening_ports(
+    tables: tuple[str, ...] = ("/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"),
+) -> set[int]:
+    """TCP ports something listens on in this thread's network namespace."""
     found: set[int] = set()
     for table in tables:
         try:

@@ -32,6 +32,7 @@ from .. import credentials, outputs, plugin_results, plugin_state, protocol
 from ..errors import ServiceError, SetupError
 from ..layers import commands
 from ..linux import mounts, process, rootfs, seccomp, syscalls, userns
+from ..network import bridge
 from ..spec import SandboxSpec
 from . import cgroups, interact, leftovers, scope_children, service_process, test_layers
 
@@ -255,10 +256,13 @@ def _pass_through(*args: object) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Network:
-    """A sandbox's network namespace: a new one (loopback only), the zygote's, or one to join (the pod's)."""
+    """A sandbox's network namespace: a new one (loopback only, or on the pod's bridge), the zygote's, or
+    one to join (a service's, kept across its restarts)."""
 
     new: bool = True
     join: int | None = None  # an fd of the namespace to join
+    pod: int | None = None  # an fd of the pod's bridge namespace: the new one gets a veth pair to it
+    address: str = ""  # its address on the pod's bridge
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,9 +308,14 @@ def _enter(box: Sandbox, config: pytest.Config, pid1: tuple[int, int], keep: set
     rootfs.mount_proc()
     if box.hosts:
         mounts.cover_with_text("/etc/hosts", box.hosts)
-    # 4. Host name and loopback of the new namespaces.
+    # 4. Host name and loopback of the new namespaces; a pod member's veth pair to the pod's bridge.
     socket.sethostname(box.spec.hostname)
-    if box.network.new:
+    if box.network.new and box.network.pod is not None:
+        try:
+            bridge.join(box.network.pod, box.network.address)
+        except Exception as exc:  # pyroute2's NetlinkError is not an OSError
+            raise SetupError("namespaces", f"cannot join the pod's network: {exc}") from None
+    elif box.network.new:
         syscalls.loopback_up()
     # 5. pid 1 joins every namespace above (its /proc/1/root, /proc/1/net become the sandbox's), then
     #    gives up its capabilities; nothing of the test runs before it says it has.

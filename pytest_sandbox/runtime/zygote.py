@@ -42,6 +42,7 @@ import pytest
 
 from .. import credentials, outputs, protocol, volumes
 from ..linux import mounts, process, rootfs, syscalls, userns
+from ..network import bridge
 from ..spec import SandboxSpec
 from . import cgroup_keeper, cgroups, init, ports, service_process, test_layers, test_process
 from .service_process import ServiceLaunch
@@ -75,8 +76,9 @@ class Namespaces:
 
     user: int | None = None  # an fd of the session's user namespace; None: this zygote makes it
     pod_net: int | None = None  # an fd of the pod's network namespace, which network="pod" tests join
-    pod_hosts: str = ""  # /etc/hosts of pod members: the host's, then each service's name on loopback
-    is_pod: bool = False  # this zygote runs services: it makes the pod's network namespace and stays in it
+    pod_hosts: str = ""  # /etc/hosts of pod members: the host's, then each service's name and address
+    pod_names: tuple[str, ...] = ()  # every service of the session: their addresses (network/bridge.py)
+    is_pod: bool = False  # this zygote runs services: it makes the pod's bridge namespace and stays in it
 
 
 @dataclasses.dataclass
@@ -130,10 +132,8 @@ def zygote_main(
         # 3. The read-only host view and the /dev template, once for every sandbox of the session.
         rootfs.enter_host_view(paths.keep_dir)
         rootfs.build_dev_template()
-        #    The pod zygote's network namespace is the pod: its services share it, on loopback.
-        if namespaces.is_pod:
-            syscalls.unshare(syscalls.CLONE_NEWNET)
-            syscalls.loopback_up()
+        #    The pod zygote's network namespace holds the pod's bridge.
+        _pod_network(namespaces)
         if paths.scope_sandboxes and not test_layers.detached_layers_work():
             paths = dataclasses.replace(paths, scope_sandboxes=False)  # pytest hears it with "ready"
         # 4. The zygote proper is pid 1 of a pid namespace: when it dies, every sandbox dies with it.
@@ -180,6 +180,16 @@ def _enter_session_user_namespace(namespaces: Namespaces) -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
+def _pod_network(namespaces: Namespaces) -> None:
+    """The pod zygote makes the namespace of the pod's bridge and stays in it; each member gets a namespace of
+    its own with a veth pair to it (network/bridge.py), made in a fork of a zygote that imported pyroute2."""
+    if namespaces.is_pod or namespaces.pod_net is not None:
+        bridge.preload()
+    if namespaces.is_pod:
+        syscalls.unshare(syscalls.CLONE_NEWNET)
+        bridge.make_bridge(namespaces.pod_names)
+
+
 def _exit_unless_pytest_ends(pytest_pidfd: int, code: int, end_session: Callable[[], NoReturn]) -> NoReturn:
     """The zygote has ended (or never started). Said pytest "exit", this process ends too. Otherwise pytest is
     probably dying: the zygote sees its socket close before the kernel sends us pytest's death signal, and
@@ -221,6 +231,7 @@ class _Sandbox:
         self.init_pidfd = os.pidfd_open(init_pid)
         self.to_pytest: socket.socket | None = None
         self.nodeid = ""
+        self.slot = 0  # its pod address's (network/bridge.py), if it has one
         self.exit: dict[str, Any] = {"type": "exit"}
 
     def start(self, nodeid: str, to_pytest: socket.socket, reports: socket.socket) -> None:
@@ -277,6 +288,12 @@ class _Factory:
         self.running: dict[int, _Sandbox] = {}  # by pidfd of the test process
         self.ending: dict[int, _Sandbox] = {}  # test over, pid 1 tearing the namespace down; by its pidfd
         self.execs: dict[int, tuple[int, socket.socket]] = {}  # commands run in services, by pidfd
+        # The pod zygote: its own network namespace (the bridge's), and each service's, made at its first
+        # start and kept across restarts (its address, as a container keeps its network on restart).
+        self.bridge_netns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC) if namespaces.is_pod else -1
+        self.service_nets: dict[str, int] = {}
+        self.member_slots: set[int] = set()  # pod addresses of this zygote's live sandboxes
+        self.last_slot = 0
 
     def tmpfs_size(self, spec: SandboxSpec) -> int:
         """``tmpfs_size`` if set; else a quarter of RAM, or half the memory limit where that is less
@@ -316,14 +333,42 @@ class _Factory:
             )
         return plan
 
-    def _network(self, spec: SandboxSpec) -> test_process.Network:
-        """Where the sandbox's network namespace comes from: a new one (loopback only), the zygote's (the
-        host's, or in the pod zygote the pod), or the pod's, joined."""
-        if spec.network == "host" or (spec.network == "pod" and self.namespaces.is_pod):
-            return test_process.Network(new=False)
+    def _network(self, spec: SandboxSpec) -> tuple[test_process.Network, int]:
+        """Where a test's network namespace comes from, and its pod address slot (0: none): a new one
+        (loopback only), the zygote's (the host's), or a new one on the pod's bridge."""
+        if spec.network == "host":
+            return test_process.Network(new=False), 0
         if spec.network == "pod" and self.namespaces.pod_net is not None:
-            return test_process.Network(new=False, join=self.namespaces.pod_net)
-        return test_process.Network(new=True)  # a pod without services: loopback of its own
+            slot = self._free_slot()
+            address = bridge.member_address(slot)
+            return test_process.Network(new=True, pod=self.namespaces.pod_net, address=address), slot
+        return test_process.Network(new=True), 0  # a pod without services: loopback of its own
+
+    def _free_slot(self) -> int:
+        """The next pod address no live sandbox of this zygote holds (round robin: an address, and its veth's
+        name on the bridge, come back only long after their namespace is gone)."""
+        if len(self.member_slots) >= bridge.MEMBER_SLOTS:
+            raise OSError(errno.EADDRNOTAVAIL, "every address of the pod is taken")
+        slot = self.last_slot
+        while True:
+            slot = slot % bridge.MEMBER_SLOTS + 1
+            if slot not in self.member_slots:
+                self.last_slot = slot
+                return slot
+
+    def service_netns(self, name: str) -> int:
+        """The network namespace of the pod zygote's service ``name``: made at its first start, on the
+        bridge with its own address, and kept while the pod lives."""
+        netns = self.service_nets.get(name)
+        if netns is None:
+            syscalls.unshare(syscalls.CLONE_NEWNET)
+            try:
+                bridge.join(self.bridge_netns, bridge.service_address(self.namespaces.pod_names, name))
+                netns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            finally:
+                syscalls.setns(self.bridge_netns, syscalls.CLONE_NEWNET)
+            self.service_nets[name] = netns
+        return netns
 
     def _host_sockets(self, spec: SandboxSpec) -> list[str]:
         """The host's listening unix sockets a sandbox's read-only view would show (not those under its
@@ -331,9 +376,9 @@ class _Factory:
         writable = [os.path.realpath(p) for p in (*self.paths.writable, *spec.writable)]
         return [p for p in self.host_sockets if not any(mounts.is_under(p, w) for w in writable)]
 
-    def prepare(self, spec: SandboxSpec, service: bool = False) -> _Sandbox:
+    def prepare(self, spec: SandboxSpec, service: str = "") -> _Sandbox:
         """Start pid 1 in a new pid namespace and fork the test process into it; it builds itself.
-        ``service``: the sandbox is a service's (its processes get the set-id filter).
+        ``service``: the sandbox is this service's (its network namespace, and the set-id filter).
 
         With a cgroup, both are moved into it before the test process may go on.
         """
@@ -341,6 +386,10 @@ class _Factory:
         session = self.limits.session
         # Every sandbox gets a cgroup where there are cgroups: whatever cgroups a test makes in a cgroup
         # filesystem of its own then lie below its leaf and go with it.
+        if service:
+            network, slot = test_process.Network(new=False, join=self.service_netns(service)), 0
+        else:
+            network, slot = self._network(spec)
         group = session.create(spec) if session is not None else None
         kept_id = secrets.token_hex(6) if self.paths.keep_dir and plan.image else None
         box = test_process.Sandbox(
@@ -354,9 +403,9 @@ class _Factory:
             backend=self.limits.backend,
             outputs=tuple(outputs.in_uppers(plan.overlays, self.paths.outputs)) if plan.image is None else (),
             per_test_layers=self.paths.scope_sandboxes and spec.fits_scope_sandbox,
-            network=self._network(spec),
+            network=network,
             hosts=self.namespaces.pod_hosts if spec.network == "pod" else "",
-            service=service,
+            service=bool(service),
         )
         test, test_end = protocol.socketpair()
         go_r, go_w, ack_r, ack_w = _pipes_above(4)  # pid 1 waits on these until the sandbox's namespaces exist
@@ -378,6 +427,9 @@ class _Factory:
                 os.close(fd)
         test_end.close()
         sandbox = _Sandbox(spec, init_pid, test_pid, test, group, box.crash_fd)
+        if slot:
+            sandbox.slot = slot
+            self.member_slots.add(slot)
         if group is not None:
             try:
                 group.attach(sandbox.init_pid)
@@ -415,6 +467,7 @@ class _Factory:
         """pid 1 is reapable only once every process of its namespace is gone."""
         os.waitpid(sandbox.init_pid, 0)
         os.close(sandbox.init_pidfd)
+        self.member_slots.discard(sandbox.slot)
         if sandbox.group is not None:
             sandbox.group.remove()
         self._tell(sandbox, {"type": "gone"})
@@ -447,7 +500,7 @@ class _Factory:
             self.test_ended(self.running.pop(fd))
         elif fd in self.ending:
             self.namespace_ended(self.ending.pop(fd))
-        elif fd in connectors and not ports.answer(connectors[fd]):
+        elif fd in connectors and not ports.answer(connectors[fd], self.service_nets, self.namespaces.pod_names):
             connectors.pop(fd).close()
 
     def service_request(
@@ -479,7 +532,7 @@ class _Factory:
         """A service's sandbox, built now (services start rarely: none waits ready ahead); its process execs
         the service's command with ``log_fd`` as its stdout and stderr. pytest hears its exit like a test's."""
         try:
-            sandbox = self.prepare(launch.spec, service=True)
+            sandbox = self.prepare(launch.spec, service=name)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 protocol.send(to_pytest, {"type": "error", "phase": "fork", "message": str(exc)})
@@ -491,9 +544,11 @@ class _Factory:
         sandbox.nodeid, sandbox.to_pytest = service_process.nodeid(name), to_pytest
         command = dataclasses.asdict(launch.command)
         try:
-            if launch.command.notify:  # sd_notify: an abstract socket of the pod's, handed to pytest
+            if launch.command.notify:  # sd_notify: an abstract socket of the service's network namespace
                 command["notify_socket"] = f"pytest-sandbox-notify-{secrets.token_hex(8)}"
-                with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+                with bridge.entered(self.service_nets[name]):
+                    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                with notify:
                     notify.bind("\0" + command["notify_socket"])
                     protocol.send(to_pytest, {"type": "notify"}, fds=(notify.fileno(),))
             protocol.send(sandbox.test, {"service": command}, fds=(log_fd, started_fd))

@@ -12,6 +12,7 @@ import pytest
 
 from .. import spec as _spec
 from .. import wait
+from ..network import bridge
 from ..wait import Condition
 
 SCOPES = ("function", "class", "module", "package", "session")
@@ -121,7 +122,7 @@ def resolved(definition: ServiceDefinition, rootdir: str) -> ServiceDefinition:
 
 
 def hosts_text(names: Sequence[str], host_hosts: str = "/etc/hosts") -> str:
-    """A pod member's /etc/hosts: the host's, then every service's name on loopback (the pod shares one)."""
+    """A pod member's /etc/hosts: the host's, then every service's name and its address in the pod."""
     try:
         with open(host_hosts) as file:
             text = file.read()
@@ -131,4 +132,5 @@ def hosts_text(names: Sequence[str], host_hosts: str = "/etc/hosts") -> str:
         text += "\n"
     if not names:
         return text
-    return text + "# pytest-sandbox pod: its services\n" + "".join(f"127.0.0.1\t{n}\n" for n in sorted(names))
+    lines = (f"{bridge.name_address(names, name)}\t{name}\n" for name in sorted(set(names)))
+    return text + "# pytest-sandbox pod: its services\n" + "".join(lines)

@@ -91,6 +91,7 @@ class Pod:
         self.lock = threading.RLock()  # the shared services' socket threads call on instances too
         self.refused = refused  # services that cannot start here, and why (their image)
         self.definitions = definitions
+        self.names = sorted(definitions)  # every service's address in the pod follows from these (network/bridge.py)
         self.volumes = volumes
         self.records = records
         self.connector = Connector(zygote.connector())
@@ -213,7 +214,8 @@ class Instance:
         self.failed = ""  # why its last start failed
         self.notify: socket.socket | None = None  # sd_notify's socket, for wait.notify()
         self.notified = False
-        self.published: dict[int, Published] = {}
+        self.published: dict[int, Published] = {}  # on host loopback, for the host and unsandboxed tests
+        self.in_pod: dict[int, Published] = {}  # on its name address in the pod, for the pod's members
         self.handle = handles.Service(self)
         self.starts = 0
         self.started_at = 0.0
@@ -251,9 +253,16 @@ class Instance:
         self.starts += 1
         self.started_at = time.time()
         self._wait_ready(log_start)
-        for port in self.definition.ports:  # published once it is ready; kept across restarts
+        name, connector = self.definition.name, self.pod.connector
+        for port in self.definition.ports:  # forwarded once it is ready; kept across restarts
             if port not in self.published:
-                self.published[port] = Published(functools.partial(self.pod.connector.connect, port))
+                self.published[port] = Published(functools.partial(connector.connect, name, port))
+            if port not in self.in_pod:
+                try:
+                    listener = connector.listen(name, port)
+                except SandboxError as exc:
+                    raise ServiceError(f"service {name!r}: {exc}") from None
+                self.in_pod[port] = Published(functools.partial(connector.connect, name, port), listener)
         self.pod.changed()
 
     def _wait_started(self, started: int) -> None:
@@ -343,9 +352,10 @@ class Instance:
 
     def close(self) -> None:
         self._close_notify()
-        for published in self.published.values():
-            published.close()
+        for forwarded in (*self.published.values(), *self.in_pod.values()):
+            forwarded.close()
         self.published.clear()
+        self.in_pod.clear()
         self._volumes.close()
         if self.log >= 0:
             os.close(self.log)
@@ -478,13 +488,13 @@ class _Probe:
         self._log_start = log_start  # where this start's output begins in the service's log
 
     def listening(self, port: int) -> bool:
-        return self._instance.pod.connector.listening(port)
+        return self._instance.pod.connector.listening(self._instance.definition.name, port)
 
     def log_text(self) -> str:
         return self._instance.log_text(self._log_start)
 
     def connect(self, port: int) -> socket.socket:
-        return self._instance.pod.connector.connect(port)
+        return self._instance.pod.connector.connect(self._instance.definition.name, port)
 
     def run(self, argv: list[str]) -> int:
         code, _, _ = self._instance.pod.zygote.exec_in_service(self._instance.nodeid, argv, 10.0)

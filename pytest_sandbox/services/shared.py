@@ -290,7 +290,7 @@ class Remote:
         if not failed:  # this pod's sandboxed tests reach it by name, through a relay on its ports here
             for port, published in self.ports.items():
                 connect = functools.partial(socket.create_connection, ("127.0.0.1", published))
-                self.relays[port] = Published(connect, listener=pod.connector.listen(port))
+                self.relays[port] = Published(connect, listener=pod.connector.listen(definition.name, port))
 
     def _ask(self, call: str, **fields: Any) -> dict[str, Any]:
         timeout = float(fields.get("timeout", 0.0)) + self.definition.ready_timeout + CALL_TIMEOUT_MARGIN

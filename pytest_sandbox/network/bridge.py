@@ -1,0 +1,120 @@
+"""The pod network: a bridge in the pod zygote's network namespace, and a veth pair per member.
+
+Every namespace here is owned by the session's user namespace, so none of this needs root and none of it
+is seen on the host (no interface, no route, nothing left when the session ends: the namespaces go with
+their last process, and their interfaces with them). It is plumbed only from the zygote side, before a
+sandbox gives up its capabilities; a test cannot add an address, an interface or a route.
+
+Addresses (one /16, the same in every pod, so a name means the same in every xdist worker's pod):
+
+- ``10.89.0.1``: the bridge, in the pod zygote's namespace;
+- ``10.89.1.0`` + k: the name of the k-th service (sorted by name), also on the bridge: pytest listens
+  there on the service's ports and forwards each connection to the port on the service's own loopback,
+  as kube-proxy's userspace mode does for a Kubernetes Service. So a server that listens on 127.0.0.1 only
+  (PostgreSQL's default, redis in protected mode) is reached by name, and only the ports it publishes;
+- ``10.89.64.0`` + k: the k-th service's own address (its network namespace, kept across restarts);
+- ``10.89.128.0`` + n: each other member (a test with ``network="pod"``), n chosen by its zygote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from ..linux import syscalls
+
+BRIDGE = "pod0"
+MEMBER_LINK = "eth0"  # the member's end of its veth pair
+PREFIX = 16
+GATEWAY = ipaddress.IPv4Address("10.89.0.1")
+_NAMES = ipaddress.IPv4Address("10.89.1.0")
+_SERVICES = ipaddress.IPv4Address("10.89.64.0")
+_MEMBERS = ipaddress.IPv4Address("10.89.128.0")
+MAX_SERVICES = 16000
+MEMBER_SLOTS = 32766  # 10.89.128.1 .. 10.89.255.254
+
+
+def _index(names: Sequence[str], name: str) -> int:
+    index = sorted(set(names)).index(name)
+    if index >= MAX_SERVICES:
+        raise ValueError(f"a pod holds at most {MAX_SERVICES} services")
+    return index
+
+
+def name_address(names: Sequence[str], name: str) -> str:
+    """The address ``name`` resolves to in the pod: where its published ports are forwarded from."""
+    return str(_NAMES + 1 + _index(names, name))
+
+
+def service_address(names: Sequence[str], name: str) -> str:
+    """The service's own address (its network namespace's end of its veth pair)."""
+    return str(_SERVICES + 1 + _index(names, name))
+
+
+def member_address(slot: int) -> str:
+    """The address of the member in ``slot`` (1 .. MEMBER_SLOTS)."""
+    if not 1 <= slot <= MEMBER_SLOTS:
+        raise ValueError(f"member slot {slot} out of 1..{MEMBER_SLOTS}")
+    return str(_MEMBERS + slot)
+
+
+def peer_name(address: str) -> str:
+    """The bridge side's name of a member's veth: unique while its address is (at most 15 characters)."""
+    return "v" + ipaddress.IPv4Address(address).packed.hex()
+
+
+def _iproute() -> Any:
+    from pyroute2 import IPRoute  # imported by the zygote before it forks (140 ms): see preload()
+
+    return IPRoute()
+
+
+def preload() -> None:
+    """Import pyroute2 once, in a zygote: its forks then plumb a member in a few milliseconds."""
+    import pyroute2  # noqa: F401
+
+
+def make_bridge(names: Sequence[str]) -> None:
+    """In the pod zygote's fresh network namespace: loopback, the bridge with its address and one address
+    per service name (forwarded ports listen there)."""
+    syscalls.loopback_up()
+    with _iproute() as ip:
+        ip.link("add", ifname=BRIDGE, kind="bridge")
+        index = ip.link_lookup(ifname=BRIDGE)[0]
+        ip.addr("add", index=index, address=str(GATEWAY), prefixlen=PREFIX)
+        for name in sorted(set(names)):
+            ip.addr("add", index=index, address=name_address(names, name), prefixlen=PREFIX)
+        ip.link("set", index=index, state="up")
+
+
+@contextlib.contextmanager
+def entered(netns: int) -> Iterator[None]:
+    """This (single-threaded) process in the network namespace ``netns`` (an fd, or a pidfd), then back."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        syscalls.setns(netns, syscalls.CLONE_NEWNET)
+        try:
+            yield
+        finally:
+            syscalls.setns(own, syscalls.CLONE_NEWNET)
+    finally:
+        os.close(own)
+
+
+def join(bridge_netns: int, address: str) -> None:
+    """From a new network namespace (this process holds CAP_NET_ADMIN in its owner): loopback up, and a
+    veth pair whose ``eth0`` end has ``address`` here and whose other end is a port of the pod's bridge."""
+    syscalls.loopback_up()
+    peer = peer_name(address)
+    with _iproute() as ip:
+        ip.link("add", ifname=MEMBER_LINK, kind="veth", peer={"ifname": peer, "net_ns_fd": bridge_netns})
+        index = ip.link_lookup(ifname=MEMBER_LINK)[0]
+        ip.addr("add", index=index, address=address, prefixlen=PREFIX)
+        ip.link("set", index=index, state="up")
+    with entered(bridge_netns), _iproute() as ip:
+        bridge = ip.link_lookup(ifname=BRIDGE)[0]
+        ip.link("set", index=ip.link_lookup(ifname=peer)[0], master=bridge, state="up")
+

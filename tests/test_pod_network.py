@@ -1,0 +1,149 @@
+"""The pod network: a bridge, a veth pair and an address per member, names that resolve to each service's
+forwarded ports; as root and as a plain user."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pytest_sandbox.network import bridge
+from pytest_sandbox.services.definition import hosts_text
+
+PYTHON = "/usr/bin/python3"  # the host's: services of image="host" run the host's programs
+needs_python = pytest.mark.skipif(not os.path.exists(PYTHON), reason=f"{PYTHON} is not installed here")
+
+# A service that answers with its name and the address it sees the client at; it listens on loopback only.
+SERVER = (
+    "import socket, sys\n"
+    "server = socket.create_server(('127.0.0.1', int(sys.argv[2])))\n"
+    "while True:\n"
+    "    conn, peer = server.accept()\n"
+    "    conn.sendall(('%s %s' % (sys.argv[1], peer[0])).encode())\n"
+    "    conn.close()\n"
+)
+
+SERVICES = f'''
+    import ipaddress, socket, sys
+    import pytest
+    from pytest_sandbox import service, wait
+
+    SERVER = {SERVER!r}
+    alpha = service("alpha", command=["{PYTHON}", "-c", SERVER, "alpha", "8000"], ports=[8000],
+                    ready=wait.listening(8000))
+    beta = service("beta", command=["{PYTHON}", "-c", SERVER, "beta", "8000"], ports=[8000],
+                   ready=wait.listening(8000))
+
+    def ask(host, port):
+        with socket.create_connection((host, port), timeout=10) as conn:
+            return conn.recv(100).decode()
+
+    def own_address():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("10.89.0.1", 9))  # no packet: the route's source address
+            return probe.getsockname()[0]
+'''
+
+
+@pytest.fixture(autouse=True)
+def _own_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTEST_SANDBOX_STORE", str(tmp_path / "store"))
+
+
+@needs_python
+def test_each_member_has_its_own_address_and_services_may_share_a_port(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_pod=textwrap.dedent(SERVICES)
+        + textwrap.dedent(
+            """
+            seen = []
+
+            # Two specs, two sandboxes (the tests of one spec share its scope sandbox, and so its address).
+            @pytest.mark.parametrize("n", [pytest.param(n, marks=pytest.mark.container(hostname=f"t{n}"))
+                                           for n in (1, 2)])
+            def test_pod(alpha, beta, n):
+                mine = own_address()
+                assert ipaddress.ip_address(mine) in ipaddress.ip_network("10.89.128.0/17")
+                assert socket.gethostbyname("alpha") != socket.gethostbyname("beta")
+                # Both listen on port 8000, each on its own loopback; each sees the client as local.
+                assert ask("alpha", 8000) == "alpha 127.0.0.1"
+                assert ask("beta", 8000) == "beta 127.0.0.1"
+                print("ADDRESS", mine)
+
+            def test_host(alpha, beta):
+                assert ask(*alpha.address(8000)).startswith("alpha ")
+                assert ask(*beta.address(8000)).startswith("beta ")
+            """
+        )
+    )
+    result = pytester.runpytest_subprocess("-s", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)
+    addresses = [line.split()[-1] for line in result.outlines if "ADDRESS 10.89." in line]
+    assert len(addresses) == 2 and addresses[0] != addresses[1], result.outlines
+
+
+@needs_python
+def test_a_service_reaches_another_by_name_from_its_own_address(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_pod=textwrap.dedent(SERVICES)
+        + textwrap.dedent(
+            f"""
+            CLIENT = ("import socket; c = socket.create_connection(('alpha', 8000), timeout=10); "
+                      "print(c.recv(100).decode())")
+            SOURCE = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+                      "s.connect(('10.89.0.1', 9)); print(s.getsockname()[0])")
+
+            def test_beta_to_alpha(alpha, beta):
+                done = beta.exec(["{PYTHON}", "-c", CLIENT])
+                assert done.returncode == 0, done.stderr
+                assert done.stdout.strip() == "alpha 127.0.0.1"
+                done = beta.exec(["{PYTHON}", "-c", SOURCE])
+                assert ipaddress.ip_address(done.stdout.strip()) in ipaddress.ip_network("10.89.64.0/18")
+            """
+        )
+    )
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
+@needs_python
+def test_only_published_ports_answer_by_name_and_a_test_cannot_take_one(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_pod=textwrap.dedent(SERVICES)
+        + textwrap.dedent(
+            f"""
+            hidden = service("hidden", command=["{PYTHON}", "-c", SERVER, "hidden", "8001"], ports=[8000],
+                             ready=wait.listening(8001))
+
+            @pytest.mark.container
+            def test_unpublished(hidden):
+                with pytest.raises(ConnectionRefusedError):  # 8001 is on its loopback, not published
+                    socket.create_connection(("hidden", 8001), timeout=5)
+
+            @pytest.mark.container
+            def test_squat(alpha):
+                squatter = socket.create_server(("0.0.0.0", 8000))  # this test's own namespace
+                with squatter:
+                    assert ask("alpha", 8000) == "alpha 127.0.0.1"
+                    with pytest.raises(OSError):  # the name's address is not this test's to take
+                        socket.create_server((socket.gethostbyname("alpha"), 8000))
+            """
+        )
+    )
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=2)
+
+
+def test_addresses_follow_from_the_sorted_names() -> None:
+    names = ["db", "cache", "web"]
+    assert bridge.name_address(names, "cache") == "10.89.1.1"
+    assert bridge.name_address(names, "db") == "10.89.1.2"
+    assert bridge.service_address(names, "web") == "10.89.64.3"
+    assert bridge.name_address(list(reversed(names)), "db") == "10.89.1.2"  # any order: every worker agrees
+    assert bridge.member_address(1) == "10.89.128.1"
+    assert bridge.member_address(bridge.MEMBER_SLOTS) == "10.89.255.254"
+    with pytest.raises(ValueError):
+        bridge.member_address(bridge.MEMBER_SLOTS + 1)
+    assert len(bridge.peer_name(bridge.member_address(bridge.MEMBER_SLOTS))) <= 15
+    lines = hosts_text(names, host_hosts="/nonexistent").splitlines()
+    assert "10.89.1.2\tdb" in lines and "10.89.1.3\tweb" in lines
