@@ -10,6 +10,10 @@ For redis-server, and PostgreSQL 15 where it is installed and this is not root (
 - warm: the next starts of the service in the same session (a function-scoped service: stopped after each
   test, started again for the next; the pod is up, PostgreSQL's data is there).
 Prints milliseconds (medians) and each sandboxed figure's ratio to the plain one of the same kind.
+
+Then the cost of the pod network's forwarding: redis PING round trips on one connection, from a sandboxed
+test by the service's name (pod member -> forwarder in pytest -> the service's loopback), from an
+unsandboxed test through the published port, and to a plain redis-server directly (microseconds, medians).
 """
 
 from __future__ import annotations
@@ -53,6 +57,30 @@ server = service("server", command={command!r}, setup={setup!r}, volumes={volume
 def test_start(server, run):
     pass
 
+"""
+
+ROUND_TRIPS = """
+import socket, time
+import pytest
+from pytest_sandbox import service, wait
+
+cache = service("cache", command={command!r}, ports=[{port}], ready=wait.listening({port}))
+
+def round_trip(host, port, count):
+    with socket.create_connection((host, port), timeout=30) as conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.sendall(b"PING\\r\\n"); conn.recv(64)
+        start = time.perf_counter()
+        for _ in range(count):
+            conn.sendall(b"PING\\r\\n"); conn.recv(64)
+        return (time.perf_counter() - start) / count
+
+@pytest.mark.container
+def test_pod(cache):
+    print(f"POD {{round_trip('cache', {port}, {count})}}")
+
+def test_host(cache):
+    print(f"HOST {{round_trip(*cache.address({port}), {count})}}")
 """
 
 
@@ -120,6 +148,51 @@ def report(name: str, plain_cold: list[float], plain_warm: list[float], cold: li
     print(f"{name}: plain warm {pw:8.1f} ms   sandboxed warm {sw:8.1f} ms   ratio {sw / pw:5.2f}")
 
 
+def plain_round_trip(command: list[str], port: int, count: int) -> float:
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_connectable(port, proc)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.sendall(b"PING\r\n")
+            conn.recv(64)
+            start = time.perf_counter()
+            for _ in range(count):
+                conn.sendall(b"PING\r\n")
+                conn.recv(64)
+            return (time.perf_counter() - start) / count
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def round_trips(work: str, command: list[str], port: int, runs: int, count: int = 2000) -> None:
+    os.makedirs(work, exist_ok=True)
+    with open(os.path.join(work, "test_round_trips.py"), "w") as file:
+        file.write(ROUND_TRIPS.format(command=command, port=port, count=count))
+    env = {**os.environ, "PYTEST_SANDBOX_STORE": os.path.join(work, "store")}
+    pod, host, plain_times = [], [], []
+    for _ in range(runs):
+        plain_times.append(plain_round_trip(command, port, count))
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-s", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", work],
+            cwd=work,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        if result.returncode != 0:
+            sys.exit(f"the round-trip suite failed:\n{result.stdout[-3000:]}")
+        pod += [float(x) for x in re.findall(r"POD ([0-9.e-]+)", result.stdout)]
+        host += [float(x) for x in re.findall(r"HOST ([0-9.e-]+)", result.stdout)]
+    med = statistics.median
+    base = med(plain_times) * 1e6
+    for name, times in (("by name in the pod", pod), ("published port", host)):
+        took = med(times) * 1e6
+        print(f"redis round trip, {name}: {took:7.1f} us   plain {base:7.1f} us   ratio {took / base:5.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
@@ -138,6 +211,7 @@ def main() -> None:
                 cold += c
                 warm += w
             report("redis", times, times, cold, warm)
+            round_trips(os.path.join(work, "round-trips"), redis, port, args.runs)
     if not os.path.exists(f"{POSTGRES}/postgres"):
         print("postgres: skipped (PostgreSQL 15 is not installed)")
         return

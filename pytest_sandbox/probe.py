@@ -145,9 +145,15 @@ def _tmpfs_xattr_step() -> None:
 
 
 def _pod_step() -> None:
-    """What services need of the network namespace made in the step before: loopback up, and its TCP table
-    (wait.listening reads it), which must show a socket listening in it."""
-    syscalls.loopback_up()
+    """What services need of the network namespace made in the step before: loopback up, a bridge and a veth
+    pair, and its TCP table (wait.listening reads it), which must show a socket listening in it."""
+    bridge.make_bridge(["probe"])  # the pod's bridge, and a member on it (then this process is the member)
+    bridge_netns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    with socket.create_server((bridge.name_address(["probe"], "probe"), 0)) as server:
+        syscalls.unshare(syscalls.CLONE_NEWNET)
+        bridge.join(bridge_netns, bridge.member_address(1))
+        os.close(bridge_netns)
+        socket.create_connection(server.getsockname(), timeout=2).close()
     with socket.create_server(("127.0.0.1", 0)) as server:
         if server.getsockname()[1] not in ports.listening_ports():
             raise OSError("a listening socket is not in /proc/self/net/tcp")
@@ -156,19 +162,6 @@ def _pod_step() -> None:
         notify.sendto(b"READY=1", notify.getsockname())
         if notify.recv(16) != b"READY=1":
             raise OSError("an abstract datagram socket did not get what was sent to it (wait.notify)")
-
-
-def _pod_bridge_step() -> None:
-    """The pod's plumbing (network/bridge.py): a bridge in this namespace, a veth pair from a new one to it,
-    and a connection across. Only the doctor tries it: importing pyroute2 costs more than a session start."""
-    bridge.make_bridge(["probe"])
-    bridge_netns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    with socket.create_server((bridge.name_address(["probe"], "probe"), 0)) as server:
-        syscalls.unshare(syscalls.CLONE_NEWNET)
-        bridge.join(bridge_netns, bridge.member_address(1))
-        os.close(bridge_netns)
-        with socket.create_connection(server.getsockname(), timeout=2):
-            pass
 
 
 _STEPS: dict[str, Callable[[], None]] = {
@@ -181,7 +174,6 @@ _STEPS: dict[str, Callable[[], None]] = {
     "tmpfs_xattr": _tmpfs_xattr_step,
     "netns": lambda: syscalls.unshare(syscalls.CLONE_NEWNET),
     "pod": _pod_step,
-    "pod_bridge": _pod_bridge_step,
     "pidns": lambda: syscalls.unshare(syscalls.CLONE_NEWPID),
 }
 
@@ -267,16 +259,13 @@ def build_checks(results: dict[str, str], cgroup: str | None = None) -> tuple[Ch
         "overlay": "overlayfs with userxattr",
         "tmpfs_xattr": "user xattrs on tmpfs: host directories can be deleted in writable overlays",
         "netns": "network namespace",
-        "pod": "pod network for services: loopback up; readiness: wait.listening (its TCP table), "
+        "pod": "pod network for services: bridge and veth pairs; readiness: wait.listening (its TCP table), "
         "wait.notify (abstract datagram sockets), wait.log, wait.http, wait.command",
-        "pod_bridge": "pod bridge: each member on a veth pair with an address of its own (pyroute2)",
         "pidns": "pid namespace",
     }
     first_failed = next((c.name for c in out if not c.ok), None)
     for step, label in labels.items():
         step_err = results.get(step)
-        if step_err is None and step in DOCTOR_ONLY and results.get("pod") == "":
-            continue  # not asked for: a session's header
         if step_err is None:
             out.append(
                 Check(step, False, f"{label}: not tried (an earlier step failed)", f"the fix of {first_failed} above")
@@ -301,17 +290,14 @@ def build_checks(results: dict[str, str], cgroup: str | None = None) -> tuple[Ch
 
 
 @functools.lru_cache(maxsize=4)
-def checks(cgroup: str | None = None, full: bool = False) -> tuple[Check, ...]:
-    """The checks; ``full`` (the doctor) also tries what a session's start does not need to know yet."""
-    steps = [step for step in _STEPS if full or step not in DOCTOR_ONLY]
-    results = _try_in_child(steps)
+def checks(cgroup: str | None = None) -> tuple[Check, ...]:
+    results = _try_in_child(list(_STEPS))
     if "userns" not in results:  # the probe's child died before its first step said anything: once more
-        results = _try_in_child(steps)
+        results = _try_in_child(list(_STEPS))
     return build_checks(results, cgroup)
 
 
-OPTIONAL = ("tmpfs_xattr", "pod", "pod_bridge")
-DOCTOR_ONLY = ("pod_bridge",)
+OPTIONAL = ("tmpfs_xattr", "pod")
 REQUIRED = ("userns", "mountns", "host_view", "overlay", "netns", "pidns")
 
 
@@ -343,7 +329,7 @@ def header_line() -> str:
 def doctor_text(cgroup: str | None = None) -> str:
     """Every check, and under each that fails the command that fixes it; ``cgroup`` as --sandbox-cgroup."""
     lines = []
-    for check in checks(cgroup, full=True):
+    for check in checks(cgroup):
         lines.append(f"{'ok' if check.ok else 'NO':>3}  {check.name:<12} {check.detail}")
         if check.fix and not check.ok:
             first, *rest = check.fix.splitlines()

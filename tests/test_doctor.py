@@ -133,7 +133,8 @@ def test_doctor_prints_a_fix_under_every_no(host: dict[str, str], monkeypatch: p
     host["/proc/sys/kernel/apparmor_restrict_unprivileged_userns"] = "1"
     monkeypatch.setattr(probe, "cgroup_mode", lambda: "hybrid")
     monkeypatch.setattr(probe, "cgroup_delegation", lambda override=None: "not delegated")
-    monkeypatch.setattr(probe, "checks", lambda cgroup=None: probe.build_checks({"userns": "Operation not permitted"}))
+    refused = probe.build_checks({"userns": "Operation not permitted"})
+    monkeypatch.setattr(probe, "checks", lambda cgroup=None: refused)
     lines = probe.doctor_text().splitlines()
     nos = [i for i, line in enumerate(lines) if line.startswith(" NO ")]
     assert len(nos) >= 8  # userns, the six steps not tried, cgroup

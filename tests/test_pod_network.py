@@ -3,7 +3,10 @@ forwarded ports; as root and as a plain user."""
 
 from __future__ import annotations
 
+import errno
 import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -147,3 +150,35 @@ def test_addresses_follow_from_the_sorted_names() -> None:
     assert len(bridge.peer_name(bridge.member_address(bridge.MEMBER_SLOTS))) <= 15
     lines = hosts_text(names, host_hosts="/nonexistent").splitlines()
     assert "10.89.1.2\tdb" in lines and "10.89.1.3\tweb" in lines
+
+
+PLUMBING = """
+import os, socket, sys
+from pytest_sandbox.linux import syscalls, userns
+from pytest_sandbox.network import bridge
+
+userns.enter_user_namespace()
+syscalls.unshare(syscalls.CLONE_NEWNET)
+bridge.can_plumb()
+try:
+    bridge.can_plumb()  # the same names again: the kernel's answer is read
+except OSError as exc:
+    print("AGAIN", exc.errno)
+bridge.make_bridge(["db"])
+pod = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+server = socket.create_server((bridge.name_address(["db"], "db"), 5432))
+syscalls.unshare(syscalls.CLONE_NEWNET)
+bridge.join(pod, bridge.member_address(7))
+with socket.create_connection(("10.89.1.1", 5432), timeout=5) as conn:
+    print("SOURCE", conn.getsockname()[0])
+print("LINKS", sorted(os.listdir("/sys/class/net")))
+"""
+
+
+def test_the_plumbing_in_a_user_namespace(tmp_path: Path) -> None:
+    """What the zygotes do, step by step, in a throwaway user namespace (so also as a plain user)."""
+    done = subprocess.run([sys.executable, "-c", PLUMBING], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"AGAIN {errno.EEXIST}" in done.stdout
+    assert "SOURCE 10.89.128.7" in done.stdout
+    assert "'eth0'" in done.stdout and "'pod0'" not in done.stdout  # the member sees its own end only

@@ -373,8 +373,10 @@ def test_killing_pytest_leaves_no_service_process_or_port(
             time.sleep(300)
         """
     )
+    interfaces = sorted(os.listdir("/sys/class/net"))
     proc = start_pytest_until_running(pytester.path)
     assert processes_with(token)
+    assert sorted(os.listdir("/sys/class/net")) == interfaces  # the pod's bridge and veths are not the host's
     listed = json.loads(run_cli("services", "ls", "--json", cwd=pytester.path).stdout)
     assert [(r["pid"], sorted(s["name"] for s in r["services"])) for r in listed] == [(proc.pid, ["server", "sleeper"])]
     published = next(s for s in listed[0]["services"] if s["name"] == "server")["ports"]["7000"]
@@ -385,6 +387,7 @@ def test_killing_pytest_leaves_no_service_process_or_port(
         socket.create_connection(("127.0.0.1", published), timeout=1)
     assert json.loads(run_cli("services", "--json", cwd=pytester.path).stdout) == []  # its record is dropped
     assert os.listdir(tmp_path / "store" / "services") == []
+    assert sorted(os.listdir("/sys/class/net")) == interfaces
 
 
 @needs_postgres

@@ -22,9 +22,9 @@ import contextlib
 import ipaddress
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 from ..linux import syscalls
+from .rtnetlink import Route
 
 BRIDGE = "pod0"
 MEMBER_LINK = "eth0"  # the member's end of its veth pair
@@ -66,28 +66,16 @@ def peer_name(address: str) -> str:
     return "v" + ipaddress.IPv4Address(address).packed.hex()
 
 
-def _iproute() -> Any:
-    from pyroute2 import IPRoute  # imported by the zygote before it forks (140 ms): see preload()
-
-    return IPRoute()
-
-
-def preload() -> None:
-    """Import pyroute2 once, in a zygote: its forks then plumb a member in a few milliseconds."""
-    import pyroute2  # noqa: F401
-
-
 def make_bridge(names: Sequence[str]) -> None:
     """In the pod zygote's fresh network namespace: loopback, the bridge with its address and one address
     per service name (forwarded ports listen there)."""
     syscalls.loopback_up()
-    with _iproute() as ip:
-        ip.link("add", ifname=BRIDGE, kind="bridge")
-        index = ip.link_lookup(ifname=BRIDGE)[0]
-        ip.addr("add", index=index, address=str(GATEWAY), prefixlen=PREFIX)
+    with Route() as route:
+        route.add_link(BRIDGE, "bridge")
+        route.add_address(BRIDGE, str(GATEWAY), PREFIX)
         for name in sorted(set(names)):
-            ip.addr("add", index=index, address=name_address(names, name), prefixlen=PREFIX)
-        ip.link("set", index=index, state="up")
+            route.add_address(BRIDGE, name_address(names, name), PREFIX)
+        route.set_link(BRIDGE)
 
 
 @contextlib.contextmanager
@@ -109,12 +97,16 @@ def join(bridge_netns: int, address: str) -> None:
     veth pair whose ``eth0`` end has ``address`` here and whose other end is a port of the pod's bridge."""
     syscalls.loopback_up()
     peer = peer_name(address)
-    with _iproute() as ip:
-        ip.link("add", ifname=MEMBER_LINK, kind="veth", peer={"ifname": peer, "net_ns_fd": bridge_netns})
-        index = ip.link_lookup(ifname=MEMBER_LINK)[0]
-        ip.addr("add", index=index, address=address, prefixlen=PREFIX)
-        ip.link("set", index=index, state="up")
-    with entered(bridge_netns), _iproute() as ip:
-        bridge = ip.link_lookup(ifname=BRIDGE)[0]
-        ip.link("set", index=ip.link_lookup(ifname=peer)[0], master=bridge, state="up")
+    with Route() as route:
+        route.add_link(MEMBER_LINK, "veth", peer=peer, peer_netns=bridge_netns)
+        route.add_address(MEMBER_LINK, address, PREFIX)
+        route.set_link(MEMBER_LINK)
+    with entered(bridge_netns), Route() as route:
+        route.set_link(peer, master=BRIDGE)
 
+
+def can_plumb() -> None:
+    """Make a bridge and a veth pair in this process's network namespace (a throwaway one); OSError if not."""
+    with Route() as route:
+        route.add_link("probe0", "bridge")
+        route.add_link("probe1", "veth", peer="probe2")

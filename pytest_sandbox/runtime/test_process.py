@@ -313,7 +313,7 @@ def _enter(box: Sandbox, config: pytest.Config, pid1: tuple[int, int], keep: set
     if box.network.new and box.network.pod is not None:
         try:
             bridge.join(box.network.pod, box.network.address)
-        except Exception as exc:  # pyroute2's NetlinkError is not an OSError
+        except OSError as exc:
             raise SetupError("namespaces", f"cannot join the pod's network: {exc}") from None
     elif box.network.new:
         syscalls.loopback_up()

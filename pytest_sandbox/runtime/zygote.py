@@ -182,9 +182,7 @@ def _enter_session_user_namespace(namespaces: Namespaces) -> None:
 
 def _pod_network(namespaces: Namespaces) -> None:
     """The pod zygote makes the namespace of the pod's bridge and stays in it; each member gets a namespace of
-    its own with a veth pair to it (network/bridge.py), made in a fork of a zygote that imported pyroute2."""
-    if namespaces.is_pod or namespaces.pod_net is not None:
-        bridge.preload()
+    its own with a veth pair to it (network/bridge.py)."""
     if namespaces.is_pod:
         syscalls.unshare(syscalls.CLONE_NEWNET)
         bridge.make_bridge(namespaces.pod_names)
