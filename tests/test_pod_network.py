@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
-from pytest_sandbox.network import bridge
+from pytest_sandbox.network import bridge, forward
 from pytest_sandbox.services.definition import hosts_text
 
 PYTHON = "/usr/bin/python3"  # the host's: services of image="host" run the host's programs
@@ -155,7 +157,7 @@ def test_addresses_follow_from_the_sorted_names() -> None:
 PLUMBING = """
 import os, socket, sys
 from pytest_sandbox.linux import syscalls, userns
-from pytest_sandbox.network import bridge
+from pytest_sandbox.network import bridge, forward
 
 userns.enter_user_namespace()
 syscalls.unshare(syscalls.CLONE_NEWNET)
@@ -182,3 +184,32 @@ def test_the_plumbing_in_a_user_namespace(tmp_path: Path) -> None:
     assert f"AGAIN {errno.EEXIST}" in done.stdout
     assert "SOURCE 10.89.128.7" in done.stdout
     assert "'eth0'" in done.stdout and "'pod0'" not in done.stdout  # the member sees its own end only
+
+
+def test_a_forwarded_port_carries_a_bounded_number_of_connections(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test that floods a service's port cannot make pytest start threads without end."""
+    monkeypatch.setattr(forward, "MAX_CONNECTIONS", 3)
+    upstream_server = socket.create_server(("127.0.0.1", 0))
+    port = upstream_server.getsockname()[1]
+    published = forward.Published(lambda: socket.create_connection(("127.0.0.1", port)))
+    clients = []
+    try:
+        for _ in range(3):
+            clients.append(socket.create_connection(("127.0.0.1", published.port), timeout=5))
+            upstream_server.accept()[0].sendall(b"hi")
+            assert clients[-1].recv(2) == b"hi"  # forwarded
+        extra = socket.create_connection(("127.0.0.1", published.port), timeout=5)
+        assert extra.recv(2) == b""  # closed at once: the port is full
+        extra.close()
+        clients.pop().close()  # one ends: room for the next
+        time.sleep(0.2)
+        again = socket.create_connection(("127.0.0.1", published.port), timeout=5)
+        clients.append(again)
+        upstream_server.settimeout(5)
+        upstream_server.accept()[0].sendall(b"ok")
+        assert again.recv(2) == b"ok"
+    finally:
+        for client in clients:
+            client.close()
+        published.close()
+        upstream_server.close()

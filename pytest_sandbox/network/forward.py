@@ -22,6 +22,9 @@ from ..errors import SandboxError
 
 CHUNK = 256 * 1024
 RETRY_ACCEPT = 0.05  # seconds before accepting again after an error (EMFILE: connections pile up meanwhile)
+# Connections one forwarded port carries at once (two threads of pytest each): a test that opens more gets
+# the next ones closed at once, and pytest keeps its threads and fds.
+MAX_CONNECTIONS = 128
 
 
 class Connector:
@@ -102,6 +105,11 @@ class Published:
                 if self._closed:
                     return
                 time.sleep(RETRY_ACCEPT)  # out of fds for a moment, a client gone before it was taken: go on
+                continue
+            with self._lock:
+                full = len(self._open) >= 2 * MAX_CONNECTIONS
+            if full:
+                client.close()
                 continue
             try:
                 upstream = self._connect()
