@@ -83,6 +83,8 @@ def _step_fix(step: str) -> str:
     limit = _NAMESPACE_LIMITS.get(step)
     if limit is not None and _read(f"/proc/sys/{limit.replace('.', '/')}") == "0":
         return f"sudo sysctl -w {limit}=15000"
+    if step == "pod_bridge":
+        return "sudo modprobe -a bridge veth (optional: without them services share one loopback)"
     if step == "overlay" and "overlay" not in (_read("/proc/filesystems") or "overlay"):
         return "sudo modprobe overlay (and add overlay to /etc/modules-load.d/ to keep it)"
     needed = _KERNEL_FOR.get(step)
@@ -145,15 +147,9 @@ def _tmpfs_xattr_step() -> None:
 
 
 def _pod_step() -> None:
-    """What services need of the network namespace made in the step before: loopback up, a bridge and a veth
-    pair, and its TCP table (wait.listening reads it), which must show a socket listening in it."""
-    bridge.make_bridge(["probe"])  # the pod's bridge, and a member on it (then this process is the member)
-    bridge_netns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    with socket.create_server((bridge.name_address(["probe"], "probe"), 0)) as server:
-        syscalls.unshare(syscalls.CLONE_NEWNET)
-        bridge.join(bridge_netns, bridge.member_address(1))
-        os.close(bridge_netns)
-        socket.create_connection(server.getsockname(), timeout=2).close()
+    """What services need of the network namespace made in the step before: loopback up, and its TCP table
+    (wait.listening reads it), which must show a socket listening in it."""
+    syscalls.loopback_up()
     with socket.create_server(("127.0.0.1", 0)) as server:
         if server.getsockname()[1] not in ports.listening_ports():
             raise OSError("a listening socket is not in /proc/self/net/tcp")
@@ -162,6 +158,19 @@ def _pod_step() -> None:
         notify.sendto(b"READY=1", notify.getsockname())
         if notify.recv(16) != b"READY=1":
             raise OSError("an abstract datagram socket did not get what was sent to it (wait.notify)")
+
+
+def _pod_bridge_step() -> None:
+    """The pod network's plumbing (network/bridge.py) in the namespace of the step before: the bridge, a
+    member on a veth pair to it (this process becomes the member), and a connection across. Kernels built
+    without bridge or veth (or with them as modules that cannot be loaded) refuse the first request."""
+    bridge.make_bridge(["probe"])
+    bridge_netns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    with socket.create_server((bridge.name_address(["probe"], "probe"), 0)) as server:
+        syscalls.unshare(syscalls.CLONE_NEWNET)
+        bridge.join(bridge_netns, bridge.member_address(1))
+        os.close(bridge_netns)
+        socket.create_connection(server.getsockname(), timeout=2).close()
 
 
 _STEPS: dict[str, Callable[[], None]] = {
@@ -174,6 +183,7 @@ _STEPS: dict[str, Callable[[], None]] = {
     "tmpfs_xattr": _tmpfs_xattr_step,
     "netns": lambda: syscalls.unshare(syscalls.CLONE_NEWNET),
     "pod": _pod_step,
+    "pod_bridge": _pod_bridge_step,
     "pidns": lambda: syscalls.unshare(syscalls.CLONE_NEWPID),
 }
 
@@ -259,8 +269,10 @@ def build_checks(results: dict[str, str], cgroup: str | None = None) -> tuple[Ch
         "overlay": "overlayfs with userxattr",
         "tmpfs_xattr": "user xattrs on tmpfs: host directories can be deleted in writable overlays",
         "netns": "network namespace",
-        "pod": "pod network for services: bridge and veth pairs; readiness: wait.listening (its TCP table), "
+        "pod": "pod network for services: loopback up; readiness: wait.listening (its TCP table), "
         "wait.notify (abstract datagram sockets), wait.log, wait.http, wait.command",
+        "pod_bridge": "pod bridge: each member on a veth pair with an address of its own "
+        "(else the pod is one shared loopback)",
         "pidns": "pid namespace",
     }
     first_failed = next((c.name for c in out if not c.ok), None)
@@ -297,7 +309,7 @@ def checks(cgroup: str | None = None) -> tuple[Check, ...]:
     return build_checks(results, cgroup)
 
 
-OPTIONAL = ("tmpfs_xattr", "pod")
+OPTIONAL = ("tmpfs_xattr", "pod", "pod_bridge")
 REQUIRED = ("userns", "mountns", "host_view", "overlay", "netns", "pidns")
 
 
@@ -318,7 +330,7 @@ def unavailable_reason() -> str | None:
 def header_line() -> str:
     parts = []
     for check in checks():
-        if check.name in ("userns", "overlay", "netns", "pod"):
+        if check.name in ("userns", "overlay", "netns", "pod", "pod_bridge"):
             parts.append(f"{check.name} {'ok' if check.ok else 'MISSING'}")
     parts.append(next(c.detail for c in checks() if c.name == "cgroup"))
     reason = unavailable_reason()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import filelock
 import pytest
 
-from . import outputs, settings, summary
+from . import outputs, probe, settings, summary
 from .errors import SandboxError, ServiceError
 from .layers import build, progress, registry
 from .layers.store import Image, Store, share
@@ -60,6 +60,7 @@ class SessionState:
     outputs: tuple[str, ...]  # where sandboxes write files that reach the host
     insecure_registries: tuple[str, ...] = ()  # FROM a registry: sandbox_insecure_registries
     build_cache: registry.RemoteCache | None = None  # --sandbox-cache
+    pod_network: str = "auto"  # --sandbox-pod-network
     zygote: Zygote | None = None
     shared: Channels | None = None  # the sandbox that waits for the next test (--sandbox-scope)
     scope_sandboxes: bool = False  # decided with the zygote: see scope_sandboxes()
@@ -122,6 +123,7 @@ def configure(config: pytest.Config) -> SessionState:
         outputs=outputs.declared(config, settings.raw(config, "sandbox_outputs")[0] or ()),
         insecure_registries=settings.insecure_registries(config),
         build_cache=settings.build_cache(config, settings.insecure_registries(config)),
+        pod_network=settings.choice(config, "sandbox_pod_network"),
     )
 
 
@@ -321,7 +323,8 @@ def zygote_for(item: pytest.Item, state: SessionState) -> Zygote:
     namespaces = Namespaces(
         user=state.userns_fd if state.userns_fd >= 0 else None,
         pod_net=pod.zygote.netns if pod is not None else None,
-        pod_hosts=hosts_text(pod.names) if pod is not None else "",
+        pod_hosts=hosts_text(pod.names, pod.bridged) if pod is not None else "",
+        pod_bridged=pod.bridged if pod is not None else False,
     )
     _open_cgroup_session(state)
     # faulthandler's watchdog thread would not exist in the fork, whose first dump_traceback_later then
@@ -368,6 +371,7 @@ def ensure_pod(state: SessionState, items: list[pytest.Item]) -> Pod:
                 notify=uses_notify(definition.readiness),
             ),
         )
+    bridged = _pod_bridged(state, definitions)
     paths = dataclasses.replace(_zygote_paths(item, state), scope_sandboxes=False)
     _open_cgroup_session(state)
     faulthandler.cancel_dump_traceback_later()
@@ -379,8 +383,9 @@ def ensure_pod(state: SessionState, items: list[pytest.Item]) -> Pod:
         Limits(state.backend, state.cgroup_session, state.accounting),
         Namespaces(
             user=state.userns_fd if state.userns_fd >= 0 else None,
-            pod_hosts=hosts_text(list(definitions)),
+            pod_hosts=hosts_text(list(definitions), bridged),
             pod_names=tuple(sorted(definitions)),
+            pod_bridged=bridged,
             is_pod=True,
         ),
         launches,
@@ -393,11 +398,24 @@ def ensure_pod(state: SessionState, items: list[pytest.Item]) -> Pod:
         if worker is not None:
             run_dir = os.path.join(_xdist_run_dir(state, str(worker["testrunuid"])), "services")
             shared = SharedServices(run_dir, str(worker["workerid"]))
-        state.pod = Pod(zyg, definitions, state.volumes, records, refused, shared)
+        state.pod = Pod(zyg, definitions, state.volumes, records, refused, shared, bridged)
     except BaseException:
         zyg.close()
         raise
     return state.pod
+
+
+def _pod_bridged(state: SessionState, definitions: dict[str, ServiceDefinition]) -> bool:
+    """Whether the pod is a bridge with an address per member, or one shared loopback (--sandbox-pod-network:
+    auto takes the bridge where this host can make one)."""
+    if state.pod_network == "loopback" or not definitions:
+        return False
+    if probe.has("pod_bridge"):
+        return True
+    if state.pod_network == "bridge":
+        detail = next((c.detail for c in probe.checks() if c.name == "pod_bridge"), "not tried")
+        raise ServiceError(f"--sandbox-pod-network=bridge: this host cannot make the pod's bridge ({detail})")
+    return False
 
 
 def _stressed(spec: SandboxSpec, stress: dict[str, Any]) -> SandboxSpec:

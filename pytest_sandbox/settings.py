@@ -23,6 +23,7 @@ UNAVAILABLE = ("fail", "skip")
 LIMIT_POLICIES = ("warn", "strict")
 KEEP = ("none", "failed")
 SCOPES = ("test", "module", "session")
+POD_NETWORKS = ("auto", "bridge", "loopback")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +174,17 @@ SETTINGS: tuple[Setting, ...] = (
         default="test",
         choices=SCOPES,
         metavar="SCOPE",
+    ),
+    Setting(
+        "sandbox_pod_network",
+        "the services' pod network: bridge (an address per member, services reached by name on their "
+        "published ports), loopback (one shared loopback, as in a Kubernetes pod) or auto (default: bridge "
+        "where the kernel can make one)",
+        "--sandbox-pod-network",
+        "sandbox_pod_network",
+        default="auto",
+        choices=POD_NETWORKS,
+        metavar="KIND",
     ),
     Setting(
         "sandbox_images",

@@ -71,6 +71,7 @@ def test_each_member_has_its_own_address_and_services_may_share_a_port(pytester:
             def test_pod(alpha, beta, n):
                 mine = own_address()
                 assert ipaddress.ip_address(mine) in ipaddress.ip_network("10.89.128.0/17")
+                assert sorted(name for _, name in socket.if_nameindex()) == ["eth0", "lo"]
                 assert socket.gethostbyname("alpha") != socket.gethostbyname("beta")
                 # Both listen on port 8000, each on its own loopback; each sees the client as local.
                 assert ask("alpha", 8000) == "alpha 127.0.0.1"
@@ -213,3 +214,37 @@ def test_a_forwarded_port_carries_a_bounded_number_of_connections(monkeypatch: p
             client.close()
         published.close()
         upstream_server.close()
+
+
+@needs_python
+def test_the_loopback_pod_is_one_shared_loopback(pytester: pytest.Pytester) -> None:
+    """--sandbox-pod-network=loopback (and auto where the kernel has no bridge or veth): every member is on
+    the pod zygote's loopback, names resolve to 127.0.0.1, every port of a service is reached."""
+    pytester.makepyfile(
+        test_pod=textwrap.dedent(SERVICES)
+        + textwrap.dedent(
+            f"""
+            hidden = service("hidden", command=["{PYTHON}", "-c", SERVER, "hidden", "8001"], ports=[8000],
+                             ready=wait.listening(8001))
+
+            @pytest.mark.container
+            def test_pod(alpha, hidden):
+                assert socket.gethostbyname("alpha") == "127.0.0.1"
+                assert ask("alpha", 8000) == "alpha 127.0.0.1"
+                assert ask("hidden", 8001) == "hidden 127.0.0.1"  # not published, but on the shared loopback
+                assert [name for _, name in socket.if_nameindex()] == ["lo"]
+
+            def test_host(alpha):
+                assert ask(*alpha.address(8000)).startswith("alpha ")
+            """
+        )
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--sandbox-pod-network=loopback")
+    result.assert_outcomes(passed=2)
+
+
+def test_a_bad_pod_network_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_x(): pass")
+    result = pytester.runpytest_subprocess("--sandbox-pod-network=veth")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--sandbox-pod-network*veth*auto*bridge*loopback*"])

@@ -78,6 +78,7 @@ class Namespaces:
     pod_net: int | None = None  # an fd of the pod's network namespace, which network="pod" tests join
     pod_hosts: str = ""  # /etc/hosts of pod members: the host's, then each service's name and address
     pod_names: tuple[str, ...] = ()  # every service of the session: their addresses (network/bridge.py)
+    pod_bridged: bool = False  # the pod is a bridge with an address per member; else one shared loopback
     is_pod: bool = False  # this zygote runs services: it makes the pod's bridge namespace and stays in it
 
 
@@ -185,7 +186,10 @@ def _pod_network(namespaces: Namespaces) -> None:
     its own with a veth pair to it (network/bridge.py)."""
     if namespaces.is_pod:
         syscalls.unshare(syscalls.CLONE_NEWNET)
-        bridge.make_bridge(namespaces.pod_names)
+        if namespaces.pod_bridged:
+            bridge.make_bridge(namespaces.pod_names)
+        else:  # the shared loopback: services and members all live in this namespace
+            syscalls.loopback_up()
 
 
 def _exit_unless_pytest_ends(pytest_pidfd: int, code: int, end_session: Callable[[], NoReturn]) -> NoReturn:
@@ -336,6 +340,8 @@ class _Factory:
         (loopback only), the zygote's (the host's), or a new one on the pod's bridge."""
         if spec.network == "host":
             return test_process.Network(new=False), 0
+        if spec.network == "pod" and self.namespaces.pod_net is not None and not self.namespaces.pod_bridged:
+            return test_process.Network(new=False, join=self.namespaces.pod_net), 0  # the shared loopback
         if spec.network == "pod" and self.namespaces.pod_net is not None:
             slot = self._free_slot()
             address = bridge.member_address(slot)
@@ -358,6 +364,8 @@ class _Factory:
         """The network namespace of the pod zygote's service ``name``: made at its first start, on the
         bridge with its own address, and kept while the pod lives."""
         netns = self.service_nets.get(name)
+        if netns is None and not self.namespaces.pod_bridged:  # the shared loopback: the pod zygote's own
+            netns = self.service_nets[name] = self.bridge_netns
         if netns is None:
             syscalls.unshare(syscalls.CLONE_NEWNET)
             try:
@@ -498,7 +506,7 @@ class _Factory:
             self.test_ended(self.running.pop(fd))
         elif fd in self.ending:
             self.namespace_ended(self.ending.pop(fd))
-        elif fd in connectors and not ports.answer(connectors[fd], self.service_nets, self.namespaces.pod_names):
+        elif fd in connectors and not ports.answer(connectors[fd], self.service_nets, self.namespaces):
             connectors.pop(fd).close()
 
     def service_request(

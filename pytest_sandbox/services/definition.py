@@ -121,8 +121,9 @@ def resolved(definition: ServiceDefinition, rootdir: str) -> ServiceDefinition:
     return dataclasses.replace(definition, spec=spec) if spec is not definition.spec else definition
 
 
-def hosts_text(names: Sequence[str], host_hosts: str = "/etc/hosts") -> str:
-    """A pod member's /etc/hosts: the host's, then every service's name and its address in the pod."""
+def hosts_text(names: Sequence[str], bridged: bool = True, host_hosts: str = "/etc/hosts") -> str:
+    """A pod member's /etc/hosts: the host's, then every service's name and its address in the pod (on the
+    shared loopback, 127.0.0.1)."""
     try:
         with open(host_hosts) as file:
             text = file.read()
@@ -132,5 +133,5 @@ def hosts_text(names: Sequence[str], host_hosts: str = "/etc/hosts") -> str:
         text += "\n"
     if not names:
         return text
-    lines = (f"{bridge.name_address(names, name)}\t{name}\n" for name in sorted(set(names)))
+    lines = (f"{bridge.name_address(names, name) if bridged else '127.0.0.1'}\t{name}\n" for name in sorted(set(names)))
     return text + "# pytest-sandbox pod: its services\n" + "".join(lines)

@@ -85,8 +85,10 @@ class Pod:
         records: Records,
         refused: dict[str, str],
         shared: SharedServices | None = None,
+        bridged: bool = True,
     ) -> None:
         self.zygote = zygote
+        self.bridged = bridged  # an address per member (network/bridge.py); else one shared loopback
         self.shared = shared  # an xdist worker's: session services started once per run
         self.lock = threading.RLock()  # the shared services' socket threads call on instances too
         self.refused = refused  # services that cannot start here, and why (their image)
@@ -257,7 +259,7 @@ class Instance:
         for port in self.definition.ports:  # forwarded once it is ready; kept across restarts
             if port not in self.published:
                 self.published[port] = Published(functools.partial(connector.connect, name, port))
-            if port not in self.in_pod:
+            if port not in self.in_pod and self.pod.bridged:  # on a shared loopback it listens there itself
                 try:
                     listener = connector.listen(name, port)
                 except SandboxError as exc:
