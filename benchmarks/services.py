@@ -125,20 +125,25 @@ def sandboxed(
         file.write(CONFTEST)
     with open(os.path.join(suite, "test_service.py"), "w") as file:
         file.write(SUITE.format(command=command, setup=setup, volumes=volumes, port=port, restarts=runs))
-    env = {**os.environ, "PYTEST_SANDBOX_STORE": os.path.join(work, "store")}
+    output = run_suite(suite, os.path.join(work, "store"), "the sandboxed service")
+    cold = [float(x) for x in re.findall(r"COLD ([0-9.]+)", output)]
+    warm = [float(x) for x in re.findall(r"WARM ([0-9.]+)", output)]
+    return cold, warm
+
+
+def run_suite(suite: str, store: str, what: str) -> str:
+    """Run the suite in ``suite`` with a store of its own; its output (exits when it fails)."""
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-s", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", suite],
         cwd=suite,
-        env=env,
+        env={**os.environ, "PYTEST_SANDBOX_STORE": store},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     if result.returncode != 0:
-        sys.exit(f"the sandboxed service failed:\n{result.stdout[-3000:]}")
-    cold = [float(x) for x in re.findall(r"COLD ([0-9.]+)", result.stdout)]
-    warm = [float(x) for x in re.findall(r"WARM ([0-9.]+)", result.stdout)]
-    return cold, warm
+        sys.exit(f"{what} failed:\n{result.stdout[-3000:]}")
+    return result.stdout
 
 
 def report(name: str, plain_cold: list[float], plain_warm: list[float], cold: list[float], warm: list[float]) -> None:
@@ -170,22 +175,12 @@ def round_trips(work: str, command: list[str], port: int, runs: int, count: int 
     os.makedirs(work, exist_ok=True)
     with open(os.path.join(work, "test_round_trips.py"), "w") as file:
         file.write(ROUND_TRIPS.format(command=command, port=port, count=count))
-    env = {**os.environ, "PYTEST_SANDBOX_STORE": os.path.join(work, "store")}
     pod, host, plain_times = [], [], []
     for _ in range(runs):
         plain_times.append(plain_round_trip(command, port, count))
-        result = subprocess.run(
-            [sys.executable, "-m", "pytest", "-s", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", work],
-            cwd=work,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        if result.returncode != 0:
-            sys.exit(f"the round-trip suite failed:\n{result.stdout[-3000:]}")
-        pod += [float(x) for x in re.findall(r"POD ([0-9.e-]+)", result.stdout)]
-        host += [float(x) for x in re.findall(r"HOST ([0-9.e-]+)", result.stdout)]
+        output = run_suite(work, os.path.join(work, "store"), "the round-trip suite")
+        pod += [float(x) for x in re.findall(r"POD ([0-9.e-]+)", output)]
+        host += [float(x) for x in re.findall(r"HOST ([0-9.e-]+)", output)]
     med = statistics.median
     base = med(plain_times) * 1e6
     for name, times in (("by name in the pod", pod), ("published port", host)):

@@ -40,6 +40,9 @@ SERVICES = f'''
                     ready=wait.listening(8000))
     beta = service("beta", command=["{PYTHON}", "-c", SERVER, "beta", "8000"], ports=[8000],
                    ready=wait.listening(8000))
+    # It listens on 8001, but publishes 8000 only
+    hidden = service("hidden", command=["{PYTHON}", "-c", SERVER, "hidden", "8001"], ports=[8000],
+                     ready=wait.listening(8001))
 
     def ask(host, port):
         with socket.create_connection((host, port), timeout=10) as conn:
@@ -118,10 +121,7 @@ def test_only_published_ports_answer_by_name_and_a_test_cannot_take_one(pytester
     pytester.makepyfile(
         test_pod=textwrap.dedent(SERVICES)
         + textwrap.dedent(
-            f"""
-            hidden = service("hidden", command=["{PYTHON}", "-c", SERVER, "hidden", "8001"], ports=[8000],
-                             ready=wait.listening(8001))
-
+            """
             @pytest.mark.container
             def test_unpublished(hidden):
                 with pytest.raises(ConnectionRefusedError):  # 8001 is on its loopback, not published
@@ -223,10 +223,7 @@ def test_the_loopback_pod_is_one_shared_loopback(pytester: pytest.Pytester) -> N
     pytester.makepyfile(
         test_pod=textwrap.dedent(SERVICES)
         + textwrap.dedent(
-            f"""
-            hidden = service("hidden", command=["{PYTHON}", "-c", SERVER, "hidden", "8001"], ports=[8000],
-                             ready=wait.listening(8001))
-
+            """
             @pytest.mark.container
             def test_pod(alpha, hidden):
                 assert socket.gethostbyname("alpha") == "127.0.0.1"
