@@ -75,3 +75,62 @@ def test_a_pod_member_cannot_change_the_pod_network_or_leave_its_namespace(pytes
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=3)
+
+
+UDP_LISTENER = (
+    "import socket, sys\n"
+    "s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
+    "s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)\n"
+    "s.bind(('::', 9999))\n"
+    "print('LISTENING', flush=True)\n"
+    "while True:\n"
+    "    data, peer = s.recvfrom(100)\n"
+    "    print('GOT', data.decode(), peer[0], flush=True)\n"
+)
+
+
+@needs_python
+def test_a_pod_member_cannot_send_ipv6_from_a_forged_address(pytester: pytest.Pytester) -> None:
+    """IPV6_FREEBIND needs no capability: with IPv6 on the pod's links a member could send datagrams from
+    any address (another member's, a service's) to every member. The pod's links have no IPv6."""
+    pytester.makepyfile(
+        test_attack=textwrap.dedent(
+            f"""
+            import socket, time
+            import pytest
+            from pytest_sandbox import service, wait
+            from pytest_sandbox.network import bridge
+
+            udp = service("udp", command=["{PYTHON}", "-c", {UDP_LISTENER!r}], ready=wait.log("LISTENING"))
+
+            @pytest.mark.container
+            def test_forge(udp):
+                assert open("/proc/sys/net/ipv6/conf/eth0/disable_ipv6").read().strip() == "1"
+                eth0 = socket.if_nametoindex("eth0")
+                for source in ("fe80::dead:beef", "fd00::66"):
+                    forger = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+                    forger.setsockopt(socket.IPPROTO_IPV6, 78, 1)  # IPV6_FREEBIND
+                    try:
+                        forger.bind((source, 0, 0, eth0))
+                        forger.sendto(b"forged", ("ff02::1", 9999, 0, eth0))
+                    except OSError:
+                        pass  # refused outright: as good
+                    finally:
+                        forger.close()
+                # The control: plain IPv4 from this member reaches the service's own address.
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as honest:
+                    honest.sendto(b"honest", (bridge.service_address(["udp"], "udp"), 9999))
+                deadline = time.monotonic() + 10
+                while "GOT honest" not in udp.logs() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                time.sleep(0.3)
+                assert "GOT honest" in udp.logs()
+                assert "forged" not in udp.logs()
+                # loopback keeps IPv6
+                with socket.create_server(("::1", 0), family=socket.AF_INET6) as server:
+                    socket.create_connection(server.getsockname()[:2], timeout=5).close()
+            """
+        )
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)

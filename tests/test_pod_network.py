@@ -153,6 +153,7 @@ def test_addresses_follow_from_the_sorted_names() -> None:
     assert len(bridge.peer_name(bridge.member_address(bridge.MEMBER_SLOTS))) <= 15
     lines = hosts_text(names, host_hosts="/nonexistent").splitlines()
     assert "10.89.1.2\tdb" in lines and "10.89.1.3\tweb" in lines
+    assert lines.index("10.89.1.2\tdb") < lines.index("127.0.0.1\tlocalhost")  # a service's name beats the host's
 
 
 PLUMBING = """

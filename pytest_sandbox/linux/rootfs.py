@@ -25,7 +25,7 @@ import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from ..errors import SetupError
 from ..layers.format import env_mapping
@@ -357,14 +357,17 @@ PROC_MASKED = (
 PROC_FLAGS = syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC
 
 
-def mount_proc() -> None:
-    """A /proc of the caller's pid namespace with the host-wide knobs read-only.
+def mount_proc(while_writable: Callable[[], None] | None = None) -> None:
+    """A /proc of the caller's pid namespace with the host-wide knobs read-only (``while_writable`` runs
+    before they are: the network namespace's own sysctls are written through them).
 
     Mounted by the test process itself (the first process of the sandbox's mount namespace that
     is *in* its pid namespace). The covering mounts also make this procfs not "fully visible", so
     a test that gains capabilities in a user namespace of its own cannot mount a fresh, writable one.
     """
     syscalls.mount("proc", "/proc", "proc", PROC_FLAGS)
+    if while_writable is not None:
+        while_writable()
     for path in PROC_READ_ONLY:
         if os.path.exists(path):
             mounts.bind_read_only(path)

@@ -92,6 +92,19 @@ def entered(netns: int) -> Iterator[None]:
         os.close(own)
 
 
+def without_ipv6() -> None:
+    """No IPv6 on this network namespace's pod link (``eth0``, made now or later): the pod is IPv4, and a
+    process without capabilities could otherwise send IPv6 from any source address it likes
+    (``IPV6_FREEBIND``) to every member. Written through a writable /proc of the namespace; loopback keeps
+    ``::1``."""
+    for device in ("default", MEMBER_LINK):
+        try:
+            with open(f"/proc/sys/net/ipv6/conf/{device}/disable_ipv6", "w") as knob:
+                knob.write("1")
+        except FileNotFoundError:
+            pass  # no eth0 yet (a test's comes from "default"), or a kernel without IPv6
+
+
 def join(bridge_netns: int, address: str) -> None:
     """From a new network namespace (this process holds CAP_NET_ADMIN in its owner): loopback up, and a
     veth pair whose ``eth0`` end has ``address`` here and whose other end is a port of the pod's bridge."""

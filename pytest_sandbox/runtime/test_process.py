@@ -263,6 +263,7 @@ class Network:
     join: int | None = None  # an fd of the namespace to join
     pod: int | None = None  # an fd of the pod's bridge namespace: the new one gets a veth pair to it
     address: str = ""  # its address on the pod's bridge
+    pod_link: bool = False  # it has (or gets) a veth to the pod's bridge: no IPv6 on it (bridge.without_ipv6)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,7 +306,7 @@ def _enter(box: Sandbox, config: pytest.Config, pid1: tuple[int, int], keep: set
     # 3. The mount tree (needs the new mount namespace), then a /proc of the pid namespace (only a
     #    process inside it can mount that) with the kernel knobs read-only; a pod member's /etc/hosts.
     scratch = rootfs.build(box.plan, box.layer_dir)
-    rootfs.mount_proc()
+    rootfs.mount_proc(while_writable=bridge.without_ipv6 if box.network.pod_link else None)
     if box.hosts:
         mounts.cover_with_text("/etc/hosts", box.hosts)
     # 4. Host name and loopback of the new namespaces; a pod member's veth pair to the pod's bridge.

@@ -345,7 +345,7 @@ class _Factory:
         if spec.network == "pod" and self.namespaces.pod_net is not None:
             slot = self._free_slot()
             address = bridge.member_address(slot)
-            return test_process.Network(new=True, pod=self.namespaces.pod_net, address=address), slot
+            return test_process.Network(new=True, pod=self.namespaces.pod_net, address=address, pod_link=True), slot
         return test_process.Network(new=True), 0  # a pod without services: loopback of its own
 
     def _free_slot(self) -> int:
@@ -393,7 +393,9 @@ class _Factory:
         # Every sandbox gets a cgroup where there are cgroups: whatever cgroups a test makes in a cgroup
         # filesystem of its own then lie below its leaf and go with it.
         if service:
-            network, slot = test_process.Network(new=False, join=self.service_netns(service)), 0
+            netns = self.service_netns(service)
+            network = test_process.Network(new=False, join=netns, pod_link=self.namespaces.pod_bridged)
+            slot = 0
         else:
             network, slot = self._network(spec)
         group = session.create(spec) if session is not None else None

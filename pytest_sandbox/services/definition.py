@@ -122,8 +122,8 @@ def resolved(definition: ServiceDefinition, rootdir: str) -> ServiceDefinition:
 
 
 def hosts_text(names: Sequence[str], bridged: bool = True, host_hosts: str = "/etc/hosts") -> str:
-    """A pod member's /etc/hosts: the host's, then every service's name and its address in the pod (on the
-    shared loopback, 127.0.0.1)."""
+    """A pod member's /etc/hosts: every service's name and its address in the pod (on the shared loopback,
+    127.0.0.1), then the host's lines."""
     try:
         with open(host_hosts) as file:
             text = file.read()
@@ -133,5 +133,6 @@ def hosts_text(names: Sequence[str], bridged: bool = True, host_hosts: str = "/e
         text += "\n"
     if not names:
         return text
+    # Its services first: a name the host's lines give too (say the host's own name) is the service's.
     lines = (f"{bridge.name_address(names, name) if bridged else '127.0.0.1'}\t{name}\n" for name in sorted(set(names)))
-    return text + "# pytest-sandbox pod: its services\n" + "".join(lines)
+    return "# pytest-sandbox pod: its services\n" + "".join(lines) + "# the host's\n" + text
