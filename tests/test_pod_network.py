@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -140,6 +140,37 @@ def test_only_published_ports_answer_by_name_and_a_test_cannot_take_one(pytester
     pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=2)
 
 
+@needs_python
+def test_a_stopped_service_refuses_connections(pytester: pytest.Pytester) -> None:
+    """As a port nothing listens on does: refused by name in the pod, reset on its published port (which
+    stays, so that a restart keeps it)."""
+    pytester.makepyfile(
+        test_pod=textwrap.dedent(SERVICES)
+        + textwrap.dedent(
+            """
+            @pytest.mark.container
+            def test_pod(alpha):
+                assert ask("alpha", 8000) == "alpha 127.0.0.1"
+                alpha.stop()
+                with pytest.raises(ConnectionRefusedError):
+                    socket.create_connection(("alpha", 8000), timeout=5)
+                alpha.restart()
+                assert ask("alpha", 8000) == "alpha 127.0.0.1"
+
+            def test_host(beta):
+                address = beta.address(8000)
+                beta.stop()
+                with pytest.raises(ConnectionResetError):
+                    ask(*address)
+                beta.restart()
+                assert beta.address(8000) == address
+                assert ask(*address).startswith("beta ")
+            """
+        )
+    )
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=2)
+
+
 def test_addresses_follow_from_the_sorted_names() -> None:
     names = ["db", "cache", "web"]
     assert bridge.name_address(names, "cache") == "10.89.1.1"
@@ -188,10 +219,12 @@ def test_the_plumbing_in_a_user_namespace(tmp_path: Path) -> None:
     assert "'eth0'" in done.stdout and "'pod0'" not in done.stdout  # the member sees its own end only
 
 
-def test_a_forwarded_port_carries_a_bounded_number_of_connections(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A test that floods a service's port cannot make pytest start threads without end."""
-    monkeypatch.setattr(forward, "MAX_CONNECTIONS", 3)
+def test_forwarded_ports_carry_a_bounded_number_of_connections(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test that floods a service's port cannot take pytest's fds or threads: past the limit, connections
+    wait in the backlog (as at a busy server) and go on when one ends. Nothing listening: a reset."""
+    monkeypatch.setattr(forward, "_slots", threading.BoundedSemaphore(3))
     upstream_server = socket.create_server(("127.0.0.1", 0))
+    upstream_server.settimeout(5)
     port = upstream_server.getsockname()[1]
     published = forward.Published(lambda: socket.create_connection(("127.0.0.1", port)))
     clients = []
@@ -200,21 +233,27 @@ def test_a_forwarded_port_carries_a_bounded_number_of_connections(monkeypatch: p
             clients.append(socket.create_connection(("127.0.0.1", published.port), timeout=5))
             upstream_server.accept()[0].sendall(b"hi")
             assert clients[-1].recv(2) == b"hi"  # forwarded
-        extra = socket.create_connection(("127.0.0.1", published.port), timeout=5)
-        assert extra.recv(2) == b""  # closed at once: the port is full
-        extra.close()
-        clients.pop().close()  # one ends: room for the next
-        time.sleep(0.2)
-        again = socket.create_connection(("127.0.0.1", published.port), timeout=5)
-        clients.append(again)
+        waiting = socket.create_connection(("127.0.0.1", published.port), timeout=5)
+        clients.append(waiting)
+        upstream_server.settimeout(0.5)
+        with pytest.raises(TimeoutError):  # not forwarded while three are open
+            upstream_server.accept()
+        clients.pop(0).close()  # one ends: the waiting one goes on
         upstream_server.settimeout(5)
         upstream_server.accept()[0].sendall(b"ok")
-        assert again.recv(2) == b"ok"
+        assert waiting.recv(2) == b"ok"
     finally:
         for client in clients:
             client.close()
         published.close()
         upstream_server.close()
+    gone = forward.Published(lambda: socket.create_connection(("127.0.0.1", port)))  # nothing listens there now
+    try:
+        with pytest.raises(ConnectionResetError):  # in connect() already, or at the first read
+            with socket.create_connection(("127.0.0.1", gone.port), timeout=5) as client:
+                client.recv(1)
+    finally:
+        gone.close()
 
 
 @needs_python

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
+import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -21,10 +24,31 @@ from .. import protocol
 from ..errors import SandboxError
 
 CHUNK = 256 * 1024
+CONNECT_TIMEOUT = 10.0  # seconds a connection into the pod may take to be accepted or refused
 RETRY_ACCEPT = 0.05  # seconds before accepting again after an error (EMFILE: connections pile up meanwhile)
-# Connections one forwarded port carries at once (two threads of pytest each): a test that opens more gets
-# the next ones closed at once, and pytest keeps its threads and fds.
-MAX_CONNECTIONS = 128
+FD_RESERVE = 256  # of pytest's open-file limit, left to pytest and the tests' own files
+_slots: threading.BoundedSemaphore | None = None
+
+
+def _connection_slots() -> threading.BoundedSemaphore:
+    """Connections all forwarded ports of this pytest carry at once: each holds two fds and two threads of
+    pytest, so they are counted against its open-file limit (1024 by default: 384 connections). Past that,
+    the next connections wait in their listener's backlog, as at a busy server; a flood cannot take pytest's
+    fds or threads."""
+    global _slots
+    if _slots is None:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        limit = 4096 if soft == resource.RLIM_INFINITY else soft
+        _slots = threading.BoundedSemaphore(max(16, min(4096, (limit - FD_RESERVE) // 2)))
+    return _slots
+
+
+def _refuse(client: socket.socket) -> None:
+    """Close with a reset, not an end of stream: the client hears its connection refused, as it would hear
+    from a port nothing listens on."""
+    with contextlib.suppress(OSError):
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
 
 
 class Connector:
@@ -73,6 +97,12 @@ class Connector:
         sock = self._socket("connect", service, port)
         if isinstance(sock, str):
             raise ConnectionRefusedError(f"{service}:{port} in the pod: {sock}")
+        poll = select.poll()  # the pod zygote only started it: a refusal shows once it is done
+        poll.register(sock, select.POLLOUT)
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if poll.poll(CONNECT_TIMEOUT * 1000) else 0
+        if error:
+            sock.close()
+            raise OSError(error, f"{service}:{port} in the pod: {os.strerror(error)}")
         sock.setblocking(True)
         return sock
 
@@ -98,38 +128,54 @@ class Published:
         threading.Thread(target=self._accept, name=f"pytest-sandbox-port-{self.port}", daemon=True).start()
 
     def _accept(self) -> None:
+        slots = _connection_slots()
         while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
+            while not slots.acquire(timeout=0.2):  # all taken: new connections wait in the backlog
                 if self._closed:
                     return
+            if not self._forward_one():
+                slots.release()
+                if self._closed:
+                    return
+
+    def _forward_one(self) -> bool:
+        """Accept one connection and start copying it; False if there was none to copy (its slot is free)."""
+        try:
+            client, _ = self._listener.accept()
+        except OSError:
+            if not self._closed:
                 time.sleep(RETRY_ACCEPT)  # out of fds for a moment, a client gone before it was taken: go on
-                continue
+            return False
+        try:
+            upstream = self._connect()
+        except (OSError, SandboxError):
+            _refuse(client)  # nothing listens (yet, or any more)
+            return False
+        with self._lock:
+            self._open.update((client, upstream))
+        pair = _Pair(client, upstream, self._forget)
+        try:
+            threading.Thread(target=pair.copy, args=(client, upstream), daemon=True).start()
+        except RuntimeError:  # no thread to be had now: this connection is dropped, the port stays
             with self._lock:
-                full = len(self._open) >= 2 * MAX_CONNECTIONS
-            if full:
-                client.close()
-                continue
-            try:
-                upstream = self._connect()
-            except (OSError, SandboxError):
-                client.close()  # nothing listens (yet, or any more): the client sees the connection close
-                continue
-            with self._lock:
-                self._open.update((client, upstream))
-            pair = _Pair(client, upstream, self._forget)
-            try:
-                threading.Thread(target=pair.copy, args=(client, upstream), daemon=True).start()
-                threading.Thread(target=pair.copy, args=(upstream, client), daemon=True).start()
-            except RuntimeError:  # no thread to be had now: this connection is dropped, the port stays
-                for sock in (client, upstream):
-                    with contextlib.suppress(OSError):
-                        sock.shutdown(socket.SHUT_RDWR)
+                self._open.difference_update((client, upstream))
+            for sock in (client, upstream):
+                sock.close()
+            return False
+        try:
+            threading.Thread(target=pair.copy, args=(upstream, client), daemon=True).start()
+        except RuntimeError:
+            for sock in (client, upstream):  # the first thread stops; the pair ends with it, and frees its slot
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            pair.one_done()
+        return True
 
     def _forget(self, *socks: socket.socket) -> None:
+        """A pair is done: its sockets are closed, and its slot is free."""
         with self._lock:
             self._open.difference_update(socks)
+        _connection_slots().release()
 
     def close(self) -> None:
         self._closed = True
@@ -163,6 +209,10 @@ class _Pair:
             pass
         with contextlib.suppress(OSError):
             target.shutdown(socket.SHUT_WR)
+        self.one_done()
+
+    def one_done(self) -> None:
+        """One direction is over; the second closes the pair."""
         with self._lock:
             self._done += 1
             last = self._done == 2

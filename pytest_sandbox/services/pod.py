@@ -328,6 +328,9 @@ class Instance:
         self.status.close()
         self.status = None
         self.stopped = True
+        for forwarded in self.in_pod.values():  # its name refuses connections until it is ready again
+            forwarded.close()
+        self.in_pod.clear()
         self._close_notify()
         self.clear_setid_bits()
         self.pod.changed()
