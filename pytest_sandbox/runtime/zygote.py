@@ -295,7 +295,8 @@ class _Factory:
         self.bridge_netns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC) if namespaces.is_pod else -1
         self.service_nets: dict[str, int] = {}
         self.member_slots: set[int] = set()  # pod addresses of this zygote's live sandboxes
-        self.last_slot = 0
+        # From anywhere: the namespaces of a zygote that just ended may still be going, with their veths.
+        self.last_slot = secrets.randbelow(bridge.MEMBER_SLOTS)
 
     def tmpfs_size(self, spec: SandboxSpec) -> int:
         """``tmpfs_size`` if set; else a quarter of RAM, or half the memory limit where that is less
