@@ -14,20 +14,17 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 from .. import protocol
 from ..network import bridge
 
-if TYPE_CHECKING:
-    from .zygote import Namespaces
-
 LISTEN = "0A"  # the state column of a listening socket in /proc/net/tcp
 
 
-def answer(line: socket.socket, service_nets: dict[str, int], pod: Namespaces) -> bool:
-    """Answer one request on pytest's line; False when pytest closed it."""
-    names = pod.pod_names
+def answer(line: socket.socket, service_nets: dict[str, int], names: Sequence[str], bridged: bool) -> bool:
+    """Answer one request on pytest's line; False when pytest closed it. ``names``: the pod's services;
+    ``bridged``: the pod is a bridge (network/bridge.py), else one shared loopback."""
     try:
         message, fds = protocol.recv(line)
     except (protocol.ProtocolError, OSError):
@@ -56,7 +53,7 @@ def answer(line: socket.socket, service_nets: dict[str, int], pod: Namespaces) -
             listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             with listener:
                 listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                listener.bind((bridge.name_address(names, name) if pod.pod_bridged else "127.0.0.1", port))
+                listener.bind((bridge.name_address(names, name) if bridged else "127.0.0.1", port))
                 listener.listen(128)
                 protocol.send(line, {"listening": True}, fds=(listener.fileno(),))
         except OSError as exc:
@@ -66,7 +63,7 @@ def answer(line: socket.socket, service_nets: dict[str, int], pod: Namespaces) -
             if netns is None:
                 raise OSError(errno.ECONNREFUSED, "the service has not started")
             with bridge.entered(netns):
-                sock = connect(port, bridge.service_address(names, name) if pod.pod_bridged else "")
+                sock = connect(port, bridge.service_address(names, name) if bridged else "")
         except OSError as exc:
             protocol.send(line, {"error": os.strerror(exc.errno) if exc.errno else str(exc)})
         else:

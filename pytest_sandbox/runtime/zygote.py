@@ -294,6 +294,7 @@ class _Factory:
         # start and kept across restarts (its address, as a container keeps its network on restart).
         self.bridge_netns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC) if namespaces.is_pod else -1
         self.service_nets: dict[str, int] = {}
+        self._pod = (namespaces.pod_names, namespaces.pod_bridged)  # what runtime/ports.py needs of it
         self.member_slots: set[int] = set()  # pod addresses of this zygote's live sandboxes
         # From anywhere: the namespaces of a zygote that just ended may still be going, with their veths.
         self.last_slot = secrets.randbelow(bridge.MEMBER_SLOTS)
@@ -509,7 +510,7 @@ class _Factory:
             self.test_ended(self.running.pop(fd))
         elif fd in self.ending:
             self.namespace_ended(self.ending.pop(fd))
-        elif fd in connectors and not ports.answer(connectors[fd], self.service_nets, self.namespaces):
+        elif fd in connectors and not ports.answer(connectors[fd], self.service_nets, *self._pod):
             connectors.pop(fd).close()
 
     def service_request(
