@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import filelock
 import pytest
 
-from . import outputs, probe, settings, summary
+from . import outputs, settings, summary
 from .errors import SandboxError, ServiceError
 from .layers import build, progress, registry
 from .layers.store import Image, Store, share
@@ -371,7 +371,7 @@ def ensure_pod(state: SessionState, items: list[pytest.Item]) -> Pod:
                 notify=uses_notify(definition.readiness),
             ),
         )
-    bridged = _pod_bridged(state, definitions)
+    bridged = state.pod_network != "loopback" and bool(definitions)  # auto: the pod zygote tries
     paths = dataclasses.replace(_zygote_paths(item, state), scope_sandboxes=False)
     _open_cgroup_session(state)
     faulthandler.cancel_dump_traceback_later()
@@ -386,6 +386,7 @@ def ensure_pod(state: SessionState, items: list[pytest.Item]) -> Pod:
             pod_hosts=hosts_text(list(definitions), bridged),
             pod_names=tuple(sorted(definitions)),
             pod_bridged=bridged,
+            pod_fallback_hosts=hosts_text(list(definitions), False) if state.pod_network == "auto" else None,
             is_pod=True,
         ),
         launches,
@@ -398,24 +399,11 @@ def ensure_pod(state: SessionState, items: list[pytest.Item]) -> Pod:
         if worker is not None:
             run_dir = os.path.join(_xdist_run_dir(state, str(worker["testrunuid"])), "services")
             shared = SharedServices(run_dir, str(worker["workerid"]))
-        state.pod = Pod(zyg, definitions, state.volumes, records, refused, shared, bridged)
+        state.pod = Pod(zyg, definitions, state.volumes, records, refused, shared, zyg.pod_bridged)
     except BaseException:
         zyg.close()
         raise
     return state.pod
-
-
-def _pod_bridged(state: SessionState, definitions: dict[str, ServiceDefinition]) -> bool:
-    """Whether the pod is a bridge with an address per member, or one shared loopback (--sandbox-pod-network:
-    auto takes the bridge where this host can make one)."""
-    if state.pod_network == "loopback" or not definitions:
-        return False
-    if probe.has("pod_bridge"):
-        return True
-    if state.pod_network == "bridge":
-        detail = next((c.detail for c in probe.checks() if c.name == "pod_bridge"), "not tried")
-        raise ServiceError(f"--sandbox-pod-network=bridge: this host cannot make the pod's bridge ({detail})")
-    return False
 
 
 def _stressed(spec: SandboxSpec, stress: dict[str, Any]) -> SandboxSpec:

@@ -285,3 +285,39 @@ def test_a_bad_pod_network_is_a_usage_error(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("--sandbox-pod-network=veth")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--sandbox-pod-network*veth*auto*bridge*loopback*"])
+
+
+NO_BRIDGE = """
+import errno
+from pytest_sandbox.network import bridge
+
+def _refused(names):  # what a kernel without bridge or veth answers (the cgroup v2 guest's)
+    raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+bridge.make_bridge = _refused  # the pod zygote is a fork of this pytest: it has this too
+"""
+
+
+@needs_python
+@pytest.mark.parametrize("kind", ["auto", "bridge"])
+def test_where_the_kernel_cannot_make_a_bridge(pytester: pytest.Pytester, kind: str) -> None:
+    """auto: the pod zygote falls back to the shared loopback and says so; bridge: the tests that need the
+    pod fail with the reason."""
+    pytester.makeconftest(NO_BRIDGE)
+    pytester.makepyfile(
+        test_pod=textwrap.dedent(SERVICES)
+        + textwrap.dedent(
+            """
+            @pytest.mark.container
+            def test_pod(alpha):
+                assert socket.gethostbyname("alpha") == "127.0.0.1"
+                assert ask("alpha", 8000) == "alpha 127.0.0.1"
+            """
+        )
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--sandbox-pod-network={kind}")
+    if kind == "auto":
+        result.assert_outcomes(passed=1)
+    else:
+        assert result.ret != 0
+        result.stdout.fnmatch_lines(["*cannot make the pod's bridge: Operation not supported*"])

@@ -65,6 +65,7 @@ class Zygote:
             self.close()
             raise SandboxError(f"cannot start sandboxes: {error}")
         self.scope_sandboxes = bool(message.get("scope_sandboxes"))  # as the zygote found this kernel
+        self.pod_bridged = bool(message.get("pod_bridged"))  # the pod zygote's: a bridge, or one loopback
         self.userns, self.netns = fds  # its namespaces: the session's user namespace, and (the pod's) network
 
     def start(self, nodeid: str) -> tuple[socket.socket, socket.socket]:

@@ -79,6 +79,9 @@ class Namespaces:
     pod_hosts: str = ""  # /etc/hosts of pod members: the host's, then each service's name and address
     pod_names: tuple[str, ...] = ()  # every service of the session: their addresses (network/bridge.py)
     pod_bridged: bool = False  # the pod is a bridge with an address per member; else one shared loopback
+    # The pod zygote: where the kernel cannot make the bridge, fall back to the shared loopback (with these
+    # hosts) rather than fail (--sandbox-pod-network=auto); pytest hears which with "ready"
+    pod_fallback_hosts: str | None = None
     is_pod: bool = False  # this zygote runs services: it makes the pod's bridge namespace and stays in it
 
 
@@ -134,7 +137,7 @@ def zygote_main(
         rootfs.enter_host_view(paths.keep_dir)
         rootfs.build_dev_template()
         #    The pod zygote's network namespace holds the pod's bridge.
-        _pod_network(namespaces)
+        namespaces = _pod_network(namespaces)
         if paths.scope_sandboxes and not test_layers.detached_layers_work():
             paths = dataclasses.replace(paths, scope_sandboxes=False)  # pytest hears it with "ready"
         # 4. The zygote proper is pid 1 of a pid namespace: when it dies, every sandbox dies with it.
@@ -181,15 +184,24 @@ def _enter_session_user_namespace(namespaces: Namespaces) -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
-def _pod_network(namespaces: Namespaces) -> None:
+def _pod_network(namespaces: Namespaces) -> Namespaces:
     """The pod zygote makes the namespace of the pod's bridge and stays in it; each member gets a namespace of
-    its own with a veth pair to it (network/bridge.py)."""
-    if namespaces.is_pod:
-        syscalls.unshare(syscalls.CLONE_NEWNET)
-        if namespaces.pod_bridged:
+    its own with a veth pair to it (network/bridge.py). Returns the namespaces as made: where the bridge cannot
+    be made and a fallback is allowed, the shared loopback."""
+    if not namespaces.is_pod:
+        return namespaces
+    syscalls.unshare(syscalls.CLONE_NEWNET)
+    if namespaces.pod_bridged:
+        try:
             bridge.make_bridge(namespaces.pod_names)
-        else:  # the shared loopback: services and members all live in this namespace
-            syscalls.loopback_up()
+            return namespaces
+        except OSError as exc:
+            if namespaces.pod_fallback_hosts is None:
+                raise OSError(exc.errno, f"cannot make the pod's bridge: {exc.strerror}") from None
+            syscalls.unshare(syscalls.CLONE_NEWNET)  # a clean one, without what was made of the bridge
+            namespaces = dataclasses.replace(namespaces, pod_bridged=False, pod_hosts=namespaces.pod_fallback_hosts)
+    syscalls.loopback_up()  # the shared loopback: services and members all live in this namespace
+    return namespaces
 
 
 def _exit_unless_pytest_ends(pytest_pidfd: int, code: int, end_session: Callable[[], NoReturn]) -> NoReturn:
@@ -657,7 +669,8 @@ def _serve(
     ready: _Sandbox | None = None
     shared = [os.open(f"/proc/self/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC) for kind in ("user", "net")]
     try:
-        protocol.send(control, {"op": "ready", "scope_sandboxes": paths.scope_sandboxes}, fds=tuple(shared))
+        said = {"op": "ready", "scope_sandboxes": paths.scope_sandboxes, "pod_bridged": namespaces.pod_bridged}
+        protocol.send(control, said, fds=tuple(shared))
     finally:
         for fd in shared:
             os.close(fd)
