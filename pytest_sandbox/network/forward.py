@@ -125,10 +125,11 @@ class Published:
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = False
+        self._slots = _connection_slots()  # the budget its connections are counted in, and given back to
         threading.Thread(target=self._accept, name=f"pytest-sandbox-port-{self.port}", daemon=True).start()
 
     def _accept(self) -> None:
-        slots = _connection_slots()
+        slots = self._slots
         while True:
             while not slots.acquire(timeout=0.2):  # all taken: new connections wait in the backlog
                 if self._closed:
@@ -175,7 +176,7 @@ class Published:
         """A pair is done: its sockets are closed, and its slot is free."""
         with self._lock:
             self._open.difference_update(socks)
-        _connection_slots().release()
+        self._slots.release()
 
     def close(self) -> None:
         self._closed = True
