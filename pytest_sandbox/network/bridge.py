@@ -116,10 +116,3 @@ def join(bridge_netns: int, address: str) -> None:
         route.set_link(MEMBER_LINK)
     with entered(bridge_netns), Route() as route:
         route.set_link(peer, master=BRIDGE)
-
-
-def can_plumb() -> None:
-    """Make a bridge and a veth pair in this process's network namespace (a throwaway one); OSError if not."""
-    with Route() as route:
-        route.add_link("probe0", "bridge")
-        route.add_link("probe1", "veth", peer="probe2")

@@ -76,7 +76,7 @@ class Namespaces:
 
     user: int | None = None  # an fd of the session's user namespace; None: this zygote makes it
     pod_net: int | None = None  # an fd of the pod's network namespace, which network="pod" tests join
-    pod_hosts: str = ""  # /etc/hosts of pod members: the host's, then each service's name and address
+    pod_hosts: str = ""  # /etc/hosts of pod members: each service's name and address, then the host's lines
     pod_names: tuple[str, ...] = ()  # every service of the session: their addresses (network/bridge.py)
     pod_bridged: bool = False  # the pod is a bridge with an address per member; else one shared loopback
     # The pod zygote: where the kernel cannot make the bridge, fall back to the shared loopback (with these
@@ -306,7 +306,6 @@ class _Factory:
         # start and kept across restarts (its address, as a container keeps its network on restart).
         self.bridge_netns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC) if namespaces.is_pod else -1
         self.service_nets: dict[str, int] = {}
-        self._pod = (namespaces.pod_names, namespaces.pod_bridged)  # what runtime/ports.py needs of it
         self.member_slots: set[int] = set()  # pod addresses of this zygote's live sandboxes
         # From anywhere: the namespaces of a zygote that just ended may still be going, with their veths.
         self.last_slot = secrets.randbelow(bridge.MEMBER_SLOTS)
@@ -522,7 +521,9 @@ class _Factory:
             self.test_ended(self.running.pop(fd))
         elif fd in self.ending:
             self.namespace_ended(self.ending.pop(fd))
-        elif fd in connectors and not ports.answer(connectors[fd], self.service_nets, *self._pod):
+        elif fd in connectors and not ports.answer(
+            connectors[fd], self.service_nets, self.namespaces.pod_names, self.namespaces.pod_bridged
+        ):
             connectors.pop(fd).close()
 
     def service_request(
