@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from . import credentials, hookspecs, plugin_results, plugin_state, probe, reports, settings, summary
+from . import credentials, hermetic, hookspecs, plugin_results, plugin_state, probe, reports, settings, summary
 from . import session as _session
 from .errors import SandboxError
 from .runtime import test_process
@@ -35,6 +35,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     settings.register(parser)
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> Generator[None]:
+    """--sandbox=hermetic: before pytest loads any conftest.py (and before its capture starts), the session
+    moves into a sandbox and this process only relays it (hermetic.py), then exits as that pytest did."""
+    if hermetic.wanted(early_config):
+        raise SystemExit(hermetic.supervise(early_config))
+    return (yield)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
@@ -42,6 +51,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "(pytest-sandbox)",
     )
     state = config.stash[STATE_KEY] = _session.configure(config)
+    if state.mode == hermetic.MODE:
+        raise pytest.UsageError(
+            f"{hermetic.WHERE}: the session's sandbox must be made before pytest loads any conftest.py; "
+            "load pytest-sandbox from its entry point or -p pytest_sandbox.plugin, not from a conftest.py"
+        )
     config.stash[pod.STARTER] = lambda: _session.ensure_pod(state, state.items)
     if state.durations is not None or state.repeat > 1:
         config.pluginmanager.register(_Recorder(state.records), "sandbox-recorder")
@@ -49,6 +63,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     state = config.stash[STATE_KEY]
+    if state.hermetic:
+        return ["sandbox: hermetic (this whole session runs in one sandbox; only declared outputs reach the host)"]
     if state.mode == "off":
         return ["sandbox: off"]
     hidden = credentials.hidden_places(os.environ.get("HOME"), state.defaults.get("hide", ()))
@@ -72,6 +88,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     """Build and validate every item's spec now, so bad input stops the run before any test."""
     state = config.stash[STATE_KEY]
+    if state.hermetic:
+        hermetic.check_items(items, state.defaults)
     unenforced: dict[str, list[str]] = {}
     images_needed: dict[str, str] = {}
     services: dict[str, ServiceDefinition] = {}

@@ -80,6 +80,7 @@ class SessionState:
     services: dict[str, ServiceDefinition] = dataclasses.field(default_factory=dict)  # the selected tests use
     pod_needed: bool = False  # a sandboxed test is on the pod network: the pod starts before its zygote
     pod: Pod | None = None
+    hermetic: bool = False  # this pytest is --sandbox=hermetic's, in the session's sandbox: it runs tests itself
     userns_fd: int = -1  # the session's user namespace: every zygote after the first joins it
 
     @functools.cached_property
@@ -100,6 +101,9 @@ class SessionState:
 def configure(config: pytest.Config) -> SessionState:
     """The session's state from its settings; bad values are usage errors before anything runs."""
     mode = settings.choice(config, "sandbox_mode")
+    hermetic = mode == "hermetic" and os.environ.get(settings.HERMETIC_ENV) == "1"
+    if hermetic:
+        mode = "off"  # already in the session's sandbox: every test runs here, as in a plain run
     kind = settings.choice(config, "sandbox_cgroup_backend")
     override = settings.cgroup_path(config)
     try:
@@ -124,6 +128,7 @@ def configure(config: pytest.Config) -> SessionState:
         insecure_registries=settings.insecure_registries(config),
         build_cache=settings.build_cache(config, settings.insecure_registries(config)),
         pod_network=settings.choice(config, "sandbox_pod_network"),
+        hermetic=hermetic,
     )
 
 

@@ -18,12 +18,13 @@ from .layers import registry
 from .runtime.cgroups import BACKENDS as CGROUP_BACKENDS
 from .spec import CHECKS, LIMIT_FIELDS, bad_value, check_env_lines, check_volume_lines
 
-MODES = ("marked", "all", "off")
+MODES = ("marked", "all", "hermetic", "off")
 UNAVAILABLE = ("fail", "skip")
 LIMIT_POLICIES = ("warn", "strict")
 KEEP = ("none", "failed")
 SCOPES = ("test", "module", "session")
 POD_NETWORKS = ("auto", "bridge", "loopback")
+HERMETIC_ENV = "PYTEST_SANDBOX_HERMETIC"  # "1" in the sandbox of a --sandbox=hermetic session (hermetic.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "sandbox_mode",
         "marked: sandbox tests marked @pytest.mark.container (default); all: sandbox every test; "
+        "hermetic: run the whole session (conftest.py, collection, fixtures, tests, plugins) in one sandbox; "
         "off: run everything unsandboxed",
         "--sandbox",
         "sandbox",

@@ -18,6 +18,7 @@ from .. import protocol
 from ..errors import SandboxError
 from . import zygote
 from .service_process import ServiceLaunch
+from .session_process import SessionLaunch
 
 EXEC_OUTPUT_MAX = 16 * 2**20  # bytes of each of stdout and stderr an exec in a service keeps
 
@@ -34,6 +35,7 @@ class Zygote:
         limits: zygote.Limits,
         namespaces: zygote.Namespaces | None = None,
         services: dict[str, ServiceLaunch] | None = None,
+        session: SessionLaunch | None = None,
     ) -> None:
         self.epoch = epoch
         self.limits = limits
@@ -54,7 +56,15 @@ class Zygote:
         if self.pid == 0:
             self.control.close()
             zygote.zygote_main(
-                theirs, items, stash_key, paths, parent, limits, namespaces or zygote.Namespaces(), services or {}
+                theirs,
+                items,
+                stash_key,
+                paths,
+                parent,
+                limits,
+                namespaces or zygote.Namespaces(),
+                services or {},
+                session,
             )
         theirs.close()
         message, fds = protocol.recv(self.control)
@@ -86,6 +96,22 @@ class Zygote:
             status_end.close()
             reports_end.close()
         return status, reports
+
+    def start_session(self, stdio: list[int]) -> tuple[socket.socket, socket.socket]:
+        """Start the hermetic session's sandbox (its launch came with the fork), pytest in it on ``stdio``
+        (stdin, stdout, stderr); returns its status channel (from the zygote) and its own channel (outputs)."""
+        status, status_end = protocol.socketpair()
+        channel, channel_end = protocol.socketpair()
+        try:
+            protocol.send(self.control, {"op": "session"}, fds=(status_end.fileno(), channel_end.fileno(), *stdio))
+        except OSError as exc:
+            status.close()
+            channel.close()
+            raise SandboxError(f"the sandbox zygote of this session died unexpectedly ({exc})") from None
+        finally:
+            status_end.close()
+            channel_end.close()
+        return status, channel
 
     def start_service(self, name: str, log_fd: int, started_fd: int) -> socket.socket:
         """Ask the pod zygote to start service ``name`` (its launch came with the fork) writing to ``log_fd``;

@@ -52,7 +52,7 @@ def exec_service(command: dict[str, Any], log_fd: int, started_fd: int, image: I
     ``started_fd`` (close-on-exec) tells pytest the command runs: it closes with the exec, or says "!" first
     when the command did not start (then the log says why). With ``image`` (not a FROM host one) the
     commands run in the image's root and this process stays as their waiter."""
-    _stdio_for_a_command(log_fd, log_fd)
+    stdio_for_a_command(log_fd, log_fd)
     os.close(log_fd)
     if image is not None:
         _serve_in_image(command, image, started_fd)
@@ -136,7 +136,7 @@ def _serve_in_image(command: dict[str, Any], image: InImage, started_fd: int) ->
     os._exit(code & 0xFF)
 
 
-def _stdio_for_a_command(stdout: int, stderr: int) -> None:
+def stdio_for_a_command(stdout: int, stderr: int) -> None:
     """What a program started in a service gets: stdin /dev/null, ``stdout`` and ``stderr``, default signal
     dispositions and no blocked signal (Python ignores SIGPIPE and others, and exec keeps what is ignored)."""
     devnull = os.open(os.devnull, os.O_RDONLY)
@@ -190,7 +190,7 @@ def exec_child(
     # to pytest, the host's cgroup directories, pytest's sockets). Root's also holds its launcher's line
     # (the launcher has capabilities): nobody may trace it or take its fds (pidfd_getfd).
     syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
-    _stdio_for_a_command(*stdio)
+    stdio_for_a_command(*stdio)
     process.close_fds_but((0, 1, 2, service_pidfd))
     flags = (
         syscalls.CLONE_NEWNS

@@ -34,7 +34,7 @@ from ..layers import commands
 from ..linux import mounts, process, rootfs, seccomp, syscalls, userns
 from ..network import bridge
 from ..spec import SandboxSpec
-from . import cgroups, interact, leftovers, scope_children, service_process, test_layers
+from . import cgroups, interact, leftovers, scope_children, service_process, session_process, test_layers
 
 ACTIVE_SPEC: SandboxSpec | None = None  # set in the test process of a sandbox
 ACTIVE_PLAN: rootfs.RootPlan | None = None
@@ -436,7 +436,9 @@ def _identity(fd: int) -> tuple[int, int, int] | None:
 _STDIO_AT_START = {fd: _identity(fd) for fd in (0, 1, 2)}  # imported as pytest loads its plugins
 
 
-def test_process(zygote: socket.socket, items: dict[str, pytest.Item], box: Sandbox, pid1: tuple[int, int]) -> None:
+def test_process(
+    zygote: socket.socket, items: dict[str, pytest.Item], config: pytest.Config, box: Sandbox, pid1: tuple[int, int]
+) -> None:
     """Enter the sandbox, wait for a test, run pytest's own runtest protocol on it; never returns.
 
     ``pid1`` is the pair of pipe ends (go, ack) to the sandbox's pid 1 (see init_x86_64.S).
@@ -449,7 +451,6 @@ def test_process(zygote: socket.socket, items: dict[str, pytest.Item], box: Sand
     if box.wait_for_cgroup and protocol.recv(zygote)[0] is None:
         os._exit(0)
     error: dict[str, Any] | None = None
-    config = next(iter(items.values())).config
     scratch: int | None = None
     try:
         scratch = _enter(box, config, pid1, keep={zygote.fileno(), box.crash_fd})
@@ -469,6 +470,8 @@ def test_process(zygote: socket.socket, items: dict[str, pytest.Item], box: Sand
             os._exit(service_process.NOT_STARTED)
         in_image = service_process.InImage.of(box.plan, box.spec)
         service_process.exec_service(request["service"], fds[0], fds[1], in_image)
+    if "session" in request:  # --sandbox=hermetic: this sandbox runs the whole pytest session
+        session_process.run(request["session"], fds, error, scratch, box.outputs)
     _channel = socket.socket(fileno=fds[0])
     if error is not None:
         with contextlib.suppress(protocol.ProtocolError, OSError):

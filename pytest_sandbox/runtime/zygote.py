@@ -44,8 +44,9 @@ from .. import credentials, outputs, protocol, volumes
 from ..linux import mounts, process, rootfs, syscalls, userns
 from ..network import bridge
 from ..spec import SandboxSpec
-from . import cgroup_keeper, cgroups, init, ports, service_process, test_layers, test_process
+from . import cgroup_keeper, cgroups, init, ports, service_process, session_process, test_layers, test_process
 from .service_process import ServiceLaunch
+from .session_process import SessionLaunch
 
 PYTEST_GONE = 3  # the zygote's exit code when pytest closed the control socket without saying "exit"
 PYTEST_END_GRACE = 3.0  # seconds the zygote-parent waits for a pytest that closed the zygote's socket to end
@@ -103,8 +104,10 @@ def zygote_main(
     limits: Limits,
     namespaces: Namespaces,
     services: dict[str, ServiceLaunch],
+    session: SessionLaunch | None = None,
 ) -> None:
-    """Entry point of the forked zygote-parent; never returns."""
+    """Entry point of the forked zygote-parent; never returns. ``session``: this zygote has no items, it
+    runs one sandbox whose pytest collects and runs everything (--sandbox=hermetic)."""
     zygote: list[int] = []  # a pidfd of the zygote, once forked
 
     def end_session(*_: object) -> NoReturn:
@@ -152,7 +155,8 @@ def zygote_main(
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             process.die_with_parent(0)
-            code = 0 if _serve(control, items, stash_key, paths, limits, namespaces, services) else PYTEST_GONE
+            served = _serve(control, items, stash_key, paths, limits, namespaces, services, session)
+            code = 0 if served else PYTEST_GONE
         except BaseException as exc:
             try:
                 protocol.send(control, {"op": "failed", "error": f"zygote: {type(exc).__name__}: {exc}"})
@@ -282,9 +286,11 @@ class _Factory:
         paths: SessionPaths,
         limits: Limits,
         namespaces: Namespaces,
+        config: pytest.Config,
     ) -> None:
         self.control = control
         self.items = items
+        self.config = config
         self.paths = paths
         self.limits = limits
         self.namespaces = namespaces
@@ -439,7 +445,7 @@ class _Factory:
                 try:
                     self.control.close()
                     test.close()
-                    test_process.test_process(test_end, self.items, box, (go_w, ack_r))
+                    test_process.test_process(test_end, self.items, self.config, box, (go_w, ack_r))
                 finally:
                     os._exit(1)  # test_process ends the process itself; this only catches what escaped it
         finally:
@@ -532,6 +538,7 @@ class _Factory:
         fds: list[int],
         services: dict[str, ServiceLaunch],
         connectors: dict[int, socket.socket],
+        session: SessionLaunch | None = None,
     ) -> None:
         """pytest's requests besides "run": end a test's sandbox (kill), and the pod zygote's: start, signal
         and exec in services, and lines for published ports."""
@@ -548,6 +555,8 @@ class _Factory:
         elif op == "service":
             name = message["name"]
             self.start_service(name, services[name], socket.socket(fileno=fds[0]), fds[1], fds[2])
+        elif op == "session" and session is not None:
+            self.start_session(session, socket.socket(fileno=fds[0]), fds[1:])
 
     def start_service(
         self, name: str, launch: ServiceLaunch, to_pytest: socket.socket, log_fd: int, started_fd: int
@@ -581,6 +590,30 @@ class _Factory:
             sandbox.test.close()
             os.close(log_fd)
             os.close(started_fd)
+
+    def start_session(self, launch: SessionLaunch, to_pytest: socket.socket, fds: list[int]) -> None:
+        """The hermetic session's sandbox: its process runs pytest (``launch.argv``) with ``fds`` (its channel
+        to pytest, then stdin, stdout and stderr). pytest hears its exit like a test's."""
+        try:
+            sandbox = self.prepare(launch.spec)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                protocol.send(to_pytest, {"type": "error", "phase": "fork", "message": str(exc)})
+            to_pytest.close()
+            for fd in fds:
+                os.close(fd)
+            return
+        self.running[sandbox.test_pidfd] = sandbox
+        sandbox.nodeid, sandbox.to_pytest = session_process.NODEID, to_pytest
+        try:
+            request = {"session": {"argv": list(launch.argv), "env": dict(launch.env)}}
+            protocol.send(sandbox.test, request, fds=tuple(fds))
+        except OSError:
+            sandbox.kill()
+        finally:
+            sandbox.test.close()
+            for fd in fds:
+                os.close(fd)
 
     def exec_in(self, nodeid: str, argv: list[str], to_pytest: socket.socket, stdio: list[int]) -> None:
         """Run ``argv`` in a running service's sandbox (``Service.exec``, ``wait.command``): a child joins
@@ -661,11 +694,15 @@ def _serve(
     limits: Limits,
     namespaces: Namespaces,
     services: dict[str, ServiceLaunch],
+    session: SessionLaunch | None,
 ) -> bool:
     """Run sandboxes until pytest says "exit" (True) or its end of the control socket closes (False)."""
-    factory = _Factory(control, items, paths, limits, namespaces)
-    config = next(iter(items.values())).config
-    test_process.prepare_plugins(config, limits.backend)
+    if session is not None:
+        config = session.config  # pytest's, before any conftest.py: there is nothing to prepare
+    else:
+        config = next(iter(items.values())).config
+        test_process.prepare_plugins(config, limits.backend)
+    factory = _Factory(control, items, paths, limits, namespaces, config)
     gc.freeze()  # keep the garbage collector from touching (and so copying) the zygote's pages in every fork
     ready: _Sandbox | None = None
     shared = [os.open(f"/proc/self/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC) for kind in ("user", "net")]
@@ -685,8 +722,8 @@ def _serve(
             continue
         message, fds = protocol.recv(control)
         op = message.get("op") if message is not None else None
-        if message is not None and op in ("kill", "signal", "connector", "exec", "service"):
-            factory.service_request(message, fds, services, connectors)
+        if message is not None and op in ("kill", "signal", "connector", "exec", "service", "session"):
+            factory.service_request(message, fds, services, connectors, session)
             continue
         if op != "run":
             said_exit = message is not None

@@ -1,0 +1,349 @@
+"""``--sandbox=hermetic``: the whole pytest run in one sandbox; the pytest process only supervises.
+
+The supervisor takes over before pytest loads any ``conftest.py`` (the outermost wrapper of
+``pytest_load_initial_conftests``): it forks a zygote, which holds nothing of the project, and asks it
+for one sandbox whose process starts pytest again, in a fresh interpreter, with the same command line
+(``runtime/session_process.py``). That pytest loads the conftest files, collects, runs every fixture,
+test and plugin; its terminal output comes to the supervisor's stdout and stderr (through a pseudo-terminal
+where those are terminals, so colours, width and progress are a plain run's). What it wrote under the
+declared outputs (pytest's cache, hypothesis's database, the report files and coverage data the command
+line asks for, ``sandbox_outputs``) reaches the host at its end; nothing else it writes does. The
+supervisor exits with its exit code. Not one line of the project's code runs in the supervisor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import termios
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from . import outputs, probe, protocol, settings
+from . import session as _session
+from .errors import SandboxError
+from .linux.mounts import is_under
+from .runtime import session_process
+from .runtime.handle import Zygote
+from .runtime.zygote import Limits, Namespaces, SessionPaths
+from .services.definition import used_by
+from .session import SPEC_KEY, SessionState
+from .spec import MARKER, SandboxSpec, spec_for_item, validate
+from .volumes import is_named
+
+ENV = settings.HERMETIC_ENV  # "1" in the session's sandbox: the pytest there is the hermetic session
+MODE = "hermetic"
+WHERE = "--sandbox=hermetic"
+# pytest again, in the sandbox: with the supervisor's sys.path (how it was started decides it: a script,
+# python -m pytest) and its argv[0]; the command line follows.
+_BOOTSTRAP = (
+    "import json, sys; sys.path[:] = json.loads(sys.argv[1]); sys.argv = sys.argv[2:]; "
+    "import pytest; sys.exit(pytest.main())"
+)
+# Report and data files the well-known plugins write where their options say: (option dest, plugin).
+_REPORT_FILES = ("xmlpath", "reportlog", "htmlpath", "json_report_file")
+_COVERAGE_REPORTS = {"html": "htmlcov", "xml": "coverage.xml", "json": "coverage.json", "lcov": "coverage.lcov"}
+
+
+def inside() -> bool:
+    """This pytest is the hermetic session's, in its sandbox."""
+    return os.environ.get(ENV) == "1"
+
+
+def wanted(config: pytest.Config) -> bool:
+    """``--sandbox=hermetic`` (or ini ``sandbox = hermetic``) in the pytest that is to supervise."""
+    if inside():
+        return False
+    mode = getattr(config.known_args_namespace, "sandbox_mode", None)
+    if mode is None:
+        mode = config.getini("sandbox") or None
+    return mode == MODE
+
+
+def supervise(config: pytest.Config) -> int:
+    """Run the session in its sandbox and relay it; pytest's exit code."""
+    # The settings are read as everywhere else (settings.py); pytest fills config.option only after this hook.
+    vars(config.option).update(vars(config.known_args_namespace))
+    reason = probe.unavailable_reason()
+    if reason is not None:
+        raise pytest.UsageError(f"{WHERE}: this host cannot build sandboxes: {reason} (see pytest-sandbox doctor)")
+    state = _session.configure(config)
+    spec = session_spec(state)
+    paths = _paths(config, state, spec)
+    _session._open_cgroup_session(state)
+    launch = session_process.SessionLaunch(
+        spec=spec, argv=tuple(inner_command(config)), env=((ENV, "1"),), config=config
+    )
+    try:
+        with state.volumes.held(spec.volumes):
+            limits = Limits(state.backend, state.cgroup_session, False)
+            zygote = Zygote({}, SPEC_KEY, paths, 0, limits, Namespaces(), session=launch)
+            try:
+                return _relay(zygote, paths.outputs)
+            finally:
+                zygote.close()
+                state.volumes.clear_setid_bits(spec.volumes)
+    except SandboxError as exc:
+        _say(f"pytest-sandbox: {WHERE}: {exc}")
+        return int(pytest.ExitCode.INTERNAL_ERROR)
+    finally:
+        _session.close(state)
+
+
+def session_spec(state: SessionState) -> SandboxSpec:
+    """The session's sandbox: the session's defaults (ini and command line), as an unmarked test's would be.
+    What needs a sandbox per test, or another root than the host view, is refused before anything runs."""
+    per_test = {
+        "--sandbox-repeat": state.repeat > 1,
+        "--sandbox-stress": bool(state.stress),
+        "--sandbox-durations": state.durations is not None,
+        "--sandbox-keep": state.keep != "none",
+    }
+    for option, given in per_test.items():
+        if given:
+            raise pytest.UsageError(f"{WHERE} runs the whole session in one sandbox; {option} needs a sandbox per test")
+    spec = validate(dict(state.defaults), WHERE)
+    if spec.image is not None:
+        raise pytest.UsageError(
+            f"{WHERE}: sandbox_image = {spec.image}: the session's sandbox is the host view (read-only) with its "
+            "Python; an image is for a test's commands (sandbox.run) outside this mode"
+        )
+    if spec.network == "pod":
+        raise pytest.UsageError(f"{WHERE}: network=pod: services are not available in this mode; allowed: none, host")
+    unenforced = [limit for limit in spec.limits if limit not in state.backend.enforced]
+    if unenforced and state.limit_policy == "strict":
+        raise pytest.UsageError(
+            f"{state.backend.describe()} cannot enforce {', '.join(unenforced)}; "
+            "sandbox_limits=strict makes this an error"
+        )
+    if unenforced:
+        _say(f"pytest-sandbox: {state.backend.describe()} cannot enforce {', '.join(unenforced)} for the session")
+    for source, _target, _mode in spec.volumes:
+        if is_named(source):
+            state.volumes.ensure(source)
+    return spec
+
+
+def _paths(config: pytest.Config, state: SessionState, spec: SandboxSpec) -> SessionPaths:
+    """What the session's sandbox shows and keeps writable; every declared output must be writable there."""
+    basetemp = getattr(config.option, "basetemp", None)
+    base = _session.session_paths(config, os.path.abspath(basetemp) if basetemp and os.path.isdir(basetemp) else None)
+    declared = tuple(dict.fromkeys([*state.outputs, *plugin_outputs(config)]))
+    writable = [*base.writable, *spec.writable]
+    for output in declared:
+        if not any(is_under(output, place) for place in writable):
+            raise pytest.UsageError(
+                f"{WHERE}: the output {output} lies outside the places the session's sandbox may write "
+                f"({', '.join(writable)}): write it under one of them"
+            )
+    return dataclasses.replace(
+        base,
+        outputs=declared,
+        volumes_root=state.volumes.root,
+        store_private=(state.volumes.root, state.store.tmp_dir, os.path.join(state.store.root, "store.lock")),
+    )
+
+
+def plugin_outputs(config: pytest.Config) -> list[str]:
+    """The files the command line asks plugins to write: junit XML, report logs, HTML and JSON reports,
+    coverage data and reports, pytest-benchmark's saved runs. Relative paths are the invocation directory's."""
+    options = config.option
+    here = str(config.invocation_params.dir)
+    found: list[str] = []
+    for dest in _REPORT_FILES:
+        value = getattr(options, dest, None)
+        if dest == "json_report_file" and not getattr(options, "json_report", False):
+            continue
+        if isinstance(value, str) and value:
+            found.append(value)
+    if getattr(options, "cov_source", None):
+        found.append(os.environ.get("COVERAGE_FILE") or ".coverage")
+        for kind, path in (getattr(options, "cov_report", None) or {}).items():
+            if kind in _COVERAGE_REPORTS:
+                found.append(path or _COVERAGE_REPORTS[kind])
+    benchmark_json = getattr(options, "benchmark_json", None)
+    if benchmark_json is not None:
+        found.append(getattr(benchmark_json, "name", str(benchmark_json)))
+    if getattr(options, "benchmark_autosave", False) or getattr(options, "benchmark_save", None):
+        found.append(".benchmarks")
+    return [os.path.normpath(os.path.join(here, os.path.expanduser(path))) for path in found]
+
+
+def inner_command(config: pytest.Config) -> list[str]:
+    """The interpreter (with this one's flags: -X, -W, -O...) running pytest with this command line."""
+    flags: list[str] = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
+    args = [str(arg) for arg in config.invocation_params.args]
+    argv0 = sys.argv[0] if sys.argv else "pytest"
+    return [sys.executable, *flags, "-c", _BOOTSTRAP, json.dumps(sys.path), argv0, *args]
+
+
+def check_items(items: list[pytest.Item], defaults: dict[str, Any]) -> None:
+    """In the session's sandbox, at collection: a test whose marker asks for other settings than the session's,
+    or that uses services, would need a sandbox of its own; a usage error names it before any test runs."""
+    session = validate(dict(defaults), WHERE)
+    for item in items:
+        where = f"{item.nodeid}: @pytest.mark.{MARKER}"
+        spec = spec_for_item(item, defaults, sandbox_all=False)
+        if spec is not None and spec != session:
+            fields = [f.name for f in dataclasses.fields(spec) if getattr(spec, f.name) != getattr(session, f.name)]
+            asked = ", ".join(f"{name}={getattr(spec, name)!r}" for name in fields)
+            raise pytest.UsageError(
+                f"{where}: {asked}: {WHERE} runs every test in the session's one sandbox, with the session's "
+                "settings (ini and command line); this needs a sandbox of the test's own: run it without "
+                f"{WHERE}, or give the session these settings"
+            )
+        used = used_by(item)
+        if used:
+            raise pytest.UsageError(
+                f"{item.nodeid}: uses the service {used[0].name!r}: services are not available under {WHERE}"
+            )
+
+
+# -- relaying -------------------------------------------------------------------------------------
+
+
+class _Stdio:
+    """pytest's stdin, stdout and stderr in the sandbox: a pseudo-terminal where the supervisor's stdout is a
+    terminal (stderr shares it if that is one too), else pipes; stdin is /dev/null."""
+
+    def __init__(self) -> None:
+        self.sources: dict[int, int] = {}  # our read end -> the supervisor's fd it goes to
+        self.theirs: list[int] = []
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        terminal = os.isatty(1)
+        if terminal:
+            master, slave = os.openpty()
+            _copy_window_size(1, slave)
+            attrs = termios.tcgetattr(slave)
+            attrs[1] &= ~termios.OPOST  # bytes as pytest wrote them: the supervisor's terminal does the rest
+            termios.tcsetattr(slave, termios.TCSANOW, attrs)
+            os.set_inheritable(master, False)
+            self.sources[master] = 1
+            out = slave
+        else:
+            out_r, out = os.pipe2(os.O_CLOEXEC)
+            self.sources[out_r] = 1
+        if terminal and os.isatty(2):
+            err = os.dup(out)
+        else:
+            err_r, err = os.pipe2(os.O_CLOEXEC)
+            self.sources[err_r] = 2
+        self.theirs = [null, out, err]
+
+    def handed_over(self) -> None:
+        for fd in self.theirs:
+            os.close(fd)
+        self.theirs = []
+
+    def pump(self, fd: int) -> bool:
+        """Copy what ``fd`` has to its destination; False at its end."""
+        try:
+            data = os.read(fd, 65536)
+        except OSError:  # EIO: the pseudo-terminal's last holder has closed it
+            data = b""
+        if not data:
+            os.close(fd)
+            del self.sources[fd]
+            return False
+        stream = sys.stdout if self.sources[fd] == 1 else sys.stderr
+        buffer = getattr(stream, "buffer", None)
+        if buffer is not None:
+            buffer.write(data)
+        else:
+            stream.write(data.decode(errors="replace"))
+        stream.flush()
+        return True
+
+    def close(self) -> None:
+        for fd in [*self.sources, *self.theirs]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.sources = {}
+        self.theirs = []
+
+
+def _copy_window_size(source: int, target: int) -> None:
+    with contextlib.suppress(OSError):
+        fcntl.ioctl(target, termios.TIOCSWINSZ, fcntl.ioctl(source, termios.TIOCGWINSZ, b"\0" * 8))
+
+
+def _relay(zygote: Zygote, declared: tuple[str, ...]) -> int:
+    """Relay the session's output and outputs until its sandbox is gone; its exit code."""
+    stdio = _Stdio()
+    try:
+        status, channel = zygote.start_session(stdio.theirs)
+        stdio.handed_over()
+        ended: dict[str, Any] = {}
+        with status, channel:
+            for message in _messages(zygote, stdio, status, channel):
+                if message.get("type") == "output":
+                    try:
+                        outputs.write(message, declared)
+                    except (KeyError, TypeError, protocol.ProtocolError) as exc:
+                        _say(f"pytest-sandbox: {WHERE}: an output refused: {exc}")
+                elif message.get("type") == "error" or (message.get("type") == "exit" and not ended):
+                    ended = message  # a setup error first, then the exit it caused
+        return _exit_code(ended)
+    finally:
+        stdio.close()
+
+
+def _messages(zygote: Zygote, stdio: _Stdio, status: Any, channel: Any) -> Iterator[dict[str, Any]]:
+    """Output copied as it comes; each message of the status line and the session's channel, until the
+    sandbox is gone and every line has ended. ^C goes on to pytest in the sandbox; a second one ends it."""
+    lines = {status.fileno(): status, channel.fileno(): channel}
+    interrupts = 0
+    while lines or stdio.sources:
+        try:
+            readable = select.select([*lines, *stdio.sources], [], [])[0]
+        except KeyboardInterrupt:
+            interrupts += 1
+            if interrupts == 1:
+                zygote.signal(session_process.NODEID, signal.SIGINT)
+            else:
+                zygote.kill(session_process.NODEID)
+            continue
+        for fd in readable:
+            if fd in stdio.sources:
+                stdio.pump(fd)
+                continue
+            try:
+                message, fds = protocol.recv(lines[fd])
+            except protocol.ProtocolError as exc:
+                _say(f"pytest-sandbox: {WHERE}: {exc}")
+                message, fds = None, []
+            for extra in fds:  # the crash memfd: pytest in there wrote its own faulthandler dump to stderr
+                os.close(extra)
+            if message is None or message.get("type") == "gone":
+                del lines[fd]
+            else:
+                yield message
+
+
+def _exit_code(ended: dict[str, Any]) -> int:
+    if ended.get("type") == "error":
+        _say(f"pytest-sandbox: {WHERE}: the session's sandbox failed ({ended.get('phase')}): {ended.get('message')}")
+        return int(pytest.ExitCode.INTERNAL_ERROR)
+    if "signal" in ended:
+        number = int(ended["signal"])
+        name = signal.Signals(number).name if number in signal.Signals._value2member_map_ else str(number)
+        _say(f"pytest-sandbox: {WHERE}: pytest in the session's sandbox was killed by {name}")
+        return 128 + number
+    if "code" in ended:
+        return int(ended["code"])
+    _say(f"pytest-sandbox: {WHERE}: the session's sandbox ended without an exit status")
+    return int(pytest.ExitCode.INTERNAL_ERROR)
+
+
+def _say(line: str) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
