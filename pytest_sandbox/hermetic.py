@@ -135,8 +135,12 @@ def session_spec(state: SessionState) -> SandboxSpec:
 
 def _paths(config: pytest.Config, state: SessionState, spec: SandboxSpec) -> SessionPaths:
     """What the session's sandbox shows and keeps writable; every declared output must be writable there."""
+    base = _session.session_paths(config, None)
     basetemp = getattr(config.option, "basetemp", None)
-    base = _session.session_paths(config, os.path.abspath(basetemp) if basetemp and os.path.isdir(basetemp) else None)
+    if basetemp:  # pytest removes and makes it again: its directory is the writable place, not it
+        parent = os.path.dirname(os.path.abspath(basetemp))
+        if os.path.isdir(parent) and not any(is_under(parent, place) for place in base.writable):
+            base = dataclasses.replace(base, writable=(*base.writable, parent))
     declared = tuple(dict.fromkeys([*state.outputs, *plugin_outputs(config)]))
     writable = [*base.writable, *spec.writable]
     for output in declared:
