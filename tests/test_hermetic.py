@@ -228,6 +228,7 @@ def test_an_output_outside_the_writable_places_is_refused(pytester: pytest.Pytes
     assert not os.path.exists("/etc/pytest-sandbox-never.xml")
 
 
+@pytest.mark.guest
 def test_session_limits_apply_to_the_whole_session(pytester: pytest.Pytester) -> None:
     pytester.makeini("[pytest]\nsandbox_pids = 40\n")
     pytester.makepyfile("""

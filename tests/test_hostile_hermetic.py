@@ -1,0 +1,171 @@
+"""Hostile suites under --sandbox=hermetic: conftest.py, collection and tests that attack the supervisor,
+the outputs or the host, crash, or outlive it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import processes_with, wait_gone
+
+HERMETIC = "--sandbox=hermetic"
+
+
+@pytest.fixture(autouse=True)
+def _own_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTEST_SANDBOX_STORE", str(tmp_path / "store"))
+
+
+def _start(path: Path, token: str, *args: str) -> subprocess.Popen[str]:
+    """pytest --sandbox=hermetic in ``path``, returned once it printed RUNNING."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-s", "-p", "no:cacheprovider", HERMETIC, *args],
+        cwd=path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "SANDBOX_TEST_MARK": token},
+    )
+    assert proc.stdout is not None
+    seen = []
+    deadline = time.monotonic() + 300
+    for line in proc.stdout:
+        seen.append(line)
+        if "RUNNING" in line:
+            return proc
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    proc.wait()
+    raise AssertionError("pytest never printed RUNNING:\n" + "".join(seen))
+
+
+def test_a_conftest_cannot_reach_the_supervisor(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest("""
+        import os, signal
+
+        for pid in range(1, 5000):  # every process it can see, its parents included
+            if pid != os.getpid():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+    """)
+    pytester.makepyfile("def test_a(): pass")
+    result = pytester.runpytest_subprocess(HERMETIC)
+    # pytest itself is the only process in its namespace it may signal besides the sandbox's pid 1 (which
+    # ignores it): the supervisor lives on, outside, and says how the session ended
+    assert result.ret in (pytest.ExitCode.OK, 128 + signal.SIGKILL)
+    if result.ret == pytest.ExitCode.OK:
+        result.assert_outcomes(passed=1)
+
+
+def test_outputs_cannot_be_symlinks_out_of_them(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    target = tmp_path / "victim"
+    target.mkdir()
+    pytester.makeini("[pytest]\nsandbox_outputs = results\n")
+    pytester.makepyfile(f"""
+        import os
+
+        def test_plants_links():
+            os.makedirs("results", exist_ok=True)
+            os.symlink({str(target)!r}, "results/escape")
+            os.symlink({str(target / "file")!r}, "results/file-link")
+            os.makedirs("results/sub", exist_ok=True)
+            open("results/sub/ok.txt", "w").write("ok")
+            os.symlink({str(target)!r}, ".pytest_cache")  # the cache directory itself a link, in the sandbox
+    """)
+    result = pytester.runpytest_subprocess(HERMETIC)
+    result.assert_outcomes(passed=1)
+    assert (pytester.path / "results" / "sub" / "ok.txt").read_text() == "ok"
+    assert not (pytester.path / "results" / "escape").exists()
+    assert list(target.iterdir()) == []  # nothing written through any link
+
+
+def test_killing_the_supervisor_leaves_nothing(pytester: pytest.Pytester, token: str) -> None:
+    pytester.makepyfile(f"""
+        import subprocess, sys, time
+
+        def test_hangs():
+            subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1000)", {token!r}],
+                             start_new_session=True)
+            print("RUNNING", flush=True)
+            time.sleep(1000)
+    """)
+    proc = _start(pytester.path, token)
+    assert len(processes_with(token)) >= 3  # the supervisor, pytest in the sandbox, the test's daemon
+    proc.kill()
+    proc.wait()
+    assert wait_gone(token) == []
+
+
+def test_interrupt_reaches_pytest_in_the_sandbox(pytester: pytest.Pytester, token: str) -> None:
+    pytester.makepyfile(f"""
+        import subprocess, sys, time
+
+        def test_waits():
+            subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1000)", {token!r}])
+            print("RUNNING", flush=True)
+            time.sleep(1000)
+    """)
+    proc = _start(pytester.path, token)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, output
+    assert "KeyboardInterrupt" in output
+    assert wait_gone(token) == []
+
+
+def test_a_crash_of_pytest_in_the_sandbox_is_reported_and_contained(pytester: pytest.Pytester, token: str) -> None:
+    pytester.makepyfile(f"""
+        import ctypes, subprocess, sys
+
+        def test_segfaults():
+            subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1000)", {token!r}],
+                             start_new_session=True)
+            ctypes.string_at(0)
+    """)
+    result = pytester.runpytest_subprocess(HERMETIC)
+    assert result.ret == 128 + signal.SIGSEGV
+    result.stderr.fnmatch_lines(["*Fatal Python error: Segmentation fault*", "*killed by SIGSEGV*"])
+    assert wait_gone(token) == []
+
+
+def test_pytest_in_the_sandbox_never_holds_the_users_terminal(pytester: pytest.Pytester) -> None:
+    """Its output goes to a pseudo-terminal of the supervisor's: TIOCSTI there pushes input to a terminal only
+    the supervisor reads from, never into the user's shell."""
+    pytester.makepyfile("""
+        import fcntl, os, termios
+
+        def test_injects():
+            assert os.isatty(1)
+            print("INNER-TTY", os.fstat(1).st_rdev)
+            for byte in b"touch /tmp/pytest-sandbox-injected\\n":
+                try:
+                    fcntl.ioctl(1, termios.TIOCSTI, bytes([byte]))
+                except OSError:
+                    break
+    """)
+    launch = (
+        "import os, sys; print('OUTER-TTY', os.fstat(1).st_rdev, flush=True); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'pytest', '-s', '-p', 'no:cacheprovider', sys.argv[1]])"
+    )
+    script = "import pty, sys; sys.exit(pty.spawn(sys.argv[1:]) >> 8)"
+    run = subprocess.run(
+        [sys.executable, "-c", script, sys.executable, "-c", launch, HERMETIC],
+        cwd=pytester.path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+    assert "1 passed" in run.stdout, run.stdout + run.stderr
+    outer = run.stdout.split("OUTER-TTY ")[1].split()[0]
+    inner = run.stdout.split("INNER-TTY ")[1].split()[0]
+    assert outer != inner
+    assert not os.path.exists("/tmp/pytest-sandbox-injected")
