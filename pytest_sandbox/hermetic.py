@@ -51,6 +51,7 @@ _BOOTSTRAP = (
 )
 # Report and data files the well-known plugins write where their options say: (option dest, plugin).
 _REPORT_FILES = ("xmlpath", "reportlog", "htmlpath", "json_report_file")
+_WALK_MAX = 20000  # directories looked at for test modules (syrupy's snapshot directories)
 _COVERAGE_REPORTS = {"html": "htmlcov", "xml": "coverage.xml", "json": "coverage.json", "lcov": "coverage.lcov"}
 
 
@@ -179,7 +180,27 @@ def plugin_outputs(config: pytest.Config) -> list[str]:
         found.append(getattr(benchmark_json, "name", str(benchmark_json)))
     if getattr(options, "benchmark_autosave", False) or getattr(options, "benchmark_save", None):
         found.append(".benchmarks")
+    if getattr(options, "update_snapshots", False) or getattr(options, "update_new_snapshots_only", False):
+        dirname = getattr(options, "snapshot_dirname", None) or "__snapshots__"
+        found.extend(os.path.join(directory, dirname) for directory in _test_directories(str(config.rootpath)))
     return [os.path.normpath(os.path.join(here, os.path.expanduser(path))) for path in found]
+
+
+def _test_directories(rootdir: str) -> Iterator[str]:
+    """Directories under ``rootdir`` holding test modules (``test_*.py``, ``*_test.py``), where syrupy keeps its
+    snapshots; hidden directories, caches and virtual environments are skipped, and the walk is bounded."""
+    for seen, (directory, subdirectories, files) in enumerate(os.walk(rootdir)):
+        if seen > _WALK_MAX:
+            return
+        subdirectories[:] = [
+            name
+            for name in subdirectories
+            if not name.startswith(".")
+            and name not in ("__pycache__", "node_modules")
+            and not os.path.exists(os.path.join(directory, name, "pyvenv.cfg"))
+        ]
+        if any(name.endswith(".py") and (name.startswith("test") or name.endswith("_test.py")) for name in files):
+            yield directory
 
 
 def inner_command(config: pytest.Config) -> list[str]:

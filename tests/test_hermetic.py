@@ -247,3 +247,23 @@ def test_session_limits_apply_to_the_whole_session(pytester: pytest.Pytester) ->
             assert len(procs) < 60
     """)
     pytester.runpytest_subprocess(HERMETIC).assert_outcomes(passed=1)
+
+
+def test_snapshot_updates_reach_the_host(pytester: pytest.Pytester) -> None:
+    pytest.importorskip("syrupy")
+    pytester.mkpydir("pkg")
+    pytester.makepyfile(
+        **{
+            "pkg/test_snap": """
+                def test_value(snapshot):
+                    assert {"a": 1} == snapshot
+            """
+        }
+    )
+    update = pytester.runpytest_subprocess(HERMETIC, "--snapshot-update")
+    update.assert_outcomes(passed=1)
+    update.stdout.fnmatch_lines(["*1 snapshot generated*"])
+    assert (pytester.path / "pkg" / "__snapshots__" / "test_snap.ambr").exists()
+    check = pytester.runpytest_subprocess(HERMETIC)
+    check.assert_outcomes(passed=1)
+    check.stdout.fnmatch_lines(["*1 snapshot passed*"])
