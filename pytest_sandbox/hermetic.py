@@ -20,6 +20,7 @@ import json
 import os
 import select
 import signal
+import stat
 import subprocess
 import sys
 import termios
@@ -237,22 +238,26 @@ def check_items(items: list[pytest.Item], defaults: dict[str, Any]) -> None:
 
 
 class _Stdio:
-    """pytest's stdin, stdout and stderr in the sandbox: a pseudo-terminal where the supervisor's stdout is a
-    terminal (stderr shares it if that is one too), else pipes; stdin is /dev/null."""
+    """pytest's stdin, stdout and stderr in the sandbox. Where the supervisor's stdout is a terminal, a
+    pseudo-terminal of the supervisor's (stderr shares it if that is a terminal too, and so does stdin, whose
+    input the supervisor relays: --pdb and input() under -s work); else pipes. A stdin that is no terminal goes
+    in as it is if it is a pipe or a file open for reading only, else /dev/null."""
 
     def __init__(self) -> None:
         self.sources: dict[int, int] = {}  # our read end -> the supervisor's fd it goes to
         self.theirs: list[int] = []
-        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        self.master = -1  # the pseudo-terminal's, when there is one
+        self.relay_stdin = False  # what the user types goes on to it
         terminal = os.isatty(1)
         if terminal:
-            master, slave = os.openpty()
+            self.master, slave = os.openpty()
             _copy_window_size(1, slave)
             attrs = termios.tcgetattr(slave)
             attrs[1] &= ~termios.OPOST  # bytes as pytest wrote them: the supervisor's terminal does the rest
+            attrs[3] &= ~termios.ECHO  # the user's terminal echoes what they type already
             termios.tcsetattr(slave, termios.TCSANOW, attrs)
-            os.set_inheritable(master, False)
-            self.sources[master] = 1
+            os.set_inheritable(self.master, False)
+            self.sources[self.master] = 1
             out = slave
         else:
             out_r, out = os.pipe2(os.O_CLOEXEC)
@@ -262,7 +267,28 @@ class _Stdio:
         else:
             err_r, err = os.pipe2(os.O_CLOEXEC)
             self.sources[err_r] = 2
-        self.theirs = [null, out, err]
+        if terminal and os.isatty(0):
+            stdin = os.dup(out)
+            self.relay_stdin = True
+        elif _readable_only_stream(0):
+            stdin = os.dup(0)
+        else:
+            stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        self.theirs = [stdin, out, err]
+
+    def typed(self) -> None:
+        """Relay what the user typed (a line: their terminal edits it); their end of input (^D) as one."""
+        try:
+            data = os.read(0, 4096)
+        except OSError:  # their terminal hung up
+            self.relay_stdin = False
+            return
+        with contextlib.suppress(OSError):
+            os.write(self.master, data or termios.tcgetattr(self.master)[6][termios.VEOF])
+
+    def resized(self) -> None:
+        if self.master >= 0:
+            _copy_window_size(1, self.master)
 
     def handed_over(self) -> None:
         for fd in self.theirs:
@@ -296,6 +322,16 @@ class _Stdio:
         self.theirs = []
 
 
+def _readable_only_stream(fd: int) -> bool:
+    """A pipe or regular file open for reading only: nothing the sandbox can write through."""
+    try:
+        mode = os.fstat(fd).st_mode
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    except OSError:
+        return False
+    return (stat.S_ISFIFO(mode) or stat.S_ISREG(mode)) and flags & os.O_ACCMODE == os.O_RDONLY
+
+
 def _copy_window_size(source: int, target: int) -> None:
     with contextlib.suppress(OSError):
         fcntl.ioctl(target, termios.TIOCSWINSZ, fcntl.ioctl(source, termios.TIOCGWINSZ, b"\0" * 8))
@@ -327,9 +363,11 @@ def _messages(zygote: Zygote, stdio: _Stdio, status: Any, channel: Any) -> Itera
     sandbox is gone and every line has ended. ^C goes on to pytest in the sandbox; a second one ends it."""
     lines = {status.fileno(): status, channel.fileno(): channel}
     interrupts = 0
+    signal.signal(signal.SIGWINCH, lambda _signum, _frame: stdio.resized())
     while lines or stdio.sources:
         try:
-            readable = select.select([*lines, *stdio.sources], [], [])[0]
+            typed = [0] if stdio.relay_stdin and lines else []
+            readable = select.select([*lines, *stdio.sources, *typed], [], [])[0]
         except KeyboardInterrupt:
             interrupts += 1
             if interrupts == 1:
@@ -338,6 +376,9 @@ def _messages(zygote: Zygote, stdio: _Stdio, status: Any, channel: Any) -> Itera
                 zygote.kill(session_process.NODEID)
             continue
         for fd in readable:
+            if fd == 0 and stdio.relay_stdin:
+                stdio.typed()
+                continue
             if fd in stdio.sources:
                 stdio.pump(fd)
                 continue

@@ -5,7 +5,12 @@ Each test compares with a plain run of the same suite where the mode promises a 
 from __future__ import annotations
 
 import os
+import pty
 import re
+import select
+import signal
+import sys
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -267,3 +272,47 @@ def test_snapshot_updates_reach_the_host(pytester: pytest.Pytester) -> None:
     check = pytester.runpytest_subprocess(HERMETIC)
     check.assert_outcomes(passed=1)
     check.stdout.fnmatch_lines(["*1 snapshot passed*"])
+
+
+def test_a_terminals_input_reaches_the_tests(pytester: pytest.Pytester) -> None:
+    """Where pytest runs on a terminal, what the user types goes on to pytest in the sandbox (input(), --pdb)."""
+    pytester.makepyfile("""
+        import sys
+
+        def test_reads():
+            assert sys.stdin.isatty() and sys.stdout.isatty()
+            print("PROMPT", flush=True)
+            assert input() == "hello"
+            print("GOT-IT", flush=True)
+    """)
+    pid, master = pty.fork()
+    if pid == 0:
+        try:
+            os.chdir(pytester.path)
+            os.execv(sys.executable, [sys.executable, "-m", "pytest", "-s", "-p", "no:cacheprovider", HERMETIC])
+        finally:
+            os._exit(127)
+    seen = b""
+    deadline = time.monotonic() + 120
+    try:
+        while b"PROMPT" not in seen and time.monotonic() < deadline:
+            if select.select([master], [], [], 1)[0]:
+                seen += os.read(master, 4096)
+        os.write(master, b"hello\n")
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 1)[0]:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # EIO: pytest has ended
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+    finally:
+        if time.monotonic() >= deadline:
+            os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        os.close(master)
+    text = seen.decode(errors="replace")
+    assert "GOT-IT" in text and "1 passed" in text, text
+    assert os.waitstatus_to_exitcode(status) == 0, text
