@@ -6,8 +6,8 @@ Each suite's sdist is fetched with `pip download --no-deps --no-binary NAME` int
 the cache (--cache, else $PYTEST_SANDBOX_BENCH_CACHE, else .bench-cache/ in the
 checkout), unpacked, and given its own venv (the package, its test deps,
 pytest-xdist, and pytest-sandbox built from this checkout). Its tests then run plain,
-with --sandbox=all, and with --sandbox-scope=module and =session where this
-pytest-sandbox has that option ("n/a" otherwise). Prints per configuration the
+with --sandbox=all, with --sandbox-scope=module and =session, and with --sandbox=hermetic where this
+pytest-sandbox has them ("n/a" otherwise). Prints per configuration the
 wall time, the ratio to plain measured in the same run, the outcome counts,
 and a DIFF line for every test whose outcome differs from plain (from each
 run's --junitxml). It is a report: it exits 0 when outcomes differ, and only
@@ -184,10 +184,13 @@ def _outcomes(junitxml: str) -> dict[str, str]:
 def _run(python: str, tree: str, suite: Suite, extra: list[str], report: str, env: dict[str, str]) -> Run:
     if os.path.exists(report):
         os.unlink(report)
-    cmd = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", *extra, *suite.tests]
+    written = os.path.join(tree, ".sandbox-bench-report.xml")  # in the rootdir: --sandbox=hermetic's outputs lie there
+    cmd = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={written}", *extra, *suite.tests]
     start = time.perf_counter()
     result = subprocess.run(cmd, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seconds = time.perf_counter() - start
+    if os.path.exists(written):
+        shutil.move(written, report)
     tail = "\n".join(result.stdout.strip().splitlines()[-15:])
     if not os.path.exists(report):
         return Run(seconds, result.returncode, {}, tail)
@@ -201,10 +204,10 @@ def _counts(outcomes: dict[str, str]) -> str:
     return " ".join(f"{n} {o}" for o, n in sorted(counted.items()))
 
 
-def _has_scope_option(python: str, env: dict[str, str]) -> bool:
-    """Whether this checkout's plugin knows --sandbox-scope (added after the first releases)."""
+def _has_option(python: str, env: dict[str, str], text: str) -> bool:
+    """Whether this checkout's plugin knows an option or mode (--sandbox-scope and hermetic came later)."""
     result = subprocess.run([python, "-m", "pytest", "--help"], env=env, stdout=subprocess.PIPE, text=True)
-    return "--sandbox-scope" in result.stdout
+    return text in result.stdout
 
 
 def _bench(suite: Suite, cache: str, plugin: str, runs: int, env: dict[str, str]) -> list[str]:
@@ -212,9 +215,10 @@ def _bench(suite: Suite, cache: str, plugin: str, runs: int, env: dict[str, str]
     tree = _unpacked(suite, cache)
     python = _venv(suite, tree, cache, plugin)
     configs: dict[str, list[str] | None] = {"plain": [], "--sandbox=all": ["--sandbox=all"]}
-    scoped = _has_scope_option(python, env)
+    scoped = _has_option(python, env, "--sandbox-scope")
     for scope in SCOPES:
         configs[f"--sandbox=all scope={scope}"] = ["--sandbox=all", f"--sandbox-scope={scope}"] if scoped else None
+    configs["--sandbox=hermetic"] = ["--sandbox=hermetic"] if _has_option(python, env, "hermetic:") else None
     # Untimed: the first run after an install reads a cold venv (seconds), which would land on plain alone.
     subprocess.run(
         [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *suite.tests],
@@ -240,7 +244,7 @@ def _bench(suite: Suite, cache: str, plugin: str, runs: int, env: dict[str, str]
     print(f"\n{suite.name} {suite.version} ({' '.join(suite.tests)}; {len(plain.outcomes)} tests)")
     for name, extra in configs.items():
         if extra is None:
-            print(f"  {name:<28} {'n/a':>8}  (this pytest-sandbox has no --sandbox-scope)")
+            print(f"  {name:<28} {'n/a':>8}  (this pytest-sandbox has no such option)")
             continue
         run, wall = last[name], statistics.median(times[name])
         differing = sorted(
