@@ -59,7 +59,7 @@ def test_bad_marker_is_a_usage_error(pytester: pytest.Pytester, marker: str, mes
 @pytest.mark.parametrize(
     ("args", "ini", "message"),
     [
-        (["--sandbox=sometimes"], "", "--sandbox: invalid value 'sometimes'; allowed: marked, all, off"),
+        (["--sandbox=sometimes"], "", "--sandbox: invalid value 'sometimes'; allowed: marked, all, hermetic, off"),
         (["--sandbox-unavailable=ignore"], "", "--sandbox-unavailable: invalid value 'ignore'; allowed: fail, skip"),
         (["--sandbox-network=wan"], "", "--sandbox-network: invalid network='wan'"),
         ([], "sandbox = maybe", "ini sandbox: invalid value 'maybe'"),
