@@ -78,6 +78,7 @@ def supervise(config: pytest.Config) -> int:
     reason = probe.unavailable_reason()
     if reason is not None:
         raise pytest.UsageError(f"{WHERE}: this host cannot build sandboxes: {reason} (see pytest-sandbox doctor)")
+    _refuse_project_plugins(config)
     state = _session.configure(config)
     spec = session_spec(state)
     paths = _paths(config, state, spec)
@@ -90,7 +91,7 @@ def supervise(config: pytest.Config) -> int:
             limits = Limits(state.backend, state.cgroup_session, False)
             zygote = Zygote({}, SPEC_KEY, paths, 0, limits, Namespaces(), session=launch)
             try:
-                return _relay(zygote, paths.outputs)
+                return _relay(zygote, paths.outputs, output_anchors(config))
             finally:
                 zygote.close()
                 state.volumes.clear_setid_bits(spec.volumes)
@@ -99,6 +100,30 @@ def supervise(config: pytest.Config) -> int:
         return int(pytest.ExitCode.INTERNAL_ERROR)
     finally:
         _session.close(state)
+
+
+def _refuse_project_plugins(config: pytest.Config) -> None:
+    """pytest imports ``-p`` plugins (the ini's ``addopts`` too) and entry points before any hook of this
+    plugin runs: if one of them is the project's own code (a module of the rootdir or of the directory pytest
+    started in, not an installed package), it has run in this process already. Say so and stop, rather than
+    go on as if the run were contained."""
+    installed = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    places = [os.path.realpath(p) for p in output_anchors(config)]
+    ours = os.path.realpath(os.path.dirname(__file__))
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if not isinstance(file, str):
+            continue
+        real = os.path.realpath(file)
+        if is_under(real, ours) or any(is_under(real, prefix) for prefix in installed):
+            continue
+        if any(is_under(real, place) for place in places):
+            raise pytest.UsageError(
+                f"{WHERE}: the module {name} ({file}) of this project was imported before pytest-sandbox could "
+                "take over (a -p plugin, the ini's addopts, or an entry point): its code has run on the host. "
+                "Plugins loaded that way cannot be contained; remove them from addopts, or do not install the "
+                "project as a pytest plugin"
+            )
 
 
 def session_spec(state: SessionState) -> SandboxSpec:
@@ -136,7 +161,7 @@ def session_spec(state: SessionState) -> SandboxSpec:
 
 
 def _paths(config: pytest.Config, state: SessionState, spec: SandboxSpec) -> SessionPaths:
-    """What the session's sandbox shows and keeps writable; every declared output must be writable there."""
+    """What the session's sandbox shows and keeps writable, and its outputs (checked: see output_anchors)."""
     base = _session.session_paths(config, None)
     basetemp = getattr(config.option, "basetemp", None)
     if basetemp:  # pytest removes and makes it again: its directory is the writable place, not it
@@ -144,19 +169,42 @@ def _paths(config: pytest.Config, state: SessionState, spec: SandboxSpec) -> Ses
         if os.path.isdir(parent) and not any(is_under(parent, place) for place in base.writable):
             base = dataclasses.replace(base, writable=(*base.writable, parent))
     declared = tuple(dict.fromkeys([*state.outputs, *plugin_outputs(config)]))
-    writable = [*base.writable, *spec.writable]
+    anchors = output_anchors(config)
     for output in declared:
-        if not any(is_under(output, place) for place in writable):
-            raise pytest.UsageError(
-                f"{WHERE}: the output {output} lies outside the places the session's sandbox may write "
-                f"({', '.join(writable)}): write it under one of them"
-            )
+        _check_output(output, anchors)
     return dataclasses.replace(
         base,
         outputs=declared,
         volumes_root=state.volumes.root,
         store_private=(state.volumes.root, state.store.tmp_dir, os.path.join(state.store.root, "store.lock")),
     )
+
+
+def output_anchors(config: pytest.Config) -> tuple[str, ...]:
+    """Where outputs may lie: the rootdir and the directory pytest was started in (places the user chose by
+    starting pytest there; the ini file, addopts and the project's files are the project's, not the user's)."""
+    return tuple(dict.fromkeys([str(config.rootpath), str(config.invocation_params.dir)]))
+
+
+def _check_output(output: str, anchors: tuple[str, ...]) -> None:
+    """An output lies in an anchor, outside any ``.git`` directory (hooks there run at the next commit), and
+    reaches no symlink below the anchor (a project's symlink would send what the run writes elsewhere)."""
+    anchor = max((place for place in anchors if is_under(output, place)), key=len, default=None)
+    if anchor is None:
+        raise pytest.UsageError(
+            f"{WHERE}: the output {output} lies outside the rootdir and the directory pytest was started in "
+            f"({', '.join(anchors)}): write it under one of them"
+        )
+    parts = [] if output == anchor else os.path.relpath(output, anchor).split("/")
+    if ".git" in parts:
+        raise pytest.UsageError(f"{WHERE}: the output {output} lies in a .git directory, which a run may not write")
+    for depth in range(1, len(parts) + 1):
+        step = os.path.join(anchor, *parts[:depth])
+        if os.path.islink(step):
+            raise pytest.UsageError(
+                f"{WHERE}: the output {output} goes through the symlink {step} (to {os.readlink(step)}): outputs are "
+                "written without following symlinks; name the place it points to, inside the rootdir"
+            )
 
 
 def plugin_outputs(config: pytest.Config) -> list[str]:
@@ -337,7 +385,7 @@ def _copy_window_size(source: int, target: int) -> None:
         fcntl.ioctl(target, termios.TIOCSWINSZ, fcntl.ioctl(source, termios.TIOCGWINSZ, b"\0" * 8))
 
 
-def _relay(zygote: Zygote, declared: tuple[str, ...]) -> int:
+def _relay(zygote: Zygote, declared: tuple[str, ...], anchors: tuple[str, ...]) -> int:
     """Relay the session's output and outputs until its sandbox is gone; its exit code."""
     stdio = _Stdio()
     try:
@@ -346,10 +394,11 @@ def _relay(zygote: Zygote, declared: tuple[str, ...]) -> int:
         ended: dict[str, Any] = {}
         with status, channel:
             for message in _messages(zygote, stdio, status, channel):
-                if message.get("type") == "output":
+                if message.get("type") in ("output", "output-too-large"):
                     try:
-                        outputs.write(message, declared)
-                    except (KeyError, TypeError, protocol.ProtocolError) as exc:
+                        protocol.check(message, protocol.FROM_TEST)
+                        outputs.write(message, declared, anchors, say=_say)
+                    except protocol.ProtocolError as exc:
                         _say(f"pytest-sandbox: {WHERE}: an output refused: {exc}")
                 elif message.get("type") == "error" or (message.get("type") == "exit" and not ended):
                     ended = message  # a setup error first, then the exit it caused
@@ -384,8 +433,9 @@ def _messages(zygote: Zygote, stdio: _Stdio, status: Any, channel: Any) -> Itera
                 continue
             try:
                 message, fds = protocol.recv(lines[fd])
-            except protocol.ProtocolError as exc:
+            except protocol.ProtocolError as exc:  # the line is closed: its sender, blocked on it, goes on
                 _say(f"pytest-sandbox: {WHERE}: {exc}")
+                lines[fd].close()
                 message, fds = None, []
             for extra in fds:  # the crash memfd: pytest in there wrote its own faulthandler dump to stderr
                 os.close(extra)

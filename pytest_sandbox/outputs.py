@@ -14,9 +14,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import secrets
 import stat
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ import pytest
 from .linux.mounts import is_under
 from .protocol import ProtocolError
 
+MAX_FILE = 64 * 2**20  # bytes of one output file carried (a message holds it in base64, under protocol.MAX_MESSAGE)
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -84,14 +86,22 @@ def _entry(dir_fd: int, name: str, path: str) -> Iterator[dict[str, Any]]:
     except (FileNotFoundError, NotADirectoryError):
         return
     if stat.S_ISDIR(info.st_mode):
-        sub = os.open(name, _DIRECTORY, dir_fd=dir_fd)
+        try:
+            sub = os.open(name, _DIRECTORY, dir_fd=dir_fd)
+        except PermissionError:
+            return
         try:
             for entry in os.scandir(sub):
                 yield from _entry(sub, entry.name, f"{path}/{entry.name}")
         finally:
             os.close(sub)
+    elif stat.S_ISREG(info.st_mode) and info.st_size > MAX_FILE:  # pytest hears of it, without its bytes
+        yield {"type": "output-too-large", "path": path, "size": info.st_size}
     elif stat.S_ISREG(info.st_mode):
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        except PermissionError:  # a file the sandbox made unreadable to itself: not carried, the others are
+            return
         with os.fdopen(fd, "rb") as file:
             data = file.read()
         yield {
@@ -125,14 +135,31 @@ def _open_below(dir_fd: int, parts: list[str], create: bool) -> int | None:
 # -- in pytest ------------------------------------------------------------------------------------
 
 
-def write(message: dict[str, Any], outputs: Iterable[str]) -> None:
-    """Write one output file a sandbox sent, if its path lies under a declared output."""
+def write(
+    message: dict[str, Any],
+    outputs: Iterable[str],
+    anchors: Iterable[str] | None = None,
+    say: Callable[[str], None] | None = None,
+) -> None:
+    """Write one output file a sandbox sent, if its path lies under a declared output.
+
+    With ``anchors`` (places the user chose: the rootdir, the directory pytest started in), the file is reached
+    from the anchor that holds it without following any symlink below it, directories made on the way;
+    without, from the output itself (the suite's own configuration named it, symlinks and all). A file that
+    cannot be written is a warning, or ``say``'s."""
     path = message["path"]
     root = next((out for out in outputs if is_under(path, out)), None)
     if not os.path.isabs(path) or os.path.normpath(path) != path or "\0" in path or root is None:
         raise ProtocolError(f"an output outside the declared outputs: {path!r}")
     if path == root:  # an output that names a file: written in its directory, made as for any output
         root = os.path.dirname(root)
+    if message["type"] == "output-too-large":
+        text = f"pytest-sandbox: the output {path} is not carried: {int(message['size'])} bytes, past {MAX_FILE}"
+        if say is not None:
+            say(text)
+        else:
+            warnings.warn(pytest.PytestWarning(text), stacklevel=1)
+        return
     if message["mode"] not in (0o644, 0o755):
         raise ProtocolError(f"an output with mode {message['mode']!r}")
     try:
@@ -141,23 +168,36 @@ def write(message: dict[str, Any], outputs: Iterable[str]) -> None:
         raise ProtocolError(f"an output whose data is not base64: {path!r}") from None
     parts = os.path.relpath(path, root).split("/")
     try:
-        os.makedirs(root, exist_ok=True)
-        root_fd = os.open(root, _DIRECTORY)
+        if anchors is None:
+            os.makedirs(root, exist_ok=True)
+            base_fd = os.open(root, _DIRECTORY)
+            below = parts[:-1]
+        else:
+            anchor = max((place for place in anchors if is_under(root, place)), key=len, default=None)
+            if anchor is None:
+                raise ProtocolError(f"an output outside the places outputs may be written: {path!r}")
+            base_fd = os.open(anchor, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            between = os.path.relpath(root, anchor)
+            below = ([] if between == "." else between.split("/")) + parts[:-1]
         try:
-            dir_fd = _open_below(root_fd, parts[:-1], create=True)
+            dir_fd = _open_below(base_fd, below, create=True)
         finally:
-            os.close(root_fd)
+            os.close(base_fd)
         assert dir_fd is not None
         try:
             _replace(dir_fd, parts[-1], data, message["mode"])
         finally:
             os.close(dir_fd)
     except OSError as exc:
-        warnings.warn(pytest.PytestWarning(f"pytest-sandbox: cannot write the output {path}: {exc}"), stacklevel=1)
+        text = f"pytest-sandbox: cannot write the output {path}: {exc}"
+        if say is not None:
+            say(text)
+        else:
+            warnings.warn(pytest.PytestWarning(text), stacklevel=1)
 
 
 def _replace(dir_fd: int, name: str, data: bytes, mode: int) -> None:
-    temporary = f".{name}.sandbox-{os.getpid()}"
+    temporary = f".sandbox-output-{os.getpid()}-{secrets.token_hex(4)}"  # short: any name may be 255 bytes long
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     try:
         with os.fdopen(fd, "wb") as file:

@@ -74,6 +74,7 @@ FROM_TEST: dict[str, dict[str, tuple[type, ...]]] = {
     "log": {"text": (str,)},
     "coverage": {"arcs": (bool,), "contexts": (dict,)},
     "output": {"path": (str,), "data": (str,), "mode": (int,)},
+    "output-too-large": {"path": (str,), "size": (int,)},  # an output file past outputs.MAX_FILE: not carried
     "suite-property": {"name": (str,), "value": (str,)},
     "benchmarks": {"benchmarks": (list,)},  # pytest-benchmark, flaky, syrupy: see plugin_results.py
     "flaky-report": {"text": (str,), "had_flaky_tests": (bool,)},

@@ -142,7 +142,7 @@ class _Relay:
             self._record(kind, message)
         elif kind == "done":
             self.done = True
-        elif kind == "output":
+        elif kind in ("output", "output-too-large"):
             if self.spec.image is None:
                 outputs.write(message, self.zyg.outputs)
         elif kind == "coverage":

@@ -229,7 +229,7 @@ def test_an_output_outside_the_writable_places_is_refused(pytester: pytest.Pytes
     pytester.makepyfile("def test_a(): pass")
     result = pytester.runpytest_subprocess(HERMETIC, "--junitxml=/etc/pytest-sandbox-never.xml")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*the output /etc/pytest-sandbox-never.xml lies outside the places*"])
+    result.stderr.fnmatch_lines(["*the output /etc/pytest-sandbox-never.xml lies outside the rootdir*"])
     assert not os.path.exists("/etc/pytest-sandbox-never.xml")
 
 

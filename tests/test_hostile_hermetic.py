@@ -169,3 +169,67 @@ def test_pytest_in_the_sandbox_never_holds_the_users_terminal(pytester: pytest.P
     inner = run.stdout.split("INNER-TTY ")[1].split()[0]
     assert outer != inner
     assert not os.path.exists("/tmp/pytest-sandbox-injected")
+
+
+def test_a_projects_symlink_cannot_send_outputs_elsewhere(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (pytester.path / "build").symlink_to(victim)
+    pytester.makeconftest("""
+        import os
+
+        def pytest_unconfigure(config):
+            os.unlink("build")
+            os.makedirs("build/reports")
+            open("build/reports/junit.xml", "w").write("<testsuites/>")
+    """)
+    pytester.makepyfile("def test_a(): pass")
+    result = pytester.runpytest_subprocess(HERMETIC, "--junitxml=build/reports/junit.xml")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*the output */build/reports/junit.xml goes through the symlink */build*"])
+    assert list(victim.iterdir()) == []
+
+
+def test_outputs_stay_out_of_git_and_out_of_home(pytester: pytest.Pytester) -> None:
+    (pytester.path / ".git" / "hooks").mkdir(parents=True)
+    pytester.makepyfile("def test_a(): pass")
+    pytester.makeini("[pytest]\nsandbox_outputs = .git/hooks\n")
+    result = pytester.runpytest_subprocess(HERMETIC)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*the output */.git/hooks lies in a .git directory*"])
+    pytester.makeini("[pytest]\naddopts = --junitxml=../profile-by-pytest-sandbox-test\n")  # the project's ini
+    result = pytester.runpytest_subprocess(HERMETIC)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*the output *profile-by-pytest-sandbox-test lies outside the rootdir*"])
+    assert not (pytester.path.parent / "profile-by-pytest-sandbox-test").exists()
+
+
+def test_a_project_plugin_imported_before_the_takeover_is_refused(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\naddopts = -p project_plugin\n")
+    pytester.makepyfile(project_plugin="RAN = True", test_a="def test_a(): pass")
+    result = pytester.runpytest_subprocess(HERMETIC)  # python -m pytest: the cwd is on sys.path
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*the module project_plugin (*project_plugin.py) of this project was imported*"])
+
+
+def test_outputs_the_supervisor_cannot_take_do_not_hang_it(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nsandbox_outputs = results\n")
+    pytester.makepyfile("""
+        import os
+
+        def test_writes():
+            os.makedirs("results/deep", exist_ok=True)
+            with open("results/" + "n" * 250, "w") as f:
+                f.write("a long name")
+            with open("results/unreadable", "w") as f:
+                f.write("x")
+            os.chmod("results/unreadable", 0)
+            with open("results/deep/huge.bin", "wb") as f:
+                f.truncate(100 * 2**20)  # past the largest output file carried
+    """)
+    result = pytester.runpytest_subprocess("-W", "error", HERMETIC)
+    result.assert_outcomes(passed=1)
+    assert result.ret == pytest.ExitCode.OK
+    assert (pytester.path / "results" / ("n" * 250)).read_text() == "a long name"
+    assert not (pytester.path / "results" / "deep" / "huge.bin").exists()
+    result.stderr.fnmatch_lines(["*the output */results/deep/huge.bin is not carried: 104857600 bytes, past 67108864"])

@@ -73,8 +73,8 @@ def run(
         signal.signal(signum, lambda sig, _frame: _forward(pid, sig))
     status = _wait(pid)
     if scratch is not None:
-        with contextlib.suppress(OSError):
-            for message in outputs.collect(scratch, uppers):
+        with contextlib.suppress(OSError, RecursionError):  # the supervisor refused one (it says why), or a
+            for message in outputs.collect(scratch, uppers):  # tree deeper than Python's recursion limit
                 protocol.send(channel, message)
     channel.close()
     _end_as(status)
