@@ -22,8 +22,10 @@ Variables (``is_credential_variable``), case-insensitive, never ``PYTEST_*``:
 
 * a name part (split at ``_`` and other non-alphanumerics) ending in one of ``SECRET_WORDS``
   (``GITHUB_TOKEN``, ``DB_PASSWORD``, ``NPM_CONFIG__AUTHTOKEN``, ``GOOGLE_APPLICATION_CREDENTIALS``);
+* a name part that is one of ``SECRET_PARTS`` (``GITHUB_PAT``, ``DB_PASS``, ``SENTRY_DSN``, ``NPM_AUTH``);
 * a last part ``KEY`` or ``PWD`` (``OPENAI_API_KEY``, ``MYSQL_PWD``; not ``PWD`` itself), or ``KEY``
   right after ``API``, ``ACCESS``, ``SECRET``, ``PRIVATE`` (``API_KEY_2``);
+* whatever its name, a value that is a URL with a password (``DATABASE_URL=postgres://app:pw@db/app``);
 * a name matching one of ``VARIABLE_PATTERNS`` (``AWS_*``, ``AZURE_*``, ``SSH_AUTH_SOCK``, ...).
 
 ``sandbox_hide`` (ini) and ``hide=`` (marker) add places, and ``!place`` takes one of the
@@ -66,6 +68,24 @@ HOME_PLACES = (
     ".gem/credentials",
     ".vault-token",
     ".pgpass",
+    ".config/git/credentials",  # git's credential store where XDG_CONFIG_HOME is used
+    ".my.cnf",
+    ".m2/settings.xml",
+    ".m2/settings-security.xml",
+    ".gradle/gradle.properties",
+    ".s3cfg",
+    ".boto",
+    ".databrickscfg",
+    ".config/rclone",
+    ".terraform.d/credentials.tfrc.json",
+    ".config/sops",
+    ".config/pip/pip.conf",  # an index URL may carry a token
+    ".pip/pip.conf",
+    ".bash_history",  # histories: a password typed on a command line
+    ".zsh_history",
+    ".python_history",
+    ".psql_history",
+    ".mysql_history",
 )
 SYSTEM_PLACES = (
     "/etc/shadow",
@@ -107,7 +127,10 @@ SECRET_WORDS = (
     "PRIVATEKEY",
     "JWT",
 )
+SECRET_PARTS = ("PAT", "PASS", "AUTH", "DSN", "PRIVKEY", "COOKIE", "COOKIES")  # a whole name part only
 _KEY_QUALIFIERS = ("API", "ACCESS", "SECRET", "PRIVATE")
+# A value that is a URL with a password in it (DATABASE_URL=postgres://app:secret@db/app), whatever its name.
+_URL_WITH_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@\s:]*:[^/@\s]+@")
 VARIABLE_PATTERNS = (
     "AWS_*",
     "AZURE_*",
@@ -236,7 +259,7 @@ def is_credential_variable(name: str) -> bool:
     if _VARIABLE_RE.match(upper):
         return True
     parts = [p for p in _PART_SPLIT.split(upper) if p]
-    if any(part.endswith(SECRET_WORDS) for part in parts):
+    if any(part.endswith(SECRET_WORDS) or part in SECRET_PARTS for part in parts):
         return True
     if len(parts) > 1 and parts[-1] in ("KEY", "PWD"):
         return True
@@ -247,7 +270,12 @@ def withheld_variables(environ: Mapping[str, str], passed: Iterable[str] = ()) -
     """Names in ``environ`` a sandbox does not pass: credential-looking ones not matched by ``passed``
     (names or shell patterns, case-insensitive)."""
     allowed = _any_of(passed)
-    return sorted(name for name in environ if is_credential_variable(name) and not allowed.match(name.upper()))
+    return sorted(
+        name
+        for name, value in environ.items()
+        if (is_credential_variable(name) or (not _NEVER_RE.match(name.upper()) and _URL_WITH_PASSWORD.match(value)))
+        and not allowed.match(name.upper())
+    )
 
 
 def check_variable_pattern(entry: str) -> bool:

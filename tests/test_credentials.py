@@ -50,6 +50,12 @@ from pytest_sandbox.spec import validate
         "SECRET_KEY_BASE",
         "VAULT_TOKEN",
         "HF_TOKEN",
+        "GITHUB_PAT",
+        "DB_PASS",
+        "NPM_AUTH",
+        "SENTRY_DSN",
+        "SSL_PRIVKEY",
+        "SESSION_COOKIE",
     ],
 )
 def test_credential_variables(name: str) -> None:
@@ -72,6 +78,9 @@ def test_credential_variables(name: str) -> None:
         "SSH_CONNECTION",
         "LANG",
         "XDG_RUNTIME_DIR",
+        "PATHEXT",
+        "BYPASS_CACHE",
+        "XAUTHORITY",
     ],
 )
 def test_ordinary_variables(name: str) -> None:
@@ -378,3 +387,14 @@ def test_bad_values_are_usage_errors(pytester: pytest.Pytester, ini: str, marker
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert any(message in line for line in result.errlines), result.errlines
+
+
+def test_a_url_with_a_password_is_withheld_whatever_its_name() -> None:
+    environ = {
+        "DATABASE_URL": "postgres://app:s3cret@db:5432/app",
+        "REDIS_URL": "redis://:s3cret@cache:6379/0",
+        "PLAIN_URL": "https://example.org/path",
+        "USER_ONLY_URL": "https://user@example.org/",
+        "PYTEST_DB_URL": "postgres://app:s3cret@db/app",
+    }
+    assert credentials.withheld_variables(environ) == ["DATABASE_URL", "REDIS_URL"]
