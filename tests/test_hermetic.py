@@ -254,8 +254,10 @@ def test_session_limits_apply_to_the_whole_session(pytester: pytest.Pytester) ->
     pytester.runpytest_subprocess(HERMETIC).assert_outcomes(passed=1)
 
 
-def test_snapshot_updates_reach_the_host(pytester: pytest.Pytester) -> None:
+def test_snapshot_updates_reach_the_host(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("syrupy")
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(name, raising=False)  # under -n, syrupy would take the run for a worker's: no report
     pytester.mkpydir("pkg")
     pytester.makepyfile(
         **{
