@@ -411,38 +411,58 @@ def _messages(zygote: Zygote, stdio: _Stdio, status: Any, channel: Any) -> Itera
     """Output copied as it comes; each message of the status line and the session's channel, until the
     sandbox is gone and every line has ended. ^C goes on to pytest in the sandbox; a second one ends it."""
     lines = {status.fileno(): status, channel.fileno(): channel}
-    interrupts = 0
-    signal.signal(signal.SIGWINCH, lambda _signum, _frame: stdio.resized())
-    while lines or stdio.sources:
-        try:
+    with _forwarding_signals(zygote, stdio):
+        while lines or stdio.sources:
             typed = [0] if stdio.relay_stdin and lines else []
-            readable = select.select([*lines, *stdio.sources, *typed], [], [])[0]
-        except KeyboardInterrupt:
-            interrupts += 1
-            if interrupts == 1:
-                zygote.signal(session_process.NODEID, signal.SIGINT)
-            else:
-                zygote.kill(session_process.NODEID)
+            readable = select.select([*lines, *stdio.sources, *typed], [], [])[0]  # PEP 475: on after a signal
+            yield from _read(readable, lines, stdio)
+
+
+@contextlib.contextmanager
+def _forwarding_signals(zygote: Zygote, stdio: _Stdio) -> Iterator[None]:
+    """While the session runs: ^C goes on to pytest in the sandbox (a second one ends the sandbox), wherever
+    the supervisor is (a KeyboardInterrupt mid-write would end it with a traceback); resizes follow."""
+    interrupts = [0]
+
+    def interrupted(_signum: int, _frame: object) -> None:
+        interrupts[0] += 1
+        if interrupts[0] == 1:
+            zygote.signal(session_process.NODEID, signal.SIGINT)
+        else:
+            zygote.kill(session_process.NODEID)
+
+    before = {
+        signal.SIGINT: signal.signal(signal.SIGINT, interrupted),
+        signal.SIGWINCH: signal.signal(signal.SIGWINCH, lambda _signum, _frame: stdio.resized()),
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
+def _read(readable: list[int], lines: dict[int, Any], stdio: _Stdio) -> Iterator[dict[str, Any]]:
+    """What the ready fds have: typed input and output relayed, the lines' messages yielded."""
+    for fd in readable:
+        if fd == 0 and stdio.relay_stdin:
+            stdio.typed()
             continue
-        for fd in readable:
-            if fd == 0 and stdio.relay_stdin:
-                stdio.typed()
-                continue
-            if fd in stdio.sources:
-                stdio.pump(fd)
-                continue
-            try:
-                message, fds = protocol.recv(lines[fd])
-            except protocol.ProtocolError as exc:  # the line is closed: its sender, blocked on it, goes on
-                _say(f"pytest-sandbox: {WHERE}: {exc}")
-                lines[fd].close()
-                message, fds = None, []
-            for extra in fds:  # the crash memfd: pytest in there wrote its own faulthandler dump to stderr
-                os.close(extra)
-            if message is None or message.get("type") == "gone":
-                del lines[fd]
-            else:
-                yield message
+        if fd in stdio.sources:
+            stdio.pump(fd)
+            continue
+        try:
+            message, fds = protocol.recv(lines[fd])
+        except protocol.ProtocolError as exc:  # the line is closed: its sender, blocked on it, goes on
+            _say(f"pytest-sandbox: {WHERE}: {exc}")
+            lines[fd].close()
+            message, fds = None, []
+        for extra in fds:  # the crash memfd: pytest in there wrote its own faulthandler dump to stderr
+            os.close(extra)
+        if message is None or message.get("type") == "gone":
+            del lines[fd]
+        else:
+            yield message
 
 
 def _exit_code(ended: dict[str, Any]) -> int:

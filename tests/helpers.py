@@ -36,12 +36,14 @@ def wait_gone(token: str, timeout: float = 5.0) -> list[int]:
         time.sleep(0.05)
 
 
-def start_pytest_until_running(path: Path, token: str | None = None, word: str = "RUNNING") -> subprocess.Popen[str]:
-    """Start ``pytest -s`` in ``path`` and return once it printed ``word`` (a bound of 300 s: the cgroup v2
+def start_pytest_until_running(
+    path: Path, token: str | None = None, word: str = "RUNNING", args: tuple[str, ...] = ()
+) -> subprocess.Popen[str]:
+    """Start ``pytest -s ARGS`` in ``path`` and return once it printed ``word`` (a bound of 300 s: the cgroup v2
     guest runs Python ~8x slower, a loaded CI machine slower still)."""
     env = {**os.environ, "SANDBOX_TEST_MARK": token} if token else None  # not *_TOKEN: sandboxes withhold those
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-s", "-p", "no:cacheprovider"],
+        [sys.executable, "-m", "pytest", "-s", "-p", "no:cacheprovider", *args],
         cwd=path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -7,11 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from helpers import processes_with, wait_gone
+from helpers import processes_with, start_pytest_until_running, wait_gone
 
 HERMETIC = "--sandbox=hermetic"
 
@@ -19,30 +18,6 @@ HERMETIC = "--sandbox=hermetic"
 @pytest.fixture(autouse=True)
 def _own_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTEST_SANDBOX_STORE", str(tmp_path / "store"))
-
-
-def _start(path: Path, token: str, *args: str) -> subprocess.Popen[str]:
-    """pytest --sandbox=hermetic in ``path``, returned once it printed RUNNING."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-s", "-p", "no:cacheprovider", HERMETIC, *args],
-        cwd=path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "SANDBOX_TEST_MARK": token},
-    )
-    assert proc.stdout is not None
-    seen = []
-    deadline = time.monotonic() + 300
-    for line in proc.stdout:
-        seen.append(line)
-        if "RUNNING" in line:
-            return proc
-        if time.monotonic() > deadline:
-            break
-    proc.kill()
-    proc.wait()
-    raise AssertionError("pytest never printed RUNNING:\n" + "".join(seen))
 
 
 def test_a_conftest_cannot_reach_the_supervisor(pytester: pytest.Pytester) -> None:
@@ -97,7 +72,7 @@ def test_killing_the_supervisor_leaves_nothing(pytester: pytest.Pytester, token:
             print("RUNNING", flush=True)
             time.sleep(1000)
     """)
-    proc = _start(pytester.path, token)
+    proc = start_pytest_until_running(pytester.path, token, args=(HERMETIC,))
     assert len(processes_with(token)) >= 3  # the supervisor, pytest in the sandbox, the test's daemon
     proc.kill()
     proc.wait()
@@ -113,7 +88,7 @@ def test_interrupt_reaches_pytest_in_the_sandbox(pytester: pytest.Pytester, toke
             print("RUNNING", flush=True)
             time.sleep(1000)
     """)
-    proc = _start(pytester.path, token)
+    proc = start_pytest_until_running(pytester.path, token, args=(HERMETIC,))
     proc.send_signal(signal.SIGINT)
     output = proc.communicate(timeout=60)[0]
     assert proc.returncode == pytest.ExitCode.INTERRUPTED, output
