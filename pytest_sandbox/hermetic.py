@@ -20,10 +20,12 @@ import json
 import os
 import select
 import signal
+import site
 import stat
 import subprocess
 import sys
 import termios
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -47,11 +49,11 @@ WHERE = "--sandbox=hermetic"
 # pytest again, in the sandbox: with the supervisor's sys.path (how it was started decides it: a script,
 # python -m pytest) and its argv[0]; the command line follows.
 _BOOTSTRAP = (
-    "import json, sys; sys.path[:] = json.loads(sys.argv[1]); sys.argv = sys.argv[2:]; "
+    "import sys; del sys.path[0]; import json; sys.path[:] = json.loads(sys.argv[1]); sys.argv = sys.argv[2:]; "
     "import pytest; sys.exit(pytest.main())"
 )
 # Report and data files the well-known plugins write where their options say: (option dest, plugin).
-_REPORT_FILES = ("xmlpath", "reportlog", "htmlpath", "json_report_file")
+_REPORT_FILES = ("xmlpath", "report_log", "htmlpath", "json_report_file")
 _WALK_MAX = 20000  # directories looked at for test modules (syrupy's snapshot directories)
 _COVERAGE_REPORTS = {"html": "htmlcov", "xml": "coverage.xml", "json": "coverage.json", "lcov": "coverage.lcov"}
 
@@ -78,15 +80,16 @@ def supervise(config: pytest.Config) -> int:
     reason = probe.unavailable_reason()
     if reason is not None:
         raise pytest.UsageError(f"{WHERE}: this host cannot build sandboxes: {reason} (see pytest-sandbox doctor)")
+    _fill_closed_stdio()
     _refuse_project_plugins(config)
     state = _session.configure(config)
     spec = session_spec(state)
     paths = _paths(config, state, spec)
-    _session._open_cgroup_session(state)
     launch = session_process.SessionLaunch(
         spec=spec, argv=tuple(inner_command(config)), env=((ENV, "1"),), config=config
     )
     try:
+        _session._open_cgroup_session(state)
         with state.volumes.held(spec.volumes):
             limits = Limits(state.backend, state.cgroup_session, False)
             zygote = Zygote({}, SPEC_KEY, paths, 0, limits, Namespaces(), session=launch)
@@ -102,25 +105,41 @@ def supervise(config: pytest.Config) -> int:
         _session.close(state)
 
 
+def _fill_closed_stdio() -> None:
+    """A closed stdin, stdout or stderr becomes /dev/null: the pipes and terminal made next must not take
+    their numbers (the relay would read its own output as typed input)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
 def _refuse_project_plugins(config: pytest.Config) -> None:
     """pytest imports ``-p`` plugins (the ini's ``addopts`` too) and entry points before any hook of this
     plugin runs: if one of them is the project's own code (a module of the rootdir or of the directory pytest
     started in, not an installed package), it has run in this process already. Say so and stop, rather than
-    go on as if the run were contained."""
-    installed = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
-    places = [os.path.realpath(p) for p in output_anchors(config)]
-    ours = os.path.realpath(os.path.dirname(__file__))
-    for name, module in list(sys.modules.items()):
-        file = getattr(module, "__file__", None)
+    go on as if the run were contained. Best effort: code that ran could have hidden itself."""
+    installed = [sys.prefix, sys.base_prefix, sys.exec_prefix, *site.getsitepackages(), site.getusersitepackages()]
+    installed += [os.path.realpath(path) for path in installed]
+    places = [*output_anchors(config)]
+    places += [os.path.realpath(place) for place in places]
+    ours = os.path.dirname(__file__)
+    for plugin in config.pluginmanager.get_plugins():
+        file = getattr(plugin, "__file__", None)
         if not isinstance(file, str):
             continue
-        real = os.path.realpath(file)
-        if is_under(real, ours) or any(is_under(real, prefix) for prefix in installed):
+        paths = {os.path.abspath(file), os.path.realpath(file)}
+        if any(is_under(path, ours) or any(is_under(path, prefix) for prefix in installed) for path in paths):
             continue
-        if any(is_under(real, place) for place in places):
+        if any(is_under(path, place) for path in paths for place in places):
+            name = config.pluginmanager.get_name(plugin) or getattr(plugin, "__name__", "?")
             raise pytest.UsageError(
-                f"{WHERE}: the module {name} ({file}) of this project was imported before pytest-sandbox could "
-                "take over (a -p plugin, the ini's addopts, or an entry point): its code has run on the host. "
+                f"{WHERE}: the plugin {name} ({file}) is this project's code and was imported before pytest-sandbox "
+                "could take over (a -p option, the ini's addopts, or an entry point): it has run on the host. "
                 "Plugins loaded that way cannot be contained; remove them from addopts, or do not install the "
                 "project as a pytest plugin"
             )
@@ -195,12 +214,18 @@ def _check_output(output: str, anchors: tuple[str, ...]) -> None:
             f"{WHERE}: the output {output} lies outside the rootdir and the directory pytest was started in "
             f"({', '.join(anchors)}): write it under one of them"
         )
-    parts = [] if output == anchor else os.path.relpath(output, anchor).split("/")
+    if output == anchor:
+        raise pytest.UsageError(f"{WHERE}: the output {output} is all of {anchor}: name a file or directory there")
+    parts = os.path.relpath(output, anchor).split("/")
     if ".git" in parts:
         raise pytest.UsageError(f"{WHERE}: the output {output} lies in a .git directory, which a run may not write")
-    for depth in range(1, len(parts) + 1):
+    if any(is_under(output, prefix) for prefix in {sys.prefix, sys.exec_prefix, os.path.realpath(sys.prefix)}):
+        raise pytest.UsageError(f"{WHERE}: the output {output} lies in this Python's environment ({sys.prefix})")
+    for depth in range(0, len(parts) + 1):
         step = os.path.join(anchor, *parts[:depth])
-        if os.path.islink(step):
+        if os.path.isfile(os.path.join(step, "pyvenv.cfg")):
+            raise pytest.UsageError(f"{WHERE}: the output {output} lies in the virtual environment {step}")
+        if depth and os.path.islink(step):
             raise pytest.UsageError(
                 f"{WHERE}: the output {output} goes through the symlink {step} (to {os.readlink(step)}): outputs are "
                 "written without following symlinks; name the place it points to, inside the rootdir"
@@ -288,47 +313,68 @@ def check_items(items: list[pytest.Item], defaults: dict[str, Any]) -> None:
 class _Stdio:
     """pytest's stdin, stdout and stderr in the sandbox. Where the supervisor's stdout is a terminal, a
     pseudo-terminal of the supervisor's (stderr shares it if that is a terminal too, and so does stdin, whose
-    input the supervisor relays: --pdb and input() under -s work); else pipes. A stdin that is no terminal goes
-    in as it is if it is a pipe or a file open for reading only, else /dev/null."""
+    input the supervisor relays while it is in the foreground: --pdb and input() under -s work); else pipes.
+    A stdin that is no terminal goes in as a pipe as it is, as a sealed copy if it is a file (a file's fd
+    could be opened again for writing through /proc), else as /dev/null."""
 
     def __init__(self) -> None:
         self.sources: dict[int, int] = {}  # our read end -> the supervisor's fd it goes to
         self.theirs: list[int] = []
         self.master = -1  # the pseudo-terminal's, when there is one
         self.relay_stdin = False  # what the user types goes on to it
-        terminal = os.isatty(1)
-        if terminal:
-            self.master, slave = os.openpty()
-            _copy_window_size(1, slave)
-            attrs = termios.tcgetattr(slave)
-            attrs[1] &= ~termios.OPOST  # bytes as pytest wrote them: the supervisor's terminal does the rest
-            attrs[3] &= ~termios.ECHO  # the user's terminal echoes what they type already
-            termios.tcsetattr(slave, termios.TCSANOW, attrs)
-            os.set_inheritable(self.master, False)
-            self.sources[self.master] = 1
-            out = slave
-        else:
+        self.ends_typed = 0  # ^D in a row with nothing typed between: past a few, the terminal is gone
+        out = self._terminal() if os.isatty(1) else -1
+        if out < 0:
             out_r, out = os.pipe2(os.O_CLOEXEC)
             self.sources[out_r] = 1
-        if terminal and os.isatty(2):
+        if self.master >= 0 and os.isatty(2):
             err = os.dup(out)
         else:
             err_r, err = os.pipe2(os.O_CLOEXEC)
             self.sources[err_r] = 2
-        if terminal and os.isatty(0):
+        if self.master >= 0 and os.isatty(0):
             stdin = os.dup(out)
             self.relay_stdin = True
-        elif _readable_only_stream(0):
-            stdin = os.dup(0)
         else:
-            stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            stdin = _stdin_copy()
         self.theirs = [stdin, out, err]
+
+    def _terminal(self) -> int:
+        """A pseudo-terminal like the user's: its pytest end, or -1 where none can be had (pipes then)."""
+        try:
+            self.master, slave = os.openpty()
+        except OSError:
+            return -1
+        _copy_window_size(1, slave)
+        attrs = termios.tcgetattr(slave)
+        attrs[1] &= ~termios.OPOST  # bytes as pytest wrote them: the supervisor's terminal does the rest
+        attrs[3] &= ~termios.ECHO  # the user's terminal echoes what they type already
+        termios.tcsetattr(slave, termios.TCSANOW, attrs)
+        os.set_inheritable(self.master, False)
+        os.set_blocking(self.master, False)  # typed input pytest does not read is dropped, never waited on
+        self.sources[self.master] = 1
+        return slave
+
+    def typing(self) -> list[int]:
+        """[0] while what the user types is relayed: in the foreground only (a read from the background
+        would stop the supervisor with SIGTTIN)."""
+        if not self.relay_stdin:
+            return []
+        try:
+            return [0] if os.tcgetpgrp(0) == os.getpgrp() else []
+        except OSError:  # no terminal any more
+            self.relay_stdin = False
+            return []
 
     def typed(self) -> None:
         """Relay what the user typed (a line: their terminal edits it); their end of input (^D) as one."""
         try:
             data = os.read(0, 4096)
         except OSError:  # their terminal hung up
+            self.relay_stdin = False
+            return
+        self.ends_typed = 0 if data else self.ends_typed + 1
+        if self.ends_typed > 8:  # a terminal that says end of input over and over has hung up
             self.relay_stdin = False
             return
         with contextlib.suppress(OSError):
@@ -347,11 +393,16 @@ class _Stdio:
         """Copy what ``fd`` has to its destination; False at its end."""
         try:
             data = os.read(fd, 65536)
+        except BlockingIOError:
+            return True
         except OSError:  # EIO: the pseudo-terminal's last holder has closed it
             data = b""
         if not data:
             os.close(fd)
             del self.sources[fd]
+            if fd == self.master:
+                self.master = -1
+                self.relay_stdin = False
             return False
         stream = sys.stdout if self.sources[fd] == 1 else sys.stderr
         buffer = getattr(stream, "buffer", None)
@@ -368,16 +419,30 @@ class _Stdio:
                 os.close(fd)
         self.sources = {}
         self.theirs = []
+        self.master = -1
+        self.relay_stdin = False
 
 
-def _readable_only_stream(fd: int) -> bool:
-    """A pipe or regular file open for reading only: nothing the sandbox can write through."""
+def _stdin_copy() -> int:
+    """What pytest in the sandbox reads when the user's stdin is no terminal: the pipe itself; a file's bytes
+    in a sealed memfd (up to MAX_FILE); else /dev/null."""
     try:
-        mode = os.fstat(fd).st_mode
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        info = os.fstat(0)
+        readable = fcntl.fcntl(0, fcntl.F_GETFL) & os.O_ACCMODE in (os.O_RDONLY, os.O_RDWR)
     except OSError:
-        return False
-    return (stat.S_ISFIFO(mode) or stat.S_ISREG(mode)) and flags & os.O_ACCMODE == os.O_RDONLY
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    if stat.S_ISFIFO(info.st_mode) and readable:
+        return os.dup(0)
+    if stat.S_ISREG(info.st_mode) and readable and info.st_size <= outputs.MAX_FILE:
+        copy = os.memfd_create("pytest-stdin", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        with contextlib.suppress(OSError):
+            while chunk := os.read(0, 1 << 20):
+                os.write(copy, chunk)
+        os.lseek(copy, 0, os.SEEK_SET)
+        seals = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+        fcntl.fcntl(copy, fcntl.F_ADD_SEALS, seals)
+        return copy
+    return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
 
 def _copy_window_size(source: int, target: int) -> None:
@@ -397,7 +462,7 @@ def _relay(zygote: Zygote, declared: tuple[str, ...], anchors: tuple[str, ...]) 
                 if message.get("type") in ("output", "output-too-large"):
                     try:
                         protocol.check(message, protocol.FROM_TEST)
-                        outputs.write(message, declared, anchors, say=_say)
+                        outputs.write(message, declared, anchors, say=_say)  # refuses .git below an anchor
                     except protocol.ProtocolError as exc:
                         _say(f"pytest-sandbox: {WHERE}: an output refused: {exc}")
                 elif message.get("type") == "error" or (message.get("type") == "exit" and not ended):
@@ -413,9 +478,11 @@ def _messages(zygote: Zygote, stdio: _Stdio, status: Any, channel: Any) -> Itera
     lines = {status.fileno(): status, channel.fileno(): channel}
     with _forwarding_signals(zygote, stdio):
         while lines or stdio.sources:
-            typed = [0] if stdio.relay_stdin and lines else []
+            typed = stdio.typing() if lines else []
             readable = select.select([*lines, *stdio.sources, *typed], [], [])[0]  # PEP 475: on after a signal
-            yield from _read(readable, lines, stdio)
+            for fd, message in _read(readable, lines, stdio):
+                if (fd == status.fileno()) == (message.get("type") in ("exit", "error")):
+                    yield message  # the zygote says how it ended, the session's process sends outputs
 
 
 @contextlib.contextmanager
@@ -431,6 +498,9 @@ def _forwarding_signals(zygote: Zygote, stdio: _Stdio) -> Iterator[None]:
         else:
             zygote.kill(session_process.NODEID)
 
+    if threading.current_thread() is not threading.main_thread():  # pytest.main() in a thread: no handlers
+        yield
+        return
     before = {
         signal.SIGINT: signal.signal(signal.SIGINT, interrupted),
         signal.SIGWINCH: signal.signal(signal.SIGWINCH, lambda _signum, _frame: stdio.resized()),
@@ -442,8 +512,8 @@ def _forwarding_signals(zygote: Zygote, stdio: _Stdio) -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-def _read(readable: list[int], lines: dict[int, Any], stdio: _Stdio) -> Iterator[dict[str, Any]]:
-    """What the ready fds have: typed input and output relayed, the lines' messages yielded."""
+def _read(readable: list[int], lines: dict[int, Any], stdio: _Stdio) -> Iterator[tuple[int, dict[str, Any]]]:
+    """What the ready fds have: typed input and output relayed, the lines' messages yielded with their line."""
     for fd in readable:
         if fd == 0 and stdio.relay_stdin:
             stdio.typed()
@@ -462,7 +532,7 @@ def _read(readable: list[int], lines: dict[int, Any], stdio: _Stdio) -> Iterator
         if message is None or message.get("type") == "gone":
             del lines[fd]
         else:
-            yield message
+            yield fd, message
 
 
 def _exit_code(ended: dict[str, Any]) -> int:

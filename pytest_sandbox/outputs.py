@@ -103,7 +103,10 @@ def _entry(dir_fd: int, name: str, path: str) -> Iterator[dict[str, Any]]:
         except PermissionError:  # a file the sandbox made unreadable to itself: not carried, the others are
             return
         with os.fdopen(fd, "rb") as file:
-            data = file.read()
+            data = file.read(MAX_FILE + 1)  # it may have grown since its size was read
+        if len(data) > MAX_FILE:
+            yield {"type": "output-too-large", "path": path, "size": len(data)}
+            return
         yield {
             "type": "output",
             "path": path,
@@ -154,11 +157,7 @@ def write(
     if path == root:  # an output that names a file: written in its directory, made as for any output
         root = os.path.dirname(root)
     if message["type"] == "output-too-large":
-        text = f"pytest-sandbox: the output {path} is not carried: {int(message['size'])} bytes, past {MAX_FILE}"
-        if say is not None:
-            say(text)
-        else:
-            warnings.warn(pytest.PytestWarning(text), stacklevel=1)
+        _tell(say, f"pytest-sandbox: the output {path} is not carried: {int(message['size'])} bytes, past {MAX_FILE}")
         return
     if message["mode"] not in (0o644, 0o755):
         raise ProtocolError(f"an output with mode {message['mode']!r}")
@@ -168,32 +167,44 @@ def write(
         raise ProtocolError(f"an output whose data is not base64: {path!r}") from None
     parts = os.path.relpath(path, root).split("/")
     try:
-        if anchors is None:
-            os.makedirs(root, exist_ok=True)
-            base_fd = os.open(root, _DIRECTORY)
-            below = parts[:-1]
-        else:
-            anchor = max((place for place in anchors if is_under(root, place)), key=len, default=None)
-            if anchor is None:
-                raise ProtocolError(f"an output outside the places outputs may be written: {path!r}")
-            base_fd = os.open(anchor, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            between = os.path.relpath(root, anchor)
-            below = ([] if between == "." else between.split("/")) + parts[:-1]
-        try:
-            dir_fd = _open_below(base_fd, below, create=True)
-        finally:
-            os.close(base_fd)
-        assert dir_fd is not None
+        dir_fd = _directory_for(path, root, parts[:-1], anchors)
         try:
             _replace(dir_fd, parts[-1], data, message["mode"])
         finally:
             os.close(dir_fd)
-    except OSError as exc:
-        text = f"pytest-sandbox: cannot write the output {path}: {exc}"
-        if say is not None:
-            say(text)
-        else:
-            warnings.warn(pytest.PytestWarning(text), stacklevel=1)
+    except (OSError, ValueError) as exc:  # ValueError: a name the file system's encoding cannot take
+        _tell(say, f"pytest-sandbox: cannot write the output {path}: {exc}")
+
+
+def _directory_for(path: str, root: str, below_root: list[str], anchors: Iterable[str] | None) -> int:
+    """The directory ``below_root`` under ``root`` (made as needed), reached as ``write`` says."""
+    if anchors is None:
+        os.makedirs(root, exist_ok=True)
+        base_fd = os.open(root, _DIRECTORY)
+        below = below_root
+    else:
+        anchor = max((place for place in anchors if is_under(root, place)), key=len, default=None)
+        if anchor is None:
+            raise ProtocolError(f"an output outside the places outputs may be written: {path!r}")
+        base_fd = os.open(anchor, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        between = os.path.relpath(root, anchor)
+        below = ([] if between == "." else between.split("/")) + below_root
+        if ".git" in below:  # hooks there would run at the next commit
+            os.close(base_fd)
+            raise ProtocolError(f"an output in a .git directory: {path!r}")
+    try:
+        dir_fd = _open_below(base_fd, below, create=True)
+    finally:
+        os.close(base_fd)
+    assert dir_fd is not None
+    return dir_fd
+
+
+def _tell(say: Callable[[str], None] | None, text: str) -> None:
+    if say is not None:
+        say(text)
+    else:
+        warnings.warn(pytest.PytestWarning(text), stacklevel=2)
 
 
 def _replace(dir_fd: int, name: str, data: bytes, mode: int) -> None:

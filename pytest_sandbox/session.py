@@ -21,7 +21,7 @@ from . import outputs, settings, summary
 from .errors import SandboxError, ServiceError
 from .layers import build, progress, registry
 from .layers.store import Image, Store, share
-from .linux import mounts
+from .linux import mounts, process
 from .linux.files import remove_tree
 from .linux.mounts import SCRATCH_PLACES, is_under
 from .linux.rootfs import ImageMount
@@ -102,6 +102,11 @@ def configure(config: pytest.Config) -> SessionState:
     """The session's state from its settings; bad values are usage errors before anything runs."""
     mode = settings.choice(config, "sandbox_mode")
     hermetic = mode == "hermetic" and os.environ.get(settings.HERMETIC_ENV) == "1"
+    if hermetic and not process.without_privileges():  # the variable leaked into a run that is not contained
+        raise pytest.UsageError(
+            f"${settings.HERMETIC_ENV} is set, but this pytest does not run in the session's sandbox of "
+            "--sandbox=hermetic: unset it"
+        )
     if hermetic:
         mode = "off"  # already in the session's sandbox: every test runs here, as in a plain run
     kind = settings.choice(config, "sandbox_cgroup_backend")

@@ -184,7 +184,7 @@ def test_a_project_plugin_imported_before_the_takeover_is_refused(pytester: pyte
     pytester.makepyfile(project_plugin="RAN = True", test_a="def test_a(): pass")
     result = pytester.runpytest_subprocess(HERMETIC)  # python -m pytest: the cwd is on sys.path
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*the module project_plugin (*project_plugin.py) of this project was imported*"])
+    result.stderr.fnmatch_lines(["*the plugin project_plugin (*project_plugin.py) is this project's code*"])
 
 
 def test_outputs_the_supervisor_cannot_take_do_not_hang_it(pytester: pytest.Pytester) -> None:
@@ -208,3 +208,51 @@ def test_outputs_the_supervisor_cannot_take_do_not_hang_it(pytester: pytest.Pyte
     assert (pytester.path / "results" / ("n" * 250)).read_text() == "a long name"
     assert not (pytester.path / "results" / "deep" / "huge.bin").exists()
     result.stderr.fnmatch_lines(["*the output */results/deep/huge.bin is not carried: 104857600 bytes, past 67108864"])
+
+
+def test_an_output_that_is_the_whole_rootdir_is_refused(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\ncache_dir = .\n")
+    pytester.makepyfile("def test_a(): pass")
+    result = pytester.runpytest_subprocess(HERMETIC)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*the output * is all of *: name a file or directory there"])
+
+
+def test_a_file_as_stdin_is_read_but_cannot_be_written(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    given = tmp_path / "input.txt"
+    given.write_text("hello from a file\n")
+    pytester.makepyfile("""
+        import os, sys
+
+        def test_reads_and_tries_to_write():
+            assert sys.stdin.read() == "hello from a file\\n"
+            try:
+                with open("/proc/self/fd/0", "w") as again:
+                    again.write("overwritten")
+            except OSError:
+                pass
+    """)
+    with open(given) as stdin:
+        run = subprocess.run(
+            [sys.executable, "-m", "pytest", "-s", "-p", "no:cacheprovider", HERMETIC],
+            cwd=pytester.path,
+            stdin=stdin,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert "1 passed" in run.stdout, run.stdout + run.stderr
+    assert given.read_text() == "hello from a file\n"
+
+
+def test_a_closed_stdin_is_no_trouble(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_a(): pass")
+    closes_stdin = "import os, sys; os.close(0); os.execv(sys.executable, sys.argv[1:])"
+    run = subprocess.run(
+        [sys.executable, "-c", closes_stdin, sys.executable, "-m", "pytest", "-p", "no:cacheprovider", HERMETIC],
+        cwd=pytester.path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout + run.stderr

@@ -51,3 +51,13 @@ def die_with_parent(parent: int, sig: int = signal.SIGKILL) -> None:
     syscalls.prctl(syscalls.PR_SET_PDEATHSIG, sig)
     if os.getppid() != parent:
         os._exit(1)
+
+
+def without_privileges() -> bool:
+    """This process can gain no capability: none in its bounding set, and no_new_privs (a sandbox's own)."""
+    try:
+        with open("/proc/self/status") as status:
+            fields = dict(line.split(":", 1) for line in status if ":" in line)
+    except OSError:
+        return False
+    return fields.get("NoNewPrivs", "").strip() == "1" and int(fields.get("CapBnd", "1").strip(), 16) == 0

@@ -51,6 +51,9 @@ def run(
         os._exit(NOT_STARTED)
     argv = [str(arg) for arg in request["argv"]]
     env = {**os.environ, **{str(k): str(v) for k, v in request["env"].items()}}
+    # pytest in here runs the suite's code: it may not trace this process, whose line leads to the supervisor
+    # (set before the fork: its exec makes pytest dumpable again, as any program).
+    syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
     pid = os.fork()
     if pid == 0:
         try:
@@ -67,8 +70,6 @@ def run(
             os._exit(NOT_STARTED)
     for fd in stdio:
         os.close(fd)
-    # pytest in here runs the suite's code: it may not trace this process, whose line leads to the supervisor.
-    syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
     for signum in FORWARDED:
         signal.signal(signum, lambda sig, _frame: _forward(pid, sig))
     status = _wait(pid)
