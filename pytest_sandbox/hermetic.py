@@ -187,6 +187,7 @@ def _paths(config: pytest.Config, state: SessionState, spec: SandboxSpec) -> Ses
         parent = os.path.dirname(os.path.abspath(basetemp))
         if os.path.isdir(parent) and not any(is_under(parent, place) for place in base.writable):
             base = dataclasses.replace(base, writable=(*base.writable, parent))
+    base = dataclasses.replace(base, needed=tuple(dict.fromkeys([*base.needed, *_import_places()])))
     declared = tuple(dict.fromkeys([*state.outputs, *plugin_outputs(config)]))
     anchors = output_anchors(config)
     for output in declared:
@@ -197,6 +198,23 @@ def _paths(config: pytest.Config, state: SessionState, spec: SandboxSpec) -> Ses
         volumes_root=state.volumes.root,
         store_private=(state.volumes.root, state.store.tmp_dir, os.path.join(state.store.root, "store.lock")),
     )
+
+
+def _import_places() -> list[str]:
+    """Where the code this interpreter imports lies besides ``sys.path``: the packages imported so far (an
+    editable install's finder maps them anywhere, /var/tmp included, where the sandbox has a fresh tmpfs) and
+    every editable finder's mapping. pytest in the sandbox is a new interpreter: it must find them again."""
+    places: list[str] = []
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if "." in name or not isinstance(file, str) or not os.path.isabs(file):
+            continue
+        places.append(os.path.dirname(file))  # a top-level module's directory, or a package's own
+    for finder in sys.meta_path:
+        mapping = getattr(sys.modules.get(getattr(finder, "__module__", "") or ""), "MAPPING", None)
+        if isinstance(mapping, dict):  # setuptools' editable finder: package name -> its directory
+            places += [path for path in mapping.values() if isinstance(path, str) and os.path.isabs(path)]
+    return [place for place in dict.fromkeys(places) if os.path.isdir(place)]
 
 
 def output_anchors(config: pytest.Config) -> tuple[str, ...]:

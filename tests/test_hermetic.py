@@ -11,6 +11,7 @@ import select
 import signal
 import sys
 import time
+import types
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -318,3 +319,20 @@ def test_a_terminals_input_reaches_the_tests(pytester: pytest.Pytester) -> None:
     text = seen.decode(errors="replace")
     assert "GOT-IT" in text and "1 passed" in text, text
     assert os.waitstatus_to_exitcode(status) == 0, text
+
+
+def test_code_imported_from_anywhere_stays_visible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pytest in the sandbox is a new interpreter: packages an editable install maps under /var/tmp (a fresh
+    tmpfs there) must stay visible, as must every package imported so far (the CI's user lane installs so)."""
+    from pytest_sandbox import hermetic
+
+    package = tmp_path / "mapped_pkg"
+    package.mkdir()
+    finder_module = types.ModuleType("fake_editable_finder")
+    finder_module.MAPPING = {"mapped_pkg": str(package)}  # type: ignore[attr-defined]
+    finder = type("Finder", (), {"__module__": "fake_editable_finder"})
+    monkeypatch.setitem(sys.modules, "fake_editable_finder", finder_module)
+    monkeypatch.setattr(sys, "meta_path", [*sys.meta_path, finder])
+    places = hermetic._import_places()
+    assert str(package) in places
+    assert os.path.dirname(hermetic.__file__) in places
