@@ -41,7 +41,6 @@ from .runtime.zygote import Limits, Namespaces, SessionPaths
 from .services.definition import used_by
 from .session import SPEC_KEY, SessionState
 from .spec import MARKER, SandboxSpec, spec_for_item, validate
-from .volumes import is_named
 
 ENV = settings.HERMETIC_ENV  # "1" in the session's sandbox: the pytest there is the hermetic session
 MODE = "hermetic"
@@ -81,10 +80,11 @@ def supervise(config: pytest.Config) -> int:
     if reason is not None:
         raise pytest.UsageError(f"{WHERE}: this host cannot build sandboxes: {reason} (see pytest-sandbox doctor)")
     _fill_closed_stdio()
-    _refuse_project_plugins(config)
+    anchors = output_anchors(config)
+    _refuse_project_plugins(config, anchors)
     state = _session.configure(config)
     spec = session_spec(state)
-    paths = _paths(config, state, spec)
+    paths = _paths(config, state, anchors)
     launch = session_process.SessionLaunch(
         spec=spec, argv=tuple(inner_command(config)), env=((ENV, "1"),), config=config
     )
@@ -94,7 +94,7 @@ def supervise(config: pytest.Config) -> int:
             limits = Limits(state.backend, state.cgroup_session, False)
             zygote = Zygote({}, SPEC_KEY, paths, 0, limits, Namespaces(), session=launch)
             try:
-                return _relay(zygote, paths.outputs, output_anchors(config))
+                return _relay(zygote, paths.outputs, anchors)
             finally:
                 zygote.close()
                 state.volumes.clear_setid_bits(spec.volumes)
@@ -118,14 +118,14 @@ def _fill_closed_stdio() -> None:
                 os.close(null)
 
 
-def _refuse_project_plugins(config: pytest.Config) -> None:
+def _refuse_project_plugins(config: pytest.Config, anchors: tuple[str, ...]) -> None:
     """pytest imports ``-p`` plugins (the ini's ``addopts`` too) and entry points before any hook of this
     plugin runs: if one of them is the project's own code (a module of the rootdir or of the directory pytest
     started in, not an installed package), it has run in this process already. Say so and stop, rather than
     go on as if the run were contained. Best effort: code that ran could have hidden itself."""
     installed = [sys.prefix, sys.base_prefix, sys.exec_prefix, *site.getsitepackages(), site.getusersitepackages()]
     installed += [os.path.realpath(path) for path in installed]
-    places = [*output_anchors(config)]
+    places = [*anchors]
     places += [os.path.realpath(place) for place in places]
     ours = os.path.dirname(__file__)
     for plugin in config.pluginmanager.get_plugins():
@@ -166,20 +166,13 @@ def session_spec(state: SessionState) -> SandboxSpec:
     if spec.network == "pod":
         raise pytest.UsageError(f"{WHERE}: network=pod: services are not available in this mode; allowed: none, host")
     unenforced = [limit for limit in spec.limits if limit not in state.backend.enforced]
-    if unenforced and state.limit_policy == "strict":
-        raise pytest.UsageError(
-            f"{state.backend.describe()} cannot enforce {', '.join(unenforced)}; "
-            "sandbox_limits=strict makes this an error"
-        )
+    _session.refuse_unenforceable(state, unenforced)
     if unenforced:
         _say(f"pytest-sandbox: {state.backend.describe()} cannot enforce {', '.join(unenforced)} for the session")
-    for source, _target, _mode in spec.volumes:
-        if is_named(source):
-            state.volumes.ensure(source)
-    return spec
+    return spec  # its named volumes are made as the session holds them (VolumeStore.held)
 
 
-def _paths(config: pytest.Config, state: SessionState, spec: SandboxSpec) -> SessionPaths:
+def _paths(config: pytest.Config, state: SessionState, anchors: tuple[str, ...]) -> SessionPaths:
     """What the session's sandbox shows and keeps writable, and its outputs (checked: see output_anchors)."""
     base = _session.session_paths(config, None)
     basetemp = getattr(config.option, "basetemp", None)
@@ -189,14 +182,13 @@ def _paths(config: pytest.Config, state: SessionState, spec: SandboxSpec) -> Ses
             base = dataclasses.replace(base, writable=(*base.writable, parent))
     base = dataclasses.replace(base, needed=tuple(dict.fromkeys([*base.needed, *_import_places()])))
     declared = tuple(dict.fromkeys([*state.outputs, *plugin_outputs(config)]))
-    anchors = output_anchors(config)
     for output in declared:
         _check_output(output, anchors)
     return dataclasses.replace(
         base,
         outputs=declared,
         volumes_root=state.volumes.root,
-        store_private=(state.volumes.root, state.store.tmp_dir, os.path.join(state.store.root, "store.lock")),
+        store_private=_session.store_private(state),
     )
 
 
@@ -559,7 +551,10 @@ def _exit_code(ended: dict[str, Any]) -> int:
         return int(pytest.ExitCode.INTERNAL_ERROR)
     if "signal" in ended:
         number = int(ended["signal"])
-        name = signal.Signals(number).name if number in signal.Signals._value2member_map_ else str(number)
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = str(number)
         _say(f"pytest-sandbox: {WHERE}: pytest in the session's sandbox was killed by {name}")
         return 128 + number
     if "code" in ended:

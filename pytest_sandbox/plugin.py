@@ -209,12 +209,7 @@ def _start_zygote(item: pytest.Item, state: SessionState) -> None:
 def _unenforceable(state: SessionState, unenforced: dict[str, list[str]]) -> None:
     """A limit this host cannot enforce: an error with sandbox_limits=strict; else each such test warns
     when it runs (test_process.ReportStreamer), where filterwarnings applies as to any warning."""
-    if state.limit_policy != "strict":
-        return
-    parts = [f"{limit} (e.g. {nodeids[0]})" for limit, nodeids in sorted(unenforced.items())]
-    raise pytest.UsageError(
-        f"{state.backend.describe()} cannot enforce {', '.join(parts)}; sandbox_limits=strict makes this an error"
-    )
+    _session.refuse_unenforceable(state, [f"{limit} (e.g. {ids[0]})" for limit, ids in sorted(unenforced.items())])
 
 
 @pytest.hookimpl(tryfirst=True)

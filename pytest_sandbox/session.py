@@ -137,6 +137,14 @@ def configure(config: pytest.Config) -> SessionState:
     )
 
 
+def refuse_unenforceable(state: SessionState, limits: list[str]) -> None:
+    """With sandbox_limits=strict, limits this host cannot enforce (``limits``: described) are a usage error."""
+    if limits and state.limit_policy == "strict":
+        raise pytest.UsageError(
+            f"{state.backend.describe()} cannot enforce {', '.join(limits)}; sandbox_limits=strict makes this an error"
+        )
+
+
 # -- images ---------------------------------------------------------------------------------------
 
 
@@ -457,8 +465,14 @@ def _zygote_paths(item: pytest.Item, state: SessionState) -> SessionPaths:
         keep_dir=state.keep_dir,
         outputs=state.outputs,
         volumes_root=state.volumes.root,
-        store_private=(state.volumes.root, state.store.tmp_dir, os.path.join(state.store.root, "store.lock")),
+        store_private=store_private(state),
     )
+
+
+def store_private(state: SessionState) -> tuple[str, ...]:
+    """The store's lock files and records (volumes, staging and xdist records, store.lock): masked in every
+    sandbox, where the store is in the host view, so that no test can hold one of their locks."""
+    return (state.volumes.root, state.store.tmp_dir, os.path.join(state.store.root, "store.lock"))
 
 
 def _open_cgroup_session(state: SessionState) -> None:

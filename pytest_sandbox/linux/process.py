@@ -53,6 +53,21 @@ def die_with_parent(parent: int, sig: int = signal.SIGKILL) -> None:
         os._exit(1)
 
 
+def die_as_signalled(status: int) -> None:
+    """If ``status`` (a child's wait status) says a signal ended it, end this process by that signal too
+    (not dumpable first: no core file of this process, which is not what crashed); else return."""
+    if not os.WIFSIGNALED(status):
+        return
+    number = os.WTERMSIG(status)
+    syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
+    try:
+        signal.signal(number, signal.SIG_DFL)
+    except (OSError, ValueError):  # SIGKILL has no handler to reset
+        pass
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [number])
+    os.kill(os.getpid(), number)
+
+
 def without_privileges() -> bool:
     """This process can gain no capability: none in its bounding set, and no_new_privs (a sandbox's own)."""
     try:

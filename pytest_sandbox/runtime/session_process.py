@@ -17,7 +17,7 @@ import socket
 from typing import Any, NoReturn
 
 from .. import outputs, protocol
-from ..linux import syscalls
+from ..linux import process, syscalls
 from ..spec import SandboxSpec
 from .service_process import NOT_STARTED, stdio_for_a_command
 
@@ -96,10 +96,5 @@ def _wait(pid: int) -> int:
 
 def _end_as(status: int) -> NoReturn:
     """Exit as pytest did: its exit code, or the signal that ended it (the supervisor says which)."""
-    if os.WIFSIGNALED(status):
-        number = os.WTERMSIG(status)
-        with contextlib.suppress(OSError, ValueError):
-            signal.signal(number, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, [number])
-        os.kill(os.getpid(), number)
+    process.die_as_signalled(status)
     os._exit(os.waitstatus_to_exitcode(status) & 0xFF if os.WIFEXITED(status) else 1)

@@ -719,13 +719,7 @@ def _finish_teardown(item: pytest.Item, nextitem: pytest.Item | None, held: list
 def _end_as(status: int) -> NoReturn:
     """End this process as the test's fork ended, so pytest reports the crash or timeout as it would
     for a sandbox of one test (no core file of this process: it is not what crashed)."""
-    if os.WIFSIGNALED(status):
-        number = os.WTERMSIG(status)
-        syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
-        with contextlib.suppress(OSError, ValueError):  # SIGKILL has no handler to reset
-            signal.signal(number, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, [number])
-        os.kill(os.getpid(), number)
+    process.die_as_signalled(status)
     _exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1)
 
 
