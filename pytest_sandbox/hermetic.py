@@ -24,6 +24,7 @@ import site
 import stat
 import subprocess
 import sys
+import tempfile
 import termios
 import threading
 from collections.abc import Iterator
@@ -34,7 +35,7 @@ import pytest
 from . import outputs, probe, protocol, settings
 from . import session as _session
 from .errors import SandboxError
-from .linux.mounts import is_under
+from .linux.mounts import SCRATCH_PLACES, is_under
 from .runtime import session_process
 from .runtime.handle import Zygote
 from .runtime.zygote import Limits, Namespaces, SessionPaths
@@ -176,10 +177,12 @@ def _paths(config: pytest.Config, state: SessionState, anchors: tuple[str, ...])
     """What the session's sandbox shows and keeps writable, and its outputs (checked: see output_anchors)."""
     base = _session.session_paths(config, None)
     basetemp = getattr(config.option, "basetemp", None)
-    if basetemp:  # pytest removes and makes it again: its directory is the writable place, not it
-        parent = os.path.dirname(os.path.abspath(basetemp))
-        if os.path.isdir(parent) and not any(is_under(parent, place) for place in base.writable):
-            base = dataclasses.replace(base, writable=(*base.writable, parent))
+    # pytest removes and makes basetemp again: its directory is the writable place, not it. Without one, pytest
+    # makes it in $TMPDIR (or /tmp), where the sandbox has a fresh tmpfs: a $TMPDIR below it must be there.
+    parent = os.path.dirname(os.path.abspath(basetemp)) if basetemp else os.path.realpath(tempfile.gettempdir())
+    fresh = parent in (*SCRATCH_PLACES, "/")  # /tmp itself stays the sandbox's own
+    if os.path.isdir(parent) and not fresh and not any(is_under(parent, place) for place in base.writable):
+        base = dataclasses.replace(base, writable=(*base.writable, parent))
     base = dataclasses.replace(base, needed=tuple(dict.fromkeys([*base.needed, *_import_places()])))
     declared = tuple(dict.fromkeys([*state.outputs, *plugin_outputs(config)]))
     for output in declared:
@@ -189,6 +192,7 @@ def _paths(config: pytest.Config, state: SessionState, anchors: tuple[str, ...])
         outputs=declared,
         volumes_root=state.volumes.root,
         store_private=_session.store_private(state),
+        scope_sandboxes=_session.scope_sandboxes(state, base.writable),  # a layer helper for each test's layer
     )
 
 

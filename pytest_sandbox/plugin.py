@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import faulthandler
 import functools
@@ -109,12 +110,12 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         item.stash[SPEC_KEY] = spec
         if spec.image is not None and state.mode != "off":
             images_needed.setdefault(spec.image, item.nodeid)
-        if spec.volumes and state.mode != "off":
+        if spec.volumes and state.mode != "off" and not state.hermetic:  # the hermetic session's are mounted
             _session.check_volume_targets(config, item.nodeid, spec)
         for limit in spec.limits:
             if limit not in state.backend.enforced:
                 unenforced.setdefault(limit, []).append(item.nodeid)
-    if unenforced and state.mode != "off":
+    if unenforced and state.mode != "off" and not state.hermetic:
         _unenforceable(state, unenforced)
     if state.mode != "off":
         sandboxed = [item for item in items if SPEC_KEY in item.stash]
@@ -199,11 +200,16 @@ def pytest_runtestloop(session: pytest.Session) -> bool | None:
 
 def _start_zygote(item: pytest.Item, state: SessionState) -> None:
     """Fork the zygote now; a failure is reported on the first sandboxed test, as before."""
-    if probe.unavailable_reason() is None:
+    if _unavailable(state) is None:
         try:
             _session.zygote_for(item, state)
         except SandboxError:
             pass
+
+
+def _unavailable(state: SessionState) -> str | None:
+    """Why sandboxes cannot be built here; the hermetic session's need nothing more than its own sandbox."""
+    return None if state.hermetic else probe.unavailable_reason()
 
 
 def _unenforceable(state: SessionState, unenforced: dict[str, list[str]]) -> None:
@@ -292,7 +298,7 @@ def _run(
     item: pytest.Item, nextitem: pytest.Item | None, spec: SandboxSpec, state: SessionState
 ) -> Iterator[pytest.TestReport]:
     """The item's reports, each yielded as soon as the sandbox sends it."""
-    reason = probe.unavailable_reason()
+    reason = _unavailable(state)
     if reason is not None:
         yield from reports.refused(item, f"sandbox unavailable: {reason}", state.unavailable == "skip")
         return
@@ -320,16 +326,15 @@ def _run(
     try:
         channels = _channels_for(item, zyg, spec, state)
         next_here = _next_here(item, nextitem, spec, state)
-        with state.volumes.held(spec.volumes):  # a named volume has one writer at a time, across sessions
+        held = state.volumes.held(spec.volumes) if not state.hermetic else contextlib.nullcontext()
+        with held:  # a named volume has one writer at a time, across sessions (the hermetic session holds its own)
             try:
                 for report in reports.run_in_sandbox(item, zyg, spec, channels, state.containers, next_here):
                     sent.append(report)
                     yield report
             finally:
-                state.volumes.clear_setid_bits(spec.volumes)
-                if tops := tuple(state.volumes.writable_tops(spec.volumes)):  # again once the sandbox is gone:
-                    clear = functools.partial(state.volumes.clear_setid_bits, spec.volumes)  # a scope's processes
-                    zyg.when_gone(channels.status, tops, clear)  # may outlive this test
+                if not state.hermetic:
+                    _clear_setid_bits(state, spec, zyg, channels)
         state.shared = channels if channels.open else None
     except SandboxError as exc:
         error = str(exc)
@@ -341,6 +346,14 @@ def _run(
         yield from reports.refused(item, error, skip=False)
         return
     item.ihook.pytest_sandbox_finish(item=item, spec=spec, reports=sent)
+
+
+def _clear_setid_bits(state: SessionState, spec: SandboxSpec, zyg: Zygote, channels: reports.Channels) -> None:
+    """No set-id file a test made stays in a read/write volume: now, and again once the sandbox is gone (a
+    scope's processes may outlive this test)."""
+    state.volumes.clear_setid_bits(spec.volumes)
+    if tops := tuple(state.volumes.writable_tops(spec.volumes)):
+        zyg.when_gone(channels.status, tops, functools.partial(state.volumes.clear_setid_bits, spec.volumes))
 
 
 def _teardown_parent_fixtures(item: pytest.Item, nextitem: pytest.Item | None, state: SessionState) -> None:

@@ -123,6 +123,11 @@ class _Relay:
         self.ready: list[pytest.TestReport] = []  # to hand to pytest now
         self.held: list[pytest.TestReport] = []
         self.done = False  # the test process said it finished its protocol
+        # In the hermetic session's sandbox a test's layer lies over the places pytest reads and writes, in the
+        # same mount namespace, until its scope process takes it off: its outputs and coverage (whose files
+        # pytest checks) are taken once it says "done" (after that). A sandbox that ends before saying so
+        # took them along with its layer.
+        self.later: list[dict[str, Any]] | None = [] if zyg.paths.in_session else None
         self.ended = False  # the zygote said how the test process ended
         self.last_failed: pytest.TestReport | None = None
         self.interact = False  # --pdb: the test process waits for a go before pdb starts
@@ -142,9 +147,11 @@ class _Relay:
             self._record(kind, message)
         elif kind == "done":
             self.done = True
+            self._write_later()
+        elif kind in ("output", "output-too-large", "coverage") and self.later is not None:
+            self.later.append(message)
         elif kind in ("output", "output-too-large"):
-            if self.spec.image is None:
-                outputs.write(message, self.zyg.outputs)
+            self._output(message)
         elif kind == "coverage":
             self._coverage(message)
         elif kind in plugin_results.KINDS:
@@ -246,6 +253,26 @@ class _Relay:
         elif seen and PHASES.index(when) < PHASES.index(seen[-1]):
             raise protocol.ProtocolError(f"a {when!r} report after {', '.join(seen)}")
         return True
+
+    def _output(self, message: dict[str, Any]) -> None:
+        if self.spec.image is None:
+            outputs.write(message, self.zyg.outputs, say=self._warn)
+
+    def _warn(self, text: str) -> None:
+        """An output not carried: a warning of the test's in pytest's summary (never raised mid-relay, as
+        ``-W error`` would raise a warning issued here)."""
+        warning = warnings.WarningMessage(pytest.PytestWarning(text), pytest.PytestWarning, str(self.item.path), 0)
+        self.item.ihook.pytest_warning_recorded.call_historic(
+            kwargs={"warning_message": warning, "when": "runtest", "nodeid": self.item.nodeid, "location": None}
+        )
+
+    def _write_later(self) -> None:
+        later, self.later = self.later or [], ([] if self.later is not None else None)
+        for message in later:
+            if message["type"] == "coverage":
+                self._coverage(message)
+            else:
+                self._output(message)
 
     def malformed(self, error: protocol.ProtocolError) -> None:
         self.outcome.malformed = str(error)

@@ -25,7 +25,7 @@ from .linux import mounts, process
 from .linux.files import remove_tree
 from .linux.mounts import SCRATCH_PLACES, is_under
 from .linux.rootfs import ImageMount
-from .runtime import cgroups
+from .runtime import cgroups, test_layers
 from .runtime.handle import Zygote
 from .runtime.service_process import ServiceCommand, ServiceLaunch
 from .runtime.zygote import Limits, Namespaces, SessionPaths
@@ -81,6 +81,7 @@ class SessionState:
     pod_needed: bool = False  # a sandboxed test is on the pod network: the pod starts before its zygote
     pod: Pod | None = None
     hermetic: bool = False  # this pytest is --sandbox=hermetic's, in the session's sandbox: it runs tests itself
+    layers: test_layers.Inherited | None = None  # there: the session's layer helper (--sandbox-scope=test)
     userns_fd: int = -1  # the session's user namespace: every zygote after the first joins it
 
     @functools.cached_property
@@ -107,12 +108,22 @@ def configure(config: pytest.Config) -> SessionState:
             f"${settings.HERMETIC_ENV} is set, but this pytest does not run in the session's sandbox of "
             "--sandbox=hermetic: unset it"
         )
-    if hermetic:
-        mode = "off"  # already in the session's sandbox: every test runs here, as in a plain run
+    layers = None
+    if hermetic:  # in the session's sandbox: each test runs in a process of it (SessionPaths.in_session)
+        mode = "all"
+        inherited = os.environ.pop(settings.LAYERS_ENV, None)  # xdist's workers, started from here, have no line
+        layers = test_layers.Inherited.from_text(inherited) if inherited else None
+        if layers is not None:
+            os.set_inheritable(layers.fd, False)
     kind = settings.choice(config, "sandbox_cgroup_backend")
     override = settings.cgroup_path(config)
     try:
-        backend = cgroups.choose(kind, override, str(config.rootpath)) if mode != "off" else cgroups.Rlimits("off")
+        if hermetic:
+            backend: cgroups.Backend = cgroups.SessionLimits()
+        elif mode != "off":
+            backend = cgroups.choose(kind, override, str(config.rootpath))
+        else:
+            backend = cgroups.Rlimits("off")
     except cgroups.CgroupUnavailable as exc:
         raise pytest.UsageError(f"--sandbox-cgroup-backend={kind}: not usable here: {exc}") from None
     store_root = settings.directory(config, "sandbox_store")
@@ -134,6 +145,7 @@ def configure(config: pytest.Config) -> SessionState:
         build_cache=settings.build_cache(config, settings.insecure_registries(config)),
         pod_network=settings.choice(config, "sandbox_pod_network"),
         hermetic=hermetic,
+        layers=layers,
     )
 
 
@@ -335,7 +347,8 @@ def zygote_for(item: pytest.Item, state: SessionState) -> Zygote:
         return zyg
     pod = ensure_pod(state, [item]) if state.pod_needed else state.pod  # first: the zygote joins its network
     items = {i.nodeid: i for i in item.session.items} | {item.nodeid: item}
-    _make_named_volumes(state, list(items.values()))
+    if not state.hermetic:  # the hermetic session's sandbox holds its volumes already
+        _make_named_volumes(state, list(items.values()))
     paths = _zygote_paths(item, state)
     state.scope_sandboxes = paths.scope_sandboxes
     namespaces = Namespaces(
@@ -455,6 +468,19 @@ def _image_refusal(state: SessionState, definition: ServiceDefinition) -> str:
 
 def _zygote_paths(item: pytest.Item, state: SessionState) -> SessionPaths:
     factory = getattr(item.config, "_tmp_path_factory", None)
+    if state.hermetic:  # each test a process of the session's sandbox, over a layer of its helper's if it has one
+        if factory is not None:
+            with contextlib.suppress(OSError):  # made before the forks, as on the host; else the test asking says why
+                factory.getbasetemp()
+        base_paths = session_paths(item.config, None)
+        layered = tuple(output for output, _ in state.layers.uppers) if state.layers is not None else ()
+        return dataclasses.replace(
+            base_paths,
+            scope_sandboxes=state.scope == "test",
+            in_session=True,
+            layers=state.layers,
+            outputs=tuple(dict.fromkeys([*state.outputs, *layered])),
+        )
     basetemp = str(factory.getbasetemp()) if factory is not None else None
     _open_keep_dir(state)
     base_paths = session_paths(item.config, basetemp)

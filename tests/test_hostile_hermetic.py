@@ -96,7 +96,7 @@ def test_interrupt_reaches_pytest_in_the_sandbox(pytester: pytest.Pytester, toke
     assert wait_gone(token) == []
 
 
-def test_a_crash_of_pytest_in_the_sandbox_is_reported_and_contained(pytester: pytest.Pytester, token: str) -> None:
+def test_a_crashing_test_is_reported_and_the_rest_run(pytester: pytest.Pytester, token: str) -> None:
     pytester.makepyfile(f"""
         import ctypes, subprocess, sys
 
@@ -104,7 +104,26 @@ def test_a_crash_of_pytest_in_the_sandbox_is_reported_and_contained(pytester: py
             subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1000)", {token!r}],
                              start_new_session=True)
             ctypes.string_at(0)
+
+        def test_after():
+            pass
     """)
+    result = pytester.runpytest_subprocess(HERMETIC)
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*sandbox crashed: SIGSEGV*", "*Fatal Python error: Segmentation fault*"])
+    assert wait_gone(token) == []
+
+
+def test_a_crash_of_pytest_in_the_sandbox_is_reported_and_contained(pytester: pytest.Pytester, token: str) -> None:
+    pytester.makeconftest(f"""
+        import ctypes, subprocess, sys
+
+        def pytest_sessionfinish():
+            subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1000)", {token!r}],
+                             start_new_session=True)
+            ctypes.string_at(0)
+    """)
+    pytester.makepyfile("def test_a(): pass")
     result = pytester.runpytest_subprocess(HERMETIC)
     assert result.ret == 128 + signal.SIGSEGV
     result.stderr.fnmatch_lines(["*Fatal Python error: Segmentation fault*", "*killed by SIGSEGV*"])
@@ -207,7 +226,7 @@ def test_outputs_the_supervisor_cannot_take_do_not_hang_it(pytester: pytest.Pyte
     assert result.ret == pytest.ExitCode.OK
     assert (pytester.path / "results" / ("n" * 250)).read_text() == "a long name"
     assert not (pytester.path / "results" / "deep" / "huge.bin").exists()
-    result.stderr.fnmatch_lines(["*the output */results/deep/huge.bin is not carried: 104857600 bytes, past 67108864"])
+    result.stdout.fnmatch_lines(["*the output */results/deep/huge.bin is not carried: 104857600 bytes, past 67108864"])
 
 
 def test_an_output_that_is_the_whole_rootdir_is_refused(pytester: pytest.Pytester) -> None:

@@ -501,6 +501,17 @@ class Rlimits(Backend):
             resource.setrlimit(resource.RLIMIT_AS, (current + spec.memory, current + spec.memory))
 
 
+class SessionLimits(Backend):
+    """--sandbox=hermetic's tests: the session's sandbox is limited as a whole (the supervisor set its
+    cgroup or rlimits), and its tests run within it; nothing more to do per test."""
+
+    name = "the session's sandbox"
+    enforced = frozenset({"memory", "cpus", "pids", "io", "timeout"})
+
+    def describe(self) -> str:
+        return "the hermetic session's (its limits hold for all its tests together)"
+
+
 # -- choosing a backend -------------------------------------------------------------------------
 
 

@@ -80,8 +80,9 @@ class Zygote:
 
     def start(self, nodeid: str) -> tuple[socket.socket, socket.socket]:
         """Ask for a sandbox running ``nodeid``; returns its status channel (from the zygote) and its
-        reports channel (from the test process)."""
-        self.collect_exits(block=False)
+        reports channel (from the test process). In the hermetic session's sandbox, the sandboxes before it are
+        gone first: the zygote takes a test's layer off before it says "gone", in the one mount namespace."""
+        self.collect_exits(block=self.paths.in_session)
         status, status_end = protocol.socketpair()
         reports, reports_end = protocol.socketpair()
         try:

@@ -34,8 +34,19 @@ def take() -> Snapshot:
 
 def end(before: Snapshot) -> None:
     """Kill the test's processes (and the children they leave in turn), then remove its IPC objects and keys."""
+    end_children(besides=before.children)
+    for kind, ident in _sysv_objects() - before.sysv:
+        with contextlib.suppress(OSError):
+            syscalls.remove_sysv_ipc(kind, ident)
+    for keyring, key in _keys() - before.keys:
+        with contextlib.suppress(OSError):
+            syscalls.unlink_key(key, keyring)
+
+
+def end_children(besides: frozenset[int]) -> None:
+    """Kill every child of this process (a child subreaper) but ``besides``, and the children each leaves."""
     while True:
-        left = _children() - before.children
+        left = _children() - besides
         if not left:
             break
         for pid in left:
@@ -44,12 +55,6 @@ def end(before: Snapshot) -> None:
         for pid in left:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
-    for kind, ident in _sysv_objects() - before.sysv:
-        with contextlib.suppress(OSError):
-            syscalls.remove_sysv_ipc(kind, ident)
-    for keyring, key in _keys() - before.keys:
-        with contextlib.suppress(OSError):
-            syscalls.unlink_key(key, keyring)
 
 
 def _children() -> frozenset[int]:

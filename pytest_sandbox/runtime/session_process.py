@@ -16,9 +16,10 @@ import signal
 import socket
 from typing import Any, NoReturn
 
-from .. import outputs, protocol
+from .. import outputs, protocol, settings
 from ..linux import process, syscalls
 from ..spec import SandboxSpec
+from . import test_layers
 from .service_process import NOT_STARTED, stdio_for_a_command
 
 NODEID = "session:hermetic"  # the name the zygote knows the session's sandbox by (signal, kill)
@@ -41,8 +42,11 @@ def run(
     error: dict[str, Any] | None,
     scratch: int | None,
     uppers: tuple[tuple[str, str], ...],
+    layers: test_layers.Helper | None = None,
 ) -> NoReturn:
-    """``fds``: the channel to the supervisor, then pytest's stdin, stdout and stderr. Never returns."""
+    """``fds``: the channel to the supervisor, then pytest's stdin, stdout and stderr; ``layers``: the line to
+    the session's layer helper, which pytest inherits for its tests' layers (--sandbox-scope=test). Never
+    returns."""
     channel = socket.socket(fileno=fds[0])
     stdio = fds[1:4]
     if error is not None or len(stdio) != 3:
@@ -62,6 +66,9 @@ def run(
                 os.close(scratch)
             stdio_for_a_command(stdio[1], stdio[2])
             os.dup2(stdio[0], 0)
+            if layers is not None:
+                os.set_inheritable(layers.fileno(), True)
+                env[settings.LAYERS_ENV] = test_layers.Inherited(layers.fileno(), layers.pid, uppers).to_text()
             os.execve(argv[0], argv, env)
         except BaseException as exc:
             with contextlib.suppress(OSError):

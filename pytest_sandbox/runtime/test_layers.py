@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 import socket
@@ -80,6 +81,30 @@ class Helper:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGCONT)
         self.line.sendall(request)
+
+
+@dataclasses.dataclass(frozen=True)
+class Inherited:
+    """The hermetic session's layer helper as its pytest inherits it (session_process.py): the line's fd, the
+    helper's pid, and where each declared output's writes lie in a layer's uppers (the session's order)."""
+
+    fd: int
+    pid: int
+    uppers: tuple[tuple[str, str], ...]
+
+    def to_text(self) -> str:
+        return json.dumps({"fd": self.fd, "pid": self.pid, "uppers": self.uppers})
+
+    @classmethod
+    def from_text(cls, text: str) -> Inherited:
+        data = json.loads(text)
+        return cls(int(data["fd"]), int(data["pid"]), tuple((str(a), str(b)) for a, b in data["uppers"]))
+
+    def helper(self) -> Helper:
+        """A line of this process's own to the helper (a copy: each test process closes its own)."""
+        line = socket.socket(fileno=os.dup(self.fd))
+        line.settimeout(ANSWER_TIMEOUT)
+        return Helper(line, self.pid)
 
 
 def start_helper(places: tuple[str, ...], hidden: tuple[tuple[str, bool], ...], tmpfs_size: int | None) -> Helper:

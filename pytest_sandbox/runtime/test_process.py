@@ -283,6 +283,8 @@ class Sandbox:
     network: Network = Network()
     hosts: str = ""  # this sandbox's /etc/hosts (a pod member's: the services' names); empty: the host's
     service: bool = False  # a service's sandbox: its processes cannot set set-id bits (linux/seccomp.py)
+    in_session: bool = False  # a process of --sandbox=hermetic's session sandbox, which is built already
+    layers: test_layers.Inherited | None = None  # there: the session's layer helper, for tests' layers
 
 
 def _enter(box: Sandbox, config: pytest.Config, pid1: tuple[int, int], keep: set[int]) -> int | None:
@@ -370,6 +372,23 @@ def _enter(box: Sandbox, config: pytest.Config, pid1: tuple[int, int], keep: set
     return scratch if box.outputs else None
 
 
+def _enter_in_session(box: Sandbox, config: pytest.Config, keep: set[int]) -> None:
+    """The steps left for a test process of --sandbox=hermetic, whose sandbox (namespaces, mounts, no
+    capabilities, withheld variables) is the session's, built before pytest started."""
+    global _layers
+    syscalls.set_process_name("sandbox-test")
+    os.setsid()
+    syscalls.join_new_session_keyring()
+    process.die_with_parent(os.getppid())  # the zygote: the tests' fixtures go with it
+    if box.per_test_layers and box.layers is not None:  # without one (an xdist worker's), no layer per test
+        _layers = box.layers.helper()
+        keep.add(_layers.fileno())
+    os.chdir(box.cwd)
+    _shed_host_fds(config, keep)
+    faulthandler.enable(file=box.crash_fd, all_threads=True)
+    box.backend.in_test_process(box.spec)
+
+
 def _pid1_joins(flags: int, go: int, ack: int) -> None:
     """Tell pid 1 (init.py) which namespaces to join; it answers once it has, without capabilities."""
     try:
@@ -437,11 +456,16 @@ _STDIO_AT_START = {fd: _identity(fd) for fd in (0, 1, 2)}  # imported as pytest 
 
 
 def test_process(
-    zygote: socket.socket, items: dict[str, pytest.Item], config: pytest.Config, box: Sandbox, pid1: tuple[int, int]
+    zygote: socket.socket,
+    items: dict[str, pytest.Item],
+    config: pytest.Config,
+    box: Sandbox,
+    pid1: tuple[int, int] | None,
 ) -> None:
     """Enter the sandbox, wait for a test, run pytest's own runtest protocol on it; never returns.
 
-    ``pid1`` is the pair of pipe ends (go, ack) to the sandbox's pid 1 (see init_x86_64.S).
+    ``pid1`` is the pair of pipe ends (go, ack) to the sandbox's pid 1 (see init_x86_64.S); None in the
+    hermetic session's sandbox, whose processes these are.
 
     With a cgroup nothing happens until the zygote has moved this process into the
     sandbox's cgroup, so every byte and cycle is accounted there.
@@ -453,7 +477,10 @@ def test_process(
     error: dict[str, Any] | None = None
     scratch: int | None = None
     try:
-        scratch = _enter(box, config, pid1, keep={zygote.fileno(), box.crash_fd})
+        if pid1 is None:
+            _enter_in_session(box, config, keep={zygote.fileno(), box.crash_fd})
+        else:
+            scratch = _enter(box, config, pid1, keep={zygote.fileno(), box.crash_fd})
     except BaseException as exc:
         phase = exc.phase if isinstance(exc, SetupError) else "namespaces"
         message = exc.message if isinstance(exc, SetupError) else f"{type(exc).__name__}: {exc}"
@@ -471,7 +498,7 @@ def test_process(
         in_image = service_process.InImage.of(box.plan, box.spec)
         service_process.exec_service(request["service"], fds[0], fds[1], in_image)
     if "session" in request:  # --sandbox=hermetic: this sandbox runs the whole pytest session
-        session_process.run(request["session"], fds, error, scratch, box.outputs)
+        session_process.run(request["session"], fds, error, scratch, box.outputs, _layers)
     _channel = socket.socket(fileno=fds[0])
     if error is not None:
         with contextlib.suppress(protocol.ProtocolError, OSError):
@@ -495,7 +522,7 @@ def _run_items(box: Sandbox, items: dict[str, pytest.Item], scratch: int | None)
     it shares stay set up, as pytest keeps them; without, everything is torn down.
     """
     assert _channel is not None
-    if _layers is not None:
+    if box.per_test_layers:
         _run_scope(box, items, scratch)
         return
     item: pytest.Item | None = None
@@ -563,7 +590,7 @@ def _run_scope(box: Sandbox, items: dict[str, pytest.Item], scratch: int | None)
     pytest's protocol in a fork of it, over a layer of its own, and tears down only its own fixtures. When
     the next test needs fewer of them, this process tears those down after the test, as pytest would, and
     what that teardown raised or printed goes into the test's teardown report."""
-    assert _channel is not None and _layers is not None
+    assert _channel is not None
     syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)  # what a test leaves running comes back to this process
     syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)  # a test cannot trace it or read its memory (each fork is again)
     item: pytest.Item | None = None
@@ -627,11 +654,11 @@ def _run_fork(
 ) -> tuple[int, list[dict[str, Any]]]:
     """Run the item in a fork over a fresh layer; its exit status and held teardown report. What it left
     running is killed and its layer taken off before the next test. The fork lets go of the scope's
-    scratch view (the scope's uppers, read for the scope's outputs): nothing of it is the test's."""
-    assert _layers is not None
+    scratch view (the scope's uppers, read for the scope's outputs): nothing of it is the test's. Without a
+    layer helper (the hermetic session's xdist workers) the test writes to the scope's view."""
     global _scope_pid
     _scope_pid = os.getpid()
-    layer = test_layers.begin(_layers)
+    layer = test_layers.begin(_layers) if _layers is not None else None
     held_fd = os.memfd_create("sandbox-teardown", os.MFD_CLOEXEC)
     before = leftovers.take()
     _flush_stdio()  # a fixture's print under -s, in a pipe's buffer: each fork would write it again at its end
@@ -641,10 +668,12 @@ def _run_fork(
             if scope_scratch is not None:
                 os.close(scope_scratch)
             _test_fork(box, item, nextitem, layer, held_fd)
-        os.close(layer)
+        if layer is not None:
+            os.close(layer)
         _, status = os.waitpid(pid, 0)
         leftovers.end(before)
-        test_layers.end(_layers)
+        if _layers is not None:
+            test_layers.end(_layers)
         with open(held_fd, "rb", closefd=False) as held:
             held.seek(0)
             text = held.read()
@@ -653,10 +682,12 @@ def _run_fork(
     return status, json.loads(text)["held"] if text else []
 
 
-def _test_fork(box: Sandbox, item: pytest.Item, nextitem: pytest.Item | None, layer: int, held_fd: int) -> NoReturn:
+def _test_fork(
+    box: Sandbox, item: pytest.Item, nextitem: pytest.Item | None, layer: int | None, held_fd: int
+) -> NoReturn:
     """One test in a fork of the scope process; never returns."""
     global _held_teardown
-    assert _channel is not None and _layers is not None
+    assert _channel is not None
     code = 0
     try:
         # Its own process group (killpg(0) ends the test's processes, not the fixtures'), and it ends with
@@ -666,7 +697,8 @@ def _test_fork(box: Sandbox, item: pytest.Item, nextitem: pytest.Item | None, la
         syscalls.join_new_session_keyring()  # keys it adds to its session go with it
         syscalls.prctl(syscalls.PR_SET_DUMPABLE, 1)  # its own /proc files, debuggers and py-spy work as usual
         scope_children.adopt()  # a fixture's Popen: its process is the scope process's child, not this one's
-        _layers.close()
+        if _layers is not None:
+            _layers.close()
         with contextlib.suppress(OSError):
             os.chdir(os.getcwd())  # looked up before the layer was mounted: through it now
         plugin_state.forget_inherited_suite_properties(item.config)

@@ -44,7 +44,17 @@ from .. import credentials, outputs, protocol, volumes
 from ..linux import mounts, process, rootfs, syscalls, userns
 from ..network import bridge
 from ..spec import SandboxSpec
-from . import cgroup_keeper, cgroups, init, ports, service_process, session_process, test_layers, test_process
+from . import (
+    cgroup_keeper,
+    cgroups,
+    init,
+    leftovers,
+    ports,
+    service_process,
+    session_process,
+    test_layers,
+    test_process,
+)
 from .service_process import ServiceLaunch
 from .session_process import SessionLaunch
 
@@ -67,6 +77,11 @@ class SessionPaths:
     # sandbox, where the store is in the host view, so that no test can hold one of their locks
     store_private: tuple[str, ...] = ()
     scope_sandboxes: bool = False  # --sandbox-scope=test: a spec's tests share a sandbox, each in a fork over a layer
+    # --sandbox=hermetic's pytest, in the session's sandbox already: its sandboxes are processes of that one
+    # (no namespaces of their own, no capabilities to make them), each test over a layer of the session's
+    # layer helper where it has one (``layers``)
+    in_session: bool = False
+    layers: test_layers.Inherited | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +147,8 @@ def zygote_main(
     pytest_pidfd = os.pidfd_open(pytest_pid)  # our parent: not a reused pid
     if limits.session is not None:
         limits.session.forget_keeper()  # pytest's line to the keeper
+    if paths.in_session:
+        _serve_in_session(control, items, stash_key, paths, limits, namespaces, pytest_pidfd, end_session)
     try:
         syscalls.set_process_name("sandbox-zygote")
         # 2. The user namespace: the right to mount and make namespaces, without root.
@@ -171,6 +188,30 @@ def zygote_main(
         code = os.waitstatus_to_exitcode(status) & 0xFF
     except BaseException:
         code = 1
+    _exit_unless_pytest_ends(pytest_pidfd, code, end_session)
+
+
+def _serve_in_session(
+    control: socket.socket,
+    items: dict[str, pytest.Item],
+    stash_key: Any,
+    paths: SessionPaths,
+    limits: Limits,
+    namespaces: Namespaces,
+    pytest_pidfd: int,
+    end_session: Callable[[], NoReturn],
+) -> NoReturn:
+    """The zygote of --sandbox=hermetic's pytest: the sandbox is built (the session's), so it only forks test
+    processes. It is their child subreaper: what a test leaves running comes back to it and ends with the test."""
+    code = 1
+    try:
+        syscalls.set_process_name("sandbox-zygote")
+        syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)
+        served = _serve(control, items, stash_key, paths, limits, namespaces, {}, None)
+        code = 0 if served else PYTEST_GONE
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            protocol.send(control, {"op": "failed", "error": f"zygote: {type(exc).__name__}: {exc}"})
     _exit_unless_pytest_ends(pytest_pidfd, code, end_session)
 
 
@@ -246,7 +287,7 @@ class _Sandbox:
         self.spec, self.init_pid, self.test_pid, self.test = spec, init_pid, test_pid, test
         self.group, self.crash_fd = group, crash_fd
         self.test_pidfd = os.pidfd_open(test_pid)
-        self.init_pidfd = os.pidfd_open(init_pid)
+        self.init_pidfd = os.pidfd_open(init_pid) if init_pid else -1  # none in the hermetic session's
         self.to_pytest: socket.socket | None = None
         self.nodeid = ""
         self.slot = 0  # its pod address's (network/bridge.py), if it has one
@@ -269,10 +310,14 @@ class _Sandbox:
         self.test.close()
 
     def kill(self) -> None:
-        """SIGKILL to pid 1 from outside its namespace ends every process in it (and so does cgroup.kill)."""
+        """SIGKILL to pid 1 from outside its namespace ends every process in it (and so does cgroup.kill). In
+        the hermetic session's (no pid 1) the test process goes; the zygote ends what it left (test_ended)."""
         try:
-            os.kill(self.init_pid, signal.SIGKILL)
-        except ProcessLookupError:
+            if self.init_pid:
+                os.kill(self.init_pid, signal.SIGKILL)
+            else:
+                signal.pidfd_send_signal(self.test_pidfd, signal.SIGKILL)
+        except (ProcessLookupError, OSError):
             pass
         if self.group is not None:
             self.group.kill()
@@ -297,15 +342,20 @@ class _Factory:
         if limits.session is not None and namespaces.is_pod:
             limits.session.prefix = "svc"
         self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-        self.init_path, self.init_argv, self.init_fd = init.command()
-        # pid 1 joins each sandbox's namespaces after its exec (setns through a pidfd of the test process,
-        # which also asks for ptrace access to it): it needs these capabilities across the exec, which
-        # without root only ambient ones keep. It drops them once it has joined.
-        userns.keep_across_exec(userns.CAP_SYS_ADMIN, userns.CAP_SYS_CHROOT, userns.CAP_SYS_PTRACE)
+        if not paths.in_session:
+            self.init_path, self.init_argv, self.init_fd = init.command()
+            # pid 1 joins each sandbox's namespaces after its exec (setns through a pidfd of the test process,
+            # which also asks for ptrace access to it): it needs these capabilities across the exec, which
+            # without root only ambient ones keep. It drops them once it has joined.
+            userns.keep_across_exec(userns.CAP_SYS_ADMIN, userns.CAP_SYS_CHROOT, userns.CAP_SYS_PTRACE)
         self.scratch_size = mounts.default_scratch_size()
         self.host_sockets = mounts.unix_socket_paths()  # the host's, as the session starts
         self.plans: dict[SandboxSpec, rootfs.RootPlan] = {}
         self.running: dict[int, _Sandbox] = {}  # by pidfd of the test process
+        self.test_pids: set[int] = set()  # every test process not yet reaped (the hermetic session's zygote)
+        # There, a line to the session's layer helper: a scope process that died with its test's layer on leaves
+        # it over the session's places, where pytest writes; taken off before pytest hears "gone"
+        self.layer_line = paths.layers.helper() if paths.in_session and paths.layers is not None else None
         self.ending: dict[int, _Sandbox] = {}  # test over, pid 1 tearing the namespace down; by its pidfd
         self.execs: dict[int, tuple[int, socket.socket]] = {}  # commands run in services, by pidfd
         # The pod zygote: its own network namespace (the bridge's), and each service's, made at its first
@@ -428,13 +478,17 @@ class _Factory:
             layer_dir=f"{self.paths.keep_dir}/{kept_id}" if kept_id else None,
             wait_for_cgroup=group is not None,
             backend=self.limits.backend,
-            outputs=tuple(outputs.in_uppers(plan.overlays, self.paths.outputs)) if plan.image is None else (),
+            outputs=self._outputs(plan),
             per_test_layers=self.paths.scope_sandboxes and spec.fits_scope_sandbox,
+            in_session=self.paths.in_session,
+            layers=self.paths.layers,
             network=network,
             hosts=self.namespaces.pod_hosts if spec.network == "pod" else "",
             service=bool(service),
         )
         test, test_end = protocol.socketpair()
+        if self.paths.in_session:
+            return self._fork_in_session(spec, box, test, test_end)
         go_r, go_w, ack_r, ack_w = _pipes_above(4)  # pid 1 waits on these until the sandbox's namespaces exist
         pid1_fds = [(os.POSIX_SPAWN_DUP2, go_r, 3), (os.POSIX_SPAWN_DUP2, ack_w, 4)]
         syscalls.unshare(syscalls.CLONE_NEWPID)
@@ -467,6 +521,33 @@ class _Factory:
                 raise
         return sandbox
 
+    def _outputs(self, plan: rootfs.RootPlan) -> tuple[tuple[str, str], ...]:
+        """Each declared output and where its writes lie in the sandbox's uppers; in the hermetic session's
+        sandboxes, in a test's layer (the session's layer helper's order)."""
+        if self.paths.in_session:
+            return self.paths.layers.uppers if self.paths.layers is not None else ()
+        return tuple(outputs.in_uppers(plan.overlays, self.paths.outputs)) if plan.image is None else ()
+
+    def _fork_in_session(
+        self, spec: SandboxSpec, box: test_process.Sandbox, test: socket.socket, test_end: socket.socket
+    ) -> _Sandbox:
+        """A sandbox of the hermetic session: a test process in the session's sandbox, no pid 1 of its own."""
+        test_pid = os.fork()
+        if test_pid == 0:
+            try:
+                self.control.close()
+                test.close()
+                test_process.test_process(test_end, self.items, self.config, box, None)
+            finally:
+                os._exit(1)
+        test_end.close()
+        self.test_pids.add(test_pid)
+        return _Sandbox(spec, 0, test_pid, test, None, box.crash_fd)
+
+    def _end_leftovers(self) -> None:
+        """The hermetic session's zygote: kill what ended tests left (orphans come to it, a subreaper)."""
+        leftovers.end_children(besides=frozenset(self.test_pids))
+
     def test_ended(self, sandbox: _Sandbox) -> None:
         """The test process has ended: end its namespace and tell pytest how the test ended.
 
@@ -474,8 +555,9 @@ class _Factory:
         every process of the namespace is gone; it waits for that before host work.
         """
         _, status, rusage = os.wait4(sandbox.test_pid, 0)
-        os.close(sandbox.test_pidfd)
+        self.test_pids.discard(sandbox.test_pid)
         sandbox.kill()
+        os.close(sandbox.test_pidfd)
         message = sandbox.exit
         if os.WIFSIGNALED(status):
             message["signal"] = os.WTERMSIG(status)
@@ -488,7 +570,20 @@ class _Factory:
             message["usage"] = sandbox.group.usage().as_dict()
         self._tell(sandbox, message, fds=(sandbox.crash_fd,))
         os.close(sandbox.crash_fd)
-        self.ending[sandbox.init_pidfd] = sandbox
+        self._gone_or_ending(sandbox)
+
+    def _gone_or_ending(self, sandbox: _Sandbox) -> None:
+        """pid 1 ends its namespace (namespace_ended, once reapable); without one, its leftovers end now."""
+        if sandbox.init_pidfd >= 0:
+            self.ending[sandbox.init_pidfd] = sandbox
+            return
+        self._end_leftovers()
+        if self.layer_line is not None and sandbox.spec.fits_scope_sandbox and self.paths.scope_sandboxes:
+            with contextlib.suppress(test_layers.LayerError):
+                test_layers.end(self.layer_line)
+        self._tell(sandbox, {"type": "gone"})
+        if sandbox.to_pytest is not None:
+            sandbox.to_pytest.close()
 
     def namespace_ended(self, sandbox: _Sandbox) -> None:
         """pid 1 is reapable only once every process of its namespace is gone."""
@@ -516,8 +611,9 @@ class _Factory:
         os.close(sandbox.crash_fd)
         sandbox.kill()
         os.waitpid(sandbox.test_pid, 0)
+        self.test_pids.discard(sandbox.test_pid)
         os.close(sandbox.test_pidfd)
-        self.ending[sandbox.init_pidfd] = sandbox
+        self._gone_or_ending(sandbox)
 
     def ready_fd(self, fd: int, connectors: dict[int, socket.socket]) -> None:
         """Something ended (a test, a namespace, a command in a service) or a published port asks."""
