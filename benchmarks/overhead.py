@@ -80,6 +80,7 @@ def main() -> None:
             "sandbox + limits": [*pytest_cmd, "--sandbox=all", "--sandbox-memory=1G", "--sandbox-pids=1000", *base],
             "sandbox, scope=session": [*pytest_cmd, "--sandbox=all", "--sandbox-scope=session", *base],
             "hermetic": [*pytest_cmd, "--sandbox=hermetic", *base],
+            "hermetic, scope=session": [*pytest_cmd, "--sandbox=hermetic", "--sandbox-scope=session", *base],
             "plain -n 2": [*pytest_cmd, "-n", "2", *base],
             "sandbox -n 2": [*pytest_cmd, "-n", "2", "--sandbox=all", *base],
             "hermetic -n 2": [*pytest_cmd, "-n", "2", "--sandbox=hermetic", *base],
@@ -122,7 +123,9 @@ def main() -> None:
     print(
         f"--sandbox=hermetic / plain (the whole run in one sandbox): {median['hermetic'] / median['plain']:.2f}, "
         f"under -n 2: {median['hermetic -n 2'] / median['plain -n 2']:.2f} (goal <= 1.10); "
-        f"its fixed cost: {(median['hermetic'] - median['plain']) * 1000:.0f} ms"
+        f"its fixed cost: {(median['hermetic, scope=session'] - median['plain']) * 1000:.0f} ms at scope=session "
+        f"(ratio {median['hermetic, scope=session'] / median['plain']:.2f}), and per test at scope=test (a process "
+        f"and a layer each) {per_test('hermetic', 'hermetic, scope=session'):.2f} ms"
     )
     print(
         "session fixture of 200 ms, 100 tests: "

@@ -135,6 +135,42 @@ def test_outputs_reach_the_host_and_last_failed_works(pytester: pytest.Pytester)
     again.stdout.fnmatch_lines(["*run-last-failure: rerun previous 1 failure*"])
 
 
+ISOLATION = """
+    import os, pytest, subprocess, sys
+
+    @pytest.fixture(scope="module")
+    def shared_file():
+        open("by-fixture", "w").write("x")  # the scope's: every test of it sees it
+        return "by-fixture"
+
+    def test_first(shared_file):
+        open("by-first", "w").write("x")
+        open("/tmp/by-first-in-tmp", "w").write("x")
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1000)", "LEFT-BY-FIRST"],
+                         start_new_session=True)
+
+    def test_second(shared_file):
+        assert os.path.exists(shared_file)
+        running = [p for p in os.listdir("/proc") if p.isdigit()
+                   and b"LEFT-BY-FIRST" in open(f"/proc/{p}/cmdline", "rb").read()]
+        print("SEES", os.path.exists("by-first"), os.path.exists("/tmp/by-first-in-tmp"), bool(running))
+"""
+
+
+def test_each_test_runs_over_a_layer_of_its_own_and_leaves_nothing_running(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_isolation=ISOLATION)
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "-s", HERMETIC)
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*SEES False False False*"])
+
+
+def test_at_module_scope_tests_share_their_sandbox(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_isolation=ISOLATION)
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "-s", HERMETIC, "--sandbox-scope=module")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*SEES True True True*"])
+
+
 def test_options_a_conftest_adds_are_understood(pytester: pytest.Pytester) -> None:
     pytester.makeconftest("""
         import pytest
