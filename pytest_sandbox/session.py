@@ -112,9 +112,12 @@ def configure(config: pytest.Config) -> SessionState:
     if hermetic:  # in the session's sandbox: each test runs in a process of it (SessionPaths.in_session)
         mode = "all"
         inherited = os.environ.pop(settings.LAYERS_ENV, None)  # xdist's workers, started from here, have no line
-        layers = test_layers.Inherited.from_text(inherited) if inherited else None
-        if layers is not None:
-            os.set_inheritable(layers.fd, False)
+        try:
+            layers = test_layers.Inherited.from_text(inherited) if inherited else None
+            if layers is not None:
+                os.set_inheritable(layers.fd, False)
+        except (ValueError, KeyError, TypeError, OSError):  # not the session process's: no layer per test
+            layers = None
     kind = settings.choice(config, "sandbox_cgroup_backend")
     override = settings.cgroup_path(config)
     try:

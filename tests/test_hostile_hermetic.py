@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -96,18 +97,20 @@ def test_interrupt_reaches_pytest_in_the_sandbox(pytester: pytest.Pytester, toke
     assert wait_gone(token) == []
 
 
+def _leave_a_process_and_crash(token: str) -> str:
+    """Code that starts a daemon named by ``token``, then segfaults."""
+    return f"""
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1000)", {token!r}], start_new_session=True)
+    ctypes.string_at(0)
+"""
+
+
 def test_a_crashing_test_is_reported_and_the_rest_run(pytester: pytest.Pytester, token: str) -> None:
-    pytester.makepyfile(f"""
-        import ctypes, subprocess, sys
-
-        def test_segfaults():
-            subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1000)", {token!r}],
-                             start_new_session=True)
-            ctypes.string_at(0)
-
-        def test_after():
-            pass
-    """)
+    pytester.makepyfile(
+        "import ctypes, subprocess, sys\n\ndef test_segfaults():"
+        + textwrap.indent(_leave_a_process_and_crash(token), "    ")
+        + "\ndef test_after():\n    pass\n"
+    )
     result = pytester.runpytest_subprocess(HERMETIC)
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*sandbox crashed: SIGSEGV*", "*Fatal Python error: Segmentation fault*"])
@@ -115,14 +118,10 @@ def test_a_crashing_test_is_reported_and_the_rest_run(pytester: pytest.Pytester,
 
 
 def test_a_crash_of_pytest_in_the_sandbox_is_reported_and_contained(pytester: pytest.Pytester, token: str) -> None:
-    pytester.makeconftest(f"""
-        import ctypes, subprocess, sys
-
-        def pytest_sessionfinish():
-            subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1000)", {token!r}],
-                             start_new_session=True)
-            ctypes.string_at(0)
-    """)
+    pytester.makeconftest(
+        "import ctypes, subprocess, sys\n\ndef pytest_sessionfinish():"
+        + textwrap.indent(_leave_a_process_and_crash(token), "    ")
+    )
     pytester.makepyfile("def test_a(): pass")
     result = pytester.runpytest_subprocess(HERMETIC)
     assert result.ret == 128 + signal.SIGSEGV
