@@ -121,11 +121,12 @@ def main() -> None:
     print(f"-n 2: {per_test('sandbox -n 2', 'plain -n 2', args.tests / 2):.2f} ms per test per worker (goal <= 6)")
     print(f"--sandbox-scope=session / plain: {median['sandbox, scope=session'] / median['plain']:.2f} (goal <= 1.10)")
     print(
-        f"--sandbox=hermetic / plain (the whole run in one sandbox): {median['hermetic'] / median['plain']:.2f}, "
-        f"under -n 2: {median['hermetic -n 2'] / median['plain -n 2']:.2f} (goal <= 1.10); "
-        f"its fixed cost: {(median['hermetic, scope=session'] - median['plain']) * 1000:.0f} ms at scope=session "
-        f"(ratio {median['hermetic, scope=session'] / median['plain']:.2f}), and per test at scope=test (a process "
-        f"and a layer each) {per_test('hermetic', 'hermetic, scope=session'):.2f} ms"
+        "--sandbox=hermetic / plain (the whole run in one sandbox): "
+        f"scope=session {median['hermetic, scope=session'] / median['plain']:.2f} (goal <= 1.10; fixed cost "
+        f"{(median['hermetic, scope=session'] - median['plain']) * 1000:.0f} ms), "
+        f"scope=test {median['hermetic'] / median['plain']:.2f} (a process and a layer per test: "
+        f"{per_test('hermetic', 'hermetic, scope=session'):.2f} ms each), "
+        f"scope=test under -n 2 {median['hermetic -n 2'] / median['plain -n 2']:.2f}"
     )
     print(
         "session fixture of 200 ms, 100 tests: "
