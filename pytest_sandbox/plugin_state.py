@@ -123,9 +123,11 @@ NUMBITS_BUDGET = 64 * 2**20  # bytes of line bitmaps one message may make pytest
 
 def _seen_by_sandbox(path: str, hidden: Iterable[str], shown: Iterable[str]) -> bool:
     """A regular file on the host that the sandbox saw as the host has it: reading it (as coverage's
-    report does) neither blocks nor shows what the test could not have read itself."""
-    if not os.path.isabs(path) or "\0" in path or len(path) >= PATH_MAX:  # realpath is quadratic in components
+    report does) neither blocks nor shows what the test could not have read itself. A relative path (coverage's
+    ``relative_files``) is relative to the directory pytest runs in, which is the sandbox's too."""
+    if not path or "\0" in path or len(path) >= PATH_MAX:  # realpath is quadratic in components
         return False
+    path = os.path.abspath(path)
     real = os.path.realpath(path)
     if any(is_under(real, place) for place in (*hidden, *_OWN_VIEWS)):
         return False

@@ -281,6 +281,20 @@ def test_coverage_measured_in_sandboxes_is_pytests(pytester: pytest.Pytester) ->
         assert ".coverage" in run.files, mode
 
 
+def test_coverage_with_relative_files_is_pytests(pytester: pytest.Pytester) -> None:
+    """coverage's ``relative_files = True`` (wcwidth's tox.ini sets it) records paths relative to the cwd."""
+    (pytester.path / ".coveragerc").write_text("[run]\nrelative_files = True\n")
+    pytester.makepyfile(
+        lib="def sign(n):\n    if n < 0:\n        return -1\n    return 1\n",
+        test_lib="import lib\n\ndef test_negative():\n    assert lib.sign(-3) == -1\n",
+    )
+    runs = run_modes(pytester, "--cov=lib", "--cov-report=term")
+    plain = assert_same(runs, files=True)
+    assert plain.outcomes == {"passed": 1}
+    for mode, run in runs.items():
+        assert _total(run) == _total(plain), f"{mode}:\n{run.text()}"
+
+
 def test_warnings_summary_counts(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("""
         import warnings

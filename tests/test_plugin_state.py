@@ -26,6 +26,19 @@ def test_coverage_files_must_be_absolute_and_visible_to_the_sandbox(tmp_path: pa
             plugin_state._checked_files({path: [1]}, arcs=False, hidden=hidden, shown=shown)
 
 
+def test_coverage_files_relative_to_the_cwd_are_taken_as_measured(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """coverage's ``relative_files = True`` records paths relative to the cwd, which the sandbox shares."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "mod.py").write_text("x = 1\n")
+    monkeypatch.chdir(tmp_path)
+    shown = [str(tmp_path)]
+    assert plugin_state._checked_files({"pkg/mod.py": [1]}, arcs=False, hidden=[], shown=shown) == {"pkg/mod.py": [1]}
+    with pytest.raises(ProtocolError, match="cannot see"):  # resolved first, then checked as any path
+        plugin_state._checked_files({"x/../pkg/mod.py": [1]}, arcs=False, hidden=[str(tmp_path / "pkg")], shown=shown)
+
+
 @pytest.mark.parametrize(
     "path",
     [
