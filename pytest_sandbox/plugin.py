@@ -256,6 +256,7 @@ def _sandboxed(item: pytest.Item, nextitem: pytest.Item | None, spec: SandboxSpe
         if report.failed and state.pod is not None:
             report.sections.extend(state.pod.log_sections(item))
         ihook.pytest_runtest_logreport(report=report)
+        plugin_state.forget_superseded_subtests(item, report)
     if state.parent_epoch:
         _teardown_parent_fixtures(item, nextitem, state)
     if state.pod is not None:

@@ -17,6 +17,8 @@ import warnings
 from collections.abc import Iterable
 from typing import Any
 
+import pytest
+
 from . import plugin_results, protocol
 from .linux.mounts import SCRATCH_PLACES, is_under
 
@@ -64,6 +66,30 @@ def add_suite_property(config: Any, message: dict[str, Any]) -> None:
     xml = _junitxml(config)
     if xml is not None:
         xml.add_global_property(message["name"], message["value"])
+
+
+def forget_superseded_subtests(item: Any, report: Any) -> None:
+    """pytest-rerunfailures, when it reruns a test, takes that attempt's subtest reports back out of the
+    terminal's counts, so that each subtest counts once (pytest's own subtests only). It does so in the
+    process where it reruns: in a sandbox, whose reporter is muted. The pytest process got those reports
+    through the relay, so they come out here when the rerun report arrives, as xdist's controller takes
+    them out of what its workers sent."""
+    subtest_report = getattr(pytest, "SubtestReport", None)  # pytest >= 9
+    reporter = item.config.pluginmanager.get_plugin("terminalreporter")
+    stats = getattr(reporter, "stats", None)
+    if report.outcome != "rerun" or subtest_report is None or not isinstance(stats, dict):
+        return
+    for key in ("failed", "subtests passed"):
+        reports = stats.get(key)
+        if not isinstance(reports, list):
+            continue
+        kept = [seen for seen in reports if not (isinstance(seen, subtest_report) and seen.nodeid == report.nodeid)]
+        if key == "failed":
+            item.session.testsfailed = max(0, item.session.testsfailed - (len(reports) - len(kept)))
+        if kept:
+            stats[key] = kept
+        else:  # as rerunfailures leaves it: some summaries only ask whether the key is there
+            del stats[key]
 
 
 def for_sandboxed_items(config: Any, items: list[Any]) -> list[str]:

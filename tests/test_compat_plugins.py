@@ -220,6 +220,23 @@ def test_subtests_fixture_with_a_failing_subtest(pytester: pytest.Pytester, monk
     assert_same_subtest_lines(pytester, runs, "-rf")
 
 
+@pytest.mark.skipif(not HAS_BUILTIN_SUBTESTS, reason="pytest < 9 has no builtin subtests (the subtests fixture)")
+def test_a_rerun_counts_each_subtest_once(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pytest-rerunfailures takes a rerun attempt's subtest reports out of the counts where it reruns."""
+    monkeypatch.setenv("COLUMNS", "200")
+    pytester.makepyfile("""
+        def test_numbers(subtests):
+            for n in range(3):
+                with subtests.test(n=n):
+                    assert n != 1
+    """)
+    runs = run_modes(pytester, "--reruns", "1", "-rf", off=("flaky",))
+    plain = assert_same(runs)
+    assert plain.summary == "2 failed, 1 rerun"
+    for mode, run in runs.items():
+        assert len(_subtest_lines(run.result)) == 1, f"{mode}:\n{run.text()}"
+
+
 def test_unittest_subtest_with_a_failing_subtest(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "200")  # whole short summary lines
     pytester.makepyfile("""
