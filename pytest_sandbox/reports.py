@@ -42,6 +42,12 @@ def _mib(value: float) -> str:
     return f"{value / 2**20:.1f} MiB"
 
 
+class HookRaisedInSandbox(Exception):
+    """A hook of pytest's runtest protocol raised in a test's sandbox (a plugin's bug). In a plain run the
+    same exception leaves the protocol and ends the session as an INTERNALERROR: so does this one, with the
+    sandbox's traceback as its message."""
+
+
 class Outcome:
     """What one sandbox sent back."""
 
@@ -57,6 +63,11 @@ class Outcome:
         self.crash_output = ""  # what faulthandler wrote in the sandbox (its memfd comes with the exit status)
 
     @property
+    def hook_raised(self) -> bool:
+        """A plugin's hook raised in pytest's runtest protocol (it said so, in a message that was well-formed)."""
+        return bool(self.setup_error and self.setup_error["phase"] == "protocol" and not self.malformed)
+
+    @property
     def usage(self) -> dict[str, Any]:
         """Measured by the sandbox's cgroup, else from the test process's rusage."""
         exit = self.exit or {}
@@ -66,8 +77,11 @@ class Outcome:
         crash_output = self.crash_output if crash_output is None else crash_output
         if self.malformed:
             return f"sandbox sent a malformed message: {self.malformed}"
-        if self.setup_error and self.setup_error["phase"] == "protocol":
-            return f"pytest's runtest protocol raised in the sandbox:\n{self.setup_error['message']}"
+        if self.hook_raised:
+            message = self.setup_error["message"] if self.setup_error else ""
+            return f"a hook of pytest's runtest protocol raised in the sandbox of this test:\n{message}"
+        if self.setup_error and self.setup_error["phase"] == "after the test":
+            return f"the sandbox failed after the test: {self.setup_error['message']}"
         if self.setup_error:
             return f"sandbox setup failed in phase {self.setup_error['phase']!r}: {self.setup_error['message']}"
         if self.killed_after_timeout or crash_output.startswith("Timeout ("):
@@ -515,6 +529,8 @@ def run_in_sandbox(
     if latch.pending:  # ^C came while pytest showed the last report: still this test's interrupt
         _interrupt(item, "", 0)
     yield from _after_the_end(item, relay)
+    if relay.outcome.hook_raised:
+        raise HookRaisedInSandbox(relay.outcome.crash_text())
 
 
 def _after_the_end(item: pytest.Item, relay: _Relay) -> list[pytest.TestReport]:
@@ -526,11 +542,13 @@ def _after_the_end(item: pytest.Item, relay: _Relay) -> list[pytest.TestReport]:
             _interrupt(item, outcome.stop["path"], outcome.stop["lineno"])
         pytest.exit(outcome.stop["reason"], outcome.stop["returncode"])
     held = relay.held
+    if outcome.hook_raised:
+        return held  # what it logged before; then the session's INTERNALERROR (_run raises it)
     if "teardown" not in outcome.whens or outcome.malformed:  # skipped/xfailed tests have no call report
         held.extend(_crash_reports(item, outcome))
-    elif outcome.setup_error and outcome.setup_error["phase"] == "protocol":
-        # Raised after the test's last report (a plugin's logfinish, sending what persists): in a plain run an
-        # INTERNALERROR; here an error of that test, as a teardown error shows, not nothing.
+    elif outcome.setup_error:
+        # Failed after the test's last report (sending what persists): an error of that test, as a teardown
+        # error shows, not nothing.
         late = pytest.TestReport.from_item_and_call(item, pytest.CallInfo.from_call(lambda: None, "teardown"))
         late.outcome, late.longrepr = "failed", outcome.crash_text()
         held.append(late)

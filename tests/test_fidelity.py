@@ -324,21 +324,48 @@ def test_snapshots_of_a_test_whose_sandbox_crashed_are_not_deleted(
     result.stdout.fnmatch_lines(["*Unused snapshot detection is disabled*"])
 
 
-def test_an_error_after_the_last_report_is_the_tests_error(pytester: pytest.Pytester) -> None:
-    """A plugin raising in the sandbox once the test's teardown was reported (plain pytest: an INTERNALERROR)
-    is reported as that test's error, never dropped: what the sandbox would send after it is lost."""
-    pytester.makepyfile(  # a plugin module, not a conftest: a conftest's log hooks run in pytest only
-        late_plugin="""
-        from pytest_sandbox.runtime import test_process
+RAISING_HOOKS = {
+    "makereport": """
+        import pytest
 
+        @pytest.hookimpl(wrapper=True)
+        def pytest_runtest_makereport(item, call):
+            report = yield
+            if call.when == "call" and item.name == "test_late":
+                raise RuntimeError("a plugin broke in makereport")
+            return report
+    """,
+    "logfinish": """
         def pytest_runtest_logfinish(nodeid, location):
-            if nodeid.endswith("test_late") and test_process.in_sandbox():
+            if nodeid.endswith("test_late"):
                 raise RuntimeError("a plugin broke after the teardown report")
-    """
+    """,
+}
+
+
+@pytest.mark.parametrize("hook", sorted(RAISING_HOOKS))
+@pytest.mark.parametrize("mode", ["plain", "all", "scope-module", "hermetic"])
+def test_a_hook_that_raises_in_the_protocol_is_an_internal_error(
+    pytester: pytest.Pytester, hook: str, mode: str
+) -> None:
+    """A plugin's hook raising in pytest's runtest protocol ends the session as an INTERNALERROR with its
+    traceback, after the reports logged before it: the same outcomes and exit code as a plain run."""
+    if mode == "hermetic":  # where -p cannot name the project's code; all of a conftest.py runs in the sandbox
+        pytester.makeconftest(RAISING_HOOKS[hook])
+    else:  # a plugin module: a conftest's log hooks run in pytest, not in the test's sandbox
+        pytester.makepyfile(raising_plugin=RAISING_HOOKS[hook])
+    pytester.makepyfile(
+        test_x="def test_first():\n    pass\n\ndef test_late():\n    pass\n\ndef test_other():\n    pass\n"
     )
-    pytester.makepyfile(test_x="def test_late():\n    pass\n\ndef test_other():\n    pass\n")
-    result = pytester.runpytest_subprocess("-p", "late_plugin", "--sandbox=all")
-    result.assert_outcomes(passed=2, errors=1)
-    result.stdout.fnmatch_lines(
-        ["*ERROR at teardown of test_late*", "*RuntimeError: a plugin broke after the teardown report*"]
-    )
+    args = {
+        "plain": (),
+        "all": ("--sandbox=all",),
+        "scope-module": ("--sandbox=all", "--sandbox-scope=module"),
+        "hermetic": ("--sandbox=hermetic",),
+    }[mode]
+    plugin = () if mode == "hermetic" else ("-p", "raising_plugin")
+    result = pytester.runpytest_subprocess(*plugin, *args)
+    assert result.ret == pytest.ExitCode.INTERNAL_ERROR, result.stdout.str()
+    result.assert_outcomes(passed=2 if hook == "logfinish" else 1)  # test_other never runs
+    result.stdout.fnmatch_lines(["INTERNALERROR> *RuntimeError: a plugin broke*"])
+    assert "test_other" not in result.stdout.str()

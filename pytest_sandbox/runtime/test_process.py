@@ -548,23 +548,35 @@ def _run_protocol(box: Sandbox, item: pytest.Item, nextitem: pytest.Item | None)
     flaky, syrupy records)."""
     assert _channel is not None
     watchdog = _watchdog(box.spec.timeout, box.crash_fd) if box.spec.timeout is not None else None
-    item.ihook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+    try:
+        item.ihook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+    except (pytest.exit.Exception, KeyboardInterrupt, test_layers.LayerError):
+        raise
+    except BaseException as exc:
+        raise _HookRaised() from exc
     if watchdog is not None:
         watchdog.cancel()
     for message in plugin_results.after_test(item.config, item):
         protocol.send(_channel, message)
 
 
+class _HookRaised(Exception):
+    """A hook of pytest's runtest protocol raised (its ``__cause__``): in a plain run, an INTERNALERROR."""
+
+
 def _ended_early(exc: BaseException, item: pytest.Item) -> dict[str, Any]:
     """What pytest hears when running ``item`` ended this sandbox's loop: pytest.exit, ^C, a layer the helper
-    could not build, or a plugin's hook that raised (in a plain run an INTERNALERROR; here the test's error)."""
+    could not build, a plugin's hook that raised (pytest ends the session with an INTERNALERROR, as in a plain
+    run), or sending what the test wrote failed (the test's error)."""
     if isinstance(exc, pytest.exit.Exception):
         return {"type": "exit-requested", "reason": exc.msg, "returncode": exc.returncode}
     if isinstance(exc, KeyboardInterrupt):
         return protocol.interrupt_location(exc, str(item.config.rootpath))
     if isinstance(exc, test_layers.LayerError):
         return {"type": "error", "phase": "layer", "message": f"the test's layer: {exc}"}
-    return {"type": "error", "phase": "protocol", "message": "".join(traceback.format_exception(exc))}
+    if isinstance(exc, _HookRaised) and exc.__cause__ is not None:
+        return {"type": "error", "phase": "protocol", "message": "".join(traceback.format_exception(exc.__cause__))}
+    return {"type": "error", "phase": "after the test", "message": "".join(traceback.format_exception(exc))}
 
 
 def _next_request(
