@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import faulthandler
 import functools
@@ -110,7 +109,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         item.stash[SPEC_KEY] = spec
         if spec.image is not None and state.mode != "off":
             images_needed.setdefault(spec.image, item.nodeid)
-        if spec.volumes and state.mode != "off" and not state.hermetic:  # the hermetic session's are mounted
+        if spec.volumes and state.mode != "off":
             _session.check_volume_targets(config, item.nodeid, spec)
         for limit in spec.limits:
             if limit not in state.backend.enforced:
@@ -327,15 +326,13 @@ def _run(
     try:
         channels = _channels_for(item, zyg, spec, state)
         next_here = _next_here(item, nextitem, spec, state)
-        held = state.volumes.held(spec.volumes) if not state.hermetic else contextlib.nullcontext()
-        with held:  # a named volume has one writer at a time, across sessions (the hermetic session holds its own)
+        with state.volumes.held(spec.volumes):  # a named volume has one writer at a time, across sessions
             try:
                 for report in reports.run_in_sandbox(item, zyg, spec, channels, state.containers, next_here):
                     sent.append(report)
                     yield report
             finally:
-                if not state.hermetic:
-                    _clear_setid_bits(state, spec, zyg, channels)
+                _clear_setid_bits(state, spec, zyg, channels)
         state.shared = channels if channels.open else None
     except SandboxError as exc:
         error = str(exc)

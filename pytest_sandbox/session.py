@@ -34,7 +34,7 @@ from .services.pod import Pod
 from .services.records import Records
 from .services.shared import SharedServices
 from .spec import SandboxSpec
-from .volumes import VolumeStore, is_named
+from .volumes import MountedVolumes, VolumeStore, is_named
 from .wait import uses_notify
 
 if TYPE_CHECKING:
@@ -86,6 +86,8 @@ class SessionState:
 
     @functools.cached_property
     def volumes(self) -> VolumeStore:
+        if self.hermetic:
+            return MountedVolumes(self.store.root)
         return VolumeStore(self.store.root)  # one: its watcher is the session keeper's (_open_cgroup_session)
 
     @property
@@ -350,8 +352,7 @@ def zygote_for(item: pytest.Item, state: SessionState) -> Zygote:
         return zyg
     pod = ensure_pod(state, [item]) if state.pod_needed else state.pod  # first: the zygote joins its network
     items = {i.nodeid: i for i in item.session.items} | {item.nodeid: item}
-    if not state.hermetic:  # the hermetic session's sandbox holds its volumes already
-        _make_named_volumes(state, list(items.values()))
+    _make_named_volumes(state, list(items.values()))
     paths = _zygote_paths(item, state)
     state.scope_sandboxes = paths.scope_sandboxes
     namespaces = Namespaces(

@@ -114,6 +114,46 @@ def test_ini_volumes_and_a_marker_on_the_same_target(pytester: pytest.Pytester, 
     assert (store / "volumes" / "shared" / "data" / "seen").read_text() == "12"
 
 
+def test_hermetic_session_volumes_persist_and_are_held(pytester: pytest.Pytester, store: Path) -> None:
+    """Under --sandbox=hermetic the session's sandbox mounts the ini's volumes: a named one keeps what the
+    tests wrote, a set-id bit a test set there is cleared, and another session waits for the volume."""
+    pytester.makeini("[pytest]\nsandbox_volumes =\n    counts=/tmp/counts\n")
+    pytester.makepyfile(
+        test_count="""
+        import os
+
+        def test_count():
+            with open("/tmp/counts/runs", "a") as f:
+                f.write("x")
+            with open("/tmp/counts/tool", "w") as f:
+                f.write("#!/bin/sh\\n")
+            os.chmod("/tmp/counts/tool", 0o4755)
+            print("RUNS", len(open("/tmp/counts/runs").read()))
+
+        def test_next_sees_it():
+            assert os.path.exists("/tmp/counts/runs")
+    """
+    )
+    for runs in (1, 2):
+        result = pytester.runpytest_subprocess("-s", "--sandbox=hermetic")
+        result.assert_outcomes(passed=2)
+        result.stdout.fnmatch_lines([f"*RUNS {runs}"])
+    data = store / "volumes" / "counts" / "data"
+    assert (data / "runs").read_text() == "xx"
+    assert not (data / "tool").stat().st_mode & stat.S_ISUID
+    with VolumeStore(str(store)).held([("counts", "/tmp/counts", "rw")]):  # another session holds it
+        slow = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--sandbox=hermetic", str(pytester.path)],
+            cwd=pytester.path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        time.sleep(3)
+        assert slow.poll() is None  # waiting for the volume
+    out, _ = slow.communicate(timeout=120)
+    assert slow.returncode == 0, out.decode()
+
+
 @pytest.mark.parametrize(
     ("volumes", "message"),
     [
