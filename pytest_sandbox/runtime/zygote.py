@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import functools
 import gc
 import os
 import secrets
@@ -147,8 +148,10 @@ def zygote_main(
     pytest_pidfd = os.pidfd_open(pytest_pid)  # our parent: not a reused pid
     if limits.session is not None:
         limits.session.forget_keeper()  # pytest's line to the keeper
-    if paths.in_session:
-        _serve_in_session(control, items, stash_key, paths, limits, namespaces, pytest_pidfd, end_session)
+    serve = functools.partial(_serve, control, items, stash_key, paths, limits, namespaces, services, session)
+    if paths.in_session:  # --sandbox=hermetic's pytest: the sandbox is the session's, built; this only forks tests
+        syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)  # what a test leaves running comes back here, and ends
+        _exit_unless_pytest_ends(pytest_pidfd, _zygote_loop(serve, control), end_session)
     try:
         syscalls.set_process_name("sandbox-zygote")
         # 2. The user namespace: the right to mount and make namespaces, without root.
@@ -172,13 +175,7 @@ def zygote_main(
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             process.die_with_parent(0)
-            served = _serve(control, items, stash_key, paths, limits, namespaces, services, session)
-            code = 0 if served else PYTEST_GONE
-        except BaseException as exc:
-            try:
-                protocol.send(control, {"op": "failed", "error": f"zygote: {type(exc).__name__}: {exc}"})
-            except OSError:
-                pass
+            code = _zygote_loop(serve, control)
         finally:
             os._exit(code)
     zygote.append(os.pidfd_open(pid))
@@ -191,28 +188,15 @@ def zygote_main(
     _exit_unless_pytest_ends(pytest_pidfd, code, end_session)
 
 
-def _serve_in_session(
-    control: socket.socket,
-    items: dict[str, pytest.Item],
-    stash_key: Any,
-    paths: SessionPaths,
-    limits: Limits,
-    namespaces: Namespaces,
-    pytest_pidfd: int,
-    end_session: Callable[[], NoReturn],
-) -> NoReturn:
-    """The zygote of --sandbox=hermetic's pytest: the sandbox is built (the session's), so it only forks test
-    processes. It is their child subreaper: what a test leaves running comes back to it and ends with the test."""
-    code = 1
+def _zygote_loop(serve: Callable[[], bool], control: socket.socket) -> int:
+    """Run the zygote's loop; its exit code. What went wrong is said on the control line first."""
     try:
         syscalls.set_process_name("sandbox-zygote")
-        syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)
-        served = _serve(control, items, stash_key, paths, limits, namespaces, {}, None)
-        code = 0 if served else PYTEST_GONE
+        return 0 if serve() else PYTEST_GONE
     except BaseException as exc:
         with contextlib.suppress(OSError):
             protocol.send(control, {"op": "failed", "error": f"zygote: {type(exc).__name__}: {exc}"})
-    _exit_unless_pytest_ends(pytest_pidfd, code, end_session)
+        return 1
 
 
 def _enter_session_user_namespace(namespaces: Namespaces) -> None:
