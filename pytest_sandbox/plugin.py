@@ -256,6 +256,7 @@ def _sandboxed(item: pytest.Item, nextitem: pytest.Item | None, spec: SandboxSpe
             report.sections.extend(state.pod.log_sections(item))
         ihook.pytest_runtest_logreport(report=report)
         plugin_state.forget_superseded_subtests(item, report)
+        plugin_state.dependency_result(item, report)
     if state.parent_epoch:
         _teardown_parent_fixtures(item, nextitem, state)
     if state.pod is not None:

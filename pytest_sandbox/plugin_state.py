@@ -92,6 +92,57 @@ def forget_superseded_subtests(item: Any, report: Any) -> None:
             del stats[key]
 
 
+_DEPENDENCY_RESULTS = pytest.StashKey[list[tuple[str, str, str]]]()  # (nodeid, when, outcome)
+
+
+class _Outcome:
+    """What pytest-dependency reads of a report: its phase and outcome."""
+
+    def __init__(self, when: str, outcome: str) -> None:
+        self.when, self.outcome = when, outcome
+
+
+def _record_dependency(item: Any, report: Any) -> bool:
+    """Record ``report`` as pytest-dependency's ``pytest_runtest_makereport`` does (its own managers, on the
+    item's session, package, module and class); whether it recorded anything."""
+    module = sys.modules.get("pytest_dependency")
+    marker = item.get_closest_marker("dependency")
+    if module is None or (marker is None and not getattr(module, "_automark", False)):
+        return False
+    name = marker.kwargs.get("name") if marker is not None else None
+    for scope in module.DependencyManager.ScopeCls:
+        manager = module.DependencyManager.getManager(item, scope=scope)
+        if manager:
+            manager.addResult(item, name, report)
+    return True
+
+
+def dependency_result(item: Any, report: Any) -> None:
+    """In the pytest process, for each report a sandboxed test logged: pytest-dependency records outcomes in
+    the test's process (a sandbox, gone with it), and a later test's setup looks them up. They are recorded
+    here as well, and carried to each later sandbox before its test (``carried_since``)."""
+    subtest_report = getattr(pytest, "SubtestReport", None)
+    if subtest_report is not None and isinstance(report, subtest_report):
+        return  # logged by pytest's subtests, not made by makereport: pytest-dependency never sees one
+    if _record_dependency(item, report):
+        item.config.stash.setdefault(_DEPENDENCY_RESULTS, []).append((item.nodeid, report.when, report.outcome))
+
+
+def carried_since(config: Any, sent: int) -> tuple[list[tuple[str, str, str]], int]:
+    """What a sandbox that was sent the first ``sent`` results has not seen yet, and the new count."""
+    results = config.stash.get(_DEPENDENCY_RESULTS, [])
+    return results[sent:], len(results)
+
+
+def apply_carried(items: dict[str, Any], results: Any) -> None:
+    """In a sandbox, before it runs the test pytest asks for: the outcomes of earlier tests, recorded as
+    pytest-dependency would have recorded them in a plain run (the items are this sandbox's own)."""
+    for nodeid, when, outcome in results or ():
+        item = items.get(nodeid)
+        if item is not None:
+            _record_dependency(item, _Outcome(when, outcome))
+
+
 def for_sandboxed_items(config: Any, items: list[Any]) -> list[str]:
     """Settle, in the pytest process, what plugins would conclude wrongly from tests run elsewhere;
     returns the directories their sandboxed tests write that must reach the host.

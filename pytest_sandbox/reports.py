@@ -451,6 +451,7 @@ class Channels:
         self.status, self.reports, self.name, self.zygote = status, reports, name, zygote
         self.open = True  # it waits for the test named ``next`` (--sandbox-scope)
         self.next: str | None = None
+        self.carried = 0  # earlier tests' outcomes it was sent (plugin_state.carried_since)
 
     def end(self, collect_exit: bool = True) -> None:
         """Let the sandbox go: a waiting one tears down what its tests left set up and exits. pytest collects
@@ -487,8 +488,9 @@ def run_in_sandbox(
     relay = _Relay(item, zyg, spec, containers, shared=channels.name != item.nodeid or next_here is not None)
     stdio = _StdioState()  # with capture off the test holds pytest's own terminal: it gets it back as it was
     status, reports = channels.status, channels.reports
+    carried, channels.carried = plugin_state.carried_since(item.config, channels.carried)
     with contextlib.suppress(OSError):  # a sandbox that died says so on the status channel
-        protocol.send(reports, {"nodeid": item.nodeid, "next": next_here})
+        protocol.send(reports, {"nodeid": item.nodeid, "next": next_here, "dependency": carried})
     deadline = time.monotonic() + spec.timeout + GRACE if spec.timeout is not None else None
     status_open = True
     with selectors.DefaultSelector() as selector, _InterruptLatch() as latch:

@@ -186,6 +186,83 @@ def test_rerunfailures_reruns_until_it_passes(pytester: pytest.Pytester) -> None
         assert run.junit == plain.junit, mode
 
 
+DEPENDENCIES = """
+    import pytest
+
+    @pytest.mark.dependency()
+    def test_a():
+        pass
+
+    @pytest.mark.dependency()
+    def test_b():
+        assert False
+
+    @pytest.mark.dependency(depends=["test_a"])
+    def test_after_a():
+        pass
+
+    @pytest.mark.dependency(depends=["test_b"])
+    def test_after_b():
+        pass
+
+    @pytest.mark.container(memory="256M")  # a sandbox of its own
+    @pytest.mark.dependency(depends=["test_a"])
+    def test_alone_after_a():
+        pass
+
+    class TestK:
+        @pytest.mark.dependency(name="first")
+        def test_first(self):
+            pass
+
+        @pytest.mark.dependency(depends=["first"])
+        def test_second(self):
+            pass
+
+    @pytest.mark.dependency(depends=["test_deps.py::test_a"], scope="session")
+    def test_session_scope():
+        pass
+"""
+
+
+@pytest.mark.parametrize("extra", [(), ("--sandbox-scope=module",), ("--sandbox-scope=session",)], ids=str)
+def test_pytest_dependency_sees_earlier_outcomes(pytester: pytest.Pytester, extra: tuple[str, ...]) -> None:
+    """pytest-dependency records each outcome in the test's process: a later test, in another sandbox, runs or
+    is skipped as in a plain run. Under xdist each worker knows its own tests' outcomes only, sandboxed or not:
+    with --dist loadfile one worker runs the file, as a plain run does."""
+    pytester.makepyfile(test_deps=DEPENDENCIES)
+    plain = pytester.runpytest_subprocess("-rs", *extra)
+    assert plain.parseoutcomes() == {"passed": 6, "failed": 1, "skipped": 1}, plain.stdout.str()  # test_after_b
+    for mode in (("--sandbox=all",), ("-n", "2", "--dist", "loadfile", "--sandbox=all")):
+        result = pytester.runpytest_subprocess("-rs", *mode, *extra)
+        assert result.parseoutcomes() == plain.parseoutcomes(), result.stdout.str()
+        result.stdout.fnmatch_lines(["SKIPPED * test_after_b depends on test_b"])
+
+
+def test_pytest_dependency_between_host_and_sandboxed_tests(pytester: pytest.Pytester) -> None:
+    """In a marked run a host test depends on a sandboxed one, and a sandboxed one on a host test."""
+    pytester.makepyfile(
+        test_mixed="""
+        import pytest
+
+        @pytest.mark.container
+        @pytest.mark.dependency()
+        def test_in_sandbox():
+            pass
+
+        @pytest.mark.dependency(depends=["test_in_sandbox"])
+        def test_on_host():
+            pass
+
+        @pytest.mark.container
+        @pytest.mark.dependency(depends=["test_on_host"])
+        def test_back_in_a_sandbox():
+            pass
+    """
+    )
+    pytester.runpytest_subprocess("-rs").assert_outcomes(passed=3)
+
+
 def _subtest_lines(result: pytest.RunResult) -> list[str]:
     return sorted(line for line in result.outlines if line.startswith("SUBFAILED"))
 

@@ -591,6 +591,7 @@ def _next_request(
             with contextlib.suppress(Exception):
                 last.session._setupstate.teardown_exact(None)
         return None
+    plugin_state.apply_carried(items, request.get("dependency"))  # here: a scope process's forks inherit them
     return items[request["nodeid"]], items.get(request.get("next") or "")
 
 
