@@ -26,6 +26,10 @@ from .linux.mounts import is_under
 from .protocol import ProtocolError
 
 MAX_FILE = 64 * 2**20  # bytes of one output file carried (a message holds it in base64, under protocol.MAX_MESSAGE)
+# Below pytest's cache directory, records of processes the sandbox ran, which died with it: pytest-xprocess keeps
+# each server's pid there to find it again in the next run, and a sandbox's pid names another process on the host
+# (a later run would take that one for its server, and signal it at the end).
+NOT_CARRIED = ("d/.xprocess/",)
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -154,6 +158,8 @@ def write(
     root = next((out for out in outputs if is_under(path, out)), None)
     if not os.path.isabs(path) or os.path.normpath(path) != path or "\0" in path or root is None:
         raise ProtocolError(f"an output outside the declared outputs: {path!r}")
+    if os.path.relpath(path, root).startswith(NOT_CARRIED):
+        return
     if path == root:  # an output that names a file: written in its directory, made as for any output
         root = os.path.dirname(root)
     if message["type"] == "output-too-large":

@@ -195,6 +195,26 @@ def test_the_cache_and_declared_outputs_reach_the_host_and_nothing_else(pytester
     rerun.assert_outcomes(failed=1)  # the host's lastfailed, from the relayed reports
 
 
+@pytest.mark.parametrize("mode", ["--sandbox=all", "--sandbox=hermetic"])
+def test_process_records_in_the_cache_stay_in_the_sandbox(pytester: pytest.Pytester, mode: str) -> None:
+    """pytest-xprocess keeps its servers' pids under the cache's d/.xprocess: a sandbox's pid would name
+    another process on the host, which a later run would signal. The rest of the cache reaches the host."""
+    pytester.makepyfile("""
+        import os
+        def test_server(request):
+            records = request.config.cache.mkdir(".xprocess")
+            (records / "srv").mkdir()
+            (records / "srv" / "xprocess.PID").write_text(str(os.getpid()))
+            request.config.cache.set("mine/key", 1)
+            (request.config.cache.mkdir("other") / "kept").write_text("x")
+    """)
+    pytester.runpytest_subprocess(mode).assert_outcomes(passed=1)
+    cache = pytester.path / ".pytest_cache"
+    assert (cache / "v/mine/key").exists()
+    assert (cache / "d/other/kept").read_text() == "x"
+    assert not (cache / "d/.xprocess").exists()
+
+
 def test_a_declared_output_may_be_a_file(pytester: pytest.Pytester) -> None:
     """sandbox_outputs names files or directories: a file (pytest-django's --reuse-db database, a report)
     reaches the host as in a plain run, and the outputs declared after it too."""
