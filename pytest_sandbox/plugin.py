@@ -182,8 +182,13 @@ def pytest_runtestloop(session: pytest.Session) -> bool | None:
     if first is None:
         return None
     _start_zygote(first, state)
-    if worker is not None or session.config.pluginmanager.has_plugin("dsession"):
-        return None  # xdist's loop calls pytest_runtest_protocol, below
+    if worker is not None:  # xdist's worker loop calls pytest_runtest_protocol for each test
+        session.config.hook.pytest_runtest_protocol = _StraightToTheSandbox(  # type: ignore[attr-defined]
+            session.config.hook.pytest_runtest_protocol, state
+        )
+        return None
+    if session.config.pluginmanager.has_plugin("dsession"):
+        return None  # the xdist controller runs no test
     for index, item in enumerate(session.items):
         nextitem = session.items[index + 1] if index + 1 < len(session.items) else None
         if SPEC_KEY in item.stash:
@@ -195,6 +200,27 @@ def pytest_runtestloop(session: pytest.Session) -> bool | None:
         if session.shouldstop:
             raise session.Interrupted(session.shouldstop)
     return True
+
+
+class _StraightToTheSandbox:
+    """``pytest_runtest_protocol`` as an xdist worker's loop calls it. A sandboxed test goes straight to its
+    sandbox, as in pytest's own loop (pytest_runtestloop above): the wrappers other plugins put around this
+    hook run in the sandbox, around the test, once, and not a second time here around the relay (allure would
+    write a second, empty result, pytest-timeout arm a timer). Any other test, and every test in a sandbox
+    (a zygote forked later inherits this), takes the hook with all its implementations."""
+
+    def __init__(self, hook: Any, state: SessionState) -> None:
+        self._hook, self._state = hook, state
+
+    def __call__(self, *, item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+        spec = item.stash.get(SPEC_KEY, None)
+        if spec is None or self._state.mode == "off" or test_process.in_sandbox():
+            return self._hook(item=item, nextitem=nextitem)
+        _sandboxed(item, nextitem, spec, self._state)
+        return True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._hook, name)
 
 
 def _start_zygote(item: pytest.Item, state: SessionState) -> None:

@@ -147,17 +147,22 @@ def for_sandboxed_items(config: Any, items: list[Any]) -> list[str]:
     """Settle, in the pytest process, what plugins would conclude wrongly from tests run elsewhere;
     returns the directories their sandboxed tests write that must reach the host.
 
-    syrupy's snapshot directories of sandboxed tests are outputs, for extensions that write a file per
-    snapshot at once; the writes syrupy queues, and which snapshots a sandboxed test used, come back after
-    it (plugin_results.py). Where they never came, unused detection goes off at the session's end, so
+    allure-pytest's ``--alluredir`` is an output (its listener writes each test's result in the sandbox), and
+    syrupy's snapshot directories of sandboxed tests are, for extensions that write a file per snapshot at
+    once; the writes syrupy queues, and which snapshots a sandboxed test used, come back after it
+    (plugin_results.py). Where they never came, unused detection goes off at the session's end, so
     nothing is deleted as unused from missing records.
     """
     plugin_results.for_sandboxed_items(config, items)
+    written = []
+    allure = getattr(config.option, "allure_report_dir", None)  # allure-pytest writes each test's result there
+    if isinstance(allure, str) and allure and items:
+        written.append(os.path.abspath(allure))
     users = [item for item in items if "snapshot" in getattr(item, "fixturenames", ())]
-    if not users or not hasattr(config.option, "disable_unused_snapshots"):
-        return []
-    dirname = getattr(config.option, "snapshot_dirname", None) or "__snapshots__"
-    return sorted({os.path.join(os.path.dirname(str(item.path)), dirname) for item in users})
+    if users and hasattr(config.option, "disable_unused_snapshots"):
+        dirname = getattr(config.option, "snapshot_dirname", None) or "__snapshots__"
+        written += sorted({os.path.join(os.path.dirname(str(item.path)), dirname) for item in users})
+    return written
 
 
 def _active_coverage() -> Any:

@@ -7,6 +7,7 @@ leaves behind. A difference here is a broken promise of transparency, not a flak
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import xml.etree.ElementTree as ET
@@ -261,6 +262,21 @@ def test_pytest_dependency_between_host_and_sandboxed_tests(pytester: pytest.Pyt
     """
     )
     pytester.runpytest_subprocess("-rs").assert_outcomes(passed=3)
+
+
+def test_allure_results_are_a_plain_runs(pytester: pytest.Pytester) -> None:
+    """allure-pytest writes each test's result in the sandbox, under --alluredir (an output): one result per
+    test with its status, and no second, empty one from the relay in an xdist worker."""
+    pytester.makepyfile("def test_ok(): pass\ndef test_bad(): assert 0\n")
+    for mode in ((), ("--sandbox=all",), ("-n", "2", "--sandbox=all"), ("--sandbox=hermetic",)):
+        results = pytester.path / "allure-results"
+        shutil.rmtree(results, ignore_errors=True)
+        pytester.runpytest_subprocess("--alluredir=allure-results", *mode).assert_outcomes(passed=1, failed=1)
+        found = [json.loads(path.read_text()) for path in results.glob("*-result.json")]
+        assert sorted((result["name"], result.get("status")) for result in found) == [
+            ("test_bad", "failed"),
+            ("test_ok", "passed"),
+        ], mode
 
 
 def _subtest_lines(result: pytest.RunResult) -> list[str]:
