@@ -30,6 +30,10 @@ MAX_FILE = 64 * 2**20  # bytes of one output file carried (a message holds it in
 # each server's pid there to find it again in the next run, and a sandbox's pid names another process on the host
 # (a later run would take that one for its server, and signal it at the end).
 NOT_CARRIED = ("d/.xprocess/",)
+# Files pytest or Python would run, from an output inside the project: a conftest.py there is imported by the next
+# run's collection (under --sandbox=all, in the pytest process), a .pth by the next interpreter that has the
+# directory in its site dirs, a __pycache__ file in place of a module's source.
+RUN_AS_CODE = ("conftest.py",)
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -158,7 +162,12 @@ def write(
     root = next((out for out in outputs if is_under(path, out)), None)
     if not os.path.isabs(path) or os.path.normpath(path) != path or "\0" in path or root is None:
         raise ProtocolError(f"an output outside the declared outputs: {path!r}")
-    if os.path.relpath(path, root).startswith(NOT_CARRIED):
+    relative = os.path.relpath(path, root)
+    if relative.startswith(NOT_CARRIED) or "__pycache__" in relative.split("/"):
+        return
+    name = os.path.basename(path)
+    if name in RUN_AS_CODE or name.endswith(".pth"):
+        _tell(say, f"pytest-sandbox: the output {path} is not carried: a later run would execute it")
         return
     if path == root:  # an output that names a file: written in its directory, made as for any output
         root = os.path.dirname(root)

@@ -265,6 +265,20 @@ def test_write_refuses_paths_outside_the_outputs(tmp_path: pathlib.Path) -> None
     assert (tmp_path / "out/a/b").read_text() == "hi"
 
 
+def test_write_carries_nothing_a_later_run_would_execute(tmp_path: pathlib.Path) -> None:
+    """An output directory inside the project (a syrupy snapshot directory) is collected by the next run: a
+    conftest.py a sandbox wrote there would run in the pytest process. Not carried, nor .pth files, nor bytecode."""
+    root = str(tmp_path / "tests/__snapshots__")
+    for name in ("conftest.py", "sub/conftest.py", "evil.pth"):
+        with pytest.warns(pytest.PytestWarning, match="a later run would execute it"):
+            outputs.write(_message(f"{root}/{name}"), [root])
+    outputs.write(_message(f"{root}/__pycache__/conftest.cpython-311.pyc"), [root])
+    outputs.write(_message(f"{root}/test_x.ambr"), [root])
+    assert sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*") if path.is_file()) == [
+        "tests/__snapshots__/test_x.ambr"
+    ]
+
+
 def test_write_follows_no_symlink_on_the_host(tmp_path: pathlib.Path) -> None:
     root = tmp_path / "out"
     root.mkdir()

@@ -799,3 +799,32 @@ def test_the_stores_locks_are_out_of_a_sandboxes_reach(
     )
     pytester.runpytest_subprocess("-p", "no:randomly").assert_outcomes(passed=2)
     assert (store / "volumes" / "victim" / "lock").exists()  # it was there to take
+
+
+def test_an_output_directory_cannot_plant_a_conftest_for_the_next_run(pytester: pytest.Pytester) -> None:
+    """A syrupy snapshot directory is an output, inside the tests, and the next run collects it: a conftest.py
+    a sandboxed test wrote there ran in the next run's pytest process, on the host (--sandbox=all loads
+    conftest.py files there). It is not carried; the test's other files there are."""
+    marker = pytester.path.parent / f"planted-{uuid.uuid4().hex}"
+    pytester.makepyfile(
+        test_probe=f"""
+        import os
+
+        def test_plants(snapshot):
+            here = os.path.join(os.path.dirname(__file__), "__snapshots__")
+            os.makedirs(os.path.join(here, "__pycache__"), exist_ok=True)
+            with open(os.path.join(here, "conftest.py"), "w") as f:
+                f.write("open({str(marker)!r}, 'w').write('ran on the host')\\n")
+            with open(os.path.join(here, "__pycache__", "conftest.cpython-311.pyc"), "w") as f:
+                f.write("x")
+            with open(os.path.join(here, "data.txt"), "w") as f:
+                f.write("x")
+        """
+    )
+    result = pytester.runpytest_subprocess("--sandbox=all")
+    result.assert_outcomes(passed=1, warnings=1)
+    result.stdout.fnmatch_lines(["*conftest.py is not carried: a later run would execute it*"])
+    snapshots = pytester.path / "__snapshots__"
+    assert sorted(os.listdir(snapshots)) == ["data.txt"]
+    pytester.runpytest_subprocess("--sandbox=all").assert_outcomes(passed=1, warnings=1)
+    assert not marker.exists()
