@@ -270,13 +270,17 @@ def plugin_outputs(config: pytest.Config) -> list[str]:
         found.append(".benchmarks")
     if getattr(options, "update_snapshots", False) or getattr(options, "update_new_snapshots_only", False):
         dirname = getattr(options, "snapshot_dirname", None) or "__snapshots__"
-        found.extend(os.path.join(directory, dirname) for directory in _test_directories(str(config.rootpath)))
+        found.extend(os.path.join(directory, dirname) for directory, _ in _test_modules(str(config.rootpath)))
+    if config.pluginmanager.has_plugin("regressions"):  # pytest-regressions writes missing expected files, and
+        for directory, modules in _test_modules(str(config.rootpath)):  # all with --force-regen, in each test
+            found.extend(os.path.join(directory, module[: -len(".py")]) for module in modules)  # module's datadir
     return [os.path.normpath(os.path.join(here, os.path.expanduser(path))) for path in found]
 
 
-def _test_directories(rootdir: str) -> Iterator[str]:
-    """Directories under ``rootdir`` holding test modules (``test_*.py``, ``*_test.py``), where syrupy keeps its
-    snapshots; hidden directories, caches and virtual environments are skipped, and the walk is bounded."""
+def _test_modules(rootdir: str) -> Iterator[tuple[str, list[str]]]:
+    """Directories under ``rootdir`` holding test modules (``test_*.py``, ``*_test.py``), with those modules'
+    names: syrupy keeps its snapshots beside them, pytest-regressions its data; hidden directories, caches and
+    virtual environments are skipped, and the walk is bounded."""
     for seen, (directory, subdirectories, files) in enumerate(os.walk(rootdir)):
         if seen > _WALK_MAX:
             return
@@ -287,8 +291,10 @@ def _test_directories(rootdir: str) -> Iterator[str]:
             and name not in ("__pycache__", "node_modules")
             and not os.path.exists(os.path.join(directory, name, "pyvenv.cfg"))
         ]
-        if any(name.endswith(".py") and (name.startswith("test") or name.endswith("_test.py")) for name in files):
-            yield directory
+        modules = [name for name in files if name.endswith(".py") and name.startswith("test")]
+        modules += [name for name in files if name.endswith("_test.py") and not name.startswith("test")]
+        if modules:
+            yield directory, sorted(modules)
 
 
 def inner_command(config: pytest.Config) -> list[str]:

@@ -147,17 +147,22 @@ def for_sandboxed_items(config: Any, items: list[Any]) -> list[str]:
     """Settle, in the pytest process, what plugins would conclude wrongly from tests run elsewhere;
     returns the directories their sandboxed tests write that must reach the host.
 
-    allure-pytest's ``--alluredir`` is an output (its listener writes each test's result in the sandbox), and
-    syrupy's snapshot directories of sandboxed tests are, for extensions that write a file per snapshot at
-    once; the writes syrupy queues, and which snapshots a sandboxed test used, come back after it
-    (plugin_results.py). Where they never came, unused detection goes off at the session's end, so
-    nothing is deleted as unused from missing records.
+    allure-pytest's ``--alluredir`` is an output (its listener writes each test's result in the sandbox), so
+    are the data directories of pytest-regressions (``original_datadir``), and syrupy's snapshot directories
+    of sandboxed tests are, for extensions that write a file per snapshot at once; the writes syrupy queues,
+    and which snapshots a sandboxed test used, come back after it (plugin_results.py). Where they never came,
+    unused detection goes off at the session's end, so nothing is deleted as unused from missing records.
     """
     plugin_results.for_sandboxed_items(config, items)
     written = []
     allure = getattr(config.option, "allure_report_dir", None)  # allure-pytest writes each test's result there
     if isinstance(allure, str) and allure and items:
         written.append(os.path.abspath(allure))
+    # pytest-datadir's original_datadir (the test module's path without .py): pytest-regressions writes the
+    # expected files there when they are missing, and all of them with --force-regen
+    written += sorted(
+        {str(item.path.with_suffix("")) for item in items if "original_datadir" in getattr(item, "fixturenames", ())}
+    )
     users = [item for item in items if "snapshot" in getattr(item, "fixturenames", ())]
     if users and hasattr(config.option, "disable_unused_snapshots"):
         dirname = getattr(config.option, "snapshot_dirname", None) or "__snapshots__"

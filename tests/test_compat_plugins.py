@@ -279,6 +279,20 @@ def test_allure_results_are_a_plain_runs(pytester: pytest.Pytester) -> None:
         ], mode
 
 
+@pytest.mark.parametrize("mode", [(), ("--sandbox=all",), ("-n", "2", "--sandbox=all"), ("--sandbox=hermetic",)])
+def test_pytest_regressions_writes_its_data_as_in_a_plain_run(pytester: pytest.Pytester, mode: tuple[str, ...]) -> None:
+    """pytest-regressions writes a missing expected file beside the test module (and fails the test), and every
+    one with --force-regen: the data directory is an output, so the next run compares with it."""
+    pytester.makepyfile(test_r="def test_data(data_regression):\n    data_regression.check({'a': 1})\n")
+    expected = pytester.path / "test_r" / "test_data.yml"
+    pytester.runpytest_subprocess(*mode).assert_outcomes(failed=1)
+    assert expected.read_text() == "a: 1\n"
+    pytester.runpytest_subprocess(*mode).assert_outcomes(passed=1)
+    expected.write_text("a: 2\n")
+    pytester.runpytest_subprocess("--force-regen", *mode).assert_outcomes(failed=1)
+    assert expected.read_text() == "a: 1\n"
+
+
 def _subtest_lines(result: pytest.RunResult) -> list[str]:
     return sorted(line for line in result.outlines if line.startswith("SUBFAILED"))
 
