@@ -87,6 +87,7 @@ FROM_TEST: dict[str, dict[str, tuple[type, ...]]] = {
     # A sandboxed test calls a service it uses (logs, exec, restart, stop): pytest answers on the same line.
     "service-call": {"name": (str,), "call": (str,), "argv": (list,), "timeout": (int, float)},
 }
+PRINTED_REPR = "sandbox_printed_repr"  # in a report's data: its longrepr was a printable object, sent as its text
 # What the zygote sends on a sandbox's status channel.
 FROM_ZYGOTE: dict[str, dict[str, tuple[type, ...]]] = {
     "exit": {},

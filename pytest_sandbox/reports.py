@@ -42,6 +42,21 @@ def _mib(value: float) -> str:
     return f"{value / 2**20:.1f} MiB"
 
 
+class PrintedRepr:
+    """A failure's representation that pytest sends as its text: a doctest's, a fixture lookup's (no crash
+    location). In a plain run it is an object whose lines pytest prints, and the short summary adds no message
+    after the test's id, as it would for text: so it is an object again here."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def toterminal(self, out: Any) -> None:
+        out.line(self.text)
+
+    def __str__(self) -> str:
+        return self.text
+
+
 class HookRaisedInSandbox(Exception):
     """A hook of pytest's runtest protocol raised in a test's sandbox (a plugin's bug). In a plain run the
     same exception leaves the protocol and ends the session as an INTERNALERROR: so does this one, with the
@@ -221,6 +236,7 @@ class _Relay:
     def _report(self, data: dict[str, Any]) -> None:
         self.budget.take(REPORT_COST)  # reruns and subtests bound their number by no fixed three any more
         config = self.item.config
+        printed = data.pop(protocol.PRINTED_REPR, False)
         try:
             report = config.hook.pytest_report_from_serializable(config=config, data=data)
         except Exception as exc:
@@ -232,6 +248,8 @@ class _Relay:
         counts = self._check_order(report)
         _check_report_fields(report, config)
         _keep_subtest_values(report, data)
+        if printed is True and isinstance(report.longrepr, str):
+            report.longrepr = PrintedRepr(report.longrepr)  # type: ignore[assignment]
         kept = (self.containers or {}).get(self.item.nodeid)
         if report.failed and kept:
             report.sections.append(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import shutil
 from xml.etree import ElementTree
 
@@ -356,6 +357,31 @@ def test_snapshots_of_a_test_whose_sandbox_crashed_are_not_deleted(
     result.assert_outcomes(passed=1, failed=1)
     assert snapshots.read_text() == written  # test_crashes' snapshot is still there
     result.stdout.fnmatch_lines(["*Unused snapshot detection is disabled*"])
+
+
+DOCTEST_MODULE = '''
+def add(a, b):
+    """
+    >>> add(1, 2)
+    4
+    """
+    return a + b
+'''
+
+
+def test_doctest_and_fixture_errors_read_as_in_a_plain_run(pytester: pytest.Pytester) -> None:
+    """A doctest's failure and a missing fixture's error have no crash location: pytest sends their text, and
+    the short summary line of a plain run names the test only. The whole output is a plain run's."""
+    pytester.makepyfile(mod=DOCTEST_MODULE, test_fx="def test_missing(nonexistent): pass\ndef test_fail(): assert 0\n")
+    outputs = []
+    for mode in ((), ("--sandbox=all",), ("--sandbox=hermetic",)):
+        result = pytester.runpytest_subprocess("-p", "no:randomly", "--doctest-modules", *mode)
+        result.assert_outcomes(failed=2, errors=1)
+        result.stdout.fnmatch_lines(["FAILED mod.py::mod.add", "ERROR test_fx.py::test_missing"])
+        text = re.sub(r" in [\d.]+s", "", result.stdout.str())
+        outputs.append([line for line in text.splitlines() if not line.startswith(("sandbox", "rootdir"))])
+    assert outputs[1] == outputs[0]
+    assert outputs[2] == outputs[0]
 
 
 RAISING_HOOKS = {
