@@ -53,7 +53,7 @@ _BOOTSTRAP = (
     "import pytest; sys.exit(pytest.main())"
 )
 # Report and data files the well-known plugins write where their options say: (option dest, plugin).
-_REPORT_FILES = ("xmlpath", "report_log", "htmlpath", "json_report_file", "allure_report_dir")
+_REPORT_FILES = ("xmlpath", "report_log", "htmlpath", "json_report_file", "allure_report_dir", "cucumber_json_path")
 _WALK_MAX = 20000  # directories looked at for test modules (syrupy's snapshot directories)
 _COVERAGE_REPORTS = {"html": "htmlcov", "xml": "coverage.xml", "json": "coverage.json", "lcov": "coverage.lcov"}
 

@@ -65,6 +65,27 @@ def _snapshot_session(config: Any) -> Any:
     return session if isinstance(getattr(session, "_assertions", None), list) else None
 
 
+def _bdd_reporting() -> Any:
+    """pytest-bdd's reporting module, where it keeps each report's scenario (by report object) for its
+    cucumber JSON and gherkin terminal reporter."""
+    module = sys.modules.get("pytest_bdd.reporting")
+    registry = getattr(module, "test_report_context_registry", None)
+    return module if registry is not None and hasattr(module, "ReportContext") else None
+
+
+BDD_CONTEXT = "sandbox_bdd_context"  # in a report's data: pytest-bdd's scenario of it
+
+
+def report_extras(report: Any) -> dict[str, Any]:
+    """In a sandbox, for a report it sends: what plugins keep about that report object, which pytest's
+    serialization leaves behind (pytest-bdd's scenario, keyed by the report itself)."""
+    bdd = _bdd_reporting()
+    context = bdd.test_report_context_registry.get(report) if bdd is not None else None
+    if context is None:
+        return {}
+    return {BDD_CONTEXT: {"scenario": context.scenario, "name": context.name}}
+
+
 # -- in a sandbox ----------------------------------------------------------------------------------
 
 
@@ -181,6 +202,27 @@ def receive(item: pytest.Item, message: dict[str, Any]) -> None:
         _add_flaky_report(message["text"], message["had_flaky_tests"])
     else:
         _add_snapshots(item, message["assertions"], message["writes"])
+
+
+def take_report_extras(data: dict[str, Any]) -> dict[str, Any]:
+    """In pytest: the extras of a report's data (``report_extras``), taken out before pytest reads it."""
+    return {key: data.pop(key) for key in (BDD_CONTEXT,) if key in data}
+
+
+def apply_report_extras(report: Any, extras: dict[str, Any]) -> None:
+    """Give the report read from a sandbox what plugins kept about the one the sandbox sent."""
+    context = extras.get(BDD_CONTEXT)
+    bdd = _bdd_reporting()
+    if context is None or bdd is None:
+        return
+    if (
+        not isinstance(context, dict)
+        or set(context) != {"scenario", "name"}
+        or not isinstance(context["scenario"], dict)
+        or not isinstance(context["name"], str)
+    ):
+        raise _fail("pytest-bdd's scenario of a report is not a scenario and a name")
+    bdd.test_report_context_registry[report] = bdd.ReportContext(scenario=context["scenario"], name=context["name"])
 
 
 def _fail(what: str) -> protocol.ProtocolError:

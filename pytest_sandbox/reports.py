@@ -237,6 +237,7 @@ class _Relay:
         self.budget.take(REPORT_COST)  # reruns and subtests bound their number by no fixed three any more
         config = self.item.config
         printed = data.pop(protocol.PRINTED_REPR, False)
+        extras = plugin_results.take_report_extras(data)
         try:
             report = config.hook.pytest_report_from_serializable(config=config, data=data)
         except Exception as exc:
@@ -250,6 +251,7 @@ class _Relay:
         _keep_subtest_values(report, data)
         if printed is True and isinstance(report.longrepr, str):
             report.longrepr = PrintedRepr(report.longrepr)  # type: ignore[assignment]
+        plugin_results.apply_report_extras(report, extras)
         kept = (self.containers or {}).get(self.item.nodeid)
         if report.failed and kept:
             report.sections.append(

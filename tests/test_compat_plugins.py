@@ -293,6 +293,38 @@ def test_pytest_regressions_writes_its_data_as_in_a_plain_run(pytester: pytest.P
     assert expected.read_text() == "a: 1\n"
 
 
+def test_pytest_bdd_reports_its_scenarios(pytester: pytest.Pytester) -> None:
+    """pytest-bdd keeps each report's scenario by report object, in the process that made the report: it comes
+    with the report, so the gherkin terminal reporter and the cucumber JSON are a plain run's."""
+    feature = "Feature: Cart\n  Scenario: Add\n    Given an empty cart\n    Then it is empty\n"
+    pytester.makefile(".feature", cart=feature)
+    pytester.makepyfile(
+        test_cart="""
+        from pytest_bdd import given, scenarios, then
+
+        scenarios("cart.feature")
+
+        @given("an empty cart", target_fixture="cart")
+        def empty_cart():
+            return []
+
+        @then("it is empty")
+        def is_empty(cart):
+            assert cart == []
+        """
+    )
+    seen = []
+    for mode in ((), ("--sandbox=all",), ("--sandbox=hermetic",)):
+        result = pytester.runpytest_subprocess("--gherkin-terminal-reporter", "-v", "--cucumberjson=c.json", *mode)
+        result.assert_outcomes(passed=1)
+        result.stdout.fnmatch_lines(["Feature: Cart", "    Scenario: Add PASSED"])
+        report = re.sub(r'"duration": \d+', "", (pytester.path / "c.json").read_text())
+        (pytester.path / "c.json").unlink()
+        seen.append(report)
+    assert seen[1] == seen[0] and seen[2] == seen[0]
+    assert '"name": "Add"' in seen[0]
+
+
 def _subtest_lines(result: pytest.RunResult) -> list[str]:
     return sorted(line for line in result.outlines if line.startswith("SUBFAILED"))
 
