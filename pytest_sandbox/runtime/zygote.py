@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
-import functools
 import gc
 import os
 import secrets
@@ -148,7 +147,10 @@ def zygote_main(
     pytest_pidfd = os.pidfd_open(pytest_pid)  # our parent: not a reused pid
     if limits.session is not None:
         limits.session.forget_keeper()  # pytest's line to the keeper
-    serve = functools.partial(_serve, control, items, stash_key, paths, limits, namespaces, services, session)
+
+    def serve() -> bool:  # with the namespaces and paths as set up below (a closure reads them when called)
+        return _serve(control, items, stash_key, paths, limits, namespaces, services, session)
+
     if paths.in_session:  # --sandbox=hermetic's pytest: the sandbox is the session's, built; this only forks tests
         syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)  # what a test leaves running comes back here, and ends
         _exit_unless_pytest_ends(pytest_pidfd, _zygote_loop(serve, control), end_session)
