@@ -80,7 +80,10 @@ def report_extras(report: Any) -> dict[str, Any]:
     """In a sandbox, for a report it sends: what plugins keep about that report object, which pytest's
     serialization leaves behind (pytest-bdd's scenario, keyed by the report itself)."""
     bdd = _bdd_reporting()
-    context = bdd.test_report_context_registry.get(report) if bdd is not None else None
+    try:
+        context = bdd.test_report_context_registry.get(report) if bdd is not None else None
+    except TypeError:  # a report that cannot be a key (pytest's SubtestReport): pytest-bdd keeps none for it
+        return {}
     if context is None:
         return {}
     return {BDD_CONTEXT: {"scenario": context.scenario, "name": context.name}}
