@@ -268,12 +268,15 @@ def plugin_outputs(config: pytest.Config) -> list[str]:
         found.append(getattr(benchmark_json, "name", str(benchmark_json)))
     if getattr(options, "benchmark_autosave", False) or getattr(options, "benchmark_save", None):
         found.append(".benchmarks")
-    if getattr(options, "update_snapshots", False) or getattr(options, "update_new_snapshots_only", False):
+    snapshots = getattr(options, "update_snapshots", False) or getattr(options, "update_new_snapshots_only", False)
+    regressions = config.pluginmanager.has_plugin("regressions")
+    test_modules = list(_test_modules(str(config.rootpath))) if snapshots or regressions else []  # one walk
+    if snapshots:
         dirname = getattr(options, "snapshot_dirname", None) or "__snapshots__"
-        found.extend(os.path.join(directory, dirname) for directory, _ in _test_modules(str(config.rootpath)))
-    if config.pluginmanager.has_plugin("regressions"):  # pytest-regressions writes missing expected files, and
-        for directory, modules in _test_modules(str(config.rootpath)):  # all with --force-regen, in each test
-            found.extend(os.path.join(directory, module[: -len(".py")]) for module in modules)  # module's datadir
+        found.extend(os.path.join(directory, dirname) for directory, _ in test_modules)
+    if regressions:  # pytest-regressions writes missing expected files, and all with --force-regen, in each test
+        for directory, modules in test_modules:  # module's data directory (pytest-datadir's original_datadir)
+            found.extend(os.path.join(directory, module[: -len(".py")]) for module in modules)
     return [os.path.normpath(os.path.join(here, os.path.expanduser(path))) for path in found]
 
 

@@ -213,8 +213,8 @@ class _StraightToTheSandbox:
         self._hook, self._state = hook, state
 
     def __call__(self, *, item: pytest.Item, nextitem: pytest.Item | None) -> Any:
-        spec = item.stash.get(SPEC_KEY, None)
-        if spec is None or self._state.mode == "off" or test_process.in_sandbox():
+        spec = _spec_to_relay(item, self._state)
+        if spec is None:
             return self._hook(item=item, nextitem=nextitem)
         _sandboxed(item, nextitem, spec, self._state)
         return True
@@ -243,14 +243,23 @@ def _unenforceable(state: SessionState, unenforced: dict[str, list[str]]) -> Non
     _session.refuse_unenforceable(state, [f"{limit} (e.g. {ids[0]})" for limit, ids in sorted(unenforced.items())])
 
 
+def _spec_to_relay(item: pytest.Item, state: SessionState) -> SandboxSpec | None:
+    """The item's spec if this process relays it to a sandbox; None where pytest's own protocol runs it here
+    (a host test, --sandbox=off, or any test in a sandbox, with every plugin's hooks)."""
+    if test_process.in_sandbox() or state.mode == "off":
+        return None
+    return item.stash.get(SPEC_KEY, None)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
-    """Reached for host tests, and for sandboxed ones under xdist, whose worker loop calls it."""
+    """Reached for host tests. pytest's loop and xdist's worker loop (_StraightToTheSandbox) hand sandboxed
+    tests to their sandbox without this hook; a sandboxed test reaches it only from another plugin's loop."""
     if test_process.in_sandbox():
         return None  # pytest's own protocol, with every plugin's hooks, in the sandbox
     state = item.config.stash[STATE_KEY]
-    spec = item.stash.get(SPEC_KEY, None)
-    if spec is None or state.mode == "off":
+    spec = _spec_to_relay(item, state)
+    if spec is None:
         state.parent_epoch += 1  # pytest runs this item here, changing fixture state
         if state.zygote is not None:
             state.zygote.collect_exits(block=True)  # nothing of a sandbox may overlap a host test
@@ -261,7 +270,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 
 def _disarm_host_timers(item: pytest.Item) -> None:
-    """Wrappers of this hook on the pytest process (xdist's loop reaches them) armed timers for a test
+    """Wrappers of this hook on the pytest process (another plugin's loop reaches them) armed timers for a test
     that runs elsewhere: the same plugins arm them again in the sandbox. pytest-timeout's interval
     timer (SIGALRM) or thread would otherwise fire in pytest, mid-relay, and faulthandler_timeout would
     dump pytest's stacks besides the sandbox's."""

@@ -363,7 +363,7 @@ def zygote_for(item: pytest.Item, state: SessionState) -> Zygote:
     )
     _open_cgroup_session(state)
     # faulthandler's watchdog thread would not exist in the fork, whose first dump_traceback_later then
-    # waits for it forever: stop it here. A sandboxed test's wrappers in pytest armed none (_disarm_host_timers),
+    # waits for it forever: stop it here. A sandboxed test's wrappers never run in pytest (_StraightToTheSandbox),
     # the sandbox arms its own.
     faulthandler.cancel_dump_traceback_later()
     zyg = state.zygote = Zygote(

@@ -137,9 +137,9 @@ class ReportStreamer:
         # (a test with failed subtests fails); the muted reporter in here no longer does it.
         self.config.hook.pytest_report_teststatus(report=report, config=self.config)
         data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
-        if isinstance(data, dict) and isinstance(data.get("longrepr"), str) and not isinstance(report.longrepr, str):
-            data[protocol.PRINTED_REPR] = True  # pytest sent a doctest's or fixture lookup's repr as its text
         if isinstance(data, dict):
+            if isinstance(data.get("longrepr"), str) and not isinstance(report.longrepr, str):
+                data[protocol.PRINTED_REPR] = True  # pytest sent a doctest's or fixture lookup's repr as its text
             data.update(plugin_results.report_extras(report))
         if _held_teardown is not None:
             # In a test's fork of a scope sandbox: the scope process may tear down fixtures after it, whose
