@@ -429,3 +429,45 @@ def test_a_hook_that_raises_in_the_protocol_is_an_internal_error(
     result.assert_outcomes(passed=2 if hook == "logfinish" else 1)  # test_other never runs
     result.stdout.fnmatch_lines(["INTERNALERROR> *RuntimeError: a plugin broke*"])
     assert "test_other" not in result.stdout.str()
+
+
+COLLECTION_TIME_STREAMS = """
+    import logging, sys
+
+    STDOUT_AT_IMPORT = sys.stdout  # `from sys import stdout`, a handler made at import: pytest's capture
+    log = logging.getLogger("collected")
+    log.addHandler(logging.StreamHandler())
+    log.propagate = False
+
+    def test_the_stream_is_still_the_one_bound_at_collection():
+        assert sys.stdout is STDOUT_AT_IMPORT
+
+    def test_output_through_collection_time_streams_is_captured():
+        STDOUT_AT_IMPORT.write("OUT-BOUND-AT-IMPORT\\n")
+        log.warning("ERR-BOUND-AT-IMPORT")
+        assert 0
+"""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        (),
+        ("--sandbox=all",),
+        ("--sandbox=all", "--sandbox-scope=module"),
+        ("--sandbox=hermetic",),
+        ("--sandbox=all", "-n", "2"),
+        ("--sandbox=all", "--capture=sys"),
+    ],
+    ids=["plain", "all", "scope-module", "hermetic", "xdist", "capture-sys"],
+)
+def test_streams_bound_at_collection_stay_open_and_captured(pytester: pytest.Pytester, args: tuple[str, ...]) -> None:
+    """A module that bound sys.stdout or a logging.StreamHandler at import writes through pytest's capture,
+    as in a plain run (structlog's suite: "I/O operation on closed file" in 36 tests before)."""
+    pytester.makepyfile(test_streams=COLLECTION_TIME_STREAMS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *args)
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        ["*Captured stdout call*", "OUT-BOUND-AT-IMPORT", "*Captured stderr call*", "ERR-BOUND-AT-IMPORT"]
+    )
+    result.stdout.no_fnmatch_line("*closed file*")

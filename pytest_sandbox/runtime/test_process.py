@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import traceback
 import types
@@ -421,8 +422,15 @@ def _shed_host_fds(config: pytest.Config, keep: set[int]) -> None:
     """Close every fd above stdio but ``keep``; pytest's capture and log file go on with fds of this process."""
     capture = config.pluginmanager.getplugin("capturemanager")
     capturing = capture is not None and capture.is_globally_capturing()
+    restarted = False
     if capturing:
-        capture.stop_global_capturing()  # its tmpfiles and saved stdio are the host's
+        capture.suspend_global_capture()  # stdio is the real one again; the capture's files are spare fds
+        capture_fds = _own_capture_files(capture)
+        if capture_fds is None:  # a capture this module does not know: a fresh one (new stream objects)
+            capture.stop_global_capturing()
+            restarted = True
+        else:
+            keep = keep | capture_fds
     handler = getattr(config.pluginmanager.getplugin("logging-plugin"), "log_file_handler", None)
     if isinstance(handler, logging.StreamHandler):
         old = handler.setStream(_ChannelLog())
@@ -442,9 +450,40 @@ def _shed_host_fds(config: pytest.Config, keep: set[int]) -> None:
                 os.close(fd)
             except OSError:
                 pass
-    if capturing:
+    if restarted:
         capture.start_global_capturing()
         capture.suspend_global_capture()
+
+
+def _own_capture_files(capture: Any) -> set[int] | None:
+    """Give pytest's global fd capture files of this process under the same fds and stream objects.
+
+    The capture's temporary files are open file descriptions shared with the host's pytest (fork): a test
+    writing there would write into the host's captured output. A module that bound ``sys.stdout`` or a
+    ``logging.StreamHandler`` at collection holds the capture's stream object, so that object must stay open
+    and usable, as in a plain run: a fresh file is put under its fd (dup2). pytest has no public API for
+    this; None where its capture is not built as expected (the caller then restarts the capture).
+    """
+    multi = getattr(capture, "_global_capturing", None)
+    if multi is None:
+        return None
+    fds: set[int] = set()
+    for part in (getattr(multi, "in_", None), getattr(multi, "out", None), getattr(multi, "err", None)):
+        if part is None or not hasattr(part, "targetfd"):
+            continue  # sys capture and no capture: streams in this process's memory, nothing shared
+        saved, invalid, stream = (getattr(part, n, None) for n in ("targetfd_save", "targetfd_invalid", "tmpfile"))
+        if not isinstance(saved, int) or stream is None:
+            return None
+        try:
+            fd = stream.fileno()
+            if part.targetfd != 0:  # fd 0's is /dev/null, opened for reading
+                stream.flush()
+                with tempfile.TemporaryFile(buffering=0) as fresh:
+                    os.dup2(fresh.fileno(), fd)
+        except (OSError, ValueError):
+            return None
+        fds |= {fd, saved} | ({invalid} if isinstance(invalid, int) else set())
+    return fds
 
 
 def _identity(fd: int) -> tuple[int, int, int] | None:
