@@ -471,3 +471,33 @@ def test_streams_bound_at_collection_stay_open_and_captured(pytester: pytest.Pyt
         ["*Captured stdout call*", "OUT-BOUND-AT-IMPORT", "*Captured stderr call*", "ERR-BOUND-AT-IMPORT"]
     )
     result.stdout.no_fnmatch_line("*closed file*")
+
+
+ORPHAN_WAITER = """
+    import os, subprocess, sys, time
+
+    SPAWN_AND_LEAVE = (
+        "import subprocess, sys; "
+        "print(subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(0.3)']).pid)"
+    )
+
+    def test_an_exited_orphan_is_gone_while_the_test_runs():
+        orphan = int(subprocess.run([sys.executable, "-c", SPAWN_AND_LEAVE], capture_output=True, text=True,
+                                    check=True).stdout)
+        deadline = time.monotonic() + 30
+        while os.path.exists(f"/proc/{orphan}") and time.monotonic() < deadline:  # psutil's wait() of a non-child
+            time.sleep(0.05)
+        assert not os.path.exists(f"/proc/{orphan}"), "its zombie waits for the test to end"
+"""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [(), ("--sandbox=all",), ("--sandbox=all", "-n", "2"), ("--sandbox=hermetic",)],
+    ids=["plain", "all", "xdist", "hermetic"],
+)
+def test_an_orphan_that_exits_is_reaped_while_the_test_runs(pytester: pytest.Pytester, args: tuple[str, ...]) -> None:
+    """Orphans come to the scope process (or the hermetic session's zygote), a subreaper: it reaps them as
+    init does on the host (psutil's suite hung waiting for its grandchildren before)."""
+    pytester.makepyfile(test_orphan=ORPHAN_WAITER)
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", *args).assert_outcomes(passed=1)

@@ -4,7 +4,9 @@ Tests of a scope sandbox share its namespaces: a process, a System V IPC object 
 test leaves would be the next one's. Taken in the scope process before each test's fork, a
 snapshot says what was the scope's (the fixtures'); whatever is new after the test is removed.
 The scope process is a child subreaper, so every process the test started, daemonized or not, is
-its child once the test's fork has exited. POSIX message queues live in an mqueue filesystem only
+its child once the test's fork has exited; one that exits while the test still runs is reaped at once,
+as init would (a test waiting for its grandchild to be gone, as psutil's ``wait()`` does, would
+otherwise wait for its zombie until the test ends). POSIX message queues live in an mqueue filesystem only
 the layer helper can mount: it ends those (test_layers.py).
 """
 
@@ -18,6 +20,7 @@ import signal
 from ..linux import process, syscalls
 
 SYSV_KINDS = ("shm", "sem", "msg")
+REAP_INTERVAL = 0.01  # seconds between looks for exited orphans while a test runs
 KEYRINGS = (syscalls.KEY_SPEC_USER_KEYRING, syscalls.KEY_SPEC_USER_SESSION_KEYRING)
 
 
@@ -55,6 +58,13 @@ def end_children(besides: frozenset[int]) -> None:
         for pid in left:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
+
+
+def reap_exited(besides: frozenset[int]) -> None:
+    """Reap every child that has exited but ``besides`` (processes someone else waits for)."""
+    for pid in _children() - besides:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
 
 
 def _children() -> frozenset[int]:

@@ -17,6 +17,7 @@ import faulthandler
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -726,6 +727,7 @@ def _run_fork(
             _test_fork(box, item, nextitem, layer, held_fd)
         if layer is not None:
             os.close(layer)
+        _wait_reaping_orphans(pid, before.children)
         _, status = os.waitpid(pid, 0)
         leftovers.end(before)
         if _layers is not None:
@@ -736,6 +738,17 @@ def _run_fork(
     finally:
         os.close(held_fd)
     return status, json.loads(text)["held"] if text else []
+
+
+def _wait_reaping_orphans(pid: int, fixtures: frozenset[int]) -> None:
+    """Until the test's fork exits, reap what it orphaned and has exited: orphans come to this process (a
+    subreaper). The fixtures' processes stay for their Popen objects to wait for."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        while not select.select([pidfd], [], [], leftovers.REAP_INTERVAL)[0]:
+            leftovers.reap_exited(besides=fixtures | {pid})
+    finally:
+        os.close(pidfd)
 
 
 def _test_fork(

@@ -534,6 +534,15 @@ class _Factory:
         """The hermetic session's zygote: kill what ended tests left (orphans come to it, a subreaper)."""
         leftovers.end_children(besides=frozenset(self.test_pids))
 
+    def wait(self, watched: list[int]) -> list[int]:
+        """The fds of ``watched`` that are readable. While the hermetic session's tests run, what they
+        orphaned comes to this process (a subreaper): it is reaped as it exits, as init would."""
+        orphans_come_here = any(sandbox.init_pidfd < 0 for sandbox in self.running.values())
+        readable, _, _ = select.select(watched, [], [], leftovers.REAP_INTERVAL if orphans_come_here else None)
+        if orphans_come_here:
+            leftovers.reap_exited(besides=frozenset(self.test_pids | {pid for pid, _ in self.execs.values()}))
+        return readable
+
     def test_ended(self, sandbox: _Sandbox) -> None:
         """The test process has ended: end its namespace and tell pytest how the test ended.
 
@@ -797,7 +806,7 @@ def _serve(
     connectors: dict[int, socket.socket] = {}  # pytest's lines for published ports (pod zygote)
     while True:
         watched: list[int] = [control.fileno(), *factory.running, *factory.ending, *factory.execs, *connectors]
-        readable, _, _ = select.select(watched, [], [])
+        readable = factory.wait(watched)
         for fd in readable:
             factory.ready_fd(fd, connectors)
         if control.fileno() not in readable:
