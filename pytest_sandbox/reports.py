@@ -80,7 +80,7 @@ class Outcome:
     @property
     def hook_raised(self) -> bool:
         """A plugin's hook raised in pytest's runtest protocol (it said so, in a message that was well-formed)."""
-        return bool(self.setup_error and self.setup_error["phase"] == "protocol" and not self.malformed)
+        return bool(self.setup_error and self.setup_error["phase"] in ("protocol", "usage") and not self.malformed)
 
     @property
     def usage(self) -> dict[str, Any]:
@@ -552,7 +552,16 @@ def run_in_sandbox(
         _interrupt(item, "", 0)
     yield from _after_the_end(item, relay)
     if relay.outcome.hook_raised:
-        raise HookRaisedInSandbox(relay.outcome.crash_text())
+        _raise_as_in_a_plain_run(relay.outcome)
+
+
+def _raise_as_in_a_plain_run(outcome: Outcome) -> NoReturn:
+    """A hook raised in the sandbox's protocol: pytest.UsageError ends the session as a usage error ("ERROR:",
+    exit code 4), anything else as an INTERNALERROR with the sandbox's traceback."""
+    error = outcome.setup_error or {}
+    if error.get("phase") == "usage":
+        raise pytest.UsageError(error["message"])
+    raise HookRaisedInSandbox(outcome.crash_text())
 
 
 def _after_the_end(item: pytest.Item, relay: _Relay) -> list[pytest.TestReport]:

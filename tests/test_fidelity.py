@@ -431,6 +431,40 @@ def test_a_hook_that_raises_in_the_protocol_is_an_internal_error(
     assert "test_other" not in result.stdout.str()
 
 
+USAGE_ERROR_IN_A_HOOK = """
+    import pytest
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(item, call):
+        report = yield
+        if call.when == "call" and item.name == "test_late":
+            raise pytest.UsageError("--frobnicate takes a number")
+        return report
+"""
+
+
+@pytest.mark.parametrize("mode", ["plain", "all", "scope-module", "hermetic"])
+def test_a_usage_error_raised_by_a_hook_in_the_protocol_is_a_usage_error(pytester: pytest.Pytester, mode: str) -> None:
+    """pytest.UsageError from a hook in the protocol: "ERROR: <message>" and exit code 4, as in a plain run
+    (an INTERNALERROR with exit code 3 before)."""
+    if mode == "hermetic":
+        pytester.makeconftest(USAGE_ERROR_IN_A_HOOK)
+    else:
+        pytester.makepyfile(raising_plugin=USAGE_ERROR_IN_A_HOOK)
+    pytester.makepyfile(test_x="def test_first():\n    pass\n\ndef test_late():\n    pass\n")
+    args = {
+        "plain": (),
+        "all": ("--sandbox=all",),
+        "scope-module": ("--sandbox=all", "--sandbox-scope=module"),
+        "hermetic": ("--sandbox=hermetic",),
+    }[mode]
+    plugin = () if mode == "hermetic" else ("-p", "raising_plugin")
+    result = pytester.runpytest_subprocess(*plugin, *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str() + result.stderr.str()
+    result.stderr.fnmatch_lines(["ERROR: --frobnicate takes a number"])
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+
+
 COLLECTION_TIME_STREAMS = """
     import logging, sys
 

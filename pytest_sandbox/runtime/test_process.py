@@ -610,14 +610,16 @@ class _HookRaised(Exception):
 
 def _ended_early(exc: BaseException, item: pytest.Item) -> dict[str, Any]:
     """What pytest hears when running ``item`` ended this sandbox's loop: pytest.exit, ^C, a layer the helper
-    could not build, a plugin's hook that raised (pytest ends the session with an INTERNALERROR, as in a plain
-    run), or sending what the test wrote failed (the test's error)."""
+    could not build, a plugin's hook that raised (pytest ends the session with an INTERNALERROR, or a usage
+    error for a pytest.UsageError, as in a plain run), or sending what the test wrote failed (the test's error)."""
     if isinstance(exc, pytest.exit.Exception):
         return {"type": "exit-requested", "reason": exc.msg, "returncode": exc.returncode}
     if isinstance(exc, KeyboardInterrupt):
         return protocol.interrupt_location(exc, str(item.config.rootpath))
     if isinstance(exc, test_layers.LayerError):
         return {"type": "error", "phase": "layer", "message": f"the test's layer: {exc}"}
+    if isinstance(exc, _HookRaised) and isinstance(exc.__cause__, pytest.UsageError):
+        return {"type": "error", "phase": "usage", "message": str(exc.__cause__)}  # pytest's "ERROR: ...", rc 4
     if isinstance(exc, _HookRaised) and exc.__cause__ is not None:
         return {"type": "error", "phase": "protocol", "message": "".join(traceback.format_exception(exc.__cause__))}
     return {"type": "error", "phase": "after the test", "message": "".join(traceback.format_exception(exc))}
