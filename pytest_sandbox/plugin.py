@@ -15,7 +15,7 @@ import pytest
 from . import credentials, hermetic, hookspecs, plugin_results, plugin_state, probe, reports, settings, summary
 from . import session as _session
 from .errors import SandboxError
-from .runtime import test_process
+from .runtime import stack_depth, test_process
 from .runtime.handle import Zygote
 from .services import pod
 from .services.definition import ServiceDefinition, resolved, used_by
@@ -181,6 +181,7 @@ def pytest_runtestloop(session: pytest.Session) -> bool | None:
     first = next((item for item in session.items if SPEC_KEY in item.stash), None)
     if first is None:
         return None
+    stack_depth.measure_in_pytests_loop()  # here, where pytest's own loop would call each test's protocol
     _start_zygote(first, state)
     if worker is not None:  # xdist's worker loop calls pytest_runtest_protocol for each test
         session.config.hook.pytest_runtest_protocol = _StraightToTheSandbox(  # type: ignore[attr-defined]

@@ -535,3 +535,49 @@ def test_an_orphan_that_exits_is_reaped_while_the_test_runs(pytester: pytest.Pyt
     init does on the host (psutil's suite hung waiting for its grandchildren before)."""
     pytester.makepyfile(test_orphan=ORPHAN_WAITER)
     pytester.runpytest_subprocess("-p", "no:cacheprovider", *args).assert_outcomes(passed=1)
+
+
+HEADROOM = """
+    import sys
+
+    def _down(n):
+        return n if n == 0 else _down(n - 1)
+
+    def test_headroom():
+        reachable, step = 0, 512
+        while step:  # the deepest recursion that does not raise, found by bisection
+            try:
+                _down(reachable + step)
+                reachable += step
+            except RecursionError:
+                pass
+            step //= 2
+        print(f"HEADROOM={reachable} LIMIT={sys.getrecursionlimit()}")
+        sys.setrecursionlimit(sys.getrecursionlimit() + 100)  # the numbers a test sees are a plain run's
+        _down(reachable + 50)
+"""
+
+
+def _headroom(pytester: pytest.Pytester, *args: str) -> tuple[int, int]:
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s", *args)
+    result.assert_outcomes(passed=1)
+    found = re.search(r"HEADROOM=(\d+) LIMIT=(\d+)", result.stdout.str())
+    assert found, result.stdout.str()
+    return int(found[1]), int(found[2])
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("--sandbox=all",), ("--sandbox=all", "--sandbox-scope=module"), ("--sandbox=hermetic",)],
+    ids=["all", "scope-module", "hermetic"],
+)
+def test_a_test_recurses_as_deep_as_in_a_plain_run(pytester: pytest.Pytester, args: tuple[str, ...]) -> None:
+    """The sandbox's own frames under pytest's protocol (about 14) do not eat the test's recursion headroom,
+    and sys.getrecursionlimit() says what it says in a plain run (tomli's nesting tests under -n 2 raised
+    RecursionError before)."""
+    pytester.makepyfile(test_deep=HEADROOM)
+    plain, sandboxed = _headroom(pytester), _headroom(pytester, *args)
+    if "--sandbox=hermetic" in args:  # its pytest starts from `python -c`: a few frames fewer than the script
+        assert sandboxed[0] >= plain[0] and sandboxed[1] == plain[1]
+    else:
+        assert sandboxed == plain

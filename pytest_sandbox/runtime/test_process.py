@@ -36,7 +36,16 @@ from ..layers import commands
 from ..linux import mounts, process, rootfs, seccomp, syscalls, userns
 from ..network import bridge
 from ..spec import SandboxSpec
-from . import cgroups, interact, leftovers, scope_children, service_process, session_process, test_layers
+from . import (
+    cgroups,
+    interact,
+    leftovers,
+    scope_children,
+    service_process,
+    session_process,
+    stack_depth,
+    test_layers,
+)
 
 ACTIVE_SPEC: SandboxSpec | None = None  # set in the test process of a sandbox
 ACTIVE_PLAN: rootfs.RootPlan | None = None
@@ -592,6 +601,7 @@ def _run_protocol(box: Sandbox, item: pytest.Item, nextitem: pytest.Item | None)
     flaky, syrupy records)."""
     assert _channel is not None
     watchdog = _watchdog(box.spec.timeout, box.crash_fd) if box.spec.timeout is not None else None
+    stack_depth.as_in_pytests_loop()
     try:
         item.ihook.pytest_runtest_protocol(item=item, nextitem=nextitem)
     except (pytest.exit.Exception, KeyboardInterrupt, test_layers.LayerError):
