@@ -73,6 +73,24 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         probe.header_line(),
         f"sandbox limits: {state.backend.describe()}",
         *credentials.header_lines(hidden, withheld, config.get_verbosity() > 0),
+        *_root_in_a_foreign_tree(config),
+    ]
+
+
+def _root_in_a_foreign_tree(config: pytest.Config) -> list[str]:
+    """Root whose rootdir is another user's (a CI checkout): a sandboxed root has no CAP_DAC_OVERRIDE, so
+    its tests cannot write in those directories, which a plain run as root can. Said up front."""
+    if os.geteuid() != 0:
+        return []
+    try:
+        owner = os.stat(config.rootpath).st_uid
+    except OSError:
+        return []
+    if owner == 0:
+        return []
+    return [
+        f"sandbox: running as root in a rootdir owned by uid {owner}: sandboxed tests have no capabilities, "
+        "so they cannot write in its directories unless the mode lets root (chown -R root, or run as that user)"
     ]
 
 

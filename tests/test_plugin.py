@@ -530,6 +530,26 @@ def test_report_header(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(["sandbox: available *userns ok*"])
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="chowning the rootdir to another user takes root")
+def test_root_in_another_users_checkout_is_told_why_its_tests_cannot_write_there(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import pathlib
+
+        def test_writes_beside_its_data():
+            (pathlib.Path(__file__).parent / "data" / "generated.txt").write_text("x")
+    """)
+    (pytester.path / "data").mkdir()
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--sandbox=all")
+    result.assert_outcomes(passed=1)
+    assert "owned by uid" not in result.stdout.str()
+    for path in (pytester.path, pytester.path / "data"):
+        os.chown(path, 1234, 1234)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--sandbox=all")
+    result.stdout.fnmatch_lines(["sandbox: running as root in a rootdir owned by uid 1234: *chown -R root*"])
+    result.assert_outcomes(failed=1)  # the documented limit: no CAP_DAC_OVERRIDE in a sandbox
+    assert pytester.runpytest_subprocess("-p", "no:cacheprovider").ret == 0  # plain root writes there
+
+
 def test_venv_under_tmp(pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory) -> None:
     """An interpreter and sys.path under /tmp (pytester, many CI jobs) stay importable in the sandbox."""
     import subprocess
