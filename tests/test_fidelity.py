@@ -559,7 +559,7 @@ HEADROOM = """
 
 
 def _headroom(pytester: pytest.Pytester, *args: str) -> tuple[int, int]:
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s", *args)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rP", *args)
     result.assert_outcomes(passed=1)
     found = re.search(r"HEADROOM=(\d+) LIMIT=(\d+)", result.stdout.str())
     assert found, result.stdout.str()
@@ -568,16 +568,22 @@ def _headroom(pytester: pytest.Pytester, *args: str) -> tuple[int, int]:
 
 @pytest.mark.parametrize(
     "args",
-    [("--sandbox=all",), ("--sandbox=all", "--sandbox-scope=module"), ("--sandbox=hermetic",)],
-    ids=["all", "scope-module", "hermetic"],
+    [
+        ("--sandbox=all",),
+        ("--sandbox=all", "--sandbox-scope=module"),
+        ("--sandbox=hermetic",),
+        ("--sandbox=all", "-n", "2"),
+    ],
+    ids=["all", "scope-module", "hermetic", "xdist"],
 )
 def test_a_test_recurses_as_deep_as_in_a_plain_run(pytester: pytest.Pytester, args: tuple[str, ...]) -> None:
     """The sandbox's own frames under pytest's protocol (about 14) do not eat the test's recursion headroom,
     and sys.getrecursionlimit() says what it says in a plain run (tomli's nesting tests under -n 2 raised
     RecursionError before)."""
     pytester.makepyfile(test_deep=HEADROOM)
-    plain, sandboxed = _headroom(pytester), _headroom(pytester, *args)
-    if "--sandbox=hermetic" in args:  # its pytest starts from `python -c`: a few frames fewer than the script
-        assert sandboxed[0] >= plain[0] and sandboxed[1] == plain[1]
+    xdist = ("-n", "2") if "-n" in args else ()
+    plain, sandboxed = _headroom(pytester, *xdist), _headroom(pytester, *args)
+    if "--sandbox=hermetic" in args or xdist:  # its pytest starts from `python -c`: a few frames fewer than the
+        assert sandboxed[0] >= plain[0] and sandboxed[1] == plain[1]  # script; xdist's loop has one frame more
     else:
         assert sandboxed == plain
