@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from helpers import processes_with, start_pytest_until_running, wait_gone
@@ -25,6 +28,41 @@ def test_pytest_killed_takes_its_sandboxes_along(pytester: pytest.Pytester, toke
     proc.kill()
     proc.wait()
     assert wait_gone(token) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_an_xdist_controller_killed_takes_its_workers_sandboxes_along(
+    pytester: pytest.Pytester, token: str, signum: int
+) -> None:
+    """`timeout` sends SIGTERM to the controller only; its workers would run their hanging tests on (as
+    without sandboxes) until execnet gives up on them (^C after 5 s). Their sandboxes end with the
+    controller at once, and the workers then."""
+    sleeper = f"{token}-sleeper"
+    pytester.makepyfile(f"""
+        import signal, subprocess, sys
+
+        def test_hangs_1():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            subprocess.run([sys.executable, "-c", "import time; time.sleep(1000)", {sleeper!r}])
+
+        def test_hangs_2():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            subprocess.run([sys.executable, "-c", "import time; time.sleep(1000)", {sleeper!r}])
+    """)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "2", "--sandbox=all"],
+        cwd=pytester.path,
+        env={**os.environ, "SANDBOX_TEST_MARK": token},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while len(processes_with(sleeper)) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert len(processes_with(sleeper)) >= 2, "the tests never started"
+    proc.send_signal(signum)
+    proc.wait()
+    assert wait_gone(token, timeout=3) == []  # 0.35 s measured; execnet's ^C ends them after 6 s
 
 
 def test_killpg_in_a_sandbox_cannot_reach_pytest(pytester: pytest.Pytester) -> None:

@@ -154,6 +154,7 @@ def zygote_main(
     if paths.in_session:  # --sandbox=hermetic's pytest: the sandbox is the session's, built; this only forks tests
         syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)  # what a test leaves running comes back here, and ends
         _exit_unless_pytest_ends(pytest_pidfd, _zygote_loop(serve, control), end_session)
+    controller_pidfd = _xdist_controller(pytest_pid)
     try:
         syscalls.set_process_name("sandbox-zygote")
         # 2. The user namespace: the right to mount and make namespaces, without root.
@@ -182,12 +183,34 @@ def zygote_main(
             os._exit(code)
     zygote.append(os.pidfd_open(pid))
     control.close()
+    _exit_unless_pytest_ends(pytest_pidfd, _zygote_exit(pid, zygote[0], controller_pidfd, end_session), end_session)
+
+
+def _zygote_exit(pid: int, pidfd: int, controller_pidfd: int | None, end_session: Callable[[], NoReturn]) -> int:
+    """The zygote's exit code once it exits; the session ends first if an xdist controller goes before."""
     try:
+        if controller_pidfd is not None:
+            if controller_pidfd in select.select([pidfd, controller_pidfd], [], [])[0]:
+                end_session()
         _, status = os.waitpid(pid, 0)  # PEP 475: retried after the signal handler, unless it exits
-        code = os.waitstatus_to_exitcode(status) & 0xFF
+        return os.waitstatus_to_exitcode(status) & 0xFF
     except BaseException:
-        code = 1
-    _exit_unless_pytest_ends(pytest_pidfd, code, end_session)
+        return 1
+
+
+def _xdist_controller(worker: int) -> int | None:
+    """A pidfd of the xdist controller when pytest is its worker. Killed (``timeout`` sends SIGTERM to the
+    process it started), the controller leaves its workers running a hanging test, as they would without
+    sandboxes; their sandboxes end with it all the same: nothing of a sandbox outlives the pytest run."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return None
+    try:
+        controller = int(process.stat_fields(worker)[1])
+        if controller <= 1:
+            return None  # gone already: adopted by init, or in a namespace we cannot see it from
+        return os.pidfd_open(controller)
+    except (OSError, ValueError):
+        return None
 
 
 def _zygote_loop(serve: Callable[[], bool], control: socket.socket) -> int:
