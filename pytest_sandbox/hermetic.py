@@ -35,6 +35,7 @@ import pytest
 from . import outputs, probe, protocol, settings
 from . import session as _session
 from .errors import SandboxError
+from .linux import syscalls
 from .linux.mounts import SCRATCH_PLACES, is_under
 from .runtime import session_process
 from .runtime.handle import Zygote
@@ -61,6 +62,13 @@ _COVERAGE_REPORTS = {"html": "htmlcov", "xml": "coverage.xml", "json": "coverage
 def inside() -> bool:
     """This pytest is the hermetic session's, in its sandbox."""
     return os.environ.get(ENV) == "1"
+
+
+def out_of_the_tests_reach() -> None:
+    """pytest in the session's sandbox (and each xdist worker there), before any conftest.py: not dumpable, so a
+    test, a process of the same user, cannot trace it or open its ``/proc/PID/mem`` to change the run's results
+    (its exec made it dumpable; the zygote it forks inherits this, each test process is dumpable again)."""
+    syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
 
 
 def wanted(config: pytest.Config) -> bool:

@@ -41,6 +41,8 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> Generator[None
     moves into a sandbox and this process only relays it (hermetic.py), then exits as that pytest did."""
     if hermetic.wanted(early_config):
         raise SystemExit(hermetic.supervise(early_config))
+    if hermetic.inside():
+        hermetic.out_of_the_tests_reach()
     return (yield)
 
 

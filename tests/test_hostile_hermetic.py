@@ -41,6 +41,39 @@ def test_a_conftest_cannot_reach_the_supervisor(pytester: pytest.Pytester) -> No
         result.assert_outcomes(passed=1)
 
 
+@pytest.mark.parametrize("xdist", [(), ("-n", "2")], ids=["plain", "xdist"])
+def test_a_test_cannot_reach_the_memory_of_pytest_in_the_sandbox(
+    pytester: pytest.Pytester, xdist: tuple[str, ...]
+) -> None:
+    """The session's pytest, its xdist workers and its zygote are processes of the test's user in its pid
+    namespace: were they dumpable, a test would open their /proc/PID/mem (or ptrace them) and change what
+    the run reports."""
+    pytester.makepyfile("""
+        import os
+
+        def _ancestors():
+            pid = os.getpid()
+            while pid > 1:
+                with open(f"/proc/{pid}/stat") as f:
+                    pid = int(f.read().rsplit(")", 1)[1].split()[1])
+                if pid > 0:
+                    yield pid
+
+        def test_no_ancestor_is_open_to_it():
+            reached = []
+            for pid in _ancestors():
+                try:
+                    with open(f"/proc/{pid}/mem", "rb"):
+                        with open(f"/proc/{pid}/cmdline", "rb") as f:
+                            reached.append((pid, f.read()[:80]))
+                except OSError:
+                    pass
+            assert len(list(_ancestors())) >= 2, "pytest's processes are not this test's ancestors any more"
+            assert reached == []
+    """)
+    pytester.runpytest_subprocess(HERMETIC, "-p", "no:cacheprovider", *xdist).assert_outcomes(passed=1)
+
+
 def test_outputs_cannot_be_symlinks_out_of_them(pytester: pytest.Pytester, tmp_path: Path) -> None:
     target = tmp_path / "victim"
     target.mkdir()
