@@ -30,10 +30,13 @@ MAX_FILE = 64 * 2**20  # bytes of one output file carried (a message holds it in
 # each server's pid there to find it again in the next run, and a sandbox's pid names another process on the host
 # (a later run would take that one for its server, and signal it at the end).
 NOT_CARRIED = ("d/.xprocess/",)
-# Files pytest or Python would run, from an output inside the project: a conftest.py there is imported by the next
-# run's collection (under --sandbox=all, in the pytest process), a .pth by the next interpreter that has the
-# directory in its site dirs, a __pycache__ file in place of a module's source.
-RUN_AS_CODE = ("conftest.py",)
+# Files pytest or Python would run or read as configuration, from an output inside the project: a conftest.py
+# or a test module there is collected by the next run (under --sandbox=all, in the pytest process), an
+# __init__.py makes a package that shadows a module of the same name, a .pth runs in the next interpreter that
+# has the directory in its site dirs, bytecode and extension modules load in place of sources, an ini file
+# configures a run started there. No plugin's data (snapshots, expected files, caches, reports) is any of these.
+RUN_AS_CODE = ("pytest.ini", ".pytest.ini", "tox.ini", "setup.cfg", "pyproject.toml")
+RUN_AS_CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".pyw", ".pyd", ".so", ".pth")
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -166,7 +169,7 @@ def write(
     if relative.startswith(NOT_CARRIED) or "__pycache__" in relative.split("/"):
         return
     name = os.path.basename(path)
-    if name in RUN_AS_CODE or name.endswith(".pth"):
+    if name in RUN_AS_CODE or name.endswith(RUN_AS_CODE_SUFFIXES):
         _tell(say, f"pytest-sandbox: the output {path} is not carried: a later run would execute it")
         return
     if path == root:  # an output that names a file: written in its directory, made as for any output

@@ -268,9 +268,10 @@ def test_write_refuses_paths_outside_the_outputs(tmp_path: pathlib.Path) -> None
 
 def test_write_carries_nothing_a_later_run_would_execute(tmp_path: pathlib.Path) -> None:
     """An output directory inside the project (a syrupy snapshot directory) is collected by the next run: a
-    conftest.py a sandbox wrote there would run in the pytest process. Not carried, nor .pth files, nor bytecode."""
+    conftest.py a sandbox wrote there would run in the pytest process. Not carried, nor any Python source, bytecode,
+    extension module, .pth or ini file."""
     root = str(tmp_path / "tests/__snapshots__")
-    for name in ("conftest.py", "sub/conftest.py", "evil.pth"):
+    for name in ("conftest.py", "sub/conftest.py", "evil.pth", "test_x.py", "pkg/__init__.pyc", "m.so", "tox.ini"):
         with pytest.warns(pytest.PytestWarning, match="a later run would execute it"):
             outputs.write(_message(f"{root}/{name}"), [root])
     outputs.write(_message(f"{root}/__pycache__/conftest.cpython-311.pyc"), [root])

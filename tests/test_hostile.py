@@ -801,20 +801,28 @@ def test_the_stores_locks_are_out_of_a_sandboxes_reach(
     assert (store / "volumes" / "victim" / "lock").exists()  # it was there to take
 
 
-def test_an_output_directory_cannot_plant_a_conftest_for_the_next_run(pytester: pytest.Pytester) -> None:
+PLANTED_CODE = ("conftest.py", "test_planted.py", "sub/__init__.py", "sub/__init__.pyc", "pytest.ini")
+
+
+def test_an_output_directory_cannot_plant_code_for_the_next_run(pytester: pytest.Pytester) -> None:
     """A syrupy snapshot directory is an output, inside the tests, and the next run collects it: a conftest.py
-    a sandboxed test wrote there ran in the next run's pytest process, on the host (--sandbox=all loads
-    conftest.py files there). It is not carried; the test's other files there are."""
+    or a test module a sandboxed test wrote there ran in the next run's pytest process, on the host
+    (--sandbox=all collects there); an __init__.py makes a package that shadows a module of its name. None of
+    it is carried (each a warning); the test's data files there are."""
     marker = pytester.path.parent / f"planted-{uuid.uuid4().hex}"
     pytester.makepyfile(
         test_probe=f"""
         import os
 
+        PLANTED = {PLANTED_CODE!r}
+
         def test_plants(snapshot):
             here = os.path.join(os.path.dirname(__file__), "__snapshots__")
             os.makedirs(os.path.join(here, "__pycache__"), exist_ok=True)
-            with open(os.path.join(here, "conftest.py"), "w") as f:
-                f.write("open({str(marker)!r}, 'w').write('ran on the host')\\n")
+            os.makedirs(os.path.join(here, "sub"), exist_ok=True)
+            for name in PLANTED:
+                with open(os.path.join(here, name), "w") as f:
+                    f.write("open({str(marker)!r}, 'w').write('ran on the host')\\n")
             with open(os.path.join(here, "__pycache__", "conftest.cpython-311.pyc"), "w") as f:
                 f.write("x")
             with open(os.path.join(here, "data.txt"), "w") as f:
@@ -822,9 +830,10 @@ def test_an_output_directory_cannot_plant_a_conftest_for_the_next_run(pytester: 
         """
     )
     result = pytester.runpytest_subprocess("--sandbox=all")
-    result.assert_outcomes(passed=1, warnings=1)
-    result.stdout.fnmatch_lines(["*conftest.py is not carried: a later run would execute it*"])
+    result.assert_outcomes(passed=1, warnings=len(PLANTED_CODE))
+    for name in PLANTED_CODE:
+        result.stdout.fnmatch_lines([f"*{name} is not carried: a later run would execute it*"])
     snapshots = pytester.path / "__snapshots__"
-    assert sorted(os.listdir(snapshots)) == ["data.txt"]
-    pytester.runpytest_subprocess("--sandbox=all").assert_outcomes(passed=1, warnings=1)
+    assert sorted(str(path.relative_to(snapshots)) for path in snapshots.rglob("*") if path.is_file()) == ["data.txt"]
+    pytester.runpytest_subprocess("--sandbox=all").assert_outcomes(passed=1, warnings=len(PLANTED_CODE))
     assert not marker.exists()
