@@ -84,6 +84,8 @@ FROM_TEST: dict[str, dict[str, tuple[type, ...]]] = {
     "exit-requested": {"reason": (str,), "returncode": (int, type(None))},
     "interrupted": {"path": (str,), "lineno": (int,)},  # where ^C landed: see interrupt_location
     "interact": {"when": (str,)},  # --pdb: pdb is about to start on this phase's report (runtime/interact.py)
+    # A scope sandbox's process relays each test's line: what it could not read there (the test's is dropped).
+    "malformed": {"error": (str,)},
     # A sandboxed test calls a service it uses (logs, exec, restart, stop): pytest answers on the same line.
     "service-call": {"name": (str,), "call": (str,), "argv": (list,), "timeout": (int, float)},
 }

@@ -189,6 +189,8 @@ class _Relay:
             self.outcome.setup_error = message
         elif kind == "service-call":
             self.service_calls.append(message)
+        elif kind == "malformed":  # what a test sent its scope process, which relays it (test_process.py)
+            self.malformed(protocol.ProtocolError(message["error"]))
         elif kind == "interact":  # --pdb: pdb shows this report in the sandbox (runtime/interact.py)
             if self.last_failed is not None and getattr(self.item.config.option, "usepdb", False):
                 self.last_failed._pdbshown = True  # type: ignore[attr-defined]  # as pdb marks its own

@@ -379,3 +379,46 @@ def test_a_test_that_stops_the_layer_helper_does_not_hang_the_run(pytester: pyte
             assert not os.path.exists("left")
     """)
     pytester.runpytest_subprocess("--sandbox=all", "-p", "no:cacheprovider", timeout=120).assert_outcomes(passed=2)
+
+
+FORGER = """
+    import os
+    from pytest_sandbox import protocol
+    from pytest_sandbox.runtime import test_process
+
+    def _passed(item, when):
+        path, line, name = item.location
+        return {"type": "report", "data": {
+            "$report_type": "TestReport", "nodeid": item.nodeid, "location": [path, line, name],
+            "keywords": {}, "outcome": "passed", "longrepr": None, "when": when, "user_properties": [],
+            "sections": [], "duration": 0.0, "start": 0.0, "stop": 0.0}}
+
+    def test_forges_the_rest(request):
+        items = request.session.items
+        for item in items[items.index(request.node):]:
+            for when in ("setup", "call", "teardown"):
+                protocol.send(test_process._channel, _passed(item, when))
+            protocol.send(test_process._channel, {"type": "done"})
+        os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("args", [("--sandbox=all",), ("--sandbox=hermetic",)])
+def test_a_test_cannot_report_the_later_tests_of_its_scope(pytester: pytest.Pytester, args: tuple[str, ...]) -> None:
+    """Every test of a scope sandbox is a fork of the scope process: on a line they shared, a test sent
+    reports and "done" for each later test, which pytest then took for theirs (all passed, exit code 0,
+    none of them run). Each fork has its own line now, relayed: only its own reports pass. (At
+    --sandbox-scope=module or session, tests share one process, as in a plain run: README says so.)"""
+    pytester.makepyfile(test_aaa_forger=FORGER)
+    pytester.makepyfile(
+        test_victims="""
+            def test_one():
+                assert False, "really fails"
+
+            def test_two():
+                raise RuntimeError("really errors")
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *args)
+    result.assert_outcomes(passed=1, failed=2)
+    result.stdout.fnmatch_lines(["*really fails*", "*really errors*"])

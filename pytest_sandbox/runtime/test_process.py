@@ -731,15 +731,20 @@ def _run_fork(
     held_fd = os.memfd_create("sandbox-teardown", os.MFD_CLOEXEC)
     before = leftovers.take()
     _flush_stdio()  # a fixture's print under -s, in a pipe's buffer: each fork would write it again at its end
+    os.ftruncate(box.crash_fd, 0)  # what an earlier test wrote there is no part of this one's crash report
+    os.lseek(box.crash_fd, 0, os.SEEK_SET)
+    mine, theirs = protocol.socketpair()
     try:
         pid = os.fork()
         if pid == 0:
+            mine.close()
             if scope_scratch is not None:
                 os.close(scope_scratch)
-            _test_fork(box, item, nextitem, layer, held_fd)
+            _test_fork(box, item, nextitem, layer, held_fd, theirs)
+        theirs.close()
         if layer is not None:
             os.close(layer)
-        _wait_reaping_orphans(pid, before.children)
+        _relay_the_fork(pid, item.nodeid, mine, before.children)
         _, status = os.waitpid(pid, 0)
         leftovers.end(before)
         if _layers is not None:
@@ -749,26 +754,99 @@ def _run_fork(
             text = held.read()
     finally:
         os.close(held_fd)
-    return status, json.loads(text)["held"] if text else []
+        mine.close()
+    return status, _held_reports(text)
 
 
-def _wait_reaping_orphans(pid: int, fixtures: frozenset[int]) -> None:
-    """Until the test's fork exits, reap what it orphaned and has exited: orphans come to this process (a
-    subreaper). The fixtures' processes stay for their Popen objects to wait for."""
-    pidfd = os.pidfd_open(pid)
+def _held_reports(text: bytes) -> list[dict[str, Any]]:
+    """The teardown reports the fork held, as it wrote them; none if what is there is not that (the memfd is
+    the test's too: a test that scribbles on its fds writes there)."""
     try:
-        while not select.select([pidfd], [], [], leftovers.REAP_INTERVAL)[0]:
-            leftovers.reap_exited(besides=fixtures | {pid})
+        held = json.loads(text)["held"] if text else []
+    except (ValueError, TypeError, KeyError):
+        return []
+    return held if isinstance(held, list) and all(isinstance(report, dict) for report in held) else []
+
+
+def _relay_the_fork(pid: int, nodeid: str, line: socket.socket, fixtures: frozenset[int]) -> None:
+    """Until the test's fork exits: relay its messages to pytest and pytest's answers to it, and reap what it
+    orphaned as that exits (orphans come to this process, a subreaper; the fixtures' processes stay, for
+    their Popen objects to wait for).
+
+    The fork has a line of its own, never the scope's: on the scope's, pytest takes what comes after a test's
+    "done" for the next test, so a test could report every later test of its scope as passed without running
+    it. Here only this process says "done", and a report passes only for the test that runs."""
+    scope = _channel
+    assert scope is not None
+    pidfd = os.pidfd_open(pid)
+    watched = {pidfd, line.fileno(), scope.fileno()}
+    try:
+        while True:
+            readable = select.select(list(watched), [], [], leftovers.REAP_INTERVAL)[0]
+            if not readable:
+                leftovers.reap_exited(besides=fixtures | {pid})
+                continue
+            if scope.fileno() in readable and not _forward(scope, line, None):
+                watched.discard(scope.fileno())  # pytest ended the session's line: the fork's reports go nowhere
+            if line.fileno() in readable and not _forward(line, scope, nodeid, pid):
+                watched.discard(line.fileno())
+            if pidfd in readable:  # what it sent before it exited, then no more
+                while line.fileno() in watched and select.select([line], [], [], 0)[0]:
+                    if not _forward(line, scope, nodeid, pid):
+                        watched.discard(line.fileno())
+                return
     finally:
         os.close(pidfd)
 
 
+def _forward(source: socket.socket, target: socket.socket, nodeid: str | None, pid: int = 0) -> bool:
+    """One message from ``source`` to ``target``; False once ``source`` is closed or broken. From a test
+    (``nodeid`` set): "done" and another test's reports are dropped, a malformed message ends the test."""
+    try:
+        message, fds = protocol.recv(source)
+    except protocol.ProtocolError as exc:
+        if pid:  # the test's line: pytest says so as if it had read it, and ends the sandbox
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                protocol.send(target, {"type": "malformed", "error": str(exc)})
+        return False
+    if message is None:
+        return False
+    try:
+        if nodeid is not None and isinstance(message, dict) and not _of_this_test(message, nodeid):
+            return True
+        with contextlib.suppress(OSError):
+            protocol.send(target, message, fds=tuple(fds))
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return True
+
+
+def _of_this_test(message: dict[str, Any], nodeid: str) -> bool:
+    if message.get("type") in ("done", "malformed"):
+        return False  # only the scope process says a test is done (after its fork has exited), or malformed
+    if message.get("type") == "report":
+        data = message.get("data")
+        return isinstance(data, dict) and data.get("nodeid") == nodeid
+    return True
+
+
 def _test_fork(
-    box: Sandbox, item: pytest.Item, nextitem: pytest.Item | None, layer: int | None, held_fd: int
+    box: Sandbox,
+    item: pytest.Item,
+    nextitem: pytest.Item | None,
+    layer: int | None,
+    held_fd: int,
+    line: socket.socket,
 ) -> NoReturn:
-    """One test in a fork of the scope process; never returns."""
-    global _held_teardown
+    """One test in a fork of the scope process, talking to pytest on ``line`` (relayed by the scope process);
+    never returns."""
+    global _held_teardown, _channel
     assert _channel is not None
+    _channel.close()  # the scope's line to pytest: not this test's to write on
+    _channel = line
     code = 0
     try:
         # Its own process group (killpg(0) ends the test's processes, not the fixtures'), and it ends with
