@@ -99,7 +99,7 @@ class Outcome:
             return f"the sandbox failed after the test: {self.setup_error['message']}"
         if self.setup_error:
             return f"sandbox setup failed in phase {self.setup_error['phase']!r}: {self.setup_error['message']}"
-        if self.killed_after_timeout or crash_output.startswith("Timeout ("):
+        if self.killed_after_timeout or (self.spec.timeout is not None and crash_output.startswith("Timeout (")):
             return f"timeout after {self.spec.timeout:g} s: the whole sandbox was killed"
         if self.exit is None:
             return "sandbox crashed: its init process vanished without reporting the test's status"
@@ -673,17 +673,27 @@ def _read_status(status: socket.socket, reports: socket.socket, relay: _Relay) -
     return True
 
 
-def _warning_category(module: str, qualname: str) -> type[Warning]:
-    found: Any = sys.modules.get(module)
-    for part in qualname.split("."):
-        found = getattr(found, part, None)
+def _warning_category(named: list[Any]) -> type[Warning]:
+    """The warning class a sandbox names as [module, qualname], if pytest has it: looked up in the modules'
+    and classes' own dicts (no property, no module ``__getattr__`` runs on a sandbox's say), else UserWarning."""
+    if len(named) != 2 or not all(isinstance(part, str) for part in named):
+        return UserWarning
+    found: Any = sys.modules.get(named[0])
+    for part in named[1].split("."):
+        namespace = getattr(found, "__dict__", None)
+        found = namespace.get(part) if isinstance(namespace, dict) else None
     return found if isinstance(found, type) and issubclass(found, Warning) else UserWarning
 
 
 def _record_warning(item: pytest.Item, message: dict[str, Any]) -> None:
     """Show a warning the sandboxed test raised in pytest's warnings summary."""
-    category = _warning_category(*message["category"])
-    warning = warnings.WarningMessage(category(message["message"]), category, message["filename"], message["lineno"])
+    category = _warning_category(message["category"])
+    try:
+        instance = category(message["message"])
+    except Exception:  # a class whose constructor wants other arguments: shown as what it says
+        category = UserWarning
+        instance = category(message["message"])
+    warning = warnings.WarningMessage(instance, category, message["filename"], message["lineno"])
     item.ihook.pytest_warning_recorded.call_historic(
         kwargs={"warning_message": warning, "when": message["when"], "nodeid": item.nodeid, "location": None}
     )

@@ -837,3 +837,48 @@ def test_an_output_directory_cannot_plant_code_for_the_next_run(pytester: pytest
     assert sorted(str(path.relative_to(snapshots)) for path in snapshots.rglob("*") if path.is_file()) == ["data.txt"]
     pytester.runpytest_subprocess("--sandbox=all").assert_outcomes(passed=1, warnings=len(PLANTED_CODE))
     assert not marker.exists()
+
+
+MESSAGE_THAT_BROKE_PYTEST = {
+    "category-of-three": """
+        from pytest_sandbox import protocol
+        from pytest_sandbox.runtime import test_process
+
+        def test_attack():
+            protocol.send(test_process._channel, {"type": "warning", "message": "m", "when": "runtest",
+                                                  "category": ["a", "b", "c"], "filename": "f", "lineno": 1})
+    """,
+    "category-via-getattr": """
+        from pytest_sandbox import protocol
+        from pytest_sandbox.runtime import test_process
+
+        def test_attack():  # a property or a module __getattr__ in pytest would run on the sandbox's say
+            protocol.send(test_process._channel, {"type": "warning", "message": "m", "when": "runtest",
+                                                  "category": ["pytest", "Config.rootpath"], "filename": "f",
+                                                  "lineno": 1})
+    """,
+    "timeout-text-without-a-timeout": """
+        import os
+
+        def test_attack():
+            for fd in map(int, os.listdir("/proc/self/fd")):
+                try:
+                    if "sandbox-crash" in os.readlink(f"/proc/self/fd/{fd}"):
+                        os.write(fd, b"Timeout (0:00:01)!\\n")
+                except OSError:
+                    pass
+            os._exit(1)
+    """,
+}
+
+
+@pytest.mark.parametrize("attack", sorted(MESSAGE_THAT_BROKE_PYTEST))
+def test_a_message_pytest_cannot_use_fails_no_more_than_its_test(pytester: pytest.Pytester, attack: str) -> None:
+    """A warning naming no (module, qualname) pair, or a crash dump that reads like a timeout's where the
+    test had none, raised in pytest (TypeError): an INTERNALERROR, and the later tests never ran."""
+    pytester.makepyfile(test_a=MESSAGE_THAT_BROKE_PYTEST[attack])
+    pytester.makepyfile(test_b="def test_later():\n    assert False, 'really ran'\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--sandbox=all")
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+    result.stdout.fnmatch_lines(["*really ran*"])
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
