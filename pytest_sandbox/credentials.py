@@ -232,6 +232,79 @@ def hidden_places(home: str | None, extra: Iterable[str] = (), environ: Mapping[
     return sorted(found)
 
 
+_GIT_HEADER = re.compile(r"^\s*extraheader\s*=", re.IGNORECASE)  # actions/checkout's "AUTHORIZATION: basic ..."
+_URL_USERINFO = re.compile(r"(?i)\b(https?://)[^/@\s]+@")  # https://x-access-token:TOKEN@host, gitlab-ci-token:...
+MAX_GIT_CONFIG = 1 << 20  # bytes: a larger config is masked as empty rather than read
+
+
+def scrubbed_git_configs(places: Iterable[str]) -> list[tuple[str, str]]:
+    """(path, text) for the git configs of the repositories holding ``places`` that carry credentials, with
+    them taken out: CI checkouts keep the job's token in the repository's ``.git/config`` (an http
+    ``extraheader``, a password in a remote's URL), in reach of every test. The rest of the file stays, for the
+    git commands a test runs there."""
+    found: dict[str, str] = {}
+    for place in places:
+        config = _git_config_of(place)
+        if config is None or config in found:
+            continue
+        try:
+            with open(config, "rb") as f:
+                raw = f.read(MAX_GIT_CONFIG + 1)
+        except OSError:
+            continue
+        text = "" if len(raw) > MAX_GIT_CONFIG else raw.decode("utf-8", errors="surrogateescape")
+        scrubbed = scrub_git_config(text)
+        if scrubbed is not None or len(raw) > MAX_GIT_CONFIG:
+            found[config] = scrubbed or ""
+    return sorted(found.items())
+
+
+def scrub_git_config(text: str) -> str | None:
+    """``text`` without http extra headers and with no user or password in http(s) URLs; None if it has none."""
+    kept = []
+    for line in text.splitlines(keepends=True):
+        if _GIT_HEADER.match(line):
+            continue
+        kept.append(_URL_USERINFO.sub(r"\1", line))
+    scrubbed = "".join(kept)
+    return scrubbed if scrubbed != text else None
+
+
+def _git_config_of(place: str) -> str | None:
+    """The config file of the git repository that holds ``place`` (a worktree's: its common directory's)."""
+    directory = os.path.realpath(place)
+    while True:
+        dot_git = os.path.join(directory, ".git")
+        if os.path.isdir(dot_git):
+            config = os.path.join(dot_git, "config")
+            return config if os.path.isfile(config) else None
+        if os.path.isfile(dot_git):
+            return _linked_git_config(dot_git)
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return None
+        directory = parent
+
+
+def _linked_git_config(dot_git: str) -> str | None:
+    """A worktree's or submodule's ``.git`` file says ``gitdir: PATH``; its config is in the common dir."""
+    try:
+        with open(dot_git) as f:
+            line = f.readline(4096).strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not line.startswith("gitdir:"):
+        return None
+    git_dir = os.path.join(os.path.dirname(dot_git), line[len("gitdir:") :].strip())
+    try:
+        with open(os.path.join(git_dir, "commondir")) as f:
+            git_dir = os.path.join(git_dir, f.readline(4096).strip())
+    except (OSError, UnicodeDecodeError):
+        pass
+    config = os.path.join(os.path.realpath(git_dir), "config")
+    return config if os.path.isfile(config) else None
+
+
 def check_place(entry: str) -> str | None:
     """``entry`` normalized if it is a valid ``hide`` entry (``[!]/abs`` or ``[!]~/rel``), else None."""
     negate, rest = ("!", entry[1:]) if entry.startswith("!") else ("", entry)

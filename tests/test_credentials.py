@@ -398,3 +398,67 @@ def test_a_url_with_a_password_is_withheld_whatever_its_name() -> None:
         "PYTEST_DB_URL": "postgres://app:s3cret@db/app",
     }
     assert credentials.withheld_variables(environ) == ["DATABASE_URL", "REDIS_URL"]
+
+
+# -- tokens in the checkout's git config --------------------------------------------------------------
+
+CHECKOUT_CONFIG = """\
+[core]
+\trepositoryformatversion = 0
+[remote "origin"]
+\turl = https://x-access-token:ghs_FAKE0001@github.com/o/r.git
+\tfetch = +refs/heads/*:refs/remotes/origin/*
+[remote "mirror"]
+\turl = git@github.com:o/r.git
+[http "https://github.com/"]
+\textraheader = AUTHORIZATION: basic RkFLRTAwMDI=
+[submodule "lib"]
+\turl = https://gitlab-ci-token:FAKE0003@gitlab.example/o/lib.git
+"""
+
+
+def test_scrub_git_config_takes_out_headers_and_url_passwords_only() -> None:
+    scrubbed = credentials.scrub_git_config(CHECKOUT_CONFIG)
+    assert scrubbed is not None
+    for secret in ("FAKE0001", "RkFLRTAwMDI", "FAKE0003", "extraheader"):
+        assert secret not in scrubbed
+    assert "url = https://github.com/o/r.git" in scrubbed
+    assert "url = https://gitlab.example/o/lib.git" in scrubbed
+    assert "url = git@github.com:o/r.git" in scrubbed  # ssh's user is no secret
+    assert credentials.scrub_git_config("[core]\n\tbare = false\n") is None
+
+
+def test_the_git_config_of_a_worktree_is_its_repositorys(tmp_path: Path) -> None:
+    main = tmp_path / "main"
+    (main / ".git" / "worktrees" / "wt").mkdir(parents=True)
+    (main / ".git" / "config").write_text(CHECKOUT_CONFIG)
+    (main / ".git" / "worktrees" / "wt" / "commondir").write_text("../..\n")
+    worktree = tmp_path / "wt" / "sub"
+    worktree.mkdir(parents=True)
+    (tmp_path / "wt" / ".git").write_text(f"gitdir: {main}/.git/worktrees/wt\n")
+    assert credentials.scrubbed_git_configs([str(worktree), str(main)]) == [
+        (str(main / ".git" / "config"), credentials.scrub_git_config(CHECKOUT_CONFIG))
+    ]
+    assert credentials.scrubbed_git_configs([str(tmp_path / "elsewhere")]) == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("--sandbox=all",), ("--sandbox=all", "--sandbox-durations=1"), ("--sandbox=hermetic",)],
+    ids=["scope-sandbox", "sandbox-each", "hermetic"],
+)
+def test_a_ci_checkouts_token_in_its_git_config_stays_out(pytester: pytest.Pytester, args: tuple[str, ...]) -> None:
+    """actions/checkout leaves the job's token in the repository's .git/config (an http extraheader), GitLab
+    in the remote's URL: a test reads the file without them, and git there still works."""
+    (pytester.path / ".git").mkdir()
+    (pytester.path / ".git" / "config").write_text(CHECKOUT_CONFIG)
+    pytester.makepyfile("""
+        import pathlib
+
+        def test_reads_the_config():
+            text = pathlib.Path(__file__).with_name(".git").joinpath("config").read_text()
+            assert "FAKE000" not in text and "RkFLRTAwMDI" not in text, text
+            assert "https://github.com/o/r.git" in text
+    """)
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", *args).assert_outcomes(passed=1)
+    assert "FAKE0001" in (pytester.path / ".git" / "config").read_text()  # the host's file is as it was

@@ -120,6 +120,7 @@ class RootPlan:
     tmpfs_size: int | None = None  # bytes each tmpfs the sandbox writes to may hold (None: the kernel's half of RAM)
     hidden: tuple[tuple[str, bool], ...] = ()  # (path, is a directory): masked by an empty read-only mount
     volumes: tuple[VolumeMount, ...] = ()  # host paths bound through, shallowest target first
+    scrubbed: tuple[tuple[str, str], ...] = ()  # (path, text): a file masked by a read-only one with this text
 
 
 def _by_depth(paths: Iterable[str]) -> list[str]:
@@ -133,6 +134,7 @@ def make_plan(
     tmpfs_size: int | None = None,
     hidden: Iterable[str] = (),
     volumes: Iterable[VolumeMount] = (),
+    scrubbed: Iterable[tuple[str, str]] = (),
 ) -> RootPlan:
     """Decide the mounts: ``writable`` become overlays, ``needed`` must stay visible, ``hidden`` are masked."""
     fresh = tuple(p for p in SCRATCH_PLACES if os.path.isdir(p) and not os.path.islink(p))
@@ -164,6 +166,7 @@ def make_plan(
         tmpfs_size=tmpfs_size,
         hidden=_hidden_places(hidden, fresh, (*overlays, *kept)),
         volumes=tuple(volumes),
+        scrubbed=tuple(scrubbed),
     )
 
 
@@ -405,14 +408,21 @@ def mask_places(plan: RootPlan) -> None:
     place would wait for an RCU grace period (about 15 ms here). A place gone since the plan was
     made has nothing left to hide.
     """
-    if not plan.hidden:
+    if not plan.hidden and not plan.scrubbed:
         return
     shm = clone_tree(MASK_STAGING, recursive=False)
-    mounts.mount_tmpfs(MASK_STAGING, "0700", name="sandbox-hidden", size=MASK_SIZE)
+    size = MASK_SIZE + sum(len(text.encode(errors="surrogateescape")) + 4096 for _, text in plan.scrubbed)
+    mounts.mount_tmpfs(MASK_STAGING, "0700", name="sandbox-hidden", size=size)
     os.mkdir(f"{MASK_STAGING}/dir", 0o700)
     os.close(os.open(f"{MASK_STAGING}/file", os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
-    for path, is_dir in plan.hidden:
-        fd = clone_tree(f"{MASK_STAGING}/{'dir' if is_dir else 'file'}", recursive=False)
+    covers = [(path, "dir" if is_dir else "file") for path, is_dir in plan.hidden]
+    for index, (path, text) in enumerate(plan.scrubbed):
+        fd = os.open(f"{MASK_STAGING}/scrubbed-{index}", os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+        with open(fd, "wb") as f:
+            f.write(text.encode(errors="surrogateescape"))
+        covers.append((path, f"scrubbed-{index}"))
+    for path, cover in covers:
+        fd = clone_tree(f"{MASK_STAGING}/{cover}", recursive=False)
         try:
             mounts.read_only(fd, syscalls.MOUNT_ATTR_NODEV | syscalls.MOUNT_ATTR_NOEXEC)
             syscalls.move_mount(fd, path)
