@@ -74,6 +74,43 @@ def test_a_test_cannot_reach_the_memory_of_pytest_in_the_sandbox(
     pytester.runpytest_subprocess(HERMETIC, "-p", "no:cacheprovider", *xdist).assert_outcomes(passed=1)
 
 
+def test_tests_of_other_xdist_workers_are_out_of_a_tests_reach(pytester: pytest.Pytester) -> None:
+    """The session's xdist workers run their tests side by side in the session's pid namespace, as one user:
+    a dumpable test was open to another (pidfd_getfd of its line to pytest, found by a red-team helper,
+    forged its result as passed). Under xdist, tests here stay not dumpable."""
+    pytester.makepyfile(
+        test_a_prober="""
+            import os, time
+
+            def test_probe():
+                deadline = time.monotonic() + 120
+                while not os.path.exists("/tmp/sleeper-pid") and time.monotonic() < deadline:
+                    time.sleep(0.05)  # the workers share the session's /tmp (no layer of their own)
+                time.sleep(0.2)
+                with open("/tmp/sleeper-pid") as f:
+                    pid = int(f.read())
+                assert os.path.exists(f"/proc/{pid}"), "the other worker's test is not running beside this one"
+                for probe in (lambda: open(f"/proc/{pid}/mem", "rb").close(), lambda: os.readlink(f"/proc/{pid}/fd/0")):
+                    try:
+                        probe()
+                    except PermissionError:
+                        continue
+                    raise AssertionError("the other worker's test is open to this one")
+        """,
+        test_b_sleeper="""
+            import os, time
+
+            def test_sleeps():
+                with open("/tmp/sleeper-pid.part", "w") as f:
+                    f.write(str(os.getpid()))
+                os.rename("/tmp/sleeper-pid.part", "/tmp/sleeper-pid")
+                time.sleep(5)
+        """,
+    )
+    result = pytester.runpytest_subprocess(HERMETIC, "-p", "no:cacheprovider", "-n", "2", "--dist", "loadfile")
+    result.assert_outcomes(passed=2)
+
+
 def test_outputs_cannot_be_symlinks_out_of_them(pytester: pytest.Pytester, tmp_path: Path) -> None:
     target = tmp_path / "victim"
     target.mkdir()

@@ -53,6 +53,9 @@ _channel: socket.socket | None = None  # the test process's line to pytest, whil
 _layers: test_layers.Helper | None = None  # a scope sandbox's line to its layer helper (test_layers.py)
 _scope_pid = 0  # in a test's fork: the scope process it came from
 _held_teardown: list[dict[str, Any]] | None = None  # in a test's fork: its teardown report, for the scope to finish
+# Tests of other processes run beside this one's in its pid namespace, as the same user: the hermetic session's
+# xdist workers. A dumpable test would be open to them (ptrace, /proc/PID/mem, pidfd_getfd of its line to pytest).
+_beside_other_tests = False
 
 
 def _exit(code: int = 0) -> NoReturn:
@@ -390,8 +393,11 @@ def _enter(box: Sandbox, config: pytest.Config, pid1: tuple[int, int], keep: set
 def _enter_in_session(box: Sandbox, config: pytest.Config, keep: set[int]) -> None:
     """The steps left for a test process of --sandbox=hermetic, whose sandbox (namespaces, mounts, no
     capabilities, withheld variables) is the session's, built before pytest started."""
-    global _layers
+    global _layers, _beside_other_tests
     syscalls.set_process_name("sandbox-test")
+    _beside_other_tests = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+    if not _beside_other_tests:  # pytest here is not (hermetic.out_of_the_tests_reach); the test may be
+        syscalls.prctl(syscalls.PR_SET_DUMPABLE, 1)
     os.setsid()
     syscalls.join_new_session_keyring()
     process.die_with_parent(os.getppid())  # the zygote: the tests' fixtures go with it
@@ -854,7 +860,8 @@ def _test_fork(
         os.setpgid(0, 0)
         process.die_with_parent(_scope_pid)
         syscalls.join_new_session_keyring()  # keys it adds to its session go with it
-        syscalls.prctl(syscalls.PR_SET_DUMPABLE, 1)  # its own /proc files, debuggers and py-spy work as usual
+        if not _beside_other_tests:  # its own /proc files, debuggers and py-spy work as usual
+            syscalls.prctl(syscalls.PR_SET_DUMPABLE, 1)
         scope_children.adopt()  # a fixture's Popen: its process is the scope process's child, not this one's
         if _layers is not None:
             _layers.close()
