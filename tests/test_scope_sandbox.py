@@ -293,3 +293,29 @@ def test_a_fixtures_popen_works_in_the_tests(pytester: pytest.Pytester) -> None:
             assert server.wait(timeout=10) == -15
     """)
     pytester.runpytest_subprocess("--sandbox=all", "-p", "no:cacheprovider").assert_outcomes(passed=3)
+
+
+def test_a_process_a_fixtures_thread_starts_is_left_to_its_popen(pytester: pytest.Pytester) -> None:
+    """The scope process reaps what a test orphaned while the test runs; a process that a session fixture's
+    thread starts there meanwhile is the thread's to wait for (its exit code, not ECHILD's 0)."""
+    pytester.makepyfile("""
+        import subprocess, threading, time, pytest
+
+        RESULT = {}
+
+        @pytest.fixture(scope="session")
+        def watcher():
+            def run():
+                time.sleep(0.5)
+                proc = subprocess.Popen(["sh", "-c", "exit 3"])
+                time.sleep(1)  # a zombie of the scope process meanwhile
+                RESULT["code"] = proc.poll()
+            threading.Thread(target=run).start()
+
+        def test_first(watcher):
+            time.sleep(2.5)  # the fixture's thread runs its command meanwhile, in the scope process
+
+        def test_second(watcher):
+            assert RESULT == {"code": 3}
+    """)
+    pytester.runpytest_subprocess("--sandbox=all", "-p", "no:cacheprovider").assert_outcomes(passed=2)

@@ -61,10 +61,19 @@ def end_children(besides: frozenset[int]) -> None:
 
 
 def reap_exited(besides: frozenset[int]) -> None:
-    """Reap every child that has exited but ``besides`` (processes someone else waits for)."""
+    """Reap every orphan that has exited but ``besides`` (processes someone else waits for). An orphan is a
+    child of another process group than this one's: tests run in their own (so do their descendants, unless
+    they change it), while a process a fixture's thread starts here meanwhile is in this one's, and its
+    Popen waits for it."""
+    own_group = os.getpgid(0)
     for pid in _children() - besides:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
+        try:
+            fields = process.stat_fields(pid)
+        except OSError:
+            continue
+        if fields[0] == b"Z" and int(fields[2]) != own_group:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
 
 
 def _children() -> frozenset[int]:
