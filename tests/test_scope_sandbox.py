@@ -319,3 +319,36 @@ def test_a_process_a_fixtures_thread_starts_is_left_to_its_popen(pytester: pytes
             assert RESULT == {"code": 3}
     """)
     pytester.runpytest_subprocess("--sandbox=all", "-p", "no:cacheprovider").assert_outcomes(passed=2)
+
+
+def test_a_teardown_that_ends_every_child_of_its_process_leaves_the_next_test_alone(
+    pytester: pytest.Pytester,
+) -> None:
+    """psutil's TestPopen.tearDownClass kills every child of its process: run in the scope process, it killed
+    the layer helper, and the next test erred ("the layer helper is gone"). The helper is no child of it."""
+    pytester.makepyfile("""
+        import os, signal
+
+        def _children_of(pid):
+            for entry in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                            yield int(entry)
+                except OSError:
+                    pass
+
+        class TestReaps:
+            @classmethod
+            def teardown_class(cls):
+                for pid in _children_of(os.getpid()):
+                    os.kill(pid, signal.SIGKILL)
+
+            def test_a(self):
+                pass
+
+        class TestAfter:
+            def test_b(self):
+                pass
+    """)
+    pytester.runpytest_subprocess("--sandbox=all", "-p", "no:cacheprovider").assert_outcomes(passed=2)

@@ -18,11 +18,13 @@ def stat_fields(pid: int | str = "self") -> list[bytes]:
         return f.read().rsplit(b")", 1)[1].split()
 
 
-def become_helper(name: str, parent: int, keep: tuple[int, ...]) -> None:
+def become_helper(name: str, parent: int | None, keep: tuple[int, ...]) -> None:
     """Start of a privileged helper forked from a sandbox's test process before the test's code runs:
-    it dies with that process, cannot be traced or have its fds taken, and holds nothing of the host's
-    or the test's (stdio on /dev/null, every fd but ``keep`` closed)."""
-    die_with_parent(parent)
+    it dies with that process (``parent``; None: the helper watches it itself), cannot be traced or have
+    its fds taken, and holds nothing of the host's or the test's (stdio on /dev/null, every fd but
+    ``keep`` closed)."""
+    if parent is not None:
+        die_with_parent(parent)
     syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
     syscalls.set_process_name(name)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import select
 import signal
 import socket
 from collections.abc import Sequence
@@ -112,24 +113,27 @@ def start_helper(places: tuple[str, ...], hidden: tuple[tuple[str, bool], ...], 
     place and built its mask layers; the line to it. ``hidden`` are the masked places (path, is a
     directory): no test layer may show what they cover."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    parent = os.getpid()
+    scope = os.pidfd_open(os.getpid())
     pid = os.fork()
     if pid == 0:
         try:
             ours.close()
-            _helper_main(theirs, places, hidden, tmpfs_size, parent)
+            if os.fork() == 0:  # not a child of the scope process: a fixture that ends every child of its
+                _helper_main(theirs, places, hidden, tmpfs_size, scope)  # process (psutil's) would end it
         finally:
             os._exit(1)
     theirs.close()
+    os.close(scope)
+    os.waitpid(pid, 0)  # the helper's parent, gone at once: init adopts the helper
     try:
         answer = ours.recv(4096)
     except OSError as exc:
         answer = str(exc).encode()
-    if answer != READY:
+    if not answer.startswith(READY) or not answer[len(READY) :].isdigit():
         ours.close()
         raise LayerError(answer.decode(errors="replace") or "the layer helper exited while starting")
     ours.settimeout(ANSWER_TIMEOUT)
-    return Helper(ours, pid)
+    return Helper(ours, int(answer[len(READY) :]))
 
 
 def begin(helper: Helper) -> int:
@@ -162,9 +166,10 @@ def _helper_main(
     places: tuple[str, ...],
     hidden: tuple[tuple[str, bool], ...],
     tmpfs_size: int | None,
-    parent: int,
+    scope: int,
 ) -> NoReturn:
-    process.become_helper("sandbox-layers", parent, keep=(control.fileno(),))
+    """The helper's life; ``scope`` is a pidfd of the scope process: the helper ends when it does."""
+    process.become_helper("sandbox-layers", None, keep=(control.fileno(), scope))
     # Everything it mounts on is found now, before any user code runs: later, only through these fds.
     try:
         layer = _Layer(places, hidden, tmpfs_size)
@@ -172,9 +177,11 @@ def _helper_main(
         with contextlib.suppress(OSError):
             control.sendall(f"{type(exc).__name__}: {exc}".encode()[:4000])
         os._exit(1)
-    control.sendall(READY)
+    control.sendall(READY + str(os.getpid()).encode())
     while True:
         try:
+            if scope in select.select([control.fileno(), scope], [], [])[0]:
+                os._exit(0)
             request = control.recv(1)
         except OSError:
             os._exit(0)
