@@ -588,3 +588,18 @@ def test_a_test_recurses_as_deep_as_in_a_plain_run(pytester: pytest.Pytester, ar
         assert sandboxed[0] >= plain[0] and sandboxed[1] == plain[1]  # script; xdist's loop has one frame more
     else:
         assert sandboxed == plain
+
+
+def test_every_mount_a_test_sees_listed_is_there(pytester: pytest.Pytester) -> None:
+    """A spare procfs for image commands lay under a /dev/shm mounted over it: /proc/self/mounts listed a
+    mount point that did not exist (psutil's disk_partitions test). Only sandboxes with an image have it."""
+    pytester.makepyfile("""
+        import os
+
+        def test_every_mount_point_exists():
+            with open("/proc/self/mounts") as f:
+                points = [line.split()[1].replace("\\\\040", " ") for line in f]
+            assert [point for point in points if not os.path.exists(point)] == []
+    """)
+    for mode in ("--sandbox=all", "--sandbox=hermetic"):
+        pytester.runpytest_subprocess("-p", "no:cacheprovider", mode).assert_outcomes(passed=1)

@@ -360,9 +360,10 @@ PROC_MASKED = (
 PROC_FLAGS = syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC
 
 
-def mount_proc(while_writable: Callable[[], None] | None = None) -> None:
+def mount_proc(while_writable: Callable[[], None] | None = None, image_commands: bool = False) -> None:
     """A /proc of the caller's pid namespace with the host-wide knobs read-only (``while_writable`` runs
-    before they are: the network namespace's own sysctls are written through them).
+    before they are: the network namespace's own sysctls are written through them); with
+    ``image_commands`` (a sandbox with an image), a spare one for the commands run in it.
 
     Mounted by the test process itself (the first process of the sandbox's mount namespace that
     is *in* its pid namespace). The covering mounts also make this procfs not "fully visible", so
@@ -377,7 +378,8 @@ def mount_proc(while_writable: Callable[[], None] | None = None) -> None:
     for path in PROC_MASKED:
         if os.path.exists(path):
             mounts.mask(path)
-    _spare_read_only_proc()
+    if image_commands:  # else the mount table would list a procfs at a path the test cannot see (psutil checks)
+        _spare_read_only_proc()
 
 
 def _spare_read_only_proc() -> None:

@@ -326,7 +326,10 @@ def _enter(box: Sandbox, config: pytest.Config, pid1: tuple[int, int], keep: set
     # 3. The mount tree (needs the new mount namespace), then a /proc of the pid namespace (only a
     #    process inside it can mount that) with the kernel knobs read-only; a pod member's /etc/hosts.
     scratch = rootfs.build(box.plan, box.layer_dir)
-    rootfs.mount_proc(while_writable=bridge.without_ipv6 if box.network.pod_link else None)
+    rootfs.mount_proc(
+        while_writable=bridge.without_ipv6 if box.network.pod_link else None,
+        image_commands=box.plan.image is not None,
+    )
     if box.hosts:
         mounts.cover_with_text("/etc/hosts", box.hosts)
     # 4. Host name and loopback of the new namespaces; a pod member's veth pair to the pod's bridge.
