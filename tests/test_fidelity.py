@@ -385,6 +385,24 @@ def test_doctest_and_fixture_errors_read_as_in_a_plain_run(pytester: pytest.Pyte
     assert outputs[2] == outputs[0]
 
 
+def _run_with_a_raising_hook(
+    pytester: pytest.Pytester, mode: str, plugin_source: str, tests: tuple[str, ...]
+) -> pytest.RunResult:
+    if mode == "hermetic":  # where -p cannot name the project's code; all of a conftest.py runs in the sandbox
+        pytester.makeconftest(plugin_source)
+    else:  # a plugin module: a conftest's log hooks run in pytest, not in the test's sandbox
+        pytester.makepyfile(raising_plugin=plugin_source)
+    pytester.makepyfile(test_x="".join(f"def {name}():\n    pass\n\n" for name in tests))
+    args = {
+        "plain": (),
+        "all": ("--sandbox=all",),
+        "scope-module": ("--sandbox=all", "--sandbox-scope=module"),
+        "hermetic": ("--sandbox=hermetic",),
+    }[mode]
+    plugin = () if mode == "hermetic" else ("-p", "raising_plugin")
+    return pytester.runpytest_subprocess(*plugin, *args)
+
+
 RAISING_HOOKS = {
     "makereport": """
         import pytest
@@ -411,21 +429,7 @@ def test_a_hook_that_raises_in_the_protocol_is_an_internal_error(
 ) -> None:
     """A plugin's hook raising in pytest's runtest protocol ends the session as an INTERNALERROR with its
     traceback, after the reports logged before it: the same outcomes and exit code as a plain run."""
-    if mode == "hermetic":  # where -p cannot name the project's code; all of a conftest.py runs in the sandbox
-        pytester.makeconftest(RAISING_HOOKS[hook])
-    else:  # a plugin module: a conftest's log hooks run in pytest, not in the test's sandbox
-        pytester.makepyfile(raising_plugin=RAISING_HOOKS[hook])
-    pytester.makepyfile(
-        test_x="def test_first():\n    pass\n\ndef test_late():\n    pass\n\ndef test_other():\n    pass\n"
-    )
-    args = {
-        "plain": (),
-        "all": ("--sandbox=all",),
-        "scope-module": ("--sandbox=all", "--sandbox-scope=module"),
-        "hermetic": ("--sandbox=hermetic",),
-    }[mode]
-    plugin = () if mode == "hermetic" else ("-p", "raising_plugin")
-    result = pytester.runpytest_subprocess(*plugin, *args)
+    result = _run_with_a_raising_hook(pytester, mode, RAISING_HOOKS[hook], ("test_first", "test_late", "test_other"))
     assert result.ret == pytest.ExitCode.INTERNAL_ERROR, result.stdout.str()
     result.assert_outcomes(passed=2 if hook == "logfinish" else 1)  # test_other never runs
     result.stdout.fnmatch_lines(["INTERNALERROR> *RuntimeError: a plugin broke*"])
@@ -448,19 +452,7 @@ USAGE_ERROR_IN_A_HOOK = """
 def test_a_usage_error_raised_by_a_hook_in_the_protocol_is_a_usage_error(pytester: pytest.Pytester, mode: str) -> None:
     """pytest.UsageError from a hook in the protocol: "ERROR: <message>" and exit code 4, as in a plain run
     (an INTERNALERROR with exit code 3 before)."""
-    if mode == "hermetic":
-        pytester.makeconftest(USAGE_ERROR_IN_A_HOOK)
-    else:
-        pytester.makepyfile(raising_plugin=USAGE_ERROR_IN_A_HOOK)
-    pytester.makepyfile(test_x="def test_first():\n    pass\n\ndef test_late():\n    pass\n")
-    args = {
-        "plain": (),
-        "all": ("--sandbox=all",),
-        "scope-module": ("--sandbox=all", "--sandbox-scope=module"),
-        "hermetic": ("--sandbox=hermetic",),
-    }[mode]
-    plugin = () if mode == "hermetic" else ("-p", "raising_plugin")
-    result = pytester.runpytest_subprocess(*plugin, *args)
+    result = _run_with_a_raising_hook(pytester, mode, USAGE_ERROR_IN_A_HOOK, ("test_first", "test_late"))
     assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str() + result.stderr.str()
     result.stderr.fnmatch_lines(["ERROR: --frobnicate takes a number"])
     assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
