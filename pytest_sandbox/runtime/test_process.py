@@ -159,12 +159,12 @@ class ReportStreamer:
             # In a test's fork of a scope sandbox: the scope process may tear down fixtures after it, whose
             # errors and output pytest puts in this report; the last one waits (a rerun's earlier ones go).
             for held in _held_teardown:
-                protocol.send(_channel, {"type": "report", "data": held})
+                _send_report(held)
             _held_teardown.clear()
             if report.when == "teardown" and type(report) is pytest.TestReport:
                 _held_teardown.append(data)
                 return
-        protocol.send(_channel, {"type": "report", "data": data})  # objects in user_properties go as their repr
+        _send_report(data)
 
     @pytest.hookimpl
     def pytest_warning_recorded(self, warning_message: warnings.WarningMessage, when: str, nodeid: str) -> None:
@@ -423,6 +423,17 @@ def _pid1_joins(flags: int, go: int, ack: int) -> None:
         os.close(ack)
     if answer != b"1":
         raise SetupError("init", "pid 1 could not join the sandbox's namespaces")
+
+
+def _send_report(data: dict[str, Any]) -> None:
+    """A report to pytest (objects in user_properties go as their repr). In a test's fork of a scope sandbox,
+    the scope process relays it: the test goes on once it is on its way, so a test that then kills the scope
+    process (its parent) does not take its earlier reports along."""
+    assert _channel is not None
+    protocol.send(_channel, {"type": "report", "data": data})
+    if _held_teardown is not None:
+        with contextlib.suppress(protocol.ProtocolError, OSError):
+            protocol.recv(_channel)  # {"type": "relayed"}; nothing if the scope process is gone
 
 
 class _ChannelLog:
@@ -824,9 +835,13 @@ def _forward(source: socket.socket, target: socket.socket, nodeid: str | None, p
         return False
     try:
         if nodeid is not None and isinstance(message, dict) and not _of_this_test(message, nodeid):
-            return True
-        with contextlib.suppress(OSError):
-            protocol.send(target, message, fds=tuple(fds))
+            pass
+        else:
+            with contextlib.suppress(OSError):
+                protocol.send(target, message, fds=tuple(fds))
+        if nodeid is not None and isinstance(message, dict) and message.get("type") == "report":
+            with contextlib.suppress(OSError):
+                protocol.send(source, {"type": "relayed"})  # the fork waits for this (_send_report)
     finally:
         for fd in fds:
             os.close(fd)
