@@ -833,13 +833,12 @@ def _forward(source: socket.socket, target: socket.socket, nodeid: str | None, p
         return False
     if message is None:
         return False
+    from_test = nodeid is not None and isinstance(message, dict)
     try:
-        if nodeid is not None and isinstance(message, dict) and not _of_this_test(message, nodeid):
-            pass
-        else:
+        if not from_test or _of_this_test(message, str(nodeid)):
             with contextlib.suppress(OSError):
                 protocol.send(target, message, fds=tuple(fds))
-        if nodeid is not None and isinstance(message, dict) and message.get("type") == "report":
+        if from_test and message.get("type") == "report":
             with contextlib.suppress(OSError):
                 protocol.send(source, {"type": "relayed"})  # the fork waits for this (_send_report)
     finally:
