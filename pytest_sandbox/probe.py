@@ -9,7 +9,7 @@ import shutil
 import socket
 from collections.abc import Callable
 
-from .linux import syscalls, userns
+from .linux import landlock, syscalls, userns
 from .network import bridge
 from .runtime import cgroups, ports
 
@@ -298,7 +298,23 @@ def build_checks(results: dict[str, str], cgroup: str | None = None) -> tuple[Ch
             "" if newuidmap else "sudo apt-get install uidmap (optional)",
         )
     )
+    out.append(landlock_check())
     return tuple(out)
+
+
+def landlock_check() -> Check:
+    reason = landlock.unavailable_reason()
+    if reason is None:
+        detail = (
+            f"Landlock scopes (ABI {landlock.abi_version()}): --sandbox=hermetic's tests cannot signal or trace pytest"
+        )
+        return Check("landlock", True, detail)
+    return Check(
+        "landlock",
+        False,
+        f"{reason}: --sandbox=hermetic's tests can signal pytest in the session's sandbox (optional)",
+        "a kernel of Linux 6.12 or later with landlock in its lsm= list (optional)",
+    )
 
 
 @functools.lru_cache(maxsize=4)

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from helpers import processes_with, start_pytest_until_running, wait_gone
 
+from pytest_sandbox.linux import landlock
+
 HERMETIC = "--sandbox=hermetic"
 
 
@@ -108,6 +110,54 @@ def test_tests_of_other_xdist_workers_are_out_of_a_tests_reach(pytester: pytest.
         """,
     )
     result = pytester.runpytest_subprocess(HERMETIC, "-p", "no:cacheprovider", "-n", "2", "--dist", "loadfile")
+    result.assert_outcomes(passed=2)
+
+
+@pytest.mark.skipif(landlock.unavailable_reason() is not None, reason=str(landlock.unavailable_reason()))
+@pytest.mark.parametrize("xdist", [(), ("-n", "2")], ids=["plain", "xdist"])
+def test_a_test_cannot_stop_kill_or_call_what_runs_the_session(
+    pytester: pytest.Pytester, xdist: tuple[str, ...]
+) -> None:
+    """pytest in the session's sandbox, its zygote, its layer helper and the sandbox's first processes share
+    the tests' pid namespace and user: a test that stopped them hung the run, one that killed them ended it.
+    Each sandbox of the session is a Landlock domain: signals, ptrace and abstract sockets stay inside it."""
+    pytester.makeconftest("""
+        import socket
+
+        LISTENER = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:  # bound by pytest itself, at collection (under xdist by the first of its processes)
+            LISTENER.bind("\\0pytest-sandbox-conftest-listener")
+            LISTENER.listen()
+        except OSError:
+            pass
+    """)
+    pytester.makepyfile("""
+        import os, signal, socket
+
+        def test_stops_and_kills_every_process_it_sees():
+            mine = {os.getpid(), os.getppid()}  # itself, and the scope process it is a fork of
+            reached = []
+            for name in os.listdir("/proc"):
+                if name.isdigit() and int(name) not in mine:
+                    for signum in (signal.SIGSTOP, signal.SIGKILL):
+                        try:
+                            os.kill(int(name), signum)
+                            reached.append((int(name), signum))
+                        except (PermissionError, ProcessLookupError):
+                            pass
+            assert len(os.listdir("/proc")) > 3, "no process of the session is in sight"
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                client.connect("\\0pytest-sandbox-conftest-listener")
+                reached.append("pytest's abstract socket")
+            except PermissionError:
+                pass
+            assert reached == []
+
+        def test_after():
+            pass
+    """)
+    result = pytester.runpytest_subprocess(HERMETIC, "-p", "no:cacheprovider", *xdist, timeout=120)
     result.assert_outcomes(passed=2)
 
 

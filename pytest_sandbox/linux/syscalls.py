@@ -239,6 +239,24 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
+_LANDLOCK_CREATE_RULESET, _LANDLOCK_RESTRICT_SELF = 444, 446  # one number on every architecture
+
+
+def landlock_create_ruleset(attr: ctypes.Structure | None, flags: int = 0) -> int:
+    """A ruleset fd; with ``attr`` None and flags 1 (LANDLOCK_CREATE_RULESET_VERSION), the kernel's ABI."""
+    size = 0 if attr is None else ctypes.sizeof(attr)
+    pointer = None if attr is None else ctypes.byref(attr)
+    rc = _syscall(ctypes.c_long(_LANDLOCK_CREATE_RULESET), pointer, ctypes.c_size_t(size), ctypes.c_uint32(flags))
+    return _check(rc, "landlock_create_ruleset")
+
+
+def landlock_restrict_self(ruleset: int) -> None:
+    _check(
+        _syscall(ctypes.c_long(_LANDLOCK_RESTRICT_SELF), ctypes.c_int(ruleset), ctypes.c_uint32(0)),
+        "landlock_restrict_self",
+    )
+
+
 def openat2(dirfd: int, path: str, flags: int, resolve: int) -> int:
     how = _OpenHow(flags, 0, resolve)
     rc = _syscall(_nr["openat2"], ctypes.c_int(dirfd), _b(path), ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))

@@ -33,7 +33,7 @@ import pytest
 from .. import credentials, outputs, plugin_results, plugin_state, protocol
 from ..errors import ServiceError, SetupError
 from ..layers import commands
-from ..linux import mounts, process, rootfs, seccomp, syscalls, userns
+from ..linux import landlock, mounts, process, rootfs, seccomp, syscalls, userns
 from ..network import bridge
 from ..spec import SandboxSpec
 from . import (
@@ -54,7 +54,8 @@ _layers: test_layers.Helper | None = None  # a scope sandbox's line to its layer
 _scope_pid = 0  # in a test's fork: the scope process it came from
 _held_teardown: list[dict[str, Any]] | None = None  # in a test's fork: its teardown report, for the scope to finish
 # Tests of other processes run beside this one's in its pid namespace, as the same user: the hermetic session's
-# xdist workers. A dumpable test would be open to them (ptrace, /proc/PID/mem, pidfd_getfd of its line to pytest).
+# xdist workers. On a kernel without Landlock scopes a dumpable test would be open to them (ptrace,
+# /proc/PID/mem, pidfd_getfd of its line to pytest).
 _beside_other_tests = False
 
 
@@ -398,7 +399,8 @@ def _enter_in_session(box: Sandbox, config: pytest.Config, keep: set[int]) -> No
     capabilities, withheld variables) is the session's, built before pytest started."""
     global _layers, _beside_other_tests
     syscalls.set_process_name("sandbox-test")
-    _beside_other_tests = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+    scoped = _scope_off_the_session()
+    _beside_other_tests = bool(os.environ.get("PYTEST_XDIST_WORKER")) and not scoped
     if not _beside_other_tests:  # pytest here is not (hermetic.out_of_the_tests_reach); the test may be
         syscalls.prctl(syscalls.PR_SET_DUMPABLE, 1)
     os.setsid()
@@ -411,6 +413,17 @@ def _enter_in_session(box: Sandbox, config: pytest.Config, keep: set[int]) -> No
     _shed_host_fds(config, keep)
     faulthandler.enable(file=box.crash_fd, all_threads=True)
     box.backend.in_test_process(box.spec)
+
+
+def _scope_off_the_session() -> bool:
+    """A Landlock domain of its own (linux/landlock.py): the processes of this sandbox cannot signal, trace
+    or reach the abstract sockets of pytest, its zygote, its layer helper or another sandbox's, which share
+    their pid namespace and user; those of this sandbox still reach each other (a test its scope's fixtures'
+    processes). False where the kernel cannot (the README's host table says what is open then)."""
+    if not landlock.scopes_available():
+        return False
+    landlock.scope_self()
+    return True
 
 
 def _pid1_joins(flags: int, go: int, ack: int) -> None:
