@@ -16,11 +16,14 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import socket
 import time
 import uuid
 from pathlib import Path
 
 import pytest
+
+from pytest_sandbox.linux import landlock
 
 INNER = "test_probe"  # the hostile test file is test_probe.py
 BYSTANDER = """
@@ -34,6 +37,8 @@ def test_bystander():
 INNER_COMMON = """
 import ctypes, errno, os, pickle, socket, stat
 import pytest
+
+from pytest_sandbox.linux import landlock
 
 
 def fd_links():
@@ -882,3 +887,29 @@ def test_a_message_pytest_cannot_use_fails_no_more_than_its_test(pytester: pytes
     assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
     result.stdout.fnmatch_lines(["*really ran*"])
     assert result.ret == pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.mark.skipif(landlock.unavailable_reason() is not None, reason=str(landlock.unavailable_reason()))
+def test_the_hosts_abstract_sockets_are_out_of_reach_on_the_host_network(pytester: pytest.Pytester) -> None:
+    """An abstract unix socket belongs to a network namespace, not to a file a mount could mask: with
+    network="host" a test shared the host's (a containerd shim's, a desktop's X11 and D-Bus). Each test
+    sandbox is a Landlock domain scoped for abstract sockets."""
+    name = f"pytest-sandbox-host-listener-{uuid.uuid4().hex}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind("\0" + name)
+        listener.listen()
+        pytester.makepyfile(f"""
+            import os, socket
+            import pytest
+
+            @pytest.mark.container(network="host")
+            def test_attack():
+                assert os.readlink("/proc/self/ns/net") == "{os.readlink("/proc/self/ns/net")}"
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                    with pytest.raises(PermissionError):
+                        conn.connect("\\0{name}")
+        """)
+        pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nothing connected

@@ -185,7 +185,10 @@ def test_a_sandbox_on_the_host_network_gets_no_answer_from_a_workers_service_soc
             for name in names:
                 with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
                     conn.settimeout(10)
-                    conn.connect("\\0" + name[1:])
+                    try:
+                        conn.connect("\\0" + name[1:])
+                    except PermissionError:  # Landlock scopes (Linux 6.12+): no abstract socket outside it
+                        continue
                     try:
                         protocol.send(conn, {"call": "stop"})
                         answer, _ = protocol.recv(conn)

@@ -387,6 +387,11 @@ def _enter(box: Sandbox, config: pytest.Config, pid1: tuple[int, int], keep: set
     # 9. No capabilities at all, root included, and none to regain by execve (bounding set, no_new_privs):
     #    the mounts it inherited cannot be remounted or unmounted, kernel knobs stay read-only.
     userns.drop_capabilities()
+    #    A Landlock domain of its own where the kernel has scopes: with network="host" the host's abstract
+    #    unix sockets (a network namespace's, which no mount masks) stay out of reach, and so do this
+    #    sandbox's pid 1 and layer helper for signals. A service's is not: it answers its NOTIFY_SOCKET.
+    if not box.service:
+        _scope_in_a_domain()
     # 10. Crash dumps go to this sandbox's memfd; limits a process sets on itself (rlimits) come last,
     #     so nothing above runs under them.
     faulthandler.enable(file=box.crash_fd, all_threads=True)
@@ -399,7 +404,7 @@ def _enter_in_session(box: Sandbox, config: pytest.Config, keep: set[int]) -> No
     capabilities, withheld variables) is the session's, built before pytest started."""
     global _layers, _beside_other_tests
     syscalls.set_process_name("sandbox-test")
-    scoped = _scope_off_the_session()
+    scoped = _scope_in_a_domain()
     _beside_other_tests = bool(os.environ.get("PYTEST_XDIST_WORKER")) and not scoped
     if not _beside_other_tests:  # pytest here is not (hermetic.out_of_the_tests_reach); the test may be
         syscalls.prctl(syscalls.PR_SET_DUMPABLE, 1)
@@ -415,11 +420,12 @@ def _enter_in_session(box: Sandbox, config: pytest.Config, keep: set[int]) -> No
     box.backend.in_test_process(box.spec)
 
 
-def _scope_off_the_session() -> bool:
+def _scope_in_a_domain() -> bool:
     """A Landlock domain of its own (linux/landlock.py): the processes of this sandbox cannot signal, trace
-    or reach the abstract sockets of pytest, its zygote, its layer helper or another sandbox's, which share
-    their pid namespace and user; those of this sandbox still reach each other (a test its scope's fixtures'
-    processes). False where the kernel cannot (the README's host table says what is open then)."""
+    or reach the abstract sockets of any process outside it. In the hermetic session those are pytest, its
+    zygote, its layer helper and other sandboxes, which share their pid namespace and user; those of this
+    sandbox still reach each other (a test its scope's fixtures' processes). False where the kernel cannot
+    (the README's host table says what is open then)."""
     if not landlock.scopes_available():
         return False
     landlock.scope_self()
