@@ -312,7 +312,8 @@ def landlock_check() -> Check:
     return Check(
         "landlock",
         False,
-        f"{reason}: --sandbox=hermetic's tests can signal pytest in the session's sandbox (optional)",
+        f"{reason}: --sandbox=hermetic's tests can signal pytest in the session's sandbox, network=host "
+        "tests reach the host's abstract sockets (optional)",
         "a kernel of Linux 6.12 or later with landlock in its lsm= list (optional)",
     )
 
