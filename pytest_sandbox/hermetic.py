@@ -92,6 +92,15 @@ def supervise(config: pytest.Config) -> int:
     anchors = output_anchors(config)
     _refuse_project_plugins(config, anchors)
     state = _session.configure(config)
+    ignored = [
+        name.replace("sandbox_hide", "sandbox_hide (its ! entries)")
+        for name in settings.widening_the_user_did_not_give(config)
+    ]
+    if ignored:
+        _say(
+            f"pytest-sandbox: {WHERE}: ignored the project's {', '.join(ignored)}: from the ini file or its "
+            "addopts, they would widen the session's sandbox; give them on the command line (-o NAME=VALUE) to use them"
+        )
     spec = session_spec(state)
     paths = _paths(config, state, anchors)
     launch = session_process.SessionLaunch(

@@ -135,7 +135,7 @@ def configure(config: pytest.Config) -> SessionState:
     return SessionState(
         mode=mode,
         unavailable=settings.choice(config, "sandbox_unavailable"),
-        defaults=settings.spec_defaults(config),
+        defaults=settings.spec_defaults(config, settings.widening_the_user_did_not_give(config)),
         backend=backend,
         limit_policy=settings.choice(config, "sandbox_limits"),
         stress=settings.parse_stress(config),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 from typing import Any
 
 import pytest
@@ -346,20 +347,66 @@ def cgroup_path(config: pytest.Config) -> str | None:
     return text
 
 
-def spec_defaults(config: pytest.Config) -> dict[str, Any]:
-    """The spec fields the session sets for every sandbox, already checked."""
+def spec_defaults(config: pytest.Config, ignored: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The spec fields the session sets for every sandbox, already checked; without the ``ignored``
+    settings (widening_the_user_did_not_give: of ``sandbox_hide``, its "!" entries)."""
     values: dict[str, Any] = {}
     for field in ("hostname", "network", "writable", "hide", "env_pass", "tmpfs_size", *LIMIT_FIELDS):
         value, where = raw(config, f"sandbox_{field}")
+        if field == "hide" and "sandbox_hide" in ignored:
+            value = [entry for entry in value if not str(entry).startswith("!")]
+        elif f"sandbox_{field}" in ignored:
+            continue
         if value not in (None, "", []):
             values[field] = CHECKS[field](value, where)
     lines, where = raw(config, "sandbox_env")
     if lines:
         values["env"] = check_env_lines(lines, where)
     lines, where = raw(config, "sandbox_volumes")
-    if lines:
+    if lines and "sandbox_volumes" not in ignored:
         values["volumes"] = check_volume_lines(lines, str(config.rootpath), where)
     return values
+
+
+# What widens a sandbox's reach: the network, credential variables let through, masks taken off (a "!"
+# entry of sandbox_hide), host directories bound in (volumes, which persist). Under --sandbox=hermetic the
+# project is what is not trusted: there only the user may set these, on the command line or in
+# $PYTEST_ADDOPTS, never the project's ini file or its addopts.
+_WIDENING = ("sandbox_network", "sandbox_env_pass", "sandbox_volumes")
+
+
+def widening_the_user_did_not_give(config: pytest.Config) -> tuple[str, ...]:
+    """Under --sandbox=hermetic, the widening settings the project set and the user did not; () otherwise."""
+    if raw(config, "sandbox_mode")[0] != "hermetic":
+        return ()
+    named = _named_by_the_user(config)
+    ignored = []
+    for name in _WIDENING:
+        value, _ = raw(config, name)
+        if value not in (None, "", [], "none") and name not in named:
+            ignored.append(name)
+    hide, _ = raw(config, "sandbox_hide")
+    if any(str(entry).startswith("!") for entry in hide or ()) and "sandbox_hide" not in named:
+        ignored.append("sandbox_hide")
+    return tuple(ignored)
+
+
+def _named_by_the_user(config: pytest.Config) -> set[str]:
+    """The ini names of the settings the user's own command line and $PYTEST_ADDOPTS set: ``-o NAME=...``, or
+    a setting's ``--option`` (not the ini file's addopts, which pytest puts before them)."""
+    args = [*shlex.split(os.environ.get("PYTEST_ADDOPTS", "")), *map(str, config.invocation_params.args)]
+    by_option = {s.option: s.ini for s in SETTINGS if s.option and s.ini}
+    named: set[str] = set()
+    for index, arg in enumerate(args):
+        if arg in ("-o", "--override-ini") and index + 1 < len(args):
+            named.add(args[index + 1].split("=", 1)[0])
+        elif arg.startswith("--override-ini="):
+            named.add(arg.removeprefix("--override-ini=").split("=", 1)[0])
+        elif arg.startswith("-o") and not arg.startswith("--"):
+            named.add(arg[2:].split("=", 1)[0])
+        if arg.split("=", 1)[0] in by_option:
+            named.add(str(by_option[arg.split("=", 1)[0]]))
+    return named
 
 
 def parse_stress(config: pytest.Config) -> dict[str, Any]:

@@ -394,3 +394,50 @@ def test_a_closed_stdin_is_no_trouble(pytester: pytest.Pytester) -> None:
         timeout=300,
     )
     assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout + run.stderr
+
+
+def test_the_projects_ini_cannot_widen_the_sessions_sandbox(
+    pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Red team round 33: under this mode the project is what is not trusted, yet its ini file opened the
+    host's network, let credential variables through, took the mask off ~/.ssh and bound a host directory
+    in read/write (a conftest.py appended to a real ~/.bashrc). Only the user's command line may."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (pytester.path / ".ssh").mkdir()
+    (pytester.path / ".ssh" / "id_rsa").write_text("PRIVATE-KEY")
+    pytester.makeini(f"""
+        [pytest]
+        addopts = --sandbox-network=host
+        sandbox_env_pass = *
+        sandbox_hide = !~/.ssh
+        sandbox_volumes =
+            {victim}=/mnt/victim:rw
+    """)
+    pytester.makepyfile("""
+        import os, socket
+
+        def test_nothing_widened():
+            assert socket.if_nameindex() == [(1, "lo")]
+            assert "HERMETIC_RED_TEAM_TOKEN" not in os.environ
+            assert not os.path.exists(os.path.expanduser("~/.ssh/id_rsa"))  # ~/.ssh is an empty directory
+            assert not os.path.exists("/mnt/victim")
+    """)
+    monkeypatch.setenv("HERMETIC_RED_TEAM_TOKEN", "secret")
+    result = pytester.runpytest_subprocess(HERMETIC, "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    result.stderr.fnmatch_lines(
+        ["*ignored the project's sandbox_network, sandbox_env_pass, sandbox_volumes, sandbox_hide (its ! entries)*"]
+    )
+    assert list(victim.iterdir()) == []
+    # The user's own command line still can: the variable is passed when the user says so.
+    pytester.makepyfile("""
+        import os
+
+        def test_passed():
+            assert os.environ["HERMETIC_RED_TEAM_TOKEN"] == "secret"
+    """)
+    result = pytester.runpytest_subprocess(
+        HERMETIC, "-p", "no:cacheprovider", "-o", "sandbox_env_pass=HERMETIC_RED_TEAM_TOKEN"
+    )
+    result.assert_outcomes(passed=1)
