@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import re
 import secrets
 import stat
 import warnings
@@ -35,8 +36,40 @@ NOT_CARRIED = ("d/.xprocess/",)
 # __init__.py makes a package that shadows a module of the same name, a .pth runs in the next interpreter that
 # has the directory in its site dirs, bytecode and extension modules load in place of sources, an ini file
 # configures a run started there. No plugin's data (snapshots, expected files, caches, reports) is any of these.
-RUN_AS_CODE = ("pytest.ini", ".pytest.ini", "tox.ini", "setup.cfg", "pyproject.toml")
-RUN_AS_CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".pyw", ".pyd", ".so", ".pth")
+# What a later run would execute, were an output to carry it: Python, pytest's configuration files (their addopts
+# load plugins), and test files that plugins run (notebooks: nbval, nbmake; Robot Framework; Tavern).
+RUN_AS_CODE = ("pytest.ini", ".pytest.ini", "pytest.toml", ".pytest.toml", "tox.ini", "setup.cfg", "pyproject.toml")
+RUN_AS_CODE_SUFFIXES = (
+    ".py",
+    ".pyc",
+    ".pyo",
+    ".pyw",
+    ".pyd",
+    ".so",
+    ".pth",
+    ".ipynb",
+    ".robot",
+    ".tavern.yaml",
+    ".tavern.yml",
+)
+# Text files that doctest runners collect (pytest's own takes test*.txt, and any .txt or .rst named on the
+# command line; pytest-doctestplus, sybil, pytest-markdown-docs: .rst, .md, .tex): code only if they hold
+# an example or a Python block, so data files of these kinds are still carried.
+DOCTEST_SUFFIXES = (".txt", ".rst", ".md", ".markdown", ".tex")
+_EXAMPLES = re.compile(
+    rb"^\s*>>>|```\s*\{?\s*(py|python|pycon)\b|\.\.\s+(code-block|code|sourcecode)::\s*(py|python|pycon)\b"
+    rb"|\.\.\s+(testcode|testsetup|doctest|ipython|invisible-code-block)::",
+    re.MULTILINE | re.IGNORECASE,
+)
+
+
+def runs_as_code(name: str, data: bytes) -> bool:
+    """Whether a later pytest run would execute this file, found by its name and, for text, its content."""
+    if name in RUN_AS_CODE or name.endswith(RUN_AS_CODE_SUFFIXES):
+        return True
+    return name.lower().endswith(DOCTEST_SUFFIXES) and _EXAMPLES.search(data) is not None
+
+
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -183,6 +216,9 @@ def write(
         data = base64.b64decode(message["data"], validate=True)
     except ValueError:
         raise ProtocolError(f"an output whose data is not base64: {path!r}") from None
+    if runs_as_code(name, data):
+        _tell(say, f"pytest-sandbox: the output {path} is not carried: a later run would execute it")
+        return
     parts = os.path.relpath(path, root).split("/")
     try:
         dir_fd = _directory_for(path, root, parts[:-1], anchors)

@@ -806,7 +806,17 @@ def test_the_stores_locks_are_out_of_a_sandboxes_reach(
     assert (store / "volumes" / "victim" / "lock").exists()  # it was there to take
 
 
-PLANTED_CODE = ("conftest.py", "test_planted.py", "sub/__init__.py", "sub/__init__.pyc", "pytest.ini")
+PLANTED_CODE = (
+    "conftest.py",
+    "test_planted.py",
+    "sub/__init__.py",
+    "sub/__init__.pyc",
+    "pytest.ini",
+    "pytest.toml",  # pytest 9's own
+    "test_planted.txt",  # a doctest: pytest collects test*.txt (found by red-team helper-33)
+    "sub/README.md",  # a Python block, run by pytest-markdown-docs or sybil
+    "notebook.ipynb",  # nbval, nbmake
+)
 
 
 def test_an_output_directory_cannot_plant_code_for_the_next_run(pytester: pytest.Pytester) -> None:
@@ -825,13 +835,15 @@ def test_an_output_directory_cannot_plant_code_for_the_next_run(pytester: pytest
             here = os.path.join(os.path.dirname(__file__), "__snapshots__")
             os.makedirs(os.path.join(here, "__pycache__"), exist_ok=True)
             os.makedirs(os.path.join(here, "sub"), exist_ok=True)
+            code = "open({str(marker)!r}, 'w').write('ran on the host')"
             for name in PLANTED:
                 with open(os.path.join(here, name), "w") as f:
-                    f.write("open({str(marker)!r}, 'w').write('ran on the host')\\n")
+                    f.write(f"```python\\n{{code}}\\n```\\n" if name.endswith(".md") else f">>> {{code}}\\n")
             with open(os.path.join(here, "__pycache__", "conftest.cpython-311.pyc"), "w") as f:
                 f.write("x")
-            with open(os.path.join(here, "data.txt"), "w") as f:
-                f.write("x")
+            for data in ("data.txt", "test_data.txt", "notes.md"):  # text without examples is data
+                with open(os.path.join(here, data), "w") as f:
+                    f.write("x >> y\\n")
         """
     )
     result = pytester.runpytest_subprocess("--sandbox=all")
@@ -839,8 +851,10 @@ def test_an_output_directory_cannot_plant_code_for_the_next_run(pytester: pytest
     for name in PLANTED_CODE:
         result.stdout.fnmatch_lines([f"*{name} is not carried: a later run would execute it*"])
     snapshots = pytester.path / "__snapshots__"
-    assert sorted(str(path.relative_to(snapshots)) for path in snapshots.rglob("*") if path.is_file()) == ["data.txt"]
+    carried = sorted(str(path.relative_to(snapshots)) for path in snapshots.rglob("*") if path.is_file())
+    assert carried == ["data.txt", "notes.md", "test_data.txt"]
     pytester.runpytest_subprocess("--sandbox=all").assert_outcomes(passed=1, warnings=len(PLANTED_CODE))
+    pytester.runpytest_subprocess("-p", "no:sandbox", "-p", "no:randomly").assert_outcomes(passed=1)  # plain
     assert not marker.exists()
 
 
