@@ -41,6 +41,7 @@ import itertools
 import os
 import pwd
 import re
+import shlex
 from collections.abc import Iterable, Mapping
 
 from .linux import process
@@ -144,6 +145,15 @@ VARIABLE_PATTERNS = (
     "KUBECONFIG",
     "DOCKER_AUTH_CONFIG",
     "REGISTRY_AUTH_FILE",
+    "GIT_CONFIG_PARAMETERS",  # git config given in the environment: actions' extraheader can travel this way
+    "GIT_CONFIG_COUNT",
+    "GIT_CONFIG_KEY_*",
+    "GIT_CONFIG_VALUE_*",
+    "SSHPASS",
+    "*WEBHOOK*",  # SLACK_WEBHOOK_URL, DISCORD_WEBHOOK: the URL is the credential
+    "BW_SESSION",
+    "OP_SESSION_*",
+    "SONAR_LOGIN",
 )
 NEVER_WITHHELD = ("PYTEST_*",)  # pytest's and its plugins' own settings must reach the test
 _PART_SPLIT = re.compile(r"[^A-Z0-9]+")
@@ -237,26 +247,92 @@ _URL_USERINFO = re.compile(r"(?i)\b(https?://)[^/@\s]+@")  # https://x-access-to
 MAX_GIT_CONFIG = 1 << 20  # bytes: a larger config is masked as empty rather than read
 
 
-def scrubbed_git_configs(places: Iterable[str]) -> list[tuple[str, str]]:
-    """(path, text) for the git configs of the repositories holding ``places`` that carry credentials, with
-    them taken out: CI checkouts keep the job's token in the repository's ``.git/config`` (an http
-    ``extraheader``, a password in a remote's URL), in reach of every test. The rest of the file stays, for the
-    git commands a test runs there."""
-    found: dict[str, str] = {}
+_INCLUDE_SECTION = re.compile(r"^\s*\[\s*include(if\s[^\]]*)?\s*\]", re.IGNORECASE)
+_SECTION = re.compile(r"^\s*\[")
+_INCLUDE_PATH = re.compile(r"^\s*path\s*=\s*(.*?)\s*$", re.IGNORECASE)
+_SSH_COMMAND = re.compile(r"^\s*sshcommand\s*=\s*(.*?)\s*$", re.IGNORECASE)
+MAX_GIT_CONFIGS = 256  # config files followed (submodules' and included ones); more are left as they are
+
+
+def scrubbed_git_configs(places: Iterable[str], home: str | None = None) -> list[tuple[str, str]]:
+    """(path, text) for the git configs that carry credentials, with them taken out, and ("key", "") for the
+    ssh keys they name: CI checkouts keep the job's token in reach of every test, in the repository's
+    ``.git/config`` (an http ``extraheader``, a password in a remote's URL), its submodules' configs, a file it
+    includes (actions/checkout's ``$RUNNER_TEMP/git-credentials-*.config``), the user's ``~/.gitconfig``, or an
+    ssh key its ``core.sshCommand`` names (``-i``). The rest of each file stays, for the git commands a test
+    runs there."""
+    queue: list[str] = []
     for place in places:
         config = _git_config_of(place)
-        if config is None or config in found:
+        if config is not None:
+            queue.append(config)
+            queue.extend(_submodule_configs(os.path.dirname(config)))
+    if home:
+        xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
+        queue.extend(path for path in (os.path.join(home, ".gitconfig"), os.path.join(xdg, "git", "config")))
+    found: dict[str, str] = {}
+    seen: set[str] = set()
+    while queue and len(seen) < MAX_GIT_CONFIGS:
+        config = os.path.realpath(queue.pop(0))
+        if config in seen or not os.path.isfile(config):
             continue
+        seen.add(config)
         try:
             with open(config, "rb") as f:
                 raw = f.read(MAX_GIT_CONFIG + 1)
         except OSError:
             continue
         text = "" if len(raw) > MAX_GIT_CONFIG else raw.decode("utf-8", errors="surrogateescape")
+        included, keys = _named_files(text, os.path.dirname(config), home)
+        queue.extend(included)
+        for key in keys:
+            if os.path.isfile(key):
+                found[os.path.realpath(key)] = ""
         scrubbed = scrub_git_config(text)
         if scrubbed is not None or len(raw) > MAX_GIT_CONFIG:
             found[config] = scrubbed or ""
     return sorted(found.items())
+
+
+def _submodule_configs(git_dir: str) -> list[str]:
+    """The configs of a repository's submodules (``modules/NAME/config``, nested ones too)."""
+    configs = []
+    for root, dirs, files in os.walk(os.path.join(git_dir, "modules")):
+        if "config" in files and "HEAD" in files:
+            configs.append(os.path.join(root, "config"))
+        if len(configs) >= MAX_GIT_CONFIGS:
+            break
+        dirs[:] = [d for d in dirs if d not in ("objects", "refs", "logs", "hooks", "info")]
+    return configs
+
+
+def _named_files(text: str, directory: str, home: str | None) -> tuple[list[str], list[str]]:
+    """The files a git config includes (``[include]`` and ``[includeIf ...]`` paths, whatever the condition)
+    and the ssh keys its ``core.sshCommand`` passes with ``-i``."""
+    included, keys = [], []
+    in_include = False
+    for line in text.splitlines():
+        if _SECTION.match(line):
+            in_include = bool(_INCLUDE_SECTION.match(line))
+            continue
+        match = _INCLUDE_PATH.match(line) if in_include else None
+        if match:
+            path = match.group(1).strip('"')
+            if path.startswith("~/") and home:
+                path = os.path.join(home, path[2:])
+            included.append(os.path.join(directory, path))
+        match = _SSH_COMMAND.match(line)
+        if match:
+            try:
+                words = shlex.split(match.group(1))
+            except ValueError:
+                continue
+            for index, word in enumerate(words):
+                if word == "-i" and index + 1 < len(words):
+                    keys.append(words[index + 1])
+                elif word.startswith("-i") and len(word) > 2:
+                    keys.append(word[2:])
+    return included, keys
 
 
 def scrub_git_config(text: str) -> str | None:

@@ -442,6 +442,50 @@ def test_the_git_config_of_a_worktree_is_its_repositorys(tmp_path: Path) -> None
     assert credentials.scrubbed_git_configs([str(tmp_path / "elsewhere")]) == []
 
 
+def test_a_ci_runners_other_git_credentials_are_scrubbed_too(tmp_path: Path) -> None:
+    """Red team round 33, a GitHub runner's layout: actions/checkout now keeps the token in a file under
+    $RUNNER_TEMP that .git/config includes, and the ssh key input in one its core.sshCommand names; older
+    checkouts put the extraheader in each submodule's config; ~/.gitconfig may carry a token in a URL."""
+    home, temp = tmp_path / "home" / "runner", tmp_path / "home" / "runner" / "work" / "_temp"
+    repo = home / "work" / "repo" / "repo"
+    (repo / ".git" / "modules" / "sub").mkdir(parents=True)
+    temp.mkdir()
+    (temp / "git-credentials-5f0c.config").write_text(
+        '[http "https://github.com/"]\n\textraheader = AUTHORIZATION: basic FAKE-INCLUDED\n'
+    )
+    (temp / "5f0c-key").write_text("FAKE-SSH-KEY")
+    (repo / ".git" / "config").write_text(
+        "[core]\n\tbare = false\n"
+        f'\tsshCommand = "ssh" -i "{temp}/5f0c-key" -o StrictHostKeyChecking=accept-new\n'
+        f'[includeIf "gitdir:{repo}/.git"]\n\tpath = {temp}/git-credentials-5f0c.config\n'
+    )
+    (repo / ".git" / "modules" / "sub" / "HEAD").write_text("ref: refs/heads/main\n")
+    (repo / ".git" / "modules" / "sub" / "config").write_text(CHECKOUT_CONFIG)
+    (home / ".gitconfig").write_text('[url "https://x-access-token:FAKE-GLOBAL@github.com/"]\n\tinsteadOf = gh:\n')
+    scrubbed = dict(credentials.scrubbed_git_configs([str(repo)], str(home)))
+    assert scrubbed[str(temp / "git-credentials-5f0c.config")] == '[http "https://github.com/"]\n'
+    assert scrubbed[str(temp / "5f0c-key")] == ""
+    assert scrubbed[str(repo / ".git" / "modules" / "sub" / "config")] == credentials.scrub_git_config(CHECKOUT_CONFIG)
+    assert "FAKE-GLOBAL" not in scrubbed[str(home / ".gitconfig")]
+    assert str(repo / ".git" / "config") not in scrubbed  # nothing secret in it: left as it is
+    assert all("FAKE" not in text for text in scrubbed.values())
+
+
+def test_git_config_and_other_tokens_in_the_environment_are_withheld() -> None:
+    environ = {
+        "GIT_CONFIG_COUNT": "1",
+        "GIT_CONFIG_KEY_0": "http.https://github.com/.extraheader",
+        "GIT_CONFIG_VALUE_0": "AUTHORIZATION: basic FAKE",
+        "GIT_CONFIG_PARAMETERS": "'http.extraheader'='AUTHORIZATION: basic FAKE'",
+        "SSHPASS": "x",
+        "SLACK_WEBHOOK_URL": "https://hooks.slack.com/services/T/B/X",
+        "BW_SESSION": "x",
+        "SONAR_LOGIN": "x",
+        "GIT_AUTHOR_NAME": "CI",
+    }
+    assert credentials.withheld_variables(environ) == sorted(set(environ) - {"GIT_AUTHOR_NAME"})
+
+
 @pytest.mark.parametrize(
     "args",
     [("--sandbox=all",), ("--sandbox=all", "--sandbox-durations=1"), ("--sandbox=hermetic",)],
@@ -462,3 +506,27 @@ def test_a_ci_checkouts_token_in_its_git_config_stays_out(pytester: pytest.Pytes
     """)
     pytester.runpytest_subprocess("-p", "no:cacheprovider", *args).assert_outcomes(passed=1)
     assert "FAKE0001" in (pytester.path / ".git" / "config").read_text()  # the host's file is as it was
+
+
+@pytest.mark.parametrize("args", [("--sandbox=all",), ("--sandbox=hermetic",)], ids=["all", "hermetic"])
+def test_a_runners_included_credentials_and_ssh_key_stay_out(
+    pytester: pytest.Pytester, tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    """actions/checkout v4+: the token in a file .git/config includes, the ssh key where sshCommand says."""
+    temp = tmp_path / "_temp"
+    temp.mkdir()
+    (temp / "git-credentials-1.config").write_text('[http "https://github.com/"]\n\textraheader = FAKE-INCLUDED\n')
+    (temp / "key-1").write_text("FAKE-SSH-KEY")
+    (pytester.path / ".git").mkdir()
+    (pytester.path / ".git" / "config").write_text(
+        f"[core]\n\tsshCommand = ssh -i {temp}/key-1\n[include]\n\tpath = {temp}/git-credentials-1.config\n"
+    )
+    pytester.makepyfile(f"""
+        import os
+
+        def test_reads_them():
+            for name in ("git-credentials-1.config", "key-1"):
+                path = os.path.join({str(temp)!r}, name)
+                assert not os.path.exists(path) or "FAKE" not in open(path).read(), name
+    """)
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", *args).assert_outcomes(passed=1)

@@ -399,7 +399,7 @@ class _Factory:
                     *([self.paths.keep_dir] if self.paths.keep_dir else []),
                     *self.paths.store_private,
                 ],
-                scrubbed=credentials.scrubbed_git_configs(self.paths.writable + spec.writable),
+                scrubbed=credentials.scrubbed_git_configs(self.paths.writable + spec.writable, os.environ.get("HOME")),
                 volumes=[
                     rootfs.VolumeMount(
                         os.path.realpath(os.path.join(self.paths.volumes_root, source, "data"))
