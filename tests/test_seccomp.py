@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_sandbox.linux import seccomp
+from pytest_sandbox.linux import seccomp, syscalls
 
 pytestmark = pytest.mark.skipif(
     os.uname().machine not in ("x86_64", "aarch64"), reason="the set-id filter knows x86_64 and aarch64 only"
@@ -121,3 +123,55 @@ def test_the_filter_is_well_formed_for_each_machine() -> None:
     with pytest.raises(ValueError, match="no set-id filter for riscv64"):
         seccomp.setid_filter("riscv64")
     assert ctypes.sizeof(seccomp._SockFprog) == 16
+
+
+def _vsock_works_here() -> bool:
+    try:
+        socket.socket(seccomp.AF_VSOCK, socket.SOCK_STREAM).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _vsock_works_here(), reason="this host has no vsock transport (AF_VSOCK sockets refused)")
+def test_vsock_stays_out_of_a_sandbox_without_the_hosts_network(pytester: pytest.Pytester) -> None:
+    """Red team round 33: a network namespace does not cover AF_VSOCK; a sandboxed test bound a vsock port
+    the whole VM shares (and could have talked to the hypervisor). With network="host" it is the host's."""
+    pytester.makepyfile("""
+        import errno, socket
+        import pytest
+
+        @pytest.mark.container
+        def test_none():
+            with pytest.raises(OSError) as refused:
+                socket.socket(40, socket.SOCK_STREAM)
+            assert refused.value.errno == errno.EAFNOSUPPORT
+
+        @pytest.mark.container(network="host")
+        def test_host():
+            socket.socket(40, socket.SOCK_STREAM).close()
+    """)
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=2)
+
+
+def test_the_vsock_filter_refuses_only_vsock_sockets() -> None:
+    code = seccomp.vsock_filter("x86_64")
+    assert len(code) % 8 == 0 and len(code) // 8 < 64
+    assert seccomp.vsock_filter("aarch64")
+    with pytest.raises(ValueError, match="no vsock filter"):
+        seccomp.vsock_filter("sparc")
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
+            assert seccomp.refuse_vsock()
+            socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).close()
+            try:
+                socket.socket(seccomp.AF_VSOCK, socket.SOCK_STREAM)
+            except OSError as exc:
+                code = 0 if exc.errno == errno.EAFNOSUPPORT else 2
+        finally:
+            os._exit(code)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0

@@ -130,3 +130,57 @@ def refuse_setid_modes() -> bool:
     program = _SockFprog(len(code) // 8, code)
     syscalls.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(program))
     return True
+
+
+# -- AF_VSOCK -------------------------------------------------------------------------------------------
+# A network namespace does not cover vsock: a sandbox without the host's network could still talk to the
+# hypervisor and bind ports the whole VM shares. socket(AF_VSOCK, ...) fails there with EAFNOSUPPORT, as on
+# a machine without vsock; i386's socketcall(SYS_SOCKET), whose arguments lie in memory, with ENOSYS.
+AF_VSOCK = 40
+_SOCKET = {_ARCH_X86_64: 41, _ARCH_I386: 359, _ARCH_AARCH64: 198}
+_I386_SOCKETCALL, _SYS_SOCKET = 102, 1
+
+
+def vsock_filter(machine: str | None = None) -> bytes:
+    """The filter for this machine as BPF instructions; ValueError if unknown."""
+    arches = _NATIVE.get(machine or platform.machine())
+    if arches is None:
+        raise ValueError(f"no vsock filter for {machine or platform.machine()}")
+    program = _Program()
+    program.add(_LD_W_ABS, _OFFSET_ARCH)
+    for arch in arches:
+        program.add(_JEQ_K, arch, f"arch-{arch}")
+    program.add(_RET_K, _RET_ALLOW)
+    for arch in arches:
+        program.label(f"arch-{arch}")
+        program.add(_LD_W_ABS, _OFFSET_NR)
+        program.add(_JEQ_K, _SOCKET[arch], "family")
+        if arch == _ARCH_X86_64:
+            program.add(_JEQ_K, _X32_BIT | _SOCKET[arch], "family")
+        if arch == _ARCH_I386:
+            program.add(_JEQ_K, _I386_SOCKETCALL, "socketcall")
+        program.add(_RET_K, _RET_ALLOW)
+    program.label("family")
+    program.add(_LD_W_ABS, _offset_arg(0))
+    program.add(_JEQ_K, AF_VSOCK, "refuse")
+    program.add(_RET_K, _RET_ALLOW)
+    program.label("refuse")
+    program.add(_RET_K, _RET_ERRNO | errno.EAFNOSUPPORT)
+    if _ARCH_I386 in arches:
+        program.label("socketcall")
+        program.add(_LD_W_ABS, _offset_arg(0))
+        program.add(_JEQ_K, _SYS_SOCKET, "enosys")
+        program.add(_RET_K, _RET_ALLOW)
+        program.label("enosys")
+        program.add(_RET_K, _RET_ERRNO | errno.ENOSYS)
+    return program.assemble()
+
+
+def refuse_vsock() -> bool:
+    """Install the vsock filter on this process and its children; False on a machine it does not know."""
+    if platform.machine() not in _NATIVE:
+        return False
+    code = vsock_filter()
+    program = _SockFprog(len(code) // 8, code)
+    syscalls.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(program))
+    return True

@@ -384,19 +384,31 @@ def _enter(box: Sandbox, config: pytest.Config, pid1: tuple[int, int], keep: set
     # 8. Let go of every fd of the host's it inherited: log files, xdist's pipes, the zygote's sockets and
     #    cgroup dirs, other sandboxes' channels. Capture and the log file restart on its own.
     _shed_host_fds(config, keep)
-    # 9. No capabilities at all, root included, and none to regain by execve (bounding set, no_new_privs):
-    #    the mounts it inherited cannot be remounted or unmounted, kernel knobs stay read-only.
-    userns.drop_capabilities()
-    #    A Landlock domain of its own where the kernel has scopes: with network="host" the host's abstract
-    #    unix sockets (a network namespace's, which no mount masks) stay out of reach, and so do this
-    #    sandbox's pid 1 and layer helper for signals. A service's is not: it answers its NOTIFY_SOCKET.
-    if not box.service:
-        _scope_in_a_domain()
+    # 9. No capabilities at all, root included, and none to regain; no vsock; a Landlock domain.
+    _confine(box)
     # 10. Crash dumps go to this sandbox's memfd; limits a process sets on itself (rlimits) come last,
     #     so nothing above runs under them.
     faulthandler.enable(file=box.crash_fd, all_threads=True)
     box.backend.in_test_process(box.spec)
     return scratch if box.outputs else None
+
+
+def _confine(box: Sandbox) -> None:
+    """The last steps before user code: what the test process may do from now on, for good."""
+    # No capabilities at all, root included, and none to regain by execve (bounding set, no_new_privs):
+    # the mounts it inherited cannot be remounted or unmounted, kernel knobs stay read-only.
+    userns.drop_capabilities()
+    # vsock is no network namespace's: without the host's network, no AF_VSOCK socket (linux/seccomp.py).
+    if box.spec.network != "host":
+        try:
+            seccomp.refuse_vsock()  # not on a machine it does not know (README: Limits by host)
+        except OSError as exc:
+            raise SetupError("namespaces", f"cannot install the vsock filter: {exc}") from None
+    # A Landlock domain of its own where the kernel has scopes: with network="host" the host's abstract
+    # unix sockets (a network namespace's, which no mount masks) stay out of reach, and so do this
+    # sandbox's pid 1 and layer helper for signals. A service's is not: it answers its NOTIFY_SOCKET.
+    if not box.service:
+        _scope_in_a_domain()
 
 
 def _enter_in_session(box: Sandbox, config: pytest.Config, keep: set[int]) -> None:
