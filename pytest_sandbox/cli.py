@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -709,6 +709,11 @@ def parser() -> argparse.ArgumentParser:
         return parser
 
     commands = top.add_subparsers(dest="verb", required=True)
+    commands.add_parser(
+        "hermetic",
+        help="pytest -p sandbox --sandbox=hermetic ARGS...: the whole run in one sandbox, the plugin loaded so that "
+        "the project's ini cannot switch it off (every argument after it is pytest's)",
+    )
     doctor = add(commands, "doctor", "what this host supports, what is missing and how to fix it")
     doctor.add_argument("--cgroup", metavar="PATH", help="the cgroup pytest would be given with --sandbox-cgroup")
     p = add(commands, "version", "versions of pytest-sandbox, pytest, Python, the kernel; cgroups; the store")
@@ -813,8 +818,19 @@ def _message(exc: BaseException) -> str:
     return " ".join(line.strip() for line in str(exc).splitlines()) or type(exc).__name__  # one line
 
 
+def _hermetic(pytest_args: list[str]) -> NoReturn:
+    """``pytest-sandbox hermetic ARGS``: pytest with this plugin loaded by name on the command line, so a
+    project's ini file cannot switch it off (``addopts = -p no:sandbox`` would have pytest load its
+    conftest.py on the host), and --sandbox=hermetic; then ARGS."""
+    command = [sys.executable, "-m", "pytest", "-p", "sandbox", "--sandbox=hermetic", *pytest_args]
+    os.execv(sys.executable, command)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Every user error ends in one line ``pytest-sandbox: ...`` and exit code 2 (--debug: the traceback)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["hermetic"]:  # everything after it is pytest's
+        _hermetic(argv[1:])
     args = parser().parse_args(argv)
     try:
         if args.verb == "doctor":

@@ -441,3 +441,21 @@ def test_the_projects_ini_cannot_widen_the_sessions_sandbox(
         HERMETIC, "-p", "no:cacheprovider", "-o", "sandbox_env_pass=HERMETIC_RED_TEAM_TOKEN"
     )
     result.assert_outcomes(passed=1)
+
+
+def test_pytest_sandbox_hermetic_keeps_the_plugin_the_project_switches_off(pytester: pytest.Pytester) -> None:
+    """Red team round 33: a project's ini can switch the plugin off (addopts = -p no:sandbox); pytest then
+    loads its conftest.py on the host before it finds --sandbox=hermetic unknown (or a conftest.py that adds
+    the option takes it). `pytest-sandbox hermetic` names the plugin on the command line, after the ini's
+    addopts, so it loads and takes over before any conftest.py."""
+    marker = pytester.path.parent / f"conftest-ran-on-the-host-{os.getpid()}"
+    pytester.makeini("""
+        [pytest]
+        addopts = -p no:sandbox -p no:pytest_sandbox.plugin
+    """)
+    pytester.makeconftest(f"open({str(marker)!r}, 'w').close()")
+    pytester.makepyfile("def test_a(): pass")
+    result = pytester.run(sys.executable, "-m", "pytest_sandbox", "hermetic", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["sandbox: hermetic*"])
+    assert not marker.exists()
