@@ -102,6 +102,7 @@ def supervise(config: pytest.Config) -> int:
             "addopts, they would widen the session's sandbox; give them on the command line (-o NAME=VALUE) to use them"
         )
     spec = session_spec(state)
+    _session.check_volume_targets(config, "sandbox_volumes", spec)
     paths = _paths(config, state, anchors)
     launch = session_process.SessionLaunch(
         spec=spec, argv=tuple(inner_command(config)), env=((ENV, "1"),), config=config

@@ -372,3 +372,12 @@ def test_code_imported_from_anywhere_stays_visible(tmp_path: Path, monkeypatch: 
     places = hermetic._import_places()
     assert str(package) in places
     assert os.path.dirname(hermetic.__file__) in places
+
+
+def test_a_volume_target_the_sandbox_cannot_make_is_a_usage_error(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    """Red team round 33: the session's sandbox failed to build and the run ended with 127, silently."""
+    pytester.makepyfile("def test_a(): pass")
+    missing = f"/pytest-sandbox-no-such-dir-{os.getpid()}"
+    result = pytester.runpytest_subprocess("--sandbox=hermetic", "-o", f"sandbox_volumes={tmp_path}={missing}:rw")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: sandbox_volumes: invalid volumes=*{missing} does not exist on this host*"])
