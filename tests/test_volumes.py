@@ -115,9 +115,10 @@ def test_ini_volumes_and_a_marker_on_the_same_target(pytester: pytest.Pytester, 
 
 
 def test_hermetic_session_volumes_persist_and_are_held(pytester: pytest.Pytester, store: Path) -> None:
-    """Under --sandbox=hermetic the session's sandbox mounts the ini's volumes: a named one keeps what the
-    tests wrote, a set-id bit a test set there is cleared, and another session waits for the volume."""
-    pytester.makeini("[pytest]\nsandbox_volumes =\n    counts=/tmp/counts\n")
+    """Under --sandbox=hermetic the session's sandbox mounts the volumes the user gives (-o; the project's ini
+    may not widen this mode's sandbox): a named one keeps what the tests wrote, a set-id bit a test set there
+    is cleared, and another session waits for the volume."""
+    given = ("-o", "sandbox_volumes=counts=/tmp/counts")
     pytester.makepyfile(
         test_count="""
         import os
@@ -135,7 +136,7 @@ def test_hermetic_session_volumes_persist_and_are_held(pytester: pytest.Pytester
     """
     )
     for runs in (1, 2):
-        result = pytester.runpytest_subprocess("-s", "--sandbox=hermetic")
+        result = pytester.runpytest_subprocess("-s", "--sandbox=hermetic", *given)
         result.assert_outcomes(passed=2)
         result.stdout.fnmatch_lines([f"*RUNS {runs}"])
     data = store / "volumes" / "counts" / "data"
@@ -143,7 +144,17 @@ def test_hermetic_session_volumes_persist_and_are_held(pytester: pytest.Pytester
     assert not (data / "tool").stat().st_mode & stat.S_ISUID
     with VolumeStore(str(store)).held([("counts", "/tmp/counts", "rw")]):  # another session holds it
         slow = subprocess.Popen(
-            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--sandbox=hermetic", str(pytester.path)],
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-p",
+                "no:cacheprovider",
+                "-q",
+                "--sandbox=hermetic",
+                *given,
+                str(pytester.path),
+            ],
             cwd=pytester.path,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
