@@ -78,16 +78,29 @@ class _Program:
         return out
 
 
-def setid_filter(machine: str | None = None) -> bytes:
-    """The filter for this machine (``platform.machine()``) as BPF instructions; ValueError if unknown."""
+def _by_architecture(what: str, machine: str | None, otherwise: int) -> tuple[_Program, tuple[int, ...]]:
+    """A program that jumps to ``arch-<AUDIT_ARCH>`` for each architecture of ``machine`` (default: this one)
+    and returns ``otherwise`` for any other; ValueError for a machine without a filter."""
     arches = _NATIVE.get(machine or platform.machine())
     if arches is None:
-        raise ValueError(f"no set-id filter for {machine or platform.machine()}")
+        raise ValueError(f"no {what} filter for {machine or platform.machine()}")
     program = _Program()
     program.add(_LD_W_ABS, _OFFSET_ARCH)
     for arch in arches:
         program.add(_JEQ_K, arch, f"arch-{arch}")
-    program.add(_RET_K, _RET_ERRNO | errno.ENOSYS)  # an architecture not listed: every call of it is refused
+    program.add(_RET_K, otherwise)
+    return program, arches
+
+
+def _install(code: bytes) -> None:
+    program = _SockFprog(len(code) // 8, code)
+    syscalls.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(program))
+
+
+def setid_filter(machine: str | None = None) -> bytes:
+    """The filter for this machine (``platform.machine()``) as BPF instructions; ValueError if unknown."""
+    # An architecture not listed: every call of it is refused.
+    program, arches = _by_architecture("set-id", machine, _RET_ERRNO | errno.ENOSYS)
     for arch in arches:
         program.label(f"arch-{arch}")
         program.add(_LD_W_ABS, _OFFSET_NR)
@@ -126,9 +139,7 @@ def refuse_setid_modes() -> bool:
     kernel refuses it."""
     if platform.machine() not in _NATIVE:
         return False
-    code = setid_filter()
-    program = _SockFprog(len(code) // 8, code)
-    syscalls.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(program))
+    _install(setid_filter())
     return True
 
 
@@ -143,14 +154,7 @@ _I386_SOCKETCALL, _SYS_SOCKET = 102, 1
 
 def vsock_filter(machine: str | None = None) -> bytes:
     """The filter for this machine as BPF instructions; ValueError if unknown."""
-    arches = _NATIVE.get(machine or platform.machine())
-    if arches is None:
-        raise ValueError(f"no vsock filter for {machine or platform.machine()}")
-    program = _Program()
-    program.add(_LD_W_ABS, _OFFSET_ARCH)
-    for arch in arches:
-        program.add(_JEQ_K, arch, f"arch-{arch}")
-    program.add(_RET_K, _RET_ALLOW)
+    program, arches = _by_architecture("vsock", machine, _RET_ALLOW)
     for arch in arches:
         program.label(f"arch-{arch}")
         program.add(_LD_W_ABS, _OFFSET_NR)
@@ -180,7 +184,5 @@ def refuse_vsock() -> bool:
     """Install the vsock filter on this process and its children; False on a machine it does not know."""
     if platform.machine() not in _NATIVE:
         return False
-    code = vsock_filter()
-    program = _SockFprog(len(code) // 8, code)
-    syscalls.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(program))
+    _install(vsock_filter())
     return True
