@@ -72,6 +72,7 @@ FROM_TEST: dict[str, dict[str, tuple[type, ...]]] = {
     "report": {"data": (dict,)},
     "warning": {"message": (str,), "when": (str,), "category": (list,), "filename": (str,), "lineno": (int,)},
     "log": {"text": (str,)},
+    "live-log": {"call": (str,), "text": (str,), "sep": (str,), "markup": (list,)},  # runtime/live_log.py
     "coverage": {"arcs": (bool,), "contexts": (dict,)},
     "output": {"path": (str,), "data": (str,), "mode": (int,)},
     "output-too-large": {"path": (str,), "size": (int,)},  # an output file past outputs.MAX_FILE: not carried

@@ -20,6 +20,7 @@ from typing import Any, Literal, NoReturn
 import pytest
 
 from . import credentials, outputs, plugin_results, plugin_state, protocol
+from .runtime import live_log
 from .runtime.handle import Zygote
 from .services.pod import answer as service_call
 from .spec import SandboxSpec
@@ -172,7 +173,7 @@ class _Relay:
         elif kind == "container":
             if self.containers is not None:
                 self.containers[self.item.nodeid] = message["id"]
-        elif kind in ("warning", "log", "suite-property"):
+        elif kind in ("warning", "log", "live-log", "suite-property"):
             self._record(kind, message)
         elif kind == "done":
             self.done = True
@@ -219,11 +220,14 @@ class _Relay:
                 protocol.send(reports, {"go": True})
 
     def _record(self, kind: str, message: dict[str, Any]) -> None:
-        """What pytest records for the test as it would in a plain run: warnings, log lines, suite properties."""
+        """What pytest records for the test as it would in a plain run: warnings, log lines (the log file's,
+        the live ones), suite properties."""
         if kind == "warning":
             _record_warning(self.item, message)
         elif kind == "log":
             _write_log_file(self.item.config, message["text"])
+        elif kind == "live-log":
+            live_log.show(self.item.config, message)
         else:
             plugin_state.add_suite_property(self.item.config, message)
 

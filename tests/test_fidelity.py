@@ -595,3 +595,45 @@ def test_every_mount_a_test_sees_listed_is_there(pytester: pytest.Pytester) -> N
     """)
     for mode in ("--sandbox=all", "--sandbox=hermetic"):
         pytester.runpytest_subprocess("-p", "no:cacheprovider", mode).assert_outcomes(passed=1)
+
+
+LIVE_LOGS = """
+    import logging, pytest
+
+    @pytest.fixture
+    def logs():
+        logging.getLogger("t").warning("setup log")
+        yield
+        logging.getLogger("t").warning("teardown log")
+
+    def test_fails(logs):
+        logging.getLogger("t").warning("call log")
+        assert 0
+
+    def test_quiet():
+        pass
+"""
+
+
+def _run_body(result: pytest.RunResult) -> list[str]:
+    """The lines from 'collected' to the summary line (without its time): what the run printed as it ran."""
+    lines = result.stdout.lines
+    start = next(i for i, line in enumerate(lines) if line.startswith("collected "))
+    return [re.sub(r" in [0-9.]+s ", " ", line) for line in lines[start:]]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("--sandbox=all",), ("--sandbox=all", "--sandbox-scope=module"), ("--sandbox=hermetic",)],
+    ids=["all", "scope-module", "hermetic"],
+)
+def test_live_logs_read_as_in_a_plain_run(pytester: pytest.Pytester, args: tuple[str, ...]) -> None:
+    """Found by a real-suites helper: a test's live log lines reached the terminal past pytest's writer, so
+    the [ 50%] column came out shifted by the test's id and the call's status came after the teardown's logs."""
+    pytester.makepyfile(LIVE_LOGS)
+    options = ("-p", "no:cacheprovider", "-o", "log_cli=true", "-o", "log_cli_level=INFO")
+    plain = pytester.runpytest_subprocess(*options)
+    sandboxed = pytester.runpytest_subprocess(*options, *args)
+    sandboxed.assert_outcomes(passed=1, failed=1)
+    assert "live log call" in plain.stdout.str()
+    assert _run_body(sandboxed) == _run_body(plain)

@@ -40,6 +40,7 @@ from . import (
     cgroups,
     interact,
     leftovers,
+    live_log,
     scope_children,
     service_process,
     session_process,
@@ -222,6 +223,7 @@ def prepare_plugins(config: pytest.Config, backend: cgroups.Backend) -> None:
     plugin_state.adapt_in_sandbox(config)
     _mute_host_reporters(config)
     _mute_conftest_log_hooks(config)
+    live_log.relay_in_sandbox(config, lambda: _channel)
     if getattr(config.option, "usepdb", False):
         config.pluginmanager.register(interact.PdbAfterReport(lambda: _channel), "sandbox-pdb-after-report")
 
