@@ -637,3 +637,31 @@ def test_live_logs_read_as_in_a_plain_run(pytester: pytest.Pytester, args: tuple
     sandboxed.assert_outcomes(passed=1, failed=1)
     assert "live log call" in plain.stdout.str()
     assert _run_body(sandboxed) == _run_body(plain)
+
+
+def test_a_scopes_teardown_output_joins_its_last_tests_teardown_section(pytester: pytest.Pytester) -> None:
+    """Found by a real-suites helper: the output of a module fixture's teardown, reported on the module's last
+    test, came as a second section after the test's 'Captured log teardown'; pytest captures the whole
+    teardown phase in one section per stream, before the log's."""
+    pytester.makepyfile("""
+        import logging, pytest
+
+        @pytest.fixture(scope="module")
+        def module_fixture():
+            yield
+            print("module teardown")
+
+        @pytest.fixture
+        def function_fixture(module_fixture):
+            yield
+            print("function teardown")
+            logging.getLogger("t").warning("function teardown log")
+
+        def test_fails(function_fixture):
+            assert 0
+    """)
+    plain = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    sandboxed = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--sandbox=all")
+    sandboxed.assert_outcomes(failed=1)
+    assert "module teardown" in plain.stdout.str()
+    assert _run_body(sandboxed) == _run_body(plain)

@@ -957,11 +957,30 @@ def _finish_teardown(item: pytest.Item, nextitem: pytest.Item | None, held: list
             report.outcome, report.longrepr = "failed", ours.longrepr
         elif ours.failed:
             report.sections.append(("teardown of wider fixtures", str(ours.longrepr)))
-        report.sections.extend(sections)
+        report.sections = _merged_sections(report.sections, sections)
         report.duration += ours.duration
         config.hook.pytest_report_teststatus(report=report, config=config)
         data = config.hook.pytest_report_to_serializable(config=config, report=report)
     protocol.send(_channel, {"type": "report", "data": data})
+
+
+_SECTION_ORDER = ("Captured stdout teardown", "Captured stderr teardown", "Captured log teardown")
+
+
+def _merged_sections(sections: list[tuple[str, str]], added: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The test's teardown sections with those of the scope's teardown in them, as one phase's capture: a
+    section of the same name gets the text appended, a new one goes where pytest puts it (stdout, stderr,
+    then log)."""
+    merged = list(sections)
+    for name, text in added:
+        same = next((index for index, (other, _) in enumerate(merged) if other == name), None)
+        if same is not None:
+            merged[same] = (name, merged[same][1] + text)
+            continue
+        rank = _SECTION_ORDER.index(name) if name in _SECTION_ORDER else len(_SECTION_ORDER)
+        later = (i for i, (other, _) in enumerate(merged) if other in _SECTION_ORDER[rank + 1 :])
+        merged.insert(next(later, len(merged)), (name, text))
+    return merged
 
 
 def _end_as(status: int) -> NoReturn:
