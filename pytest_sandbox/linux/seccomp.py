@@ -164,20 +164,20 @@ def vsock_filter(machine: str | None = None) -> bytes:
         if arch == _ARCH_I386:
             program.add(_JEQ_K, _I386_SOCKETCALL, "socketcall")
         program.add(_RET_K, _RET_ALLOW)
-    program.label("family")
-    program.add(_LD_W_ABS, _offset_arg(0))
-    program.add(_JEQ_K, AF_VSOCK, "refuse")
-    program.add(_RET_K, _RET_ALLOW)
-    program.label("refuse")
-    program.add(_RET_K, _RET_ERRNO | errno.EAFNOSUPPORT)
+    _refused_if_first_argument_is(program, "family", AF_VSOCK, errno.EAFNOSUPPORT)
     if _ARCH_I386 in arches:
-        program.label("socketcall")
-        program.add(_LD_W_ABS, _offset_arg(0))
-        program.add(_JEQ_K, _SYS_SOCKET, "enosys")
-        program.add(_RET_K, _RET_ALLOW)
-        program.label("enosys")
-        program.add(_RET_K, _RET_ERRNO | errno.ENOSYS)
+        _refused_if_first_argument_is(program, "socketcall", _SYS_SOCKET, errno.ENOSYS)
     return program.assemble()
+
+
+def _refused_if_first_argument_is(program: _Program, label: str, value: int, error: int) -> None:
+    """At ``label``: the call fails with ``error`` if its first argument is ``value``, else it runs."""
+    program.label(label)
+    program.add(_LD_W_ABS, _offset_arg(0))
+    program.add(_JEQ_K, value, f"{label}-refused")
+    program.add(_RET_K, _RET_ALLOW)
+    program.label(f"{label}-refused")
+    program.add(_RET_K, _RET_ERRNO | error)
 
 
 def refuse_vsock() -> bool:
