@@ -92,10 +92,7 @@ def supervise(config: pytest.Config) -> int:
     anchors = output_anchors(config)
     _refuse_project_plugins(config, anchors)
     state = _session.configure(config)
-    ignored = [
-        name.replace("sandbox_hide", "sandbox_hide (its ! entries)")
-        for name in settings.widening_the_user_did_not_give(config)
-    ]
+    ignored = [name.replace("sandbox_hide", "sandbox_hide (its ! entries)") for name in state.ignored]
     if ignored:
         _say(
             f"pytest-sandbox: {WHERE}: ignored the project's {', '.join(ignored)}: from the ini file or its "

@@ -63,10 +63,13 @@ _EXAMPLES = re.compile(
 )
 
 
-def runs_as_code(name: str, data: bytes) -> bool:
-    """Whether a later pytest run would execute this file, found by its name and, for text, its content."""
-    if name in RUN_AS_CODE or name.endswith(RUN_AS_CODE_SUFFIXES):
-        return True
+def named_as_code(name: str) -> bool:
+    """Whether a later pytest run would execute a file of this name, whatever it holds."""
+    return name in RUN_AS_CODE or name.endswith(RUN_AS_CODE_SUFFIXES)
+
+
+def holds_examples(name: str, data: bytes) -> bool:
+    """Whether a text file of a doctest runner's kinds holds an example or a Python block, which it would run."""
     return name.lower().endswith(DOCTEST_SUFFIXES) and _EXAMPLES.search(data) is not None
 
 
@@ -202,7 +205,7 @@ def write(
     if relative.startswith(NOT_CARRIED) or "__pycache__" in relative.split("/"):
         return
     name = os.path.basename(path)
-    if name in RUN_AS_CODE or name.endswith(RUN_AS_CODE_SUFFIXES):
+    if named_as_code(name):
         _tell(say, f"pytest-sandbox: the output {path} is not carried: a later run would execute it")
         return
     if path == root:  # an output that names a file: written in its directory, made as for any output
@@ -216,7 +219,7 @@ def write(
         data = base64.b64decode(message["data"], validate=True)
     except ValueError:
         raise ProtocolError(f"an output whose data is not base64: {path!r}") from None
-    if runs_as_code(name, data):
+    if holds_examples(name, data):
         _tell(say, f"pytest-sandbox: the output {path} is not carried: a later run would execute it")
         return
     parts = os.path.relpath(path, root).split("/")

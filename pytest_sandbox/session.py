@@ -81,6 +81,7 @@ class SessionState:
     pod_needed: bool = False  # a sandboxed test is on the pod network: the pod starts before its zygote
     pod: Pod | None = None
     hermetic: bool = False  # this pytest is --sandbox=hermetic's, in the session's sandbox: it runs tests itself
+    ignored: tuple[str, ...] = ()  # --sandbox=hermetic: the project's settings that would widen its sandbox
     layers: test_layers.Inherited | None = None  # there: the session's layer helper (--sandbox-scope=test)
     userns_fd: int = -1  # the session's user namespace: every zygote after the first joins it
 
@@ -132,10 +133,11 @@ def configure(config: pytest.Config) -> SessionState:
     except cgroups.CgroupUnavailable as exc:
         raise pytest.UsageError(f"--sandbox-cgroup-backend={kind}: not usable here: {exc}") from None
     store_root = settings.directory(config, "sandbox_store")
+    ignored = settings.widening_the_user_did_not_give(config)
     return SessionState(
         mode=mode,
         unavailable=settings.choice(config, "sandbox_unavailable"),
-        defaults=settings.spec_defaults(config, settings.widening_the_user_did_not_give(config)),
+        defaults=settings.spec_defaults(config, ignored),
         backend=backend,
         limit_policy=settings.choice(config, "sandbox_limits"),
         stress=settings.parse_stress(config),
@@ -150,6 +152,7 @@ def configure(config: pytest.Config) -> SessionState:
         build_cache=settings.build_cache(config, settings.insecure_registries(config)),
         pod_network=settings.choice(config, "sandbox_pod_network"),
         hermetic=hermetic,
+        ignored=ignored,
         layers=layers,
     )
 

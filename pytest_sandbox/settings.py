@@ -404,8 +404,9 @@ def _named_by_the_user(config: pytest.Config) -> set[str]:
             named.add(arg.removeprefix("--override-ini=").split("=", 1)[0])
         elif arg.startswith("-o") and not arg.startswith("--"):
             named.add(arg[2:].split("=", 1)[0])
-        if arg.split("=", 1)[0] in by_option:
-            named.add(str(by_option[arg.split("=", 1)[0]]))
+        option = arg.split("=", 1)[0]
+        if option in by_option:
+            named.add(str(by_option[option]))
     return named
 
 
