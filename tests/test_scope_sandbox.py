@@ -52,6 +52,53 @@ def test_wider_fixtures_once_and_each_tests_writes_its_own(pytester: pytest.Pyte
     assert not os.path.exists("/tmp/setups") and not os.path.exists("/tmp/written")
 
 
+def test_what_fixtures_change_between_tests_is_in_the_next_tests_layer(pytester: pytest.Pytester) -> None:
+    """The layer helper builds each test's layer while the scope process tears down and sets up fixtures:
+    what a module fixture writes, makes or removes after the previous test is what the next test sees, in
+    a directory that test listed too."""
+    pytester.makepyfile(
+        test_a="""
+            import os
+
+            def test_lists_before():
+                assert sorted(os.listdir("data")) == ["a", "kept"]
+        """,
+        test_b="""
+            import os, pathlib, shutil, pytest
+
+            @pytest.fixture(scope="module")
+            def changed():
+                pathlib.Path("data/b").write_text("b")
+                os.makedirs("data/sub")
+                pathlib.Path("data/sub/c").write_text("c")
+                os.remove("data/a")
+                pathlib.Path("data/kept").write_text("new")
+                yield
+                shutil.rmtree("data/sub")
+
+            def test_sees_the_fixtures_changes(changed):
+                assert sorted(os.listdir("data")) == ["b", "kept", "sub"]
+                assert pathlib.Path("data/sub/c").read_text() == "c"
+                assert pathlib.Path("data/kept").read_text() == "new"
+
+            def test_and_so_does_the_next(changed):
+                assert sorted(os.listdir("data")) == ["b", "kept", "sub"]
+        """,
+        test_c="""
+            import os
+
+            def test_after_the_teardown():
+                assert sorted(os.listdir("data")) == ["b", "kept"]
+        """,
+    )
+    (pytester.path / "data").mkdir()
+    (pytester.path / "data" / "a").write_text("a")
+    (pytester.path / "data" / "kept").write_text("old")
+    result = pytester.runpytest_subprocess("--sandbox=all", "-p", "no:cacheprovider", "-v")
+    result.assert_outcomes(passed=4)
+    assert sorted(os.listdir(pytester.path / "data")) == ["a", "kept"]
+
+
 def test_the_same_fixture_objects_and_setup_counts_as_plain(pytester: pytest.Pytester) -> None:
     pytester.makeconftest("""
         import pytest

@@ -179,6 +179,8 @@ def _helper_main(
             control.sendall(f"{type(exc).__name__}: {exc}".encode()[:4000])
         os._exit(1)
     control.sendall(READY + str(os.getpid()).encode())
+    with contextlib.suppress(OSError):  # else the first test's begin builds it, and says what went wrong
+        layer.build()
     while True:
         try:
             if scope in select.select([control.fileno(), scope], [], [])[0]:
@@ -198,6 +200,9 @@ def _helper_main(
             elif request == END:
                 layer.unmount()
                 control.sendall(b"ok")
+                layer.release()
+                with contextlib.suppress(OSError):  # else the next begin builds it, and says what went wrong
+                    layer.build()
         except OSError as exc:
             with contextlib.suppress(OSError):
                 control.sendall(f"{type(exc).__name__}: {exc}".encode()[:4000] or b"error")
@@ -236,7 +241,8 @@ class _Layer:
         self.below = self._mounts_below_places()
         self.masks = self._mask_layers(hidden)
         self.mounted: list[int] = []  # fds of this test's mounts, in the order they were attached
-        self.tmpfs: int | None = None
+        self.ahead: _Built | None = None  # the next test's layer, built ahead
+        self.attached: _Built | None = None  # the test's layer, attached
         self.queues = self._message_queues()
         self.queues_before: dict[str, int] = {}
 
@@ -308,78 +314,101 @@ class _Layer:
             syscalls.mount_setattr(store, syscalls.MOUNT_ATTR_RDONLY)
         return layers
 
+    def build(self) -> None:
+        """Build the next test's layer, detached: its tmpfs of uppers, each place's overlay over the scope's
+        view of it, a clone of each mount inside the places and the read-only view of the uppers. The helper
+        does this after a test's layer is off, while the scope process tears down and sets up fixtures and
+        pytest reads the reports: the next test's begin only attaches. A fixture that writes a place before
+        then writes the overlay's lower, which the overlay reads as it is when the test looks (nothing of the
+        detached overlay is looked up before it is attached)."""
+        if self.ahead is not None:
+            return
+        options = {"mode": "0700", **({"size": str(self.size)} if self.size else {})}
+        tmpfs = _detached("tmpfs", **options)
+        built = _Built(tmpfs)
+        try:
+            for index in range(len(self.places)):
+                root = f"/proc/self/fd/{tmpfs}/{index}"
+                os.makedirs(f"{root}/upper")
+                os.makedirs(f"{root}/work")
+                lowers = [f"/proc/self/fd/{self.place_fds[index]}"]
+                if index in self.masks:
+                    lowers.insert(0, f"/proc/self/fd/{self.masks[index]}")
+                built.overlays[index] = overlay.detached_overlay(
+                    lowers, f"{root}/upper", f"{root}/work", f"{root}/root"
+                )
+            for below in self.below:
+                built.clones.append((below, mounts.clone_tree_at(below.source, recursive=False)))
+            # The test reads its uppers for outputs, nothing more. Were it to make this view writable (its own
+            # user namespace can), it would reach only its own uppers, which it writes anyway.
+            built.view = mounts.read_only_view(tmpfs)
+        except BaseException:
+            built.close()
+            raise
+        self.ahead = built
+
     def mount(self) -> int:
-        if self.tmpfs is not None:
+        """Attach the layer built ahead (or build it now); an fd of the read-only view of its uppers, for the
+        test (the helper keeps none: the next layer has a view of its own)."""
+        if self.attached is not None:
             self.unmount()
+            self.release()
+        self.build()
+        built, self.ahead = self.ahead, None
+        assert built is not None
+        self.attached = built
         if self.queues is not None:
             self.queues_before = self._queues_now()
-        options = {"mode": "0700", **({"size": str(self.size)} if self.size else {})}
-        self.tmpfs = _detached("tmpfs", **options)
-        tops: dict[int, int] = {}  # place index -> its overlay in this layer
         try:
+            tops: dict[int, int] = {}  # place index -> its overlay in this layer
             # Shallowest first: a place's overlay, then what lies inside it (mounts, places), in it.
-            for _, _, index, below in sorted(
-                [(place.count("/"), 0, index, None) for index, place in enumerate(self.places)]
-                + [(below.depth, 1, below.place, below) for below in self.below],
+            for _, _, index, below, clone in sorted(
+                [(place.count("/"), 0, index, None, built.overlays[index]) for index, place in enumerate(self.places)]
+                + [(below.depth, 1, below.place, below, clone) for below, clone in built.clones],
                 key=lambda entry: entry[:2],
             ):
                 if below is None:
-                    tops[index] = self._mount_place(index, tops)
+                    self._attach_place(index, clone, tops)
+                    tops[index] = clone
                 else:
-                    self._mount_below(below, tops)
-            # The test reads its uppers for outputs, nothing more. Were it to make this view writable (its own
-            # user namespace can), it would reach only its own uppers, which it writes anyway.
-            return mounts.read_only_view(self.tmpfs)
+                    self._attach_below(below, clone, tops)
+            view, built.view = built.view, -1
+            return view
         except BaseException:
             self.unmount()
+            self.release()
             raise
 
-    def _mount_place(self, index: int, tops: dict[int, int]) -> int:
-        assert self.tmpfs is not None
-        root = f"/proc/self/fd/{self.tmpfs}/{index}"
-        os.makedirs(f"{root}/upper")
-        os.makedirs(f"{root}/work")
-        lowers = [f"/proc/self/fd/{self.place_fds[index]}"]
-        if index in self.masks:
-            lowers.insert(0, f"/proc/self/fd/{self.masks[index]}")
-        fd = overlay.detached_overlay(lowers, f"{root}/upper", f"{root}/work", f"{root}/root")
+    def _attach_place(self, index: int, fd: int, tops: dict[int, int]) -> None:
         outer = self.outer[index]
         if outer is None:
             self._attach(fd, self.place_fds[index])  # over the scope's mount of the place
-        else:  # a place inside another: in that one's overlay of this layer
-            relative = os.path.relpath(self.places[index], self.places[outer])
-            try:
-                onto = syscalls.openat2(tops[outer], relative, _PATH | os.O_DIRECTORY, _BENEATH)
-            except BaseException:
-                os.close(fd)
-                raise
-            try:
-                self._attach(fd, onto)
-            finally:
-                os.close(onto)
-        return fd
+            return
+        # A place inside another: in that one's overlay of this layer.
+        relative = os.path.relpath(self.places[index], self.places[outer])
+        onto = syscalls.openat2(tops[outer], relative, _PATH | os.O_DIRECTORY, _BENEATH)
+        try:
+            self._attach(fd, onto)
+        finally:
+            os.close(onto)
 
-    def _mount_below(self, below: _Below, tops: dict[int, int]) -> None:
-        clone = mounts.clone_tree_at(below.source, recursive=False)
+    def _attach_below(self, below: _Below, clone: int, tops: dict[int, int]) -> None:
         try:
             target = syscalls.openat2(tops[below.place], below.relative, _PATH, _BENEATH)
         except OSError:
-            os.close(clone)  # gone, or a symlink now, in the scope's view: the test goes without it
-            return
+            return  # gone, or a symlink now, in the scope's view: the test goes without it
         try:
             self._attach(clone, target)
         finally:
             os.close(target)
 
     def _attach(self, fd: int, onto: int) -> None:
-        try:
-            syscalls.move_mount_onto(fd, onto)
-        except BaseException:
-            os.close(fd)
-            raise
+        syscalls.move_mount_onto(fd, onto)
         self.mounted.append(fd)
 
     def unmount(self) -> None:
+        """Take the test's layer off: its message queues, then its mounts, innermost first. What remains
+        (closing the fds, freeing the tmpfs) is release's, after the scope process has its answer."""
         if self.queues is not None:
             for name, inode in self._queues_now().items():
                 if self.queues_before.get(name) == inode:
@@ -390,10 +419,29 @@ class _Layer:
             fd = self.mounted.pop()
             with contextlib.suppress(OSError):
                 syscalls.umount2(f"/proc/self/fd/{fd}", syscalls.MNT_DETACH)
-            os.close(fd)
-        if self.tmpfs is not None:
-            os.close(self.tmpfs)  # detached, attached nowhere: it goes with its last reference
-            self.tmpfs = None
+
+    def release(self) -> None:
+        if self.attached is not None:
+            self.attached.close()  # detached, attached nowhere: each goes with its last reference
+            self.attached = None
+
+
+@dataclasses.dataclass
+class _Built:
+    """A test's layer, built ahead: the fds the helper alone holds until the test's begin attaches them."""
+
+    tmpfs: int
+    overlays: dict[int, int] = dataclasses.field(default_factory=dict)  # place index -> its overlay
+    clones: list[tuple[_Below, int]] = dataclasses.field(default_factory=list)  # each mount inside a place
+    view: int = -1  # the read-only view of the uppers, until the test's begin sends it
+
+    def close(self) -> None:
+        fds = [self.view, *self.overlays.values(), *(clone for _, clone in self.clones), self.tmpfs]
+        for fd in fds:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.overlays, self.clones, self.view, self.tmpfs = {}, [], -1, -1
 
 
 def _detached(fstype: str, **options: str) -> int:

@@ -704,6 +704,8 @@ def _next_request(
     return items[request["nodeid"]], items.get(request.get("next") or "")
 
 
+# How many Python calls deeper than _run_scope a test's fork calls stack_depth: _run_fork, _test_fork, _run_protocol.
+_FORKS_PROTOCOL_DEPTH = 3
 STOP = 100  # a test's fork says the sandbox ends now (pytest.exit, ^C, a plugin's error: already reported)
 
 
@@ -715,6 +717,7 @@ def _run_scope(box: Sandbox, items: dict[str, pytest.Item], scratch: int | None)
     assert _channel is not None
     syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)  # what a test leaves running comes back to this process
     syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)  # a test cannot trace it or read its memory (each fork is again)
+    stack_depth.as_in_pytests_loop(deeper_by=_FORKS_PROTOCOL_DEPTH)
     item: pytest.Item | None = None
     while True:
         asked = _next_request(items, item)
