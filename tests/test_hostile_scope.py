@@ -433,3 +433,44 @@ def test_a_test_cannot_report_the_later_tests_of_its_scope(pytester: pytest.Pyte
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *args)
     result.assert_outcomes(passed=1, failed=2)
     result.stdout.fnmatch_lines(["*really fails*", "*really errors*"])
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGSTOP", "SIGTERM", "SIGINT"])
+def test_a_test_that_signals_the_next_tests_process_leaves_the_next_test_alone(
+    pytester: pytest.Pytester, signal_name: str
+) -> None:
+    """While a test ends, its scope process forks the next test's process, which waits there for its go. A
+    test that signals every process it may at its teardown reaches that one too: the next test still runs
+    as it would (in a fresh fork if that one is gone), and no ^C or stop carries over."""
+    pytester.makepyfile(f"""
+        import os, signal, time, pytest
+
+        def others():
+            return [int(name) for name in os.listdir("/proc") if name.isdigit()
+                    and int(name) not in (os.getpid(), os.getppid())]
+
+        @pytest.fixture
+        def signals_the_rest_at_teardown():
+            before = others()
+            yield
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and set(others()) <= set(before):
+                time.sleep(0.001)  # the next test's process, forked once this test's call is reported
+            assert set(others()) - set(before), "no process made for the next test"
+            for pid in others():
+                try:
+                    os.kill(pid, signal.{signal_name})
+                except OSError:
+                    pass
+
+        def test_signals_the_rest(signals_the_rest_at_teardown):
+            pass
+
+        def test_next():
+            pass
+
+        def test_and_the_one_after():
+            pass
+    """)
+    result = pytester.runpytest_subprocess("--sandbox=all", "-p", "no:cacheprovider", "-rA", timeout=120)
+    result.assert_outcomes(passed=3)

@@ -35,9 +35,10 @@ def take() -> Snapshot:
     return Snapshot(_children(), _sysv_objects(), _keys())
 
 
-def end(before: Snapshot) -> None:
-    """Kill the test's processes (and the children they leave in turn), then remove its IPC objects and keys."""
-    end_children(besides=before.children)
+def end(before: Snapshot, besides: frozenset[int] = frozenset()) -> None:
+    """Kill the test's processes (and the children they leave in turn) but ``besides`` (the next test's
+    fork, made meanwhile), then remove its IPC objects and keys."""
+    end_children(besides=before.children | besides)
     for kind, ident in _sysv_objects() - before.sysv:
         with contextlib.suppress(OSError):
             syscalls.remove_sysv_ipc(kind, ident)

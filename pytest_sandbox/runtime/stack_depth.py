@@ -13,9 +13,11 @@ that much, and ``sys.getrecursionlimit``/``sys.setrecursionlimit`` speak in the 
 from __future__ import annotations
 
 import sys
+import types
 
 _plain: int | None = None  # the headroom in pytest's loop, where pytest calls each test's protocol
 _hidden = 0  # what the sandbox's frames below the protocol take of it
+_measured_at: tuple[int, int] | None = None  # in a scope process: what its frames take, and how many there are
 _real_get = sys.getrecursionlimit
 _real_set = sys.setrecursionlimit
 
@@ -26,20 +28,39 @@ def measure_in_pytests_loop() -> None:
     _plain = _headroom()
 
 
-def as_in_pytests_loop(deeper_by: int = 0) -> None:
-    """Called by the function that calls a test's protocol: give back what the sandbox's frames took. A scope
-    process calls it once for all its tests' forks, whose protocol runs ``deeper_by`` Python calls deeper
-    (measuring costs a thousand calls: too much to do again in every fork)."""
+def measure_for_forks() -> None:
+    """Called once by a scope process: what its frames take of the headroom, and how deep it is. Its tests'
+    forks call ``as_in_pytests_loop`` a few Python calls deeper (more when made ahead), and count those
+    calls instead of measuring again: measuring costs a thousand calls, too much for every test."""
+    global _measured_at
+    if _plain is not None:
+        _measured_at = (_plain - _headroom(), _frames())
+
+
+def as_in_pytests_loop() -> None:
+    """Called by the function that calls a test's protocol: give back what the sandbox's frames took."""
     global _hidden
     if _plain is None or _hidden:
         return  # no figure to compare with; or a scope process's fork, where it is done already
-    hidden = _plain - (_headroom() - deeper_by)
+    if _measured_at is not None:  # in a scope process's fork: the Python calls since, one each
+        hidden = _measured_at[0] + _frames() - _measured_at[1]
+    else:
+        hidden = _plain - _headroom()
     if hidden <= 0:
         return
     _hidden = hidden
     _real_set(_real_get() + hidden)
     sys.getrecursionlimit = _getrecursionlimit
     sys.setrecursionlimit = _setrecursionlimit
+
+
+def _frames() -> int:
+    """How many frames the caller's caller has below it, itself included."""
+    frame: types.FrameType | None = sys._getframe(2)
+    count = 0
+    while frame is not None:
+        frame, count = frame.f_back, count + 1
+    return count
 
 
 def _headroom() -> int:

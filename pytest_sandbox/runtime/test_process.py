@@ -54,6 +54,8 @@ _channel: socket.socket | None = None  # the test process's line to pytest, whil
 _layers: test_layers.Helper | None = None  # a scope sandbox's line to its layer helper (test_layers.py)
 _scope_pid = 0  # in a test's fork: the scope process it came from
 _held_teardown: list[dict[str, Any]] | None = None  # in a test's fork: its teardown report, for the scope to finish
+_carried: Any = None  # the earlier tests' outcomes that came with the last test pytest asked for (pytest-dependency)
+_scope_items: dict[str, pytest.Item] = {}  # a scope process's items, for its forks made ahead
 # Tests of other processes run beside this one's in its pid namespace, as the same user: the hermetic session's
 # xdist workers. On a kernel without Landlock scopes a dumpable test would be open to them (ptrace,
 # /proc/PID/mem, pidfd_getfd of its line to pytest).
@@ -700,12 +702,12 @@ def _next_request(
             with contextlib.suppress(Exception):
                 last.session._setupstate.teardown_exact(None)
         return None
-    plugin_state.apply_carried(items, request.get("dependency"))  # here: a scope process's forks inherit them
+    global _carried
+    _carried = request.get("dependency")
+    plugin_state.apply_carried(items, _carried)  # here: a scope process's forks inherit them
     return items[request["nodeid"]], items.get(request.get("next") or "")
 
 
-# How many Python calls deeper than _run_scope a test's fork calls stack_depth: _run_fork, _test_fork, _run_protocol.
-_FORKS_PROTOCOL_DEPTH = 3
 STOP = 100  # a test's fork says the sandbox ends now (pytest.exit, ^C, a plugin's error: already reported)
 
 
@@ -717,16 +719,21 @@ def _run_scope(box: Sandbox, items: dict[str, pytest.Item], scratch: int | None)
     assert _channel is not None
     syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)  # what a test leaves running comes back to this process
     syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)  # a test cannot trace it or read its memory (each fork is again)
-    stack_depth.as_in_pytests_loop(deeper_by=_FORKS_PROTOCOL_DEPTH)
+    stack_depth.measure_for_forks()
+    global _scope_items
+    _scope_items = items
     item: pytest.Item | None = None
+    ahead: _Ahead | None = None
     while True:
         asked = _next_request(items, item)
         if asked is None:
             return
         item, nextitem = asked
         try:
-            _set_up_wider_fixtures(item)
-            status, held = _run_fork(box, item, nextitem, scratch)
+            ahead = _ready(ahead, item)
+            if ahead is None:
+                _set_up_wider_fixtures(item)
+            status, held, ahead = _run_fork(box, item, nextitem, scratch, ahead)
             if os.WIFEXITED(status) and os.WEXITSTATUS(status) == STOP:
                 return
             if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
@@ -775,43 +782,145 @@ def _set_up_wider_fixtures(item: pytest.Item) -> None:
 
 
 def _run_fork(
-    box: Sandbox, item: pytest.Item, nextitem: pytest.Item | None, scope_scratch: int | None
-) -> tuple[int, list[dict[str, Any]]]:
-    """Run the item in a fork over a fresh layer; its exit status and held teardown report. What it left
-    running is killed and its layer taken off before the next test. The fork lets go of the scope's
+    box: Sandbox, item: pytest.Item, nextitem: pytest.Item | None, scope_scratch: int | None, ahead: _Ahead | None
+) -> tuple[int, list[dict[str, Any]], _Ahead | None]:
+    """Run the item in a fork over a fresh layer (``ahead``: the fork made for it while the test before it
+    ended); its exit status, held teardown report and the next test's fork if one was made ahead. What it
+    left running is killed and its layer taken off before the next test. The fork lets go of the scope's
     scratch view (the scope's uppers, read for the scope's outputs): nothing of it is the test's. Without a
     layer helper (the hermetic session's xdist workers) the test writes to the scope's view."""
     global _scope_pid
     _scope_pid = os.getpid()
     layer = test_layers.begin(_layers) if _layers is not None else None
-    held_fd = os.memfd_create("sandbox-teardown", os.MFD_CLOEXEC)
     before = leftovers.take()
     _flush_stdio()  # a fixture's print under -s, in a pipe's buffer: each fork would write it again at its end
     os.ftruncate(box.crash_fd, 0)  # what an earlier test wrote there is no part of this one's crash report
     os.lseek(box.crash_fd, 0, os.SEEK_SET)
-    mine, theirs = protocol.socketpair()
+    following: _Ahead | None = None
+    fork = ahead
     try:
-        pid = os.fork()
-        if pid == 0:
-            mine.close()
-            if scope_scratch is not None:
-                os.close(scope_scratch)
-            _test_fork(box, item, nextitem, layer, held_fd, theirs)
-        theirs.close()
+        if fork is None:
+            fork = _fork(box, item, scope_scratch, not_its=())
+        fork.go(nextitem, layer)
         if layer is not None:
             os.close(layer)
-        _relay_the_fork(pid, item.nodeid, mine, before.children)
-        _, status = os.waitpid(pid, 0)
-        leftovers.end(before)
+            layer = None
+        following = _relay_the_fork(fork, item, nextitem, before.children, box, scope_scratch)
+        _, status = os.waitpid(fork.pid, 0)
+        mine = dataclasses.replace(before, children=before.children - {fork.pid})  # a fork made ahead: in it
+        leftovers.end(mine, besides=frozenset([following.pid]) if following is not None else frozenset())
         if _layers is not None:
             test_layers.end(_layers)
-        with open(held_fd, "rb", closefd=False) as held:
+        with open(fork.held_fd, "rb", closefd=False) as held:
             held.seek(0)
             text = held.read()
+    except BaseException:
+        if following is not None:
+            following.cancel()
+        if ahead is not None and ahead.waiting:
+            ahead.cancel()
+        raise
     finally:
-        os.close(held_fd)
-        mine.close()
-    return status, _held_reports(text)
+        if layer is not None:
+            os.close(layer)
+        if fork is not None:
+            fork.close()
+    return status, _held_reports(text), following
+
+
+@dataclasses.dataclass
+class _Ahead:
+    """A test's fork, seen from the scope process: made when its test is asked for, or ahead of it (while
+    the test before it ends), and then waiting for its go (the test's next item, its layer)."""
+
+    nodeid: str
+    pid: int
+    pidfd: int
+    line: socket.socket  # the scope process's end of the fork's line
+    held_fd: int  # where the fork leaves its teardown report for the scope process to finish
+    waiting: bool
+
+    def go(self, nextitem: pytest.Item | None, layer: int | None) -> None:
+        if not self.waiting:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGCONT)  # the test before it could have stopped it (same user, same domain)
+        with contextlib.suppress(OSError):  # a fork that is gone says so as it would have: by exiting
+            protocol.send(
+                self.line,
+                {"type": "go", "next": nextitem.nodeid if nextitem is not None else None, "dependency": _carried},
+                fds=(layer,) if layer is not None else (),
+            )
+        self.waiting = False
+
+    def alive(self) -> bool:
+        return not select.select([self.pidfd], [], [], 0)[0]
+
+    def cancel(self) -> None:
+        """A fork made ahead for a test that does not come (pytest asked for another, or for none)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+        self.close()
+
+    def close(self) -> None:
+        for fd in (self.pidfd, self.held_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.line.close()
+
+
+def _ready(ahead: _Ahead | None, item: pytest.Item) -> _Ahead | None:
+    """The fork made ahead for ``item``, if there is one and it still waits."""
+    if ahead is not None and (ahead.nodeid != item.nodeid or not ahead.alive()):
+        ahead.cancel()
+        return None
+    return ahead
+
+
+def _fork(box: Sandbox, item: pytest.Item, scope_scratch: int | None, not_its: tuple[int, ...]) -> _Ahead:
+    """Fork the item's test process, which waits for its go. One made ahead closes ``not_its`` (the fds of
+    the running test's fork) and waits not dumpable, as the scope process is: that test cannot trace it."""
+    held_fd = os.memfd_create("sandbox-teardown", os.MFD_CLOEXEC)
+    mine, theirs = protocol.socketpair()
+    _flush_stdio()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            mine.close()
+            for fd in (*not_its, *([scope_scratch] if scope_scratch is not None else [])):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            _test_fork(box, item, held_fd, theirs)
+        finally:
+            os._exit(1)  # never back into the scope process's frames
+    theirs.close()
+    return _Ahead(item.nodeid, pid, os.pidfd_open(pid), mine, held_fd, waiting=True)
+
+
+def _alike(item: pytest.Item, nextitem: pytest.Item) -> bool:
+    """Whether the scope process sets up and tears down nothing between the two tests: the same collectors,
+    and no fixture of wider scope the next one uses that the first did not (same definition, same parameter).
+    Then a fork made for the next test while the first one ends is what a fork made after it would be."""
+    if nextitem.parent is not item.parent:
+        return False
+    first, then = _wider_fixtures(item), _wider_fixtures(nextitem)
+    return first is not None and then is not None and then <= first
+
+
+def _wider_fixtures(item: pytest.Item) -> frozenset[tuple[str, int, object]] | None:
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return None
+    callspec = getattr(item, "callspec", None)
+    indices = getattr(callspec, "indices", {}) if callspec is not None else {}
+    found = set()
+    for name in getattr(item, "fixturenames", ()):
+        definitions = info.name2fixturedefs.get(name)
+        if definitions and definitions[-1].scope != "function":
+            found.add((name, id(definitions[-1]), indices.get(name)))
+    return frozenset(found)
 
 
 def _held_reports(text: bytes) -> list[dict[str, Any]]:
@@ -824,40 +933,59 @@ def _held_reports(text: bytes) -> list[dict[str, Any]]:
     return held if isinstance(held, list) and all(isinstance(report, dict) for report in held) else []
 
 
-def _relay_the_fork(pid: int, nodeid: str, line: socket.socket, fixtures: frozenset[int]) -> None:
+def _relay_the_fork(
+    fork: _Ahead,
+    item: pytest.Item,
+    nextitem: pytest.Item | None,
+    fixtures: frozenset[int],
+    box: Sandbox,
+    scope_scratch: int | None,
+) -> _Ahead | None:
     """Until the test's fork exits: relay its messages to pytest and pytest's answers to it, and reap what it
     orphaned as that exits (orphans come to this process, a subreaper; the fixtures' processes stay, for
-    their Popen objects to wait for).
+    their Popen objects to wait for). Once the test's call is reported, and if the next test needs nothing
+    set up or torn down here, fork the next test's process meanwhile (its teardown and exit take about as
+    long as a fork); that fork is returned.
 
     The fork has a line of its own, never the scope's: on the scope's, pytest takes what comes after a test's
     "done" for the next test, so a test could report every later test of its scope as passed without running
     it. Here only this process says "done", and a report passes only for the test that runs."""
     scope = _channel
     assert scope is not None
-    pidfd = os.pidfd_open(pid)
-    watched = {pidfd, line.fileno(), scope.fileno()}
+    line, pid, nodeid = fork.line, fork.pid, item.nodeid
+    following: _Ahead | None = None
+    wanted = nextitem is not None and _alike(item, nextitem)
+    watched = {fork.pidfd, line.fileno(), scope.fileno()}
     try:
         while True:
             readable = select.select(list(watched), [], [], leftovers.REAP_INTERVAL)[0]
             if not readable:
-                leftovers.reap_exited(besides=fixtures | {pid})
+                leftovers.reap_exited(besides=fixtures | {pid, *([following.pid] if following else [])})
                 continue
             if scope.fileno() in readable and not _forward(scope, line, None):
                 watched.discard(scope.fileno())  # pytest ended the session's line: the fork's reports go nowhere
-            if line.fileno() in readable and not _forward(line, scope, nodeid, pid):
-                watched.discard(line.fileno())
-            if pidfd in readable:  # what it sent before it exited, then no more
+            if line.fileno() in readable:
+                called = _forward(line, scope, nodeid, pid)
+                if not called:
+                    watched.discard(line.fileno())
+                elif called == "call" and wanted and following is None:
+                    assert nextitem is not None
+                    following = _fork(box, nextitem, scope_scratch, not_its=(line.fileno(), fork.pidfd, fork.held_fd))
+            if fork.pidfd in readable:  # what it sent before it exited, then no more
                 while line.fileno() in watched and select.select([line], [], [], 0)[0]:
                     if not _forward(line, scope, nodeid, pid):
                         watched.discard(line.fileno())
-                return
-    finally:
-        os.close(pidfd)
+                return following
+    except BaseException:
+        if following is not None:
+            following.cancel()
+        raise
 
 
-def _forward(source: socket.socket, target: socket.socket, nodeid: str | None, pid: int = 0) -> bool:
-    """One message from ``source`` to ``target``; False once ``source`` is closed or broken. From a test
-    (``nodeid`` set): "done" and another test's reports are dropped, a malformed message ends the test."""
+def _forward(source: socket.socket, target: socket.socket, nodeid: str | None, pid: int = 0) -> bool | str:
+    """One message from ``source`` to ``target``; False once ``source`` is closed or broken, else True, or the
+    phase of a report of the test's. From a test (``nodeid`` set): "done" and another test's reports are
+    dropped, a malformed message ends the test."""
     try:
         message, fds = protocol.recv(source)
     except protocol.ProtocolError as exc:
@@ -877,6 +1005,8 @@ def _forward(source: socket.socket, target: socket.socket, nodeid: str | None, p
         if from_test and message.get("type") == "report":
             with contextlib.suppress(OSError):
                 protocol.send(source, {"type": "relayed"})  # the fork waits for this (_send_report)
+            when = message["data"].get("when") if isinstance(message.get("data"), dict) else None
+            return when if isinstance(when, str) and when else True
     finally:
         for fd in fds:
             os.close(fd)
@@ -892,26 +1022,31 @@ def _of_this_test(message: dict[str, Any], nodeid: str) -> bool:
     return True
 
 
-def _test_fork(
-    box: Sandbox,
-    item: pytest.Item,
-    nextitem: pytest.Item | None,
-    layer: int | None,
-    held_fd: int,
-    line: socket.socket,
-) -> NoReturn:
+def _test_fork(box: Sandbox, item: pytest.Item, held_fd: int, line: socket.socket) -> NoReturn:
     """One test in a fork of the scope process, talking to pytest on ``line`` (relayed by the scope process);
-    never returns."""
+    never returns. It waits for its go first: the next item, the test's layer and the earlier tests' outcomes
+    (a fork made ahead was made before they were known)."""
     global _held_teardown, _channel
     assert _channel is not None
     _channel.close()  # the scope's line to pytest: not this test's to write on
     _channel = line
     code = 0
+    try:  # never back into the scope process's frames, whatever happens
+        process.die_with_parent(_scope_pid)
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)  # not a test yet: ^C is the running one's
+        go, fds = protocol.recv(line)
+        if not isinstance(go, dict) or go.get("type") != "go":
+            _exit(0)
+        signal.signal(signal.SIGINT, handler)
+        layer = fds[0] if fds else None
+        nextitem = _scope_items.get(go.get("next") or "")
+        plugin_state.apply_carried(_scope_items, go.get("dependency"))
+    except BaseException:
+        _exit(0)
     try:
         # Its own process group (killpg(0) ends the test's processes, not the fixtures'), and it ends with
         # the scope process: a test that kills that one fails with it, and leaves nothing behind.
         os.setpgid(0, 0)
-        process.die_with_parent(_scope_pid)
         syscalls.join_new_session_keyring()  # keys it adds to its session go with it
         if not _beside_other_tests:  # its own /proc files, debuggers and py-spy work as usual
             syscalls.prctl(syscalls.PR_SET_DUMPABLE, 1)
