@@ -1031,9 +1031,25 @@ def _test_fork(box: Sandbox, item: pytest.Item, held_fd: int, line: socket.socke
     _channel.close()  # the scope's line to pytest: not this test's to write on
     _channel = line
     code = 0
+    unready: BaseException | None = None  # reported once the test runs
     try:  # never back into the scope process's frames, whatever happens
         process.die_with_parent(_scope_pid)
         handler = signal.signal(signal.SIGINT, signal.SIG_IGN)  # not a test yet: ^C is the running one's
+        try:  # what needs neither the go nor the layer, done while a fork made ahead waits
+            # Its own process group (killpg(0) ends the test's processes, not the fixtures'), and it ends with
+            # the scope process: a test that kills that one fails with it, and leaves nothing behind.
+            os.setpgid(0, 0)
+            syscalls.join_new_session_keyring()  # keys it adds to its session go with it
+            scope_children.adopt()  # a fixture's Popen: its process is the scope process's child, not this one's
+            if _layers is not None:
+                _layers.close()
+            plugin_state.forget_inherited_suite_properties(item.config)
+            setup_state = item.session._setupstate
+            teardown_exact = setup_state.teardown_exact
+            scope = item.parent
+            setup_state.teardown_exact = lambda nextitem: teardown_exact(scope)  # type: ignore[method-assign,arg-type]
+        except Exception as exc:
+            unready = exc
         go, fds = protocol.recv(line)
         if not isinstance(go, dict) or go.get("type") != "go":
             _exit(0)
@@ -1044,22 +1060,12 @@ def _test_fork(box: Sandbox, item: pytest.Item, held_fd: int, line: socket.socke
     except BaseException:
         _exit(0)
     try:
-        # Its own process group (killpg(0) ends the test's processes, not the fixtures'), and it ends with
-        # the scope process: a test that kills that one fails with it, and leaves nothing behind.
-        os.setpgid(0, 0)
-        syscalls.join_new_session_keyring()  # keys it adds to its session go with it
-        if not _beside_other_tests:  # its own /proc files, debuggers and py-spy work as usual
-            syscalls.prctl(syscalls.PR_SET_DUMPABLE, 1)
-        scope_children.adopt()  # a fixture's Popen: its process is the scope process's child, not this one's
-        if _layers is not None:
-            _layers.close()
+        if unready is not None:
+            raise unready
+        if not _beside_other_tests:  # its own /proc files, debuggers and py-spy work as usual (not dumpable
+            syscalls.prctl(syscalls.PR_SET_DUMPABLE, 1)  # while it waited: the test before it could trace it)
         with contextlib.suppress(OSError):
             os.chdir(os.getcwd())  # looked up before the layer was mounted: through it now
-        plugin_state.forget_inherited_suite_properties(item.config)
-        setup_state = item.session._setupstate
-        teardown_exact = setup_state.teardown_exact
-        scope = item.parent
-        setup_state.teardown_exact = lambda nextitem: teardown_exact(scope)  # type: ignore[method-assign,arg-type]
         _held_teardown = []
         _run_protocol(box, item, nextitem)
         _send_what_persists(item.config, layer, box.outputs)
@@ -1076,6 +1082,10 @@ def _finish_teardown(item: pytest.Item, nextitem: pytest.Item | None, held: list
     assert _channel is not None
     config = item.config
     setup_state = item.session._setupstate
+    needed = nextitem.listchain() if nextitem is not None else []
+    if held and list(setup_state.stack) == needed[: len(setup_state.stack)]:  # nothing to tear down
+        protocol.send(_channel, {"type": "report", "data": held[-1]})
+        return
     with _capture(item, "teardown"):
         call = pytest.CallInfo.from_call(
             lambda: setup_state.teardown_exact(nextitem), "teardown", reraise=(pytest.exit.Exception, KeyboardInterrupt)
