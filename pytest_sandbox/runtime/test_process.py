@@ -715,12 +715,13 @@ def _run_scope(box: Sandbox, items: dict[str, pytest.Item], scratch: int | None)
     """A scope sandbox: this process sets up the fixtures of wider scope and keeps them; each test runs
     pytest's protocol in a fork of it, over a layer of its own, and tears down only its own fixtures. When
     the next test needs fewer of them, this process tears those down after the test, as pytest would, and
-    what that teardown raised or printed goes into the test's teardown report."""
+    what that teardown raised or printed goes into the test's teardown report. The next test's fork may be
+    made while a test ends (_relay_the_fork): then nothing is set up for it here."""
+    global _scope_items
     assert _channel is not None
     syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)  # what a test leaves running comes back to this process
     syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)  # a test cannot trace it or read its memory (each fork is again)
     stack_depth.measure_for_forks()
-    global _scope_items
     _scope_items = items
     item: pytest.Item | None = None
     ahead: _Ahead | None = None
