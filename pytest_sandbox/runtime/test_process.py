@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import datetime
 import faulthandler
+import functools
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ import threading
 import traceback
 import types
 import warnings
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import pytest
@@ -54,6 +56,9 @@ _channel: socket.socket | None = None  # the test process's line to pytest, whil
 _layers: test_layers.Helper | None = None  # a scope sandbox's line to its layer helper (test_layers.py)
 _scope_pid = 0  # in a test's fork: the scope process it came from
 _held_teardown: list[dict[str, Any]] | None = None  # in a test's fork: its teardown report, for the scope to finish
+# pytest shares the scope's mount namespace (the hermetic session's): what it writes on a test's report (outputs,
+# the cache) must not land in a test's layer, so a layer is on only while its test runs.
+_pytest_sees_the_layers = False
 _carried: Any = None  # the earlier tests' outcomes that came with the last test pytest asked for (pytest-dependency)
 _scope_items: dict[str, pytest.Item] = {}  # a scope process's items, for its forks made ahead
 # Tests of other processes run beside this one's in its pid namespace, as the same user: the hermetic session's
@@ -418,8 +423,9 @@ def _confine(box: Sandbox) -> None:
 def _enter_in_session(box: Sandbox, config: pytest.Config, keep: set[int]) -> None:
     """The steps left for a test process of --sandbox=hermetic, whose sandbox (namespaces, mounts, no
     capabilities, withheld variables) is the session's, built before pytest started."""
-    global _layers, _beside_other_tests
+    global _layers, _beside_other_tests, _pytest_sees_the_layers
     syscalls.set_process_name("sandbox-test")
+    _pytest_sees_the_layers = True
     scoped = _scope_in_a_domain()
     _beside_other_tests = bool(os.environ.get("PYTEST_XDIST_WORKER")) and not scoped
     if not _beside_other_tests:  # pytest here is not (hermetic.out_of_the_tests_reach); the test may be
@@ -691,13 +697,16 @@ def _ended_early(exc: BaseException, item: pytest.Item) -> dict[str, Any]:
 
 
 def _next_request(
-    items: dict[str, pytest.Item], last: pytest.Item | None
+    items: dict[str, pytest.Item], last: pytest.Item | None, before_teardown: Callable[[], None] = lambda: None
 ) -> tuple[pytest.Item, pytest.Item | None] | None:
     """The item pytest asks for and its next item if that one runs here; None when pytest asks for none
-    (it stopped early: -x, ^C), after tearing down what the last one left set up, as its session end would."""
+    (it stopped early: -x, ^C), after tearing down what the last one left set up, as its session end would
+    (``before_teardown``: a layer put on for a test that does not come is taken off first)."""
     assert _channel is not None
     request, _ = protocol.recv(_channel)
     if request is None or request.get("nodeid") not in items:
+        with contextlib.suppress(Exception):
+            before_teardown()
         if last is not None:
             with contextlib.suppress(Exception):
                 last.session._setupstate.teardown_exact(None)
@@ -725,20 +734,33 @@ def _run_scope(box: Sandbox, items: dict[str, pytest.Item], scratch: int | None)
     _scope_items = items
     item: pytest.Item | None = None
     ahead: _Ahead | None = None
+    prepared: _Prepared | None = None
     while True:
-        asked = _next_request(items, item)
+        asked = _next_request(items, item, before_teardown=functools.partial(_unprepared, prepared))
         if asked is None:
             return
         item, nextitem = asked
         try:
             ahead = _ready(ahead, item)
             if ahead is None:
+                _unprepared(prepared)  # the fixtures it sets up write the scope's view, not a layer
+                prepared = None
                 _set_up_wider_fixtures(item)
-            status, held, ahead = _run_fork(box, item, nextitem, scratch, ahead)
+            status, held, ahead, left = _run_fork(box, item, nextitem, scratch, ahead, prepared or _prepare())
+            prepared = None
             if os.WIFEXITED(status) and os.WEXITSTATUS(status) == STOP:
                 return
             if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
                 _end_as(status)  # a crash, a timeout: pytest reports the test as if this process had it
+            if held and nextitem is not None and not _pytest_sees_the_layers and _nothing_to_tear_down(item, nextitem):
+                # pytest reads the reports while this process ends what the test left and readies the next
+                # test's layer (its fork waits already, or is made after pytest asks: nothing is set up for it)
+                protocol.send(_channel, {"type": "report", "data": held[-1]})
+                protocol.send(_channel, {"type": "done"})
+                _end_what_it_left(left, ahead)
+                prepared = _prepare() if ahead is not None else None
+                continue
+            _end_what_it_left(left, ahead)
             _finish_teardown(item, nextitem, held)
             if nextitem is None:
                 _send_what_persists(item.config, scratch, box.outputs)
@@ -783,17 +805,21 @@ def _set_up_wider_fixtures(item: pytest.Item) -> None:
 
 
 def _run_fork(
-    box: Sandbox, item: pytest.Item, nextitem: pytest.Item | None, scope_scratch: int | None, ahead: _Ahead | None
-) -> tuple[int, list[dict[str, Any]], _Ahead | None]:
-    """Run the item in a fork over a fresh layer (``ahead``: the fork made for it while the test before it
-    ended); its exit status, held teardown report and the next test's fork if one was made ahead. What it
-    left running is killed and its layer taken off before the next test. The fork lets go of the scope's
-    scratch view (the scope's uppers, read for the scope's outputs): nothing of it is the test's. Without a
-    layer helper (the hermetic session's xdist workers) the test writes to the scope's view."""
+    box: Sandbox,
+    item: pytest.Item,
+    nextitem: pytest.Item | None,
+    scope_scratch: int | None,
+    ahead: _Ahead | None,
+    prepared: _Prepared,
+) -> tuple[int, list[dict[str, Any]], _Ahead | None, leftovers.Snapshot]:
+    """Run the item in a fork (``ahead``: the fork made for it while the test before it ended) over its
+    layer (``prepared``); its exit status, held teardown report, the next test's fork if one was made ahead,
+    and what was there before it (for _end_what_it_left). The fork lets go of the scope's scratch view (the
+    scope's uppers, read for the scope's outputs): nothing of it is the test's. Without a layer helper (the
+    hermetic session's xdist workers) the test writes to the scope's view."""
     global _scope_pid
     _scope_pid = os.getpid()
-    layer = test_layers.begin(_layers) if _layers is not None else None
-    before = leftovers.take()
+    layer, before = prepared.layer, prepared.before
     _flush_stdio()  # a fixture's print under -s, in a pipe's buffer: each fork would write it again at its end
     os.ftruncate(box.crash_fd, 0)  # what an earlier test wrote there is no part of this one's crash report
     os.lseek(box.crash_fd, 0, os.SEEK_SET)
@@ -808,10 +834,6 @@ def _run_fork(
             layer = None
         following = _relay_the_fork(fork, item, nextitem, before.children, box, scope_scratch)
         _, status = os.waitpid(fork.pid, 0)
-        mine = dataclasses.replace(before, children=before.children - {fork.pid})  # a fork made ahead: in it
-        leftovers.end(mine, besides=frozenset([following.pid]) if following is not None else frozenset())
-        if _layers is not None:
-            test_layers.end(_layers)
         with open(fork.held_fd, "rb", closefd=False) as held:
             held.seek(0)
             text = held.read()
@@ -826,7 +848,45 @@ def _run_fork(
             os.close(layer)
         if fork is not None:
             fork.close()
-    return status, _held_reports(text), following
+    left = dataclasses.replace(before, children=before.children - {fork.pid})  # a fork made ahead: in it
+    return status, _held_reports(text), following, left
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    """A test's layer, attached (an fd of its uppers' view), and what the scope held before it: both made
+    before the test's fork runs, while pytest still read the last test's reports if it could be."""
+
+    layer: int | None
+    before: leftovers.Snapshot
+
+
+def _prepare() -> _Prepared:
+    layer = test_layers.begin(_layers) if _layers is not None else None
+    return _Prepared(layer, leftovers.take())
+
+
+def _unprepared(prepared: _Prepared | None) -> None:
+    """Take off a layer put on ahead, for a test that does not come or that has fixtures to set up first."""
+    if prepared is not None:
+        if prepared.layer is not None:
+            os.close(prepared.layer)
+        if _layers is not None:
+            test_layers.end(_layers)
+
+
+def _end_what_it_left(left: leftovers.Snapshot, following: _Ahead | None) -> None:
+    """Kill what the test left running (not the next test's fork), and take its layer off: the scope's view
+    is back, as the fixtures left it."""
+    leftovers.end(left, besides=frozenset([following.pid]) if following is not None else frozenset())
+    if _layers is not None:
+        test_layers.end(_layers)
+
+
+def _nothing_to_tear_down(item: pytest.Item, nextitem: pytest.Item) -> bool:
+    """Whether pytest's teardown between the two tests (``teardown_exact(nextitem)``) would tear nothing down."""
+    stack = list(item.session._setupstate.stack)
+    return stack == nextitem.listchain()[: len(stack)]
 
 
 @dataclasses.dataclass
@@ -1083,10 +1143,6 @@ def _finish_teardown(item: pytest.Item, nextitem: pytest.Item | None, held: list
     assert _channel is not None
     config = item.config
     setup_state = item.session._setupstate
-    needed = nextitem.listchain() if nextitem is not None else []
-    if held and list(setup_state.stack) == needed[: len(setup_state.stack)]:  # nothing to tear down
-        protocol.send(_channel, {"type": "report", "data": held[-1]})
-        return
     with _capture(item, "teardown"):
         call = pytest.CallInfo.from_call(
             lambda: setup_state.teardown_exact(nextitem), "teardown", reraise=(pytest.exit.Exception, KeyboardInterrupt)
