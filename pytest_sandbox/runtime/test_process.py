@@ -752,7 +752,7 @@ def _run_scope(box: Sandbox, items: dict[str, pytest.Item], scratch: int | None)
                 return
             if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
                 _end_as(status)  # a crash, a timeout: pytest reports the test as if this process had it
-            if held and nextitem is not None and not _pytest_sees_the_layers and _nothing_to_tear_down(item, nextitem):
+            if held and nextitem is not None and _may_report_first(box) and _nothing_to_tear_down(item, nextitem):
                 # pytest reads the reports while this process ends what the test left and readies the next
                 # test's layer (its fork waits already, or is made after pytest asks: nothing is set up for it)
                 protocol.send(_channel, {"type": "report", "data": held[-1]})
@@ -881,6 +881,13 @@ def _end_what_it_left(left: leftovers.Snapshot, following: _Ahead | None) -> Non
     leftovers.end(left, besides=frozenset([following.pid]) if following is not None else frozenset())
     if _layers is not None:
         test_layers.end(_layers)
+
+
+def _may_report_first(box: Sandbox) -> bool:
+    """Whether a test may be reported done before what it left running is ended: not where pytest shares the
+    scope's mounts (the hermetic session's: what it writes on the reports would land in the test's layer), nor
+    with volumes (pytest lets go of a named volume's lock once a test is done: one writer at a time)."""
+    return not _pytest_sees_the_layers and not box.spec.volumes
 
 
 def _nothing_to_tear_down(item: pytest.Item, nextitem: pytest.Item) -> bool:
