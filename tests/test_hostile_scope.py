@@ -474,3 +474,95 @@ def test_a_test_that_signals_the_next_tests_process_leaves_the_next_test_alone(
     """)
     result = pytester.runpytest_subprocess("--sandbox=all", "-p", "no:cacheprovider", "-rA", timeout=120)
     result.assert_outcomes(passed=3)
+
+
+TAMPERS = {
+    "SIGTERM, run last": "os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0)); os.kill(pid, signal.SIGTERM)",
+    "SIGKILL, run last": "os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0)); os.kill(pid, signal.SIGKILL)",
+    "real-time signal": "os.kill(pid, signal.SIGRTMIN + 3)",
+    "SIGUSR1": "os.kill(pid, signal.SIGUSR1)",
+    "file limit": "resource.prlimit(pid, resource.RLIMIT_NOFILE, (12, 12))",
+    "nice": "os.setpriority(os.PRIO_PROCESS, pid, 19)",
+    "CPUs": "os.sched_setaffinity(pid, {min(os.sched_getaffinity(0))})",
+    "SIGIO of a fixture's pipe": (
+        "fd = echo.stdout.fileno(); fcntl.fcntl(fd, fcntl.F_SETOWN, pid); "
+        "fcntl.fcntl(fd, 10, signal.SIGINT); "  # F_SETSIG
+        "fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)"
+    ),
+}
+
+
+@pytest.mark.parametrize("tamper", list(TAMPERS), ids=list(TAMPERS))
+def test_what_a_test_does_to_the_next_tests_waiting_process_does_not_reach_that_test(
+    pytester: pytest.Pytester, tamper: str
+) -> None:
+    """The next test's fork waits beside the test that ends, as the same user (found by red-team helper-35: a
+    SIGTERM it ran too late to die of before its go crashed the next test; a SIGIO aimed at it raised
+    KeyboardInterrupt in the next test; a lowered file limit failed it with EMFILE). Signals wait blocked and
+    are dropped at the go; a fork that is dead, or whose limits, nice value, CPUs or SIGIO ownership differ,
+    is replaced by a fork made then, and the next test runs as in a plain run."""
+    pytester.makepyfile(f"""
+        import fcntl, os, resource, signal, subprocess, sys, threading, time, pytest
+
+        ECHO = "import sys\\nfor line in sys.stdin: sys.stdout.write(line); sys.stdout.flush()"
+
+        @pytest.fixture(scope="module")
+        def echo():
+            proc = subprocess.Popen([sys.executable, "-c", ECHO], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            yield proc
+            proc.kill()
+            proc.wait()
+
+        def others():
+            return {{int(n) for n in os.listdir("/proc") if n.isdigit() and int(n) not in (os.getpid(), os.getppid())}}
+
+        @pytest.fixture
+        def tampers_with_the_next_test(echo):
+            before = others()
+            yield
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not others() - before:
+                time.sleep(0.001)  # the next test's process, forked once this test's call is reported
+            (pid,) = others() - before
+            {TAMPERS[tamper]}
+
+        def test_tampers(tampers_with_the_next_test):
+            pass
+
+        def test_next(echo):
+            echo.stdin.write(b"ping\\n")
+            echo.stdin.flush()
+            assert echo.stdout.readline() == b"ping\\n"
+            assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 12
+            assert os.getpriority(os.PRIO_PROCESS, 0) == 0
+            assert len(os.sched_getaffinity(0)) == os.cpu_count()
+    """)
+    result = pytester.runpytest_subprocess("--sandbox=all", "-p", "no:cacheprovider", "-rA", timeout=120)
+    result.assert_outcomes(passed=2)
+
+
+def test_stopping_early_ends_the_next_tests_waiting_process_before_the_scopes_teardown(
+    pytester: pytest.Pytester,
+) -> None:
+    """With -x, pytest asks for no more tests: the next test's fork, made ahead, held a copy of the pipe a
+    module fixture's teardown closed to end its process, which then never saw EOF (found by red-team
+    helper-35: pytest hung after "1 failed")."""
+    pytester.makepyfile("""
+        import subprocess, pytest
+
+        @pytest.fixture(scope="module")
+        def cat():
+            proc = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+            yield proc
+            proc.stdin.close()  # cat ends at EOF on its stdin
+            proc.wait()
+
+        def test_fails(cat):
+            assert False
+
+        def test_next(cat):
+            pass
+    """)
+    for stop in ("-x", "--maxfail=1"):
+        result = pytester.runpytest_subprocess("--sandbox=all", "-p", "no:cacheprovider", stop, timeout=60)
+        result.assert_outcomes(failed=1)

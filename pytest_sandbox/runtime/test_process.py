@@ -14,10 +14,12 @@ import contextlib
 import dataclasses
 import datetime
 import faulthandler
+import fcntl
 import functools
 import json
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -61,6 +63,7 @@ _held_teardown: list[dict[str, Any]] | None = None  # in a test's fork: its tear
 _pytest_sees_the_layers = False
 _carried: Any = None  # the earlier tests' outcomes that came with the last test pytest asked for (pytest-dependency)
 _scope_items: dict[str, pytest.Item] = {}  # a scope process's items, for its forks made ahead
+_ahead: _Ahead | None = None  # in a scope process: the next test's fork, made ahead
 # Tests of other processes run beside this one's in its pid namespace, as the same user: the hermetic session's
 # xdist workers. On a kernel without Landlock scopes a dumpable test would be open to them (ptrace,
 # /proc/PID/mem, pidfd_getfd of its line to pytest).
@@ -717,6 +720,7 @@ def _next_request(
     return items[request["nodeid"]], items.get(request.get("next") or "")
 
 
+GO_ANSWER_TIMEOUT = 30.0  # seconds a fork made ahead has to answer its go (it answers at once unless stopped)
 STOP = 100  # a test's fork says the sandbox ends now (pytest.exit, ^C, a plugin's error: already reported)
 
 
@@ -732,21 +736,30 @@ def _run_scope(box: Sandbox, items: dict[str, pytest.Item], scratch: int | None)
     syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)  # a test cannot trace it or read its memory (each fork is again)
     stack_depth.measure_for_forks()
     _scope_items = items
+    try:
+        _run_scope_loop(box, items, scratch)
+    finally:
+        if _ahead is not None:  # its copy of the fixtures' pipes would keep their teardown waiting for EOF
+            _ahead.cancel()
+
+
+def _run_scope_loop(box: Sandbox, items: dict[str, pytest.Item], scratch: int | None) -> None:
+    global _ahead
+    assert _channel is not None
     item: pytest.Item | None = None
-    ahead: _Ahead | None = None
     prepared: _Prepared | None = None
     while True:
-        asked = _next_request(items, item, before_teardown=functools.partial(_unprepared, prepared))
+        asked = _next_request(items, item, before_teardown=functools.partial(_let_go, prepared))
         if asked is None:
             return
         item, nextitem = asked
         try:
-            ahead = _ready(ahead, item)
-            if ahead is None:
+            _ahead = _ready(_ahead, item)
+            if _ahead is None:
                 _unprepared(prepared)  # the fixtures it sets up write the scope's view, not a layer
                 prepared = None
                 _set_up_wider_fixtures(item)
-            status, held, ahead, left = _run_fork(box, item, nextitem, scratch, ahead, prepared or _prepare())
+            status, held, _ahead, left = _run_fork(box, item, nextitem, scratch, _ahead, prepared or _prepare())
             prepared = None
             if os.WIFEXITED(status) and os.WEXITSTATUS(status) == STOP:
                 return
@@ -757,10 +770,10 @@ def _run_scope(box: Sandbox, items: dict[str, pytest.Item], scratch: int | None)
                 # test's layer (its fork waits already, or is made after pytest asks: nothing is set up for it)
                 protocol.send(_channel, {"type": "report", "data": held[-1]})
                 protocol.send(_channel, {"type": "done"})
-                _end_what_it_left(left, ahead)
-                prepared = _prepare() if ahead is not None else None
+                _end_what_it_left(left, _ahead)
+                prepared = _prepare() if _ahead is not None else None
                 continue
-            _end_what_it_left(left, ahead)
+            _end_what_it_left(left, _ahead)
             _finish_teardown(item, nextitem, held)
             if nextitem is None:
                 _send_what_persists(item.config, scratch, box.outputs)
@@ -770,6 +783,16 @@ def _run_scope(box: Sandbox, items: dict[str, pytest.Item], scratch: int | None)
             return
         if nextitem is None:
             return
+
+
+def _let_go(prepared: _Prepared | None) -> None:
+    """When pytest asks for no more tests, before the scope's fixtures are torn down: the fork made ahead goes
+    (its copies of the fixtures' pipes would keep a teardown waiting for EOF), and so does the layer put on."""
+    global _ahead
+    if _ahead is not None:
+        _ahead.cancel()
+        _ahead = None
+    _unprepared(prepared)
 
 
 def _capture(item: pytest.Item, when: str) -> contextlib.AbstractContextManager[None]:
@@ -826,9 +849,12 @@ def _run_fork(
     following: _Ahead | None = None
     fork = ahead
     try:
+        if fork is not None and not fork.go(nextitem, layer):
+            fork.cancel()  # the test before it left it otherwise than a fork made now: one is made now
+            fork = None
         if fork is None:
             fork = _fork(box, item, scope_scratch, not_its=())
-        fork.go(nextitem, layer)
+            fork.go(nextitem, layer)
         if layer is not None:
             os.close(layer)
             layer = None
@@ -906,26 +932,43 @@ class _Ahead:
     pidfd: int
     line: socket.socket  # the scope process's end of the fork's line
     held_fd: int  # where the fork leaves its teardown report for the scope process to finish
-    waiting: bool
+    made_ahead: bool
+    waiting: bool = True
+    closed: bool = False
 
-    def go(self, nextitem: pytest.Item | None, layer: int | None) -> None:
-        if not self.waiting:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGCONT)  # the test before it could have stopped it (same user, same domain)
-        with contextlib.suppress(OSError):  # a fork that is gone says so as it would have: by exiting
-            protocol.send(
-                self.line,
-                {"type": "go", "next": nextitem.nodeid if nextitem is not None else None, "dependency": _carried},
-                fds=(layer,) if layer is not None else (),
-            )
+    def go(self, nextitem: pytest.Item | None, layer: int | None) -> bool:
+        """Send the go; for a fork made ahead, False unless it answers that it goes as a fork made now would.
+        The test before it ran beside it, as the same user: it may have killed it, or signalled it, set its
+        limits, nice value, CPUs or OOM score, or made it the owner of a shared file's SIGIO. Signals wait,
+        blocked, and are dropped at the go; what else differs from this process's own settings, it says."""
         self.waiting = False
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGCONT)  # it could have been stopped
+        go = {"type": "go", "next": nextitem.nodeid if nextitem is not None else None, "dependency": _carried}
+        if self.made_ahead:
+            go["settings"] = _process_settings()
+        try:
+            protocol.send(self.line, go, fds=(layer,) if layer is not None else ())
+        except OSError:
+            return not self.made_ahead  # one made now says that it is gone as it would have: by exiting
+        if not self.made_ahead:
+            return True
+        answered = select.select([self.line.fileno(), self.pidfd], [], [], GO_ANSWER_TIMEOUT)[0]
+        if not answered or self.pidfd in answered:
+            return False
+        try:
+            answer, _ = protocol.recv(self.line)
+        except (protocol.ProtocolError, OSError):
+            return False
+        return isinstance(answer, dict) and answer.get("type") == "going"
 
     def alive(self) -> bool:
         return not select.select([self.pidfd], [], [], 0)[0]
 
     def cancel(self) -> None:
-        """A fork made ahead for a test that does not come (pytest asked for another, or for none)."""
+        """A fork made ahead for a test that does not come (pytest asked for another, or for none), or that is
+        not as a fork made now would be."""
+        self.waiting = False
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
@@ -933,6 +976,9 @@ class _Ahead:
         self.close()
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         for fd in (self.pidfd, self.held_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -947,12 +993,49 @@ def _ready(ahead: _Ahead | None, item: pytest.Item) -> _Ahead | None:
     return ahead
 
 
+def _process_settings() -> list[Any]:
+    """What one process of the sandbox may change in another of the same user without tracing it: its
+    resource limits, nice value, scheduling, CPUs and OOM score (as JSON: the fork compares them)."""
+    limits = [resource.getrlimit(getattr(resource, name)) for name in dir(resource) if name.startswith("RLIMIT_")]
+    try:
+        with open("/proc/self/oom_score_adj") as f:
+            oom = f.read().strip()
+    except OSError:
+        oom = ""
+    settings: list[Any] = json.loads(
+        json.dumps(
+            [
+                limits,
+                os.getpriority(os.PRIO_PROCESS, 0),
+                os.sched_getscheduler(0),
+                os.sched_getparam(0).sched_priority,
+                sorted(os.sched_getaffinity(0)),
+                oom,
+            ]
+        )
+    )
+    return settings
+
+
+def _signals_aimed_at_me() -> bool:
+    """Whether a file this process holds sends its SIGIO (or F_SETSIG's signal) to it or to its group: only
+    the test that ran beside a fork made ahead could have set that (a fork made now had no pid to aim at)."""
+    me = os.getpid()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if abs(fcntl.fcntl(int(name), fcntl.F_GETOWN)) == me:
+                return True
+    return False
+
+
 def _fork(box: Sandbox, item: pytest.Item, scope_scratch: int | None, not_its: tuple[int, ...]) -> _Ahead:
-    """Fork the item's test process, which waits for its go. One made ahead closes ``not_its`` (the fds of
-    the running test's fork) and waits not dumpable, as the scope process is: that test cannot trace it."""
+    """Fork the item's test process, which waits for its go with every signal blocked. One made ahead closes
+    ``not_its`` (the fds of the running test's fork) and waits not dumpable, as the scope process is: that
+    test cannot trace it."""
     held_fd = os.memfd_create("sandbox-teardown", os.MFD_CLOEXEC)
     mine, theirs = protocol.socketpair()
     _flush_stdio()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
     pid = os.fork()
     if pid == 0:
         try:
@@ -960,11 +1043,12 @@ def _fork(box: Sandbox, item: pytest.Item, scope_scratch: int | None, not_its: t
             for fd in (*not_its, *([scope_scratch] if scope_scratch is not None else [])):
                 with contextlib.suppress(OSError):
                     os.close(fd)
-            _test_fork(box, item, held_fd, theirs)
+            _test_fork(box, item, held_fd, theirs, mask)
         finally:
             os._exit(1)  # never back into the scope process's frames
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     theirs.close()
-    return _Ahead(item.nodeid, pid, os.pidfd_open(pid), mine, held_fd, waiting=True)
+    return _Ahead(item.nodeid, pid, os.pidfd_open(pid), mine, held_fd, made_ahead=bool(not_its))
 
 
 def _alike(item: pytest.Item, nextitem: pytest.Item) -> bool:
@@ -1090,7 +1174,7 @@ def _of_this_test(message: dict[str, Any], nodeid: str) -> bool:
     return True
 
 
-def _test_fork(box: Sandbox, item: pytest.Item, held_fd: int, line: socket.socket) -> NoReturn:
+def _test_fork(box: Sandbox, item: pytest.Item, held_fd: int, line: socket.socket, mask: set[int]) -> NoReturn:
     """One test in a fork of the scope process, talking to pytest on ``line`` (relayed by the scope process);
     never returns. It waits for its go first: the next item, the test's layer and the earlier tests' outcomes
     (a fork made ahead was made before they were known)."""
@@ -1102,7 +1186,6 @@ def _test_fork(box: Sandbox, item: pytest.Item, held_fd: int, line: socket.socke
     unready: BaseException | None = None  # reported once the test runs
     try:  # never back into the scope process's frames, whatever happens
         process.die_with_parent(_scope_pid)
-        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)  # not a test yet: ^C is the running one's
         try:  # what needs neither the go nor the layer, done while a fork made ahead waits
             # Its own process group (killpg(0) ends the test's processes, not the fixtures'), and it ends with
             # the scope process: a test that kills that one fails with it, and leaves nothing behind.
@@ -1121,7 +1204,14 @@ def _test_fork(box: Sandbox, item: pytest.Item, held_fd: int, line: socket.socke
         go, fds = protocol.recv(line)
         if not isinstance(go, dict) or go.get("type") != "go":
             _exit(0)
-        signal.signal(signal.SIGINT, handler)
+        while pending := signal.sigpending():  # sent while it waited: none was meant for its test
+            signal.sigtimedwait(pending, 0)
+        if "settings" in go:  # made ahead: the test that ran beside it left it as a fork made now would be?
+            alike = go["settings"] == _process_settings() and not _signals_aimed_at_me()
+            protocol.send(line, {"type": "going" if alike else "spoilt"})
+            if not alike:
+                _exit(0)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         layer = fds[0] if fds else None
         nextitem = _scope_items.get(go.get("next") or "")
         plugin_state.apply_carried(_scope_items, go.get("dependency"))
