@@ -114,7 +114,7 @@ def send(sock: socket.socket, message: dict[str, Any], fds: tuple[int, ...] = ()
     for index, chunk in enumerate(chunks):
         marker = LAST if index == len(chunks) - 1 else MORE
         if index == 0 and fds:
-            _send_with_fds(sock, marker + chunk, fds)
+            send_with_fds(sock, marker + chunk, fds)
         else:
             sock.sendall(marker + chunk)
 
@@ -122,7 +122,7 @@ def send(sock: socket.socket, message: dict[str, Any], fds: tuple[int, ...] = ()
 FDS_IN_FLIGHT_WAIT = 10.0  # seconds a message with fds waits for the user's in-flight fds to drop
 
 
-def _send_with_fds(sock: socket.socket, data: bytes, fds: tuple[int, ...]) -> None:
+def send_with_fds(sock: socket.socket, data: bytes, fds: tuple[int, ...]) -> None:
     """Linux bounds the fds a user has in flight on unix sockets by RLIMIT_NOFILE (ETOOMANYREFS), for all
     of that user's processes together: a test that floods its channel with fds (pytest drops it and them)
     must not make another sandbox's start fail meanwhile. Wait, with backoff, for the count to drop."""

@@ -26,6 +26,7 @@ import socket
 from collections.abc import Sequence
 from typing import NoReturn
 
+from .. import protocol
 from ..linux import mounts, overlay, process, syscalls
 from ..linux.mounts import is_under
 
@@ -194,7 +195,7 @@ def _helper_main(
             if request == BEGIN:
                 fd = layer.mount()
                 try:
-                    socket.send_fds(control, [b"ok"], [fd])
+                    protocol.send_with_fds(control, b"ok", (fd,))  # waits out a flood of fds in flight
                 finally:
                     os.close(fd)
             elif request == END:
