@@ -399,3 +399,27 @@ def test_a_teardown_that_ends_every_child_of_its_process_leaves_the_next_test_al
                 pass
     """)
     pytester.runpytest_subprocess("--sandbox=all", "-p", "no:cacheprovider").assert_outcomes(passed=2)
+
+
+@pytest.mark.parametrize(
+    "ends_the_session",
+    ["def test_a(mod):\n    pytest.exit('enough')", "def test_a(mod, interrupts):\n    pass"],
+    ids=["pytest.exit", "KeyboardInterrupt at teardown"],
+)
+def test_a_session_ended_by_a_test_still_tears_down_the_scopes_fixtures(
+    pytester: pytest.Pytester, ends_the_session: str
+) -> None:
+    """pytest.exit or ^C in a test ends the session, whose end tears down every fixture still set up: the scope
+    process does it too before it ends (found by red-team helper-35: a module fixture's teardown never ran)."""
+    pytester.makepyfile(
+        "import os, pytest\n\n"
+        "@pytest.fixture(scope='module')\n"
+        "def mod():\n    yield\n    os.write(2, b'MODULE TEARDOWN\\n')\n\n"
+        "@pytest.fixture\n"
+        "def interrupts():\n    yield\n    raise KeyboardInterrupt\n\n"
+        f"{ends_the_session}\n\n"
+        "def test_b(mod):\n    pass\n"
+    )
+    for mode in ((), ("--sandbox=all",)):
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s", *mode)
+        assert result.stderr.str().count("MODULE TEARDOWN") + result.stdout.str().count("MODULE TEARDOWN") == 1, mode

@@ -761,7 +761,11 @@ def _run_scope_loop(box: Sandbox, items: dict[str, pytest.Item], scratch: int | 
                 _set_up_wider_fixtures(item)
             status, held, _ahead, left = _run_fork(box, item, nextitem, scratch, _ahead, prepared or _prepare())
             prepared = None
-            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == STOP:
+            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == STOP:  # pytest.exit, ^C: the session ends
+                _end_what_it_left(left, _ahead)
+                _let_go(None)
+                with contextlib.suppress(Exception):  # what pytest's session end tears down after them
+                    item.session._setupstate.teardown_exact(None)
                 return
             if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
                 _end_as(status)  # a crash, a timeout: pytest reports the test as if this process had it
