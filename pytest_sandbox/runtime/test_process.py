@@ -762,8 +762,10 @@ def _run_scope_loop(box: Sandbox, items: dict[str, pytest.Item], scratch: int | 
             status, held, _ahead, left = _run_fork(box, item, nextitem, scratch, _ahead, prepared or _prepare())
             prepared = None
             if os.WIFEXITED(status) and os.WEXITSTATUS(status) == STOP:  # pytest.exit, ^C: the session ends
-                _end_what_it_left(left, _ahead)
-                _let_go(None)
+                with contextlib.suppress(Exception):  # the fork reported why (a layer the helper lost, too)
+                    _end_what_it_left(left, _ahead)
+                with contextlib.suppress(Exception):
+                    _let_go(None)
                 with contextlib.suppress(Exception):  # what pytest's session end tears down after them
                     item.session._setupstate.teardown_exact(None)
                 return
