@@ -849,7 +849,6 @@ def _run_fork(
     global _scope_pid
     _scope_pid = os.getpid()
     layer, before = prepared.layer, prepared.before
-    _flush_stdio()  # a fixture's print under -s, in a pipe's buffer: each fork would write it again at its end
     os.ftruncate(box.crash_fd, 0)  # what an earlier test wrote there is no part of this one's crash report
     os.lseek(box.crash_fd, 0, os.SEEK_SET)
     following: _Ahead | None = None
@@ -999,10 +998,13 @@ def _ready(ahead: _Ahead | None, item: pytest.Item) -> _Ahead | None:
     return ahead
 
 
+_RLIMITS = tuple(getattr(resource, name) for name in dir(resource) if name.startswith("RLIMIT_"))
+
+
 def _process_settings() -> list[Any]:
     """What one process of the sandbox may change in another of the same user without tracing it: its
     resource limits, nice value, scheduling, CPUs and OOM score (as JSON: the fork compares them)."""
-    limits = [resource.getrlimit(getattr(resource, name)) for name in dir(resource) if name.startswith("RLIMIT_")]
+    limits = [resource.getrlimit(kind) for kind in _RLIMITS]
     try:
         with open("/proc/self/oom_score_adj") as f:
             oom = f.read().strip()
@@ -1040,7 +1042,7 @@ def _fork(box: Sandbox, item: pytest.Item, scope_scratch: int | None, not_its: t
     test cannot trace it."""
     held_fd = os.memfd_create("sandbox-teardown", os.MFD_CLOEXEC)
     mine, theirs = protocol.socketpair()
-    _flush_stdio()
+    _flush_stdio()  # a fixture's print under -s, in a pipe's buffer: each fork would write it again at its end
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
     pid = os.fork()
     if pid == 0:
