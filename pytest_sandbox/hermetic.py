@@ -1,4 +1,5 @@
-"""``--sandbox=hermetic``: the whole pytest run in one sandbox; the pytest process only supervises.
+"""``--sandbox=hermetic`` and ``--sandbox=all``: the whole pytest run in one sandbox; the pytest process only
+supervises.
 
 The supervisor takes over before pytest loads any ``conftest.py`` (the outermost wrapper of
 ``pytest_load_initial_conftests``): it forks a zygote, which holds nothing of the project, and asks it
@@ -9,6 +10,12 @@ where those are terminals, so colours, width and progress are a plain run's). Wh
 declared outputs (pytest's cache, hypothesis's database, the report files and coverage data the command
 line asks for, ``sandbox_outputs``) reaches the host at its end; nothing else it writes does. The
 supervisor exits with its exit code. Not one line of the project's code runs in the supervisor.
+
+``--sandbox=all`` takes this path too, where the session's one sandbox can hold the run. Where it cannot, it
+falls back to collecting on the host (each test still sandboxed): before the start, for settings that need a
+sandbox per test (limits, an image, volumes, --sandbox-repeat...); at collection, for a test whose marker needs a
+sandbox of its own or uses a service. pytest there then says so on its collection line and the supervisor
+ends the session's sandbox, throws its output away and lets the pytest process go on as a plain one.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import os
 import select
 import signal
 import site
+import socket
 import stat
 import subprocess
 import sys
@@ -47,6 +55,9 @@ from .spec import MARKER, SandboxSpec, spec_for_item, validate
 ENV = settings.HERMETIC_ENV  # "1" in the session's sandbox: the pytest there is the hermetic session
 MODE = "hermetic"
 WHERE = "--sandbox=hermetic"
+FALLS_BACK = "all"  # the mode that runs hermetically where it can and collects on the host where it cannot
+FELL_BACK = pytest.StashKey[str]()  # why this --sandbox=all run collects on the host
+_WORKER_FELL_BACK = "sandbox_fall_back"  # an xdist worker's workeroutput key: the reason
 # pytest again, in the sandbox: with the supervisor's sys.path (how it was started decides it: a script,
 # python -m pytest) and its argv[0]; the command line follows.
 _BOOTSTRAP = (
@@ -71,27 +82,60 @@ def out_of_the_tests_reach() -> None:
     syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
 
 
-def wanted(config: pytest.Config) -> bool:
-    """``--sandbox=hermetic`` (or ini ``sandbox = hermetic``) in the pytest that is to supervise."""
+def wanted(config: pytest.Config) -> str | None:
+    """The mode, ``--sandbox=hermetic`` or ``--sandbox=all`` (or the ini's ``sandbox``), in the pytest that is
+    to supervise; None for the others."""
     if inside():
-        return False
+        return None
     mode = getattr(config.known_args_namespace, "sandbox_mode", None)
     if mode is None:
         mode = config.getini("sandbox") or None
-    return mode == MODE
+    return mode if mode in (MODE, FALLS_BACK) else None
 
 
-def supervise(config: pytest.Config) -> int:
-    """Run the session in its sandbox and relay it; pytest's exit code."""
-    # The settings are read as everywhere else (settings.py); pytest fills config.option only after this hook.
+def supervise(config: pytest.Config, mode: str = MODE) -> int | None:
+    """Run the session in its sandbox and relay it; pytest's exit code. None: ``--sandbox=all`` falls back to
+    collecting on the host (the reason is in ``config.stash[FELL_BACK]``)."""
+    # The settings are read as everywhere else (settings.py); pytest fills config.option only after this hook
+    # (it is put back as it was where --sandbox=all goes on on the host).
+    as_it_was = dict(vars(config.option))
     vars(config.option).update(vars(config.known_args_namespace))
+    may_fall_back = mode == FALLS_BACK
+    code = _supervise(config, may_fall_back)
+    if code is None:
+        vars(config.option).clear()
+        vars(config.option).update(as_it_was)
+    return code
+
+
+def _supervise(config: pytest.Config, may_fall_back: bool) -> int | None:
     reason = probe.unavailable_reason()
+    if reason is not None and may_fall_back:  # the host path applies sandbox_unavailable
+        _fall_back(config, f"this host cannot build sandboxes: {reason}")
+        return None
     if reason is not None:
         raise pytest.UsageError(f"{WHERE}: this host cannot build sandboxes: {reason} (see pytest-sandbox doctor)")
-    _fill_closed_stdio()
     anchors = output_anchors(config)
+    try:
+        state = _session.configure(config)
+    except pytest.UsageError:
+        if may_fall_back:  # the host path says what is wrong with the settings, as it always did
+            _fall_back(config, "the settings are checked on the host")
+            return None
+        raise
+    try:
+        why = _why_not_here(config, state, anchors) if may_fall_back else None
+        if why is not None:
+            _fall_back(config, why)
+            return None
+        return _run(config, state, anchors, may_fall_back)
+    finally:
+        _session.close(state)
+
+
+def _run(config: pytest.Config, state: SessionState, anchors: tuple[str, ...], may_fall_back: bool) -> int | None:
+    _fill_closed_stdio()
     _refuse_project_plugins(config, anchors)
-    state = _session.configure(config)
     ignored = [name.replace("sandbox_hide", "sandbox_hide (its ! entries)") for name in state.ignored]
     if ignored:
         _say(
@@ -110,15 +154,17 @@ def supervise(config: pytest.Config) -> int:
             limits = Limits(state.backend, state.cgroup_session, False)
             zygote = Zygote({}, SPEC_KEY, paths, 0, limits, Namespaces(), session=launch)
             try:
-                return _relay(zygote, paths.outputs, anchors)
+                code, fell_back = _relay(zygote, paths.outputs, anchors, may_fall_back)
             finally:
                 zygote.close()
                 state.volumes.clear_setid_bits(spec.volumes)
     except SandboxError as exc:
         _say(f"pytest-sandbox: {WHERE}: {exc}")
         return int(pytest.ExitCode.INTERNAL_ERROR)
-    finally:
-        _session.close(state)
+    if fell_back is not None:
+        _fall_back(config, fell_back)
+        return None
+    return code
 
 
 def _fill_closed_stdio() -> None:
@@ -134,11 +180,65 @@ def _fill_closed_stdio() -> None:
                 os.close(null)
 
 
+def _fall_back(config: pytest.Config, reason: str) -> None:
+    """--sandbox=all goes on on the host: the pytest process loads conftest.py and collects, as a plain run."""
+    config.stash[FELL_BACK] = _printable(reason)
+
+
+def _printable(text: str) -> str:
+    """A reason from the session's sandbox (the project's code could word it) as one printable line."""
+    return "".join(c if c.isprintable() else "?" for c in text)[:500]
+
+
+def _why_not_here(config: pytest.Config, state: SessionState, anchors: tuple[str, ...]) -> str | None:
+    """Why ``--sandbox=all`` cannot run this session in one sandbox (it then collects on the host, as a plain
+    run does, and sandboxes each test): settings that need a sandbox per test or another root, outputs the
+    session's sandbox cannot hand over, or the project's own code already imported as a plugin."""
+    plugin = _project_plugin(config, anchors)
+    if plugin is not None:
+        return f"the plugin {plugin} is this project's code, imported before pytest-sandbox could take over"
+    per_test = [option for option, given in _per_test_options(state).items() if given]
+    if per_test:
+        return f"{per_test[0]} needs a sandbox per test"
+    try:
+        spec = validate(dict(state.defaults), "--sandbox=all")
+    except pytest.UsageError:
+        return "the settings are checked on the host"
+    per_test_settings = {
+        "sandbox limits": ", ".join(spec.limits),
+        "sandbox_image": spec.image or "",
+        "sandbox_volumes": ", ".join(target for _source, target, _mode in spec.volumes),
+        "sandbox_network": spec.network if spec.network == "pod" else "",
+    }
+    for setting, value in per_test_settings.items():
+        if value:
+            return f"{setting} ({value}): each test needs a sandbox of its own"
+    for output in dict.fromkeys([*state.outputs, *plugin_outputs(config)]):
+        try:
+            _check_output(output, anchors)
+        except pytest.UsageError as exc:
+            return str(exc).removeprefix(f"{WHERE}: ")
+    return None
+
+
 def _refuse_project_plugins(config: pytest.Config, anchors: tuple[str, ...]) -> None:
     """pytest imports ``-p`` plugins (the ini's ``addopts`` too) and entry points before any hook of this
     plugin runs: if one of them is the project's own code (a module of the rootdir or of the directory pytest
     started in, not an installed package), it has run in this process already. Say so and stop, rather than
     go on as if the run were contained. Best effort: code that ran could have hidden itself."""
+    plugin = _project_plugin(config, anchors)
+    if plugin is not None:
+        raise pytest.UsageError(
+            f"{WHERE}: the plugin {plugin} is this project's code and was imported before pytest-sandbox "
+            "could take over (a -p option, the ini's addopts, or an entry point): it has run on the host. "
+            "Plugins loaded that way cannot be contained; remove them from addopts, or do not install the "
+            "project as a pytest plugin"
+        )
+
+
+def _project_plugin(config: pytest.Config, anchors: tuple[str, ...]) -> str | None:
+    """A plugin imported already that is the project's own code (a module under an anchor, not installed):
+    its name and file."""
     installed = [sys.prefix, sys.base_prefix, sys.exec_prefix, *site.getsitepackages(), site.getusersitepackages()]
     installed += [os.path.realpath(path) for path in installed]
     places = [*anchors]
@@ -153,24 +253,14 @@ def _refuse_project_plugins(config: pytest.Config, anchors: tuple[str, ...]) -> 
             continue
         if any(is_under(path, place) for path in paths for place in places):
             name = config.pluginmanager.get_name(plugin) or getattr(plugin, "__name__", "?")
-            raise pytest.UsageError(
-                f"{WHERE}: the plugin {name} ({file}) is this project's code and was imported before pytest-sandbox "
-                "could take over (a -p option, the ini's addopts, or an entry point): it has run on the host. "
-                "Plugins loaded that way cannot be contained; remove them from addopts, or do not install the "
-                "project as a pytest plugin"
-            )
+            return f"{name} ({file})"
+    return None
 
 
 def session_spec(state: SessionState) -> SandboxSpec:
     """The session's sandbox: the session's defaults (ini and command line), as an unmarked test's would be.
     What needs a sandbox per test, or another root than the host view, is refused before anything runs."""
-    per_test = {
-        "--sandbox-repeat": state.repeat > 1,
-        "--sandbox-stress": bool(state.stress),
-        "--sandbox-durations": state.durations is not None,
-        "--sandbox-keep": state.keep != "none",
-    }
-    for option, given in per_test.items():
+    for option, given in _per_test_options(state).items():
         if given:
             raise pytest.UsageError(f"{WHERE} runs the whole session in one sandbox; {option} needs a sandbox per test")
     spec = validate(dict(state.defaults), WHERE)
@@ -186,6 +276,15 @@ def session_spec(state: SessionState) -> SandboxSpec:
     if unenforced:
         _say(f"pytest-sandbox: {state.backend.describe()} cannot enforce {', '.join(unenforced)} for the session")
     return spec  # its named volumes are made as the session holds them (VolumeStore.held)
+
+
+def _per_test_options(state: SessionState) -> dict[str, bool]:
+    return {
+        "--sandbox-repeat": state.repeat > 1,
+        "--sandbox-stress": bool(state.stress),
+        "--sandbox-durations": state.durations is not None,
+        "--sandbox-keep": state.keep != "none",
+    }
 
 
 def _paths(config: pytest.Config, state: SessionState, anchors: tuple[str, ...]) -> SessionPaths:
@@ -323,26 +422,94 @@ def inner_command(config: pytest.Config) -> list[str]:
     return [sys.executable, *flags, "-c", _BOOTSTRAP, json.dumps(sys.path), argv0, *args]
 
 
-def check_items(items: list[pytest.Item], defaults: dict[str, Any]) -> None:
+def check_items(config: pytest.Config, items: list[pytest.Item], defaults: dict[str, Any], falls_back: bool) -> None:
     """In the session's sandbox, at collection: a test whose marker asks for other settings than the session's,
-    or that uses services, would need a sandbox of its own; a usage error names it before any test runs."""
-    session = validate(dict(defaults), WHERE)
+    or that uses services, would need a sandbox of its own. Under --sandbox=hermetic that is a usage error
+    naming it before any test runs; under --sandbox=all (``falls_back``) the run goes back to the host."""
+    reason = _needs_its_own_sandbox(items, defaults, WHERE if not falls_back else "--sandbox=all")
+    if reason is None:
+        if not falls_back:
+            return
+        if not hasattr(config, "workerinput"):  # xdist's controller says so when its workers have collected
+            _collection_line_says(config, {"type": "collected"})
+        return
+    if not falls_back:
+        raise pytest.UsageError(reason)
+    if hasattr(config, "workerinput"):  # an xdist worker: its controller hears it (_ControllerOfWorkers)
+        config.workeroutput[_WORKER_FELL_BACK] = reason  # type: ignore[attr-defined]
+    else:
+        _collection_line_says(config, {"type": "fall-back", "reason": reason})
+    pytest.exit("pytest-sandbox: --sandbox=all goes on on the host", returncode=pytest.ExitCode.INTERRUPTED)
+
+
+def _needs_its_own_sandbox(items: list[pytest.Item], defaults: dict[str, Any], where: str) -> str | None:
+    session = validate(dict(defaults), where)
     for item in items:
-        where = f"{item.nodeid}: @pytest.mark.{MARKER}"
+        marker = f"{item.nodeid}: @pytest.mark.{MARKER}"
         spec = spec_for_item(item, defaults, sandbox_all=False)
         if spec is not None and spec != session:
             fields = [f.name for f in dataclasses.fields(spec) if getattr(spec, f.name) != getattr(session, f.name)]
             asked = ", ".join(f"{name}={getattr(spec, name)!r}" for name in fields)
-            raise pytest.UsageError(
-                f"{where}: {asked}: {WHERE} runs every test in the session's one sandbox, with the session's "
+            if where != WHERE:
+                return f"{marker}: {asked} needs a sandbox of the test's own"
+            return (
+                f"{marker}: {asked}: {WHERE} runs every test in the session's one sandbox, with the session's "
                 "settings (ini and command line); this needs a sandbox of the test's own: run it without "
                 f"{WHERE}, or give the session these settings"
             )
         used = used_by(item)
         if used:
-            raise pytest.UsageError(
-                f"{item.nodeid}: uses the service {used[0].name!r}: services are not available under {WHERE}"
-            )
+            return f"{item.nodeid}: uses the service {used[0].name!r}: services are not available under {where}"
+    return None
+
+
+_COLLECTION_LINE = pytest.StashKey[socket.socket]()
+
+
+def take_the_collection_line(config: pytest.Config) -> None:
+    """In the session's sandbox of --sandbox=all, before any conftest.py: the line to the supervisor on which
+    pytest says its collection is done, or that the run must go back to the host. Nothing started from here
+    inherits it (xdist's workers, test processes)."""
+    inherited = os.environ.pop(settings.COLLECTION_ENV, None)
+    if not inherited:
+        return
+    try:
+        fd = int(inherited)
+        os.set_inheritable(fd, False)
+        line = socket.socket(fileno=fd)
+    except (ValueError, OSError):
+        return
+    config.stash[_COLLECTION_LINE] = line
+    config.pluginmanager.register(_CollectionLine(config), "sandbox-collection-line")
+
+
+def _collection_line_says(config: pytest.Config, message: dict[str, Any]) -> None:
+    """Say it once; the line then closes (before any test process could be forked with it)."""
+    line = config.stash.get(_COLLECTION_LINE, None)
+    if line is None:
+        return
+    del config.stash[_COLLECTION_LINE]
+    with contextlib.suppress(OSError), line:
+        protocol.send(line, message)
+
+
+class _CollectionLine:
+    """xdist's controller in the session's sandbox of --sandbox=all: its workers collect, it speaks for them."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+
+    def pytest_runtest_logstart(self) -> None:
+        _collection_line_says(self.config, {"type": "collected"})
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        reason = getattr(node, "workeroutput", {}).get(_WORKER_FELL_BACK)
+        if isinstance(reason, str):
+            _collection_line_says(self.config, {"type": "fall-back", "reason": reason})
+
+    def pytest_sessionfinish(self) -> None:
+        _collection_line_says(self.config, {"type": "collected"})
 
 
 # -- relaying -------------------------------------------------------------------------------------
@@ -355,7 +522,9 @@ class _Stdio:
     A stdin that is no terminal goes in as a pipe as it is, as a sealed copy if it is a file (a file's fd
     could be opened again for writing through /proc), else as /dev/null."""
 
-    def __init__(self) -> None:
+    def __init__(self, hold: bool = False) -> None:
+        self.held: list[tuple[int, bytes]] | None = [] if hold else None  # output kept back, in order
+        self.discarding = False  # a session that fell back: its output is the host run's to print
         self.sources: dict[int, int] = {}  # our read end -> the supervisor's fd it goes to
         self.theirs: list[int] = []
         self.master = -1  # the pseudo-terminal's, when there is one
@@ -442,14 +611,24 @@ class _Stdio:
                 self.master = -1
                 self.relay_stdin = False
             return False
-        stream = sys.stdout if self.sources[fd] == 1 else sys.stderr
-        buffer = getattr(stream, "buffer", None)
-        if buffer is not None:
-            buffer.write(data)
-        else:
-            stream.write(data.decode(errors="replace"))
-        stream.flush()
+        if self.discarding:
+            return True
+        if self.held is not None:
+            self.held.append((self.sources[fd], data))
+            return True
+        _write(self.sources[fd], data)
         return True
+
+    def release(self) -> None:
+        """Write what was held back, and from now on what comes, as it comes."""
+        held, self.held = self.held or [], None
+        if not self.discarding:
+            for target, data in held:
+                _write(target, data)
+
+    def discard(self) -> None:
+        self.held = None
+        self.discarding = True
 
     def close(self) -> None:
         for fd in [*self.sources, *self.theirs]:
@@ -459,6 +638,16 @@ class _Stdio:
         self.theirs = []
         self.master = -1
         self.relay_stdin = False
+
+
+def _write(target: int, data: bytes) -> None:
+    stream = sys.stdout if target == 1 else sys.stderr
+    buffer = getattr(stream, "buffer", None)
+    if buffer is not None:
+        buffer.write(data)
+    else:
+        stream.write(data.decode(errors="replace"))
+    stream.flush()
 
 
 def _stdin_copy() -> int:
@@ -488,39 +677,71 @@ def _copy_window_size(source: int, target: int) -> None:
         fcntl.ioctl(target, termios.TIOCSWINSZ, fcntl.ioctl(source, termios.TIOCGWINSZ, b"\0" * 8))
 
 
-def _relay(zygote: Zygote, declared: tuple[str, ...], anchors: tuple[str, ...]) -> int:
-    """Relay the session's output and outputs until its sandbox is gone; its exit code."""
-    stdio = _Stdio()
+def _relay(
+    zygote: Zygote, declared: tuple[str, ...], anchors: tuple[str, ...], may_fall_back: bool = False
+) -> tuple[int, str | None]:
+    """Relay the session's output and outputs until its sandbox is gone: its exit code, and why it fell back
+    (``--sandbox=all``) or None. Where it may fall back, its output is held until its collection is done:
+    if it falls back, the sandbox is ended and what it printed thrown away (the host's run prints it again)."""
+    stdio = _Stdio(hold=may_fall_back)
+    collection, collection_end = protocol.socketpair() if may_fall_back else (None, None)
+    fell_back: str | None = None
     try:
-        status, channel = zygote.start_session(stdio.theirs)
+        status, channel = zygote.start_session([*stdio.theirs, *([collection_end.fileno()] if collection_end else [])])
         stdio.handed_over()
+        if collection_end is not None:
+            collection_end.close()
         ended: dict[str, Any] = {}
         with status, channel:
-            for message in _messages(zygote, stdio, status, channel):
-                if message.get("type") in ("output", "output-too-large"):
+            for line, message in _messages(zygote, stdio, status, channel, collection):
+                kind = message.get("type")
+                if line == "collection":
+                    if kind == "collected":
+                        stdio.release()
+                    elif kind == "fall-back" and fell_back is None:
+                        fell_back = str(message.get("reason", "a test needs a sandbox of its own"))
+                        stdio.discard()
+                        zygote.kill(session_process.NODEID)
+                elif fell_back is not None:
+                    continue
+                elif kind in ("output", "output-too-large"):
                     try:
                         protocol.check(message, protocol.FROM_TEST)
                         outputs.write(message, declared, anchors, say=_say)  # refuses .git below an anchor
                     except protocol.ProtocolError as exc:
                         _say(f"pytest-sandbox: {WHERE}: an output refused: {exc}")
-                elif message.get("type") == "error" or (message.get("type") == "exit" and not ended):
+                elif kind == "error" or (kind == "exit" and not ended):
                     ended = message  # a setup error first, then the exit it caused
-        return _exit_code(ended)
+        if fell_back is not None:
+            return int(pytest.ExitCode.OK), fell_back
+        stdio.release()
+        return _exit_code(ended), None
     finally:
         stdio.close()
+        if collection is not None:
+            collection.close()
 
 
-def _messages(zygote: Zygote, stdio: _Stdio, status: Any, channel: Any) -> Iterator[dict[str, Any]]:
-    """Output copied as it comes; each message of the status line and the session's channel, until the
-    sandbox is gone and every line has ended. ^C goes on to pytest in the sandbox; a second one ends it."""
+def _messages(
+    zygote: Zygote, stdio: _Stdio, status: Any, channel: Any, collection: Any
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Output copied as it comes; each message of the status line ("status": how the sandbox ended), the
+    session's channel ("outputs") and its collection line ("collection"), until the sandbox is gone and every
+    line has ended. ^C goes on to pytest in the sandbox; a second one ends it."""
     lines = {status.fileno(): status, channel.fileno(): channel}
+    names = {status.fileno(): "status", channel.fileno(): "outputs"}
+    accepted = {"status": ("exit", "error"), "outputs": ("output", "output-too-large"), "collection": ()}
+    if collection is not None:
+        lines[collection.fileno()] = collection
+        names[collection.fileno()] = "collection"
+        accepted["collection"] = ("collected", "fall-back")
     with _forwarding_signals(zygote, stdio):
-        while lines or stdio.sources:
+        while (set(lines) - {collection and collection.fileno()}) or stdio.sources:
             typed = stdio.typing() if lines else []
             readable = select.select([*lines, *stdio.sources, *typed], [], [])[0]  # PEP 475: on after a signal
             for fd, message in _read(readable, lines, stdio):
-                if (fd == status.fileno()) == (message.get("type") in ("exit", "error")):
-                    yield message  # the zygote says how it ended, the session's process sends outputs
+                if message.get("type") in accepted[names[fd]]:
+                    yield names[fd], message
 
 
 @contextlib.contextmanager

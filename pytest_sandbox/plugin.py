@@ -39,10 +39,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_load_initial_conftests(early_config: pytest.Config) -> Generator[None]:
     """--sandbox=hermetic: before pytest loads any conftest.py (and before its capture starts), the session
     moves into a sandbox and this process only relays it (hermetic.py), then exits as that pytest did."""
-    if hermetic.wanted(early_config):
-        raise SystemExit(hermetic.supervise(early_config))
+    mode = hermetic.wanted(early_config)
+    if mode is not None:
+        code = hermetic.supervise(early_config, mode)
+        if code is not None:
+            raise SystemExit(code)
     if hermetic.inside():
         hermetic.out_of_the_tests_reach()
+        hermetic.take_the_collection_line(early_config)
     return (yield)
 
 
@@ -66,9 +70,12 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_report_header(config: pytest.Config) -> list[str]:
     state = config.stash[STATE_KEY]
     if state.hermetic:
-        return ["sandbox: hermetic (this whole session runs in one sandbox; only declared outputs reach the host)"]
+        mode = "all" if state.falls_back else "hermetic"
+        return [f"sandbox: {mode} (this whole session runs in one sandbox; only declared outputs reach the host)"]
     if state.mode == "off":
         return ["sandbox: off"]
+    fell_back = config.stash.get(hermetic.FELL_BACK, None)
+    collection = [f"sandbox: collection runs on the host, each test in a sandbox: {fell_back}"] if fell_back else []
     hidden = credentials.hidden_places(os.environ.get("HOME"), state.defaults.get("hide", ()))
     withheld = credentials.withheld_variables(os.environ, state.defaults.get("env_pass", ()))
     return [
@@ -76,6 +83,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"sandbox limits: {state.backend.describe()}",
         *credentials.header_lines(hidden, withheld, config.get_verbosity() > 0),
         *_root_in_a_foreign_tree(config),
+        *collection,
     ]
 
 
@@ -109,7 +117,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     """Build and validate every item's spec now, so bad input stops the run before any test."""
     state = config.stash[STATE_KEY]
     if state.hermetic:
-        hermetic.check_items(items, state.defaults)
+        hermetic.check_items(config, items, state.defaults, state.falls_back)
     unenforced: dict[str, list[str]] = {}
     images_needed: dict[str, str] = {}
     services: dict[str, ServiceDefinition] = {}

@@ -58,7 +58,7 @@ CHUNK = 60 * 1024
 MAX_MESSAGE = 128 * 2**20  # a report holds captured output; past this the test fails, pytest's memory is safe
 MORE, LAST = b"\0sb+", b"\0sb."
 HEADER = len(MORE)
-MAX_FDS = 5  # the most one message carries: the hermetic session start (status, channel, stdio)
+MAX_FDS = 6  # the most one message carries: the hermetic session start (status, channel, stdio, collection)
 NEXT_CHUNK_TIMEOUT = 10.0  # a sender writes a message's chunks at once: a stalled one must not block pytest
 
 

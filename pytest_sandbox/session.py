@@ -81,6 +81,7 @@ class SessionState:
     pod_needed: bool = False  # a sandboxed test is on the pod network: the pod starts before its zygote
     pod: Pod | None = None
     hermetic: bool = False  # this pytest is --sandbox=hermetic's, in the session's sandbox: it runs tests itself
+    falls_back: bool = False  # there, for --sandbox=all: a test that needs a sandbox of its own sends the run back
     ignored: tuple[str, ...] = ()  # --sandbox=hermetic: the project's settings that would widen its sandbox
     layers: test_layers.Inherited | None = None  # there: the session's layer helper (--sandbox-scope=test)
     userns_fd: int = -1  # the session's user namespace: every zygote after the first joins it
@@ -105,12 +106,13 @@ class SessionState:
 def configure(config: pytest.Config) -> SessionState:
     """The session's state from its settings; bad values are usage errors before anything runs."""
     mode = settings.choice(config, "sandbox_mode")
-    hermetic = mode == "hermetic" and os.environ.get(settings.HERMETIC_ENV) == "1"
+    hermetic = mode in ("hermetic", "all") and os.environ.get(settings.HERMETIC_ENV) == "1"
     if hermetic and not process.without_privileges():  # the variable leaked into a run that is not contained
         raise pytest.UsageError(
             f"${settings.HERMETIC_ENV} is set, but this pytest does not run in the session's sandbox of "
-            "--sandbox=hermetic: unset it"
+            f"--sandbox={mode}: unset it"
         )
+    falls_back = hermetic and mode == "all"
     layers = None
     if hermetic:  # in the session's sandbox: each test runs in a process of it (SessionPaths.in_session)
         mode = "all"
@@ -152,6 +154,7 @@ def configure(config: pytest.Config) -> SessionState:
         build_cache=settings.build_cache(config, settings.insecure_registries(config)),
         pod_network=settings.choice(config, "sandbox_pod_network"),
         hermetic=hermetic,
+        falls_back=falls_back,
         ignored=ignored,
         layers=layers,
     )

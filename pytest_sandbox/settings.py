@@ -26,6 +26,7 @@ KEEP = ("none", "failed")
 SCOPES = ("test", "module", "session")
 POD_NETWORKS = ("auto", "bridge", "loopback")
 HERMETIC_ENV = "PYTEST_SANDBOX_HERMETIC"  # "1" in the sandbox of a --sandbox=hermetic session (hermetic.py)
+COLLECTION_ENV = "PYTEST_SANDBOX_COLLECTION"  # there, under --sandbox=all: its collection line (hermetic.py)
 LAYERS_ENV = "PYTEST_SANDBOX_LAYERS"  # there: the session's layer helper, for its tests (runtime/test_layers.py)
 
 

@@ -44,12 +44,13 @@ def run(
     uppers: tuple[tuple[str, str], ...],
     layers: test_layers.Helper | None = None,
 ) -> NoReturn:
-    """``fds``: the channel to the supervisor, then pytest's stdin, stdout and stderr; ``layers``: the line to
-    the session's layer helper, which pytest inherits for its tests' layers (--sandbox-scope=test). Never
-    returns."""
+    """``fds``: the channel to the supervisor, then pytest's stdin, stdout and stderr, and for --sandbox=all its
+    collection line (hermetic.py); ``layers``: the line to the session's layer helper, which pytest inherits
+    for its tests' layers (--sandbox-scope=test). Never returns."""
     channel = socket.socket(fileno=fds[0])
     stdio = fds[1:4]
-    if error is not None or len(stdio) != 3:
+    collection = fds[4] if len(fds) == 5 else None
+    if error is not None or len(stdio) != 3 or len(fds) > 5:
         with contextlib.suppress(OSError):
             protocol.send(channel, error or {"type": "error", "phase": "session", "message": "no stdio"})
         os._exit(NOT_STARTED)
@@ -69,13 +70,16 @@ def run(
             if layers is not None:
                 os.set_inheritable(layers.fileno(), True)
                 env[settings.LAYERS_ENV] = test_layers.Inherited(layers.fileno(), layers.pid, uppers).to_text()
+            if collection is not None:
+                os.set_inheritable(collection, True)
+                env[settings.COLLECTION_ENV] = str(collection)
             os.execve(argv[0], argv, env)
         except BaseException as exc:
             with contextlib.suppress(OSError):
                 os.write(2, f"pytest-sandbox: cannot start pytest in the session's sandbox: {exc}\n".encode())
         finally:
             os._exit(NOT_STARTED)
-    for fd in stdio:
+    for fd in [*stdio, *([collection] if collection is not None else [])]:
         os.close(fd)
     for signum in FORWARDED:
         signal.signal(signum, lambda sig, _frame: _forward(pid, sig))

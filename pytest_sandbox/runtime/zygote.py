@@ -708,7 +708,8 @@ class _Factory:
 
     def start_session(self, launch: SessionLaunch, to_pytest: socket.socket, fds: list[int]) -> None:
         """The hermetic session's sandbox: its process runs pytest (``launch.argv``) with ``fds`` (its channel
-        to pytest, then stdin, stdout and stderr). pytest hears its exit like a test's."""
+        to pytest, then stdin, stdout and stderr, and --sandbox=all's collection line). pytest hears its exit like
+        a test's."""
         try:
             sandbox = self.prepare(launch.spec)
         except OSError as exc:
