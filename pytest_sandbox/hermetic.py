@@ -50,13 +50,15 @@ from .runtime.handle import Zygote
 from .runtime.zygote import Limits, Namespaces, SessionPaths
 from .services.definition import used_by
 from .session import SPEC_KEY, SessionState
-from .spec import MARKER, SandboxSpec, spec_for_item, validate
+from .spec import MARKER, SandboxSpec, validate
 
 ENV = settings.HERMETIC_ENV  # "1" in the session's sandbox: the pytest there is the hermetic session
 MODE = "hermetic"
 WHERE = "--sandbox=hermetic"
 FALLS_BACK = "all"  # the mode that runs hermetically where it can and collects on the host where it cannot
 FELL_BACK = pytest.StashKey[str]()  # why this --sandbox=all run collects on the host
+_HEADER_ENV = "PYTEST_SANDBOX_HEADER"  # header lines the supervisor found for the session's pytest (JSON)
+_HEADER = pytest.StashKey[list[str]]()
 _WORKER_FELL_BACK = "sandbox_fall_back"  # an xdist worker's workeroutput key: the reason
 # pytest again, in the sandbox: with the supervisor's sys.path (how it was started decides it: a script,
 # python -m pytest) and its argv[0]; the command line follows.
@@ -145,8 +147,10 @@ def _run(config: pytest.Config, state: SessionState, anchors: tuple[str, ...], m
     spec = session_spec(state)
     _session.check_volume_targets(config, "sandbox_volumes", spec)
     paths = _paths(config, state, anchors)
+    # What the session's pytest cannot see from in there (its rootdir is an overlay's), for its header.
+    header = json.dumps(probe.root_in_a_foreign_tree(str(config.rootpath)))
     launch = session_process.SessionLaunch(
-        spec=spec, argv=tuple(inner_command(config)), env=((ENV, "1"),), config=config
+        spec=spec, argv=tuple(inner_command(config)), env=((ENV, "1"), (_HEADER_ENV, header)), config=config
     )
     try:
         _session._open_cgroup_session(state)
@@ -194,6 +198,8 @@ def _why_not_here(config: pytest.Config, state: SessionState, anchors: tuple[str
     """Why ``--sandbox=all`` cannot run this session in one sandbox (it then collects on the host, as a plain
     run does, and sandboxes each test): settings that need a sandbox per test or another root, outputs the
     session's sandbox cannot hand over, or the project's own code already imported as a plugin."""
+    if settings.choice(config, "sandbox_collection") == "host":
+        return "sandbox_collection = host"
     plugin = _project_plugin(config, anchors)
     if plugin is not None:
         return f"the plugin {plugin} is this project's code, imported before pytest-sandbox could take over"
@@ -293,7 +299,9 @@ def _paths(config: pytest.Config, state: SessionState, anchors: tuple[str, ...])
     basetemp = getattr(config.option, "basetemp", None)
     # pytest removes and makes basetemp again: its directory is the writable place, not it. Without one, pytest
     # makes it in $TMPDIR (or /tmp), where the sandbox has a fresh tmpfs: a $TMPDIR below it must be there.
-    parent = os.path.dirname(os.path.abspath(basetemp)) if basetemp else os.path.realpath(tempfile.gettempdir())
+    # pytest's own tests (pytester) name the temporary root in $PYTEST_DEBUG_TEMPROOT, as pytest reads it.
+    temproot = os.environ.get("PYTEST_DEBUG_TEMPROOT") or tempfile.gettempdir()
+    parent = os.path.dirname(os.path.abspath(basetemp)) if basetemp else os.path.realpath(temproot)
     fresh = parent in (*SCRATCH_PLACES, "/")  # /tmp itself stays the sandbox's own
     if os.path.isdir(parent) and not fresh and not any(is_under(parent, place) for place in base.writable):
         base = dataclasses.replace(base, writable=(*base.writable, parent))
@@ -423,9 +431,10 @@ def inner_command(config: pytest.Config) -> list[str]:
 
 
 def check_items(config: pytest.Config, items: list[pytest.Item], defaults: dict[str, Any], falls_back: bool) -> None:
-    """In the session's sandbox, at collection: a test whose marker asks for other settings than the session's,
-    or that uses services, would need a sandbox of its own. Under --sandbox=hermetic that is a usage error
-    naming it before any test runs; under --sandbox=all (``falls_back``) the run goes back to the host."""
+    """In the session's sandbox, once each test's spec is known: a test whose marker (or a pytest_sandbox_spec
+    hook) asks for other settings than the session's, or that uses services, would need a sandbox of its own.
+    Under --sandbox=hermetic that is a usage error naming it before any test runs; under --sandbox=all
+    (``falls_back``) the run goes back to the host."""
     reason = _needs_its_own_sandbox(items, defaults, WHERE if not falls_back else "--sandbox=all")
     if reason is None:
         if not falls_back:
@@ -443,10 +452,15 @@ def check_items(config: pytest.Config, items: list[pytest.Item], defaults: dict[
 
 
 def _needs_its_own_sandbox(items: list[pytest.Item], defaults: dict[str, Any], where: str) -> str | None:
+    """The first test whose spec (its marker's, as a ``pytest_sandbox_spec`` hook left it) is not the session's,
+    or that uses a service: why it needs a sandbox of its own."""
     session = validate(dict(defaults), where)
     for item in items:
+        used = used_by(item)
+        if used:
+            return f"{item.nodeid}: uses the service {used[0].name!r}: services are not available under {where}"
         marker = f"{item.nodeid}: @pytest.mark.{MARKER}"
-        spec = spec_for_item(item, defaults, sandbox_all=False)
+        spec = item.stash.get(SPEC_KEY, None)
         if spec is not None and spec != session:
             fields = [f.name for f in dataclasses.fields(spec) if getattr(spec, f.name) != getattr(session, f.name)]
             asked = ", ".join(f"{name}={getattr(spec, name)!r}" for name in fields)
@@ -457,16 +471,28 @@ def _needs_its_own_sandbox(items: list[pytest.Item], defaults: dict[str, Any], w
                 "settings (ini and command line); this needs a sandbox of the test's own: run it without "
                 f"{WHERE}, or give the session these settings"
             )
-        used = used_by(item)
-        if used:
-            return f"{item.nodeid}: uses the service {used[0].name!r}: services are not available under {where}"
     return None
 
 
 _COLLECTION_LINE = pytest.StashKey[socket.socket]()
 
 
-def take_the_collection_line(config: pytest.Config) -> None:
+def take_what_the_supervisor_gave(config: pytest.Config) -> None:
+    """In the session's sandbox, before any conftest.py: the collection line (--sandbox=all) and the header
+    lines, taken out of the environment (nothing started from here sees them)."""
+    try:
+        lines = json.loads(os.environ.pop(_HEADER_ENV, "[]"))
+    except ValueError:
+        lines = []
+    config.stash[_HEADER] = [_printable(str(line)) for line in lines] if isinstance(lines, list) else []
+    _take_the_collection_line(config)
+
+
+def header_from_the_supervisor(config: pytest.Config) -> list[str]:
+    return config.stash.get(_HEADER, [])
+
+
+def _take_the_collection_line(config: pytest.Config) -> None:
     """In the session's sandbox of --sandbox=all, before any conftest.py: the line to the supervisor on which
     pytest says its collection is done, or that the run must go back to the host. Nothing started from here
     inherits it (xdist's workers, test processes)."""

@@ -46,7 +46,7 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> Generator[None
             raise SystemExit(code)
     if hermetic.inside():
         hermetic.out_of_the_tests_reach()
-        hermetic.take_the_collection_line(early_config)
+        hermetic.take_what_the_supervisor_gave(early_config)
     return (yield)
 
 
@@ -71,7 +71,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     state = config.stash[STATE_KEY]
     if state.hermetic:
         mode = "all" if state.falls_back else "hermetic"
-        return [f"sandbox: {mode} (this whole session runs in one sandbox; only declared outputs reach the host)"]
+        contained = f"sandbox: {mode} (this whole session runs in one sandbox; only declared outputs reach the host)"
+        return [contained, *hermetic.header_from_the_supervisor(config)]
     if state.mode == "off":
         return ["sandbox: off"]
     fell_back = config.stash.get(hermetic.FELL_BACK, None)
@@ -82,25 +83,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         probe.header_line(),
         f"sandbox limits: {state.backend.describe()}",
         *credentials.header_lines(hidden, withheld, config.get_verbosity() > 0),
-        *_root_in_a_foreign_tree(config),
+        *probe.root_in_a_foreign_tree(str(config.rootpath)),
         *collection,
-    ]
-
-
-def _root_in_a_foreign_tree(config: pytest.Config) -> list[str]:
-    """Root whose rootdir is another user's (a CI checkout): a sandboxed root has no CAP_DAC_OVERRIDE, so
-    its tests cannot write in those directories, which a plain run as root can. Said up front."""
-    if os.geteuid() != 0:
-        return []
-    try:
-        owner = os.stat(config.rootpath).st_uid
-    except OSError:
-        return []
-    if owner == 0:
-        return []
-    return [
-        f"sandbox: running as root in a rootdir owned by uid {owner}: sandboxed tests have no capabilities, "
-        "so they cannot write in its directories unless the mode lets root (chown -R root, or run as that user)"
     ]
 
 
@@ -116,8 +100,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     """Build and validate every item's spec now, so bad input stops the run before any test."""
     state = config.stash[STATE_KEY]
-    if state.hermetic:
-        hermetic.check_items(config, items, state.defaults, state.falls_back)
     unenforced: dict[str, list[str]] = {}
     images_needed: dict[str, str] = {}
     services: dict[str, ServiceDefinition] = {}
@@ -142,6 +124,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         for limit in spec.limits:
             if limit not in state.backend.enforced:
                 unenforced.setdefault(limit, []).append(item.nodeid)
+    if state.hermetic:
+        hermetic.check_items(config, items, state.defaults, state.falls_back)
     if unenforced and state.mode != "off":  # none in the hermetic session: its sandbox holds the limits
         _unenforceable(state, unenforced)
     if state.mode != "off":

@@ -344,6 +344,23 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def root_in_a_foreign_tree(rootdir: str) -> list[str]:
+    """Root whose rootdir is another user's (a CI checkout): a sandboxed root has no CAP_DAC_OVERRIDE, so
+    its tests cannot write in those directories, which a plain run as root can. Said up front."""
+    if os.geteuid() != 0:
+        return []
+    try:
+        owner = os.stat(rootdir).st_uid
+    except OSError:
+        return []
+    if owner == 0:
+        return []
+    return [
+        f"sandbox: running as root in a rootdir owned by uid {owner}: sandboxed tests have no capabilities, "
+        "so they cannot write in its directories unless the mode lets root (chown -R root, or run as that user)"
+    ]
+
+
 def header_line() -> str:
     parts = []
     for check in checks():

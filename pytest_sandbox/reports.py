@@ -143,6 +143,8 @@ class _Relay:
     the test with what was wrong; the session goes on.
     """
 
+    READ_FROM_THE_PLACES = ("output", "output-too-large", "coverage", "snapshots")  # taken once its layer is off
+
     def __init__(
         self, item: pytest.Item, zyg: Zygote, spec: SandboxSpec, containers: dict[str, str] | None, shared: bool
     ) -> None:
@@ -154,9 +156,9 @@ class _Relay:
         self.held: list[pytest.TestReport] = []
         self.done = False  # the test process said it finished its protocol
         # In the hermetic session's sandbox a test's layer lies over the places pytest reads and writes, in the
-        # same mount namespace, until its scope process takes it off: its outputs and coverage (whose files
-        # pytest checks) are taken once it says "done" (after that). A sandbox that ends before saying so
-        # took them along with its layer.
+        # same mount namespace, until its scope process takes it off: its outputs, coverage and snapshots (whose
+        # files pytest reads: syrupy walks its snapshot directory) are taken once it says "done" (after that).
+        # A sandbox that ends before saying so took them along with its layer.
         self.later: list[dict[str, Any]] | None = [] if zyg.paths.in_session else None
         self.ended = False  # the zygote said how the test process ended
         self.last_failed: pytest.TestReport | None = None
@@ -178,7 +180,7 @@ class _Relay:
         elif kind == "done":
             self.done = True
             self._write_later()
-        elif kind in ("output", "output-too-large", "coverage") and self.later is not None:
+        elif kind in self.READ_FROM_THE_PLACES and self.later is not None:
             self.later.append(message)
         elif kind in ("output", "output-too-large"):
             self._output(message)
@@ -311,6 +313,8 @@ class _Relay:
         for message in later:
             if message["type"] == "coverage":
                 self._coverage(message)
+            elif message["type"] in plugin_results.KINDS:
+                plugin_results.receive(self.item, message)
             else:
                 self._output(message)
 

@@ -24,6 +24,7 @@ UNAVAILABLE = ("fail", "skip")
 LIMIT_POLICIES = ("warn", "strict")
 KEEP = ("none", "failed")
 SCOPES = ("test", "module", "session")
+COLLECTION = ("sandbox", "host")
 POD_NETWORKS = ("auto", "bridge", "loopback")
 HERMETIC_ENV = "PYTEST_SANDBOX_HERMETIC"  # "1" in the sandbox of a --sandbox=hermetic session (hermetic.py)
 COLLECTION_ENV = "PYTEST_SANDBOX_COLLECTION"  # there, under --sandbox=all: its collection line (hermetic.py)
@@ -50,7 +51,8 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting(
         "sandbox_mode",
-        "marked: sandbox tests marked @pytest.mark.container (default); all: sandbox every test; "
+        "marked: sandbox tests marked @pytest.mark.container (default); all: sandbox every test, and run "
+        "conftest.py and collection in the session's sandbox where no test needs a sandbox of its own; "
         "hermetic: run the whole session (conftest.py, collection, fixtures, tests, plugins) in one sandbox; "
         "off: run everything unsandboxed",
         "--sandbox",
@@ -179,6 +181,16 @@ SETTINGS: tuple[Setting, ...] = (
         default="test",
         choices=SCOPES,
         metavar="SCOPE",
+    ),
+    Setting(
+        "sandbox_collection",
+        "where --sandbox=all runs conftest.py, collection and session hooks: sandbox (the session's sandbox, "
+        "default, where no test needs a sandbox of its own) or host (the pytest process, as in a plain run)",
+        "--sandbox-collection",
+        "sandbox_collection",
+        default="sandbox",
+        choices=COLLECTION,
+        metavar="WHERE",
     ),
     Setting(
         "sandbox_pod_network",

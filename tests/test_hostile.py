@@ -846,14 +846,15 @@ def test_an_output_directory_cannot_plant_code_for_the_next_run(pytester: pytest
                     f.write("x >> y\\n")
         """
     )
-    result = pytester.runpytest_subprocess("--sandbox=all")
+    host_collects = ("--sandbox=all", "--sandbox-collection=host")  # the next run's conftest.py would run on the host
+    result = pytester.runpytest_subprocess(*host_collects)
     result.assert_outcomes(passed=1, warnings=len(PLANTED_CODE))
     for name in PLANTED_CODE:
         result.stdout.fnmatch_lines([f"*{name} is not carried: a later run would execute it*"])
     snapshots = pytester.path / "__snapshots__"
     carried = sorted(str(path.relative_to(snapshots)) for path in snapshots.rglob("*") if path.is_file())
     assert carried == ["data.txt", "notes.md", "test_data.txt"]
-    pytester.runpytest_subprocess("--sandbox=all").assert_outcomes(passed=1, warnings=len(PLANTED_CODE))
+    pytester.runpytest_subprocess(*host_collects).assert_outcomes(passed=1, warnings=len(PLANTED_CODE))
     pytester.runpytest_subprocess("-p", "no:sandbox", "-p", "no:randomly").assert_outcomes(passed=1)  # plain
     assert not marker.exists()
 

@@ -453,6 +453,8 @@ def test_bad_setting_stops_the_run(
 def test_a_well_formed_cgroup_path_that_does_not_exist_falls_back_to_rlimits(pytester: pytest.Pytester) -> None:
     """Only malformed paths are errors; a missing cgroup is the host's business (header and limit warning say so)."""
     pytester.makepyfile("def test_x(): pass")
-    result = pytester.runpytest_subprocess("--sandbox=all", "--sandbox-cgroup=/no-such-cgroup-of-pytest-sandbox")
+    result = pytester.runpytest_subprocess(  # where each test's sandbox is made: on the host's side
+        "--sandbox=all", "--sandbox-collection=host", "--sandbox-cgroup=/no-such-cgroup-of-pytest-sandbox"
+    )
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["sandbox limits: rlimits*/no-such-cgroup-of-pytest-sandbox*"])

@@ -1,0 +1,210 @@
+"""--sandbox=all runs the whole session in one sandbox (conftest.py, collection, session hooks and fixtures
+too) where that sandbox can hold it, and collects on the host, as before, where a test or a setting needs a
+sandbox of its own. Each test compares with a plain run of the same suite."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Writes at import time, as a conftest.py and a test module of a project nobody reviewed might.
+CONFTEST = """
+    import os, pathlib
+
+    here = pathlib.Path(__file__).parent
+    (here / "CONFTEST-WROTE-THE-ROOTDIR").write_text("x")
+    pathlib.Path(os.path.expanduser("~"), "CONFTEST-WROTE-HOME").write_text("x")
+
+    def pytest_sessionstart(session):
+        (here / "SESSIONSTART-WROTE-THE-ROOTDIR").write_text("x")
+"""
+MODULE = """
+    import pathlib, pytest
+
+    pathlib.Path(__file__).with_name("MODULE-WROTE-THE-ROOTDIR").write_text("x")
+
+    @pytest.fixture(scope="session")
+    def session_value():
+        print("SESSION-SETUP")
+        yield 7
+        print("SESSION-TEARDOWN")
+
+    def test_pass(session_value):
+        assert session_value == 7
+
+    def test_fail(session_value):
+        assert session_value == 8
+
+    @pytest.mark.parametrize("n", [1, 2])
+    def test_param(n, session_value):
+        pass
+"""
+WRITTEN = ["CONFTEST-WROTE-THE-ROOTDIR", "SESSIONSTART-WROTE-THE-ROOTDIR", "MODULE-WROTE-THE-ROOTDIR"]
+
+
+@pytest.fixture(autouse=True)
+def _own_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTEST_SANDBOX_STORE", str(tmp_path / "store"))
+
+
+@pytest.fixture
+def probe_home(pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """$HOME for the runs: a directory of its own, outside the rootdir (pytester's is the rootdir)."""
+    home = tmp_path / "probe-home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    return home
+
+
+def _written(pytester: pytest.Pytester, home: Path) -> list[str]:
+    found = [name for name in WRITTEN if (pytester.path / name).exists()]
+    return found + [path.name for path in home.iterdir()]
+
+
+def _clean(pytester: pytest.Pytester, home: Path) -> None:
+    for name in WRITTEN:
+        (pytester.path / name).unlink(missing_ok=True)
+    for path in home.iterdir():
+        path.unlink()
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["plain", "xdist"])
+def test_conftest_and_module_code_under_sandbox_all_cannot_write_the_host(
+    pytester: pytest.Pytester, probe_home: Path, workers: list[str]
+) -> None:
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_suite=MODULE)
+    args = ["-s", "-p", "no:randomly", "-p", "no:cacheprovider", *workers]
+    plain = pytester.runpytest_subprocess(*args)
+    assert sorted(_written(pytester, probe_home)) == sorted([*WRITTEN, "CONFTEST-WROTE-HOME"])  # the probe works
+    _clean(pytester, probe_home)
+    sandboxed = pytester.runpytest_subprocess(*args, "--sandbox=all")
+    assert _written(pytester, probe_home) == []
+    assert sandboxed.ret == plain.ret == pytest.ExitCode.TESTS_FAILED
+    assert sandboxed.parseoutcomes() == plain.parseoutcomes() == {"passed": 3, "failed": 1}
+    sandboxed.stdout.fnmatch_lines(["sandbox: all (this whole session runs in one sandbox*"])
+    assert sandboxed.stdout.str().count("test session starts") == 1
+    if not workers:  # a session fixture keeps its scope: one setup and one teardown, as in the plain run
+        assert sandboxed.stdout.str().count("SESSION-SETUP") == plain.stdout.str().count("SESSION-SETUP") == 1
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["plain", "xdist"])
+def test_a_test_that_needs_its_own_sandbox_sends_collection_back_to_the_host(
+    pytester: pytest.Pytester, probe_home: Path, workers: list[str]
+) -> None:
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(
+        test_suite=MODULE,
+        test_limited="""
+            import pytest
+
+            @pytest.mark.container(memory="64M")
+            def test_limited():
+                pass
+        """,
+    )
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "-p", "no:cacheprovider", *workers, "--sandbox=all")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    assert result.parseoutcomes() == {"passed": 4, "failed": 1}
+    result.stdout.fnmatch_lines(
+        [
+            "sandbox: collection runs on the host, each test in a sandbox: test_limited.py::test_limited: "
+            "@pytest.mark.container: memory=67108864 needs a sandbox of the test's own"
+        ]
+    )
+    out = result.stdout.str()
+    # What the session's sandbox printed before it went back is not shown: the run reads as one plain run.
+    assert out.count("test session starts") == 1
+    assert "sandbox: all (" not in out
+    assert sorted(_written(pytester, probe_home)) == sorted([*WRITTEN, "CONFTEST-WROTE-HOME"])
+
+
+def test_a_service_sends_collection_back_to_the_host(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest("""
+        from pytest_sandbox import service
+
+        idle = service("idle", command=["sleep", "60"])
+    """)
+    pytester.makepyfile("""
+        def test_uses_it(idle):
+            pass
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--sandbox=all", "--co")
+    result.stdout.fnmatch_lines(["sandbox: collection runs on the host*uses the service 'idle'*"])
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        (["--sandbox-memory=1G"], "sandbox limits (memory): each test needs a sandbox of its own"),
+        (["--sandbox-repeat=2"], "--sandbox-repeat needs a sandbox per test"),
+        (["--junitxml={outside}/junit.xml"], "the output {outside}/junit.xml lies outside the rootdir*"),
+    ],
+    ids=["limits", "repeat", "output-elsewhere"],
+)
+def test_settings_for_each_test_collect_on_the_host(
+    pytester: pytest.Pytester, probe_home: Path, tmp_path: Path, args: list[str], reason: str
+) -> None:
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_suite=MODULE)
+    args = [arg.format(outside=outside) for arg in args]
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "-p", "no:cacheprovider", "--sandbox=all", *args)
+    told = f"sandbox: collection runs on the host, each test in a sandbox: {reason.format(outside=outside)}"
+    result.stdout.fnmatch_lines([told])
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    assert "CONFTEST-WROTE-HOME" in _written(pytester, probe_home)
+    if "junit" in args[0]:
+        assert (outside / "junit.xml").exists()  # the host's pytest wrote it where asked, as a plain run does
+
+
+def test_the_ini_key_selects_it(pytester: pytest.Pytester, probe_home: Path) -> None:
+    pytester.makeini("[pytest]\nsandbox = all\n")
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_suite=MODULE)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines(["sandbox: all (this whole session runs in one sandbox*"])
+    assert _written(pytester, probe_home) == []
+
+
+def test_outputs_the_user_asked_for_reach_the_host(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_suite="""
+        def test_records(record_property, request):
+            record_property("seen", "yes")
+            request.config.cache.set("probe/value", 42)
+    """
+    )
+    result = pytester.runpytest_subprocess("--sandbox=all", "--junitxml=reports/junit.xml")
+    result.assert_outcomes(passed=1)
+    assert 'name="seen" value="yes"' in (pytester.path / "reports" / "junit.xml").read_text()
+    assert "42" in (pytester.path / ".pytest_cache" / "v" / "probe" / "value").read_text()
+
+
+def test_a_run_that_falls_back_leaves_nothing_behind(pytester: pytest.Pytester) -> None:
+    """The session's sandbox a fallen-back run started is gone: no process of it is left."""
+    pytester.makepyfile(
+        test_limited="""
+        import pytest
+
+        @pytest.mark.container(memory="64M")
+        def test_limited():
+            pass
+    """
+    )
+    before = {pid for pid in os.listdir("/proc") if pid.isdigit()}
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--sandbox=all")
+    result.assert_outcomes(passed=1)
+    after = {pid for pid in os.listdir("/proc") if pid.isdigit()}
+    left = []
+    for pid in after - before:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"pytest" in cmdline:
+            left.append(cmdline)
+    assert left == []
