@@ -6,8 +6,9 @@ Each suite's sdist is fetched with `pip download --no-deps --no-binary NAME` int
 the cache (--cache, else $PYTEST_SANDBOX_BENCH_CACHE, else .bench-cache/ in the
 checkout), unpacked, and given its own venv (the package, its test deps,
 pytest-xdist, and pytest-sandbox built from this checkout). Its tests then run plain,
-with --sandbox=all, with --sandbox-scope=module and =session, and with --sandbox=hermetic (at the default
-scope and at =session) where this pytest-sandbox has them ("n/a" otherwise). Prints per configuration the
+with --sandbox=all (the whole run in the session's sandbox), with --sandbox-scope=module and =session, with
+--sandbox-collection=host (collection in the pytest process, each test in a sandbox of its own), and with
+--sandbox=hermetic, where this pytest-sandbox has them ("n/a" otherwise). Prints per configuration the
 wall time, the ratio to plain measured in the same run, the outcome counts,
 and a DIFF line for every test whose outcome differs from plain (from each
 run's --junitxml). It is a report: it exits 0 when outcomes differ, and only
@@ -218,10 +219,10 @@ def _bench(suite: Suite, cache: str, plugin: str, runs: int, env: dict[str, str]
     scoped = _has_option(python, env, "--sandbox-scope")
     for scope in SCOPES:
         configs[f"--sandbox=all scope={scope}"] = ["--sandbox=all", f"--sandbox-scope={scope}"] if scoped else None
+    host = _has_option(python, env, "--sandbox-collection")
+    configs["--sandbox=all collection=host"] = ["--sandbox=all", "--sandbox-collection=host"] if host else None
     hermetic = _has_option(python, env, "hermetic:")
     configs["--sandbox=hermetic"] = ["--sandbox=hermetic"] if hermetic else None
-    shared = ["--sandbox=hermetic", "--sandbox-scope=session"]
-    configs["--sandbox=hermetic scope=session"] = shared if hermetic else None
     # Untimed: the first run after an install reads a cold venv (seconds), which would land on plain alone.
     subprocess.run(
         [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *suite.tests],

@@ -26,6 +26,7 @@ import fcntl
 import json
 import os
 import select
+import shlex
 import signal
 import site
 import socket
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import termios
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -60,6 +62,9 @@ FELL_BACK = pytest.StashKey[str]()  # why this --sandbox=all run collects on the
 _HEADER_ENV = "PYTEST_SANDBOX_HEADER"  # header lines the supervisor found for the session's pytest (JSON)
 _HEADER = pytest.StashKey[list[str]]()
 _WORKER_FELL_BACK = "sandbox_fall_back"  # an xdist worker's workeroutput key: the reason
+_COLLECTION_MESSAGE_MAX = 4096  # a datagram on the collection line: a reason is a line of text
+_HOLD_MAX = 4 << 20  # output held before collection is done: past this much it is shown
+_HOLD_PAUSE = 1.5  # seconds without output, while held, after which a prompt is shown
 # pytest again, in the sandbox: with the supervisor's sys.path (how it was started decides it: a script,
 # python -m pytest) and its argv[0]; the command line follows.
 _BOOTSTRAP = (
@@ -219,9 +224,10 @@ def _why_not_here(config: pytest.Config, state: SessionState, anchors: tuple[str
     for setting, value in per_test_settings.items():
         if value:
             return f"{setting} ({value}): each test needs a sandbox of its own"
+    given = _given_by_the_user(config)
     for output in dict.fromkeys([*state.outputs, *plugin_outputs(config)]):
         try:
-            _check_output(output, anchors)
+            _check_output(output, anchors, given)
         except pytest.UsageError as exc:
             return str(exc).removeprefix(f"{WHERE}: ")
     return None
@@ -307,8 +313,9 @@ def _paths(config: pytest.Config, state: SessionState, anchors: tuple[str, ...])
         base = dataclasses.replace(base, writable=(*base.writable, parent))
     base = dataclasses.replace(base, needed=tuple(dict.fromkeys([*base.needed, *_import_places()])))
     declared = tuple(dict.fromkeys([*state.outputs, *plugin_outputs(config)]))
+    given = _given_by_the_user(config)
     for output in declared:
-        _check_output(output, anchors)
+        _check_output(output, anchors, given)
     return dataclasses.replace(
         base,
         outputs=declared,
@@ -341,14 +348,21 @@ def output_anchors(config: pytest.Config) -> tuple[str, ...]:
     return tuple(dict.fromkeys([str(config.rootpath), str(config.invocation_params.dir)]))
 
 
-def _check_output(output: str, anchors: tuple[str, ...]) -> None:
+def _check_output(output: str, anchors: tuple[str, ...], given: frozenset[str]) -> None:
     """An output lies in an anchor, outside any ``.git`` directory (hooks there run at the next commit), and
-    reaches no symlink below the anchor (a project's symlink would send what the run writes elsewhere)."""
+    reaches no symlink below the anchor (a project's symlink would send what the run writes elsewhere). One
+    outside the rootdir (in the start directory, which may be $HOME) is one the user named (``given``)."""
     anchor = max((place for place in anchors if is_under(output, place)), key=len, default=None)
     if anchor is None:
         raise pytest.UsageError(
             f"{WHERE}: the output {output} lies outside the rootdir and the directory pytest was started in "
             f"({', '.join(anchors)}): write it under one of them"
+        )
+    rootdir, start = anchors[0], anchors[-1]
+    if not is_under(output, rootdir) and output not in given and output != os.path.join(start, ".hypothesis"):
+        raise pytest.UsageError(
+            f"{WHERE}: the output {output} lies outside the rootdir {rootdir} and was named by the project (its "
+            "ini file or addopts), not on your command line: only you may name outputs outside the rootdir"
         )
     if output == anchor:
         raise pytest.UsageError(f"{WHERE}: the output {output} is all of {anchor}: name a file or directory there")
@@ -366,6 +380,23 @@ def _check_output(output: str, anchors: tuple[str, ...]) -> None:
                 f"{WHERE}: the output {output} goes through the symlink {step} (to {os.readlink(step)}): outputs are "
                 "written without following symlinks; name the place it points to, inside the rootdir"
             )
+
+
+def _given_by_the_user(config: pytest.Config) -> frozenset[str]:
+    """The paths the user's own command line and $PYTEST_ADDOPTS name (not the ini file or its addopts, the
+    project's): each argument, the value after its ``=``, a coverage report's path after ``KIND:``, relative
+    to the start directory; and the files coverage and pytest-benchmark write there when the user asked."""
+    here = str(config.invocation_params.dir)
+    args = [*shlex.split(os.environ.get("PYTEST_ADDOPTS", "")), *map(str, config.invocation_params.args)]
+    values: set[str] = set()
+    for arg in args:
+        values |= {arg, arg.split("=", 1)[-1], arg.rsplit("=", 1)[-1]}
+    values |= {value.split(":", 1)[-1] for value in values}
+    if any(arg.startswith("--cov") for arg in args):
+        values |= {os.environ.get("COVERAGE_FILE") or ".coverage", *_COVERAGE_REPORTS.values()}
+    if any(arg.startswith(("--benchmark-autosave", "--benchmark-save")) for arg in args):
+        values.add(".benchmarks")
+    return frozenset(os.path.normpath(os.path.join(here, os.path.expanduser(value))) for value in values if value)
 
 
 def plugin_outputs(config: pytest.Config) -> list[str]:
@@ -516,7 +547,7 @@ def _collection_line_says(config: pytest.Config, message: dict[str, Any]) -> Non
         return
     del config.stash[_COLLECTION_LINE]
     with contextlib.suppress(OSError), line:
-        protocol.send(line, message)
+        line.send(json.dumps(message).encode()[:_COLLECTION_MESSAGE_MAX])
 
 
 class _CollectionLine:
@@ -550,6 +581,8 @@ class _Stdio:
 
     def __init__(self, hold: bool = False) -> None:
         self.held: list[tuple[int, bytes]] | None = [] if hold else None  # output kept back, in order
+        self.held_bytes = 0
+        self.last_held = time.monotonic()
         self.discarding = False  # a session that fell back: its output is the host run's to print
         self.sources: dict[int, int] = {}  # our read end -> the supervisor's fd it goes to
         self.theirs: list[int] = []
@@ -641,6 +674,10 @@ class _Stdio:
             return True
         if self.held is not None:
             self.held.append((self.sources[fd], data))
+            self.held_bytes += len(data)
+            self.last_held = time.monotonic()
+            if self.held_bytes > _HOLD_MAX:
+                self.release()
             return True
         _write(self.sources[fd], data)
         return True
@@ -651,6 +688,19 @@ class _Stdio:
         if not self.discarding:
             for target, data in held:
                 _write(target, data)
+
+    def holding(self) -> bool:
+        return self.held is not None
+
+    def release_if_paused(self) -> None:
+        """Held output is shown once it pauses on a prompt: what waits for the user (pdb's ``(Pdb)``, input())
+        is seen. A pause after a whole line (the header, xdist starting its workers) or on pytest's own
+        progress line (rewritten from a ``\r``) is collection going on: that stays held."""
+        if not self.held or time.monotonic() - self.last_held < _HOLD_PAUSE:
+            return
+        tail = b"".join(data for _, data in self.held[-8:]).rsplit(b"\n", 1)[-1]
+        if tail and not tail.startswith(b"\r"):
+            self.release()
 
     def discard(self) -> None:
         self.held = None
@@ -689,8 +739,10 @@ def _stdin_copy() -> int:
     if stat.S_ISREG(info.st_mode) and readable and info.st_size <= outputs.MAX_FILE:
         copy = os.memfd_create("pytest-stdin", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         with contextlib.suppress(OSError):
+            where = os.lseek(0, 0, os.SEEK_CUR)
             while chunk := os.read(0, 1 << 20):
                 os.write(copy, chunk)
+            os.lseek(0, where, os.SEEK_SET)  # as it was: a run that falls back to the host reads it again
         os.lseek(copy, 0, os.SEEK_SET)
         seals = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
         fcntl.fcntl(copy, fcntl.F_ADD_SEALS, seals)
@@ -703,45 +755,81 @@ def _copy_window_size(source: int, target: int) -> None:
         fcntl.ioctl(target, termios.TIOCSWINSZ, fcntl.ioctl(source, termios.TIOCGWINSZ, b"\0" * 8))
 
 
+class _CollectionHeard:
+    """--sandbox=all's collection line, as the supervisor reads it: one short datagram from pytest in the
+    session's sandbox, "collected" or "fall-back" with its reason; the line closes after it. A fall-back
+    counts only before the run settled (collected, or an output or its end seen): the project's code can
+    reach the line too, and a late one would run the suite a second time, on the host, after the first."""
+
+    def __init__(self) -> None:
+        self.line, self.theirs = protocol.socketpair()
+        self.fell_back: str | None = None
+        self.settled = False
+
+    def read(self) -> str:
+        """What the datagram said ("collected", "fall-back" or "" for anything else); the line is closed."""
+        try:
+            data = self.line.recv(_COLLECTION_MESSAGE_MAX)
+            message = json.loads(data)
+        except (OSError, ValueError):
+            message = None
+        self.line.close()
+        kind = message.get("type") if isinstance(message, dict) else None
+        if kind == "collected":
+            self.settled = True
+            return "collected"
+        if kind == "fall-back" and not self.settled:
+            self.fell_back = _printable(str(message.get("reason") or "a test needs a sandbox of its own"))
+            return "fall-back"
+        return ""
+
+    def close(self) -> None:
+        self.line.close()
+        self.theirs.close()
+
+
 def _relay(
     zygote: Zygote, declared: tuple[str, ...], anchors: tuple[str, ...], may_fall_back: bool = False
 ) -> tuple[int, str | None]:
     """Relay the session's output and outputs until its sandbox is gone: its exit code, and why it fell back
-    (``--sandbox=all``) or None. Where it may fall back, its output is held until its collection is done:
-    if it falls back, the sandbox is ended and what it printed thrown away (the host's run prints it again)."""
+    (``--sandbox=all``) or None. Where it may fall back, its output is held until its collection is done
+    (or, past a few MiB or a pause, shown: a prompt at collection must be seen): if it falls back, the
+    sandbox is ended and what it held thrown away (the host's run prints it again)."""
+    where = f"--sandbox={FALLS_BACK}" if may_fall_back else WHERE
     stdio = _Stdio(hold=may_fall_back)
-    collection, collection_end = protocol.socketpair() if may_fall_back else (None, None)
-    fell_back: str | None = None
+    collection = _CollectionHeard() if may_fall_back else None
     try:
-        status, channel = zygote.start_session([*stdio.theirs, *([collection_end.fileno()] if collection_end else [])])
+        theirs = [*stdio.theirs, *([collection.theirs.fileno()] if collection is not None else [])]
+        status, channel = zygote.start_session(theirs)
         stdio.handed_over()
-        if collection_end is not None:
-            collection_end.close()
+        if collection is not None:
+            collection.theirs.close()
         ended: dict[str, Any] = {}
         with status, channel:
-            for line, message in _messages(zygote, stdio, status, channel, collection):
+            for line, message in _messages(zygote, stdio, status, channel, collection, where):
                 kind = message.get("type")
-                if line == "collection":
-                    if kind == "collected":
-                        stdio.release()
-                    elif kind == "fall-back" and fell_back is None:
-                        fell_back = str(message.get("reason", "a test needs a sandbox of its own"))
-                        stdio.discard()
-                        zygote.kill(session_process.NODEID)
-                elif fell_back is not None:
+                if collection is not None and collection.fell_back is not None:
+                    continue  # the session's sandbox is being ended: nothing of it counts
+                if line == "collection" and kind == "collected":
+                    stdio.release()
+                elif line == "collection" and kind == "fall-back":
+                    stdio.discard()
+                    zygote.kill(session_process.NODEID)
                     continue
-                elif kind in ("output", "output-too-large"):
+                if collection is not None:
+                    collection.settled = True
+                if kind in ("output", "output-too-large"):
                     try:
                         protocol.check(message, protocol.FROM_TEST)
                         outputs.write(message, declared, anchors, say=_say)  # refuses .git below an anchor
                     except protocol.ProtocolError as exc:
-                        _say(f"pytest-sandbox: {WHERE}: an output refused: {exc}")
+                        _say(f"pytest-sandbox: {where}: an output refused: {exc}")
                 elif kind == "error" or (kind == "exit" and not ended):
                     ended = message  # a setup error first, then the exit it caused
-        if fell_back is not None:
-            return int(pytest.ExitCode.OK), fell_back
+        if collection is not None and collection.fell_back is not None:
+            return int(pytest.ExitCode.OK), collection.fell_back
         stdio.release()
-        return _exit_code(ended), None
+        return _exit_code(ended, where), None
     finally:
         stdio.close()
         if collection is not None:
@@ -749,23 +837,28 @@ def _relay(
 
 
 def _messages(
-    zygote: Zygote, stdio: _Stdio, status: Any, channel: Any, collection: Any
+    zygote: Zygote, stdio: _Stdio, status: Any, channel: Any, collection: _CollectionHeard | None, where: str
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """Output copied as it comes; each message of the status line ("status": how the sandbox ended), the
-    session's channel ("outputs") and its collection line ("collection"), until the sandbox is gone and every
-    line has ended. ^C goes on to pytest in the sandbox; a second one ends it."""
+    session's channel ("outputs") and the collection line ("collection"), until the sandbox is gone and
+    those two lines have ended. ^C goes on to pytest in the sandbox; a second one ends it."""
     lines = {status.fileno(): status, channel.fileno(): channel}
     names = {status.fileno(): "status", channel.fileno(): "outputs"}
-    accepted = {"status": ("exit", "error"), "outputs": ("output", "output-too-large"), "collection": ()}
-    if collection is not None:
-        lines[collection.fileno()] = collection
-        names[collection.fileno()] = "collection"
-        accepted["collection"] = ("collected", "fall-back")
+    accepted = {"status": ("exit", "error"), "outputs": ("output", "output-too-large")}
+    watched = collection.line.fileno() if collection is not None else -1
     with _forwarding_signals(zygote, stdio):
-        while (set(lines) - {collection and collection.fileno()}) or stdio.sources:
+        while lines or stdio.sources:
             typed = stdio.typing() if lines else []
-            readable = select.select([*lines, *stdio.sources, *typed], [], [])[0]  # PEP 475: on after a signal
-            for fd, message in _read(readable, lines, stdio):
+            ears = [*lines, *stdio.sources, *typed, *([watched] if watched >= 0 else [])]
+            readable = select.select(ears, [], [], _HOLD_PAUSE if stdio.holding() else None)[0]  # PEP 475
+            stdio.release_if_paused()
+            if watched in readable and collection is not None:
+                readable.remove(watched)
+                watched = -1
+                said = collection.read()
+                if said:
+                    yield "collection", {"type": said}
+            for fd, message in _read(readable, lines, stdio, where):
                 if message.get("type") in accepted[names[fd]]:
                     yield names[fd], message
 
@@ -797,7 +890,9 @@ def _forwarding_signals(zygote: Zygote, stdio: _Stdio) -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-def _read(readable: list[int], lines: dict[int, Any], stdio: _Stdio) -> Iterator[tuple[int, dict[str, Any]]]:
+def _read(
+    readable: list[int], lines: dict[int, Any], stdio: _Stdio, where: str
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """What the ready fds have: typed input and output relayed, the lines' messages yielded with their line."""
     for fd in readable:
         if fd == 0 and stdio.relay_stdin:
@@ -809,7 +904,7 @@ def _read(readable: list[int], lines: dict[int, Any], stdio: _Stdio) -> Iterator
         try:
             message, fds = protocol.recv(lines[fd])
         except protocol.ProtocolError as exc:  # the line is closed: its sender, blocked on it, goes on
-            _say(f"pytest-sandbox: {WHERE}: {exc}")
+            _say(f"pytest-sandbox: {where}: {exc}")
             lines[fd].close()
             message, fds = None, []
         for extra in fds:  # the crash memfd: pytest in there wrote its own faulthandler dump to stderr
@@ -820,9 +915,9 @@ def _read(readable: list[int], lines: dict[int, Any], stdio: _Stdio) -> Iterator
             yield fd, message
 
 
-def _exit_code(ended: dict[str, Any]) -> int:
+def _exit_code(ended: dict[str, Any], where: str) -> int:
     if ended.get("type") == "error":
-        _say(f"pytest-sandbox: {WHERE}: the session's sandbox failed ({ended.get('phase')}): {ended.get('message')}")
+        _say(f"pytest-sandbox: {where}: the session's sandbox failed ({ended.get('phase')}): {ended.get('message')}")
         return int(pytest.ExitCode.INTERNAL_ERROR)
     if "signal" in ended:
         number = int(ended["signal"])
@@ -830,11 +925,11 @@ def _exit_code(ended: dict[str, Any]) -> int:
             name = signal.Signals(number).name
         except ValueError:
             name = str(number)
-        _say(f"pytest-sandbox: {WHERE}: pytest in the session's sandbox was killed by {name}")
+        _say(f"pytest-sandbox: {where}: pytest in the session's sandbox was killed by {name}")
         return 128 + number
     if "code" in ended:
         return int(ended["code"])
-    _say(f"pytest-sandbox: {WHERE}: the session's sandbox ended without an exit status")
+    _say(f"pytest-sandbox: {where}: the session's sandbox ended without an exit status")
     return int(pytest.ExitCode.INTERNAL_ERROR)
 
 

@@ -459,3 +459,77 @@ def test_pytest_sandbox_hermetic_keeps_the_plugin_the_project_switches_off(pytes
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["sandbox: hermetic*"])
     assert not marker.exists()
+
+
+def test_a_fall_back_after_collection_is_not_heard(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    """The project's code reaches the collection line of --sandbox=all too: a fall-back it sends once the run
+    has settled (here at its very end, also from a process that outlives pytest) would run the suite a second
+    time on the host, after the first, and carry the discarded run's outputs (found by red-team helper-36)."""
+    pytester.makeini("[pytest]\nsandbox_outputs = out\n")
+    pytester.makeconftest("""
+        import json, os, socket
+        from pytest_sandbox import hermetic
+
+        def pytest_configure(config):
+            line = config.stash.get(hermetic._COLLECTION_LINE, None)
+            if line is not None:
+                config._stolen = os.dup(line.fileno())
+
+        def pytest_unconfigure(config):
+            stolen = getattr(config, "_stolen", None)
+            if stolen is not None:
+                os.makedirs("out", exist_ok=True)
+                open("out/from-the-sandbox.txt", "w").write("x")
+                message = json.dumps({"type": "fall-back", "reason": "LATE"}).encode()
+                try:
+                    socket.socket(fileno=stolen).send(message)
+                except OSError:
+                    pass
+    """)
+    pytester.makepyfile("def test_a(): pass")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--sandbox=all")
+    result.assert_outcomes(passed=1)
+    out = result.stdout.str()
+    assert out.count("test session starts") == 1
+    assert "collection runs on the host" not in out and "LATE" not in out
+    assert (pytester.path / "out" / "from-the-sandbox.txt").exists()  # the run was the sandbox's, carried once
+
+
+@pytest.mark.parametrize("mode", ["--sandbox=all", HERMETIC])
+def test_an_output_the_project_names_outside_the_rootdir_is_not_written_there(
+    pytester: pytest.Pytester, tmp_path: Path, mode: str
+) -> None:
+    """Started from a directory above the project (the user's $HOME, say), the project's addopts named a file
+    there as --junitxml (~/.bashrc) and its conftest.py wrote it: outputs may lie in the start directory,
+    so the sandboxed run carried it (found by red-team helper-36). The project may name outputs only in its
+    rootdir: --sandbox=all collects on the host instead (as a plain run does, it writes what the project
+    asks), --sandbox=hermetic refuses; the user's own command line may still name one there."""
+    home = tmp_path / "home"
+    project = home / "proj"
+    project.mkdir(parents=True)
+    (home / ".bashrc").write_text("ORIGINAL\n")
+    (project / "pytest.ini").write_text("[pytest]\naddopts = -p no:cacheprovider --junitxml=~/.bashrc\n")
+    (project / "conftest.py").write_text(
+        "import os\n\ndef pytest_unconfigure(config):\n"
+        "    open(os.path.expanduser(config.option.xmlpath), 'w').write('echo PLANTED\\n')\n"
+    )
+    (project / "test_a.py").write_text("def test_a(): pass\n")
+    env = {**os.environ, "HOME": str(home)}
+    command = [sys.executable, "-m", "pytest", mode, "proj"]
+    run = subprocess.run(command, cwd=home, env=env, capture_output=True, text=True, timeout=300)
+    if mode == HERMETIC:
+        assert run.returncode == pytest.ExitCode.USAGE_ERROR, run.stdout + run.stderr
+        assert "was named by the project (its ini file or addopts), not on your command line" in run.stderr
+        assert (home / ".bashrc").read_text() == "ORIGINAL\n"
+    else:
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "sandbox: collection runs on the host, each test in a sandbox: the output" in run.stdout
+    # The user's own --junitxml in the start directory is an output of the sandboxed run, written there.
+    (home / ".bashrc").write_text("ORIGINAL\n")
+    (project / "pytest.ini").write_text("[pytest]\naddopts = -p no:cacheprovider\n")
+    (project / "conftest.py").write_text("")
+    mine = [sys.executable, "-m", "pytest", mode, "--junitxml=mine.xml", "proj"]
+    run = subprocess.run(mine, cwd=home, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "collection runs on the host" not in run.stdout
+    assert 'tests="1"' in (home / "mine.xml").read_text()
