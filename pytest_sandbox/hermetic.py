@@ -59,6 +59,7 @@ MODE = "hermetic"
 WHERE = "--sandbox=hermetic"
 FALLS_BACK = "all"  # the mode that runs hermetically where it can and collects on the host where it cannot
 FELL_BACK = pytest.StashKey[str]()  # why this --sandbox=all run collects on the host
+_COLLECTS_ON_THE_HOST_ENV = "PYTEST_SANDBOX_HOST_COLLECTION"  # the pid of a --sandbox=all pytest that fell back
 _HEADER_ENV = "PYTEST_SANDBOX_HEADER"  # header lines the supervisor found for the session's pytest (JSON)
 _HEADER = pytest.StashKey[list[str]]()
 _WORKER_FELL_BACK = "sandbox_fall_back"  # an xdist worker's workeroutput key: the reason
@@ -97,6 +98,8 @@ def wanted(config: pytest.Config) -> str | None:
     mode = getattr(config.known_args_namespace, "sandbox_mode", None)
     if mode is None:
         mode = config.getini("sandbox") or None
+    if mode == FALLS_BACK and os.environ.get(_COLLECTS_ON_THE_HOST_ENV) == str(os.getppid()):
+        return None  # an xdist worker of a --sandbox=all run that collects on the host: its controller decided
     return mode if mode in (MODE, FALLS_BACK) else None
 
 
@@ -190,8 +193,10 @@ def _fill_closed_stdio() -> None:
 
 
 def _fall_back(config: pytest.Config, reason: str) -> None:
-    """--sandbox=all goes on on the host: the pytest process loads conftest.py and collects, as a plain run."""
+    """--sandbox=all goes on on the host: the pytest process loads conftest.py and collects, as a plain run;
+    so do its xdist workers (its children), which would otherwise each try the session's sandbox again."""
     config.stash[FELL_BACK] = _printable(reason)
+    os.environ[_COLLECTS_ON_THE_HOST_ENV] = str(os.getpid())
 
 
 def _printable(text: str) -> str:
@@ -276,6 +281,9 @@ def session_spec(state: SessionState) -> SandboxSpec:
         if given:
             raise pytest.UsageError(f"{WHERE} runs the whole session in one sandbox; {option} needs a sandbox per test")
     spec = validate(dict(state.defaults), WHERE)
+    if "hostname" not in state.defaults:  # what pytest records there (junit XML's hostname) names the host
+        with contextlib.suppress(pytest.UsageError):
+            spec = dataclasses.replace(spec, hostname=validate({"hostname": socket.gethostname()}, WHERE).hostname)
     if spec.image is not None:
         raise pytest.UsageError(
             f"{WHERE}: sandbox_image = {spec.image}: the session's sandbox is the host view (read-only) with its "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import select
+import socket
 import subprocess
 import sys
 import time
@@ -185,7 +186,9 @@ def test_outputs_the_user_asked_for_reach_the_host(pytester: pytest.Pytester) ->
     )
     result = pytester.runpytest_subprocess("--sandbox=all", "--junitxml=reports/junit.xml")
     result.assert_outcomes(passed=1)
-    assert 'name="seen" value="yes"' in (pytester.path / "reports" / "junit.xml").read_text()
+    junit = (pytester.path / "reports" / "junit.xml").read_text()
+    assert 'name="seen" value="yes"' in junit
+    assert f'hostname="{socket.gethostname()}"' in junit  # the host's, as in a plain run (helper-37 saw "sandbox")
     assert "42" in (pytester.path / ".pytest_cache" / "v" / "probe" / "value").read_text()
 
 
