@@ -166,7 +166,7 @@ def _run(config: pytest.Config, state: SessionState, anchors: tuple[str, ...], m
             limits = Limits(state.backend, state.cgroup_session, False)
             zygote = Zygote({}, SPEC_KEY, paths, 0, limits, Namespaces(), session=launch)
             try:
-                code, fell_back = _relay(zygote, paths.outputs, anchors, may_fall_back)
+                code, fell_back = _relay(zygote, paths.outputs, anchors, may_fall_back, config)
             finally:
                 zygote.close()
                 state.volumes.clear_setid_bits(spec.volumes)
@@ -483,11 +483,12 @@ def check_items(config: pytest.Config, items: list[pytest.Item], defaults: dict[
         return
     if not falls_back:
         raise pytest.UsageError(reason)
-    if hasattr(config, "workerinput"):  # an xdist worker: its controller hears it (_ControllerOfWorkers)
+    if hasattr(config, "workerinput"):  # an xdist worker: its controller hears it (_CollectionLine)
         config.workeroutput[_WORKER_FELL_BACK] = reason  # type: ignore[attr-defined]
     else:
         _collection_line_says(config, {"type": "fall-back", "reason": reason})
-    pytest.exit("pytest-sandbox: --sandbox=all goes on on the host", returncode=pytest.ExitCode.INTERRUPTED)
+    # Not INTERRUPTED: xdist takes a worker that ends so for a crash and starts another in its place.
+    pytest.exit("pytest-sandbox: --sandbox=all goes on on the host", returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 def _needs_its_own_sandbox(items: list[pytest.Item], defaults: dict[str, Any], where: str) -> str | None:
@@ -525,6 +526,13 @@ def take_what_the_supervisor_gave(config: pytest.Config) -> None:
         lines = []
     config.stash[_HEADER] = [_printable(str(line)) for line in lines] if isinstance(lines, list) else []
     _take_the_collection_line(config)
+
+
+def forget_the_host_collection() -> None:
+    """At the end of a run that collected on the host: its mark for its xdist workers goes (pytester runs a
+    session in the test's process: the next one, or a subprocess it starts, must not read it as theirs)."""
+    if os.environ.get(_COLLECTS_ON_THE_HOST_ENV) == str(os.getpid()):
+        del os.environ[_COLLECTS_ON_THE_HOST_ENV]
 
 
 def header_from_the_supervisor(config: pytest.Config) -> list[str]:
@@ -587,7 +595,8 @@ class _Stdio:
     A stdin that is no terminal goes in as a pipe as it is, as a sealed copy if it is a file (a file's fd
     could be opened again for writing through /proc), else as /dev/null."""
 
-    def __init__(self, hold: bool = False) -> None:
+    def __init__(self, hold: bool = False, show_prompts: bool = True) -> None:
+        self.show_prompts = show_prompts
         self.held: list[tuple[int, bytes]] | None = [] if hold else None  # output kept back, in order
         self.held_bytes = 0
         self.last_held = time.monotonic()
@@ -704,7 +713,7 @@ class _Stdio:
         """Held output is shown once it pauses on a prompt: what waits for the user (pdb's ``(Pdb)``, input())
         is seen. A pause after a whole line (the header, xdist starting its workers) or on pytest's own
         progress line (rewritten from a ``\r``) is collection going on: that stays held."""
-        if not self.held or time.monotonic() - self.last_held < _HOLD_PAUSE:
+        if not self.held or not self.show_prompts or time.monotonic() - self.last_held < _HOLD_PAUSE:
             return
         tail = b"".join(data for _, data in self.held[-8:]).rsplit(b"\n", 1)[-1]
         if tail and not tail.startswith(b"\r"):
@@ -797,14 +806,22 @@ class _CollectionHeard:
 
 
 def _relay(
-    zygote: Zygote, declared: tuple[str, ...], anchors: tuple[str, ...], may_fall_back: bool = False
+    zygote: Zygote,
+    declared: tuple[str, ...],
+    anchors: tuple[str, ...],
+    may_fall_back: bool = False,
+    config: pytest.Config | None = None,
 ) -> tuple[int, str | None]:
     """Relay the session's output and outputs until its sandbox is gone: its exit code, and why it fell back
     (``--sandbox=all``) or None. Where it may fall back, its output is held until its collection is done
     (or, past a few MiB or a pause, shown: a prompt at collection must be seen): if it falls back, the
     sandbox is ended and what it held thrown away (the host's run prints it again)."""
     where = f"--sandbox={FALLS_BACK}" if may_fall_back else WHERE
-    stdio = _Stdio(hold=may_fall_back)
+    # Under xdist a prompt at collection cannot wait for the user (workers have no terminal), and a pause
+    # there is workers starting: held output is shown only when collection is done, or past its bound.
+    option = config.option if config is not None else None
+    xdist = bool(getattr(option, "numprocesses", None)) or getattr(option, "dist", "no") not in ("no", None)
+    stdio = _Stdio(hold=may_fall_back, show_prompts=not xdist)
     collection = _CollectionHeard() if may_fall_back else None
     try:
         theirs = [*stdio.theirs, *([collection.theirs.fileno()] if collection is not None else [])]

@@ -466,6 +466,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     state = config.stash.get(STATE_KEY, None)
     if state is not None:
         _session.close(state)
+    hermetic.forget_the_host_collection()
 
 
 from .fixtures import sandbox  # noqa: E402,F401  (registered through the plugin module)
