@@ -58,6 +58,7 @@ ENV = settings.HERMETIC_ENV  # "1" in the session's sandbox: the pytest there is
 MODE = "hermetic"
 WHERE = "--sandbox=hermetic"
 FALLS_BACK = "all"  # the mode that runs hermetically where it can and collects on the host where it cannot
+WHERE_ALL = f"--sandbox={FALLS_BACK}"
 FELL_BACK = pytest.StashKey[str]()  # why this --sandbox=all run collects on the host
 _COLLECTS_ON_THE_HOST_ENV = "PYTEST_SANDBOX_HOST_COLLECTION"  # the pid of a --sandbox=all pytest that fell back
 _HEADER_ENV = "PYTEST_SANDBOX_HEADER"  # header lines the supervisor found for the session's pytest (JSON)
@@ -134,16 +135,27 @@ def _supervise(config: pytest.Config, may_fall_back: bool) -> int | None:
             return None
         raise
     try:
-        why = _why_not_here(config, state, anchors) if may_fall_back else None
+        # Once: which outputs the run declares (a walk of the rootdir for snapshots and regression data) and
+        # which paths the user named; both the fallback's checks and the session's paths use them.
+        declared = tuple(dict.fromkeys([*state.outputs, *plugin_outputs(config)]))
+        given = _given_by_the_user(config)
+        why = _why_not_here(config, state, anchors, declared, given) if may_fall_back else None
         if why is not None:
             _fall_back(config, why)
             return None
-        return _run(config, state, anchors, may_fall_back)
+        return _run(config, state, anchors, declared, given, may_fall_back)
     finally:
         _session.close(state)
 
 
-def _run(config: pytest.Config, state: SessionState, anchors: tuple[str, ...], may_fall_back: bool) -> int | None:
+def _run(
+    config: pytest.Config,
+    state: SessionState,
+    anchors: tuple[str, ...],
+    declared: tuple[str, ...],
+    given: frozenset[str],
+    may_fall_back: bool,
+) -> int | None:
     _fill_closed_stdio()
     _refuse_project_plugins(config, anchors)
     ignored = [name.replace("sandbox_hide", "sandbox_hide (its ! entries)") for name in state.ignored]
@@ -154,19 +166,23 @@ def _run(config: pytest.Config, state: SessionState, anchors: tuple[str, ...], m
         )
     spec = session_spec(state)
     _session.check_volume_targets(config, "sandbox_volumes", spec)
-    paths = _paths(config, state, anchors)
+    paths = _paths(config, state, anchors, declared, given)
     # What the session's pytest cannot see from in there (its rootdir is an overlay's), for its header.
     header = json.dumps(probe.root_in_a_foreign_tree(str(config.rootpath)))
     launch = session_process.SessionLaunch(
         spec=spec, argv=tuple(inner_command(config)), env=((ENV, "1"), (_HEADER_ENV, header)), config=config
     )
+    # Under xdist no prompt at collection can wait for the user (workers have no terminal), and a pause there
+    # is workers starting: held output is shown only when collection is done.
+    option = config.option
+    xdist = bool(getattr(option, "numprocesses", None)) or getattr(option, "dist", "no") not in ("no", None)
     try:
         _session._open_cgroup_session(state)
         with state.volumes.held(spec.volumes):
             limits = Limits(state.backend, state.cgroup_session, False)
             zygote = Zygote({}, SPEC_KEY, paths, 0, limits, Namespaces(), session=launch)
             try:
-                code, fell_back = _relay(zygote, paths.outputs, anchors, may_fall_back, config)
+                code, fell_back = _relay(zygote, paths.outputs, anchors, may_fall_back, show_prompts=not xdist)
             finally:
                 zygote.close()
                 state.volumes.clear_setid_bits(spec.volumes)
@@ -204,7 +220,13 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in text)[:500]
 
 
-def _why_not_here(config: pytest.Config, state: SessionState, anchors: tuple[str, ...]) -> str | None:
+def _why_not_here(
+    config: pytest.Config,
+    state: SessionState,
+    anchors: tuple[str, ...],
+    declared: tuple[str, ...],
+    given: frozenset[str],
+) -> str | None:
     """Why ``--sandbox=all`` cannot run this session in one sandbox (it then collects on the host, as a plain
     run does, and sandboxes each test): settings that need a sandbox per test or another root, outputs the
     session's sandbox cannot hand over, or the project's own code already imported as a plugin."""
@@ -217,7 +239,7 @@ def _why_not_here(config: pytest.Config, state: SessionState, anchors: tuple[str
     if per_test:
         return f"{per_test[0]} needs a sandbox per test"
     try:
-        spec = validate(dict(state.defaults), "--sandbox=all")
+        spec = validate(dict(state.defaults), WHERE_ALL)
     except pytest.UsageError:
         return "the settings are checked on the host"
     per_test_settings = {
@@ -229,8 +251,7 @@ def _why_not_here(config: pytest.Config, state: SessionState, anchors: tuple[str
     for setting, value in per_test_settings.items():
         if value:
             return f"{setting} ({value}): each test needs a sandbox of its own"
-    given = _given_by_the_user(config)
-    for output in dict.fromkeys([*state.outputs, *plugin_outputs(config)]):
+    for output in declared:
         try:
             _check_output(output, anchors, given)
         except pytest.UsageError as exc:
@@ -307,7 +328,13 @@ def _per_test_options(state: SessionState) -> dict[str, bool]:
     }
 
 
-def _paths(config: pytest.Config, state: SessionState, anchors: tuple[str, ...]) -> SessionPaths:
+def _paths(
+    config: pytest.Config,
+    state: SessionState,
+    anchors: tuple[str, ...],
+    declared: tuple[str, ...],
+    given: frozenset[str],
+) -> SessionPaths:
     """What the session's sandbox shows and keeps writable, and its outputs (checked: see output_anchors)."""
     base = _session.session_paths(config, None)
     basetemp = getattr(config.option, "basetemp", None)
@@ -320,8 +347,6 @@ def _paths(config: pytest.Config, state: SessionState, anchors: tuple[str, ...])
     if os.path.isdir(parent) and not fresh and not any(is_under(parent, place) for place in base.writable):
         base = dataclasses.replace(base, writable=(*base.writable, parent))
     base = dataclasses.replace(base, needed=tuple(dict.fromkeys([*base.needed, *_import_places()])))
-    declared = tuple(dict.fromkeys([*state.outputs, *plugin_outputs(config)]))
-    given = _given_by_the_user(config)
     for output in declared:
         _check_output(output, anchors, given)
     return dataclasses.replace(
@@ -474,7 +499,7 @@ def check_items(config: pytest.Config, items: list[pytest.Item], defaults: dict[
     hook) asks for other settings than the session's, or that uses services, would need a sandbox of its own.
     Under --sandbox=hermetic that is a usage error naming it before any test runs; under --sandbox=all
     (``falls_back``) the run goes back to the host."""
-    reason = _needs_its_own_sandbox(items, defaults, WHERE if not falls_back else "--sandbox=all")
+    reason = _needs_its_own_sandbox(items, defaults, falls_back)
     if reason is None:
         if not falls_back:
             return
@@ -491,9 +516,10 @@ def check_items(config: pytest.Config, items: list[pytest.Item], defaults: dict[
     pytest.exit("pytest-sandbox: --sandbox=all goes on on the host", returncode=pytest.ExitCode.USAGE_ERROR)
 
 
-def _needs_its_own_sandbox(items: list[pytest.Item], defaults: dict[str, Any], where: str) -> str | None:
+def _needs_its_own_sandbox(items: list[pytest.Item], defaults: dict[str, Any], falls_back: bool) -> str | None:
     """The first test whose spec (its marker's, as a ``pytest_sandbox_spec`` hook left it) is not the session's,
-    or that uses a service: why it needs a sandbox of its own."""
+    or that uses a service: why it needs a sandbox of its own (for --sandbox=all's header, or hermetic's error)."""
+    where = WHERE_ALL if falls_back else WHERE
     session = validate(dict(defaults), where)
     for item in items:
         used = used_by(item)
@@ -504,7 +530,7 @@ def _needs_its_own_sandbox(items: list[pytest.Item], defaults: dict[str, Any], w
         if spec is not None and spec != session:
             fields = [f.name for f in dataclasses.fields(spec) if getattr(spec, f.name) != getattr(session, f.name)]
             asked = ", ".join(f"{name}={getattr(spec, name)!r}" for name in fields)
-            if where != WHERE:
+            if falls_back:
                 return f"{marker}: {asked} needs a sandbox of the test's own"
             return (
                 f"{marker}: {asked}: {WHERE} runs every test in the session's one sandbox, with the session's "
@@ -806,22 +832,14 @@ class _CollectionHeard:
 
 
 def _relay(
-    zygote: Zygote,
-    declared: tuple[str, ...],
-    anchors: tuple[str, ...],
-    may_fall_back: bool = False,
-    config: pytest.Config | None = None,
+    zygote: Zygote, declared: tuple[str, ...], anchors: tuple[str, ...], may_fall_back: bool, show_prompts: bool
 ) -> tuple[int, str | None]:
     """Relay the session's output and outputs until its sandbox is gone: its exit code, and why it fell back
     (``--sandbox=all``) or None. Where it may fall back, its output is held until its collection is done
     (or, past a few MiB or a pause, shown: a prompt at collection must be seen): if it falls back, the
     sandbox is ended and what it held thrown away (the host's run prints it again)."""
-    where = f"--sandbox={FALLS_BACK}" if may_fall_back else WHERE
-    # Under xdist a prompt at collection cannot wait for the user (workers have no terminal), and a pause
-    # there is workers starting: held output is shown only when collection is done, or past its bound.
-    option = config.option if config is not None else None
-    xdist = bool(getattr(option, "numprocesses", None)) or getattr(option, "dist", "no") not in ("no", None)
-    stdio = _Stdio(hold=may_fall_back, show_prompts=not xdist)
+    where = WHERE_ALL if may_fall_back else WHERE
+    stdio = _Stdio(hold=may_fall_back, show_prompts=show_prompts)
     collection = _CollectionHeard() if may_fall_back else None
     try:
         theirs = [*stdio.theirs, *([collection.theirs.fileno()] if collection is not None else [])]

@@ -37,8 +37,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_load_initial_conftests(early_config: pytest.Config) -> Generator[None]:
-    """--sandbox=hermetic: before pytest loads any conftest.py (and before its capture starts), the session
-    moves into a sandbox and this process only relays it (hermetic.py), then exits as that pytest did."""
+    """--sandbox=hermetic and --sandbox=all: before pytest loads any conftest.py (and before its capture
+    starts), the session moves into a sandbox and this process only relays it (hermetic.py), then exits as
+    that pytest did; or, for --sandbox=all where that sandbox cannot hold the run, goes on here."""
     mode = hermetic.wanted(early_config)
     if mode is not None:
         code = hermetic.supervise(early_config, mode)
