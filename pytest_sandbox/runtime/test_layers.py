@@ -394,14 +394,20 @@ class _Layer:
             os.close(onto)
 
     def _attach_below(self, below: _Below, clone: int, tops: dict[int, int]) -> None:
-        try:
-            target = syscalls.openat2(tops[below.place], below.relative, _PATH, _BENEATH)
-        except OSError:
-            return  # gone, or a symlink now, in the scope's view: the test goes without it
-        try:
-            self._attach(clone, target)
-        finally:
-            os.close(target)
+        for _ in range(3):
+            try:
+                target = syscalls.openat2(tops[below.place], below.relative, _PATH, _BENEATH)
+            except OSError:
+                return  # gone, or a symlink now, in the scope's view: the test goes without it
+            try:
+                self._attach(clone, target)
+                return
+            except FileNotFoundError:
+                continue  # a fixture's process removed it since (and may have made it again): look again
+            finally:
+                os.close(target)
+        # Removed each time it was found: the test goes without it, as if gone (a mask's place still shows
+        # its mask layer; anything else there is the test's own upper over the scope's view).
 
     def _attach(self, fd: int, onto: int) -> None:
         syscalls.move_mount_onto(fd, onto)
