@@ -44,6 +44,7 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> Generator[None
     if mode is not None:
         code = hermetic.supervise(early_config, mode)
         if code is not None:
+            hermetic.end_the_program(code)
             raise SystemExit(code)
     if hermetic.inside():
         hermetic.out_of_the_tests_reach()

@@ -269,3 +269,51 @@ def test_stdin_from_a_file_is_whole_after_a_fall_back(pytester: pytest.Pytester,
         run = subprocess.run(command, cwd=pytester.path, stdin=stdin, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "2 passed" in run.stdout
+
+
+ENDING_CONFTEST = """
+    import atexit, sys, threading, time
+
+    atexit.register(lambda: print("ATEXIT-RAN", flush=True))
+
+    def late():
+        time.sleep(0.5)
+        print("THREAD-DONE", flush=True)
+
+    def pytest_sessionfinish(session):
+        threading.Thread(target=late).start()  # not a daemon: Python waits for it
+"""
+
+
+@pytest.mark.parametrize("mode", ["all", "hermetic"])
+def test_the_session_ends_as_python_ends_a_program(pytester: pytest.Pytester, mode: str) -> None:
+    """The session's pytest and the supervisor exit without freeing each object (a fifth to a third of a second
+    each): still, as at the end of any program, a thread that is no daemon is waited for, atexit handlers run
+    and the exit code is pytest's."""
+    pytester.makeconftest(ENDING_CONFTEST)
+    pytester.makepyfile("def test_pass(): pass\ndef test_fail(): assert 0")
+    plain = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    sandboxed = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--sandbox={mode}")
+    for result in (plain, sandboxed):
+        assert result.ret == pytest.ExitCode.TESTS_FAILED
+        assert result.stdout.lines[-2:] == ["THREAD-DONE", "ATEXIT-RAN"], result.stdout.str()
+
+
+def test_pytest_main_in_a_program_returns_to_it(pytester: pytest.Pytester) -> None:
+    """Only where pytest is the program does the supervisor end the process itself: a program that calls
+    pytest.main goes on after it."""
+    pytester.makepyfile(test_one="def test_pass(): pass")
+    program = pytester.makepyfile(
+        program="""
+            import pytest
+
+            try:
+                code = pytest.main(["-q", "-p", "no:cacheprovider", "--sandbox=all", "test_one.py"])
+            except SystemExit as exc:
+                code = exc.code
+            print("AFTER-PYTEST", int(code))
+        """
+    )
+    result = pytester.run(sys.executable, program)
+    assert result.ret == 0, result.stdout.str() + result.stderr.str()
+    result.stdout.fnmatch_lines(["*1 passed*", "AFTER-PYTEST 0"])
