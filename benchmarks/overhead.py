@@ -3,7 +3,10 @@
     python benchmarks/overhead.py [--tests 300] [--runs 5] [--forked-venv DIR]
 
 pytest-forked is installed into its own venv (pinned to a pytest it works with:
-it is broken on pytest 9.2) unless --forked-venv points at one. Prints the
+it is broken on pytest 9.2) unless --forked-venv points at one; this checkout's
+pytest-sandbox goes in too, and is measured there as well: the same pytest and
+the same plugins as pytest-forked, the fair comparison (the main venv's dev
+plugins each run hooks in every test's process). Prints the
 median wall time of each configuration and, against baselines measured in the
 same run: the overhead per test over plain pytest and its ratio to pytest-forked
 (goal <= 0.8) and to a bare fork of a pytest-sized process (goal <= 2); under
@@ -51,11 +54,18 @@ def expensive():
 """
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def _forked_venv(path: str) -> str:
+    """A venv with pytest, pytest-forked and this checkout's pytest-sandbox and nothing else: both plugins
+    measured with the same pytest and the same plugins (each plugin's hooks run in every test's process)."""
     python = os.path.join(path, "bin", "python")
     if not os.path.exists(python):
         venv.create(path, with_pip=True)
-        subprocess.run([python, "-m", "pip", "install", "-q", "pytest<9.2", "pytest-forked"], check=True)
+    has = subprocess.run([python, "-c", "import pytest_forked, pytest_sandbox"], capture_output=True)
+    if has.returncode != 0:
+        subprocess.run([python, "-m", "pip", "install", "-q", "pytest<9.2", "pytest-forked", "-e", REPO], check=True)
     return python
 
 
@@ -80,6 +90,7 @@ def main() -> None:
         base = ["-q", "-p", "no:cacheprovider", "test_trivial.py"]
         fixture = ["-q", "-p", "no:cacheprovider", "fixture"]
         host = ["--sandbox-collection=host"]
+        session = ["--sandbox-scope=session"]
         configs = {
             "plain": [*pytest_cmd, *base],
             "sandbox": [*pytest_cmd, "--sandbox=all", *base],
@@ -92,6 +103,8 @@ def main() -> None:
             "host collection -n 2": [*pytest_cmd, "-n", "2", "--sandbox=all", *host, *base],
             "plain (forked venv)": [forked_python, "-m", "pytest", *base],
             "forked": [forked_python, "-m", "pytest", "--forked", *base],
+            "sandbox (forked venv)": [forked_python, "-m", "pytest", "--sandbox=all", *base],
+            "scope=session (f. venv)": [forked_python, "-m", "pytest", "--sandbox=all", *session, *base],
             "fixture: plain": [*pytest_cmd, *fixture],
             "fixture: scope=test": [*pytest_cmd, "--sandbox=all", *fixture],
             "fixture: scope=session": [*pytest_cmd, "--sandbox=all", "--sandbox-scope=session", *fixture],
@@ -114,6 +127,8 @@ def main() -> None:
     each_ms = per_test("sandbox", "sandbox, scope=session")  # over the fixed cost: a process and a layer each
     host_ms = per_test("host collection", "plain")
     forked_ms = per_test("forked", "plain (forked venv)")
+    alike_ms = per_test("sandbox (forked venv)", "plain (forked venv)")
+    alike_each_ms = per_test("sandbox (forked venv)", "scope=session (f. venv)")
     fixed_ms = (median["sandbox, scope=session"] - median["plain"]) * 1000
     print(
         f"{args.tests} trivial tests (and a 100-test suite with a 200 ms session fixture), median of {args.runs} runs"
@@ -129,6 +144,11 @@ def main() -> None:
     print(
         f"ratio sandbox/forked: {sandbox_ms / forked_ms:.2f} (goal <= 0.80; each test over the session's sandbox "
         f"{each_ms / forked_ms:.2f}, collection on the host {host_ms / forked_ms:.2f})"
+    )
+    print(
+        f"with pytest-forked's pytest and plugins (the venv holds pytest, pytest-forked and pytest-sandbox only): "
+        f"sandbox {alike_ms:.2f} ms per test, each test over the session's sandbox {alike_each_ms:.2f} ms; "
+        f"ratio to forked {alike_ms / forked_ms:.2f}, each test {alike_each_ms / forked_ms:.2f} (goal <= 0.80)"
     )
     print(
         f"ratio sandbox/bare fork: {sandbox_ms / fork_ms:.2f} (goal <= 2.00; each test over the session's sandbox "

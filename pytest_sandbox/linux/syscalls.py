@@ -16,7 +16,21 @@ import socket
 import struct
 from typing import Any
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+def _load_libc() -> ctypes.CDLL:
+    """glibc by its soname, or the C library this interpreter is linked with (musl); find_library runs
+    ``ldconfig -p`` in a child process, a few milliseconds of every pytest start, only as the last resort."""
+    for name in ("libc.so.6", None):
+        try:
+            libc = ctypes.CDLL(name, use_errno=True)
+            libc.syscall  # noqa: B018  # the one symbol everything here needs
+            return libc
+        except (OSError, AttributeError):
+            continue
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+_libc = _load_libc()
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 
