@@ -241,7 +241,7 @@ class _Layer:
         self.outer = [self._deepest_place(place, besides=index) for index, place in enumerate(places)]
         self.below = self._mounts_below_places()
         self.masks = self._mask_layers(hidden)
-        self.mounted: list[int] = []  # fds of this test's mounts, in the order they were attached
+        self.tops: list[int] = []  # fds of this test's mounts on the scope's view (the rest lie inside them)
         self.ahead: _Built | None = None  # the next test's layer, built ahead
         self.attached: _Built | None = None  # the test's layer, attached
         self.queues = self._message_queues()
@@ -383,13 +383,14 @@ class _Layer:
     def _attach_place(self, index: int, fd: int, tops: dict[int, int]) -> None:
         outer = self.outer[index]
         if outer is None:
-            self._attach(fd, self.place_fds[index])  # over the scope's mount of the place
+            syscalls.move_mount_onto(fd, self.place_fds[index])  # over the scope's mount of the place
+            self.tops.append(fd)
             return
         # A place inside another: in that one's overlay of this layer.
         relative = os.path.relpath(self.places[index], self.places[outer])
         onto = syscalls.openat2(tops[outer], relative, _PATH | os.O_DIRECTORY, _BENEATH)
         try:
-            self._attach(fd, onto)
+            syscalls.move_mount_onto(fd, onto)
         finally:
             os.close(onto)
 
@@ -400,7 +401,7 @@ class _Layer:
             except OSError:
                 return  # gone, or a symlink now, in the scope's view: the test goes without it
             try:
-                self._attach(clone, target)
+                syscalls.move_mount_onto(clone, target)
                 return
             except FileNotFoundError:
                 continue  # a fixture's process removed it since (and may have made it again): look again
@@ -409,21 +410,19 @@ class _Layer:
         # Removed each time it was found: the test goes without it, as if gone (a mask's place still shows
         # its mask layer; anything else there is the test's own upper over the scope's view).
 
-    def _attach(self, fd: int, onto: int) -> None:
-        syscalls.move_mount_onto(fd, onto)
-        self.mounted.append(fd)
-
     def unmount(self) -> None:
-        """Take the test's layer off: its message queues, then its mounts, innermost first. What remains
-        (closing the fds, freeing the tmpfs) is release's, after the scope process has its answer."""
+        """Take the test's layer off: its message queues, then its mounts on the scope's view, each with
+        every mount inside it (a lazy unmount takes the tree: one wait for the kernel's grace period a
+        place, not one a mount, which took 1-2 ms a test). What remains (closing the fds, freeing the tmpfs)
+        is release's, after the scope process has its answer."""
         if self.queues is not None:
             for name, inode in self._queues_now().items():
                 if self.queues_before.get(name) == inode:
                     continue
                 with contextlib.suppress(OSError):
                     os.unlink(name, dir_fd=self.queues)
-        while self.mounted:
-            fd = self.mounted.pop()
+        while self.tops:
+            fd = self.tops.pop()
             with contextlib.suppress(OSError):
                 syscalls.umount2(f"/proc/self/fd/{fd}", syscalls.MNT_DETACH)
 
