@@ -328,7 +328,10 @@ def _project_plugin(config: pytest.Config, anchors: tuple[str, ...]) -> str | No
         file = getattr(plugin, "__file__", None)
         if not isinstance(file, str):
             continue
-        paths = {os.path.abspath(file), os.path.realpath(file)}
+        path = os.path.abspath(file)
+        if is_under(path, ours) or any(is_under(path, prefix) for prefix in installed):
+            continue  # (realpath, a stat per component, only for the few that are not: 20-50 ms for them all)
+        paths = {path, os.path.realpath(file)}
         if any(is_under(path, ours) or any(is_under(path, prefix) for prefix in installed) for path in paths):
             continue
         if any(is_under(path, place) for path in paths for place in places):
