@@ -14,7 +14,6 @@ import warnings
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-import filelock
 import pytest
 
 from . import outputs, settings, summary
@@ -226,6 +225,8 @@ def prepare_images(state: SessionState, say: build.Progress, worker: tuple[str, 
     worker_id, run_id = worker
     shared = _xdist_run_dir(state, run_id)
     started = os.path.join(shared, "started")
+    import filelock  # here: only xdist workers that build images take it
+
     first = filelock.FileLock(os.path.join(shared, "lock"))
     if worker_id == "gw0":
         with first:

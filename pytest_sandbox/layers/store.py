@@ -30,8 +30,6 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import filelock
-
 from ..errors import SandboxError
 from ..linux.files import read_json, remove_tree, tree_size, write_json_atomic
 from ..linux.mounts import filesystem_of
@@ -274,6 +272,8 @@ class Store:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Exclusive store lock: publishing, removing and pruning happen under it."""
+        import filelock  # here: its import is a few ms of every pytest start, and most runs never lock
+
         self.ensure()
         with filelock.FileLock(os.path.join(self.root, "store.lock")):
             yield
