@@ -162,20 +162,28 @@ _ENTRY_POINTS = ("_console_main", "console_main")
 
 
 def _supervise(config: pytest.Config, may_fall_back: bool) -> int | None:
-    reason = probe.unavailable_reason()
-    if reason is not None and may_fall_back:  # the host path applies sandbox_unavailable
-        _fall_back(config, f"this host cannot build sandboxes: {reason}")
-        return None
-    if reason is not None:
-        raise pytest.UsageError(f"{WHERE}: this host cannot build sandboxes: {reason} (see pytest-sandbox doctor)")
-    anchors = output_anchors(config)
+    probe.start_ahead()  # its child runs while the settings are read; its answer is heard first all the same
     try:
-        state = _session.configure(config)
-    except pytest.UsageError:
+        anchors = output_anchors(config)
+        state: SessionState | None = _session.configure(config)
+        refused: pytest.UsageError | None = None
+    except pytest.UsageError as exc:
+        state, refused = None, exc
+    finally:
+        reason = probe.unavailable_reason()
+    if reason is not None or state is None:
+        if state is not None:
+            _session.close(state)
+        if reason is not None and may_fall_back:  # the host path applies sandbox_unavailable
+            _fall_back(config, f"this host cannot build sandboxes: {reason}")
+            return None
+        if reason is not None:
+            raise pytest.UsageError(f"{WHERE}: this host cannot build sandboxes: {reason} (see pytest-sandbox doctor)")
         if may_fall_back:  # the host path says what is wrong with the settings, as it always did
             _fall_back(config, "the settings are checked on the host")
             return None
-        raise
+        assert refused is not None
+        raise refused
     try:
         # Once: which outputs the run declares (a walk of the rootdir for snapshots and regression data) and
         # which paths the user named; both the fallback's checks and the session's paths use them.

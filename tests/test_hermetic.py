@@ -381,3 +381,28 @@ def test_a_volume_target_the_sandbox_cannot_make_is_a_usage_error(pytester: pyte
     result = pytester.runpytest_subprocess("--sandbox=hermetic", "-o", f"sandbox_volumes={tmp_path}={missing}:rw")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"ERROR: sandbox_volumes: invalid volumes=*{missing} does not exist on this host*"])
+
+
+@pytest.mark.parametrize("refused_settings", [False, True])
+def test_a_host_that_cannot_build_sandboxes_is_said_first(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, refused_settings: bool
+) -> None:
+    """The probe's child runs while the settings are read, but its answer comes first, as before: hermetic
+    refuses with the host's reason (not the settings'), --sandbox=all collects on the host and says so."""
+    from pytest_sandbox import hermetic, probe
+    from pytest_sandbox import session as session_module
+
+    monkeypatch.setattr(probe, "unavailable_reason", lambda: "user.max_user_namespaces is 0")
+    if refused_settings:
+
+        def refuse(config: pytest.Config) -> None:
+            raise pytest.UsageError("--sandbox-memory: not a size")
+
+        monkeypatch.setattr(session_module, "configure", refuse)
+    monkeypatch.delenv("PYTEST_SANDBOX_HOST_COLLECTION", raising=False)
+    config = pytester.parseconfig()
+    with pytest.raises(pytest.UsageError, match="this host cannot build sandboxes: user.max_user_namespaces is 0"):
+        hermetic.supervise(config, hermetic.MODE)
+    assert hermetic.supervise(config, hermetic.FALLS_BACK) is None
+    assert "this host cannot build sandboxes: user.max_user_namespaces is 0" in config.stash[hermetic.FELL_BACK]
+    os.environ.pop("PYTEST_SANDBOX_HOST_COLLECTION", None)
