@@ -4,9 +4,9 @@
 
 pytest-forked is installed into its own venv (pinned to a pytest it works with:
 it is broken on pytest 9.2) unless --forked-venv points at one; this checkout's
-pytest-sandbox goes in too, and is measured there as well: the same pytest and
-the same plugins as pytest-forked, the fair comparison (the main venv's dev
-plugins each run hooks in every test's process). Prints the
+pytest-sandbox is measured there too (from the source tree, with -p): the same
+pytest and the same other plugins as pytest-forked, the fair comparison (the
+main venv's dev plugins each run hooks in every test's process). Prints the
 median wall time of each configuration and, against baselines measured in the
 same run: the overhead per test over plain pytest and its ratio to pytest-forked
 (goal <= 0.8) and to a bare fork of a pytest-sized process (goal <= 2); under
@@ -58,14 +58,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _forked_venv(path: str) -> str:
-    """A venv with pytest, pytest-forked and this checkout's pytest-sandbox and nothing else: both plugins
-    measured with the same pytest and the same plugins (each plugin's hooks run in every test's process)."""
+    """A venv with pytest and pytest-forked, and pytest-sandbox's dependencies: this checkout's pytest-sandbox
+    runs there from the source tree (``-p``, on PYTHONPATH), so both plugins are measured with the same
+    pytest and the same other plugins (each plugin's hooks run in every test's process)."""
     python = os.path.join(path, "bin", "python")
     if not os.path.exists(python):
         venv.create(path, with_pip=True)
-    has = subprocess.run([python, "-c", "import pytest_forked, pytest_sandbox"], capture_output=True)
+    has = subprocess.run([python, "-c", "import pytest_forked, pyroute2, filelock"], capture_output=True)
     if has.returncode != 0:
-        subprocess.run([python, "-m", "pip", "install", "-q", "pytest<9.2", "pytest-forked", "-e", REPO], check=True)
+        wanted = ["pytest<9.2", "pytest-forked", "pyroute2>=0.7", "filelock>=3.12"]
+        subprocess.run([python, "-m", "pip", "install", "-q", *wanted], check=True)
     return python
 
 
@@ -77,6 +79,7 @@ def main() -> None:
     args = parser.parse_args()
 
     forked_python = _forked_venv(args.forked_venv)
+    source_env = {**os.environ, "PYTHONPATH": REPO, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
     with tempfile.TemporaryDirectory(prefix="sandbox-bench-") as suite:
         with open(os.path.join(suite, "test_trivial.py"), "w") as f:
             f.writelines(f"def test_{i}():\n    assert True\n\n" for i in range(args.tests))
@@ -91,6 +94,9 @@ def main() -> None:
         fixture = ["-q", "-p", "no:cacheprovider", "fixture"]
         host = ["--sandbox-collection=host"]
         session = ["--sandbox-scope=session"]
+        # In the forked venv: this checkout's plugin from the source tree, and pytest-forked, loaded by name
+        # (entry points off: an egg-info in the checkout would register the plugin a second time).
+        ours = ["-p", "pytest_sandbox.plugin", "-p", "pytest_forked"]
         configs = {
             "plain": [*pytest_cmd, *base],
             "sandbox": [*pytest_cmd, "--sandbox=all", *base],
@@ -103,8 +109,8 @@ def main() -> None:
             "host collection -n 2": [*pytest_cmd, "-n", "2", "--sandbox=all", *host, *base],
             "plain (forked venv)": [forked_python, "-m", "pytest", *base],
             "forked": [forked_python, "-m", "pytest", "--forked", *base],
-            "sandbox (forked venv)": [forked_python, "-m", "pytest", "--sandbox=all", *base],
-            "scope=session (f. venv)": [forked_python, "-m", "pytest", "--sandbox=all", *session, *base],
+            "sandbox (forked venv)": [forked_python, "-m", "pytest", *ours, "--sandbox=all", *base],
+            "scope=session (f. venv)": [forked_python, "-m", "pytest", *ours, "--sandbox=all", *session, *base],
             "fixture: plain": [*pytest_cmd, *fixture],
             "fixture: scope=test": [*pytest_cmd, "--sandbox=all", *fixture],
             "fixture: scope=session": [*pytest_cmd, "--sandbox=all", "--sandbox-scope=session", *fixture],
@@ -114,7 +120,7 @@ def main() -> None:
         floors: list[float] = []
         for _ in range(args.runs):  # interleaved, so drift in machine load hits every configuration alike
             for name, cmd in configs.items():
-                times[name].append(time_command(cmd, suite))
+                times[name].append(time_command(cmd, suite, env=source_env if "pytest_sandbox.plugin" in cmd else None))
             floor = subprocess.run([sys.executable, "-c", FORK_FLOOR], capture_output=True, text=True, check=True)
             floors.append(float(floor.stdout))
     median = {name: statistics.median(values) for name, values in times.items()}
