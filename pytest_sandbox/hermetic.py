@@ -70,10 +70,13 @@ _COLLECTION_MESSAGE_MAX = 4096  # a datagram on the collection line: a reason is
 _HOLD_MAX = 4 << 20  # output held before collection is done: past this much it is shown
 _HOLD_PAUSE = 1.5  # seconds without output, while held, after which a prompt is shown
 # pytest again, in the sandbox: with the supervisor's sys.path (how it was started decides it: a script,
-# python -m pytest) and its argv[0]; the command line follows.
+# python -m pytest) and its argv[0]; the command line follows. pytest_sandbox is imported by name only
+# after pytest.main: before, pytest could not rewrite the asserts of a plugin imported already and warns
+# (an error under filterwarnings = error).
 _BOOTSTRAP = (
     "import sys; del sys.path[0]; import json; sys.path[:] = json.loads(sys.argv[1]); sys.argv = sys.argv[2:]; "
-    "import pytest; from pytest_sandbox.hermetic import exit_as_python_would; exit_as_python_would(pytest.main())"
+    "import pytest; code = pytest.main(); from pytest_sandbox.hermetic import exit_as_python_would; "
+    "exit_as_python_would(code)"
 )
 # Report and data files the well-known plugins write where their options say: (option dest, plugin).
 _REPORT_FILES = ("xmlpath", "report_log", "htmlpath", "json_report_file", "allure_report_dir", "cucumber_json_path")

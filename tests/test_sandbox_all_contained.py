@@ -317,3 +317,26 @@ def test_pytest_main_in_a_program_returns_to_it(pytester: pytest.Pytester) -> No
     result = pytester.run(sys.executable, program)
     assert result.ret == 0, result.stdout.str() + result.stderr.str()
     result.stdout.fnmatch_lines(["*1 passed*", "AFTER-PYTEST 0"])
+
+
+def test_warnings_as_errors_hold_as_in_a_plain_run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session's pytest starts as a plain one does: with ``filterwarnings = error`` (python-dateutil's
+    setting), nothing of the sandbox's own start warns. Its bootstrap once imported pytest_sandbox before
+    pytest.main; where the plugin is installed from a wheel, pytest marks its modules for assert rewriting,
+    found them imported already and warned, an error there: no test ran. A distribution whose RECORD lists
+    pytest_sandbox's module, as a wheel's does, brings that marking here (an editable install lists none)."""
+    site = pytester.path / "site"  # in the rootdir: the session's sandbox sees it
+    info = site / "wheel_like-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: wheel-like\nVersion: 1.0\n")
+    # Its plugin is the standard library's json (no hooks; installed, so not the project's own plugin).
+    (info / "entry_points.txt").write_text("[pytest11]\nwheel_like = json\n")
+    (info / "RECORD").write_text("pytest_sandbox/__init__.py,,\n")
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    pytester.makeini("[pytest]\nfilterwarnings =\n    error\n")
+    pytester.makepyfile("def test_pass(): assert True")
+    plain = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    sandboxed = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--sandbox=all")
+    assert plain.ret == sandboxed.ret == pytest.ExitCode.OK, sandboxed.stdout.str() + sandboxed.stderr.str()
+    assert sandboxed.parseoutcomes() == plain.parseoutcomes() == {"passed": 1}
+    sandboxed.stdout.fnmatch_lines(["sandbox: all (this whole session runs in one sandbox*"])  # not on the host
