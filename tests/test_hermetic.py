@@ -401,7 +401,7 @@ def test_a_host_that_cannot_build_sandboxes_is_said_first(
         monkeypatch.setattr(session_module, "configure", refuse)
     monkeypatch.delenv("PYTEST_SANDBOX_HOST_COLLECTION", raising=False)
     config = pytester.parseconfig()
-    with pytest.raises(pytest.UsageError, match="this host cannot build sandboxes: user.max_user_namespaces is 0"):
+    with pytest.raises(pytest.UsageError, match=r"this host cannot build sandboxes: user\.max_user_namespaces is 0"):
         hermetic.supervise(config, hermetic.MODE)
     assert hermetic.supervise(config, hermetic.FALLS_BACK) is None
     assert "this host cannot build sandboxes: user.max_user_namespaces is 0" in config.stash[hermetic.FELL_BACK]
