@@ -500,14 +500,17 @@ def plugin_outputs(config: pytest.Config) -> list[str]:
             continue
         if isinstance(value, str) and value:
             found.append(value)
+    html = getattr(options, "htmlpath", None)
+    if isinstance(html, str) and html and not getattr(options, "self_contained_html", False):
+        found.append(os.path.join(os.path.dirname(html), "assets"))  # pytest-html's style sheet, beside it
     if getattr(options, "cov_source", None):
         found.append(os.environ.get("COVERAGE_FILE") or ".coverage")
         for kind, path in (getattr(options, "cov_report", None) or {}).items():
             if kind in _COVERAGE_REPORTS:
                 found.append(path or _COVERAGE_REPORTS[kind])
     benchmark_json = getattr(options, "benchmark_json", None)
-    if benchmark_json is not None:
-        found.append(getattr(benchmark_json, "name", str(benchmark_json)))
+    if benchmark_json is not None:  # a path (pytest-benchmark 5) or a file opened for it (earlier: its name)
+        found.append(os.fspath(benchmark_json) if isinstance(benchmark_json, os.PathLike) else benchmark_json.name)
     if getattr(options, "benchmark_autosave", False) or getattr(options, "benchmark_save", None):
         found.append(".benchmarks")
     snapshots = getattr(options, "update_snapshots", False) or getattr(options, "update_new_snapshots_only", False)

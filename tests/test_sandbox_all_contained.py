@@ -4,6 +4,7 @@ sandbox of its own. Each test compares with a plain run of the same suite."""
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import socket
@@ -340,3 +341,26 @@ def test_warnings_as_errors_hold_as_in_a_plain_run(pytester: pytest.Pytester, mo
     assert plain.ret == sandboxed.ret == pytest.ExitCode.OK, sandboxed.stdout.str() + sandboxed.stderr.str()
     assert sandboxed.parseoutcomes() == plain.parseoutcomes() == {"passed": 1}
     sandboxed.stdout.fnmatch_lines(["sandbox: all (this whole session runs in one sandbox*"])  # not on the host
+
+
+def test_a_benchmark_json_in_a_directory_reaches_the_host(pytester: pytest.Pytester) -> None:
+    """pytest-benchmark 5 keeps --benchmark-json as a path: its file name alone was declared as the output,
+    so a JSON asked for in a directory was written in the sandbox and never reached the host."""
+    pytester.mkdir("out")  # pytest-benchmark makes no directory
+    pytester.makepyfile("def test_sum(benchmark):\n    benchmark.pedantic(sum, args=(range(9),), rounds=2)")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--sandbox=all", "--benchmark-json=out/b.json")
+    result.stdout.fnmatch_lines(["sandbox: all (this whole session runs in one sandbox*", "*1 passed*"])
+    written = json.loads((pytester.path / "out" / "b.json").read_text())
+    assert [bench["name"] for bench in written["benchmarks"]] == ["test_sum"]
+
+
+def test_pytest_htmls_assets_are_declared_beside_its_report(pytester: pytest.Pytester) -> None:
+    """pytest-html writes its style sheet in assets/ beside the report (unless --self-contained-html): the
+    report reached the host without it and opened unstyled."""
+    from pytest_sandbox import hermetic
+
+    config = pytester.parseconfig()
+    config.option.htmlpath = "reports/run.html"
+    assert str(pytester.path / "reports" / "assets") in hermetic.plugin_outputs(config)
+    config.option.self_contained_html = True
+    assert str(pytester.path / "reports" / "assets") not in hermetic.plugin_outputs(config)
