@@ -79,7 +79,15 @@ _BOOTSTRAP = (
     "exit_as_python_would(code)"
 )
 # Report and data files the well-known plugins write where their options say: (option dest, plugin).
-_REPORT_FILES = ("xmlpath", "report_log", "htmlpath", "json_report_file", "allure_report_dir", "cucumber_json_path")
+_REPORT_FILES = (
+    "xmlpath",
+    "report_log",
+    "htmlpath",
+    "json_report_file",
+    "allure_report_dir",
+    "cucumber_json_path",
+    "md_report_output",
+)
 _WALK_MAX = 20000  # directories looked at for test modules (syrupy's snapshot directories)
 _COVERAGE_REPORTS = {"html": "htmlcov", "xml": "coverage.xml", "json": "coverage.json", "lcov": "coverage.lcov"}
 

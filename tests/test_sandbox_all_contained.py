@@ -364,3 +364,12 @@ def test_pytest_htmls_assets_are_declared_beside_its_report(pytester: pytest.Pyt
     assert str(pytester.path / "reports" / "assets") in hermetic.plugin_outputs(config)
     config.option.self_contained_html = True
     assert str(pytester.path / "reports" / "assets") not in hermetic.plugin_outputs(config)
+
+
+def test_a_markdown_report_is_declared(pytester: pytest.Pytester) -> None:
+    """pytest-md-report's --md-report-output is an output as the other report files are."""
+    from pytest_sandbox import hermetic
+
+    config = pytester.parseconfig()
+    config.option.md_report_output = "out/report.md"
+    assert str(pytester.path / "out" / "report.md") in hermetic.plugin_outputs(config)
