@@ -343,9 +343,13 @@ def test_warnings_as_errors_hold_as_in_a_plain_run(pytester: pytest.Pytester, mo
     sandboxed.stdout.fnmatch_lines(["sandbox: all (this whole session runs in one sandbox*"])  # not on the host
 
 
-def test_a_benchmark_json_in_a_directory_reaches_the_host(pytester: pytest.Pytester) -> None:
+def test_a_benchmark_json_in_a_directory_reaches_the_host(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """pytest-benchmark 5 keeps --benchmark-json as a path: its file name alone was declared as the output,
     so a JSON asked for in a directory was written in the sandbox and never reached the host."""
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(name, raising=False)  # this suite's own worker's: pytest-benchmark would turn off
     pytester.mkdir("out")  # pytest-benchmark makes no directory
     pytester.makepyfile("def test_sum(benchmark):\n    benchmark.pedantic(sum, args=(range(9),), rounds=2)")
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--sandbox=all", "--benchmark-json=out/b.json")
