@@ -301,18 +301,21 @@ def test_x(racer, i):
 """
 
 
+def _masked_sub_and_pad(project: Path) -> None:
+    """What PROC_SYS_RACE and MASK_PLACE_SPINNER hide: sub/sys, and 300 files in pad (masks to attach: a
+    wider window for the race)."""
+    (project / "sub" / "sys").mkdir(parents=True)
+    (project / "pad").mkdir()
+    for n in range(300):
+        (project / "pad" / f"f{n:03}").touch()
+
+
 def test_the_helper_takes_off_only_its_own_mounts() -> None:
     """A fixture's process swaps a directory holding one of the layer's mounts for a symlink to /proc: the
     helper took off /proc/sys (the read-only cover of the host's kernel knobs) when it took off the layer
     by path. It now finds and takes off every mount through an fd of its own."""
 
-    def prepare(project: Path) -> None:
-        (project / "sub" / "sys").mkdir(parents=True)
-        (project / "pad").mkdir()
-        for n in range(300):  # masks to attach: a wider window for the race
-            (project / "pad" / f"f{n:03}").touch()
-
-    output = _run_outside_tmp(PROC_SYS_RACE, prepare=prepare)
+    output = _run_outside_tmp(PROC_SYS_RACE, prepare=_masked_sub_and_pad)
     assert "6 passed" in output, output
 
 
@@ -352,13 +355,7 @@ def test_a_fixtures_process_remaking_a_masked_directory_does_not_fail_the_next_t
     mounts: the helper found it, then attached onto the directory removed since, and the test errored at
     setup (CI saw this once in the race above; here about one test in two). It now looks again."""
 
-    def prepare(project: Path) -> None:
-        (project / "sub" / "sys").mkdir(parents=True)
-        (project / "pad").mkdir()
-        for n in range(300):
-            (project / "pad" / f"f{n:03}").touch()
-
-    output = _run_outside_tmp(MASK_PLACE_SPINNER, prepare=prepare)
+    output = _run_outside_tmp(MASK_PLACE_SPINNER, prepare=_masked_sub_and_pad)
     assert "20 passed" in output, output
 
 
