@@ -343,17 +343,21 @@ def _project_plugin(config: pytest.Config, anchors: tuple[str, ...]) -> str | No
     places = [*anchors]
     places += [os.path.realpath(place) for place in places]
     ours = os.path.dirname(__file__)
+
+    def trusted(path: str) -> bool:
+        return is_under(path, ours) or any(is_under(path, prefix) for prefix in installed)
+
     for plugin in config.pluginmanager.get_plugins():
         file = getattr(plugin, "__file__", None)
         if not isinstance(file, str):
             continue
         path = os.path.abspath(file)
-        if is_under(path, ours) or any(is_under(path, prefix) for prefix in installed):
-            continue  # (realpath, a stat per component, only for the few that are not: 20-50 ms for them all)
-        paths = {path, os.path.realpath(file)}
-        if any(is_under(path, ours) or any(is_under(path, prefix) for prefix in installed) for path in paths):
+        if trusted(path):
+            continue  # realpath (a stat per component) only for the few that are not: 20-50 ms for them all
+        real = os.path.realpath(file)
+        if trusted(real):
             continue
-        if any(is_under(path, place) for path in paths for place in places):
+        if any(is_under(candidate, place) for candidate in (path, real) for place in places):
             name = config.pluginmanager.get_name(plugin) or getattr(plugin, "__name__", "?")
             return f"{name} ({file})"
     return None
