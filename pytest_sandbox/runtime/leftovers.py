@@ -78,7 +78,24 @@ def reap_exited(besides: frozenset[int]) -> None:
 
 
 def _children() -> frozenset[int]:
-    """This process's children, from the sandbox's own /proc (a handful of processes)."""
+    """This process's children: each of its threads' list (one short read a thread, where a scan of /proc
+    read the stat file of every process of the sandbox), or that scan where the kernel has no such list."""
+    found = set[int]()
+    try:
+        threads = os.listdir("/proc/self/task")
+    except OSError:
+        return _children_by_scan()
+    for tid in threads:
+        try:
+            with open(f"/proc/self/task/{tid}/children", "rb") as f:
+                found.update(int(pid) for pid in f.read().split())
+        except FileNotFoundError:
+            if int(tid) == os.getpid():  # the main thread's is there unless the kernel lacks them
+                return _children_by_scan()  # (another thread's goes with it, and its children to this one)
+    return frozenset(found)
+
+
+def _children_by_scan() -> frozenset[int]:
     me, found = os.getpid(), set[int]()
     for name in os.listdir("/proc"):
         if not name.isdigit():
