@@ -1246,6 +1246,9 @@ def _finish_teardown(item: pytest.Item, nextitem: pytest.Item | None, held: list
     """Tear down what the next test does not share and send the test's teardown report, with what that
     teardown raised or printed in it (pytest reports a scope's teardown on the scope's last test)."""
     assert _channel is not None
+    if held and nextitem is not None and _nothing_to_tear_down(item, nextitem):
+        protocol.send(_channel, {"type": "report", "data": held[-1]})  # as the test's fork logged it
+        return
     config = item.config
     setup_state = item.session._setupstate
     with _capture(item, "teardown"):
