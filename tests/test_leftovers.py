@@ -54,3 +54,16 @@ def test_a_kernel_without_child_lists_is_scanned(
 
     monkeypatch.setattr(leftovers, "open", no_child_lists, raising=False)
     assert children_of_two_threads <= leftovers._children()
+
+
+def test_a_list_read_while_a_child_is_reaped_is_read_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first read skipped child 3 (the kernel's index moved as child 1 was reaped): only two reads that
+    agree are an answer, and lists that never settle leave it to the scan of /proc."""
+    reads = iter([frozenset({1, 2}), frozenset({2, 3}), frozenset({2, 3})])
+    monkeypatch.setattr(leftovers, "_listed_children", lambda: next(reads))
+    monkeypatch.setattr(leftovers, "_children_by_scan", lambda: frozenset({99}))
+    assert leftovers._children() == {2, 3}
+
+    unsettled = iter(frozenset({n}) for n in range(leftovers._LIST_READS))
+    monkeypatch.setattr(leftovers, "_listed_children", lambda: next(unsettled))
+    assert leftovers._children() == {99}

@@ -78,20 +78,37 @@ def reap_exited(besides: frozenset[int]) -> None:
 
 
 def _children() -> frozenset[int]:
-    """This process's children: each of its threads' list (one short read a thread, where a scan of /proc
-    read the stat file of every process of the sandbox), or that scan where the kernel has no such list."""
+    """This process's children: its threads' child lists (a short read each, where a scan of /proc reads the
+    stat file of every process of the sandbox), or that scan where the kernel keeps no such lists. A list
+    read while another of this process's threads reaps a child of its own may skip a child (the kernel
+    finds the next entry by its index then): two reads in a row must agree."""
+    last: frozenset[int] | None = None
+    for _ in range(_LIST_READS):
+        listed = _listed_children()
+        if listed is None:
+            break
+        if listed == last:
+            return listed
+        last = listed
+    return _children_by_scan()
+
+
+_LIST_READS = 5  # reads of the child lists before a scan of /proc answers instead (children come and go)
+
+
+def _listed_children() -> frozenset[int] | None:
     found = set[int]()
     try:
         threads = os.listdir("/proc/self/task")
     except OSError:
-        return _children_by_scan()
+        return None
     for tid in threads:
         try:
             with open(f"/proc/self/task/{tid}/children", "rb") as f:
                 found.update(int(pid) for pid in f.read().split())
         except FileNotFoundError:
-            if int(tid) == os.getpid():  # the main thread's is there unless the kernel lacks them
-                return _children_by_scan()  # (another thread's goes with it, and its children to this one)
+            if int(tid) == os.getpid():  # the main thread's is there unless the kernel keeps none
+                return None  # (another thread's goes with it, and its children to this one)
     return frozenset(found)
 
 
