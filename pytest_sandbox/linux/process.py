@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # signal's C functions: their masks are sets of ints
 import os
 import signal
 from collections.abc import Iterable
@@ -9,6 +10,18 @@ from collections.abc import Iterable
 from . import syscalls
 
 MAX_FD = 1 << 20  # above any fd limit: what close_fds_but closes goes up to here
+_EVERY_SIGNAL: set[int] = _signal.valid_signals()
+
+
+def block_every_signal() -> set[int]:
+    """Block every signal; the mask before, for set_signal_mask. (signal.pthread_sigmask makes an enum of each
+    signal of the mask it returns, and valid_signals of each signal: 0.2 ms for a block and its undoing.)"""
+    mask: set[int] = _signal.pthread_sigmask(signal.SIG_BLOCK, _EVERY_SIGNAL)
+    return mask
+
+
+def set_signal_mask(mask: Iterable[int]) -> None:
+    _signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def stat_fields(pid: int | str = "self") -> list[bytes]:

@@ -1043,7 +1043,7 @@ def _fork(box: Sandbox, item: pytest.Item, scope_scratch: int | None, not_its: t
     held_fd = os.memfd_create("sandbox-teardown", os.MFD_CLOEXEC)
     mine, theirs = protocol.socketpair()
     _flush_stdio()  # a fixture's print under -s, in a pipe's buffer: each fork would write it again at its end
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    mask = process.block_every_signal()
     pid = os.fork()
     if pid == 0:
         try:
@@ -1054,7 +1054,7 @@ def _fork(box: Sandbox, item: pytest.Item, scope_scratch: int | None, not_its: t
             _test_fork(box, item, held_fd, theirs, mask)
         finally:
             os._exit(1)  # never back into the scope process's frames
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    process.set_signal_mask(mask)
     theirs.close()
     return _Ahead(item.nodeid, pid, os.pidfd_open(pid), mine, held_fd, made_ahead=bool(not_its))
 
@@ -1219,7 +1219,7 @@ def _test_fork(box: Sandbox, item: pytest.Item, held_fd: int, line: socket.socke
             protocol.send(line, {"type": "going" if alike else "spoilt"})
             if not alike:
                 _exit(0)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        process.set_signal_mask(mask)
         layer = fds[0] if fds else None
         nextitem = _scope_items.get(go.get("next") or "")
         plugin_state.apply_carried(_scope_items, go.get("dependency"))
