@@ -231,6 +231,96 @@ def test_what_a_test_leaves_running_ends_before_the_next(pytester: pytest.Pytest
     pytester.runpytest_subprocess("--sandbox=all", "-p", "no:cacheprovider").assert_outcomes(passed=2)
 
 
+SERVED_FROM_A_THREAD = """
+    import http.server, os, subprocess, threading, time, urllib.request, pytest
+
+    class Server:  # pytest-httpserver's shape: tests tell a server thread of the fixture what to answer
+        def __init__(self):
+            self.routes, served = {}, self
+            class Handler(http.server.BaseHTTPRequestHandler):
+                def do_GET(self):
+                    body = served.routes.get(self.path)
+                    self.send_response(200 if body else 500)
+                    self.end_headers()
+                    self.wfile.write((body or "no route").encode())
+                def log_message(self, *args):
+                    pass
+            self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+            threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+        def get(self, path):
+            return urllib.request.urlopen(f"http://127.0.0.1:{self.httpd.server_port}{path}").read()
+
+    @pytest.fixture(scope="session")
+    def server():
+        print("SETUP-SERVER", flush=True)
+        served = Server()
+        yield served
+        served.httpd.shutdown()
+
+    @pytest.fixture
+    def routes(server):
+        yield server
+        server.routes.clear()
+
+    @pytest.mark.parametrize("n", [1, 2])
+    def test_route(routes, n):
+        routes.routes[f"/{n}"] = f"hello {n}"
+        assert routes.get(f"/{n}") == f"hello {n}".encode()
+        open("written", "w").write("test")
+        os.mkdir("made")
+        os.chdir("made")  # where a plain run would leave pytest: gone with the layer, so back where it was
+        subprocess.Popen(["sleep", "600"], env={**os.environ, "LEFTOVER": "TOKEN"})
+
+    def test_after(server):
+        assert server.routes == {}  # the routes fixture's teardown ran in the process the thread serves
+        assert not os.path.exists("written") and not os.path.exists("made")
+        assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and b"TOKEN" in environ(pid)]
+
+    def environ(pid):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                return f.read()
+        except OSError:
+            return b""
+"""
+
+
+def test_tests_of_a_scope_whose_fixtures_run_threads_reach_those_threads(
+    pytester: pytest.Pytester, no_leftovers: str
+) -> None:
+    """A fork of the scope process would have none of its threads: a route a test adds would reach a copy no
+    thread serves (pytest-httpserver: 93 of its own 191 tests failed). Such a scope's tests run in the scope
+    process itself, each still over a layer of its own, its processes ended after it."""
+    pytester.makepyfile(SERVED_FROM_A_THREAD.replace("TOKEN", no_leftovers))
+    result = pytester.runpytest_subprocess("-s", "--sandbox=all", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)
+    assert result.stdout.str().count("SETUP-SERVER") == 1
+    assert not (pytester.path / "written").exists()
+
+
+def test_a_test_run_in_its_scope_process_that_crashes_fails_alone(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import ctypes, threading, pytest
+
+        @pytest.fixture(scope="session")
+        def worker():
+            print("SETUP-WORKER", flush=True)
+            done = threading.Event()
+            threading.Thread(target=done.wait, daemon=True).start()
+            yield
+            done.set()
+
+        def test_1(worker): pass
+        def test_2(worker): ctypes.string_at(0)
+        def test_3(worker): pass
+    """)
+    result = pytester.runpytest_subprocess("-s", "--sandbox=all", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(["*sandbox crashed: SIGSEGV*"])
+    assert result.stdout.str().count("SETUP-WORKER") == 2  # after the crash, a new scope sandbox
+
+
 def test_a_crash_fails_its_test_and_the_rest_run_in_a_new_scope_sandbox(pytester: pytest.Pytester) -> None:
     pytester.makeconftest("""
         import pytest

@@ -58,6 +58,8 @@ _channel: socket.socket | None = None  # the test process's line to pytest, whil
 _layers: test_layers.Helper | None = None  # a scope sandbox's line to its layer helper (test_layers.py)
 _scope_pid = 0  # in a test's fork: the scope process it came from
 _held_teardown: list[dict[str, Any]] | None = None  # in a test's fork: its teardown report, for the scope to finish
+_relayed = False  # in a test's fork: the scope process relays its reports, and says when each is on its way
+_cwd_after_the_layer: tuple[str, str] | None = None  # a test run in the scope process: where it left it, where it was
 # pytest shares the scope's mount namespace (the hermetic session's): what it writes on a test's report (outputs,
 # the cache) must not land in a test's layer, so a layer is on only while its test runs.
 _pytest_sees_the_layers = False
@@ -475,7 +477,7 @@ def _send_report(data: dict[str, Any]) -> None:
     process (its parent) does not take its earlier reports along."""
     assert _channel is not None
     protocol.send(_channel, {"type": "report", "data": data})
-    if _held_teardown is not None:
+    if _relayed:
         with contextlib.suppress(protocol.ProtocolError, OSError):
             protocol.recv(_channel)  # {"type": "relayed"}; nothing if the scope process is gone
 
@@ -606,6 +608,9 @@ def test_process(
     zygote.close()
     if request is None:  # cancelled before it ran
         os._exit(0)
+    if pid1 is None and error is None:  # built ahead in the hermetic session, whose mounts it shares: while
+        with contextlib.suppress(OSError):  # it waited, a test's layer may have been on (now gone, and its
+            os.chdir(box.cwd)  # working directory with it): looked up again, now that no test runs
     if "service" in request:  # the pod zygote's: this sandbox is a service's
         if error is not None:
             failed = f"pytest-sandbox: the service's sandbox failed ({error['phase']}): {error['message']}\n"
@@ -759,7 +764,10 @@ def _run_scope_loop(box: Sandbox, items: dict[str, pytest.Item], scratch: int | 
                 _unprepared(prepared)  # the fixtures it sets up write the scope's view, not a layer
                 prepared = None
                 _set_up_wider_fixtures(item)
-            status, held, _ahead, left = _run_fork(box, item, nextitem, scratch, _ahead, prepared or _prepare())
+            if _ahead is None and _threads_run_here():
+                status, held, left = _run_here(box, item, nextitem, prepared or _prepare())
+            else:
+                status, held, _ahead, left = _run_fork(box, item, nextitem, scratch, _ahead, prepared or _prepare())
             prepared = None
             if os.WIFEXITED(status) and os.WEXITSTATUS(status) == STOP:  # pytest.exit, ^C: the session ends
                 with contextlib.suppress(Exception):  # the fork reported why (a layer the helper lost, too)
@@ -883,6 +891,66 @@ def _run_fork(
     return status, _held_reports(text), following, left
 
 
+def _threads_run_here() -> bool:
+    """Whether a thread besides this one runs in the scope process (a fixture's server, a pool's workers): a
+    fork would have none of them, so what a test asks of such a thread (pytest-httpserver's handlers) would
+    reach a copy that no thread serves."""
+    try:
+        return len(os.listdir("/proc/self/task")) > 1
+    except OSError:
+        return threading.active_count() > 1
+
+
+def _run_here(
+    box: Sandbox, item: pytest.Item, nextitem: pytest.Item | None, prepared: _Prepared
+) -> tuple[int, list[dict[str, Any]], leftovers.Snapshot]:
+    """Run the item in this process, as a fork would run it (over its layer, tearing down its own fixtures
+    only, its teardown report held for _finish_teardown), for a scope whose fixtures run threads: the test
+    shares this process with them, as in a plain run. What it leaves running is ended, and its layer taken
+    off, as after a fork; its exit status as a fork's (STOP: pytest.exit or ^C, already reported)."""
+    global _held_teardown, _cwd_after_the_layer
+    assert _channel is not None
+    os.ftruncate(box.crash_fd, 0)
+    os.lseek(box.crash_fd, 0, os.SEEK_SET)
+    setup_state = item.session._setupstate
+    teardown_exact = setup_state.teardown_exact
+    scope = item.parent
+    setup_state.teardown_exact = lambda nextitem: teardown_exact(scope)  # type: ignore[method-assign,arg-type]
+    try:
+        cwd = os.getcwd()
+    except OSError:  # a fixture's process removed it: the session's, where the test process started
+        cwd = box.cwd
+    _held_teardown = []
+    status = 0
+    try:
+        with contextlib.suppress(OSError):
+            os.chdir(cwd)  # looked up before the layer was mounted: through it now
+        if not _beside_other_tests:  # as a test's fork is (this process is not dumpable between tests)
+            syscalls.prctl(syscalls.PR_SET_DUMPABLE, 1)
+        try:
+            _run_protocol(box, item, nextitem)
+            if prepared.layer is not None:
+                for message in outputs.collect(prepared.layer, box.outputs):
+                    protocol.send(_channel, message)
+        except BaseException as exc:
+            protocol.send(_channel, _ended_early(exc, item))
+            status = STOP << 8
+    finally:
+        syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
+        del setup_state.teardown_exact  # the instance's own, back to the class's method
+        held, _held_teardown = _held_teardown, None
+        if prepared.layer is not None:
+            os.close(prepared.layer)
+        try:
+            left_in = os.getcwd()  # where the test left this process: a plain run stays there, if it is there
+        except OSError:
+            left_in = cwd
+        _cwd_after_the_layer = (left_in, cwd)
+        with contextlib.suppress(OSError):
+            os.chdir("/")  # out of the layer: its directories go with it (_end_what_it_left comes back)
+    return status, held, prepared.before
+
+
 @dataclasses.dataclass(frozen=True)
 class _Prepared:
     """A test's layer, attached (an fd of its uppers' view), and what the scope held before it: both made
@@ -909,9 +977,18 @@ def _unprepared(prepared: _Prepared | None) -> None:
 def _end_what_it_left(left: leftovers.Snapshot, following: _Ahead | None) -> None:
     """Kill what the test left running (not the next test's fork), and take its layer off: the scope's view
     is back, as the fixtures left it."""
+    global _cwd_after_the_layer
     leftovers.end(left, besides=frozenset([following.pid]) if following is not None else frozenset())
     if _layers is not None:
         test_layers.end(_layers)
+    if _cwd_after_the_layer is not None:  # a test run in this process (_run_here): its working directory
+        where, before = _cwd_after_the_layer
+        _cwd_after_the_layer = None
+        try:
+            os.chdir(where)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.chdir(before)
 
 
 def _may_report_first(box: Sandbox) -> bool:
@@ -1186,10 +1263,11 @@ def _test_fork(box: Sandbox, item: pytest.Item, held_fd: int, line: socket.socke
     """One test in a fork of the scope process, talking to pytest on ``line`` (relayed by the scope process);
     never returns. It waits for its go first: the next item, the test's layer and the earlier tests' outcomes
     (a fork made ahead was made before they were known)."""
-    global _held_teardown, _channel
+    global _held_teardown, _channel, _relayed
     assert _channel is not None
     _channel.close()  # the scope's line to pytest: not this test's to write on
     _channel = line
+    _relayed = True
     code = 0
     unready: BaseException | None = None  # reported once the test runs
     try:  # never back into the scope process's frames, whatever happens
