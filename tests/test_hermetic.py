@@ -406,3 +406,12 @@ def test_a_host_that_cannot_build_sandboxes_is_said_first(
     assert hermetic.supervise(config, hermetic.FALLS_BACK) is None
     assert "this host cannot build sandboxes: user.max_user_namespaces is 0" in config.stash[hermetic.FELL_BACK]
     os.environ.pop("PYTEST_SANDBOX_HOST_COLLECTION", None)
+
+
+def test_nothing_is_left_unclosed_for_pythons_resource_warnings(pytester: pytest.Pytester) -> None:
+    """attrs' suite sets ``filterwarnings = once::Warning``: a socket the session's zygote left open was shown
+    after the summary line (its line to the layer helper)."""
+    pytester.makepyfile("def test_a(): pass")
+    result = pytester.runpytest_subprocess("--sandbox=all", "-p", "no:cacheprovider", "-W", "default::ResourceWarning")
+    result.assert_outcomes(passed=1)
+    assert "ResourceWarning" not in result.stdout.str() + result.stderr.str()

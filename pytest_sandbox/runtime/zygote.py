@@ -800,6 +800,8 @@ class _Factory:
             self.test_ended(sandbox)
         for sandbox in list(self.ending.values()):
             self.namespace_ended(sandbox)
+        if self.layer_line is not None:  # its copy of the line to the session's layer helper
+            self.layer_line.close()
 
 
 def _serve(
