@@ -523,8 +523,9 @@ def plugin_outputs(config: pytest.Config) -> list[str]:
     benchmark_json = getattr(options, "benchmark_json", None)
     if benchmark_json is not None:  # a path (pytest-benchmark 5) or a file opened for it (earlier: its name)
         found.append(os.fspath(benchmark_json) if isinstance(benchmark_json, os.PathLike) else benchmark_json.name)
-    if getattr(options, "benchmark_autosave", False) or getattr(options, "benchmark_save", None):
-        found.append(".benchmarks")
+    storage = getattr(options, "benchmark_storage", None)  # made at every start, saved runs go there
+    if isinstance(storage, str) and (storage.startswith("file://") or "://" not in storage):
+        found.append(storage.removeprefix("file://"))
     snapshots = getattr(options, "update_snapshots", False) or getattr(options, "update_new_snapshots_only", False)
     regressions = config.pluginmanager.has_plugin("regressions")
     test_modules = list(_test_modules(str(config.rootpath))) if snapshots or regressions else []  # one walk
@@ -932,7 +933,7 @@ def _relay(
                     continue
                 if collection is not None:
                     collection.settled = True
-                if kind in ("output", "output-too-large"):
+                if kind in outputs.KINDS:
                     try:
                         protocol.check(message, protocol.FROM_TEST)
                         outputs.write(message, declared, anchors, say=_say)  # refuses .git below an anchor
@@ -958,7 +959,7 @@ def _messages(
     those two lines have ended. ^C goes on to pytest in the sandbox; a second one ends it."""
     lines = {status.fileno(): status, channel.fileno(): channel}
     names = {status.fileno(): "status", channel.fileno(): "outputs"}
-    accepted = {"status": ("exit", "error"), "outputs": ("output", "output-too-large")}
+    accepted = {"status": ("exit", "error"), "outputs": outputs.KINDS}
     watched = collection.line.fileno() if collection is not None else -1
     with _forwarding_signals(zygote, stdio):
         while lines or stdio.sources:

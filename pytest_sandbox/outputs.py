@@ -27,6 +27,7 @@ from .linux.mounts import is_under
 from .protocol import ProtocolError
 
 MAX_FILE = 64 * 2**20  # bytes of one output file carried (a message holds it in base64, under protocol.MAX_MESSAGE)
+KINDS = ("output", "output-too-large", "output-directory")  # the messages that carry outputs
 # Below pytest's cache directory, records of processes the sandbox ran, which died with it: pytest-xprocess keeps
 # each server's pid there to find it again in the next run, and a sandbox's pid names another process on the host
 # (a later run would take that one for its server, and signal it at the end).
@@ -114,7 +115,8 @@ def in_uppers(overlays: Iterable[str], outputs: Iterable[str]) -> list[tuple[str
 
 def collect(scratch_fd: int, uppers: Iterable[tuple[str, str]]) -> Iterator[dict[str, Any]]:
     """One "output" message per regular file the sandbox wrote under an output, or as the output (an
-    output may name a file)."""
+    output may name a file), and an "output-directory" one per empty directory (pytest-benchmark makes its
+    storage directory in every run, empty until a run is saved)."""
     for output, upper in uppers:
         *parents, name = upper.split("/")
         fd = _open_below(scratch_fd, parents, create=False)
@@ -138,8 +140,11 @@ def _entry(dir_fd: int, name: str, path: str) -> Iterator[dict[str, Any]]:
         except PermissionError:
             return
         try:
-            for entry in os.scandir(sub):
-                yield from _entry(sub, entry.name, f"{path}/{entry.name}")
+            entries = [entry.name for entry in os.scandir(sub)]
+            if not entries:
+                yield {"type": "output-directory", "path": path}
+            for entry in entries:
+                yield from _entry(sub, entry, f"{path}/{entry}")
         finally:
             os.close(sub)
     elif stat.S_ISREG(info.st_mode) and info.st_size > MAX_FILE:  # pytest hears of it, without its bytes
@@ -210,6 +215,12 @@ def write(
         return
     if path == root:  # an output that names a file: written in its directory, made as for any output
         root = os.path.dirname(root)
+    if message["type"] == "output-directory":  # an empty one: made, as the directories files are written in
+        try:
+            os.close(_directory_for(path, root, os.path.relpath(path, root).split("/"), anchors))
+        except (OSError, ValueError) as exc:
+            _tell(say, f"pytest-sandbox: cannot make the output directory {path}: {exc}")
+        return
     if message["type"] == "output-too-large":
         _tell(say, f"pytest-sandbox: the output {path} is not carried: {int(message['size'])} bytes, past {MAX_FILE}")
         return

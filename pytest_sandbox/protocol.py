@@ -76,6 +76,7 @@ FROM_TEST: dict[str, dict[str, tuple[type, ...]]] = {
     "coverage": {"arcs": (bool,), "contexts": (dict,)},
     "output": {"path": (str,), "data": (str,), "mode": (int,)},
     "output-too-large": {"path": (str,), "size": (int,)},  # an output file past outputs.MAX_FILE: not carried
+    "output-directory": {"path": (str,)},  # an empty directory under an output
     "suite-property": {"name": (str,), "value": (str,)},
     "benchmarks": {"benchmarks": (list,)},  # pytest-benchmark, flaky, syrupy: see plugin_results.py
     "flaky-report": {"text": (str,), "had_flaky_tests": (bool,)},

@@ -143,7 +143,7 @@ class _Relay:
     the test with what was wrong; the session goes on.
     """
 
-    READ_FROM_THE_PLACES = ("output", "output-too-large", "coverage", "snapshots")  # taken once its layer is off
+    READ_FROM_THE_PLACES = (*outputs.KINDS, "coverage", "snapshots")  # taken once its layer is off
 
     def __init__(
         self, item: pytest.Item, zyg: Zygote, spec: SandboxSpec, containers: dict[str, str] | None, shared: bool
@@ -182,7 +182,7 @@ class _Relay:
             self._write_later()
         elif kind in self.READ_FROM_THE_PLACES and self.later is not None:
             self.later.append(message)
-        elif kind in ("output", "output-too-large"):
+        elif kind in outputs.KINDS:
             self._output(message)
         elif kind == "coverage":
             self._coverage(message)

@@ -271,6 +271,39 @@ def test_write_refuses_paths_outside_the_outputs(tmp_path: pathlib.Path) -> None
     assert (tmp_path / "out/a/b").read_text() == "hi"
 
 
+def test_an_empty_directory_under_an_output_is_carried_and_made(tmp_path: pathlib.Path) -> None:
+    """pytest-benchmark makes its storage directory (.benchmarks) in every run, empty until a run is saved: a
+    plain run leaves it, so the sandbox carries empty directories under outputs (those holding files come
+    with their files)."""
+    scratch = tmp_path / "scratch"
+    (scratch / "u/.benchmarks").mkdir(parents=True)
+    (scratch / "u/reports/empty").mkdir(parents=True)
+    (scratch / "u/reports/full").mkdir()
+    (scratch / "u/reports/full/r.txt").write_text("x")
+    fd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        found = list(outputs.collect(fd, [("/p/.benchmarks", "u/.benchmarks"), ("/p/reports", "u/reports")]))
+    finally:
+        os.close(fd)
+    assert sorted((m["type"], m["path"]) for m in found) == [
+        ("output", "/p/reports/full/r.txt"),
+        ("output-directory", "/p/.benchmarks"),
+        ("output-directory", "/p/reports/empty"),
+    ]
+    root = tmp_path / "project"
+    root.mkdir()
+    made = [str(root / ".benchmarks"), str(root / "reports")]
+    outputs.write({"type": "output-directory", "path": made[0]}, made, anchors=[str(root)])
+    outputs.write({"type": "output-directory", "path": f"{made[1]}/a/empty"}, made, anchors=[str(root)])
+    assert (root / ".benchmarks").is_dir() and (root / "reports/a/empty").is_dir()
+    with pytest.raises(ProtocolError):
+        outputs.write({"type": "output-directory", "path": str(tmp_path / "elsewhere")}, made, anchors=[str(root)])
+    (root / "reports/link").symlink_to(tmp_path)
+    with pytest.warns(pytest.PytestWarning, match="cannot make the output directory"):
+        outputs.write({"type": "output-directory", "path": f"{made[1]}/link/x"}, made, anchors=[str(root)])
+    assert not (tmp_path / "x").exists()
+
+
 def test_write_carries_nothing_a_later_run_would_execute(tmp_path: pathlib.Path) -> None:
     """An output directory inside the project (a syrupy snapshot directory) is collected by the next run: a
     conftest.py a sandbox wrote there would run in the pytest process. Not carried, nor any Python source, bytecode,

@@ -358,6 +358,20 @@ def test_a_benchmark_json_in_a_directory_reaches_the_host(
     assert [bench["name"] for bench in written["benchmarks"]] == ["test_sum"]
 
 
+def test_pytest_benchmarks_storage_directory_is_left_as_in_a_plain_run(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pytest-benchmark makes .benchmarks (its --benchmark-storage) at every start, empty until a run is saved."""
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(name, raising=False)  # this suite's own worker's: pytest-benchmark would turn off
+    pytester.makepyfile("def test_sum(benchmark):\n    benchmark.pedantic(sum, args=(range(9),), rounds=2)")
+    for args in ((), ("--benchmark-storage=file://stored",)):
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--sandbox=all", *args)
+        result.assert_outcomes(passed=1)
+    assert (pytester.path / ".benchmarks").is_dir() and not list((pytester.path / ".benchmarks").iterdir())
+    assert (pytester.path / "stored").is_dir()
+
+
 def test_pytest_htmls_assets_are_declared_beside_its_report(pytester: pytest.Pytester) -> None:
     """pytest-html writes its style sheet in assets/ beside the report (unless --self-contained-html): the
     report reached the host without it and opened unstyled."""
