@@ -525,7 +525,10 @@ def plugin_outputs(config: pytest.Config) -> list[str]:
         found.append(os.fspath(benchmark_json) if isinstance(benchmark_json, os.PathLike) else benchmark_json.name)
     storage = getattr(options, "benchmark_storage", None)  # made at every start, saved runs go there
     if isinstance(storage, str) and (storage.startswith("file://") or "://" not in storage):
-        found.append(storage.removeprefix("file://"))
+        path = os.path.normpath(os.path.join(here, os.path.expanduser(storage.removeprefix("file://"))))
+        saving = getattr(options, "benchmark_autosave", False) or getattr(options, "benchmark_save", None)
+        if saving or is_under(path, str(config.rootpath)):  # else an empty directory above the project: not
+            found.append(path)  # worth refusing the run for (the user started pytest there, asking for nothing)
     snapshots = getattr(options, "update_snapshots", False) or getattr(options, "update_new_snapshots_only", False)
     regressions = config.pluginmanager.has_plugin("regressions")
     test_modules = list(_test_modules(str(config.rootpath))) if snapshots or regressions else []  # one walk
