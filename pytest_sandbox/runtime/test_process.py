@@ -857,8 +857,7 @@ def _run_fork(
     global _scope_pid
     _scope_pid = os.getpid()
     layer, before = prepared.layer, prepared.before
-    os.ftruncate(box.crash_fd, 0)  # what an earlier test wrote there is no part of this one's crash report
-    os.lseek(box.crash_fd, 0, os.SEEK_SET)
+    _empty_crash_report(box)
     following: _Ahead | None = None
     fork = ahead
     try:
@@ -891,6 +890,21 @@ def _run_fork(
     return status, _held_reports(text), following, left
 
 
+def _empty_crash_report(box: Sandbox) -> None:
+    """What an earlier test wrote in the crash memfd is no part of this one's crash report."""
+    os.ftruncate(box.crash_fd, 0)
+    os.lseek(box.crash_fd, 0, os.SEEK_SET)
+
+
+def _tear_down_its_own_fixtures_only(item: pytest.Item) -> None:
+    """pytest's teardown after the item goes no wider than its parent: the scope process tears down the rest
+    after the test's layer is off (_finish_teardown), as the next test needs."""
+    setup_state = item.session._setupstate
+    teardown_exact = setup_state.teardown_exact
+    scope = item.parent
+    setup_state.teardown_exact = lambda nextitem: teardown_exact(scope)  # type: ignore[method-assign,arg-type]
+
+
 def _threads_run_here() -> bool:
     """Whether a thread besides this one runs in the scope process (a fixture's server, a pool's workers): a
     fork would have none of them, so what a test asks of such a thread (pytest-httpserver's handlers) would
@@ -910,12 +924,8 @@ def _run_here(
     off, as after a fork; its exit status as a fork's (STOP: pytest.exit or ^C, already reported)."""
     global _held_teardown, _cwd_after_the_layer
     assert _channel is not None
-    os.ftruncate(box.crash_fd, 0)
-    os.lseek(box.crash_fd, 0, os.SEEK_SET)
-    setup_state = item.session._setupstate
-    teardown_exact = setup_state.teardown_exact
-    scope = item.parent
-    setup_state.teardown_exact = lambda nextitem: teardown_exact(scope)  # type: ignore[method-assign,arg-type]
+    _empty_crash_report(box)
+    _tear_down_its_own_fixtures_only(item)
     try:
         cwd = os.getcwd()
     except OSError:  # a fixture's process removed it: the session's, where the test process started
@@ -937,7 +947,7 @@ def _run_here(
             status = STOP << 8
     finally:
         syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
-        del setup_state.teardown_exact  # the instance's own, back to the class's method
+        del item.session._setupstate.teardown_exact  # the instance's own, back to the class's method
         held, _held_teardown = _held_teardown, None
         if prepared.layer is not None:
             os.close(prepared.layer)
@@ -1281,10 +1291,7 @@ def _test_fork(box: Sandbox, item: pytest.Item, held_fd: int, line: socket.socke
             if _layers is not None:
                 _layers.close()
             plugin_state.forget_inherited_suite_properties(item.config)
-            setup_state = item.session._setupstate
-            teardown_exact = setup_state.teardown_exact
-            scope = item.parent
-            setup_state.teardown_exact = lambda nextitem: teardown_exact(scope)  # type: ignore[method-assign,arg-type]
+            _tear_down_its_own_fixtures_only(item)
         except Exception as exc:
             unready = exc
         go, fds = protocol.recv(line)
