@@ -609,3 +609,55 @@ def test_stopping_early_ends_the_next_tests_waiting_process_before_the_scopes_te
     for stop in ("-x", "--maxfail=1"):
         result = pytester.runpytest_subprocess("--sandbox=all", "-p", "no:cacheprovider", stop, timeout=60)
         result.assert_outcomes(failed=1)
+
+
+@pytest.mark.parametrize("own_child", [False, True], ids=["orphan only", "and a child"])
+@pytest.mark.parametrize("args", [("--sandbox=all",), ("--sandbox=hermetic",)])
+def test_a_test_that_says_it_is_finished_and_goes_on_is_ended_with_all_it_started(
+    pytester: pytest.Pytester, no_leftovers: str, args: tuple[str, ...], own_child: bool
+) -> None:
+    """A test's fork says "finished" just before it exits, and its scope process goes on with the next test
+    while the fork's memory is taken down, without waiting for it where nothing of it can outlive it. A test
+    that says so and goes on starting processes is killed at once; neither those it started nor an orphan it
+    left with the scope process reach the next test, or outlive the run."""
+    pytester.makepyfile(f"""
+        import os, subprocess, time, pytest
+        from pytest_sandbox import protocol
+        from pytest_sandbox.runtime import test_process
+
+        def carrying_the_token():
+            found = []
+            for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+                try:
+                    with open(f"/proc/{{pid}}/environ", "rb") as f:
+                        if b"{no_leftovers}" in f.read():
+                            found.append(pid)
+                except OSError:
+                    pass
+            return found
+
+        @pytest.fixture(scope="session")
+        def sess():
+            return "scope"
+
+        def test_says_it_is_finished(sess):
+            os.environ["LEFTOVER"] = "{no_leftovers}"
+            subprocess.run(["sh", "-c", "sleep 600 & exit 0"], check=True)  # an orphan: the scope process's
+            if {own_child}:
+                subprocess.Popen(["sleep", "600"])  # its child until it ends, then the scope process's
+            protocol.send(test_process._channel, {{"type": "finished", "code": 0}})
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                subprocess.Popen(["sleep", "600"], start_new_session=True)
+                time.sleep(0.002)
+
+        def test_next(sess):
+            assert carrying_the_token() == []
+
+        def test_and_the_one_after(sess):
+            assert carrying_the_token() == []
+    """)
+    result = pytester.runpytest_subprocess(*args, "-p", "no:cacheprovider", "-rA", timeout=120)
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("passed") == 2 and "test_says_it_is_finished PASSED" not in result.stdout.str(), outcomes
+    result.stdout.fnmatch_lines(["PASSED test_*.py::test_next", "PASSED test_*.py::test_and_the_one_after"])

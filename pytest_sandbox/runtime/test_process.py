@@ -66,6 +66,7 @@ _pytest_sees_the_layers = False
 _carried: Any = None  # the earlier tests' outcomes that came with the last test pytest asked for (pytest-dependency)
 _scope_items: dict[str, pytest.Item] = {}  # a scope process's items, for its forks made ahead
 _ahead: _Ahead | None = None  # in a scope process: the next test's fork, made ahead
+_exiting: int | None = None  # in a scope process: the last test's fork, killed as it said it ends, not yet reaped
 # Tests of other processes run beside this one's in its pid namespace, as the same user: the hermetic session's
 # xdist workers. On a kernel without Landlock scopes a dumpable test would be open to them (ptrace,
 # /proc/PID/mem, pidfd_getfd of its line to pytest).
@@ -727,6 +728,7 @@ def _next_request(
 
 GO_ANSWER_TIMEOUT = 30.0  # seconds a fork made ahead has to answer its go (it answers at once unless stopped)
 STOP = 100  # a test's fork says the sandbox ends now (pytest.exit, ^C, a plugin's error: already reported)
+FINISHED, STOPPED = "finished", "finished, stop"  # a test's fork says it exits now (0, STOP)
 
 
 def _run_scope(box: Sandbox, items: dict[str, pytest.Item], scratch: int | None) -> None:
@@ -772,6 +774,7 @@ def _run_scope_loop(box: Sandbox, items: dict[str, pytest.Item], scratch: int | 
             if os.WIFEXITED(status) and os.WEXITSTATUS(status) == STOP:  # pytest.exit, ^C: the session ends
                 with contextlib.suppress(Exception):  # the fork reported why (a layer the helper lost, too)
                     _end_what_it_left(left, _ahead)
+                _reap_the_last_fork()
                 with contextlib.suppress(Exception):
                     _let_go(None)
                 with contextlib.suppress(Exception):  # what pytest's session end tears down after them
@@ -785,6 +788,7 @@ def _run_scope_loop(box: Sandbox, items: dict[str, pytest.Item], scratch: int | 
                 protocol.send(_channel, {"type": "report", "data": held[-1]})
                 protocol.send(_channel, {"type": "done"})
                 _end_what_it_left(left, _ahead)
+                _reap_the_last_fork()
                 prepared = _prepare() if _ahead is not None else None
                 continue
             _end_what_it_left(left, _ahead)
@@ -792,6 +796,7 @@ def _run_scope_loop(box: Sandbox, items: dict[str, pytest.Item], scratch: int | 
             if nextitem is None:
                 _send_what_persists(item.config, scratch, box.outputs)
             protocol.send(_channel, {"type": "done"})
+            _reap_the_last_fork()
         except BaseException as exc:
             protocol.send(_channel, _ended_early(exc, item))
             return
@@ -871,7 +876,7 @@ def _run_fork(
             os.close(layer)
             layer = None
         following = _relay_the_fork(fork, item, nextitem, before.children, box, scope_scratch)
-        _, status = os.waitpid(fork.pid, 0)
+        status = _ending(fork)
         with open(fork.held_fd, "rb", closefd=False) as held:
             held.seek(0)
             text = held.read()
@@ -888,6 +893,33 @@ def _run_fork(
             fork.close()
     left = dataclasses.replace(before, children=before.children - {fork.pid})  # a fork made ahead: in it
     return status, _held_reports(text), following, left
+
+
+def _ending(fork: _Ahead) -> int:
+    """The fork's exit status. One that said it is finished is killed (a test could say so and go on), and
+    where nothing of it can outlive it, not waited for: its copy of this process's memory is taken down
+    (about 2 ms for a pytest-sized one) while this process ends the test; _reap_the_last_fork reaps it."""
+    global _exiting
+    if fork.said is None:
+        _, status = os.waitpid(fork.pid, 0)
+        return status
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(fork.pidfd, signal.SIGKILL)
+    if leftovers.leaves_nothing(fork.pid):
+        _exiting = fork.pid
+    else:  # what it started comes to this process once it has exited, to be ended with the rest
+        os.waitpid(fork.pid, 0)
+    return fork.said << 8  # not the SIGKILL: it was exiting
+
+
+def _reap_the_last_fork() -> None:
+    """Before anything of the next test: the last test's fork has ended (its fds closed, its locks and ports
+    let go) and is reaped."""
+    global _exiting
+    if _exiting is not None:
+        pid, _exiting = _exiting, None
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
 
 
 def _empty_crash_report(box: Sandbox) -> None:
@@ -988,7 +1020,10 @@ def _end_what_it_left(left: leftovers.Snapshot, following: _Ahead | None) -> Non
     """Kill what the test left running (not the next test's fork), and take its layer off: the scope's view
     is back, as the fixtures left it."""
     global _cwd_after_the_layer
-    leftovers.end(left, besides=frozenset([following.pid]) if following is not None else frozenset())
+    besides = {following.pid} if following is not None else set()
+    if _exiting is not None:  # the test's fork, killed, with nothing left (_ending)
+        besides.add(_exiting)
+    leftovers.end(left, besides=frozenset(besides))
     if _layers is not None:
         test_layers.end(_layers)
     if _cwd_after_the_layer is not None:  # a test run in this process (_run_here): its working directory
@@ -1027,6 +1062,7 @@ class _Ahead:
     made_ahead: bool
     waiting: bool = True
     closed: bool = False
+    said: int | None = None  # the exit code it said it ends with, once it did ("finished")
 
     def go(self, nextitem: pytest.Item | None, layer: int | None) -> bool:
         """Send the go; for a fork made ahead, False unless it answers that it goes as a fork made now would.
@@ -1215,6 +1251,9 @@ def _relay_the_fork(
                 called = _forward(line, scope, nodeid, pid)
                 if not called:
                     watched.discard(line.fileno())
+                elif called in (FINISHED, STOPPED):
+                    fork.said = STOP if called == STOPPED else 0
+                    return following
                 elif called == "call" and wanted and following is None:
                     assert nextitem is not None
                     following = _fork(box, nextitem, scope_scratch, not_its=(line.fileno(), fork.pidfd, fork.held_fd))
@@ -1249,11 +1288,13 @@ def _forward(source: socket.socket, target: socket.socket, nodeid: str | None, p
         if not from_test or _of_this_test(message, str(nodeid)):
             with contextlib.suppress(OSError):
                 protocol.send(target, message, fds=tuple(fds))
+        if from_test and message.get("type") == "finished":
+            return STOPPED if message.get("code") == STOP else FINISHED
         if from_test and message.get("type") == "report":
             with contextlib.suppress(OSError):
                 protocol.send(source, {"type": "relayed"})  # the fork waits for this (_send_report)
             when = message["data"].get("when") if isinstance(message.get("data"), dict) else None
-            return when if isinstance(when, str) and when else True
+            return when if when in ("setup", "call", "teardown") else True
     finally:
         for fd in fds:
             os.close(fd)
@@ -1261,8 +1302,8 @@ def _forward(source: socket.socket, target: socket.socket, nodeid: str | None, p
 
 
 def _of_this_test(message: dict[str, Any], nodeid: str) -> bool:
-    if message.get("type") in ("done", "malformed"):
-        return False  # only the scope process says a test is done (after its fork has exited), or malformed
+    if message.get("type") in ("done", "malformed", "finished"):
+        return False  # only the scope process says a test is done (after its fork has ended), or malformed
     if message.get("type") == "report":
         data = message.get("data")
         return isinstance(data, dict) and data.get("nodeid") == nodeid
@@ -1324,7 +1365,10 @@ def _test_fork(box: Sandbox, item: pytest.Item, held_fd: int, line: socket.socke
     except BaseException as exc:
         protocol.send(_channel, _ended_early(exc, item))
         code = STOP
-    _exit(code)
+    _flush_stdio()
+    with contextlib.suppress(Exception):  # the scope process goes on while this one's memory is taken down
+        protocol.send(_channel, {"type": "finished", "code": code})
+    os._exit(code)
 
 
 def _finish_teardown(item: pytest.Item, nextitem: pytest.Item | None, held: list[dict[str, Any]]) -> None:
@@ -1334,6 +1378,7 @@ def _finish_teardown(item: pytest.Item, nextitem: pytest.Item | None, held: list
     if held and nextitem is not None and _nothing_to_tear_down(item, nextitem):
         protocol.send(_channel, {"type": "report", "data": held[-1]})  # as the test's fork logged it
         return
+    _reap_the_last_fork()  # the fixtures are torn down once the test's process is gone, as in a plain run
     config = item.config
     setup_state = item.session._setupstate
     with _capture(item, "teardown"):
