@@ -10,7 +10,8 @@ main venv's dev plugins each run hooks in every test's process). Prints the
 median wall time of each configuration and, against baselines measured in the
 same run: the overhead per test over plain pytest and its ratio to pytest-forked
 (goal <= 0.8) and to a bare fork of a pytest-sized process (goal <= 2); under
-``-n 2`` the overhead per test per worker (goal <= 6 ms); ``--sandbox-scope=session``
+``-n 2`` the overhead per test per worker (goal <= 6 ms; pytest-forked's own beside it, in its venv with
+pytest-xdist); ``--sandbox-scope=session``
 against plain (goal <= 1.1); and a suite with a 200 ms session fixture by scope.
 
 --sandbox=all runs the whole session in one sandbox (conftest.py and collection too):
@@ -64,9 +65,9 @@ def _forked_venv(path: str) -> str:
     python = os.path.join(path, "bin", "python")
     if not os.path.exists(python):
         venv.create(path, with_pip=True)
-    has = subprocess.run([python, "-c", "import pytest_forked, pyroute2, filelock"], capture_output=True)
+    has = subprocess.run([python, "-c", "import pytest_forked, xdist, pyroute2, filelock"], capture_output=True)
     if has.returncode != 0:
-        wanted = ["pytest<9.2", "pytest-forked", "pyroute2>=0.7", "filelock>=3.12"]
+        wanted = ["pytest<9.2", "pytest-forked", "pytest-xdist", "pyroute2>=0.7", "filelock>=3.12"]
         subprocess.run([python, "-m", "pip", "install", "-q", *wanted], check=True)
     return python
 
@@ -97,6 +98,7 @@ def main() -> None:
         # In the forked venv: this checkout's plugin from the source tree, and pytest-forked, loaded by name
         # (entry points off: an egg-info in the checkout would register the plugin a second time).
         ours = ["-p", "pytest_sandbox.plugin", "-p", "pytest_forked"]
+        xdist = ["-p", "xdist.plugin"]  # the forked venv's xdist, by name too: plain there runs without it
         configs = {
             "plain": [*pytest_cmd, *base],
             "sandbox": [*pytest_cmd, "--sandbox=all", *base],
@@ -111,6 +113,8 @@ def main() -> None:
             "forked": [forked_python, "-m", "pytest", "--forked", *base],
             "sandbox (forked venv)": [forked_python, "-m", "pytest", *ours, "--sandbox=all", *base],
             "scope=session (f. venv)": [forked_python, "-m", "pytest", *ours, "--sandbox=all", *session, *base],
+            "plain -n 2 (f. venv)": [forked_python, "-m", "pytest", *xdist, "-n", "2", *base],
+            "forked -n 2": [forked_python, "-m", "pytest", *xdist, "-p", "pytest_forked", "-n", "2", "--forked", *base],
             "fixture: plain": [*pytest_cmd, *fixture],
             "fixture: scope=test": [*pytest_cmd, "--sandbox=all", *fixture],
             "fixture: scope=session": [*pytest_cmd, "--sandbox=all", "--sandbox-scope=session", *fixture],
@@ -120,7 +124,8 @@ def main() -> None:
         floors: list[float] = []
         for _ in range(args.runs):  # interleaved, so drift in machine load hits every configuration alike
             for name, cmd in configs.items():
-                times[name].append(time_command(cmd, suite, env=source_env if "pytest_sandbox.plugin" in cmd else None))
+                by_name = "pytest_sandbox.plugin" in cmd or "xdist.plugin" in cmd
+                times[name].append(time_command(cmd, suite, env=source_env if by_name else None))
             floor = subprocess.run([sys.executable, "-c", FORK_FLOOR], capture_output=True, text=True, check=True)
             floors.append(float(floor.stdout))
     median = {name: statistics.median(values) for name, values in times.items()}
@@ -163,7 +168,8 @@ def main() -> None:
     workers = args.tests / 2
     print(
         f"-n 2: {per_test('sandbox -n 2', 'plain -n 2', workers):.2f} ms per test per worker (goal <= 6; "
-        f"collection on the host {per_test('host collection -n 2', 'plain -n 2', workers):.2f} ms)"
+        f"collection on the host {per_test('host collection -n 2', 'plain -n 2', workers):.2f} ms; "
+        f"pytest-forked -n 2 {per_test('forked -n 2', 'plain -n 2 (f. venv)', workers):.2f} ms)"
     )
     print(
         f"--sandbox-scope=session / plain: {median['sandbox, scope=session'] / median['plain']:.2f} (goal <= 1.10; "
