@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -24,6 +25,31 @@ def processes_with(token: str) -> list[int]:
             except OSError:
                 pass
     return found
+
+
+_CARRYING_THE_TOKEN = """
+import os
+
+
+def carrying_the_token():
+    \"\"\"Pids this sandbox shows whose environment carries TOKEN.\"\"\"
+    found = []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if b"TOKEN" in f.read():
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
+
+"""
+
+
+def carrying_the_token(token: str, test_file: str) -> str:
+    """A test file's source (``test_file``, dedented) after a function of it, ``carrying_the_token()``, that
+    lists the processes its sandbox shows whose environment carries ``token``."""
+    return _CARRYING_THE_TOKEN.replace("TOKEN", token) + textwrap.dedent(test_file)
 
 
 def wait_gone(token: str, timeout: float = 5.0) -> list[int]:

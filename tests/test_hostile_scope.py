@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers import carrying_the_token
 
 from pytest_sandbox.linux import landlock
 
@@ -620,21 +621,13 @@ def test_a_test_that_says_it_is_finished_and_goes_on_is_ended_with_all_it_starte
     while the fork's memory is taken down, without waiting for it where nothing of it can outlive it. A test
     that says so and goes on starting processes is killed at once; neither those it started nor an orphan it
     left with the scope process reach the next test, or outlive the run."""
-    pytester.makepyfile(f"""
+    pytester.makepyfile(
+        carrying_the_token(
+            no_leftovers,
+            f"""
         import os, subprocess, time, pytest
         from pytest_sandbox import protocol
         from pytest_sandbox.runtime import test_process
-
-        def carrying_the_token():
-            found = []
-            for pid in (p for p in os.listdir("/proc") if p.isdigit()):
-                try:
-                    with open(f"/proc/{{pid}}/environ", "rb") as f:
-                        if b"{no_leftovers}" in f.read():
-                            found.append(pid)
-                except OSError:
-                    pass
-            return found
 
         @pytest.fixture(scope="session")
         def sess():
@@ -656,7 +649,9 @@ def test_a_test_that_says_it_is_finished_and_goes_on_is_ended_with_all_it_starte
 
         def test_and_the_one_after(sess):
             assert carrying_the_token() == []
-    """)
+    """,
+        )
+    )
     result = pytester.runpytest_subprocess(*args, "-p", "no:cacheprovider", "-rA", timeout=120)
     outcomes = result.parseoutcomes()
     assert outcomes.get("passed") == 2 and "test_says_it_is_finished PASSED" not in result.stdout.str(), outcomes

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import carrying_the_token
 
 WRITES_EVERYWHERE = """
     import os, pathlib, pytest
@@ -193,19 +194,11 @@ def test_fixture_errors_and_teardown_errors_land_as_in_a_plain_run(pytester: pyt
 
 
 def test_what_a_test_leaves_running_ends_before_the_next(pytester: pytest.Pytester, no_leftovers: str) -> None:
-    pytester.makepyfile(f"""
+    pytester.makepyfile(
+        carrying_the_token(
+            no_leftovers,
+            f"""
         import os, subprocess, time, pytest
-
-        def carrying_the_token():
-            found = []
-            for pid in (p for p in os.listdir("/proc") if p.isdigit()):
-                try:
-                    with open(f"/proc/{{pid}}/environ", "rb") as f:
-                        if b"{no_leftovers}" in f.read():
-                            found.append(pid)
-                except OSError:
-                    pass
-            return found
 
         @pytest.fixture(scope="session")
         def server():
@@ -227,7 +220,9 @@ def test_what_a_test_leaves_running_ends_before_the_next(pytester: pytest.Pytest
         def test_next(server):
             assert carrying_the_token() == []
             assert server.poll() is None  # the scope process's child, seen from the test's fork
-    """)
+    """,
+        )
+    )
     pytester.runpytest_subprocess("--sandbox=all", "-p", "no:cacheprovider").assert_outcomes(passed=2)
 
 
