@@ -12,7 +12,8 @@ same run: the overhead per test over plain pytest and its ratio to pytest-forked
 (goal <= 0.8) and to a bare fork of a pytest-sized process (goal <= 2); under
 ``-n 2`` the overhead per test per worker (goal <= 6 ms; pytest-forked's own beside it, in its venv with
 pytest-xdist); ``--sandbox-scope=session``
-against plain (goal <= 1.1); and a suite with a 200 ms session fixture by scope.
+against plain (goal <= 1.1); the CPU time a test costs, summed over every process of the run (a run on N
+CPUs cannot take less than that / N a test); and a suite with a 200 ms session fixture by scope.
 
 --sandbox=all runs the whole session in one sandbox (conftest.py and collection too):
 its figures hold a fixed cost (the session's sandbox and a second pytest start),
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -121,14 +123,19 @@ def main() -> None:
             "fixture: host collection": [*pytest_cmd, "--sandbox=all", *host, *fixture],
         }
         times: dict[str, list[float]] = {name: [] for name in configs}
+        cpu: dict[str, list[float]] = {name: [] for name in configs}  # of every process of the run, reaped in it
         floors: list[float] = []
         for _ in range(args.runs):  # interleaved, so drift in machine load hits every configuration alike
             for name, cmd in configs.items():
                 by_name = "pytest_sandbox.plugin" in cmd or "xdist.plugin" in cmd
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 times[name].append(time_command(cmd, suite, env=source_env if by_name else None))
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu[name].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
             floor = subprocess.run([sys.executable, "-c", FORK_FLOOR], capture_output=True, text=True, check=True)
             floors.append(float(floor.stdout))
     median = {name: statistics.median(values) for name, values in times.items()}
+    cpu_median = {name: statistics.median(values) for name, values in cpu.items()}
     fork_ms = statistics.median(floors)
 
     def per_test(config: str, baseline: str, tests: float = args.tests) -> float:
@@ -175,6 +182,21 @@ def main() -> None:
         f"--sandbox-scope=session / plain: {median['sandbox, scope=session'] / median['plain']:.2f} (goal <= 1.10; "
         f"fixed cost {fixed_ms:.0f} ms; collection on the host "
         f"{median['host coll., scope=session'] / median['plain']:.2f})"
+    )
+
+    def cpu_per_test(config: str, baseline: str) -> float:
+        return (cpu_median[config] - cpu_median[baseline]) / args.tests * 1000
+
+    cpus = len(os.sched_getaffinity(0))
+    each_cpu = cpu_per_test("sandbox", "sandbox, scope=session")
+    alike_each_cpu = cpu_per_test("sandbox (forked venv)", "scope=session (f. venv)")
+    print(
+        f"CPU time a test (every process of the run, user + system, over plain): sandbox "
+        f"{cpu_per_test('sandbox', 'plain'):.2f} ms, each test over the session's sandbox {each_cpu:.2f} ms; "
+        f"pytest-forked {cpu_per_test('forked', 'plain (forked venv)'):.2f} ms; like for like (forked venv) sandbox "
+        f"{cpu_per_test('sandbox (forked venv)', 'plain (forked venv)'):.2f} ms, each test {alike_each_cpu:.2f} ms "
+        f"(on {cpus} CPUs no run of them takes less than CPU time / {cpus} a test: {each_cpu / cpus:.2f} ms, like for "
+        f"like {alike_each_cpu / cpus:.2f} ms)"
     )
     print(
         "session fixture of 200 ms, 100 tests: "
