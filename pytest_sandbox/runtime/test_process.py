@@ -58,10 +58,7 @@ _channel: socket.socket | None = None  # the test process's line to pytest, whil
 _layers: test_layers.Helper | None = None  # a scope sandbox's line to its layer helper (test_layers.py)
 _scope_pid = 0  # in a test's fork: the scope process it came from
 _held_teardown: list[dict[str, Any]] | None = None  # in a test's fork: its teardown report, for the scope to finish
-# In a test's fork: an eventfd the scope process counts each report on once it has passed it on (not a message
-# on the fork's line: a socket's wakeup would put the fork on the scope process's CPU, which forks the next
-# test's process right then).
-_relayed: int | None = None
+_relayed = False  # in a test's fork: the scope process relays its reports, and says when each is on its way
 _cwd_after_the_layer: tuple[str, str] | None = None  # a test run in the scope process: where it left it, where it was
 # pytest shares the scope's mount namespace (the hermetic session's): what it writes on a test's report (outputs,
 # the cache) must not land in a test's layer, so a layer is on only while its test runs.
@@ -481,9 +478,9 @@ def _send_report(data: dict[str, Any]) -> None:
     process (its parent) does not take its earlier reports along."""
     assert _channel is not None
     protocol.send(_channel, {"type": "report", "data": data})
-    if _relayed is not None:
-        with contextlib.suppress(OSError):
-            os.eventfd_read(_relayed)  # if the scope process is gone, so is this one (its parent-death signal)
+    if _relayed:
+        with contextlib.suppress(protocol.ProtocolError, OSError):
+            protocol.recv(_channel)  # {"type": "relayed"}; nothing if the scope process is gone
 
 
 class _ChannelLog:
@@ -1062,7 +1059,6 @@ class _Ahead:
     pidfd: int
     line: socket.socket  # the scope process's end of the fork's line
     held_fd: int  # where the fork leaves its teardown report for the scope process to finish
-    relayed: int  # the eventfd this process counts the fork's reports on as it passes them on
     made_ahead: bool
     waiting: bool = True
     closed: bool = False
@@ -1111,7 +1107,7 @@ class _Ahead:
         if self.closed:
             return
         self.closed = True
-        for fd in (self.pidfd, self.held_fd, self.relayed):
+        for fd in (self.pidfd, self.held_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.line.close()
@@ -1168,7 +1164,6 @@ def _fork(box: Sandbox, item: pytest.Item, scope_scratch: int | None, not_its: t
     ``not_its`` (the fds of the running test's fork) and waits not dumpable, as the scope process is: that
     test cannot trace it."""
     held_fd = os.memfd_create("sandbox-teardown", os.MFD_CLOEXEC)
-    relayed = os.eventfd(0, os.EFD_CLOEXEC)
     mine, theirs = protocol.socketpair()
     _flush_stdio()  # a fixture's print under -s, in a pipe's buffer: each fork would write it again at its end
     mask = process.block_every_signal()
@@ -1179,12 +1174,12 @@ def _fork(box: Sandbox, item: pytest.Item, scope_scratch: int | None, not_its: t
             for fd in (*not_its, *([scope_scratch] if scope_scratch is not None else [])):
                 with contextlib.suppress(OSError):
                     os.close(fd)
-            _test_fork(box, item, held_fd, relayed, theirs, mask)
+            _test_fork(box, item, held_fd, theirs, mask)
         finally:
             os._exit(1)  # never back into the scope process's frames
     process.set_signal_mask(mask)
     theirs.close()
-    return _Ahead(item.nodeid, pid, os.pidfd_open(pid), mine, held_fd, relayed, made_ahead=bool(not_its))
+    return _Ahead(item.nodeid, pid, os.pidfd_open(pid), mine, held_fd, made_ahead=bool(not_its))
 
 
 def _alike(item: pytest.Item, nextitem: pytest.Item) -> bool:
@@ -1253,7 +1248,7 @@ def _relay_the_fork(
             if scope.fileno() in readable and not _forward(scope, line, None):
                 watched.discard(scope.fileno())  # pytest ended the session's line: the fork's reports go nowhere
             if line.fileno() in readable:
-                called = _forward(line, scope, nodeid, pid, fork.relayed)
+                called = _forward(line, scope, nodeid, pid)
                 if not called:
                     watched.discard(line.fileno())
                 elif called in (FINISHED, STOPPED):
@@ -1261,11 +1256,10 @@ def _relay_the_fork(
                     return following
                 elif called == "call" and wanted and following is None:
                     assert nextitem is not None
-                    its = (line.fileno(), fork.pidfd, fork.held_fd, fork.relayed)
-                    following = _fork(box, nextitem, scope_scratch, not_its=its)
+                    following = _fork(box, nextitem, scope_scratch, not_its=(line.fileno(), fork.pidfd, fork.held_fd))
             if fork.pidfd in readable:  # what it sent before it exited, then no more
                 while line.fileno() in watched and select.select([line], [], [], 0)[0]:
-                    if not _forward(line, scope, nodeid, pid, fork.relayed):
+                    if not _forward(line, scope, nodeid, pid):
                         watched.discard(line.fileno())
                 return following
     except BaseException:
@@ -1274,9 +1268,7 @@ def _relay_the_fork(
         raise
 
 
-def _forward(
-    source: socket.socket, target: socket.socket, nodeid: str | None, pid: int = 0, relayed: int = -1
-) -> bool | str:
+def _forward(source: socket.socket, target: socket.socket, nodeid: str | None, pid: int = 0) -> bool | str:
     """One message from ``source`` to ``target``; False once ``source`` is closed or broken, else True, or the
     phase of a report of the test's. From a test (``nodeid`` set): "done" and another test's reports are
     dropped, a malformed message ends the test."""
@@ -1300,7 +1292,7 @@ def _forward(
             return STOPPED if message.get("code") == STOP else FINISHED
         if from_test and message.get("type") == "report":
             with contextlib.suppress(OSError):
-                os.eventfd_write(relayed, 1)  # the fork waits for this (_send_report)
+                protocol.send(source, {"type": "relayed"})  # the fork waits for this (_send_report)
             when = message["data"].get("when") if isinstance(message.get("data"), dict) else None
             return when if when in ("setup", "call", "teardown") else True
     finally:
@@ -1318,9 +1310,7 @@ def _of_this_test(message: dict[str, Any], nodeid: str) -> bool:
     return True
 
 
-def _test_fork(
-    box: Sandbox, item: pytest.Item, held_fd: int, relayed: int, line: socket.socket, mask: set[int]
-) -> NoReturn:
+def _test_fork(box: Sandbox, item: pytest.Item, held_fd: int, line: socket.socket, mask: set[int]) -> NoReturn:
     """One test in a fork of the scope process, talking to pytest on ``line`` (relayed by the scope process);
     never returns. It waits for its go first: the next item, the test's layer and the earlier tests' outcomes
     (a fork made ahead was made before they were known)."""
@@ -1328,7 +1318,7 @@ def _test_fork(
     assert _channel is not None
     _channel.close()  # the scope's line to pytest: not this test's to write on
     _channel = line
-    _relayed = relayed
+    _relayed = True
     code = 0
     unready: BaseException | None = None  # reported once the test runs
     try:  # never back into the scope process's frames, whatever happens
