@@ -67,6 +67,37 @@ def test_fixtures_keep_their_scopes_within_a_shared_sandbox(
     assert (text.count("TEARDOWN-SESSION"), text.count("TEARDOWN-MODULE")) == (sessions, modules)
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--sandbox=all",),
+        ("--sandbox=all", "--sandbox-collection=host"),
+        ("--sandbox=all", "--sandbox-scope=session"),
+        ("--sandbox=hermetic",),
+    ],
+    ids=["test", "host collection", "session", "hermetic"],
+)
+def test_the_garbage_collector_shows_a_test_every_object(pytester: pytest.Pytester, args: tuple[str, ...]) -> None:
+    """The zygote freezes its objects before it forks sandboxes (fewer pages copied); frozen objects are
+    hidden from gc.get_referrers and gc.get_objects. hypothesis's register_random asks gc.get_referrers
+    whether anything holds the object it is given, and warned (an error under filterwarnings = error) in
+    every sandboxed run of anyio's suite."""
+    pytester.makepyfile(
+        test_gc="""
+            import gc
+
+            THING = [1]
+
+            def test_get_referrers_finds_the_modules_globals():
+                assert any(referrer is globals() for referrer in gc.get_referrers(THING))
+
+            def test_get_objects_holds_a_module_global():
+                assert any(found is THING for found in gc.get_objects())
+        """
+    )
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", *args).assert_outcomes(passed=2)
+
+
 def _outputs_by_test(pytester: pytest.Pytester, *args: str) -> dict[str, str]:
     """Each test's captured output (setup, call and teardown) as junitxml records it."""
     xml = pytester.path / "junit.xml"

@@ -16,6 +16,7 @@ import datetime
 import faulthandler
 import fcntl
 import functools
+import gc
 import json
 import logging
 import os
@@ -633,6 +634,10 @@ def test_process(
     if box.kept_id is not None:  # pytest keeps this read/write layer if the test fails
         protocol.send(_channel, {"type": "container", "id": box.kept_id})
     ACTIVE_SPEC, ACTIVE_PLAN = box.spec, box.plan
+    # The zygote froze its objects so that forking it copies fewer pages; frozen objects are hidden from
+    # gc.get_objects() and gc.get_referrers() (hypothesis asks the latter whether anything else holds an
+    # object), so the test's code sees them again, as in a plain run.
+    gc.unfreeze()
     _run_items(box, items, scratch)
     _exit(0)
 
