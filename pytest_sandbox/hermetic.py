@@ -70,13 +70,18 @@ _COLLECTION_MESSAGE_MAX = 4096  # a datagram on the collection line: a reason is
 _HOLD_MAX = 4 << 20  # output held before collection is done: past this much it is shown
 _HOLD_PAUSE = 1.5  # seconds without output, while held, after which a prompt is shown
 # pytest again, in the sandbox: with the supervisor's sys.path (how it was started decides it: a script,
-# python -m pytest) and its argv[0]; the command line follows. pytest_sandbox is imported by name only
-# after pytest.main: before, pytest could not rewrite the asserts of a plugin imported already and warns
-# (an error under filterwarnings = error).
+# python -m pytest) and its argv[0]; the command line follows. Its __main__ is the supervisor's as tests see
+# it: the file (a script, pytest's __main__.py) and, for python -m, the module's spec (multiprocessing's
+# spawn starts its children from them; anyio's tests patch __main__.__file__). pytest_sandbox is imported by
+# name only after pytest.main: before, pytest could not rewrite the asserts of a plugin imported already and
+# warns (an error under filterwarnings = error).
 _BOOTSTRAP = (
-    "import sys; del sys.path[0]; import json; sys.path[:] = json.loads(sys.argv[1]); sys.argv = sys.argv[2:]; "
-    "import pytest; code = pytest.main(); from pytest_sandbox.hermetic import exit_as_python_would; "
-    "exit_as_python_would(code)"
+    "import sys; del sys.path[0]; import json; sys.path[:] = json.loads(sys.argv[1]); "
+    "__file__, _spec = json.loads(sys.argv[2]); sys.argv = sys.argv[3:]; "
+    "import importlib.util, pytest; __spec__ = _spec and importlib.util.find_spec(_spec); "
+    "__package__ = __spec__ and __spec__.parent; del _spec\n"
+    "if __file__ is None: del __file__\n"
+    "code = pytest.main(); from pytest_sandbox.hermetic import exit_as_python_would; exit_as_python_would(code)"
 )
 # Report and data files the well-known plugins write where their options say: (option dest, plugin).
 _REPORT_FILES = (
@@ -566,7 +571,10 @@ def inner_command(config: pytest.Config) -> list[str]:
     flags: list[str] = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
     args = [str(arg) for arg in config.invocation_params.args]
     argv0 = sys.argv[0] if sys.argv else "pytest"
-    return [sys.executable, *flags, "-c", _BOOTSTRAP, json.dumps(sys.path), argv0, *args]
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    started_as = [getattr(main, "__file__", None), getattr(spec, "name", None)]
+    return [sys.executable, *flags, "-c", _BOOTSTRAP, json.dumps(sys.path), json.dumps(started_as), argv0, *args]
 
 
 def check_items(config: pytest.Config, items: list[pytest.Item], defaults: dict[str, Any], falls_back: bool) -> None:

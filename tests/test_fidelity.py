@@ -98,6 +98,26 @@ def test_the_garbage_collector_shows_a_test_every_object(pytester: pytest.Pytest
     pytester.runpytest_subprocess("-p", "no:cacheprovider", *args).assert_outcomes(passed=2)
 
 
+@pytest.mark.parametrize("args", [(), ("--sandbox=all",), ("--sandbox=hermetic",)], ids=["plain", "all", "hermetic"])
+def test_main_is_what_pytest_was_started_as(pytester: pytest.Pytester, args: tuple[str, ...]) -> None:
+    """pytest in the session's sandbox is started with ``python -c``: its __main__ had no __file__ (anyio's
+    tests patch it: AttributeError) and no spec (multiprocessing's spawn starts its children from them)."""
+    pytester.makepyfile(
+        test_main="""
+            import __main__, importlib.util, multiprocessing
+
+            def test_main():
+                assert __main__.__file__ == importlib.util.find_spec("pytest.__main__").origin
+                assert __main__.__spec__.name == "pytest.__main__" and __main__.__package__ == "pytest"
+
+            def test_spawn():
+                with multiprocessing.get_context("spawn").Pool(1) as pool:
+                    assert pool.map(abs, [-1]) == [1]
+        """
+    )
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", *args).assert_outcomes(passed=2)
+
+
 def _outputs_by_test(pytester: pytest.Pytester, *args: str) -> dict[str, str]:
     """Each test's captured output (setup, call and teardown) as junitxml records it."""
     xml = pytester.path / "junit.xml"
