@@ -7,8 +7,10 @@ call, so a failed setup step says which syscall refused and why.
 from __future__ import annotations
 
 import array
+import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import fcntl
 import os
 import platform
@@ -349,9 +351,59 @@ _SIOCSIFFLAGS = 0x8914
 _IFF_UP = 0x1
 
 
-def loopback_up() -> None:
-    """Bring ``lo`` up with one ioctl: opening a netlink socket costs far more per test."""
+_SIOCGIFCONF = 0x8912
+_SIOCSIFADDR = 0x8916
+_SIOCSIFNETMASK = 0x891C
+_IFREQ_SIZE = 40  # struct ifreq on 64-bit Linux: a name of 16 bytes, a union of 24
+_LOOPBACK_V6 = "0" * 31 + "1"
+# Placeholders on lo for an address family the namespace left behind has beyond loopback: glibc's
+# getaddrinfo(AI_ADDRCONFIG) answers for a family only where some address of it is not 127.0.0.1 or ::1.
+# Both are loopback addresses (127/8, a /128 of the unique-local fd00::/8 on lo) that route nowhere else.
+_STAND_IN_V4 = "127.0.0.2"
+_STAND_IN_V6 = "fd00:5b0c:5b0c::1"
+
+
+@dataclasses.dataclass(frozen=True)
+class AddressFamilies:
+    """Whether this network namespace has an IPv4 and an IPv6 address other than loopback's."""
+
+    v4: bool = False
+    v6: bool = False
+
+
+def address_families() -> AddressFamilies:
+    """As glibc's getaddrinfo(AI_ADDRCONFIG) sees them: every IPv4 address (SIOCGIFCONF) but 127.0.0.1, every
+    IPv6 address (/proc/net/if_inet6, this namespace's) but ::1."""
+    v4 = v6 = False
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        buffer = ctypes.create_string_buffer(_IFREQ_SIZE * 64)
+        request = struct.pack("iL", len(buffer), ctypes.addressof(buffer))
+        length = struct.unpack("iL", fcntl.ioctl(sock, _SIOCGIFCONF, request))[0]
+        for offset in range(0, length, _IFREQ_SIZE):
+            address = socket.inet_ntoa(buffer.raw[offset + 20 : offset + 24])  # sockaddr_in's sin_addr
+            v4 = v4 or address != "127.0.0.1"
+    with contextlib.suppress(OSError), open("/proc/net/if_inet6") as f:
+        v6 = any(line.split()[0] != _LOOPBACK_V6 for line in f if line.strip())
+    return AddressFamilies(v4, v6)
+
+
+def loopback_up(like: AddressFamilies = AddressFamilies()) -> None:
+    """Bring ``lo`` up with one ioctl (opening a netlink socket costs far more per test), with a stand-in
+    address for each family ``like`` (the namespace left behind) has beyond loopback, so that a lookup with
+    AI_ADDRCONFIG finds ``localhost`` as it would there (anyio's listeners ask for it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         req = struct.pack("16sH14x", b"lo", 0)
         flags = struct.unpack("16sH14x", fcntl.ioctl(sock, _SIOCGIFFLAGS, req))[1]
         fcntl.ioctl(sock, _SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | _IFF_UP))
+        if like.v4:
+            with contextlib.suppress(OSError):
+                packed = socket.inet_aton(_STAND_IN_V4)
+                fcntl.ioctl(sock, _SIOCSIFADDR, struct.pack("16sH2s4s8x", b"lo:1", socket.AF_INET, b"", packed))
+                mask = socket.inet_aton("255.255.255.255")
+                fcntl.ioctl(sock, _SIOCSIFNETMASK, struct.pack("16sH2s4s8x", b"lo:1", socket.AF_INET, b"", mask))
+    if like.v6:
+        with contextlib.suppress(OSError), socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock6:
+            in6_ifreq = socket.inet_pton(socket.AF_INET6, _STAND_IN_V6) + struct.pack(
+                "Ii", 128, socket.if_nametoindex("lo")
+            )
+            fcntl.ioctl(sock6, _SIOCSIFADDR, in6_ifreq)

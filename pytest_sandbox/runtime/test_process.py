@@ -334,8 +334,10 @@ def _enter(box: Sandbox, config: pytest.Config, pid1: tuple[int, int], keep: set
     #    the zygote's or joins the pod's. All are owned by the session's user namespace, where this process
     #    still holds every capability.
     flags = syscalls.CLONE_NEWNS | syscalls.CLONE_NEWUTS | syscalls.CLONE_NEWIPC | syscalls.CLONE_NEWCGROUP
+    families = syscalls.AddressFamilies()
     if box.network.new:
         flags |= syscalls.CLONE_NEWNET
+        families = syscalls.address_families()  # the namespace left behind's, for the new one's loopback
     syscalls.unshare(flags)
     if box.network.join is not None:
         syscalls.setns(box.network.join, syscalls.CLONE_NEWNET)
@@ -357,7 +359,7 @@ def _enter(box: Sandbox, config: pytest.Config, pid1: tuple[int, int], keep: set
         except OSError as exc:
             raise SetupError("namespaces", f"cannot join the pod's network: {exc}") from None
     elif box.network.new:
-        syscalls.loopback_up()
+        syscalls.loopback_up(like=families)
     # 5. pid 1 joins every namespace above (its /proc/1/root, /proc/1/net become the sandbox's), then
     #    gives up its capabilities; nothing of the test runs before it says it has.
     _pid1_joins(flags, *pid1)

@@ -244,6 +244,7 @@ def _pod_network(namespaces: Namespaces) -> Namespaces:
     be made and a fallback is allowed, the shared loopback."""
     if not namespaces.is_pod:
         return namespaces
+    families = syscalls.address_families()
     syscalls.unshare(syscalls.CLONE_NEWNET)
     if namespaces.pod_bridged:
         try:
@@ -254,7 +255,7 @@ def _pod_network(namespaces: Namespaces) -> Namespaces:
                 raise OSError(exc.errno, f"cannot make the pod's bridge: {exc.strerror}") from None
             syscalls.unshare(syscalls.CLONE_NEWNET)  # a clean one, without what was made of the bridge
             namespaces = dataclasses.replace(namespaces, pod_bridged=False, pod_hosts=namespaces.pod_fallback_hosts)
-    syscalls.loopback_up()  # the shared loopback: services and members all live in this namespace
+    syscalls.loopback_up(like=families)  # the shared loopback: services and members all live in this namespace
     return namespaces
 
 
