@@ -116,7 +116,9 @@ def _ago(ts: float) -> str:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    print(probe.doctor_text(getattr(args, "cgroup", None)), flush=True)
+    # The cgroup pytest would use: --cgroup, else PYTEST_SANDBOX_CGROUP (pytest reads it too; the ini comes after)
+    cgroup = getattr(args, "cgroup", None) or os.environ.get("PYTEST_SANDBOX_CGROUP") or None
+    print(probe.doctor_text(cgroup), flush=True)
     project = find_project(args)  # after the host checks: they are worth seeing even where the ini is broken
     try:
         backend = cgroups.choose(project.cgroup_backend, project.cgroup, project.rootdir).describe()

@@ -169,3 +169,24 @@ def test_doctor_cgroup_option_checks_that_cgroup(tmp_path: os.PathLike[str]) -> 
     cgroup = next(line for line in result.stdout.splitlines() if line.split()[1:2] == ["cgroup"])
     assert "not delegated" in cgroup and cgroup.startswith(" NO "), result.stdout
     assert "limits: rlimits" in result.stdout
+
+
+def test_the_doctor_checks_the_cgroup_pytest_would_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PYTEST_SANDBOX_CGROUP names the cgroup pytest uses; the doctor said "not delegated" for the cgroup it
+    found itself while its own limits line named the one set there."""
+    import argparse
+
+    from pytest_sandbox import cli
+
+    asked: list[str | None] = []
+
+    def doctor_text(cgroup: str | None = None) -> str:
+        asked.append(cgroup)
+        raise KeyboardInterrupt  # enough: what the checks were asked about
+
+    monkeypatch.setattr(probe, "doctor_text", doctor_text)
+    monkeypatch.setenv("PYTEST_SANDBOX_CGROUP", "/delegated-here")
+    for given, expected in ((None, "/delegated-here"), ("/from-the-option", "/from-the-option")):
+        with pytest.raises(KeyboardInterrupt):
+            cli._doctor(argparse.Namespace(cgroup=given))
+        assert asked.pop() == expected
