@@ -78,7 +78,9 @@ _HOLD_PAUSE = 1.5  # seconds without output, while held, after which a prompt is
 _BOOTSTRAP = (
     "import sys; del sys.path[0]; import json; sys.path[:] = json.loads(sys.argv[1]); "
     "__file__, _spec = json.loads(sys.argv[2]); sys.argv = sys.argv[3:]; "
-    "import importlib.util, pytest; __spec__ = _spec and importlib.util.find_spec(_spec); "
+    "import importlib.util, pytest\n"
+    "try: __spec__ = _spec and importlib.util.find_spec(_spec)\n"
+    "except (ImportError, ValueError): __spec__ = None  # run from a directory or zip: its __main__, found by file\n"
     "__package__ = __spec__ and __spec__.parent; del _spec\n"
     "if __file__ is None: del __file__\n"
     "code = pytest.main(); from pytest_sandbox.hermetic import exit_as_python_would; exit_as_python_would(code)"

@@ -7,6 +7,7 @@ import os
 import pathlib
 import re
 import shutil
+import sys
 from xml.etree import ElementTree
 
 import pytest
@@ -117,6 +118,23 @@ def test_main_is_what_pytest_was_started_as(pytester: pytest.Pytester, args: tup
         """
     )
     pytester.runpytest_subprocess("-p", "no:cacheprovider", *args).assert_outcomes(passed=2)
+
+
+def test_pytest_started_from_a_directory_runs_sandboxed(pytester: pytest.Pytester) -> None:
+    """``python DIR`` (or a zip) runs DIR/__main__.py as a module named __main__, with no spec to look up again:
+    the session's pytest is started with the file alone."""
+    pytester.mkpydir("runner").joinpath("__main__.py").write_text("import sys, pytest\nsys.exit(pytest.main())\n")
+    pytester.makepyfile(
+        test_main="""
+            import __main__, os
+
+            def test_main():
+                assert os.path.basename(__main__.__file__) == "__main__.py"
+        """
+    )
+    for args in ((), ("--sandbox=all",)):
+        result = pytester.run(sys.executable, "runner", "-p", "no:cacheprovider", "test_main.py", *args)
+        result.assert_outcomes(passed=1)
 
 
 def test_lookups_of_loopback_that_ask_for_configured_families_answer_as_on_the_host(pytester: pytest.Pytester) -> None:
