@@ -358,7 +358,7 @@ _IFREQ_SIZE = 40  # struct ifreq on 64-bit Linux: a name of 16 bytes, a union of
 _LOOPBACK_V6 = "0" * 31 + "1"
 # Placeholders on lo for an address family the namespace left behind has beyond loopback: glibc's
 # getaddrinfo(AI_ADDRCONFIG) answers for a family only where some address of it is not 127.0.0.1 or ::1.
-# Both are loopback addresses (127/8, a /128 of the unique-local fd00::/8 on lo) that route nowhere else.
+# Both are host routes on lo (127.0.0.2/32, a /128 of the unique-local fd00::/8): they lead nowhere else.
 _STAND_IN_V4 = "127.0.0.2"
 _STAND_IN_V6 = "fd00:5b0c:5b0c::1"
 
